@@ -1,0 +1,75 @@
+"""mtht: embedding hash tables for training recommender models.
+
+A C++17 open-addressing table from int64 feature id to a trainable entry (embedding,
+optimizer state, timestamp) with Monolith's Python API, usable from any trainer.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from mtht import _core
+from mtht.entry import (
+    AdadeltaOptimizer,
+    AdaGradWithGroupLassoOptimizer,
+    AdagradOptimizer,
+    AdamOptimizer,
+    AmsgradOptimizer,
+    BatchSoftmaxInitializer,
+    BatchSoftmaxOptimizer,
+    CombineAsSegment,
+    ConstantsInitializer,
+    DynamicWdAdagradOptimizer,
+    EmbeddingHashTableConfig,
+    EntryConfig,
+    FixedR8Compressor,
+    Fp16Compressor,
+    Fp32Compressor,
+    FtrlOptimizer,
+    FTRLWithGroupSparsityOptimizer,
+    HashTableConfigInstance,
+    MomentumOptimizer,
+    MovingAverageOptimizer,
+    OneBitCompressor,
+    OnesInitializer,
+    RandomUniformInitializer,
+    RmspropOptimizer,
+    RmspropV2Optimizer,
+    SgdOptimizer,
+    SlotExpireTimeConfig,
+    StochasticRoundingFloat16OptimizerWrapper,
+    ZerosInitializer,
+)
+from mtht.hash_table import BaseHashTable, EntryDump, HashTable, hash_table_from_config
+
+try:
+    __version__ = _version("mtht")
+except PackageNotFoundError:  # running from a source tree without metadata
+    __version__ = "0+unknown"
+
+
+def set_num_threads(n: int) -> None:
+    """Set how many threads a batch call may use (the calling thread included).
+
+    Results never depend on this number: each id is always handled by one thread, in input
+    order. The default is the number of cores.
+    """
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """How many threads a batch call may use."""
+    return _core.get_num_threads()
+
+
+def build_info() -> dict:
+    """Version, compiler, compile flags, the active optimizer kernel and the CPU's ISAs."""
+    return {
+        "version": __version__,
+        "compiler": _core.compiler(),
+        "compile_flags": _core.compile_flags(),
+        "active_kernel": _core.kernel_name(),
+        "cpu_isas": _core.cpu_features().split(","),
+        "num_threads": get_num_threads(),
+    }
+
+
+__all__ = [name for name in dir() if not name.startswith("_")]

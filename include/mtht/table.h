@@ -1,0 +1,678 @@
+// mtht: an embedding hash table from int64 id to a trainable entry.
+//
+// Design
+// ------
+// * Entry. An entry is [key int64 | timestamp int64 | values float[dim] | state float[S]]
+//   stored as one fixed-size row: values are the concatenated segments of the entry, state
+//   the concatenated optimizer state of each segment (spec.h). The key lives in the row, so
+//   the index holds no keys and every int64 is a usable id (no reserved sentinel keys).
+// * Shards. The table is split into a power-of-two number of shards chosen by the top bits
+//   of the id's hash. Each shard has its own reader/writer lock, index and rows. A batch call
+//   first partitions its ids by shard with a stable counting sort, then threads take whole
+//   shards; inside a shard ids are handled in input order by one thread. So concurrent
+//   callers are safe, a call needs no lock per id, and results do not depend on the number
+//   of threads.
+// * Index. Open addressing over groups of 16 slots; a group is 64 bytes, one cache line.
+//   A slot is a uint32: 7 bits of hash tag and 25 bits of (row + 1); 0 is empty and
+//   0xFFFFFFFF a tombstone. A probe compares the 16 tags of a group at once (SSE2 on x86,
+//   a plain loop elsewhere), checks the key in the row of each tag match, and stops at a
+//   group with an empty slot. Groups are visited in triangular order, which reaches every
+//   group of a power-of-two table. Load (live + tombstones) stays <= 7/8.
+// * Rows never move. Rows live in per-shard chunks of geometrically growing size
+//   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index:
+//   4 bytes per slot are rewritten, embedding rows stay where they are. Big chunks and
+//   indexes are mmap'ed with MADV_HUGEPAGE.
+// * Batches. Every operation takes a whole batch. While handling the id at position k of a
+//   shard, the index group of position k+16 is prefetched and the candidate row of position
+//   k+8 is prefetched, so many cache misses are in flight at once.
+// * Writes are validated (lengths, non-finite values, learning rates) before anything
+//   changes, and capacity for the new ids of a batch is reserved in every shard before the
+//   first entry is touched, so a failed allocation leaves the table unchanged.
+#pragma once
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "mtht/buffer.h"
+#include "mtht/errors.h"
+#include "mtht/hash.h"
+#include "mtht/optimizers.h"
+#include "mtht/spec.h"
+#include "mtht/thread_pool.h"
+
+namespace mtht {
+
+// Where each segment's values and state sit inside a row.
+struct RowLayout {
+  std::vector<SegmentSpec> segments;
+  std::vector<int> value_offset;  // in floats, within values
+  std::vector<int> state_offset;  // in floats, within state
+  int dim = 0;
+  int state_dim = 0;
+  size_t stride = 0;  // bytes per row
+
+  static constexpr size_t kHeader = 16;  // key + timestamp
+
+  explicit RowLayout(const TableSpec& spec) : segments(spec.segments) {
+    for (const auto& s : segments) {
+      value_offset.push_back(dim);
+      state_offset.push_back(state_dim);
+      dim += s.dim;
+      state_dim += state_floats(s);
+    }
+    stride = kHeader + sizeof(float) * static_cast<size_t>(dim + state_dim);
+    stride = (stride + 7) / 8 * 8;
+  }
+};
+
+struct TableStats {
+  uint64_t size = 0;
+  uint64_t capacity = 0;     // index slots
+  uint64_t index_bytes = 0;  // memory of the index
+  uint64_t row_bytes = 0;    // memory of allocated row chunks
+  uint64_t rows_allocated = 0;
+  uint64_t row_stride = 0;
+  uint64_t num_shards = 0;
+  uint64_t max_probe_groups = 0;  // longest probe sequence seen by the last stats() scan
+};
+
+namespace detail {
+
+constexpr int kGroupSlots = 16;
+constexpr uint32_t kRowBits = 25;
+constexpr uint32_t kRowMask = (1u << kRowBits) - 1;
+constexpr uint32_t kTombstone = 0xFFFFFFFFu;
+constexpr uint32_t kMaxRowsPerShard = kRowMask - 1;  // row + 1 must stay below kRowMask
+
+inline uint32_t tag_of(uint64_t h) {
+  uint32_t t = static_cast<uint32_t>(h >> 32) & 0x7F;
+  if (t == 0) return 1;         // 0 would look like an empty slot
+  if (t == 0x7F) return 0x7E;   // 0x7F would look like a tombstone
+  return t;
+}
+
+// Bit j set when slot j of the group has tag `tag`.
+inline uint32_t match_tag(const uint32_t* g, uint32_t tag) {
+#if defined(__SSE2__)
+  const __m128i t = _mm_set1_epi32(static_cast<int>(tag));
+  const __m128i* p = reinterpret_cast<const __m128i*>(g);
+  __m128i a = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 0), kRowBits), t);
+  __m128i b = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 1), kRowBits), t);
+  __m128i c = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 2), kRowBits), t);
+  __m128i d = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 3), kRowBits), t);
+  return static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d))));
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < kGroupSlots; ++j) m |= static_cast<uint32_t>((g[j] >> kRowBits) == tag) << j;
+  return m;
+#endif
+}
+
+// Bit j set when slot j is empty (never used).
+inline uint32_t match_empty(const uint32_t* g) {
+#if defined(__SSE2__)
+  const __m128i z = _mm_setzero_si128();
+  const __m128i* p = reinterpret_cast<const __m128i*>(g);
+  __m128i a = _mm_cmpeq_epi32(_mm_load_si128(p + 0), z);
+  __m128i b = _mm_cmpeq_epi32(_mm_load_si128(p + 1), z);
+  __m128i c = _mm_cmpeq_epi32(_mm_load_si128(p + 2), z);
+  __m128i d = _mm_cmpeq_epi32(_mm_load_si128(p + 3), z);
+  return static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d))));
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < kGroupSlots; ++j) m |= static_cast<uint32_t>(g[j] == 0) << j;
+  return m;
+#endif
+}
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+// Rows of one shard in chunks of 16, 32, 64, ... rows; a row never moves.
+class RowArena {
+ public:
+  static constexpr uint32_t kFirstChunkRows = 16;
+
+  explicit RowArena(size_t stride) : stride_(stride) {}
+
+  size_t stride() const { return stride_; }
+  uint32_t rows_used() const { return used_; }
+  uint64_t capacity() const { return capacity_; }
+  uint64_t bytes() const {
+    uint64_t b = 0;
+    for (const auto& c : chunks_) b += c.bytes();
+    return b;
+  }
+
+  char* row(uint32_t r) const {
+    const uint32_t q = r / kFirstChunkRows + 1;
+    const int c = 31 - __builtin_clz(q);
+    const uint32_t first = kFirstChunkRows * ((1u << c) - 1);
+    return static_cast<char*>(chunks_[c].data()) + static_cast<size_t>(r - first) * stride_;
+  }
+
+  // Make room for `rows` rows in total (allocates; changes nothing visible).
+  void reserve(uint64_t rows) {
+    if (rows > kMaxRowsPerShard) throw std::bad_alloc();
+    while (capacity_ < rows) {
+      const uint64_t n = static_cast<uint64_t>(kFirstChunkRows) << chunks_.size();
+      chunks_.emplace_back(static_cast<size_t>(n * stride_));
+      capacity_ += n;
+    }
+  }
+
+  uint32_t allocate() {
+    if (!free_.empty()) {
+      uint32_t r = free_.back();
+      free_.pop_back();
+      return r;
+    }
+    reserve(static_cast<uint64_t>(used_) + 1);
+    return used_++;
+  }
+
+  void release(uint32_t r) { free_.push_back(r); }
+  size_t free_rows() const { return free_.size(); }
+
+ private:
+  size_t stride_;
+  std::vector<Buffer> chunks_;
+  uint64_t capacity_ = 0;
+  uint32_t used_ = 0;
+  std::vector<uint32_t> free_;
+};
+
+// One independently locked part of the table.
+class Shard {
+ public:
+  explicit Shard(size_t stride) : rows_(stride) {}
+
+  mutable std::shared_mutex mu;
+
+  size_t size() const { return size_; }
+  const RowArena& rows() const { return rows_; }
+  char* row(uint32_t r) const { return rows_.row(r); }
+  static int64_t key_of(const char* row) {
+    int64_t k;
+    std::memcpy(&k, row, sizeof k);
+    return k;
+  }
+
+  uint64_t slots() const { return groups_ * kGroupSlots; }
+  uint64_t index_bytes() const { return index_.bytes(); }
+
+  const uint32_t* group_ptr(uint64_t h) const {
+    return static_cast<const uint32_t*>(index_.data()) + (h & (groups_ - 1)) * kGroupSlots;
+  }
+
+  void prefetch_group(uint64_t h) const {
+    if (groups_) prefetch(group_ptr(h));
+  }
+
+  // Prefetch the row of the first tag match in the home group (usually the right one).
+  void prefetch_candidate(uint64_t h) const {
+    if (!groups_) return;
+    const uint32_t* g = group_ptr(h);
+    uint32_t m = match_tag(g, tag_of(h));
+    if (m) prefetch(rows_.row((g[__builtin_ctz(m)] & kRowMask) - 1));
+  }
+
+  // Row of `id`, or -1.
+  int64_t find(int64_t id, uint64_t h) const {
+    if (!groups_) return -1;
+    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
+    const uint64_t mask = groups_ - 1;
+    const uint32_t tag = tag_of(h);
+    uint64_t g = h & mask;
+    for (uint64_t step = 1;; ++step) {
+      const uint32_t* grp = base + g * kGroupSlots;
+      for (uint32_t m = match_tag(grp, tag); m; m &= m - 1) {
+        const uint32_t r = (grp[__builtin_ctz(m)] & kRowMask) - 1;
+        if (key_of(rows_.row(r)) == id) return r;
+      }
+      if (match_empty(grp)) return -1;
+      g = (g + step) & mask;
+    }
+  }
+
+  // Make room for `extra` more entries without any allocation on insert.
+  void reserve(uint64_t extra) {
+    const uint64_t want = std::min<uint64_t>(size_ + extra, kMaxRowsPerShard);
+    rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
+    if ((want + tombstones_) * 8 > slots() * 7) {
+      uint64_t groups = groups_ ? groups_ : 1;
+      while (want * 16 > groups * kGroupSlots * 7) groups *= 2;  // leave the new index <= 7/16 full
+      rehash(groups);
+    }
+  }
+
+  // Row of `id`, inserting a new row if absent (the caller initialises it). Capacity must
+  // have been reserved.
+  uint32_t find_or_insert(int64_t id, uint64_t h, bool* inserted) {
+    if ((size_ + 1 + tombstones_) * 8 > slots() * 7) reserve(1);
+    uint32_t* base = static_cast<uint32_t*>(index_.data());
+    const uint64_t mask = groups_ - 1;
+    const uint32_t tag = tag_of(h);
+    uint64_t g = h & mask;
+    uint32_t* hole = nullptr;
+    for (uint64_t step = 1;; ++step) {
+      uint32_t* grp = base + g * kGroupSlots;
+      for (uint32_t m = match_tag(grp, tag); m; m &= m - 1) {
+        const uint32_t r = (grp[__builtin_ctz(m)] & kRowMask) - 1;
+        if (key_of(rows_.row(r)) == id) {
+          *inserted = false;
+          return r;
+        }
+      }
+      const uint32_t empty = match_empty(grp);
+      if (!hole) {
+        for (int j = 0; j < kGroupSlots; ++j)
+          if (grp[j] == 0 || grp[j] == kTombstone) {
+            hole = grp + j;
+            break;
+          }
+      }
+      if (empty) break;
+      g = (g + step) & mask;
+    }
+    const uint32_t r = rows_.allocate();
+    if (*hole == kTombstone) --tombstones_;
+    *hole = (tag << kRowBits) | (r + 1);
+    std::memcpy(rows_.row(r), &id, sizeof id);
+    ++size_;
+    *inserted = true;
+    return r;
+  }
+
+  uint64_t max_probe_groups() const {
+    uint64_t worst = 0;
+    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
+    for (uint64_t s = 0; s < slots(); ++s) {
+      const uint32_t v = base[s];
+      if (v == 0 || v == kTombstone) continue;
+      const uint64_t h = hash_id(key_of(rows_.row((v & kRowMask) - 1)));
+      const uint64_t mask = groups_ - 1;
+      uint64_t g = h & mask, n = 1;
+      for (uint64_t step = 1; g != s / kGroupSlots; ++step, ++n) g = (g + step) & mask;
+      if (n > worst) worst = n;
+    }
+    return worst;
+  }
+
+ private:
+  void rehash(uint64_t groups) {
+    Buffer fresh(static_cast<size_t>(groups * kGroupSlots * sizeof(uint32_t)));
+    uint32_t* dst = static_cast<uint32_t*>(fresh.data());
+    const uint32_t* src = static_cast<const uint32_t*>(index_.data());
+    const uint64_t mask = groups - 1;
+    for (uint64_t s = 0; s < slots(); ++s) {
+      const uint32_t v = src[s];
+      if (v == 0 || v == kTombstone) continue;
+      const uint64_t h = hash_id(key_of(rows_.row((v & kRowMask) - 1)));
+      uint64_t g = h & mask;
+      for (uint64_t step = 1;; ++step) {
+        uint32_t* grp = dst + g * kGroupSlots;
+        const uint32_t empty = match_empty(grp);
+        if (empty) {
+          grp[__builtin_ctz(empty)] = v;
+          break;
+        }
+        g = (g + step) & mask;
+      }
+    }
+    index_ = std::move(fresh);
+    groups_ = groups;
+    tombstones_ = 0;
+  }
+
+  Buffer index_;
+  uint64_t groups_ = 0;
+  uint64_t size_ = 0;
+  uint64_t tombstones_ = 0;
+  RowArena rows_;
+};
+
+// Ids of a batch grouped by shard, input order kept inside each shard.
+struct BatchPlan {
+  std::vector<uint64_t> hashes;       // per input position
+  std::vector<uint32_t> order;        // input positions, shard by shard
+  std::vector<size_t> shard_begin;    // num_shards + 1 offsets into order
+  std::vector<uint32_t> busy_shards;  // shards with at least one id
+
+  BatchPlan(const int64_t* ids, size_t n, int shard_bits) {
+    if (n > 0xFFFFFFFFull) throw ValueError("a batch holds at most 2^32 - 1 ids");
+    hashes.resize(n);
+    order.resize(n);
+    const size_t num_shards = size_t{1} << shard_bits;
+    shard_begin.assign(num_shards + 1, 0);
+    const int shift = 64 - shard_bits;
+    for (size_t i = 0; i < n; ++i) {
+      hashes[i] = hash_id(ids[i]);
+      if (shard_bits) ++shard_begin[(hashes[i] >> shift) + 1];
+      else ++shard_begin[1];
+    }
+    for (size_t s = 0; s < num_shards; ++s) {
+      if (shard_begin[s + 1]) busy_shards.push_back(static_cast<uint32_t>(s));
+      shard_begin[s + 1] += shard_begin[s];
+    }
+    std::vector<size_t> cursor(shard_begin.begin(), shard_begin.end() - 1);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t s = shard_bits ? (hashes[i] >> shift) : 0;
+      order[cursor[s]++] = static_cast<uint32_t>(i);
+    }
+  }
+};
+
+}  // namespace detail
+
+class EmbeddingTable {
+ public:
+  explicit EmbeddingTable(const TableSpec& spec) : spec_(spec), layout_((validate(spec), spec)) {
+    while ((1 << shard_bits_) < spec.num_shards) ++shard_bits_;
+    shards_.reserve(spec.num_shards);
+    for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride));
+    if (spec.initial_capacity > 0) {
+      const uint64_t per = (spec.initial_capacity + spec.num_shards - 1) / spec.num_shards;
+      for (auto& sh : shards_) sh->reserve(per);
+    }
+  }
+  ~EmbeddingTable() {
+    for (auto* s : shards_) delete s;
+  }
+  EmbeddingTable(const EmbeddingTable&) = delete;
+  EmbeddingTable& operator=(const EmbeddingTable&) = delete;
+
+  int dim() const { return layout_.dim; }
+  int state_dim() const { return layout_.state_dim; }
+  int num_segments() const { return static_cast<int>(layout_.segments.size()); }
+  int num_shards() const { return static_cast<int>(shards_.size()); }
+  const RowLayout& layout() const { return layout_; }
+  int64_t max_update_ts() const { return max_update_ts_.load(); }
+
+  uint64_t size() const {
+    uint64_t n = 0;
+    for (auto* s : shards_) {
+      std::shared_lock<std::shared_mutex> lk(s->mu);
+      n += s->size();
+    }
+    return n;
+  }
+
+  TableStats stats(bool probe_lengths = false) const {
+    TableStats st;
+    st.num_shards = shards_.size();
+    st.row_stride = layout_.stride;
+    for (auto* s : shards_) {
+      std::shared_lock<std::shared_mutex> lk(s->mu);
+      st.size += s->size();
+      st.capacity += s->slots();
+      st.index_bytes += s->index_bytes();
+      st.row_bytes += s->rows().bytes();
+      st.rows_allocated += s->rows().capacity();
+      if (probe_lengths) st.max_probe_groups = std::max(st.max_probe_groups, s->max_probe_groups());
+    }
+    return st;
+  }
+
+  // out[N, dim]: the stored values, or zeros for a missing id (nothing is inserted).
+  void lookup(const int64_t* ids, size_t n, float* out) const {
+    const size_t bytes = sizeof(float) * layout_.dim;
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
+      const int64_t r = sh.find(ids[i], h);
+      float* dst = out + i * layout_.dim;
+      if (r >= 0)
+        std::memcpy(dst, values_of(sh.row(static_cast<uint32_t>(r))), bytes);
+      else
+        std::memset(dst, 0, bytes);
+    });
+  }
+
+  void contains(const int64_t* ids, size_t n, uint8_t* out) const {
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
+      out[i] = sh.find(ids[i], h) >= 0;
+    });
+  }
+
+  // Raw values, optimizer state and timestamp of each id; found[i] = 0 when missing
+  // (its outputs are then zero).
+  void lookup_entries(const int64_t* ids, size_t n, float* values, float* state, int64_t* ts,
+                      uint8_t* found) const {
+    const int d = layout_.dim, sd = layout_.state_dim;
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
+      const int64_t r = sh.find(ids[i], h);
+      found[i] = r >= 0;
+      if (r >= 0) {
+        const char* row = sh.row(static_cast<uint32_t>(r));
+        std::memcpy(values + i * d, values_of(row), sizeof(float) * d);
+        std::memcpy(state + i * sd, values_of(row) + d, sizeof(float) * sd);
+        std::memcpy(ts + i, row + 8, sizeof(int64_t));
+      } else {
+        std::memset(values + i * d, 0, sizeof(float) * d);
+        std::memset(state + i * sd, 0, sizeof(float) * sd);
+        ts[i] = 0;
+      }
+    });
+  }
+
+  // Upsert rows; the last duplicate wins. New entries get their optimizer state initialised.
+  void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    check_finite(values, n * layout_.dim, "values");
+    const size_t bytes = sizeof(float) * layout_.dim;
+    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
+      char* row = upsert(sh, ids[i], h);
+      std::memcpy(values_of(row), values + i * layout_.dim, bytes);
+      stamp(row, ts);
+    });
+  }
+
+  // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
+  void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    check_finite(values, n * layout_.dim, "values");
+    const int d = layout_.dim;
+    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
+      char* row = upsert(sh, ids[i], h);
+      float* w = values_of(row);
+      const float* v = values + i * d;
+      for (int j = 0; j < d; ++j) w[j] += v[j];
+      stamp(row, ts);
+    });
+  }
+
+  // One optimizer step per occurrence in input order, or (dedup) one step per unique id with
+  // its gradients summed left to right. Missing ids are created, initialised, then stepped.
+  void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
+                       int64_t global_step, int64_t ts, bool dedup) {
+    if (n_lrs != layout_.segments.size())
+      throw ValueError("expected " + std::to_string(layout_.segments.size()) + " learning rates (one per segment), got " +
+                       std::to_string(n_lrs));
+    for (size_t k = 0; k < n_lrs; ++k)
+      if (!std::isfinite(lrs[k])) throw ValueError("learning rate is not finite");
+    check_finite(grads, n * layout_.dim, "gradients");
+    const int d = layout_.dim;
+    if (!dedup) {
+      for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
+        char* row = upsert(sh, ids[i], h);
+        step_row(row, grads + i * d, lrs, global_step);
+        stamp(row, ts);
+      });
+      return;
+    }
+    for_each_shard_write_runs(ids, n, ts, [&](detail::Shard& sh, const uint32_t* pos, size_t count, uint64_t h,
+                                              float* scratch) {
+      const float* g = grads + static_cast<size_t>(pos[0]) * d;
+      if (count > 1) {
+        std::memcpy(scratch, g, sizeof(float) * d);
+        for (size_t k = 1; k < count; ++k) {
+          const float* gk = grads + static_cast<size_t>(pos[k]) * d;
+          for (int j = 0; j < d; ++j) scratch[j] += gk[j];
+        }
+        g = scratch;
+      }
+      char* row = upsert(sh, ids[pos[0]], h);
+      step_row(row, g, lrs, global_step);
+      stamp(row, ts);
+    });
+  }
+
+  // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
+  void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
+    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
+      bool inserted;
+      const uint32_t r = sh.find_or_insert(ids[i], h, &inserted);
+      char* row = sh.row(r);
+      init_row(row, ids[i]);
+      stamp(row, ts);
+      status[i] = inserted ? 0 : 1;
+    });
+  }
+
+ private:
+  static float* values_of(char* row) { return reinterpret_cast<float*>(row + RowLayout::kHeader); }
+  static const float* values_of(const char* row) { return reinterpret_cast<const float*>(row + RowLayout::kHeader); }
+  static void stamp(char* row, int64_t ts) { std::memcpy(row + 8, &ts, sizeof ts); }
+
+  void check_finite(const float* v, size_t count, const char* what) const {
+    if (spec_.allow_non_finite) return;
+    for (size_t k = 0; k < count; ++k)
+      if (!std::isfinite(v[k]))
+        throw ValueError(std::string(what) + " contain NaN or Inf (row " + std::to_string(k / layout_.dim) +
+                         "); set allow_non_finite=True in the table config to accept them");
+  }
+
+  void init_row(char* row, int64_t id) const {
+    float* w = values_of(row);
+    float* st = w + layout_.dim;
+    for (size_t k = 0; k < layout_.segments.size(); ++k)
+      init_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k], spec_.random_seed,
+                   id, layout_.value_offset[k]);
+  }
+
+  char* upsert(detail::Shard& sh, int64_t id, uint64_t h) const {
+    bool inserted;
+    char* row = sh.row(sh.find_or_insert(id, h, &inserted));
+    if (inserted) init_row(row, id);
+    return row;
+  }
+
+  void step_row(char* row, const float* g, const float* lrs, int64_t global_step) const {
+    float* w = values_of(row);
+    float* st = w + layout_.dim;
+    for (size_t k = 0; k < layout_.segments.size(); ++k)
+      optimize_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k],
+                       g + layout_.value_offset[k], lrs[k], global_step);
+  }
+
+  void note_ts(int64_t ts) {
+    int64_t cur = max_update_ts_.load();
+    while (ts > cur && !max_update_ts_.compare_exchange_weak(cur, ts)) {
+    }
+  }
+
+  // Small batches stay on the calling thread: waking helpers costs more than it saves.
+  static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
+
+  static constexpr size_t kGroupAhead = 16;
+  static constexpr size_t kRowAhead = 8;
+
+  // Calls fn(shard, position, hash) for every id, shard by shard under a shared lock.
+  template <class Fn>
+  void for_each_shard_read(const int64_t* ids, size_t n, Fn&& fn) const {
+    if (n == 0) return;
+    detail::BatchPlan plan(ids, n, shard_bits_);
+    ThreadPool::global().parallel_for(
+        plan.busy_shards.size(),
+        [&](size_t t) {
+          const uint32_t s = plan.busy_shards[t];
+          const detail::Shard& sh = *shards_[s];
+          std::shared_lock<std::shared_mutex> lk(sh.mu);
+          visit_in_order(sh, plan, s, fn);
+        },
+        threads_for(n));
+  }
+
+  template <class ShardT, class Fn>
+  static void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn) {
+    const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
+    for (size_t k = b; k < e; ++k) {
+      if (k + kGroupAhead < e) sh.prefetch_group(plan.hashes[plan.order[k + kGroupAhead]]);
+      if (k + kRowAhead < e) sh.prefetch_candidate(plan.hashes[plan.order[k + kRowAhead]]);
+      const uint32_t i = plan.order[k];
+      fn(sh, i, plan.hashes[i]);
+    }
+  }
+
+  // Reserves room for every id of the batch in its shard (so allocation fails before any
+  // entry changes), then calls fn(shard, position, hash) under each shard's write lock.
+  template <class Fn>
+  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn) {
+    note_ts(ts);
+    if (n == 0) return;
+    detail::BatchPlan plan(ids, n, shard_bits_);
+    reserve_for(plan);
+    ThreadPool::global().parallel_for(
+        plan.busy_shards.size(),
+        [&](size_t t) {
+          const uint32_t s = plan.busy_shards[t];
+          detail::Shard& sh = *shards_[s];
+          std::unique_lock<std::shared_mutex> lk(sh.mu);
+          visit_in_order(sh, plan, s, fn);
+        },
+        threads_for(n));
+  }
+
+  // As for_each_shard_write, but calls fn(shard, positions, count, hash, scratch) once per
+  // distinct id with all its positions in input order.
+  template <class Fn>
+  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, Fn&& fn) {
+    note_ts(ts);
+    if (n == 0) return;
+    detail::BatchPlan plan(ids, n, shard_bits_);
+    reserve_for(plan);
+    const int d = layout_.dim;
+    ThreadPool::global().parallel_for(
+        plan.busy_shards.size(),
+        [&](size_t t) {
+          const uint32_t s = plan.busy_shards[t];
+          const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
+          // Group positions by id, keeping input order inside each id (stable sort).
+          std::vector<uint32_t> pos(plan.order.begin() + b, plan.order.begin() + e);
+          std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) { return ids[x] < ids[y]; });
+          std::vector<float> scratch(d);
+          detail::Shard& sh = *shards_[s];
+          std::unique_lock<std::shared_mutex> lk(sh.mu);
+          for (size_t k = 0; k < pos.size();) {
+            size_t m = k + 1;
+            while (m < pos.size() && ids[pos[m]] == ids[pos[k]]) ++m;
+            fn(sh, pos.data() + k, m - k, plan.hashes[pos[k]], scratch.data());
+            k = m;
+          }
+        },
+        threads_for(n));
+  }
+
+  void reserve_for(const detail::BatchPlan& plan) {
+    for (uint32_t s : plan.busy_shards) {
+      detail::Shard& sh = *shards_[s];
+      std::unique_lock<std::shared_mutex> lk(sh.mu);
+      sh.reserve(plan.shard_begin[s + 1] - plan.shard_begin[s]);
+    }
+  }
+
+  TableSpec spec_;
+  RowLayout layout_;
+  int shard_bits_ = 0;
+  std::vector<detail::Shard*> shards_;
+  std::atomic<int64_t> max_update_ts_{0};
+};
+
+}  // namespace mtht

@@ -1,0 +1,98 @@
+"""Turn what users pass (numpy, lists, buffer-protocol and ``__array__`` objects, DLPack
+producers such as torch or jax arrays) into the exact arrays the core takes, or raise a
+clear error before anything changes."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def as_numpy(x) -> np.ndarray:
+    """A numpy view of ``x`` without a copy where possible (DLPack first, then asarray)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, BufferError, RuntimeError, ValueError):
+            pass  # e.g. a tensor that needs grad, or on another device: fall back
+    return np.asarray(x)
+
+
+def as_ids(ids, name: str = "ids") -> np.ndarray:
+    """1-D C-contiguous int64. Signed ints of any width; uint64 is reinterpreted as int64
+    bits; smaller unsigned ints widen. Floats (unless empty) and bools are rejected."""
+    a = as_numpy(ids)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
+    kind = a.dtype.kind
+    if kind == "i":
+        pass
+    elif kind == "u":
+        if a.dtype.itemsize == 8:
+            a = np.ascontiguousarray(a).view(np.int64)
+    elif a.size == 0 and kind in "fO":
+        a = a.astype(np.int64)
+    elif kind == "f":
+        raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
+    elif kind == "O":
+        a = _object_ids(a, name)
+    else:
+        raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _object_ids(a: np.ndarray, name: str) -> np.ndarray:
+    out = np.empty(a.shape[0], dtype=np.int64)
+    for k, v in enumerate(a):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be integers, got {type(v).__name__} at position {k}")
+        v = int(v)
+        if not -(1 << 63) <= v < (1 << 64):
+            raise ValueError(f"{name}[{k}] = {v} does not fit in 64 bits")
+        out[k] = v - (1 << 64) if v >= (1 << 63) else v
+    return out
+
+
+def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
+    """C-contiguous float32 ``[n, dim]``. Also accepted: ``[n]`` when dim == 1, and a scalar
+    when n * dim == 1. Anything else, a transposed array included, is a ValueError."""
+    a = as_numpy(values)
+    if a.dtype.kind not in "fiub" or a.dtype.kind == "b":
+        raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+    if a.shape == (n, dim):
+        pass
+    elif a.ndim == 1 and dim == 1 and a.shape[0] == n:
+        a = a.reshape(n, 1)
+    elif a.ndim == 0 and n * dim == 1:
+        a = a.reshape(1, 1)
+    else:
+        raise ValueError(f"{name} must have shape ({n}, {dim}) for {n} ids of dim {dim}, got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def as_out(out, n: int, dim: int) -> np.ndarray:
+    """Check a caller-provided output array: writeable C-contiguous float32 [n, dim]."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.float32 or out.shape != (n, dim) or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous float32 array of shape ({n}, {dim}), "
+            f"got {out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (not contiguous)'}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    return out
+
+
+def as_int64_scalar(x, name: str) -> int:
+    """An integer scalar (Python or numpy), e.g. req_time or global_step."""
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        x = x[()]
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+    x = int(x)
+    if not -(1 << 63) <= x < (1 << 63):
+        raise ValueError(f"{name} = {x} does not fit in int64")
+    return x

@@ -1,0 +1,74 @@
+# Declarations of the C++ core (include/mtht); no logic here.
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libcpp cimport bool as cbool
+from libcpp.string cimport string
+from libcpp.vector cimport vector
+
+
+cdef extern from "_translate_errors.h":
+    cdef void translate_exception()
+
+
+cdef extern from "mtht/spec.h" namespace "mtht" nogil:
+    cdef cppclass OptParams:
+        float initial_accumulator_value
+        float weight_decay_factor
+
+    cdef cppclass SegmentSpec:
+        int dim
+        int init
+        float init_a
+        float init_b
+        int opt
+        OptParams opt_params
+
+    cdef cppclass TableSpec:
+        vector[SegmentSpec] segments
+        uint64_t random_seed
+        cbool allow_non_finite
+        uint64_t initial_capacity
+        int num_shards
+
+
+cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
+    cdef cppclass ThreadPool:
+        @staticmethod
+        ThreadPool& global_ "global"()
+        int num_threads()
+        void set_num_threads(int n)
+
+
+cdef extern from "mtht/cpu.h" namespace "mtht" nogil:
+    string cpu_isas()
+    const char* active_kernel()
+
+
+cdef extern from "mtht/table.h" namespace "mtht" nogil:
+    cdef cppclass TableStats:
+        uint64_t size
+        uint64_t capacity
+        uint64_t index_bytes
+        uint64_t row_bytes
+        uint64_t rows_allocated
+        uint64_t row_stride
+        uint64_t num_shards
+        uint64_t max_probe_groups
+
+    cdef cppclass EmbeddingTable:
+        EmbeddingTable(const TableSpec& spec) except +translate_exception
+        int dim()
+        int state_dim()
+        int num_segments()
+        int num_shards()
+        int64_t max_update_ts()
+        uint64_t size() except +translate_exception
+        TableStats stats(cbool probe_lengths) except +translate_exception
+        void lookup(const int64_t* ids, size_t n, float* out) except +translate_exception
+        void contains(const int64_t* ids, size_t n, uint8_t* out) except +translate_exception
+        void lookup_entries(const int64_t* ids, size_t n, float* values, float* state,
+                            int64_t* ts, uint8_t* found) except +translate_exception
+        void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) except +translate_exception
+        void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) except +translate_exception
+        void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs,
+                             size_t n_lrs, int64_t global_step, int64_t ts, cbool dedup) except +translate_exception
+        void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) except +translate_exception

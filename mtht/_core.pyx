@@ -1,0 +1,176 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# distutils: language = c++
+"""Thin binding of the C++ core: arrays in, arrays out, the GIL released around every batch.
+
+Arguments arrive already converted and shape-checked by :mod:`mtht.hash_table`; this layer
+only checks what it needs for memory safety (lengths against the table's dim).
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libcpp.memory cimport unique_ptr
+
+import numpy as np
+
+from mtht._core cimport (
+    EmbeddingTable, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
+)
+
+cdef extern from *:
+    # Defined by CMakeLists.txt for the build-info report.
+    const char* MTHT_COMPILER
+    const char* MTHT_CXX_FLAGS
+
+__all__ = ["Table", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name",
+           "compiler", "compile_flags"]
+
+
+def compiler():
+    return MTHT_COMPILER.decode()
+
+
+def compile_flags():
+    return MTHT_CXX_FLAGS.decode().strip()
+
+
+def set_num_threads(int n):
+    """Set the number of threads batch calls may use (the calling thread included)."""
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    with nogil:
+        ThreadPool.global_().set_num_threads(n)
+
+
+def get_num_threads():
+    return ThreadPool.global_().num_threads()
+
+
+def cpu_features():
+    return cpu_isas().decode()
+
+
+def kernel_name():
+    return active_kernel().decode()
+
+
+cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
+    if rows != n or cols != dim:
+        raise ValueError(f"{what} must have shape ({n}, {dim}), got ({rows}, {cols})")
+
+
+cdef class Table:
+    """One C++ ``EmbeddingTable``. ``segments`` is a list of dicts with keys
+    dim, init, init_a, init_b, opt, initial_accumulator_value, weight_decay_factor."""
+
+    cdef unique_ptr[EmbeddingTable] _t
+    cdef readonly int dim
+    cdef readonly int state_dim
+    cdef readonly int num_segments
+
+    def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
+                  uint64_t initial_capacity=0, int num_shards=64):
+        cdef TableSpec spec
+        cdef SegmentSpec seg
+        for s in segments:
+            seg.dim = s["dim"]
+            seg.init = s["init"]
+            seg.init_a = s.get("init_a", 0.0)
+            seg.init_b = s.get("init_b", 0.0)
+            seg.opt = s["opt"]
+            seg.opt_params.initial_accumulator_value = s.get("initial_accumulator_value", 0.1)
+            seg.opt_params.weight_decay_factor = s.get("weight_decay_factor", 0.0)
+            spec.segments.push_back(seg)
+        spec.random_seed = random_seed
+        spec.allow_non_finite = allow_non_finite
+        spec.initial_capacity = initial_capacity
+        spec.num_shards = num_shards
+        with nogil:
+            self._t.reset(new EmbeddingTable(spec))
+        self.dim = self._t.get().dim()
+        self.state_dim = self._t.get().state_dim()
+        self.num_segments = self._t.get().num_segments()
+
+    def size(self):
+        cdef uint64_t n
+        with nogil:
+            n = self._t.get().size()
+        return n
+
+    @property
+    def max_update_ts(self):
+        return self._t.get().max_update_ts()
+
+    def stats(self, bint probe_lengths=False):
+        cdef TableStats st
+        with nogil:
+            st = self._t.get().stats(probe_lengths)
+        return {
+            "size": st.size,
+            "capacity": st.capacity,
+            "index_bytes": st.index_bytes,
+            "row_bytes": st.row_bytes,
+            "rows_allocated": st.rows_allocated,
+            "row_stride": st.row_stride,
+            "num_shards": st.num_shards,
+            "max_probe_groups": st.max_probe_groups,
+        }
+
+    def lookup(self, const int64_t[::1] ids, float[:, ::1] out):
+        cdef Py_ssize_t n = ids.shape[0]
+        _check_rows(n, out.shape[0], out.shape[1], self.dim, "out")
+        with nogil:
+            self._t.get().lookup(&ids[0], n, &out[0, 0])
+
+    def contains(self, const int64_t[::1] ids):
+        cdef Py_ssize_t n = ids.shape[0]
+        result = np.empty(n, dtype=np.bool_)
+        cdef uint8_t[::1] out = result.view(np.uint8)
+        with nogil:
+            self._t.get().contains(&ids[0], n, &out[0])
+        return result
+
+    def lookup_entries(self, const int64_t[::1] ids):
+        """Returns (values [N, dim], state [N, state_dim], timestamps [N], found [N])."""
+        cdef Py_ssize_t n = ids.shape[0]
+        values = np.empty((n, self.dim), dtype=np.float32)
+        state = np.empty((n, self.state_dim), dtype=np.float32)
+        ts = np.empty(n, dtype=np.int64)
+        found = np.empty(n, dtype=np.bool_)
+        cdef float[:, ::1] v = values
+        cdef float[:, ::1] s = state
+        cdef int64_t[::1] t = ts
+        cdef uint8_t[::1] f = found.view(np.uint8)
+        # state may have zero columns; its data pointer is never dereferenced then.
+        cdef float* sp = &s[0, 0] if self.state_dim > 0 and n > 0 else NULL
+        with nogil:
+            self._t.get().lookup_entries(&ids[0], n, &v[0, 0], sp, &t[0], &f[0])
+        return values, state, ts, found
+
+    def assign(self, const int64_t[::1] ids, const float[:, ::1] values, int64_t ts):
+        cdef Py_ssize_t n = ids.shape[0]
+        _check_rows(n, values.shape[0], values.shape[1], self.dim, "values")
+        with nogil:
+            self._t.get().assign(&ids[0], n, &values[0, 0], ts)
+
+    def assign_add(self, const int64_t[::1] ids, const float[:, ::1] values, int64_t ts):
+        cdef Py_ssize_t n = ids.shape[0]
+        _check_rows(n, values.shape[0], values.shape[1], self.dim, "values")
+        with nogil:
+            self._t.get().assign_add(&ids[0], n, &values[0, 0], ts)
+
+    def apply_gradients(self, const int64_t[::1] ids, const float[:, ::1] grads,
+                        const float[::1] learning_rates, int64_t global_step, int64_t ts,
+                        bint dedup):
+        cdef Py_ssize_t n = ids.shape[0]
+        _check_rows(n, grads.shape[0], grads.shape[1], self.dim, "grads")
+        cdef Py_ssize_t n_lrs = learning_rates.shape[0]
+        with nogil:
+            self._t.get().apply_gradients(&ids[0], n, &grads[0, 0], &learning_rates[0], n_lrs,
+                                          global_step, ts, dedup)
+
+    def reinitialize(self, const int64_t[::1] ids, int64_t ts):
+        cdef Py_ssize_t n = ids.shape[0]
+        status = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] st = status
+        with nogil:
+            self._t.get().reinitialize(&ids[0], n, ts, &st[0])
+        return status
