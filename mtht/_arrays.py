@@ -73,6 +73,16 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def as_numpy_floats(values, name: str) -> np.ndarray:
+    """A flat C-contiguous float32 array (a scalar becomes one element)."""
+    a = as_numpy(values)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+    if a.ndim > 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    return np.ascontiguousarray(a.reshape(-1), dtype=np.float32)
+
+
 def as_out(out, n: int, dim: int) -> np.ndarray:
     """Check a caller-provided output array: writeable C-contiguous float32 [n, dim]."""
     if not isinstance(out, np.ndarray):

@@ -72,3 +72,21 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs,
                              size_t n_lrs, int64_t global_step, int64_t ts, cbool dedup) except +translate_exception
         void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) except +translate_exception
+
+
+cdef extern from "mtht/fused.h" namespace "mtht" nogil:
+    cdef cppclass FusedLayout:
+        size_t num_tables
+        size_t num_shards
+        vector[int32_t] id_offsets
+        vector[int32_t] emb_offsets
+        vector[int32_t] recv_splits
+
+    FusedLayout fused_layout(const vector[int]& dims, const int32_t* fss, size_t n_fss, int64_t num_shards,
+                             size_t n_ids) except +translate_exception
+    void fused_lookup(const vector[const EmbeddingTable*]& tables, const FusedLayout& layout,
+                      const int64_t* ids, float* embeddings) except +translate_exception
+    void fused_apply_gradients(const vector[EmbeddingTable*]& tables, const FusedLayout& layout,
+                               const int64_t* ids, const float* grads, size_t n_grads, const float* lrs,
+                               size_t n_lrs, int64_t global_step, int64_t ts,
+                               bint accumulate) except +translate_exception

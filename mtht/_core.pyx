@@ -8,12 +8,16 @@ only checks what it needs for memory safety (lengths against the table's dim).
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libcpp.memory cimport unique_ptr
+from libcpp.vector cimport vector
 
 import numpy as np
 
 from mtht._core cimport (
-    EmbeddingTable, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
+    EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
+    fused_layout,
 )
+from mtht._core cimport fused_apply_gradients as c_fused_apply_gradients
+from mtht._core cimport fused_lookup as c_fused_lookup
 
 cdef extern from *:
     # Defined by CMakeLists.txt for the build-info report.
@@ -21,7 +25,8 @@ cdef extern from *:
     const char* MTHT_CXX_FLAGS
 
 __all__ = ["Table", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name",
-           "compiler", "compile_flags"]
+           "compiler", "compile_flags",
+           "fused_offsets", "fused_lookup", "fused_apply_gradient"]
 
 
 def compiler():
@@ -174,3 +179,59 @@ cdef class Table:
         with nogil:
             self._t.get().reinitialize(&ids[0], n, ts, &st[0])
         return status
+
+
+cdef FusedLayout _layout(list tables, const int32_t[::1] fused_slot_size, int64_t num_shards, Py_ssize_t n_ids) except *:
+    cdef vector[int] dims
+    cdef Table t
+    for t in tables:
+        dims.push_back(t.dim)
+    cdef FusedLayout layout
+    cdef Py_ssize_t n_fss = fused_slot_size.shape[0]
+    with nogil:
+        layout = fused_layout(dims, &fused_slot_size[0], n_fss, num_shards, n_ids)
+    return layout
+
+
+cdef _offsets(FusedLayout& layout):
+    return (np.asarray(layout.recv_splits, dtype=np.int32),
+            np.asarray(layout.id_offsets, dtype=np.int32),
+            np.asarray(layout.emb_offsets, dtype=np.int32))
+
+
+def fused_offsets(list tables, const int32_t[::1] fused_slot_size, int64_t num_shards, Py_ssize_t n_ids):
+    """(recv_splits, id_offsets, emb_offsets) of a fused batch; validates its lengths."""
+    cdef FusedLayout layout = _layout(tables, fused_slot_size, num_shards, n_ids)
+    return _offsets(layout)
+
+
+def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_slot_size, int64_t num_shards):
+    """Returns (embeddings, recv_splits, id_offsets, emb_offsets) over ``Table`` objects."""
+    cdef FusedLayout layout = _layout(tables, fused_slot_size, num_shards, ids.shape[0])
+    cdef vector[const EmbeddingTable*] ptrs
+    cdef Table t
+    for t in tables:
+        ptrs.push_back(t._t.get())
+    embeddings = np.empty(layout.emb_offsets.back(), dtype=np.float32)
+    cdef float[::1] emb = embeddings
+    cdef float* ep = &emb[0] if emb.shape[0] > 0 else NULL
+    with nogil:
+        c_fused_lookup(ptrs, layout, &ids[0], ep)
+    return (embeddings,) + _offsets(layout)
+
+
+def fused_apply_gradient(list tables, const int64_t[::1] ids, const int32_t[::1] fused_slot_size,
+                         const float[::1] id_grads, const float[::1] learning_rates, int64_t num_shards,
+                         int64_t global_step, int64_t ts, bint accumulate):
+    """One update per (shard, table) block; returns (recv_splits, id_offsets, emb_offsets)."""
+    cdef FusedLayout layout = _layout(tables, fused_slot_size, num_shards, ids.shape[0])
+    cdef vector[EmbeddingTable*] ptrs
+    cdef Table t
+    for t in tables:
+        ptrs.push_back(t._t.get())
+    cdef Py_ssize_t n_grads = id_grads.shape[0]
+    cdef Py_ssize_t n_lrs = learning_rates.shape[0]
+    with nogil:
+        c_fused_apply_gradients(ptrs, layout, &ids[0], &id_grads[0], n_grads, &learning_rates[0], n_lrs,
+                              global_step, ts, accumulate)
+    return _offsets(layout)

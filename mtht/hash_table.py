@@ -14,10 +14,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from mtht import _core
-from mtht._arrays import as_ids, as_int64_scalar, as_out, as_rows
+from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
 from mtht._spec import core_segments, split_state
 
-__all__ = ["BaseHashTable", "HashTable", "EntryDump", "hash_table_from_config"]
+__all__ = ["BaseHashTable", "HashTable", "EntryDump", "hash_table_from_config", "fused_lookup",
+           "fused_apply_gradient"]
 
 
 @dataclasses.dataclass
@@ -210,3 +211,71 @@ def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", save
     if hash_filter is not None:
         raise NotImplementedError("hash filters are not available in this version of mtht")
     return HashTable(config, name="MonolithHashTable_" + str(name_suffix), saver_parallel=saver_parallel)
+
+
+def _core_tables(tables) -> list:
+    tables = list(tables)
+    for t in tables:
+        if not isinstance(t, HashTable):
+            raise TypeError(f"fused ops take HashTable objects, got {type(t).__name__}")
+    return [t._core for t in tables]
+
+
+def _counts(fused_slot_size) -> np.ndarray:
+    fss = as_ids(fused_slot_size, "fused_slot_size")
+    if fss.size and (fss.min() < 0 or fss.max() > np.iinfo(np.int32).max):
+        raise ValueError("fused_slot_size must hold counts in [0, 2^31)")
+    return fss.astype(np.int32)
+
+
+def _check_equal(name: str, given, expected: np.ndarray, dtype) -> None:
+    got = as_ids(given, name).astype(dtype)
+    if got.shape != expected.shape or not np.array_equal(got, expected):
+        raise ValueError(f"{name} does not match fused_slot_size: expected {expected.tolist()}, "
+                         f"got {got.tolist()}")
+
+
+def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None):
+    """Look up K tables for N shards in one call (Monolith's fused lookup).
+
+    ``fused_slot_size[n*K + k]`` ids of shard n belong to table k; ``ids`` holds these blocks
+    in that ``[shard][table]`` order. Returns ``(embeddings float32[L], recv_splits int32[N],
+    id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64[M])``: block (n, k) of
+    the embeddings starts at ``emb_offsets[n*K + k]``; ``recv_splits[n]`` floats belong to
+    shard n; ``indices`` is ``ids``. ``req_time`` is accepted and unused (lookups do not
+    touch timestamps).
+    """
+    ids = as_ids(ids)
+    if req_time is not None:
+        as_int64_scalar(req_time, "req_time")
+    embeddings, recv_splits, id_offsets, emb_offsets = _core.fused_lookup(
+        _core_tables(tables), ids, _counts(fused_slot_size), as_int64_scalar(num_of_shards, "num_of_shards"))
+    return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()
+
+
+def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
+                         learning_rate_tensors, req_time, global_step, num_of_shards,
+                         enable_grad_accumulation=False):
+    """Apply gradients to K tables for N shards in one call (Monolith's fused optimize).
+
+    ``id_grads`` is laid out like the fused lookup's embeddings; ``learning_rate_tensors``
+    holds every table's per-segment learning rates, table after table. Each (shard, table)
+    block is one batch update; blocks of one table are applied in shard order, and
+    ``enable_grad_accumulation`` sums duplicate ids inside a block only. Every argument is
+    validated before any table changes. Returns the list of tables.
+    """
+    tables = list(tables)
+    core_tables = _core_tables(tables)
+    ids = as_ids(ids)
+    fss = _counts(fused_slot_size)
+    shards = as_int64_scalar(num_of_shards, "num_of_shards")
+    _, expected_id_offsets, expected_emb_offsets = _core.fused_offsets(core_tables, fss, shards, ids.shape[0])
+    _check_equal("id_offsets", id_offsets, expected_id_offsets, np.int32)
+    _check_equal("grad_offsets", grad_offsets, expected_emb_offsets, np.int32)
+    _check_equal("indices", indices, ids, np.int64)
+    grads = as_numpy_floats(id_grads, "id_grads")
+    lrs = as_numpy_floats(learning_rate_tensors, "learning_rate_tensors")
+    _core.fused_apply_gradient(core_tables, ids, fss, grads, lrs, shards,
+                               as_int64_scalar(global_step, "global_step"), _req_time(req_time),
+                               bool(enable_grad_accumulation))
+    return tables

@@ -490,13 +490,13 @@ class EmbeddingTable {
 
   // One optimizer step per occurrence in input order, or (dedup) one step per unique id with
   // its gradients summed left to right. Missing ids are created, initialised, then stepped.
+  //
+  // `blocks` (optional, one number per position) splits the batch into consecutive blocks:
+  // with dedup, gradients are summed only within a block, and the blocks of one id are
+  // stepped in block order (the fused multi-shard update).
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
-                       int64_t global_step, int64_t ts, bool dedup) {
-    if (n_lrs != layout_.segments.size())
-      throw ValueError("expected " + std::to_string(layout_.segments.size()) + " learning rates (one per segment), got " +
-                       std::to_string(n_lrs));
-    for (size_t k = 0; k < n_lrs; ++k)
-      if (!std::isfinite(lrs[k])) throw ValueError("learning rate is not finite");
+                       int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
+    check_learning_rates(lrs, n_lrs);
     check_finite(grads, n * layout_.dim, "gradients");
     const int d = layout_.dim;
     if (!dedup) {
@@ -507,7 +507,7 @@ class EmbeddingTable {
       });
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, [&](detail::Shard& sh, const uint32_t* pos, size_t count, uint64_t h,
+    for_each_shard_write_runs(ids, n, ts, blocks, [&](detail::Shard& sh, const uint32_t* pos, size_t count, uint64_t h,
                                               float* scratch) {
       const float* g = grads + static_cast<size_t>(pos[0]) * d;
       if (count > 1) {
@@ -541,6 +541,23 @@ class EmbeddingTable {
   static const float* values_of(const char* row) { return reinterpret_cast<const float*>(row + RowLayout::kHeader); }
   static void stamp(char* row, int64_t ts) { std::memcpy(row + 8, &ts, sizeof ts); }
 
+ public:
+  // Allocate room for every id of a batch as if all were new, changing nothing visible: a
+  // multi-table write calls it for every table before it changes the first one.
+  void reserve_ids(const int64_t* ids, size_t n) {
+    if (n == 0) return;
+    reserve_for(detail::BatchPlan(ids, n, shard_bits_));
+  }
+
+  void check_learning_rates(const float* lrs, size_t n_lrs) const {
+    if (n_lrs != layout_.segments.size())
+      throw ValueError("expected " + std::to_string(layout_.segments.size()) + " learning rates (one per segment), got " +
+                       std::to_string(n_lrs));
+    for (size_t k = 0; k < n_lrs; ++k)
+      if (!std::isfinite(lrs[k])) throw ValueError("learning rate is not finite");
+  }
+
+  // Throws ValueError if any value is NaN or Inf, unless the table allows them.
   void check_finite(const float* v, size_t count, const char* what) const {
     if (spec_.allow_non_finite) return;
     for (size_t k = 0; k < count; ++k)
@@ -549,6 +566,7 @@ class EmbeddingTable {
                          "); set allow_non_finite=True in the table config to accept them");
   }
 
+ private:
   void init_row(char* row, int64_t id) const {
     float* w = values_of(row);
     float* st = w + layout_.dim;
@@ -633,7 +651,7 @@ class EmbeddingTable {
   // As for_each_shard_write, but calls fn(shard, positions, count, hash, scratch) once per
   // distinct id with all its positions in input order.
   template <class Fn>
-  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, Fn&& fn) {
+  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Fn&& fn) {
     note_ts(ts);
     if (n == 0) return;
     detail::BatchPlan plan(ids, n, shard_bits_);
@@ -646,13 +664,18 @@ class EmbeddingTable {
           const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
           // Group positions by id, keeping input order inside each id (stable sort).
           std::vector<uint32_t> pos(plan.order.begin() + b, plan.order.begin() + e);
-          std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) { return ids[x] < ids[y]; });
+          if (blocks)
+            std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) {
+              return blocks[x] != blocks[y] ? blocks[x] < blocks[y] : ids[x] < ids[y];
+            });
+          else
+            std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) { return ids[x] < ids[y]; });
           std::vector<float> scratch(d);
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
           for (size_t k = 0; k < pos.size();) {
             size_t m = k + 1;
-            while (m < pos.size() && ids[pos[m]] == ids[pos[k]]) ++m;
+            while (m < pos.size() && ids[pos[m]] == ids[pos[k]] && (!blocks || blocks[pos[m]] == blocks[pos[k]])) ++m;
             fn(sh, pos.data() + k, m - k, plan.hashes[pos[k]], scratch.data());
             k = m;
           }

@@ -1,0 +1,149 @@
+// Fused multi-table, multi-shard lookup and update (Monolith's fused ops).
+//
+// K tables and N shards; `fused_slot_size` (fss) has K*N counts laid out [shard][table]:
+// fss[n*K + k] ids of shard n go to table k, and `ids` holds the blocks in that order.
+// Embeddings (and gradients) are laid out the same way, block (n, k) holding fss*dim[k]
+// floats. Every length is validated before any table changes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mtht/errors.h"
+#include "mtht/table.h"
+
+namespace mtht {
+
+struct FusedLayout {
+  size_t num_tables = 0;
+  size_t num_shards = 0;
+  std::vector<int32_t> id_offsets;   // K*N + 1
+  std::vector<int32_t> emb_offsets;  // K*N + 1
+  std::vector<int32_t> recv_splits;  // N: floats belonging to each shard
+};
+
+inline FusedLayout fused_layout(const std::vector<int>& dims, const int32_t* fss, size_t n_fss, int64_t num_shards,
+                                size_t n_ids) {
+  if (num_shards < 1) throw ValueError("num_of_shards must be >= 1, got " + std::to_string(num_shards));
+  FusedLayout L;
+  L.num_tables = dims.size();
+  L.num_shards = static_cast<size_t>(num_shards);
+  if (L.num_tables == 0) throw ValueError("fused ops need at least one table");
+  if (n_fss != L.num_tables * L.num_shards)
+    throw ValueError("fused_slot_size must have num_tables * num_of_shards = " +
+                     std::to_string(L.num_tables * L.num_shards) + " entries, got " + std::to_string(n_fss));
+  L.id_offsets.assign(n_fss + 1, 0);
+  L.emb_offsets.assign(n_fss + 1, 0);
+  L.recv_splits.assign(L.num_shards, 0);
+  int64_t ids_total = 0, floats_total = 0;
+  for (size_t n = 0; n < L.num_shards; ++n) {
+    int64_t shard_floats = 0;
+    for (size_t k = 0; k < L.num_tables; ++k) {
+      const size_t idx = n * L.num_tables + k;
+      if (fss[idx] < 0) throw ValueError("fused_slot_size[" + std::to_string(idx) + "] is negative");
+      ids_total += fss[idx];
+      const int64_t floats = static_cast<int64_t>(fss[idx]) * dims[k];
+      floats_total += floats;
+      shard_floats += floats;
+      if (floats_total > INT32_MAX || ids_total > INT32_MAX) throw ValueError("fused batch too large for int32 offsets");
+      L.id_offsets[idx + 1] = static_cast<int32_t>(ids_total);
+      L.emb_offsets[idx + 1] = static_cast<int32_t>(floats_total);
+    }
+    L.recv_splits[n] = static_cast<int32_t>(shard_floats);
+  }
+  if (static_cast<size_t>(ids_total) != n_ids)
+    throw ValueError("sum(fused_slot_size) = " + std::to_string(ids_total) + " but " + std::to_string(n_ids) +
+                     " ids were given");
+  return L;
+}
+
+namespace detail {
+
+// The ids of table k from every shard, in shard order, and where each block came from.
+struct TableGather {
+  std::vector<int64_t> ids;
+  std::vector<uint32_t> block;  // shard of each gathered id
+};
+
+inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k) {
+  TableGather g;
+  for (size_t n = 0; n < L.num_shards; ++n) {
+    const size_t idx = n * L.num_tables + k;
+    g.ids.insert(g.ids.end(), ids + L.id_offsets[idx], ids + L.id_offsets[idx + 1]);
+    g.block.insert(g.block.end(), static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]),
+                   static_cast<uint32_t>(n));
+  }
+  return g;
+}
+
+}  // namespace detail
+
+// embeddings: emb_offsets.back() floats. Missing ids read as zeros.
+inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
+                         float* embeddings) {
+  for (size_t k = 0; k < L.num_tables; ++k) {
+    const detail::TableGather g = detail::gather_table(L, ids, k);
+    const size_t d = static_cast<size_t>(tables[k]->dim());
+    std::vector<float> rows(g.ids.size() * d);
+    tables[k]->lookup(g.ids.data(), g.ids.size(), rows.data());
+    size_t at = 0;
+    for (size_t n = 0; n < L.num_shards; ++n) {
+      const size_t idx = n * L.num_tables + k;
+      const size_t floats = static_cast<size_t>(L.emb_offsets[idx + 1] - L.emb_offsets[idx]);
+      std::copy(rows.begin() + at, rows.begin() + at + floats, embeddings + L.emb_offsets[idx]);
+      at += floats;
+    }
+  }
+}
+
+// One BatchOptimize per (shard, table) block: grads laid out like the lookup's embeddings,
+// `lrs` the per-segment learning rates of every table concatenated in table order. The
+// blocks of one table are applied in shard order, so an id reached from several shards is
+// stepped in shard order whatever the thread count; with `accumulate`, duplicates are summed
+// inside a block only.
+inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
+                                  const float* grads, size_t n_grads, const float* lrs, size_t n_lrs,
+                                  int64_t global_step, int64_t ts, bool accumulate) {
+  if (n_grads != static_cast<size_t>(L.emb_offsets.back()))
+    throw ValueError("id_grads must have " + std::to_string(L.emb_offsets.back()) + " floats, got " +
+                     std::to_string(n_grads));
+  size_t total_segments = 0;
+  std::vector<size_t> lr_begin;
+  for (auto* t : tables) {
+    lr_begin.push_back(total_segments);
+    total_segments += static_cast<size_t>(t->num_segments());
+  }
+  if (n_lrs != total_segments)
+    throw ValueError("learning_rate_tensors must have " + std::to_string(total_segments) +
+                     " values (one per segment of every table), got " + std::to_string(n_lrs));
+  // Validate everything before the first table changes.
+  for (size_t k = 0; k < L.num_tables; ++k) {
+    tables[k]->check_learning_rates(lrs + lr_begin[k], static_cast<size_t>(tables[k]->num_segments()));
+    for (size_t n = 0; n < L.num_shards; ++n) {
+      const size_t idx = n * L.num_tables + k;
+      tables[k]->check_finite(grads + L.emb_offsets[idx], static_cast<size_t>(L.emb_offsets[idx + 1] - L.emb_offsets[idx]),
+                              "gradients");
+    }
+  }
+  std::vector<detail::TableGather> gathered;
+  for (size_t k = 0; k < L.num_tables; ++k) {
+    gathered.push_back(detail::gather_table(L, ids, k));
+    tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size());
+  }
+  for (size_t k = 0; k < L.num_tables; ++k) {
+    const detail::TableGather& g = gathered[k];
+    const size_t d = static_cast<size_t>(tables[k]->dim());
+    std::vector<float> rows;
+    rows.reserve(g.ids.size() * d);
+    for (size_t n = 0; n < L.num_shards; ++n) {
+      const size_t idx = n * L.num_tables + k;
+      rows.insert(rows.end(), grads + L.emb_offsets[idx], grads + L.emb_offsets[idx + 1]);
+    }
+    tables[k]->apply_gradients(g.ids.data(), g.ids.size(), rows.data(), lrs + lr_begin[k],
+                               static_cast<size_t>(tables[k]->num_segments()), global_step, ts, accumulate,
+                               accumulate ? g.block.data() : nullptr);
+  }
+}
+
+}  // namespace mtht

@@ -1,0 +1,277 @@
+"""Monolith's multi-slot tables: one table per slot, and a wrapper that merges the slots
+whose configs are equal into one physical table.
+
+Writes change the tables in place and return the multi-type table itself, so
+``t = t.assign_add(...)`` chains written for Monolith work unchanged.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import hashlib
+import re
+from typing import Callable, Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from mtht import hash_table as _hash_table
+from mtht._arrays import as_ids, as_numpy, as_rows
+from mtht.hash_table_utils import infer_dim_size
+
+__all__ = ["BaseMultiTypeHashTable", "MultiTypeHashTable", "MergedMultiTypeHashTable"]
+
+
+class BaseMultiTypeHashTable(abc.ABC):
+    """Tables addressed by slot name; the interface of Monolith's multi-type tables."""
+
+    @abc.abstractmethod
+    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+        ...
+
+    @abc.abstractmethod
+    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+        ...
+
+    @abc.abstractmethod
+    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+        ...
+
+    @abc.abstractmethod
+    def reinitialize(self, slot: str, ids):
+        ...
+
+    @abc.abstractmethod
+    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+        ...
+
+    @abc.abstractmethod
+    def as_op(self, name=None):
+        ...
+
+    @abc.abstractmethod
+    def get_table_dim_sizes(self) -> List[int]:
+        ...
+
+    def add_queue_hook(self, hook) -> None:
+        """Attach a pipelining hook to this table."""
+        if not hasattr(self, "_local_queue_hooks"):
+            self._local_queue_hooks = []
+        self._local_queue_hooks.append(hook)
+
+    def get_queue_hooks(self) -> list:
+        """This table's hooks followed by those of the tables it wraps (``_table``, ``_tables``)."""
+        hooks = list(getattr(self, "_local_queue_hooks", []))
+        inner = getattr(self, "_table", None)
+        if inner is not None and hasattr(inner, "get_queue_hooks"):
+            hooks.extend(inner.get_queue_hooks())
+        tables = getattr(self, "_tables", None)
+        if tables is not None:
+            for t in (tables.values() if isinstance(tables, Mapping) else tables):
+                if hasattr(t, "get_queue_hooks"):
+                    hooks.extend(t.get_queue_hooks())
+        return hooks
+
+
+def _unknown_slot(slot) -> KeyError:
+    return KeyError(f"unknown slot {slot!r}")
+
+
+class MultiTypeHashTable(BaseMultiTypeHashTable):
+    """One table per slot, built by ``hash_table_factory(slot, config)`` in sorted slot order."""
+
+    def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable):
+        self._slot_to_config = dict(slot_to_config)
+        self._slots = sorted(self._slot_to_config)
+        self._tables = {slot: hash_table_factory(slot, self._slot_to_config[slot]) for slot in self._slots}
+
+    def _slot_table(self, slot):
+        try:
+            return self._tables[slot]
+        except KeyError:
+            raise _unknown_slot(slot) from None
+
+    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+        """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
+        tables = {slot: self._slot_table(slot) for slot in slot_to_id}
+        return {slot: tables[slot].lookup(ids) for slot, ids in slot_to_id.items()}
+
+    def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
+        # Convert and check every slot's input before the first table changes.
+        prepared = {}
+        for slot, (ids, tensor) in slot_to_id_and_tensor.items():
+            table = self._slot_table(slot)
+            ids = as_ids(ids)
+            rows = as_rows(tensor, ids.shape[0], table.dim_size, "grads" if method == "apply_gradients" else "values")
+            if not table.config.table_config.allow_non_finite and not np.isfinite(rows).all():
+                raise ValueError(f"slot {slot!r}: {method} input contains NaN or Inf")
+            prepared[slot] = (table, ids, rows)
+        for table, ids, rows in prepared.values():
+            getattr(table, method)(ids, rows, *args, **kwargs)
+        return self
+
+    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+        """``{slot: (ids, values)}``: per-slot :meth:`HashTable.assign`. Returns the table."""
+        return self._update("assign", slot_to_id_and_value, *args, **kwargs)
+
+    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+        """``{slot: (ids, values)}``: per-slot :meth:`HashTable.assign_add`. Returns the table."""
+        return self._update("assign_add", slot_to_id_and_value, *args, **kwargs)
+
+    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+        """``{slot: (ids, grads)}, global_step, ...``: per-slot :meth:`HashTable.apply_gradients`."""
+        return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
+
+    def reinitialize(self, slot: str, ids):
+        raise NotImplementedError("MultiTypeHashTable does not support reinitialize")
+
+    def as_op(self, name=None) -> "MultiTypeHashTable":
+        """Wait until every write issued to any slot's table has been applied."""
+        for table in self._tables.values():
+            table.as_op()
+        return self
+
+    def get_table_dim_sizes(self) -> List[int]:
+        return [self._tables[slot].dim_size for slot in self._slots]
+
+    def learning_rates(self, global_step) -> np.ndarray:
+        """Every slot's per-segment learning rates, in sorted slot order (the fused update's)."""
+        return np.concatenate(
+            [self._slot_to_config[slot].call_learning_rate_fns(global_step) for slot in self._slots]
+        ).astype(np.float32)
+
+    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None):
+        """:func:`mtht.hash_table.fused_lookup` over this table's slots in sorted order."""
+        return _hash_table.fused_lookup([self._tables[s] for s in self._slots], ids, fused_slot_size,
+                                        num_of_shards, req_time)
+
+    def fused_apply_gradient(self, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
+                             global_step, req_time, num_of_shards, enable_grad_accumulation=False):
+        """:func:`mtht.hash_table.fused_apply_gradient` with the learning rates of every slot
+        at ``global_step`` (note Monolith's argument order: global_step before req_time)."""
+        _hash_table.fused_apply_gradient([self._tables[s] for s in self._slots], ids, indices, fused_slot_size,
+                                         id_grads, id_offsets, grad_offsets, self.learning_rates(global_step),
+                                         req_time, global_step, num_of_shards, enable_grad_accumulation)
+        return self
+
+
+def _md5(names: List[str]) -> str:
+    return hashlib.md5(",".join(names).encode("utf-8")).hexdigest()
+
+
+_OLD_SLOT_NAME = re.compile(r"^fc_slot_[0-9]*$")
+
+
+class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
+    """Merges the slots whose configs are equal (``str(config)``) into one table named
+    ``md5(",".join(sorted slots))`` and builds the inner multi-type table with
+    ``factory(merged_slot_to_config)``. Ids of different slots in one group share entries."""
+
+    def __init__(self, slot_to_config: Mapping, factory: Callable):
+        groups: Dict[str, List[str]] = {}
+        for slot in sorted(slot_to_config):
+            groups.setdefault(str(slot_to_config[slot]), []).append(slot)
+        self._slot_mapping: Dict[str, str] = {}
+        self._merged_slot_to_config = {}
+        for slots in groups.values():
+            merged_name = _md5(slots)
+            # A copy: the caller's config (and its extra_restore_names) stays as it was.
+            merged_config = copy.copy(slot_to_config[slots[0]])
+            old_name = _md5([s[3:] if _OLD_SLOT_NAME.match(s) else s for s in slots])
+            if old_name != merged_name:
+                merged_config.extra_restore_names.append(old_name)
+            self._merged_slot_to_config[merged_name] = merged_config
+            for slot in slots:
+                self._slot_mapping[slot] = merged_name
+        self._table = factory(self._merged_slot_to_config)
+
+    @property
+    def slot_mapping(self) -> Dict[str, str]:
+        """``{slot: merged table name}``."""
+        return dict(self._slot_mapping)
+
+    def _merged_name(self, slot) -> str:
+        try:
+            return self._slot_mapping[slot]
+        except KeyError:
+            raise _unknown_slot(slot) from None
+
+    def _dim(self, merged_name: str) -> int:
+        return infer_dim_size(self._merged_slot_to_config[merged_name].table_config)
+
+    def _get_merged_to_indexed_tensor(self, slot_to_tensor: Mapping, rows: bool) -> Tuple[dict, dict]:
+        """Concatenate per merged table, in sorted slot order: ``({merged: array},
+        {merged: sizes})``. ``rows`` converts each tensor to ``[n, dim]`` float32; otherwise
+        they are ids."""
+        parts: Dict[str, list] = {}
+        sizes: Dict[str, list] = {}
+        for slot in sorted(slot_to_tensor):
+            merged = self._merged_name(slot)
+            tensor = slot_to_tensor[slot]
+            if rows:
+                a = as_numpy(tensor)
+                n = a.shape[0] if a.ndim >= 1 else 1
+                tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r} values")
+            else:
+                tensor = as_ids(tensor, f"slot {slot!r} ids")
+            parts.setdefault(merged, []).append(tensor)
+            sizes.setdefault(merged, []).append(tensor.shape[0])
+        return ({m: np.concatenate(p, axis=0) for m, p in parts.items()},
+                {m: np.asarray(s, dtype=np.int64) for m, s in sizes.items()})
+
+    def lookup(self, slot_to_id: Mapping, auxiliary_bundle=None, early_reorder_indicies_res_pack=None):
+        """``{slot: float32 [n, dim]}``, or ``(that, auxiliary_bundle)`` when the bundle still
+        holds something after use (Monolith's convention)."""
+        if auxiliary_bundle is None:
+            auxiliary_bundle = {}
+        if early_reorder_indicies_res_pack:
+            merged_slot_to_sizes, res_pack = early_reorder_indicies_res_pack
+            auxiliary_bundle["merged_slot_to_sizes"] = merged_slot_to_sizes
+            merged_emb, auxiliary_bundle = self._table.lookup(
+                {m: None for m in merged_slot_to_sizes}, auxiliary_bundle, res_pack)
+        else:
+            merged_ids, merged_sizes = self._get_merged_to_indexed_tensor(slot_to_id, rows=False)
+            auxiliary_bundle["merged_slot_to_sizes"] = merged_sizes
+            merged_emb = self._table.lookup(merged_ids)
+        merged_to_slots: Dict[str, List[str]] = {}
+        for slot in sorted(self._slot_mapping):
+            if slot in slot_to_id:
+                merged_to_slots.setdefault(self._slot_mapping[slot], []).append(slot)
+        sizes = auxiliary_bundle.pop("merged_slot_to_sizes")
+        result = {}
+        for merged, emb in merged_emb.items():
+            pieces = np.split(emb, np.cumsum(sizes[merged])[:-1], axis=0)
+            result.update(zip(merged_to_slots[merged], pieces))
+        if auxiliary_bundle:
+            return result, auxiliary_bundle
+        return result
+
+    def _update(self, method: str, data: Mapping, *args, **kwargs):
+        if kwargs.pop("skip_merge_id", False):
+            merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
+            getattr(self._table, method)(merged, *args, **kwargs)
+            return self
+        merged_ids, _ = self._get_merged_to_indexed_tensor({s: v[0] for s, v in data.items()}, rows=False)
+        merged_tensors, _ = self._get_merged_to_indexed_tensor({s: v[1] for s, v in data.items()}, rows=True)
+        getattr(self._table, method)({m: (merged_ids[m], merged_tensors[m]) for m in merged_ids}, *args, **kwargs)
+        return self
+
+    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+        return self._update("assign", slot_to_id_and_value, *args, **kwargs)
+
+    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+        return self._update("assign_add", slot_to_id_and_value, *args, **kwargs)
+
+    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+        return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
+
+    def reinitialize(self, slot: str, ids):
+        raise NotImplementedError("MergedMultiTypeHashTable does not support reinitialize")
+
+    def as_op(self, name=None) -> "MergedMultiTypeHashTable":
+        self._table.as_op(name)
+        return self
+
+    def get_table_dim_sizes(self) -> List[int]:
+        """Dims of the merged tables in merged-name order (computed from the configs)."""
+        return [self._dim(m) for m in sorted(self._merged_slot_to_config)]
