@@ -13,14 +13,32 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
     cdef cppclass OptParams:
         float initial_accumulator_value
         float weight_decay_factor
+        float beta
+        float beta1
+        float beta2
+        float epsilon
+        float l1
+        float l2
+        float momentum
+        float averaging_ratio
+        cbool use_nesterov
+        cbool decouple_weight_decay
 
     cdef cppclass SegmentSpec:
+        SegmentSpec()
         int dim
         int init
         float init_a
         float init_b
         int opt
         OptParams opt_params
+        cbool stochastic_rounding_fp16
+        int retriever
+        float fake_quant_range
+        int64_t hashnet_step_size
+        float hashnet_init_scale
+        float hashnet_max_scale
+        float hashnet_amplitude
 
     cdef cppclass TableSpec:
         vector[SegmentSpec] segments
@@ -40,7 +58,8 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
 
 cdef extern from "mtht/cpu.h" namespace "mtht" nogil:
     string cpu_isas()
-    const char* active_kernel()
+    string kernel_names() except +translate_exception
+    string active_kernel() except +translate_exception
 
 
 cdef extern from "mtht/table.h" namespace "mtht" nogil:
@@ -56,6 +75,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
 
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception
+        const char* kernel_name()
         int dim()
         int state_dim()
         int num_segments()
@@ -84,9 +104,9 @@ cdef extern from "mtht/fused.h" namespace "mtht" nogil:
 
     FusedLayout fused_layout(const vector[int]& dims, const int32_t* fss, size_t n_fss, int64_t num_shards,
                              size_t n_ids) except +translate_exception
-    void fused_lookup(const vector[const EmbeddingTable*]& tables, const FusedLayout& layout,
-                      const int64_t* ids, float* embeddings) except +translate_exception
-    void fused_apply_gradients(const vector[EmbeddingTable*]& tables, const FusedLayout& layout,
+    void c_fused_lookup "mtht::fused_lookup"(const vector[const EmbeddingTable*]& tables, const FusedLayout& layout,
+                        const int64_t* ids, float* embeddings) except +translate_exception
+    void c_fused_apply_gradients "mtht::fused_apply_gradients"(const vector[EmbeddingTable*]& tables, const FusedLayout& layout,
                                const int64_t* ids, const float* grads, size_t n_grads, const float* lrs,
                                size_t n_lrs, int64_t global_step, int64_t ts,
                                bint accumulate) except +translate_exception

@@ -14,17 +14,16 @@ import numpy as np
 
 from mtht._core cimport (
     EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
-    fused_layout,
+    kernel_names,
+    c_fused_apply_gradients, c_fused_lookup, fused_layout,
 )
-from mtht._core cimport fused_apply_gradients as c_fused_apply_gradients
-from mtht._core cimport fused_lookup as c_fused_lookup
 
 cdef extern from *:
     # Defined by CMakeLists.txt for the build-info report.
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name",
+__all__ = ["Table", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient"]
 
@@ -54,7 +53,13 @@ def cpu_features():
 
 
 def kernel_name():
+    """The optimizer kernel set a new table uses (MTHT_KERNEL or the fastest available)."""
     return active_kernel().decode()
+
+
+def available_kernels():
+    """Kernel sets this CPU can run, slowest (the scalar reference) first."""
+    return kernel_names().decode().split(",")
 
 
 cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
@@ -63,26 +68,46 @@ cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int
 
 
 cdef class Table:
-    """One C++ ``EmbeddingTable``. ``segments`` is a list of dicts with keys
-    dim, init, init_a, init_b, opt, initial_accumulator_value, weight_decay_factor."""
+    """One C++ ``EmbeddingTable``. ``segments`` is a list of dicts with the fields of the
+    core's ``SegmentSpec`` (optimizer parameters under ``opt_params``), built by mtht._spec."""
 
     cdef unique_ptr[EmbeddingTable] _t
     cdef readonly int dim
     cdef readonly int state_dim
     cdef readonly int num_segments
+    cdef readonly str kernel
 
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
                   uint64_t initial_capacity=0, int num_shards=64):
         cdef TableSpec spec
         cdef SegmentSpec seg
         for s in segments:
+            seg = SegmentSpec()
             seg.dim = s["dim"]
             seg.init = s["init"]
             seg.init_a = s.get("init_a", 0.0)
             seg.init_b = s.get("init_b", 0.0)
             seg.opt = s["opt"]
-            seg.opt_params.initial_accumulator_value = s.get("initial_accumulator_value", 0.1)
-            seg.opt_params.weight_decay_factor = s.get("weight_decay_factor", 0.0)
+            p = s.get("opt_params", {})
+            seg.opt_params.initial_accumulator_value = p.get("initial_accumulator_value", 0.1)
+            seg.opt_params.weight_decay_factor = p.get("weight_decay_factor", 0.0)
+            seg.opt_params.beta = p.get("beta", 0.0)
+            seg.opt_params.beta1 = p.get("beta1", 0.9)
+            seg.opt_params.beta2 = p.get("beta2", 0.99)
+            seg.opt_params.epsilon = p.get("epsilon", 0.01)
+            seg.opt_params.l1 = p.get("l1", 0.0)
+            seg.opt_params.l2 = p.get("l2", 0.0)
+            seg.opt_params.momentum = p.get("momentum", 0.9)
+            seg.opt_params.averaging_ratio = p.get("averaging_ratio", 0.9)
+            seg.opt_params.use_nesterov = p.get("use_nesterov", False)
+            seg.opt_params.decouple_weight_decay = p.get("decouple_weight_decay", False)
+            seg.stochastic_rounding_fp16 = s.get("stochastic_rounding_fp16", False)
+            seg.retriever = s.get("retriever", 0)
+            seg.fake_quant_range = s.get("fake_quant_range", 1.0)
+            seg.hashnet_step_size = s.get("hashnet_step_size", 200)
+            seg.hashnet_init_scale = s.get("hashnet_init_scale", 1.0)
+            seg.hashnet_max_scale = s.get("hashnet_max_scale", 10000.0)
+            seg.hashnet_amplitude = s.get("hashnet_amplitude", 0.05)
             spec.segments.push_back(seg)
         spec.random_seed = random_seed
         spec.allow_non_finite = allow_non_finite
@@ -93,6 +118,7 @@ cdef class Table:
         self.dim = self._t.get().dim()
         self.state_dim = self._t.get().state_dim()
         self.num_segments = self._t.get().num_segments()
+        self.kernel = self._t.get().kernel_name().decode()
 
     def size(self):
         cdef uint64_t n

@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "mtht/kernels.h"
+
 namespace mtht {
 
 inline std::string cpu_isas() {
@@ -21,7 +23,13 @@ inline std::string cpu_isas() {
   return out;
 }
 
-// The optimizer kernel path in use.
-inline const char* active_kernel() { return "scalar"; }
+// Names of the kernel sets this CPU can run, and the one a new table would use.
+inline std::string kernel_names() {
+  std::string out;
+  for (const KernelSet* k : available_kernel_sets()) out += std::string(out.empty() ? "" : ",") + k->name;
+  return out;
+}
+
+inline std::string active_kernel() { return select_kernel_set().name; }
 
 }  // namespace mtht

@@ -7,42 +7,28 @@
 #include <vector>
 
 #include "mtht/errors.h"
+#include "mtht/spec_types.h"
 
 namespace mtht {
 
-enum class InitKind : int { kZeros = 0, kOnes = 1, kConstants = 2, kRandomUniform = 3 };
-
-enum class OptKind : int { kSgd = 0, kAdagrad = 1 };
-
-// Every parameter any optimizer reads; each optimizer uses the fields it names.
-struct OptParams {
-  float initial_accumulator_value = 0.1f;
-  float weight_decay_factor = 0.0f;
-};
-
-// One segment of an entry: `dim` floats with their own initializer and optimizer.
-struct SegmentSpec {
-  int dim = 1;
-  int init = 0;        // InitKind
-  float init_a = 0.f;  // constant, or minval for random_uniform
-  float init_b = 0.f;  // maxval for random_uniform
-  int opt = 0;         // OptKind
-  OptParams opt_params;
-};
-
-struct TableSpec {
-  std::vector<SegmentSpec> segments;
-  uint64_t random_seed = 0;
-  bool allow_non_finite = false;
-  uint64_t initial_capacity = 0;
-  int num_shards = 64;  // a power of two
-};
-
-// Number of float32 words of optimizer state one segment keeps per entry.
+// Number of float32 words of optimizer state one segment keeps per entry (an int64 takes two).
 inline int state_floats(const SegmentSpec& s) {
+  const int d = s.dim;
   switch (static_cast<OptKind>(s.opt)) {
     case OptKind::kSgd: return 0;
-    case OptKind::kAdagrad: return s.dim;
+    case OptKind::kAdagrad: return d;
+    case OptKind::kDynamicWdAdagrad: return d + 2;
+    case OptKind::kAdadelta: return 2 * d;
+    case OptKind::kAdam: return 2 * d + 2;
+    case OptKind::kAmsgrad: return 3 * d + 2;
+    case OptKind::kFtrl: return 2 * d;
+    case OptKind::kGroupFtrl: return 2 * d;
+    case OptKind::kGroupAdagrad: return 1;
+    case OptKind::kMomentum: return d;
+    case OptKind::kMovingAverage: return 0;
+    case OptKind::kRmsprop: return d;
+    case OptKind::kRmspropV2: return d;
+    case OptKind::kBatchSoftmax: return 2;
   }
   return 0;
 }
@@ -53,7 +39,16 @@ inline void validate(const TableSpec& spec) {
   for (const auto& s : spec.segments) {
     if (s.dim < 1) throw ValueError("segment dim must be >= 1, got " + std::to_string(s.dim));
     if (s.init < 0 || s.init > 3) throw ValueError("unknown initializer kind " + std::to_string(s.init));
-    if (s.opt < 0 || s.opt > 1) throw NotImplementedError("unknown optimizer kind " + std::to_string(s.opt));
+    if (s.opt < 0 || s.opt >= kNumOptKinds) throw ValueError("unknown optimizer kind " + std::to_string(s.opt));
+    if (s.retriever < 0 || s.retriever > 2) throw ValueError("unknown retriever kind " + std::to_string(s.retriever));
+    if (static_cast<OptKind>(s.opt) == OptKind::kBatchSoftmax && s.dim != 1)
+      throw ValueError("a batch_softmax segment must have dim 1, got " + std::to_string(s.dim));
+    if (static_cast<RetrieverKind>(s.retriever) == RetrieverKind::kFakeQuant && !(s.fake_quant_range > 0))
+      throw ValueError("fixed_r8 range must be > 0");
+    if (static_cast<RetrieverKind>(s.retriever) == RetrieverKind::kHashNet && s.hashnet_step_size < 1)
+      throw ValueError("one_bit step_size must be >= 1");
+    if (static_cast<RetrieverKind>(s.retriever) == RetrieverKind::kHashNet && s.dim > 4096)
+      throw ValueError("a one_bit segment has at most 4096 dims");
     if (static_cast<InitKind>(s.init) == InitKind::kRandomUniform && !(s.init_a <= s.init_b))
       throw ValueError("random_uniform needs minval <= maxval");
     total += s.dim;

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
@@ -47,7 +48,9 @@
 #include "mtht/buffer.h"
 #include "mtht/errors.h"
 #include "mtht/hash.h"
-#include "mtht/optimizers.h"
+#include "mtht/initializers.h"
+#include "mtht/kernels.h"
+#include "mtht/quantizers.h"
 #include "mtht/spec.h"
 #include "mtht/thread_pool.h"
 
@@ -377,8 +380,19 @@ struct BatchPlan {
 
 class EmbeddingTable {
  public:
-  explicit EmbeddingTable(const TableSpec& spec) : spec_(spec), layout_((validate(spec), spec)) {
+  explicit EmbeddingTable(const TableSpec& spec)
+      : spec_(spec), layout_((validate(spec), spec)), kernels_(&select_kernel_set()) {
     while ((1 << shard_bits_) < spec.num_shards) ++shard_bits_;
+    hashnet_scale_.reset(new std::atomic<float>[layout_.segments.size()]);
+    for (size_t k = 0; k < layout_.segments.size(); ++k) {
+      const SegmentSpec& seg = layout_.segments[k];
+      steps_.push_back(kernels_->step[seg.opt]);
+      hashnet_scale_[k].store(seg.hashnet_init_scale);
+      const auto r = static_cast<RetrieverKind>(seg.retriever);
+      if (r != RetrieverKind::kRaw) raw_lookup_ = false;
+      if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
+      if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
+    }
     shards_.reserve(spec.num_shards);
     for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride));
     if (spec.initial_capacity > 0) {
@@ -392,6 +406,7 @@ class EmbeddingTable {
   EmbeddingTable(const EmbeddingTable&) = delete;
   EmbeddingTable& operator=(const EmbeddingTable&) = delete;
 
+  const char* kernel_name() const { return kernels_->name; }
   int dim() const { return layout_.dim; }
   int state_dim() const { return layout_.state_dim; }
   int num_segments() const { return static_cast<int>(layout_.segments.size()); }
@@ -430,10 +445,12 @@ class EmbeddingTable {
     for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
       const int64_t r = sh.find(ids[i], h);
       float* dst = out + i * layout_.dim;
-      if (r >= 0)
+      if (r >= 0) {
         std::memcpy(dst, values_of(sh.row(static_cast<uint32_t>(r))), bytes);
-      else
+        if (!raw_lookup_) retrieve(dst);
+      } else {
         std::memset(dst, 0, bytes);
+      }
     });
   }
 
@@ -498,11 +515,13 @@ class EmbeddingTable {
                        int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
     check_learning_rates(lrs, n_lrs);
     check_finite(grads, n * layout_.dim, "gradients");
+    check_step(global_step);
+    if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     if (!dedup) {
       for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
         char* row = upsert(sh, ids[i], h);
-        step_row(row, grads + i * d, lrs, global_step);
+        step_row(row, ids[i], grads + i * d, lrs, global_step);
         stamp(row, ts);
       });
       return;
@@ -519,7 +538,7 @@ class EmbeddingTable {
         g = scratch;
       }
       char* row = upsert(sh, ids[pos[0]], h);
-      step_row(row, g, lrs, global_step);
+      step_row(row, ids[pos[0]], g, lrs, global_step);
       stamp(row, ts);
     });
   }
@@ -582,12 +601,58 @@ class EmbeddingTable {
     return row;
   }
 
-  void step_row(char* row, const float* g, const float* lrs, int64_t global_step) const {
+  // Retriever backward (one_bit), the segment's optimizer, then stochastic rounding.
+  void step_row(char* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
     float* w = values_of(row);
     float* st = w + layout_.dim;
-    for (size_t k = 0; k < layout_.segments.size(); ++k)
-      optimize_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k],
-                       g + layout_.value_offset[k], lrs[k], global_step);
+    for (size_t k = 0; k < layout_.segments.size(); ++k) {
+      const SegmentSpec& seg = layout_.segments[k];
+      const int off = layout_.value_offset[k];
+      const float* gk = g + off;
+      float scratch[kMaxHashNetDim];
+      if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet) {
+        const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
+        for (int i = 0; i < seg.dim; ++i) scratch[i] = hashnet_backward(w[off + i], gk[i], scale, seg.hashnet_amplitude);
+        gk = scratch;
+      }
+      steps_[k](seg, w + off, st + layout_.state_offset[k], gk, lrs[k], global_step);
+      if (seg.stochastic_rounding_fp16) stochastic_round_segment(w + off, seg.dim, spec_.random_seed, id, global_step, off);
+    }
+  }
+
+  // What a lookup returns for the retrievers that are not raw (in place on a copied row).
+  void retrieve(float* out) const {
+    for (size_t k = 0; k < layout_.segments.size(); ++k) {
+      const SegmentSpec& seg = layout_.segments[k];
+      float* v = out + layout_.value_offset[k];
+      switch (static_cast<RetrieverKind>(seg.retriever)) {
+        case RetrieverKind::kRaw:
+          break;
+        case RetrieverKind::kFakeQuant:
+          for (int i = 0; i < seg.dim; ++i) v[i] = fake_quantize(v[i], seg.fake_quant_range);
+          break;
+        case RetrieverKind::kHashNet: {
+          const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
+          for (int i = 0; i < seg.dim; ++i) v[i] = hashnet_forward(v[i], scale, seg.hashnet_amplitude);
+          break;
+        }
+      }
+    }
+  }
+
+  // HashNet's table-wide scale moves at every multiple of its step size (before the step).
+  void update_hashnet_scales(int64_t t) {
+    if (!has_hashnet_) return;
+    for (size_t k = 0; k < layout_.segments.size(); ++k) {
+      const SegmentSpec& seg = layout_.segments[k];
+      if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet && t % seg.hashnet_step_size == 0)
+        hashnet_scale_[k].store(hashnet_scale(seg.hashnet_init_scale, seg.hashnet_max_scale, t));
+    }
+  }
+
+  void check_step(int64_t global_step) const {
+    if (needs_step_ && global_step < 0)
+      throw ValueError("global_step must be >= 0 for a batch_softmax segment, got " + std::to_string(global_step));
   }
 
   void note_ts(int64_t ts) {
@@ -691,8 +756,16 @@ class EmbeddingTable {
     }
   }
 
+  static constexpr int kMaxHashNetDim = 4096;
+
   TableSpec spec_;
   RowLayout layout_;
+  const KernelSet* kernels_;
+  std::vector<OptStepFn> steps_;
+  std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
+  bool raw_lookup_ = true;
+  bool has_hashnet_ = false;
+  bool needs_step_ = false;
   int shard_bits_ = 0;
   std::vector<detail::Shard*> shards_;
   std::atomic<int64_t> max_update_ts_{0};

@@ -1,0 +1,23 @@
+// The kernel table type (no functions: included by the per-ISA kernel units).
+#pragma once
+
+#include <cstdint>
+
+#include "mtht/spec_types.h"
+
+namespace mtht {
+
+using OptStepFn = void (*)(const SegmentSpec& s, float* w, float* state, const float* g, float lr, int64_t step);
+
+struct KernelSet {
+  const char* name;
+  OptStepFn step[kNumOptKinds];
+};
+
+// Defined in the per-ISA translation units; a set is null where the build lacks it.
+const KernelSet* scalar_kernel_set();
+const KernelSet* baseline_kernel_set();  // SSE2 on x86-64, NEON on aarch64
+const KernelSet* avx2_kernel_set();
+const KernelSet* avx512_kernel_set();
+
+}  // namespace mtht

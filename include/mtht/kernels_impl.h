@@ -1,0 +1,349 @@
+// Optimizer kernels: the formulas of every optimizer, written once as plain loops.
+//
+// This file is included by each per-ISA translation unit (src/kernels_*.cpp) inside its own
+// namespace, so every ISA gets its own copy of every function (no ODR clash). The scalar
+// unit is compiled without vectorisation and is the reference; the others are the same
+// loops vectorised by the compiler for SSE2/NEON, AVX2 or AVX-512. Every unit is compiled
+// with -ffp-contract=off, so no multiply-add is fused behind our back and all paths give
+// bit-identical results (the one explicit fma, in the one-bit retriever, is exact on every
+// path). Per-dim instantiations (D = 1..128) let the compiler fully unroll common dims;
+// D = 0 is the generic loop.
+//
+// Included inside a namespace nested in mtht, after mtht/kernel_set.h. It calls no library
+// function that could be inline (only compiler builtins), so that nothing compiled with one
+// ISA's flags can leak into code run on another.
+
+template <int D>
+inline int dim_of(int d) {
+  return D ? D : d;
+}
+
+inline int64_t load_i64(const float* p) {
+  int64_t v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_i64(float* p, int64_t v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// ---- SGD: w -= lr * g ----
+template <int D>
+void sgd(const SegmentSpec& s, float* w, float*, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  for (int i = 0; i < n; ++i) w[i] -= lr * g[i];
+}
+
+// ---- Adagrad (one rule for every element): gd = g + wd*w; norm += gd^2; w -= lr/sqrt(norm)*gd ----
+template <int D>
+void adagrad(const SegmentSpec& s, float* w, float* norm, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const float wd = s.opt_params.weight_decay_factor;
+  for (int i = 0; i < n; ++i) {
+    const float gd = g[i] + wd * w[i];
+    const float acc = norm[i] + gd * gd;
+    norm[i] = acc;
+    w[i] -= (lr / __builtin_sqrtf(acc)) * gd;
+  }
+}
+
+// ---- Dynamic weight-decay Adagrad: coupled as Adagrad; decoupled:
+//      norm += g^2; w -= lr/sqrt(norm)*g + lr*wd*w. State: norm[D], last_update_step (int64). ----
+template <int D>
+void dynamic_wd_adagrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t t) {
+  const int n = dim_of<D>(s.dim);
+  const float wd = s.opt_params.weight_decay_factor;
+  float* norm = st;
+  if (s.opt_params.decouple_weight_decay) {
+    for (int i = 0; i < n; ++i) {
+      const float acc = norm[i] + g[i] * g[i];
+      norm[i] = acc;
+      w[i] -= (lr / __builtin_sqrtf(acc)) * g[i] + lr * wd * w[i];
+    }
+  } else {
+    adagrad<D>(s, w, norm, g, lr, t);
+  }
+  store_i64(st + n, t);
+}
+
+// ---- Adadelta: state accum[D], accum_update[D] ----
+template <int D>
+void adadelta(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const float wd = s.opt_params.weight_decay_factor, rho = s.opt_params.averaging_ratio, eps = s.opt_params.epsilon;
+  float* accum = st;
+  float* accum_update = st + n;
+  for (int i = 0; i < n; ++i) {
+    const float cg = g[i] + wd * w[i];
+    const float na = accum[i] * rho + cg * cg * (1.f - rho);
+    const float upd = __builtin_sqrtf(accum_update[i] + eps) / __builtin_sqrtf(na + eps) * cg;
+    w[i] -= upd * lr;
+    accum_update[i] = accum_update[i] * rho + upd * upd * (1.f - rho);
+    accum[i] = na;
+  }
+}
+
+// lr * sqrt(1 - beta2_power) / (1 - beta1_power), evaluated in double, stored as float.
+inline float adam_lr(float lr, float b1p, float b2p) {
+  return static_cast<float>(static_cast<double>(lr) * __builtin_sqrt(1.0 - static_cast<double>(b2p)) /
+                            (1.0 - static_cast<double>(b1p)));
+}
+
+// ---- Adam: state m[D], v[D], beta1_power, beta2_power (start at beta1, beta2) ----
+template <int D>
+void adam(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const OptParams& p = s.opt_params;
+  float* m = st;
+  float* v = st + n;
+  float* powers = st + 2 * n;
+  const float lr_t = adam_lr(lr, powers[0], powers[1]);
+  const float b1 = p.beta1, b2 = p.beta2, eps = p.epsilon, wd = p.weight_decay_factor;
+  const float c1 = 1.f - b1, c2 = 1.f - b2;
+  if (p.use_nesterov) {
+    for (int i = 0; i < n; ++i) {
+      const float cg = g[i] + wd * w[i];
+      const float mi = m[i] + (cg - m[i]) * c1;
+      const float vi = v[i] + (cg * cg - v[i]) * c2;
+      m[i] = mi;
+      v[i] = vi;
+      w[i] -= ((cg * c1 + b1 * mi) * lr_t) / (__builtin_sqrtf(vi) + eps);
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      const float cg = g[i] + wd * w[i];
+      const float mi = m[i] + (cg - m[i]) * c1;
+      const float vi = v[i] + (cg * cg - v[i]) * c2;
+      m[i] = mi;
+      v[i] = vi;
+      w[i] -= (mi * lr_t) / (__builtin_sqrtf(vi) + eps);
+    }
+  }
+  powers[0] *= b1;
+  powers[1] *= b2;
+}
+
+// ---- AMSGrad: state m[D], v[D], vhat[D], beta1_power, beta2_power ----
+template <int D>
+void amsgrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const OptParams& p = s.opt_params;
+  float* m = st;
+  float* v = st + n;
+  float* vhat = st + 2 * n;
+  float* powers = st + 3 * n;
+  const float lr_t = adam_lr(lr, powers[0], powers[1]);
+  const float b1 = p.beta1, b2 = p.beta2, eps = p.epsilon, wd = p.weight_decay_factor;
+  const float c1 = 1.f - b1, c2 = 1.f - b2;
+  const bool nesterov = p.use_nesterov;
+  for (int i = 0; i < n; ++i) {
+    const float cg = g[i] + wd * w[i];
+    const float mi = m[i] + (cg - m[i]) * c1;
+    const float vi = v[i] + (cg * cg - v[i]) * c2;
+    const float vh = (vi > vhat[i] ? vi : vhat[i]);
+    m[i] = mi;
+    v[i] = vi;
+    vhat[i] = vh;
+    const float num = nesterov ? (cg * c1 + b1 * mi) : mi;
+    w[i] -= (num * lr_t) / (__builtin_sqrtf(vh) + eps);
+  }
+  powers[0] *= b1;
+  powers[1] *= b2;
+}
+
+// ---- FTRL (textbook sign in the L1 term): state zero[D], norm[D] ----
+template <int D>
+void ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const OptParams& p = s.opt_params;
+  float* z = st;
+  float* norm = st + n;
+  const float l1 = p.l1, l2 = p.l2, beta = p.beta;
+  for (int i = 0; i < n; ++i) {
+    const float n_new = norm[i] + g[i] * g[i];
+    const float sigma = (__builtin_sqrtf(n_new) - __builtin_sqrtf(norm[i])) / lr;
+    const float zi = z[i] + g[i] - sigma * w[i];
+    z[i] = zi;
+    norm[i] = n_new;
+    const float sign = zi < 0.f ? -1.f : 1.f;
+    w[i] = __builtin_fabsf(zi) > l1 ? lr * (sign * l1 - zi) / (__builtin_sqrtf(n_new) + beta + l2 * lr) : 0.f;
+  }
+}
+
+// ---- Group FTRL: per element as FTRL, then shrink the whole segment by ||z||.
+//      state zero[D], norm[D]; ||z|| = 0 or ||z|| < l1 gives w = 0. ----
+template <int D>
+void group_ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const OptParams& p = s.opt_params;
+  float* z = st;
+  float* norm = st + n;
+  float zz = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float n_new = norm[i] + g[i] * g[i];
+    const float sigma = (__builtin_sqrtf(n_new) - __builtin_sqrtf(norm[i])) / lr;
+    const float zi = z[i] + g[i] - sigma * w[i];
+    z[i] = zi;
+    norm[i] = n_new;
+    zz += zi * zi;
+  }
+  const float znorm = __builtin_sqrtf(zz);
+  if (znorm == 0.f || znorm < p.l1) {
+    for (int i = 0; i < n; ++i) w[i] = 0.f;
+    return;
+  }
+  const float shrink = (p.l1 - znorm) / znorm;
+  for (int i = 0; i < n; ++i) w[i] = lr * z[i] * shrink / (p.beta + __builtin_sqrtf(norm[i]) + p.l2 * lr);
+}
+
+// ---- Group Adagrad / group lasso: state one float, the accumulated max squared gradient ----
+template <int D>
+void group_adagrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const OptParams& p = s.opt_params;
+  const float wd = p.weight_decay_factor, lambda = p.l2;
+  float max_sq = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float gd = g[i] + wd * w[i];
+    max_sq = (gd * gd > max_sq ? gd * gd : max_sq);
+  }
+  const float acc = st[0] + max_sq;
+  st[0] = acc;
+  const float l = lr / (p.beta + __builtin_sqrtf(acc));
+  float zz = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float zi = (g[i] + wd * w[i]) - w[i] / l;
+    zz += zi * zi;
+  }
+  const float znorm = __builtin_sqrtf(zz);
+  if (znorm == 0.f || znorm < lambda) {
+    for (int i = 0; i < n; ++i) w[i] = 0.f;
+    return;
+  }
+  const float scale = -l * (znorm - lambda) / znorm;
+  for (int i = 0; i < n; ++i) {
+    const float zi = (g[i] + wd * w[i]) - w[i] / l;
+    w[i] = scale * zi;
+  }
+}
+
+// ---- Momentum (and Nesterov): state n[D] ----
+template <int D>
+void momentum(const SegmentSpec& s, float* w, float* acc, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const float mu = s.opt_params.momentum, wd = s.opt_params.weight_decay_factor;
+  if (s.opt_params.use_nesterov) {
+    for (int i = 0; i < n; ++i) {
+      const float dx = lr * (g[i] + wd * w[i]);
+      const float prev = acc[i];
+      const float a = mu * prev - dx;
+      acc[i] = a;
+      w[i] += -mu * prev + (1.f + mu) * a;
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      const float dx = lr * (g[i] + wd * w[i]);
+      const float a = mu * acc[i] - dx;
+      acc[i] = a;
+      w[i] += a;
+    }
+  }
+}
+
+// ---- Moving average: w = mu*w + (1-mu)*g ("g" is the target value; no lr) ----
+template <int D>
+void moving_average(const SegmentSpec& s, float* w, float*, const float* g, float, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const float mu = s.opt_params.momentum, c = 1.f - mu;
+  for (int i = 0; i < n; ++i) w[i] = mu * w[i] + c * g[i];
+}
+
+// ---- RMSProp v1 (double inside, +1 outside the sqrt), with the learning-rate schedule ----
+template <int D>
+void rmsprop(const SegmentSpec& s, float* w, float* ms, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const double mu = s.opt_params.momentum, wd = s.opt_params.weight_decay_factor, lrd = lr;
+  for (int i = 0; i < n; ++i) {
+    const double dx = static_cast<double>(g[i]) + wd * static_cast<double>(w[i]);
+    const double v = mu * static_cast<double>(ms[i]) + (1.0 - mu) * dx * dx;
+    ms[i] = static_cast<float>(v);
+    const double eta = lrd / (__builtin_sqrt(v) + 1.0);
+    w[i] = static_cast<float>(static_cast<double>(w[i]) - eta * dx);
+  }
+}
+
+// ---- RMSProp v2: n = mu*n + dx^2 (no 1-mu); w -= lr/(sqrt(n)+1)*dx ----
+template <int D>
+void rmspropv2(const SegmentSpec& s, float* w, float* ms, const float* g, float lr, int64_t) {
+  const int n = dim_of<D>(s.dim);
+  const float mu = s.opt_params.momentum, wd = s.opt_params.weight_decay_factor;
+  for (int i = 0; i < n; ++i) {
+    const float dx = g[i] + wd * w[i];
+    const float v = mu * ms[i] + dx * dx;
+    ms[i] = v;
+    w[i] -= lr / (__builtin_sqrtf(v) + 1.f) * dx;
+  }
+}
+
+// ---- Batch softmax: w[0] estimates the steps between occurrences; state: last step (int64) ----
+template <int D>
+void batch_softmax(const SegmentSpec&, float* w, float* st, const float*, float lr, int64_t t) {
+  const int64_t last = load_i64(st);
+  w[0] = (1.f - lr) * w[0] + lr * static_cast<float>(t - last);
+  store_i64(st, t);
+}
+
+// Instantiates `name` for common dims and the generic loop, behind one function pointer.
+#define MTHT_PER_DIM(name)                                                                           \
+  void name##_any(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t t) { \
+    switch (s.dim) {                                                                                 \
+      case 1: return name<1>(s, w, st, g, lr, t);                                                    \
+      case 2: return name<2>(s, w, st, g, lr, t);                                                    \
+      case 4: return name<4>(s, w, st, g, lr, t);                                                    \
+      case 8: return name<8>(s, w, st, g, lr, t);                                                    \
+      case 16: return name<16>(s, w, st, g, lr, t);                                                  \
+      case 32: return name<32>(s, w, st, g, lr, t);                                                  \
+      case 64: return name<64>(s, w, st, g, lr, t);                                                  \
+      case 128: return name<128>(s, w, st, g, lr, t);                                                \
+      default: return name<0>(s, w, st, g, lr, t);                                                   \
+    }                                                                                                \
+  }
+
+MTHT_PER_DIM(sgd)
+MTHT_PER_DIM(adagrad)
+MTHT_PER_DIM(dynamic_wd_adagrad)
+MTHT_PER_DIM(adadelta)
+MTHT_PER_DIM(adam)
+MTHT_PER_DIM(amsgrad)
+MTHT_PER_DIM(ftrl)
+MTHT_PER_DIM(group_ftrl)
+MTHT_PER_DIM(group_adagrad)
+MTHT_PER_DIM(momentum)
+MTHT_PER_DIM(moving_average)
+MTHT_PER_DIM(rmsprop)
+MTHT_PER_DIM(rmspropv2)
+#undef MTHT_PER_DIM
+
+inline void batch_softmax_any(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t t) {
+  batch_softmax<1>(s, w, st, g, lr, t);
+}
+
+// The kernel table, indexed by OptKind.
+inline KernelSet make_kernel_set(const char* name) {
+  KernelSet k{};
+  k.name = name;
+  k.step[static_cast<int>(OptKind::kSgd)] = sgd_any;
+  k.step[static_cast<int>(OptKind::kAdagrad)] = adagrad_any;
+  k.step[static_cast<int>(OptKind::kDynamicWdAdagrad)] = dynamic_wd_adagrad_any;
+  k.step[static_cast<int>(OptKind::kAdadelta)] = adadelta_any;
+  k.step[static_cast<int>(OptKind::kAdam)] = adam_any;
+  k.step[static_cast<int>(OptKind::kAmsgrad)] = amsgrad_any;
+  k.step[static_cast<int>(OptKind::kFtrl)] = ftrl_any;
+  k.step[static_cast<int>(OptKind::kGroupFtrl)] = group_ftrl_any;
+  k.step[static_cast<int>(OptKind::kGroupAdagrad)] = group_adagrad_any;
+  k.step[static_cast<int>(OptKind::kMomentum)] = momentum_any;
+  k.step[static_cast<int>(OptKind::kMovingAverage)] = moving_average_any;
+  k.step[static_cast<int>(OptKind::kRmsprop)] = rmsprop_any;
+  k.step[static_cast<int>(OptKind::kRmspropV2)] = rmspropv2_any;
+  k.step[static_cast<int>(OptKind::kBatchSoftmax)] = batch_softmax_any;
+  return k;
+}

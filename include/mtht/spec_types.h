@@ -1,0 +1,75 @@
+// The types that describe a table (no functions: the per-ISA kernel units include this
+// header, and an inline function compiled there with AVX flags could be picked by the linker
+// for the whole library).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace mtht {
+
+enum class InitKind : int { kZeros = 0, kOnes = 1, kConstants = 2, kRandomUniform = 3 };
+
+enum class OptKind : int {
+  kSgd = 0,
+  kAdagrad = 1,
+  kDynamicWdAdagrad = 2,
+  kAdadelta = 3,
+  kAdam = 4,
+  kAmsgrad = 5,
+  kFtrl = 6,
+  kGroupFtrl = 7,
+  kGroupAdagrad = 8,
+  kMomentum = 9,
+  kMovingAverage = 10,
+  kRmsprop = 11,
+  kRmspropV2 = 12,
+  kBatchSoftmax = 13,
+};
+constexpr int kNumOptKinds = 14;
+
+// What a lookup returns and how gradients flow back (Monolith's retrievers).
+enum class RetrieverKind : int { kRaw = 0, kFakeQuant = 1, kHashNet = 2 };
+
+// Every parameter any optimizer reads; each optimizer uses the fields it names.
+struct OptParams {
+  float initial_accumulator_value = 0.1f;
+  float weight_decay_factor = 0.0f;
+  float beta = 0.0f;
+  float beta1 = 0.9f;
+  float beta2 = 0.99f;
+  float epsilon = 0.01f;
+  float l1 = 0.0f;  // l1_regularization_strength
+  float l2 = 0.0f;  // l2_regularization_strength (group lasso: lambda)
+  float momentum = 0.9f;
+  float averaging_ratio = 0.9f;
+  bool use_nesterov = false;
+  bool decouple_weight_decay = false;
+};
+
+// One segment of an entry: `dim` floats with their own initializer, optimizer and retriever.
+struct SegmentSpec {
+  int dim = 1;
+  int init = 0;        // InitKind
+  float init_a = 0.f;  // constant, or minval for random_uniform
+  float init_b = 0.f;  // maxval for random_uniform
+  int opt = 0;         // OptKind
+  OptParams opt_params;
+  bool stochastic_rounding_fp16 = false;  // round this segment to fp16 values after each step
+  int retriever = 0;                      // RetrieverKind
+  float fake_quant_range = 1.f;           // fixed_r8: r
+  int64_t hashnet_step_size = 200;        // one_bit
+  float hashnet_init_scale = 1.f;
+  float hashnet_max_scale = 10000.f;
+  float hashnet_amplitude = 0.05f;
+};
+
+struct TableSpec {
+  std::vector<SegmentSpec> segments;
+  uint64_t random_seed = 0;
+  bool allow_non_finite = false;
+  uint64_t initial_capacity = 0;
+  int num_shards = 64;  // a power of two
+};
+
+}  // namespace mtht
