@@ -1,0 +1,1214 @@
+"""Multi-type tables, the merged wrapper and the fused multi-table ops.
+
+The first part ports every case of Monolith's ``multi_type_hash_table_test.py`` (and the
+fused examples of ``hash_table_ops_test.py``) with the numbers those tests assert. The rest
+checks properties: merging never changes results when slots do not share ids, the fused ops
+equal per-table calls block by block, the merge key groups exactly the equal configs, and
+bad input raises before anything changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mtht
+from mtht import entry
+from mtht.hash_table import fused_apply_gradient, fused_lookup, hash_table_from_config
+from mtht.learning_rate_functions import PolynomialDecay
+from mtht.multi_type_hash_table import (
+    BaseMultiTypeHashTable,
+    MergedMultiTypeHashTable,
+    MultiTypeHashTable,
+)
+from mtht.testing import generate_test_hash_table_config
+
+F32 = np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def factory(slot, config):
+    return hash_table_from_config(config, name_suffix=slot)
+
+
+def multi_type_factory(merged_slot_to_config):
+    return MultiTypeHashTable(merged_slot_to_config, factory)
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def three_slot_table() -> MultiTypeHashTable:
+    return MultiTypeHashTable(
+        {
+            "slot0": generate_test_hash_table_config(1),
+            "slot1": generate_test_hash_table_config(2),
+            "slot2": generate_test_hash_table_config(2),
+        },
+        factory,
+    )
+
+
+def two_slot_table(**kwargs) -> MultiTypeHashTable:
+    return MultiTypeHashTable(
+        {
+            "slot0": generate_test_hash_table_config(1, **kwargs),
+            "slot1": generate_test_hash_table_config(2, **kwargs),
+        },
+        factory,
+    )
+
+
+def assert_dicts_equal(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for slot, value in expected.items():
+        np.testing.assert_array_equal(got[slot], np.asarray(value, dtype=F32), err_msg=slot)
+
+
+def assert_dicts_close(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for slot, value in expected.items():
+        np.testing.assert_allclose(got[slot], np.asarray(value, dtype=F32), rtol=1e-6, atol=1e-6,
+                                   err_msg=slot)
+
+
+def make_config(segments, learning_rates, random_seed=0) -> entry.HashTableConfigInstance:
+    """``segments``: (dim, optimizer name, initializer name) per segment."""
+    built = []
+    for dim, opt, init in segments:
+        optimizer = {
+            "sgd": lambda: entry.SgdOptimizer(),
+            "adagrad": lambda: entry.AdagradOptimizer(initial_accumulator_value=0.5),
+            "adam": lambda: entry.AdamOptimizer(),
+            "ftrl": lambda: entry.FtrlOptimizer(l1_regularization=0.01, l2_regularization=0.1),
+            "momentum": lambda: entry.MomentumOptimizer(use_nesterov=True),
+            "fp16_sgd": lambda: entry.StochasticRoundingFloat16OptimizerWrapper(entry.SgdOptimizer()),
+        }[opt]()
+        initializer = {
+            "zeros": entry.ZerosInitializer(),
+            "ones": entry.OnesInitializer(),
+            "random_uniform": entry.RandomUniformInitializer(-0.5, 0.5),
+        }[init]
+        built.append(entry.CombineAsSegment(dim, initializer, optimizer, entry.Fp32Compressor()))
+    table_config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=built),
+                                                  random_seed=random_seed)
+    return entry.HashTableConfigInstance(table_config, list(learning_rates))
+
+
+def table_state(table, ids) -> list:
+    """Everything a table holds for ``ids``, comparable with ``==``."""
+    out = []
+    for dump in table.lookup_entry(ids):
+        if dump is None:
+            out.append(None)
+        else:
+            out.append((dump.values.tobytes(),
+                        tuple(tuple((k, v.tobytes()) for k, v in sorted(seg.items()))
+                              for seg in dump.optimizer_state),
+                        dump.last_update_ts))
+    return out
+
+
+@pytest.fixture
+def restore_num_threads():
+    before = mtht.get_num_threads()
+    yield
+    mtht.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monolith's multi_type_hash_table_test.py
+# ---------------------------------------------------------------------------------------------
+
+
+def test_basic():
+    hash_table = three_slot_table()
+    hash_table = hash_table.assign_add({
+        "slot0": ([0], [[1]]),
+        "slot1": ([1], [[2, 2]]),
+        "slot2": ([2, 3], [[4, 4], [8, 8]]),
+    })
+    values = hash_table.lookup({"slot0": [0], "slot1": [1], "slot2": [2, 3]})
+    assert_dicts_equal(values, {
+        "slot0": [[1]],
+        "slot1": [[2, 2]],
+        "slot2": [[4, 4], [8, 8]],
+    })
+
+
+def test_apply_gradients():
+    hash_table = two_slot_table()
+    values = hash_table.lookup({"slot0": [0], "slot1": [1, 2]})
+    assert_dicts_equal(values, {"slot0": [[0]], "slot1": [[0, 0], [0, 0]]})
+    # A lookup never inserts.
+    assert [len(hash_table._tables[s]) for s in ("slot0", "slot1")] == [0, 0]
+    hash_table = hash_table.apply_gradients({
+        "slot0": ([0], 2.0),
+        "slot1": ([1, 2], [[1, 3], [2, 4]]),
+    }, global_step=0)
+    values = hash_table.lookup({"slot0": [0], "slot1": [1, 2]})
+    assert_dicts_equal(values, {"slot0": [[-2]], "slot1": [[-1, -3], [-2, -4]]})
+
+
+def test_apply_gradients_with_learning_rate_decay():
+    decay = PolynomialDecay(initial_learning_rate=0.1, decay_steps=10, end_learning_rate=1.1)
+    hash_table = two_slot_table(learning_rate=decay)
+    np.testing.assert_allclose(hash_table.learning_rates(0), [0.1, 0.1], rtol=1e-6)
+    values = hash_table.lookup({"slot0": [0], "slot1": [1, 2]})
+    assert_dicts_equal(values, {"slot0": [[0]], "slot1": [[0, 0], [0, 0]]})
+    hash_table = hash_table.apply_gradients({
+        "slot0": ([0], 2.0),
+        "slot1": ([1, 2], [[1, 3], [2, 4]]),
+    }, global_step=0)
+    values = hash_table.lookup({"slot0": [0], "slot1": [1, 2]})
+    assert_dicts_close(values, {"slot0": [[-0.2]], "slot1": [[-0.1, -0.3], [-0.2, -0.4]]})
+
+
+def test_apply_gradients_without_lookup():
+    hash_table = two_slot_table()
+    hash_table = hash_table.apply_gradients({
+        "slot0": ([1], 3.0),
+        "slot1": ([2, 2], [[1.1, 3.1], [2.2, 4.2]]),
+    }, global_step=0)
+    values = hash_table.lookup({"slot0": [1], "slot1": [1, 2]})
+    assert_dicts_close(values, {"slot0": [[-3]], "slot1": [[0, 0], [-3.3, -7.3]]})
+
+
+def _assign_fused_state(hash_table):
+    return hash_table.assign_add({
+        "slot0": ([0], [[1]]),
+        "slot1": ([1], [[2, 2]]),
+        "slot2": ([2, 3], [[4, 4], [8, 8]]),
+    })
+
+
+def test_fused_lookup():
+    hash_table = _assign_fused_state(three_slot_table())
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        [0, 1, 2, 3], [1, 1, 2], 1)
+    np.testing.assert_array_equal(embeddings, [1, 2, 2, 4, 4, 8, 8])
+    np.testing.assert_array_equal(recv_splits, [7])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 2, 4])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 3, 7])
+    np.testing.assert_array_equal(indices, [0, 1, 2, 3])
+    assert embeddings.dtype == np.float32
+    assert recv_splits.dtype == id_offsets.dtype == emb_offsets.dtype == np.int32
+    assert indices.dtype == np.int64
+
+
+def test_fused_lookup_multi_shards():
+    hash_table = _assign_fused_state(three_slot_table())
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        [0, 2, 1, 3], [1, 0, 1, 0, 1, 1], 2)
+    np.testing.assert_array_equal(embeddings, [1, 4, 4, 2, 2, 8, 8])
+    np.testing.assert_array_equal(recv_splits, [3, 4])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 1, 2, 2, 3, 4])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 1, 3, 3, 5, 7])
+    np.testing.assert_array_equal(indices, [0, 2, 1, 3])
+
+
+def test_fused_apply_gradients():
+    hash_table = two_slot_table()
+    ids = [0, 1, 2]
+    fused_slot_size = [1, 2]
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        ids, fused_slot_size, 1)
+    np.testing.assert_array_equal(embeddings, [0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 3])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 5])
+    assert [len(hash_table._tables[s]) for s in ("slot0", "slot1")] == [0, 0]
+    grads = np.array([2, 1, 3, 2, 4], dtype=F32)
+    hash_table = hash_table.fused_apply_gradient(ids, indices, fused_slot_size, grads, id_offsets,
+                                                 emb_offsets, global_step=0, req_time=0,
+                                                 num_of_shards=1)
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        ids, fused_slot_size, 1)
+    np.testing.assert_array_equal(embeddings, [-2, -1, -3, -2, -4])
+    np.testing.assert_array_equal(recv_splits, [5])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 3])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 5])
+
+
+def test_fused_apply_gradients_missing_tables():
+    hash_table = two_slot_table()
+    ids = [1, 1]
+    fused_slot_size = [1, 0, 1, 0]
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        ids, fused_slot_size, 2)
+    np.testing.assert_array_equal(embeddings, [0, 0])
+    np.testing.assert_array_equal(recv_splits, [1, 1])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 1, 2, 2])
+    grads = np.array([1.0, 2.0], dtype=F32)
+    hash_table = hash_table.fused_apply_gradient(ids, indices, fused_slot_size, grads, id_offsets,
+                                                 emb_offsets, 0, 0, 2)
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup(
+        ids, fused_slot_size, 2)
+    # Two separate SGD steps (1 then 2): accumulation never crosses shards.
+    np.testing.assert_array_equal(embeddings, [-3, -3])
+    np.testing.assert_array_equal(recv_splits, [1, 1])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 1, 2, 2])
+
+
+def test_fused_apply_gradients_with_grad_accumulation_keeps_shards_apart():
+    # The same as above with enable_grad_accumulation: each block has one id, so nothing is
+    # summed; with Adagrad the two steps differ from one step with the summed gradient.
+    config = make_config([(1, "adagrad", "zeros")], [1.0])
+    hash_table = MultiTypeHashTable({"slot0": config}, factory)
+    hash_table.fused_apply_gradient([1, 1], [1, 1], [1, 1], [1.0, 2.0], [0, 1, 2], [0, 1, 2],
+                                    0, 0, 2, enable_grad_accumulation=True)
+    w = F32(0)
+    norm = F32(0.5)
+    for g in (F32(1), F32(2)):
+        norm = F32(norm + g * g)
+        w = F32(w - F32(F32(1) / np.sqrt(norm)) * g)
+    np.testing.assert_allclose(hash_table.lookup({"slot0": [1]})["slot0"], [[w]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Monolith's MergedMultiTypeHashTable tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_merged_basic():
+    slot_to_config = {
+        "slot0": generate_test_hash_table_config(1),
+        "slot1": generate_test_hash_table_config(2),
+        "slot2": generate_test_hash_table_config(2),
+    }
+    original = MergedMultiTypeHashTable(slot_to_config, multi_type_factory)
+    assert original.slot_mapping == {
+        "slot0": "3f6af58dff4cd9f4b93351586ed432e3",
+        "slot1": "34dff150e9fcf28c6de40f4bb6b61cd8",
+        "slot2": "34dff150e9fcf28c6de40f4bb6b61cd8",
+    }
+    hash_table = original.assign_add({
+        "slot0": ([0], [[1]]),
+        "slot1": ([1], [[2, 2]]),
+        "slot2": ([1], [[4, 4]]),
+    })
+    assert hash_table is original
+    values = hash_table.lookup({"slot0": [0], "slot1": [1], "slot2": [1]})
+    # slot1 and slot2 share a table and both write id 1.
+    assert_dicts_equal(values, {"slot0": [[1]], "slot1": [[6, 6]], "slot2": [[6, 6]]})
+    original.apply_gradients({
+        "slot0": ([0], [[-1]]),
+        "slot1": ([1], [[1, 1]]),
+        "slot2": ([1], [[1, 1]]),
+    }, global_step=0)
+    values = original.lookup({"slot0": [0], "slot1": [1]})
+    assert_dicts_equal(values, {"slot0": [[2]], "slot1": [[4, 4]]})
+    values = hash_table.lookup({"slot2": [1]})
+    assert_dicts_equal(values, {"slot2": [[4, 4]]})
+
+
+def test_merged_name_stability():
+    received = []
+
+    def recording_factory(merged_slot_to_config):
+        received.append(dict(merged_slot_to_config))
+        return None
+
+    slot_to_config = {
+        "slot0": generate_test_hash_table_config(1),
+        "slot1": generate_test_hash_table_config(1),
+    }
+    MergedMultiTypeHashTable(slot_to_config, recording_factory)
+    assert len(received) == 1
+    assert list(received[0]) == ["e21904dd414d1780e5fc904866dc69c2"]
+    assert md5("slot0,slot1") == "e21904dd414d1780e5fc904866dc69c2"
+
+
+def test_merged_restore_name():
+    received = []
+
+    def recording_factory(merged_slot_to_config):
+        received.append(dict(merged_slot_to_config))
+        return None
+
+    config = generate_test_hash_table_config(1)
+    slot_to_config = {"fc_slot_0": config}
+    MergedMultiTypeHashTable(slot_to_config, recording_factory)
+    (merged,) = received
+    assert list(merged) == ["1607be845c6c1cc0c52f208940ddba66"]
+    merged_config = merged["1607be845c6c1cc0c52f208940ddba66"]
+    assert merged_config.extra_restore_names == ["cde3ba88ba62b682f84241b273f8100c"]
+    assert md5("slot_0") == "cde3ba88ba62b682f84241b273f8100c"
+    # The caller's config is not changed ...
+    assert config.extra_restore_names == []
+    assert merged_config is not config
+    assert str(merged_config) == str(config)
+    # ... so building again does not append the old name twice.
+    MergedMultiTypeHashTable(slot_to_config, recording_factory)
+    assert received[1]["1607be845c6c1cc0c52f208940ddba66"].extra_restore_names == [
+        "cde3ba88ba62b682f84241b273f8100c"]
+    assert config.extra_restore_names == []
+
+
+def test_merged_restore_name_keeps_existing_names_and_skips_new_style_slots():
+    received = []
+
+    def recording_factory(merged_slot_to_config):
+        received.append(dict(merged_slot_to_config))
+        return None
+
+    with_names = generate_test_hash_table_config(1)
+    with_names.extra_restore_names = ["previous"]
+    MergedMultiTypeHashTable({"fc_slot_7": with_names, "slot_8": generate_test_hash_table_config(2)},
+                             recording_factory)
+    (merged,) = received
+    assert merged[md5("fc_slot_7")].extra_restore_names == ["previous", md5("slot_7")]
+    # A slot whose name has no old form gets no alias.
+    assert merged[md5("slot_8")].extra_restore_names == []
+    assert with_names.extra_restore_names == ["previous"]
+
+
+# ---------------------------------------------------------------------------------------------
+# hash_table_ops_test.py fused examples, through the module functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hash_table_ops_fused_lookup():
+    dims = [1, 1, 2]
+    tables = []
+    for x, dim in enumerate(dims):
+        table = hash_table_from_config(generate_test_hash_table_config(dim), name_suffix=str(x))
+        fill = 1.0 if x % 2 == 0 else 0.0
+        table.assign([3 * x, 3 * x + 1], np.full((2, dim), fill, dtype=F32))
+        tables.append(table)
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = fused_lookup(
+        tables, [0, 4, 6, 1, 3, 7], [1, 1, 1, 1, 1, 1], 2)
+    np.testing.assert_array_equal(embeddings, [1, 0, 1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(recv_splits, [4, 4])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 2, 4, 5, 6, 8])
+    np.testing.assert_array_equal(indices, [0, 4, 6, 1, 3, 7])
+
+
+def test_hash_table_ops_fused_optimize():
+    t0 = hash_table_from_config(generate_test_hash_table_config(1), name_suffix="t0")
+    t1 = hash_table_from_config(generate_test_hash_table_config(2), name_suffix="t1")
+    t0.assign([0, 1], [[1], [1]])
+    t1.assign([3, 4], [[0, 0], [0, 0]])
+    tables = [t0, t1]
+    ids = [0, 4, 1, 3]
+    fused_slot_size = [1, 1, 1, 1]
+    grads = np.array([-1, -2, -2, -1, -2, -2], dtype=F32)
+    result = fused_apply_gradient(tables, ids, ids, fused_slot_size, grads, [0, 1, 2, 3, 4],
+                                  [0, 1, 3, 4, 6], np.array([0.1, 0.1], dtype=F32), 0, 0, 2)
+    assert result == tables
+    embeddings, recv_splits, id_offsets, emb_offsets, _ = fused_lookup(tables, ids, fused_slot_size, 2)
+    np.testing.assert_allclose(embeddings, [1.1, 0.2, 0.2, 1.1, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_array_equal(recv_splits, [3, 3])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 3, 4, 6])
+
+
+def test_hash_table_ops_fused_docstring_example():
+    t0 = hash_table_from_config(generate_test_hash_table_config(1), name_suffix="t0")
+    t1 = hash_table_from_config(generate_test_hash_table_config(2), name_suffix="t1")
+    t0.assign([1, 2], [[1], [2]])
+    t1.assign([3, 4], [[3, 3], [4, 4]])
+    tables = [t0, t1]
+    ids = [1, 3, 2, 4]
+    fused_slot_size = [1, 1, 1, 1]
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = fused_lookup(
+        tables, ids, fused_slot_size, 2)
+    np.testing.assert_array_equal(embeddings, [1, 3, 3, 2, 4, 4])
+    np.testing.assert_array_equal(recv_splits, [3, 3])
+    np.testing.assert_array_equal(id_offsets, [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(emb_offsets, [0, 1, 3, 4, 6])
+    fused_apply_gradient(tables, ids, indices, fused_slot_size, [1, 2, 2, 1, 2, 2], id_offsets,
+                         emb_offsets, [1.0, 1.0], 0, 0, 2)
+    np.testing.assert_array_equal(t0.lookup([1, 2]), [[0], [1]])
+    np.testing.assert_array_equal(t1.lookup([3, 4]), [[1, 1], [2, 2]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: merging changes nothing when slots do not share ids
+# ---------------------------------------------------------------------------------------------
+
+# (segments, learning-rate kind). Every spec has its own merge key.
+_SPECS = [
+    ([(1, "sgd", "zeros")], "one"),
+    ([(2, "sgd", "zeros")], "one"),
+    ([(2, "sgd", "zeros")], "half"),
+    ([(2, "adagrad", "ones")], "one"),
+    ([(3, "adagrad", "random_uniform")], "decay"),
+    ([(1, "sgd", "ones"), (2, "adagrad", "zeros")], "one"),
+]
+
+
+def _spec_config(index: int) -> entry.HashTableConfigInstance:
+    segments, lr_kind = _SPECS[index]
+    lrs = []
+    for k in range(len(segments)):
+        if lr_kind == "one":
+            lrs.append(1.0 if k == 0 else 0.25)
+        elif lr_kind == "half":
+            lrs.append(0.5)
+        else:
+            lrs.append(PolynomialDecay(0.5, 10, end_learning_rate=0.05))
+    return make_config(segments, lrs)
+
+
+def _spec_dim(index: int) -> int:
+    return sum(d for d, _, _ in _SPECS[index][0])
+
+
+IDS_PER_SLOT = 6
+
+
+def _slot_ids(slot_index: int):
+    # Disjoint id ranges: slots never share an id, even in one merged table.
+    return st.lists(st.integers(slot_index * 1000, slot_index * 1000 + IDS_PER_SLOT - 1), max_size=5)
+
+
+_values = st.sampled_from([-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0])
+
+
+@st.composite
+def _merge_scenarios(draw):
+    n_slots = draw(st.integers(1, 5))
+    spec_of_slot = [draw(st.integers(0, len(_SPECS) - 1)) for _ in range(n_slots)]
+    names = draw(st.lists(st.sampled_from(["a", "b", "c", "slot0", "slot1", "fc_slot_3", "z"]),
+                          min_size=n_slots, max_size=n_slots, unique=True))
+    ops = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["assign_add", "assign", "apply_gradients", "lookup"]))
+        chosen = draw(st.lists(st.integers(0, n_slots - 1), min_size=1, max_size=n_slots, unique=True))
+        data = {}
+        for i in chosen:
+            ids = draw(_slot_ids(i))
+            dim = _spec_dim(spec_of_slot[i])
+            rows = draw(st.lists(_values, min_size=len(ids) * dim, max_size=len(ids) * dim))
+            data[names[i]] = (ids, np.asarray(rows, dtype=F32).reshape(len(ids), dim))
+        extra = {}
+        if kind == "apply_gradients":
+            extra = {"global_step": draw(st.integers(0, 20)), "enable_dedup": draw(st.booleans()),
+                     "req_time": draw(st.integers(0, 100))}
+        ops.append((kind, data, extra))
+    return names, spec_of_slot, ops
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_merge_scenarios())
+def test_merged_equals_one_table_per_slot(scenario):
+    names, spec_of_slot, ops = scenario
+    # Fresh config objects for every slot, so equal specs merge through their text only.
+    merged = MergedMultiTypeHashTable({n: _spec_config(s) for n, s in zip(names, spec_of_slot)},
+                                      multi_type_factory)
+    separate = MultiTypeHashTable({n: _spec_config(s) for n, s in zip(names, spec_of_slot)}, factory)
+    assert len(set(merged.slot_mapping.values())) == len(set(spec_of_slot))
+    for slot, name in merged.slot_mapping.items():
+        group = sorted(s for s in names if spec_of_slot[names.index(s)] == spec_of_slot[names.index(slot)])
+        assert name == md5(",".join(group))
+    assert merged.get_table_dim_sizes() == [
+        _spec_dim(spec_of_slot[names.index(sorted(s for s in names if merged.slot_mapping[s] == m)[0])])
+        for m in sorted(set(merged.slot_mapping.values()))]
+    all_ids = {n: np.arange(i * 1000, i * 1000 + IDS_PER_SLOT + 1) for i, n in enumerate(names)}
+    for kind, data, extra in ops:
+        if kind == "lookup":
+            query = {slot: ids for slot, (ids, _) in data.items()}
+            got = merged.lookup(query)
+            expected = separate.lookup(query)
+            assert sorted(got) == sorted(expected)
+            for slot in expected:
+                assert got[slot].shape == expected[slot].shape
+                np.testing.assert_array_equal(got[slot], expected[slot], err_msg=slot)
+            continue
+        if kind == "apply_gradients":
+            assert getattr(merged, kind)(data, **extra) is merged
+            getattr(separate, kind)(data, **extra)
+        else:
+            assert getattr(merged, kind)(data) is merged
+            getattr(separate, kind)(data)
+        got = merged.lookup(all_ids)
+        expected = separate.lookup(all_ids)
+        for slot in names:
+            np.testing.assert_array_equal(got[slot], expected[slot], err_msg=f"{kind} {slot}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: the fused ops equal per-table calls, block by block in [shard][table] order
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def _fused_scenarios(draw):
+    k_tables = draw(st.integers(1, 8))
+    n_shards = draw(st.integers(1, 4))
+    table_specs = []
+    for _ in range(k_tables):
+        n_segments = draw(st.integers(1, 2))
+        # Mostly SGD and Adagrad; the stateful optimizers make the order of steps visible.
+        optimizers = st.sampled_from(["sgd", "adagrad", "sgd", "adagrad", "adam", "ftrl", "momentum",
+                                      "fp16_sgd"])
+        segments = [(draw(st.integers(1, 4)), draw(optimizers),
+                     draw(st.sampled_from(["zeros", "ones", "random_uniform"])))
+                    for _ in range(n_segments)]
+        lrs = [draw(st.sampled_from([1.0, 0.5, 0.125, 0.03])) for _ in range(n_segments)]
+        table_specs.append((segments, lrs, draw(st.integers(0, 3))))
+    # Few distinct ids, so that ids repeat inside blocks and across shards.
+    counts = [draw(st.integers(0, 4)) for _ in range(k_tables * n_shards)]
+    ids = [draw(st.integers(0, 7)) for _ in range(sum(counts))]
+    prefill = [draw(st.lists(st.integers(0, 7), max_size=4, unique=True)) for _ in range(k_tables)]
+    global_step = draw(st.integers(0, 5))
+    req_time = draw(st.integers(0, 10**12))
+    accumulate = draw(st.booleans())
+    seed = draw(st.integers(0, 2**32 - 1))
+    return table_specs, n_shards, counts, ids, prefill, global_step, req_time, accumulate, seed
+
+
+def _build_tables(table_specs, prefill):
+    tables = []
+    for k, (segments, lrs, seed) in enumerate(table_specs):
+        table = hash_table_from_config(make_config(segments, lrs, random_seed=seed), name_suffix=str(k))
+        ids = prefill[k]
+        dim = table.dim_size
+        table.assign_add(ids, (np.arange(len(ids) * dim, dtype=F32).reshape(len(ids), dim) - 3) / 4,
+                         req_time=7)
+        tables.append(table)
+    return tables
+
+
+def _blocks(counts, k_tables, n_shards):
+    """(shard, table, start, stop) of every block in [shard][table] order."""
+    out = []
+    start = 0
+    for n in range(n_shards):
+        for k in range(k_tables):
+            stop = start + counts[n * k_tables + k]
+            out.append((n, k, start, stop))
+            start = stop
+    return out
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(_fused_scenarios())
+def test_fused_ops_equal_per_table_calls(restore_num_threads, scenario):
+    table_specs, n_shards, counts, ids, prefill, global_step, req_time, accumulate, seed = scenario
+    k_tables = len(table_specs)
+    ids = np.asarray(ids, dtype=np.int64)
+    fused_runs = {threads: _build_tables(table_specs, prefill) for threads in (1, 2)}
+    reference = _build_tables(table_specs, prefill)
+    dims = [t.dim_size for t in reference]
+    blocks = _blocks(counts, k_tables, n_shards)
+
+    # Lookup: per-block lookups laid out block after block.
+    expected_parts, expected_splits = [], [0] * n_shards
+    expected_id_offsets, expected_emb_offsets = [0], [0]
+    for n, k, start, stop in blocks:
+        rows = reference[k].lookup(ids[start:stop])
+        expected_parts.append(rows.reshape(-1))
+        expected_splits[n] += rows.size
+        expected_id_offsets.append(stop)
+        expected_emb_offsets.append(expected_emb_offsets[-1] + rows.size)
+    expected_embeddings = np.concatenate(expected_parts) if expected_parts else np.zeros(0, F32)
+    for threads, tables in fused_runs.items():
+        mtht.set_num_threads(threads)
+        embeddings, recv_splits, id_offsets, emb_offsets, indices = fused_lookup(
+            tables, ids, counts, n_shards)
+        np.testing.assert_array_equal(embeddings, expected_embeddings)
+        np.testing.assert_array_equal(recv_splits, expected_splits)
+        np.testing.assert_array_equal(id_offsets, expected_id_offsets)
+        np.testing.assert_array_equal(emb_offsets, expected_emb_offsets)
+        np.testing.assert_array_equal(indices, ids)
+        assert len(id_offsets) == len(emb_offsets) == k_tables * n_shards + 1
+
+    # Update: one apply_gradients per block, in [shard][table] order.
+    rng = np.random.default_rng(seed)
+    grads = (rng.integers(-8, 9, size=expected_emb_offsets[-1]) / 4).astype(F32)
+    learning_rates = np.concatenate([t.config.call_learning_rate_fns(global_step) for t in reference])
+    for n, k, start, stop in blocks:
+        g = grads[expected_emb_offsets[n * k_tables + k]:expected_emb_offsets[n * k_tables + k + 1]]
+        reference[k].apply_gradients(ids[start:stop], g.reshape(stop - start, dims[k]), global_step,
+                                     enable_dedup=accumulate, req_time=req_time)
+    for threads, tables in fused_runs.items():
+        mtht.set_num_threads(threads)
+        fused_apply_gradient(tables, ids, ids, counts, grads, expected_id_offsets, expected_emb_offsets,
+                             learning_rates, req_time, global_step, n_shards,
+                             enable_grad_accumulation=accumulate)
+    every_id = np.arange(0, 8)
+    for k in range(k_tables):
+        expected_state = table_state(reference[k], every_id)
+        for threads, tables in fused_runs.items():
+            assert table_state(tables[k], every_id) == expected_state, (threads, k)
+            assert tables[k].max_update_ts == reference[k].max_update_ts
+
+
+def test_fused_large_batch_independent_of_thread_count(restore_num_threads):
+    # Big enough for the work to be spread over threads; many ids repeat across shards.
+    rng = np.random.default_rng(1234)
+    specs = [([(4, "adagrad", "random_uniform")], [0.1], 1),
+             ([(1, "sgd", "zeros"), (8, "adagrad", "ones")], [0.5, 0.05], 2),
+             ([(16, "adagrad", "zeros")], [0.2], 3)]
+    k_tables, n_shards = len(specs), 3
+    counts = rng.integers(2000, 6000, size=k_tables * n_shards).tolist()
+    ids = rng.integers(0, 3000, size=sum(counts)).astype(np.int64)
+    dims = [4, 9, 16]
+    id_offsets = np.concatenate([[0], np.cumsum(counts)])
+    emb_offsets = np.concatenate([[0], np.cumsum([c * dims[i % k_tables] for i, c in enumerate(counts)])])
+    grads = rng.standard_normal(emb_offsets[-1]).astype(F32)
+    blocks = _blocks(counts, k_tables, n_shards)
+    every_id = np.arange(3000)
+
+    def run_fused(threads, accumulate):
+        mtht.set_num_threads(threads)
+        tables = _build_tables(specs, [[], [], []])
+        lrs = np.concatenate([t.config.call_learning_rate_fns(3) for t in tables])
+        for _ in range(2):
+            fused_apply_gradient(tables, ids, ids, counts, grads, id_offsets, emb_offsets, lrs, 5, 3,
+                                 n_shards, enable_grad_accumulation=accumulate)
+        return [t.lookup(every_id) for t in tables]
+
+    for accumulate in (False, True):
+        mtht.set_num_threads(1)
+        tables = _build_tables(specs, [[], [], []])
+        for _ in range(2):
+            for n, k, start, stop in blocks:
+                g = grads[emb_offsets[n * k_tables + k]:emb_offsets[n * k_tables + k + 1]]
+                tables[k].apply_gradients(ids[start:stop], g.reshape(-1, dims[k]), 3,
+                                          enable_dedup=accumulate, req_time=5)
+        expected = [t.lookup(every_id) for t in tables]
+        for threads in (1, 2, 4):
+            got = run_fused(threads, accumulate)
+            for k in range(k_tables):
+                np.testing.assert_array_equal(got[k], expected[k],
+                                              err_msg=f"threads={threads} accumulate={accumulate} table={k}")
+
+
+def test_multi_type_fused_apply_gradient_uses_every_slots_learning_rates():
+    decay = PolynomialDecay(0.1, 10, end_learning_rate=1.1)
+    slot_to_config = {
+        "b": make_config([(2, "sgd", "zeros"), (1, "adagrad", "ones")], [decay, 0.25]),
+        "a": make_config([(1, "sgd", "zeros")], [2.0]),
+    }
+    fused = MultiTypeHashTable(slot_to_config, factory)
+    separate = MultiTypeHashTable(slot_to_config, factory)
+    np.testing.assert_allclose(fused.learning_rates(5), [2.0, 0.6, 0.25], rtol=1e-6)
+    ids = [1, 2, 1, 2]
+    fss = [1, 1, 1, 1]  # shard 0: a[1], b[2]; shard 1: a[1], b[2]
+    _, _, id_offsets, emb_offsets, indices = fused.fused_lookup(ids, fss, 2)
+    grads = np.array([1, 1, 2, 3, 0.5, -1, 1, 2], dtype=F32)
+    fused.fused_apply_gradient(ids, indices, fss, grads, id_offsets, emb_offsets, global_step=5,
+                               req_time=9, num_of_shards=2)
+    separate.apply_gradients({"a": ([1], [[1]]), "b": ([2], [[1, 2, 3]])}, 5, req_time=9)
+    separate.apply_gradients({"a": ([1], [[0.5]]), "b": ([2], [[-1, 1, 2]])}, 5, req_time=9)
+    for slot in ("a", "b"):
+        assert table_state(fused._tables[slot], [1, 2]) == table_state(separate._tables[slot], [1, 2])
+    np.testing.assert_allclose(fused.lookup({"a": [1]})["a"], [[-3.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge keys
+# ---------------------------------------------------------------------------------------------
+
+
+def _groups(slot_to_config) -> list:
+    """The slots of each merged table, as sorted lists, sorted."""
+    merged = MergedMultiTypeHashTable(slot_to_config, lambda d: None)
+    by_name = {}
+    for slot, name in merged.slot_mapping.items():
+        by_name.setdefault(name, []).append(slot)
+    return sorted(sorted(v) for v in by_name.values())
+
+
+def _adagrad_config(optimizer, table_kwargs=None, lrs=(0.1,), names=None):
+    segment = entry.CombineAsSegment(4, entry.ZerosInitializer(), optimizer, entry.Fp32Compressor())
+    table_config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=[segment]),
+                                                  **(table_kwargs or {}))
+    return entry.HashTableConfigInstance(table_config, list(lrs), extra_restore_names=names)
+
+
+def test_equal_configs_written_differently_merge():
+    shared_fn = lambda step: 0.1  # noqa: E731
+    slot_to_config = {
+        "int_lr": generate_test_hash_table_config(2, learning_rate=1),
+        "float_lr": generate_test_hash_table_config(2, learning_rate=1.0),
+        "numpy_lr": generate_test_hash_table_config(2, learning_rate=np.float32(1.0)),
+        "adagrad_omitted": _adagrad_config(entry.AdagradOptimizer()),
+        "adagrad_explicit": _adagrad_config(
+            entry.AdagradOptimizer(initial_accumulator_value=0.1, hessian_compression_times=1,
+                                   warmup_steps=0, weight_decay_factor=0.0),
+            table_kwargs=dict(initial_capacity=1000, random_seed=0, allow_non_finite=False,
+                              slot_expire_time_config=entry.SlotExpireTimeConfig(
+                                  default_expire_time=36500, slot_expire_times={5: 36500})),
+            names=["another_name"]),
+        "decay_a": generate_test_hash_table_config(
+            3, learning_rate=PolynomialDecay(0.01, 20, 0.05)),
+        "decay_b": generate_test_hash_table_config(
+            3, learning_rate=PolynomialDecay(0.01, 20.0, end_learning_rate=0.05, power=1, name="x")),
+        "fn_a": generate_test_hash_table_config(5, learning_rate=shared_fn),
+        "fn_b": generate_test_hash_table_config(5, learning_rate=shared_fn),
+    }
+    assert _groups(slot_to_config) == [
+        ["adagrad_explicit", "adagrad_omitted"],
+        ["decay_a", "decay_b"],
+        ["float_lr", "int_lr", "numpy_lr"],
+        ["fn_a", "fn_b"],
+    ]
+
+
+@pytest.mark.parametrize("other", [
+    lambda: generate_test_hash_table_config(2, learning_rate=0.5),
+    lambda: generate_test_hash_table_config(3),
+    lambda: generate_test_hash_table_config(2, learning_rate=PolynomialDecay(1.0, 10)),
+    lambda: generate_test_hash_table_config(2, learning_rate=lambda: 1.0),
+    lambda: entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(2, entry.OnesInitializer(), entry.SgdOptimizer(),
+                                         entry.Fp32Compressor())])), [1.0]),
+    lambda: entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(2, entry.ZerosInitializer(), entry.AdagradOptimizer(),
+                                         entry.Fp32Compressor())])), [1.0]),
+    lambda: entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(2, entry.ZerosInitializer(), entry.SgdOptimizer(),
+                                         entry.Fp32Compressor())]), random_seed=1), [1.0]),
+    lambda: entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(2, entry.ZerosInitializer(), entry.SgdOptimizer(),
+                                         entry.Fp32Compressor())]),
+        slot_expire_time_config=entry.SlotExpireTimeConfig(default_expire_time=7)), [1.0]),
+    lambda: entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(),
+                                         entry.Fp32Compressor()),
+                  entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(),
+                                         entry.Fp32Compressor())])), [1.0, 1.0]),
+], ids=["lr", "dim", "schedule", "other_callable", "initializer", "optimizer", "seed", "expiry",
+        "segments"])
+def test_different_configs_do_not_merge(other):
+    slot_to_config = {"base": generate_test_hash_table_config(2), "other": other()}
+    assert _groups(slot_to_config) == [["base"], ["other"]]
+
+
+def test_adagrad_parameters_are_part_of_the_key():
+    slot_to_config = {
+        "a": _adagrad_config(entry.AdagradOptimizer()),
+        "b": _adagrad_config(entry.AdagradOptimizer(initial_accumulator_value=0.2)),
+        "c": _adagrad_config(entry.AdagradOptimizer(weight_decay_factor=0.01)),
+    }
+    assert _groups(slot_to_config) == [["a"], ["b"], ["c"]]
+
+
+def test_distinct_callables_do_not_merge_but_one_callable_does():
+    def fn(step):
+        return 0.1
+
+    def same_body(step):
+        return 0.1
+
+    slot_to_config = {
+        "x": generate_test_hash_table_config(2, learning_rate=fn),
+        "y": generate_test_hash_table_config(2, learning_rate=fn),
+        "z": generate_test_hash_table_config(2, learning_rate=same_body),
+    }
+    assert _groups(slot_to_config) == [["x", "y"], ["z"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: dims, hooks, lookups with a bundle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_get_table_dim_sizes_sorted_slot_order():
+    hash_table = MultiTypeHashTable({
+        "c": generate_test_hash_table_config(2),
+        "a": generate_test_hash_table_config(1),
+        "b": generate_test_hash_table_config(3),
+    }, factory)
+    assert hash_table.get_table_dim_sizes() == [1, 3, 2]
+
+
+def test_factory_called_in_sorted_slot_order():
+    calls = []
+
+    def recording_factory(slot, config):
+        calls.append(slot)
+        return factory(slot, config)
+
+    MultiTypeHashTable({"z": generate_test_hash_table_config(1), "a": generate_test_hash_table_config(1),
+                        "m": generate_test_hash_table_config(1)}, recording_factory)
+    assert calls == ["a", "m", "z"]
+
+
+def test_merged_get_table_dim_sizes_in_merged_name_order():
+    slot_to_config = {
+        "slot0": generate_test_hash_table_config(1),
+        "slot1": generate_test_hash_table_config(2),
+        "slot2": generate_test_hash_table_config(2),
+        "slot3": generate_test_hash_table_config(5),
+    }
+    merged = MergedMultiTypeHashTable(slot_to_config, lambda d: None)  # works without a table
+    dims = {md5("slot0"): 1, md5("slot1,slot2"): 2, md5("slot3"): 5}
+    assert merged.get_table_dim_sizes() == [dims[name] for name in sorted(dims)]
+    inner = MergedMultiTypeHashTable(slot_to_config, multi_type_factory)._table
+    assert inner.get_table_dim_sizes() == merged.get_table_dim_sizes()
+
+
+class _Group(BaseMultiTypeHashTable):
+    """A minimal multi-type table holding other multi-type tables in ``_tables``."""
+
+    def __init__(self, tables):
+        self._tables = tables
+
+    def lookup(self, slot_to_id):
+        return {}
+
+    def assign(self, slot_to_id_and_value, *args, **kwargs):
+        return self
+
+    def assign_add(self, slot_to_id_and_value, *args, **kwargs):
+        return self
+
+    def reinitialize(self, slot, ids):
+        raise NotImplementedError
+
+    def apply_gradients(self, slot_to_id_and_grad, *args, **kwargs):
+        return self
+
+    def as_op(self, name=None):
+        return self
+
+    def get_table_dim_sizes(self):
+        return []
+
+
+def test_get_queue_hooks_through_nested_tables():
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1)}, multi_type_factory)
+    plain = MultiTypeHashTable({"slot0": generate_test_hash_table_config(1)}, factory)
+    group = _Group([merged, plain])
+    assert group.get_queue_hooks() == []
+    merged.add_queue_hook("outer")
+    merged._table.add_queue_hook("inner")
+    merged._table.add_queue_hook("inner2")
+    plain.add_queue_hook("plain")
+    group.add_queue_hook("group")
+    assert merged.get_queue_hooks() == ["outer", "inner", "inner2"]
+    assert group.get_queue_hooks() == ["group", "outer", "inner", "inner2", "plain"]
+    # A copy: changing it changes no table.
+    group.get_queue_hooks().append("x")
+    merged.get_queue_hooks().clear()
+    assert group.get_queue_hooks() == ["group", "outer", "inner", "inner2", "plain"]
+
+
+def test_merged_lookup_returns_the_bundle_only_when_it_holds_something():
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1),
+                                       "slot1": generate_test_hash_table_config(1)}, multi_type_factory)
+    merged.assign({"slot0": ([1], [[1.0]]), "slot1": ([2, 3], [[2.0], [3.0]])})
+    plain = merged.lookup({"slot1": [3, 2, 9]})
+    assert isinstance(plain, dict)
+    assert_dicts_equal(plain, {"slot1": [[3], [2], [0]]})
+    empty_bundle = {}
+    assert isinstance(merged.lookup({"slot0": [1]}, auxiliary_bundle=empty_bundle), dict)
+    assert empty_bundle == {}
+    bundle = {"step": 3}
+    values, returned = merged.lookup({"slot0": [1], "slot1": [2]}, auxiliary_bundle=bundle)
+    assert returned is bundle
+    assert returned == {"step": 3}
+    assert_dicts_equal(values, {"slot0": [[1]], "slot1": [[2]]})
+
+
+def test_merged_lookup_of_a_slot_with_no_ids():
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(2),
+                                       "slot1": generate_test_hash_table_config(2)}, multi_type_factory)
+    merged.assign_add({"slot0": ([1], [[1.0, 2.0]]), "slot1": ([], np.zeros((0, 2), F32))})
+    values = merged.lookup({"slot0": [], "slot1": [1]})
+    assert values["slot0"].shape == (0, 2)
+    np.testing.assert_array_equal(values["slot1"], [[1, 2]])
+
+
+def test_as_op_returns_the_table():
+    hash_table = three_slot_table()
+    assert hash_table.as_op() is hash_table
+    assert hash_table.as_op("name") is hash_table
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1)}, multi_type_factory)
+    assert merged.as_op() is merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: unknown slots, reinitialize, bad writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _filled_multi_type():
+    hash_table = two_slot_table()
+    hash_table.assign({"slot0": ([1], [[5.0]]), "slot1": ([2], [[6.0, 7.0]])}, req_time=3)
+    return hash_table
+
+
+def _multi_type_snapshot(hash_table):
+    return {slot: (len(t), table_state(t, np.arange(-1, 12))) for slot, t in hash_table._tables.items()}
+
+
+_UNKNOWN_SLOT_CALLS = {
+    "lookup": lambda t: t.lookup({"slot0": [1], "zzz_unknown": [1]}),
+    "assign": lambda t: t.assign({"slot0": ([1], [[9.0]]), "zzz_unknown": ([1], [[1.0]])}),
+    "assign_add": lambda t: t.assign_add({"slot0": ([1], [[9.0]]), "zzz_unknown": ([1], [[1.0]])}),
+    "apply_gradients": lambda t: t.apply_gradients(
+        {"slot0": ([1, 4], [[9.0], [1.0]]), "zzz_unknown": ([1], [[1.0]])}, global_step=0),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_UNKNOWN_SLOT_CALLS))
+def test_unknown_slot_raises_key_error_and_changes_nothing(call):
+    hash_table = _filled_multi_type()
+    before = _multi_type_snapshot(hash_table)
+    with pytest.raises(KeyError, match="zzz_unknown"):
+        _UNKNOWN_SLOT_CALLS[call](hash_table)
+    assert _multi_type_snapshot(hash_table) == before
+
+
+@pytest.mark.parametrize("call", sorted(_UNKNOWN_SLOT_CALLS))
+def test_merged_unknown_slot_raises_key_error_and_changes_nothing(call):
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1),
+                                       "slot1": generate_test_hash_table_config(2)}, multi_type_factory)
+    merged.assign({"slot0": ([1], [[5.0]]), "slot1": ([2], [[6.0, 7.0]])}, req_time=3)
+    before = _multi_type_snapshot(merged._table)
+    with pytest.raises(KeyError, match="zzz_unknown"):
+        _UNKNOWN_SLOT_CALLS[call](merged)
+    assert _multi_type_snapshot(merged._table) == before
+
+
+def test_reinitialize_is_not_supported():
+    with pytest.raises(NotImplementedError):
+        three_slot_table().reinitialize("slot0", [1])
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1)}, multi_type_factory)
+    with pytest.raises(NotImplementedError):
+        merged.reinitialize("slot0", [1])
+
+
+_BAD_WRITES = {
+    "wrong_shape": lambda t: t.apply_gradients(
+        {"slot0": ([1], [[1.0]]), "slot1": ([2], [[1.0, 2.0, 3.0]])}, global_step=0),
+    "transposed": lambda t: t.assign(
+        {"slot0": ([1], [[1.0]]), "slot1": ([2, 3, 4], np.ones((3, 2), F32).T)}),
+    "nan_grad": lambda t: t.apply_gradients(
+        {"slot0": ([1], [[1.0]]), "slot1": ([2], [[np.nan, 2.0]])}, global_step=0),
+    "inf_value": lambda t: t.assign_add({"slot0": ([1], [[1.0]]), "slot1": ([2], [[np.inf, 2.0]])}),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_BAD_WRITES))
+def test_bad_write_in_one_slot_changes_no_slot(call):
+    hash_table = _filled_multi_type()
+    before = _multi_type_snapshot(hash_table)
+    with pytest.raises(ValueError):
+        _BAD_WRITES[call](hash_table)
+    assert _multi_type_snapshot(hash_table) == before
+
+
+@pytest.mark.parametrize("call", sorted(_BAD_WRITES))
+def test_merged_bad_write_in_one_slot_changes_nothing(call):
+    merged = MergedMultiTypeHashTable({"slot0": generate_test_hash_table_config(1),
+                                       "slot1": generate_test_hash_table_config(2)}, multi_type_factory)
+    merged.assign({"slot0": ([1], [[5.0]]), "slot1": ([2], [[6.0, 7.0]])}, req_time=3)
+    before = _multi_type_snapshot(merged._table)
+    with pytest.raises(ValueError):
+        _BAD_WRITES[call](merged)
+    assert _multi_type_snapshot(merged._table) == before
+
+
+def _nan_after_step_5(step):
+    return float("nan") if step > 5 else 0.1
+
+
+def test_non_finite_learning_rate_in_one_slot_changes_no_slot():
+    # "a" comes first; "b"'s learning rate is NaN at step 10. The ValueError must come
+    # before "a" is stepped.
+    hash_table = MultiTypeHashTable({"a": generate_test_hash_table_config(1),
+                                     "b": generate_test_hash_table_config(1, learning_rate=_nan_after_step_5)},
+                                    factory)
+    hash_table.assign({"a": ([1], [[5.0]]), "b": ([1], [[5.0]])})
+    before = _multi_type_snapshot(hash_table)
+    with pytest.raises(ValueError, match="not finite"):
+        hash_table.apply_gradients({"a": ([1, 2], [[1.0], [1.0]]), "b": ([1], [[1.0]])}, global_step=10)
+    assert _multi_type_snapshot(hash_table) == before
+    with pytest.raises(ValueError, match="not finite"):
+        hash_table.fused_apply_gradient([1, 1], [1, 1], [1, 1], [1.0, 1.0], [0, 1, 2], [0, 1, 2], 10, 0, 1)
+    assert _multi_type_snapshot(hash_table) == before
+
+
+def test_merged_rows_must_match_ids_slot_by_slot():
+    # s1 has two ids and one row, s2 one id and two rows: three of each in the merged table,
+    # but the rows do not belong to those ids. Must be a ValueError naming the slot.
+    merged = MergedMultiTypeHashTable({"s1": generate_test_hash_table_config(1),
+                                       "s2": generate_test_hash_table_config(1)}, multi_type_factory)
+    for method in ("assign", "assign_add", "apply_gradients"):
+        args = (0,) if method == "apply_gradients" else ()
+        with pytest.raises(ValueError, match="s1"):
+            getattr(merged, method)({"s1": ([1, 2], [[1.0]]), "s2": ([3], [[5.0], [6.0]])}, *args)
+        assert len(merged._table._tables[merged.slot_mapping["s1"]]) == 0, method
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: bad fused inputs
+# ---------------------------------------------------------------------------------------------
+
+# Tables slot0 (D1), slot1 (D2), slot2 (D2); two shards:
+# shard 0: slot0 [0], slot1 [], slot2 [2]; shard 1: slot0 [], slot1 [1], slot2 [3, 2].
+_IDS = [0, 2, 1, 3, 2]
+_FSS = [1, 0, 1, 0, 1, 2]
+_ID_OFFSETS = [0, 1, 1, 2, 2, 3, 5]
+_EMB_OFFSETS = [0, 1, 1, 3, 3, 5, 9]
+_GRADS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+def _fused_table():
+    return _assign_fused_state(three_slot_table())
+
+
+def _good_apply_args():
+    return dict(ids=list(_IDS), indices=list(_IDS), fused_slot_size=list(_FSS), id_grads=list(_GRADS),
+                id_offsets=list(_ID_OFFSETS), grad_offsets=list(_EMB_OFFSETS), global_step=0, req_time=4,
+                num_of_shards=2)
+
+
+def test_fused_reference_layout_is_valid():
+    hash_table = _fused_table()
+    embeddings, recv_splits, id_offsets, emb_offsets, _ = hash_table.fused_lookup(_IDS, _FSS, 2)
+    np.testing.assert_array_equal(embeddings, [1, 4, 4, 2, 2, 8, 8, 4, 4])
+    np.testing.assert_array_equal(recv_splits, [3, 6])
+    np.testing.assert_array_equal(id_offsets, _ID_OFFSETS)
+    np.testing.assert_array_equal(emb_offsets, _EMB_OFFSETS)
+    hash_table.fused_apply_gradient(**_good_apply_args())
+    values = hash_table.lookup({"slot0": [0], "slot1": [1], "slot2": [2, 3]})
+    assert_dicts_equal(values, {"slot0": [[0]], "slot1": [[-2, -3]],
+                                "slot2": [[4 - 2 - 8, 4 - 3 - 9], [8 - 6, 8 - 7]]})
+
+
+_BAD_FUSED_LOOKUPS = {
+    "fss_too_short": ([0, 2, 1, 3, 2], [1, 0, 1, 0, 3], 2),
+    "fss_too_long": ([0, 2, 1, 3, 2], [1, 0, 1, 0, 1, 2, 0], 2),
+    "fss_for_other_shard_count": ([0, 2, 1, 3, 2], [1, 0, 1, 0, 1, 2], 3),
+    "sum_below_len_ids": ([0, 2, 1, 3, 2], [1, 0, 1, 0, 1, 1], 2),
+    "sum_above_len_ids": ([0, 2, 1, 3], [1, 0, 1, 0, 1, 2], 2),
+    "negative_count": ([0, 2, 1, 3, 2], [1, 0, 2, 0, -1, 3], 2),
+    "zero_shards": ([], [], 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FUSED_LOOKUPS))
+def test_bad_fused_lookup_raises_value_error(case):
+    hash_table = _fused_table()
+    before = _multi_type_snapshot(hash_table)
+    ids, fss, shards = _BAD_FUSED_LOOKUPS[case]
+    with pytest.raises(ValueError):
+        hash_table.fused_lookup(ids, fss, shards)
+    with pytest.raises(ValueError):
+        fused_lookup([hash_table._tables[s] for s in ("slot0", "slot1", "slot2")], ids, fss, shards)
+    assert _multi_type_snapshot(hash_table) == before
+
+
+def _bad(**changes):
+    args = _good_apply_args()
+    args.update(changes)
+    return args
+
+
+_BAD_FUSED_APPLIES = {
+    "fss_too_short": _bad(fused_slot_size=[1, 0, 1, 0, 3]),
+    "fss_too_long": _bad(fused_slot_size=_FSS + [0]),
+    "sum_not_len_ids": _bad(ids=_IDS[:-1], indices=_IDS[:-1]),
+    "negative_count": _bad(fused_slot_size=[1, 0, 2, 0, -1, 3]),
+    "id_offsets_wrong": _bad(id_offsets=[0, 1, 1, 2, 3, 3, 5]),
+    "id_offsets_short": _bad(id_offsets=_ID_OFFSETS[:-1]),
+    "id_offsets_of_other_fss": _bad(fused_slot_size=[1, 0, 1, 0, 2, 1],
+                                    grad_offsets=[0, 1, 1, 3, 3, 7, 9]),
+    "grad_offsets_wrong": _bad(grad_offsets=[0, 1, 1, 2, 2, 3, 5]),
+    "grad_offsets_long": _bad(grad_offsets=_EMB_OFFSETS + [9]),
+    "indices_not_ids": _bad(indices=[0, 2, 1, 3, 3]),
+    "indices_short": _bad(indices=_IDS[:-1]),
+    "grads_too_short": _bad(id_grads=_GRADS[:-1]),
+    "grads_too_long": _bad(id_grads=_GRADS + [1.0]),
+    "grads_2d_wrong_size": _bad(id_grads=np.ones((3, 2), F32)),
+    "nan_grad": _bad(id_grads=_GRADS[:8] + [float("nan")]),
+    "inf_grad_first_block": _bad(id_grads=[float("inf")] + _GRADS[1:]),
+    "zero_shards": _bad(num_of_shards=0),
+}
+
+
+def _assert_bad_fused_apply(hash_table, args):
+    before = _multi_type_snapshot(hash_table)
+    with pytest.raises(ValueError):
+        hash_table.fused_apply_gradient(**args)
+    assert _multi_type_snapshot(hash_table) == before
+    tables = [hash_table._tables[s] for s in ("slot0", "slot1", "slot2")]
+    with pytest.raises(ValueError):
+        fused_apply_gradient(tables, args["ids"], args["indices"], args["fused_slot_size"], args["id_grads"],
+                             args["id_offsets"], args["grad_offsets"], np.ones(3, F32), args["req_time"],
+                             args["global_step"], args["num_of_shards"])
+    assert _multi_type_snapshot(hash_table) == before
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FUSED_APPLIES))
+def test_bad_fused_apply_gradient_raises_value_error_and_changes_nothing(case):
+    _assert_bad_fused_apply(_fused_table(), _BAD_FUSED_APPLIES[case])
+
+
+@pytest.mark.parametrize("learning_rates", [np.ones(2, F32), np.ones(4, F32), np.zeros(0, F32),
+                                            np.array([1.0, np.nan, 1.0], F32)],
+                         ids=["too_few", "too_many", "empty", "nan"])
+def test_fused_apply_gradient_learning_rate_count_checked(learning_rates):
+    hash_table = _fused_table()
+    before = _multi_type_snapshot(hash_table)
+    tables = [hash_table._tables[s] for s in ("slot0", "slot1", "slot2")]
+    with pytest.raises(ValueError):
+        fused_apply_gradient(tables, _IDS, _IDS, _FSS, _GRADS, _ID_OFFSETS, _EMB_OFFSETS, learning_rates,
+                             4, 0, 2)
+    assert _multi_type_snapshot(hash_table) == before
+    # The same call with the right count works.
+    fused_apply_gradient(tables, _IDS, _IDS, _FSS, _GRADS, _ID_OFFSETS, _EMB_OFFSETS, np.ones(3, F32), 4, 0, 2)
+    assert _multi_type_snapshot(hash_table) != before
+
+
+def test_fused_learning_rates_are_sliced_per_table_by_segments():
+    two_segments = make_config([(1, "sgd", "zeros"), (1, "sgd", "zeros")], [1.0, 1.0])
+    t0 = hash_table_from_config(two_segments, name_suffix="t0")
+    t1 = hash_table_from_config(generate_test_hash_table_config(1), name_suffix="t1")
+    # Three learning rates: t0's two segments, then t1's one.
+    fused_apply_gradient([t0, t1], [5, 6], [5, 6], [1, 1], [1, 1, 1], [0, 1, 2], [0, 2, 3],
+                         [0.5, 0.25, 2.0], 0, 0, 1)
+    np.testing.assert_array_equal(t0.lookup([5]), [[-0.5, -0.25]])
+    np.testing.assert_array_equal(t1.lookup([6]), [[-2.0]])
+
+
+def test_fused_nan_grads_accepted_when_the_config_allows_them():
+    segment = entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+    config = entry.HashTableConfigInstance(
+        entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=[segment]),
+                                       allow_non_finite=True), [1.0])
+    hash_table = MultiTypeHashTable({"slot0": config}, factory)
+    hash_table.fused_apply_gradient([3], [3], [1], [np.nan], [0, 1], [0, 1], 0, 0, 1)
+    assert math.isnan(hash_table.lookup({"slot0": [3]})["slot0"][0, 0])
+
+
+def test_fused_req_time_stamps_entries():
+    hash_table = two_slot_table()
+    hash_table.fused_apply_gradient([4, 5], [4, 5], [1, 1], [1, 1, 1], [0, 1, 2], [0, 1, 3],
+                                    global_step=0, req_time=2**40, num_of_shards=1)
+    (dump,) = hash_table._tables["slot1"].lookup_entry([5])
+    assert dump.last_update_ts == 2**40
+    assert hash_table._tables["slot0"].max_update_ts == 2**40
+
+
+def test_fused_empty_batch():
+    hash_table = _fused_table()
+    before = _multi_type_snapshot(hash_table)
+    embeddings, recv_splits, id_offsets, emb_offsets, indices = hash_table.fused_lookup([], [0] * 6, 2)
+    assert embeddings.shape == (0,) and indices.shape == (0,)
+    np.testing.assert_array_equal(recv_splits, [0, 0])
+    np.testing.assert_array_equal(id_offsets, [0] * 7)
+    np.testing.assert_array_equal(emb_offsets, [0] * 7)
+    hash_table.fused_apply_gradient([], [], [0] * 6, np.zeros(0, F32), id_offsets, emb_offsets, 0, 0, 2)
+    assert _multi_type_snapshot(hash_table) == before
