@@ -1,0 +1,1219 @@
+"""``mtht-bench``: a microbenchmark of mtht tables, with a result checksum.
+
+Run ``mtht-bench --help`` for the flags; docs/benchmarks.md explains every number. In short:
+
+* A table is filled with ``--size`` ids (batched ``assign`` of known values), then each op runs
+  ``--warmup`` + ``--iterations`` batches of ``--batch_size`` ids drawn from ``--dist`` (uniform,
+  or Zipf with exponent ``--zipf_a``) over the filled ids (``lookup_missing``: ids never
+  inserted). Each batch is timed alone with ``time.perf_counter``; an op reports the median of the
+  per-batch rates (ids/s), their min..max and interquartile range, and GB/s of table rows touched.
+* After every batch (outside the timed region) the looked-up or updated rows are summed in
+  float64 into the op's checksum, so no work can be skipped and results can be compared: the
+  same workload on the ``--baseline`` tables (numpy arrays indexed through a Python dict, and
+  through pandas' khash when pandas is installed) must give the same checksum.
+* After every write op the touched rows are put back to their filled state (``reinitialize`` then
+  ``assign``), so each op starts from the same table and its checksum does not depend on which
+  other ops ran, or on the thread count.
+* A probe measures what this machine allows: independent random 64-byte reads over a buffer as
+  large as the table, on one thread. Each result shows its per-thread rate as a percentage of it.
+
+Everything is importable: :func:`run_benchmark` takes a :class:`BenchConfig` and returns the
+result as a dict (the same dict ``--json`` writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from absl import app, flags
+
+import mtht
+from mtht import hash_table as _hash_table
+
+__all__ = [
+    "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
+    "key_to_id", "fill_values", "update_rows", "op_keys", "fused_layout", "main", "run",
+]
+
+SCHEMA_VERSION = 1
+
+ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
+           "fused", "fused_apply_gradient", "save", "restore")
+# Ops the numpy baselines also run.
+BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
+_WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient")
+_OP_CODE = {op: code for code, op in enumerate(ALL_OPS, start=1)}
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+DISTRIBUTIONS = ("uniform", "zipf")
+
+_ADAGRAD_INIT = 0.1
+_ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.99, 0.01
+_FILL_CHUNK = 1 << 18
+_PROBE_BATCH = 1 << 16
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd, so multiplication is a bijection of uint64
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BenchConfig:
+    """What to run. The fields mirror the command-line flags."""
+
+    size: int = 1_000_000
+    dim: int = 16
+    batch_size: int = 65536
+    dist: str = "uniform"
+    zipf_a: float = 1.1
+    optimizer: str = "adagrad"
+    learning_rate: float = 0.01
+    ops: Sequence[str] = ALL_OPS
+    fused_tables: int = 8
+    fused_shards: int = 4
+    threads: Sequence[int] = ()  # empty: every core
+    iterations: int = 20
+    warmup: int = 3
+    seed: int = 0
+    baseline: bool = False
+    baseline_max_size: int = 10_000_000
+    max_memory_gb: float = 8.0
+    probe: bool = True
+    progress: bool = True
+    save_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dist not in DISTRIBUTIONS:
+            raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {self.dist!r}")
+        if self.dist == "zipf" and not self.zipf_a > 1.0:
+            raise ValueError(f"zipf_a must be > 1, got {self.zipf_a}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        unknown = [op for op in self.ops if op not in ALL_OPS]
+        if unknown:
+            raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
+        if self.iterations < 1 or self.warmup < 0:
+            raise ValueError("iterations must be >= 1 and warmup >= 0")
+        if self.fused_tables < 1 or self.fused_shards < 1:
+            raise ValueError("fused_tables and fused_shards must be >= 1")
+        if any(int(t) < 1 for t in self.threads):
+            raise ValueError(f"thread counts must be >= 1, got {list(self.threads)}")
+
+    def thread_counts(self) -> List[int]:
+        return [int(t) for t in self.threads] or [default_threads()]
+
+
+def default_threads() -> int:
+    """The number of cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload: ids, values, batches
+# ---------------------------------------------------------------------------------------------
+def key_to_id(keys: np.ndarray) -> np.ndarray:
+    """The feature id of each key (a bijection of 64-bit integers, so ids look hashed while
+    distinct keys give distinct ids). Keys ``0 .. size-1`` are the filled ids."""
+    return (np.asarray(keys, dtype=np.int64).view(np.uint64) * _MIX).view(np.int64)
+
+
+def fill_values(keys: np.ndarray, dim: int) -> np.ndarray:
+    """The row the table is filled with for each key: float32 multiples of 1/64 in
+    [-0.75, 0.75], so sums of them are exact in float64."""
+    keys = np.asarray(keys, dtype=np.int64)
+    v = (keys[:, None] * 7 + np.arange(dim, dtype=np.int64)[None, :] * 3) % 97 - 48
+    return (v.astype(np.float32) / np.float32(64.0))
+
+
+def update_rows(batch_size: int, dim: int, seed: int) -> np.ndarray:
+    """The rows written by every batch of a write op (gradients, or values of assign_add):
+    row ``i`` of a batch is used for the ``i``-th id of that batch."""
+    rng = np.random.default_rng([int(seed), 0x6772])
+    return (rng.standard_normal((batch_size, dim)) * 0.1).astype(np.float32)
+
+
+def _draw_keys(rng: np.random.Generator, n: int, size: int, dist: str, zipf_a: float) -> np.ndarray:
+    if dist == "uniform":
+        return rng.integers(0, size, n, dtype=np.int64)
+    # Zipf ranks 1, 2, ... folded into the key range: key 0 is the most frequent.
+    return (rng.zipf(zipf_a, n).astype(np.int64) - 1) % size
+
+
+def op_keys(config: BenchConfig, op: str, size: Optional[int] = None) -> List[np.ndarray]:
+    """The keys of every batch (warm-up first) of ``op``: deterministic in (seed, op), the same
+    for mtht and the baselines, whichever ops run. ``lookup_missing`` draws keys past the
+    filled range; ``save``/``restore`` use one batch for their checksum."""
+    size = config.size if size is None else int(size)
+    rng = np.random.default_rng([int(config.seed), _OP_CODE[op]])
+    n_batches = config.warmup + config.iterations
+    batches = [_draw_keys(rng, config.batch_size, size, config.dist, config.zipf_a) for _ in range(n_batches)]
+    if op == "lookup_missing":
+        batches = [b + size for b in batches]
+    return batches
+
+
+def fused_layout(keys: np.ndarray, num_tables: int, num_shards: int):
+    """Lay a batch out for the fused ops: key ``k`` lives in table ``k % num_tables``; an id
+    goes to shard ``id mod num_shards``; blocks ordered ``[shard][table]`` with input order
+    kept inside each block. Returns (ordered keys, ordered ids, fused_slot_size int32)."""
+    ids = key_to_id(keys)
+    block = np.mod(ids, num_shards) * num_tables + keys % num_tables
+    order = np.argsort(block, kind="stable")
+    fss = np.bincount(block, minlength=num_shards * num_tables).astype(np.int32)
+    return keys[order], ids[order], fss
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+class _PlainProgress:
+    """Plain-text stand-in for tqdm: a line at the start and one at the end."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self._total, self._desc, self._enabled = total, desc, enabled
+        self._start = time.perf_counter()
+        if enabled:
+            print(f"  {desc}: {total:,} ...", file=sys.stderr, flush=True)
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._enabled:
+            print(f"  {self._desc}: done in {time.perf_counter() - self._start:.1f} s",
+                  file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str, config: BenchConfig, unit: str = "ids", long_phase: bool = True):
+    if not config.progress:
+        return _PlainProgress(total, desc, False)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc, long_phase)
+    if not sys.stderr.isatty():  # a log file: plain lines, no carriage returns
+        return _PlainProgress(total, desc, long_phase)
+    return tqdm(total=total, desc=f"  {desc}", unit=unit, unit_scale=True, leave=False,
+                file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and memory
+# ---------------------------------------------------------------------------------------------
+def _read_first(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def machine_info() -> dict:
+    cpu = ""
+    for line in _read_first("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_gb = 0.0
+    for line in _read_first("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_gb = int(line.split()[1]) / 1024 ** 2
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores_available": default_threads(),
+        "memory_gb": round(mem_gb, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "transparent_hugepage": _read_first("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "MTHT_KERNEL": os.environ.get("MTHT_KERNEL", ""),
+    }
+
+
+def _state_floats(optimizer: str, dim: int) -> int:
+    return {"sgd": 0, "adagrad": dim, "adam": 2 * dim + 2}[optimizer]
+
+
+def _mtht_bytes_estimate(config: BenchConfig, n: int) -> int:
+    """Bytes of an mtht table of n entries: measured row stride plus ~20 bytes of index."""
+    try:
+        t = _make_table(config, 1)
+        t.assign(key_to_id(np.zeros(1, np.int64)), np.zeros((1, config.dim), np.float32))
+        stride = int(t.stats().get("row_stride", 0)) or None
+    except Exception:  # noqa: BLE001 - e.g. an optimizer this build cannot train with
+        stride = None
+    if stride is None:
+        stride = 4 * (config.dim + _state_floats(config.optimizer, config.dim)) + 16
+    return int(n * (stride + 20))
+
+
+def _baseline_bytes_per_entry(config: BenchConfig) -> int:
+    # numpy rows + state, plus a dict entry (~100 B with its int objects), plus khash (~24 B)
+    return 4 * (config.dim + _state_floats(config.optimizer, config.dim)) + 130
+
+
+# ---------------------------------------------------------------------------------------------
+# The random-access probe
+# ---------------------------------------------------------------------------------------------
+def random_access_probe(buffer_bytes: int, row_bytes: int, seed: int, iterations: int = 15) -> dict:
+    """Independent random reads on one thread: gather ``_PROBE_BATCH`` random 64-byte lines
+    (and, separately, random ``row_bytes`` rows) of a ``buffer_bytes`` buffer with ``np.take``
+    into a preallocated array. Returns median reads/s of each."""
+    line_count = max(1, buffer_bytes // 64)
+    buf = np.empty((line_count, 64), dtype=np.uint8)
+    buf.fill(1)  # touch every page so reads hit memory, not the shared zero page
+    rng = np.random.default_rng([int(seed), 0x70726F6265])
+    result = {"buffer_bytes": int(line_count * 64), "batch": _PROBE_BATCH}
+    for name, width in (("line64", 64), ("row", row_bytes)):
+        rows_view = buf.reshape(-1)[: (buf.size // width) * width].reshape(-1, width)
+        out = np.empty((_PROBE_BATCH, width), dtype=np.uint8)
+        rates = []
+        acc = 0
+        for i in range(iterations + 2):
+            idx = rng.integers(0, rows_view.shape[0], _PROBE_BATCH)
+            t0 = time.perf_counter()
+            np.take(rows_view, idx, axis=0, out=out)
+            dt = time.perf_counter() - t0
+            acc += int(out[:, 0].sum())
+            if i >= 2:
+                rates.append(_PROBE_BATCH / dt)
+        result[f"{name}_reads_per_s"] = float(np.median(rates))
+        result[f"{name}_bytes"] = int(width)
+        result[f"{name}_checksum"] = acc
+    del buf
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# mtht side
+# ---------------------------------------------------------------------------------------------
+def _optimizer_builder(name: str):
+    if name == "sgd":
+        return mtht.SgdOptimizer()
+    if name == "adagrad":
+        return mtht.AdagradOptimizer(initial_accumulator_value=_ADAGRAD_INIT)
+    return mtht.AdamOptimizer(beta1=_ADAM_BETA1, beta2=_ADAM_BETA2, epsilon=_ADAM_EPS)
+
+
+def _make_table(config: BenchConfig, capacity: int):
+    segment = mtht.CombineAsSegment(config.dim, mtht.ZerosInitializer(), _optimizer_builder(config.optimizer),
+                                    mtht.Fp32Compressor())
+    table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
+                                                 initial_capacity=int(capacity))
+    return mtht.hash_table_from_config(mtht.HashTableConfigInstance(table_config,
+                                                                    learning_rate_fns=[config.learning_rate]))
+
+
+def _fill_table(table, keys: np.ndarray, dim: int, desc: str, config: BenchConfig) -> float:
+    bar = _progress(len(keys), desc, config)
+    start = time.perf_counter()
+    try:
+        for s in range(0, len(keys), _FILL_CHUNK):
+            k = keys[s:s + _FILL_CHUNK]
+            table.assign(key_to_id(k), fill_values(k, dim))
+            bar.update(len(k))
+    finally:
+        bar.close()
+    return time.perf_counter() - start
+
+
+def _reset_mtht(table, keys: np.ndarray, dim: int) -> None:
+    """Put the rows of ``keys`` back to their filled state (values and optimizer state)."""
+    uk = np.unique(np.concatenate(keys)) if isinstance(keys, list) else np.unique(keys)
+    for s in range(0, len(uk), _FILL_CHUNK):
+        k = uk[s:s + _FILL_CHUNK]
+        ids = key_to_id(k)
+        table.reinitialize(ids, req_time=0)
+        table.assign(ids, fill_values(k, dim))
+
+
+def _checksum(a: np.ndarray) -> float:
+    return float(np.sum(a, dtype=np.float64))
+
+
+def _summarise(op: str, impl: str, threads: Optional[int], ids_per_batch: Sequence[int],
+               seconds: Sequence[float], checksum: float, bytes_per_id: int, **extra) -> dict:
+    rates = np.asarray(ids_per_batch, dtype=np.float64) / np.asarray(seconds, dtype=np.float64)
+    q1, med, q3 = (float(x) for x in np.percentile(rates, [25, 50, 75]))
+    return {
+        "op": op, "impl": impl, "threads": threads, "status": "ok",
+        "ids_per_s": med, "ids_per_s_min": float(rates.min()), "ids_per_s_max": float(rates.max()),
+        "ids_per_s_q1": q1, "ids_per_s_q3": q3,
+        "gb_per_s": med * bytes_per_id / 1e9, "bytes_per_id": int(bytes_per_id),
+        "batches_timed": len(rates), "ids_per_batch": int(np.median(ids_per_batch)),
+        "seconds": [float(s) for s in seconds], "checksum": float(checksum), **extra,
+    }
+
+
+def _unavailable(op: str, impl: str, threads: Optional[int], reason: str) -> dict:
+    return {"op": op, "impl": impl, "threads": threads, "status": "unavailable", "note": reason}
+
+
+def _bytes_per_id(op: str, dim: int, state: int) -> int:
+    """Bytes of table rows touched per id: the embedding for reads; embedding (and optimizer
+    state for gradient steps) read and written for updates."""
+    if op in ("lookup", "lookup_missing", "fused"):
+        return 4 * dim
+    if op == "assign_add":
+        return 2 * 4 * dim
+    return 2 * 4 * (dim + state)
+
+
+def _run_timed(batches: Sequence, warmup: int, step: Callable[[int, object], None],
+               after: Callable[[int, object], float], bar) -> tuple:
+    seconds, checksum = [], 0.0
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        step(i, b)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            seconds.append(dt)
+        checksum += after(i, b)
+        bar.update(1)
+    return seconds, checksum
+
+
+class _MthtRunner:
+    """Runs the ops on one filled mtht table (and, for the fused ops, K smaller tables)."""
+
+    def __init__(self, config: BenchConfig, table, state_floats: int, notes: List[str]):
+        self.c = config
+        self.table = table
+        self.state = state_floats
+        self.notes = notes
+        self.rows = update_rows(config.batch_size, config.dim, config.seed)
+        self.lr = np.float32(config.learning_rate)
+        self.fused_tables = None
+        self.fused_reason = ""
+
+    # -- single-table ops ---------------------------------------------------------------------
+    def run(self, op: str, threads: int) -> dict:
+        c = self.c
+        if op in ("fused", "fused_apply_gradient"):
+            return self._run_fused(op, threads)
+        if op in ("save", "restore"):
+            return self._run_checkpoint(op, threads)
+        keys = op_keys(c, op)
+        ids = [key_to_id(k) for k in keys]
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        t = self.table
+        if op in ("lookup", "lookup_missing"):
+            def step(i, b):
+                t.lookup(b, out=out)
+
+            def after(i, b):
+                return _checksum(out)
+        else:
+            rows = self.rows
+            if op == "assign_add":
+                def step(i, b):
+                    t.assign_add(b, rows)
+            else:
+                dedup = op == "apply_gradients_dedup"
+
+                def step(i, b):
+                    t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=dedup)
+
+            def after(i, b):
+                return _checksum(t.lookup(b, out=out))
+        bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
+        finally:
+            bar.close()
+        if op in _WRITE_OPS:
+            _reset_mtht(t, keys, c.dim)
+        return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
+                          _bytes_per_id(op, c.dim, self.state))
+
+    # -- fused ops ----------------------------------------------------------------------------
+    def prepare_fused(self) -> None:
+        c = self.c
+        if self.fused_tables is not None or self.fused_reason:
+            return
+        need = _mtht_bytes_estimate(c, c.size) * 2
+        if need > c.max_memory_gb * 1e9:
+            self.fused_reason = (f"skipped: {c.fused_tables} tables beside the main one would need about "
+                                 f"{need / 1e9:.1f} GB (> --max_memory_gb={c.max_memory_gb:g})")
+            return
+        K = c.fused_tables
+        tables = []
+        for k in range(K):
+            keys = np.arange(k, c.size, K, dtype=np.int64)
+            tab = _make_table(c, max(1, len(keys)))
+            _fill_table(tab, keys, c.dim, f"fill fused table {k + 1}/{K}", c)
+            tables.append(tab)
+        self.fused_tables = tables
+
+    def _run_fused(self, op: str, threads: int) -> dict:
+        c = self.c
+        self.prepare_fused()
+        if self.fused_tables is None:
+            return _unavailable(op, "mtht", threads, self.fused_reason)
+        K, N = c.fused_tables, c.fused_shards
+        layouts = [fused_layout(k, K, N) for k in op_keys(c, op)]
+        tables, one = self.fused_tables, self.table
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        lrs = np.full(K, self.lr, dtype=np.float32)
+        fused_seconds, one_seconds = [], []
+        fused_sum = one_sum = 0.0
+        bar = _progress(len(layouts), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+        try:
+            for i, (keys, ids, fss) in enumerate(layouts):
+                if op == "fused":
+                    t0 = time.perf_counter()
+                    emb = _hash_table.fused_lookup(tables, ids, fss, N)[0]
+                    t1 = time.perf_counter()
+                    one.lookup(ids, out=out)
+                    t2 = time.perf_counter()
+                    fused_sum += _checksum(emb)
+                    one_sum += _checksum(out)
+                else:
+                    id_offsets = np.concatenate([[0], np.cumsum(fss)]).astype(np.int32)
+                    grad_offsets = (id_offsets * c.dim).astype(np.int32)
+                    grads = self.rows[:len(ids)]
+                    flat = grads.reshape(-1)
+                    t0 = time.perf_counter()
+                    _hash_table.fused_apply_gradient(tables, ids, ids, fss, flat, id_offsets, grad_offsets, lrs,
+                                                     0, i + 1, N)
+                    t1 = time.perf_counter()
+                    one.apply_gradients(ids, grads, global_step=i + 1)
+                    t2 = time.perf_counter()
+                    fused_sum += _checksum(_hash_table.fused_lookup(tables, ids, fss, N)[0])
+                    one_sum += _checksum(one.lookup(ids, out=out))
+                if i >= c.warmup:
+                    fused_seconds.append(t1 - t0)
+                    one_seconds.append(t2 - t1)
+                bar.update(1)
+        finally:
+            bar.close()
+        if op == "fused_apply_gradient":
+            all_keys = np.concatenate([k for k, _, _ in layouts])
+            for k in range(K):
+                _reset_mtht(tables[k], all_keys[all_keys % K == k], c.dim)
+            _reset_mtht(one, all_keys, c.dim)
+        n = [c.batch_size] * len(fused_seconds)
+        one_rate = float(np.median(np.asarray(n) / np.asarray(one_seconds)))
+        res = _summarise(op, "mtht", threads, n, fused_seconds, fused_sum,
+                         _bytes_per_id("fused" if op == "fused" else "apply_gradients", c.dim, self.state),
+                         fused_tables=K, fused_shards=N, one_table_ids_per_s=one_rate,
+                         one_table_checksum=float(one_sum))
+        res["vs_one_table"] = res["ids_per_s"] / one_rate
+        return res
+
+    # -- checkpoint ops -----------------------------------------------------------------------
+    def _run_checkpoint(self, op: str, threads: int) -> dict:
+        c, t = self.c, self.table
+        if not (hasattr(t, "save") and hasattr(t, "restore")):
+            return _unavailable(op, "mtht", threads, "this version of mtht has no save/restore")
+        root = tempfile.mkdtemp(prefix="mtht-bench-", dir=c.save_dir)
+        try:
+            base = os.path.join(root, "table")
+            n = len(t)
+            save_s, restore_s = [], []
+            reps = max(1, min(c.iterations, 3))
+            for i in range(reps + 1):
+                t0 = time.perf_counter()
+                t.save(base)
+                t1 = time.perf_counter()
+                t.restore(base)
+                t2 = time.perf_counter()
+                if i >= 1 or reps == 0:
+                    save_s.append(t1 - t0)
+                    restore_s.append(t2 - t1)
+            disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+            keys = op_keys(c, op)[0]
+            checksum = _checksum(t.lookup(key_to_id(keys)))
+            seconds = save_s if op == "save" else restore_s
+            return _summarise(op, "mtht", threads, [n] * len(seconds), seconds, checksum,
+                              max(1, disk // max(1, n)), checkpoint_bytes=int(disk))
+        except Exception as e:  # noqa: BLE001 - report, do not abort the whole run
+            return _unavailable(op, "mtht", threads, f"failed: {type(e).__name__}: {e}")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: numpy rows indexed by a Python dict or by pandas' khash
+# ---------------------------------------------------------------------------------------------
+class _DictIndex:
+    name = "numpy+dict"
+
+    def __init__(self, ids: np.ndarray):
+        self._d = dict(zip(ids.tolist(), range(len(ids))))
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter(map(self._d.get, ids.tolist(), itertools.repeat(-1, len(ids))), np.int64, len(ids))
+
+
+class _KhashIndex:
+    name = "pandas+numpy"
+
+    def __init__(self, ids: np.ndarray):
+        from pandas._libs import hashtable as pd_hashtable  # the khash Int64HashTable
+
+        self._h = pd_hashtable.Int64HashTable(len(ids))
+        self._h.map_locations(ids)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self._h.lookup(ids)
+
+
+def _pandas_available() -> bool:
+    try:
+        from pandas._libs import hashtable as pd_hashtable  # noqa: F401
+
+        return hasattr(pd_hashtable, "Int64HashTable")
+    except ImportError:
+        return False
+
+
+def _occurrence_levels(rows: np.ndarray):
+    """Positions of the batch grouped by occurrence rank: level r holds, in input order, the
+    (r+1)-th occurrence of every row that occurs more than r times. Each level has unique rows,
+    so a vectorised step per level gives one step per occurrence in input order."""
+    order = np.argsort(rows, kind="stable")
+    sr = rows[order]
+    starts = np.flatnonzero(np.r_[True, sr[1:] != sr[:-1]])
+    counts = np.diff(np.r_[starts, len(sr)])
+    rank = np.arange(len(sr)) - np.repeat(starts, counts)
+    by_rank = np.argsort(rank, kind="stable")
+    pos = order[by_rank]
+    bounds = np.searchsorted(rank[by_rank], np.arange(int(counts.max()) + 1), side="left")
+    bounds = np.r_[bounds, len(pos)]
+    for r in range(len(bounds) - 1):
+        level = pos[bounds[r]:bounds[r + 1]]
+        yield np.sort(level)
+
+
+class _NumpyRows:
+    """Embeddings and optimizer state in numpy arrays, row = key; the update rules are the
+    table's (float32, same operation order)."""
+
+    def __init__(self, config: BenchConfig, n: int):
+        self.c = config
+        self.n = n
+        self.emb = np.empty((n, config.dim), dtype=np.float32)
+        self.lr = np.float32(config.learning_rate)
+        opt = config.optimizer
+        if opt == "adagrad":
+            self.norm = np.empty((n, config.dim), dtype=np.float32)
+        elif opt == "adam":
+            self.m = np.empty((n, config.dim), dtype=np.float32)
+            self.v = np.empty((n, config.dim), dtype=np.float32)
+            self.b1p = np.empty(n, dtype=np.float32)
+            self.b2p = np.empty(n, dtype=np.float32)
+        self.reset(np.arange(n, dtype=np.int64))
+
+    def reset(self, keys: np.ndarray) -> None:
+        for s in range(0, len(keys), _FILL_CHUNK):
+            k = keys[s:s + _FILL_CHUNK]
+            self.emb[k] = fill_values(k, self.c.dim)
+            if self.c.optimizer == "adagrad":
+                self.norm[k] = np.float32(_ADAGRAD_INIT)
+            elif self.c.optimizer == "adam":
+                self.m[k] = 0
+                self.v[k] = 0
+                self.b1p[k] = np.float32(_ADAM_BETA1)
+                self.b2p[k] = np.float32(_ADAM_BETA2)
+
+    def lookup(self, rows: np.ndarray, out: np.ndarray) -> None:
+        np.take(self.emb, rows, axis=0, out=out)
+        missing = rows < 0
+        if missing.any():
+            out[missing] = 0
+
+    def step(self, rows: np.ndarray, g: np.ndarray) -> None:
+        """One optimizer step for unique rows."""
+        lr = self.lr
+        opt = self.c.optimizer
+        w = self.emb[rows]
+        if opt == "sgd":
+            self.emb[rows] = w - lr * g
+        elif opt == "adagrad":
+            norm = self.norm[rows] + g * g
+            self.norm[rows] = norm
+            self.emb[rows] = w - (lr / np.sqrt(norm)) * g
+        else:
+            b1, b2 = np.float32(_ADAM_BETA1), np.float32(_ADAM_BETA2)
+            b1p, b2p = self.b1p[rows], self.b2p[rows]
+            lr_t = (np.float64(lr) * np.sqrt(1.0 - b2p.astype(np.float64)) /
+                    (1.0 - b1p.astype(np.float64))).astype(np.float32)[:, None]
+            m = self.m[rows]
+            v = self.v[rows]
+            m = m + (g - m) * (np.float32(1) - b1)
+            v = v + (g * g - v) * (np.float32(1) - b2)
+            self.m[rows] = m
+            self.v[rows] = v
+            self.emb[rows] = w - (m * lr_t) / (np.sqrt(v) + np.float32(_ADAM_EPS))
+            self.b1p[rows] = b1p * b1
+            self.b2p[rows] = b2p * b2
+
+
+class _BaselineRunner:
+    def __init__(self, config: BenchConfig, n: int, notes: List[str]):
+        self.c = config
+        self.n = n
+        bar = _progress(n, f"fill baseline numpy rows ({n:,})", config)
+        self.store = _NumpyRows(config, n)
+        bar.update(n)
+        bar.close()
+        ids = key_to_id(np.arange(n, dtype=np.int64))
+        self.indexes = []
+        t0 = time.perf_counter()
+        self.indexes.append(_DictIndex(ids))
+        self.fill_seconds = {"numpy+dict": time.perf_counter() - t0}
+        if _pandas_available():
+            t0 = time.perf_counter()
+            self.indexes.append(_KhashIndex(ids))
+            self.fill_seconds["pandas+numpy"] = time.perf_counter() - t0
+        else:
+            notes.append("pandas is not installed: the pandas (khash) + numpy baseline was not run")
+        self.rows = update_rows(config.batch_size, config.dim, config.seed)
+
+    def run(self, op: str, index) -> dict:
+        c, store = self.c, self.store
+        keys = op_keys(c, op, size=self.n)
+        ids = [key_to_id(k) for k in keys]
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        g_all = self.rows
+        if op in ("lookup", "lookup_missing"):
+            def step(i, b):
+                store.lookup(index.rows(b), out)
+
+            def after(i, b):
+                return _checksum(out)
+        else:
+            def step(i, b):
+                r = index.rows(b)
+                if (r < 0).any():
+                    raise RuntimeError("baseline updates expect every id to be in the table")
+                if op == "assign_add":
+                    np.add.at(store.emb, r, g_all)
+                elif op == "apply_gradients_dedup":
+                    uniq, inv = np.unique(r, return_inverse=True)
+                    gsum = np.zeros((len(uniq), c.dim), dtype=np.float32)
+                    np.add.at(gsum, inv.reshape(-1), g_all)
+                    store.step(uniq, gsum)
+                else:
+                    for level in _occurrence_levels(r):
+                        store.step(r[level], g_all[level])
+
+            def after(i, b):
+                store.lookup(index.rows(b), out)
+                return _checksum(out)
+        bar = _progress(len(ids), f"{index.name} {op}", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
+        finally:
+            bar.close()
+        if op in _WRITE_OPS:
+            store.reset(np.unique(np.concatenate(keys)))
+        state = _state_floats(c.optimizer, c.dim)
+        return _summarise(op, index.name, 1, [c.batch_size] * len(seconds), seconds, checksum,
+                          _bytes_per_id(op, c.dim, state), table_size=self.n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def _build_info() -> dict:
+    try:
+        return mtht.build_info()
+    except Exception as e:  # noqa: BLE001
+        return {"version": getattr(mtht, "__version__", "?"), "error": str(e)}
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run the benchmark described by ``config``; return the result dict (``--json``'s content).
+
+    ``log`` receives one-line progress messages (the CLI prints them)."""
+    config.validate()
+    c = config
+    notes: List[str] = []
+    threads_list = c.thread_counts()
+    state = _state_floats(c.optimizer, c.dim)
+    result = {
+        "schema": SCHEMA_VERSION,
+        "build_info": _build_info(),
+        "machine": machine_info(),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
+        "results": [],
+        "notes": notes,
+    }
+    result["config"]["threads"] = threads_list
+    budget = c.max_memory_gb * 1e9
+    table_bytes = _mtht_bytes_estimate(c, c.size)
+
+    # 1. The probe, alone in memory, over a buffer the size of the table.
+    if c.probe:
+        probe_bytes = min(table_bytes, int(budget * 0.9))
+        if probe_bytes < table_bytes:
+            notes.append(f"probe buffer capped at {probe_bytes / 1e9:.1f} GB by --max_memory_gb")
+        log(f"probe: random 64-byte reads over {probe_bytes / 1e6:,.0f} MB")
+        result["probe"] = random_access_probe(probe_bytes, _round_up(4 * c.dim, 64), c.seed)
+    else:
+        result["probe"] = None
+
+    # 2. mtht.
+    table = None
+    if table_bytes > budget:
+        reason = (f"skipped: a {c.size:,}-id table needs about {table_bytes / 1e9:.1f} GB "
+                  f"(> --max_memory_gb={c.max_memory_gb:g})")
+    else:
+        try:
+            table = _make_table(c, c.size)
+            reason = ""
+        except (NotImplementedError, ValueError) as e:
+            reason = f"unavailable in this build: {e}"
+    mtht_ops = list(c.ops)
+    if table is None:
+        notes.append(f"mtht: {reason}")
+        for threads in threads_list:
+            for op in mtht_ops:
+                result["results"].append(_unavailable(op, "mtht", threads, reason))
+    else:
+        fill_s = _fill_table(table, np.arange(c.size, dtype=np.int64), c.dim, f"fill mtht table ({c.size:,} ids)", c)
+        st = table.stats()
+        result["table"] = {"fill_seconds": fill_s, "fill_ids_per_s": c.size / fill_s,
+                           **{k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in st.items()}}
+        log(f"filled mtht table: {c.size:,} ids in {fill_s:.2f} s, {st['bytes'] / 1e6:,.0f} MB")
+        runner = _MthtRunner(c, table, state, notes)
+        default_threads_now = mtht.get_num_threads()
+        try:
+            for threads in threads_list:
+                mtht.set_num_threads(threads)
+                for op in mtht_ops:
+                    res = runner.run(op, threads)
+                    result["results"].append(res)
+                    log(_one_line(res))
+        finally:
+            mtht.set_num_threads(default_threads_now)
+        runner.fused_tables = None
+        del runner
+    del table
+
+    # 3. Baselines, after the mtht tables are gone (peak memory is the larger of the two).
+    if c.baseline:
+        base_ops = [op for op in c.ops if op in BASELINE_OPS]
+        per_entry = _baseline_bytes_per_entry(c)
+        n = min(c.size, c.baseline_max_size, int(budget * 0.9 // per_entry))
+        if n < c.size:
+            notes.append(f"baseline tables capped at {n:,} ids (of {c.size:,}) to bound time and memory; "
+                         f"a smaller table favours the baseline, so its ratios are conservative")
+        if base_ops and n >= 1:
+            log(f"baseline: {n:,} ids in numpy arrays" + (" (capped)" if n < c.size else ""))
+            base = _BaselineRunner(c, n, notes)
+            result["baseline_fill_seconds"] = base.fill_seconds
+            for index in base.indexes:
+                for op in base_ops:
+                    res = base.run(op, index)
+                    result["results"].append(res)
+                    log(_one_line(res))
+            del base
+    _add_ratios(result)
+    result["goals"] = _goals(result)
+    return result
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _find(results: List[dict], op: str, impl: str, threads: Optional[int] = None) -> Optional[dict]:
+    for r in results:
+        if r["op"] == op and r["impl"] == impl and r["status"] == "ok" and (threads is None or r["threads"] == threads):
+            return r
+    return None
+
+
+def _add_ratios(result: dict) -> None:
+    results = result["results"]
+    probe = result.get("probe") or {}
+    line_rate = probe.get("line64_reads_per_s")
+    one_thread = {r["op"]: r for r in results if r["impl"] == "mtht" and r["status"] == "ok" and r["threads"] == 1}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        threads = r["threads"] or 1
+        if line_rate and r["op"] not in ("save", "restore"):
+            r["pct_of_probe_per_thread"] = 100.0 * r["ids_per_s"] / threads / line_rate
+        if r["impl"] != "mtht":
+            continue
+        for impl, key in (("numpy+dict", "vs_numpy_dict"), ("pandas+numpy", "vs_pandas_numpy")):
+            b = _find(results, r["op"], impl)
+            if b is not None:
+                r[key] = r["ids_per_s"] / b["ids_per_s"]
+                if b.get("table_size") == result["config"]["size"]:
+                    r[key.replace("vs_", "checksum_matches_")] = _close(r["checksum"], b["checksum"])
+        base = one_thread.get(r["op"])
+        if base is not None and threads > 1:
+            r["vs_one_thread"] = r["ids_per_s"] / base["ids_per_s"]
+
+
+def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    return abs(a - b) <= rel * max(1.0, abs(a), abs(b))
+
+
+def _goals(result: dict) -> List[dict]:
+    """The performance goals of mtht, checked against this run (where it has the numbers)."""
+    results = result["results"]
+    goals = []
+    mt = [r for r in results if r["impl"] == "mtht" and r["status"] == "ok"]
+    threads_seen = sorted({r["threads"] for r in mt})
+    for t in threads_seen:
+        for impl, key, need in (("numpy+dict", "vs_numpy_dict", 20.0), ("pandas+numpy", "vs_pandas_numpy", 3.0)):
+            look = _find(results, "lookup", "mtht", t)
+            if look and key in look:
+                goals.append(_goal(f"lookup >= {need:g}x {impl} ({t} thr)", look[key], need))
+            for apply_op in ("apply_gradients", "apply_gradients_dedup"):
+                a = _find(results, apply_op, "mtht", t)
+                bl, ba = _find(results, "lookup", impl), _find(results, apply_op, impl)
+                if look and a and bl and ba:
+                    ratio = (1 / bl["ids_per_s"] + 1 / ba["ids_per_s"]) / (1 / look["ids_per_s"] + 1 / a["ids_per_s"])
+                    goals.append(_goal(f"lookup + {apply_op} >= {need:g}x {impl} ({t} thr)", ratio, need))
+        for op in ("lookup", "apply_gradients", "apply_gradients_dedup"):
+            r = _find(results, op, "mtht", t)
+            if r and "pct_of_probe_per_thread" in r:
+                goals.append(_goal(f"{op} per thread >= 50% of probe ({t} thr)", r["pct_of_probe_per_thread"], 50.0,
+                                   unit="%"))
+        for op in ("fused", "fused_apply_gradient"):
+            r = _find(results, op, "mtht", t)
+            if r:
+                goals.append(_goal(f"{op} >= 0.8x the same ids in one table ({t} thr)", r["vs_one_table"], 0.8))
+    if 1 in threads_seen and 2 in threads_seen:
+        for op in ("lookup", "apply_gradients", "apply_gradients_dedup", "assign_add"):
+            r = _find(results, op, "mtht", 2)
+            if r and "vs_one_thread" in r:
+                goals.append(_goal(f"{op}: 2 threads >= 1.7x one thread", r["vs_one_thread"], 1.7))
+    return goals
+
+
+def _goal(name: str, value: float, need: float, unit: str = "x") -> dict:
+    return {"goal": name, "value": float(value), "need": need, "unit": unit, "met": bool(value >= need)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps and the plot
+# ---------------------------------------------------------------------------------------------
+def run_sweep(config: BenchConfig, sweep: str, values: Sequence[int], plot: Optional[str],
+              log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run the benchmark once per table size (``sweep="size"``) or dim (``"dim"``); plot
+    M ids/s against it when ``plot`` names a PNG (needs matplotlib)."""
+    if sweep not in ("size", "dim"):
+        raise ValueError(f"sweep must be 'size' or 'dim', got {sweep!r}")
+    runs = []
+    for v in values:
+        cfg = dataclasses.replace(config, **{sweep: int(v)})
+        log(f"=== {sweep} = {int(v):,} ===")
+        res = run_benchmark(cfg, log)
+        runs.append(res)
+        log(format_report(res, header=False))
+    out = {"schema": SCHEMA_VERSION, "sweep": sweep, "values": [int(v) for v in values], "runs": runs,
+           "build_info": _build_info(), "machine": machine_info(), "plot": None}
+    if plot:
+        try:
+            out["plot"] = plot_sweep(out, plot)
+        except ImportError:
+            msg = "matplotlib is not installed (pip install 'mtht[bench]'): no plot written"
+            out["plot_note"] = msg
+            log(msg)
+    return out
+
+
+def plot_sweep(sweep_result: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sweep_result["sweep"]
+    runs = sweep_result["runs"]
+    cfg = runs[0]["config"]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    ops = [op for op in ALL_OPS if op not in ("save", "restore")]
+    markers = itertools.cycle("osD^v<>p*")
+    for threads in sorted({r["threads"] for run in runs for r in run["results"] if r["impl"] == "mtht"}):
+        for op in ops:
+            xs, ys = [], []
+            for v, run in zip(sweep_result["values"], runs):
+                r = _find(run["results"], op, "mtht", threads)
+                if r:
+                    xs.append(v)
+                    ys.append(r["ids_per_s"] / 1e6)
+            if xs:
+                ax.plot(xs, ys, marker=next(markers), label=f"mtht {op} ({threads} thr)")
+    for impl, style in (("numpy+dict", ":"), ("pandas+numpy", "-.")):
+        xs, ys = [], []
+        for v, run in zip(sweep_result["values"], runs):
+            r = _find(run["results"], "lookup", impl)
+            if r:
+                xs.append(v)
+                ys.append(r["ids_per_s"] / 1e6)
+        if xs:
+            ax.plot(xs, ys, style, color="gray", marker="x", label=f"{impl} lookup")
+    xs, ys = [], []
+    for v, run in zip(sweep_result["values"], runs):
+        if run.get("probe"):
+            xs.append(v)
+            ys.append(run["probe"]["line64_reads_per_s"] / 1e6)
+    if xs:
+        ax.plot(xs, ys, "--", color="black", label="probe: random 64-B reads, 1 thread")
+    if sweep == "size":
+        ax.set_xscale("log")
+        ax.set_xlabel("table size (ids)")
+        title = f"dim {cfg['dim']}"
+    else:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("dim")
+        title = f"{cfg['size']:,} ids"
+    ax.set_yscale("log")
+    ax.set_ylabel("M ids/s (median)")
+    ax.set_title(f"mtht {runs[0]['build_info'].get('version', '')}: {title}, {cfg['optimizer']}, "
+                 f"{cfg['dist']}, batch {cfg['batch_size']:,}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Text report
+# ---------------------------------------------------------------------------------------------
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:8.2f}"
+
+
+def _one_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"  {r['op']:<22} {r['impl']:<13} {r['note']}"
+    return (f"  {r['op']:<22} {r['impl']:<13} thr={r['threads']}  {r['ids_per_s'] / 1e6:.2f} M ids/s  "
+            f"checksum {r['checksum']:.6e}")
+
+
+def format_header(result: dict) -> str:
+    info = result["build_info"]
+    m = result["machine"]
+    c = result["config"]
+    lines = [
+        f"mtht {info.get('version', '?')}  compiler: {info.get('compiler', '?')}  flags: {info.get('compile_flags', '?')}",
+        f"active kernel: {info.get('active_kernel', '?')}  cpu ISAs: {','.join(info.get('cpu_isas', []))}  "
+        f"default threads: {info.get('num_threads', '?')}" + (f"  MTHT_KERNEL={m['MTHT_KERNEL']}" if m.get("MTHT_KERNEL") else ""),
+        f"machine: {m['cpu']}, {m['cores_available']} cores, {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
+        f"python {m['python']}, numpy {m['numpy']}",
+        f"config: size {c['size']:,}  dim {c['dim']}  batch {c['batch_size']:,}  dist {c['dist']}"
+        + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
+        + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
+        f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}",
+    ]
+    return "\n".join(lines)
+
+
+def format_report(result: dict, header: bool = True) -> str:
+    lines = [format_header(result)] if header else []
+    probe = result.get("probe")
+    if probe:
+        lines.append(f"probe (1 thread, buffer {probe['buffer_bytes'] / 1e6:,.0f} MB): random 64-B reads "
+                     f"{probe['line64_reads_per_s'] / 1e6:.1f} M/s, random {probe['row_bytes']}-B rows "
+                     f"{probe['row_reads_per_s'] / 1e6:.1f} M/s")
+    t = result.get("table")
+    if t:
+        lines.append(f"table: {t['size']:,} ids, {t['bytes'] / t['size']:.0f} B/entry (row stride {t.get('row_stride', '?')}), "
+                     f"load {t['load_factor']:.2f}, filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
+    lines.append("")
+    head = (f"{'op':<22} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "
+            f"{'%probe':>6} {'x dict':>7} {'x khash':>7} {'other':<13} checksum")
+    lines.append(head)
+    lines.append("-" * len(head))
+    for r in result["results"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['op']:<22} {r['impl']:<13} {r['threads'] or '':>3} {r['note']}")
+            continue
+        pct = r.get("pct_of_probe_per_thread")
+        other = ""
+        if "vs_one_table" in r:
+            other = f"{r['vs_one_table']:.2f}x 1-table"
+        elif "vs_one_thread" in r:
+            other = f"{r['vs_one_thread']:.2f}x 1-thr"
+        spread = f"[{r['ids_per_s_min'] / 1e6:.2f} .. {r['ids_per_s_max'] / 1e6:.2f}]"
+        pct_s = f"{pct:5.0f}%" if pct is not None else ""
+        dict_s = f"{r['vs_numpy_dict']:6.1f}x" if "vs_numpy_dict" in r else ""
+        khash_s = f"{r['vs_pandas_numpy']:6.1f}x" if "vs_pandas_numpy" in r else ""
+        lines.append(
+            f"{r['op']:<22} {r['impl']:<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])}  {spread:<17} "
+            f"{r['gb_per_s']:6.2f} {pct_s:>6} {dict_s:>7} {khash_s:>7} {other:<13} {r['checksum']:.6e}")
+    mism = [f"{r['op']} ({r['threads']} thr) vs {impl}" for r in result["results"]
+            for key, impl in (("checksum_matches_numpy_dict", "numpy+dict"), ("checksum_matches_pandas_numpy", "pandas+numpy"))
+            if r.get(key) is False]
+    if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
+        lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
+    lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
+                 "for gradient steps) read and written for updates. %probe: ids/s per thread / probe 64-B reads/s.")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    goals = result.get("goals") or []
+    if goals:
+        lines.append("")
+        lines.append("goals:")
+        for g in goals:
+            val = f"{g['value']:.0f}%" if g["unit"] == "%" else f"{g['value']:.2f}x"
+            lines.append(f"  [{'met' if g['met'] else 'not met':>7}] {g['goal']}: {val}")
+    return "\n".join(lines)
+
+
+def format_sweep(sweep_result: dict) -> str:
+    lines = [f"sweep over {sweep_result['sweep']}:",
+             f"{'value':>12} {'op':<22} {'thr':>3} {'M ids/s':>8} {'%probe':>6}"]
+    for v, run in zip(sweep_result["values"], sweep_result["runs"]):
+        for r in run["results"]:
+            if r["impl"] == "mtht" and r["status"] == "ok":
+                pct = r.get("pct_of_probe_per_thread")
+                lines.append(f"{v:>12,} {r['op']:<22} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
+                             f"{(f'{pct:5.0f}%' if pct is not None else ''):>6}")
+    if sweep_result.get("plot"):
+        lines.append(f"plot written to {sweep_result['plot']}")
+    if sweep_result.get("plot_note"):
+        lines.append(sweep_result["plot_note"])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+FLAGS = flags.FLAGS
+
+flags.DEFINE_integer("size", 1_000_000, "Ids in the table.", lower_bound=1)
+flags.DEFINE_integer("dim", 16, "Embedding dimension.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 65536, "Ids per batch.", lower_bound=1)
+flags.DEFINE_enum("dist", "uniform", list(DISTRIBUTIONS), "Distribution of the ids of a batch.")
+flags.DEFINE_float("zipf_a", 1.1, "Exponent of the Zipf distribution (> 1).")
+flags.DEFINE_enum("optimizer", "adagrad", list(OPTIMIZERS), "Optimizer of the table.")
+flags.DEFINE_float("learning_rate", 0.01, "Learning rate of gradient steps.")
+flags.DEFINE_list("ops", [], f"Ops to run (default: all): {', '.join(ALL_OPS)}.")
+flags.DEFINE_integer("fused_tables", 8, "Tables of the fused ops.", lower_bound=1)
+flags.DEFINE_integer("fused_shards", 4, "Shards of the fused ops.", lower_bound=1)
+flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: every core).")
+flags.DEFINE_integer("iterations", 20, "Timed batches per op.", lower_bound=1)
+flags.DEFINE_integer("warmup", 3, "Untimed batches before the timed ones.", lower_bound=0)
+flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.")
+flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
+flags.DEFINE_bool("baseline", False, "Also run the ops on numpy tables indexed by a Python dict "
+                  "(and by pandas' khash when pandas is installed) and print the ratios.")
+flags.DEFINE_integer("baseline_max_size", 10_000_000, "Largest baseline table (bigger ones take long to fill).",
+                     lower_bound=1)
+flags.DEFINE_bool("quick", False, "A small, fast run (a few seconds): size 200,000, batch 16,384, "
+                  "5 iterations, with --baseline; flags given explicitly still win.")
+flags.DEFINE_enum("sweep", "none", ["none", "size", "dim"], "Run once per table size or per dim.")
+flags.DEFINE_list("sweep_sizes", ["1000000", "10000000", "50000000"], "Table sizes of --sweep=size.")
+flags.DEFINE_list("sweep_dims", ["8", "16", "32", "64", "128"], "Dims of --sweep=dim.")
+flags.DEFINE_string("plot", None, "PNG file of the sweep's plot (default mtht-bench-sweep.png; needs matplotlib).")
+flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped.")
+flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
+flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
+flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
+
+_QUICK = {"size": 200_000, "batch_size": 16384, "iterations": 5, "warmup": 1}
+
+
+def _ints(values: Sequence[str], name: str) -> List[int]:
+    out = []
+    for v in values:
+        v = str(v).strip().replace("_", "")
+        if v in ("all", ""):
+            out.append(default_threads())
+            continue
+        try:
+            x = int(float(v)) if "e" in v.lower() else int(v)
+        except ValueError:
+            raise app.UsageError(f"--{name}: {v!r} is not an integer") from None
+        out.append(x)
+    return out
+
+
+def config_from_flags() -> BenchConfig:
+    values = {name: FLAGS[name].value for name in ("size", "dim", "batch_size", "iterations", "warmup")}
+    if FLAGS.quick:
+        for name, v in _QUICK.items():
+            if not FLAGS[name].present:
+                values[name] = v
+    baseline = FLAGS.baseline
+    if FLAGS.quick and not FLAGS["baseline"].present:
+        baseline = True
+    ops = [op.strip() for op in FLAGS.ops if op.strip()] or list(ALL_OPS)
+    cfg = BenchConfig(
+        dist=FLAGS.dist, zipf_a=FLAGS.zipf_a, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+        ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards,
+        threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
+        baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
+        progress=FLAGS.progress, save_dir=FLAGS.save_dir, **values)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    return cfg
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = config_from_flags()
+    if FLAGS.sweep != "none":
+        if FLAGS.sweep == "size":
+            values = _ints(FLAGS.sweep_sizes, "sweep_sizes")
+        else:
+            values = _ints(FLAGS.sweep_dims, "sweep_dims")
+        plot = FLAGS.plot or "mtht-bench-sweep.png"
+        res = run_sweep(cfg, FLAGS.sweep, values, plot, log=_log)
+        print(format_header(res["runs"][0]))
+        print(format_sweep(res))
+    else:
+        print(format_header(run_header_only(cfg)), flush=True)
+        res = run_benchmark(cfg, log=_log if cfg.progress else (lambda s: None))
+        print()
+        print(format_report(res, header=False))
+    if FLAGS.json:
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+        print(f"results written to {FLAGS.json}")
+    return 0
+
+
+def run_header_only(cfg: BenchConfig) -> dict:
+    """The parts of a result that the header prints, before anything runs."""
+    c = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    c["threads"] = cfg.thread_counts()
+    return {"build_info": _build_info(), "machine": machine_info(), "config": c}
+
+
+def run() -> None:
+    """Console entry point of ``mtht-bench``."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,274 @@
+"""The benchmark CLI: structure of its JSON and correctness of its checksums.
+
+Timing is never asserted. Each checksum is recomputed here from the workload definition (the
+batch keys of ``op_keys`` and the gradient rows of ``update_rows``) with a plain per-occurrence
+model of the table, written independently of the benchmark's numpy baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mtht
+from mtht import bench
+
+SMALL = dict(size=20_000, batch_size=1024, iterations=2, warmup=1, progress=False)
+
+
+def _config(**kw) -> bench.BenchConfig:
+    args = dict(SMALL)
+    args.update(kw)
+    return bench.BenchConfig(**args)
+
+
+def _value(key: int, dim: int) -> np.ndarray:
+    """The filled row of a key, from its documented formula."""
+    return np.array([((7 * key + 3 * j) % 97 - 48) / 64.0 for j in range(dim)], dtype=np.float32)
+
+
+class _Model:
+    """A table as a dict of float32 rows with the optimizer rules written out per element."""
+
+    def __init__(self, optimizer: str, dim: int, lr: float):
+        self.opt, self.dim, self.lr = optimizer, dim, np.float32(lr)
+        self.rows = {}
+
+    def row(self, key: int) -> dict:
+        if key not in self.rows:
+            self.rows[key] = {
+                "w": _value(key, self.dim),
+                "norm": np.full(self.dim, 0.1, np.float32),
+                "m": np.zeros(self.dim, np.float32),
+                "v": np.zeros(self.dim, np.float32),
+                "b1p": np.float32(0.9),
+                "b2p": np.float32(0.99),
+            }
+        return self.rows[key]
+
+    def step(self, key: int, g: np.ndarray) -> None:
+        r = self.row(key)
+        lr = self.lr
+        if self.opt == "sgd":
+            r["w"] = r["w"] - lr * g
+        elif self.opt == "adagrad":
+            r["norm"] = r["norm"] + g * g
+            r["w"] = r["w"] - (lr / np.sqrt(r["norm"])) * g
+        else:
+            b1, b2 = np.float32(0.9), np.float32(0.99)
+            lr_t = np.float32(float(lr) * math.sqrt(1.0 - float(r["b2p"])) / (1.0 - float(r["b1p"])))
+            r["m"] = r["m"] + (g - r["m"]) * (np.float32(1) - b1)
+            r["v"] = r["v"] + (g * g - r["v"]) * (np.float32(1) - b2)
+            r["w"] = r["w"] - (r["m"] * lr_t) / (np.sqrt(r["v"]) + np.float32(0.01))
+            r["b1p"] = np.float32(r["b1p"] * b1)
+            r["b2p"] = np.float32(r["b2p"] * b2)
+
+    def checksum(self, keys) -> float:
+        return sum(float(np.sum(self.row(int(k))["w"], dtype=np.float64)) for k in keys)
+
+
+def expected_checksum(config: bench.BenchConfig, op: str) -> float:
+    """What the op's checksum must be: the float64 sum of the rows of every batch's ids, read
+    right after that batch."""
+    batches = bench.op_keys(config, op)
+    if op == "lookup_missing":
+        return 0.0
+    model = _Model(config.optimizer, config.dim, config.learning_rate)
+    rows = bench.update_rows(config.batch_size, config.dim, config.seed)
+    total = 0.0
+    for keys in batches:
+        if op == "assign_add":
+            for i, k in enumerate(keys):
+                r = model.row(int(k))
+                r["w"] = r["w"] + rows[i]
+        elif op == "apply_gradients":
+            for i, k in enumerate(keys):
+                model.step(int(k), rows[i])
+        elif op == "apply_gradients_dedup":
+            sums = {}
+            for i, k in enumerate(keys):
+                k = int(k)
+                sums[k] = rows[i].copy() if k not in sums else sums[k] + rows[i]
+            for k, g in sums.items():
+                model.step(k, g)
+        total += model.checksum(keys)
+    return total
+
+
+def _results(result: dict, op: str, impl: str) -> list:
+    return [r for r in result["results"] if r["op"] == op and r["impl"] == impl]
+
+
+def _check_ok_row(r: dict) -> None:
+    for key in ("ids_per_s", "ids_per_s_min", "ids_per_s_max", "ids_per_s_q1", "ids_per_s_q3", "gb_per_s",
+                "bytes_per_id", "batches_timed", "ids_per_batch", "seconds", "checksum", "threads"):
+        assert key in r, key
+    assert r["status"] == "ok"
+    assert r["ids_per_s_min"] <= r["ids_per_s_q1"] <= r["ids_per_s"] <= r["ids_per_s_q3"] <= r["ids_per_s_max"]
+    assert r["batches_timed"] == SMALL["iterations"] == len(r["seconds"])
+    assert all(s > 0 for s in r["seconds"])
+    assert math.isfinite(r["checksum"])
+
+
+def test_workload_definition():
+    keys = np.arange(1000, dtype=np.int64)
+    ids = bench.key_to_id(keys)
+    assert ids.dtype == np.int64 and len(np.unique(ids)) == len(keys)
+    vals = bench.fill_values(keys, 5)
+    for k in (0, 1, 999):
+        np.testing.assert_array_equal(vals[k], _value(k, 5))
+    c = _config(dist="zipf")
+    a, b = bench.op_keys(c, "lookup"), bench.op_keys(c, "lookup")
+    assert len(a) == c.warmup + c.iterations
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(((x >= 0) & (x < c.size)).all() for x in a)
+    assert all((x >= c.size).all() for x in bench.op_keys(c, "lookup_missing"))
+    skeys, sids, fss = bench.fused_layout(a[0], 8, 4)
+    assert fss.sum() == len(a[0]) and len(fss) == 32
+    blocks = np.repeat(np.arange(32), fss)
+    np.testing.assert_array_equal(blocks, np.mod(sids, 4) * 8 + skeys % 8)
+
+
+@pytest.mark.parametrize("optimizer,dist", [("sgd", "uniform"), ("adagrad", "zipf"), ("adam", "zipf")])
+def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
+    config = _config(optimizer=optimizer, dist=dist, baseline=True, threads=(1, 2))
+    result = bench.run_benchmark(config)
+    json.dumps(result)  # serialisable as the CLI writes it
+    assert result["schema"] == bench.SCHEMA_VERSION
+    assert result["build_info"]["version"] == mtht.__version__
+    assert result["config"]["threads"] == [1, 2]
+    assert result["probe"]["line64_reads_per_s"] > 0
+    mtht_ok = all(r["status"] == "ok" for r in _results(result, "lookup", "mtht"))
+    for op in bench.BASELINE_OPS:
+        want = expected_checksum(config, op)
+        impls = ["numpy+dict"] + (["pandas+numpy"] if bench._pandas_available() else [])
+        if mtht_ok:
+            impls.append("mtht")
+        for impl in impls:
+            rows = _results(result, op, impl)
+            assert len(rows) == (2 if impl == "mtht" else 1), (op, impl)
+            for r in rows:
+                _check_ok_row(r)
+                assert r["checksum"] == pytest.approx(want, rel=1e-6, abs=1e-6), (op, impl, r["threads"])
+        if mtht_ok:
+            one, two = _results(result, op, "mtht")
+            assert one["checksum"] == two["checksum"]  # results never depend on the thread count
+            assert two["vs_one_thread"] > 0
+            assert two["vs_numpy_dict"] > 0
+            assert two["checksum_matches_numpy_dict"] is True
+    if not mtht_ok:
+        note = _results(result, "lookup", "mtht")[0]["note"]
+        assert "unavailable" in note
+        return
+    for threads in (1, 2):
+        fused = [r for r in _results(result, "fused", "mtht") if r["threads"] == threads][0]
+        _check_ok_row(fused)
+        assert fused["checksum"] == fused["one_table_checksum"]
+        want = sum(float(np.sum(bench.fill_values(k, config.dim), dtype=np.float64))
+                   for k in bench.op_keys(config, "fused"))
+        assert fused["checksum"] == pytest.approx(want, rel=1e-12)
+        assert fused["vs_one_table"] > 0
+        fag = [r for r in _results(result, "fused_apply_gradient", "mtht") if r["threads"] == threads][0]
+        assert fag["checksum"] == pytest.approx(fag["one_table_checksum"], rel=1e-6)
+    for op in ("save", "restore"):
+        for r in _results(result, op, "mtht"):
+            assert r["status"] in ("ok", "unavailable")
+    assert all(set(g) == {"goal", "value", "need", "unit", "met"} for g in result["goals"])
+    text = bench.format_report(result)
+    assert "active kernel" in text and "checksum" in text
+
+
+def test_ops_are_independent_of_each_other():
+    """Each op starts from the filled table, so running one op alone gives the same checksum."""
+    config = _config(optimizer="adagrad", dist="zipf", threads=(1,), probe=False)
+    together = bench.run_benchmark(dataclass_replace(config, ops=("assign_add", "apply_gradients")))
+    alone = bench.run_benchmark(dataclass_replace(config, ops=("apply_gradients",)))
+    assert _results(together, "apply_gradients", "mtht")[0]["checksum"] == \
+        _results(alone, "apply_gradients", "mtht")[0]["checksum"]
+
+
+def dataclass_replace(config, **kw):
+    import dataclasses
+
+    return dataclasses.replace(config, **kw)
+
+
+def test_unavailable_optimizer_is_reported_not_raised(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("the 'adam' optimizer is not available in this version of mtht")
+
+    monkeypatch.setattr(bench.mtht, "hash_table_from_config", refuse)
+    config = _config(optimizer="adam", ops=("lookup", "apply_gradients"), baseline=True, threads=(1,))
+    result = bench.run_benchmark(config)
+    for op in ("lookup", "apply_gradients"):
+        (r,) = _results(result, op, "mtht")
+        assert r["status"] == "unavailable" and "not available" in r["note"]
+        (b,) = _results(result, op, "numpy+dict")
+        assert b["checksum"] == pytest.approx(expected_checksum(config, op), rel=1e-6, abs=1e-6)
+    assert "not available" in bench.format_report(result)
+
+
+def test_memory_budget_skips_instead_of_failing():
+    result = bench.run_benchmark(_config(ops=("lookup",), max_memory_gb=1e-4, threads=(1,), probe=False))
+    (r,) = _results(result, "lookup", "mtht")
+    assert r["status"] == "unavailable" and "max_memory_gb" in r["note"]
+
+
+def test_baseline_is_capped():
+    config = _config(ops=("lookup",), baseline=True, baseline_max_size=5000, threads=(1,), probe=False)
+    result = bench.run_benchmark(config)
+    (b,) = _results(result, "lookup", "numpy+dict")
+    assert b["table_size"] == 5000
+    assert any("capped" in n for n in result["notes"])
+    (m,) = _results(result, "lookup", "mtht")
+    assert "vs_numpy_dict" in m and "checksum_matches_numpy_dict" not in m
+
+
+def test_sweep_without_matplotlib_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    config = _config(ops=("lookup",), threads=(1,), probe=False)
+    out = bench.run_sweep(config, "size", [5000, 10000], str(tmp_path / "p.png"))
+    assert [run["config"]["size"] for run in out["runs"]] == [5000, 10000]
+    assert out["plot"] is None and "matplotlib" in out["plot_note"]
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_sweep_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = _config(ops=("lookup", "apply_gradients"), threads=(1,))
+    out = bench.run_sweep(config, "dim", [4, 8], str(tmp_path / "p.png"))
+    assert out["plot"] == str(tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(*args, cwd) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-m", "mtht.bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json(tmp_path):
+    path = tmp_path / "out.json"
+    proc = _cli("--size=20000", "--batch_size=1024", "--iterations=2", "--warmup=1", "--threads=1,2",
+                "--baseline", "--dist=zipf", "--optimizer=sgd", "--noprogress", f"--json={path}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "active kernel" in proc.stdout and "checksum" in proc.stdout
+    result = json.loads(path.read_text())
+    assert result["config"]["size"] == 20000 and result["config"]["threads"] == [1, 2]
+    config = _config(dist="zipf", optimizer="sgd")
+    for op in ("lookup", "apply_gradients_dedup"):
+        for r in _results(result, op, "mtht") + _results(result, op, "numpy+dict"):
+            assert r["checksum"] == pytest.approx(expected_checksum(config, op), rel=1e-6, abs=1e-6)
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+    proc = _cli("--ops=lookup,frobnicate", "--size=1000", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "frobnicate" in proc.stderr
