@@ -38,6 +38,8 @@ from mtht.entry import (
     StochasticRoundingFloat16OptimizerWrapper,
     ZerosInitializer,
 )
+from mtht.checkpoint import CheckpointError
+from mtht.hash_filter import HashFilter
 from mtht.hash_table import BaseHashTable, EntryDump, HashTable, hash_table_from_config
 
 try:
@@ -61,12 +63,18 @@ def get_num_threads() -> int:
 
 
 def build_info() -> dict:
-    """Version, compiler, compile flags, the active optimizer kernel and the CPU's ISAs."""
+    """Version, compiler, compile flags, the active optimizer kernel (or why MTHT_KERNEL is
+    not usable), the kernel sets this CPU runs, and the CPU's ISAs."""
+    try:
+        active = _core.kernel_name()
+    except ValueError as e:
+        active = f"invalid: {e}"
     return {
         "version": __version__,
         "compiler": _core.compiler(),
         "compile_flags": _core.compile_flags(),
-        "active_kernel": _core.kernel_name(),
+        "active_kernel": active,
+        "available_kernels": _core.available_kernels(),
         "cpu_isas": _core.cpu_features().split(","),
         "num_threads": get_num_threads(),
     }

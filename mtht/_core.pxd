@@ -1,5 +1,6 @@
 # Declarations of the C++ core (include/mtht); no logic here.
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libcpp.pair cimport pair
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 from libcpp.vector cimport vector
@@ -46,6 +47,11 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         cbool allow_non_finite
         uint64_t initial_capacity
         int num_shards
+        uint32_t default_expire_days
+        vector[pair[uint32_t, uint32_t]] slot_expire_days
+        cbool has_filter
+        uint32_t default_occurrence_threshold
+        vector[pair[uint32_t, uint32_t]] slot_occurrence_thresholds
 
 
 cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
@@ -92,6 +98,11 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs,
                              size_t n_lrs, int64_t global_step, int64_t ts, cbool dedup) except +translate_exception
         void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) except +translate_exception
+        uint64_t evict(int64_t max_update_time) except +translate_exception
+        void set_max_update_ts(int64_t ts)
+        cbool has_filter()
+        float hashnet_scale_of(size_t segment)
+        void set_hashnet_scale(size_t segment, float v)
 
 
 cdef extern from "mtht/fused.h" namespace "mtht" nogil:
@@ -110,3 +121,17 @@ cdef extern from "mtht/fused.h" namespace "mtht" nogil:
                                const int64_t* ids, const float* grads, size_t n_grads, const float* lrs,
                                size_t n_lrs, int64_t global_step, int64_t ts,
                                bint accumulate) except +translate_exception
+
+
+cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
+    cdef cppclass CheckpointFileInfo:
+        uint64_t entries
+        uint64_t filter_entries
+        uint64_t bytes
+        uint64_t checksum
+
+    vector[CheckpointFileInfo] save_checkpoint(const EmbeddingTable& table, const vector[string]& paths,
+                                               int64_t max_update_ts, cbool apply_expiry,
+                                               const string& layout) except +translate_exception
+    vector[CheckpointFileInfo] load_checkpoint(EmbeddingTable& into, const vector[string]& paths,
+                                               const string& layout) except +translate_exception

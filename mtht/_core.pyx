@@ -6,17 +6,21 @@ Arguments arrive already converted and shape-checked by :mod:`mtht.hash_table`; 
 only checks what it needs for memory safety (lengths against the table's dim).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libcpp.memory cimport unique_ptr
 from libcpp.vector cimport vector
+
+import os
 
 import numpy as np
 
 from mtht._core cimport (
     EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
-    c_fused_apply_gradients, c_fused_lookup, fused_layout,
+    c_fused_apply_gradients, c_fused_lookup, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
 )
+from libcpp.string cimport string
+from libcpp.pair cimport pair
 
 cdef extern from *:
     # Defined by CMakeLists.txt for the build-info report.
@@ -78,7 +82,9 @@ cdef class Table:
     cdef readonly str kernel
 
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
-                  uint64_t initial_capacity=0, int num_shards=64):
+                  uint64_t initial_capacity=0, int num_shards=64, uint32_t default_expire_days=36500,
+                  dict slot_expire_days=None, object occurrence_thresholds=None):
+        """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
         cdef TableSpec spec
         cdef SegmentSpec seg
         for s in segments:
@@ -113,6 +119,14 @@ cdef class Table:
         spec.allow_non_finite = allow_non_finite
         spec.initial_capacity = initial_capacity
         spec.num_shards = num_shards
+        spec.default_expire_days = default_expire_days
+        for slot, days in (slot_expire_days or {}).items():
+            spec.slot_expire_days.push_back(pair[uint32_t, uint32_t](slot, days))
+        if occurrence_thresholds is not None:
+            spec.has_filter = True
+            spec.default_occurrence_threshold = occurrence_thresholds[0]
+            for slot, threshold in occurrence_thresholds[1].items():
+                spec.slot_occurrence_thresholds.push_back(pair[uint32_t, uint32_t](slot, threshold))
         with nogil:
             self._t.reset(new EmbeddingTable(spec))
         self.dim = self._t.get().dim()
@@ -129,6 +143,45 @@ cdef class Table:
     @property
     def max_update_ts(self):
         return self._t.get().max_update_ts()
+
+    @max_update_ts.setter
+    def max_update_ts(self, int64_t ts):
+        self._t.get().set_max_update_ts(ts)
+
+    @property
+    def has_filter(self):
+        return self._t.get().has_filter()
+
+    def hashnet_scales(self):
+        return [self._t.get().hashnet_scale_of(k) for k in range(self.num_segments)]
+
+    def set_hashnet_scales(self, list scales):
+        for k, v in enumerate(scales[:self.num_segments]):
+            self._t.get().set_hashnet_scale(k, v)
+
+    def evict(self, int64_t max_update_time):
+        cdef uint64_t removed
+        with nogil:
+            removed = self._t.get().evict(max_update_time)
+        return removed
+
+    def save_files(self, list paths, int64_t max_update_ts, bint apply_expiry, str layout):
+        """Write the table into the data files ``paths`` in parallel; per-file summaries."""
+        cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
+        cdef string clayout = layout.encode()
+        cdef vector[CheckpointFileInfo] infos
+        with nogil:
+            infos = save_checkpoint(self._t.get()[0], cpaths, max_update_ts, apply_expiry, clayout)
+        return [_file_info(i) for i in infos]
+
+    def load_files(self, list paths, str layout):
+        """Read data files into this (fresh) table, verifying every byte; per-file summaries."""
+        cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
+        cdef string clayout = layout.encode()
+        cdef vector[CheckpointFileInfo] infos
+        with nogil:
+            infos = load_checkpoint(self._t.get()[0], cpaths, clayout)
+        return [_file_info(i) for i in infos]
 
     def stats(self, bint probe_lengths=False):
         cdef TableStats st
@@ -261,3 +314,8 @@ def fused_apply_gradient(list tables, const int64_t[::1] ids, const int32_t[::1]
         c_fused_apply_gradients(ptrs, layout, &ids[0], &id_grads[0], n_grads, &learning_rates[0], n_lrs,
                               global_step, ts, accumulate)
     return _offsets(layout)
+
+
+cdef dict _file_info(CheckpointFileInfo info):
+    return {"entries": info.entries, "filter_entries": info.filter_entries, "bytes": info.bytes,
+            "checksum": f"{info.checksum:016x}"}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from mtht import _core
 from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
 from mtht._spec import core_segments, split_state
+from mtht.feature_eviction import FeatureEvictor
 
 __all__ = ["BaseHashTable", "HashTable", "EntryDump", "hash_table_from_config", "fused_lookup",
            "fused_apply_gradient"]
@@ -61,7 +62,7 @@ class BaseHashTable(abc.ABC):
         ...
 
 
-def _req_time(req_time) -> int:
+def _req_time(req_time=None) -> int:
     return 0 if req_time is None else as_int64_scalar(req_time, "req_time")
 
 
@@ -72,19 +73,43 @@ class HashTable(BaseHashTable):
     safe to call from many threads at once.
     """
 
-    def __init__(self, config, name: str, saver_parallel: int = -1):
+    def __init__(self, config, name: str, saver_parallel: int = -1, hash_filter=None):
         config.validate()
-        table_config = config.table_config
         self._config = config
         self._name = name
         self._saver_parallel = saver_parallel
-        self._core = _core.Table(
+        self._hash_filter = hash_filter
+        self._core = self._new_core()
+        if hash_filter is not None:
+            hash_filter.attach(name)
+        self._dim = self._core.dim
+        table_config = config.table_config
+        self._evictor = None
+        if table_config.enable_feature_eviction:
+            self._evictor = FeatureEvictor(self, table_config.feature_evict_every_n_hours * 3600.0)
+
+    def _new_core(self) -> "_core.Table":
+        """An empty core table built from this table's config (and filter thresholds)."""
+        table_config = self._config.table_config
+        expiry = table_config.slot_expire_time_config
+        return _core.Table(
             core_segments(table_config),
             random_seed=int(table_config.random_seed),
             allow_non_finite=bool(table_config.allow_non_finite),
             initial_capacity=int(table_config.initial_capacity),
+            default_expire_days=int(expiry.default_expire_time),
+            slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
+            occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
         )
-        self._dim = self._core.dim
+
+    def _swap_core(self, core) -> None:
+        self._core = core
+
+    @property
+    def layout(self) -> str:
+        """The entry layout a checkpoint must match: optimizer and dim of every segment."""
+        return ",".join(f"{seg.optimizer.kind}/{int(seg.dim_size)}"
+                        for seg in self._config.table_config.entry_config.segments)
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -159,19 +184,42 @@ class HashTable(BaseHashTable):
         ]
 
     # -- writes ----------------------------------------------------------------------------
+    # Each write is split in two: prepare_write() converts and checks every argument and
+    # returns a commit function that only changes the table. Multi-slot writes prepare every
+    # slot before committing any, so a bad slot changes nothing.
+    def prepare_write(self, method: str, ids, tensor, *args, **kwargs) -> Callable[[], None]:
+        """Validate a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``) and return
+        the function that applies it."""
+        ids = as_ids(ids)
+        rows = as_rows(tensor, ids.shape[0], self._dim, "grads" if method == "apply_gradients" else "values")
+        if not self._config.table_config.allow_non_finite and not np.isfinite(rows).all():
+            raise ValueError(f"{method}: {'grads' if method == 'apply_gradients' else 'values'} contain NaN or Inf; "
+                             "set allow_non_finite=True in the table config to accept them")
+        core = self._core
+        if method in ("assign", "assign_add"):
+            ts = _req_time(*args, **kwargs)
+            write = core.assign if method == "assign" else core.assign_add
+            return lambda: write(ids, rows, ts)
+        if method == "apply_gradients":
+            return self._prepare_apply(ids, rows, *args, **kwargs)
+        raise ValueError(f"unknown write {method!r}")
+
+    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None):
+        step = as_int64_scalar(global_step, "global_step")
+        lrs = np.ascontiguousarray(self._config.call_learning_rate_fns(step), dtype=np.float32)
+        ts = _req_time(req_time)
+        core = self._core
+        return lambda: core.apply_gradients(ids, rows, lrs, step, ts, bool(enable_dedup))
+
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
-        ids = as_ids(ids)
-        rows = as_rows(values, ids.shape[0], self._dim, "values")
-        self._core.assign(ids, rows, _req_time(req_time))
+        self.prepare_write("assign", ids, values, req_time)()
         return self
 
     def assign_add(self, ids, values, req_time=None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
-        ids = as_ids(ids)
-        rows = as_rows(values, ids.shape[0], self._dim, "values")
-        self._core.assign_add(ids, rows, _req_time(req_time))
+        self.prepare_write("assign_add", ids, values, req_time)()
         return self
 
     def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
@@ -180,12 +228,7 @@ class HashTable(BaseHashTable):
         step per unique id with its gradients summed left to right. Missing ids are created
         with the initializer, then stepped. Learning rates come from the config's
         learning-rate functions at ``global_step``."""
-        ids = as_ids(ids)
-        rows = as_rows(grads, ids.shape[0], self._dim, "grads")
-        step = as_int64_scalar(global_step, "global_step")
-        lrs = self._config.call_learning_rate_fns(step)
-        self._core.apply_gradients(ids, rows, np.ascontiguousarray(lrs, dtype=np.float32), step,
-                                   _req_time(req_time), bool(enable_dedup))
+        self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup, req_time)()
         return self
 
     def reinitialize(self, ids, req_time=None) -> np.ndarray:
@@ -200,6 +243,41 @@ class HashTable(BaseHashTable):
         """Every write has been applied when this returns; returns the table."""
         return self
 
+    # -- lifecycle -------------------------------------------------------------------------
+    def evict(self, max_update_time=None) -> int:
+        """Remove the entries expired at ``max_update_time`` (default: the table's
+        ``max_update_ts``): those with ``max_update_time - last_update_ts >= expire days of
+        their slot * 86400``. Returns how many; their memory is reused by later inserts."""
+        now = self._core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time,
+                                                                                      "max_update_time")
+        return self._core.evict(now)
+
+    def save(self, basename, format: str = "mtht") -> "HashTable":
+        """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).
+        ``format="monolith"`` writes Monolith's single-table files instead."""
+        if format == "mtht":
+            from mtht.checkpoint import save_table
+            save_table(self, basename)
+        elif format == "monolith":
+            from mtht.monolith_checkpoint import save_monolith
+            save_monolith(self, basename)
+        else:
+            raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
+        return self
+
+    def restore(self, basename, format: str = "mtht") -> "HashTable":
+        """Replace the table's contents with the checkpoint at ``basename``. The checkpoint is
+        verified first; on any error the table is left exactly as it was."""
+        if format == "mtht":
+            from mtht.checkpoint import restore_table
+            restore_table(self, basename)
+        elif format == "monolith":
+            from mtht.monolith_checkpoint import restore_monolith
+            restore_monolith(self, basename)
+        else:
+            raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
+        return self
+
 
 def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", saver_parallel: int = -1) -> HashTable:
     """Build a :class:`HashTable` from a ``HashTableConfigInstance``.
@@ -208,9 +286,8 @@ def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", save
     differs from the number of segments) and NotImplementedError for a feature this version
     cannot train with.
     """
-    if hash_filter is not None:
-        raise NotImplementedError("hash filters are not available in this version of mtht")
-    return HashTable(config, name="MonolithHashTable_" + str(name_suffix), saver_parallel=saver_parallel)
+    return HashTable(config, name="MonolithHashTable_" + str(name_suffix), saver_parallel=saver_parallel,
+                     hash_filter=hash_filter)
 
 
 def _core_tables(tables) -> list:

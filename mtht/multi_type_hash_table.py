@@ -97,17 +97,11 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         return {slot: tables[slot].lookup(ids) for slot, ids in slot_to_id.items()}
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
-        # Convert and check every slot's input before the first table changes.
-        prepared = {}
-        for slot, (ids, tensor) in slot_to_id_and_tensor.items():
-            table = self._slot_table(slot)
-            ids = as_ids(ids)
-            rows = as_rows(tensor, ids.shape[0], table.dim_size, "grads" if method == "apply_gradients" else "values")
-            if not table.config.table_config.allow_non_finite and not np.isfinite(rows).all():
-                raise ValueError(f"slot {slot!r}: {method} input contains NaN or Inf")
-            prepared[slot] = (table, ids, rows)
-        for table, ids, rows in prepared.values():
-            getattr(table, method)(ids, rows, *args, **kwargs)
+        # Validate every slot's input before the first table changes.
+        commits = [self._slot_table(slot).prepare_write(method, ids, tensor, *args, **kwargs)
+                   for slot, (ids, tensor) in slot_to_id_and_tensor.items()]
+        for commit in commits:
+            commit()
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
@@ -199,10 +193,11 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
     def _dim(self, merged_name: str) -> int:
         return infer_dim_size(self._merged_slot_to_config[merged_name].table_config)
 
-    def _get_merged_to_indexed_tensor(self, slot_to_tensor: Mapping, rows: bool) -> Tuple[dict, dict]:
+    def _get_merged_to_indexed_tensor(self, slot_to_tensor: Mapping, rows: bool,
+                                      slot_sizes: Mapping = None) -> Tuple[dict, dict]:
         """Concatenate per merged table, in sorted slot order: ``({merged: array},
-        {merged: sizes})``. ``rows`` converts each tensor to ``[n, dim]`` float32; otherwise
-        they are ids."""
+        {merged: sizes})``. ``rows`` converts each tensor to ``[n, dim]`` float32, with n the
+        slot's id count from ``slot_sizes`` when given; otherwise the tensors are ids."""
         parts: Dict[str, list] = {}
         sizes: Dict[str, list] = {}
         for slot in sorted(slot_to_tensor):
@@ -210,7 +205,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             tensor = slot_to_tensor[slot]
             if rows:
                 a = as_numpy(tensor)
-                n = a.shape[0] if a.ndim >= 1 else 1
+                n = slot_sizes[slot] if slot_sizes is not None else (a.shape[0] if a.ndim >= 1 else 1)
                 tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r} values")
             else:
                 tensor = as_ids(tensor, f"slot {slot!r} ids")
@@ -251,8 +246,9 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
             getattr(self._table, method)(merged, *args, **kwargs)
             return self
-        merged_ids, _ = self._get_merged_to_indexed_tensor({s: v[0] for s, v in data.items()}, rows=False)
-        merged_tensors, _ = self._get_merged_to_indexed_tensor({s: v[1] for s, v in data.items()}, rows=True)
+        merged_ids, merged_sizes = self._get_merged_to_indexed_tensor({s: v[0] for s, v in data.items()}, rows=False)
+        merged_tensors, _ = self._get_merged_to_indexed_tensor({s: v[1] for s, v in data.items()}, rows=True,
+                                                               slot_sizes={s: len(as_ids(v[0])) for s, v in data.items()})
         getattr(self._table, method)({m: (merged_ids[m], merged_tensors[m]) for m in merged_ids}, *args, **kwargs)
         return self
 

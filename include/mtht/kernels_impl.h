@@ -6,8 +6,8 @@
 // loops vectorised by the compiler for SSE2/NEON, AVX2 or AVX-512. Every unit is compiled
 // with -ffp-contract=off, so no multiply-add is fused behind our back and all paths give
 // bit-identical results (the one explicit fma, in the one-bit retriever, is exact on every
-// path). Per-dim instantiations (D = 1..128) let the compiler fully unroll common dims;
-// D = 0 is the generic loop.
+// path). Per-dim instantiations (D = 1, 2, 4, ..., 128, picked by a switch per call) let the
+// compiler fully unroll common dims; D = 0 is the generic loop.
 //
 // Included inside a namespace nested in mtht, after mtht/kernel_set.h. It calls no library
 // function that could be inline (only compiler builtins), so that nothing compiled with one

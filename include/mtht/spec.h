@@ -33,6 +33,9 @@ inline int state_floats(const SegmentSpec& s) {
   return 0;
 }
 
+// Slot of an id (Monolith's fid v2): 15 bits above the low 48.
+inline uint32_t slot_of(int64_t id) { return static_cast<uint32_t>((static_cast<uint64_t>(id) >> 48) & 0x7FFF); }
+
 inline void validate(const TableSpec& spec) {
   if (spec.segments.empty()) throw ValueError("an entry needs at least one segment");
   long long total = 0;
@@ -54,6 +57,10 @@ inline void validate(const TableSpec& spec) {
     total += s.dim;
   }
   if (total > (1 << 20)) throw ValueError("entry dim too large: " + std::to_string(total));
+  for (const auto& e : spec.slot_expire_days)
+    if (e.first > 0x7FFF) throw ValueError("expiry slot " + std::to_string(e.first) + " is not in 0..32767");
+  for (const auto& e : spec.slot_occurrence_thresholds)
+    if (e.first > 0x7FFF) throw ValueError("threshold slot " + std::to_string(e.first) + " is not in 0..32767");
   int n = spec.num_shards;
   if (n < 1 || n > 4096 || (n & (n - 1)) != 0) throw ValueError("num_shards must be a power of two in [1, 4096]");
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace mtht {
@@ -70,6 +71,14 @@ struct TableSpec {
   bool allow_non_finite = false;
   uint64_t initial_capacity = 0;
   int num_shards = 64;  // a power of two
+  // Expiry, in days, by slot ((id >> 48) & 0x7FFF); slots not listed use the default.
+  uint32_t default_expire_days = 36500;
+  std::vector<std::pair<uint32_t, uint32_t>> slot_expire_days;
+  // Admission filter: an absent id is admitted once it has been seen `threshold` times
+  // before. No filter when `has_filter` is false.
+  bool has_filter = false;
+  uint32_t default_occurrence_threshold = 0;
+  std::vector<std::pair<uint32_t, uint32_t>> slot_occurrence_thresholds;
 };
 
 }  // namespace mtht

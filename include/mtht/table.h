@@ -31,6 +31,7 @@
 #pragma once
 
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +39,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -297,6 +299,44 @@ class Shard {
     return r;
   }
 
+  // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
+  std::unordered_map<int64_t, uint64_t> counts;
+
+  // Live rows in increasing row order, so a full scan reads rows sequentially.
+  std::vector<uint32_t> live_rows() const {
+    std::vector<uint8_t> live(rows_.rows_used(), 0);
+    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
+    for (uint64_t s = 0; s < slots(); ++s) {
+      const uint32_t v = base[s];
+      if (v != 0 && v != kTombstone) live[(v & kRowMask) - 1] = 1;
+    }
+    std::vector<uint32_t> out;
+    out.reserve(size_);
+    for (uint32_t r = 0; r < live.size(); ++r)
+      if (live[r]) out.push_back(r);
+    return out;
+  }
+
+  // Removes every entry for which drop(row) is true; returns how many. Their rows are reused
+  // by later inserts.
+  template <class Pred>
+  uint64_t erase_if(Pred&& drop) {
+    uint32_t* base = static_cast<uint32_t*>(index_.data());
+    uint64_t removed = 0;
+    for (uint64_t s = 0; s < slots(); ++s) {
+      const uint32_t v = base[s];
+      if (v == 0 || v == kTombstone) continue;
+      const uint32_t r = (v & kRowMask) - 1;
+      if (!drop(static_cast<const char*>(rows_.row(r)))) continue;
+      base[s] = kTombstone;
+      ++tombstones_;
+      --size_;
+      rows_.release(r);
+      ++removed;
+    }
+    return removed;
+  }
+
   uint64_t max_probe_groups() const {
     uint64_t worst = 0;
     const uint32_t* base = static_cast<const uint32_t*>(index_.data());
@@ -393,6 +433,12 @@ class EmbeddingTable {
       if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
       if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
     }
+    expire_seconds_.assign(0x8000, static_cast<int64_t>(spec.default_expire_days) * 86400);
+    for (const auto& e : spec.slot_expire_days) expire_seconds_[e.first] = static_cast<int64_t>(e.second) * 86400;
+    if (spec.has_filter) {
+      thresholds_.assign(0x8000, spec.default_occurrence_threshold);
+      for (const auto& e : spec.slot_occurrence_thresholds) thresholds_[e.first] = e.second;
+    }
     shards_.reserve(spec.num_shards);
     for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride));
     if (spec.initial_capacity > 0) {
@@ -486,7 +532,8 @@ class EmbeddingTable {
     check_finite(values, n * layout_.dim, "values");
     const size_t bytes = sizeof(float) * layout_.dim;
     for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      char* row = upsert(sh, ids[i], h);
+      char* row = admit(sh, ids[i], h, 1);
+      if (!row) return;
       std::memcpy(values_of(row), values + i * layout_.dim, bytes);
       stamp(row, ts);
     });
@@ -497,7 +544,8 @@ class EmbeddingTable {
     check_finite(values, n * layout_.dim, "values");
     const int d = layout_.dim;
     for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      char* row = upsert(sh, ids[i], h);
+      char* row = admit(sh, ids[i], h, 1);
+      if (!row) return;
       float* w = values_of(row);
       const float* v = values + i * d;
       for (int j = 0; j < d; ++j) w[j] += v[j];
@@ -520,7 +568,8 @@ class EmbeddingTable {
     const int d = layout_.dim;
     if (!dedup) {
       for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-        char* row = upsert(sh, ids[i], h);
+        char* row = admit(sh, ids[i], h, 1);
+        if (!row) return;
         step_row(row, ids[i], grads + i * d, lrs, global_step);
         stamp(row, ts);
       });
@@ -537,15 +586,82 @@ class EmbeddingTable {
         }
         g = scratch;
       }
-      char* row = upsert(sh, ids[pos[0]], h);
+      char* row = admit(sh, ids[pos[0]], h, count);
+      if (!row) return;
       step_row(row, ids[pos[0]], g, lrs, global_step);
       stamp(row, ts);
     });
   }
 
+  // ---- lifecycle -------------------------------------------------------------------------
+
+  // Seconds after its last write at which an id expires (by its slot).
+  int64_t expire_seconds(int64_t id) const { return expire_seconds_[slot_of(id)]; }
+
+  // Expired at `now` (Monolith: now - ts >= expire days * 86400), without int64 overflow.
+  bool expired(int64_t id, int64_t ts, int64_t now) const {
+    return static_cast<__int128>(now) - ts >= expire_seconds(id);
+  }
+
+  // Removes every entry expired at `max_update_time`; returns how many. Their memory is reused.
+  uint64_t evict(int64_t max_update_time) {
+    std::atomic<uint64_t> removed{0};
+    ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
+      detail::Shard& sh = *shards_[s];
+      std::unique_lock<std::shared_mutex> lk(sh.mu);
+      removed += sh.erase_if([&](const char* row) { return expired(key_of(row), ts_of(row), max_update_time); });
+    });
+    return removed.load();
+  }
+
+  void set_max_update_ts(int64_t ts) { max_update_ts_.store(ts); }
+  bool has_filter() const { return !thresholds_.empty(); }
+
+  float hashnet_scale_of(size_t segment) const { return hashnet_scale_[segment].load(); }
+  void set_hashnet_scale(size_t segment, float v) { hashnet_scale_[segment].store(v); }
+
+  // Calls fn(id, ts, values_then_state) for every entry of shard s, in row order (sequential
+  // reads), under the shard's read lock.
+  template <class Fn>
+  void scan_shard(size_t s, Fn&& fn) const {
+    const detail::Shard& sh = *shards_[s];
+    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    for (uint32_t r : sh.live_rows()) {
+      const char* row = sh.row(r);
+      fn(key_of(row), ts_of(row), values_of(row));
+    }
+  }
+
+  // Calls fn(id, count) for the admission filter's counts of shard s.
+  template <class Fn>
+  void scan_counts(size_t s, Fn&& fn) const {
+    const detail::Shard& sh = *shards_[s];
+    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    for (const auto& kv : sh.counts) fn(kv.first, kv.second);
+  }
+
+  // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
+  void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
+    const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
+    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
+      bool inserted;
+      char* row = sh.row(sh.find_or_insert(ids[i], h, &inserted));
+      std::memcpy(values_of(row), data + i * floats, sizeof(float) * floats);
+      stamp(row, ts[i]);
+    });
+  }
+
+  void load_counts(const int64_t* ids, const uint64_t* counts, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      detail::Shard& sh = *shards_[shard_of(hash_id(ids[i]))];
+      std::unique_lock<std::shared_mutex> lk(sh.mu);
+      sh.counts[ids[i]] = counts[i];
+    }
+  }
+
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
-    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
       bool inserted;
       const uint32_t r = sh.find_or_insert(ids[i], h, &inserted);
       char* row = sh.row(r);
@@ -556,6 +672,13 @@ class EmbeddingTable {
   }
 
  private:
+  size_t shard_of(uint64_t h) const { return shard_bits_ ? static_cast<size_t>(h >> (64 - shard_bits_)) : 0; }
+  static int64_t key_of(const char* row) { return detail::Shard::key_of(row); }
+  static int64_t ts_of(const char* row) {
+    int64_t t;
+    std::memcpy(&t, row + 8, sizeof t);
+    return t;
+  }
   static float* values_of(char* row) { return reinterpret_cast<float*>(row + RowLayout::kHeader); }
   static const float* values_of(const char* row) { return reinterpret_cast<const float*>(row + RowLayout::kHeader); }
   static void stamp(char* row, int64_t ts) { std::memcpy(row + 8, &ts, sizeof ts); }
@@ -592,6 +715,24 @@ class EmbeddingTable {
     for (size_t k = 0; k < layout_.segments.size(); ++k)
       init_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k], spec_.random_seed,
                    id, layout_.value_offset[k]);
+  }
+
+  // The row of `id` for a write of `occurrences` occurrences, or null when the admission
+  // filter keeps an absent id out. An id already in the table is never filtered; an absent
+  // one is admitted once `threshold` occurrences were seen before (exact counts).
+  char* admit(detail::Shard& sh, int64_t id, uint64_t h, uint64_t occurrences) const {
+    if (thresholds_.empty()) return upsert(sh, id, h);
+    const uint32_t threshold = thresholds_[slot_of(id)];
+    if (threshold > 0 && sh.find(id, h) < 0) {
+      auto it = sh.counts.emplace(id, 0).first;
+      const uint64_t before = it->second;
+      if (before < threshold) {
+        it->second = before + occurrences;
+        return nullptr;
+      }
+      sh.counts.erase(it);  // admitted: the entry itself now stands for the id
+    }
+    return upsert(sh, id, h);
   }
 
   char* upsert(detail::Shard& sh, int64_t id, uint64_t h) const {
@@ -656,6 +797,7 @@ class EmbeddingTable {
   }
 
   void note_ts(int64_t ts) {
+    if (ts == kNoTimestamp) return;
     int64_t cur = max_update_ts_.load();
     while (ts > cur && !max_update_ts_.compare_exchange_weak(cur, ts)) {
     }
@@ -757,12 +899,15 @@ class EmbeddingTable {
   }
 
   static constexpr int kMaxHashNetDim = 4096;
+  static constexpr int64_t kNoTimestamp = INT64_MIN;  // a write that does not move max_update_ts
 
   TableSpec spec_;
   RowLayout layout_;
   const KernelSet* kernels_;
   std::vector<OptStepFn> steps_;
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
+  std::vector<int64_t> expire_seconds_;  // by slot
+  std::vector<uint32_t> thresholds_;     // by slot; empty without an admission filter
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
   bool needs_step_ = false;

@@ -1,0 +1,44 @@
+"""Background eviction of expired entries, as Monolith's ``enable_feature_eviction``."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+
+__all__ = ["FeatureEvictor"]
+
+
+class FeatureEvictor:
+    """Calls ``table.evict()`` (expiry judged at the table's ``max_update_ts``) every
+    ``period_seconds`` on a daemon thread. The first poll only records the time, as in
+    Monolith. The thread holds the table weakly and ends when the table is gone or
+    :meth:`stop` is called."""
+
+    def __init__(self, table, period_seconds: float, poll_seconds: float = 10.0):
+        if period_seconds <= 0:
+            raise ValueError(f"period_seconds must be > 0, got {period_seconds}")
+        self._table = weakref.ref(table)
+        self._period = float(period_seconds)
+        self._poll = min(float(poll_seconds), self._period)
+        self._stop = threading.Event()
+        self.evicted = 0  # entries removed so far
+        self.runs = 0
+        self._thread = threading.Thread(target=self._loop, name="mtht-feature-eviction", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._poll):
+            table = self._table()
+            if table is None:
+                return
+            if time.monotonic() - last >= self._period:
+                self.evicted += table.evict()
+                self.runs += 1
+                last = time.monotonic()
+            del table
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

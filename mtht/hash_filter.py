@@ -1,0 +1,64 @@
+"""Occurrence-threshold admission (Monolith's hash filter), with exact counts."""
+
+from __future__ import annotations
+
+import numbers
+import threading
+from typing import Dict, Mapping, Optional, Tuple
+
+__all__ = ["HashFilter", "MAX_SLOT"]
+
+MAX_SLOT = 0x7FFF  # slot of an id = (id >> 48) & 0x7FFF
+
+
+def _threshold(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**32:
+        raise ValueError(f"{what} must be an integer in [0, 2^32), got {value!r}")
+    return int(value)
+
+
+class HashFilter:
+    """Keeps a new id out of its table until it has been seen often enough.
+
+    An id that is not in the table is admitted at the occurrence where at least
+    ``threshold`` occurrences have been seen before (``threshold`` of the id's slot
+    ``(id >> 48) & 0x7FFF``, else ``default_occurrence_threshold``; 0 admits at once). An id
+    already in the table is never filtered. Counts are exact (Monolith's saturate at 15).
+    The counts live with the table the filter is attached to and are saved and restored
+    with it; a filter serves one table.
+    """
+
+    def __init__(self, default_occurrence_threshold: int = 0,
+                 slot_occurrence_thresholds: Optional[Mapping[int, int]] = None):
+        self._default = _threshold(default_occurrence_threshold, "default_occurrence_threshold")
+        self._slots: Dict[int, int] = {}
+        for slot, threshold in (slot_occurrence_thresholds or {}).items():
+            if isinstance(slot, bool) or not isinstance(slot, numbers.Integral) or not 0 <= int(slot) <= MAX_SLOT:
+                raise ValueError(f"slot must be an integer in [0, {MAX_SLOT}], got {slot!r}")
+            self._slots[int(slot)] = _threshold(threshold, f"threshold of slot {slot}")
+        self._owner: Optional[str] = None
+        self._lock = threading.Lock()
+
+    @property
+    def default_occurrence_threshold(self) -> int:
+        return self._default
+
+    @property
+    def slot_occurrence_thresholds(self) -> Dict[int, int]:
+        return dict(self._slots)
+
+    def thresholds(self) -> Tuple[int, Dict[int, int]]:
+        """(default threshold, {slot: threshold}) as the core takes them."""
+        return self._default, dict(self._slots)
+
+    def attach(self, table_name: str) -> None:
+        """Bind the filter to one table; a second table raises ValueError."""
+        with self._lock:
+            if self._owner is not None:
+                raise ValueError(f"this HashFilter already serves table {self._owner!r}; "
+                                 "give each table its own filter")
+            self._owner = table_name
+
+    def __repr__(self) -> str:
+        return (f"HashFilter(default_occurrence_threshold={self._default}, "
+                f"slot_occurrence_thresholds={self._slots})")
