@@ -47,6 +47,8 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         cbool allow_non_finite
         uint64_t initial_capacity
         int num_shards
+        uint64_t max_entries
+        int eviction_policy
         uint32_t default_expire_days
         vector[pair[uint32_t, uint32_t]] slot_expire_days
         cbool has_filter
@@ -78,6 +80,8 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         uint64_t row_stride
         uint64_t num_shards
         uint64_t max_probe_groups
+        uint64_t evictions
+        uint64_t rows_in_use
 
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception

@@ -83,7 +83,8 @@ cdef class Table:
 
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
                   uint64_t initial_capacity=0, int num_shards=64, uint32_t default_expire_days=36500,
-                  dict slot_expire_days=None, object occurrence_thresholds=None):
+                  dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
+                  str eviction_policy="lru"):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
         cdef TableSpec spec
         cdef SegmentSpec seg
@@ -120,6 +121,10 @@ cdef class Table:
         spec.initial_capacity = initial_capacity
         spec.num_shards = num_shards
         spec.default_expire_days = default_expire_days
+        spec.max_entries = max_entries
+        if eviction_policy not in ("lru", "lfu"):
+            raise ValueError(f"eviction_policy must be 'lru' or 'lfu', got {eviction_policy!r}")
+        spec.eviction_policy = 0 if eviction_policy == "lru" else 1
         for slot, days in (slot_expire_days or {}).items():
             spec.slot_expire_days.push_back(pair[uint32_t, uint32_t](slot, days))
         if occurrence_thresholds is not None:
@@ -196,6 +201,8 @@ cdef class Table:
             "row_stride": st.row_stride,
             "num_shards": st.num_shards,
             "max_probe_groups": st.max_probe_groups,
+            "evictions": st.evictions,
+            "rows_in_use": st.rows_in_use,
         }
 
     def lookup(self, const int64_t[::1] ids, float[:, ::1] out):

@@ -100,6 +100,8 @@ class HashTable(BaseHashTable):
             default_expire_days=int(expiry.default_expire_time),
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
+            max_entries=int(table_config.max_entries or 0),
+            eviction_policy=str(table_config.eviction_policy),
         )
 
     def _swap_core(self, core) -> None:
@@ -162,11 +164,18 @@ class HashTable(BaseHashTable):
     def __len__(self) -> int:
         return self.size()
 
-    def stats(self) -> dict:
-        """Size, index capacity, memory and layout figures of the table."""
-        st = self._core.stats()
+    def stats(self, probe_lengths: bool = False) -> dict:
+        """Size, index capacity, memory and layout figures of the table, and the evictions
+        made to respect ``max_entries``. ``bytes`` counts the index and the rows handed out
+        (``row_bytes_reserved`` also counts address space reserved but never touched);
+        ``probe_lengths=True`` also scans the index for the longest probe sequence (in
+        16-slot groups)."""
+        st = self._core.stats(probe_lengths)
+        st["row_bytes_reserved"] = st.pop("row_bytes")
+        st["row_bytes"] = st["rows_in_use"] * st["row_stride"]
         st["load_factor"] = st["size"] / st["capacity"] if st["capacity"] else 0.0
         st["bytes"] = st["index_bytes"] + st["row_bytes"]
+        st["bytes_per_entry"] = st["bytes"] / st["size"] if st["size"] else 0.0
         st["dim"] = self._dim
         st["state_floats"] = self._core.state_dim
         return st

@@ -61,6 +61,7 @@ inline void validate(const TableSpec& spec) {
     if (e.first > 0x7FFF) throw ValueError("expiry slot " + std::to_string(e.first) + " is not in 0..32767");
   for (const auto& e : spec.slot_occurrence_thresholds)
     if (e.first > 0x7FFF) throw ValueError("threshold slot " + std::to_string(e.first) + " is not in 0..32767");
+  if (spec.eviction_policy != 0 && spec.eviction_policy != 1) throw ValueError("eviction_policy must be lru or lfu");
   int n = spec.num_shards;
   if (n < 1 || n > 4096 || (n & (n - 1)) != 0) throw ValueError("num_shards must be a power of two in [1, 4096]");
 }

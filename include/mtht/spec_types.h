@@ -71,6 +71,10 @@ struct TableSpec {
   bool allow_non_finite = false;
   uint64_t initial_capacity = 0;
   int num_shards = 64;  // a power of two
+  // Capacity: 0 = unlimited; otherwise a write that would exceed it first evicts entries
+  // by `eviction_policy` (0 = least recently written, 1 = least frequently written).
+  uint64_t max_entries = 0;
+  int eviction_policy = 0;
   // Expiry, in days, by slot ((id >> 48) & 0x7FFF); slots not listed use the default.
   uint32_t default_expire_days = 36500;
   std::vector<std::pair<uint32_t, uint32_t>> slot_expire_days;

@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -67,16 +68,17 @@ struct RowLayout {
   int state_dim = 0;
   size_t stride = 0;  // bytes per row
 
-  static constexpr size_t kHeader = 16;  // key + timestamp
+  // key + timestamp; with a capacity limit also the write clock and the write count.
+  size_t header = 16;
 
-  explicit RowLayout(const TableSpec& spec) : segments(spec.segments) {
+  explicit RowLayout(const TableSpec& spec) : segments(spec.segments), header(spec.max_entries ? 32 : 16) {
     for (const auto& s : segments) {
       value_offset.push_back(dim);
       state_offset.push_back(state_dim);
       dim += s.dim;
       state_dim += state_floats(s);
     }
-    stride = kHeader + sizeof(float) * static_cast<size_t>(dim + state_dim);
+    stride = header + sizeof(float) * static_cast<size_t>(dim + state_dim);
     stride = (stride + 7) / 8 * 8;
   }
 };
@@ -90,6 +92,8 @@ struct TableStats {
   uint64_t row_stride = 0;
   uint64_t num_shards = 0;
   uint64_t max_probe_groups = 0;  // longest probe sequence seen by the last stats() scan
+  uint64_t evictions = 0;         // entries removed to respect max_entries
+  uint64_t rows_in_use = 0;       // rows handed out (live or free for reuse)
 };
 
 namespace detail {
@@ -473,6 +477,7 @@ class EmbeddingTable {
     TableStats st;
     st.num_shards = shards_.size();
     st.row_stride = layout_.stride;
+    st.evictions = evictions_.load();
     for (auto* s : shards_) {
       std::shared_lock<std::shared_mutex> lk(s->mu);
       st.size += s->size();
@@ -480,6 +485,7 @@ class EmbeddingTable {
       st.index_bytes += s->index_bytes();
       st.row_bytes += s->rows().bytes();
       st.rows_allocated += s->rows().capacity();
+      st.rows_in_use += s->rows().rows_used();
       if (probe_lengths) st.max_probe_groups = std::max(st.max_probe_groups, s->max_probe_groups());
     }
     return st;
@@ -666,9 +672,11 @@ class EmbeddingTable {
       const uint32_t r = sh.find_or_insert(ids[i], h, &inserted);
       char* row = sh.row(r);
       init_row(row, ids[i]);
+      if (spec_.max_entries) std::memset(row + 16, 0, 16);
+      touch(row);
       stamp(row, ts);
       status[i] = inserted ? 0 : 1;
-    });
+    }, false);
   }
 
  private:
@@ -679,8 +687,19 @@ class EmbeddingTable {
     std::memcpy(&t, row + 8, sizeof t);
     return t;
   }
-  static float* values_of(char* row) { return reinterpret_cast<float*>(row + RowLayout::kHeader); }
-  static const float* values_of(const char* row) { return reinterpret_cast<const float*>(row + RowLayout::kHeader); }
+  float* values_of(char* row) const { return reinterpret_cast<float*>(row + layout_.header); }
+  const float* values_of(const char* row) const { return reinterpret_cast<const float*>(row + layout_.header); }
+
+  // Capacity bookkeeping in the row header: the write clock and the number of writes.
+  void touch(char* row) const {
+    if (!spec_.max_entries) return;
+    const uint64_t clock = write_clock_.load(std::memory_order_relaxed);
+    uint64_t writes;
+    std::memcpy(&writes, row + 24, 8);
+    ++writes;
+    std::memcpy(row + 16, &clock, 8);
+    std::memcpy(row + 24, &writes, 8);
+  }
   static void stamp(char* row, int64_t ts) { std::memcpy(row + 8, &ts, sizeof ts); }
 
  public:
@@ -738,7 +757,11 @@ class EmbeddingTable {
   char* upsert(detail::Shard& sh, int64_t id, uint64_t h) const {
     bool inserted;
     char* row = sh.row(sh.find_or_insert(id, h, &inserted));
-    if (inserted) init_row(row, id);
+    if (inserted) {
+      init_row(row, id);
+      if (spec_.max_entries) std::memset(row + 16, 0, 16);
+    }
+    touch(row);
     return row;
   }
 
@@ -839,10 +862,12 @@ class EmbeddingTable {
   // Reserves room for every id of the batch in its shard (so allocation fails before any
   // entry changes), then calls fn(shard, position, hash) under each shard's write lock.
   template <class Fn>
-  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn) {
+  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn, bool gated = true) {
     note_ts(ts);
     if (n == 0) return;
     detail::BatchPlan plan(ids, n, shard_bits_);
+    std::unique_lock<std::mutex> capacity_lock;
+    if (spec_.max_entries) capacity_lock = make_room(ids, n, false, gated);
     reserve_for(plan);
     ThreadPool::global().parallel_for(
         plan.busy_shards.size(),
@@ -862,6 +887,8 @@ class EmbeddingTable {
     note_ts(ts);
     if (n == 0) return;
     detail::BatchPlan plan(ids, n, shard_bits_);
+    std::unique_lock<std::mutex> capacity_lock;
+    if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true);
     reserve_for(plan);
     const int d = layout_.dim;
     ThreadPool::global().parallel_for(
@@ -890,6 +917,77 @@ class EmbeddingTable {
         threads_for(n));
   }
 
+  // With a capacity limit: counts the new entries a write batch will create (simulating the
+  // admission filter without changing it) and, if the table would grow past max_entries,
+  // evicts entries the batch does not touch, chosen by the eviction policy. Returns the lock
+  // that keeps capacity-limited writes one at a time until the batch is written.
+  std::unique_lock<std::mutex> make_room(const int64_t* ids, size_t n, bool runs, bool gated) {
+    std::unique_lock<std::mutex> lock(capacity_mu_);
+    write_clock_.fetch_add(1);
+    std::unordered_map<int64_t, uint64_t> occurrences;
+    for (size_t i = 0; i < n; ++i) ++occurrences[ids[i]];
+    uint64_t new_entries = 0;
+    for (const auto& kv : occurrences) {
+      const uint64_t h = hash_id(kv.first);
+      const detail::Shard& sh = *shards_[shard_of(h)];
+      std::shared_lock<std::shared_mutex> lk(sh.mu);
+      if (sh.find(kv.first, h) >= 0) continue;
+      if (gated && !thresholds_.empty()) {
+        const uint32_t threshold = thresholds_[slot_of(kv.first)];
+        const auto it = sh.counts.find(kv.first);
+        const uint64_t before = it == sh.counts.end() ? 0 : it->second;
+        const uint64_t last_seen = runs ? before : before + kv.second - 1;
+        if (threshold > 0 && last_seen < threshold) continue;  // stays filtered
+      }
+      ++new_entries;
+    }
+    if (new_entries > spec_.max_entries)
+      throw ValueError("this write brings " + std::to_string(new_entries) + " new ids but the table holds at most " +
+                       std::to_string(spec_.max_entries) + " entries (max_entries)");
+    const uint64_t current = size();
+    if (current + new_entries <= spec_.max_entries) return lock;
+    const uint64_t excess = current + new_entries - spec_.max_entries;
+    // Candidates: every entry the batch does not touch, ordered by (policy key, id).
+    struct Candidate {
+      uint64_t k1, k2;
+      int64_t id;
+    };
+    std::vector<Candidate> candidates;
+    for (size_t s = 0; s < shards_.size(); ++s) {
+      scan_rows(s, [&](const char* row) {
+        const int64_t id = key_of(row);
+        if (occurrences.count(id)) return;
+        uint64_t clock, writes;
+        std::memcpy(&clock, row + 16, 8);
+        std::memcpy(&writes, row + 24, 8);
+        candidates.push_back(spec_.eviction_policy == 0 ? Candidate{clock, 0, id} : Candidate{writes, clock, id});
+      });
+    }
+    auto before = [](const Candidate& a, const Candidate& b) {
+      if (a.k1 != b.k1) return a.k1 < b.k1;
+      if (a.k2 != b.k2) return a.k2 < b.k2;
+      return a.id < b.id;
+    };
+    std::nth_element(candidates.begin(), candidates.begin() + static_cast<ptrdiff_t>(excess - 1), candidates.end(),
+                     before);
+    std::unordered_map<int64_t, bool> victims;
+    for (uint64_t k = 0; k < excess; ++k) victims[candidates[k].id] = true;
+    uint64_t removed = 0;
+    for (auto* sh : shards_) {
+      std::unique_lock<std::shared_mutex> lk(sh->mu);
+      removed += sh->erase_if([&](const char* row) { return victims.count(key_of(row)) > 0; });
+    }
+    evictions_ += removed;
+    return lock;
+  }
+
+  template <class Fn>
+  void scan_rows(size_t s, Fn&& fn) const {
+    const detail::Shard& sh = *shards_[s];
+    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    for (uint32_t r : sh.live_rows()) fn(static_cast<const char*>(sh.row(r)));
+  }
+
   void reserve_for(const detail::BatchPlan& plan) {
     for (uint32_t s : plan.busy_shards) {
       detail::Shard& sh = *shards_[s];
@@ -908,6 +1006,9 @@ class EmbeddingTable {
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
   std::vector<int64_t> expire_seconds_;  // by slot
   std::vector<uint32_t> thresholds_;     // by slot; empty without an admission filter
+  mutable std::mutex capacity_mu_;
+  std::atomic<uint64_t> write_clock_{0};
+  std::atomic<uint64_t> evictions_{0};
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
   bool needs_step_ = false;
