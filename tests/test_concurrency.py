@@ -1,0 +1,312 @@
+"""One table used from many Python threads at once, intra-call threading, and a large table."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import mtht
+from mtht.hash_table import hash_table_from_config
+from mtht.testing import generate_test_hash_table_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
+
+F32 = np.float32
+
+
+@pytest.fixture(autouse=True)
+def restore_num_threads():
+    n = mtht.get_num_threads()
+    yield
+    mtht.set_num_threads(n)
+
+
+def run_threads(targets, timeout=120):
+    """Start one thread per callable, all released together; re-raise the first failure."""
+    barrier = threading.Barrier(len(targets))
+    errors = []
+
+    def wrap(fn):
+        def body():
+            try:
+                barrier.wait()
+                fn()
+            except BaseException as e:  # noqa: BLE001 - reported to the test below
+                errors.append(e)
+        return body
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish (deadlock?)"
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_assign_add_loses_nothing():
+    dim = 4
+    t = hash_table_from_config(generate_test_hash_table_config(dim))
+    n_threads, n_ids = 8, 20000
+    plans = []
+    for k in range(n_threads):
+        rng = np.random.default_rng(k)
+        batches = []
+        for it in range(30):
+            size = 6000 if it % 10 == 0 else int(rng.integers(1, 800))  # some take the multi-thread path
+            batches.append(rng.integers(0, n_ids, size=size).astype(np.int64))
+        plans.append(batches)
+
+    def writer(batches):
+        def fn():
+            for ids in batches:
+                t.assign_add(ids, np.ones((ids.size, dim), dtype=np.float32))
+        return fn
+
+    run_threads([writer(b) for b in plans])
+    counts = np.zeros(n_ids, dtype=np.int64)
+    for batches in plans:
+        for ids in batches:
+            counts += np.bincount(ids, minlength=n_ids)
+    ids = np.arange(n_ids, dtype=np.int64)
+    got = t.lookup(ids)
+    np.testing.assert_array_equal(got, np.repeat(counts[:, None], dim, axis=1).astype(np.float32))
+    assert t.size() == int((counts > 0).sum())
+    np.testing.assert_array_equal(t.contains(ids), counts > 0)
+
+
+def test_concurrent_apply_gradients_loses_nothing_with_dedup_and_without():
+    t = hash_table_from_config(generate_test_hash_table_config(2, learning_rate=1.0))
+    n_ids = 3000
+    plans = [np.random.default_rng(100 + k).integers(0, n_ids, size=(20, 700)) for k in range(6)]
+
+    def worker(k):
+        def fn():
+            for it, ids in enumerate(plans[k]):
+                t.apply_gradients(ids, -np.ones((ids.size, 2), dtype=np.float32), global_step=it,
+                                  enable_dedup=bool((k + it) % 2))
+        return fn
+
+    run_threads([worker(k) for k in range(len(plans))])
+    counts = sum(np.bincount(p.ravel(), minlength=n_ids) for p in plans)
+    np.testing.assert_array_equal(t.lookup(np.arange(n_ids)), np.repeat(counts[:, None], 2, axis=1))
+
+
+def test_lookups_during_writes_never_see_torn_rows():
+    dim = 16
+    t = hash_table_from_config(generate_test_hash_table_config(dim))
+    counted = np.arange(1000, dtype=np.int64)
+    stamped = np.arange(5000, 5100, dtype=np.int64)
+    fresh = (np.arange(60000, dtype=np.int64) * 1000003 + 10**9)
+    n_add_writers, add_rounds, stamp_rounds = 3, 400, 3000
+    done = threading.Event()
+    failures = []
+    reads = []
+
+    def adder():
+        rng = np.random.default_rng(threading.get_ident() % 2**32)
+        for _ in range(add_rounds):
+            ids = rng.permutation(counted)
+            t.assign_add(ids, np.ones((ids.size, dim), dtype=np.float32))
+
+    def stamper():
+        for k in range(1, stamp_rounds + 1):
+            t.assign(stamped, np.full((stamped.size, dim), k, dtype=np.float32), req_time=k)
+
+    def grower():
+        # new ids force the index to grow (rehash) while readers probe it
+        for chunk in np.array_split(fresh, 300):
+            t.assign(chunk, np.full((chunk.size, dim), 7.0, dtype=np.float32))
+
+    def reader(seed):
+        def fn():
+            rng = np.random.default_rng(seed)
+            last_count = np.zeros(counted.size, dtype=np.float32)
+            last_stamp = np.zeros(stamped.size, dtype=np.float32)
+            seen_fresh = np.zeros(fresh.size, dtype=bool)
+            max_count = n_add_writers * add_rounds
+            while not done.is_set():
+                rows = t.lookup(counted)
+                if not (rows == rows[:, :1]).all():
+                    failures.append("torn counted row")
+                c = rows[:, 0]
+                if not ((c == np.round(c)) & (c >= 0) & (c <= max_count)).all():
+                    failures.append("counted row out of range")
+                if (c < last_count).any():
+                    failures.append("counted row went backwards")
+                last_count = c
+                for d in t.lookup_entry(stamped[rng.integers(0, stamped.size, size=10)]):
+                    if d is not None and not (d.values == d.last_update_ts).all():
+                        failures.append(f"values {d.values[:2]} with timestamp {d.last_update_ts}")
+                s = t.lookup(stamped)
+                if not (s == s[:, :1]).all() or (s[:, 0] < last_stamp).any():
+                    failures.append("torn or regressing stamped row")
+                last_stamp = s[:, 0]
+                pick = rng.integers(0, fresh.size, size=2000)
+                f = t.lookup(fresh[pick])
+                ok = ((f == 0).all(axis=1) & ~seen_fresh[pick]) | (f == 7.0).all(axis=1)
+                if not ok.all():
+                    failures.append("fresh row neither absent nor 7, or disappeared")
+                seen_fresh[pick] |= (f == 7.0).all(axis=1)
+                reads.append(1)
+                if failures:
+                    return
+        return fn
+
+    def writers_then_done():
+        try:
+            run_threads([adder] * n_add_writers + [stamper, grower])
+        finally:
+            done.set()
+
+    run_threads([writers_then_done, reader(1), reader(2)])
+    assert failures == []
+    assert len(reads) >= 20  # the readers really ran while the writers wrote
+    np.testing.assert_array_equal(t.lookup(counted), np.full((counted.size, dim), n_add_writers * add_rounds))
+    np.testing.assert_array_equal(t.lookup(stamped), np.full((stamped.size, dim), stamp_rounds))
+    np.testing.assert_array_equal(t.lookup(fresh), np.full((fresh.size, dim), 7.0))
+    assert t.size() == counted.size + stamped.size + fresh.size
+
+
+def test_sgd_and_assign_add_commute_across_threads():
+    """Monolith's MultiThread test: assign_add(i, i) and an SGD step with g = -200 i and
+    lr 0.01, from many threads in any order, give 3 i."""
+    dim = 2
+    lr = 0.01
+    t = hash_table_from_config(generate_test_hash_table_config(dim, learning_rate=lr))
+    ids = np.arange(1, 2001, dtype=np.int64)
+    chunks = np.array_split(ids, 8)
+
+    def adder(chunk):
+        def fn():
+            for i in chunk:  # one id per call, as in the C++ test
+                t.assign_add([i], np.full((1, dim), i, dtype=np.float32))
+        return fn
+
+    def stepper(chunk):
+        def fn():
+            for part in np.array_split(chunk, 25):
+                t.apply_gradients(part, np.repeat((-200.0 * part)[:, None], dim, axis=1).astype(np.float32),
+                                  global_step=0)
+        return fn
+
+    run_threads([adder(c) for c in chunks] + [stepper(c) for c in chunks[::-1]])
+    got = t.lookup(ids)
+    i = ids.astype(np.float32)
+    step = F32(lr) * (F32(-200) * i)
+    add_first = (F32(0) + i) - step
+    step_first = (F32(0) - step) + i
+    ok = (got == add_first[:, None]) | (got == step_first[:, None])
+    assert ok.all()
+    np.testing.assert_allclose(got, np.repeat(3.0 * ids[:, None], dim, axis=1), rtol=1e-6)
+
+
+def _adagrad_run(num_threads, use_multi_threads):
+    mtht.set_num_threads(num_threads)
+    assert mtht.get_num_threads() == num_threads
+    segs = [SegmentDesc(3, init="ones", opt="adagrad", initial_accumulator_value=0.1, weight_decay_factor=0.01),
+            SegmentDesc(9, opt="adagrad", initial_accumulator_value=1.0)]
+    lrs = [0.05, 0.2]
+    t = hash_table_from_config(make_config(segs, lrs))
+    rng = np.random.default_rng(2024)
+    pool = rng.integers(-(2**63), 2**63 - 1, size=3000, dtype=np.int64)
+    for it in range(6):
+        ids = pool[rng.integers(0, pool.size, size=12000)]  # about 4 occurrences per id
+        grads = rng.standard_normal((ids.size, 12)).astype(np.float32)
+        if it == 2:
+            t.assign_add(ids, grads, req_time=it)
+        else:
+            t.apply_gradients(ids, grads, global_step=it, use_multi_threads=use_multi_threads,
+                              enable_dedup=bool(it % 2), req_time=it)
+    return t, pool, segs, lrs
+
+
+def _state_of(t, ids):
+    dumps = t.lookup_entry(ids)
+    values = np.stack([d.values for d in dumps])
+    norms = np.concatenate([np.stack([d.optimizer_state[k]["norm"] for d in dumps]) for k in range(2)], axis=1)
+    ts = np.array([d.last_update_ts for d in dumps])
+    return values, norms, ts
+
+
+def test_results_do_not_depend_on_thread_count():
+    runs = {}
+    for n, multi in ((1, False), (2, True), (4, True), (2, False)):
+        t, pool, segs, lrs = _adagrad_run(n, multi)
+        runs[(n, multi)] = _state_of(t, pool)
+    base = runs[(1, False)]
+    for key, got in runs.items():
+        for a, b in zip(got, base):
+            assert a.tobytes() == b.tobytes(), f"num_threads={key} differs from single-threaded"
+
+    # and the single-threaded result is the reference model's, exactly
+    ref = ReferenceTable(segs)
+    rng = np.random.default_rng(2024)
+    pool = rng.integers(-(2**63), 2**63 - 1, size=3000, dtype=np.int64)
+    for it in range(6):
+        ids = pool[rng.integers(0, pool.size, size=12000)]
+        grads = rng.standard_normal((ids.size, 12)).astype(np.float32)
+        if it == 2:
+            ref.assign_add(ids, grads, req_time=it)
+        else:
+            ref.apply_gradients(ids, grads, lrs, enable_dedup=bool(it % 2), req_time=it)
+    want = ref.lookup_entry(pool)
+    np.testing.assert_array_equal(base[0], np.stack([w.values for w in want]))
+    np.testing.assert_array_equal(base[1], np.stack([np.concatenate([s["norm"] for s in w.state]) for w in want]))
+    np.testing.assert_array_equal(base[2], [w.ts for w in want])
+
+
+def test_set_num_threads_validation():
+    with pytest.raises(ValueError):
+        mtht.set_num_threads(0)
+    mtht.set_num_threads(3)
+    assert mtht.get_num_threads() == 3
+
+
+def test_set_num_threads_while_other_threads_write():
+    t = hash_table_from_config(generate_test_hash_table_config(2))
+    ids = np.arange(8000, dtype=np.int64)
+
+    def writer():
+        for _ in range(15):
+            t.assign_add(ids, np.ones((ids.size, 2), dtype=np.float32))
+
+    def switcher():
+        for k in range(30):
+            mtht.set_num_threads(1 + k % 4)
+
+    run_threads([writer, writer, switcher])
+    np.testing.assert_array_equal(t.lookup(ids), np.full((ids.size, 2), 30.0))
+
+
+def test_large_table():
+    n, dim = 1_000_000, 8
+    t = hash_table_from_config(generate_test_hash_table_config(dim, learning_rate=1.0))
+    k = np.arange(n, dtype=np.uint64)
+    ids = (k * np.uint64(0x9E3779B97F4A7C15) + np.uint64(12345)).view(np.int64)  # distinct, spread over int64
+    values = (np.arange(n * dim, dtype=np.int64).reshape(n, dim)).astype(np.float32)  # exact below 2**24
+    t.assign(ids, values, req_time=3)
+    del values
+    assert t.size() == n
+    perm = np.random.default_rng(0).permutation(n)
+    got = t.lookup(ids[perm])
+    want = perm[:, None].astype(np.int64) * dim + np.arange(dim)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    del got
+    t.apply_gradients(ids[perm], np.ones((n, dim), dtype=np.float32), global_step=0, enable_dedup=True)
+    got = t.lookup(ids)
+    np.testing.assert_array_equal(got, (np.arange(n * dim).reshape(n, dim) - 1).astype(np.float32))
+    del got
+    missing = ids[:100000] + 1
+    missing = missing[~np.isin(missing, ids)]
+    assert missing.size > 99000
+    assert not t.contains(missing).any()
+    assert (t.lookup(missing) == 0).all()
+    assert t.size() == n
+    st = t.stats()
+    assert st["size"] == n
+    assert st["bytes"] < 512 * 2**20
