@@ -66,6 +66,25 @@ def available_kernels():
     return kernel_names().decode().split(",")
 
 
+cdef extern from *:
+    """
+    #include "mtht/table.h"
+    // Collects one shard's entries into flat vectors (used by the Monolith-format writer).
+    static void _dump_shard(const mtht::EmbeddingTable& t, int shard, int64_t now, bool apply_expiry,
+                            std::vector<int64_t>& ids, std::vector<int64_t>& ts, std::vector<float>& data) {
+      const size_t width = static_cast<size_t>(t.dim() + t.state_dim());
+      t.scan_shard(static_cast<size_t>(shard), [&](int64_t id, int64_t stamp, const float* values) {
+        if (apply_expiry && t.expired(id, stamp, now)) return;
+        ids.push_back(id);
+        ts.push_back(stamp);
+        data.insert(data.end(), values, values + width);
+      });
+    }
+    """
+    void _dump_shard(const EmbeddingTable& t, int shard, int64_t now, bint apply_expiry, vector[int64_t]& ids,
+                     vector[int64_t]& ts, vector[float]& data) except +translate_exception nogil
+
+
 cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
     if rows != n or cols != dim:
         raise ValueError(f"{what} must have shape ({n}, {dim}), got ({rows}, {cols})")
@@ -169,6 +188,28 @@ cdef class Table:
         with nogil:
             removed = self._t.get().evict(max_update_time)
         return removed
+
+    def dump_shard(self, int shard, int64_t now, bint apply_expiry):
+        """(ids, timestamps, values+state [n, dim + state_dim]) of one table shard, leaving out
+        entries expired at ``now`` when ``apply_expiry``."""
+        cdef vector[int64_t] ids, ts
+        cdef vector[float] data
+        if not 0 <= shard < self._t.get().num_shards():
+            raise ValueError(f"shard {shard} out of range")
+        with nogil:
+            _dump_shard(self._t.get()[0], shard, now, apply_expiry, ids, ts, data)
+        width = self.dim + self.state_dim
+        return (np.asarray(ids, dtype=np.int64), np.asarray(ts, dtype=np.int64),
+                np.asarray(data, dtype=np.float32).reshape(-1, width))
+
+    def load_entries(self, const int64_t[::1] ids, const int64_t[::1] ts, const float[:, ::1] data):
+        """Write entries as a checkpoint holds them: values then optimizer state."""
+        cdef Py_ssize_t n = ids.shape[0]
+        if ts.shape[0] != n:
+            raise ValueError(f"ts must have {n} values, got {ts.shape[0]}")
+        _check_rows(n, data.shape[0], data.shape[1], self.dim + self.state_dim, "data")
+        with nogil:
+            self._t.get().load_entries(&ids[0], &ts[0], &data[0, 0], n)
 
     def save_files(self, list paths, int64_t max_update_ts, bint apply_expiry, str layout):
         """Write the table into the data files ``paths`` in parallel; per-file summaries."""

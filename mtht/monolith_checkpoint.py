@@ -1,0 +1,286 @@
+"""Monolith's single-table checkpoint files, read and written (``pip install mtht[monolith]``).
+
+Monolith saves a table as ``<basename>-%05d-of-%05d`` files, each a TFRecord stream (every
+record framed by its length and masked CRC32C checksums) of serialized ``EntryDump``
+protobuf messages: the id, the raw stored floats, one optimizer dump per segment (none for
+moving average) and the last update time. The message types are declared here from
+Monolith's field numbers, so no generated code is needed; protobuf and google-crc32c do the
+encoding and the checksums.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from mtht._spec import _STATE_LAYOUT
+
+__all__ = ["save_monolith", "restore_monolith", "entry_dump_class", "write_tfrecords", "read_tfrecords"]
+
+_MASK_DELTA = 0xA282EAD8
+
+# Optimizer dump messages: (oneof field number in SingleOptimizerDump, message name,
+# fields as (name, number, type)). "repeated" floats are unpacked (proto2), as Monolith's.
+_DUMPS = {
+    "adagrad": (1, "AdagradDump", [("norm", 1, "rf")]),
+    "sgd": (2, "SgdDump", []),
+    "ftrl": (3, "FtrlDump", [("zero", 1, "rf"), ("norm", 2, "rf")]),
+    "dynamic_wd_adagrad": (4, "DynamicWdAdagradDump", [("norm", 1, "rf"), ("last_update_step", 2, "i64")]),
+    "adadelta": (6, "AdadeltaDump", [("accum", 1, "rf"), ("accum_update", 2, "rf")]),
+    "adam": (7, "AdamDump", [("m", 1, "rf"), ("v", 2, "rf"), ("beta1_power", 3, "f"), ("beta2_power", 4, "f")]),
+    "amsgrad": (8, "AmsgradDump", [("m", 1, "rf"), ("v", 2, "rf"), ("vhat", 3, "rf"), ("beta1_power", 4, "f"),
+                                   ("beta2_power", 5, "f")]),
+    "momentum": (9, "MomentumDump", [("n", 1, "rf")]),
+    "rmsprop": (11, "RmspropDump", [("n", 1, "rf")]),
+    "rmspropv2": (12, "Rmspropv2Dump", [("n", 1, "rf")]),
+    "group_ftrl": (13, "GroupFtrlDump", [("zero", 1, "rf"), ("norm", 2, "rf")]),
+    "batch_softmax": (14, "BatchSoftmaxDump", [("global_step", 1, "i64")]),
+    "group_adagrad": (15, "GroupAdagradDump", [("grad_square_sum", 1, "f")]),
+}
+
+_CLASSES = None
+
+
+def _require():
+    try:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        import google_crc32c
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the Monolith checkpoint format needs protobuf and google-crc32c: "
+                          "pip install 'mtht[monolith]'") from e
+    return descriptor_pb2, descriptor_pool, message_factory, google_crc32c
+
+
+def entry_dump_class():
+    """The ``EntryDump`` message class (Monolith's field numbers)."""
+    global _CLASSES
+    if _CLASSES is None:
+        descriptor_pb2, descriptor_pool, message_factory, _ = _require()
+        F = descriptor_pb2.FieldDescriptorProto
+        types = {"rf": (F.TYPE_FLOAT, F.LABEL_REPEATED), "f": (F.TYPE_FLOAT, F.LABEL_OPTIONAL),
+                 "i64": (F.TYPE_INT64, F.LABEL_OPTIONAL)}
+        fdp = descriptor_pb2.FileDescriptorProto(name="mtht_monolith_entry_dump.proto",
+                                                 package="mtht.monolith", syntax="proto2")
+        single = descriptor_pb2.DescriptorProto(name="SingleOptimizerDump")
+        single.oneof_decl.add(name="type")
+        for kind, (number, msg_name, fields) in _DUMPS.items():
+            msg = fdp.message_type.add(name=msg_name)
+            for fname, fnum, ftype in fields:
+                t, label = types[ftype]
+                msg.field.add(name=fname, number=fnum, type=t, label=label)
+            single.field.add(name=kind, number=number, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                             type_name=f".mtht.monolith.{msg_name}", oneof_index=0)
+        fdp.message_type.append(single)
+        opt = fdp.message_type.add(name="OptimizerDump")
+        opt.field.add(name="dump", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+                      type_name=".mtht.monolith.SingleOptimizerDump")
+        entry = fdp.message_type.add(name="EntryDump")
+        entry.field.add(name="id", number=1, type=F.TYPE_SFIXED64, label=F.LABEL_OPTIONAL)
+        entry.field.add(name="num", number=2, type=F.TYPE_FLOAT, label=F.LABEL_REPEATED)
+        entry.field.add(name="opt", number=3, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                        type_name=".mtht.monolith.OptimizerDump")
+        entry.field.add(name="last_update_ts_sec", number=4, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(fdp)
+        _CLASSES = message_factory.GetMessageClass(pool.FindMessageTypeByName("mtht.monolith.EntryDump"))
+    return _CLASSES
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _require()[3].value(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def write_tfrecords(path: str, records) -> None:
+    """Write ``records`` (bytes) as a TFRecord file."""
+    with open(path, "wb") as f:
+        for data in records:
+            length = struct.pack("<Q", len(data))
+            f.write(length)
+            f.write(struct.pack("<I", _masked_crc(length)))
+            f.write(data)
+            f.write(struct.pack("<I", _masked_crc(data)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_tfrecords(path: str):
+    """Yield the records of a TFRecord file, checking both checksums of each."""
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(12)
+            if not head:
+                return
+            if len(head) < 12:
+                raise ValueError(f"{path}: truncated record header")
+            length_bytes, (length_crc,) = head[:8], struct.unpack("<I", head[8:])
+            if _masked_crc(length_bytes) != length_crc:
+                raise ValueError(f"{path}: corrupt record length")
+            (length,) = struct.unpack("<Q", length_bytes)
+            data = f.read(length)
+            tail = f.read(4)
+            if len(data) < length or len(tail) < 4:
+                raise ValueError(f"{path}: truncated record")
+            if _masked_crc(data) != struct.unpack("<I", tail)[0]:
+                raise ValueError(f"{path}: corrupt record (checksum mismatch)")
+            yield data
+
+
+def _segments(table) -> List[Tuple[str, int]]:
+    return [(seg.optimizer.kind, int(seg.dim_size)) for seg in table.config.table_config.entry_config.segments]
+
+
+def _encode(entry, segments, state_row: np.ndarray) -> None:
+    """Fill ``entry.opt`` from one entry's raw state floats."""
+    offset = 0
+    for kind, dim in segments:
+        if kind == "moving_average":
+            continue
+        number, _, fields = _DUMPS[kind]
+        dump = getattr(entry.opt.dump.add(), kind)
+        dump.SetInParent()
+        for (name, per_dim, extra, dtype), (fname, _, ftype) in zip(_STATE_LAYOUT[kind], fields):
+            length = per_dim * dim + extra
+            words = state_row[offset:offset + length]
+            offset += length
+            if ftype == "rf":
+                getattr(dump, fname).extend(words.tolist())
+            elif ftype == "f":
+                setattr(dump, fname, float(words[0]))
+            else:
+                setattr(dump, fname, int(np.ascontiguousarray(words).view(np.int64)[0]))
+
+
+def _decode(entry, segments, state_width: int) -> np.ndarray:
+    """Raw state floats of one entry from ``entry.opt``; ValueError when it does not match."""
+    out = np.zeros(state_width, dtype=np.float32)
+    dumps = [d for d in entry.opt.dump]
+    expected = [kind for kind, _ in segments if kind != "moving_average"]
+    if len(dumps) != len(expected):
+        raise ValueError(f"entry {entry.id}: {len(dumps)} optimizer dumps, the table's layout needs "
+                         f"{len(expected)} ({', '.join(expected)})")
+    offset = 0
+    it = iter(dumps)
+    for kind, dim in segments:
+        layout = _STATE_LAYOUT[kind]
+        if kind == "moving_average":
+            continue
+        d = next(it)
+        if d.WhichOneof("type") != kind:
+            raise ValueError(f"entry {entry.id}: optimizer dump is {d.WhichOneof('type')!r}, the table has {kind!r}")
+        dump = getattr(d, kind)
+        for (name, per_dim, extra, dtype), (fname, _, ftype) in zip(layout, _DUMPS[kind][2]):
+            length = per_dim * dim + extra
+            if ftype == "rf":
+                values = list(getattr(dump, fname))
+                if len(values) != length:
+                    raise ValueError(f"entry {entry.id}: {kind}.{fname} has {len(values)} values, expected {length}")
+                out[offset:offset + length] = values
+            elif ftype == "f":
+                out[offset] = getattr(dump, fname)
+            else:
+                out[offset:offset + 2] = np.array([getattr(dump, fname)], dtype=np.int64).view(np.float32)
+            offset += length
+    return out
+
+
+def save_monolith(table, basename: str) -> None:
+    """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
+    expired at the table's max_update_ts are left out, as Monolith does). Each file is
+    written under a temporary name and renamed into place."""
+    entry_cls = entry_dump_class()
+    basename = os.fspath(basename)
+    if os.path.dirname(basename):
+        os.makedirs(os.path.dirname(basename), exist_ok=True)
+    core = table._core
+    shards = core.stats()["num_shards"]
+    n = table._saver_parallel if table._saver_parallel and table._saver_parallel > 0 else min(
+        4, max(1, len(table) // 1_000_000))
+    n = max(1, min(n, shards))
+    segments = _segments(table)
+    dim = table.dim_size
+    now = core.max_update_ts
+    for i in range(n):
+        path = "%s-%05d-of-%05d" % (basename, i, n)
+        tmp = f"{path}-tmp-{os.getpid()}"
+
+        def records(i=i):
+            for s in range(shards * i // n, shards * (i + 1) // n):
+                ids, ts, data = core.dump_shard(s, now, True)
+                for k in range(ids.shape[0]):
+                    e = entry_cls(id=int(ids[k]), last_update_ts_sec=int(ts[k]))
+                    e.num.extend(data[k, :dim].tolist())
+                    e.opt.SetInParent()
+                    _encode(e, segments, data[k, dim:])
+                    yield e.SerializeToString()
+
+        write_tfrecords(tmp, records())
+        os.replace(tmp, path)
+
+
+def _shard_files(basename: str) -> List[str]:
+    directory = os.path.dirname(basename) or "."
+    prefix = os.path.basename(basename)
+    pattern = re.compile(re.escape(prefix) + r"-(\d{5})-of-(\d{5})$")
+    found: Dict[int, Dict[int, str]] = {}
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(directory, name)
+    if not found:
+        raise FileNotFoundError(f"no Monolith checkpoint files {basename}-NNNNN-of-NNNNN")
+    if len(found) > 1:
+        raise ValueError(f"Monolith checkpoint {basename!r} mixes shard counts {sorted(found)}")
+    (count, files), = found.items()
+    missing = [i for i in range(count) if i not in files]
+    if missing:
+        raise FileNotFoundError(f"Monolith checkpoint {basename!r}: shard {missing[0]} of {count} is missing")
+    return [files[i] for i in range(count)]
+
+
+def restore_monolith(table, basename: str) -> None:
+    """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
+    Everything is parsed and checked (checksums, shard set, optimizer layout) into a fresh
+    table first; on any error the table is left as it was."""
+    entry_cls = entry_dump_class()
+    segments = _segments(table)
+    dim = table.dim_size
+    core = table._new_core()
+    width = dim + core.state_dim
+    max_ts = 0
+    batch = 8192
+    for path in _shard_files(os.fspath(basename)):
+        ids: List[int] = []
+        stamps: List[int] = []
+        rows: List[np.ndarray] = []
+
+        def flush():
+            if ids:
+                core.load_entries(np.array(ids, dtype=np.int64), np.array(stamps, dtype=np.int64),
+                                  np.ascontiguousarray(np.stack(rows), dtype=np.float32))
+                ids.clear(), stamps.clear(), rows.clear()
+
+        for record in read_tfrecords(path):
+            e = entry_cls()
+            try:
+                e.ParseFromString(record)
+            except Exception as err:
+                raise ValueError(f"{path}: unable to parse an EntryDump record ({err})") from None
+            if len(e.num) != dim:
+                raise ValueError(f"{path}: entry {e.id} has {len(e.num)} values, the table has dim {dim}")
+            row = np.empty(width, dtype=np.float32)
+            row[:dim] = e.num
+            row[dim:] = _decode(e, segments, width - dim)
+            ids.append(e.id)
+            stamps.append(e.last_update_ts_sec)
+            rows.append(row)
+            max_ts = max(max_ts, e.last_update_ts_sec)
+            if len(ids) >= batch:
+                flush()
+        flush()
+    core.max_update_ts = max_ts
+    table._swap_core(core)
