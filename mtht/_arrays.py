@@ -31,8 +31,8 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
     if kind == "i":
         pass
     elif kind == "u":
-        if a.dtype.itemsize == 8:
-            a = np.ascontiguousarray(a).view(np.int64)
+        if a.dtype.itemsize == 8:  # reinterpret the bits (in native byte order)
+            a = np.ascontiguousarray(a, dtype=np.uint64).view(np.int64)
     elif a.size == 0 and kind in "fO":
         a = a.astype(np.int64)
     elif kind == "f":

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -22,12 +23,25 @@ class Buffer {
   explicit Buffer(size_t bytes) : bytes_(bytes) {
     if (bytes == 0) return;
     if (bytes >= kMmapThreshold) {
-      void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      // Huge pages back only 2 MiB-aligned ranges: map 2 MiB more and trim both ends so the
+      // buffer starts on a 2 MiB boundary.
+      const bool huge = bytes >= kHugePage;
+      const size_t span = huge ? bytes + kHugePage : bytes;
+      void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) throw std::bad_alloc();
+      char* start = static_cast<char*>(p);
+      if (huge) {
+        char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(start) + kHugePage - 1) & ~(kHugePage - 1));
+        if (aligned > start) munmap(start, static_cast<size_t>(aligned - start));
+        char* end = start + span;
+        char* used_end = aligned + (bytes + 4095) / 4096 * 4096;
+        if (end > used_end) munmap(used_end, static_cast<size_t>(end - used_end));
+        start = aligned;
 #ifdef MADV_HUGEPAGE
-      if (bytes >= kHugePage) madvise(p, bytes, MADV_HUGEPAGE);
+        madvise(start, bytes, MADV_HUGEPAGE);
 #endif
-      data_ = p;
+      }
+      data_ = start;
       mapped_ = true;
     } else {
       size_t rounded = (bytes + 63) / 64 * 64;

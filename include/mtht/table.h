@@ -228,12 +228,22 @@ class Shard {
     if (groups_) prefetch(group_ptr(h));
   }
 
-  // Prefetch the row of the first tag match in the home group (usually the right one).
-  void prefetch_candidate(uint64_t h) const {
+  // Prefetch the first `bytes` of the row of the first tag match in the home group (usually
+  // the right one): every cache line the operation will touch, for writing when it writes.
+  void prefetch_candidate(uint64_t h, size_t bytes, bool write) const {
     if (!groups_) return;
     const uint32_t* g = group_ptr(h);
     uint32_t m = match_tag(g, tag_of(h));
-    if (m) prefetch(rows_.row((g[__builtin_ctz(m)] & kRowMask) - 1));
+    if (!m) return;
+    const char* row = rows_.row((g[__builtin_ctz(m)] & kRowMask) - 1);
+    const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+    const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
+    for (uintptr_t line = first; line <= last; line += 64) {
+      if (write)
+        __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+      else
+        __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+    }
   }
 
   // Row of `id`, or -1.
@@ -443,6 +453,7 @@ class EmbeddingTable {
       thresholds_.assign(0x8000, spec.default_occurrence_threshold);
       for (const auto& e : spec.slot_occurrence_thresholds) thresholds_[e.first] = e.second;
     }
+    read_bytes_ = layout_.header + sizeof(float) * static_cast<size_t>(layout_.dim);
     shards_.reserve(spec.num_shards);
     for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride));
     if (spec.initial_capacity > 0) {
@@ -843,17 +854,20 @@ class EmbeddingTable {
           const uint32_t s = plan.busy_shards[t];
           const detail::Shard& sh = *shards_[s];
           std::shared_lock<std::shared_mutex> lk(sh.mu);
-          visit_in_order(sh, plan, s, fn);
+          visit_in_order(sh, plan, s, fn, read_bytes_, false);
         },
         threads_for(n));
   }
 
+  // Visits the ids of shard s in input order, prefetching ahead: the index group of the id
+  // kGroupAhead positions on, and the first `row_bytes` of the row of the id kRowAhead on.
   template <class ShardT, class Fn>
-  static void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn) {
+  static void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes,
+                             bool write) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     for (size_t k = b; k < e; ++k) {
       if (k + kGroupAhead < e) sh.prefetch_group(plan.hashes[plan.order[k + kGroupAhead]]);
-      if (k + kRowAhead < e) sh.prefetch_candidate(plan.hashes[plan.order[k + kRowAhead]]);
+      if (k + kRowAhead < e) sh.prefetch_candidate(plan.hashes[plan.order[k + kRowAhead]], row_bytes, write);
       const uint32_t i = plan.order[k];
       fn(sh, i, plan.hashes[i]);
     }
@@ -875,7 +889,7 @@ class EmbeddingTable {
           const uint32_t s = plan.busy_shards[t];
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
-          visit_in_order(sh, plan, s, fn);
+          visit_in_order(sh, plan, s, fn, layout_.stride, true);
         },
         threads_for(n));
   }
@@ -1009,6 +1023,7 @@ class EmbeddingTable {
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};
   std::atomic<uint64_t> evictions_{0};
+  size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
   bool needs_step_ = false;
