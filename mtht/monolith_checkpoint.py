@@ -111,6 +111,7 @@ def write_tfrecords(path: str, records) -> None:
 def read_tfrecords(path: str):
     """Yield the records of a TFRecord file, checking both checksums of each."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while True:
             head = f.read(12)
             if not head:
@@ -121,6 +122,8 @@ def read_tfrecords(path: str):
             if _masked_crc(length_bytes) != length_crc:
                 raise ValueError(f"{path}: corrupt record length")
             (length,) = struct.unpack("<Q", length_bytes)
+            if length + 4 > size - f.tell():
+                raise ValueError(f"{path}: truncated record (its length runs past the end of the file)")
             data = f.read(length)
             tail = f.read(4)
             if len(data) < length or len(tail) < 4:
@@ -220,12 +223,27 @@ def save_monolith(table, basename: str) -> None:
 
         write_tfrecords(tmp, records())
         os.replace(tmp, path)
+    # Files of an earlier save with another file count would make the set ambiguous.
+    for other in _all_shard_files(basename):
+        if not other.endswith("-of-%05d" % n):
+            os.unlink(other)
+
+
+def _shard_pattern(basename: str):
+    return re.compile(re.escape(os.path.basename(basename)) + r"-(\d{5})-of-(\d{5})$")
+
+
+def _all_shard_files(basename: str) -> List[str]:
+    directory = os.path.dirname(basename) or "."
+    pattern = _shard_pattern(basename)
+    return [os.path.join(directory, name) for name in os.listdir(directory) if pattern.match(name)]
 
 
 def _shard_files(basename: str) -> List[str]:
     directory = os.path.dirname(basename) or "."
-    prefix = os.path.basename(basename)
-    pattern = re.compile(re.escape(prefix) + r"-(\d{5})-of-(\d{5})$")
+    pattern = _shard_pattern(basename)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no Monolith checkpoint files {basename}-NNNNN-of-NNNNN")
     found: Dict[int, Dict[int, str]] = {}
     for name in os.listdir(directory):
         m = pattern.match(name)
@@ -251,7 +269,8 @@ def restore_monolith(table, basename: str) -> None:
     dim = table.dim_size
     core = table._new_core()
     width = dim + core.state_dim
-    max_ts = 0
+    max_ts = None
+    allow_non_finite = bool(table.config.table_config.allow_non_finite)
     batch = 8192
     for path in _shard_files(os.fspath(basename)):
         ids: List[int] = []
@@ -275,12 +294,14 @@ def restore_monolith(table, basename: str) -> None:
             row = np.empty(width, dtype=np.float32)
             row[:dim] = e.num
             row[dim:] = _decode(e, segments, width - dim)
+            if not allow_non_finite and not np.isfinite(row[:dim]).all():
+                raise ValueError(f"{path}: entry {e.id} holds NaN or Inf values; the table does not allow them")
             ids.append(e.id)
             stamps.append(e.last_update_ts_sec)
             rows.append(row)
-            max_ts = max(max_ts, e.last_update_ts_sec)
+            max_ts = e.last_update_ts_sec if max_ts is None else max(max_ts, e.last_update_ts_sec)
             if len(ids) >= batch:
                 flush()
         flush()
-    core.max_update_ts = max_ts
+    core.max_update_ts = 0 if max_ts is None else max_ts
     table._swap_core(core)

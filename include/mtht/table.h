@@ -399,6 +399,56 @@ class Shard {
   RowArena rows_;
 };
 
+// Groups the positions of one shard's ids by id (and block): runs in order of first
+// occurrence, each run's positions in input order, in O(n) with a small hash table.
+struct Runs {
+  static constexpr uint32_t kEnd = 0xFFFFFFFFu;
+  std::vector<uint32_t> first;  // first position of each run
+  std::vector<uint32_t> last;   // last position of each run
+  std::vector<uint32_t> next;   // next position of the same run, indexed by position - base
+  std::vector<uint32_t> slots;  // hash table of run numbers (kEnd = empty)
+  uint32_t base = 0;
+
+  static Runs& local() {
+    static thread_local Runs runs;
+    return runs;
+  }
+
+  void group(const int64_t* ids, const uint32_t* blocks, const uint64_t* hashes, const uint32_t* order, size_t n) {
+    first.clear();
+    last.clear();
+    base = 0xFFFFFFFFu;
+    uint32_t top = 0;
+    for (size_t k = 0; k < n; ++k) {
+      base = std::min(base, order[k]);
+      top = std::max(top, order[k]);
+    }
+    next.assign(n ? top - base + 1 : 0, kEnd);
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    slots.assign(cap, kEnd);
+    const size_t mask = cap - 1;
+    for (size_t k = 0; k < n; ++k) {
+      const uint32_t p = order[k];
+      const uint64_t h = blocks ? mix64(hashes[p] ^ (static_cast<uint64_t>(blocks[p]) * 0x9e3779b97f4a7c15ULL)) : hashes[p];
+      for (size_t i = h & mask;; i = (i + 1) & mask) {
+        const uint32_t r = slots[i];
+        if (r == kEnd) {
+          slots[i] = static_cast<uint32_t>(first.size());
+          first.push_back(p);
+          last.push_back(p);
+          break;
+        }
+        if (ids[first[r]] == ids[p] && (!blocks || blocks[first[r]] == blocks[p])) {
+          next[last[r] - base] = p;
+          last[r] = p;
+          break;
+        }
+      }
+    }
+  }
+};
+
 // Ids of a batch grouped by shard, input order kept inside each shard.
 struct BatchPlan {
   std::vector<uint64_t> hashes;       // per input position
@@ -820,7 +870,8 @@ class EmbeddingTable {
     if (!has_hashnet_) return;
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
-      if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet && t % seg.hashnet_step_size == 0)
+      if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet && t >= 0 &&
+          t % seg.hashnet_step_size == 0)
         hashnet_scale_[k].store(hashnet_scale(seg.hashnet_init_scale, seg.hashnet_max_scale, t));
     }
   }
@@ -910,22 +961,20 @@ class EmbeddingTable {
         [&](size_t t) {
           const uint32_t s = plan.busy_shards[t];
           const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
-          // Group positions by id, keeping input order inside each id (stable sort).
-          std::vector<uint32_t> pos(plan.order.begin() + b, plan.order.begin() + e);
-          if (blocks)
-            std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) {
-              return blocks[x] != blocks[y] ? blocks[x] < blocks[y] : ids[x] < ids[y];
-            });
-          else
-            std::stable_sort(pos.begin(), pos.end(), [&](uint32_t x, uint32_t y) { return ids[x] < ids[y]; });
+          detail::Runs& runs = detail::Runs::local();
+          runs.group(ids, blocks, plan.hashes.data(), plan.order.data() + b, e - b);
           std::vector<float> scratch(d);
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
-          for (size_t k = 0; k < pos.size();) {
-            size_t m = k + 1;
-            while (m < pos.size() && ids[pos[m]] == ids[pos[k]] && (!blocks || blocks[pos[m]] == blocks[pos[k]])) ++m;
-            fn(sh, pos.data() + k, m - k, plan.hashes[pos[k]], scratch.data());
-            k = m;
+          const size_t count = runs.first.size();
+          std::vector<uint32_t> positions;
+          for (size_t r = 0; r < count; ++r) {
+            if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[runs.first[r + kGroupAhead]]);
+            if (r + kRowAhead < count)
+              sh.prefetch_candidate(plan.hashes[runs.first[r + kRowAhead]], layout_.stride, true);
+            positions.clear();
+            for (uint32_t p = runs.first[r]; p != detail::Runs::kEnd; p = runs.next[p - runs.base]) positions.push_back(p);
+            fn(sh, positions.data(), positions.size(), plan.hashes[positions[0]], scratch.data());
           }
         },
         threads_for(n));
