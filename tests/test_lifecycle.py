@@ -1,0 +1,1126 @@
+"""Tests of the lifecycle of entries: timestamps, the admission filter, expiry and
+eviction, capacity limits and checkpoints.
+
+The first part ports the numbers Monolith's own tests pin for these features; the rest
+covers what this implementation promises beyond them: int64 timestamps, exact filter
+counts, round trips of every optimizer, crash safety and error handling (a bad checkpoint
+raises and leaves the table exactly as it was), the multi-type helper, and the LRU/LFU
+capacity rule checked against a small model.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import mtht
+from mtht import entry
+from mtht.checkpoint import restore_multi_type, save_multi_type
+from mtht.feature_eviction import FeatureEvictor
+from mtht.hash_table import hash_table_from_config
+from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+F32 = np.float32
+DAY = 86400
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------
+
+def config_of(dim=1, optimizer=None, initializer=None, compressor=None, learning_rate=1.0,
+              expire_days=36500, slot_expire_days=None, max_entries=None, eviction_policy="lru",
+              segments=None, learning_rates=None, extra_restore_names=None, random_seed=0):
+    """A table config; by default Monolith's test table: one SGD segment, zeros, lr 1."""
+    if segments is None:
+        segments = [entry.CombineAsSegment(dim, initializer or entry.ZerosInitializer(),
+                                           optimizer or entry.SgdOptimizer(),
+                                           compressor or entry.Fp32Compressor())]
+        learning_rates = [learning_rate]
+    table_config = entry.EmbeddingHashTableConfig(
+        entry_config=entry.EntryConfig(segments=segments),
+        slot_expire_time_config=entry.SlotExpireTimeConfig(
+            default_expire_time=expire_days, slot_expire_times=dict(slot_expire_days or {})),
+        max_entries=max_entries,
+        eviction_policy=eviction_policy,
+        random_seed=random_seed,
+    )
+    return entry.HashTableConfigInstance(table_config, learning_rates,
+                                         extra_restore_names=extra_restore_names)
+
+
+def table_of(hash_filter=None, name_suffix="", saver_parallel=-1, **kwargs):
+    return hash_table_from_config(config_of(**kwargs), hash_filter=hash_filter,
+                                  name_suffix=name_suffix, saver_parallel=saver_parallel)
+
+
+def ids_of(*values):
+    return np.asarray(values, dtype=np.int64)
+
+
+def slot_id(slot, low=0):
+    return (slot << 48) | low
+
+
+def snapshot(table, ids):
+    """Everything observable about ``ids`` in ``table``, bit for bit."""
+    rows = []
+    for dump in table.lookup_entry(np.asarray(ids, dtype=np.int64)):
+        if dump is None:
+            rows.append(None)
+        else:
+            state = [sorted((k, v.dtype.str, v.tobytes()) for k, v in seg.items())
+                     for seg in dump.optimizer_state]
+            rows.append((dump.id, dump.values.tobytes(), state, dump.last_update_ts))
+    return table.size(), table.max_update_ts, table.lookup(ids).tobytes(), rows
+
+
+def data_files(directory, prefix=None):
+    return sorted(n for n in os.listdir(directory)
+                  if n.endswith(".mtd") and (prefix is None or n.startswith(prefix + "-g")))
+
+
+def manifest_of(basename):
+    with open(basename + ".manifest.json") as f:
+        return json.load(f)["manifest"]
+
+
+def manifest_files(basename):
+    return [f["name"] for f in manifest_of(basename)["files"]]
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Numbers pinned by Monolith's tests
+# ----------------------------------------------------------------------------------------
+
+def test_gradients_with_hash_filter():
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3), learning_rate=0.1)
+    ids = ids_of(0, 0, 1)
+    expected = [[[0], [0]], [[0.1], [0]], [[0.3], [0]], [[0.5], [0.1]]]
+    for want in expected:
+        t = t.apply_gradients(ids, -np.ones([3, 1], F32), global_step=0)
+        np.testing.assert_allclose(t.lookup(ids_of(0, 1)), want, rtol=1e-6)
+
+
+def test_hash_table_and_hash_filter_save_restore_together(tmp_path):
+    basename = str(tmp_path / "table")
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=2))
+    ones = np.ones([1, 1], F32)
+    t.assign_add(ids_of(0), ones)                       # seen once: filtered
+    assert t.lookup(ids_of(0)).tolist() == [[0]]
+    t.save(basename)
+    t.assign_add(ids_of(0), ones)                       # seen twice: filtered
+    assert t.lookup(ids_of(0)).tolist() == [[0]]
+    t.assign_add(ids_of(0), ones)                       # third call: takes effect
+    assert t.lookup(ids_of(0)).tolist() == [[1]]
+    t.restore(basename)                                 # rewinds the table and the counts
+    assert t.lookup(ids_of(0)).tolist() == [[0]] and t.size() == 0
+    t.assign_add(ids_of(0), ones)
+    assert t.lookup(ids_of(0)).tolist() == [[0]]
+    t.assign_add(ids_of(0), ones)
+    assert t.lookup(ids_of(0)).tolist() == [[1]]
+
+
+@pytest.mark.parametrize("expire_days,want", [(0, [[0], [0]]), (3600, [[1], [2]])],
+                         ids=["test_entry_ttl_zero", "test_entry_ttl_not_zero"])
+def test_entry_ttl(tmp_path, expire_days, want):
+    basename = str(tmp_path / "table")
+    t = table_of(expire_days=expire_days)
+    t.assign_add(ids_of(0, 1), [[1], [2]])              # req_time omitted: timestamps 0
+    t.save(basename)
+    assert t.lookup(ids_of(0, 1)).tolist() == [[1], [2]]  # expired entries stay in memory
+    restored = table_of(expire_days=expire_days).restore(basename)
+    assert restored.lookup(ids_of(0, 1)).tolist() == want
+
+
+@pytest.mark.parametrize("method", ["assign_add", "apply_gradients"])
+def test_save_restore_with_feature_eviction(tmp_path, method):
+    basename = str(tmp_path / "table")
+    max_ts = 10_000_000
+    t = table_of(expire_days=1)
+    for i, ts in enumerate([max_ts - DAY - 1, max_ts - DAY + 1, max_ts]):
+        if method == "assign_add":
+            t.assign_add(ids_of(i), [[i + 1]], req_time=ts)
+        else:
+            t.apply_gradients(ids_of(i), [[i + 1]], global_step=0, req_time=ts)
+    assert t.max_update_ts == max_ts
+    t.save(basename)
+    restored = table_of(expire_days=1).restore(basename)
+    sign = 1 if method == "assign_add" else -1
+    assert restored.lookup(ids_of(0, 1, 2)).tolist() == [[0], [2 * sign], [3 * sign]]
+    assert restored.max_update_ts == max_ts
+    assert t.size() == 3
+
+
+def test_entry_ttl_by_slots(tmp_path):
+    basename = str(tmp_path / "table")
+    kwargs = dict(expire_days=3600, slot_expire_days={1: 0, 2: 1})
+    ids = ids_of(1 << 48, 2 << 48)
+    t = table_of(**kwargs)
+    t.assign_add(ids, [[1], [2]], req_time=100)
+    t.save(basename)
+    t = table_of(**kwargs).restore(basename)
+    assert t.lookup(ids).tolist() == [[0], [2]]
+    t.save(basename)
+    t = table_of(**kwargs).restore(basename)
+    assert t.lookup(ids).tolist() == [[0], [2]]
+
+
+@pytest.mark.parametrize("req_time", [None, 0, 100])
+def test_hooks_with_equal_timestamps_keep_everything(tmp_path, req_time):
+    basename = str(tmp_path / "table")
+    t = table_of(expire_days=1)
+    t.apply_gradients(ids_of(0, 1), [[1], [2]], global_step=0, req_time=req_time)
+    t.save(basename)
+    t.assign(ids_of(0, 1), [[7], [7]], req_time=req_time)
+    t.restore(basename)
+    assert t.lookup(ids_of(0, 1)).tolist() == [[-1], [-2]]
+
+
+def test_one_time_evict():
+    t = table_of(expire_days=14, slot_expire_days={0: 0, 1: 5, 2: 6})
+    ids = ids_of(slot_id(0, 7), slot_id(1, 7), slot_id(2, 7), slot_id(3, 7))
+    t.assign(ids, np.ones([4, 1], F32), req_time=1234)
+    # slot 0 (0 days) and slot 1 (5 days) have expired; slot 2 (6 days) and slot 3 (the
+    # default 14 days) have not.
+    assert t.evict(1234 + 5 * DAY + 60) == 2
+    assert t.contains(ids).tolist() == [False, False, True, True]
+    assert t.size() == 2
+    assert t.evict(1234 + 6 * DAY) == 1                 # exactly 6 days: expired (>=)
+    assert t.contains(ids).tolist() == [False, False, False, True]
+
+
+def test_save_restore(tmp_path):
+    basename = str(tmp_path / "table")
+    t = table_of()
+    t.assign_add(ids_of(-1, 1), [[1], [2]])
+    t.save(basename)
+    restored = table_of().restore(basename)
+    assert restored.lookup(ids_of(-1, 1)).tolist() == [[1], [2]]
+
+
+def test_restore_after_save(tmp_path):
+    basename = str(tmp_path / "table")
+    t = table_of()
+    t.assign(ids_of(0), [[1]])
+    t.save(basename)
+    t.assign(ids_of(0), [[2]])
+    t.restore(basename)
+    assert t.lookup(ids_of(0)).tolist() == [[1]]
+
+
+def test_save_restore_with_hash_table_clear_logic(tmp_path):
+    basename = str(tmp_path / "table")
+    t = table_of()
+    t.assign_add(ids_of(0), [[1]])
+    t.save(basename)
+    t.assign_add(ids_of(1), [[1]])
+    assert t.lookup(ids_of(0, 1)).tolist() == [[1], [1]]
+    t.restore(basename)
+    assert t.lookup(ids_of(0, 1)).tolist() == [[1], [0]]
+    assert t.size() == 1
+
+
+def test_two_hash_table_whose_name_is_prefix(tmp_path):
+    a = table_of(name_suffix="table1").assign(ids_of(0), [[1]])
+    b = table_of(name_suffix="table10").assign(ids_of(0), [[10]])
+    a.save(str(tmp_path / "table1"))
+    b.save(str(tmp_path / "table10"))
+    a.save(str(tmp_path / "table1"))                    # a new generation of table1 only
+    assert table_of().restore(str(tmp_path / "table1")).lookup(ids_of(0)).tolist() == [[1]]
+    assert table_of().restore(str(tmp_path / "table10")).lookup(ids_of(0)).tolist() == [[10]]
+    assert len(data_files(tmp_path, "table1")) == 1
+    assert len(data_files(tmp_path, "table10")) == 1
+
+
+def test_restore_not_found(tmp_path):
+    t = table_of().assign(ids_of(3), [[3]])
+    with pytest.raises(FileNotFoundError):
+        t.restore(str(tmp_path / "nothing_here"))
+    with pytest.raises(FileNotFoundError):
+        t.restore(str(tmp_path / "no_such_dir" / "table"))
+    assert t.lookup(ids_of(3)).tolist() == [[3]]
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Timestamps
+# ----------------------------------------------------------------------------------------
+
+def test_timestamps_are_int64(tmp_path):
+    big, negative = 2**40 + 5, -(2**33)
+    t = table_of()
+    t.assign(ids_of(1), [[1]], req_time=big)
+    t.assign_add(ids_of(2), [[1]], req_time=negative)
+    t.apply_gradients(ids_of(3), [[1]], global_step=0, req_time=2**62)
+    assert [e.last_update_ts for e in t.lookup_entry(ids_of(1, 2, 3))] == [big, negative, 2**62]
+    assert t.max_update_ts == 2**62
+    # Saved and restored as they are (timestamps within the 100-year default expiry of the
+    # table's max_update_ts, so that nothing is left out of the checkpoint).
+    for stamps in ([2**40 + 5, 2**40 - 1000, 2**40 + 10], [-1000, -(2**31) - 7, 0]):
+        t = table_of()
+        for i, ts in enumerate(stamps):
+            t.assign(ids_of(i), [[i]], req_time=ts)
+        t.save(str(tmp_path / "t"))
+        restored = table_of().restore(str(tmp_path / "t"))
+        assert [e.last_update_ts for e in restored.lookup_entry(ids_of(0, 1, 2))] == stamps
+        assert restored.max_update_ts == max(stamps) == t.max_update_ts
+
+
+def test_max_update_ts_never_decreases_and_default_req_time_is_zero():
+    t = table_of()
+    assert t.max_update_ts == 0
+    t.assign(ids_of(1), [[1]], req_time=-50)            # negative: the max stays at 0
+    assert t.max_update_ts == 0
+    t.assign(ids_of(1), [[1]], req_time=500)
+    t.assign(ids_of(1), [[1]], req_time=100)            # the entry goes back to 100 ...
+    assert t.lookup_entry(ids_of(1))[0].last_update_ts == 100
+    assert t.max_update_ts == 500                       # ... the table's max does not
+    t.assign_add(ids_of(1), [[1]])                      # no req_time: stamped 0
+    assert t.lookup_entry(ids_of(1))[0].last_update_ts == 0
+    assert t.max_update_ts == 500
+
+
+def test_req_time_default_zero_makes_an_entry_look_old():
+    t = table_of(expire_days=1)
+    t.assign(ids_of(1, 2), [[1], [2]], req_time=1_700_000_000)
+    t.assign(ids_of(2), [[3]])                          # forgot req_time: stamped 0
+    assert t.evict() == 1
+    assert t.contains(ids_of(1, 2)).tolist() == [True, False]
+
+
+def test_reinitialize_stamps_wall_clock_or_req_time_and_keeps_max_update_ts():
+    t = table_of()
+    t.assign(ids_of(1), [[1]], req_time=10)
+    before = int(time.time())
+    assert t.reinitialize(ids_of(1, 2)).tolist() == [1, 0]
+    after = int(time.time())
+    for e in t.lookup_entry(ids_of(1, 2)):
+        assert before <= e.last_update_ts <= after
+    assert t.max_update_ts == 10
+    t.reinitialize(ids_of(3), req_time=2**35)
+    assert t.lookup_entry(ids_of(3))[0].last_update_ts == 2**35
+    assert t.max_update_ts == 10
+
+
+def test_restore_takes_max_update_ts_from_the_checkpoint(tmp_path):
+    t = table_of()
+    t.assign(ids_of(1), [[1]], req_time=1000)
+    t.save(str(tmp_path / "t"))
+    t.assign(ids_of(1), [[2]], req_time=5000)
+    assert t.max_update_ts == 5000
+    t.restore(str(tmp_path / "t"))
+    assert t.max_update_ts == 1000
+    assert t.lookup_entry(ids_of(1))[0].last_update_ts == 1000
+
+
+def test_evict_with_negative_and_huge_timestamps():
+    t = table_of(expire_days=1)
+    t.assign(ids_of(1), [[1]], req_time=-(2**62))
+    t.assign(ids_of(2), [[1]], req_time=2**62)
+    # 2^62 - (-2^62) = 2^63 overflows int64; the comparison must not.
+    assert t.evict() == 1
+    assert t.contains(ids_of(1, 2)).tolist() == [False, True]
+    t.assign(ids_of(3), [[1]], req_time=2**62 - DAY + 1)
+    assert t.evict(2**63 - 1) == 2                      # the largest possible "now"
+    t.assign(ids_of(4), [[1]], req_time=0)
+    assert t.evict(-(2**63)) == 0                       # the smallest: nothing has expired
+    assert t.contains(ids_of(4))[0]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The admission filter
+# ----------------------------------------------------------------------------------------
+
+def test_filter_slot_thresholds():
+    f = mtht.HashFilter(default_occurrence_threshold=0, slot_occurrence_thresholds={1: 2, 2: 0})
+    t = table_of(hash_filter=f)
+    a, b, c = slot_id(0, 5), slot_id(1, 5), slot_id(2, 5)
+    t.assign_add(ids_of(a, b, c), np.ones([3, 1], F32))
+    assert t.contains(ids_of(a, b, c)).tolist() == [True, False, True]
+    t.assign_add(ids_of(b), [[1]])
+    assert not t.contains(ids_of(b))[0]
+    t.assign_add(ids_of(b), [[1]])                      # third occurrence: admitted
+    assert t.lookup(ids_of(b)).tolist() == [[1]]
+    f2 = mtht.HashFilter(default_occurrence_threshold=5, slot_occurrence_thresholds={3: 0})
+    t2 = table_of(hash_filter=f2)
+    t2.assign(ids_of(slot_id(3, 1), slot_id(4, 1)), [[1], [1]])
+    assert t2.contains(ids_of(slot_id(3, 1), slot_id(4, 1))).tolist() == [True, False]
+    assert f2.default_occurrence_threshold == 5 and f2.slot_occurrence_thresholds == {3: 0}
+
+
+def test_filter_counts_are_exact_beyond_15():
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=20))
+    for k in range(20):
+        t.assign_add(ids_of(9), [[1]])
+        assert t.size() == 0, k
+    t.assign_add(ids_of(9), [[1]])                      # occurrence 21
+    assert t.lookup(ids_of(9)).tolist() == [[1]]
+    # The same within one batch: one step per occurrence from the 21st on.
+    t2 = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=20))
+    t2.apply_gradients(np.full(23, 4, np.int64), np.ones([23, 1], F32), global_step=0)
+    assert t2.lookup(ids_of(4)).tolist() == [[-3]]
+
+
+def test_filter_with_dedup_adds_the_batch_count_at_once():
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3))
+    t.apply_gradients(ids_of(5, 5, 5, 5), np.ones([4, 1], F32), global_step=0, enable_dedup=True)
+    assert t.size() == 0                                # count before the batch was 0 < 3
+    t.apply_gradients(ids_of(5, 5), np.ones([2, 1], F32), global_step=0, enable_dedup=True)
+    assert t.lookup(ids_of(5)).tolist() == [[-2]]       # 4 >= 3: one step of the summed grads
+
+
+def test_filter_never_filters_ids_in_the_table():
+    f = mtht.HashFilter(default_occurrence_threshold=100)
+    t = table_of(hash_filter=f)
+    t.reinitialize(ids_of(1), req_time=0)               # reinitialize is not gated
+    t.assign_add(ids_of(1), [[2]])
+    assert t.lookup(ids_of(1)).tolist() == [[2]]
+
+
+def test_a_filter_serves_one_table():
+    f = mtht.HashFilter(default_occurrence_threshold=1)
+    table_of(hash_filter=f)
+    with pytest.raises(ValueError):
+        table_of(hash_filter=f)
+    with pytest.raises(ValueError):
+        mtht.HashFilter(default_occurrence_threshold=-1)
+    with pytest.raises(ValueError):
+        mtht.HashFilter(slot_occurrence_thresholds={0x8000: 1})
+
+
+def test_filter_state_is_saved_and_restored(tmp_path):
+    basename = str(tmp_path / "t")
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3))
+    t.assign_add(ids_of(7, 7, 8), np.ones([3, 1], F32))     # 7 seen twice, 8 once
+    t.assign_add(ids_of(6, 6, 6, 6), np.ones([4, 1], F32))  # 6 admitted: its count is dropped
+    assert t.lookup(ids_of(6)).tolist() == [[1]]
+    t.save(basename)
+    assert sum(f["filter_entries"] for f in manifest_of(basename)["files"]) == 2
+    restored = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3)).restore(basename)
+    restored.assign_add(ids_of(7, 8), [[1], [1]])            # 7: third occurrence; 8: second
+    assert restored.contains(ids_of(6, 7, 8)).tolist() == [True, False, False]
+    restored.assign_add(ids_of(7, 8), [[1], [1]])            # 7: fourth (admitted); 8: third
+    assert restored.lookup(ids_of(7, 8)).tolist() == [[1], [0]]
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Expiry, eviction and background eviction
+# ----------------------------------------------------------------------------------------
+
+def test_evict_defaults_to_max_update_ts_and_reuses_rows():
+    t = table_of(dim=4, expire_days=1)
+    peak = 0
+    for round_ in range(30):
+        ts = round_ * 10 * DAY
+        ids = np.arange(round_ * 1000, round_ * 1000 + 1000, dtype=np.int64)
+        t.assign(ids, np.full([1000, 4], round_, F32), req_time=ts)
+        assert t.max_update_ts == ts
+        removed = t.evict()
+        assert removed == (1000 if round_ else 0)
+        assert t.size() == 1000
+        peak = max(peak, t.stats()["rows_in_use"])
+    # 30000 inserts, at most 2000 live at once: the removed rows are reused.
+    assert peak <= 4000
+    assert t.lookup(ids_of(29 * 1000)).tolist() == [[29] * 4]
+
+
+def test_feature_evictor_removes_expired_entries_on_its_own():
+    t = table_of(expire_days=1, slot_expire_days={5: 2})
+    old = ids_of(1, 2, slot_id(5, 1))
+    t.assign(old, np.ones([3, 1], F32), req_time=1000)
+    t.assign(ids_of(3), [[1]], req_time=1000 + DAY + 1)
+    evictor = FeatureEvictor(t, period_seconds=0.2, poll_seconds=0.05)
+    try:
+        deadline = time.monotonic() + 10
+        while evictor.evicted < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert t.contains(ids_of(1, 2, slot_id(5, 1), 3)).tolist() == [False, False, True, True]
+        assert evictor.evicted == 2 and evictor.runs >= 1
+        t.assign(ids_of(4), [[1]], req_time=1000 + 2 * DAY)   # now the slot-5 id expires too
+        deadline = time.monotonic() + 10
+        while evictor.evicted < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert t.contains(ids_of(slot_id(5, 1), 3, 4)).tolist() == [False, True, True]
+        assert evictor.evicted == 3
+    finally:
+        evictor.stop()
+    with pytest.raises(ValueError):
+        FeatureEvictor(t, period_seconds=0)
+
+
+def test_feature_eviction_config_builds_a_working_table():
+    cfg = config_of()
+    cfg.table_config.enable_feature_eviction = True
+    cfg.table_config.feature_evict_every_n_hours = 1
+    t = hash_table_from_config(cfg)
+    t.assign(ids_of(1), [[1]], req_time=5)
+    assert t.lookup(ids_of(1)).tolist() == [[1]]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Capacity limits
+# ----------------------------------------------------------------------------------------
+
+class CapacityModel:
+    """The batch-level rule: a write that would exceed ``max_entries`` first evicts entries
+    it does not touch — lru: oldest write clock (one tick per write call), ties by id; lfu:
+    fewest writes (one per occurrence, one per unique id with dedup), ties by clock, id."""
+
+    def __init__(self, max_entries, policy):
+        self.max_entries, self.policy = max_entries, policy
+        self.entries = {}  # id -> [clock, writes, value]
+        self.clock = 0
+        self.evictions = 0
+
+    def _key(self, i):
+        clock, writes, _ = self.entries[i]
+        return (clock, i) if self.policy == "lru" else (writes, clock, i)
+
+    def write(self, ids, deltas, per_occurrence):
+        occurrences = collections.Counter(ids)
+        new = [i for i in occurrences if i not in self.entries]
+        if len(new) > self.max_entries:
+            raise ValueError
+        self.clock += 1
+        excess = len(self.entries) + len(new) - self.max_entries
+        if excess > 0:
+            victims = sorted((i for i in self.entries if i not in occurrences), key=self._key)[:excess]
+            for i in victims:
+                del self.entries[i]
+            self.evictions += excess
+        if per_occurrence:
+            for i, d in zip(ids, deltas):
+                e = self.entries.setdefault(i, [0, 0, 0.0])
+                e[0] = self.clock
+                e[1] += 1
+                e[2] += d
+        else:
+            sums = collections.defaultdict(float)
+            for i, d in zip(ids, deltas):
+                sums[i] += d
+            for i, d in sums.items():
+                e = self.entries.setdefault(i, [0, 0, 0.0])
+                e[0] = self.clock
+                e[1] += 1
+                e[2] += d
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_capacity_eviction_matches_the_model(policy):
+    max_entries = 12
+    t = table_of(max_entries=max_entries, eviction_policy=policy)
+    model = CapacityModel(max_entries, policy)
+    rng = random.Random(policy)
+    universe = list(range(-15, 16))
+    fresh = iter(range(1000, 10**6))
+    for step in range(300):
+        if rng.random() < 0.05:                          # more new ids than max_entries
+            ids = [next(fresh) for _ in range(max_entries + 1)]
+        else:                                            # at most max_entries distinct ids
+            ids = [rng.choice(universe) for _ in range(rng.randint(1, max_entries))]
+        n = len(ids)
+        deltas = [float(rng.randint(1, 3)) for _ in range(n)]
+        kind = rng.choice(["assign_add", "apply_dedup", "apply"])
+        per_occurrence = kind != "apply_dedup"
+        before = snapshot(t, universe)
+        try:
+            model.write(ids, deltas if kind == "assign_add" else [-d for d in deltas], per_occurrence)
+        except ValueError:
+            with pytest.raises(ValueError):
+                if kind == "assign_add":
+                    t.assign_add(ids, deltas)
+                else:
+                    t.apply_gradients(ids, deltas, global_step=step, enable_dedup=not per_occurrence)
+            assert snapshot(t, universe) == before
+            continue
+        if kind == "assign_add":
+            t.assign_add(ids, deltas)
+        else:
+            t.apply_gradients(ids, deltas, global_step=step, enable_dedup=not per_occurrence)
+        present = t.contains(universe)
+        assert sorted(np.asarray(universe)[present].tolist()) == sorted(model.entries), step
+        want = [[model.entries[i][2]] if i in model.entries else [0.0] for i in universe]
+        np.testing.assert_array_equal(t.lookup(universe), want)
+        assert t.size() <= max_entries
+        assert t.stats()["evictions"] == model.evictions
+    assert model.evictions > 50
+
+
+def test_lru_and_lfu_choose_different_victims():
+    for policy, survivor in [("lru", [False, True, True]), ("lfu", [True, False, True])]:
+        t = table_of(max_entries=2, eviction_policy=policy)
+        t.assign_add(ids_of(1, 1, 1), [1, 1, 1])          # id 1: 3 writes, clock 1
+        t.assign_add(ids_of(2), [1])                      # id 2: 1 write, clock 2
+        t.assign_add(ids_of(3), [1])                      # full: evict one of 1, 2
+        assert t.contains(ids_of(1, 2, 3)).tolist() == survivor, policy
+        assert t.stats()["evictions"] == 1
+
+
+def test_capacity_ties_break_by_id():
+    t = table_of(max_entries=4)
+    t.assign(ids_of(5, -3, 9, 0), np.ones([4, 1], F32))  # one write call: equal clocks
+    t.assign(ids_of(100, 101), [[1], [1]])
+    assert t.contains(ids_of(-3, 0, 5, 9, 100, 101)).tolist() == [False, False, True, True, True, True]
+
+
+def test_capacity_batch_larger_than_max_entries_changes_nothing():
+    t = table_of(max_entries=3)
+    t.assign(ids_of(1, 2), [[1], [2]], req_time=7)
+    before = snapshot(t, range(10))
+    with pytest.raises(ValueError):
+        t.assign(ids_of(3, 4, 5, 6), np.ones([4, 1], F32), req_time=9)
+    with pytest.raises(ValueError):
+        t.apply_gradients(ids_of(3, 4, 5, 6, 3), np.ones([5, 1], F32), global_step=0, enable_dedup=True)
+    assert snapshot(t, range(10)) == before
+    assert t.stats()["evictions"] == 0
+    t.assign(ids_of(1, 2, 3), [[1], [1], [1]])           # 3 ids, 1 new: fits without eviction
+    assert t.stats()["evictions"] == 0 and t.size() == 3
+
+
+_TOUCHES_TOO_MANY = r"""
+import numpy as np
+from mtht import entry
+from mtht.hash_table import hash_table_from_config
+
+segment = entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+config = entry.HashTableConfigInstance(
+    entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=[segment]), max_entries=3), [1.0])
+t = hash_table_from_config(config)
+t.assign([1, 2, 3], [[1], [2], [3]])
+for ids in ([1, 2, 3, 4], [1, 2, 4, 5], [3, 4, 4, 5, 6, 1]):
+    try:
+        t.assign(ids, np.full([len(ids), 1], 9, np.float32))
+    except ValueError:
+        pass
+    else:
+        raise SystemExit(f"{ids}: no ValueError; size {t.size()}")
+    assert t.size() == 3, t.size()
+    assert t.lookup([1, 2, 3, 4, 5, 6]).tolist() == [[1], [2], [3], [0], [0], [0]]
+print("ok")
+"""
+
+
+def test_capacity_batch_touching_more_ids_than_max_entries():
+    # Only one new id, but the batch also touches every entry already in the table: no
+    # untouched entry can make room, so the batch cannot fit and must be refused. Run in a
+    # child process, so that a crash cannot take the test session down.
+    proc = subprocess.run([sys.executable, "-c", _TOUCHES_TOO_MANY], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_capacity_simulates_the_filter():
+    t = table_of(max_entries=2, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+    t.assign(ids_of(1, 1, 2, 2), np.ones([4, 1], F32))   # second occurrences admit 1 and 2
+    assert t.size() == 2
+    t.assign(ids_of(3, 4), [[1], [1]])                   # both filtered: nothing to evict
+    assert t.contains(ids_of(1, 2, 3, 4)).tolist() == [True, True, False, False]
+    assert t.stats()["evictions"] == 0
+    t.assign(ids_of(3), [[1]])                           # admitted now: one eviction
+    assert t.contains(ids_of(1, 2, 3)).tolist() == [False, True, True]
+    assert t.stats()["evictions"] == 1
+    # Three new ids of which only one passes the filter fit in max_entries = 2.
+    t.assign(ids_of(10, 11, 4), np.ones([3, 1], F32))
+    assert t.contains(ids_of(10, 11, 4)).tolist() == [False, False, True]
+
+
+def test_capacity_reuses_evicted_rows():
+    max_entries = 1000
+    t = table_of(dim=4, max_entries=max_entries)
+    rng = np.random.default_rng(3)
+    peak = 0
+    for k in range(60):
+        ids = rng.integers(0, 2**62, 500)
+        t.assign(ids, np.full([500, 4], k, F32))
+        assert t.size() <= max_entries
+        peak = max(peak, t.stats()["rows_in_use"])
+    assert t.stats()["evictions"] == 60 * 500 - max_entries
+    assert peak <= 2 * max_entries
+
+
+def test_merged_slots_share_one_capacity():
+    slot_to_config = {"a": config_of(max_entries=3), "b": config_of(max_entries=3)}
+    merged = MergedMultiTypeHashTable(
+        slot_to_config,
+        lambda configs: MultiTypeHashTable(configs, lambda name, c: hash_table_from_config(c, name_suffix=name)))
+    assert len(set(merged.slot_mapping.values())) == 1
+    merged.assign_add({"a": (ids_of(1, 2), [[1], [1]])})
+    merged.assign_add({"b": (ids_of(3, 4), [[1], [1]])})
+    # One physical table of 3 entries: the batch of slot b evicts id 1 (oldest, lowest id).
+    got = merged.lookup({"a": ids_of(1, 2), "b": ids_of(3, 4)})
+    assert got["a"].tolist() == [[0], [1]] and got["b"].tolist() == [[1], [1]]
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Checkpoints: round trips
+# ----------------------------------------------------------------------------------------
+
+def _segment(dim, optimizer, compressor=None, initializer=None):
+    return entry.CombineAsSegment(dim, initializer or entry.RandomUniformInitializer(-0.1, 0.1), optimizer,
+                                  compressor or entry.Fp32Compressor())
+
+
+OPTIMIZERS = {
+    "sgd": lambda: entry.SgdOptimizer(),
+    "adagrad": lambda: entry.AdagradOptimizer(initial_accumulator_value=0.1, weight_decay_factor=0.01),
+    "dynamic_wd_adagrad": lambda: entry.DynamicWdAdagradOptimizer(initial_accumulator_value=0.1,
+                                                                   weight_decay_factor=0.01),
+    "adadelta": lambda: entry.AdadeltaOptimizer(),
+    "adam": lambda: entry.AdamOptimizer(),
+    "amsgrad": lambda: entry.AmsgradOptimizer(),
+    "ftrl": lambda: entry.FtrlOptimizer(initial_accumulator_value=0.1, beta=1.0, l1_regularization=0.01,
+                                        l2_regularization=0.01),
+    "group_ftrl": lambda: entry.FTRLWithGroupSparsityOptimizer(initial_accumulator_value=0.1, beta=1.0,
+                                                               l1_regularization=0.01, l2_regularization=0.01),
+    "group_adagrad": lambda: entry.AdaGradWithGroupLassoOptimizer(beta=1.0, initial_accumulator_value=0.1,
+                                                                 l2_regularization=0.01),
+    "momentum": lambda: entry.MomentumOptimizer(use_nesterov=True),
+    "moving_average": lambda: entry.MovingAverageOptimizer(),
+    "rmsprop": lambda: entry.RmspropOptimizer(),
+    "rmspropv2": lambda: entry.RmspropV2Optimizer(),
+    "batch_softmax": lambda: entry.BatchSoftmaxOptimizer(),
+    "fp16_adagrad": lambda: entry.StochasticRoundingFloat16OptimizerWrapper(
+        entry.AdagradOptimizer(initial_accumulator_value=0.1)),
+}
+
+
+def _round_trip(tmp_path, make_config, steps_before, steps_after, seed=0):
+    """Train two identical tables, save and restore one into a fresh table, train both
+    further; everything must stay equal bit for bit."""
+    a = hash_table_from_config(make_config())
+    b = hash_table_from_config(make_config())
+    dim = a.dim_size
+    rng = np.random.default_rng(seed)
+    universe = np.concatenate([np.arange(-20, 40), [slot_id(3, 1), slot_id(7, 2), 2**62]]).astype(np.int64)
+
+    def train(tables, steps):
+        for step in steps:
+            ids = rng.choice(universe, 48)
+            grads = rng.standard_normal((48, dim)).astype(F32)
+            for t in tables:
+                t.apply_gradients(ids, grads, global_step=step, enable_dedup=bool(step % 2), req_time=1000 + step)
+
+    train([a, b], steps_before)
+    assert snapshot(a, universe) == snapshot(b, universe)
+    basename = str(tmp_path / "ckpt")
+    a.save(basename)
+    c = hash_table_from_config(make_config()).restore(basename)
+    assert snapshot(c, universe) == snapshot(b, universe)
+    train([b, c], steps_after)
+    assert snapshot(c, universe) == snapshot(b, universe)
+    return a, b, c
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_round_trip_every_optimizer(tmp_path, name):
+    dim = 1 if name == "batch_softmax" else 5
+    init = entry.BatchSoftmaxInitializer(1.0) if name == "batch_softmax" else None
+    make = lambda: config_of(segments=[_segment(dim, OPTIMIZERS[name](), initializer=init)],  # noqa: E731
+                             learning_rates=[0.05], random_seed=11)
+    _, b, c = _round_trip(tmp_path, make, range(1, 6), range(6, 10))
+    if name == "adam":
+        state = c.lookup_entry(ids_of(0))[0].optimizer_state[0]
+        assert set(state) == {"m", "v", "beta1_power", "beta2_power"}
+        assert state["beta1_power"][0] != state["beta2_power"][0]
+
+
+def test_round_trip_multi_segment_entries(tmp_path):
+    def make():
+        return config_of(segments=[
+            _segment(3, entry.AdagradOptimizer(initial_accumulator_value=0.1)),
+            _segment(2, entry.AdamOptimizer(), entry.Fp16Compressor()),
+            _segment(4, entry.FtrlOptimizer(initial_accumulator_value=0.1, beta=1.0), entry.FixedR8Compressor(0.5)),
+            _segment(2, entry.MomentumOptimizer(), entry.OneBitCompressor(step_size=4)),
+            _segment(1, entry.SgdOptimizer(), initializer=entry.OnesInitializer()),
+        ], learning_rates=[0.1, 0.01, 0.05, 0.2, 0.3], random_seed=5)
+    _round_trip(tmp_path, make, range(1, 7), range(7, 11))
+
+
+def test_round_trip_one_bit_restores_the_hashnet_scale(tmp_path):
+    def make():
+        return config_of(segments=[_segment(4, entry.AdagradOptimizer(initial_accumulator_value=0.1),
+                                            entry.OneBitCompressor(step_size=4, amplitude=0.05))],
+                         learning_rates=[0.1], random_seed=2)
+    # Steps 4 and 8 move the table-wide scale; 9 and 10 read it without moving it.
+    a, b, c = _round_trip(tmp_path, make, range(1, 9), range(9, 11))
+    fresh = hash_table_from_config(make())
+    assert c._core.hashnet_scales() == b._core.hashnet_scales()
+    assert c._core.hashnet_scales() != fresh._core.hashnet_scales()
+
+
+def test_round_trip_restores_into_a_used_table(tmp_path):
+    t = table_of(dim=3, optimizer=entry.AdamOptimizer(), learning_rate=0.1)
+    t.apply_gradients(np.arange(100), np.ones([100, 3], F32), global_step=1, req_time=3)
+    want = snapshot(t, range(-5, 205))
+    t.save(str(tmp_path / "t"))
+    t.apply_gradients(np.arange(50, 200), np.ones([150, 3], F32), global_step=2, req_time=9)
+    t.restore(str(tmp_path / "t"))
+    assert snapshot(t, range(-5, 205)) == want
+
+
+def test_save_of_an_empty_table(tmp_path):
+    t = table_of(dim=2)
+    t.save(str(tmp_path / "t"))
+    restored = table_of(dim=2).assign(ids_of(1), [[1, 1]]).restore(str(tmp_path / "t"))
+    assert restored.size() == 0 and restored.max_update_ts == 0
+
+
+def test_large_round_trip_with_several_files(tmp_path):
+    t = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), saver_parallel=3)
+    ids = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
+    t.apply_gradients(ids, np.ones([ids.size, 8], F32), global_step=1, req_time=77)
+    basename = str(tmp_path / "t")
+    t.save(basename)
+    files = manifest_files(basename)
+    assert len(files) == 3 and data_files(tmp_path) == sorted(files)
+    assert manifest_of(basename)["entries"] == t.size()
+    restored = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1)).restore(basename)
+    assert snapshot(restored, ids) == snapshot(t, ids)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Checkpoints: generations, stray files, errors
+# ----------------------------------------------------------------------------------------
+
+def test_generations_replace_the_previous_files(tmp_path):
+    basename = str(tmp_path / "t")
+    t = table_of(saver_parallel=2).assign(np.arange(100), np.ones([100, 1], F32))
+    t.save(basename)
+    first = manifest_files(basename)
+    assert len(first) == 2 and data_files(tmp_path) == sorted(first)
+    t.assign(ids_of(1), [[5]])
+    t.save(basename)
+    second = manifest_files(basename)
+    assert len(second) == 2 and not set(first) & set(second)
+    assert data_files(tmp_path) == sorted(second)
+    assert manifest_of(basename)["generation"] == 2
+    assert table_of().restore(basename).lookup(ids_of(1)).tolist() == [[5]]
+    assert sorted(os.listdir(tmp_path)) == sorted(second + ["t.manifest.json"])
+
+
+def test_stray_files_beside_a_checkpoint_are_ignored(tmp_path):
+    basename = str(tmp_path / "t")
+    t = table_of().assign(ids_of(1, 2), [[1], [2]])
+    t.save(basename)
+    for name in ["t-00000-of-00001", "t-00000-of-00002", "t-tmp-123", "t.manifest.json.tmp-9-abcd",
+                 "t-g00000001-00003-of-00009.mtd.part", "t1.manifest.json", "tt-g00000007-00000-of-00001.mtd",
+                 "t-garbage", "t-g00000000-00000-of-00001.mtd"]:
+        (tmp_path / name).write_bytes(b"\x00garbage\xff" * 10)
+    restored = table_of().restore(basename)
+    assert restored.lookup(ids_of(1, 2)).tolist() == [[1], [2]]
+    # A file named like an older generation of this checkpoint goes with the next save.
+    t.save(basename)
+    assert "t-g00000000-00000-of-00001.mtd" not in os.listdir(tmp_path)
+    assert "t-00000-of-00001" in os.listdir(tmp_path)
+
+
+def _error_case_table():
+    t = table_of(dim=2, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), learning_rate=0.1,
+                 hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+    ids = np.arange(-30, 30, dtype=np.int64)
+    t.apply_gradients(np.repeat(ids, 2), np.ones([120, 2], F32), global_step=1, req_time=50)
+    t.apply_gradients(ids_of(1000), [[1, 1]], global_step=2, req_time=60)  # a pending filter count
+    return t, np.concatenate([ids, ids_of(1000, 5000)])
+
+
+def _assert_restore_fails_unchanged(basename, error, match=None):
+    t, ids = _error_case_table()
+    t.assign(ids_of(-30, 29), [[9, 9], [8, 8]], req_time=70)   # differs from the checkpoint
+    before = snapshot(t, ids)
+    with pytest.raises(error, match=match):
+        t.restore(basename)
+    assert snapshot(t, ids) == before
+    # The filter count the table had is untouched too: 1000 is admitted at its second sight.
+    t.assign_add(ids_of(1000), [[1, 1]])
+    assert t.contains(ids_of(1000))[0]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    t, _ = _error_case_table()
+    basename = str(tmp_path / "t")
+    t.save(basename)
+    (name,) = manifest_files(basename)
+    return basename, str(tmp_path / name), len(t.layout)
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("region", ["magic", "version", "dim", "state_dim", "layout_len", "max_update_ts",
+                                    "layout", "first_id", "first_ts", "entry_value", "last_entry",
+                                    "filter_count", "entry_count", "filter_entry_count", "checksum",
+                                    "end_magic"])
+def test_corrupt_data_file(saved, region):
+    basename, path, layout_len = saved
+    size = os.path.getsize(path)
+    header = 8 + 4 * 4 + 8 + layout_len
+    record = 16 + 4 * (2 + 2)
+    entries = 60
+    offsets = {
+        "magic": 3, "version": 8, "dim": 12, "state_dim": 16, "layout_len": 20, "max_update_ts": 25,
+        "layout": header - 1, "first_id": header + 2, "first_ts": header + 9, "entry_value": header + 3 * record + 20,
+        "last_entry": header + entries * record - 1, "filter_count": header + entries * record + 8,
+        "entry_count": size - 32, "filter_entry_count": size - 24, "checksum": size - 13, "end_magic": size - 1,
+    }
+    assert size == header + entries * record + 16 + 32
+    _flip(path, offsets[region])
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+@pytest.mark.parametrize("keep", [0, 10, 40, -1, -32, -100])
+def test_truncated_data_file(saved, keep):
+    basename, path, _ = saved
+    size = os.path.getsize(path)
+    os.truncate(path, keep if keep >= 0 else size + keep)
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+def test_data_file_with_extra_bytes(saved):
+    basename, path, _ = saved
+    with open(path, "ab") as f:
+        f.write(b"\0" * 48)
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+def test_missing_data_file(saved):
+    basename, path, _ = saved
+    os.unlink(path)
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+def test_data_file_of_another_save(saved, tmp_path):
+    basename, path, _ = saved
+    other, _ = _error_case_table()
+    other.assign(ids_of(0), [[123, 123]])                         # same size, other bytes
+    other_dir = tmp_path / "other"
+    other.save(str(other_dir / "t"))
+    (other_name,) = manifest_files(str(other_dir / "t"))
+    assert os.path.getsize(other_dir / other_name) == os.path.getsize(path)
+    shutil.copyfile(other_dir / other_name, path)
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+def test_missing_manifest(saved):
+    basename, _, _ = saved
+    os.unlink(basename + ".manifest.json")
+    _assert_restore_fails_unchanged(basename, FileNotFoundError)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "not_json", "version", "edited"])
+def test_corrupt_manifest(saved, damage):
+    basename, _, _ = saved
+    path = basename + ".manifest.json"
+    raw = open(path, "rb").read()
+    if damage == "flip":
+        i = raw.index(b'"entries"') + 13
+        raw = raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:]
+    elif damage == "truncate":
+        raw = raw[:len(raw) // 2]
+    elif damage == "empty":
+        raw = b""
+    elif damage == "not_json":
+        raw = b"\xff\xfe garbage"
+    else:
+        doc = json.loads(raw)
+        if damage == "version":
+            doc["manifest"]["version"] = 99
+        else:
+            doc["manifest"]["max_update_ts"] = 1                  # without fixing the digest
+        raw = json.dumps(doc).encode()
+    open(path, "wb").write(raw)
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+def test_layout_mismatch(tmp_path):
+    t, _ = _error_case_table()
+    for name, other in [("dim", table_of(dim=3, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1))),
+                        ("optimizer", table_of(dim=2, optimizer=entry.MomentumOptimizer())),
+                        ("segments", table_of(segments=[_segment(1, entry.AdagradOptimizer()),
+                                                        _segment(1, entry.AdagradOptimizer())],
+                                              learning_rates=[0.1, 0.1]))]:
+        other.apply_gradients(ids_of(1, 2), np.ones([2, other.dim_size], F32), global_step=1)
+        other.save(str(tmp_path / name))
+        _assert_restore_fails_unchanged(str(tmp_path / name), ValueError)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Crash safety: a saving process killed at random moments
+# ----------------------------------------------------------------------------------------
+
+_SAVER = r"""
+import sys
+import numpy as np
+from mtht.hash_table import hash_table_from_config
+from mtht.testing import generate_test_hash_table_config
+
+basename, n, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+table = hash_table_from_config(generate_test_hash_table_config(8))
+ids = np.arange(n, dtype=np.int64)
+rows = np.empty((n, 8), dtype=np.float32)
+value = first
+while True:
+    rows.fill(value)
+    table.assign(ids, rows, req_time=value)
+    print("saving", value, flush=True)
+    table.save(basename)
+    print("saved", value, flush=True)
+    value += 1
+"""
+
+
+def test_killed_saver_leaves_one_whole_checkpoint(tmp_path):
+    n = 200_000
+    basename = str(tmp_path / "t")
+    rng = random.Random(1)
+    ids = np.arange(n, dtype=np.int64)
+    deadline = time.monotonic() + 30
+    rounds = 0
+    while rounds < 6 and time.monotonic() < deadline:
+        first = rounds * 1000
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, basename, str(n), str(first)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(tmp_path))
+        try:
+            lines = []
+            while not lines or not lines[-1].startswith("saved"):   # one complete save first
+                line = proc.stdout.readline()
+                assert line, "the saver exited early"
+                lines.append(line)
+            time.sleep(rng.uniform(0.0, 0.6))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        lines += proc.stdout.read().splitlines()
+        proc.stdout.close()
+        saved = [int(x.split()[1]) for x in lines if x.startswith("saved")]
+        started = [int(x.split()[1]) for x in lines if x.startswith("saving")]
+        table = hash_table_from_config(generate_test_hash_table_config(8)).restore(basename)
+        assert table.size() == n
+        values = table.lookup(ids)
+        value = values[0, 0]
+        assert (values == value).all()
+        # The last completed save, or the one under way when the process died.
+        assert int(value) in (saved[-1], started[-1]), (value, saved[-1], started[-1])
+        assert table.max_update_ts == int(value)
+        assert len(data_files(tmp_path)) <= 2
+        rounds += 1
+    assert rounds >= 3
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Multi-type tables
+# ----------------------------------------------------------------------------------------
+
+def _factory(slot, config):
+    return hash_table_from_config(config, name_suffix=slot)
+
+
+def _multi(slot_to_config):
+    return MultiTypeHashTable(slot_to_config, _factory)
+
+
+def _merged(slot_to_config):
+    return MergedMultiTypeHashTable(slot_to_config, _multi)
+
+
+def _slot_configs():
+    return {
+        "a": generate_test_hash_table_config(1),
+        "b": generate_test_hash_table_config(2),
+        "c": generate_test_hash_table_config(2),
+        "d": config_of(dim=3, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1)),
+    }
+
+
+def _fill(t):
+    t.assign_add({"a": (ids_of(1, 2), [[1], [2]]), "b": (ids_of(1), [[3, 4]]), "c": (ids_of(5), [[5, 6]])},
+                 req_time=40)
+    t.apply_gradients({"d": (ids_of(7, 8), np.ones([2, 3], F32))}, global_step=1, req_time=41)
+    return t
+
+
+QUERY = {"a": ids_of(1, 2, 3), "b": ids_of(1, 5), "c": ids_of(1, 5), "d": ids_of(7, 8, 9)}
+
+
+@pytest.mark.parametrize("build", [_multi, _merged], ids=["multi", "merged"])
+def test_multi_type_save_restore(tmp_path, build):
+    t = _fill(build(_slot_configs()))
+    want = t.lookup(QUERY)
+    save_multi_type(t, str(tmp_path))
+    manifests = sorted(n for n in os.listdir(tmp_path) if n.endswith(".manifest.json"))
+    if build is _multi:
+        assert manifests == [f"{s}.manifest.json" for s in "abcd"]
+    else:                                                 # b and c share a merged table
+        assert len(manifests) == 3
+        assert set(t.slot_mapping.values()) == {m[:-len(".manifest.json")] for m in manifests}
+    t.assign_add({"a": (ids_of(1), [[100]]), "d": (ids_of(9), [[1, 1, 1]])})
+    restore_multi_type(t, str(tmp_path))
+    for slot, rows in t.lookup(QUERY).items():
+        np.testing.assert_array_equal(rows, want[slot])
+    fresh = build(_slot_configs())
+    restore_multi_type(fresh, str(tmp_path))
+    for slot, rows in fresh.lookup(QUERY).items():
+        np.testing.assert_array_equal(rows, want[slot])
+
+
+def test_multi_type_restore_verifies_every_table_first(tmp_path):
+    t = _fill(_multi(_slot_configs()))
+    save_multi_type(t, str(tmp_path))
+    (name,) = manifest_files(str(tmp_path / "d"))
+    _flip(str(tmp_path / name), os.path.getsize(tmp_path / name) - 20)
+    target = _multi(_slot_configs())
+    target.assign({"a": (ids_of(1), [[9]])})
+    with pytest.raises(mtht.CheckpointError):
+        restore_multi_type(target, str(tmp_path))
+    assert target.lookup({"a": ids_of(1)})["a"].tolist() == [[9]]
+    assert target.lookup({"b": ids_of(1)})["b"].tolist() == [[0, 0]]
+    os.unlink(tmp_path / "c.manifest.json")
+    with pytest.raises(FileNotFoundError):
+        restore_multi_type(target, str(tmp_path))
+    assert target.lookup({"a": ids_of(1)})["a"].tolist() == [[9]]
+
+
+def test_multi_type_restore_from_an_extra_restore_name(tmp_path):
+    old = _fill(_multi(_slot_configs()))
+    save_multi_type(old, str(tmp_path))
+    configs = _slot_configs()
+    renamed = {"a2": configs["a"], "b": configs["b"], "c": configs["c"], "d": configs["d"]}
+    renamed["a2"] = generate_test_hash_table_config(1)
+    renamed["a2"].extra_restore_names.extend(["missing", "a", "b"])   # first present name wins
+    t = _multi(renamed)
+    restore_multi_type(t, str(tmp_path))
+    assert t.lookup({"a2": ids_of(1, 2)})["a2"].tolist() == [[1], [2]]
+    # Names are matched exactly: "a" is not found through a name it is a prefix of.
+    os.rename(tmp_path / "a.manifest.json", tmp_path / "aa.manifest.json")
+    with pytest.raises(FileNotFoundError):
+        restore_multi_type(_multi({"a": generate_test_hash_table_config(1)}), str(tmp_path))
+
+
+def test_merged_restore_from_the_old_fc_slot_name(tmp_path):
+    old = _merged({"slot_0": generate_test_hash_table_config(2)})
+    old.assign_add({"slot_0": (ids_of(1, 2), [[1, 2], [3, 4]])})
+    save_multi_type(old, str(tmp_path))
+    old_name = hashlib.md5(b"slot_0").hexdigest()
+    assert os.path.exists(tmp_path / f"{old_name}.manifest.json")
+    new = _merged({"fc_slot_0": generate_test_hash_table_config(2)})
+    assert new.slot_mapping == {"fc_slot_0": hashlib.md5(b"fc_slot_0").hexdigest()}
+    restore_multi_type(new, str(tmp_path))
+    assert new.lookup({"fc_slot_0": ids_of(1, 2)})["fc_slot_0"].tolist() == [[1, 2], [3, 4]]
+    # Saving again writes under the new merged name.
+    save_multi_type(new, str(tmp_path))
+    assert os.path.exists(tmp_path / f"{hashlib.md5(b'fc_slot_0').hexdigest()}.manifest.json")
+
