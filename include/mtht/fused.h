@@ -79,22 +79,36 @@ inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t
 
 }  // namespace detail
 
-// embeddings: emb_offsets.back() floats. Missing ids read as zeros.
+// embeddings: emb_offsets.back() floats. Missing ids read as zeros. Every (table, shard)
+// piece of work is one task of a single parallel loop, and rows go straight to their place.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
+  std::vector<detail::TableGather> gathered;
+  std::vector<detail::BatchPlan> plans;
+  std::vector<std::vector<float*>> dests(L.num_tables);
+  std::vector<std::pair<size_t, size_t>> tasks;  // (table, task within its plan)
+  size_t total = 0;
   for (size_t k = 0; k < L.num_tables; ++k) {
-    const detail::TableGather g = detail::gather_table(L, ids, k);
+    gathered.push_back(detail::gather_table(L, ids, k));
+    const detail::TableGather& g = gathered.back();
+    plans.push_back(tables[k]->make_plan(g.ids.data(), g.ids.size()));
     const size_t d = static_cast<size_t>(tables[k]->dim());
-    std::vector<float> rows(g.ids.size() * d);
-    tables[k]->lookup(g.ids.data(), g.ids.size(), rows.data());
-    size_t at = 0;
     for (size_t n = 0; n < L.num_shards; ++n) {
       const size_t idx = n * L.num_tables + k;
-      const size_t floats = static_cast<size_t>(L.emb_offsets[idx + 1] - L.emb_offsets[idx]);
-      std::copy(rows.begin() + at, rows.begin() + at + floats, embeddings + L.emb_offsets[idx]);
-      at += floats;
+      for (int32_t j = 0; j < L.id_offsets[idx + 1] - L.id_offsets[idx]; ++j)
+        dests[k].push_back(embeddings + L.emb_offsets[idx] + static_cast<size_t>(j) * d);
     }
+    for (size_t t = 0; t < plans.back().busy_shards.size(); ++t) tasks.emplace_back(k, t);
+    total += g.ids.size();
   }
+  ThreadPool::global().parallel_for(
+      tasks.size(),
+      [&](size_t t) {
+        const size_t k = tasks[t].first;
+        const std::vector<float*>& dest = dests[k];
+        tables[k]->lookup_task(plans[k], tasks[t].second, gathered[k].ids.data(), [&](size_t i) { return dest[i]; });
+      },
+      EmbeddingTable::threads_for(total));
 }
 
 // One BatchOptimize per (shard, table) block: grads laid out like the lookup's embeddings,

@@ -554,17 +554,39 @@ class EmbeddingTable {
 
   // out[N, dim]: the stored values, or zeros for a missing id (nothing is inserted).
   void lookup(const int64_t* ids, size_t n, float* out) const {
+    if (n == 0) return;
+    const detail::BatchPlan plan = make_plan(ids, n);
+    const size_t d = static_cast<size_t>(layout_.dim);
+    ThreadPool::global().parallel_for(
+        plan.busy_shards.size(), [&](size_t t) { lookup_task(plan, t, ids, [&](size_t i) { return out + i * d; }); },
+        threads_for(n));
+  }
+
+  // The pieces of a lookup, for callers that schedule several tables' lookups as one set of
+  // tasks (the fused lookup): a plan, then one task per busy shard of the plan, writing the
+  // row of position i to dest(i).
+  detail::BatchPlan make_plan(const int64_t* ids, size_t n) const { return detail::BatchPlan(ids, n, shard_bits_); }
+
+  // Small batches stay on the calling thread: waking helpers costs more than it saves.
+  static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
+
+  template <class Dest>
+  void lookup_task(const detail::BatchPlan& plan, size_t task, const int64_t* ids, Dest&& dest) const {
     const size_t bytes = sizeof(float) * layout_.dim;
-    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
-      const int64_t r = sh.find(ids[i], h);
-      float* dst = out + i * layout_.dim;
+    const uint32_t s = plan.busy_shards[task];
+    const detail::Shard& sh = *shards_[s];
+    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    auto fn = [&](const detail::Shard& shard, size_t i, uint64_t h) {
+      const int64_t r = shard.find(ids[i], h);
+      float* dst = dest(i);
       if (r >= 0) {
-        std::memcpy(dst, values_of(sh.row(static_cast<uint32_t>(r))), bytes);
+        std::memcpy(dst, values_of(shard.row(static_cast<uint32_t>(r))), bytes);
         if (!raw_lookup_) retrieve(dst);
       } else {
         std::memset(dst, 0, bytes);
       }
-    });
+    };
+    visit_in_order(sh, plan, s, fn, read_bytes_, false);
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
@@ -888,8 +910,7 @@ class EmbeddingTable {
     }
   }
 
-  // Small batches stay on the calling thread: waking helpers costs more than it saves.
-  static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
+
 
   static constexpr size_t kGroupAhead = 16;
   static constexpr size_t kRowAhead = 8;
