@@ -245,6 +245,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "transparent_hugepage": _read_first("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "load_average": _read_first("/proc/loadavg").split()[:3],
         "MTHT_KERNEL": os.environ.get("MTHT_KERNEL", ""),
     }
 
@@ -525,21 +526,26 @@ class _MthtRunner:
         c, t = self.c, self.table
         if not (hasattr(t, "save") and hasattr(t, "restore")):
             return _unavailable(op, "mtht", threads, "this version of mtht has no save/restore")
+        table_bytes = int(t.stats()["bytes"])
+        if 2 * table_bytes > c.max_memory_gb * 1e9:
+            # restore verifies into a second table before swapping it in
+            return _unavailable(op, "mtht", threads, f"skipped: restoring needs about {2 * table_bytes / 1e9:.1f} GB "
+                                                     f"(> --max_memory_gb={c.max_memory_gb:g})")
         root = tempfile.mkdtemp(prefix="mtht-bench-", dir=c.save_dir)
         try:
             base = os.path.join(root, "table")
             n = len(t)
             save_s, restore_s = [], []
-            reps = max(1, min(c.iterations, 3))
-            for i in range(reps + 1):
+            # Each repetition is a whole pass over the table: few are needed, none is warm-up.
+            reps = 1 if table_bytes > 1e9 else max(1, min(c.iterations, 3))
+            for _ in range(reps):
                 t0 = time.perf_counter()
                 t.save(base)
                 t1 = time.perf_counter()
                 t.restore(base)
                 t2 = time.perf_counter()
-                if i >= 1 or reps == 0:
-                    save_s.append(t1 - t0)
-                    restore_s.append(t2 - t1)
+                save_s.append(t1 - t0)
+                restore_s.append(t2 - t1)
             disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
             keys = op_keys(c, op)[0]
             checksum = _checksum(t.lookup(key_to_id(keys)))
@@ -830,6 +836,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
                     result["results"].append(res)
                     log(_one_line(res))
             del base
+    result["load_average_after"] = _read_first("/proc/loadavg").split()[:3]
     _add_ratios(result)
     result["goals"] = _goals(result)
     return result
@@ -951,8 +958,10 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     cfg = runs[0]["config"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     ops = [op for op in ALL_OPS if op not in ("save", "restore")]
-    markers = itertools.cycle("osD^v<>p*")
-    for threads in sorted({r["threads"] for run in runs for r in run["results"] if r["impl"] == "mtht"}):
+    colors = dict(zip(ops, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    thread_counts = sorted({r["threads"] for run in runs for r in run["results"]
+                            if r["impl"] == "mtht" and r["status"] == "ok"})
+    for threads in thread_counts:
         for op in ops:
             xs, ys = [], []
             for v, run in zip(sweep_result["values"], runs):
@@ -961,7 +970,8 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
                     xs.append(v)
                     ys.append(r["ids_per_s"] / 1e6)
             if xs:
-                ax.plot(xs, ys, marker=next(markers), label=f"mtht {op} ({threads} thr)")
+                ax.plot(xs, ys, "-" if threads == thread_counts[-1] else "--", marker="o", color=colors[op],
+                        label=f"{op} ({threads} thr)")
     for impl, style in (("numpy+dict", ":"), ("pandas+numpy", "-.")):
         xs, ys = [], []
         for v, run in zip(sweep_result["values"], runs):
@@ -977,7 +987,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
             xs.append(v)
             ys.append(run["probe"]["line64_reads_per_s"] / 1e6)
     if xs:
-        ax.plot(xs, ys, "--", color="black", label="probe: random 64-B reads, 1 thread")
+        ax.plot(xs, ys, ":", color="black", label="probe: random 64-B reads (1 thr)")
     if sweep == "size":
         ax.set_xscale("log")
         ax.set_xlabel("table size (ids)")
@@ -1021,7 +1031,7 @@ def format_header(result: dict) -> str:
         f"active kernel: {info.get('active_kernel', '?')}  cpu ISAs: {','.join(info.get('cpu_isas', []))}  "
         f"default threads: {info.get('num_threads', '?')}" + (f"  MTHT_KERNEL={m['MTHT_KERNEL']}" if m.get("MTHT_KERNEL") else ""),
         f"machine: {m['cpu']}, {m['cores_available']} cores, {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
-        f"python {m['python']}, numpy {m['numpy']}",
+        f"python {m['python']}, numpy {m['numpy']}, load average {' '.join(m.get('load_average') or ['?'])}",
         f"config: size {c['size']:,}  dim {c['dim']}  batch {c['batch_size']:,}  dist {c['dist']}"
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
@@ -1070,6 +1080,9 @@ def format_report(result: dict, header: bool = True) -> str:
         lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
     lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
                  "for gradient steps) read and written for updates. %probe: ids/s per thread / probe 64-B reads/s.")
+    if result.get("load_average_after"):
+        lines.append(f"load average at the end: {' '.join(result['load_average_after'])} "
+                     f"(other processes running beside the benchmark make the numbers noisy)")
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
     goals = result.get("goals") or []

@@ -58,6 +58,15 @@ def _generations_on_disk(basename: str) -> Dict[int, List[str]]:
     return found
 
 
+def _stale_manifest_temps(basename: str) -> List[str]:
+    directory = os.path.dirname(basename) or "."
+    prefix = os.path.basename(manifest_path(basename)) + ".tmp-"
+    try:
+        return [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
 def _digest(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -129,6 +138,8 @@ def save_table(table, basename: str) -> dict:
     prefix = os.path.basename(basename)
     if not prefix:
         raise ValueError(f"checkpoint basename {basename!r} names a directory, not a file prefix")
+    for stale in _stale_manifest_temps(basename):  # left by a save that was killed
+        os.unlink(stale)
     old = _generations_on_disk(basename)
     generation = max(old, default=0) + 1
     count = _file_count(table)
@@ -195,6 +206,10 @@ def _load(table, basename: str) -> Tuple[object, dict]:
         if info["checksum"] != f["checksum"] or info["entries"] != f["entries"]:
             raise CheckpointError(f"checkpoint data file {f['name']} does not match the manifest "
                                   "(it belongs to another save)")
+    limit = table.config.table_config.max_entries
+    if limit and core.size() > limit:
+        raise ValueError(f"checkpoint {basename!r} holds {core.size()} entries, more than the table's "
+                         f"max_entries = {limit}")
     core.max_update_ts = body["max_update_ts"]
     core.set_hashnet_scales(list(body.get("hashnet_scales", [])))
     return core, body

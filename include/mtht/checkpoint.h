@@ -295,8 +295,11 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
     throw IOError(bad + "corrupt header");
   std::string file_layout(layout_len, '\0');
   r.read(&file_layout[0], layout_len);
-  if (file_layout != layout)
+  if (file_layout != layout) {
+    for (char& c : file_layout)
+      if (c < 0x20 || c > 0x7E) c = '?';  // a corrupt header may hold any bytes
     throw IOError(bad + "was saved with entry layout '" + file_layout + "', the table has '" + layout + "'");
+  }
   const uint64_t body = fixed + layout_len;
   // Trailer first: it says how many records the body holds.
   uint64_t trailer[2];

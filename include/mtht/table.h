@@ -270,7 +270,7 @@ class Shard {
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
     if ((want + tombstones_) * 8 > slots() * 7) {
       uint64_t groups = groups_ ? groups_ : 1;
-      while (want * 16 > groups * kGroupSlots * 7) groups *= 2;  // leave the new index <= 7/16 full
+      while (want * 8 > groups * kGroupSlots * 7) groups *= 2;  // at most 7/8 full, so growth doubles
       rehash(groups);
     }
   }
@@ -737,7 +737,7 @@ class EmbeddingTable {
       char* row = sh.row(sh.find_or_insert(ids[i], h, &inserted));
       std::memcpy(values_of(row), data + i * floats, sizeof(float) * floats);
       stamp(row, ts[i]);
-    });
+    }, false, false);
   }
 
   void load_counts(const int64_t* ids, const uint64_t* counts, size_t n) {
@@ -948,13 +948,18 @@ class EmbeddingTable {
   // Reserves room for every id of the batch in its shard (so allocation fails before any
   // entry changes), then calls fn(shard, position, hash) under each shard's write lock.
   template <class Fn>
-  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn, bool gated = true) {
-    note_ts(ts);
-    if (n == 0) return;
+  // `limited` = false skips the capacity limit (loading a checkpoint, checked by the caller).
+  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn, bool gated = true,
+                            bool limited = true) {
+    if (n == 0) {
+      note_ts(ts);
+      return;
+    }
     detail::BatchPlan plan(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
-    if (spec_.max_entries) capacity_lock = make_room(ids, n, false, gated);
+    if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated);
     reserve_for(plan);
+    note_ts(ts);
     ThreadPool::global().parallel_for(
         plan.busy_shards.size(),
         [&](size_t t) {
@@ -970,12 +975,15 @@ class EmbeddingTable {
   // distinct id with all its positions in input order.
   template <class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Fn&& fn) {
-    note_ts(ts);
-    if (n == 0) return;
+    if (n == 0) {
+      note_ts(ts);
+      return;
+    }
     detail::BatchPlan plan(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true);
     reserve_for(plan);
+    note_ts(ts);
     const int d = layout_.dim;
     ThreadPool::global().parallel_for(
         plan.busy_shards.size(),
@@ -1047,6 +1055,10 @@ class EmbeddingTable {
         candidates.push_back(spec_.eviction_policy == 0 ? Candidate{clock, 0, id} : Candidate{writes, clock, id});
       });
     }
+    if (excess > candidates.size())
+      throw ValueError("this write touches " + std::to_string(current + new_entries - candidates.size()) +
+                       " distinct ids but the table holds at most " + std::to_string(spec_.max_entries) +
+                       " entries (max_entries)");
     auto before = [](const Candidate& a, const Candidate& b) {
       if (a.k1 != b.k1) return a.k1 < b.k1;
       if (a.k2 != b.k2) return a.k2 < b.k2;
