@@ -158,6 +158,14 @@ cdef class Table:
         self.num_segments = self._t.get().num_segments()
         self.kernel = self._t.get().kernel_name().decode()
 
+    def check_finite(self, const float[:, ::1] rows, str what):
+        """ValueError if ``rows`` hold NaN or Inf (unless the table allows them)."""
+        cdef string cwhat = what.encode()
+        cdef size_t count = rows.shape[0] * rows.shape[1]
+        cdef const float* p = &rows[0, 0] if count > 0 else NULL
+        with nogil:
+            self._t.get().check_finite(p, count, cwhat.c_str())
+
     def size(self):
         cdef uint64_t n
         with nogil:

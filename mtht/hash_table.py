@@ -196,15 +196,16 @@ class HashTable(BaseHashTable):
     # Each write is split in two: prepare_write() converts and checks every argument and
     # returns a commit function that only changes the table. Multi-slot writes prepare every
     # slot before committing any, so a bad slot changes nothing.
-    def prepare_write(self, method: str, ids, tensor, *args, **kwargs) -> Callable[[], None]:
+    def prepare_write(self, method: str, ids, tensor, *args, check_finite: bool = True, **kwargs) -> Callable[[], None]:
         """Validate a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``) and return
-        the function that applies it."""
+        the function that applies it. ``check_finite=False`` leaves the NaN/Inf check to the
+        commit, which makes it before changing anything (one table's own writes do that)."""
         ids = as_ids(ids)
-        rows = as_rows(tensor, ids.shape[0], self._dim, "grads" if method == "apply_gradients" else "values")
-        if not self._config.table_config.allow_non_finite and not np.isfinite(rows).all():
-            raise ValueError(f"{method}: {'grads' if method == 'apply_gradients' else 'values'} contain NaN or Inf; "
-                             "set allow_non_finite=True in the table config to accept them")
+        what = "grads" if method == "apply_gradients" else "values"
+        rows = as_rows(tensor, ids.shape[0], self._dim, what)
         core = self._core
+        if check_finite:
+            core.check_finite(rows, what)
         if method in ("assign", "assign_add"):
             ts = _req_time(*args, **kwargs)
             write = core.assign if method == "assign" else core.assign_add
@@ -223,12 +224,12 @@ class HashTable(BaseHashTable):
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
-        self.prepare_write("assign", ids, values, req_time)()
+        self.prepare_write("assign", ids, values, req_time, check_finite=False)()
         return self
 
     def assign_add(self, ids, values, req_time=None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
-        self.prepare_write("assign_add", ids, values, req_time)()
+        self.prepare_write("assign_add", ids, values, req_time, check_finite=False)()
         return self
 
     def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
@@ -237,7 +238,8 @@ class HashTable(BaseHashTable):
         step per unique id with its gradients summed left to right. Missing ids are created
         with the initializer, then stepped. Learning rates come from the config's
         learning-rate functions at ``global_step``."""
-        self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup, req_time)()
+        self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup, req_time,
+                           check_finite=False)()
         return self
 
     def reinitialize(self, ids, req_time=None) -> np.ndarray:

@@ -804,10 +804,23 @@ class EmbeddingTable {
   // Throws ValueError if any value is NaN or Inf, unless the table allows them.
   void check_finite(const float* v, size_t count, const char* what) const {
     if (spec_.allow_non_finite) return;
-    for (size_t k = 0; k < count; ++k)
-      if (!std::isfinite(v[k]))
-        throw ValueError(std::string(what) + " contain NaN or Inf (row " + std::to_string(k / layout_.dim) +
-                         "); set allow_non_finite=True in the table config to accept them");
+    // A float is NaN or Inf when its exponent bits are all ones; test blocks branch-free
+    // (vectorised) and look for the culprit only when a block fails.
+    constexpr size_t kBlock = 1024;
+    for (size_t start = 0; start < count; start += kBlock) {
+      const size_t end = std::min(count, start + kBlock);
+      uint32_t bad = 0;
+      for (size_t k = start; k < end; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, v + k, 4);
+        bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+      }
+      if (!bad) continue;
+      for (size_t k = start; k < end; ++k)
+        if (!std::isfinite(v[k]))
+          throw ValueError(std::string(what) + " contain NaN or Inf (row " + std::to_string(k / layout_.dim) +
+                           "); set allow_non_finite=True in the table config to accept them");
+    }
   }
 
  private:
