@@ -956,7 +956,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     sweep = sweep_result["sweep"]
     runs = sweep_result["runs"]
     cfg = runs[0]["config"]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     ops = [op for op in ALL_OPS if op not in ("save", "restore")]
     colors = dict(zip(ops, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     thread_counts = sorted({r["threads"] for run in runs for r in run["results"]
@@ -971,7 +971,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
                     ys.append(r["ids_per_s"] / 1e6)
             if xs:
                 ax.plot(xs, ys, "-" if threads == thread_counts[-1] else "--", marker="o", color=colors[op],
-                        label=f"{op} ({threads} thr)")
+                        label=f"{op}, {threads} thr")
     for impl, style in (("numpy+dict", ":"), ("pandas+numpy", "-.")):
         xs, ys = [], []
         for v, run in zip(sweep_result["values"], runs):
@@ -1001,7 +1001,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     ax.set_title(f"mtht {runs[0]['build_info'].get('version', '')}: {title}, {cfg['optimizer']}, "
                  f"{cfg['dist']}, batch {cfg['batch_size']:,}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
