@@ -809,11 +809,11 @@ def test_state_names_sizes_and_memory(monkeypatch, name):
     for n, shape, dtype, value in layout:
         assert state[n].shape == shape and state[n].dtype == dtype, n
         assert (state[n] == dtype(value)).all(), (n, state[n])
-    # Row = 16-byte header + 4 * (values + state words), rounded up to 8 bytes.
+    # Row = 4 * (values + state words), padded as the design note says.
     words = dim + state_words(layout)
     stats = t.stats()
     assert stats["state_floats"] == state_words(layout)
-    assert stats["row_stride"] == (16 + 4 * words + 7) // 8 * 8
+    assert stats["row_stride"] == expected_stride(4 * words)
     # A step keeps names and shapes; step counters record the global step.
     t.apply_gradients([1], np.ones((1, dim), dtype=F32), global_step=42)
     (after,) = t.lookup_entry([1])[0].optimizer_state
@@ -821,6 +821,20 @@ def test_state_names_sizes_and_memory(monkeypatch, name):
     for counter in ("last_update_step", "global_step"):
         if counter in after:
             assert after[counter].tolist() == [42]
+
+
+def expected_stride(nbytes):
+    """Row padding of docs/design.md: a power of two (>= 8) up to 64 bytes; beyond, a multiple
+    of 64 when that wastes at most 1/8 of it, else a multiple of 16."""
+    if nbytes <= 64:
+        return max(8, 1 << (nbytes - 1).bit_length())
+    line = -(-nbytes // 64) * 64
+    return line if (line - nbytes) * 8 <= line else -(-nbytes // 16) * 16
+
+
+def test_expected_stride_examples():
+    assert [expected_stride(b) for b in (4, 8, 12, 40, 64, 72, 128, 136, 200, 232)] == \
+        [8, 8, 16, 64, 64, 80, 128, 144, 208, 256]
 
 
 def test_state_of_multi_segment_entry(monkeypatch):
@@ -833,7 +847,7 @@ def test_state_of_multi_segment_entry(monkeypatch):
                                         ["global_step"]]
     assert state[3]["global_step"].tolist() == [6]
     assert t.stats()["state_floats"] == (2 * 2 + 2) + 0 + 1 + 2
-    assert t.stats()["row_stride"] == (16 + 4 * (7 + 9) + 7) // 8 * 8
+    assert t.stats()["row_stride"] == expected_stride(4 * (7 + 9))
 
 
 # ---------------------------------------------------------------------------------------

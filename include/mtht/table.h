@@ -2,40 +2,42 @@
 //
 // Design
 // ------
-// * Entry. An entry is [key int64 | timestamp int64 | values float[dim] | state float[S]]
-//   stored as one fixed-size row: values are the concatenated segments of the entry, state
-//   the concatenated optimizer state of each segment (spec.h). The key lives in the row, so
-//   the index holds no keys and every int64 is a usable id (no reserved sentinel keys).
+// * Entry. An entry is its values (the concatenated segments, spec.h) followed by the
+//   concatenated optimizer state of its segments, stored as one fixed-size row; its id and
+//   last-update timestamp live in the index. Every int64 is a usable id (no sentinel keys).
 // * Shards. The table is split into a power-of-two number of shards chosen by the top bits
 //   of the id's hash. Each shard has its own reader/writer lock, index and rows. A batch call
 //   first partitions its ids by shard with a stable counting sort, then threads take whole
 //   shards; inside a shard ids are handled in input order by one thread. So concurrent
 //   callers are safe, a call needs no lock per id, and results do not depend on the number
 //   of threads.
-// * Index. Open addressing over groups of 16 slots; a group is 64 bytes, one cache line.
-//   A slot is a uint32: 7 bits of hash tag and 25 bits of (row + 1); 0 is empty and
-//   0xFFFFFFFF a tombstone. A probe compares the 16 tags of a group at once (SSE2 on x86,
-//   a plain loop elsewhere), checks the key in the row of each tag match, and stops at a
-//   group with an empty slot. Groups are visited in triangular order, which reaches every
-//   group of a power-of-two table. Load (live + tombstones) stays <= 7/8.
+// * Index. Open addressing over buckets of one cache line: 3 slots of (id, timestamp,
+//   row + 1), where row 0 marks an empty slot and 0xFFFFFFFF a tombstone. A probe reads the
+//   home bucket (chosen by the low bits of the hash), compares the ids, and moves to the next
+//   bucket only while the bucket it read is full (linear probing over lines, which the
+//   hardware prefetcher follows). Load (live + tombstones) stays <= 5/6; growth doubles the
+//   bucket count. Since the id and the timestamp sit in the bucket, a lookup touches one
+//   index line plus the lines of the values, and an update one index line plus the row.
 // * Rows never move. Rows live in per-shard chunks of geometrically growing size
-//   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index:
-//   4 bytes per slot are rewritten, embedding rows stay where they are. Big chunks and
-//   indexes are mmap'ed with MADV_HUGEPAGE.
+//   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index
+//   (from the ids in it, without touching a row). The row stride is a power of two up to 64
+//   bytes, else a multiple of 64 when that wastes at most 1/8, so the values of most rows
+//   start on a cache line. Big chunks and indexes are mmap'ed on 2 MiB boundaries with
+//   MADV_HUGEPAGE.
 // * Batches. Every operation takes a whole batch. While handling the id at position k of a
-//   shard, the index group of position k+16 is prefetched and the candidate row of position
-//   k+8 is prefetched, so many cache misses are in flight at once.
+//   shard, the bucket of position k+16 is prefetched and the row of position k+8 (found
+//   in its bucket, already in cache) is prefetched, so many cache misses are in flight.
 // * Writes are validated (lengths, non-finite values, learning rates) before anything
 //   changes, and capacity for the new ids of a batch is reserved in every shard before the
 //   first entry is touched, so a failed allocation leaves the table unchanged.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -43,10 +45,6 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "mtht/buffer.h"
 #include "mtht/errors.h"
@@ -66,20 +64,30 @@ struct RowLayout {
   std::vector<int> state_offset;  // in floats, within state
   int dim = 0;
   int state_dim = 0;
-  size_t stride = 0;  // bytes per row
+  size_t stride = 0;     // bytes per row: values then state, padded (see row_stride)
+  bool with_meta = false;  // capacity bookkeeping (write clock, write count) per row
 
-  // key + timestamp; with a capacity limit also the write clock and the write count.
-  size_t header = 16;
-
-  explicit RowLayout(const TableSpec& spec) : segments(spec.segments), header(spec.max_entries ? 32 : 16) {
+  explicit RowLayout(const TableSpec& spec) : segments(spec.segments), with_meta(spec.max_entries > 0) {
     for (const auto& s : segments) {
       value_offset.push_back(dim);
       state_offset.push_back(state_dim);
       dim += s.dim;
       state_dim += state_floats(s);
     }
-    stride = header + sizeof(float) * static_cast<size_t>(dim + state_dim);
-    stride = (stride + 7) / 8 * 8;
+    stride = row_stride(sizeof(float) * static_cast<size_t>(dim + state_dim));
+  }
+
+  // Rows of at most 64 bytes take a power of two, so that no row straddles a cache line;
+  // longer ones a multiple of 64 when that wastes at most 1/8, else a multiple of 16.
+  static size_t row_stride(size_t bytes) {
+    if (bytes <= 64) {
+      size_t s = 8;
+      while (s < bytes) s *= 2;
+      return s;
+    }
+    const size_t line = (bytes + 63) / 64 * 64;
+    if ((line - bytes) * 8 <= line) return line;
+    return (bytes + 15) / 16 * 16;
   }
 };
 
@@ -91,91 +99,71 @@ struct TableStats {
   uint64_t rows_allocated = 0;
   uint64_t row_stride = 0;
   uint64_t num_shards = 0;
-  uint64_t max_probe_groups = 0;  // longest probe sequence seen by the last stats() scan
+  uint64_t max_probe_groups = 0;  // longest probe sequence (in buckets) seen by the last stats() scan
   uint64_t evictions = 0;         // entries removed to respect max_entries
   uint64_t rows_in_use = 0;       // rows handed out (live or free for reuse)
 };
 
+// Where one entry's data is: its row of values then state, and, with a capacity limit, its
+// write clock and write count. The id and timestamp are in the index bucket.
+struct EntryRef {
+  float* values;
+  uint64_t* meta;  // [clock, writes] or null
+};
+
 namespace detail {
 
-constexpr int kGroupSlots = 16;
-constexpr uint32_t kRowBits = 25;
-constexpr uint32_t kRowMask = (1u << kRowBits) - 1;
+constexpr uint32_t kEmpty = 0;
 constexpr uint32_t kTombstone = 0xFFFFFFFFu;
-constexpr uint32_t kMaxRowsPerShard = kRowMask - 1;  // row + 1 must stay below kRowMask
+constexpr uint64_t kMaxRowsPerShard = 0xFFFFFFFDull;  // row + 1 must stay below kTombstone
+constexpr int kBucketSlots = 3;
 
-inline uint32_t tag_of(uint64_t h) {
-  uint32_t t = static_cast<uint32_t>(h >> 32) & 0x7F;
-  if (t == 0) return 1;         // 0 would look like an empty slot
-  if (t == 0x7F) return 0x7E;   // 0x7F would look like a tombstone
-  return t;
-}
-
-// Bit j set when slot j of the group has tag `tag`.
-inline uint32_t match_tag(const uint32_t* g, uint32_t tag) {
-#if defined(__SSE2__)
-  const __m128i t = _mm_set1_epi32(static_cast<int>(tag));
-  const __m128i* p = reinterpret_cast<const __m128i*>(g);
-  __m128i a = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 0), kRowBits), t);
-  __m128i b = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 1), kRowBits), t);
-  __m128i c = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 2), kRowBits), t);
-  __m128i d = _mm_cmpeq_epi32(_mm_srli_epi32(_mm_load_si128(p + 3), kRowBits), t);
-  return static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d))));
-#else
-  uint32_t m = 0;
-  for (int j = 0; j < kGroupSlots; ++j) m |= static_cast<uint32_t>((g[j] >> kRowBits) == tag) << j;
-  return m;
-#endif
-}
-
-// Bit j set when slot j is empty (never used).
-inline uint32_t match_empty(const uint32_t* g) {
-#if defined(__SSE2__)
-  const __m128i z = _mm_setzero_si128();
-  const __m128i* p = reinterpret_cast<const __m128i*>(g);
-  __m128i a = _mm_cmpeq_epi32(_mm_load_si128(p + 0), z);
-  __m128i b = _mm_cmpeq_epi32(_mm_load_si128(p + 1), z);
-  __m128i c = _mm_cmpeq_epi32(_mm_load_si128(p + 2), z);
-  __m128i d = _mm_cmpeq_epi32(_mm_load_si128(p + 3), z);
-  return static_cast<uint32_t>(_mm_movemask_epi8(_mm_packs_epi16(_mm_packs_epi32(a, b), _mm_packs_epi32(c, d))));
-#else
-  uint32_t m = 0;
-  for (int j = 0; j < kGroupSlots; ++j) m |= static_cast<uint32_t>(g[j] == 0) << j;
-  return m;
-#endif
-}
+// One cache line of the index.
+struct alignas(64) Bucket {
+  int64_t key[kBucketSlots];
+  int64_t ts[kBucketSlots];
+  uint32_t row[kBucketSlots];  // row + 1; kEmpty or kTombstone
+  uint32_t unused;
+};
+static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-// Rows of one shard in chunks of 16, 32, 64, ... rows; a row never moves.
+// Rows of one shard in chunks of 16, 32, 64, ... rows; a row never moves. Each column
+// (values+state, and the optional capacity bookkeeping) has its own chunks.
 class RowArena {
  public:
   static constexpr uint32_t kFirstChunkRows = 16;
 
-  explicit RowArena(size_t stride) : stride_(stride) {}
+  explicit RowArena(std::vector<size_t> strides) : strides_(std::move(strides)), chunks_(strides_.size()) {}
 
-  size_t stride() const { return stride_; }
   uint32_t rows_used() const { return used_; }
   uint64_t capacity() const { return capacity_; }
   uint64_t bytes() const {
     uint64_t b = 0;
-    for (const auto& c : chunks_) b += c.bytes();
+    for (const auto& col : chunks_)
+      for (const auto& c : col) b += c.bytes();
+    return b;
+  }
+  size_t row_bytes() const {
+    size_t b = 0;
+    for (size_t s : strides_) b += s;
     return b;
   }
 
-  char* row(uint32_t r) const {
+  char* at(size_t column, uint32_t r) const {
     const uint32_t q = r / kFirstChunkRows + 1;
     const int c = 31 - __builtin_clz(q);
     const uint32_t first = kFirstChunkRows * ((1u << c) - 1);
-    return static_cast<char*>(chunks_[c].data()) + static_cast<size_t>(r - first) * stride_;
+    return static_cast<char*>(chunks_[column][c].data()) + static_cast<size_t>(r - first) * strides_[column];
   }
 
   // Make room for `rows` rows in total (allocates; changes nothing visible).
   void reserve(uint64_t rows) {
     if (rows > kMaxRowsPerShard) throw std::bad_alloc();
     while (capacity_ < rows) {
-      const uint64_t n = static_cast<uint64_t>(kFirstChunkRows) << chunks_.size();
-      chunks_.emplace_back(static_cast<size_t>(n * stride_));
+      const uint64_t n = static_cast<uint64_t>(kFirstChunkRows) << chunks_[0].size();
+      for (size_t col = 0; col < strides_.size(); ++col) chunks_[col].emplace_back(static_cast<size_t>(n * strides_[col]));
       capacity_ += n;
     }
   }
@@ -191,11 +179,10 @@ class RowArena {
   }
 
   void release(uint32_t r) { free_.push_back(r); }
-  size_t free_rows() const { return free_.size(); }
 
  private:
-  size_t stride_;
-  std::vector<Buffer> chunks_;
+  std::vector<size_t> strides_;
+  std::vector<std::vector<Buffer>> chunks_;  // [column][chunk]
   uint64_t capacity_ = 0;
   uint32_t used_ = 0;
   std::vector<uint32_t> free_;
@@ -204,63 +191,75 @@ class RowArena {
 // One independently locked part of the table.
 class Shard {
  public:
-  explicit Shard(size_t stride) : rows_(stride) {}
+  Shard(size_t stride, bool with_meta)
+      : rows_(with_meta ? std::vector<size_t>{stride, 16} : std::vector<size_t>{stride}), with_meta_(with_meta) {}
 
   mutable std::shared_mutex mu;
 
+  // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
+  std::unordered_map<int64_t, uint64_t> counts;
+
   size_t size() const { return size_; }
   const RowArena& rows() const { return rows_; }
-  char* row(uint32_t r) const { return rows_.row(r); }
-  static int64_t key_of(const char* row) {
-    int64_t k;
-    std::memcpy(&k, row, sizeof k);
-    return k;
-  }
-
-  uint64_t slots() const { return groups_ * kGroupSlots; }
+  uint64_t slots() const { return nb_ * kBucketSlots; }
   uint64_t index_bytes() const { return index_.bytes(); }
 
-  const uint32_t* group_ptr(uint64_t h) const {
-    return static_cast<const uint32_t*>(index_.data()) + (h & (groups_ - 1)) * kGroupSlots;
+  EntryRef entry(uint32_t r) const {
+    return EntryRef{reinterpret_cast<float*>(rows_.at(0, r)),
+                    with_meta_ ? reinterpret_cast<uint64_t*>(rows_.at(1, r)) : nullptr};
   }
+
+  const Bucket* home(uint64_t h) const { return buckets() + (h & (nb_ - 1)); }
 
   void prefetch_group(uint64_t h) const {
-    if (groups_) prefetch(group_ptr(h));
+    if (nb_) prefetch(home(h));
   }
 
-  // Prefetch the first `bytes` of the row of the first tag match in the home group (usually
-  // the right one): every cache line the operation will touch, for writing when it writes.
-  void prefetch_candidate(uint64_t h, size_t bytes, bool write) const {
-    if (!groups_) return;
-    const uint32_t* g = group_ptr(h);
-    uint32_t m = match_tag(g, tag_of(h));
-    if (!m) return;
-    const char* row = rows_.row((g[__builtin_ctz(m)] & kRowMask) - 1);
-    const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
-    const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
-    for (uintptr_t line = first; line <= last; line += 64) {
-      if (write)
-        __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
-      else
-        __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+  // Prefetch the first `bytes` of the row of `id` when its home bucket (already in cache)
+  // holds it: every cache line the operation will touch, for writing when it writes.
+  void prefetch_entry(int64_t id, uint64_t h, size_t bytes, bool write) const {
+    if (!nb_) return;
+    const Bucket& b = *home(h);
+    for (int j = 0; j < kBucketSlots; ++j) {
+      const uint32_t v = b.row[j];
+      if (v == kEmpty || v == kTombstone || b.key[j] != id) continue;
+      const char* row = rows_.at(0, v - 1);
+      const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+      const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
+      for (uintptr_t line = first; line <= last; line += 64) {
+        if (write)
+          __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+        else
+          __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+      }
+      return;
     }
   }
 
-  // Row of `id`, or -1.
-  int64_t find(int64_t id, uint64_t h) const {
-    if (!groups_) return -1;
-    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
-    const uint64_t mask = groups_ - 1;
-    const uint32_t tag = tag_of(h);
-    uint64_t g = h & mask;
-    for (uint64_t step = 1;; ++step) {
-      const uint32_t* grp = base + g * kGroupSlots;
-      for (uint32_t m = match_tag(grp, tag); m; m &= m - 1) {
-        const uint32_t r = (grp[__builtin_ctz(m)] & kRowMask) - 1;
-        if (key_of(rows_.row(r)) == id) return r;
+  // Slot of `id`: its bucket and position, or null.
+  struct Slot {
+    Bucket* bucket;
+    int j;
+    uint32_t row() const { return bucket->row[j] - 1; }
+    int64_t& ts() const { return bucket->ts[j]; }
+  };
+
+  Slot find(int64_t id, uint64_t h) const {
+    if (!nb_) return Slot{nullptr, 0};
+    Bucket* base = buckets();
+    const uint64_t mask = nb_ - 1;
+    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
+      Bucket& k = base[b];
+      bool open = false;
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = k.row[j];
+        if (v == kEmpty) {
+          open = true;
+        } else if (v != kTombstone && k.key[j] == id) {
+          return Slot{&k, j};
+        }
       }
-      if (match_empty(grp)) return -1;
-      g = (g + step) & mask;
+      if (open) return Slot{nullptr, 0};
     }
   }
 
@@ -268,135 +267,141 @@ class Shard {
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
-    if ((want + tombstones_) * 8 > slots() * 7) {
-      uint64_t groups = groups_ ? groups_ : 1;
-      while (want * 8 > groups * kGroupSlots * 7) groups *= 2;  // at most 7/8 full, so growth doubles
-      rehash(groups);
+    if (over_load(want + tombstones_)) {
+      uint64_t nb = nb_ ? nb_ : 1;
+      while ((want * 6 > nb * kBucketSlots * 5)) nb *= 2;  // at most 5/6 full, so growth doubles
+      rehash(nb);
     }
   }
 
-  // Row of `id`, inserting a new row if absent (the caller initialises it). Capacity must
-  // have been reserved.
-  uint32_t find_or_insert(int64_t id, uint64_t h, bool* inserted) {
-    if ((size_ + 1 + tombstones_) * 8 > slots() * 7) reserve(1);
-    uint32_t* base = static_cast<uint32_t*>(index_.data());
-    const uint64_t mask = groups_ - 1;
-    const uint32_t tag = tag_of(h);
-    uint64_t g = h & mask;
-    uint32_t* hole = nullptr;
-    for (uint64_t step = 1;; ++step) {
-      uint32_t* grp = base + g * kGroupSlots;
-      for (uint32_t m = match_tag(grp, tag); m; m &= m - 1) {
-        const uint32_t r = (grp[__builtin_ctz(m)] & kRowMask) - 1;
-        if (key_of(rows_.row(r)) == id) {
+  // Slot of `id`, inserting it (with a new row, for the caller to initialise) if absent.
+  Slot find_or_insert(int64_t id, uint64_t h, bool* inserted) {
+    if (over_load(size_ + 1 + tombstones_)) reserve(1);
+    Bucket* base = buckets();
+    const uint64_t mask = nb_ - 1;
+    Bucket* hole_bucket = nullptr;
+    int hole = 0;
+    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
+      Bucket& k = base[b];
+      bool open = false;
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = k.row[j];
+        if (v == kEmpty || v == kTombstone) {
+          if (!hole_bucket) {
+            hole_bucket = &k;
+            hole = j;
+          }
+          open |= v == kEmpty;
+        } else if (k.key[j] == id) {
           *inserted = false;
-          return r;
+          return Slot{&k, j};
         }
       }
-      const uint32_t empty = match_empty(grp);
-      if (!hole) {
-        for (int j = 0; j < kGroupSlots; ++j)
-          if (grp[j] == 0 || grp[j] == kTombstone) {
-            hole = grp + j;
-            break;
-          }
-      }
-      if (empty) break;
-      g = (g + step) & mask;
+      if (open) break;
     }
     const uint32_t r = rows_.allocate();
-    if (*hole == kTombstone) --tombstones_;
-    *hole = (tag << kRowBits) | (r + 1);
-    std::memcpy(rows_.row(r), &id, sizeof id);
+    if (hole_bucket->row[hole] == kTombstone) --tombstones_;
+    hole_bucket->key[hole] = id;
+    hole_bucket->ts[hole] = 0;
+    hole_bucket->row[hole] = r + 1;
     ++size_;
     *inserted = true;
-    return r;
+    return Slot{hole_bucket, hole};
   }
 
-  // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
-  std::unordered_map<int64_t, uint64_t> counts;
-
-  // Live rows in increasing row order, so a full scan reads rows sequentially.
-  std::vector<uint32_t> live_rows() const {
+  // Calls fn(id, ts, row) for every entry, in row order (sequential reads of the rows).
+  template <class Fn>
+  void for_each_entry(Fn&& fn) const {
+    struct Live {
+      int64_t key, ts;
+    };
+    std::vector<Live> by_row(rows_.rows_used());
     std::vector<uint8_t> live(rows_.rows_used(), 0);
-    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
-    for (uint64_t s = 0; s < slots(); ++s) {
-      const uint32_t v = base[s];
-      if (v != 0 && v != kTombstone) live[(v & kRowMask) - 1] = 1;
-    }
-    std::vector<uint32_t> out;
-    out.reserve(size_);
+    const Bucket* base = buckets();
+    for (uint64_t b = 0; b < nb_; ++b)
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = base[b].row[j];
+        if (v == kEmpty || v == kTombstone) continue;
+        by_row[v - 1] = Live{base[b].key[j], base[b].ts[j]};
+        live[v - 1] = 1;
+      }
     for (uint32_t r = 0; r < live.size(); ++r)
-      if (live[r]) out.push_back(r);
-    return out;
+      if (live[r]) fn(by_row[r].key, by_row[r].ts, r);
   }
 
-  // Removes every entry for which drop(row) is true; returns how many. Their rows are reused
-  // by later inserts.
+  // Removes every entry for which drop(id, ts, row) is true; returns how many. Their rows are
+  // reused by later inserts.
   template <class Pred>
   uint64_t erase_if(Pred&& drop) {
-    uint32_t* base = static_cast<uint32_t*>(index_.data());
+    Bucket* base = buckets();
     uint64_t removed = 0;
-    for (uint64_t s = 0; s < slots(); ++s) {
-      const uint32_t v = base[s];
-      if (v == 0 || v == kTombstone) continue;
-      const uint32_t r = (v & kRowMask) - 1;
-      if (!drop(static_cast<const char*>(rows_.row(r)))) continue;
-      base[s] = kTombstone;
-      ++tombstones_;
-      --size_;
-      rows_.release(r);
-      ++removed;
-    }
+    for (uint64_t b = 0; b < nb_; ++b)
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = base[b].row[j];
+        if (v == kEmpty || v == kTombstone) continue;
+        if (!drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
+        base[b].row[j] = kTombstone;
+        ++tombstones_;
+        --size_;
+        rows_.release(v - 1);
+        ++removed;
+      }
     return removed;
   }
 
   uint64_t max_probe_groups() const {
     uint64_t worst = 0;
-    const uint32_t* base = static_cast<const uint32_t*>(index_.data());
-    for (uint64_t s = 0; s < slots(); ++s) {
-      const uint32_t v = base[s];
-      if (v == 0 || v == kTombstone) continue;
-      const uint64_t h = hash_id(key_of(rows_.row((v & kRowMask) - 1)));
-      const uint64_t mask = groups_ - 1;
-      uint64_t g = h & mask, n = 1;
-      for (uint64_t step = 1; g != s / kGroupSlots; ++step, ++n) g = (g + step) & mask;
-      if (n > worst) worst = n;
-    }
+    const Bucket* base = buckets();
+    const uint64_t mask = nb_ - 1;
+    for (uint64_t b = 0; b < nb_; ++b)
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = base[b].row[j];
+        if (v == kEmpty || v == kTombstone) continue;
+        const uint64_t distance = ((b - (hash_id(base[b].key[j]) & mask)) & mask) + 1;
+        worst = std::max(worst, distance);
+      }
     return worst;
   }
 
  private:
-  void rehash(uint64_t groups) {
-    Buffer fresh(static_cast<size_t>(groups * kGroupSlots * sizeof(uint32_t)));
-    uint32_t* dst = static_cast<uint32_t*>(fresh.data());
-    const uint32_t* src = static_cast<const uint32_t*>(index_.data());
-    const uint64_t mask = groups - 1;
-    for (uint64_t s = 0; s < slots(); ++s) {
-      const uint32_t v = src[s];
-      if (v == 0 || v == kTombstone) continue;
-      const uint64_t h = hash_id(key_of(rows_.row((v & kRowMask) - 1)));
-      uint64_t g = h & mask;
-      for (uint64_t step = 1;; ++step) {
-        uint32_t* grp = dst + g * kGroupSlots;
-        const uint32_t empty = match_empty(grp);
-        if (empty) {
-          grp[__builtin_ctz(empty)] = v;
+  Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
+  bool over_load(uint64_t used) const { return used * 6 > slots() * 5; }
+
+  void rehash(uint64_t nb) {
+    Buffer fresh(static_cast<size_t>(nb * sizeof(Bucket)));
+    Bucket* dst = static_cast<Bucket*>(fresh.data());
+    const Bucket* src = buckets();
+    const uint64_t mask = nb - 1;
+    for (uint64_t b = 0; b < nb_; ++b)
+      for (int j = 0; j < kBucketSlots; ++j) {
+        const uint32_t v = src[b].row[j];
+        if (v == kEmpty || v == kTombstone) continue;
+        for (uint64_t t = hash_id(src[b].key[j]) & mask;; t = (t + 1) & mask) {
+          Bucket& k = dst[t];
+          int free_slot = -1;
+          for (int i = 0; i < kBucketSlots; ++i)
+            if (k.row[i] == kEmpty) {
+              free_slot = i;
+              break;
+            }
+          if (free_slot < 0) continue;
+          k.key[free_slot] = src[b].key[j];
+          k.ts[free_slot] = src[b].ts[j];
+          k.row[free_slot] = v;
           break;
         }
-        g = (g + step) & mask;
       }
-    }
     index_ = std::move(fresh);
-    groups_ = groups;
+    nb_ = nb;
     tombstones_ = 0;
   }
 
   Buffer index_;
-  uint64_t groups_ = 0;
+  uint64_t nb_ = 0;  // buckets, a power of two
   uint64_t size_ = 0;
   uint64_t tombstones_ = 0;
   RowArena rows_;
+  bool with_meta_;
 };
 
 // Groups the positions of one shard's ids by id (and block): runs in order of first
@@ -451,12 +456,13 @@ struct Runs {
 
 // Ids of a batch grouped by shard, input order kept inside each shard.
 struct BatchPlan {
+  const int64_t* ids;                 // the batch (not owned)
   std::vector<uint64_t> hashes;       // per input position
   std::vector<uint32_t> order;        // input positions, shard by shard
   std::vector<size_t> shard_begin;    // num_shards + 1 offsets into order
   std::vector<uint32_t> busy_shards;  // shards with at least one id
 
-  BatchPlan(const int64_t* ids, size_t n, int shard_bits) {
+  BatchPlan(const int64_t* batch, size_t n, int shard_bits) : ids(batch) {
     if (n > 0xFFFFFFFFull) throw ValueError("a batch holds at most 2^32 - 1 ids");
     hashes.resize(n);
     order.resize(n);
@@ -503,9 +509,9 @@ class EmbeddingTable {
       thresholds_.assign(0x8000, spec.default_occurrence_threshold);
       for (const auto& e : spec.slot_occurrence_thresholds) thresholds_[e.first] = e.second;
     }
-    read_bytes_ = layout_.header + sizeof(float) * static_cast<size_t>(layout_.dim);
+    read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
     shards_.reserve(spec.num_shards);
-    for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride));
+    for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride, layout_.with_meta));
     if (spec.initial_capacity > 0) {
       const uint64_t per = (spec.initial_capacity + spec.num_shards - 1) / spec.num_shards;
       for (auto& sh : shards_) sh->reserve(per);
@@ -537,7 +543,7 @@ class EmbeddingTable {
   TableStats stats(bool probe_lengths = false) const {
     TableStats st;
     st.num_shards = shards_.size();
-    st.row_stride = layout_.stride;
+    st.row_stride = layout_.stride + (layout_.with_meta ? 16 : 0);
     st.evictions = evictions_.load();
     for (auto* s : shards_) {
       std::shared_lock<std::shared_mutex> lk(s->mu);
@@ -577,10 +583,10 @@ class EmbeddingTable {
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<std::shared_mutex> lk(sh.mu);
     auto fn = [&](const detail::Shard& shard, size_t i, uint64_t h) {
-      const int64_t r = shard.find(ids[i], h);
+      const auto slot = shard.find(ids[i], h);
       float* dst = dest(i);
-      if (r >= 0) {
-        std::memcpy(dst, values_of(shard.row(static_cast<uint32_t>(r))), bytes);
+      if (slot.bucket) {
+        std::memcpy(dst, shard.entry(slot.row()).values, bytes);
         if (!raw_lookup_) retrieve(dst);
       } else {
         std::memset(dst, 0, bytes);
@@ -591,7 +597,7 @@ class EmbeddingTable {
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
     for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
-      out[i] = sh.find(ids[i], h) >= 0;
+      out[i] = sh.find(ids[i], h).bucket != nullptr;
     });
   }
 
@@ -601,13 +607,13 @@ class EmbeddingTable {
                       uint8_t* found) const {
     const int d = layout_.dim, sd = layout_.state_dim;
     for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
-      const int64_t r = sh.find(ids[i], h);
-      found[i] = r >= 0;
-      if (r >= 0) {
-        const char* row = sh.row(static_cast<uint32_t>(r));
-        std::memcpy(values + i * d, values_of(row), sizeof(float) * d);
-        std::memcpy(state + i * sd, values_of(row) + d, sizeof(float) * sd);
-        std::memcpy(ts + i, row + 8, sizeof(int64_t));
+      const auto slot = sh.find(ids[i], h);
+      found[i] = slot.bucket != nullptr;
+      if (slot.bucket) {
+        const float* row = sh.entry(slot.row()).values;
+        std::memcpy(values + i * d, row, sizeof(float) * d);
+        std::memcpy(state + i * sd, row + d, sizeof(float) * sd);
+        ts[i] = slot.ts();
       } else {
         std::memset(values + i * d, 0, sizeof(float) * d);
         std::memset(state + i * sd, 0, sizeof(float) * sd);
@@ -621,10 +627,10 @@ class EmbeddingTable {
     check_finite(values, n * layout_.dim, "values");
     const size_t bytes = sizeof(float) * layout_.dim;
     for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      char* row = admit(sh, ids[i], h, 1);
-      if (!row) return;
-      std::memcpy(values_of(row), values + i * layout_.dim, bytes);
-      stamp(row, ts);
+      const auto slot = admit(sh, ids[i], h, 1);
+      if (!slot.bucket) return;
+      std::memcpy(sh.entry(slot.row()).values, values + i * layout_.dim, bytes);
+      slot.ts() = ts;
     });
   }
 
@@ -633,12 +639,12 @@ class EmbeddingTable {
     check_finite(values, n * layout_.dim, "values");
     const int d = layout_.dim;
     for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      char* row = admit(sh, ids[i], h, 1);
-      if (!row) return;
-      float* w = values_of(row);
+      const auto slot = admit(sh, ids[i], h, 1);
+      if (!slot.bucket) return;
+      float* w = sh.entry(slot.row()).values;
       const float* v = values + i * d;
       for (int j = 0; j < d; ++j) w[j] += v[j];
-      stamp(row, ts);
+      slot.ts() = ts;
     });
   }
 
@@ -657,10 +663,10 @@ class EmbeddingTable {
     const int d = layout_.dim;
     if (!dedup) {
       for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-        char* row = admit(sh, ids[i], h, 1);
-        if (!row) return;
-        step_row(row, ids[i], grads + i * d, lrs, global_step);
-        stamp(row, ts);
+        const auto slot = admit(sh, ids[i], h, 1);
+        if (!slot.bucket) return;
+        step_row(sh.entry(slot.row()).values, ids[i], grads + i * d, lrs, global_step);
+        slot.ts() = ts;
       });
       return;
     }
@@ -675,10 +681,10 @@ class EmbeddingTable {
         }
         g = scratch;
       }
-      char* row = admit(sh, ids[pos[0]], h, count);
-      if (!row) return;
-      step_row(row, ids[pos[0]], g, lrs, global_step);
-      stamp(row, ts);
+      const auto slot = admit(sh, ids[pos[0]], h, count);
+      if (!slot.bucket) return;
+      step_row(sh.entry(slot.row()).values, ids[pos[0]], g, lrs, global_step);
+      slot.ts() = ts;
     });
   }
 
@@ -698,7 +704,7 @@ class EmbeddingTable {
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
       detail::Shard& sh = *shards_[s];
       std::unique_lock<std::shared_mutex> lk(sh.mu);
-      removed += sh.erase_if([&](const char* row) { return expired(key_of(row), ts_of(row), max_update_time); });
+      removed += sh.erase_if([&](int64_t id, int64_t ts, uint32_t) { return expired(id, ts, max_update_time); });
     });
     return removed.load();
   }
@@ -715,10 +721,7 @@ class EmbeddingTable {
   void scan_shard(size_t s, Fn&& fn) const {
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<std::shared_mutex> lk(sh.mu);
-    for (uint32_t r : sh.live_rows()) {
-      const char* row = sh.row(r);
-      fn(key_of(row), ts_of(row), values_of(row));
-    }
+    sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
   }
 
   // Calls fn(id, count) for the admission filter's counts of shard s.
@@ -734,9 +737,11 @@ class EmbeddingTable {
     const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
     for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
       bool inserted;
-      char* row = sh.row(sh.find_or_insert(ids[i], h, &inserted));
-      std::memcpy(values_of(row), data + i * floats, sizeof(float) * floats);
-      stamp(row, ts[i]);
+      const auto slot = sh.find_or_insert(ids[i], h, &inserted);
+      const EntryRef e = sh.entry(slot.row());
+      std::memcpy(e.values, data + i * floats, sizeof(float) * floats);
+      if (e.meta) e.meta[0] = e.meta[1] = 0;
+      slot.ts() = ts[i];
     }, false, false);
   }
 
@@ -752,38 +757,26 @@ class EmbeddingTable {
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
     for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
       bool inserted;
-      const uint32_t r = sh.find_or_insert(ids[i], h, &inserted);
-      char* row = sh.row(r);
-      init_row(row, ids[i]);
-      if (spec_.max_entries) std::memset(row + 16, 0, 16);
-      touch(row);
-      stamp(row, ts);
+      const auto slot = sh.find_or_insert(ids[i], h, &inserted);
+      const EntryRef e = sh.entry(slot.row());
+      init_row(e.values, ids[i]);
+      if (e.meta) e.meta[0] = e.meta[1] = 0;
+      touch(e);
+      slot.ts() = ts;
       status[i] = inserted ? 0 : 1;
     }, false);
   }
 
  private:
   size_t shard_of(uint64_t h) const { return shard_bits_ ? static_cast<size_t>(h >> (64 - shard_bits_)) : 0; }
-  static int64_t key_of(const char* row) { return detail::Shard::key_of(row); }
-  static int64_t ts_of(const char* row) {
-    int64_t t;
-    std::memcpy(&t, row + 8, sizeof t);
-    return t;
-  }
-  float* values_of(char* row) const { return reinterpret_cast<float*>(row + layout_.header); }
-  const float* values_of(const char* row) const { return reinterpret_cast<const float*>(row + layout_.header); }
+  using Slot = detail::Shard::Slot;
 
-  // Capacity bookkeeping in the row header: the write clock and the number of writes.
-  void touch(char* row) const {
-    if (!spec_.max_entries) return;
-    const uint64_t clock = write_clock_.load(std::memory_order_relaxed);
-    uint64_t writes;
-    std::memcpy(&writes, row + 24, 8);
-    ++writes;
-    std::memcpy(row + 16, &clock, 8);
-    std::memcpy(row + 24, &writes, 8);
+  // Capacity bookkeeping: the write clock and the number of writes of an entry.
+  void touch(const EntryRef& e) const {
+    if (!e.meta) return;
+    e.meta[0] = write_clock_.load(std::memory_order_relaxed);
+    ++e.meta[1];
   }
-  static void stamp(char* row, int64_t ts) { std::memcpy(row + 8, &ts, sizeof ts); }
 
  public:
   // Allocate room for every id of a batch as if all were new, changing nothing visible: a
@@ -824,8 +817,7 @@ class EmbeddingTable {
   }
 
  private:
-  void init_row(char* row, int64_t id) const {
-    float* w = values_of(row);
+  void init_row(float* w, int64_t id) const {
     float* st = w + layout_.dim;
     for (size_t k = 0; k < layout_.segments.size(); ++k)
       init_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k], spec_.random_seed,
@@ -835,35 +827,35 @@ class EmbeddingTable {
   // The row of `id` for a write of `occurrences` occurrences, or null when the admission
   // filter keeps an absent id out. An id already in the table is never filtered; an absent
   // one is admitted once `threshold` occurrences were seen before (exact counts).
-  char* admit(detail::Shard& sh, int64_t id, uint64_t h, uint64_t occurrences) const {
+  Slot admit(detail::Shard& sh, int64_t id, uint64_t h, uint64_t occurrences) const {
     if (thresholds_.empty()) return upsert(sh, id, h);
     const uint32_t threshold = thresholds_[slot_of(id)];
-    if (threshold > 0 && sh.find(id, h) < 0) {
+    if (threshold > 0 && !sh.find(id, h).bucket) {
       auto it = sh.counts.emplace(id, 0).first;
       const uint64_t before = it->second;
       if (before < threshold) {
         it->second = before + occurrences;
-        return nullptr;
+        return Slot{nullptr, 0};
       }
       sh.counts.erase(it);  // admitted: the entry itself now stands for the id
     }
     return upsert(sh, id, h);
   }
 
-  char* upsert(detail::Shard& sh, int64_t id, uint64_t h) const {
+  Slot upsert(detail::Shard& sh, int64_t id, uint64_t h) const {
     bool inserted;
-    char* row = sh.row(sh.find_or_insert(id, h, &inserted));
+    const Slot slot = sh.find_or_insert(id, h, &inserted);
+    const EntryRef e = sh.entry(slot.row());
     if (inserted) {
-      init_row(row, id);
-      if (spec_.max_entries) std::memset(row + 16, 0, 16);
+      init_row(e.values, id);
+      if (e.meta) e.meta[0] = e.meta[1] = 0;
     }
-    touch(row);
-    return row;
+    touch(e);
+    return slot;
   }
 
   // Retriever backward (one_bit), the segment's optimizer, then stochastic rounding.
-  void step_row(char* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
-    float* w = values_of(row);
+  void step_row(float* w, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
     float* st = w + layout_.dim;
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
@@ -947,12 +939,15 @@ class EmbeddingTable {
   // Visits the ids of shard s in input order, prefetching ahead: the index group of the id
   // kGroupAhead positions on, and the first `row_bytes` of the row of the id kRowAhead on.
   template <class ShardT, class Fn>
-  static void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes,
-                             bool write) {
+  void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes,
+                      bool write) const {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     for (size_t k = b; k < e; ++k) {
       if (k + kGroupAhead < e) sh.prefetch_group(plan.hashes[plan.order[k + kGroupAhead]]);
-      if (k + kRowAhead < e) sh.prefetch_candidate(plan.hashes[plan.order[k + kRowAhead]], row_bytes, write);
+      if (k + kRowAhead < e) {
+        const uint32_t ahead = plan.order[k + kRowAhead];
+        sh.prefetch_entry(plan.ids[ahead], plan.hashes[ahead], row_bytes, write);
+      }
       const uint32_t i = plan.order[k];
       fn(sh, i, plan.hashes[i]);
     }
@@ -1013,7 +1008,8 @@ class EmbeddingTable {
           for (size_t r = 0; r < count; ++r) {
             if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[runs.first[r + kGroupAhead]]);
             if (r + kRowAhead < count)
-              sh.prefetch_candidate(plan.hashes[runs.first[r + kRowAhead]], layout_.stride, true);
+              sh.prefetch_entry(ids[runs.first[r + kRowAhead]], plan.hashes[runs.first[r + kRowAhead]],
+                                layout_.stride, true);
             positions.clear();
             for (uint32_t p = runs.first[r]; p != detail::Runs::kEnd; p = runs.next[p - runs.base]) positions.push_back(p);
             fn(sh, positions.data(), positions.size(), plan.hashes[positions[0]], scratch.data());
@@ -1036,7 +1032,7 @@ class EmbeddingTable {
       const uint64_t h = hash_id(kv.first);
       const detail::Shard& sh = *shards_[shard_of(h)];
       std::shared_lock<std::shared_mutex> lk(sh.mu);
-      if (sh.find(kv.first, h) >= 0) continue;
+      if (sh.find(kv.first, h).bucket) continue;
       if (gated && !thresholds_.empty()) {
         const uint32_t threshold = thresholds_[slot_of(kv.first)];
         const auto it = sh.counts.find(kv.first);
@@ -1059,13 +1055,12 @@ class EmbeddingTable {
     };
     std::vector<Candidate> candidates;
     for (size_t s = 0; s < shards_.size(); ++s) {
-      scan_rows(s, [&](const char* row) {
-        const int64_t id = key_of(row);
+      const detail::Shard& sh = *shards_[s];
+      std::shared_lock<std::shared_mutex> lk(sh.mu);
+      sh.for_each_entry([&](int64_t id, int64_t, uint32_t r) {
         if (occurrences.count(id)) return;
-        uint64_t clock, writes;
-        std::memcpy(&clock, row + 16, 8);
-        std::memcpy(&writes, row + 24, 8);
-        candidates.push_back(spec_.eviction_policy == 0 ? Candidate{clock, 0, id} : Candidate{writes, clock, id});
+        const uint64_t* meta = sh.entry(r).meta;
+        candidates.push_back(spec_.eviction_policy == 0 ? Candidate{meta[0], 0, id} : Candidate{meta[1], meta[0], id});
       });
     }
     if (excess > candidates.size())
@@ -1084,17 +1079,10 @@ class EmbeddingTable {
     uint64_t removed = 0;
     for (auto* sh : shards_) {
       std::unique_lock<std::shared_mutex> lk(sh->mu);
-      removed += sh->erase_if([&](const char* row) { return victims.count(key_of(row)) > 0; });
+      removed += sh->erase_if([&](int64_t id, int64_t, uint32_t) { return victims.count(id) > 0; });
     }
     evictions_ += removed;
     return lock;
-  }
-
-  template <class Fn>
-  void scan_rows(size_t s, Fn&& fn) const {
-    const detail::Shard& sh = *shards_[s];
-    std::shared_lock<std::shared_mutex> lk(sh.mu);
-    for (uint32_t r : sh.live_rows()) fn(static_cast<const char*>(sh.row(r)));
   }
 
   void reserve_for(const detail::BatchPlan& plan) {
