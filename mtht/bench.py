@@ -250,6 +250,36 @@ def machine_info() -> dict:
     }
 
 
+class _CpuWatch:
+    """How many cores other processes kept busy while something ran: machine-wide busy time
+    from /proc/stat minus this process's own CPU time, over the wall time. Linux only; None
+    elsewhere."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample():
+        line = _read_first("/proc/stat").split("\n", 1)[0].split()
+        if not line or line[0] != "cpu":
+            return None
+        v = [int(x) for x in line[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        busy = sum(v[:8]) - idle  # user nice system idle iowait irq softirq steal
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.perf_counter()
+
+    def other_cores(self) -> Optional[float]:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = end[2] - self._start[2]
+        if wall < 0.25:  # the kernel counts in clock ticks (10 ms): too coarse for shorter spans
+            return None
+        other = ((end[0] - self._start[0]) - (end[1] - self._start[1])) / wall
+        return min(max(0.0, other), float(os.cpu_count() or 1))
+
+
 def _state_floats(optimizer: str, dim: int) -> int:
     return {"sgd": 0, "adagrad": dim, "adam": 2 * dim + 2}[optimizer]
 
@@ -809,7 +839,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
             for threads in threads_list:
                 mtht.set_num_threads(threads)
                 for op in mtht_ops:
+                    watch = _CpuWatch()
                     res = runner.run(op, threads)
+                    res["other_cpu_cores"] = watch.other_cores()
                     result["results"].append(res)
                     log(_one_line(res))
         finally:
@@ -832,7 +864,9 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
             result["baseline_fill_seconds"] = base.fill_seconds
             for index in base.indexes:
                 for op in base_ops:
+                    watch = _CpuWatch()
                     res = base.run(op, index)
+                    res["other_cpu_cores"] = watch.other_cores()
                     result["results"].append(res)
                     log(_one_line(res))
             del base
@@ -1053,7 +1087,7 @@ def format_report(result: dict, header: bool = True) -> str:
                      f"load {t['load_factor']:.2f}, filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
     lines.append("")
     head = (f"{'op':<22} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "
-            f"{'%probe':>6} {'x dict':>7} {'x khash':>7} {'other':<13} checksum")
+            f"{'%probe':>6} {'x dict':>7} {'x khash':>7} {'other':<13} {'busy':>4}  checksum")
     lines.append(head)
     lines.append("-" * len(head))
     for r in result["results"]:
@@ -1070,16 +1104,18 @@ def format_report(result: dict, header: bool = True) -> str:
         pct_s = f"{pct:5.0f}%" if pct is not None else ""
         dict_s = f"{r['vs_numpy_dict']:6.1f}x" if "vs_numpy_dict" in r else ""
         khash_s = f"{r['vs_pandas_numpy']:6.1f}x" if "vs_pandas_numpy" in r else ""
+        busy_s = f"{r['other_cpu_cores']:.1f}" if r.get("other_cpu_cores") is not None else ""
         lines.append(
             f"{r['op']:<22} {r['impl']:<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])}  {spread:<17} "
-            f"{r['gb_per_s']:6.2f} {pct_s:>6} {dict_s:>7} {khash_s:>7} {other:<13} {r['checksum']:.6e}")
+            f"{r['gb_per_s']:6.2f} {pct_s:>6} {dict_s:>7} {khash_s:>7} {other:<13} {busy_s:>4}  {r['checksum']:.6e}")
     mism = [f"{r['op']} ({r['threads']} thr) vs {impl}" for r in result["results"]
             for key, impl in (("checksum_matches_numpy_dict", "numpy+dict"), ("checksum_matches_pandas_numpy", "pandas+numpy"))
             if r.get(key) is False]
     if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
         lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
     lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
-                 "for gradient steps) read and written for updates. %probe: ids/s per thread / probe 64-B reads/s.")
+                 "for gradient steps) read and written for updates. %probe: ids/s per thread / probe 64-B reads/s. "
+                 "busy: cores other processes kept busy during the op (noise).")
     if result.get("load_average_after"):
         lines.append(f"load average at the end: {' '.join(result['load_average_after'])} "
                      f"(other processes running beside the benchmark make the numbers noisy)")
