@@ -39,8 +39,10 @@ inline bool cpu_has_avx512() {
 // Kernel sets this build has and this CPU can run, fastest last.
 inline std::vector<const KernelSet*> available_kernel_sets() {
   std::vector<const KernelSet*> out{scalar_kernel_set(), baseline_kernel_set()};
-  if (avx2_kernel_set() && cpu_has_avx2()) out.push_back(avx2_kernel_set());
-  if (avx512_kernel_set() && cpu_has_avx512()) out.push_back(avx512_kernel_set());
+  // The CPU check comes first: the getters live in their ISA's unit and may themselves use
+  // that ISA's instructions.
+  if (cpu_has_avx2() && avx2_kernel_set()) out.push_back(avx2_kernel_set());
+  if (cpu_has_avx512() && avx512_kernel_set()) out.push_back(avx512_kernel_set());
   return out;
 }
 
