@@ -1031,6 +1031,11 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
         ax.set_xlabel("dim")
         title = f"{cfg['size']:,} ids"
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("M ids/s (median)")
     ax.set_title(f"mtht {runs[0]['build_info'].get('version', '')}: {title}, {cfg['optimizer']}, "
                  f"{cfg['dist']}, batch {cfg['batch_size']:,}")
