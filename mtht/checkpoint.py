@@ -197,7 +197,8 @@ def _load(table, basename: str) -> Tuple[object, dict]:
             raise CheckpointError(f"checkpoint data file {path} has {size} bytes, the manifest says {f['bytes']} "
                                   "(truncated or replaced)")
         paths.append(path)
-    core = table._new_core()
+    core = table._new_core(initial_capacity=max(int(body["entries"]),
+                                                int(table.config.table_config.initial_capacity)))
     try:
         infos = core.load_files(paths, body["layout"])
     except OSError as e:

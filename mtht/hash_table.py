@@ -88,15 +88,16 @@ class HashTable(BaseHashTable):
         if table_config.enable_feature_eviction:
             self._evictor = FeatureEvictor(self, table_config.feature_evict_every_n_hours * 3600.0)
 
-    def _new_core(self) -> "_core.Table":
-        """An empty core table built from this table's config (and filter thresholds)."""
+    def _new_core(self, initial_capacity: Optional[int] = None) -> "_core.Table":
+        """An empty core table built from this table's config (and filter thresholds), with
+        room for ``initial_capacity`` entries (default: the config's)."""
         table_config = self._config.table_config
         expiry = table_config.slot_expire_time_config
         return _core.Table(
             core_segments(table_config),
             random_seed=int(table_config.random_seed),
             allow_non_finite=bool(table_config.allow_non_finite),
-            initial_capacity=int(table_config.initial_capacity),
+            initial_capacity=int(table_config.initial_capacity if initial_capacity is None else initial_capacity),
             default_expire_days=int(expiry.default_expire_time),
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,

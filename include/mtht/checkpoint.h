@@ -241,15 +241,26 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
     w.put(max_update_ts);
     w.write(layout.data(), layout.size());
     const size_t floats = static_cast<size_t>(table.dim() + table.state_dim());
+    const size_t record = 16 + sizeof(float) * floats;
+    // Records are assembled in a block and written (and checksummed) a block at a time.
+    std::vector<char> block;
+    block.reserve(size_t{1} << 20);
     for (size_t s = shard_begin; s < shard_end; ++s) {
       table.scan_shard(s, [&](int64_t id, int64_t ts, const float* data) {
         if (apply_expiry && table.expired(id, ts, max_update_ts)) return;
-        w.put(id);
-        w.put(ts);
-        w.write(data, sizeof(float) * floats);
+        const size_t at = block.size();
+        block.resize(at + record);
+        std::memcpy(block.data() + at, &id, 8);
+        std::memcpy(block.data() + at + 8, &ts, 8);
+        std::memcpy(block.data() + at + 16, data, record - 16);
         ++info.entries;
+        if (block.size() >= (size_t{1} << 20)) {
+          w.write(block.data(), block.size());
+          block.clear();
+        }
       });
     }
+    w.write(block.data(), block.size());
     for (size_t s = shard_begin; s < shard_end; ++s) {
       table.scan_counts(s, [&](int64_t id, uint64_t count) {
         w.put(id);
@@ -319,7 +330,7 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   if (entries > (r.size() / record) || filter_entries > r.size() / 16 ||
       body + entries * record + filter_entries * 16 + detail::kTrailerBytes != r.size())
     throw IOError(bad + "size does not match its record counts (truncated or corrupt)");
-  constexpr size_t kChunk = 8192;
+  constexpr size_t kChunk = 65536;
   std::vector<char> raw;
   std::vector<int64_t> ids, ts;
   std::vector<float> data;

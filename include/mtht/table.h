@@ -12,11 +12,13 @@
 //   callers are safe, a call needs no lock per id, and results do not depend on the number
 //   of threads.
 // * Index. Open addressing over buckets of one cache line: 3 slots of (id, timestamp,
-//   row + 1), where row 0 marks an empty slot and 0xFFFFFFFF a tombstone. A probe reads the
-//   home bucket (chosen by the low bits of the hash), compares the ids, and moves to the next
-//   bucket only while the bucket it read is full (linear probing over lines, which the
-//   hardware prefetcher follows). Load (live + tombstones) stays <= 5/6; growth doubles the
-//   bucket count. Since the id and the timestamp sit in the bucket, a lookup touches one
+//   row + 1), where row 0 marks a free slot, and an overflow count: how many entries stored
+//   further on passed over this bucket when they were placed. A probe reads the home bucket
+//   (chosen by the low bits of the hash), compares the ids, and moves to the next bucket
+//   only while the overflow count says something may lie beyond (linear probing over lines,
+//   which the hardware prefetcher follows), so a missing id usually costs one line too.
+//   Removing an entry frees its slot and decrements the counts on its path: no tombstones.
+//   Load stays <= 5/6; growth doubles the bucket count. Since the id and the timestamp sit in the bucket, a lookup touches one
 //   index line plus the lines of the values, and an update one index line plus the row.
 // * Rows never move. Rows live in per-shard chunks of geometrically growing size
 //   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index
@@ -114,16 +116,15 @@ struct EntryRef {
 namespace detail {
 
 constexpr uint32_t kEmpty = 0;
-constexpr uint32_t kTombstone = 0xFFFFFFFFu;
-constexpr uint64_t kMaxRowsPerShard = 0xFFFFFFFDull;  // row + 1 must stay below kTombstone
+constexpr uint64_t kMaxRowsPerShard = 0xFFFFFFFEull;  // row + 1 must fit in a uint32
 constexpr int kBucketSlots = 3;
 
 // One cache line of the index.
 struct alignas(64) Bucket {
   int64_t key[kBucketSlots];
   int64_t ts[kBucketSlots];
-  uint32_t row[kBucketSlots];  // row + 1; kEmpty or kTombstone
-  uint32_t unused;
+  uint32_t row[kBucketSlots];  // row + 1; kEmpty when the slot is free
+  uint32_t overflow;           // entries stored past this bucket whose probe passed through it
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
@@ -222,7 +223,7 @@ class Shard {
     const Bucket& b = *home(h);
     for (int j = 0; j < kBucketSlots; ++j) {
       const uint32_t v = b.row[j];
-      if (v == kEmpty || v == kTombstone || b.key[j] != id) continue;
+      if (v == kEmpty || b.key[j] != id) continue;
       const char* row = rows_.at(0, v - 1);
       const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
       const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
@@ -244,22 +245,16 @@ class Shard {
     int64_t& ts() const { return bucket->ts[j]; }
   };
 
+  // A probe ends at the first bucket that holds the id, or that no entry passed over.
   Slot find(int64_t id, uint64_t h) const {
     if (!nb_) return Slot{nullptr, 0};
     Bucket* base = buckets();
     const uint64_t mask = nb_ - 1;
     for (uint64_t b = h & mask;; b = (b + 1) & mask) {
       Bucket& k = base[b];
-      bool open = false;
-      for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = k.row[j];
-        if (v == kEmpty) {
-          open = true;
-        } else if (v != kTombstone && k.key[j] == id) {
-          return Slot{&k, j};
-        }
-      }
-      if (open) return Slot{nullptr, 0};
+      for (int j = 0; j < kBucketSlots; ++j)
+        if (k.row[j] != kEmpty && k.key[j] == id) return Slot{&k, j};
+      if (k.overflow == 0) return Slot{nullptr, 0};
     }
   }
 
@@ -267,7 +262,7 @@ class Shard {
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
-    if (over_load(want + tombstones_)) {
+    if (over_load(want)) {
       uint64_t nb = nb_ ? nb_ : 1;
       while ((want * 6 > nb * kBucketSlots * 5)) nb *= 2;  // at most 5/6 full, so growth doubles
       rehash(nb);
@@ -276,37 +271,17 @@ class Shard {
 
   // Slot of `id`, inserting it (with a new row, for the caller to initialise) if absent.
   Slot find_or_insert(int64_t id, uint64_t h, bool* inserted) {
-    if (over_load(size_ + 1 + tombstones_)) reserve(1);
-    Bucket* base = buckets();
-    const uint64_t mask = nb_ - 1;
-    Bucket* hole_bucket = nullptr;
-    int hole = 0;
-    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
-      Bucket& k = base[b];
-      bool open = false;
-      for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = k.row[j];
-        if (v == kEmpty || v == kTombstone) {
-          if (!hole_bucket) {
-            hole_bucket = &k;
-            hole = j;
-          }
-          open |= v == kEmpty;
-        } else if (k.key[j] == id) {
-          *inserted = false;
-          return Slot{&k, j};
-        }
-      }
-      if (open) break;
+    const Slot found = find(id, h);
+    if (found.bucket) {
+      *inserted = false;
+      return found;
     }
+    if (over_load(size_ + 1)) reserve(1);
     const uint32_t r = rows_.allocate();
-    if (hole_bucket->row[hole] == kTombstone) --tombstones_;
-    hole_bucket->key[hole] = id;
-    hole_bucket->ts[hole] = 0;
-    hole_bucket->row[hole] = r + 1;
+    Slot slot = place(buckets(), nb_, h, id, 0, r + 1);
     ++size_;
     *inserted = true;
-    return Slot{hole_bucket, hole};
+    return slot;
   }
 
   // Calls fn(id, ts, row) for every entry, in row order (sequential reads of the rows).
@@ -321,7 +296,7 @@ class Shard {
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
         const uint32_t v = base[b].row[j];
-        if (v == kEmpty || v == kTombstone) continue;
+        if (v == kEmpty) continue;
         by_row[v - 1] = Live{base[b].key[j], base[b].ts[j]};
         live[v - 1] = 1;
       }
@@ -330,18 +305,18 @@ class Shard {
   }
 
   // Removes every entry for which drop(id, ts, row) is true; returns how many. Their rows are
-  // reused by later inserts.
+  // reused by later inserts; the buckets their probes passed over count one overflow less.
   template <class Pred>
   uint64_t erase_if(Pred&& drop) {
     Bucket* base = buckets();
+    const uint64_t mask = nb_ - 1;
     uint64_t removed = 0;
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
         const uint32_t v = base[b].row[j];
-        if (v == kEmpty || v == kTombstone) continue;
-        if (!drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
-        base[b].row[j] = kTombstone;
-        ++tombstones_;
+        if (v == kEmpty || !drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
+        for (uint64_t t = hash_id(base[b].key[j]) & mask; t != b; t = (t + 1) & mask) --base[t].overflow;
+        base[b].row[j] = kEmpty;
         --size_;
         rows_.release(v - 1);
         ++removed;
@@ -355,8 +330,7 @@ class Shard {
     const uint64_t mask = nb_ - 1;
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = base[b].row[j];
-        if (v == kEmpty || v == kTombstone) continue;
+        if (base[b].row[j] == kEmpty) continue;
         const uint64_t distance = ((b - (hash_id(base[b].key[j]) & mask)) & mask) + 1;
         worst = std::max(worst, distance);
       }
@@ -367,39 +341,37 @@ class Shard {
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
   bool over_load(uint64_t used) const { return used * 6 > slots() * 5; }
 
+  // Puts an entry in the first bucket from its home with a free slot, counting an overflow
+  // on every full bucket passed.
+  static Slot place(Bucket* base, uint64_t nb, uint64_t h, int64_t id, int64_t ts, uint32_t row_plus_one) {
+    const uint64_t mask = nb - 1;
+    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
+      Bucket& k = base[b];
+      for (int j = 0; j < kBucketSlots; ++j)
+        if (k.row[j] == kEmpty) {
+          k.key[j] = id;
+          k.ts[j] = ts;
+          k.row[j] = row_plus_one;
+          return Slot{&k, j};
+        }
+      ++k.overflow;
+    }
+  }
+
   void rehash(uint64_t nb) {
     Buffer fresh(static_cast<size_t>(nb * sizeof(Bucket)));
     Bucket* dst = static_cast<Bucket*>(fresh.data());
     const Bucket* src = buckets();
-    const uint64_t mask = nb - 1;
     for (uint64_t b = 0; b < nb_; ++b)
-      for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = src[b].row[j];
-        if (v == kEmpty || v == kTombstone) continue;
-        for (uint64_t t = hash_id(src[b].key[j]) & mask;; t = (t + 1) & mask) {
-          Bucket& k = dst[t];
-          int free_slot = -1;
-          for (int i = 0; i < kBucketSlots; ++i)
-            if (k.row[i] == kEmpty) {
-              free_slot = i;
-              break;
-            }
-          if (free_slot < 0) continue;
-          k.key[free_slot] = src[b].key[j];
-          k.ts[free_slot] = src[b].ts[j];
-          k.row[free_slot] = v;
-          break;
-        }
-      }
+      for (int j = 0; j < kBucketSlots; ++j)
+        if (src[b].row[j] != kEmpty) place(dst, nb, hash_id(src[b].key[j]), src[b].key[j], src[b].ts[j], src[b].row[j]);
     index_ = std::move(fresh);
     nb_ = nb;
-    tombstones_ = 0;
   }
 
   Buffer index_;
   uint64_t nb_ = 0;  // buckets, a power of two
   uint64_t size_ = 0;
-  uint64_t tombstones_ = 0;
   RowArena rows_;
   bool with_meta_;
 };
@@ -408,27 +380,21 @@ class Shard {
 // occurrence, each run's positions in input order, in O(n) with a small hash table.
 struct Runs {
   static constexpr uint32_t kEnd = 0xFFFFFFFFu;
-  std::vector<uint32_t> first;  // first position of each run
-  std::vector<uint32_t> last;   // last position of each run
-  std::vector<uint32_t> next;   // next position of the same run, indexed by position - base
+  std::vector<uint32_t> first;  // each run's first occurrence (an index into the shard's order)
+  std::vector<uint32_t> last;   // each run's last occurrence
+  std::vector<uint32_t> next;   // the next occurrence of the same run, by occurrence
   std::vector<uint32_t> slots;  // hash table of run numbers (kEnd = empty)
-  uint32_t base = 0;
 
   static Runs& local() {
     static thread_local Runs runs;
     return runs;
   }
 
+  // `order` holds the n input positions of one shard's ids, in input order.
   void group(const int64_t* ids, const uint32_t* blocks, const uint64_t* hashes, const uint32_t* order, size_t n) {
     first.clear();
     last.clear();
-    base = 0xFFFFFFFFu;
-    uint32_t top = 0;
-    for (size_t k = 0; k < n; ++k) {
-      base = std::min(base, order[k]);
-      top = std::max(top, order[k]);
-    }
-    next.assign(n ? top - base + 1 : 0, kEnd);
+    next.assign(n, kEnd);
     size_t cap = 16;
     while (cap < 2 * n) cap *= 2;
     slots.assign(cap, kEnd);
@@ -440,13 +406,14 @@ struct Runs {
         const uint32_t r = slots[i];
         if (r == kEnd) {
           slots[i] = static_cast<uint32_t>(first.size());
-          first.push_back(p);
-          last.push_back(p);
+          first.push_back(static_cast<uint32_t>(k));
+          last.push_back(static_cast<uint32_t>(k));
           break;
         }
-        if (ids[first[r]] == ids[p] && (!blocks || blocks[first[r]] == blocks[p])) {
-          next[last[r] - base] = p;
-          last[r] = p;
+        const uint32_t q = order[first[r]];
+        if (ids[q] == ids[p] && (!blocks || blocks[q] == blocks[p])) {
+          next[last[r]] = static_cast<uint32_t>(k);
+          last[r] = static_cast<uint32_t>(k);
           break;
         }
       }
@@ -999,19 +966,21 @@ class EmbeddingTable {
           const uint32_t s = plan.busy_shards[t];
           const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
           detail::Runs& runs = detail::Runs::local();
-          runs.group(ids, blocks, plan.hashes.data(), plan.order.data() + b, e - b);
+          const uint32_t* order = plan.order.data() + b;
+          runs.group(ids, blocks, plan.hashes.data(), order, e - b);
           std::vector<float> scratch(d);
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
           const size_t count = runs.first.size();
           std::vector<uint32_t> positions;
           for (size_t r = 0; r < count; ++r) {
-            if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[runs.first[r + kGroupAhead]]);
-            if (r + kRowAhead < count)
-              sh.prefetch_entry(ids[runs.first[r + kRowAhead]], plan.hashes[runs.first[r + kRowAhead]],
-                                layout_.stride, true);
+            if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[order[runs.first[r + kGroupAhead]]]);
+            if (r + kRowAhead < count) {
+              const uint32_t ahead = order[runs.first[r + kRowAhead]];
+              sh.prefetch_entry(ids[ahead], plan.hashes[ahead], layout_.stride, true);
+            }
             positions.clear();
-            for (uint32_t p = runs.first[r]; p != detail::Runs::kEnd; p = runs.next[p - runs.base]) positions.push_back(p);
+            for (uint32_t k = runs.first[r]; k != detail::Runs::kEnd; k = runs.next[k]) positions.push_back(order[k]);
             fn(sh, positions.data(), positions.size(), plan.hashes[positions[0]], scratch.data());
           }
         },
