@@ -142,3 +142,11 @@ cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
                                                const string& layout) except +translate_exception
     vector[CheckpointFileInfo] load_checkpoint(EmbeddingTable& into, const vector[string]& paths,
                                                const string& layout) except +translate_exception
+
+
+cdef extern from "mtht/probe.h" namespace "mtht" nogil:
+    cdef cppclass ProbeResult:
+        double reads_per_s
+        uint64_t checksum
+
+    ProbeResult random_read_probe(size_t buffer_bytes, size_t reads_per_thread, int threads) except +translate_exception

@@ -18,6 +18,7 @@ from mtht._core cimport (
     EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
+    ProbeResult, random_read_probe,
 )
 from libcpp.string cimport string
 from libcpp.pair cimport pair
@@ -27,7 +28,7 @@ cdef extern from *:
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
+__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient"]
 
@@ -54,6 +55,17 @@ def get_num_threads():
 
 def cpu_features():
     return cpu_isas().decode()
+
+
+def probe_random_reads(size_t buffer_bytes, size_t reads_per_thread=20_000_000, int threads=1):
+    """Independent random 64-byte reads over a buffer of ``buffer_bytes``, on ``threads``
+    threads: (reads per second in total, checksum)."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    cdef ProbeResult r
+    with nogil:
+        r = random_read_probe(buffer_bytes, reads_per_thread, threads)
+    return r.reads_per_s, r.checksum
 
 
 def kernel_name():
