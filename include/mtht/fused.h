@@ -6,6 +6,7 @@
 // floats. Every length is validated before any table changes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -145,7 +146,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     gathered.push_back(detail::gather_table(L, ids, k));
     tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size());
   }
-  for (size_t k = 0; k < L.num_tables; ++k) {
+  auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const size_t d = static_cast<size_t>(tables[k]->dim());
     std::vector<float> rows;
@@ -157,6 +158,18 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     tables[k]->apply_gradients(g.ids.data(), g.ids.size(), rows.data(), lrs + lr_begin[k],
                                static_cast<size_t>(tables[k]->num_segments()), global_step, ts, accumulate,
                                accumulate ? g.block.data() : nullptr);
+  };
+  // Tables are independent, so they are updated in parallel, one task each (each table's
+  // own blocks stay in shard order). A table passed twice is updated in order instead.
+  std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
+  std::sort(sorted.begin(), sorted.end());
+  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+  size_t total = 0;
+  for (const auto& g : gathered) total += g.ids.size();
+  if (distinct && L.num_tables > 1) {
+    ThreadPool::global().parallel_for(L.num_tables, update_table, EmbeddingTable::threads_for(total));
+  } else {
+    for (size_t k = 0; k < L.num_tables; ++k) update_table(k);
   }
 }
 
