@@ -48,6 +48,7 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         uint64_t initial_capacity
         int num_shards
         uint64_t max_entries
+        uint64_t max_bytes
         int eviction_policy
         uint32_t default_expire_days
         vector[pair[uint32_t, uint32_t]] slot_expire_days
@@ -86,6 +87,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception
         const char* kernel_name()
+        uint64_t max_entries()
         int dim()
         int state_dim()
         int num_segments()

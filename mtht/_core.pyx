@@ -115,7 +115,7 @@ cdef class Table:
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
                   uint64_t initial_capacity=0, int num_shards=64, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
-                  str eviction_policy="lru"):
+                  str eviction_policy="lru", uint64_t max_bytes=0):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
         cdef TableSpec spec
         cdef SegmentSpec seg
@@ -153,6 +153,7 @@ cdef class Table:
         spec.num_shards = num_shards
         spec.default_expire_days = default_expire_days
         spec.max_entries = max_entries
+        spec.max_bytes = max_bytes
         if eviction_policy not in ("lru", "lfu"):
             raise ValueError(f"eviction_policy must be 'lru' or 'lfu', got {eviction_policy!r}")
         spec.eviction_policy = 0 if eviction_policy == "lru" else 1
@@ -191,6 +192,11 @@ cdef class Table:
     @max_update_ts.setter
     def max_update_ts(self, int64_t ts):
         self._t.get().set_max_update_ts(ts)
+
+    @property
+    def max_entries(self):
+        """The capacity limit in entries (0 = none), max_bytes included."""
+        return self._t.get().max_entries()
 
     @property
     def has_filter(self):

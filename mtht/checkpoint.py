@@ -207,7 +207,7 @@ def _load(table, basename: str) -> Tuple[object, dict]:
         if info["checksum"] != f["checksum"] or info["entries"] != f["entries"]:
             raise CheckpointError(f"checkpoint data file {f['name']} does not match the manifest "
                                   "(it belongs to another save)")
-    limit = table.config.table_config.max_entries
+    limit = core.max_entries
     if limit and core.size() > limit:
         raise ValueError(f"checkpoint {basename!r} holds {core.size()} entries, more than the table's "
                          f"max_entries = {limit}")

@@ -1366,6 +1366,10 @@ class EmbeddingHashTableConfig:
         Which entries make room when ``max_entries`` is reached.
     allow_non_finite : bool, default False
         Accept NaN/Inf in written values and gradients.
+    max_bytes : int, optional
+        Bound on the table's memory (>= 1 byte): turned into a number of entries from the
+        memory one entry may take at most (row, capacity bookkeeping and index); together
+        with ``max_entries`` the smaller bound holds. None means unbounded.
 
     Raises
     ------
@@ -1386,6 +1390,7 @@ class EmbeddingHashTableConfig:
     max_entries: Optional[int] = None
     eviction_policy: str = "lru"
     allow_non_finite: bool = False
+    max_bytes: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -1422,6 +1427,8 @@ class EmbeddingHashTableConfig:
                                       2**64 - 1)
         if self.max_entries is not None:
             self.max_entries = _check_int(self.max_entries, "max_entries", 1)
+        if self.max_bytes is not None:
+            self.max_bytes = _check_int(self.max_bytes, "max_bytes", 1)
         if self.eviction_policy not in _EVICTION_POLICIES:
             raise ValueError(
                 f"eviction_policy must be one of {_EVICTION_POLICIES}, got "
@@ -1448,7 +1455,7 @@ class EmbeddingHashTableConfig:
             f"max_entries={self.max_entries}",
             f"eviction_policy={self.eviction_policy!r}",
             f"allow_non_finite={self.allow_non_finite}",
-        ]
+        ] + ([f"max_bytes={self.max_bytes}"] if self.max_bytes is not None else [])
 
     def canonical_key(self) -> str:
         """Canonical text of every field that affects behaviour.

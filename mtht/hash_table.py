@@ -102,6 +102,7 @@ class HashTable(BaseHashTable):
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
             max_entries=int(table_config.max_entries or 0),
+            max_bytes=int(table_config.max_bytes or 0),
             eviction_policy=str(table_config.eviction_policy),
         )
 
@@ -178,6 +179,7 @@ class HashTable(BaseHashTable):
         st["bytes"] = st["index_bytes"] + st["row_bytes"]
         st["bytes_per_entry"] = st["bytes"] / st["size"] if st["size"] else 0.0
         st["dim"] = self._dim
+        st["max_entries"] = self._core.max_entries
         st["state_floats"] = self._core.state_dim
         return st
 

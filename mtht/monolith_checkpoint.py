@@ -303,7 +303,7 @@ def restore_monolith(table, basename: str) -> None:
             if len(ids) >= batch:
                 flush()
         flush()
-    limit = table.config.table_config.max_entries
+    limit = core.max_entries
     if limit and core.size() > limit:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "
                          f"table's max_entries = {limit}")

@@ -1124,3 +1124,46 @@ def test_merged_restore_from_the_old_fc_slot_name(tmp_path):
     save_multi_type(new, str(tmp_path))
     assert os.path.exists(tmp_path / f"{hashlib.md5(b'fc_slot_0').hexdigest()}.manifest.json")
 
+
+
+# --- max_bytes: a memory bound turned into an entry bound ------------------------------------
+
+def _bytes_table(max_bytes, max_entries=None):
+    seg = mtht.CombineAsSegment(16, mtht.ZerosInitializer(), mtht.AdagradOptimizer(), None)
+    return mtht.hash_table_from_config(mtht.HashTableConfigInstance(
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=max_bytes,
+                                      max_entries=max_entries), [0.1]))
+
+
+def test_max_bytes_bounds_the_memory_of_a_table():
+    budget = 20_000_000
+    t = _bytes_table(budget)
+    # An Adagrad dim-16 entry: a 128-byte row, 16 bytes of bookkeeping, at most 52 of index.
+    assert t.stats()["max_entries"] == budget // (128 + 16 + 52)
+    for start in range(0, 400_000, 20_000):
+        t.assign(np.arange(start, start + 20_000), np.ones((20_000, 16), np.float32))
+    st = t.stats()
+    assert len(t) == st["max_entries"]
+    assert st["evictions"] == 400_000 - st["max_entries"]
+    assert st["bytes"] <= budget
+
+
+def test_max_bytes_and_max_entries_the_smaller_bound_holds():
+    assert _bytes_table(10_000_000, max_entries=1000).stats()["max_entries"] == 1000
+    assert _bytes_table(196 * 10, max_entries=1000).stats()["max_entries"] == 10
+
+
+def test_max_bytes_too_small_for_one_entry_is_refused():
+    with pytest.raises(ValueError, match="max_bytes"):
+        _bytes_table(100)
+    with pytest.raises(ValueError, match="max_bytes"):
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[
+            mtht.CombineAsSegment(1, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)]), max_bytes=0)
+
+
+def test_max_bytes_is_part_of_the_merge_key():
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    key = lambda **kw: str(mtht.HashTableConfigInstance(  # noqa: E731
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), **kw), [1.0]))
+    assert key() == key(max_bytes=None)
+    assert key(max_bytes=10**6) != key() and key(max_bytes=10**6) == key(max_bytes=10**6)

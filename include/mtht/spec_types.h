@@ -74,6 +74,7 @@ struct TableSpec {
   // Capacity: 0 = unlimited; otherwise a write that would exceed it first evicts entries
   // by `eviction_policy` (0 = least recently written, 1 = least frequently written).
   uint64_t max_entries = 0;
+  uint64_t max_bytes = 0;  // 0 = unlimited; else turned into a bound on entries
   int eviction_policy = 0;
   // Expiry, in days, by slot ((id >> 48) & 0x7FFF); slots not listed use the default.
   uint32_t default_expire_days = 36500;

@@ -69,7 +69,8 @@ struct RowLayout {
   size_t stride = 0;     // bytes per row: values then state, padded (see row_stride)
   bool with_meta = false;  // capacity bookkeeping (write clock, write count) per row
 
-  explicit RowLayout(const TableSpec& spec) : segments(spec.segments), with_meta(spec.max_entries > 0) {
+  explicit RowLayout(const TableSpec& spec)
+      : segments(spec.segments), with_meta(spec.max_entries > 0 || spec.max_bytes > 0) {
     for (const auto& s : segments) {
       value_offset.push_back(dim);
       state_offset.push_back(state_dim);
@@ -460,6 +461,16 @@ class EmbeddingTable {
   explicit EmbeddingTable(const TableSpec& spec)
       : spec_(spec), layout_((validate(spec), spec)), kernels_(&select_kernel_set()) {
     while ((1 << shard_bits_) < spec.num_shards) ++shard_bits_;
+    if (spec.max_bytes) {
+      // The most one entry can take: its row and bookkeeping, and a bucket slot at the
+      // lowest load the index runs at (5/12): 64 / 3 * 12 / 5 bytes.
+      const uint64_t per_entry = layout_.stride + 16 + 52;
+      const uint64_t limit = spec.max_bytes / per_entry;
+      if (limit == 0)
+        throw ValueError("max_bytes = " + std::to_string(spec.max_bytes) + " does not hold one entry of up to " +
+                         std::to_string(per_entry) + " bytes");
+      spec_.max_entries = spec_.max_entries ? std::min<uint64_t>(spec_.max_entries, limit) : limit;
+    }
     hashnet_scale_.reset(new std::atomic<float>[layout_.segments.size()]);
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
@@ -491,6 +502,7 @@ class EmbeddingTable {
   EmbeddingTable& operator=(const EmbeddingTable&) = delete;
 
   const char* kernel_name() const { return kernels_->name; }
+  uint64_t max_entries() const { return spec_.max_entries; }  // 0 = unlimited (after max_bytes)
   int dim() const { return layout_.dim; }
   int state_dim() const { return layout_.state_dim; }
   int num_segments() const { return static_cast<int>(layout_.segments.size()); }
