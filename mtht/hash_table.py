@@ -257,6 +257,15 @@ class HashTable(BaseHashTable):
         """Every write has been applied when this returns; returns the table."""
         return self
 
+    def export_serving(self, ids) -> np.ndarray:
+        """The rows of ``ids`` in serving form: uint8 ``[N, row_bytes]``, each segment packed
+        by its compressor (fp32, fp16, fixed_r8 or one_bit; see :mod:`mtht.serving`). A
+        missing id packs a row of zeros."""
+        from mtht.serving import compress
+        ids = as_ids(ids)
+        values, _, _, _ = self._core.lookup_entries(ids)
+        return compress(self._config.table_config, values, self._core.hashnet_scales())
+
     # -- lifecycle -------------------------------------------------------------------------
     def evict(self, max_update_time=None) -> int:
         """Remove the entries expired at ``max_update_time`` (default: the table's

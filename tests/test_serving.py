@@ -1,0 +1,75 @@
+"""Compressors as serving storage formats (reference §7): Monolith's pinned numbers and
+round trips against independent numpy expectations."""
+
+import numpy as np
+import pytest
+
+import mtht
+from mtht.serving import compress, decompress, row_bytes
+
+
+def config(*segments):
+    return mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[
+        mtht.CombineAsSegment(dim, mtht.ZerosInitializer(), mtht.SgdOptimizer(), comp) for dim, comp in segments]))
+
+
+def test_fp32_round_trips_exactly():
+    cfg = config((3, mtht.Fp32Compressor()))
+    v = np.array([[0.1, 0.2, 10000.0]], np.float32)
+    packed = compress(cfg, v)
+    assert packed.shape == (1, 12) and row_bytes(cfg) == 12
+    assert np.array_equal(decompress(cfg, packed), v)
+
+
+def test_fp16_round_trips_within_monolith_tolerance_and_rounds_to_nearest_even():
+    cfg = config((3, mtht.Fp16Compressor()))
+    v = np.array([[0.1, 0.2, 10000.0]], np.float32)
+    back = decompress(cfg, compress(cfg, v))
+    np.testing.assert_allclose(back, v, atol=1e-4)
+    # 1 + 2^-11 lies halfway between two halves: nearest even is 1.0
+    assert decompress(cfg, compress(cfg, np.array([[1 + 2**-11, 1 + 3 * 2**-11, 70000.0]], np.float32))).tolist() == \
+        [[1.0, 1.001953125, np.inf]]
+
+
+def test_combined_fp16_segments_use_their_own_dims():
+    cfg = config((1, mtht.Fp16Compressor()), (2, mtht.Fp16Compressor()))
+    assert decompress(cfg, compress(cfg, np.array([[1, 2, 3]], np.float32))).tolist() == [[1, 2, 3]]
+    assert row_bytes(cfg) == 6
+
+
+def test_one_bit_encodes_the_sign_of_its_forward_value():
+    cfg = config((7, mtht.OneBitCompressor(amplitude=1.0)))
+    v = np.array([[100, 0.1, 1e-5, 0, -1e-5, -0.1, -100]], np.float32)
+    assert decompress(cfg, compress(cfg, v)).tolist() == [[1, 1, 1, -1, -1, -1, -1]]
+
+
+def test_fixed_r8_stores_step_counts():
+    r = 5.0
+    step = r / 128
+    cfg = config((6, mtht.FixedR8Compressor(fixed_range=r)))
+    v = np.array([[100, 0, 1.4 * step, -1.4 * step, 1.6 * step, np.nan]], np.float32)
+    packed = compress(cfg, v)
+    assert packed.view(np.int8).tolist() == [[127, 0, 1, -1, 2, 0]]
+    np.testing.assert_allclose(decompress(cfg, packed), [[127 * step, 0, step, -step, 2 * step, 0]], rtol=1e-7)
+
+
+def test_a_table_exports_its_rows_mixed_compressors():
+    cfg = config((2, mtht.Fp32Compressor()), (2, mtht.Fp16Compressor()), (2, mtht.FixedR8Compressor()))
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(cfg, [1.0, 1.0, 1.0]))
+    rows = np.array([[0.5, -0.25, 0.1, 3.0, 0.3, -0.7]], np.float32)
+    t.assign([42], rows)
+    packed = t.export_serving([42, 7])
+    assert packed.shape == (2, 2 * 4 + 2 * 2 + 2)
+    back = decompress(cfg, packed)
+    assert back[0, :2].tolist() == [0.5, -0.25]
+    np.testing.assert_allclose(back[0, 2:4], rows[0, 2:4].astype(np.float16).astype(np.float32))
+    np.testing.assert_allclose(back[0, 4:], np.round(rows[0, 4:] * 128) / 128, atol=1e-7)
+    assert back[1].tolist() == [0] * 6
+
+
+def test_bad_shapes_raise():
+    cfg = config((3, mtht.Fp32Compressor()))
+    with pytest.raises(ValueError, match="shape"):
+        compress(cfg, np.zeros((1, 2), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        decompress(cfg, np.zeros((1, 5), np.uint8))
