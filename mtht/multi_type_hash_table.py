@@ -246,9 +246,10 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
             getattr(self._table, method)(merged, *args, **kwargs)
             return self
-        merged_ids, merged_sizes = self._get_merged_to_indexed_tensor({s: v[0] for s, v in data.items()}, rows=False)
+        slot_ids = {s: as_ids(v[0], f"slot {s!r} ids") for s, v in data.items()}
+        merged_ids, _ = self._get_merged_to_indexed_tensor(slot_ids, rows=False)
         merged_tensors, _ = self._get_merged_to_indexed_tensor({s: v[1] for s, v in data.items()}, rows=True,
-                                                               slot_sizes={s: len(as_ids(v[0])) for s, v in data.items()})
+                                                               slot_sizes={s: len(i) for s, i in slot_ids.items()})
         getattr(self._table, method)({m: (merged_ids[m], merged_tensors[m]) for m in merged_ids}, *args, **kwargs)
         return self
 
