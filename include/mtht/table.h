@@ -260,6 +260,12 @@ class Shard {
   }
 
   // Make room for `extra` more entries without any allocation on insert.
+  // Whether reserve(extra) would allocate (grow the index or add a chunk of rows).
+  bool reserve_allocates(uint64_t extra) const {
+    const uint64_t rows = std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard);
+    return rows > rows_.capacity() || over_load(std::min<uint64_t>(size_ + extra, kMaxRowsPerShard));
+  }
+
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
@@ -1066,11 +1072,23 @@ class EmbeddingTable {
     return lock;
   }
 
+  // Room for the batch's new ids in every shard it touches, before any entry changes. The
+  // batch's size bounds the new ids; only when that bound would make a shard allocate are
+  // its ids looked up, so rewriting ids already present never grows a table.
   void reserve_for(const detail::BatchPlan& plan) {
     for (uint32_t s : plan.busy_shards) {
       detail::Shard& sh = *shards_[s];
       std::unique_lock<std::shared_mutex> lk(sh.mu);
-      sh.reserve(plan.shard_begin[s + 1] - plan.shard_begin[s]);
+      const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
+      uint64_t extra = e - b;
+      if (sh.reserve_allocates(extra)) {
+        extra = 0;
+        for (size_t k = b; k < e; ++k) {
+          const uint32_t i = plan.order[k];
+          if (!sh.find(plan.ids[i], plan.hashes[i]).bucket) ++extra;
+        }
+      }
+      sh.reserve(extra);
     }
   }
 
