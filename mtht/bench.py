@@ -364,15 +364,11 @@ def _fill_table(table, keys: np.ndarray, dim: int, desc: str, config: BenchConfi
     return time.perf_counter() - start
 
 
-def _reset_mtht(table, keys: np.ndarray, dim: int, chunk: int = _FILL_CHUNK) -> None:
-    """Put the rows of ``keys`` back to their filled state (values and optimizer state).
-
-    Writes go in chunks of at most ``chunk`` ids (the op's batch size): a write reserves
-    index room for all its ids as if they were new, so a larger chunk than the op's own
-    batches could grow the index and leave the next op a different table."""
+def _reset_mtht(table, keys: np.ndarray, dim: int) -> None:
+    """Put the rows of ``keys`` back to their filled state (values and optimizer state)."""
     uk = np.unique(np.concatenate(keys)) if isinstance(keys, list) else np.unique(keys)
-    for s in range(0, len(uk), chunk):
-        k = uk[s:s + chunk]
+    for s in range(0, len(uk), _FILL_CHUNK):
+        k = uk[s:s + _FILL_CHUNK]
         ids = key_to_id(k)
         table.reinitialize(ids, req_time=0)
         table.assign(ids, fill_values(k, dim))
@@ -473,7 +469,7 @@ class _MthtRunner:
         finally:
             bar.close()
         if op in _WRITE_OPS:
-            _reset_mtht(t, keys, c.dim, c.batch_size)
+            _reset_mtht(t, keys, c.dim)
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
                           _bytes_per_id(op, c.dim, self.state))
 
@@ -541,8 +537,8 @@ class _MthtRunner:
         if op == "fused_apply_gradient":
             all_keys = np.concatenate([k for k, _, _ in layouts])
             for k in range(K):
-                _reset_mtht(tables[k], all_keys[all_keys % K == k], c.dim, c.batch_size)
-            _reset_mtht(one, all_keys, c.dim, c.batch_size)
+                _reset_mtht(tables[k], all_keys[all_keys % K == k], c.dim)
+            _reset_mtht(one, all_keys, c.dim)
         n = [c.batch_size] * len(fused_seconds)
         one_rate = float(np.median(np.asarray(n) / np.asarray(one_seconds)))
         res = _summarise(op, "mtht", threads, n, fused_seconds, fused_sum,
