@@ -260,10 +260,10 @@ class Shard {
   }
 
   // Make room for `extra` more entries without any allocation on insert.
-  // Whether reserve(extra) would allocate (grow the index or add a chunk of rows).
-  bool reserve_allocates(uint64_t extra) const {
-    const uint64_t rows = std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard);
-    return rows > rows_.capacity() || over_load(std::min<uint64_t>(size_ + extra, kMaxRowsPerShard));
+  // Whether reserve(extra) would grow the index. (A chunk of rows reserved too early costs
+  // only address space: its pages are not touched until rows are handed out.)
+  bool reserve_grows_index(uint64_t extra) const {
+    return over_load(std::min<uint64_t>(size_ + extra, kMaxRowsPerShard));
   }
 
   void reserve(uint64_t extra) {
@@ -1073,15 +1073,15 @@ class EmbeddingTable {
   }
 
   // Room for the batch's new ids in every shard it touches, before any entry changes. The
-  // batch's size bounds the new ids; only when that bound would make a shard allocate are
-  // its ids looked up, so rewriting ids already present never grows a table.
+  // batch's size bounds the new ids; only when that bound would grow a shard's index are its
+  // ids looked up, so rewriting ids already present never grows an index.
   void reserve_for(const detail::BatchPlan& plan) {
     for (uint32_t s : plan.busy_shards) {
       detail::Shard& sh = *shards_[s];
       std::unique_lock<std::shared_mutex> lk(sh.mu);
       const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
       uint64_t extra = e - b;
-      if (sh.reserve_allocates(extra)) {
+      if (sh.reserve_grows_index(extra)) {
         extra = 0;
         for (size_t k = b; k < e; ++k) {
           const uint32_t i = plan.order[k];
