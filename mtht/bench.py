@@ -1167,11 +1167,11 @@ def format_report(result: dict, header: bool = True) -> str:
 
 def format_sweep(sweep_result: dict) -> str:
     lines = [f"sweep over {sweep_result['sweep']}:",
-             f"{'value':>12} {'op':<22} {'thr':>3} {'M ids/s':>8} {'%probe':>6}"]
+             f"{'value':>12} {'op':<22} {'thr':>3} {'M ids/s':>8} {'%ceil':>6}"]
     for v, run in zip(sweep_result["values"], sweep_result["runs"]):
         for r in run["results"]:
             if r["impl"] == "mtht" and r["status"] == "ok":
-                pct = r.get("pct_of_probe_per_thread")
+                pct = r.get("pct_of_ceiling")
                 lines.append(f"{v:>12,} {r['op']:<22} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
                              f"{(f'{pct:5.0f}%' if pct is not None else ''):>6}")
     if sweep_result.get("plot"):
