@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import numpy as np
 
-from mtht.learning_rate_functions import LearningRateFunction
+from mtht.learning_rate_functions import LearningRateFunction, integer_step
 
 __all__ = [
     # optimizers
@@ -624,7 +624,25 @@ _FTRL_ARGS = (
 )
 
 
-class FtrlOptimizer(Optimizer):
+class _FtrlFamily(Optimizer):
+    """FTRL and group FTRL take the same arguments (Monolith's names)."""
+
+    _ARGS = _FTRL_ARGS
+
+    def __init__(self, learning_rate=None, initial_accumulator_value=None,
+                 beta=None, warmup_steps=0, l1_regularization=None,
+                 l2_regularization=None):
+        self._set(
+            learning_rate=learning_rate,
+            initial_accumulator_value=initial_accumulator_value,
+            beta=beta,
+            warmup_steps=warmup_steps,
+            l1_regularization_strength=l1_regularization,
+            l2_regularization_strength=l2_regularization,
+        )
+
+
+class FtrlOptimizer(_FtrlFamily):
     """FTRL-proximal.
 
     Parameters
@@ -655,22 +673,9 @@ class FtrlOptimizer(Optimizer):
         ("l2_regularization_strength", _FLOAT, 0.0, _NONNEG),
         ("warmup_steps", _INT, 0, _ANY),
     )
-    _ARGS = _FTRL_ARGS
-
-    def __init__(self, learning_rate=None, initial_accumulator_value=None,
-                 beta=None, warmup_steps=0, l1_regularization=None,
-                 l2_regularization=None):
-        self._set(
-            learning_rate=learning_rate,
-            initial_accumulator_value=initial_accumulator_value,
-            beta=beta,
-            warmup_steps=warmup_steps,
-            l1_regularization_strength=l1_regularization,
-            l2_regularization_strength=l2_regularization,
-        )
 
 
-class FTRLWithGroupSparsityOptimizer(Optimizer):
+class FTRLWithGroupSparsityOptimizer(_FtrlFamily):
     """FTRL with group (row-wise) L1 sparsity: a row with small ``‖z‖`` is 0.
 
     Parameters
@@ -700,19 +705,6 @@ class FTRLWithGroupSparsityOptimizer(Optimizer):
         ("l2_regularization_strength", _FLOAT, 0.0, _NONNEG),
         ("warmup_steps", _INT, 0, _ANY),
     )
-    _ARGS = _FTRL_ARGS
-
-    def __init__(self, learning_rate=None, initial_accumulator_value=None,
-                 beta=None, warmup_steps=0, l1_regularization=None,
-                 l2_regularization=None):
-        self._set(
-            learning_rate=learning_rate,
-            initial_accumulator_value=initial_accumulator_value,
-            beta=beta,
-            warmup_steps=warmup_steps,
-            l1_regularization_strength=l1_regularization,
-            l2_regularization_strength=l2_regularization,
-        )
 
 
 class AdaGradWithGroupLassoOptimizer(Optimizer):
@@ -1574,24 +1566,6 @@ def _lr_fn_key(fn: Any) -> str:
     return f"callable@{id(fn)}"
 
 
-def _as_global_step(global_step: Any) -> int:
-    if _is_bool(global_step):
-        raise TypeError(f"global_step must be an integer, got {global_step!r}")
-    if isinstance(global_step, np.ndarray):
-        if global_step.size != 1 or global_step.dtype.kind not in "iu":
-            raise TypeError(
-                "global_step must be an integer scalar, got an array of shape "
-                f"{global_step.shape} and dtype {global_step.dtype}"
-            )
-        global_step = global_step.reshape(()).item()
-    try:
-        return operator.index(global_step)
-    except TypeError:
-        raise TypeError(
-            f"global_step must be an integer, got {global_step!r}"
-        ) from None
-
-
 class HashTableConfigInstance:
     """A table config together with one learning rate per segment.
 
@@ -1751,7 +1725,7 @@ class HashTableConfigInstance:
         """
         if not self._learning_rate_fns:
             raise ValueError("learning_rate_fns must not be empty")
-        step = _as_global_step(global_step)
+        step = integer_step(global_step)
         out = np.empty(len(self._learning_rate_fns), dtype=np.float32)
         for i, (fn, mode) in enumerate(zip(self._learning_rate_fns,
                                            self._modes)):

@@ -74,11 +74,9 @@ def _check_bool(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-def _as_step(global_step: Any) -> int:
-    """Convert a global step to a non-negative Python int.
-
-    Accepts Python and numpy integers and integer arrays of size one.
-    """
+def integer_step(global_step: Any) -> int:
+    """A global step as a Python int: Python and numpy integers and integer arrays of size
+    one are accepted; anything else (bools, floats) raises TypeError."""
     if isinstance(global_step, (bool, np.bool_)):
         raise TypeError(f"global_step must be an integer, got {global_step!r}")
     if isinstance(global_step, np.ndarray):
@@ -89,11 +87,16 @@ def _as_step(global_step: Any) -> int:
             )
         global_step = global_step.reshape(()).item()
     try:
-        step = operator.index(global_step)
+        return operator.index(global_step)
     except TypeError:
         raise TypeError(
             f"global_step must be an integer, got {global_step!r}"
         ) from None
+
+
+def _as_step(global_step: Any) -> int:
+    """A global step as a non-negative Python int (schedules are defined from step 0)."""
+    step = integer_step(global_step)
     if step < 0:
         raise ValueError(f"global_step must be >= 0, got {step}")
     return step

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -1006,8 +1007,9 @@ def test_killed_saver_leaves_one_whole_checkpoint(tmp_path):
             proc.wait()
         lines += proc.stdout.read().splitlines()
         proc.stdout.close()
-        saved = [int(x.split()[1]) for x in lines if x.startswith("saved")]
-        started = [int(x.split()[1]) for x in lines if x.startswith("saving")]
+        # A line cut short by the kill carries no number: only whole lines count.
+        saved = [int(m.group(1)) for m in (re.fullmatch(r"saved (\d+)", x.strip()) for x in lines) if m]
+        started = [int(m.group(1)) for m in (re.fullmatch(r"saving (\d+)", x.strip()) for x in lines) if m]
         table = hash_table_from_config(generate_test_hash_table_config(8)).restore(basename)
         assert table.size() == n
         values = table.lookup(ids)
