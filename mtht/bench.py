@@ -297,7 +297,7 @@ def _mtht_bytes_estimate(config: BenchConfig, n: int) -> int:
         stride = None
     if stride is None:
         stride = _round_up(4 * (config.dim + _state_floats(config.optimizer, config.dim)), 16)
-    return int(n * (stride + 52))  # + the index: up to 52 bytes per entry
+    return int(n * (stride + 64))  # + the index: up to 64 bytes per entry
 
 
 def _baseline_bytes_per_entry(config: BenchConfig) -> int:

@@ -1,0 +1,182 @@
+"""Tests of the batch engine's fast paths against the reference model.
+
+A batch is split by shard and each shard's ids are visited in stages: home buckets are
+prefetched 24 positions ahead, the next bucket 16 ahead when an id may lie past home, the
+row 8 ahead. These tests drive the edges of that pipeline: shards holding a number of ids
+around each distance, probe chains many buckets long (ids chosen to share one home bucket),
+growth in the middle of a batch, batches larger than the table, and a batch of one id.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import mtht
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
+
+SEG = SegmentDesc(4, init="constants", constant=0.25, opt="adagrad", initial_accumulator_value=0.1)
+LR = 0.05
+MASK64 = (1 << 64) - 1
+
+
+def _table_and_reference():
+    return mtht.hash_table_from_config(make_config([SEG], [LR])), ReferenceTable([SEG])
+
+
+def _hash(ids: np.ndarray) -> np.ndarray:
+    """The table's id hash (murmur3's fmix64 of id + 2^64/phi), in numpy uint64 arithmetic."""
+    x = ids.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    x ^= x >> np.uint64(33)
+    return x
+
+
+def _shard(ids: np.ndarray) -> np.ndarray:
+    return (_hash(ids) >> np.uint64(58)).astype(np.int64)  # 64 shards: the top 6 bits
+
+
+def _ids_in_one_shard(n: int, shard: int = 5, start: int = 0) -> np.ndarray:
+    """The first n ids from `start` on whose hash falls in `shard`."""
+    out = []
+    lo = start
+    while len(out) < n:
+        cand = np.arange(lo, lo + 100_000, dtype=np.int64)
+        out.extend(cand[_shard(cand) == shard].tolist())
+        lo += 100_000
+    return np.asarray(out[:n], dtype=np.int64)
+
+
+def _colliding_ids(n: int, low_bits: int = 10, start: int = 0) -> np.ndarray:
+    """n ids with one shard and one home bucket in any shard index of up to 2^low_bits buckets."""
+    out = []
+    lo = start
+    target = None
+    while len(out) < n:
+        cand = np.arange(lo, lo + 1_000_000, dtype=np.int64)
+        h = _hash(cand)
+        key = (h >> np.uint64(58)) << np.uint64(low_bits) | (h & np.uint64((1 << low_bits) - 1))
+        if target is None:
+            target = key[0]
+        out.extend(cand[key == target].tolist())
+        lo += 1_000_000
+    return np.asarray(out[:n], dtype=np.int64)
+
+
+def _step_both(t, ref, ids, rng, ts, dedup=False):
+    g = rng.standard_normal((len(ids), SEG.dim)).astype(np.float32)
+    t.apply_gradients(ids, g, global_step=1, enable_dedup=dedup, req_time=ts)
+    ref.apply_gradients(ids, g, [LR], enable_dedup=dedup, req_time=ts)
+
+
+def _assert_same(t, ref, ids):
+    ids = np.asarray(ids, dtype=np.int64)
+    np.testing.assert_array_equal(t.lookup(ids), ref.lookup(ids))
+    np.testing.assert_array_equal(t.contains(ids), ref.contains(ids))
+    for dump, want in zip(t.lookup_entry(ids), ref.lookup_entry(ids)):
+        assert (dump is None) == (want is None)
+        if dump is not None:
+            np.testing.assert_array_equal(dump.values, want.values)
+            np.testing.assert_array_equal(dump.optimizer_state[0]["norm"], want.state[0]["norm"])
+            assert dump.last_update_ts == want.ts
+    assert t.size() == ref.size()
+
+
+def test_hash_model_matches_the_table():
+    # The helpers above are only useful if they agree with the table: ids they put in one
+    # home bucket must make a probe sequence as long as they are many.
+    t, _ = _table_and_reference()
+    ids = _colliding_ids(30)
+    t.assign(ids, np.ones((30, SEG.dim), np.float32))
+    assert t.stats(probe_lengths=True)["max_probe_groups"] >= 30 // 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 47, 100])
+def test_shard_sizes_around_the_prefetch_distances(n):
+    # Every id of these batches is in one shard, so the shard's loop sees exactly n ids.
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(n)
+    ids = _ids_in_one_shard(n)
+    half = ids[: n // 2]
+    t.assign(half, np.full((half.size, SEG.dim), 2.0, np.float32), req_time=1)
+    ref.assign(half, np.full((half.size, SEG.dim), 2.0, np.float32), req_time=1)
+    mixed = rng.permutation(np.concatenate([ids, ids[::3]]))
+    _step_both(t, ref, mixed, rng, 2)
+    _step_both(t, ref, mixed, rng, 3, dedup=True)
+    missing = _ids_in_one_shard(n, start=10_000_000)
+    _assert_same(t, ref, np.concatenate([ids, missing]))
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_long_probe_chains(dedup):
+    # 60 ids with one home bucket: a chain of 20 full buckets, so most ids lie far past home,
+    # further than any prefetch stage looks; ids that are absent walk the whole chain.
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(1)
+    chain = _colliding_ids(90)
+    present, absent = chain[:60], chain[60:]
+    others = _ids_in_one_shard(200, start=50_000_000)
+    for step in range(4):
+        batch = rng.permutation(np.concatenate([present[: 20 * (step + 1)], others[: 50 * step]]))
+        _step_both(t, ref, batch, rng, step, dedup=dedup)
+    assert t.stats(probe_lengths=True)["max_probe_groups"] >= 20
+    _assert_same(t, ref, rng.permutation(np.concatenate([chain, others])))
+
+
+def test_removal_inside_a_probe_chain_keeps_the_rest_reachable():
+    t, ref = _table_and_reference()
+    chain = _colliding_ids(45)
+    rng = np.random.default_rng(2)
+    first, second = chain[::2], chain[1::2]
+    expiry = 36500 * 86400                      # the default: 36,500 days
+    _step_both(t, ref, first, rng, 1)           # written at time 1: expired at 1 + expiry
+    _step_both(t, ref, second, rng, 1 + expiry)
+    removed = t.evict(max_update_time=1 + expiry)
+    assert removed == first.size
+    for i in first.tolist():
+        del ref.entries[i]
+    _assert_same(t, ref, chain)
+    _step_both(t, ref, first[::-1], rng, 2 + expiry)   # reinserted into the freed slots
+    _assert_same(t, ref, chain)
+
+
+def test_growth_in_the_middle_of_a_batch_with_duplicates():
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(3)
+    t.assign([7], np.ones((1, SEG.dim), np.float32))
+    ref.assign([7], np.ones((1, SEG.dim), np.float32))
+    grows = t.stats()["capacity"]
+    ids = rng.integers(0, 20_000, 60_000).astype(np.int64)   # many new ids, each about 3 times
+    _step_both(t, ref, ids, rng, 1)
+    assert t.stats()["capacity"] > 100 * grows
+    _step_both(t, ref, ids[::-1], rng, 2, dedup=True)
+    _assert_same(t, ref, np.arange(-5, 20_005))
+
+
+def test_batch_much_larger_than_the_table():
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(4)
+    _step_both(t, ref, np.arange(10, dtype=np.int64), rng, 1)
+    big = rng.integers(-(2**62), 2**62, 100_000).astype(np.int64)
+    big[::1000] = np.arange(100) % 10                      # a few ids of the table among them
+    out = t.lookup(big)
+    np.testing.assert_array_equal(out, ref.lookup(big))
+    assert t.size() == 10
+    _step_both(t, ref, big, rng, 2)
+    _assert_same(t, ref, np.concatenate([np.arange(10), big[:2000]]))
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_a_batch_of_one_id(dedup):
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(5)
+    ids = np.full(50_000, -123456789, dtype=np.int64)
+    _step_both(t, ref, ids, rng, 1, dedup=dedup)
+    _step_both(t, ref, ids, rng, 2, dedup=dedup)
+    _assert_same(t, ref, [-123456789, 0])
