@@ -47,6 +47,7 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         cbool allow_non_finite
         uint64_t initial_capacity
         int num_shards
+        uint32_t max_load_permille
         uint64_t max_entries
         uint64_t max_bytes
         int eviction_policy

@@ -32,6 +32,7 @@ class Table:
         max_entries: int = 0,
         eviction_policy: str = "lru",
         max_bytes: int = 0,
+        max_load_factor: float = 0.5,
     ) -> None: ...
     def size(self) -> int: ...
     @property

@@ -115,7 +115,7 @@ cdef class Table:
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
                   uint64_t initial_capacity=0, int num_shards=64, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
-                  str eviction_policy="lru", uint64_t max_bytes=0):
+                  str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
         cdef TableSpec spec
         cdef SegmentSpec seg
@@ -154,6 +154,7 @@ cdef class Table:
         spec.default_expire_days = default_expire_days
         spec.max_entries = max_entries
         spec.max_bytes = max_bytes
+        spec.max_load_permille = <uint32_t>round(max_load_factor * 1000) if 0 < max_load_factor < 1 else 0
         if eviction_policy not in ("lru", "lfu"):
             raise ValueError(f"eviction_policy must be 'lru' or 'lfu', got {eviction_policy!r}")
         spec.eviction_policy = 0 if eviction_policy == "lru" else 1

@@ -94,6 +94,7 @@ class BenchConfig:
     probe: bool = True
     progress: bool = True
     save_dir: Optional[str] = None
+    max_load_factor: float = 0.5
 
     def validate(self) -> None:
         if self.size < 1:
@@ -108,6 +109,8 @@ class BenchConfig:
             raise ValueError(f"zipf_a must be > 1, got {self.zipf_a}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.25 <= self.max_load_factor <= 0.9:
+            raise ValueError(f"max_load_factor must be in [0.25, 0.9], got {self.max_load_factor}")
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
@@ -297,7 +300,7 @@ def _mtht_bytes_estimate(config: BenchConfig, n: int) -> int:
         stride = None
     if stride is None:
         stride = _round_up(4 * (config.dim + _state_floats(config.optimizer, config.dim)), 16)
-    return int(n * (stride + 64))  # + the index: up to 64 bytes per entry
+    return int(n * (stride + 128 / (3 * config.max_load_factor)))  # + the index at its lowest load
 
 
 def _baseline_bytes_per_entry(config: BenchConfig) -> int:
@@ -346,7 +349,8 @@ def _make_table(config: BenchConfig, capacity: int):
     segment = mtht.CombineAsSegment(config.dim, mtht.ZerosInitializer(), _optimizer_builder(config.optimizer),
                                     mtht.Fp32Compressor())
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
-                                                 initial_capacity=int(capacity))
+                                                 initial_capacity=int(capacity),
+                                                 max_load_factor=config.max_load_factor)
     return mtht.hash_table_from_config(mtht.HashTableConfigInstance(table_config,
                                                                     learning_rate_fns=[config.learning_rate]))
 
@@ -1101,7 +1105,8 @@ def format_header(result: dict) -> str:
         f"config: size {c['size']:,}  dim {c['dim']}  batch {c['batch_size']:,}  dist {c['dist']}"
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
-        f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}",
+        f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
+        f"  max_load_factor {c.get('max_load_factor', 0.5):g}",
     ]
     return "\n".join(lines)
 
@@ -1189,6 +1194,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 1_000_000, "Ids in the table.", lower_bound=1)
 flags.DEFINE_integer("dim", 16, "Embedding dimension.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 65536, "Ids per batch.", lower_bound=1)
+flags.DEFINE_float("max_load_factor", 0.5, "max_load_factor of the mtht tables (speed against index memory).")
 flags.DEFINE_enum("dist", "uniform", list(DISTRIBUTIONS), "Distribution of the ids of a batch.")
 flags.DEFINE_float("zipf_a", 1.1, "Exponent of the Zipf distribution (> 1).")
 flags.DEFINE_enum("optimizer", "adagrad", list(OPTIMIZERS), "Optimizer of the table.")
@@ -1249,7 +1255,7 @@ def config_from_flags() -> BenchConfig:
         ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards,
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
-        progress=FLAGS.progress, save_dir=FLAGS.save_dir, **values)
+        progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor, **values)
     try:
         cfg.validate()
     except ValueError as e:

@@ -104,6 +104,7 @@ class HashTable(BaseHashTable):
             max_entries=int(table_config.max_entries or 0),
             max_bytes=int(table_config.max_bytes or 0),
             eviction_policy=str(table_config.eviction_policy),
+            max_load_factor=float(table_config.max_load_factor),
         )
 
     def _swap_core(self, core) -> None:

@@ -4,7 +4,8 @@ A batch is split by shard and each shard's ids are visited in stages: home bucke
 prefetched 24 positions ahead, the next bucket 16 ahead when an id may lie past home, the
 row 8 ahead. These tests drive the edges of that pipeline: shards holding a number of ids
 around each distance, probe chains many buckets long (ids chosen to share one home bucket),
-growth in the middle of a batch, batches larger than the table, and a batch of one id.
+growth in the middle of a batch, batches larger than the table, and a batch of one id. The
+last part checks that the index's load bound (max_load_factor) changes memory, never results.
 """
 
 import os
@@ -180,3 +181,68 @@ def test_a_batch_of_one_id(dedup):
     _step_both(t, ref, ids, rng, 1, dedup=dedup)
     _step_both(t, ref, ids, rng, 2, dedup=dedup)
     _assert_same(t, ref, [-123456789, 0])
+
+
+# ----------------------------------------------------------------------------------------
+# max_load_factor: the index's load bound changes speed and memory, never results
+# ----------------------------------------------------------------------------------------
+
+def _table_with_load(max_load_factor, **kwargs):
+    cfg = make_config([SEG], [LR])
+    cfg.table_config.max_load_factor = max_load_factor
+    for k, v in kwargs.items():
+        setattr(cfg.table_config, k, v)
+    cfg.table_config.validate()
+    return mtht.hash_table_from_config(cfg)
+
+
+@pytest.mark.parametrize("bad", [0.2, 0.95, 1.0, 0.0, -0.5, float("nan"), float("inf"), True, "0.5", None])
+def test_max_load_factor_out_of_range_is_refused(bad):
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    with pytest.raises(ValueError, match="max_load_factor"):
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_load_factor=bad)
+
+
+@pytest.mark.parametrize("max_load_factor", [0.25, 0.5, 2 / 3, 0.9])
+def test_load_stays_within_its_bound_as_the_table_grows(max_load_factor):
+    t = _table_with_load(max_load_factor)
+    rng = np.random.default_rng(6)
+    loads = []
+    for _ in range(12):
+        t.assign(rng.integers(-(2**63), 2**63 - 1, 20_000, dtype=np.int64), np.ones((20_000, SEG.dim), np.float32))
+        loads.append(t.stats()["load_factor"])
+    assert max(loads) <= max_load_factor
+    # Past the shards' first allocations the index doubles only when full to the bound.
+    assert min(loads[4:]) >= max_load_factor / 2 * 0.9
+
+
+def test_results_do_not_depend_on_the_load_bound():
+    tables = [_table_with_load(f) for f in (0.25, 0.5, 0.9)]
+    ref = ReferenceTable([SEG])
+    rng = np.random.default_rng(7)
+    for step in range(8):
+        ids = rng.integers(0, 30_000, 20_000).astype(np.int64)
+        g = rng.standard_normal((ids.size, SEG.dim)).astype(np.float32)
+        for t in tables:
+            t.apply_gradients(ids, g, global_step=1, enable_dedup=bool(step % 2), req_time=step)
+        ref.apply_gradients(ids, g, [LR], enable_dedup=bool(step % 2), req_time=step)
+    probe = np.arange(-10, 30_010, dtype=np.int64)
+    for t in tables:
+        _assert_same(t, ref, probe[::7])
+        np.testing.assert_array_equal(t.lookup(probe), tables[0].lookup(probe))
+    assert [t.stats()["capacity"] for t in tables] == sorted((t.stats()["capacity"] for t in tables), reverse=True)
+
+
+def test_max_bytes_counts_the_index_at_the_lowest_load_of_the_bound():
+    # An Adagrad dim-4 entry: a 32-byte row, 16 bytes of bookkeeping, and a third of a
+    # 64-byte bucket at half the bound: 64 / 3 / 0.45 = 47.4 -> 48 bytes at 0.9.
+    assert _table_with_load(0.9, max_bytes=96_000).stats()["max_entries"] == 96_000 // (32 + 16 + 48)
+    assert _table_with_load(0.5, max_bytes=96_000).stats()["max_entries"] == 96_000 // (32 + 16 + 86)
+
+
+def test_the_load_bound_is_part_of_the_config_key():
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    keys = {mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_load_factor=f).canonical_key()
+            for f in (0.5, 0.8)}
+    assert len(keys) == 2
+

@@ -36,6 +36,8 @@ inline int state_floats(const SegmentSpec& s) {
 // Slot of an id (Monolith's fid v2): 15 bits above the low 48.
 inline uint32_t slot_of(int64_t id) { return static_cast<uint32_t>((static_cast<uint64_t>(id) >> 48) & 0x7FFF); }
 
+constexpr uint32_t kMinLoadPermille = 250, kMaxLoadPermille = 900;
+
 inline void validate(const TableSpec& spec) {
   if (spec.segments.empty()) throw ValueError("an entry needs at least one segment");
   long long total = 0;
@@ -64,6 +66,14 @@ inline void validate(const TableSpec& spec) {
   if (spec.eviction_policy != 0 && spec.eviction_policy != 1) throw ValueError("eviction_policy must be lru or lfu");
   int n = spec.num_shards;
   if (n < 1 || n > 4096 || (n & (n - 1)) != 0) throw ValueError("num_shards must be a power of two in [1, 4096]");
+  if (spec.max_load_permille < kMinLoadPermille || spec.max_load_permille > kMaxLoadPermille)
+    throw ValueError("max load factor must be in [0.25, 0.9], got " + std::to_string(spec.max_load_permille / 1000.0));
+}
+
+// Index bytes one entry takes at most: a third of a 64-byte bucket at the lowest load the
+// index runs at, half its max load.
+inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
+  return (64 * 2 * 1000 + 3 * max_load_permille - 1) / (3 * max_load_permille);
 }
 
 }  // namespace mtht

@@ -71,6 +71,9 @@ struct TableSpec {
   bool allow_non_finite = false;
   uint64_t initial_capacity = 0;
   int num_shards = 64;  // a power of two
+  // The index grows (doubles) before more than this many thousandths of its slots are used,
+  // so its load stays between half this and this.
+  uint32_t max_load_permille = 500;
   // Capacity: 0 = unlimited; otherwise a write that would exceed it first evicts entries
   // by `eviction_policy` (0 = least recently written, 1 = least frequently written).
   uint64_t max_entries = 0;

@@ -18,10 +18,11 @@
 //   only while the overflow count says something may lie beyond (linear probing over lines,
 //   which the hardware prefetcher follows), so a missing id usually costs one line too.
 //   Removing an entry frees its slot and decrements the counts on its path: no tombstones.
-//   Load stays <= 2/3; growth doubles the bucket count. (Linear probing clusters: at a load
-//   of 0.79, 43% of the ids not in the table probe more than one bucket and 19% of those in
-//   it do not sit in their home bucket; at 0.40 it is 4% and 4%. Each such probe is a
-//   dependent miss, so a lower load buys speed with index memory.) Since the id and the
+//   Load stays <= the table's max load (TableSpec::max_load_permille, default 1/2); growth
+//   doubles the bucket count. (Linear probing clusters: at a load of 0.79, 43% of the ids
+//   not in the table probe more than one bucket and 19% of those in it do not sit in their
+//   home bucket; at 0.40 it is 4% and 4%. Each such probe is a dependent miss, so a lower
+//   load buys speed with index memory.) Since the id and the
 //   timestamp sit in the bucket, a lookup touches one index line plus the lines of the
 //   values, and an update one index line plus the row.
 // * Rows never move. Rows live in per-shard chunks of geometrically growing size
@@ -211,8 +212,10 @@ class RowArena {
 // One independently locked part of the table.
 class Shard {
  public:
-  Shard(size_t stride, bool with_meta)
-      : rows_(with_meta ? std::vector<size_t>{stride, 16} : std::vector<size_t>{stride}), with_meta_(with_meta) {}
+  Shard(size_t stride, bool with_meta, uint32_t max_load_permille)
+      : rows_(with_meta ? std::vector<size_t>{stride, 16} : std::vector<size_t>{stride}),
+        with_meta_(with_meta),
+        max_load_permille_(max_load_permille) {}
 
   mutable std::shared_mutex mu;
 
@@ -302,7 +305,7 @@ class Shard {
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
     if (over_load(want)) {
       uint64_t nb = nb_ ? nb_ : 1;
-      while (want * 3 > nb * kBucketSlots * 2) nb *= 2;  // at most 2/3 full, so growth doubles
+      while (want * 1000 > nb * kBucketSlots * max_load_permille_) nb *= 2;  // growth doubles
       rehash(nb);
     }
   }
@@ -377,7 +380,7 @@ class Shard {
 
  private:
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
-  bool over_load(uint64_t used) const { return used * 3 > slots() * 2; }
+  bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
 
   // Puts an entry in the first bucket from its home with a free slot, counting an overflow
   // on every full bucket passed.
@@ -412,6 +415,7 @@ class Shard {
   uint64_t size_ = 0;
   RowArena rows_;
   bool with_meta_;
+  uint32_t max_load_permille_;
 };
 
 // Groups the positions of one shard's ids by id (and block): runs in order of first
@@ -500,8 +504,8 @@ class EmbeddingTable {
     while ((1 << shard_bits_) < spec.num_shards) ++shard_bits_;
     if (spec.max_bytes) {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
-      // lowest load the index runs at (1/3): 64 / 3 * 3 bytes.
-      const uint64_t per_entry = layout_.stride + 16 + 64;
+      // lowest load the index runs at (half the max load): 64 / 3 / (max / 2) bytes.
+      const uint64_t per_entry = layout_.stride + 16 + max_index_bytes_per_entry(spec.max_load_permille);
       const uint64_t limit = spec.max_bytes / per_entry;
       if (limit == 0)
         throw ValueError("max_bytes = " + std::to_string(spec.max_bytes) + " does not hold one entry of up to " +
@@ -526,7 +530,7 @@ class EmbeddingTable {
     }
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
     shards_.reserve(spec.num_shards);
-    for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride, layout_.with_meta));
+    for (int s = 0; s < spec.num_shards; ++s) shards_.emplace_back(new detail::Shard(layout_.stride, layout_.with_meta, spec.max_load_permille));
     if (spec.initial_capacity > 0) {
       const uint64_t per = (spec.initial_capacity + spec.num_shards - 1) / spec.num_shards;
       for (auto& sh : shards_) sh->reserve(per);
