@@ -775,6 +775,21 @@ def test_nan_in_one_row_of_a_big_batch_changes_nothing():
         assert snapshot(t, KNOWN_IDS + [100, 5000, 10099]) == before
 
 
+def test_the_first_non_finite_row_is_named_whatever_the_thread_count(restore_threads):
+    # Big enough that the check runs over several threads; every range holds a culprit.
+    t = populated_adagrad_table(16)
+    ids = np.arange(300_000, dtype=np.int64)
+    vals = np.ones((ids.size, 16), dtype=np.float32)
+    for row in (70_001, 150_000, 299_999):
+        vals[row, 5] = np.inf
+    size = t.size()
+    for threads in (1, 2, 4):
+        mtht.set_num_threads(threads)
+        with pytest.raises(ValueError, match=r"\(row 70001\)"):
+            t.assign(ids, vals)
+    assert t.size() == size
+
+
 def test_non_finite_learning_rate_changes_nothing():
     seg = SegmentDesc(2)
     t = table_of([seg], [lambda step: float("nan") if step == 7 else 1.0])

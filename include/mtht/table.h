@@ -463,6 +463,19 @@ struct Runs {
   }
 };
 
+// How many consecutive ranges to split n items of light per-item work into: one per
+// thread, but none smaller than waking a thread is worth.
+inline size_t range_parts(size_t n) {
+  constexpr size_t kMinPerPart = 16384;
+  return std::max<size_t>(1, std::min<size_t>(ThreadPool::global().num_threads(), n / kMinPerPart));
+}
+
+// Runs fn(part, begin, end) for the `parts` consecutive ranges of [0, n), over the pool.
+template <class Fn>
+void for_ranges(size_t n, size_t parts, Fn&& fn) {
+  ThreadPool::global().parallel_for(parts, [&](size_t p) { fn(p, n * p / parts, n * (p + 1) / parts); });
+}
+
 // Ids of a batch grouped by shard, input order kept inside each shard.
 struct BatchPlan {
   const int64_t* ids;                 // the batch (not owned)
@@ -818,22 +831,32 @@ class EmbeddingTable {
   void check_finite(const float* v, size_t count, const char* what) const {
     if (spec_.allow_non_finite) return;
     // A float is NaN or Inf when its exponent bits are all ones; test blocks branch-free
-    // (vectorised) and look for the culprit only when a block fails.
+    // (vectorised), ranges of them in parallel, and look for the culprit only when a block
+    // fails. The first culprit is reported, whatever the thread count.
     constexpr size_t kBlock = 1024;
-    for (size_t start = 0; start < count; start += kBlock) {
-      const size_t end = std::min(count, start + kBlock);
-      uint32_t bad = 0;
-      for (size_t k = start; k < end; ++k) {
-        uint32_t bits;
-        std::memcpy(&bits, v + k, 4);
-        bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+    const size_t parts = detail::range_parts(count / 16);
+    std::vector<size_t> first_bad(parts, count);
+    detail::for_ranges(count, parts, [&](size_t p, size_t lo, size_t hi) {
+      for (size_t start = lo; start < hi; start += kBlock) {
+        const size_t end = std::min(hi, start + kBlock);
+        uint32_t bad = 0;
+        for (size_t k = start; k < end; ++k) {
+          uint32_t bits;
+          std::memcpy(&bits, v + k, 4);
+          bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+        }
+        if (!bad) continue;
+        for (size_t k = start; k < end; ++k)
+          if (!std::isfinite(v[k])) {
+            first_bad[p] = k;
+            return;
+          }
       }
-      if (!bad) continue;
-      for (size_t k = start; k < end; ++k)
-        if (!std::isfinite(v[k]))
-          throw ValueError(std::string(what) + " contain NaN or Inf (row " + std::to_string(k / layout_.dim) +
-                           "); set allow_non_finite=True in the table config to accept them");
-    }
+    });
+    const size_t k = *std::min_element(first_bad.begin(), first_bad.end());
+    if (k < count)
+      throw ValueError(std::string(what) + " contain NaN or Inf (row " + std::to_string(k / layout_.dim) +
+                       "); set allow_non_finite=True in the table config to accept them");
   }
 
  private:
