@@ -989,6 +989,8 @@ class EmbeddingTable {
   void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes) const {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     const uint32_t* order = plan.order.data();
+    // The first ids of the shard get their home buckets in flight before the loop starts.
+    for (size_t k = b; k < std::min(e, b + kGroupAhead); ++k) sh.prefetch_group(plan.hashes[order[k]]);
     for (size_t k = b; k < e; ++k) {
       if (k + kGroupAhead < e) sh.prefetch_group(plan.hashes[order[k + kGroupAhead]]);
       if (k + kNextAhead < e) {
@@ -1057,6 +1059,7 @@ class EmbeddingTable {
           std::unique_lock<std::shared_mutex> lk(sh.mu);
           const size_t count = runs.first.size();
           std::vector<uint32_t> positions;
+          for (size_t r = 0; r < std::min(count, kGroupAhead); ++r) sh.prefetch_group(plan.hashes[order[runs.first[r]]]);
           for (size_t r = 0; r < count; ++r) {
             if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[order[runs.first[r + kGroupAhead]]]);
             if (r + kNextAhead < count) {
