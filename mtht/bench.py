@@ -291,7 +291,7 @@ def _state_floats(optimizer: str, dim: int) -> int:
 
 
 def _mtht_bytes_estimate(config: BenchConfig, n: int) -> int:
-    """Bytes of an mtht table of n entries: measured row stride plus ~20 bytes of index."""
+    """Bytes of an mtht table of n entries: measured row stride plus the index at its lowest load."""
     try:
         t = _make_table(config, 1)
         t.assign(key_to_id(np.zeros(1, np.int64)), np.zeros((1, config.dim), np.float32))

@@ -272,3 +272,16 @@ def test_cli_rejects_bad_flags(tmp_path):
     proc = _cli("--ops=lookup,frobnicate", "--size=1000", cwd=tmp_path)
     assert proc.returncode != 0
     assert "frobnicate" in proc.stderr
+
+
+def test_max_load_factor_reaches_the_tables():
+    # The same workload at two load bounds: the table's load stays under each, and the
+    # checksums (what the ops returned) are equal.
+    runs = {f: bench.run_benchmark(_config(ops=("lookup", "apply_gradients"), threads=(1,), probe=False,
+                                           max_load_factor=f)) for f in (0.25, 0.9)}
+    for f, result in runs.items():
+        assert result["config"]["max_load_factor"] == f
+        assert 0 < result["table"]["load_factor"] <= f
+    assert runs[0.25]["table"]["load_factor"] < runs[0.9]["table"]["load_factor"]
+    for op in ("lookup", "apply_gradients"):
+        assert _results(runs[0.25], op, "mtht")[0]["checksum"] == _results(runs[0.9], op, "mtht")[0]["checksum"]
