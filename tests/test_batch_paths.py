@@ -246,3 +246,21 @@ def test_the_load_bound_is_part_of_the_config_key():
             for f in (0.5, 0.8)}
     assert len(keys) == 2
 
+
+
+def test_a_table_made_after_another_is_freed_starts_empty():
+    # Mid-size arrays (here each shard's index: 8,192 buckets, 512 KiB) are pieces of shared
+    # huge-page blocks, reused once freed: they must come back zeroed, or the second table
+    # would find the first one's ids in its index.
+    first, _ = _table_and_reference()
+    ids = np.arange(400_000, dtype=np.int64)
+    first.assign(ids, np.full((ids.size, SEG.dim), 3.0, np.float32))
+    assert first.stats()["index_bytes"] >= 64 * (256 << 10)
+    del first
+    second, ref = _table_and_reference()
+    others = ids + 10_000_000
+    _step_both(second, ref, others, np.random.default_rng(8), 1)
+    assert second.stats()["index_bytes"] >= 64 * (256 << 10)
+    assert not second.contains(ids).any()
+    assert second.size() == others.size
+    _assert_same(second, ref, np.concatenate([ids[::997], others[::101]]))

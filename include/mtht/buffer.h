@@ -1,6 +1,9 @@
 // Zeroed, 64-byte-aligned memory for the big arrays (index groups, row chunks).
 // Large buffers come straight from mmap and ask for transparent huge pages, which cut
-// TLB misses on random access by about half on the machines we measure.
+// TLB misses on random access by about half on the machines we measure. Mid-size buffers
+// (256 KiB up to 2 MiB) are pieces of 2 MiB huge-page blocks shared by every table: a table
+// of a million or so ids keeps each shard's index and first row chunks in such buffers, and
+// with pages of 4 KiB they would cost it the TLB misses the big arrays avoid.
 #pragma once
 
 #include <sys/mman.h>
@@ -9,10 +12,91 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <utility>
+#include <vector>
 
 namespace mtht {
+
+namespace detail {
+
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+// Maps `bytes` (a multiple of 4 KiB) at a 2 MiB boundary and asks for huge pages.
+inline void* map_huge_aligned(size_t bytes) {
+  const size_t span = bytes + kHugePageBytes;
+  void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  char* start = static_cast<char*>(p);
+  char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(start) + kHugePageBytes - 1) &
+                                          ~(kHugePageBytes - 1));
+  if (aligned > start) munmap(start, static_cast<size_t>(aligned - start));
+  char* end = start + span;
+  char* used_end = aligned + bytes;
+  if (end > used_end) munmap(used_end, static_cast<size_t>(end - used_end));
+#ifdef MADV_HUGEPAGE
+  madvise(aligned, bytes, MADV_HUGEPAGE);
+#endif
+  return aligned;
+}
+
+// Pieces of 256 KiB, 512 KiB, 1 MiB and 2 MiB cut from 2 MiB huge-page blocks. A released
+// piece is kept for the next buffer of its size (zeroed again then); blocks are never
+// returned to the system, so the pool holds at most the peak of mid-size buffers in use.
+class HugeBlockPool {
+ public:
+  static constexpr size_t kMinPiece = size_t{256} << 10;
+  static constexpr int kClasses = 4;  // 256 KiB << c
+
+  static HugeBlockPool& global() {
+    static HugeBlockPool* pool = new HugeBlockPool();  // never destroyed: buffers may outlive statics
+    return *pool;
+  }
+
+  // The piece size a buffer of `bytes` (<= 2 MiB) takes.
+  static size_t piece_bytes(size_t bytes) {
+    size_t piece = kMinPiece;
+    while (piece < bytes) piece *= 2;
+    return piece;
+  }
+
+  void* allocate(size_t bytes) {
+    const size_t piece = piece_bytes(bytes);
+    std::vector<void*>& pieces = free_[class_of(piece)];
+    std::unique_lock<std::mutex> lk(mu_);
+    if (pieces.empty()) {
+      char* block = static_cast<char*>(map_huge_aligned(kHugePageBytes));  // zeroed by the system
+      for (size_t off = piece; off < kHugePageBytes; off += piece) pieces.push_back(block + off);
+      return block;
+    }
+    void* p = pieces.back();
+    pieces.pop_back();
+    lk.unlock();
+    std::memset(p, 0, piece);  // a piece given back earlier: zero it again
+    return p;
+  }
+
+  void release(void* p, size_t bytes) noexcept {
+    std::lock_guard<std::mutex> lk(mu_);
+    try {
+      free_[class_of(piece_bytes(bytes))].push_back(p);
+    } catch (...) {  // no memory to remember it: the piece is lost, nothing else
+    }
+  }
+
+ private:
+  static int class_of(size_t piece) {
+    int c = 0;
+    while ((kMinPiece << c) < piece) ++c;
+    return c;
+  }
+
+  std::mutex mu_;
+  std::vector<void*> free_[kClasses];
+};
+
+}  // namespace detail
 
 class Buffer {
  public:
@@ -22,33 +106,19 @@ class Buffer {
   Buffer() = default;
   explicit Buffer(size_t bytes) : bytes_(bytes) {
     if (bytes == 0) return;
-    if (bytes >= kMmapThreshold) {
-      // Huge pages back only 2 MiB-aligned ranges: map 2 MiB more and trim both ends so the
-      // buffer starts on a 2 MiB boundary.
-      const bool huge = bytes >= kHugePage;
-      const size_t span = huge ? bytes + kHugePage : bytes;
-      void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p == MAP_FAILED) throw std::bad_alloc();
-      char* start = static_cast<char*>(p);
-      if (huge) {
-        char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(start) + kHugePage - 1) & ~(kHugePage - 1));
-        if (aligned > start) munmap(start, static_cast<size_t>(aligned - start));
-        char* end = start + span;
-        char* used_end = aligned + (bytes + 4095) / 4096 * 4096;
-        if (end > used_end) munmap(used_end, static_cast<size_t>(end - used_end));
-        start = aligned;
-#ifdef MADV_HUGEPAGE
-        madvise(start, bytes, MADV_HUGEPAGE);
-#endif
-      }
-      data_ = start;
-      mapped_ = true;
+    if (bytes > kHugePage) {
+      data_ = detail::map_huge_aligned((bytes + 4095) / 4096 * 4096);
+      kind_ = Kind::kMapped;
+    } else if (bytes >= kMmapThreshold) {
+      data_ = detail::HugeBlockPool::global().allocate(bytes);
+      kind_ = Kind::kPooled;
     } else {
       size_t rounded = (bytes + 63) / 64 * 64;
       void* p = std::aligned_alloc(64, rounded);
       if (p == nullptr) throw std::bad_alloc();
       std::memset(p, 0, rounded);
       data_ = p;
+      kind_ = Kind::kHeap;
     }
   }
   ~Buffer() { release(); }
@@ -67,25 +137,28 @@ class Buffer {
   size_t bytes() const { return bytes_; }
 
  private:
+  enum class Kind { kHeap, kPooled, kMapped };
+
   void swap(Buffer& o) noexcept {
     std::swap(data_, o.data_);
     std::swap(bytes_, o.bytes_);
-    std::swap(mapped_, o.mapped_);
+    std::swap(kind_, o.kind_);
   }
   void release() noexcept {
     if (data_ == nullptr) return;
-    if (mapped_)
-      munmap(data_, bytes_);
-    else
-      std::free(data_);
+    switch (kind_) {
+      case Kind::kMapped: munmap(data_, (bytes_ + 4095) / 4096 * 4096); break;
+      case Kind::kPooled: detail::HugeBlockPool::global().release(data_, bytes_); break;
+      case Kind::kHeap: std::free(data_); break;
+    }
     data_ = nullptr;
     bytes_ = 0;
-    mapped_ = false;
+    kind_ = Kind::kHeap;
   }
 
   void* data_ = nullptr;
   size_t bytes_ = 0;
-  bool mapped_ = false;
+  Kind kind_ = Kind::kHeap;
 };
 
 }  // namespace mtht

@@ -29,8 +29,8 @@
 //   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index
 //   (from the ids in it, without touching a row). The row stride is a power of two up to 64
 //   bytes, else a multiple of 64 when that wastes at most 1/8, so the values of most rows
-//   start on a cache line. Big chunks and indexes are mmap'ed on 2 MiB boundaries with
-//   MADV_HUGEPAGE.
+//   start on a cache line. Chunks and indexes of 256 KiB and more live on huge pages
+//   (buffer.h).
 // * Batches. Every operation takes a whole batch, visited shard by shard in stages: while
 //   the id at position k of a shard is handled, the home bucket of position k+24 is
 //   prefetched, the next bucket of position k+16 when its id may lie past home, and the row
