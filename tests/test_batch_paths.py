@@ -5,7 +5,8 @@ prefetched 24 positions ahead, the next bucket 16 ahead when an id may lie past 
 row 8 ahead. These tests drive the edges of that pipeline: shards holding a number of ids
 around each distance, probe chains many buckets long (ids chosen to share one home bucket),
 growth in the middle of a batch, batches larger than the table, and a batch of one id. The
-last part checks that the index's load bound (max_load_factor) changes memory, never results.
+last part checks that the index's load bound (max_load_factor) changes memory, never results,
+and that arrays reused from the shared huge-page blocks come back zeroed.
 """
 
 import os
