@@ -12,7 +12,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <mutex>
+#include <unordered_map>
 #include <new>
 #include <utility>
 #include <vector>
@@ -41,9 +43,10 @@ inline void* map_huge_aligned(size_t bytes) {
   return aligned;
 }
 
-// Pieces of 256 KiB, 512 KiB, 1 MiB and 2 MiB cut from 2 MiB huge-page blocks. A released
-// piece is kept for the next buffer of its size (zeroed again then); blocks are never
-// returned to the system, so the pool holds at most the peak of mid-size buffers in use.
+// Pieces of 256 KiB, 512 KiB, 1 MiB and 2 MiB cut from 2 MiB huge-page blocks, each block
+// cut into pieces of one size. A released piece is kept for the next buffer of its size
+// (zeroed again then); a block whose pieces are all released goes back to the system, so
+// the arrays a growing index leaves behind do not stay resident.
 class HugeBlockPool {
  public:
   static constexpr size_t kMinPiece = size_t{256} << 10;
@@ -63,26 +66,47 @@ class HugeBlockPool {
 
   void* allocate(size_t bytes) {
     const size_t piece = piece_bytes(bytes);
-    std::vector<void*>& pieces = free_[class_of(piece)];
+    const int c = class_of(piece);
+    std::vector<void*>& pieces = free_[c];
     std::unique_lock<std::mutex> lk(mu_);
     if (pieces.empty()) {
       char* block = static_cast<char*>(map_huge_aligned(kHugePageBytes));  // zeroed by the system
+      try {
+        // Room for every piece of every block of this size, so release never allocates.
+        pieces.reserve((blocks_[c] + 1) * (kHugePageBytes / piece));
+        in_use_.emplace(reinterpret_cast<uintptr_t>(block), 1);
+      } catch (...) {
+        munmap(block, kHugePageBytes);
+        throw;
+      }
+      ++blocks_[c];
       for (size_t off = piece; off < kHugePageBytes; off += piece) pieces.push_back(block + off);
       return block;
     }
     void* p = pieces.back();
     pieces.pop_back();
+    ++in_use_[block_of(p)];
     lk.unlock();
     std::memset(p, 0, piece);  // a piece given back earlier: zero it again
     return p;
   }
 
   void release(void* p, size_t bytes) noexcept {
+    const int c = class_of(piece_bytes(bytes));
+    std::vector<void*>& pieces = free_[c];
+    const uintptr_t block = block_of(p);
     std::lock_guard<std::mutex> lk(mu_);
-    try {
-      free_[class_of(piece_bytes(bytes))].push_back(p);
-    } catch (...) {  // no memory to remember it: the piece is lost, nothing else
+    auto it = in_use_.find(block);
+    if (it != in_use_.end() && --it->second == 0) {
+      in_use_.erase(it);
+      pieces.erase(std::remove_if(pieces.begin(), pieces.end(),
+                                  [&](void* q) { return block_of(q) == block; }),
+                   pieces.end());
+      munmap(reinterpret_cast<void*>(block), kHugePageBytes);
+      --blocks_[c];
+      return;
     }
+    pieces.push_back(p);  // within the capacity reserved when its block was cut: no allocation
   }
 
  private:
@@ -91,9 +115,12 @@ class HugeBlockPool {
     while ((kMinPiece << c) < piece) ++c;
     return c;
   }
+  static uintptr_t block_of(const void* p) { return reinterpret_cast<uintptr_t>(p) & ~(kHugePageBytes - 1); }
 
   std::mutex mu_;
   std::vector<void*> free_[kClasses];
+  size_t blocks_[kClasses] = {};                     // live blocks cut into each size
+  std::unordered_map<uintptr_t, uint32_t> in_use_;  // block -> pieces handed out
 };
 
 }  // namespace detail
