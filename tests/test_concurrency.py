@@ -3,6 +3,7 @@
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -310,3 +311,47 @@ def test_large_table():
     st = t.stats()
     assert st["size"] == n
     assert st["bytes"] < 512 * 2**20
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
+    # Mid-size arrays come from a process-wide pool behind a lock, held across fork so that a
+    # child never inherits it locked. The window is a few microseconds, so this rarely lands
+    # in it; it checks that children forked while another thread builds tables can build and
+    # fill their own (a hang fails at the deadline).
+    def make():
+        seg = mtht.CombineAsSegment(8, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+        return mtht.hash_table_from_config(mtht.HashTableConfigInstance(
+            mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg])), [0.1]))
+
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            t = make()
+            t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))
+            del t
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:  # the child: build a table with pooled arrays, then leave at once
+                t = make()
+                t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))
+                os._exit(0 if t.size() == 200_000 else 3)
+            deadline = time.monotonic() + 60
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung building a table")
+                time.sleep(0.01)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        stop.set()
+        worker.join()

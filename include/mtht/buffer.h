@@ -6,6 +6,7 @@
 // with pages of 4 KiB they would cost it the TLB misses the big arrays avoid.
 #pragma once
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstddef>
@@ -53,7 +54,7 @@ class HugeBlockPool {
   static constexpr int kClasses = 4;  // 256 KiB << c
 
   static HugeBlockPool& global() {
-    static HugeBlockPool* pool = new HugeBlockPool();  // never destroyed: buffers may outlive statics
+    static HugeBlockPool* pool = make();  // never destroyed: buffers may outlive statics
     return *pool;
   }
 
@@ -110,6 +111,14 @@ class HugeBlockPool {
   }
 
  private:
+  // A fork while another thread holds the lock would leave it held in the child: hold it
+  // across fork, then release it on both sides.
+  static HugeBlockPool* make() {
+    HugeBlockPool* pool = new HugeBlockPool();
+    pthread_atfork([] { global().mu_.lock(); }, [] { global().mu_.unlock(); }, [] { global().mu_.unlock(); });
+    return pool;
+  }
+
   static int class_of(size_t piece) {
     int c = 0;
     while ((kMinPiece << c) < piece) ++c;
