@@ -43,6 +43,7 @@ import mtht
 from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht._spec import state_floats
+from mtht.entry import LOAD_FACTOR_RANGE
 
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
@@ -109,8 +110,9 @@ class BenchConfig:
             raise ValueError(f"zipf_a must be > 1, got {self.zipf_a}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not 0.25 <= self.max_load_factor <= 0.9:
-            raise ValueError(f"max_load_factor must be in [0.25, 0.9], got {self.max_load_factor}")
+        lo, hi = LOAD_FACTOR_RANGE
+        if not lo <= self.max_load_factor <= hi:
+            raise ValueError(f"max_load_factor must be in [{lo}, {hi}], got {self.max_load_factor}")
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")

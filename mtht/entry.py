@@ -1332,7 +1332,8 @@ class SlotExpireTimeConfig:
 
 
 _EVICTION_POLICIES = ("lru", "lfu")
-_MIN_LOAD, _MAX_LOAD = 0.25, 0.9
+# The bounds of max_load_factor (the C++ core checks the same range).
+LOAD_FACTOR_RANGE = (0.25, 0.9)
 
 
 @dataclasses.dataclass
@@ -1438,9 +1439,10 @@ class EmbeddingHashTableConfig:
             self.allow_non_finite, "allow_non_finite"
         )
         _check_float(self.max_load_factor, "max_load_factor")
-        if not _MIN_LOAD <= float(self.max_load_factor) <= _MAX_LOAD:
+        lo, hi = LOAD_FACTOR_RANGE
+        if not lo <= float(self.max_load_factor) <= hi:
             raise ValueError(
-                f"max_load_factor must be in [{_MIN_LOAD}, {_MAX_LOAD}], got "
+                f"max_load_factor must be in [{lo}, {hi}], got "
                 f"{self.max_load_factor!r}"
             )
         self.max_load_factor = float(self.max_load_factor)

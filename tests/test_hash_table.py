@@ -19,6 +19,7 @@ from mtht.testing import generate_test_hash_table_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
+from observed import entry_rows  # noqa: E402
 
 F32 = np.float32
 INT64_MIN = -(2**63)
@@ -35,14 +36,7 @@ def table_of(segments, learning_rates, **kwargs):
 
 def snapshot(table, ids):
     """Everything observable about ``ids`` in ``table``, in a comparable form."""
-    rows = []
-    for dump in table.lookup_entry(np.asarray(ids, dtype=np.int64)):
-        if dump is None:
-            rows.append(None)
-        else:
-            state = [sorted((k, v.tobytes()) for k, v in seg.items()) for seg in dump.optimizer_state]
-            rows.append((dump.id, dump.values.tobytes(), state, dump.last_update_ts))
-    return table.size(), table.max_update_ts, rows
+    return table.size(), table.max_update_ts, entry_rows(table, ids)
 
 
 def assert_matches_reference(table, ref, ids):

@@ -31,6 +31,9 @@ from mtht.hash_table import hash_table_from_config
 from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 from mtht.testing import generate_test_hash_table_config
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from observed import entry_rows  # noqa: E402
+
 F32 = np.float32
 DAY = 86400
 
@@ -75,15 +78,7 @@ def slot_id(slot, low=0):
 
 def snapshot(table, ids):
     """Everything observable about ``ids`` in ``table``, bit for bit."""
-    rows = []
-    for dump in table.lookup_entry(np.asarray(ids, dtype=np.int64)):
-        if dump is None:
-            rows.append(None)
-        else:
-            state = [sorted((k, v.dtype.str, v.tobytes()) for k, v in seg.items())
-                     for seg in dump.optimizer_state]
-            rows.append((dump.id, dump.values.tobytes(), state, dump.last_update_ts))
-    return table.size(), table.max_update_ts, table.lookup(ids).tobytes(), rows
+    return table.size(), table.max_update_ts, table.lookup(ids).tobytes(), entry_rows(table, ids)
 
 
 def data_files(directory, prefix=None):

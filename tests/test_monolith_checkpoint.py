@@ -29,6 +29,9 @@ pytest.importorskip("google.protobuf")
 
 import mtht  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from observed import entry_rows  # noqa: E402
+
 F32 = np.float32
 DAY = 86400
 
@@ -288,15 +291,7 @@ def adagrad_table(dim=2, **kwargs):
 
 def snapshot(table, ids):
     """Everything observable about ``ids`` in ``table``, bit for bit."""
-    rows = []
-    for e in table.lookup_entry(np.asarray(ids, dtype=np.int64)):
-        if e is None:
-            rows.append(None)
-        else:
-            state = [sorted((name, v.dtype.str, v.tobytes()) for name, v in seg.items())
-                     for seg in e.optimizer_state]
-            rows.append((e.id, e.values.tobytes(), state, e.last_update_ts))
-    return len(table), table.max_update_ts, rows
+    return len(table), table.max_update_ts, entry_rows(table, ids)
 
 
 def assert_dump_matches_entry(decoded, entry, kinds):
