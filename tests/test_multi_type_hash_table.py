@@ -690,6 +690,29 @@ def test_fused_large_batch_independent_of_thread_count(restore_num_threads):
                                               err_msg=f"threads={threads} accumulate={accumulate} table={k}")
 
 
+def test_fused_lookup_large_batch_matches_per_block_lookups(restore_num_threads):
+    # Many shards (some blocks empty), tables of different dims, ids present and missing:
+    # each block's rows must land in its own place, on any thread count.
+    rng = np.random.default_rng(99)
+    specs = [([(4, "adagrad", "random_uniform")], [0.1], 1),
+             ([(1, "sgd", "zeros"), (8, "adagrad", "ones")], [0.5, 0.05], 2),
+             ([(16, "adagrad", "zeros")], [0.2], 3)]
+    k_tables, n_shards = len(specs), 16
+    counts = rng.integers(0, 3000, size=k_tables * n_shards)
+    counts[rng.choice(len(counts), size=12, replace=False)] = 0
+    counts = counts.tolist()
+    ids = rng.integers(0, 40_000, size=sum(counts)).astype(np.int64)
+    prefill = [np.arange(k, 30_000, 2).tolist() for k in range(k_tables)]  # ids >= 30,000 are missing
+    tables = _build_tables(specs, prefill)
+    blocks = _blocks(counts, k_tables, n_shards)
+    expected = np.concatenate([tables[k].lookup(ids[start:stop]).reshape(-1) for _, k, start, stop in blocks])
+    assert np.count_nonzero(expected) > expected.size // 4
+    for threads in (1, 2, 4):
+        mtht.set_num_threads(threads)
+        embeddings = fused_lookup(tables, ids, counts, n_shards)[0]
+        np.testing.assert_array_equal(embeddings, expected, err_msg=f"threads={threads}")
+
+
 def test_multi_type_fused_apply_gradient_uses_every_slots_learning_rates():
     decay = PolynomialDecay(0.1, 10, end_learning_rate=1.1)
     slot_to_config = {

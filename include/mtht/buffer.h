@@ -1,9 +1,10 @@
 // Zeroed, 64-byte-aligned memory for the big arrays (index groups, row chunks).
 // Large buffers come straight from mmap and ask for transparent huge pages, which cut
-// TLB misses on random access by about half on the machines we measure. Mid-size buffers
-// (256 KiB up to 2 MiB) are pieces of 2 MiB huge-page blocks shared by every table: a table
-// of a million or so ids keeps each shard's index and first row chunks in such buffers, and
-// with pages of 4 KiB they would cost it the TLB misses the big arrays avoid.
+// TLB misses on random access by about half on the machines we measure. Buffers of 4 KiB
+// up to 2 MiB are pieces of 2 MiB huge-page blocks shared by every table: a table of a
+// million or so ids (or several smaller ones) keeps each shard's index and first row chunks
+// in such buffers, and with pages of 4 KiB they would cost it the TLB misses the big arrays
+// avoid.
 #pragma once
 
 #include <pthread.h>
@@ -44,14 +45,14 @@ inline void* map_huge_aligned(size_t bytes) {
   return aligned;
 }
 
-// Pieces of 256 KiB, 512 KiB, 1 MiB and 2 MiB cut from 2 MiB huge-page blocks, each block
-// cut into pieces of one size. A released piece is kept for the next buffer of its size
+// Pieces of 4 KiB, 8 KiB, ... 2 MiB cut from 2 MiB huge-page blocks, each block cut into
+// pieces of one size. A released piece is kept for the next buffer of its size
 // (zeroed again then); a block whose pieces are all released goes back to the system, so
 // the arrays a growing index leaves behind do not stay resident.
 class HugeBlockPool {
  public:
-  static constexpr size_t kMinPiece = size_t{256} << 10;
-  static constexpr int kClasses = 4;  // 256 KiB << c
+  static constexpr size_t kMinPiece = size_t{4} << 10;
+  static constexpr int kClasses = 10;  // 4 KiB << c
 
   static HugeBlockPool& global() {
     static HugeBlockPool* pool = make();  // never destroyed: buffers may outlive statics
@@ -137,7 +138,7 @@ class HugeBlockPool {
 class Buffer {
  public:
   static constexpr size_t kHugePage = size_t{2} << 20;
-  static constexpr size_t kMmapThreshold = size_t{256} << 10;
+  static constexpr size_t kPooledMin = size_t{4} << 10;
 
   Buffer() = default;
   explicit Buffer(size_t bytes) : bytes_(bytes) {
@@ -145,7 +146,7 @@ class Buffer {
     if (bytes > kHugePage) {
       data_ = detail::map_huge_aligned((bytes + 4095) / 4096 * 4096);
       kind_ = Kind::kMapped;
-    } else if (bytes >= kMmapThreshold) {
+    } else if (bytes >= kPooledMin) {
       data_ = detail::HugeBlockPool::global().allocate(bytes);
       kind_ = Kind::kPooled;
     } else {

@@ -65,18 +65,42 @@ namespace detail {
 struct TableGather {
   std::vector<int64_t> ids;
   std::vector<uint32_t> block;  // shard of each gathered id
+  std::vector<size_t> begin;    // num_shards + 1: where each shard's block starts in ids
 };
 
 inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k) {
   TableGather g;
+  g.begin.push_back(0);
   for (size_t n = 0; n < L.num_shards; ++n) {
     const size_t idx = n * L.num_tables + k;
     g.ids.insert(g.ids.end(), ids + L.id_offsets[idx], ids + L.id_offsets[idx + 1]);
     g.block.insert(g.block.end(), static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]),
                    static_cast<uint32_t>(n));
+    g.begin.push_back(g.ids.size());
   }
   return g;
 }
+
+// Where the embedding of table k's i-th gathered id goes: row i - begin[n] of block (n, k).
+// A lookup task visits positions in increasing order, so the block is found by moving a
+// cursor forward (a table of one pointer per id, read at random, cost more than the
+// lookups' own misses).
+class BlockDest {
+ public:
+  BlockDest(const std::vector<size_t>& begin, float* const* block_rows, size_t dim)
+      : begin_(begin), rows_(block_rows), dim_(dim) {}
+  float* operator()(size_t i) {
+    if (i < begin_[n_]) n_ = 0;
+    while (i >= begin_[n_ + 1]) ++n_;
+    return rows_[n_] + (i - begin_[n_]) * dim_;
+  }
+
+ private:
+  const std::vector<size_t>& begin_;
+  float* const* rows_;
+  size_t dim_;
+  size_t n_ = 0;
+};
 
 }  // namespace detail
 
@@ -84,21 +108,16 @@ inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t
 // piece of work is one task of a single parallel loop, and rows go straight to their place.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
-  std::vector<detail::TableGather> gathered;
-  std::vector<detail::BatchPlan> plans;
-  std::vector<std::vector<float*>> dests(L.num_tables);
-  std::vector<std::pair<size_t, size_t>> tasks;  // (table, task within its plan)
+  std::vector<detail::BatchPlan> plans;  // a plan keeps its own copy of the ids
+  std::vector<std::vector<size_t>> begins;
+  std::vector<std::vector<float*>> block_rows(L.num_tables);  // [table][shard]
+  std::vector<std::pair<size_t, size_t>> tasks;              // (table, task within its plan)
   size_t total = 0;
   for (size_t k = 0; k < L.num_tables; ++k) {
-    gathered.push_back(detail::gather_table(L, ids, k));
-    const detail::TableGather& g = gathered.back();
+    detail::TableGather g = detail::gather_table(L, ids, k);
     plans.push_back(tables[k]->make_plan(g.ids.data(), g.ids.size()));
-    const size_t d = static_cast<size_t>(tables[k]->dim());
-    for (size_t n = 0; n < L.num_shards; ++n) {
-      const size_t idx = n * L.num_tables + k;
-      for (int32_t j = 0; j < L.id_offsets[idx + 1] - L.id_offsets[idx]; ++j)
-        dests[k].push_back(embeddings + L.emb_offsets[idx] + static_cast<size_t>(j) * d);
-    }
+    begins.push_back(std::move(g.begin));
+    for (size_t n = 0; n < L.num_shards; ++n) block_rows[k].push_back(embeddings + L.emb_offsets[n * L.num_tables + k]);
     for (size_t t = 0; t < plans.back().busy_shards.size(); ++t) tasks.emplace_back(k, t);
     total += g.ids.size();
   }
@@ -106,8 +125,8 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
       tasks.size(),
       [&](size_t t) {
         const size_t k = tasks[t].first;
-        const std::vector<float*>& dest = dests[k];
-        tables[k]->lookup_task(plans[k], tasks[t].second, gathered[k].ids.data(), [&](size_t i) { return dest[i]; });
+        detail::BlockDest dest(begins[k], block_rows[k].data(), static_cast<size_t>(tables[k]->dim()));
+        tables[k]->lookup_task(plans[k], tasks[t].second, dest);
       },
       EmbeddingTable::threads_for(total));
 }

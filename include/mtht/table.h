@@ -432,8 +432,9 @@ struct Runs {
     return runs;
   }
 
-  // `order` holds the n input positions of one shard's ids, in input order.
-  void group(const int64_t* ids, const uint32_t* blocks, const uint64_t* hashes, const uint32_t* order, size_t n) {
+  // `order` holds the n input positions of one shard's ids, in input order; `keys` and
+  // `hashes` their ids and hashes in the same order.
+  void group(const int64_t* keys, const uint64_t* hashes, const uint32_t* blocks, const uint32_t* order, size_t n) {
     first.clear();
     last.clear();
     next.assign(n, kEnd);
@@ -443,7 +444,7 @@ struct Runs {
     const size_t mask = cap - 1;
     for (size_t k = 0; k < n; ++k) {
       const uint32_t p = order[k];
-      const uint64_t h = blocks ? mix64(hashes[p] ^ (static_cast<uint64_t>(blocks[p]) * 0x9e3779b97f4a7c15ULL)) : hashes[p];
+      const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(blocks[p]) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
       for (size_t i = h & mask;; i = (i + 1) & mask) {
         const uint32_t r = slots[i];
         if (r == kEnd) {
@@ -452,8 +453,7 @@ struct Runs {
           last.push_back(static_cast<uint32_t>(k));
           break;
         }
-        const uint32_t q = order[first[r]];
-        if (ids[q] == ids[p] && (!blocks || blocks[q] == blocks[p])) {
+        if (keys[first[r]] == keys[k] && (!blocks || blocks[order[first[r]]] == blocks[p])) {
           next[last[r]] = static_cast<uint32_t>(k);
           last[r] = static_cast<uint32_t>(k);
           break;
@@ -476,24 +476,26 @@ void for_ranges(size_t n, size_t parts, Fn&& fn) {
   ThreadPool::global().parallel_for(parts, [&](size_t p) { fn(p, n * p / parts, n * (p + 1) / parts); });
 }
 
-// Ids of a batch grouped by shard, input order kept inside each shard.
+// Ids of a batch grouped by shard, input order kept inside each shard. The ids and their
+// hashes are copied into that order too, so the batch loops read them sequentially (read
+// through `order`, they would be cache misses once the plan no longer fits in the L2).
 struct BatchPlan {
-  const int64_t* ids;                 // the batch (not owned)
-  std::vector<uint64_t> hashes;       // per input position
   std::vector<uint32_t> order;        // input positions, shard by shard
+  std::vector<int64_t> keys;          // keys[k] = ids[order[k]]
+  std::vector<uint64_t> hashes;       // hashes[k] = hash of keys[k]
   std::vector<size_t> shard_begin;    // num_shards + 1 offsets into order
   std::vector<uint32_t> busy_shards;  // shards with at least one id
 
-  BatchPlan(const int64_t* batch, size_t n, int shard_bits) : ids(batch) {
+  BatchPlan(const int64_t* ids, size_t n, int shard_bits) {
     if (n > 0xFFFFFFFFull) throw ValueError("a batch holds at most 2^32 - 1 ids");
-    hashes.resize(n);
     order.resize(n);
+    keys.resize(n);
+    hashes.resize(n);
     const size_t num_shards = size_t{1} << shard_bits;
     shard_begin.assign(num_shards + 1, 0);
     const int shift = 64 - shard_bits;
     for (size_t i = 0; i < n; ++i) {
-      hashes[i] = hash_id(ids[i]);
-      if (shard_bits) ++shard_begin[(hashes[i] >> shift) + 1];
+      if (shard_bits) ++shard_begin[(hash_id(ids[i]) >> shift) + 1];
       else ++shard_begin[1];
     }
     for (size_t s = 0; s < num_shards; ++s) {
@@ -502,8 +504,11 @@ struct BatchPlan {
     }
     std::vector<size_t> cursor(shard_begin.begin(), shard_begin.end() - 1);
     for (size_t i = 0; i < n; ++i) {
-      const size_t s = shard_bits ? (hashes[i] >> shift) : 0;
-      order[cursor[s]++] = static_cast<uint32_t>(i);
+      const uint64_t h = hash_id(ids[i]);
+      const size_t k = cursor[shard_bits ? (h >> shift) : 0]++;
+      order[k] = static_cast<uint32_t>(i);
+      keys[k] = ids[i];
+      hashes[k] = h;
     }
   }
 };
@@ -597,26 +602,26 @@ class EmbeddingTable {
     const detail::BatchPlan plan = make_plan(ids, n);
     const size_t d = static_cast<size_t>(layout_.dim);
     ThreadPool::global().parallel_for(
-        plan.busy_shards.size(), [&](size_t t) { lookup_task(plan, t, ids, [&](size_t i) { return out + i * d; }); },
+        plan.busy_shards.size(), [&](size_t t) { lookup_task(plan, t, [&](size_t i) { return out + i * d; }); },
         threads_for(n));
   }
 
   // The pieces of a lookup, for callers that schedule several tables' lookups as one set of
   // tasks (the fused lookup): a plan, then one task per busy shard of the plan, writing the
-  // row of position i to dest(i).
+  // row of position i to dest(i). A task calls dest with increasing positions.
   detail::BatchPlan make_plan(const int64_t* ids, size_t n) const { return detail::BatchPlan(ids, n, shard_bits_); }
 
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
   static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
 
   template <class Dest>
-  void lookup_task(const detail::BatchPlan& plan, size_t task, const int64_t* ids, Dest&& dest) const {
+  void lookup_task(const detail::BatchPlan& plan, size_t task, Dest&& dest) const {
     const size_t bytes = sizeof(float) * layout_.dim;
     const uint32_t s = plan.busy_shards[task];
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<std::shared_mutex> lk(sh.mu);
-    auto fn = [&](const detail::Shard& shard, size_t i, uint64_t h) {
-      const auto slot = shard.find(ids[i], h);
+    auto fn = [&](const detail::Shard& shard, size_t i, int64_t id, uint64_t h) {
+      const auto slot = shard.find(id, h);
       float* dst = dest(i);
       if (slot.bucket) {
         std::memcpy(dst, shard.entry(slot.row()).values, bytes);
@@ -629,8 +634,8 @@ class EmbeddingTable {
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
-    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
-      out[i] = sh.find(ids[i], h).bucket != nullptr;
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      out[i] = sh.find(id, h).bucket != nullptr;
     });
   }
 
@@ -639,8 +644,8 @@ class EmbeddingTable {
   void lookup_entries(const int64_t* ids, size_t n, float* values, float* state, int64_t* ts,
                       uint8_t* found) const {
     const int d = layout_.dim, sd = layout_.state_dim;
-    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, uint64_t h) {
-      const auto slot = sh.find(ids[i], h);
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      const auto slot = sh.find(id, h);
       found[i] = slot.bucket != nullptr;
       if (slot.bucket) {
         const float* row = sh.entry(slot.row()).values;
@@ -659,8 +664,8 @@ class EmbeddingTable {
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const size_t bytes = sizeof(float) * layout_.dim;
-    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      const auto slot = admit(sh, ids[i], h, 1);
+    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       std::memcpy(sh.entry(slot.row()).values, values + i * layout_.dim, bytes);
       slot.ts() = ts;
@@ -671,8 +676,8 @@ class EmbeddingTable {
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const int d = layout_.dim;
-    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-      const auto slot = admit(sh, ids[i], h, 1);
+    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       float* w = sh.entry(slot.row()).values;
       const float* v = values + i * d;
@@ -695,16 +700,16 @@ class EmbeddingTable {
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     if (!dedup) {
-      for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, uint64_t h) {
-        const auto slot = admit(sh, ids[i], h, 1);
+      for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+        const auto slot = admit(sh, id, h, 1);
         if (!slot.bucket) return;
-        step_row(sh.entry(slot.row()).values, ids[i], grads + i * d, lrs, global_step);
+        step_row(sh.entry(slot.row()).values, id, grads + i * d, lrs, global_step);
         slot.ts() = ts;
       });
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, blocks, [&](detail::Shard& sh, const uint32_t* pos, size_t count, uint64_t h,
-                                              float* scratch) {
+    for_each_shard_write_runs(ids, n, ts, blocks, [&](detail::Shard& sh, const uint32_t* pos, size_t count, int64_t id,
+                                              uint64_t h, float* scratch) {
       const float* g = grads + static_cast<size_t>(pos[0]) * d;
       if (count > 1) {
         std::memcpy(scratch, g, sizeof(float) * d);
@@ -714,9 +719,9 @@ class EmbeddingTable {
         }
         g = scratch;
       }
-      const auto slot = admit(sh, ids[pos[0]], h, count);
+      const auto slot = admit(sh, id, h, count);
       if (!slot.bucket) return;
-      step_row(sh.entry(slot.row()).values, ids[pos[0]], g, lrs, global_step);
+      step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
       slot.ts() = ts;
     });
   }
@@ -768,9 +773,9 @@ class EmbeddingTable {
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
     const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
-    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
-      const auto slot = sh.find_or_insert(ids[i], h, &inserted);
+      const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
       std::memcpy(e.values, data + i * floats, sizeof(float) * floats);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
@@ -788,11 +793,11 @@ class EmbeddingTable {
 
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
-    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
-      const auto slot = sh.find_or_insert(ids[i], h, &inserted);
+      const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
-      init_row(e.values, ids[i]);
+      init_row(e.values, id);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       touch(e);
       slot.ts() = ts;
@@ -965,7 +970,7 @@ class EmbeddingTable {
   static constexpr size_t kNextAhead = 16;   // the next bucket, when the id may lie past home
   static constexpr size_t kRowAhead = 8;     // the row
 
-  // Calls fn(shard, position, hash) for every id, shard by shard under a shared lock.
+  // Calls fn(shard, position, id, hash) for every id, shard by shard under a shared lock.
   template <class Fn>
   void for_each_shard_read(const int64_t* ids, size_t n, Fn&& fn) const {
     if (n == 0) return;
@@ -990,24 +995,19 @@ class EmbeddingTable {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     const uint32_t* order = plan.order.data();
     // The first ids of the shard get their home buckets in flight before the loop starts.
-    for (size_t k = b; k < std::min(e, b + kGroupAhead); ++k) sh.prefetch_group(plan.hashes[order[k]]);
+    const int64_t* keys = plan.keys.data();
+    const uint64_t* hashes = plan.hashes.data();
+    for (size_t k = b; k < std::min(e, b + kGroupAhead); ++k) sh.prefetch_group(hashes[k]);
     for (size_t k = b; k < e; ++k) {
-      if (k + kGroupAhead < e) sh.prefetch_group(plan.hashes[order[k + kGroupAhead]]);
-      if (k + kNextAhead < e) {
-        const uint32_t ahead = order[k + kNextAhead];
-        sh.prefetch_past_home(plan.ids[ahead], plan.hashes[ahead]);
-      }
-      if (k + kRowAhead < e) {
-        const uint32_t ahead = order[k + kRowAhead];
-        sh.prefetch_entry(plan.ids[ahead], plan.hashes[ahead], row_bytes);
-      }
-      const uint32_t i = order[k];
-      fn(sh, i, plan.hashes[i]);
+      if (k + kGroupAhead < e) sh.prefetch_group(hashes[k + kGroupAhead]);
+      if (k + kNextAhead < e) sh.prefetch_past_home(keys[k + kNextAhead], hashes[k + kNextAhead]);
+      if (k + kRowAhead < e) sh.prefetch_entry(keys[k + kRowAhead], hashes[k + kRowAhead], row_bytes);
+      fn(sh, order[k], keys[k], hashes[k]);
     }
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
-  // entry changes), then calls fn(shard, position, hash) under each shard's write lock.
+  // entry changes), then calls fn(shard, position, id, hash) under each shard's write lock.
   template <class Fn>
   // `limited` = false skips the capacity limit (loading a checkpoint, checked by the caller).
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn, bool gated = true,
@@ -1032,7 +1032,7 @@ class EmbeddingTable {
         threads_for(n));
   }
 
-  // As for_each_shard_write, but calls fn(shard, positions, count, hash, scratch) once per
+  // As for_each_shard_write, but calls fn(shard, positions, count, id, hash, scratch) once per
   // distinct id with all its positions in input order.
   template <class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Fn&& fn) {
@@ -1053,26 +1053,29 @@ class EmbeddingTable {
           const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
           detail::Runs& runs = detail::Runs::local();
           const uint32_t* order = plan.order.data() + b;
-          runs.group(ids, blocks, plan.hashes.data(), order, e - b);
+          const int64_t* keys = plan.keys.data() + b;
+          const uint64_t* hashes = plan.hashes.data() + b;
+          runs.group(keys, hashes, blocks, order, e - b);
           std::vector<float> scratch(d);
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
           const size_t count = runs.first.size();
           std::vector<uint32_t> positions;
-          for (size_t r = 0; r < std::min(count, kGroupAhead); ++r) sh.prefetch_group(plan.hashes[order[runs.first[r]]]);
+          const uint32_t* first = runs.first.data();
+          for (size_t r = 0; r < std::min(count, kGroupAhead); ++r) sh.prefetch_group(hashes[first[r]]);
           for (size_t r = 0; r < count; ++r) {
-            if (r + kGroupAhead < count) sh.prefetch_group(plan.hashes[order[runs.first[r + kGroupAhead]]]);
+            if (r + kGroupAhead < count) sh.prefetch_group(hashes[first[r + kGroupAhead]]);
             if (r + kNextAhead < count) {
-              const uint32_t ahead = order[runs.first[r + kNextAhead]];
-              sh.prefetch_past_home(ids[ahead], plan.hashes[ahead]);
+              const uint32_t ahead = first[r + kNextAhead];
+              sh.prefetch_past_home(keys[ahead], hashes[ahead]);
             }
             if (r + kRowAhead < count) {
-              const uint32_t ahead = order[runs.first[r + kRowAhead]];
-              sh.prefetch_entry(ids[ahead], plan.hashes[ahead], layout_.stride);
+              const uint32_t ahead = first[r + kRowAhead];
+              sh.prefetch_entry(keys[ahead], hashes[ahead], layout_.stride);
             }
             positions.clear();
-            for (uint32_t k = runs.first[r]; k != detail::Runs::kEnd; k = runs.next[k]) positions.push_back(order[k]);
-            fn(sh, positions.data(), positions.size(), plan.hashes[positions[0]], scratch.data());
+            for (uint32_t k = first[r]; k != detail::Runs::kEnd; k = runs.next[k]) positions.push_back(order[k]);
+            fn(sh, positions.data(), positions.size(), keys[first[r]], hashes[first[r]], scratch.data());
           }
         },
         threads_for(n));
@@ -1156,10 +1159,8 @@ class EmbeddingTable {
       uint64_t extra = e - b;
       if (sh.reserve_grows_index(extra)) {
         extra = 0;
-        for (size_t k = b; k < e; ++k) {
-          const uint32_t i = plan.order[k];
-          if (!sh.find(plan.ids[i], plan.hashes[i]).bucket) ++extra;
-        }
+        for (size_t k = b; k < e; ++k)
+          if (!sh.find(plan.keys[k], plan.hashes[k]).bucket) ++extra;
       }
       sh.reserve(extra);
     }
