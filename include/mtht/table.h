@@ -150,6 +150,23 @@ inline void prefetch_row_line(const void* p) {
 #endif
 }
 
+// Every cache line of [p, p + bytes).
+inline void prefetch_lines(const void* p, size_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + bytes - 1;
+  for (uintptr_t line = first; line <= last; line += 64) prefetch_row_line(reinterpret_cast<const void*>(line));
+}
+
+// A batch's own rows, one per input position (gradients, values): read in shard order,
+// they are read at random, so the batch loops prefetch them with the entries.
+struct BatchRows {
+  const void* base = nullptr;
+  size_t stride = 0;  // bytes per position
+  void operator()(size_t i) const {
+    if (base) prefetch_lines(static_cast<const char*>(base) + i * stride, stride);
+  }
+};
+
 // Rows of one shard in chunks of 16, 32, 64, ... rows; a row never moves. Each column
 // (values+state, and the optional capacity bookkeeping) has its own chunks.
 class RowArena {
@@ -258,10 +275,7 @@ class Shard {
       m = matches(*b, id);
       if (!m) return;
     }
-    const char* row = rows_.at(0, b->row[__builtin_ctz(m)] - 1);
-    const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
-    const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
-    for (uintptr_t line = first; line <= last; line += 64) prefetch_row_line(reinterpret_cast<const void*>(line));
+    prefetch_lines(rows_.at(0, b->row[__builtin_ctz(m)] - 1), bytes);
   }
 
   // Slot of `id`: its bucket and position, or null.
@@ -630,7 +644,8 @@ class EmbeddingTable {
         std::memset(dst, 0, bytes);
       }
     };
-    visit_in_order(sh, plan, s, fn, read_bytes_);
+    std::decay_t<Dest> ahead_dest(dest);  // its own cursor, for positions ahead
+    visit_in_order(sh, plan, s, fn, read_bytes_, [&](size_t i) { detail::prefetch_lines(ahead_dest(i), bytes); });
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
@@ -664,7 +679,7 @@ class EmbeddingTable {
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const size_t bytes = sizeof(float) * layout_.dim;
-    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, ts, {values, bytes}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       std::memcpy(sh.entry(slot.row()).values, values + i * layout_.dim, bytes);
@@ -676,7 +691,7 @@ class EmbeddingTable {
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const int d = layout_.dim;
-    for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, ts, {values, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       float* w = sh.entry(slot.row()).values;
@@ -700,7 +715,7 @@ class EmbeddingTable {
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     if (!dedup) {
-      for_each_shard_write(ids, n, ts, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      for_each_shard_write(ids, n, ts, {grads, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
         const auto slot = admit(sh, id, h, 1);
         if (!slot.bucket) return;
         step_row(sh.entry(slot.row()).values, id, grads + i * d, lrs, global_step);
@@ -708,7 +723,7 @@ class EmbeddingTable {
       });
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, blocks, [&](detail::Shard& sh, const uint32_t* pos, size_t count, int64_t id,
+    for_each_shard_write_runs(ids, n, ts, blocks, {grads, sizeof(float) * d}, [&](detail::Shard& sh, const uint32_t* pos, size_t count, int64_t id,
                                               uint64_t h, float* scratch) {
       const float* g = grads + static_cast<size_t>(pos[0]) * d;
       if (count > 1) {
@@ -773,7 +788,7 @@ class EmbeddingTable {
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
     const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
-    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, {data, sizeof(float) * floats}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
       const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
@@ -793,7 +808,7 @@ class EmbeddingTable {
 
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
-    for_each_shard_write(ids, n, kNoTimestamp, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, {}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
       const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
@@ -981,17 +996,19 @@ class EmbeddingTable {
           const uint32_t s = plan.busy_shards[t];
           const detail::Shard& sh = *shards_[s];
           std::shared_lock<std::shared_mutex> lk(sh.mu);
-          visit_in_order(sh, plan, s, fn, read_bytes_);
+          visit_in_order(sh, plan, s, fn, read_bytes_, detail::BatchRows{});
         },
         threads_for(n));
   }
 
   // Visits the ids of shard s in input order, prefetching in stages ahead of the id being
   // handled: its home bucket, then (once that has arrived) the next bucket when the id may
-  // lie past home, then its row (the first `row_bytes`). Each stage only reads lines an
-  // earlier stage fetched, so no stage waits for memory and many misses are in flight.
-  template <class ShardT, class Fn>
-  void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes) const {
+  // lie past home, then its row (the first `row_bytes`) and, through ahead(position), the
+  // batch's own data for that position. Each stage only reads lines an earlier stage
+  // fetched, so no stage waits for memory and many misses are in flight.
+  template <class ShardT, class Fn, class Ahead>
+  void visit_in_order(ShardT& sh, const detail::BatchPlan& plan, uint32_t s, Fn& fn, size_t row_bytes,
+                      Ahead&& ahead) const {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     const uint32_t* order = plan.order.data();
     // The first ids of the shard get their home buckets in flight before the loop starts.
@@ -1001,17 +1018,21 @@ class EmbeddingTable {
     for (size_t k = b; k < e; ++k) {
       if (k + kGroupAhead < e) sh.prefetch_group(hashes[k + kGroupAhead]);
       if (k + kNextAhead < e) sh.prefetch_past_home(keys[k + kNextAhead], hashes[k + kNextAhead]);
-      if (k + kRowAhead < e) sh.prefetch_entry(keys[k + kRowAhead], hashes[k + kRowAhead], row_bytes);
+      if (k + kRowAhead < e) {
+        sh.prefetch_entry(keys[k + kRowAhead], hashes[k + kRowAhead], row_bytes);
+        ahead(order[k + kRowAhead]);
+      }
       fn(sh, order[k], keys[k], hashes[k]);
     }
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
   // entry changes), then calls fn(shard, position, id, hash) under each shard's write lock.
+  // `inputs`: the batch's rows fn reads. `limited` = false skips the capacity limit (loading
+  // a checkpoint, checked by the caller).
   template <class Fn>
-  // `limited` = false skips the capacity limit (loading a checkpoint, checked by the caller).
-  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Fn&& fn, bool gated = true,
-                            bool limited = true) {
+  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, detail::BatchRows inputs, Fn&& fn,
+                            bool gated = true, bool limited = true) {
     if (n == 0) {
       note_ts(ts);
       return;
@@ -1027,7 +1048,7 @@ class EmbeddingTable {
           const uint32_t s = plan.busy_shards[t];
           detail::Shard& sh = *shards_[s];
           std::unique_lock<std::shared_mutex> lk(sh.mu);
-          visit_in_order(sh, plan, s, fn, layout_.stride);
+          visit_in_order(sh, plan, s, fn, layout_.stride, inputs);
         },
         threads_for(n));
   }
@@ -1035,7 +1056,8 @@ class EmbeddingTable {
   // As for_each_shard_write, but calls fn(shard, positions, count, id, hash, scratch) once per
   // distinct id with all its positions in input order.
   template <class Fn>
-  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Fn&& fn) {
+  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks,
+                                 detail::BatchRows inputs, Fn&& fn) {
     if (n == 0) {
       note_ts(ts);
       return;
@@ -1072,6 +1094,7 @@ class EmbeddingTable {
             if (r + kRowAhead < count) {
               const uint32_t ahead = first[r + kRowAhead];
               sh.prefetch_entry(keys[ahead], hashes[ahead], layout_.stride);
+              inputs(order[ahead]);  // its first occurrence's (most ids occur once)
             }
             positions.clear();
             for (uint32_t k = first[r]; k != detail::Runs::kEnd; k = runs.next[k]) positions.push_back(order[k]);
