@@ -105,6 +105,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs,
                              size_t n_lrs, int64_t global_step, int64_t ts, cbool dedup) except +translate_exception
         void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) except +translate_exception
+        void check_write(const int64_t* ids, size_t n, cbool runs, int64_t global_step) except +translate_exception
         uint64_t evict(int64_t max_update_time) except +translate_exception
         void check_finite(const float* v, size_t count, const char* what) except +translate_exception
         void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) except +translate_exception

@@ -326,6 +326,10 @@ cdef class Table:
             self._t.get().apply_gradients(&ids[0], n, &grads[0, 0], &learning_rates[0], n_lrs,
                                           global_step, ts, dedup)
 
+    def check_write(self, const int64_t[::1] ids, bint runs, int64_t global_step):
+        with nogil:
+            self._t.get().check_write(&ids[0], ids.shape[0], runs, global_step)
+
     def reinitialize(self, const int64_t[::1] ids, int64_t ts):
         cdef Py_ssize_t n = ids.shape[0]
         status = np.empty(n, dtype=np.int32)

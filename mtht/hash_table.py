@@ -200,40 +200,49 @@ class HashTable(BaseHashTable):
     # Each write is split in two: prepare_write() converts and checks every argument and
     # returns a commit function that only changes the table. Multi-slot writes prepare every
     # slot before committing any, so a bad slot changes nothing.
-    def prepare_write(self, method: str, ids, tensor, *args, check_finite: bool = True, **kwargs) -> Callable[[], None]:
+    def prepare_write(self, method: str, ids, tensor, *args, check_all: bool = True, **kwargs) -> Callable[[], None]:
         """Validate a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``) and return
-        the function that applies it. ``check_finite=False`` leaves the NaN/Inf check to the
-        commit, which makes it before changing anything (one table's own writes do that)."""
+        the function that applies it. ``check_all`` also makes now the checks the commit would
+        make before changing anything: NaN/Inf, ``max_entries`` (the write must fit however
+        many entries are evicted) and the step of a batch_softmax segment. One table's own
+        writes leave them to the commit (``check_all=False``). A capacity check made now can
+        be overtaken by a concurrent write to the same table before the commit; the commit
+        then still refuses cleanly, but the slots committed before it stay written."""
         ids = as_ids(ids)
         what = "grads" if method == "apply_gradients" else "values"
         rows = as_rows(tensor, ids.shape[0], self._dim, what)
         core = self._core
-        if check_finite:
+        if check_all:
             core.check_finite(rows, what)
         if method in ("assign", "assign_add"):
             ts = _req_time(*args, **kwargs)
+            if check_all:
+                core.check_write(ids, False, 0)
             write = core.assign if method == "assign" else core.assign_add
             return lambda: write(ids, rows, ts)
         if method == "apply_gradients":
-            return self._prepare_apply(ids, rows, *args, **kwargs)
+            return self._prepare_apply(ids, rows, *args, check_all=check_all, **kwargs)
         raise ValueError(f"unknown write {method!r}")
 
-    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None):
+    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None,
+                       check_all=True):
         step = as_int64_scalar(global_step, "global_step")
         lrs = np.ascontiguousarray(self._config.call_learning_rate_fns(step), dtype=np.float32)
         ts = _req_time(req_time)
         core = self._core
+        if check_all:
+            core.check_write(ids, bool(enable_dedup), step)
         return lambda: core.apply_gradients(ids, rows, lrs, step, ts, bool(enable_dedup))
 
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
-        self.prepare_write("assign", ids, values, req_time, check_finite=False)()
+        self.prepare_write("assign", ids, values, req_time, check_all=False)()
         return self
 
     def assign_add(self, ids, values, req_time=None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
-        self.prepare_write("assign_add", ids, values, req_time, check_finite=False)()
+        self.prepare_write("assign_add", ids, values, req_time, check_all=False)()
         return self
 
     def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
@@ -243,7 +252,7 @@ class HashTable(BaseHashTable):
         with the initializer, then stepped. Learning rates come from the config's
         learning-rate functions at ``global_step``."""
         self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup, req_time,
-                           check_finite=False)()
+                           check_all=False)()
         return self
 
     def reinitialize(self, ids, req_time=None) -> np.ndarray:

@@ -713,6 +713,78 @@ def test_fused_lookup_large_batch_matches_per_block_lookups(restore_num_threads)
         np.testing.assert_array_equal(embeddings, expected, err_msg=f"threads={threads}")
 
 
+def _fused_refusal_tables(second):
+    """Two sgd tables of dim 2: the first unlimited, the second as ``second`` says."""
+    first = hash_table_from_config(make_config([(2, "sgd", "ones")], [0.5]), name_suffix="a")
+    if second == "batch_softmax":  # an sgd segment and a batch_softmax one (whose dim is 1)
+        segments = [entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor()),
+                    entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.BatchSoftmaxOptimizer(learning_rate=0.1),
+                                           entry.Fp32Compressor())]
+        config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=segments))
+    else:
+        segments = [entry.CombineAsSegment(2, entry.OnesInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())]
+        config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=segments), max_entries=3)
+    other = hash_table_from_config(entry.HashTableConfigInstance(config, [0.5] * len(segments)), name_suffix="b")
+    return first, other, len(segments)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("case", ["too_many_new_ids", "too_many_distinct_ids", "negative_step_for_batch_softmax"])
+@pytest.mark.parametrize("refusing_table_first", [False, True])
+def test_fused_apply_gradient_refused_by_one_table_changes_no_table(case, refusing_table_first, accumulate):
+    # A table that refuses its part of a fused update (capacity, step) must refuse before any
+    # table changes, wherever it stands in the list.
+    first, other, other_segments = _fused_refusal_tables(
+        "batch_softmax" if case == "negative_step_for_batch_softmax" else "capped")
+    first.assign([1, 2], np.full((2, 2), 3, F32), req_time=4)
+    global_step = 1
+    if case == "too_many_new_ids":
+        other_ids = [10, 11, 12, 13]
+    elif case == "too_many_distinct_ids":
+        other.assign([10, 11], np.full((2, 2), 2, F32), req_time=4)
+        other_ids = [10, 11, 12, 13]  # 2 present + 2 new > 3, with nothing left to evict
+    else:
+        other_ids = [10, 11]
+        global_step = -1
+    tables = [other, first] if refusing_table_first else [first, other]
+    blocks = [[1, 2, 3], other_ids] if not refusing_table_first else [other_ids, [1, 2, 3]]
+    ids = np.asarray(blocks[0] + blocks[1], np.int64)
+    fss = [len(blocks[0]), len(blocks[1])]
+    every_id = np.arange(0, 16)
+    before = [(len(t), table_state(t, every_id)) for t in tables]
+    with pytest.raises(ValueError):
+        fused_apply_gradient(tables, ids, ids, fss, np.ones(2 * len(ids), F32), [0, fss[0], len(ids)],
+                             [0, 2 * fss[0], 2 * len(ids)], np.full(1 + other_segments, 0.5, F32), 9, global_step, 1,
+                             enable_grad_accumulation=accumulate)
+    assert [(len(t), table_state(t, every_id)) for t in tables] == before
+
+
+_REFUSED_WRITES = [(method, case) for method in ("assign", "assign_add", "apply_gradients", "apply_gradients_dedup")
+                   for case in ("too_many_new_ids", "too_many_distinct_ids", "negative_step_for_batch_softmax")
+                   if method.startswith("apply") or case != "negative_step_for_batch_softmax"]  # assign has no step
+
+
+@pytest.mark.parametrize("method,case", _REFUSED_WRITES)
+@pytest.mark.parametrize("merged", [False, True])
+def test_multi_slot_write_refused_by_one_slot_changes_no_slot(method, case, merged):
+    first, other, _ = _fused_refusal_tables("batch_softmax" if case == "negative_step_for_batch_softmax" else "capped")
+    configs = {"a": first.config, "z": other.config}  # "z" comes after "a" in every order
+    table = MergedMultiTypeHashTable(configs, multi_type_factory) if merged else MultiTypeHashTable(configs, factory)
+    table.assign({"a": ([1, 2], np.full((2, 2), 3, F32))}, req_time=4)
+    other_ids = [10, 11, 12, 13]
+    if case == "too_many_distinct_ids":
+        table.assign({"z": ([10, 11], np.full((2, 2), 2, F32))}, req_time=4)
+    data = {"a": ([1, 2, 3], np.ones((3, 2), F32)), "z": (other_ids, np.ones((4, 2), F32))}
+    before = table.lookup({"a": np.arange(16), "z": np.arange(16)})
+    with pytest.raises(ValueError):
+        if method.startswith("apply_gradients"):
+            step = -1 if case == "negative_step_for_batch_softmax" else 1
+            table.apply_gradients(data, step, enable_dedup=method.endswith("dedup"), req_time=9)
+        else:
+            getattr(table, method)(data, req_time=9)
+    assert_dicts_equal(table.lookup({"a": np.arange(16), "z": np.arange(16)}), before)
+
+
 def test_multi_type_fused_apply_gradient_uses_every_slots_learning_rates():
     decay = PolynomialDecay(0.1, 10, end_learning_rate=1.1)
     slot_to_config = {

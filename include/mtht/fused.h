@@ -154,17 +154,27 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // Validate everything before the first table changes.
   for (size_t k = 0; k < L.num_tables; ++k) {
     tables[k]->check_learning_rates(lrs + lr_begin[k], static_cast<size_t>(tables[k]->num_segments()));
+    tables[k]->check_step(global_step);
     for (size_t n = 0; n < L.num_shards; ++n) {
       const size_t idx = n * L.num_tables + k;
       tables[k]->check_finite(grads + L.emb_offsets[idx], static_cast<size_t>(L.emb_offsets[idx + 1] - L.emb_offsets[idx]),
                               "gradients");
     }
   }
+  std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
+  std::sort(sorted.begin(), sorted.end());
+  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  // Capacity-limited tables are locked (in address order, as every fused update does) until
+  // all are written, and each write is checked to fit before any table changes.
+  std::vector<std::unique_lock<std::mutex>> capacity_locks;
+  for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
   std::vector<detail::TableGather> gathered;
   for (size_t k = 0; k < L.num_tables; ++k) {
     gathered.push_back(detail::gather_table(L, ids, k));
-    tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size());
+    tables[k]->check_room(gathered[k].ids.data(), gathered[k].ids.size(), accumulate);
   }
+  for (size_t k = 0; k < L.num_tables; ++k) tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size());
   auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const size_t d = static_cast<size_t>(tables[k]->dim());
@@ -176,13 +186,10 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     }
     tables[k]->apply_gradients(g.ids.data(), g.ids.size(), rows.data(), lrs + lr_begin[k],
                                static_cast<size_t>(tables[k]->num_segments()), global_step, ts, accumulate,
-                               accumulate ? g.block.data() : nullptr);
+                               accumulate ? g.block.data() : nullptr, /*validated=*/true);
   };
   // Tables are independent, so they are updated in parallel, one task each (each table's
   // own blocks stay in shard order). A table passed twice is updated in order instead.
-  std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
-  std::sort(sorted.begin(), sorted.end());
-  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
   size_t total = 0;
   for (const auto& g : gathered) total += g.ids.size();
   if (distinct && L.num_tables > 1) {

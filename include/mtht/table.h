@@ -625,6 +625,27 @@ class EmbeddingTable {
   // row of position i to dest(i). A task calls dest with increasing positions.
   detail::BatchPlan make_plan(const int64_t* ids, size_t n) const { return detail::BatchPlan(ids, n, shard_bits_); }
 
+  // A write to several tables that must change all of them or none (the fused update) takes
+  // every capacity-limited table's capacity lock (an empty lock for the others), checks
+  // each write with check_room, then writes with `room_held`.
+  std::unique_lock<std::mutex> lock_capacity() const {
+    return spec_.max_entries ? std::unique_lock<std::mutex>(capacity_mu_) : std::unique_lock<std::mutex>();
+  }
+  // Throws, changing nothing, when a write of these ids could not fit under max_entries
+  // (`runs`: one admission per distinct id, as with dedup). The caller holds lock_capacity().
+  void check_room(const int64_t* ids, size_t n, bool runs) const {
+    if (spec_.max_entries) room_for(ids, n, runs, true);
+  }
+
+  // Throws, changing nothing, when a write of these ids would be refused for the table's own
+  // reasons (capacity, or a negative step with a batch_softmax segment; `global_step` is 0 for
+  // assign), so that a write to several tables can check each before changing any.
+  void check_write(const int64_t* ids, size_t n, bool runs, int64_t global_step) const {
+    check_step(global_step);
+    const auto lock = lock_capacity();
+    check_room(ids, n, runs);
+  }
+
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
   static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
 
@@ -707,11 +728,17 @@ class EmbeddingTable {
   // `blocks` (optional, one number per position) splits the batch into consecutive blocks:
   // with dedup, gradients are summed only within a block, and the blocks of one id are
   // stepped in block order (the fused multi-shard update).
+  //
+  // `validated`: the caller checked the learning rates, gradients, step and room (check_room)
+  // and holds lock_capacity().
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
-                       int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
-    check_learning_rates(lrs, n_lrs);
-    check_finite(grads, n * layout_.dim, "gradients");
-    check_step(global_step);
+                       int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr,
+                       bool validated = false) {
+    if (!validated) {
+      check_learning_rates(lrs, n_lrs);
+      check_finite(grads, n * layout_.dim, "gradients");
+      check_step(global_step);
+    }
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     if (!dedup) {
@@ -720,7 +747,7 @@ class EmbeddingTable {
         if (!slot.bucket) return;
         step_row(sh.entry(slot.row()).values, id, grads + i * d, lrs, global_step);
         slot.ts() = ts;
-      });
+      }, true, true, validated);
       return;
     }
     for_each_shard_write_runs(ids, n, ts, blocks, {grads, sizeof(float) * d}, [&](detail::Shard& sh, const uint32_t* pos, size_t count, int64_t id,
@@ -738,7 +765,7 @@ class EmbeddingTable {
       if (!slot.bucket) return;
       step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
       slot.ts() = ts;
-    });
+    }, validated);
   }
 
   // ---- lifecycle -------------------------------------------------------------------------
@@ -845,6 +872,11 @@ class EmbeddingTable {
                        std::to_string(n_lrs));
     for (size_t k = 0; k < n_lrs; ++k)
       if (!std::isfinite(lrs[k])) throw ValueError("learning rate is not finite");
+  }
+
+  void check_step(int64_t global_step) const {
+    if (needs_step_ && global_step < 0)
+      throw ValueError("global_step must be >= 0 for a batch_softmax segment, got " + std::to_string(global_step));
   }
 
   // Throws ValueError if any value is NaN or Inf, unless the table allows them.
@@ -966,10 +998,6 @@ class EmbeddingTable {
     }
   }
 
-  void check_step(int64_t global_step) const {
-    if (needs_step_ && global_step < 0)
-      throw ValueError("global_step must be >= 0 for a batch_softmax segment, got " + std::to_string(global_step));
-  }
 
   void note_ts(int64_t ts) {
     if (ts == kNoTimestamp) return;
@@ -1029,17 +1057,17 @@ class EmbeddingTable {
   // Reserves room for every id of the batch in its shard (so allocation fails before any
   // entry changes), then calls fn(shard, position, id, hash) under each shard's write lock.
   // `inputs`: the batch's rows fn reads. `limited` = false skips the capacity limit (loading
-  // a checkpoint, checked by the caller).
+  // a checkpoint, checked by the caller); `room_held`: the caller holds lock_capacity().
   template <class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, detail::BatchRows inputs, Fn&& fn,
-                            bool gated = true, bool limited = true) {
+                            bool gated = true, bool limited = true, bool room_held = false) {
     if (n == 0) {
       note_ts(ts);
       return;
     }
     detail::BatchPlan plan(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
-    if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated);
+    if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated, room_held);
     reserve_for(plan);
     note_ts(ts);
     ThreadPool::global().parallel_for(
@@ -1057,14 +1085,14 @@ class EmbeddingTable {
   // distinct id with all its positions in input order.
   template <class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks,
-                                 detail::BatchRows inputs, Fn&& fn) {
+                                 detail::BatchRows inputs, Fn&& fn, bool room_held = false) {
     if (n == 0) {
       note_ts(ts);
       return;
     }
     detail::BatchPlan plan(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
-    if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true);
+    if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true, room_held);
     reserve_for(plan);
     note_ts(ts);
     const int d = layout_.dim;
@@ -1104,21 +1132,26 @@ class EmbeddingTable {
         threads_for(n));
   }
 
-  // With a capacity limit: counts the new entries a write batch will create (simulating the
-  // admission filter without changing it) and, if the table would grow past max_entries,
-  // evicts entries the batch does not touch, chosen by the eviction policy. Returns the lock
-  // that keeps capacity-limited writes one at a time until the batch is written.
-  std::unique_lock<std::mutex> make_room(const int64_t* ids, size_t n, bool runs, bool gated) {
-    std::unique_lock<std::mutex> lock(capacity_mu_);
-    write_clock_.fetch_add(1);
+  // With a capacity limit: the ids of a write batch and their occurrences, and how many new
+  // entries the write will create (simulating the admission filter without changing it).
+  // Throws, changing nothing, when the batch cannot fit however many entries are evicted.
+  // The caller holds capacity_mu_.
+  struct Room {
     std::unordered_map<int64_t, uint64_t> occurrences;
-    for (size_t i = 0; i < n; ++i) ++occurrences[ids[i]];
     uint64_t new_entries = 0;
-    for (const auto& kv : occurrences) {
+  };
+  Room room_for(const int64_t* ids, size_t n, bool runs, bool gated) const {
+    Room room;
+    for (size_t i = 0; i < n; ++i) ++room.occurrences[ids[i]];
+    uint64_t present = 0;
+    for (const auto& kv : room.occurrences) {
       const uint64_t h = hash_id(kv.first);
       const detail::Shard& sh = *shards_[shard_of(h)];
       std::shared_lock<std::shared_mutex> lk(sh.mu);
-      if (sh.find(kv.first, h).bucket) continue;
+      if (sh.find(kv.first, h).bucket) {
+        ++present;
+        continue;
+      }
       if (gated && !thresholds_.empty()) {
         const uint32_t threshold = thresholds_[slot_of(kv.first)];
         const auto it = sh.counts.find(kv.first);
@@ -1126,11 +1159,30 @@ class EmbeddingTable {
         const uint64_t last_seen = runs ? before : before + kv.second - 1;
         if (threshold > 0 && last_seen < threshold) continue;  // stays filtered
       }
-      ++new_entries;
+      ++room.new_entries;
     }
-    if (new_entries > spec_.max_entries)
-      throw ValueError("this write brings " + std::to_string(new_entries) + " new ids but the table holds at most " +
-                       std::to_string(spec_.max_entries) + " entries (max_entries)");
+    if (room.new_entries > spec_.max_entries)
+      throw ValueError("this write brings " + std::to_string(room.new_entries) +
+                       " new ids but the table holds at most " + std::to_string(spec_.max_entries) +
+                       " entries (max_entries)");
+    if (present + room.new_entries > spec_.max_entries)
+      throw ValueError("this write touches " + std::to_string(present + room.new_entries) +
+                       " distinct ids but the table holds at most " + std::to_string(spec_.max_entries) +
+                       " entries (max_entries)");
+    return room;
+  }
+
+  // With a capacity limit: if the write batch would grow the table past max_entries, evicts
+  // entries the batch does not touch, chosen by the eviction policy. Returns the lock that
+  // keeps capacity-limited writes one at a time until the batch is written (an empty one
+  // when the caller already holds it: `room_held`).
+  std::unique_lock<std::mutex> make_room(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held) {
+    std::unique_lock<std::mutex> lock;
+    if (!room_held) lock = std::unique_lock<std::mutex>(capacity_mu_);
+    write_clock_.fetch_add(1);
+    const Room room = room_for(ids, n, runs, gated);
+    const std::unordered_map<int64_t, uint64_t>& occurrences = room.occurrences;
+    const uint64_t new_entries = room.new_entries;
     const uint64_t current = size();
     if (current + new_entries <= spec_.max_entries) return lock;
     const uint64_t excess = current + new_entries - spec_.max_entries;
@@ -1149,10 +1201,6 @@ class EmbeddingTable {
         candidates.push_back(spec_.eviction_policy == 0 ? Candidate{meta[0], 0, id} : Candidate{meta[1], meta[0], id});
       });
     }
-    if (excess > candidates.size())
-      throw ValueError("this write touches " + std::to_string(current + new_entries - candidates.size()) +
-                       " distinct ids but the table holds at most " + std::to_string(spec_.max_entries) +
-                       " entries (max_entries)");
     auto before = [](const Candidate& a, const Candidate& b) {
       if (a.k1 != b.k1) return a.k1 < b.k1;
       if (a.k2 != b.k2) return a.k2 < b.k2;
