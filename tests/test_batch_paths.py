@@ -6,7 +6,8 @@ row 8 ahead. These tests drive the edges of that pipeline: shards holding a numb
 around each distance, probe chains many buckets long (ids chosen to share one home bucket),
 growth in the middle of a batch, batches larger than the table, and a batch of one id. The
 last part checks that the index's load bound (max_load_factor) changes memory, never results,
-and that arrays reused from the shared huge-page blocks come back zeroed.
+that arrays reused from the shared huge-page blocks come back zeroed, and that room reserved
+ahead of need is not touched.
 """
 
 import os
@@ -265,3 +266,27 @@ def test_a_table_made_after_another_is_freed_starts_empty():
     assert not second.contains(ids).any()
     assert second.size() == others.size
     _assert_same(second, ref, np.concatenate([ids[::997], others[::101]]))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc/self/statm")
+def test_room_reserved_ahead_is_not_resident():
+    # initial_capacity reserves rows and index up front, and every write batch reserves rows
+    # for all its ids as if they were new; such room must cost address space only. Pieces of
+    # the shared huge-page blocks never handed out before are already zero and must not be
+    # written when handed out (writing them made a fresh 300,000-id table resident at once).
+    seg = mtht.CombineAsSegment(32, mtht.ZerosInitializer(), mtht.AdagradOptimizer(), None)
+    config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), initial_capacity=300_000)
+    before = _resident_bytes()
+    table = mtht.hash_table_from_config(mtht.HashTableConfigInstance(config, learning_rate_fns=[0.1]))
+    grown = _resident_bytes() - before
+    stats = table.stats()
+    reserved = stats["row_bytes_reserved"] + stats["index_bytes"]
+    assert reserved > 100e6
+    assert grown < 0.1 * reserved, (grown, reserved)
+    table.assign(np.arange(1000), np.ones((1000, 32), np.float32))  # the table works as usual
+    np.testing.assert_array_equal(table.lookup([0, 999, 1000]), [[1.0] * 32, [1.0] * 32, [0.0] * 32])

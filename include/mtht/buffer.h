@@ -46,9 +46,11 @@ inline void* map_huge_aligned(size_t bytes) {
 }
 
 // Pieces of 4 KiB, 8 KiB, ... 2 MiB cut from 2 MiB huge-page blocks, each block cut into
-// pieces of one size. A released piece is kept for the next buffer of its size
-// (zeroed again then); a block whose pieces are all released goes back to the system, so
-// the arrays a growing index leaves behind do not stay resident.
+// pieces of one size. A released piece is kept for the next buffer of its size (zeroed
+// again then); a piece never handed out is still zero and is not touched when handed out,
+// so a buffer reserved ahead of need costs no memory until it is written. A block whose
+// pieces are all released goes back to the system, so the arrays a growing index leaves
+// behind do not stay resident.
 class HugeBlockPool {
  public:
   static constexpr size_t kMinPiece = size_t{4} << 10;
@@ -85,11 +87,12 @@ class HugeBlockPool {
       for (size_t off = piece; off < kHugePageBytes; off += piece) pieces.push_back(block + off);
       return block;
     }
-    void* p = pieces.back();
+    const uintptr_t tagged = reinterpret_cast<uintptr_t>(pieces.back());
     pieces.pop_back();
+    void* p = reinterpret_cast<void*>(tagged & ~kUsed);
     ++in_use_[block_of(p)];
     lk.unlock();
-    std::memset(p, 0, piece);  // a piece given back earlier: zero it again
+    if (tagged & kUsed) std::memset(p, 0, piece);  // a piece given back earlier: zero it again
     return p;
   }
 
@@ -108,7 +111,8 @@ class HugeBlockPool {
       --blocks_[c];
       return;
     }
-    pieces.push_back(p);  // within the capacity reserved when its block was cut: no allocation
+    // Within the capacity reserved when its block was cut: no allocation.
+    pieces.push_back(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) | kUsed));
   }
 
  private:
@@ -127,8 +131,10 @@ class HugeBlockPool {
   }
   static uintptr_t block_of(const void* p) { return reinterpret_cast<uintptr_t>(p) & ~(kHugePageBytes - 1); }
 
+  static constexpr uintptr_t kUsed = 1;  // tag of a free piece that was handed out before
+
   std::mutex mu_;
-  std::vector<void*> free_[kClasses];
+  std::vector<void*> free_[kClasses];  // free pieces, tagged with kUsed (pieces are 4 KiB-aligned)
   size_t blocks_[kClasses] = {};                     // live blocks cut into each size
   std::unordered_map<uintptr_t, uint32_t> in_use_;  // block -> pieces handed out
 };

@@ -627,7 +627,7 @@ class EmbeddingTable {
 
   // A write to several tables that must change all of them or none (the fused update) takes
   // every capacity-limited table's capacity lock (an empty lock for the others), checks
-  // each write with check_room, then writes with `room_held`.
+  // each write with check_room, then writes with apply_gradient_rows(..., room_held = true).
   std::unique_lock<std::mutex> lock_capacity() const {
     return spec_.max_entries ? std::unique_lock<std::mutex>(capacity_mu_) : std::unique_lock<std::mutex>();
   }
@@ -700,7 +700,7 @@ class EmbeddingTable {
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const size_t bytes = sizeof(float) * layout_.dim;
-    for_each_shard_write(ids, n, ts, {values, bytes}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, ts, detail::BatchRows{values, bytes}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       std::memcpy(sh.entry(slot.row()).values, values + i * layout_.dim, bytes);
@@ -712,7 +712,7 @@ class EmbeddingTable {
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
     const int d = layout_.dim;
-    for_each_shard_write(ids, n, ts, {values, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, ts, detail::BatchRows{values, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       float* w = sh.entry(slot.row()).values;
@@ -728,35 +728,42 @@ class EmbeddingTable {
   // `blocks` (optional, one number per position) splits the batch into consecutive blocks:
   // with dedup, gradients are summed only within a block, and the blocks of one id are
   // stepped in block order (the fused multi-shard update).
-  //
-  // `validated`: the caller checked the learning rates, gradients, step and room (check_room)
-  // and holds lock_capacity().
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
-                       int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr,
-                       bool validated = false) {
-    if (!validated) {
-      check_learning_rates(lrs, n_lrs);
-      check_finite(grads, n * layout_.dim, "gradients");
-      check_step(global_step);
-    }
+                       int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
+    check_learning_rates(lrs, n_lrs);
+    check_finite(grads, n * layout_.dim, "gradients");
+    check_step(global_step);
+    const size_t d = static_cast<size_t>(layout_.dim);
+    apply_gradient_rows(ids, n, [grads, d](size_t i) { return grads + i * d; }, lrs, global_step, ts, dedup, blocks,
+                        false);
+  }
+
+  // apply_gradients with the gradient row of position i at grad_row(i), the learning rates,
+  // gradients and step already checked by the caller; `room_held`: the caller holds
+  // lock_capacity() and checked the write with check_room (the fused update).
+  template <class GradRow>
+  void apply_gradient_rows(const int64_t* ids, size_t n, GradRow grad_row, const float* lrs, int64_t global_step,
+                           int64_t ts, bool dedup, const uint32_t* blocks, bool room_held) {
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
+    const size_t bytes = sizeof(float) * static_cast<size_t>(d);
+    auto prefetch_grad = [&](size_t i) { detail::prefetch_lines(grad_row(i), bytes); };
     if (!dedup) {
-      for_each_shard_write(ids, n, ts, {grads, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+      for_each_shard_write(ids, n, ts, prefetch_grad, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
         const auto slot = admit(sh, id, h, 1);
         if (!slot.bucket) return;
-        step_row(sh.entry(slot.row()).values, id, grads + i * d, lrs, global_step);
+        step_row(sh.entry(slot.row()).values, id, grad_row(i), lrs, global_step);
         slot.ts() = ts;
-      }, true, true, validated);
+      }, true, true, room_held);
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, blocks, {grads, sizeof(float) * d}, [&](detail::Shard& sh, const uint32_t* pos, size_t count, int64_t id,
-                                              uint64_t h, float* scratch) {
-      const float* g = grads + static_cast<size_t>(pos[0]) * d;
+    for_each_shard_write_runs(ids, n, ts, blocks, prefetch_grad, [&](detail::Shard& sh, const uint32_t* pos, size_t count,
+                                                                     int64_t id, uint64_t h, float* scratch) {
+      const float* g = grad_row(pos[0]);
       if (count > 1) {
-        std::memcpy(scratch, g, sizeof(float) * d);
+        std::memcpy(scratch, g, bytes);
         for (size_t k = 1; k < count; ++k) {
-          const float* gk = grads + static_cast<size_t>(pos[k]) * d;
+          const float* gk = grad_row(pos[k]);
           for (int j = 0; j < d; ++j) scratch[j] += gk[j];
         }
         g = scratch;
@@ -765,7 +772,7 @@ class EmbeddingTable {
       if (!slot.bucket) return;
       step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
       slot.ts() = ts;
-    }, validated);
+    }, room_held);
   }
 
   // ---- lifecycle -------------------------------------------------------------------------
@@ -815,7 +822,7 @@ class EmbeddingTable {
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
     const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
-    for_each_shard_write(ids, n, kNoTimestamp, {data, sizeof(float) * floats}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{data, sizeof(float) * floats}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
       const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
@@ -835,7 +842,7 @@ class EmbeddingTable {
 
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
-    for_each_shard_write(ids, n, kNoTimestamp, {}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
+    for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       bool inserted;
       const auto slot = sh.find_or_insert(id, h, &inserted);
       const EntryRef e = sh.entry(slot.row());
@@ -1056,10 +1063,11 @@ class EmbeddingTable {
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
   // entry changes), then calls fn(shard, position, id, hash) under each shard's write lock.
-  // `inputs`: the batch's rows fn reads. `limited` = false skips the capacity limit (loading
+  // inputs(position) prefetches the batch's own data fn will read for that position (see
+  // detail::BatchRows). `limited` = false skips the capacity limit (loading
   // a checkpoint, checked by the caller); `room_held`: the caller holds lock_capacity().
-  template <class Fn>
-  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, detail::BatchRows inputs, Fn&& fn,
+  template <class Ahead, class Fn>
+  void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
                             bool gated = true, bool limited = true, bool room_held = false) {
     if (n == 0) {
       note_ts(ts);
@@ -1083,9 +1091,9 @@ class EmbeddingTable {
 
   // As for_each_shard_write, but calls fn(shard, positions, count, id, hash, scratch) once per
   // distinct id with all its positions in input order.
-  template <class Fn>
-  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks,
-                                 detail::BatchRows inputs, Fn&& fn, bool room_held = false) {
+  template <class Ahead, class Fn>
+  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Ahead&& inputs,
+                                 Fn&& fn, bool room_held = false) {
     if (n == 0) {
       note_ts(ts);
       return;
