@@ -174,7 +174,9 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     gathered.push_back(detail::gather_table(L, ids, k));
     tables[k]->check_room(gathered[k].ids.data(), gathered[k].ids.size(), accumulate);
   }
-  for (size_t k = 0; k < L.num_tables; ++k) tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size());
+  std::vector<detail::BatchPlan> plans;  // each table's, made while reserving room, used by its update
+  for (size_t k = 0; k < L.num_tables; ++k)
+    plans.push_back(tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size()));
   auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const int64_t d = tables[k]->dim();
@@ -186,7 +188,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
       shift[n] = L.emb_offsets[n * L.num_tables + k] - static_cast<int64_t>(g.begin[n]) * d;
     auto grad_row = [&](size_t i) { return grads + (shift[g.block[i]] + static_cast<int64_t>(i) * d); };
     tables[k]->apply_gradient_rows(g.ids.data(), g.ids.size(), grad_row, lrs + lr_begin[k], global_step, ts,
-                                   accumulate, accumulate ? g.block.data() : nullptr, /*room_held=*/true);
+                                   accumulate, accumulate ? g.block.data() : nullptr, /*room_held=*/true, &plans[k]);
   };
   // Tables are independent, so they are updated in parallel, one task each (each table's
   // own blocks stay in shard order). A table passed twice is updated in order instead.

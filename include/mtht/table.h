@@ -49,6 +49,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <unordered_map>
@@ -740,10 +741,12 @@ class EmbeddingTable {
 
   // apply_gradients with the gradient row of position i at grad_row(i), the learning rates,
   // gradients and step already checked by the caller; `room_held`: the caller holds
-  // lock_capacity() and checked the write with check_room (the fused update).
+  // lock_capacity() and checked the write with check_room; `planned`: the batch's plan, from
+  // reserve_ids (the fused update).
   template <class GradRow>
   void apply_gradient_rows(const int64_t* ids, size_t n, GradRow grad_row, const float* lrs, int64_t global_step,
-                           int64_t ts, bool dedup, const uint32_t* blocks, bool room_held) {
+                           int64_t ts, bool dedup, const uint32_t* blocks, bool room_held,
+                           const detail::BatchPlan* planned = nullptr) {
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     const size_t bytes = sizeof(float) * static_cast<size_t>(d);
@@ -754,7 +757,7 @@ class EmbeddingTable {
         if (!slot.bucket) return;
         step_row(sh.entry(slot.row()).values, id, grad_row(i), lrs, global_step);
         slot.ts() = ts;
-      }, true, true, room_held);
+      }, true, true, room_held, planned);
       return;
     }
     for_each_shard_write_runs(ids, n, ts, blocks, prefetch_grad, [&](detail::Shard& sh, const uint32_t* pos, size_t count,
@@ -772,7 +775,7 @@ class EmbeddingTable {
       if (!slot.bucket) return;
       step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
       slot.ts() = ts;
-    }, room_held);
+    }, room_held, planned);
   }
 
   // ---- lifecycle -------------------------------------------------------------------------
@@ -867,10 +870,12 @@ class EmbeddingTable {
 
  public:
   // Allocate room for every id of a batch as if all were new, changing nothing visible: a
-  // multi-table write calls it for every table before it changes the first one.
-  void reserve_ids(const int64_t* ids, size_t n) {
-    if (n == 0) return;
-    reserve_for(detail::BatchPlan(ids, n, shard_bits_));
+  // multi-table write calls it for every table before it changes the first one. Returns the
+  // batch's plan, for the write to use (apply_gradient_rows).
+  detail::BatchPlan reserve_ids(const int64_t* ids, size_t n) {
+    detail::BatchPlan plan(ids, n, shard_bits_);
+    reserve_for(plan);
+    return plan;
   }
 
   void check_learning_rates(const float* lrs, size_t n_lrs) const {
@@ -1066,14 +1071,17 @@ class EmbeddingTable {
   // inputs(position) prefetches the batch's own data fn will read for that position (see
   // detail::BatchRows). `limited` = false skips the capacity limit (loading
   // a checkpoint, checked by the caller); `room_held`: the caller holds lock_capacity().
+  // `planned`: the batch's plan if the caller has it (else it is built here).
   template <class Ahead, class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
-                            bool gated = true, bool limited = true, bool room_held = false) {
+                            bool gated = true, bool limited = true, bool room_held = false,
+                            const detail::BatchPlan* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
       return;
     }
-    detail::BatchPlan plan(ids, n, shard_bits_);
+    std::optional<detail::BatchPlan> own;
+    const detail::BatchPlan& plan = planned ? *planned : own.emplace(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated, room_held);
     reserve_for(plan);
@@ -1093,12 +1101,13 @@ class EmbeddingTable {
   // distinct id with all its positions in input order.
   template <class Ahead, class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Ahead&& inputs,
-                                 Fn&& fn, bool room_held = false) {
+                                 Fn&& fn, bool room_held = false, const detail::BatchPlan* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
       return;
     }
-    detail::BatchPlan plan(ids, n, shard_bits_);
+    std::optional<detail::BatchPlan> own;
+    const detail::BatchPlan& plan = planned ? *planned : own.emplace(ids, n, shard_bits_);
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true, room_held);
     reserve_for(plan);
