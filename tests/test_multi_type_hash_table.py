@@ -785,6 +785,37 @@ def test_multi_slot_write_refused_by_one_slot_changes_no_slot(method, case, merg
     assert_dicts_equal(table.lookup({"a": np.arange(16), "z": np.arange(16)}), before)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fused_apply_gradient_with_one_table_named_twice_updates_it_in_list_order(accumulate):
+    # The same table as table 0 and table 1 of a fused update: its blocks as table 0 (in
+    # shard order) are applied first, then its blocks as table 1, each block on its own when
+    # gradients are accumulated.
+    def build():
+        return hash_table_from_config(make_config([(3, "adagrad", "random_uniform")], [0.3], random_seed=5))
+
+    fused_table, reference = build(), build()
+    rng = np.random.default_rng(17)
+    k_tables, n_shards = 2, 2
+    counts = [700, 300, 0, 900]  # [shard][table]
+    ids = rng.integers(0, 400, size=sum(counts)).astype(np.int64)
+    grads = rng.standard_normal(3 * ids.size).astype(F32)
+    blocks = _blocks(counts, k_tables, n_shards)
+    for k in range(k_tables):
+        mine = [(start, stop) for n, kk, start, stop in blocks if kk == k]
+        if accumulate:
+            for start, stop in mine:
+                reference.apply_gradients(ids[start:stop], grads[3 * start:3 * stop].reshape(-1, 3), 2,
+                                          enable_dedup=True, req_time=8)
+        else:
+            rows = np.concatenate([np.arange(start, stop) for start, stop in mine])
+            reference.apply_gradients(ids[rows], grads.reshape(-1, 3)[rows], 2, req_time=8)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    fused_apply_gradient([fused_table, fused_table], ids, ids, counts, grads, offsets, 3 * offsets,
+                         [0.3, 0.3], 8, 2, n_shards, enable_grad_accumulation=accumulate)
+    every_id = np.arange(400)
+    assert table_state(fused_table, every_id) == table_state(reference, every_id)
+
+
 def test_multi_type_fused_apply_gradient_uses_every_slots_learning_rates():
     decay = PolynomialDecay(0.1, 10, end_learning_rate=1.1)
     slot_to_config = {
