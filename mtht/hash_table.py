@@ -338,8 +338,8 @@ def _counts(fused_slot_size) -> np.ndarray:
     return fss.astype(np.int32)
 
 
-def _check_equal(name: str, given, expected: np.ndarray, dtype) -> None:
-    got = as_ids(given, name).astype(dtype)
+def _check_equal(name: str, given, expected: np.ndarray) -> None:
+    got = as_ids(given, name)  # int64, compared by value (no narrowing cast, no copy)
     if got.shape != expected.shape or not np.array_equal(got, expected):
         raise ValueError(f"{name} does not match fused_slot_size: expected {expected.tolist()}, "
                          f"got {got.tolist()}")
@@ -380,9 +380,9 @@ def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_off
     fss = _counts(fused_slot_size)
     shards = as_int64_scalar(num_of_shards, "num_of_shards")
     _, expected_id_offsets, expected_emb_offsets = _core.fused_offsets(core_tables, fss, shards, ids.shape[0])
-    _check_equal("id_offsets", id_offsets, expected_id_offsets, np.int32)
-    _check_equal("grad_offsets", grad_offsets, expected_emb_offsets, np.int32)
-    _check_equal("indices", indices, ids, np.int64)
+    _check_equal("id_offsets", id_offsets, expected_id_offsets)
+    _check_equal("grad_offsets", grad_offsets, expected_emb_offsets)
+    _check_equal("indices", indices, ids)
     grads = as_numpy_floats(id_grads, "id_grads")
     lrs = as_numpy_floats(learning_rate_tensors, "learning_rate_tensors")
     _core.fused_apply_gradient(core_tables, ids, fss, grads, lrs, shards,

@@ -1252,6 +1252,7 @@ _BAD_FUSED_APPLIES = {
     "id_offsets_of_other_fss": _bad(fused_slot_size=[1, 0, 1, 0, 2, 1],
                                     grad_offsets=[0, 1, 1, 3, 3, 7, 9]),
     "grad_offsets_wrong": _bad(grad_offsets=[0, 1, 1, 2, 2, 3, 5]),
+    "id_offsets_off_by_2_to_the_32": _bad(id_offsets=np.asarray(_ID_OFFSETS, np.int64) + (1 << 32)),
     "grad_offsets_long": _bad(grad_offsets=_EMB_OFFSETS + [9]),
     "indices_not_ids": _bad(indices=[0, 2, 1, 3, 3]),
     "indices_short": _bad(indices=_IDS[:-1]),
