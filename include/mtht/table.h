@@ -450,22 +450,23 @@ struct Runs {
   // `order` holds the n input positions of one shard's ids, in input order; `keys` and
   // `hashes` their ids and hashes in the same order.
   void group(const int64_t* keys, const uint64_t* hashes, const uint32_t* blocks, const uint32_t* order, size_t n) {
-    first.clear();
-    last.clear();
+    first.resize(n);  // room for n runs, trimmed at the end (no growth checks in the loop)
+    last.resize(n);
     next.assign(n, kEnd);
     size_t cap = 16;
     while (cap < 2 * n) cap *= 2;
     slots.assign(cap, kEnd);
     const size_t mask = cap - 1;
+    uint32_t count = 0;
     for (size_t k = 0; k < n; ++k) {
       const uint32_t p = order[k];
       const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(blocks[p]) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
       for (size_t i = h & mask;; i = (i + 1) & mask) {
         const uint32_t r = slots[i];
         if (r == kEnd) {
-          slots[i] = static_cast<uint32_t>(first.size());
-          first.push_back(static_cast<uint32_t>(k));
-          last.push_back(static_cast<uint32_t>(k));
+          slots[i] = count;
+          first[count] = last[count] = static_cast<uint32_t>(k);
+          ++count;
           break;
         }
         if (keys[first[r]] == keys[k] && (!blocks || blocks[order[first[r]]] == blocks[p])) {
@@ -475,6 +476,8 @@ struct Runs {
         }
       }
     }
+    first.resize(count);
+    last.resize(count);
   }
 };
 
