@@ -649,12 +649,16 @@ def test_fused_ops_equal_per_table_calls(restore_num_threads, scenario):
             assert tables[k].max_update_ts == reference[k].max_update_ts
 
 
+# Three tables of dims 4, 9 (two segments) and 16, for the large fused batches below.
+_MIXED_SPECS = [([(4, "adagrad", "random_uniform")], [0.1], 1),
+                ([(1, "sgd", "zeros"), (8, "adagrad", "ones")], [0.5, 0.05], 2),
+                ([(16, "adagrad", "zeros")], [0.2], 3)]
+
+
 def test_fused_large_batch_independent_of_thread_count(restore_num_threads):
     # Big enough for the work to be spread over threads; many ids repeat across shards.
     rng = np.random.default_rng(1234)
-    specs = [([(4, "adagrad", "random_uniform")], [0.1], 1),
-             ([(1, "sgd", "zeros"), (8, "adagrad", "ones")], [0.5, 0.05], 2),
-             ([(16, "adagrad", "zeros")], [0.2], 3)]
+    specs = _MIXED_SPECS
     k_tables, n_shards = len(specs), 3
     counts = rng.integers(2000, 6000, size=k_tables * n_shards).tolist()
     ids = rng.integers(0, 3000, size=sum(counts)).astype(np.int64)
@@ -694,9 +698,7 @@ def test_fused_lookup_large_batch_matches_per_block_lookups(restore_num_threads)
     # Many shards (some blocks empty), tables of different dims, ids present and missing:
     # each block's rows must land in its own place, on any thread count.
     rng = np.random.default_rng(99)
-    specs = [([(4, "adagrad", "random_uniform")], [0.1], 1),
-             ([(1, "sgd", "zeros"), (8, "adagrad", "ones")], [0.5, 0.05], 2),
-             ([(16, "adagrad", "zeros")], [0.2], 3)]
+    specs = _MIXED_SPECS
     k_tables, n_shards = len(specs), 16
     counts = rng.integers(0, 3000, size=k_tables * n_shards)
     counts[rng.choice(len(counts), size=12, replace=False)] = 0

@@ -180,9 +180,8 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const int64_t d = tables[k]->dim();
-    // Gradients are read in place: gathered position i is row i - begin[n] of block (n, k),
-    // n = g.block[i]. (Copying them out first cost more: on batches of dim-64 rows the copies'
-    // fresh pages doubled the time of some batches.)
+    // Gradients are read in place (no per-table copy of them): gathered position i is row
+    // i - begin[n] of block (n, k), n = g.block[i].
     std::vector<int64_t> shift(L.num_shards);
     for (size_t n = 0; n < L.num_shards; ++n)
       shift[n] = L.emb_offsets[n * L.num_tables + k] - static_cast<int64_t>(g.begin[n]) * d;
