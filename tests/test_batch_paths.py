@@ -185,6 +185,32 @@ def test_a_batch_of_one_id(dedup):
     _assert_same(t, ref, [-123456789, 0])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_batches_planned_range_by_range_on_several_threads(threads):
+    # With several threads, a batch's plan is built over consecutive ranges of the batch (a
+    # range per thread, of at least 2,048 ids) and a read is done range by range. An id
+    # whose occurrences fall in different ranges must still be updated in input order, and
+    # every position must be read back in its place.
+    before = mtht.get_num_threads()
+    mtht.set_num_threads(threads)
+    try:
+        t, ref = _table_and_reference()
+        rng = np.random.default_rng(threads)
+        n = 4 * 2048 + 3  # ranges of uneven length with 3 and 4 threads
+        pool = rng.integers(-(2**63), 2**63 - 1, 700, dtype=np.int64)
+        ids = pool[rng.integers(0, pool.size, n)]
+        ids[[0, n // 3, n // 2, n - 1]] = pool[0]  # one id at both ends and inside
+        for step, dedup in ((1, False), (2, True), (3, False)):
+            _step_both(t, ref, ids, rng, step, dedup=dedup)
+        values = rng.standard_normal((n, SEG.dim)).astype(np.float32)
+        t.assign_add(ids, values, req_time=4)
+        ref.assign_add(ids, values, req_time=4)
+        missing = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+        _assert_same(t, ref, rng.permutation(np.concatenate([ids, missing])))
+    finally:
+        mtht.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------------------
 # max_load_factor: the index's load bound changes speed and memory, never results
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The C++ core on its own: built from the source tree without Python, every kernel set
 gives the same numbers, and on an emulated CPU without AVX (when qemu-x86_64 is installed)
-it runs the SSE2 kernels instead of crashing. Skipped where the sources or a C++ toolchain
+it runs the SSE2 kernels instead of crashing; the thread pool keeps its contract. Skipped where the sources or a C++ toolchain
 are not at hand (e.g. tests run from an installed package alone)."""
 
 import os
@@ -20,12 +20,18 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def build(tmp_path_factory):
     build = tmp_path_factory.mktemp("build-cpp")
     configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DMTHT_PYTHON_MODULE=OFF", "-DMTHT_CPP_TESTS=ON",
                  "-DCMAKE_BUILD_TYPE=Release"]
     subprocess.run(configure, check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "core_smoke"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "core_smoke", "thread_pool_check"], check=True,
+                   capture_output=True)
+    return build
+
+
+@pytest.fixture(scope="module")
+def smoke(build):
     return build / "core_smoke"
 
 
@@ -52,3 +58,10 @@ def test_runs_on_a_cpu_without_avx(smoke):
     kernel, checksum = run(["qemu-x86_64", "-cpu", "Nehalem", str(smoke)])
     assert kernel == "sse2"
     assert checksum == run([str(smoke)], "scalar")[1]
+
+
+def test_thread_pool_contract(build):
+    # Every task runs once; a phase starts only after the earlier phases have finished, and
+    # the phases after a failed task are skipped; a call from inside a task runs alone.
+    out = subprocess.run([str(build / "thread_pool_check")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout

@@ -1,0 +1,95 @@
+// Checks the thread pool's contract, printing one line per failure and "ok" when there is
+// none: every task runs exactly once; in parallel_phases no task starts before every task
+// of the earlier phases has finished, and after a task throws the tasks not yet started are
+// skipped; parallel_for runs every task even after one throws; a call made from inside a
+// task (the helpers are busy) runs on its own thread.
+#include <atomic>
+#include <cstdio>
+#include <stdexcept>
+#include <vector>
+
+#include "mtht/thread_pool.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, int threads, int round) {
+  if (ok) return;
+  ++failures;
+  std::printf("FAILED: %s (threads %d, round %d)\n", what, threads, round);
+}
+
+void check_phases(mtht::ThreadPool& pool, int threads, int round) {
+  const std::vector<size_t> sizes = {3, 0, 64, 1, 7};
+  std::vector<std::atomic<int>> runs(75);
+  std::vector<std::atomic<size_t>> finished(sizes.size());
+  std::atomic<bool> early{false};
+  size_t first = 0;
+  std::vector<size_t> begin;
+  for (size_t s : sizes) {
+    begin.push_back(first);
+    first += s;
+  }
+  pool.parallel_phases(sizes, [&](size_t phase, size_t i) {
+    for (size_t p = 0; p < phase; ++p)
+      if (finished[p].load() != sizes[p]) early = true;
+    ++runs[begin[phase] + i];
+    finished[phase].fetch_add(1);
+  });
+  bool once = true;
+  for (auto& r : runs) once = once && r.load() == 1;
+  expect(once, "parallel_phases runs every task exactly once", threads, round);
+  expect(!early, "parallel_phases starts a task only after the earlier phases", threads, round);
+}
+
+void check_errors(mtht::ThreadPool& pool, int threads, int round) {
+  std::atomic<int> later{0};
+  bool thrown = false;
+  try {
+    pool.parallel_phases({4, 16}, [&](size_t phase, size_t i) {
+      if (phase == 0 && i == 2) throw std::runtime_error("task failed");
+      if (phase == 1) ++later;
+    });
+  } catch (const std::runtime_error&) {
+    thrown = true;
+  }
+  expect(thrown, "parallel_phases rethrows a task's exception", threads, round);
+  expect(later.load() == 0, "parallel_phases skips the phases after a failed task", threads, round);
+
+  std::atomic<int> ran{0};
+  thrown = false;
+  try {
+    pool.parallel_for(32, [&](size_t i) {
+      ++ran;
+      if (i == 5) throw std::runtime_error("task failed");
+    });
+  } catch (const std::runtime_error&) {
+    thrown = true;
+  }
+  expect(thrown, "parallel_for rethrows a task's exception", threads, round);
+  expect(ran.load() == 32, "parallel_for runs every task after one throws", threads, round);
+}
+
+void check_nested(mtht::ThreadPool& pool, int threads, int round) {
+  std::atomic<int> inner{0};
+  pool.parallel_for(4, [&](size_t) { pool.parallel_phases({2, 5}, [&](size_t, size_t) { ++inner; }); });
+  expect(inner.load() == 4 * 7, "a call from inside a task runs all its tasks", threads, round);
+}
+
+}  // namespace
+
+int main() {
+  for (int threads : {1, 2, 4}) {
+    mtht::ThreadPool pool(threads);
+    for (int round = 0; round < 500; ++round) {
+      check_phases(pool, threads, round);
+      if (round % 10 == 0) {
+        check_errors(pool, threads, round);
+        check_nested(pool, threads, round);
+      }
+    }
+  }
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
