@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -104,31 +105,39 @@ class BlockDest {
 
 }  // namespace detail
 
-// embeddings: emb_offsets.back() floats. Missing ids read as zeros. Every (table, shard)
-// piece of work is one task of a single parallel loop, and rows go straight to their place.
+// embeddings: emb_offsets.back() floats. Missing ids read as zeros. One wake-up of the
+// pool does it all: first each table's ids are gathered and planned (a task per table),
+// then runs of consecutive shards of each table are looked up (one run per table on one
+// thread; on several, about four runs per thread in all), rows going straight to their place.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
-  std::vector<detail::BatchPlan> plans;  // a plan keeps its own copy of the ids
-  std::vector<std::vector<size_t>> begins;
-  std::vector<std::vector<float*>> block_rows(L.num_tables);  // [table][shard]
-  std::vector<std::pair<size_t, size_t>> tasks;              // (table, task within its plan)
-  size_t total = 0;
-  for (size_t k = 0; k < L.num_tables; ++k) {
-    detail::TableGather g = detail::gather_table(L, ids, k);
-    plans.push_back(tables[k]->make_plan(g.ids.data(), g.ids.size()));
-    begins.push_back(std::move(g.begin));
-    for (size_t n = 0; n < L.num_shards; ++n) block_rows[k].push_back(embeddings + L.emb_offsets[n * L.num_tables + k]);
-    for (size_t t = 0; t < plans.back().busy_shards.size(); ++t) tasks.emplace_back(k, t);
-    total += g.ids.size();
-  }
-  ThreadPool::global().parallel_for(
-      tasks.size(),
-      [&](size_t t) {
-        const size_t k = tasks[t].first;
+  const size_t K = L.num_tables;
+  const size_t total = static_cast<size_t>(L.id_offsets.back());
+  const size_t threads = EmbeddingTable::threads_for(total) == 1 ? 1 : ThreadPool::global().num_threads();
+  const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
+  std::vector<std::optional<detail::BatchPlan>> plans(K);  // a plan keeps its own copy of the ids
+  std::vector<std::vector<size_t>> begins(K);
+  std::vector<std::vector<float*>> block_rows(K);  // [table][block shard]
+  for (size_t k = 0; k < K; ++k)
+    for (size_t n = 0; n < L.num_shards; ++n) block_rows[k].push_back(embeddings + L.emb_offsets[n * K + k]);
+  ThreadPool::global().parallel_phases(
+      {K, K * runs},
+      [&](size_t phase, size_t i) {
+        if (phase == 0) {
+          detail::TableGather g = detail::gather_table(L, ids, i);
+          plans[i].emplace(tables[i]->make_plan(g.ids.data(), g.ids.size()));
+          begins[i] = std::move(g.begin);
+          return;
+        }
+        const size_t k = i / runs, r = i % runs;
+        const size_t shards = static_cast<size_t>(tables[k]->num_shards());
+        const size_t first = shards * r / runs, last = shards * (r + 1) / runs;
+        const detail::BatchPlan& plan = *plans[k];
+        if (plan.shard_begin[last] == plan.shard_begin[first]) return;
         detail::BlockDest dest(begins[k], block_rows[k].data(), static_cast<size_t>(tables[k]->dim()));
-        tables[k]->lookup_task(plans[k], tasks[t].second, dest);
+        tables[k]->lookup_shards(plan, first, last, dest);
       },
-      EmbeddingTable::threads_for(total));
+      static_cast<int>(threads));
 }
 
 // One BatchOptimize per (shard, table) block: grads laid out like the lookup's embeddings,
