@@ -178,14 +178,13 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // all are written, and each write is checked to fit before any table changes.
   std::vector<std::unique_lock<std::mutex>> capacity_locks;
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
-  std::vector<detail::TableGather> gathered;
-  for (size_t k = 0; k < L.num_tables; ++k) {
-    gathered.push_back(detail::gather_table(L, ids, k));
-    tables[k]->check_room(gathered[k].ids.data(), gathered[k].ids.size(), accumulate);
-  }
-  std::vector<detail::BatchPlan> plans;  // each table's, made while reserving room, used by its update
-  for (size_t k = 0; k < L.num_tables; ++k)
-    plans.push_back(tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size()));
+  // In one call of the pool: each table's ids are gathered, checked to fit and given room
+  // (a task per table; nothing visible changes, and a refusal skips the rest), then the
+  // tables are updated, a task each (each table's own blocks stay in shard order). A table
+  // passed twice is updated in order instead, after the pool call.
+  const size_t K = L.num_tables;
+  std::vector<detail::TableGather> gathered(K);
+  std::vector<std::optional<detail::BatchPlan>> plans(K);  // each table's, made while reserving room
   auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const int64_t d = tables[k]->dim();
@@ -193,20 +192,23 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     // i - begin[n] of block (n, k), n = g.block[i].
     std::vector<int64_t> shift(L.num_shards);
     for (size_t n = 0; n < L.num_shards; ++n)
-      shift[n] = L.emb_offsets[n * L.num_tables + k] - static_cast<int64_t>(g.begin[n]) * d;
+      shift[n] = L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d;
     auto grad_row = [&](size_t i) { return grads + (shift[g.block[i]] + static_cast<int64_t>(i) * d); };
     tables[k]->apply_gradient_rows(g.ids.data(), g.ids.size(), grad_row, lrs + lr_begin[k], global_step, ts,
-                                   accumulate, accumulate ? g.block.data() : nullptr, /*room_held=*/true, &plans[k]);
+                                   accumulate, accumulate ? g.block.data() : nullptr, /*room_held=*/true, &*plans[k]);
   };
-  // Tables are independent, so they are updated in parallel, one task each (each table's
-  // own blocks stay in shard order). A table passed twice is updated in order instead.
-  size_t total = 0;
-  for (const auto& g : gathered) total += g.ids.size();
-  if (distinct && L.num_tables > 1) {
-    ThreadPool::global().parallel_for(L.num_tables, update_table, EmbeddingTable::threads_for(total));
-  } else {
-    for (size_t k = 0; k < L.num_tables; ++k) update_table(k);
-  }
+  const bool in_parallel = distinct && K > 1;
+  ThreadPool::global().parallel_phases(
+      {K, in_parallel ? K : 0},
+      [&](size_t phase, size_t k) {
+        if (phase == 1) return update_table(k);
+        gathered[k] = detail::gather_table(L, ids, k);
+        tables[k]->check_room(gathered[k].ids.data(), gathered[k].ids.size(), accumulate);
+        plans[k].emplace(tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size()));
+      },
+      EmbeddingTable::threads_for(static_cast<size_t>(L.id_offsets.back())));
+  if (!in_parallel)
+    for (size_t k = 0; k < K; ++k) update_table(k);
 }
 
 }  // namespace mtht
