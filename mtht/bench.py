@@ -856,9 +856,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
         runner = _MthtRunner(c, table, state, notes)
         default_threads_now = mtht.get_num_threads()
         try:
-            for threads in threads_list:
-                mtht.set_num_threads(threads)
-                for op in mtht_ops:
+            # Each op runs at every thread count before the next op, so that the thread
+            # counts of one op are measured seconds apart, not a whole run apart: this
+            # machine class is shared, and the ratio between them is what a user compares.
+            for op in mtht_ops:
+                for threads in threads_list:
+                    mtht.set_num_threads(threads)
                     watch = _CpuWatch()
                     res = runner.run(op, threads)
                     res["other_cpu_cores"] = watch.other_cores()

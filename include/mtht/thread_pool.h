@@ -1,6 +1,8 @@
 // A small persistent pool for intra-call parallelism. The calling thread always takes
 // part; if another call is already using the helpers, the new call runs on its own
-// thread alone (no queueing, no deadlock between concurrent callers).
+// thread alone (no queueing, no deadlock between concurrent callers). A call may run in
+// phases (each finished before the next starts) with one wake-up of the helpers, and
+// threads spin briefly before they sleep, since waking one costs about 20 us here.
 #pragma once
 
 #include <algorithm>
