@@ -502,8 +502,8 @@ class ScratchMemory {
   size_t kept_ = 0;
 };
 
-// An array of n trivially copyable values, not initialised (a plan's arrays are written
-// in full before they are read), in scratch memory of the thread.
+// An array of n trivially copyable values in kept scratch memory (ScratchMemory), not
+// initialised by the array itself (a plan zeroes and fills its arrays as it is built).
 template <class T>
 class ScratchArray {
  public:
@@ -607,7 +607,7 @@ struct BatchPlan {
     std::memset(array + range_begin(r), 0, sizeof(T) * (range_begin(r + 1) - range_begin(r)));
   }
 
-  const int64_t* ids_;
+  const int64_t* ids_;  // the batch, read while the plan is built
   size_t n_, ranges_;
   int shard_bits_;
   std::vector<uint32_t> counts_;  // [range][shard]
@@ -768,8 +768,9 @@ class EmbeddingTable {
   }
 
   // The pieces of a lookup, for callers that schedule several tables' lookups as one set of
-  // tasks (the fused lookup): a plan, then lookup_shard(plan, s, dest) for each shard s the
-  // plan has ids in, writing the row of position i to dest(i) (called with increasing i).
+  // tasks (the fused lookup): a plan, then lookup_shards(plan, first, last, dest) for runs
+  // of consecutive shards, writing the row of position i to dest(i) (called with
+  // increasing i).
   detail::BatchPlan make_plan(const int64_t* ids, size_t n) const { return detail::BatchPlan(ids, n, shard_bits_); }
 
   // A write to several tables that must change all of them or none (the fused update) takes
