@@ -351,8 +351,8 @@ def test_large_table():
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
-    # Mid-size arrays come from a process-wide pool behind a lock, held across fork so that a
-    # child never inherits it locked. The window is a few microseconds, so this rarely lands
+    # Mid-size arrays and the memory of batch plans come from process-wide pools behind
+    # locks, held across fork so that a child never inherits one locked. The window is a few microseconds, so this rarely lands
     # in it; it checks that children forked while another thread builds tables can build and
     # fill their own (a hang fails at the deadline).
     def make():

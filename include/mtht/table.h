@@ -41,6 +41,8 @@
 //   first entry is touched, so a failed allocation leaves the table unchanged.
 #pragma once
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -493,8 +495,15 @@ class ScratchMemory {
     size_t bytes;
   };
   static ScratchMemory& global() {
-    static ScratchMemory* m = new ScratchMemory();  // never destroyed: plans may outlive statics
+    static ScratchMemory* m = make();  // never destroyed: plans may outlive statics
     return *m;
+  }
+  // A fork while another thread holds the lock would leave it held in the child: hold it
+  // across fork, then release it on both sides (as the huge-page pool does).
+  static ScratchMemory* make() {
+    ScratchMemory* m = new ScratchMemory();
+    pthread_atfork([] { global().mu_.lock(); }, [] { global().mu_.unlock(); }, [] { global().mu_.unlock(); });
+    return m;
   }
 
   std::mutex mu_;
