@@ -613,7 +613,8 @@ struct BatchPlan {
   size_t range_begin(size_t r) const { return n_ * r / ranges_; }
   template <class T>
   void zero_share(T* array, size_t r) const {
-    std::memset(array + range_begin(r), 0, sizeof(T) * (range_begin(r + 1) - range_begin(r)));
+    const size_t count = range_begin(r + 1) - range_begin(r);
+    if (count) std::memset(array + range_begin(r), 0, sizeof(T) * count);  // an empty plan has no arrays
   }
 
   const int64_t* ids_;  // the batch, read while the plan is built
