@@ -113,7 +113,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
                          float* embeddings) {
   const size_t K = L.num_tables;
   const size_t total = static_cast<size_t>(L.id_offsets.back());
-  const size_t threads = EmbeddingTable::threads_for(total) == 1 ? 1 : ThreadPool::global().num_threads();
+  const size_t threads = EmbeddingTable::batch_threads(total);
   const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
   std::vector<std::optional<detail::BatchPlan>> plans(K);  // a plan keeps its own copy of the ids
   std::vector<std::vector<size_t>> begins(K);

@@ -806,6 +806,10 @@ class EmbeddingTable {
 
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
   static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
+  // The number of threads a batch of n ids is spread over.
+  static size_t batch_threads(size_t n) {
+    return threads_for(n) == 1 ? 1 : static_cast<size_t>(ThreadPool::global().num_threads());
+  }
 
   template <class Dest>
   void lookup_shards(const detail::BatchPlan& plan, size_t first, size_t last, Dest&& dest) const {
@@ -1358,15 +1362,14 @@ class EmbeddingTable {
   // How many runs of consecutive shards a write's shards are handled in: one on one thread;
   // on several, four per thread, so that a thread that starts late still gets its share.
   size_t write_chunks(size_t n) const {
-    const size_t threads = threads_for(n) == 1 ? 1 : static_cast<size_t>(ThreadPool::global().num_threads());
-    return std::min(shards_.size(), threads == 1 ? 1 : 4 * threads);
+    const size_t threads = batch_threads(n);
+    return threads == 1 ? 1 : std::min(shards_.size(), 4 * threads);
   }
 
   // How many consecutive ranges a batch's plan is built in: one per thread, none too small.
   static size_t plan_ranges(size_t n) {
     constexpr size_t kMinPerRange = 2048;
-    if (threads_for(n) == 1) return 1;
-    return std::max<size_t>(1, std::min<size_t>(ThreadPool::global().num_threads(), n / kMinPerRange));
+    return std::max<size_t>(1, std::min(batch_threads(n), n / kMinPerRange));
   }
 
   // As for_each_shard_write, but calls fn(shard, positions, count, id, hash, scratch) once per
