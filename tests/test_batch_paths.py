@@ -211,6 +211,47 @@ def test_batches_planned_range_by_range_on_several_threads(threads):
         mtht.set_num_threads(before)
 
 
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 95, 96, 97, 128, 129, 200, 1000])
+def test_reads_in_blocks_over_many_shards(n):
+    # Reads go over a batch in blocks of 32 positions, four stages a block apart, locking each
+    # shard when the first stage reaches it and unlocking it after the last: batch lengths
+    # around the block multiples, ids spread over the 64 shards, a third of them missing.
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(n)
+    ids = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    stored = ids[rng.random(n) < 2 / 3]
+    values = rng.standard_normal((stored.size, SEG.dim)).astype(np.float32)
+    t.assign(stored, values, req_time=7)
+    ref.assign(stored, values, req_time=7)
+    _assert_same(t, ref, ids)
+    _assert_same(t, ref, np.repeat(ids[: max(1, n // 10)], 40))  # runs of one id across blocks
+
+
+def test_reads_over_4096_shards_with_one_id_each():
+    # With the most shards a table may have, nearly every id of a read has a shard of its own,
+    # so a read holds as many shards at once as it ever does (one per position of its stages).
+    from mtht._spec import core_segments
+
+    cfg = make_config([SEG], [LR])
+    core = mtht._core.Table(core_segments(cfg.table_config), num_shards=4096)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)
+    stored = np.ascontiguousarray(ids[::2])
+    values = rng.standard_normal((stored.size, SEG.dim)).astype(np.float32)
+    core.assign(stored, values, 5)
+    out = np.empty((ids.size, SEG.dim), np.float32)
+    core.lookup(ids, out)
+    want = np.zeros_like(out)
+    want[::2] = values
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(core.contains(ids), np.arange(ids.size) % 2 == 0)
+    got_values, _, got_ts, found = core.lookup_entries(ids)
+    np.testing.assert_array_equal(got_values, want)
+    np.testing.assert_array_equal(found, np.arange(ids.size) % 2 == 0)
+    np.testing.assert_array_equal(got_ts, np.where(found, 5, 0))
+    assert core.stats()["num_shards"] == 4096
+
+
 # ----------------------------------------------------------------------------------------
 # max_load_factor: the index's load bound changes speed and memory, never results
 # ----------------------------------------------------------------------------------------

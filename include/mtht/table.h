@@ -31,11 +31,12 @@
 //   bytes, else a multiple of 64 when that wastes at most 1/8, so the values of most rows
 //   start on a cache line. Chunks and indexes of 256 KiB and more live on huge pages
 //   (buffer.h).
-// * Batches. Every operation takes a whole batch, visited shard by shard in stages: while
-//   the id at position k of a shard is handled, the home bucket of position k+24 is
-//   prefetched, the next bucket of position k+16 when its id may lie past home, and the row
-//   of position k+8 (found in buckets already in cache), so many cache misses are in flight
-//   and no stage waits on memory.
+// * Batches. Every operation takes a whole batch, visited shard by shard in stages: home
+//   buckets are prefetched first, then the next bucket when an id may lie past home, then
+//   the row (found in buckets already in cache), and only then is the entry used, so many
+//   cache misses are in flight and no stage waits on memory. Reads run the stages as short
+//   loops over blocks of 32 positions (read_blocks); writes run them per position, 24, 16
+//   and 8 positions ahead of the id being written (visit_shards).
 // * Writes are validated (lengths, non-finite values, learning rates) before anything
 //   changes, and capacity for the new ids of a batch is reserved in every shard before the
 //   first entry is touched, so a failed allocation leaves the table unchanged.
@@ -139,8 +140,6 @@ struct alignas(64) Bucket {
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
-inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
-
 // A prefetch the compiler cannot drop. GCC 12 at -O3 removed the row prefetches of the batch
 // loops written with __builtin_prefetch (seen in the generated code): a full miss per row.
 inline void prefetch_row_line(const void* p) {
@@ -152,6 +151,8 @@ inline void prefetch_row_line(const void* p) {
   __builtin_prefetch(p, 0, 3);
 #endif
 }
+
+inline void prefetch(const void* p) { prefetch_row_line(p); }
 
 // Every cache line of [p, p + bytes).
 inline void prefetch_lines(const void* p, size_t bytes) {
@@ -814,19 +815,17 @@ class EmbeddingTable {
   template <class Dest>
   void lookup_shards(const detail::BatchPlan& plan, size_t first, size_t last, Dest&& dest) const {
     const size_t bytes = sizeof(float) * layout_.dim;
-    auto fn = [&](const detail::Shard& shard, size_t i, int64_t id, uint64_t h) {
-      const auto slot = shard.find(id, h);
-      float* dst = dest(i);
-      if (slot.bucket) {
-        std::memcpy(dst, shard.entry(slot.row()).values, bytes);
-        if (!raw_lookup_) retrieve(dst);
-      } else {
-        std::memset(dst, 0, bytes);
-      }
-    };
     std::decay_t<Dest> ahead_dest(dest);  // its own cursor, for positions ahead
-    visit_shards<const detail::Shard>(plan, first, last, read_lock, fn, read_bytes_,
-                                      [&](size_t i) { detail::prefetch_lines(ahead_dest(i), bytes); });
+    read_blocks(plan, first, last, [&](size_t i) { detail::prefetch_lines(ahead_dest(i), bytes); },
+                [&](const detail::Shard& shard, size_t i, detail::Shard::Slot slot) {
+                  float* dst = dest(i);
+                  if (slot.bucket) {
+                    std::memcpy(dst, shard.entry(slot.row()).values, bytes);
+                    if (!raw_lookup_) retrieve(dst);
+                  } else {
+                    std::memset(dst, 0, bytes);
+                  }
+                });
   }
 
   static std::shared_lock<std::shared_mutex> read_lock(const detail::Shard& sh) {
@@ -837,8 +836,8 @@ class EmbeddingTable {
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
-    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
-      out[i] = sh.find(id, h).bucket != nullptr;
+    for_each_shard_read(ids, n, [&](const detail::Shard&, size_t i, detail::Shard::Slot slot) {
+      out[i] = slot.bucket != nullptr;
     });
   }
 
@@ -847,8 +846,7 @@ class EmbeddingTable {
   void lookup_entries(const int64_t* ids, size_t n, float* values, float* state, int64_t* ts,
                       uint8_t* found) const {
     const int d = layout_.dim, sd = layout_.state_dim;
-    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
-      const auto slot = sh.find(id, h);
+    for_each_shard_read(ids, n, [&](const detail::Shard& sh, size_t i, detail::Shard::Slot slot) {
       found[i] = slot.bucket != nullptr;
       if (slot.bucket) {
         const float* row = sh.entry(slot.row()).values;
@@ -1201,13 +1199,76 @@ class EmbeddingTable {
     detail::for_ranges(n, plan_ranges(n), [&](size_t, size_t b, size_t e) { fn(detail::BatchPlan(ids + b, e - b, shard_bits_), b); });
   }
 
-  // Calls fn(shard, position, id, hash) for every id, shard by shard under a shared lock.
+  // Calls fn(shard, position, slot of the id or a null one) for every id, shard by shard
+  // under a shared lock.
   template <class Fn>
   void for_each_shard_read(const int64_t* ids, size_t n, Fn&& fn) const {
     for_each_read_range(ids, n, [&](const detail::BatchPlan& plan, size_t begin) {
-      auto at = [&](const detail::Shard& sh, size_t i, int64_t id, uint64_t h) { fn(sh, begin + i, id, h); };
-      visit_shards<const detail::Shard>(plan, 0, shards_.size(), read_lock, at, read_bytes_, detail::BatchRows{});
+      read_blocks(plan, 0, shards_.size(), [](size_t) {},
+                  [&](const detail::Shard& sh, size_t i, detail::Shard::Slot slot) { fn(sh, begin + i, slot); });
     });
+  }
+
+  // Reads visit the plan's positions of shards [first, last) in blocks of kReadBlock, in
+  // four stages a block apart: (1) the home bucket of each position is prefetched (a shard
+  // is locked when stage 1 reaches its first position); (2) the next bucket, when the id may
+  // lie past home; (3) the slot is found and kept, and the first read_bytes_ of its row and,
+  // through ahead(input position), the caller's data for it are prefetched; (4) then
+  // use(shard, input position, slot), and a shard is unlocked after its last position. Each
+  // stage is a short loop over one block, which the processor runs far ahead of the stage
+  // that waits (a per-position loop doing all stages at once has many more instructions
+  // between its misses): a C++ loop of 65,536-id lookups over a 1M-id table went from 27
+  // to 15 ns per id, over a 10M-id table from 34 to 21. Shards are locked in increasing
+  // order and unlocked in the same order, at most 4 * kReadBlock at a time.
+  static constexpr size_t kReadBlock = 32;
+
+  template <class Ahead, class Use>
+  void read_blocks(const detail::BatchPlan& plan, size_t first, size_t last, Ahead&& ahead, Use&& use) const {
+    constexpr size_t K = kReadBlock;
+    const size_t* begin = plan.shard_begin.data();
+    const uint32_t* order = plan.order.data();
+    const int64_t* keys = plan.keys.data();
+    const uint64_t* hashes = plan.hashes.data();
+    const size_t lo = begin[first], hi = begin[last];
+    if (lo == hi) return;
+    std::shared_lock<std::shared_mutex> held[4 * K];  // a ring, in the order taken
+    size_t n_locked = 0, n_unlocked = 0;
+    detail::Shard::Slot found[2 * K];  // stage 3's slots of the last two blocks
+    // f(shard, b, e) for the parts of [b, e) in one shard each; s: the stage's shard so far.
+    auto in_shards = [&](size_t& s, size_t b, size_t e, auto&& f) {
+      while (b < e) {
+        while (begin[s + 1] <= b) ++s;
+        const size_t stop = std::min(e, begin[s + 1]);
+        f(s, *shards_[s], b, stop);
+        b = stop;
+      }
+    };
+    size_t s1 = first, s2 = first, s3 = first, s4 = first;
+    for (size_t b = lo; b < hi + 3 * K; b += K) {
+      if (b < hi)
+        in_shards(s1, b, std::min(b + K, hi), [&](size_t s, const detail::Shard& sh, size_t k, size_t e) {
+          if (k == begin[s]) held[n_locked++ % (4 * K)] = read_lock(sh);
+          for (; k < e; ++k) sh.prefetch_group(hashes[k]);
+        });
+      if (b >= lo + K && b - K < hi)
+        in_shards(s2, b - K, std::min(b, hi), [&](size_t, const detail::Shard& sh, size_t k, size_t e) {
+          for (; k < e; ++k) sh.prefetch_past_home(keys[k], hashes[k]);
+        });
+      if (b >= lo + 2 * K && b - 2 * K < hi)
+        in_shards(s3, b - 2 * K, std::min(b - K, hi), [&](size_t, const detail::Shard& sh, size_t k, size_t e) {
+          for (; k < e; ++k) {
+            const auto slot = sh.find(keys[k], hashes[k]);
+            found[(k - lo) % (2 * K)] = slot;
+            if (slot.bucket) detail::prefetch_lines(sh.entry(slot.row()).values, read_bytes_);
+            ahead(order[k]);
+          }
+        });
+      if (b >= lo + 3 * K && b - 3 * K < hi)
+        in_shards(s4, b - 3 * K, std::min(b - 2 * K, hi), [&](size_t s, const detail::Shard& sh, size_t k, size_t e) {
+          for (; k < e; ++k) use(sh, order[k], found[(k - lo) % (2 * K)]);
+          if (e == begin[s + 1]) held[n_unlocked++ % (4 * K)].unlock();
+        });
+    }
   }
 
   // The first shard in [s, last) with items, where shard s has items [begin[s], begin[s + 1]).
