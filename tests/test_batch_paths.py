@@ -1,10 +1,12 @@
 """Tests of the batch engine's fast paths against the reference model.
 
-A batch is split by shard and each shard's ids are visited in stages: home buckets are
-prefetched 24 positions ahead, the next bucket 16 ahead when an id may lie past home, the
-row 8 ahead. These tests drive the edges of that pipeline: shards holding a number of ids
-around each distance, probe chains many buckets long (ids chosen to share one home bucket),
-growth in the middle of a batch, batches larger than the table, and a batch of one id. The
+A batch is split by shard and its ids are visited in four stages, each a loop over a block
+of 32 positions, a block apart: home buckets prefetched, then the next bucket when an id may
+lie past home, then the row, then the work; each shard is locked from the first stage to the
+last. These tests drive the edges of that pipeline: shards holding a number of ids around
+the block sizes, batches spread over up to 4,096 shards, probe chains many buckets long (ids
+chosen to share one home bucket), growth in the middle of a batch, batches larger than the
+table, and a batch of one id. The
 last part checks that the index's load bound (max_load_factor) changes memory, never results,
 that arrays reused from the shared huge-page blocks come back zeroed, and that room reserved
 ahead of need is not touched.
@@ -101,7 +103,7 @@ def test_hash_model_matches_the_table():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 47, 100])
-def test_shard_sizes_around_the_prefetch_distances(n):
+def test_shard_sizes_around_the_block_sizes(n):
     # Every id of these batches is in one shard, so the shard's loop sees exactly n ids.
     t, ref = _table_and_reference()
     rng = np.random.default_rng(n)
@@ -250,6 +252,30 @@ def test_reads_over_4096_shards_with_one_id_each():
     np.testing.assert_array_equal(found, np.arange(ids.size) % 2 == 0)
     np.testing.assert_array_equal(got_ts, np.where(found, 5, 0))
     assert core.stats()["num_shards"] == 4096
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_writes_over_4096_shards_match_64_shards(dedup):
+    # Writes hold each shard of their run from the first stage to the last too. The shard
+    # count changes where entries live, never the numbers.
+    from mtht._spec import core_segments
+
+    cfg = make_config([SEG], [LR])
+    tables = [mtht._core.Table(core_segments(cfg.table_config), num_shards=s) for s in (64, 4096)]
+    rng = np.random.default_rng(4)
+    pool = rng.integers(-(2**63), 2**63 - 1, 2500, dtype=np.int64)
+    lrs = np.array([LR], np.float32)
+    for step in range(1, 4):
+        ids = pool[rng.integers(0, pool.size, 3000)]
+        grads = rng.standard_normal((ids.size, SEG.dim)).astype(np.float32)
+        rows = rng.standard_normal((ids.size, SEG.dim)).astype(np.float32)
+        for core in tables:
+            core.apply_gradients(ids, grads, lrs, step, step, dedup)
+            core.assign_add(ids, rows, step)
+    a, b = (core.lookup_entries(pool) for core in tables)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert tables[0].size() == tables[1].size() == np.unique(pool[a[3]]).size > 2000
 
 
 # ----------------------------------------------------------------------------------------

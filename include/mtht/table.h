@@ -34,9 +34,8 @@
 // * Batches. Every operation takes a whole batch, visited shard by shard in stages: home
 //   buckets are prefetched first, then the next bucket when an id may lie past home, then
 //   the row (found in buckets already in cache), and only then is the entry used, so many
-//   cache misses are in flight and no stage waits on memory. Reads run the stages as short
-//   loops over blocks of 32 positions (read_blocks); writes run them per position, 24, 16
-//   and 8 positions ahead of the id being written (visit_shards).
+//   cache misses are in flight and no stage waits on memory. Each stage is a short loop over
+//   a block of 32 positions, a block behind the one before (visit_blocks).
 // * Writes are validated (lengths, non-finite values, learning rates) before anything
 //   changes, and capacity for the new ids of a batch is reserved in every shard before the
 //   first entry is touched, so a failed allocation leaves the table unchanged.
@@ -1184,11 +1183,6 @@ class EmbeddingTable {
 
 
 
-  // Prefetch distances (positions ahead) of the three stages of a batch loop.
-  static constexpr size_t kGroupAhead = 24;  // the home bucket
-  static constexpr size_t kNextAhead = 16;   // the next bucket, when the id may lie past home
-  static constexpr size_t kRowAhead = 8;     // the row
-
   // Reads change nothing, so unlike a write a read batch need not give each shard to one
   // thread: it is cut into consecutive ranges, one per thread, and each range is planned and
   // read on its own. So no part of a read (the plan) runs on one thread while the others
@@ -1209,162 +1203,121 @@ class EmbeddingTable {
     });
   }
 
-  // Reads visit the plan's positions of shards [first, last) in blocks of kReadBlock, in
-  // four stages a block apart: (1) the home bucket of each position is prefetched (a shard
-  // is locked when stage 1 reaches its first position); (2) the next bucket, when the id may
-  // lie past home; (3) the slot is found and kept, and the first read_bytes_ of its row and,
-  // through ahead(input position), the caller's data for it are prefetched; (4) then
-  // use(shard, input position, slot), and a shard is unlocked after its last position. Each
-  // stage is a short loop over one block, which the processor runs far ahead of the stage
-  // that waits (a per-position loop doing all stages at once has many more instructions
-  // between its misses): a C++ loop of 65,536-id lookups over a 1M-id table went from 27
-  // to 15 ns per id, over a 10M-id table from 34 to 21. Shards are locked in increasing
-  // order and unlocked in the same order, at most 4 * kReadBlock at a time.
-  static constexpr size_t kReadBlock = 32;
-
+  // A read of the plan's shards [first, last): visit_blocks finds each slot in its third
+  // stage (prefetching the row's first read_bytes_ and, through ahead(input position), the
+  // caller's data for it) and keeps it for the fourth, use(shard, input position, slot).
   template <class Ahead, class Use>
   void read_blocks(const detail::BatchPlan& plan, size_t first, size_t last, Ahead&& ahead, Use&& use) const {
-    constexpr size_t K = kReadBlock;
-    const size_t* begin = plan.shard_begin.data();
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
+    detail::Shard::Slot found[2 * kBlock];  // the slots of the last two blocks of stage 3
+    visit_blocks<const detail::Shard>(
+        plan.shard_begin.data(), first, last, read_lock,
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[k], hashes[k]); },
+        [&](const detail::Shard& sh, size_t k) {
+          const auto slot = sh.find(keys[k], hashes[k]);
+          found[k % (2 * kBlock)] = slot;
+          if (slot.bucket) detail::prefetch_lines(sh.entry(slot.row()).values, read_bytes_);
+          ahead(order[k]);
+        },
+        [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k % (2 * kBlock)]); });
+  }
+
+  // The loop of every batch: items [begin[first], begin[last]) (item k belongs to shard s
+  // when begin[s] <= k < begin[s + 1]: plan positions, or runs of a deduplicated write) go
+  // through four stages, each a short loop over a block of kBlock items, a block apart:
+  // stage1(shard, k) prefetches the home bucket; stage2 the next bucket when the id may lie
+  // past home (the home bucket has arrived); stage3 the row (the buckets have arrived) and
+  // the caller's data; stage4 does the work. A shard is locked (lock(shard)) when stage 1
+  // reaches its first item and unlocked after stage 4 has done its last: in increasing
+  // order, at most 4 * kBlock shards at a time. Short loops let the processor run far
+  // ahead of a stage that waits; one loop doing all stages per item, 24, 16 and 8 items
+  // ahead, has many more instructions between its misses: a C++ loop of 65,536-id lookups
+  // went from 27 to 15 ns per id over a 1M-id table and from 34 to 21 over 10M ids.
+  static constexpr size_t kBlock = 32;
+
+  template <class ShardT, class Lock, class S1, class S2, class S3, class S4>
+  void visit_blocks(const size_t* begin, size_t first, size_t last, Lock&& lock, S1&& stage1, S2&& stage2,
+                    S3&& stage3, S4&& stage4) const {
+    constexpr size_t K = kBlock;
     const size_t lo = begin[first], hi = begin[last];
     if (lo == hi) return;
-    std::shared_lock<std::shared_mutex> held[4 * K];  // a ring, in the order taken
+    std::decay_t<decltype(lock(*shards_[first]))> held[4 * K];  // a ring, in the order taken
     size_t n_locked = 0, n_unlocked = 0;
-    detail::Shard::Slot found[2 * K];  // stage 3's slots of the last two blocks
-    // f(shard, b, e) for the parts of [b, e) in one shard each; s: the stage's shard so far.
-    auto in_shards = [&](size_t& s, size_t b, size_t e, auto&& f) {
-      while (b < e) {
-        while (begin[s + 1] <= b) ++s;
-        const size_t stop = std::min(e, begin[s + 1]);
-        f(s, *shards_[s], b, stop);
-        b = stop;
+    // Calls f(shard number, shard, b, e) for the parts [b, e) of [from, to) in one shard
+    // each; s: the stage's shard so far.
+    auto in_shards = [&](size_t& s, size_t from, size_t to, auto&& f) {
+      while (from < to) {
+        while (begin[s + 1] <= from) ++s;
+        const size_t stop = std::min(to, begin[s + 1]);
+        f(s, static_cast<ShardT&>(*shards_[s]), from, stop);
+        from = stop;
       }
     };
     size_t s1 = first, s2 = first, s3 = first, s4 = first;
     for (size_t b = lo; b < hi + 3 * K; b += K) {
       if (b < hi)
-        in_shards(s1, b, std::min(b + K, hi), [&](size_t s, const detail::Shard& sh, size_t k, size_t e) {
-          if (k == begin[s]) held[n_locked++ % (4 * K)] = read_lock(sh);
-          for (; k < e; ++k) sh.prefetch_group(hashes[k]);
+        in_shards(s1, b, std::min(b + K, hi), [&](size_t s, ShardT& sh, size_t k, size_t e) {
+          if (k == begin[s]) held[n_locked++ % (4 * K)] = lock(sh);
+          for (; k < e; ++k) stage1(sh, k);
         });
       if (b >= lo + K && b - K < hi)
-        in_shards(s2, b - K, std::min(b, hi), [&](size_t, const detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) sh.prefetch_past_home(keys[k], hashes[k]);
+        in_shards(s2, b - K, std::min(b, hi), [&](size_t, ShardT& sh, size_t k, size_t e) {
+          for (; k < e; ++k) stage2(sh, k);
         });
       if (b >= lo + 2 * K && b - 2 * K < hi)
-        in_shards(s3, b - 2 * K, std::min(b - K, hi), [&](size_t, const detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) {
-            const auto slot = sh.find(keys[k], hashes[k]);
-            found[(k - lo) % (2 * K)] = slot;
-            if (slot.bucket) detail::prefetch_lines(sh.entry(slot.row()).values, read_bytes_);
-            ahead(order[k]);
-          }
+        in_shards(s3, b - 2 * K, std::min(b - K, hi), [&](size_t, ShardT& sh, size_t k, size_t e) {
+          for (; k < e; ++k) stage3(sh, k);
         });
       if (b >= lo + 3 * K && b - 3 * K < hi)
-        in_shards(s4, b - 3 * K, std::min(b - 2 * K, hi), [&](size_t s, const detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) use(sh, order[k], found[(k - lo) % (2 * K)]);
+        in_shards(s4, b - 3 * K, std::min(b - 2 * K, hi), [&](size_t s, ShardT& sh, size_t k, size_t e) {
+          for (; k < e; ++k) stage4(sh, k);
           if (e == begin[s + 1]) held[n_unlocked++ % (4 * K)].unlock();
         });
     }
   }
 
-  // The first shard in [s, last) with items, where shard s has items [begin[s], begin[s + 1]).
-  static size_t next_busy(const size_t* begin, size_t s, size_t last) {
-    while (s < last && begin[s + 1] == begin[s]) ++s;
-    return s;
-  }
-
-  // Calls fn(shard, position, id, hash) for the ids of the plan's shards [first, last),
-  // shard after shard, each shard's in input order, prefetching in stages ahead of the id
-  // being handled: its home bucket, then (once that has arrived) the next bucket when the
-  // id may lie past home, then its row (the first `row_bytes`) and, through
-  // ahead(position), the batch's own data for that position. Each stage only reads lines an
-  // earlier stage fetched, so no stage waits for memory and many misses are in flight.
-  // Near the end of a shard the stages go on into the next shard with ids (its ids follow
-  // in the plan), so its first ids do not wait either: started afresh for each shard, a C++
-  // loop over a 1M-id table took 34 instead of 30 ns per lookup with 128 ids per shard, 40
-  // with 64. lock(shard) returns the lock a shard is held with, taken before the previous
-  // shard's stages reach it (shards are locked in increasing order, at most two at a time).
-  template <class ShardT, class Lock, class Fn, class Ahead>
-  void visit_shards(const detail::BatchPlan& plan, size_t first, size_t last, Lock&& lock, Fn& fn, size_t row_bytes,
-                    Ahead&& ahead) const {
-    const size_t* begin = plan.shard_begin.data();
+  // A write of the plan's shards [first, last): fn(shard, input position, id, hash) for each
+  // position, the row (layout_.stride bytes, when the id is already stored) and, through
+  // ahead(input position), the batch's own data for the position prefetched first.
+  template <class Fn, class Ahead>
+  void write_blocks(const detail::BatchPlan& plan, size_t first, size_t last, Fn& fn, Ahead&& ahead) {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    size_t s = next_busy(begin, first, last);
-    if (s == last) return;
-    auto held = lock(*shards_[s]);
-    for (size_t k = begin[s]; k < std::min(begin[s + 1], begin[s] + kGroupAhead); ++k) shards_[s]->prefetch_group(hashes[k]);
-    while (s < last) {
-      const size_t t = next_busy(begin, s + 1, last);
-      decltype(held) held_next;
-      if (t < last) held_next = lock(*shards_[t]);
-      ShardT& sh = *shards_[s];
-      const ShardT& nx = *shards_[t < last ? t : s];
-      const size_t e = begin[s + 1], e_next = t < last ? begin[t + 1] : e;  // begin[t] == e
-      for (size_t k = begin[s]; k < e; ++k) {
-        size_t q = k + kGroupAhead;
-        if (q < e) sh.prefetch_group(hashes[q]);
-        else if (q < e_next) nx.prefetch_group(hashes[q]);
-        q = k + kNextAhead;
-        if (q < e) sh.prefetch_past_home(keys[q], hashes[q]);
-        else if (q < e_next) nx.prefetch_past_home(keys[q], hashes[q]);
-        q = k + kRowAhead;
-        if (q < e_next) {
-          (q < e ? sh : nx).prefetch_entry(keys[q], hashes[q], row_bytes);
-          ahead(order[q]);
-        }
-        fn(sh, order[k], keys[k], hashes[k]);
-      }
-      held = std::move(held_next);
-      s = t;
-    }
+    const size_t row_bytes = layout_.stride;
+    visit_blocks<detail::Shard>(
+        plan.shard_begin.data(), first, last, write_lock,
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[k], hashes[k]); },
+        [&](const detail::Shard& sh, size_t k) {
+          sh.prefetch_entry(keys[k], hashes[k], row_bytes);
+          ahead(order[k]);
+        },
+        [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); });
   }
 
-  // The loop of visit_shards over the runs of a deduplicated write (runs.group of the same
-  // shards), each prefetched at its first occurrence; fn(shard, run). It is kept apart from
-  // visit_shards: one template for both, over positions or runs, made plain Adagrad steps
-  // 5 to 9% slower in the Python benchmark as compiled.
+  // The same over the runs of a deduplicated write (runs.group of the same shards), each
+  // prefetched at its first occurrence (most ids occur once); fn(shard, run).
   template <class Fn, class Ahead>
-  void visit_runs(const detail::BatchPlan& plan, const detail::Runs& runs, size_t first, size_t last, Fn& fn,
-                  Ahead&& ahead) {
-    const size_t* begin = runs.begin.data();
+  void write_run_blocks(const detail::BatchPlan& plan, const detail::Runs& runs, size_t first, size_t last, Fn& fn,
+                        Ahead&& ahead) {
     const uint32_t* head = runs.first.data();
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
-    size_t s = next_busy(begin, first, last);
-    if (s == last) return;
-    auto held = write_lock(*shards_[s]);
-    for (size_t r = begin[s]; r < std::min(begin[s + 1], begin[s] + kGroupAhead); ++r)
-      shards_[s]->prefetch_group(hashes[head[r]]);
-    while (s < last) {
-      const size_t t = next_busy(begin, s + 1, last);
-      decltype(held) held_next;
-      if (t < last) held_next = write_lock(*shards_[t]);
-      detail::Shard& sh = *shards_[s];
-      const detail::Shard& nx = *shards_[t < last ? t : s];
-      const size_t e = begin[s + 1], e_next = t < last ? begin[t + 1] : e;
-      for (size_t r = begin[s]; r < e; ++r) {
-        size_t q = r + kGroupAhead;
-        if (q < e_next) (q < e ? sh : nx).prefetch_group(hashes[head[q]]);
-        q = r + kNextAhead;
-        if (q < e_next) (q < e ? sh : nx).prefetch_past_home(keys[head[q]], hashes[head[q]]);
-        q = r + kRowAhead;
-        if (q < e_next) {
-          (q < e ? sh : nx).prefetch_entry(keys[head[q]], hashes[head[q]], row_bytes);
-          ahead(order[head[q]]);
-        }
-        fn(sh, r);
-      }
-      held = std::move(held_next);
-      s = t;
-    }
+    visit_blocks<detail::Shard>(
+        runs.begin.data(), first, last, write_lock,
+        [&](const detail::Shard& sh, size_t r) { sh.prefetch_group(hashes[head[r]]); },
+        [&](const detail::Shard& sh, size_t r) { sh.prefetch_past_home(keys[head[r]], hashes[head[r]]); },
+        [&](const detail::Shard& sh, size_t r) {
+          sh.prefetch_entry(keys[head[r]], hashes[head[r]], row_bytes);
+          ahead(order[head[r]]);
+        },
+        [&](detail::Shard& sh, size_t r) { fn(sh, r); });
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
@@ -1384,7 +1337,7 @@ class EmbeddingTable {
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated, room_held);
     write_phases(ids, n, ts, planned, [&](const detail::BatchPlan& plan, size_t first, size_t last) {
-      visit_shards<detail::Shard>(plan, first, last, write_lock, fn, layout_.stride, inputs);
+      write_blocks(plan, first, last, fn, inputs);
     });
   }
 
@@ -1459,7 +1412,7 @@ class EmbeddingTable {
         const size_t head = runs.first[r];
         fn(sh, positions.data(), positions.size(), plan.keys[head], plan.hashes[head], scratch.data());
       };
-      visit_runs(plan, runs, first, last, run, inputs);
+      write_run_blocks(plan, runs, first, last, run, inputs);
     });
   }
 
