@@ -1,7 +1,7 @@
 """Tests of the batch engine's fast paths against the reference model.
 
 A batch is split by shard and its ids are visited in four stages, each a loop over a block
-of 32 positions, a block apart: home buckets prefetched, then the next bucket when an id may
+of 16 positions, a block apart: home buckets prefetched, then the next bucket when an id may
 lie past home, then the row, then the work; each shard is locked from the first stage to the
 last. These tests drive the edges of that pipeline: shards holding a number of ids around
 the block sizes, batches spread over up to 4,096 shards, probe chains many buckets long (ids
@@ -213,9 +213,9 @@ def test_batches_planned_range_by_range_on_several_threads(threads):
         mtht.set_num_threads(before)
 
 
-@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 95, 96, 97, 128, 129, 200, 1000])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 33, 48, 63, 64, 65, 97, 129, 200, 1000])
 def test_reads_in_blocks_over_many_shards(n):
-    # Reads go over a batch in blocks of 32 positions, four stages a block apart, locking each
+    # Reads go over a batch in blocks of 16 positions, four stages a block apart, locking each
     # shard when the first stage reaches it and unlocking it after the last: batch lengths
     # around the block multiples, ids spread over the 64 shards, a third of them missing.
     t, ref = _table_and_reference()
