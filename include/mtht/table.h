@@ -1281,45 +1281,27 @@ class EmbeddingTable {
     }
   }
 
-  // A write of the plan's shards [first, last): fn(shard, input position, id, hash) for each
-  // position, the row (layout_.stride bytes, when the id is already stored) and, through
-  // ahead(input position), the batch's own data for the position prefetched first.
-  template <class Fn, class Ahead>
-  void write_blocks(const detail::BatchPlan& plan, size_t first, size_t last, Fn& fn, Ahead&& ahead) {
+  // A write of items [begin[first], begin[last]) (plan positions, or runs of a deduplicated
+  // write: item k stands for plan position at(k)): fn(shard, k) for each, with the row
+  // (layout_.stride bytes, when the id is already stored) and, through ahead(input
+  // position), the batch's own data for it prefetched first.
+  template <class At, class Fn, class Ahead>
+  void write_blocks(const detail::BatchPlan& plan, const size_t* begin, size_t first, size_t last, At&& at, Fn&& fn,
+                    Ahead&& ahead) {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
     visit_blocks<detail::Shard>(
-        plan.shard_begin.data(), first, last, write_lock,
-        [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
-        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[k], hashes[k]); },
+        begin, first, last, write_lock,
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
+        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[at(k)], hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) {
-          sh.prefetch_entry(keys[k], hashes[k], row_bytes);
-          ahead(order[k]);
+          const size_t q = at(k);
+          sh.prefetch_entry(keys[q], hashes[q], row_bytes);
+          ahead(order[q]);
         },
-        [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); });
-  }
-
-  // The same over the runs of a deduplicated write (runs.group of the same shards), each
-  // prefetched at its first occurrence (most ids occur once); fn(shard, run).
-  template <class Fn, class Ahead>
-  void write_run_blocks(const detail::BatchPlan& plan, const detail::Runs& runs, size_t first, size_t last, Fn& fn,
-                        Ahead&& ahead) {
-    const uint32_t* head = runs.first.data();
-    const uint32_t* order = plan.order.data();
-    const int64_t* keys = plan.keys.data();
-    const uint64_t* hashes = plan.hashes.data();
-    const size_t row_bytes = layout_.stride;
-    visit_blocks<detail::Shard>(
-        runs.begin.data(), first, last, write_lock,
-        [&](const detail::Shard& sh, size_t r) { sh.prefetch_group(hashes[head[r]]); },
-        [&](const detail::Shard& sh, size_t r) { sh.prefetch_past_home(keys[head[r]], hashes[head[r]]); },
-        [&](const detail::Shard& sh, size_t r) {
-          sh.prefetch_entry(keys[head[r]], hashes[head[r]], row_bytes);
-          ahead(order[head[r]]);
-        },
-        [&](detail::Shard& sh, size_t r) { fn(sh, r); });
+        fn);
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
@@ -1339,7 +1321,11 @@ class EmbeddingTable {
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated, room_held);
     write_phases(ids, n, ts, planned, [&](const detail::BatchPlan& plan, size_t first, size_t last) {
-      write_blocks(plan, first, last, fn, inputs);
+      const uint32_t* order = plan.order.data();
+      const int64_t* keys = plan.keys.data();
+      const uint64_t* hashes = plan.hashes.data();
+      write_blocks(plan, plan.shard_begin.data(), first, last, [](size_t k) { return k; },
+                   [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); }, inputs);
     });
   }
 
@@ -1414,7 +1400,8 @@ class EmbeddingTable {
         const size_t head = runs.first[r];
         fn(sh, positions.data(), positions.size(), plan.keys[head], plan.hashes[head], scratch.data());
       };
-      write_run_blocks(plan, runs, first, last, run, inputs);
+      const uint32_t* head = runs.first.data();
+      write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
     });
   }
 
