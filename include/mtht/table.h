@@ -1236,7 +1236,7 @@ class EmbeddingTable {
   // ahead of a stage that waits; the loop this replaced did all stages for one item at a
   // time (for items 24, 16 and 8 ahead), with many more instructions between its misses:
   // 1M ids, dim 16, one thread, medians of alternating runs of the Python benchmark:
-  // lookups 36.9 -> 50.1 M ids/s, Adagrad steps 24.2 -> 29.1. Blocks of 8 items were 5 to
+  // lookups 36.7 -> 49.9 M ids/s, Adagrad steps 26.7 -> 30.2. Blocks of 8 items were 5 to
   // 25% slower than 16, blocks of 32 up to 10% slower on writes (as far apart as 16 at 10M).
   static constexpr size_t kBlock = 16;
 
