@@ -69,15 +69,20 @@ struct TableGather {
   std::vector<size_t> begin;    // num_shards + 1: where each shard's block starts in ids
 };
 
-inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k) {
+// (`with_block` = false leaves `block` empty: a lookup does not need it.)
+inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k, bool with_block = true) {
   TableGather g;
   g.begin.push_back(0);
   for (size_t n = 0; n < L.num_shards; ++n) {
     const size_t idx = n * L.num_tables + k;
+    g.begin.push_back(g.begin.back() + static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]));
+  }
+  g.ids.reserve(g.begin.back());
+  if (with_block) g.block.reserve(g.begin.back());
+  for (size_t n = 0; n < L.num_shards; ++n) {
+    const size_t idx = n * L.num_tables + k;
     g.ids.insert(g.ids.end(), ids + L.id_offsets[idx], ids + L.id_offsets[idx + 1]);
-    g.block.insert(g.block.end(), static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]),
-                   static_cast<uint32_t>(n));
-    g.begin.push_back(g.ids.size());
+    if (with_block) g.block.insert(g.block.end(), g.begin[n + 1] - g.begin[n], static_cast<uint32_t>(n));
   }
   return g;
 }
@@ -124,7 +129,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
       {K, K * runs},
       [&](size_t phase, size_t i) {
         if (phase == 0) {
-          detail::TableGather g = detail::gather_table(L, ids, i);
+          detail::TableGather g = detail::gather_table(L, ids, i, /*with_block=*/false);
           plans[i].emplace(tables[i]->make_plan(g.ids.data(), g.ids.size()));
           begins[i] = std::move(g.begin);
           return;
