@@ -303,6 +303,22 @@ class Shard {
     }
   }
 
+  // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
+  // and when entries have overflowed past home (so `id` may lie further) the next bucket is
+  // prefetched and *further is set.
+  Slot find_at_home(int64_t id, uint64_t h, bool* further) const {
+    *further = false;
+    if (!nb_) return Slot{nullptr, 0};
+    Bucket* b = buckets() + (h & (nb_ - 1));
+    const unsigned m = matches(*b, id);
+    if (m) return Slot{b, __builtin_ctz(m)};
+    if (b->overflow) {
+      *further = true;
+      prefetch(buckets() + ((h + 1) & (nb_ - 1)));
+    }
+    return Slot{nullptr, 0};
+  }
+
   // Bit j set when slot j of `b` holds `id`.
   static unsigned matches(const Bucket& b, int64_t id) {
     unsigned m = 0;
@@ -1203,26 +1219,31 @@ class EmbeddingTable {
     });
   }
 
-  // A read of the plan's shards [first, last): visit_blocks finds each slot in its third
-  // stage (prefetching the row's first read_bytes_ and, through ahead(input position), the
-  // caller's data for it) and keeps it for the fourth, use(shard, input position, slot).
+  // A read of the plan's shards [first, last): visit_blocks looks for each id in its home
+  // bucket in its second stage, further on (when it may lie there) in the third, which also
+  // prefetches the row's first read_bytes_ and, through ahead(input position), the caller's
+  // data; the slot is kept for the fourth, use(shard, input position, slot).
   template <class Ahead, class Use>
   void read_blocks(const detail::BatchPlan& plan, size_t first, size_t last, Ahead&& ahead, Use&& use) const {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    detail::Shard::Slot found[2 * kBlock];  // the slots of the last two blocks of stage 3
+    // The slots of the last blocks of stages 2 to 4, and whether stage 3 must look past home.
+    detail::Shard::Slot found[4 * kBlock];
+    bool further[4 * kBlock];
     visit_blocks<const detail::Shard>(
         plan.shard_begin.data(), first, last, read_lock,
         [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
-        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[k], hashes[k]); },
         [&](const detail::Shard& sh, size_t k) {
-          const auto slot = sh.find(keys[k], hashes[k]);
-          found[k % (2 * kBlock)] = slot;
+          found[k % (4 * kBlock)] = sh.find_at_home(keys[k], hashes[k], &further[k % (4 * kBlock)]);
+        },
+        [&](const detail::Shard& sh, size_t k) {
+          detail::Shard::Slot& slot = found[k % (4 * kBlock)];
+          if (further[k % (4 * kBlock)]) slot = sh.find(keys[k], hashes[k]);
           if (slot.bucket) detail::prefetch_lines(sh.entry(slot.row()).values, read_bytes_);
           ahead(order[k]);
         },
-        [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k % (2 * kBlock)]); });
+        [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k % (4 * kBlock)]); });
   }
 
   // The loop of every batch: items [begin[first], begin[last]) (item k belongs to shard s
