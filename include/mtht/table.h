@@ -1197,8 +1197,6 @@ class EmbeddingTable {
     }
   }
 
-
-
   // Reads change nothing, so unlike a write a read batch need not give each shard to one
   // thread: it is cut into consecutive ranges, one per thread, and each range is planned and
   // read on its own. So no part of a read (the plan) runs on one thread while the others
