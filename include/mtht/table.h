@@ -258,29 +258,6 @@ class Shard {
     if (nb_) prefetch(home(h));
   }
 
-  // When `id` is not in its home bucket (already in cache) but may lie further, prefetch the
-  // next bucket, where most such entries are.
-  void prefetch_past_home(int64_t id, uint64_t h) const {
-    if (!nb_) return;
-    const Bucket& b = *home(h);
-    if (!matches(b, id) && b.overflow) prefetch(buckets() + ((h + 1) & (nb_ - 1)));
-  }
-
-  // Prefetch the first `bytes` of the row of `id` when its home bucket or the next one
-  // (both already in cache) holds it: every cache line the operation will touch.
-  void prefetch_entry(int64_t id, uint64_t h, size_t bytes) const {
-    if (!nb_) return;
-    const Bucket* b = home(h);
-    unsigned m = matches(*b, id);
-    if (!m) {
-      if (!b->overflow) return;
-      b = buckets() + ((h + 1) & (nb_ - 1));
-      m = matches(*b, id);
-      if (!m) return;
-    }
-    prefetch_lines(rows_.at(0, b->row[__builtin_ctz(m)] - 1), bytes);
-  }
-
   // Slot of `id`: its bucket and position, or null.
   struct Slot {
     Bucket* bucket;
@@ -1217,6 +1194,27 @@ class EmbeddingTable {
     });
   }
 
+  static constexpr size_t kBlock = 16;  // items per block of visit_blocks (see there)
+
+  // Where the ids of the last blocks were found, between stages 2 and 4 of visit_blocks:
+  // stage 2 looks in the home bucket (at_home), stage 3 further on when the id may lie there
+  // and prefetches the first `bytes` of the row (row), so that neither matches the home
+  // bucket again.
+  struct Located {
+    detail::Shard::Slot slot[4 * kBlock];
+    bool further[4 * kBlock];
+    void at_home(const detail::Shard& sh, size_t k, int64_t id, uint64_t h) {
+      slot[k % (4 * kBlock)] = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
+    }
+    detail::Shard::Slot row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) {
+      detail::Shard::Slot& s = slot[k % (4 * kBlock)];
+      if (further[k % (4 * kBlock)]) s = sh.find(id, h);
+      if (s.bucket) detail::prefetch_lines(sh.entry(s.row()).values, bytes);
+      return s;
+    }
+    detail::Shard::Slot operator[](size_t k) const { return slot[k % (4 * kBlock)]; }
+  };
+
   // A read of the plan's shards [first, last): visit_blocks looks for each id in its home
   // bucket in its second stage, further on (when it may lie there) in the third, which also
   // prefetches the row's first read_bytes_ and, through ahead(input position), the caller's
@@ -1226,22 +1224,16 @@ class EmbeddingTable {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    // The slots of the last blocks of stages 2 to 4, and whether stage 3 must look past home.
-    detail::Shard::Slot found[4 * kBlock];
-    bool further[4 * kBlock];
+    Located found;
     visit_blocks<const detail::Shard>(
         plan.shard_begin.data(), first, last, read_lock,
         [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
+        [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[k], hashes[k]); },
         [&](const detail::Shard& sh, size_t k) {
-          found[k % (4 * kBlock)] = sh.find_at_home(keys[k], hashes[k], &further[k % (4 * kBlock)]);
-        },
-        [&](const detail::Shard& sh, size_t k) {
-          detail::Shard::Slot& slot = found[k % (4 * kBlock)];
-          if (further[k % (4 * kBlock)]) slot = sh.find(keys[k], hashes[k]);
-          if (slot.bucket) detail::prefetch_lines(sh.entry(slot.row()).values, read_bytes_);
+          found.row(sh, k, keys[k], hashes[k], read_bytes_);
           ahead(order[k]);
         },
-        [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k % (4 * kBlock)]); });
+        [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k]); });
   }
 
   // The loop of every batch: items [begin[first], begin[last]) (item k belongs to shard s
@@ -1257,7 +1249,6 @@ class EmbeddingTable {
   // 1M ids, dim 16, one thread, medians of alternating runs of the Python benchmark:
   // lookups 36.7 -> 49.9 M ids/s, Adagrad steps 26.7 -> 30.2. Blocks of 8 items were 5 to
   // 25% slower than 16, blocks of 32 up to 10% slower on writes (as far apart as 16 at 10M).
-  static constexpr size_t kBlock = 16;
 
   template <class ShardT, class Lock, class S1, class S2, class S3, class S4>
   void visit_blocks(const size_t* begin, size_t first, size_t last, Lock&& lock, S1&& stage1, S2&& stage2,
@@ -1311,13 +1302,14 @@ class EmbeddingTable {
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
+    Located found;  // for prefetching only: fn finds (or inserts) each id itself
     visit_blocks<detail::Shard>(
         begin, first, last, write_lock,
         [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
-        [&](const detail::Shard& sh, size_t k) { sh.prefetch_past_home(keys[at(k)], hashes[at(k)]); },
+        [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) {
           const size_t q = at(k);
-          sh.prefetch_entry(keys[q], hashes[q], row_bytes);
+          found.row(sh, k, keys[q], hashes[q], row_bytes);
           ahead(order[q]);
         },
         fn);
