@@ -1196,10 +1196,11 @@ class EmbeddingTable {
 
   static constexpr size_t kBlock = 16;  // items per block of visit_blocks (see there)
 
-  // Where the ids of the last blocks were found, between stages 2 and 4 of visit_blocks:
-  // stage 2 looks in the home bucket (at_home), stage 3 further on when the id may lie there
-  // and prefetches the first `bytes` of the row (row), so that neither matches the home
-  // bucket again.
+  // Where the ids of the last blocks of a read were found, between stages 2 and 4 of
+  // visit_blocks: stage 2 looks in the home bucket (at_home), stage 3 further on when the id
+  // may lie there and prefetches the first `bytes` of the row (row), so that neither matches
+  // the home bucket again. The slots stay valid to stage 4: the shard is held all along, and
+  // a read changes nothing.
   struct Located {
     detail::Shard::Slot slot[4 * kBlock];
     bool further[4 * kBlock];
@@ -1213,6 +1214,26 @@ class EmbeddingTable {
       return s;
     }
     detail::Shard::Slot operator[](size_t k) const { return slot[k % (4 * kBlock)]; }
+  };
+
+  // The same for a write, which only prefetches the rows: it keeps row numbers, not slots. An
+  // insert by stage 4 of the same batch can grow the index (when a concurrent write took the
+  // room this batch reserved), which frees the buckets a slot points into; rows never move.
+  struct LocatedRows {
+    uint32_t row1[4 * kBlock];  // row + 1, or 0 when not in the home bucket
+    bool further[4 * kBlock];
+    void at_home(const detail::Shard& sh, size_t k, int64_t id, uint64_t h) {
+      const auto s = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
+      row1[k % (4 * kBlock)] = s.bucket ? s.bucket->row[s.j] : 0;
+    }
+    void prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) const {
+      uint32_t r1 = row1[k % (4 * kBlock)];
+      if (further[k % (4 * kBlock)]) {
+        const auto s = sh.find(id, h);
+        r1 = s.bucket ? s.bucket->row[s.j] : 0;
+      }
+      if (r1) detail::prefetch_lines(sh.entry(r1 - 1).values, bytes);
+    }
   };
 
   // A read of the plan's shards [first, last): visit_blocks looks for each id in its home
@@ -1302,14 +1323,14 @@ class EmbeddingTable {
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
-    Located found;  // for prefetching only: fn finds (or inserts) each id itself
+    LocatedRows found;  // for prefetching only: fn finds (or inserts) each id itself
     visit_blocks<detail::Shard>(
         begin, first, last, write_lock,
         [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) {
           const size_t q = at(k);
-          found.row(sh, k, keys[q], hashes[q], row_bytes);
+          found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes);
           ahead(order[q]);
         },
         fn);
