@@ -6,10 +6,9 @@ lie past home, then the row, then the work; each shard is locked from the first 
 last. These tests drive the edges of that pipeline: shards holding a number of ids around
 the block sizes, batches spread over up to 4,096 shards, probe chains many buckets long (ids
 chosen to share one home bucket), growth in the middle of a batch, batches larger than the
-table, and a batch of one id. The
-last part checks that the index's load bound (max_load_factor) changes memory, never results,
-that arrays reused from the shared huge-page blocks come back zeroed, and that room reserved
-ahead of need is not touched.
+table, and a batch of one id. The last part checks that the index's load bound
+(max_load_factor) changes memory, never results, that arrays reused from the shared
+huge-page blocks come back zeroed, and that room reserved ahead of need is not touched.
 """
 
 import os
