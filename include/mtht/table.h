@@ -1198,20 +1198,19 @@ class EmbeddingTable {
 
   // Where the ids of the last blocks of a read were found, between stages 2 and 4 of
   // visit_blocks: stage 2 looks in the home bucket (at_home), stage 3 further on when the id
-  // may lie there and prefetches the first `bytes` of the row (row), so that neither matches
-  // the home bucket again. The slots stay valid to stage 4: the shard is held all along, and
-  // a read changes nothing.
+  // may lie there and prefetches the first `bytes` of the row (prefetch_row), so that
+  // neither matches the home bucket again. The slots stay valid to stage 4: the shard is
+  // held all along, and a read changes nothing.
   struct Located {
     detail::Shard::Slot slot[4 * kBlock];
     bool further[4 * kBlock];
     void at_home(const detail::Shard& sh, size_t k, int64_t id, uint64_t h) {
       slot[k % (4 * kBlock)] = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
     }
-    detail::Shard::Slot row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) {
+    void prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) {
       detail::Shard::Slot& s = slot[k % (4 * kBlock)];
       if (further[k % (4 * kBlock)]) s = sh.find(id, h);
       if (s.bucket) detail::prefetch_lines(sh.entry(s.row()).values, bytes);
-      return s;
     }
     detail::Shard::Slot operator[](size_t k) const { return slot[k % (4 * kBlock)]; }
   };
@@ -1251,7 +1250,7 @@ class EmbeddingTable {
         [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[k]); },
         [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[k], hashes[k]); },
         [&](const detail::Shard& sh, size_t k) {
-          found.row(sh, k, keys[k], hashes[k], read_bytes_);
+          found.prefetch_row(sh, k, keys[k], hashes[k], read_bytes_);
           ahead(order[k]);
         },
         [&](const detail::Shard& sh, size_t k) { use(sh, order[k], found[k]); });
@@ -1270,7 +1269,6 @@ class EmbeddingTable {
   // 1M ids, dim 16, one thread, medians of alternating runs of the Python benchmark:
   // lookups 36.7 -> 49.9 M ids/s, Adagrad steps 26.7 -> 30.2. Blocks of 8 items were 5 to
   // 25% slower than 16, blocks of 32 up to 10% slower on writes (as far apart as 16 at 10M).
-
   template <class ShardT, class Lock, class S1, class S2, class S3, class S4>
   void visit_blocks(const size_t* begin, size_t first, size_t last, Lock&& lock, S1&& stage1, S2&& stage2,
                     S3&& stage3, S4&& stage4) const {
@@ -1382,7 +1380,7 @@ class EmbeddingTable {
           } else if (phase == 1) {
             own->place_range(i);
           } else if (phase == 2) {
-            if (plan.shard_begin[i + 1] > plan.shard_begin[i]) reserve_shard(plan, i);
+            reserve_shard(plan, i);
           } else {
             const size_t first = shards * i / chunks, last = shards * (i + 1) / chunks;
             if (plan.shard_begin[last] == plan.shard_begin[first]) return;
@@ -1426,13 +1424,12 @@ class EmbeddingTable {
       std::vector<float> scratch(d);
       std::vector<uint32_t> positions;
       const uint32_t* order = plan.order.data();
+      const uint32_t* head = runs.first.data();  // each run's first occurrence
       auto run = [&](detail::Shard& sh, size_t r) {
         positions.clear();
-        for (uint32_t k = runs.first[r]; k != detail::Runs::kEnd; k = runs.next[k - runs.base]) positions.push_back(order[k]);
-        const size_t head = runs.first[r];
-        fn(sh, positions.data(), positions.size(), plan.keys[head], plan.hashes[head], scratch.data());
+        for (uint32_t k = head[r]; k != detail::Runs::kEnd; k = runs.next[k - runs.base]) positions.push_back(order[k]);
+        fn(sh, positions.data(), positions.size(), plan.keys[head[r]], plan.hashes[head[r]], scratch.data());
       };
-      const uint32_t* head = runs.first.data();
       write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
     });
   }
@@ -1528,15 +1525,15 @@ class EmbeddingTable {
   // batch's size bounds the new ids; only when that bound would grow a shard's index are its
   // ids looked up, so rewriting ids already present never grows an index.
   void reserve_for(const detail::BatchPlan& plan) {
-    for (size_t s = 0; s < shards_.size(); ++s)
-      if (plan.shard_begin[s + 1] > plan.shard_begin[s]) reserve_shard(plan, s);
+    for (size_t s = 0; s < shards_.size(); ++s) reserve_shard(plan, s);
   }
 
-  // Room in shard s for the plan's ids of that shard.
+  // Room in shard s for the plan's ids of that shard (none: nothing to do).
   void reserve_shard(const detail::BatchPlan& plan, size_t s) {
+    const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
+    if (b == e) return;
     detail::Shard& sh = *shards_[s];
     std::unique_lock<std::shared_mutex> lk(sh.mu);
-    const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     uint64_t extra = e - b;
     if (sh.reserve_grows_index(extra)) {
       extra = 0;
