@@ -1,6 +1,7 @@
 """The C++ core on its own: built from the source tree without Python, every kernel set
 gives the same numbers, and on an emulated CPU without AVX (when qemu-x86_64 is installed)
-it runs the SSE2 kernels instead of crashing; the thread pool keeps its contract. Skipped where the sources or a C++ toolchain
+it runs the SSE2 kernels instead of crashing; the thread pool keeps its contract; the room a
+write reserves stays its own until it is done. Skipped where the sources or a C++ toolchain
 are not at hand (e.g. tests run from an installed package alone)."""
 
 import os
@@ -25,8 +26,8 @@ def build(tmp_path_factory):
     configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DMTHT_PYTHON_MODULE=OFF", "-DMTHT_CPP_TESTS=ON",
                  "-DCMAKE_BUILD_TYPE=Release"]
     subprocess.run(configure, check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "core_smoke", "thread_pool_check"], check=True,
-                   capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
+                    "room_check"], check=True, capture_output=True)
     return build
 
 
@@ -64,4 +65,11 @@ def test_thread_pool_contract(build):
     # Every task runs once; a phase starts only after the earlier phases have finished, and
     # the phases after a failed task are skipped; a call from inside a task runs alone.
     out = subprocess.run([str(build / "thread_pool_check")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+
+
+def test_a_write_keeps_the_room_it_reserved(build):
+    # Write A reserves room, write B then inserts into the same shard, then A writes: B must
+    # grow the index before it writes, and A's write must not grow it half-way through.
+    out = subprocess.run([str(build / "room_check")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout

@@ -189,7 +189,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // passed twice is updated in order instead, after the pool call.
   const size_t K = L.num_tables;
   std::vector<detail::TableGather> gathered(K);
-  std::vector<std::optional<detail::BatchPlan>> plans(K);  // each table's, made while reserving room
+  std::vector<std::optional<detail::PlannedWrite>> plans(K);  // each table's plan and the room it holds
   auto update_table = [&](size_t k) {
     const detail::TableGather& g = gathered[k];
     const int64_t d = tables[k]->dim();

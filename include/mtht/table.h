@@ -303,16 +303,17 @@ class Shard {
     return m;
   }
 
-  // Make room for `extra` more entries without any allocation on insert.
   // Whether reserve(extra) would grow the index. (A chunk of rows reserved too early costs
   // only address space: its pages are not touched until rows are handed out.)
   bool reserve_grows_index(uint64_t extra) const {
-    return over_load(std::min<uint64_t>(size_ + extra, kMaxRowsPerShard));
+    return over_load(std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard));
   }
 
+  // Make room for `extra` more entries besides the room held by writes in progress, so that
+  // inserting them allocates nothing.
   void reserve(uint64_t extra) {
-    const uint64_t want = std::min<uint64_t>(size_ + extra, kMaxRowsPerShard);
-    rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + extra, kMaxRowsPerShard));
+    const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
+    rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + held() + extra, kMaxRowsPerShard));
     if (over_load(want)) {
       uint64_t nb = nb_ ? nb_ : 1;
       while (want * 1000 > nb * kBucketSlots * max_load_permille_) nb *= 2;  // growth doubles
@@ -320,7 +321,21 @@ class Shard {
     }
   }
 
+  // reserve(extra), then hold that room for the caller's write until release(extra): other
+  // writes reserve room beside it, so they cannot use it up. (Without this, a write that
+  // found room reserved by another write still in progress could take it, and that write's
+  // inserts would then allocate, and could fail, half-way through it.) The caller holds mu.
+  void hold(uint64_t extra) {
+    reserve(extra);
+    held_.fetch_add(extra, std::memory_order_relaxed);
+  }
+  // Any thread, with or without mu: room held only ever makes other writes reserve more.
+  void release(uint64_t extra) { held_.fetch_sub(extra, std::memory_order_relaxed); }
+  uint64_t held() const { return held_.load(std::memory_order_relaxed); }
+
   // Slot of `id`, inserting it (with a new row, for the caller to initialise) if absent.
+  // Allocates only when no room was reserved (or an id counted present at the reservation
+  // was removed before the write).
   Slot find_or_insert(int64_t id, uint64_t h, bool* inserted) {
     const Slot found = find(id, h);
     if (found.bucket) {
@@ -423,6 +438,7 @@ class Shard {
   Buffer index_;
   uint64_t nb_ = 0;  // buckets, a power of two
   uint64_t size_ = 0;
+  std::atomic<uint64_t> held_{0};  // room held by writes in progress (hold)
   RowArena rows_;
   bool with_meta_;
   uint32_t max_load_permille_;
@@ -678,6 +694,34 @@ struct Runs {
   }
 };
 
+// The room a write batch holds in the shards it writes (Shard::hold), given back when the
+// write is done or has failed: when this is destroyed.
+class HeldRoom {
+ public:
+  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}) {}
+  HeldRoom(HeldRoom&&) = default;  // leaves the source empty: it releases nothing
+  HeldRoom& operator=(HeldRoom&&) = delete;
+  ~HeldRoom() {
+    for (const auto& [shard, extra] : held_)
+      if (shard) shard->release(extra);
+  }
+
+  // Shard s (the caller holds its lock): room for `extra` more entries, held. Each s once.
+  void hold(size_t s, Shard& shard, uint64_t extra) {
+    shard.hold(extra);
+    held_[s] = {&shard, extra};
+  }
+
+ private:
+  std::vector<std::pair<Shard*, uint64_t>> held_;
+};
+
+// A write batch's plan and the room it holds (EmbeddingTable::reserve_ids).
+struct PlannedWrite {
+  BatchPlan plan;
+  HeldRoom room;
+};
+
 }  // namespace detail
 
 class EmbeddingTable {
@@ -897,12 +941,12 @@ class EmbeddingTable {
 
   // apply_gradients with the gradient row of position i at grad_row(i), the learning rates,
   // gradients and step already checked by the caller; `room_held`: the caller holds
-  // lock_capacity() and checked the write with check_room; `planned`: the batch's plan, from
-  // reserve_ids (the fused update).
+  // lock_capacity() and checked the write with check_room; `planned`: the batch's plan and
+  // room, from reserve_ids (the fused update).
   template <class GradRow>
   void apply_gradient_rows(const int64_t* ids, size_t n, GradRow grad_row, const float* lrs, int64_t global_step,
                            int64_t ts, bool dedup, const uint32_t* blocks, bool room_held,
-                           const detail::BatchPlan* planned = nullptr) {
+                           const detail::PlannedWrite* planned = nullptr) {
     if (n > 0) update_hashnet_scales(global_step);
     const int d = layout_.dim;
     const size_t bytes = sizeof(float) * static_cast<size_t>(d);
@@ -1025,13 +1069,14 @@ class EmbeddingTable {
   }
 
  public:
-  // Allocate room for every id of a batch as if all were new, changing nothing visible: a
+  // Reserve room for the new ids of a batch and hold it, changing nothing visible: a
   // multi-table write calls it for every table before it changes the first one. Returns the
-  // batch's plan, for the write to use (apply_gradient_rows).
-  detail::BatchPlan reserve_ids(const int64_t* ids, size_t n) {
-    detail::BatchPlan plan(ids, n, shard_bits_);
-    reserve_for(plan);
-    return plan;
+  // batch's plan and the room (held until it is destroyed), for the write to use
+  // (apply_gradient_rows).
+  detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n) {
+    detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size())};
+    for (size_t s = 0; s < shards_.size(); ++s) reserve_shard(planned.plan, s, planned.room);
+    return planned;
   }
 
   void check_learning_rates(const float* lrs, size_t n_lrs) const {
@@ -1339,11 +1384,11 @@ class EmbeddingTable {
   // inputs(position) prefetches the batch's own data fn will read for that position (see
   // detail::BatchRows). `limited` = false skips the capacity limit (loading
   // a checkpoint, checked by the caller); `room_held`: the caller holds lock_capacity().
-  // `planned`: the batch's plan if the caller has it (else it is built here).
+  // `planned`: the batch's plan and room if the caller has them (reserve_ids).
   template <class Ahead, class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
                             bool gated = true, bool limited = true, bool room_held = false,
-                            const detail::BatchPlan* planned = nullptr) {
+                            const detail::PlannedWrite* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
       return;
@@ -1361,26 +1406,27 @@ class EmbeddingTable {
 
   // The work of a write batch as phases on the pool, all in one wake-up of the helpers:
   // build the plan over consecutive ranges of the batch (unless the caller has it), reserve
-  // room in every shard the batch touches (all of it before any entry changes, so a failed
-  // allocation changes nothing), then write(plan, first, last) for consecutive shards
+  // and hold room in every shard the batch touches (unless the caller holds it; all of it
+  // before any entry changes, so a failed allocation changes nothing), then write(plan, first, last) for consecutive shards
   // [first, last) (write_chunks of them; more than one per thread, to share the work out).
   template <class Write>
-  void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::BatchPlan* planned, Write&& write) {
+  void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned, Write&& write) {
     std::optional<detail::BatchPlan> own;
     if (!planned) own.emplace(ids, n, shard_bits_, plan_ranges(n));
-    const detail::BatchPlan& plan = planned ? *planned : *own;
+    const detail::BatchPlan& plan = planned ? planned->plan : *own;
     const size_t ranges = planned ? 0 : own->num_ranges();
     const size_t shards = shards_.size();
     const size_t chunks = write_chunks(n);
+    detail::HeldRoom room(planned ? 0 : shards);  // a planned write holds its room already
     ThreadPool::global().parallel_phases(
-        {ranges, ranges, shards, chunks},
+        {ranges, ranges, planned ? 0 : shards, chunks},
         [&](size_t phase, size_t i) {
           if (phase == 0) {
             own->count_range(i);
           } else if (phase == 1) {
             own->place_range(i);
           } else if (phase == 2) {
-            reserve_shard(plan, i);
+            reserve_shard(plan, i, room);
           } else {
             const size_t first = shards * i / chunks, last = shards * (i + 1) / chunks;
             if (plan.shard_begin[last] == plan.shard_begin[first]) return;
@@ -1408,7 +1454,7 @@ class EmbeddingTable {
   // distinct id with all its positions in input order.
   template <class Ahead, class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Ahead&& inputs,
-                                 Fn&& fn, bool room_held = false, const detail::BatchPlan* planned = nullptr) {
+                                 Fn&& fn, bool room_held = false, const detail::PlannedWrite* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
       return;
@@ -1521,15 +1567,11 @@ class EmbeddingTable {
     return lock;
   }
 
-  // Room for the batch's new ids in every shard it touches, before any entry changes. The
-  // batch's size bounds the new ids; only when that bound would grow a shard's index are its
-  // ids looked up, so rewriting ids already present never grows an index.
-  void reserve_for(const detail::BatchPlan& plan) {
-    for (size_t s = 0; s < shards_.size(); ++s) reserve_shard(plan, s);
-  }
-
-  // Room in shard s for the plan's ids of that shard (none: nothing to do).
-  void reserve_shard(const detail::BatchPlan& plan, size_t s) {
+  // Room in shard s for the plan's new ids of that shard, held for the write in `room` (no
+  // ids there: nothing to do), before any entry changes. The shard's share of the batch
+  // bounds its new ids; only when that bound would grow the index are the ids looked up, so
+  // rewriting ids already present never grows an index.
+  void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
     detail::Shard& sh = *shards_[s];
@@ -1540,7 +1582,7 @@ class EmbeddingTable {
       for (size_t k = b; k < e; ++k)
         if (!sh.find(plan.keys[k], plan.hashes[k]).bucket) ++extra;
     }
-    sh.reserve(extra);
+    room.hold(s, sh, extra);
   }
 
   static constexpr int kMaxHashNetDim = 4096;
