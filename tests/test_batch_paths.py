@@ -14,6 +14,8 @@ huge-page blocks come back zeroed, and that room reserved ahead of need is not t
 import os
 import sys
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -212,11 +214,13 @@ def test_batches_planned_range_by_range_on_several_threads(threads):
         mtht.set_num_threads(before)
 
 
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 33, 48, 63, 64, 65, 97, 129, 200, 1000])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 32, 33, 48, 63, 64, 65, 97, 129, 200, 1000, 1023, 1024, 1025,
+                               16383, 16384, 16385, 40000])
 def test_reads_in_blocks_over_many_shards(n):
-    # Reads go over a batch in blocks of 16 positions, four stages a block apart, locking each
-    # shard when the first stage reaches it and unlocking it after the last: batch lengths
-    # around the block multiples, ids spread over the 64 shards, a third of them missing.
+    # Reads go over a batch in input order, in blocks of 16 positions, four stages a block
+    # apart, in pieces of 16,384 ids, each piece holding the shards its ids fall in (all 64
+    # from 1,024 ids on): batch lengths around the block, piece and all-shards sizes, ids
+    # spread over the 64 shards, a third of them missing.
     t, ref = _table_and_reference()
     rng = np.random.default_rng(n)
     ids = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
@@ -228,9 +232,36 @@ def test_reads_in_blocks_over_many_shards(n):
     _assert_same(t, ref, np.repeat(ids[: max(1, n // 10)], 40))  # runs of one id across blocks
 
 
+@pytest.mark.parametrize("shards", [1, 4, 32, 128])
+def test_reads_over_few_shards_lock_what_they_read(shards):
+    # A read locks the shards its ids fall in, or every shard once it has 16 ids per shard:
+    # below, at and above that size, with fewer shards than one word of the shard set, and
+    # with more.
+    from mtht._spec import core_segments
+
+    cfg = make_config([SEG], [LR])
+    core = mtht._core.Table(core_segments(cfg.table_config), num_shards=shards)
+    rng = np.random.default_rng(shards)
+    pool = rng.integers(-(2**63), 2**63 - 1, 40 * shards, dtype=np.int64)
+    stored = np.ascontiguousarray(pool[::2])
+    values = rng.standard_normal((stored.size, SEG.dim)).astype(np.float32)
+    core.assign(stored, values, 5)
+    for n in (1, 16 * shards - 1, 16 * shards, 16 * shards + 1, 40 * shards):
+        pick = rng.integers(0, pool.size, n)
+        out = np.empty((n, SEG.dim), np.float32)
+        core.lookup(np.ascontiguousarray(pool[pick]), out)
+        want = np.where((pick % 2 == 0)[:, None], values[pick // 2], 0)
+        np.testing.assert_array_equal(out, want)
+    # Every lock a read took was given back: a write to every shard can take them.
+    writer = threading.Thread(target=core.assign, args=(stored, values, 6), daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert not writer.is_alive(), "a read left a shard locked"
+
+
 def test_reads_over_4096_shards_with_one_id_each():
     # With the most shards a table may have, nearly every id of a read has a shard of its own,
-    # so a read holds as many shards at once as it ever does (one per position of its stages).
+    # so a read holds as many shards at once as it ever does.
     from mtht._spec import core_segments
 
     cfg = make_config([SEG], [LR])

@@ -111,17 +111,16 @@ class BlockDest {
 }  // namespace detail
 
 // embeddings: emb_offsets.back() floats. Missing ids read as zeros. One wake-up of the
-// pool does it all: first each table's ids are gathered and planned (a task per table),
-// then runs of consecutive shards of each table are looked up (one run per table on one
-// thread; on several, about four runs per thread in all), rows going straight to their place.
+// pool does it all: first each table's ids are gathered (a task per table), then
+// consecutive ranges of each table's ids are looked up (one range per table on one thread;
+// on several, about four ranges per thread in all), rows going straight to their place.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
   const size_t K = L.num_tables;
   const size_t total = static_cast<size_t>(L.id_offsets.back());
   const size_t threads = EmbeddingTable::batch_threads(total);
   const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
-  std::vector<std::optional<detail::BatchPlan>> plans(K);  // a plan keeps its own copy of the ids
-  std::vector<std::vector<size_t>> begins(K);
+  std::vector<detail::TableGather> gathered(K);
   std::vector<std::vector<float*>> block_rows(K);  // [table][block shard]
   for (size_t k = 0; k < K; ++k)
     for (size_t n = 0; n < L.num_shards; ++n) block_rows[k].push_back(embeddings + L.emb_offsets[n * K + k]);
@@ -129,18 +128,15 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
       {K, K * runs},
       [&](size_t phase, size_t i) {
         if (phase == 0) {
-          detail::TableGather g = detail::gather_table(L, ids, i, /*with_block=*/false);
-          plans[i].emplace(tables[i]->make_plan(g.ids.data(), g.ids.size()));
-          begins[i] = std::move(g.begin);
+          gathered[i] = detail::gather_table(L, ids, i, /*with_block=*/false);
           return;
         }
         const size_t k = i / runs, r = i % runs;
-        const size_t shards = static_cast<size_t>(tables[k]->num_shards());
-        const size_t first = shards * r / runs, last = shards * (r + 1) / runs;
-        const detail::BatchPlan& plan = *plans[k];
-        if (plan.shard_begin[last] == plan.shard_begin[first]) return;
-        detail::BlockDest dest(begins[k], block_rows[k].data(), static_cast<size_t>(tables[k]->dim()));
-        tables[k]->lookup_shards(plan, first, last, dest);
+        const detail::TableGather& g = gathered[k];
+        const size_t n = g.ids.size(), b = n * r / runs, e = n * (r + 1) / runs;
+        if (b == e) return;
+        detail::BlockDest dest(g.begin, block_rows[k].data(), static_cast<size_t>(tables[k]->dim()));
+        tables[k]->lookup_range(g.ids.data() + b, e - b, [&dest, b](size_t i) { return dest(b + i); });
       },
       static_cast<int>(threads));
 }
