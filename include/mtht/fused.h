@@ -69,8 +69,7 @@ struct TableGather {
   std::vector<size_t> begin;    // num_shards + 1: where each shard's block starts in ids
 };
 
-// (`with_block` = false leaves `block` empty: a lookup does not need it.)
-inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k, bool with_block = true) {
+inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k) {
   TableGather g;
   g.begin.push_back(0);
   for (size_t n = 0; n < L.num_shards; ++n) {
@@ -78,65 +77,48 @@ inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t
     g.begin.push_back(g.begin.back() + static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]));
   }
   g.ids.reserve(g.begin.back());
-  if (with_block) g.block.reserve(g.begin.back());
+  g.block.reserve(g.begin.back());
   for (size_t n = 0; n < L.num_shards; ++n) {
     const size_t idx = n * L.num_tables + k;
     g.ids.insert(g.ids.end(), ids + L.id_offsets[idx], ids + L.id_offsets[idx + 1]);
-    if (with_block) g.block.insert(g.block.end(), g.begin[n + 1] - g.begin[n], static_cast<uint32_t>(n));
+    g.block.insert(g.block.end(), g.begin[n + 1] - g.begin[n], static_cast<uint32_t>(n));
   }
   return g;
 }
 
-// Where the embedding of table k's i-th gathered id goes: row i - begin[n] of block (n, k).
-// A lookup task visits positions in increasing order, so the block is found by moving a
-// cursor forward (a table of one pointer per id, read at random, cost more than the
-// lookups' own misses).
-class BlockDest {
- public:
-  BlockDest(const std::vector<size_t>& begin, float* const* block_rows, size_t dim)
-      : begin_(begin), rows_(block_rows), dim_(dim) {}
-  float* operator()(size_t i) {
-    if (i < begin_[n_]) n_ = 0;
-    while (i >= begin_[n_ + 1]) ++n_;
-    return rows_[n_] + (i - begin_[n_]) * dim_;
-  }
-
- private:
-  const std::vector<size_t>& begin_;
-  float* const* rows_;
-  size_t dim_;
-  size_t n_ = 0;
-};
-
 }  // namespace detail
 
-// embeddings: emb_offsets.back() floats. Missing ids read as zeros. One wake-up of the
-// pool does it all: first each table's ids are gathered (a task per table), then
-// consecutive ranges of each table's ids are looked up (one range per table on one thread;
-// on several, about four ranges per thread in all), rows going straight to their place.
+// embeddings: emb_offsets.back() floats. Missing ids read as zeros. The ids of table k are
+// its blocks (n, k), n < N, read in place, each block's rows going straight to its place:
+// a task looks up one of `runs` consecutive ranges of them (one range per table on one
+// thread; on several, about four ranges per thread in all).
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
-  const size_t K = L.num_tables;
+  const size_t K = L.num_tables, N = L.num_shards;
   const size_t total = static_cast<size_t>(L.id_offsets.back());
   const size_t threads = EmbeddingTable::batch_threads(total);
   const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
-  std::vector<detail::TableGather> gathered(K);
-  std::vector<std::vector<float*>> block_rows(K);  // [table][block shard]
-  for (size_t k = 0; k < K; ++k)
-    for (size_t n = 0; n < L.num_shards; ++n) block_rows[k].push_back(embeddings + L.emb_offsets[n * K + k]);
-  ThreadPool::global().parallel_phases(
-      {K, K * runs},
-      [&](size_t phase, size_t i) {
-        if (phase == 0) {
-          gathered[i] = detail::gather_table(L, ids, i, /*with_block=*/false);
-          return;
-        }
+  ThreadPool::global().parallel_for(
+      K * runs,
+      [&](size_t i) {
         const size_t k = i / runs, r = i % runs;
-        const detail::TableGather& g = gathered[k];
-        const size_t n = g.ids.size(), b = n * r / runs, e = n * (r + 1) / runs;
-        if (b == e) return;
-        detail::BlockDest dest(g.begin, block_rows[k].data(), static_cast<size_t>(tables[k]->dim()));
-        tables[k]->lookup_range(g.ids.data() + b, e - b, [&dest, b](size_t i) { return dest(b + i); });
+        size_t count = 0;  // table k's ids
+        for (size_t n = 0; n < N; ++n) count += static_cast<size_t>(L.id_offsets[n * K + k + 1] - L.id_offsets[n * K + k]);
+        const size_t b = count * r / runs, e = count * (r + 1) / runs;
+        const size_t d = static_cast<size_t>(tables[k]->dim());
+        std::vector<EmbeddingTable::IdSpan> spans;  // the parts of blocks in [b, e)
+        std::vector<float*> outs;
+        for (size_t n = 0, at = 0; n < N && at < e; ++n) {  // `at`: table k's ids before block n
+          const size_t idx = n * K + k;
+          const size_t len = static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]);
+          const size_t lo = std::max(b, at), hi = std::min(e, at + len);
+          if (lo < hi) {
+            spans.push_back({ids + L.id_offsets[idx] + (lo - at), hi - lo});
+            outs.push_back(embeddings + L.emb_offsets[idx] + (lo - at) * d);
+          }
+          at += len;
+        }
+        tables[k]->lookup_spans(spans.data(), spans.size(), outs.data());
       },
       static_cast<int>(threads));
 }

@@ -37,7 +37,7 @@
 //   (found in buckets already in cache), and only then is the entry used, so many cache
 //   misses are in flight and no stage waits on memory. Each stage is a short loop over a
 //   block of 16 positions, a block behind the one before. Writes go shard by shard
-//   (visit_blocks); reads in input order (read_in_order).
+//   (visit_blocks); reads in input order (read_spans).
 // * Writes are validated (lengths, non-finite values, learning rates) before anything
 //   changes, and capacity for the new ids of a batch is reserved in every shard before the
 //   first entry is touched, so a failed allocation leaves the table unchanged.
@@ -811,18 +811,27 @@ class EmbeddingTable {
   void lookup(const int64_t* ids, size_t n, float* out) const {
     const size_t d = static_cast<size_t>(layout_.dim);
     for_each_read_range(n, [&](size_t b, size_t e) {
-      lookup_range(ids + b, e - b, [out, b, d](size_t i) { return out + (b + i) * d; });
+      const IdSpan span{ids + b, e - b};
+      float* const dest = out + b * d;
+      lookup_spans(&span, 1, &dest);
     });
   }
 
-  // A lookup of ids[0, n) on the calling thread, writing the row of position i to dest(i)
-  // (called with increasing i): the piece of a lookup for callers that schedule several
-  // tables' lookups as one set of tasks (the fused lookup).
-  template <class Dest>
-  void lookup_range(const int64_t* ids, size_t n, Dest&& dest) const {
-    const size_t bytes = sizeof(float) * layout_.dim;
-    read_in_order(ids, n, [&](const detail::Shard& shard, size_t i, detail::Shard::Slot slot) {
-      float* dst = dest(i);
+  // Ids a read goes over, in order (read_spans).
+  struct IdSpan {
+    const int64_t* ids;
+    size_t n;
+  };
+
+  // A lookup of the ids of spans[0, count) on the calling thread, the row of id i of span s
+  // going to outs[s] + i * dim: the piece of a lookup for callers that schedule several
+  // tables' lookups as one set of tasks (the fused lookup, whose ids of one table come in
+  // several blocks).
+  void lookup_spans(const IdSpan* spans, size_t count, float* const* outs) const {
+    const size_t d = static_cast<size_t>(layout_.dim);
+    const size_t bytes = sizeof(float) * d;
+    read_spans(spans, count, [&](size_t span, const detail::Shard& shard, size_t i, detail::Shard::Slot slot) {
+      float* dst = outs[span] + i * d;
       if (slot.bucket) {
         std::memcpy(dst, shard.entry(slot.row()).values, bytes);
         if (!raw_lookup_) retrieve(dst);
@@ -1210,7 +1219,7 @@ class EmbeddingTable {
 
   // Reads change nothing, so unlike a write a read batch need not give each shard to one
   // thread, nor be grouped by shard: it is cut into consecutive ranges, one per thread, each
-  // read in input order (read_in_order). Calls fn(b, e) for the ranges [b, e) on the pool.
+  // read in input order (read_spans). Calls fn(b, e) for the ranges [b, e) on the pool.
   template <class Fn>
   void for_each_read_range(size_t n, Fn&& fn) const {
     if (n == 0) return;
@@ -1221,25 +1230,28 @@ class EmbeddingTable {
   template <class Fn>
   void for_each_shard_read(const int64_t* ids, size_t n, Fn&& fn) const {
     for_each_read_range(n, [&](size_t b, size_t e) {
-      read_in_order(ids + b, e - b, [&](const detail::Shard& sh, size_t i, detail::Shard::Slot slot) { fn(sh, b + i, slot); });
+      const IdSpan span{ids + b, e - b};
+      read_spans(&span, 1, [&](size_t, const detail::Shard& sh, size_t i, detail::Shard::Slot slot) { fn(sh, b + i, slot); });
     });
   }
 
-  // Shared locks on the shards of ids[0, n) (on all of them when n is large enough to touch
-  // nearly every shard, which spares hashing the ids a second time), taken in increasing
-  // order as every batch takes its locks, and released when this is destroyed.
+  // Shared locks on the shards of the ids of spans[0, count), `total` ids (on all of them
+  // when there are enough ids to touch nearly every shard, which spares hashing them a
+  // second time), taken in increasing order as every batch takes its locks, and released
+  // when this is destroyed.
   class SharedShardLocks {
    public:
-    SharedShardLocks(const EmbeddingTable& table, const int64_t* ids, size_t n)
+    SharedShardLocks(const EmbeddingTable& table, const IdSpan* spans, size_t count, size_t total)
         : shards_(table.shards_), marked_((shards_.size() + 63) / 64, 0) {
-      if (n >= 16 * shards_.size()) {
+      if (total >= 16 * shards_.size()) {
         std::fill(marked_.begin(), marked_.end(), ~uint64_t{0});
         if (shards_.size() < 64) marked_[0] = (uint64_t{1} << shards_.size()) - 1;
       } else {
-        for (size_t i = 0; i < n; ++i) {
-          const size_t s = table.shard_of(hash_id(ids[i]));
-          marked_[s / 64] |= uint64_t{1} << (s % 64);
-        }
+        for (size_t q = 0; q < count; ++q)
+          for (size_t i = 0; i < spans[q].n; ++i) {
+            const size_t s = table.shard_of(hash_id(spans[q].ids[i]));
+            marked_[s / 64] |= uint64_t{1} << (s % 64);
+          }
       }
       for (size_t s = 0; s < shards_.size(); ++s) {
         if (!marked(s)) continue;
@@ -1265,20 +1277,44 @@ class EmbeddingTable {
     std::vector<uint64_t> marked_;
   };
 
-  // Reads ids[0, n) in input order: use(shard, position, slot of the id or a null one) for
-  // each position in increasing order, in pieces of kReadPiece ids, each under shared locks
-  // of its shards (so that a long read does not keep writers out for long). The ids go
-  // through the four stages of visit_blocks without being grouped by shard first: the
-  // index does not care about order, and the caller's rows are then written in order, a
-  // stream of stores rather than stores at random (1M ids, dim 16, one thread, C++ loop:
-  // lookups 19.4-19.6 -> 16.4-17.0 ns per id, Zipf ids 16.9-18.0 -> 15.0-16.6).
+  // Reads the ids of spans[0, count) in order: use(span, shard, position in the span, slot
+  // of the id or a null one) for each, in pieces of at most kReadPiece ids (parts of one or
+  // more spans), each under shared locks of its shards (so that a long read does not keep
+  // writers out for long). The ids go through the four stages of visit_blocks without
+  // being grouped by shard first: the index does not care about order, and the caller's
+  // rows are then written in order, a stream of stores rather than stores at random (1M
+  // ids, dim 16, one thread, C++ loop: lookups 19.4-19.6 -> 16.4-17.0 ns per id, Zipf ids
+  // 16.9-18.0 -> 15.0-16.6).
   template <class Use>
-  void read_in_order(const int64_t* ids, size_t n, Use&& use) const {
+  void read_spans(const IdSpan* spans, size_t count, Use&& use) const {
     constexpr size_t kReadPiece = 16384;
-    for (size_t p = 0; p < n; p += kReadPiece) {
-      const size_t m = std::min(kReadPiece, n - p);
-      const SharedShardLocks locks(*this, ids + p, m);
-      read_blocks(ids + p, m, [&](const detail::Shard& sh, size_t i, detail::Shard::Slot slot) { use(sh, p + i, slot); });
+    std::vector<IdSpan> parts;   // the parts of spans in one piece
+    std::vector<size_t> span_of, first_of;  // each part's span and first position in it
+    size_t s = 0, o = 0;  // the next id to read: position o of span s
+    while (s < count) {
+      parts.clear();
+      span_of.clear();
+      first_of.clear();
+      size_t total = 0;
+      for (; s < count && total < kReadPiece; o = 0, ++s) {
+        const size_t take = std::min(spans[s].n - o, kReadPiece - total);
+        if (take) {
+          parts.push_back({spans[s].ids + o, take});
+          span_of.push_back(s);
+          first_of.push_back(o);
+          total += take;
+        }
+        if (o + take < spans[s].n) {  // the piece is full inside span s
+          o += take;
+          break;
+        }
+      }
+      if (total == 0) continue;
+      const SharedShardLocks locks(*this, parts.data(), parts.size(), total);
+      for (size_t q = 0; q < parts.size(); ++q)
+        read_blocks(parts[q].ids, parts[q].n, [&](const detail::Shard& sh, size_t i, detail::Shard::Slot slot) {
+          use(span_of[q], sh, first_of[q] + i, slot);
+        });
     }
   }
 
