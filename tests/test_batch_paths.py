@@ -232,6 +232,21 @@ def test_reads_in_blocks_over_many_shards(n):
     _assert_same(t, ref, np.repeat(ids[: max(1, n // 10)], 40))  # runs of one id across blocks
 
 
+@pytest.mark.parametrize("dim", [1, 3, 7, 8, 16, 24, 32, 33, 40, 64])
+def test_lookups_copy_rows_of_every_width(dim):
+    # A lookup copies rows of up to 128 bytes that are a multiple of 32 in 32-byte steps, and
+    # other rows whole: widths below, at and above those bounds, stored next to each other.
+    cfg = make_config([SegmentDesc(dim, init="zeros", opt="sgd")], [LR])
+    t = mtht.hash_table_from_config(cfg)
+    rng = np.random.default_rng(dim)
+    ids = rng.permutation(5000).astype(np.int64)
+    values = rng.standard_normal((ids.size, dim)).astype(np.float32)
+    t.assign(ids, values)
+    probe = np.concatenate([ids[::-3], [10**9, -1]])
+    want = np.concatenate([values[::-3], np.zeros((2, dim), np.float32)])
+    np.testing.assert_array_equal(t.lookup(probe), want)
+
+
 @pytest.mark.parametrize("shards", [1, 4, 32, 128])
 def test_reads_over_few_shards_lock_what_they_read(shards):
     # A read locks the shards its ids fall in, or every shard once it has 16 ids per shard:
