@@ -356,6 +356,30 @@ def test_load_stays_within_its_bound_as_the_table_grows(max_load_factor):
     assert min(loads[4:]) >= max_load_factor / 2 * 0.9
 
 
+def test_rewriting_stored_ids_at_the_load_bound_does_not_grow_the_index():
+    # A batch that could take a shard past its bound if its ids were new has them counted
+    # (in blocks of 16 whose home buckets are fetched ahead): all stored, the index stays;
+    # one new id beyond the bound, it doubles.
+    from mtht._spec import core_segments
+
+    core = mtht._core.Table(core_segments(make_config([SEG], [LR]).table_config), num_shards=1)
+    rng = np.random.default_rng(8)
+    stored = rng.integers(-(2**63), 2**63 - 1, 1000, dtype=np.int64)
+    core.assign(stored, np.ones((stored.size, SEG.dim), np.float32), 1)
+    capacity = core.stats()["capacity"]
+    fill = rng.integers(-(2**63), 2**63 - 1, capacity // 2 - stored.size, dtype=np.int64)
+    core.assign(fill, np.ones((fill.size, SEG.dim), np.float32), 1)
+    stored = np.concatenate([stored, fill])
+    assert core.stats()["size"] == capacity // 2 == stored.size  # at the bound
+    for n in (stored.size, 17, 16 * 7 + 5):
+        core.assign(np.ascontiguousarray(rng.permutation(stored)[:n]), np.full((n, SEG.dim), 2, np.float32), 2)
+        assert core.stats()["capacity"] == capacity
+    batch = np.concatenate([rng.permutation(stored)[:100], [12345]]).astype(np.int64)
+    core.assign(batch, np.full((batch.size, SEG.dim), 3, np.float32), 3)
+    assert core.stats()["capacity"] == 2 * capacity
+    assert core.stats()["size"] == stored.size + 1
+
+
 def test_results_do_not_depend_on_the_load_bound():
     tables = [_table_with_load(f) for f in (0.25, 0.5, 0.9)]
     ref = ReferenceTable([SEG])

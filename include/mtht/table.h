@@ -296,6 +296,22 @@ class Shard {
     }
   }
 
+  // How many of ids[0, n) (hashes alongside) are not stored. Each block of 16 ids is looked
+  // for while the next block's home buckets are fetched: one find after another would wait
+  // for memory each time (assign_add of ids already stored, 1M ids, one thread, when a
+  // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
+  // M ids/s away from the bound, before).
+  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
+    constexpr size_t K = 16;
+    uint64_t absent = 0;
+    for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
+    for (size_t b = 0; b < n; b += K) {
+      for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) absent += find(ids[k], hashes[k]).bucket == nullptr;
+    }
+    return absent;
+  }
+
   // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
   // and when entries have overflowed past home (so `id` may lie further) the next bucket is
   // prefetched and *further is set.
@@ -1678,11 +1694,7 @@ class EmbeddingTable {
     detail::Shard& sh = *shards_[s];
     std::unique_lock<std::shared_mutex> lk(sh.mu);
     uint64_t extra = e - b;
-    if (sh.reserve_grows_index(extra)) {
-      extra = 0;
-      for (size_t k = b; k < e; ++k)
-        if (!sh.find(plan.keys[k], plan.hashes[k]).bucket) ++extra;
-    }
+    if (sh.reserve_grows_index(extra)) extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
     room.hold(s, sh, extra);
   }
 
