@@ -1,19 +1,20 @@
 """Tests of the batch engine's fast paths against the reference model.
 
-A batch is split by shard and its ids are visited in four stages, each a loop over a block
+A write is split by shard and its ids are visited in four stages, each a loop over a block
 of 16 positions, a block apart: home buckets prefetched, then the next bucket when an id may
 lie past home, then the row, then the work; each shard is locked from the first stage to the
-last. These tests drive the edges of that pipeline: shards holding a number of ids around
-the block sizes, batches spread over up to 4,096 shards, probe chains many buckets long (ids
-chosen to share one home bucket), growth in the middle of a batch, batches larger than the
-table, and a batch of one id. The last part checks that the index's load bound
+last. A read goes through the same stages in input order, in pieces that hold the shared
+locks of their shards. These tests drive the edges of those pipelines: shards holding a
+number of ids around the block sizes, reads around the block and piece sizes, batches spread
+over 1 to 4,096 shards, rows of every width, probe chains many buckets long (ids chosen to
+share one home bucket), growth in the middle of a batch, writes at the load bound, batches
+larger than the table, and a batch of one id. The last part checks that the index's load bound
 (max_load_factor) changes memory, never results, that arrays reused from the shared
 huge-page blocks come back zeroed, and that room reserved ahead of need is not touched.
 """
 
 import os
 import sys
-
 import threading
 
 import numpy as np

@@ -1346,10 +1346,10 @@ class EmbeddingTable {
     }
   }
 
-  static constexpr size_t kBlock = 16;  // items per block of visit_blocks (see there)
+  static constexpr size_t kBlock = 16;  // items per block of visit_blocks and read_blocks
 
   // Where the ids of the last blocks of a read were found, between stages 2 and 4 of
-  // visit_blocks: stage 2 looks in the home bucket (at_home), stage 3 further on when the id
+  // read_blocks: stage 2 looks in the home bucket (at_home), stage 3 further on when the id
   // may lie there, finds its row and prefetches the row's first `bytes` (prefetch_row), so
   // that neither matches the home bucket again and stage 4 need not find the row again.
   // Slots and rows stay valid to stage 4: the shard is held all along, and a read changes
@@ -1391,8 +1391,8 @@ class EmbeddingTable {
     }
   };
 
-  // The stages of visit_blocks over ids[0, n) in input order (the caller holds the shards'
-  // locks): stage 1 hashes each id and prefetches its home bucket, stage 2 looks for it
+  // The four stages of visit_blocks (see there), over ids[0, n) in input order (the caller
+  // holds the shards' locks): stage 1 hashes each id and prefetches its home bucket, stage 2 looks for it
   // there, stage 3 further on (when it may lie there) and prefetches the row's first
   // read_bytes_; stage 4 is use(position, slot, row).
   template <class Use>
@@ -1419,11 +1419,11 @@ class EmbeddingTable {
   }
 
   // The loop of every write batch: items [begin[first], begin[last]) (item k belongs to
-  // shard s when begin[s] <= k < begin[s + 1]: plan positions, or runs of a deduplicated write) go
-  // through four stages, each a short loop over a block of kBlock items, a block apart:
-  // stage1(shard, k) prefetches the home bucket; stage2 the next bucket when the id may lie
-  // past home (the home bucket has arrived); stage3 the row (the buckets have arrived) and
-  // the caller's data; stage4 does the work. A shard is locked (exclusively) when stage 1
+  // shard s when begin[s] <= k < begin[s + 1]: plan positions, or runs of a deduplicated
+  // write) go through four stages, each a short loop over a block of kBlock items, a block
+  // apart: stage1(shard, k) prefetches the home bucket; stage2 the next bucket when the id
+  // may lie past home (the home bucket has arrived); stage3 the row (the buckets have
+  // arrived) and the caller's data; stage4 does the work. A shard is locked (exclusively) when stage 1
   // reaches its first item and unlocked after stage 4 has done its last: in increasing
   // order, at most 4 * kBlock shards at a time. Short loops let the processor run far
   // ahead of a stage that waits; the loop this replaced did all stages for one item at a
@@ -1523,8 +1523,9 @@ class EmbeddingTable {
   // The work of a write batch as phases on the pool, all in one wake-up of the helpers:
   // build the plan over consecutive ranges of the batch (unless the caller has it), reserve
   // and hold room in every shard the batch touches (unless the caller holds it; all of it
-  // before any entry changes, so a failed allocation changes nothing), then write(plan, first, last) for consecutive shards
-  // [first, last) (write_chunks of them; more than one per thread, to share the work out).
+  // before any entry changes, so a failed allocation changes nothing), then
+  // write(plan, first, last) for consecutive shards [first, last) (write_chunks of them;
+  // more than one per thread, to share the work out).
   template <class Write>
   void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned, Write&& write) {
     std::optional<detail::BatchPlan> own;
