@@ -352,9 +352,9 @@ def test_large_table():
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     # Mid-size arrays and the memory of batch plans come from process-wide pools behind
-    # locks, held across fork so that a child never inherits one locked. The window is a few microseconds, so this rarely lands
-    # in it; it checks that children forked while another thread builds tables can build and
-    # fill their own (a hang fails at the deadline).
+    # locks, held across fork so that a child never inherits one locked. The window is a few
+    # microseconds, so this rarely lands in it; it checks that children forked while another
+    # thread builds tables can build and fill their own (a hang fails at the deadline).
     def make():
         seg = mtht.CombineAsSegment(8, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
         return mtht.hash_table_from_config(mtht.HashTableConfigInstance(

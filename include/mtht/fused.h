@@ -62,6 +62,12 @@ inline FusedLayout fused_layout(const std::vector<int>& dims, const int32_t* fss
 
 namespace detail {
 
+// The number of ids in block (n, k): those of shard n for table k.
+inline size_t block_ids(const FusedLayout& L, size_t n, size_t k) {
+  const size_t idx = n * L.num_tables + k;
+  return static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]);
+}
+
 // The ids of table k from every shard, in shard order, and where each block came from.
 struct TableGather {
   std::vector<int64_t> ids;
@@ -72,10 +78,7 @@ struct TableGather {
 inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t k) {
   TableGather g;
   g.begin.push_back(0);
-  for (size_t n = 0; n < L.num_shards; ++n) {
-    const size_t idx = n * L.num_tables + k;
-    g.begin.push_back(g.begin.back() + static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]));
-  }
+  for (size_t n = 0; n < L.num_shards; ++n) g.begin.push_back(g.begin.back() + block_ids(L, n, k));
   g.ids.reserve(g.begin.back());
   g.block.reserve(g.begin.back());
   for (size_t n = 0; n < L.num_shards; ++n) {
@@ -103,14 +106,14 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
       [&](size_t i) {
         const size_t k = i / runs, r = i % runs;
         size_t count = 0;  // table k's ids
-        for (size_t n = 0; n < N; ++n) count += static_cast<size_t>(L.id_offsets[n * K + k + 1] - L.id_offsets[n * K + k]);
+        for (size_t n = 0; n < N; ++n) count += detail::block_ids(L, n, k);
         const size_t b = count * r / runs, e = count * (r + 1) / runs;
         const size_t d = static_cast<size_t>(tables[k]->dim());
         std::vector<EmbeddingTable::IdSpan> spans;  // the parts of blocks in [b, e)
         std::vector<float*> outs;
         for (size_t n = 0, at = 0; n < N && at < e; ++n) {  // `at`: table k's ids before block n
           const size_t idx = n * K + k;
-          const size_t len = static_cast<size_t>(L.id_offsets[idx + 1] - L.id_offsets[idx]);
+          const size_t len = detail::block_ids(L, n, k);
           const size_t lo = std::max(b, at), hi = std::min(e, at + len);
           if (lo < hi) {
             spans.push_back({ids + L.id_offsets[idx] + (lo - at), hi - lo});

@@ -141,9 +141,10 @@ struct alignas(64) Bucket {
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
-// A prefetch the compiler cannot drop. GCC 12 at -O3 removed the row prefetches of the batch
-// loops written with __builtin_prefetch (seen in the generated code): a full miss per row.
-inline void prefetch_row_line(const void* p) {
+// Prefetches the cache line of p, in a way the compiler cannot drop. GCC 12 at -O3 removed
+// the row prefetches of the batch loops written with __builtin_prefetch (seen in the
+// generated code): a full miss per row.
+inline void prefetch(const void* p) {
 #if defined(__x86_64__) || defined(__i386__)
   asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
 #elif defined(__aarch64__)
@@ -153,13 +154,11 @@ inline void prefetch_row_line(const void* p) {
 #endif
 }
 
-inline void prefetch(const void* p) { prefetch_row_line(p); }
-
 // Every cache line of [p, p + bytes).
 inline void prefetch_lines(const void* p, size_t bytes) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
   const uintptr_t last = reinterpret_cast<uintptr_t>(p) + bytes - 1;
-  for (uintptr_t line = first; line <= last; line += 64) prefetch_row_line(reinterpret_cast<const void*>(line));
+  for (uintptr_t line = first; line <= last; line += 64) prefetch(reinterpret_cast<const void*>(line));
 }
 
 // Copies a row of `bytes` bytes: a short row that is a multiple of 32 bytes in 32-byte
