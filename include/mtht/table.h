@@ -664,65 +664,102 @@ struct BatchPlan {
 };
 
 // Groups the ids of consecutive shards [first_shard, last_shard) of a plan by id (and
-// block), shard by shard: each shard's runs in order of first occurrence, each run's
-// positions in input order, in O(n) with a hash table per shard (sized for the shard, so
-// that it stays in the L1 cache).
+// block), shard by shard, each shard's runs in order of first occurrence, and sums the rows
+// (gradients) of every run that occurs more than once, left to right. O(n) with a hash table
+// per shard, sized for the shard so that it stays in the L1 cache.
 struct Runs {
   static constexpr uint32_t kEnd = 0xFFFFFFFFu;
-  std::vector<uint32_t> first;  // each run's first occurrence (a plan position)
-  std::vector<uint32_t> last;   // each run's last occurrence
-  std::vector<uint32_t> next;   // next[k - base]: the next occurrence of the run of position k
-  std::vector<size_t> begin;    // the runs of shard s: [begin[s], begin[s + 1])
-  std::vector<uint32_t> slots;  // hash table of run numbers (kEnd = empty)
-  size_t base = 0;              // the first plan position of the shards grouped
+  static constexpr size_t kAhead = 8;  // rows prefetched this many positions ahead
+  std::vector<uint32_t> first;   // each run's first occurrence (a plan position)
+  std::vector<uint32_t> count;   // each run's occurrences
+  std::vector<uint32_t> sum_of;  // each run's row in `sums`, or kEnd if it occurs once
+  std::vector<size_t> begin;     // the runs of shard s: [begin[s], begin[s + 1])
+  std::vector<float> sums;       // the summed rows, `width` floats each
 
   static Runs& local() {
     static thread_local Runs runs;
     return runs;
   }
 
-  void group(const BatchPlan& plan, size_t first_shard, size_t last_shard, const uint32_t* blocks) {
+  // row(input position): the `width` floats summed for that occurrence.
+  template <class Row>
+  void group(const BatchPlan& plan, size_t first_shard, size_t last_shard, const uint32_t* blocks, size_t width,
+             Row&& row) {
     const size_t* sb = plan.shard_begin.data();
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    base = sb[first_shard];
-    const size_t n = sb[last_shard] - base;
+    const size_t n = sb[last_shard] - sb[first_shard];
     first.resize(n);  // room for n runs, trimmed at the end (no growth checks in the loop)
-    last.resize(n);
-    next.assign(n, kEnd);
+    count.resize(n);
+    sum_of.resize(n);
     begin.resize(plan.shard_begin.size());
-    uint32_t count = 0;
+    uint32_t runs = 0, summed = 0;
+    // Plain pointers: through the members, every pass of the loop would reload them (the
+    // sums are stores the compiler cannot tell apart from the vectors' own fields).
+    uint32_t* run_first = first.data();
+    uint32_t* run_count = count.data();
+    uint32_t* run_sum = sum_of.data();
     for (size_t s = first_shard; s < last_shard; ++s) {
-      begin[s] = count;
+      begin[s] = runs;
       if (sb[s + 1] == sb[s]) continue;
       size_t cap = 16;
       while (cap < 2 * (sb[s + 1] - sb[s])) cap *= 2;
-      slots.assign(cap, kEnd);
+      slots_.assign(cap, Slot{0, kEnd, 0});
+      Slot* slots = slots_.data();
       const size_t mask = cap - 1;
       for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
+        // Any occurrence may turn out to repeat one before it; its row then is read at once.
+        if (k + kAhead < sb[last_shard]) prefetch_lines(row(order[k + kAhead]), sizeof(float) * width);
         const uint32_t p = order[k];
-        const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(blocks[p]) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
+        const int64_t key = keys[k];
+        const uint32_t block = blocks ? blocks[p] : 0;
+        const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(block) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
         for (size_t i = h & mask;; i = (i + 1) & mask) {
-          const uint32_t r = slots[i];
-          if (r == kEnd) {
-            slots[i] = count;
-            first[count] = last[count] = static_cast<uint32_t>(k);
-            ++count;
+          Slot& slot = slots[i];
+          if (slot.run == kEnd) {
+            slot = Slot{key, runs, block};
+            run_first[runs] = static_cast<uint32_t>(k);
+            run_count[runs] = 1;
+            run_sum[runs++] = kEnd;
             break;
           }
-          if (keys[first[r]] == keys[k] && (!blocks || blocks[order[first[r]]] == blocks[p])) {
-            next[last[r] - base] = static_cast<uint32_t>(k);
-            last[r] = static_cast<uint32_t>(k);
-            break;
+          if (slot.key != key || slot.block != block) continue;
+          // Plan positions of a shard are in input order: this adds each run's rows left to right.
+          const uint32_t r = slot.run;
+          if (run_count[r]++ == 1) {
+            run_sum[r] = summed++;
+            if (sums.size() < summed * width) sums.resize(2 * summed * width);
+            float* sum = sums.data() + run_sum[r] * width;
+            const float* g = row(order[run_first[r]]);
+            for (size_t j = 0; j < width; ++j) sum[j] = g[j];
           }
+          float* sum = sums.data() + run_sum[r] * width;
+          const float* g = row(p);
+          for (size_t j = 0; j < width; ++j) sum[j] += g[j];
+          break;
         }
       }
     }
-    begin[last_shard] = count;
-    first.resize(count);
-    last.resize(count);
+    begin[last_shard] = runs;
+    first.resize(runs);
+    count.resize(runs);
+    sum_of.resize(runs);
   }
+
+  // Run r's row: the sum of its rows, or, for a run occurring once, row(its position).
+  template <class Row>
+  const float* summed_row(const BatchPlan& plan, size_t r, size_t width, Row&& row) const {
+    return sum_of[r] == kEnd ? row(plan.order[first[r]]) : sums.data() + static_cast<size_t>(sum_of[r]) * width;
+  }
+
+ private:
+  struct Slot {
+    int64_t key;
+    uint32_t run;  // kEnd: empty
+    uint32_t block;
+  };
+  std::vector<Slot> slots_;
 };
 
 // The room a write batch holds in the shards it writes (Shard::hold), given back when the
@@ -984,22 +1021,14 @@ class EmbeddingTable {
       }, true, true, room_held, planned);
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, blocks, prefetch_grad, [&](detail::Shard& sh, const uint32_t* pos, size_t count,
-                                                                     int64_t id, uint64_t h, float* scratch) {
-      const float* g = grad_row(pos[0]);
-      if (count > 1) {
-        std::memcpy(scratch, g, bytes);
-        for (size_t k = 1; k < count; ++k) {
-          const float* gk = grad_row(pos[k]);
-          for (int j = 0; j < d; ++j) scratch[j] += gk[j];
-        }
-        g = scratch;
-      }
-      const auto slot = admit(sh, id, h, count);
-      if (!slot.bucket) return;
-      step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
-      slot.ts() = ts;
-    }, room_held, planned);
+    for_each_shard_write_runs(ids, n, ts, blocks, grad_row, static_cast<size_t>(d), prefetch_grad,
+                              [&](detail::Shard& sh, const float* g, size_t count, int64_t id, uint64_t h) {
+                                const auto slot = admit(sh, id, h, count);
+                                if (!slot.bucket) return;
+                                step_row(sh.entry(slot.row()).values, id, g, lrs, global_step);
+                                slot.ts() = ts;
+                              },
+                              room_held, planned);
   }
 
   // ---- lifecycle -------------------------------------------------------------------------
@@ -1567,31 +1596,27 @@ class EmbeddingTable {
     return std::max<size_t>(1, std::min(batch_threads(n), n / kMinPerRange));
   }
 
-  // As for_each_shard_write, but calls fn(shard, positions, count, id, hash, scratch) once per
-  // distinct id with all its positions in input order.
-  template <class Ahead, class Fn>
-  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Ahead&& inputs,
-                                 Fn&& fn, bool room_held = false, const detail::PlannedWrite* planned = nullptr) {
+  // As for_each_shard_write, but calls fn(shard, row, count, id, hash) once per distinct id
+  // (and block) occurring `count` times, with the sum, left to right, of the `width`-float rows
+  // row(position) of its occurrences.
+  template <class Row, class Ahead, class Fn>
+  void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Row&& row,
+                                 size_t width, Ahead&& inputs, Fn&& fn, bool room_held = false,
+                                 const detail::PlannedWrite* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
       return;
     }
     std::unique_lock<std::mutex> capacity_lock;
     if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true, room_held);
-    const int d = layout_.dim;
     // The runs of equal ids are visited as the ids of a plain write are, each prefetched at
     // its first occurrence (most ids occur once).
     write_phases(ids, n, ts, planned, [&](const detail::BatchPlan& plan, size_t first, size_t last) {
       detail::Runs& runs = detail::Runs::local();
-      runs.group(plan, first, last, blocks);
-      std::vector<float> scratch(d);
-      std::vector<uint32_t> positions;
-      const uint32_t* order = plan.order.data();
-      const uint32_t* head = runs.first.data();  // each run's first occurrence
+      runs.group(plan, first, last, blocks, width, row);
+      const uint32_t* head = runs.first.data();
       auto run = [&](detail::Shard& sh, size_t r) {
-        positions.clear();
-        for (uint32_t k = head[r]; k != detail::Runs::kEnd; k = runs.next[k - runs.base]) positions.push_back(order[k]);
-        fn(sh, positions.data(), positions.size(), plan.keys[head[r]], plan.hashes[head[r]], scratch.data());
+        fn(sh, runs.summed_row(plan, r, width, row), runs.count[r], plan.keys[head[r]], plan.hashes[head[r]]);
       };
       write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
     });
