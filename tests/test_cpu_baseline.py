@@ -27,7 +27,7 @@ def build(tmp_path_factory):
                  "-DCMAKE_BUILD_TYPE=Release"]
     subprocess.run(configure, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
-                    "room_check"], check=True, capture_output=True)
+                    "room_check", "failed_write_check"], check=True, capture_output=True)
     return build
 
 
@@ -72,4 +72,11 @@ def test_a_write_keeps_the_room_it_reserved(build):
     # Write A reserves room, write B then inserts into the same shard, then A writes: B must
     # grow the index before it writes, and A's write must not grow it half-way through.
     out = subprocess.run([str(build / "room_check")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+
+
+def test_a_write_that_fails_half_way_changes_nothing(build):
+    # An allocation fails at each point of a write batch on two threads in turn: the table
+    # must be left as it was every time, and the write that goes through must be exact.
+    out = subprocess.run([str(build / "failed_write_check")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout

@@ -164,37 +164,58 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // all are written, and each write is checked to fit before any table changes.
   std::vector<std::unique_lock<std::mutex>> capacity_locks;
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
-  // In one call of the pool: each table's ids are gathered, checked to fit and given room
-  // (a task per table; nothing visible changes, and a refusal skips the rest), then the
-  // tables are updated, a task each (each table's own blocks stay in shard order). A table
-  // passed twice is updated in order instead, after the pool call.
+  // In one call of the pool: each table's ids are gathered, checked to fit and given room,
+  // and with `accumulate` grouped by id with their gradients summed (a task per table;
+  // nothing visible changes, a refusal skips the rest, and this is where the update
+  // allocates), then the tables are updated, a task each (each table's own blocks stay in
+  // shard order). A table passed twice is updated in order instead, after the pool call.
   const size_t K = L.num_tables;
-  std::vector<detail::TableGather> gathered(K);
-  std::vector<std::optional<detail::PlannedWrite>> plans(K);  // each table's plan and the room it holds
-  auto update_table = [&](size_t k) {
-    const detail::TableGather& g = gathered[k];
+  struct TableWrite {
+    detail::TableGather gathered;
+    std::vector<int64_t> shift;                  // see grad_rows
+    std::optional<detail::PlannedWrite> planned;  // its plan, the room it holds, its runs
+  };
+  std::vector<TableWrite> writes(K);
+  // Gradients are read in place (no per-table copy of them): gathered position i of table k
+  // is row i - begin[n] of block (n, k), n = block[i].
+  auto grad_rows = [&](size_t k) {
+    const TableWrite& w = writes[k];
+    return [grads, shift = w.shift.data(), block = w.gathered.block.data(), d = tables[k]->dim()](size_t i) {
+      return grads + (shift[block[i]] + static_cast<int64_t>(i) * d);
+    };
+  };
+  auto prepare_table = [&](size_t k) {
+    TableWrite& w = writes[k];
+    const detail::TableGather& g = w.gathered = detail::gather_table(L, ids, k);
     const int64_t d = tables[k]->dim();
-    // Gradients are read in place (no per-table copy of them): gathered position i is row
-    // i - begin[n] of block (n, k), n = g.block[i].
-    std::vector<int64_t> shift(L.num_shards);
     for (size_t n = 0; n < L.num_shards; ++n)
-      shift[n] = L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d;
-    auto grad_row = [&](size_t i) { return grads + (shift[g.block[i]] + static_cast<int64_t>(i) * d); };
-    tables[k]->apply_gradient_rows(g.ids.data(), g.ids.size(), grad_row, lrs + lr_begin[k], global_step, ts,
-                                   accumulate, accumulate ? g.block.data() : nullptr, /*room_held=*/true, &*plans[k]);
+      w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
+    // Entries to evict are chosen now when no other write comes to the table before this
+    // one. A table passed twice chooses them when it writes (its first write changes them),
+    // so with a capacity limit its second write allocates after the first has written.
+    std::optional<detail::Victims> victims;
+    if (distinct) victims = tables[k]->victims_for(g.ids.data(), g.ids.size(), accumulate);
+    else tables[k]->check_room(g.ids.data(), g.ids.size(), accumulate);
+    w.planned.emplace(tables[k]->reserve_ids(g.ids.data(), g.ids.size(), std::move(victims)));
+    if (accumulate) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
+  };
+  auto update_table = [&](size_t k) {
+    const TableWrite& w = writes[k];
+    tables[k]->apply_gradient_rows(w.gathered.ids.data(), w.gathered.ids.size(), grad_rows(k), lrs + lr_begin[k],
+                                   global_step, ts, accumulate, accumulate ? w.gathered.block.data() : nullptr,
+                                   /*room_held=*/true, &*w.planned);
   };
   const bool in_parallel = distinct && K > 1;
   ThreadPool::global().parallel_phases(
       {K, in_parallel ? K : 0},
       [&](size_t phase, size_t k) {
         if (phase == 1) return update_table(k);
-        gathered[k] = detail::gather_table(L, ids, k);
-        tables[k]->check_room(gathered[k].ids.data(), gathered[k].ids.size(), accumulate);
-        plans[k].emplace(tables[k]->reserve_ids(gathered[k].ids.data(), gathered[k].ids.size()));
+        prepare_table(k);
       },
       EmbeddingTable::threads_for(static_cast<size_t>(L.id_offsets.back())));
   if (!in_parallel)
     for (size_t k = 0; k < K; ++k) update_table(k);
+  for (TableWrite& w : writes) w.planned->room.written();
 }
 
 }  // namespace mtht

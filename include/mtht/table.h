@@ -40,7 +40,9 @@
 //   (visit_blocks); reads in input order (read_spans).
 // * Writes are validated (lengths, non-finite values, learning rates) before anything
 //   changes, and capacity for the new ids of a batch is reserved in every shard before the
-//   first entry is touched, so a failed allocation leaves the table unchanged.
+//   first entry is touched; so is everything else a write allocates (the grouping of a
+//   deduplicated write, the choice of entries a capacity limit evicts, the admission
+//   filter's counts), so a failed allocation leaves the table unchanged.
 #pragma once
 
 #include <pthread.h>
@@ -49,6 +51,7 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -56,7 +59,9 @@
 #include <optional>
 #include <shared_mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -225,23 +230,31 @@ class RowArena {
   }
 
   uint32_t allocate() {
-    if (!free_.empty()) {
-      uint32_t r = free_.back();
-      free_.pop_back();
+    if (free_count_ > 0) {
+      const uint32_t r = free_head_;
+      std::memcpy(&free_head_, at(0, r), sizeof free_head_);
+      --free_count_;
       return r;
     }
     reserve(static_cast<uint64_t>(used_) + 1);
     return used_++;
   }
 
-  void release(uint32_t r) { free_.push_back(r); }
+  // The free rows are a list threaded through their own first 4 bytes, so that removing
+  // entries allocates nothing (an eviction comes after every allocation of its write).
+  void release(uint32_t r) {
+    std::memcpy(at(0, r), &free_head_, sizeof free_head_);
+    free_head_ = r;
+    ++free_count_;
+  }
 
  private:
   std::vector<size_t> strides_;
   std::vector<std::vector<Buffer>> chunks_;  // [column][chunk]
   uint64_t capacity_ = 0;
   uint32_t used_ = 0;
-  std::vector<uint32_t> free_;
+  uint32_t free_head_ = 0;   // the last row released, if free_count_ > 0
+  uint64_t free_count_ = 0;
 };
 
 // One independently locked part of the table.
@@ -301,14 +314,22 @@ class Shard {
   // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
   // M ids/s away from the bound, before).
   uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
-    constexpr size_t K = 16;
     uint64_t absent = 0;
+    for_each_absent(ids, hashes, n, [&](size_t) { ++absent; });
+    return absent;
+  }
+
+  // fn(k) for each k < n whose id is not stored, looked up in blocks of 16 with the next
+  // block's home buckets prefetched (one after another, each lookup would wait on memory).
+  template <class Fn>
+  void for_each_absent(const int64_t* ids, const uint64_t* hashes, size_t n, Fn&& fn) const {
+    constexpr size_t K = 16;
     for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
     for (size_t b = 0; b < n; b += K) {
       for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) absent += find(ids[k], hashes[k]).bucket == nullptr;
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k)
+        if (!find(ids[k], hashes[k]).bucket) fn(k);
     }
-    return absent;
   }
 
   // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
@@ -676,8 +697,12 @@ struct Runs {
   std::vector<size_t> begin;     // the runs of shard s: [begin[s], begin[s + 1])
   std::vector<float> sums;       // the summed rows, `width` floats each
 
-  static Runs& local() {
-    static thread_local Runs runs;
+  // The runs of each of `chunks` chunks of a write, kept by the calling thread from one
+  // write to the next so that their memory is reused. A write groups every chunk before it
+  // writes any (the group allocates), so it needs them all at once.
+  static std::vector<Runs>& per_chunk(size_t chunks) {
+    static thread_local std::vector<Runs> runs;
+    if (runs.size() < chunks) runs.resize(chunks);
     return runs;
   }
 
@@ -766,12 +791,23 @@ struct Runs {
 // write is done or has failed: when this is destroyed.
 class HeldRoom {
  public:
-  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}) {}
+  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}), counted_(shards) {}
   HeldRoom(HeldRoom&&) = default;  // leaves the source empty: it releases nothing
   HeldRoom& operator=(HeldRoom&&) = delete;
   ~HeldRoom() {
     for (const auto& [shard, extra] : held_)
       if (shard) shard->release(extra);
+    if (written_) return;
+    // The write did not happen: the counts given ahead of it go, unless another write
+    // has counted the id since.
+    for (const auto& [shard, ids] : counted_) {
+      if (ids.empty()) continue;
+      std::unique_lock<std::shared_mutex> lk(shard->mu);
+      for (int64_t id : ids) {
+        const auto it = shard->counts.find(id);
+        if (it != shard->counts.end() && it->second == 0) shard->counts.erase(it);
+      }
+    }
   }
 
   // Shard s (the caller holds its lock): room for `extra` more entries, held. Each s once.
@@ -780,14 +816,38 @@ class HeldRoom {
     held_[s] = {&shard, extra};
   }
 
+  // Shard s (the caller holds its lock): the admission filter counts `id` from zero, an
+  // entry added ahead of the write so that counting allocates nothing once entries change.
+  void counted(size_t s, Shard& shard, int64_t id) {
+    counted_[s].first = &shard;
+    counted_[s].second.push_back(id);
+  }
+  // ...but the id had a count already: it is not this write's to remove.
+  void uncounted(size_t s) { counted_[s].second.pop_back(); }
+
+  // The write went through: what it counted stays.
+  void written() { written_ = true; }
+
  private:
   std::vector<std::pair<Shard*, uint64_t>> held_;
+  std::vector<std::pair<Shard*, std::vector<int64_t>>> counted_;  // by shard
+  bool written_ = false;
+};
+
+// The entries a write to a capacity-limited table evicts (EmbeddingTable::choose_victims).
+struct Victims {
+  std::unordered_set<int64_t> ids;
+  std::vector<uint64_t> per_shard;  // how many of them each shard holds
 };
 
 // A write batch's plan and the room it holds (EmbeddingTable::reserve_ids).
+
 struct PlannedWrite {
   BatchPlan plan;
   HeldRoom room;
+  size_t chunks;           // the write's runs of consecutive shards (EmbeddingTable::write_chunks)
+  std::vector<Runs> runs;  // for a deduplicated write: the runs of each chunk (group_runs)
+  std::optional<Victims> victims;  // with a capacity limit, when chosen by the caller
 };
 
 }  // namespace detail
@@ -1126,10 +1186,37 @@ class EmbeddingTable {
   // multi-table write calls it for every table before it changes the first one. Returns the
   // batch's plan and the room (held until it is destroyed), for the write to use
   // (apply_gradient_rows).
-  detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n) {
-    detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size())};
-    for (size_t s = 0; s < shards_.size(); ++s) reserve_shard(planned.plan, s, planned.room);
+  // `victims`: the entries the write evicts, if the caller chose them (victims_for); the
+  // room they leave counts as room for the write's new entries. The write goes through the
+  // admission filter. Once it is done, the caller calls planned.room.written().
+  detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {}) {
+    detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
+                                 write_chunks(n), {}, std::move(victims)};
+    for (size_t s = 0; s < shards_.size(); ++s)
+      reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->per_shard[s] : 0);
     return planned;
+  }
+
+  // With a capacity limit, the entries a write of these ids would evict (nothing without
+  // one); `runs` as for check_room. The caller holds lock_capacity() and lets no other write
+  // come to the table before this one (which would make the choice stale). Throws, changing
+  // nothing, when the write cannot fit.
+  std::optional<detail::Victims> victims_for(const int64_t* ids, size_t n, bool runs) {
+    if (!spec_.max_entries) return std::nullopt;
+    detail::Victims victims;
+    choose_victims(ids, n, runs, true, true, victims);
+    return victims;
+  }
+
+  // Groups the ids of a planned deduplicated write and sums their rows (see detail::Runs),
+  // so that the write itself allocates nothing: row(position) as for apply_gradient_rows.
+  template <class Row>
+  void group_runs(detail::PlannedWrite& planned, const uint32_t* blocks, Row&& row) const {
+    planned.runs.resize(planned.chunks);
+    for (size_t i = 0; i < planned.chunks; ++i) {
+      const auto [first, last] = chunk_shards(i, planned.chunks);
+      planned.runs[i].group(planned.plan, first, last, blocks, static_cast<size_t>(layout_.dim), row);
+    }
   }
 
   void check_learning_rates(const float* lrs, size_t n_lrs) const {
@@ -1192,7 +1279,7 @@ class EmbeddingTable {
     if (thresholds_.empty()) return upsert(sh, id, h);
     const uint32_t threshold = thresholds_[slot_of(id)];
     if (threshold > 0 && !sh.find(id, h).bucket) {
-      auto it = sh.counts.emplace(id, 0).first;
+      auto it = sh.counts.try_emplace(id, 0).first;
       const uint64_t before = it->second;
       if (before < threshold) {
         it->second = before + occurrences;
@@ -1537,49 +1624,62 @@ class EmbeddingTable {
       note_ts(ts);
       return;
     }
-    std::unique_lock<std::mutex> capacity_lock;
-    if (spec_.max_entries && limited) capacity_lock = make_room(ids, n, false, gated, room_held);
-    write_phases(ids, n, ts, planned, [&](const detail::BatchPlan& plan, size_t first, size_t last) {
-      const uint32_t* order = plan.order.data();
-      const int64_t* keys = plan.keys.data();
-      const uint64_t* hashes = plan.hashes.data();
-      write_blocks(plan, plan.shard_begin.data(), first, last, [](size_t k) { return k; },
-                   [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); }, inputs);
-    });
+    const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
+                                                               : CapacityRoom{};
+    write_phases(ids, n, ts, planned, capacity.victims(), gated, write_chunks(n), nullptr,
+                 [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
+                   const uint32_t* order = plan.order.data();
+                   const int64_t* keys = plan.keys.data();
+                   const uint64_t* hashes = plan.hashes.data();
+                   write_blocks(plan, plan.shard_begin.data(), first, last, [](size_t k) { return k; },
+                                [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); }, inputs);
+                 });
   }
 
   // The work of a write batch as phases on the pool, all in one wake-up of the helpers:
-  // build the plan over consecutive ranges of the batch (unless the caller has it), reserve
-  // and hold room in every shard the batch touches (unless the caller holds it; all of it
-  // before any entry changes, so a failed allocation changes nothing), then
-  // write(plan, first, last) for consecutive shards [first, last) (write_chunks of them;
-  // more than one per thread, to share the work out).
-  template <class Write>
-  void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned, Write&& write) {
+  // build the plan over consecutive ranges of the batch, reserve and hold room in every
+  // shard the batch touches, prepare(plan, chunk, first, last) (nullptr: nothing to prepare),
+  // evict the `victims` (if any) shard by shard, then write(plan, chunk, first, last) for
+  // `chunks` runs of consecutive shards [first, last) (write_chunks(n): more than one per
+  // thread, to share the work out). Everything that can fail (allocations, the room, what
+  // `prepare` does) is done before any entry changes. A planned write (reserve_ids) has its
+  // plan, room, chunks and preparation already, and allocates nothing here.
+  template <class Prepare, class Write>
+  void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned,
+                    const detail::Victims* victims, bool gated, size_t chunks, Prepare&& prepare, Write&& write) {
+    constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
     std::optional<detail::BatchPlan> own;
     if (!planned) own.emplace(ids, n, shard_bits_, batch_ranges(n));
     const detail::BatchPlan& plan = planned ? planned->plan : *own;
     const size_t ranges = planned ? 0 : own->num_ranges();
-    const size_t shards = shards_.size();
-    const size_t chunks = write_chunks(n);
-    detail::HeldRoom room(planned ? 0 : shards);  // a planned write holds its room already
+    const size_t shards = planned ? 0 : shards_.size();
+    if (planned) chunks = planned->chunks;
+    detail::HeldRoom room(shards);
+    const size_t evicted_shards = victims && !victims->ids.empty() ? shards_.size() : 0;
     ThreadPool::global().parallel_phases(
-        {ranges, ranges, planned ? 0 : shards, chunks},
+        {ranges, ranges, shards, preparing && !planned ? chunks : 0, evicted_shards, chunks},
         [&](size_t phase, size_t i) {
           if (phase == 0) {
             own->count_range(i);
           } else if (phase == 1) {
             own->place_range(i);
           } else if (phase == 2) {
-            reserve_shard(plan, i, room);
+            reserve_shard(plan, i, room, gated, evicted_shards ? victims->per_shard[i] : 0);
+          } else if (phase == 4) {
+            evict_shard(*victims, i);
           } else {
-            const size_t first = shards * i / chunks, last = shards * (i + 1) / chunks;
+            const auto [first, last] = chunk_shards(i, chunks);
             if (plan.shard_begin[last] == plan.shard_begin[first]) return;
+            if (phase == 3) {
+              if constexpr (preparing) prepare(plan, i, first, last);
+              return;
+            }
             note_ts(ts);
-            write(plan, first, last);
+            write(plan, i, first, last);
           }
         },
         threads_for(n));
+    room.written();
   }
 
   // How many runs of consecutive shards a write's shards are handled in: one on one thread;
@@ -1587,6 +1687,11 @@ class EmbeddingTable {
   size_t write_chunks(size_t n) const {
     const size_t threads = batch_threads(n);
     return threads == 1 ? 1 : std::min(shards_.size(), 4 * threads);
+  }
+
+  // The shards [first, last) of chunk i of `chunks`.
+  std::pair<size_t, size_t> chunk_shards(size_t i, size_t chunks) const {
+    return {shards_.size() * i / chunks, shards_.size() * (i + 1) / chunks};
   }
 
   // How many consecutive ranges a batch is cut into (a write builds its plan over them, a
@@ -1607,19 +1712,28 @@ class EmbeddingTable {
       note_ts(ts);
       return;
     }
-    std::unique_lock<std::mutex> capacity_lock;
-    if (spec_.max_entries) capacity_lock = make_room(ids, n, true, true, room_held);
+    const CapacityRoom capacity =
+        spec_.max_entries ? capacity_room(ids, n, true, true, room_held, planned) : CapacityRoom{};
     // The runs of equal ids are visited as the ids of a plain write are, each prefetched at
     // its first occurrence (most ids occur once).
-    write_phases(ids, n, ts, planned, [&](const detail::BatchPlan& plan, size_t first, size_t last) {
-      detail::Runs& runs = detail::Runs::local();
-      runs.group(plan, first, last, blocks, width, row);
-      const uint32_t* head = runs.first.data();
-      auto run = [&](detail::Shard& sh, size_t r) {
-        fn(sh, runs.summed_row(plan, r, width, row), runs.count[r], plan.keys[head[r]], plan.hashes[head[r]]);
-      };
-      write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
-    });
+    const size_t chunks = write_chunks(n);
+    // A planned write's runs are grouped by its caller (group_runs).
+    if (planned && planned->runs.size() != planned->chunks) throw std::logic_error("a planned write was not grouped");
+    std::vector<detail::Runs>* own_runs = planned ? nullptr : &detail::Runs::per_chunk(chunks);
+    const std::vector<detail::Runs>& chunk_runs = planned ? planned->runs : *own_runs;
+    write_phases(
+        ids, n, ts, planned, capacity.victims(), true, chunks,
+        [&](const detail::BatchPlan& plan, size_t chunk, size_t first, size_t last) {
+          (*own_runs)[chunk].group(plan, first, last, blocks, width, row);
+        },
+        [&](const detail::BatchPlan& plan, size_t chunk, size_t first, size_t last) {
+          const detail::Runs& runs = chunk_runs[chunk];
+          const uint32_t* head = runs.first.data();
+          auto run = [&](detail::Shard& sh, size_t r) {
+            fn(sh, runs.summed_row(plan, r, width, row), runs.count[r], plan.keys[head[r]], plan.hashes[head[r]]);
+          };
+          write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
+        });
   }
 
   // With a capacity limit: the ids of a write batch and their occurrences, and how many new
@@ -1662,14 +1776,34 @@ class EmbeddingTable {
     return room;
   }
 
-  // With a capacity limit: if the write batch would grow the table past max_entries, evicts
-  // entries the batch does not touch, chosen by the eviction policy. Returns the lock that
-  // keeps capacity-limited writes one at a time until the batch is written (an empty one
-  // when the caller already holds it: `room_held`).
-  std::unique_lock<std::mutex> make_room(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held) {
+  // The capacity side of a write to a capacity-limited table: the lock, and the entries
+  // it evicts (chosen by the caller of a planned write, or here).
+  struct CapacityRoom {
+    std::unique_lock<std::mutex> lock;
+    detail::Victims chosen;
+    const detail::Victims* planned = nullptr;
+    const detail::Victims* victims() const { return planned ? planned : &chosen; }
+  };
+  CapacityRoom capacity_room(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held,
+                             const detail::PlannedWrite* planned) {
+    CapacityRoom c;
+    if (planned && planned->victims) c.planned = &*planned->victims;
+    else c.lock = choose_victims(ids, n, runs, gated, room_held, c.chosen);
+    return c;
+  }
+
+  // With a capacity limit: if the write batch would grow the table past max_entries,
+  // chooses the entries it evicts (`victims`), among those the batch does not touch, by the
+  // eviction policy; evict_shard removes them once everything that can fail is done. Throws,
+  // changing nothing, when the batch cannot fit. Returns the lock that keeps
+  // capacity-limited writes one at a time until the batch is written (an empty one when the
+  // caller already holds it: `room_held`).
+  std::unique_lock<std::mutex> choose_victims(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held,
+                                              detail::Victims& victims) {
     std::unique_lock<std::mutex> lock;
     if (!room_held) lock = std::unique_lock<std::mutex>(capacity_mu_);
     write_clock_.fetch_add(1);
+    victims.per_shard.assign(shards_.size(), 0);
     const Room room = room_for(ids, n, runs, gated);
     const std::unordered_map<int64_t, uint64_t>& occurrences = room.occurrences;
     const uint64_t new_entries = room.new_entries;
@@ -1698,29 +1832,48 @@ class EmbeddingTable {
     };
     std::nth_element(candidates.begin(), candidates.begin() + static_cast<ptrdiff_t>(excess - 1), candidates.end(),
                      before);
-    std::unordered_map<int64_t, bool> victims;
-    for (uint64_t k = 0; k < excess; ++k) victims[candidates[k].id] = true;
-    uint64_t removed = 0;
-    for (auto* sh : shards_) {
-      std::unique_lock<std::shared_mutex> lk(sh->mu);
-      removed += sh->erase_if([&](int64_t id, int64_t, uint32_t) { return victims.count(id) > 0; });
+    for (uint64_t k = 0; k < excess; ++k) {
+      victims.ids.insert(candidates[k].id);
+      ++victims.per_shard[shard_of(hash_id(candidates[k].id))];
     }
-    evictions_ += removed;
     return lock;
+  }
+
+  // Removes the victims in shard s. Allocates nothing.
+  void evict_shard(const detail::Victims& victims, size_t s) {
+    detail::Shard& sh = *shards_[s];
+    std::unique_lock<std::shared_mutex> lk(sh.mu);
+    evictions_ += sh.erase_if([&](int64_t id, int64_t, uint32_t) { return victims.ids.count(id) > 0; });
   }
 
   // Room in shard s for the plan's new ids of that shard, held for the write in `room` (no
   // ids there: nothing to do), before any entry changes. The shard's share of the batch
   // bounds its new ids; only when that bound would grow the index are the ids looked up, so
-  // rewriting ids already present never grows an index.
-  void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room) {
+  // rewriting ids already present never grows an index. `leaving`: entries of the shard the
+  // write evicts before it inserts, whose room its new entries take. With an admission
+  // filter (`gated` writes), the new ids it counts get their count entry now (see
+  // HeldRoom::counted), so that the write allocates nothing once it changes entries.
+  void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room, bool gated,
+                     uint64_t leaving = 0) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
     detail::Shard& sh = *shards_[s];
     std::unique_lock<std::shared_mutex> lk(sh.mu);
+    auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
+    const int64_t* keys = plan.keys.data() + b;
     uint64_t extra = e - b;
-    if (sh.reserve_grows_index(extra)) extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
-    room.hold(s, sh, extra);
+    if (gated && !thresholds_.empty()) {
+      extra = 0;
+      sh.for_each_absent(keys, plan.hashes.data() + b, e - b, [&](size_t k) {
+        ++extra;
+        if (thresholds_[slot_of(keys[k])] == 0) return;
+        room.counted(s, sh, keys[k]);  // first: should the entry then fail, nothing is left behind
+        if (!sh.counts.try_emplace(keys[k], 0).second) room.uncounted(s);
+      });
+    } else if (sh.reserve_grows_index(beyond_leaving(extra))) {
+      extra = sh.count_absent(keys, plan.hashes.data() + b, e - b);
+    }
+    room.hold(s, sh, beyond_leaving(extra));
   }
 
   static constexpr int kMaxHashNetDim = 4096;

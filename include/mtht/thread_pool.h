@@ -12,7 +12,9 @@
 #include <cstddef>
 #include <exception>
 #include <functional>
+#include <initializer_list>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -59,15 +61,22 @@ class ThreadPool {
   // waits (spinning: phases are short) only for tasks that running threads have already
   // taken, never for a thread that has not started. Once a task throws, the tasks not yet
   // started are skipped; the first exception is rethrown after every task has finished.
-  void parallel_phases(const std::vector<size_t>& sizes, const std::function<void(size_t, size_t)>& fn,
-                       int max_threads = 0) {
-    run(sizes.data(), sizes.size(), fn, true, max_threads);
+  // At most kMaxPhases phases. Allocates nothing, so that a write can use it once it has
+  // started changing a table (fn is called through a reference to it).
+  template <class Fn>
+  void parallel_phases(std::initializer_list<size_t> sizes, Fn&& fn, int max_threads = 0) {
+    if (sizes.size() > kMaxPhases) throw std::logic_error("too many phases");
+    const std::function<void(size_t, size_t)> call(std::ref(fn));  // holds the reference: no allocation
+    run(sizes.begin(), sizes.size(), call, true, max_threads);
   }
+
+  static constexpr size_t kMaxPhases = 8;
 
  private:
   struct Job {
     const std::function<void(size_t, size_t)>* fn;
-    std::vector<size_t> starts;  // first task of each phase, then the number of tasks
+    size_t starts[kMaxPhases + 1];  // first task of each phase, then the number of tasks
+    size_t total = 0;               // tasks in all (starts[phases])
     bool skip_after_error;
     std::atomic<size_t> next{0};
     std::atomic<size_t> finished{0};
@@ -82,13 +91,14 @@ class ThreadPool {
     Job job;
     job.fn = &fn;
     job.skip_after_error = skip_after_error;
-    job.starts.assign(1, 0);
+    job.starts[0] = 0;
     size_t widest = 0;
     for (size_t p = 0; p < phases; ++p) {
-      job.starts.push_back(job.starts.back() + sizes[p]);
+      job.starts[p + 1] = job.starts[p] + sizes[p];
       widest = std::max(widest, sizes[p]);
     }
-    if (job.starts.back() == 0) return;
+    job.total = job.starts[phases];
+    if (job.total == 0) return;
     int want = num_threads();
     if (max_threads > 0) want = std::min(want, max_threads);
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -139,7 +149,7 @@ class ThreadPool {
   }
 
   static void run_tasks(Job& job) {
-    const size_t total = job.starts.back();
+    const size_t total = job.total;
     size_t phase = 0;
     for (;;) {
       const size_t task = job.next.fetch_add(1);

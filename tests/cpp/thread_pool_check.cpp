@@ -31,7 +31,7 @@ void check_phases(mtht::ThreadPool& pool, int threads, int round) {
     begin.push_back(first);
     first += s;
   }
-  pool.parallel_phases(sizes, [&](size_t phase, size_t i) {
+  pool.parallel_phases({3, 0, 64, 1, 7}, [&](size_t phase, size_t i) {
     for (size_t p = 0; p < phase; ++p)
       if (finished[p].load() != sizes[p]) early = true;
     ++runs[begin[phase] + i];

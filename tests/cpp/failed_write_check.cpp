@@ -1,0 +1,199 @@
+// Checks that a write batch in which an allocation fails changes nothing, printing one line
+// per failure and "ok" when there is none. operator new is replaced by one that fails once,
+// at the c-th allocation from the moment it is armed; a batch is written on two threads
+// (so in several chunks of shards) with c = 0, 1, 2, ... until it goes through. Each failed
+// attempt must leave the table as it was, and the one that goes through must give what the
+// same write gives on a table where nothing fails. Each attempt writes from a new thread, so
+// that the memory a thread keeps from one write to the next has to be allocated again.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "mtht/fused.h"
+#include "mtht/table.h"
+
+namespace {
+
+std::atomic<long> allocations_left{-1};  // below zero: no allocation fails
+
+void* allocate(std::size_t n) {
+  if (allocations_left.load() >= 0 && allocations_left.fetch_sub(1) == 0) throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+
+}  // namespace
+
+void* operator new(std::size_t n) { return allocate(n); }
+void* operator new[](std::size_t n) { return allocate(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+namespace {
+
+constexpr int kDim = 4;
+
+int failures = 0;
+
+void expect(bool ok, const char* what, long attempt) {
+  if (ok) return;
+  ++failures;
+  std::printf("FAILED (allocation %ld fails): %s\n", attempt, what);
+}
+
+// Tables holding ids [0, stored) (every value 1), at most max_entries of them (0: any number),
+// and a batch of `length` ids drawn from [0, drawn) followed by `added` new ids.
+struct Case {
+  int64_t stored, drawn, length, added;
+  uint64_t max_entries;
+  uint32_t threshold = 0;  // occurrences before a new id is admitted (0: at once)
+};
+
+mtht::EmbeddingTable* filled_table(const Case& c) {
+  mtht::TableSpec spec;
+  mtht::SegmentSpec seg;
+  seg.dim = kDim;
+  seg.opt = static_cast<int>(mtht::OptKind::kSgd);
+  spec.segments.push_back(seg);
+  spec.num_shards = 64;
+  spec.max_entries = c.max_entries;
+  spec.has_filter = c.threshold > 0;
+  spec.default_occurrence_threshold = c.threshold;
+  auto* t = new mtht::EmbeddingTable(spec);
+  std::vector<int64_t> ids(c.stored);
+  for (int64_t i = 0; i < c.stored; ++i) ids[i] = i;
+  const std::vector<float> rows(ids.size() * kDim, 1.f);
+  t->assign(ids.data(), ids.size(), rows.data(), 0);
+  return t;
+}
+
+// The values of the stored ids and of the added ones (zeros when missing).
+std::vector<float> values(mtht::EmbeddingTable& t, const Case& c) {
+  std::vector<int64_t> ids(c.stored + c.added);
+  for (int64_t i = 0; i < c.stored + c.added; ++i) ids[i] = i;
+  std::vector<float> out(ids.size() * kDim);
+  t.lookup(ids.data(), ids.size(), out.data());
+  // Then the admission filter's counts, as (id, count) pairs in order.
+  std::vector<std::pair<int64_t, uint64_t>> counts;
+  for (size_t s = 0; s < t.stats().num_shards; ++s)
+    t.scan_counts(s, [&](int64_t id, uint64_t n) { counts.emplace_back(id, n); });
+  std::sort(counts.begin(), counts.end());
+  for (const auto& [id, n] : counts) {
+    out.push_back(static_cast<float>(id));
+    out.push_back(static_cast<float>(n));
+  }
+  return out;
+}
+
+// The batch's ids, in a scrambled order, with gradients that differ by position.
+struct Batch {
+  std::vector<int64_t> ids;
+  std::vector<float> grads;
+};
+
+Batch batch(const Case& c) {
+  Batch b;
+  uint64_t x = 12345;
+  for (int64_t i = 0; i < c.length; ++i) {
+    x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    b.ids.push_back(static_cast<int64_t>((x >> 33) % static_cast<uint64_t>(c.drawn)));
+  }
+  for (int64_t i = 0; i < c.added; ++i) b.ids.push_back(c.stored + i);
+  for (size_t i = 0; i < b.ids.size() * kDim; ++i) b.grads.push_back(static_cast<float>(i % 7) * 0.25f);
+  return b;
+}
+
+// Writes `write(tables)` over `num_tables` filled tables with the c-th allocation failing,
+// for c = 0, 1, 2, ... until the write goes through.
+template <class Write>
+void check(const Case& c, size_t num_tables, Write&& write, const std::string& name) {
+  auto fresh = [&] {
+    std::vector<mtht::EmbeddingTable*> tables;
+    for (size_t k = 0; k < num_tables; ++k) tables.push_back(filled_table(c));
+    return tables;
+  };
+  auto state = [&](std::vector<mtht::EmbeddingTable*>& tables) {
+    std::vector<std::vector<float>> all;
+    for (auto* t : tables) {
+      all.push_back(values(*t, c));
+      delete t;
+    }
+    return all;
+  };
+  std::vector<mtht::EmbeddingTable*> reference = fresh();
+  write(reference);
+  const auto after = state(reference);
+  std::vector<mtht::EmbeddingTable*> untouched = fresh();
+  const auto before = state(untouched);
+  long failed = 0;
+  for (long attempt = 0; attempt < 100000; ++attempt) {
+    std::vector<mtht::EmbeddingTable*> tables = fresh();
+    bool threw = false;
+    std::thread writer([&] {
+      allocations_left.store(attempt);
+      try {
+        write(tables);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      allocations_left.store(-1);
+    });
+    writer.join();
+    const auto now = state(tables);
+    if (!threw) {
+      expect(now == after, name.c_str(), attempt);
+      break;
+    }
+    ++failed;
+    expect(now == before, name.c_str(), attempt);
+  }
+  if (failed == 0) {
+    ++failures;
+    std::printf("FAILED: %s: no allocation failed (nothing was checked)\n", name.c_str());
+  }
+}
+
+}  // namespace
+
+int main() {
+  mtht::ThreadPool::global().set_num_threads(2);
+  const float lr = 0.5f;
+  // Stored ids, most of them several times; then, into full capacity-limited tables, new ids
+  // that evict entries the batch does not touch (few distinct ids: each one allocates).
+  for (const Case& c : {Case{20000, 20000, 60000, 0, 0}, Case{2000, 300, 6000, 100, 2000},
+                        Case{2000, 300, 6000, 100, 0, 3}}) {
+    const Batch b = batch(c);
+    const std::string limited = c.max_entries ? " (max_entries)" : c.threshold ? " (admission filter)" : "";
+    for (bool dedup : {true, false})
+      check(
+          c, 1,
+          [&](std::vector<mtht::EmbeddingTable*>& t) {
+            t[0]->apply_gradients(b.ids.data(), b.ids.size(), b.grads.data(), &lr, 1, 1, 7, dedup);
+          },
+          (dedup ? "a write with dedup" : "a write") + limited + " failed and changed the table");
+    // The fused update over 2 tables and 2 shards: blocks (shard, table) of a quarter each.
+    const int32_t quarter = static_cast<int32_t>(b.ids.size() / 4);
+    const std::vector<int32_t> fss(4, quarter);
+    const mtht::FusedLayout layout = mtht::fused_layout({kDim, kDim}, fss.data(), fss.size(), 2, 4 * quarter);
+    const std::vector<float> lrs(2, lr);
+    for (bool dedup : {true, false})
+      check(
+          c, 2,
+          [&](std::vector<mtht::EmbeddingTable*>& t) {
+            mtht::fused_apply_gradients(t, layout, b.ids.data(), b.grads.data(), 4 * quarter * kDim, lrs.data(), 2, 1,
+                                        7, dedup);
+          },
+          (dedup ? "a fused update with dedup" : "a fused update") + limited + " failed and changed a table");
+  }
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
