@@ -405,21 +405,20 @@ class Shard {
   // Calls fn(id, ts, row) for every entry, in row order (sequential reads of the rows).
   template <class Fn>
   void for_each_entry(Fn&& fn) const {
-    struct Live {
+    struct Row {
       int64_t key, ts;
+      bool live;
     };
-    std::vector<Live> by_row(rows_.rows_used());
-    std::vector<uint8_t> live(rows_.rows_used(), 0);
+    std::vector<Row> by_row(rows_.rows_used(), Row{0, 0, false});
     const Bucket* base = buckets();
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
         const uint32_t v = base[b].row[j];
         if (v == kEmpty) continue;
-        by_row[v - 1] = Live{base[b].key[j], base[b].ts[j]};
-        live[v - 1] = 1;
+        by_row[v - 1] = Row{base[b].key[j], base[b].ts[j], true};
       }
-    for (uint32_t r = 0; r < live.size(); ++r)
-      if (live[r]) fn(by_row[r].key, by_row[r].ts, r);
+    for (uint32_t r = 0; r < by_row.size(); ++r)
+      if (by_row[r].live) fn(by_row[r].key, by_row[r].ts, r);
   }
 
   // Removes every entry for which drop(id, ts, row) is true; returns how many. Their rows are
