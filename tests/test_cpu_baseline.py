@@ -27,7 +27,8 @@ def build(tmp_path_factory):
                  "-DCMAKE_BUILD_TYPE=Release"]
     subprocess.run(configure, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
-                    "room_check", "failed_write_check"], check=True, capture_output=True)
+                    "room_check", "failed_write_check", "count_map_check"],
+                   check=True, capture_output=True)
     return build
 
 
@@ -79,4 +80,11 @@ def test_a_write_that_fails_half_way_changes_nothing(build):
     # An allocation fails at each point of a write batch on two threads in turn: the table
     # must be left as it was every time, and the write that goes through must be exact.
     out = subprocess.run([str(build / "failed_write_check")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+
+
+def test_the_filter_count_map_agrees_with_a_dict(build):
+    # Random runs of entries, removals and lookups over small id ranges (clusters that wrap
+    # around and are cut by removals), INT64_MIN among the ids, against std::unordered_map.
+    out = subprocess.run([str(build / "count_map_check")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout

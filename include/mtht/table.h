@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "mtht/buffer.h"
+#include "mtht/count_map.h"
 #include "mtht/errors.h"
 #include "mtht/hash.h"
 #include "mtht/initializers.h"
@@ -268,7 +269,7 @@ class Shard {
   mutable std::shared_mutex mu;
 
   // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
-  std::unordered_map<int64_t, uint64_t> counts;
+  CountMap counts;
 
   size_t size() const { return size_; }
   const RowArena& rows() const { return rows_; }
@@ -803,8 +804,8 @@ class HeldRoom {
       if (ids.empty()) continue;
       std::unique_lock<std::shared_mutex> lk(shard->mu);
       for (int64_t id : ids) {
-        const auto it = shard->counts.find(id);
-        if (it != shard->counts.end() && it->second == 0) shard->counts.erase(it);
+        const uint64_t* count = shard->counts.find(id, hash_id(id));
+        if (count && *count == 0) shard->counts.erase(id, hash_id(id));
       }
     }
   }
@@ -1131,7 +1132,7 @@ class EmbeddingTable {
   void scan_counts(size_t s, Fn&& fn) const {
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<std::shared_mutex> lk(sh.mu);
-    for (const auto& kv : sh.counts) fn(kv.first, kv.second);
+    sh.counts.for_each(fn);
   }
 
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
@@ -1151,7 +1152,7 @@ class EmbeddingTable {
     for (size_t i = 0; i < n; ++i) {
       detail::Shard& sh = *shards_[shard_of(hash_id(ids[i]))];
       std::unique_lock<std::shared_mutex> lk(sh.mu);
-      sh.counts[ids[i]] = counts[i];
+      *sh.counts.try_emplace(ids[i], hash_id(ids[i])).first = counts[i];
     }
   }
 
@@ -1278,13 +1279,13 @@ class EmbeddingTable {
     if (thresholds_.empty()) return upsert(sh, id, h);
     const uint32_t threshold = thresholds_[slot_of(id)];
     if (threshold > 0 && !sh.find(id, h).bucket) {
-      auto it = sh.counts.try_emplace(id, 0).first;
-      const uint64_t before = it->second;
+      uint64_t* count = sh.counts.try_emplace(id, h).first;
+      const uint64_t before = *count;
       if (before < threshold) {
-        it->second = before + occurrences;
+        *count = before + occurrences;
         return Slot{nullptr, 0};
       }
-      sh.counts.erase(it);  // admitted: the entry itself now stands for the id
+      sh.counts.erase(id, h);  // admitted: the entry itself now stands for the id
     }
     return upsert(sh, id, h);
   }
@@ -1757,8 +1758,8 @@ class EmbeddingTable {
       }
       if (gated && !thresholds_.empty()) {
         const uint32_t threshold = thresholds_[slot_of(kv.first)];
-        const auto it = sh.counts.find(kv.first);
-        const uint64_t before = it == sh.counts.end() ? 0 : it->second;
+        const uint64_t* count = sh.counts.find(kv.first, h);
+        const uint64_t before = count ? *count : 0;
         const uint64_t last_seen = runs ? before : before + kv.second - 1;
         if (threshold > 0 && last_seen < threshold) continue;  // stays filtered
       }
@@ -1867,7 +1868,7 @@ class EmbeddingTable {
         ++extra;
         if (thresholds_[slot_of(keys[k])] == 0) return;
         room.counted(s, sh, keys[k]);  // first: should the entry then fail, nothing is left behind
-        if (!sh.counts.try_emplace(keys[k], 0).second) room.uncounted(s);
+        if (!sh.counts.try_emplace(keys[k], plan.hashes[b + k]).second) room.uncounted(s);
       });
     } else if (sh.reserve_grows_index(beyond_leaving(extra))) {
       extra = sh.count_absent(keys, plan.hashes.data() + b, e - b);

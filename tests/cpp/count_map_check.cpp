@@ -1,0 +1,104 @@
+// Checks the admission filter's count map against std::unordered_map over long random runs of
+// entries, removals and lookups, printing one line per failure and "ok" when there is none.
+// The ids come from small ranges (so clusters form, wrap around the end of the array and are
+// cut by removals) and include INT64_MIN, the value that marks an empty slot.
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <unordered_map>
+#include <vector>
+
+#include "mtht/count_map.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, int round, long step) {
+  if (ok) return;
+  ++failures;
+  if (failures < 20) std::printf("FAILED: %s (round %d, step %ld)\n", what, round, step);
+}
+
+void check_round(int round, int64_t range) {
+  mtht::detail::CountMap map;
+  std::unordered_map<int64_t, uint64_t> model;
+  uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(round + 1);
+  auto next = [&] {
+    x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+    return x >> 33;
+  };
+  for (long step = 0; step < 200000; ++step) {
+    const uint64_t r = next();
+    const int64_t id = r % 97 == 0 ? INT64_MIN : static_cast<int64_t>(next() % static_cast<uint64_t>(range)) - range / 2;
+    const uint64_t h = mtht::hash_id(id);
+    switch (r % 4) {
+      case 0:
+      case 1: {  // count one more occurrence
+        const auto [count, entered] = map.try_emplace(id, h);
+        expect(entered == (model.count(id) == 0), "try_emplace says whether the id was new", round, step);
+        ++*count;
+        ++model[id];
+        break;
+      }
+      case 2:  // remove
+        map.erase(id, h);
+        model.erase(id);
+        break;
+      default: {  // look up
+        const uint64_t* count = map.find(id, h);
+        const auto it = model.find(id);
+        expect((count != nullptr) == (it != model.end()), "find agrees on presence", round, step);
+        if (count && it != model.end()) expect(*count == it->second, "find gives the count", round, step);
+      }
+    }
+    if (step % 1000 == 0) {
+      expect(map.size() == model.size(), "size", round, step);
+      std::map<int64_t, uint64_t> seen;
+      map.for_each([&](int64_t i, uint64_t c) { seen[i] += c + (seen.count(i) ? 1u << 30 : 0); });
+      expect(seen == std::map<int64_t, uint64_t>(model.begin(), model.end()), "for_each visits each id once",
+             round, step);
+    }
+  }
+}
+
+// A cluster across the end of the array: ids whose home is the last of the 16 slots of a new
+// map, plus one whose home is slot 0, entered and then removed in every order.
+void check_wrapped_cluster() {
+  std::vector<int64_t> last, first;
+  for (int64_t id = 0; last.size() < 3 || first.empty(); ++id) {
+    const uint64_t home = mtht::hash_id(id) & 15;
+    if (home == 15 && last.size() < 3) last.push_back(id);
+    if (home == 0 && first.empty()) first.push_back(id);
+  }
+  std::vector<int64_t> ids = {last[0], last[1], first[0], last[2]};  // slots 15, 0, 1, 2
+  std::vector<int> order = {0, 1, 2, 3};
+  int round = 1000;
+  do {
+    mtht::detail::CountMap map;
+    for (int64_t id : ids) *map.try_emplace(id, mtht::hash_id(id)).first = static_cast<uint64_t>(id) + 1;
+    std::vector<bool> gone(ids.size(), false);
+    for (int k : order) {
+      map.erase(ids[k], mtht::hash_id(ids[k]));
+      gone[k] = true;
+      for (size_t q = 0; q < ids.size(); ++q) {
+        const uint64_t* count = map.find(ids[q], mtht::hash_id(ids[q]));
+        expect(gone[q] ? count == nullptr : count && *count == static_cast<uint64_t>(ids[q]) + 1,
+               "a cluster across the end of the array after a removal", round, k);
+      }
+    }
+    ++round;
+  } while (std::next_permutation(order.begin(), order.end()));
+}
+
+}  // namespace
+
+int main() {
+  check_wrapped_cluster();
+  int round = 0;
+  for (int64_t range : {8, 40, 300, 5000})
+    for (int i = 0; i < 3; ++i) check_round(round++, range);
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
