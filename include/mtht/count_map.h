@@ -72,6 +72,11 @@ class CountMap {
 
   size_t size() const { return used_ + (has_empty_key_ ? 1 : 0); }
 
+  // Room for `n` ids in all, so that entering ids up to that many allocates nothing.
+  void reserve(size_t n) {
+    while (2 * n > slots_.size()) grow();
+  }
+
   // fn(id, count) for every id with a count.
   template <class Fn>
   void for_each(Fn&& fn) const {
@@ -88,6 +93,7 @@ class CountMap {
     uint64_t count;
   };
 
+  // Doubles the slots (16 at first) and enters the ids again.
   void grow() {
     std::vector<Slot> old(slots_.empty() ? 16 : 2 * slots_.size(), Slot{kEmpty, 0});
     old.swap(slots_);

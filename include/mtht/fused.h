@@ -215,7 +215,6 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
       EmbeddingTable::threads_for(static_cast<size_t>(L.id_offsets.back())));
   if (!in_parallel)
     for (size_t k = 0; k < K; ++k) update_table(k);
-  for (TableWrite& w : writes) w.planned->room.written();
 }
 
 }  // namespace mtht

@@ -315,22 +315,14 @@ class Shard {
   // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
   // M ids/s away from the bound, before).
   uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
-    uint64_t absent = 0;
-    for_each_absent(ids, hashes, n, [&](size_t) { ++absent; });
-    return absent;
-  }
-
-  // fn(k) for each k < n whose id is not stored, looked up in blocks of 16 with the next
-  // block's home buckets prefetched (one after another, each lookup would wait on memory).
-  template <class Fn>
-  void for_each_absent(const int64_t* ids, const uint64_t* hashes, size_t n, Fn&& fn) const {
     constexpr size_t K = 16;
+    uint64_t absent = 0;
     for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
     for (size_t b = 0; b < n; b += K) {
       for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k)
-        if (!find(ids[k], hashes[k]).bucket) fn(k);
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) absent += find(ids[k], hashes[k]).bucket == nullptr;
     }
+    return absent;
   }
 
   // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
@@ -791,23 +783,12 @@ struct Runs {
 // write is done or has failed: when this is destroyed.
 class HeldRoom {
  public:
-  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}), counted_(shards) {}
+  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}) {}
   HeldRoom(HeldRoom&&) = default;  // leaves the source empty: it releases nothing
   HeldRoom& operator=(HeldRoom&&) = delete;
   ~HeldRoom() {
     for (const auto& [shard, extra] : held_)
       if (shard) shard->release(extra);
-    if (written_) return;
-    // The write did not happen: the counts given ahead of it go, unless another write
-    // has counted the id since.
-    for (const auto& [shard, ids] : counted_) {
-      if (ids.empty()) continue;
-      std::unique_lock<std::shared_mutex> lk(shard->mu);
-      for (int64_t id : ids) {
-        const uint64_t* count = shard->counts.find(id, hash_id(id));
-        if (count && *count == 0) shard->counts.erase(id, hash_id(id));
-      }
-    }
   }
 
   // Shard s (the caller holds its lock): room for `extra` more entries, held. Each s once.
@@ -816,22 +797,8 @@ class HeldRoom {
     held_[s] = {&shard, extra};
   }
 
-  // Shard s (the caller holds its lock): the admission filter counts `id` from zero, an
-  // entry added ahead of the write so that counting allocates nothing once entries change.
-  void counted(size_t s, Shard& shard, int64_t id) {
-    counted_[s].first = &shard;
-    counted_[s].second.push_back(id);
-  }
-  // ...but the id had a count already: it is not this write's to remove.
-  void uncounted(size_t s) { counted_[s].second.pop_back(); }
-
-  // The write went through: what it counted stays.
-  void written() { written_ = true; }
-
  private:
   std::vector<std::pair<Shard*, uint64_t>> held_;
-  std::vector<std::pair<Shard*, std::vector<int64_t>>> counted_;  // by shard
-  bool written_ = false;
 };
 
 // The entries a write to a capacity-limited table evicts (EmbeddingTable::choose_victims).
@@ -1188,7 +1155,7 @@ class EmbeddingTable {
   // (apply_gradient_rows).
   // `victims`: the entries the write evicts, if the caller chose them (victims_for); the
   // room they leave counts as room for the write's new entries. The write goes through the
-  // admission filter. Once it is done, the caller calls planned.room.written().
+  // admission filter.
   detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {}) {
     detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
                                  write_chunks(n), {}, std::move(victims)};
@@ -1679,7 +1646,6 @@ class EmbeddingTable {
           }
         },
         threads_for(n));
-    room.written();
   }
 
   // How many runs of consecutive shards a write's shards are handled in: one on one thread;
@@ -1851,8 +1817,8 @@ class EmbeddingTable {
   // bounds its new ids; only when that bound would grow the index are the ids looked up, so
   // rewriting ids already present never grows an index. `leaving`: entries of the shard the
   // write evicts before it inserts, whose room its new entries take. With an admission
-  // filter (`gated` writes), the new ids it counts get their count entry now (see
-  // HeldRoom::counted), so that the write allocates nothing once it changes entries.
+  // filter (`gated` writes), the filter's counts get room for the ids too, beside the room
+  // held by other writes (each of whose held entries may turn out a count instead).
   void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room, bool gated,
                      uint64_t leaving = 0) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
@@ -1860,19 +1826,10 @@ class EmbeddingTable {
     detail::Shard& sh = *shards_[s];
     std::unique_lock<std::shared_mutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
-    const int64_t* keys = plan.keys.data() + b;
     uint64_t extra = e - b;
-    if (gated && !thresholds_.empty()) {
-      extra = 0;
-      sh.for_each_absent(keys, plan.hashes.data() + b, e - b, [&](size_t k) {
-        ++extra;
-        if (thresholds_[slot_of(keys[k])] == 0) return;
-        room.counted(s, sh, keys[k]);  // first: should the entry then fail, nothing is left behind
-        if (!sh.counts.try_emplace(keys[k], plan.hashes[b + k]).second) room.uncounted(s);
-      });
-    } else if (sh.reserve_grows_index(beyond_leaving(extra))) {
-      extra = sh.count_absent(keys, plan.hashes.data() + b, e - b);
-    }
+    if (sh.reserve_grows_index(beyond_leaving(extra)))
+      extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
+    if (gated && !thresholds_.empty()) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
     room.hold(s, sh, beyond_leaving(extra));
   }
 
