@@ -808,7 +808,6 @@ struct Victims {
 };
 
 // A write batch's plan and the room it holds (EmbeddingTable::reserve_ids).
-
 struct PlannedWrite {
   BatchPlan plan;
   HeldRoom room;
@@ -1807,6 +1806,7 @@ class EmbeddingTable {
 
   // Removes the victims in shard s. Allocates nothing.
   void evict_shard(const detail::Victims& victims, size_t s) {
+    if (victims.per_shard[s] == 0) return;  // (a removal scans the shard's whole index)
     detail::Shard& sh = *shards_[s];
     std::unique_lock<std::shared_mutex> lk(sh.mu);
     evictions_ += sh.erase_if([&](int64_t id, int64_t, uint32_t) { return victims.ids.count(id) > 0; });
