@@ -31,7 +31,8 @@ void check_round(int round, int64_t range) {
   };
   for (long step = 0; step < 200000; ++step) {
     const uint64_t r = next();
-    const int64_t id = r % 97 == 0 ? INT64_MIN : static_cast<int64_t>(next() % static_cast<uint64_t>(range)) - range / 2;
+    const int64_t drawn = static_cast<int64_t>(next() % static_cast<uint64_t>(range)) - range / 2;
+    const int64_t id = r % 97 == 0 ? INT64_MIN : drawn;
     const uint64_t h = mtht::hash_id(id);
     switch (r % 4) {
       case 0:
