@@ -70,6 +70,11 @@ class CountMap {
     --used_;
   }
 
+  // Fetches the home slot of an id with hash h into the cache.
+  void prefetch(uint64_t h) const {
+    if (!slots_.empty()) __builtin_prefetch(&slots_[h & mask_]);
+  }
+
   size_t size() const { return used_ + (has_empty_key_ ? 1 : 0); }
 
   // Room for `n` ids in all, so that entering ids up to that many allocates nothing.

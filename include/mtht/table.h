@@ -1462,13 +1462,15 @@ class EmbeddingTable {
       const auto s = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
       row1[k % (4 * kBlock)] = s.bucket ? s.bucket->row[s.j] : 0;
     }
-    void prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) const {
+    // Returns whether the id is stored.
+    bool prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) const {
       uint32_t r1 = row1[k % (4 * kBlock)];
       if (further[k % (4 * kBlock)]) {
         const auto s = sh.find(id, h);
         r1 = s.bucket ? s.bucket->row[s.j] : 0;
       }
       if (r1) detail::prefetch_lines(sh.entry(r1 - 1).values, bytes);
+      return r1 != 0;
     }
   };
 
@@ -1565,12 +1567,13 @@ class EmbeddingTable {
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
     LocatedRows found;  // for prefetching only: fn finds (or inserts) each id itself
+    const bool counting = !thresholds_.empty();  // an absent id is counted by the admission filter
     visit_blocks(
         begin, first, last, [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) {
           const size_t q = at(k);
-          found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes);
+          if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
           ahead(order[q]);
         },
         fn);
