@@ -698,6 +698,20 @@ struct Runs {
     return runs;
   }
 
+  // Gives back the memory of an unusually large batch once it is written, so that a thread
+  // does not keep it (the sums of a batch of 10M ids at dim 64 could take gigabytes).
+  void trim() {
+    constexpr size_t kKeepBytes = size_t{16} << 20;
+    auto drop_if_large = [](auto& v) {
+      if (v.capacity() * sizeof(v[0]) > kKeepBytes) std::decay_t<decltype(v)>().swap(v);
+    };
+    drop_if_large(first);
+    drop_if_large(count);
+    drop_if_large(sum_of);
+    drop_if_large(sums);
+    drop_if_large(slots_);
+  }
+
   // row(input position): the `width` floats summed for that occurrence.
   template <class Row>
   void group(const BatchPlan& plan, size_t first_shard, size_t last_shard, const uint32_t* blocks, size_t width,
@@ -1702,6 +1716,8 @@ class EmbeddingTable {
           };
           write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
         });
+    if (own_runs)
+      for (detail::Runs& runs : *own_runs) runs.trim();
   }
 
   // With a capacity limit: the ids of a write batch and their occurrences, and how many new
