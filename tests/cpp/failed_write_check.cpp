@@ -2,9 +2,12 @@
 // per failure and "ok" when there is none. operator new is replaced by one that fails once,
 // at the c-th allocation from the moment it is armed; a batch is written on two threads
 // (so in several chunks of shards) with c = 0, 1, 2, ... until it goes through. Each failed
-// attempt must leave the table as it was, and the one that goes through must give what the
-// same write gives on a table where nothing fails. Each attempt writes from a new thread, so
-// that the memory a thread keeps from one write to the next has to be allocated again.
+// attempt must leave the tables as they were (values and the admission filter's counts), and
+// the one that goes through must give what the same write gives where nothing fails. The
+// writes: apply_gradients with and without dedup into one table, and the fused update over
+// two, into unlimited, capacity-limited (evicting) and filtered tables. Each attempt writes
+// from a new thread, so that the memory a thread keeps from one write to the next has to be
+// allocated again.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
