@@ -1174,8 +1174,10 @@ def format_report(result: dict, header: bool = True) -> str:
         lines.append("goals:")
         config = result.get("config", {})
         if config.get("size") not in _GOAL_SIZES or config.get("batch_size") != _GOAL_BATCH:
-            lines.append(f"  (set for tables of 1M and 10M ids and batches of {_GOAL_BATCH:,}; on this run's workload,")
-            lines.append("  costs per call and per table weigh differently, so a miss or a hit here does not settle a goal)")
+            lines.append(f"  (set for tables of 1M and 10M ids and batches of {_GOAL_BATCH:,}; on this run's "
+                         "workload,")
+            lines.append("  costs per call and per table weigh differently, so a miss or a hit here does not "
+                         "settle a goal)")
         for g in goals:
             val = f"{g['value']:.0f}%" if g["unit"] == "%" else f"{g['value']:.2f}x"
             lines.append(f"  [{'met' if g['met'] else 'not met':>7}] {g['goal']}: {val}")
