@@ -62,29 +62,31 @@ def test_runs_on_a_cpu_without_avx(smoke):
     assert checksum == run([str(smoke)], "scalar")[1]
 
 
+def check_passes(build, name):
+    """Runs the C++ check `name`, which prints "ok" when every expectation holds."""
+    out = subprocess.run([str(build / name)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+
+
 def test_thread_pool_contract(build):
     # Every task runs once; a phase starts only after the earlier phases have finished, and
     # the phases after a failed task are skipped; a call from inside a task runs alone.
-    out = subprocess.run([str(build / "thread_pool_check")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+    check_passes(build, "thread_pool_check")
 
 
 def test_a_write_keeps_the_room_it_reserved(build):
     # Write A reserves room, write B then inserts into the same shard, then A writes: B must
     # grow the index before it writes, and A's write must not grow it half-way through.
-    out = subprocess.run([str(build / "room_check")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+    check_passes(build, "room_check")
 
 
 def test_a_write_that_fails_half_way_changes_nothing(build):
     # An allocation fails at each point of a write batch on two threads in turn: the table
     # must be left as it was every time, and the write that goes through must be exact.
-    out = subprocess.run([str(build / "failed_write_check")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+    check_passes(build, "failed_write_check")
 
 
 def test_the_filter_count_map_agrees_with_a_dict(build):
     # Random runs of entries, removals and lookups over small id ranges (clusters that wrap
     # around and are cut by removals), INT64_MIN among the ids, against std::unordered_map.
-    out = subprocess.run([str(build / "count_map_check")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
+    check_passes(build, "count_map_check")
