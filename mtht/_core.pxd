@@ -105,7 +105,6 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs,
                              size_t n_lrs, int64_t global_step, int64_t ts, cbool dedup) except +translate_exception
         void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) except +translate_exception
-        void check_write(const int64_t* ids, size_t n, cbool runs, int64_t global_step) except +translate_exception
         uint64_t evict(int64_t max_update_time) except +translate_exception
         void check_finite(const float* v, size_t count, const char* what) except +translate_exception
         void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) except +translate_exception
@@ -114,6 +113,25 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         cbool has_filter()
         float hashnet_scale_of(size_t segment)
         void set_hashnet_scale(size_t segment, float v)
+
+
+cdef extern from "mtht/multi_write.h" namespace "mtht" nogil:
+    cdef enum class WriteKind "mtht::WriteKind":
+        kAssign
+        kAssignAdd
+        kApplyGradients
+
+    cdef cppclass TablePart:
+        EmbeddingTable* table
+        WriteKind kind
+        const int64_t* ids
+        size_t n
+        const float* rows
+        const float* lrs
+        size_t n_lrs
+
+    void write_tables(const vector[TablePart]& parts, int64_t global_step, int64_t ts,
+                      cbool dedup) except +translate_exception
 
 
 cdef extern from "mtht/fused.h" namespace "mtht" nogil:

@@ -17,7 +17,7 @@ import numpy as np
 from mtht._core cimport (
     EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
-    c_fused_apply_gradients, c_fused_lookup, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
+    c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
     ProbeResult, random_read_probe,
 )
 from libcpp.string cimport string
@@ -30,7 +30,7 @@ cdef extern from *:
 
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
-           "fused_offsets", "fused_lookup", "fused_apply_gradient"]
+           "fused_offsets", "fused_lookup", "fused_apply_gradient", "write_tables"]
 
 
 def compiler():
@@ -326,10 +326,6 @@ cdef class Table:
             self._t.get().apply_gradients(&ids[0], n, &grads[0, 0], &learning_rates[0], n_lrs,
                                           global_step, ts, dedup)
 
-    def check_write(self, const int64_t[::1] ids, bint runs, int64_t global_step):
-        with nogil:
-            self._t.get().check_write(&ids[0], ids.shape[0], runs, global_step)
-
     def reinitialize(self, const int64_t[::1] ids, int64_t ts):
         cdef Py_ssize_t n = ids.shape[0]
         status = np.empty(n, dtype=np.int32)
@@ -337,6 +333,41 @@ cdef class Table:
         with nogil:
             self._t.get().reinitialize(&ids[0], n, ts, &st[0])
         return status
+
+
+_WRITE_KINDS = {"assign": WriteKind.kAssign, "assign_add": WriteKind.kAssignAdd,
+                "apply_gradients": WriteKind.kApplyGradients}
+
+
+def write_tables(list parts, int64_t global_step, int64_t ts, bint dedup):
+    """Writes to several tables, all or none. ``parts``: ``(table, kind, ids, rows,
+    learning_rates)`` per table, ``kind`` one of "assign", "assign_add", "apply_gradients"
+    (``learning_rates`` None for the other two); rows hold ``len(ids)`` rows of the table's dim."""
+    cdef vector[TablePart] c_parts
+    cdef TablePart part
+    cdef Table t
+    cdef const int64_t[::1] ids
+    cdef const float[:, ::1] rows
+    cdef const float[::1] lrs
+    for table, kind, id_array, row_array, lr_array in parts:
+        t = table
+        ids = id_array
+        rows = row_array
+        _check_rows(ids.shape[0], rows.shape[0], rows.shape[1], t.dim, "rows")
+        part.table = t._t.get()
+        part.kind = _WRITE_KINDS[kind]
+        part.ids = &ids[0] if ids.shape[0] > 0 else NULL
+        part.n = ids.shape[0]
+        part.rows = &rows[0, 0] if ids.shape[0] > 0 else NULL
+        part.lrs = NULL
+        part.n_lrs = 0
+        if lr_array is not None:
+            lrs = lr_array
+            part.lrs = &lrs[0] if lrs.shape[0] > 0 else NULL
+            part.n_lrs = lrs.shape[0]
+        c_parts.push_back(part)
+    with nogil:
+        c_write_tables(c_parts, global_step, ts, dedup)
 
 
 cdef FusedLayout _layout(list tables, const int32_t[::1] fused_slot_size, int64_t num_shards, Py_ssize_t n_ids) except *:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -18,8 +18,8 @@ from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_ro
 from mtht._spec import core_segments, split_state
 from mtht.feature_eviction import FeatureEvictor
 
-__all__ = ["BaseHashTable", "HashTable", "EntryDump", "hash_table_from_config", "fused_lookup",
-           "fused_apply_gradient"]
+__all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "write_all", "hash_table_from_config",
+           "fused_lookup", "fused_apply_gradient"]
 
 
 @dataclasses.dataclass
@@ -64,6 +64,42 @@ class BaseHashTable(abc.ABC):
 
 def _req_time(req_time=None) -> int:
     return 0 if req_time is None else as_int64_scalar(req_time, "req_time")
+
+
+@dataclasses.dataclass(frozen=True)
+class TableWrite:
+    """One table's write, converted and checked (:meth:`HashTable.prepare_write`)."""
+
+    core: _core.Table
+    method: str  # "assign", "assign_add" or "apply_gradients"
+    ids: np.ndarray
+    rows: np.ndarray  # values, or gradients
+    learning_rates: Optional[np.ndarray]  # apply_gradients: one per segment
+    global_step: int
+    req_time: int
+    dedup: bool
+
+    def apply(self) -> None:
+        if self.method == "apply_gradients":
+            self.core.apply_gradients(self.ids, self.rows, self.learning_rates, self.global_step, self.req_time,
+                                      self.dedup)
+        else:
+            getattr(self.core, self.method)(self.ids, self.rows, self.req_time)
+
+
+def write_all(writes: List[TableWrite]) -> None:
+    """Apply writes to one or several tables: all of them, or (raising) none. Every write is
+    checked, and given the room and the memory it needs, before the first table changes. The
+    writes share their ``global_step``, ``req_time`` and ``dedup``."""
+    if len(writes) == 1:
+        writes[0].apply()
+        return
+    if len({(w.global_step, w.req_time, w.dedup) for w in writes}) > 1:
+        raise ValueError("writes applied together must share global_step, req_time and dedup")
+    if writes:
+        first = writes[0]
+        _core.write_tables([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
+                           first.global_step, first.req_time, first.dedup)
 
 
 class HashTable(BaseHashTable):
@@ -197,52 +233,36 @@ class HashTable(BaseHashTable):
         ]
 
     # -- writes ----------------------------------------------------------------------------
-    # Each write is split in two: prepare_write() converts and checks every argument and
-    # returns a commit function that only changes the table. Multi-slot writes prepare every
-    # slot before committing any, so a bad slot changes nothing.
-    def prepare_write(self, method: str, ids, tensor, *args, check_all: bool = True, **kwargs) -> Callable[[], None]:
-        """Validate a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``) and return
-        the function that applies it. ``check_all`` also makes now the checks the commit would
-        make before changing anything: NaN/Inf, ``max_entries`` (the write must fit however
-        many entries are evicted) and the step of a batch_softmax segment. One table's own
-        writes leave them to the commit (``check_all=False``). A capacity check made now can
-        be overtaken by a concurrent write to the same table before the commit; the commit
-        then still refuses cleanly, but the slots committed before it stay written."""
+    # Each write is split in two: prepare_write() converts and checks every argument into a
+    # TableWrite, and write_all() applies one or several of them, so that a multi-slot write
+    # changes every slot's table or none.
+    def prepare_write(self, method: str, ids, tensor, *args, **kwargs) -> "TableWrite":
+        """Convert and check a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``,
+        with that method's arguments) without applying it; see :func:`write_all`."""
         ids = as_ids(ids)
         what = "grads" if method == "apply_gradients" else "values"
         rows = as_rows(tensor, ids.shape[0], self._dim, what)
-        core = self._core
-        if check_all:
-            core.check_finite(rows, what)
         if method in ("assign", "assign_add"):
-            ts = _req_time(*args, **kwargs)
-            if check_all:
-                core.check_write(ids, False, 0)
-            write = core.assign if method == "assign" else core.assign_add
-            return lambda: write(ids, rows, ts)
+            return TableWrite(self._core, method, ids, rows, None, 0, _req_time(*args, **kwargs), False)
         if method == "apply_gradients":
-            return self._prepare_apply(ids, rows, *args, check_all=check_all, **kwargs)
+            return self._prepare_apply(ids, rows, *args, **kwargs)
         raise ValueError(f"unknown write {method!r}")
 
-    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None,
-                       check_all=True):
+    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None):
         step = as_int64_scalar(global_step, "global_step")
         lrs = np.ascontiguousarray(self._config.call_learning_rate_fns(step), dtype=np.float32)
-        ts = _req_time(req_time)
-        core = self._core
-        if check_all:
-            core.check_write(ids, bool(enable_dedup), step)
-        return lambda: core.apply_gradients(ids, rows, lrs, step, ts, bool(enable_dedup))
+        return TableWrite(self._core, "apply_gradients", ids, rows, lrs, step, _req_time(req_time),
+                          bool(enable_dedup))
 
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
-        self.prepare_write("assign", ids, values, req_time, check_all=False)()
+        write_all([self.prepare_write("assign", ids, values, req_time)])
         return self
 
     def assign_add(self, ids, values, req_time=None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
-        self.prepare_write("assign_add", ids, values, req_time, check_all=False)()
+        write_all([self.prepare_write("assign_add", ids, values, req_time)])
         return self
 
     def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
@@ -251,8 +271,8 @@ class HashTable(BaseHashTable):
         step per unique id with its gradients summed left to right. Missing ids are created
         with the initializer, then stepped. Learning rates come from the config's
         learning-rate functions at ``global_step``."""
-        self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup, req_time,
-                           check_all=False)()
+        write_all([self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup,
+                                      req_time)])
         return self
 
     def reinitialize(self, ids, req_time=None) -> np.ndarray:

@@ -97,11 +97,9 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         return {slot: tables[slot].lookup(ids) for slot, ids in slot_to_id.items()}
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
-        # Validate every slot's input before the first table changes.
-        commits = [self._slot_table(slot).prepare_write(method, ids, tensor, *args, **kwargs)
-                   for slot, (ids, tensor) in slot_to_id_and_tensor.items()]
-        for commit in commits:
-            commit()
+        # Every slot's table is written, or (on any error) none.
+        _hash_table.write_all([self._slot_table(slot).prepare_write(method, ids, tensor, *args, **kwargs)
+                               for slot, (ids, tensor) in slot_to_id_and_tensor.items()])
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":

@@ -787,6 +787,40 @@ def test_multi_slot_write_refused_by_one_slot_changes_no_slot(method, case, merg
     assert_dicts_equal(table.lookup({"a": np.arange(16), "z": np.arange(16)}), before)
 
 
+@pytest.mark.parametrize("method", ["assign", "assign_add", "apply_gradients", "apply_gradients_dedup"])
+@pytest.mark.parametrize("max_entries", [None, 300])
+def test_slots_sharing_one_table_are_written_in_the_order_the_write_names_them(method, max_entries):
+    # A factory may give two slots the same table. A write to both then writes that table
+    # twice, one slot after the other, as two separate writes would; with a capacity limit the
+    # second one evicts entries the first has just written.
+    def build():
+        segments = [entry.CombineAsSegment(3, entry.RandomUniformInitializer(-1, 1), entry.AdagradOptimizer(),
+                                           entry.Fp32Compressor())]
+        config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=segments),
+                                                max_entries=max_entries)
+        return hash_table_from_config(entry.HashTableConfigInstance(config, [0.3]))
+
+    shared, reference = build(), build()
+    table = MultiTypeHashTable({"a": shared.config, "b": shared.config}, lambda slot, config: shared)
+    rng = np.random.default_rng(3)
+    data = {"b": (rng.integers(200, 450, size=500), rng.standard_normal((500, 3)).astype(F32)),
+            "a": (rng.integers(0, 250, size=400), rng.standard_normal((400, 3)).astype(F32))}
+    for step in (1, 2):
+        if method.startswith("apply_gradients"):
+            dedup = method.endswith("dedup")
+            table.apply_gradients(data, step, enable_dedup=dedup, req_time=step)
+            for ids, grads in data.values():
+                reference.apply_gradients(ids, grads, step, enable_dedup=dedup, req_time=step)
+        else:
+            getattr(table, method)(data, req_time=step)
+            for ids, values in data.values():
+                getattr(reference, method)(ids, values, req_time=step)
+    distinct = np.union1d(data["a"][0], data["b"][0]).size
+    assert len(shared) == len(reference) == (300 if max_entries else distinct)
+    every_id = np.arange(450)
+    assert table_state(shared, every_id) == table_state(reference, every_id)
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_fused_apply_gradient_with_one_table_named_twice_updates_it_in_list_order(accumulate):
     # The same table as table 0 and table 1 of a fused update: its blocks as table 0 (in

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "mtht/errors.h"
+#include "mtht/multi_write.h"
 #include "mtht/table.h"
 
 namespace mtht {
@@ -156,19 +157,9 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
                               "gradients");
     }
   }
-  std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
-  std::sort(sorted.begin(), sorted.end());
-  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
-  // Capacity-limited tables are locked (in address order, as every fused update does) until
-  // all are written, and each write is checked to fit before any table changes.
-  std::vector<std::unique_lock<std::mutex>> capacity_locks;
-  for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
-  // In one call of the pool: each table's ids are gathered, checked to fit and given room,
-  // and with `accumulate` grouped by id with their gradients summed (a task per table;
-  // nothing visible changes, a refusal skips the rest, and this is where the update
-  // allocates), then the tables are updated, a task each (each table's own blocks stay in
-  // shard order). A table passed twice is updated in order instead, after the pool call.
+  // Each table's ids are gathered, planned and given room, and with `accumulate` grouped by
+  // id with their gradients summed (a task per table; this is where the update allocates),
+  // then the tables are updated, a task each (each table's own blocks stay in shard order).
   const size_t K = L.num_tables;
   struct TableWrite {
     detail::TableGather gathered;
@@ -184,37 +175,24 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
       return grads + (shift[block[i]] + static_cast<int64_t>(i) * d);
     };
   };
-  auto prepare_table = [&](size_t k) {
-    TableWrite& w = writes[k];
-    const detail::TableGather& g = w.gathered = detail::gather_table(L, ids, k);
-    const int64_t d = tables[k]->dim();
-    for (size_t n = 0; n < L.num_shards; ++n)
-      w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
-    // Entries to evict are chosen now when no other write comes to the table before this
-    // one. A table passed twice chooses them when it writes (its first write changes them),
-    // so with a capacity limit its second write allocates after the first has written.
-    std::optional<detail::Victims> victims;
-    if (distinct) victims = tables[k]->victims_for(g.ids.data(), g.ids.size(), accumulate);
-    else tables[k]->check_room(g.ids.data(), g.ids.size(), accumulate);
-    w.planned.emplace(tables[k]->reserve_ids(g.ids.data(), g.ids.size(), std::move(victims)));
-    if (accumulate) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
-  };
-  auto update_table = [&](size_t k) {
-    const TableWrite& w = writes[k];
-    tables[k]->apply_gradient_rows(w.gathered.ids.data(), w.gathered.ids.size(), grad_rows(k), lrs + lr_begin[k],
-                                   global_step, ts, accumulate, accumulate ? w.gathered.block.data() : nullptr,
-                                   /*room_held=*/true, &*w.planned);
-  };
-  const bool in_parallel = distinct && K > 1;
-  ThreadPool::global().parallel_phases(
-      {K, in_parallel ? K : 0},
-      [&](size_t phase, size_t k) {
-        if (phase == 1) return update_table(k);
-        prepare_table(k);
+  detail::write_all_or_none(
+      tables, static_cast<size_t>(L.id_offsets.back()), /*parallel_writes=*/true,
+      [&](size_t k, bool distinct) {
+        TableWrite& w = writes[k];
+        const detail::TableGather& g = w.gathered = detail::gather_table(L, ids, k);
+        const int64_t d = tables[k]->dim();
+        for (size_t n = 0; n < L.num_shards; ++n)
+          w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
+        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate, distinct));
+        if (accumulate) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
       },
-      EmbeddingTable::threads_for(static_cast<size_t>(L.id_offsets.back())));
-  if (!in_parallel)
-    for (size_t k = 0; k < K; ++k) update_table(k);
+      [&](size_t k) {
+        const TableWrite& w = writes[k];
+        tables[k]->apply_gradient_rows(w.gathered.ids.data(), w.gathered.ids.size(), grad_rows(k),
+                                       lrs + lr_begin[k], global_step, ts, accumulate,
+                                       accumulate ? w.gathered.block.data() : nullptr, /*room_held=*/true,
+                                       &*w.planned);
+      });
 }
 
 }  // namespace mtht

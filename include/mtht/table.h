@@ -947,9 +947,9 @@ class EmbeddingTable {
     });
   }
 
-  // A write to several tables that must change all of them or none (the fused update) takes
-  // every capacity-limited table's capacity lock (an empty lock for the others), checks
-  // each write with check_room, then writes with apply_gradient_rows(..., room_held = true).
+  // A write to several tables that must change all of them or none (multi_write.h) takes
+  // every capacity-limited table's capacity lock (an empty lock for the others), plans each
+  // part (victims_for, reserve_ids), then writes each with its plan.
   std::unique_lock<std::mutex> lock_capacity() const {
     return spec_.max_entries ? std::unique_lock<std::mutex>(capacity_mu_) : std::unique_lock<std::mutex>();
   }
@@ -957,15 +957,6 @@ class EmbeddingTable {
   // (`runs`: one admission per distinct id, as with dedup). The caller holds lock_capacity().
   void check_room(const int64_t* ids, size_t n, bool runs) const {
     if (spec_.max_entries) room_for(ids, n, runs, true);
-  }
-
-  // Throws, changing nothing, when a write of these ids would be refused for the table's own
-  // reasons (capacity, or a negative step with a batch_softmax segment; `global_step` is 0 for
-  // assign), so that a write to several tables can check each before changing any.
-  void check_write(const int64_t* ids, size_t n, bool runs, int64_t global_step) const {
-    check_step(global_step);
-    const auto lock = lock_capacity();
-    check_room(ids, n, runs);
   }
 
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
@@ -1001,18 +992,29 @@ class EmbeddingTable {
   // Upsert rows; the last duplicate wins. New entries get their optimizer state initialised.
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     check_finite(values, n * layout_.dim, "values");
+    assign_rows(ids, n, values, ts);
+  }
+
+  // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
+  void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    check_finite(values, n * layout_.dim, "values");
+    add_rows(ids, n, values, ts);
+  }
+
+  // assign and assign_add with the values already checked. `planned`: the batch's plan and
+  // room from reserve_ids, the caller holding lock_capacity() (a write to several tables).
+  void assign_rows(const int64_t* ids, size_t n, const float* values, int64_t ts,
+                   const detail::PlannedWrite* planned = nullptr) {
     const size_t bytes = sizeof(float) * layout_.dim;
     for_each_shard_write(ids, n, ts, detail::BatchRows{values, bytes}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
       if (!slot.bucket) return;
       std::memcpy(sh.entry(slot.row()).values, values + i * layout_.dim, bytes);
       slot.ts() = ts;
-    });
+    }, true, true, planned != nullptr, planned);
   }
-
-  // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
-  void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
-    check_finite(values, n * layout_.dim, "values");
+  void add_rows(const int64_t* ids, size_t n, const float* values, int64_t ts,
+                const detail::PlannedWrite* planned = nullptr) {
     const int d = layout_.dim;
     for_each_shard_write(ids, n, ts, detail::BatchRows{values, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h) {
       const auto slot = admit(sh, id, h, 1);
@@ -1021,7 +1023,7 @@ class EmbeddingTable {
       const float* v = values + i * d;
       for (int j = 0; j < d; ++j) w[j] += v[j];
       slot.ts() = ts;
-    });
+    }, true, true, planned != nullptr, planned);
   }
 
   // One optimizer step per occurrence in input order, or (dedup) one step per unique id with

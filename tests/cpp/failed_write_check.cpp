@@ -4,8 +4,9 @@
 // (so in several chunks of shards) with c = 0, 1, 2, ... until it goes through. Each failed
 // attempt must leave the tables as they were (values and the admission filter's counts), and
 // the one that goes through must give what the same write gives where nothing fails. The
-// writes: apply_gradients with and without dedup into one table, and the fused update over
-// two, into unlimited, capacity-limited (evicting) and filtered tables. Each attempt writes
+// writes: apply_gradients with and without dedup into one table, the fused update over two,
+// and writes to two tables (write_tables: apply_gradients with and without dedup; assign and
+// assign_add), into unlimited, capacity-limited (evicting) and filtered tables. Each attempt writes
 // from a new thread, so that the memory a thread keeps from one write to the next has to be
 // allocated again.
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "mtht/fused.h"
+#include "mtht/multi_write.h"
 #include "mtht/table.h"
 
 namespace {
@@ -196,6 +198,36 @@ int main() {
                                         7, dedup);
           },
           (dedup ? "a fused update with dedup" : "a fused update") + limited + " failed and changed a table");
+    // A write to 2 tables (a multi-slot table's), each given half the batch.
+    const size_t half = b.ids.size() / 2;
+    auto two_parts = [&](std::vector<mtht::EmbeddingTable*>& t, mtht::WriteKind first, mtht::WriteKind second) {
+      std::vector<mtht::TablePart> parts(2);
+      for (size_t k = 0; k < 2; ++k) {
+        parts[k].table = t[k];
+        parts[k].kind = k == 0 ? first : second;
+        parts[k].ids = b.ids.data() + k * half;
+        parts[k].n = half;
+        parts[k].rows = b.grads.data() + k * half * kDim;
+        parts[k].lrs = &lr;
+        parts[k].n_lrs = 1;
+      }
+      return parts;
+    };
+    using mtht::WriteKind;
+    for (bool dedup : {true, false})
+      check(
+          c, 2,
+          [&](std::vector<mtht::EmbeddingTable*>& t) {
+            mtht::write_tables(two_parts(t, WriteKind::kApplyGradients, WriteKind::kApplyGradients), 1, 7, dedup);
+          },
+          (dedup ? "apply_gradients with dedup to two tables" : "apply_gradients to two tables") + limited +
+              " failed and changed a table");
+    check(
+        c, 2,
+        [&](std::vector<mtht::EmbeddingTable*>& t) {
+          mtht::write_tables(two_parts(t, WriteKind::kAssign, WriteKind::kAssignAdd), 0, 7, false);
+        },
+        "assign and assign_add to two tables" + limited + " failed and changed a table");
   }
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;

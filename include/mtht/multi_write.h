@@ -1,0 +1,119 @@
+// Writes to several tables that change all of them or none: the per-slot write of a
+// multi-slot table (write_tables) and the fused update (fused.h) both run through
+// write_all_or_none.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mtht/errors.h"
+#include "mtht/table.h"
+#include "mtht/thread_pool.h"
+
+namespace mtht {
+
+namespace detail {
+
+// The plan of one table's part of a write to several tables, everything that can fail done:
+// the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
+// first write would change the choice; a table written twice chooses them when it writes),
+// room reserved for its new ids. `runs`: one admission per distinct id (a deduplicated write).
+inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct) {
+  std::optional<Victims> victims;
+  if (distinct) victims = table.victims_for(ids, n, runs);
+  else table.check_room(ids, n, runs);
+  return table.reserve_ids(ids, n, std::move(victims));
+}
+
+// Calls prepare(k, distinct) for every part k (a task each on the pool), then write(k) for
+// every part, holding the capacity lock of every capacity-limited table throughout (taken in
+// address order, as every write to several tables does). `prepare` does everything that can
+// fail (plan_part) and `write` nothing that can: a part that fails to prepare leaves every
+// table as it was. `parallel_writes`: a task per part (each then writes on one thread);
+// otherwise the parts are written one after the other, each spread over the pool. A table
+// that is written by two parts is always written in order on the calling thread.
+template <class Prepare, class Write>
+void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, bool parallel_writes,
+                       Prepare&& prepare, Write&& write) {
+  std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
+  std::sort(sorted.begin(), sorted.end());
+  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  std::vector<std::unique_lock<std::mutex>> capacity_locks;
+  for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
+  const size_t K = tables.size();
+  const bool in_pool = parallel_writes && distinct && K > 1;
+  ThreadPool::global().parallel_phases(
+      {K, in_pool ? K : 0},
+      [&](size_t phase, size_t k) {
+        if (phase == 1) return write(k);
+        prepare(k, distinct);
+      },
+      EmbeddingTable::threads_for(total_ids));
+  if (!in_pool)
+    for (size_t k = 0; k < K; ++k) write(k);
+}
+
+}  // namespace detail
+
+enum class WriteKind { kAssign, kAssignAdd, kApplyGradients };
+
+// One table's part of write_tables.
+struct TablePart {
+  EmbeddingTable* table = nullptr;
+  WriteKind kind = WriteKind::kAssign;
+  const int64_t* ids = nullptr;
+  size_t n = 0;
+  const float* rows = nullptr;  // n x dim: the values, or the gradients
+  const float* lrs = nullptr;   // kApplyGradients: one learning rate per segment
+  size_t n_lrs = 0;
+};
+
+// Writes every part (each as the table's assign, assign_add or apply_gradients would), or
+// throws having changed no table: every part is validated, planned, given room, grouped
+// (`dedup`) and has its evictions chosen before the first table changes. `global_step` and
+// `dedup` concern the kApplyGradients parts; `ts` is every part's timestamp.
+inline void write_tables(const std::vector<TablePart>& parts, int64_t global_step, int64_t ts, bool dedup) {
+  std::vector<EmbeddingTable*> tables;
+  size_t total_ids = 0;
+  for (const TablePart& p : parts) {
+    const bool applies = p.kind == WriteKind::kApplyGradients;
+    if (applies) {
+      p.table->check_learning_rates(p.lrs, p.n_lrs);
+      p.table->check_step(global_step);
+    }
+    p.table->check_finite(p.rows, p.n * static_cast<size_t>(p.table->dim()), applies ? "gradients" : "values");
+    tables.push_back(p.table);
+    total_ids += p.n;
+  }
+  std::vector<std::optional<detail::PlannedWrite>> planned(parts.size());
+  auto row_of = [](const TablePart& p) {
+    return [rows = p.rows, d = static_cast<size_t>(p.table->dim())](size_t i) { return rows + i * d; };
+  };
+  detail::write_all_or_none(
+      tables, total_ids, /*parallel_writes=*/false,
+      [&](size_t k, bool distinct) {
+        const TablePart& p = parts[k];
+        const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
+        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct));
+        if (runs) p.table->group_runs(*planned[k], nullptr, row_of(p));
+      },
+      [&](size_t k) {
+        const TablePart& p = parts[k];
+        switch (p.kind) {
+          case WriteKind::kAssign:
+            return p.table->assign_rows(p.ids, p.n, p.rows, ts, &*planned[k]);
+          case WriteKind::kAssignAdd:
+            return p.table->add_rows(p.ids, p.n, p.rows, ts, &*planned[k]);
+          case WriteKind::kApplyGradients:
+            return p.table->apply_gradient_rows(p.ids, p.n, row_of(p), p.lrs, global_step, ts, dedup, nullptr,
+                                                /*room_held=*/true, &*planned[k]);
+        }
+      });
+}
+
+}  // namespace mtht
