@@ -248,6 +248,55 @@ def test_lookups_copy_rows_of_every_width(dim):
     np.testing.assert_array_equal(t.lookup(probe), want)
 
 
+STREAMED_OUTPUT_BYTES = 16 << 20  # from this output size on, a lookup writes with streaming stores
+
+
+@pytest.mark.parametrize("dim", [4, 6, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_offset", [None, 0, 1])
+def test_lookups_with_a_large_output_return_the_same_rows(restore_num_threads, dim, threads, out_offset):
+    # A lookup whose output reaches STREAMED_OUTPUT_BYTES writes rows of a multiple of 16
+    # bytes into a 16-byte aligned output with streaming stores: 16-byte rows, 256-byte rows,
+    # and (written the usual way) 24-byte rows and an output 4 bytes off alignment (out=).
+    mtht.set_num_threads(threads)
+    t = mtht.hash_table_from_config(make_config([SegmentDesc(dim, init="zeros", opt="sgd")], [LR]))
+    rng = np.random.default_rng(dim)
+    stored = rng.permutation(60_000).astype(np.int64)
+    values = rng.standard_normal((stored.size, dim)).astype(np.float32)
+    t.assign(stored, values)
+    n = STREAMED_OUTPUT_BYTES // (4 * dim) + 1001
+    pick = rng.integers(0, stored.size + 5_000, size=n)  # about 8% missing
+    ids = np.where(pick < stored.size, stored[np.minimum(pick, stored.size - 1)], 10**9 + pick)
+    want = np.zeros((n, dim), np.float32)
+    want[pick < stored.size] = values[pick[pick < stored.size]]
+    if out_offset is None:
+        got = t.lookup(ids)
+    else:
+        got = np.empty(n * dim + out_offset, np.float32)[out_offset:].reshape(n, dim)
+        assert t.lookup(ids, out=got) is got
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(t.lookup(ids[:1000]), want[:1000])  # and below the size
+
+
+def test_fused_lookup_with_a_large_output_matches_per_table_lookups(restore_num_threads):
+    mtht.set_num_threads(2)
+    dims = [64, 4]
+    tables = [mtht.hash_table_from_config(make_config([SegmentDesc(d, init="zeros", opt="sgd")], [LR]))
+              for d in dims]
+    rng = np.random.default_rng(8)
+    for t, d in zip(tables, dims):
+        t.assign(np.arange(50_000), rng.standard_normal((50_000, d)).astype(np.float32))
+    fss = np.array([40_000, 30_000, 30_000, 10_000], np.int32)  # [shard][table], 2 shards
+    ids = rng.integers(0, 55_000, size=int(fss.sum())).astype(np.int64)
+    emb, _, id_offsets, emb_offsets, _ = mtht.hash_table.fused_lookup(tables, ids, fss, 2)
+    assert emb.nbytes >= STREAMED_OUTPUT_BYTES
+    for block in range(4):
+        k = block % 2
+        a, b = id_offsets[block], id_offsets[block + 1]
+        np.testing.assert_array_equal(emb[emb_offsets[block]:emb_offsets[block + 1]],
+                                      tables[k].lookup(ids[a:b]).reshape(-1))
+
+
 @pytest.mark.parametrize("shards", [1, 4, 32, 128])
 def test_reads_over_few_shards_lock_what_they_read(shards):
     # A read locks the shards its ids fall in, or every shard once it has 16 ids per shard:

@@ -19,10 +19,8 @@ F32 = np.float32
 
 
 @pytest.fixture(autouse=True)
-def restore_num_threads():
-    n = mtht.get_num_threads()
-    yield
-    mtht.set_num_threads(n)
+def _restore_num_threads(restore_num_threads):
+    """Every test here may change the thread count."""
 
 
 def run_threads(targets, timeout=120):

@@ -769,7 +769,7 @@ def test_nan_in_one_row_of_a_big_batch_changes_nothing():
         assert snapshot(t, KNOWN_IDS + [100, 5000, 10099]) == before
 
 
-def test_the_first_non_finite_row_is_named_whatever_the_thread_count(restore_threads):
+def test_the_first_non_finite_row_is_named_whatever_the_thread_count(restore_num_threads):
     # Big enough that the check runs over several threads; every range holds a culprit.
     t = populated_adagrad_table(16)
     ids = np.arange(300_000, dtype=np.int64)
@@ -951,13 +951,6 @@ def random_config(seed, segs=((16, -0.05, 0.05),), opt=None, lrs=None):
     return entry.HashTableConfigInstance(tc, lrs or [1.0] * len(segments))
 
 
-@pytest.fixture
-def restore_threads():
-    n = mtht.get_num_threads()
-    yield
-    mtht.set_num_threads(n)
-
-
 def test_random_uniform_range_and_spread():
     t = hash_table_from_config(random_config(0))
     ids = np.arange(-10000, 10000, dtype=np.int64) * 7919
@@ -982,7 +975,7 @@ def test_random_uniform_per_segment_ranges():
     assert (v[:, 8:] >= 0).all() and (v[:, 8:] < F32(1e-3)).all()
 
 
-def test_random_uniform_is_deterministic_per_seed_and_id(restore_threads):
+def test_random_uniform_is_deterministic_per_seed_and_id(restore_num_threads):
     rng = np.random.default_rng(1)
     ids = np.unique(rng.integers(INT64_MIN, INT64_MAX, size=20000, dtype=np.int64))
     ids = np.concatenate([ids, [INT64_MIN, INT64_MAX, -1, 0]])

@@ -119,13 +119,6 @@ def table_state(table, ids) -> list:
     return out
 
 
-@pytest.fixture
-def restore_num_threads():
-    before = mtht.get_num_threads()
-    yield
-    mtht.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # Monolith's multi_type_hash_table_test.py
 # ---------------------------------------------------------------------------------------------

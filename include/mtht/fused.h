@@ -102,6 +102,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
   const size_t total = static_cast<size_t>(L.id_offsets.back());
   const size_t threads = EmbeddingTable::batch_threads(total);
   const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
+  const bool streamed = static_cast<size_t>(L.emb_offsets.back()) * sizeof(float) >= detail::kStreamedOutputBytes;
   ThreadPool::global().parallel_for(
       K * runs,
       [&](size_t i) {
@@ -122,7 +123,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
           }
           at += len;
         }
-        tables[k]->lookup_spans(spans.data(), spans.size(), outs.data());
+        tables[k]->lookup_spans(spans.data(), spans.size(), outs.data(), streamed);
       },
       static_cast<int>(threads));
 }

@@ -46,6 +46,9 @@
 #pragma once
 
 #include <pthread.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -179,6 +182,40 @@ inline void copy_row(float* dst, const float* src, size_t bytes) {
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
   for (size_t i = 0; i < bytes; i += 32) std::memcpy(d + i, s + i, 32);
+}
+
+// A lookup whose output is at least this large writes it with streaming stores (straight to
+// memory, without reading each output line in first): an output this large leaves the cache
+// before the caller reads it anyway. Measured with a lookup followed by a product reading
+// every value, one thread, 1M ids (32 MB of L3): at dim 64, batches of 8 MB of output ran
+// 5% slower streamed, of 16 MB 6% faster, of 32 MB 32% faster; at dim 16, 16 MB: 9% faster.
+constexpr size_t kStreamedOutputBytes = size_t{16} << 20;
+
+// Whether copy_row_streamed can write rows of `bytes` bytes to `dst`.
+inline bool can_stream(const float* dst, size_t bytes) {
+#if defined(__SSE2__)
+  return bytes % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+#else
+  (void)dst, (void)bytes;
+  return false;
+#endif
+}
+
+// copy_row with streaming stores (see kStreamedOutputBytes); can_stream(dst, bytes). The
+// writer calls end_streaming() once its rows are written.
+inline void copy_row_streamed(float* dst, const float* src, size_t bytes) {
+#if defined(__SSE2__)
+  for (size_t i = 0; i < bytes / sizeof(float); i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#else
+  copy_row(dst, src, bytes);
+#endif
+}
+
+// Orders the streaming stores before whatever the thread does next (they are weakly ordered).
+inline void end_streaming() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // A batch's own rows, one per input position (gradients, values): read in shard order,
@@ -916,10 +953,11 @@ class EmbeddingTable {
   // out[N, dim]: the stored values, or zeros for a missing id (nothing is inserted).
   void lookup(const int64_t* ids, size_t n, float* out) const {
     const size_t d = static_cast<size_t>(layout_.dim);
+    const bool streamed = n * d * sizeof(float) >= detail::kStreamedOutputBytes;
     for_each_read_range(n, [&](size_t b, size_t e) {
       const IdSpan span{ids + b, e - b};
       float* const dest = out + b * d;
-      lookup_spans(&span, 1, &dest);
+      lookup_spans(&span, 1, &dest, streamed);
     });
   }
 
@@ -932,19 +970,25 @@ class EmbeddingTable {
   // A lookup of the ids of spans[0, count) on the calling thread, the row of id i of span s
   // going to outs[s] + i * dim: the piece of a lookup for callers that schedule several
   // tables' lookups as one set of tasks (the fused lookup, whose ids of one table come in
-  // several blocks).
-  void lookup_spans(const IdSpan* spans, size_t count, float* const* outs) const {
+  // several blocks). `streamed`: the whole call's output is large (kStreamedOutputBytes).
+  void lookup_spans(const IdSpan* spans, size_t count, float* const* outs, bool streamed) const {
     const size_t d = static_cast<size_t>(layout_.dim);
     const size_t bytes = sizeof(float) * d;
+    // Rows a compressor changes after the copy are written the usual way: they are read back.
+    streamed = streamed && raw_lookup_;
+    for (size_t s = 0; s < count; ++s) streamed = streamed && detail::can_stream(outs[s], bytes);
     read_spans(spans, count, [&](size_t span, size_t i, detail::Shard::Slot, const float* row) {
       float* dst = outs[span] + i * d;
-      if (row) {
+      if (!row) {
+        std::memset(dst, 0, bytes);
+      } else if (streamed) {
+        detail::copy_row_streamed(dst, row, bytes);
+      } else {
         detail::copy_row(dst, row, bytes);
         if (!raw_lookup_) retrieve(dst);
-      } else {
-        std::memset(dst, 0, bytes);
       }
     });
+    if (streamed) detail::end_streaming();
   }
 
   // A write to several tables that must change all of them or none (multi_write.h) takes
