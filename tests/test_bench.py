@@ -290,3 +290,29 @@ def test_max_load_factor_reaches_the_tables():
     assert runs[0.25]["table"]["load_factor"] < runs[0.9]["table"]["load_factor"]
     for op in ("lookup", "apply_gradients"):
         assert _results(runs[0.25], op, "mtht")[0]["checksum"] == _results(runs[0.9], op, "mtht")[0]["checksum"]
+
+
+@pytest.mark.parametrize("op,calls", [
+    ("fused", ["fused_lookup", "checksum", "lookup", "checksum"]),
+    ("fused_apply_gradient", ["fused_apply_gradient", "fused_lookup", "checksum", "apply_gradients", "lookup",
+                              "checksum"]),
+])
+def test_fused_op_and_its_one_table_counterpart_each_follow_a_checksum(monkeypatch, op, calls):
+    # The two timed calls of a batch must start alike, each after a checksum (as every op's
+    # batch does), not one of them straight after the other.
+    log = []
+
+    def logged(name, call):
+        def wrapper(*args, **kwargs):
+            log.append(name)
+            return call(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(bench, "_checksum", logged("checksum", bench._checksum))
+    for name in ("fused_lookup", "fused_apply_gradient"):
+        monkeypatch.setattr(bench._hash_table, name, logged(name, getattr(bench._hash_table, name)))
+    for name in ("lookup", "apply_gradients"):
+        monkeypatch.setattr(mtht.HashTable, name, logged(name, getattr(mtht.HashTable, name)))
+    config = _config(ops=(op,), threads=(1,), probe=False)
+    bench.run_benchmark(config)
+    assert log == calls * (config.warmup + config.iterations)
