@@ -1391,7 +1391,11 @@ class EmbeddingTable {
   template <class Fn>
   void for_each_read_range(size_t n, Fn&& fn) const {
     if (n == 0) return;
-    detail::for_ranges(n, batch_ranges(n), [&](size_t, size_t b, size_t e) { fn(b, e); });
+    const size_t ranges = batch_ranges(n);
+    // Several ranges a thread when there are several threads, so that one that starts
+    // late (a helper still waking up) takes what is left instead of its fixed share.
+    const size_t pieces = ranges == 1 ? 1 : std::min(4 * ranges, std::max<size_t>(ranges, n / kMinPerRange));
+    detail::for_ranges(n, pieces, [&](size_t, size_t b, size_t e) { fn(b, e); });
   }
 
   // Calls fn(position, slot, row) for every id: its slot and the start of its row, or a
@@ -1724,8 +1728,8 @@ class EmbeddingTable {
 
   // How many consecutive ranges a batch is cut into (a write builds its plan over them, a
   // read reads them): one per thread, none too small.
+  static constexpr size_t kMinPerRange = 2048;
   static size_t batch_ranges(size_t n) {
-    constexpr size_t kMinPerRange = 2048;
     return std::max<size_t>(1, std::min(batch_threads(n), n / kMinPerRange));
   }
 

@@ -2,7 +2,8 @@
 // part; if another call is already using the helpers, the new call runs on its own
 // thread alone (no queueing, no deadlock between concurrent callers). A call may run in
 // phases (each finished before the next starts) with one wake-up of the helpers, and
-// threads spin briefly before they sleep, since waking one costs about 20 us here.
+// threads spin briefly before they sleep, since waking one costs about 20 us here. A call
+// waits only for the helpers that joined it before all its tasks were taken.
 #pragma once
 
 #include <algorithm>
@@ -81,7 +82,10 @@ class ThreadPool {
     std::atomic<size_t> next{0};
     std::atomic<size_t> finished{0};
     std::atomic<bool> failed{false};
-    std::atomic<size_t> active{0};  // helpers still working
+    // Helpers that joined the call (under mu_, while it is open) and that left it: the call
+    // returns once every helper that joined has left.
+    std::atomic<size_t> joined{0};
+    std::atomic<size_t> left{0};
     std::exception_ptr error;
     std::mutex error_mu;
   };
@@ -112,19 +116,26 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       job_ = &job;
-      job.active = helpers;
       helpers_wanted_ = helpers;
       ++generation_;
     }
     cv_.notify_all();
     run_tasks(job);
-    // The helpers finish their last tasks within microseconds: waiting for them on the
-    // condition variable alone would add the time to wake this thread (about 20 us measured).
-    spin_until([&] { return job.active.load(std::memory_order_acquire) == 0; });
+    // Every task has been taken. A helper that has not joined yet will find the call
+    // closed and go back to sleep: the call waits only for the helpers that joined it,
+    // never for one still waking up (in a virtual machine whose other core sat idle for a
+    // few milliseconds, that took up to half a millisecond).
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      helpers_wanted_ = 0;
+      job_ = nullptr;
+    }
+    // The helpers that joined finish their last tasks within microseconds: waiting for them
+    // on the condition variable alone would add the time to wake this thread (about 20 us).
+    spin_until([&] { return job.left.load(std::memory_order_acquire) == job.joined.load(std::memory_order_acquire); });
     {
       std::unique_lock<std::mutex> lk(mu_);
-      done_cv_.wait(lk, [&] { return job.active.load() == 0; });
-      job_ = nullptr;
+      done_cv_.wait(lk, [&] { return job.left.load() == job.joined.load(); });
     }
     if (job.error) std::rethrow_exception(job.error);
   }
@@ -204,11 +215,13 @@ class ThreadPool {
         seen = generation_;
         --helpers_wanted_;
         job = job_;
+        job->joined.fetch_add(1, std::memory_order_acq_rel);
       }
       run_tasks(*job);
       {
         std::lock_guard<std::mutex> lk(mu_);
-        if (job->active.fetch_sub(1, std::memory_order_acq_rel) == 1) done_cv_.notify_all();
+        job->left.fetch_add(1, std::memory_order_acq_rel);
+        done_cv_.notify_all();
       }
     }
   }
