@@ -115,7 +115,15 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void set_hashnet_scale(size_t segment, float v)
 
 
-cdef extern from "mtht/multi_write.h" namespace "mtht" nogil:
+cdef extern from "mtht/multi_table.h" namespace "mtht" nogil:
+    cdef cppclass TableRead:
+        const EmbeddingTable* table
+        const int64_t* ids
+        size_t n
+        float* out
+
+    void lookup_tables(const vector[TableRead]& parts) except +translate_exception
+
     cdef enum class WriteKind "mtht::WriteKind":
         kAssign
         kAssignAdd

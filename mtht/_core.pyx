@@ -17,7 +17,8 @@ import numpy as np
 from mtht._core cimport (
     EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
-    c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
+    c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
+    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
     ProbeResult, random_read_probe,
 )
 from libcpp.string cimport string
@@ -30,7 +31,7 @@ cdef extern from *:
 
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
-           "fused_offsets", "fused_lookup", "fused_apply_gradient", "write_tables"]
+           "fused_offsets", "fused_lookup", "fused_apply_gradient", "lookup_tables", "write_tables"]
 
 
 def compiler():
@@ -333,6 +334,28 @@ cdef class Table:
         with nogil:
             self._t.get().reinitialize(&ids[0], n, ts, &st[0])
         return status
+
+
+def lookup_tables(list parts):
+    """Looks several tables up in one call. ``parts``: ``(table, ids, out)`` per table, ``out``
+    a float32 array of ``len(ids)`` rows of the table's dim, filled in place."""
+    cdef vector[TableRead] c_parts
+    cdef TableRead part
+    cdef Table t
+    cdef const int64_t[::1] ids
+    cdef float[:, ::1] out
+    for table, id_array, out_array in parts:
+        t = table
+        ids = id_array
+        out = out_array
+        _check_rows(ids.shape[0], out.shape[0], out.shape[1], t.dim, "out")
+        part.table = t._t.get()
+        part.ids = &ids[0] if ids.shape[0] > 0 else NULL
+        part.n = ids.shape[0]
+        part.out = &out[0, 0] if ids.shape[0] > 0 else NULL
+        c_parts.push_back(part)
+    with nogil:
+        c_lookup_tables(c_parts)
 
 
 _WRITE_KINDS = {"assign": WriteKind.kAssign, "assign_add": WriteKind.kAssignAdd,

@@ -18,7 +18,7 @@ from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_ro
 from mtht._spec import core_segments, split_state
 from mtht.feature_eviction import FeatureEvictor
 
-__all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "write_all", "hash_table_from_config",
+__all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "lookup_all", "write_all", "hash_table_from_config",
            "fused_lookup", "fused_apply_gradient"]
 
 
@@ -85,6 +85,15 @@ class TableWrite:
                                       self.dedup)
         else:
             getattr(self.core, self.method)(self.ids, self.rows, self.req_time)
+
+
+def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
+    """``table.lookup(ids)`` for each table and its ids, in one call of the core (the tables'
+    lookups share the threads)."""
+    ids_list = [as_ids(ids) for ids in ids_list]
+    outs = [np.empty((ids.shape[0], t.dim_size), dtype=np.float32) for t, ids in zip(tables, ids_list)]
+    _core.lookup_tables([(t._core, ids, out) for t, ids, out in zip(tables, ids_list, outs)])
+    return outs
 
 
 def write_all(writes: List[TableWrite]) -> None:

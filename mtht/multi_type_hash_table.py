@@ -93,8 +93,8 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
 
     def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
-        tables = {slot: self._slot_table(slot) for slot in slot_to_id}
-        return {slot: tables[slot].lookup(ids) for slot, ids in slot_to_id.items()}
+        tables = [self._slot_table(slot) for slot in slot_to_id]
+        return dict(zip(slot_to_id, _hash_table.lookup_all(tables, list(slot_to_id.values()))))
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
         # Every slot's table is written, or (on any error) none.

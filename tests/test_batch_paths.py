@@ -297,6 +297,25 @@ def test_fused_lookup_with_a_large_output_matches_per_table_lookups(restore_num_
                                       tables[k].lookup(ids[a:b]).reshape(-1))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_lookups_of_several_tables_in_one_call_match_each_tables_lookup(restore_num_threads, threads):
+    # The tables' ids are cut into pieces shared out over the threads: tables with no ids, one
+    # id, fewer than a piece and several pieces' worth, one table twice, rows of 3 and 16 floats.
+    mtht.set_num_threads(threads)
+    rng = np.random.default_rng(threads)
+    tables = []
+    for dim in (16, 3, 16, 3, 16):
+        t = mtht.hash_table_from_config(make_config([SegmentDesc(dim, init="zeros", opt="sgd")], [LR]))
+        t.assign(np.arange(30_000), rng.standard_normal((30_000, dim)).astype(np.float32))
+        tables.append(t)
+    tables.append(tables[0])
+    sizes = [40_000, 0, 1, 3_000, 9_000, 5_000]
+    id_lists = [rng.integers(-100, 32_000, size=n) for n in sizes]  # some ids missing
+    got = mtht.hash_table.lookup_all(tables, id_lists)
+    for t, ids, rows in zip(tables, id_lists, got):
+        np.testing.assert_array_equal(rows, t.lookup(ids))
+
+
 @pytest.mark.parametrize("shards", [1, 4, 32, 128])
 def test_reads_over_few_shards_lock_what_they_read(shards):
     # A read locks the shards its ids fall in, or every shard once it has 16 ids per shard:

@@ -814,6 +814,35 @@ def test_slots_sharing_one_table_are_written_in_the_order_the_write_names_them(m
     assert table_state(shared, every_id) == table_state(reference, every_id)
 
 
+@pytest.mark.parametrize("method", ["assign", "assign_add", "apply_gradients", "apply_gradients_dedup"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_slot_write_equals_each_slots_own_write(restore_num_threads, method, threads):
+    # Slots of under 4,096 ids are written a task each, the larger ones one after the other
+    # spread over the threads: every slot must end as its own table's write leaves it.
+    mtht.set_num_threads(threads)
+    configs = {f"s{k}": make_config([(4, "adagrad", "random_uniform")], [0.1 * (k + 1)], random_seed=k)
+               for k in range(6)}
+    table = MultiTypeHashTable(configs, factory)
+    twins = {slot: factory(slot, config) for slot, config in configs.items()}
+    rng = np.random.default_rng(threads)
+    sizes = {"s0": 9_000, "s1": 0, "s2": 1, "s3": 700, "s4": 4_096, "s5": 3_000}
+    for step in (1, 2):
+        data = {slot: (rng.integers(0, 6_000, size=n), rng.standard_normal((n, 4)).astype(F32))
+                for slot, n in sizes.items()}
+        if method.startswith("apply_gradients"):
+            dedup = method.endswith("dedup")
+            table.apply_gradients(data, step, enable_dedup=dedup, req_time=step)
+            for slot, (ids, grads) in data.items():
+                twins[slot].apply_gradients(ids, grads, step, enable_dedup=dedup, req_time=step)
+        else:
+            getattr(table, method)(data, req_time=step)
+            for slot, (ids, values) in data.items():
+                getattr(twins[slot], method)(ids, values, req_time=step)
+    every_id = np.arange(6_000)
+    for slot in configs:
+        assert table_state(table._tables[slot], every_id) == table_state(twins[slot], every_id), slot
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_fused_apply_gradient_with_one_table_named_twice_updates_it_in_list_order(accumulate):
     # The same table as table 0 and table 1 of a fused update: its blocks as table 0 (in

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "mtht/errors.h"
-#include "mtht/multi_write.h"
+#include "mtht/multi_table.h"
 #include "mtht/table.h"
 
 namespace mtht {
@@ -94,22 +94,21 @@ inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t
 
 // embeddings: emb_offsets.back() floats. Missing ids read as zeros. The ids of table k are
 // its blocks (n, k), n < N, read in place, each block's rows going straight to its place:
-// a task looks up one of `runs` consecutive ranges of them (one range per table on one
-// thread; on several, about four ranges per thread in all).
+// a task looks up one piece of a table's ids (detail::ReadPieces), which may span blocks.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
   const size_t K = L.num_tables, N = L.num_shards;
   const size_t total = static_cast<size_t>(L.id_offsets.back());
   const size_t threads = EmbeddingTable::batch_threads(total);
-  const size_t runs = threads == 1 ? 1 : (4 * threads + K - 1) / K;  // per table
+  std::vector<size_t> counts(K, 0);  // each table's ids
+  for (size_t k = 0; k < K; ++k)
+    for (size_t n = 0; n < N; ++n) counts[k] += detail::block_ids(L, n, k);
+  const detail::ReadPieces pieces(std::move(counts), threads);
   const bool streamed = static_cast<size_t>(L.emb_offsets.back()) * sizeof(float) >= detail::kStreamedOutputBytes;
   ThreadPool::global().parallel_for(
-      K * runs,
+      pieces.size(),
       [&](size_t i) {
-        const size_t k = i / runs, r = i % runs;
-        size_t count = 0;  // table k's ids
-        for (size_t n = 0; n < N; ++n) count += detail::block_ids(L, n, k);
-        const size_t b = count * r / runs, e = count * (r + 1) / runs;
+        const size_t k = pieces.part(i), b = pieces.begin(i), e = pieces.end(i);
         const size_t d = static_cast<size_t>(tables[k]->dim());
         std::vector<EmbeddingTable::IdSpan> spans;  // the parts of blocks in [b, e)
         std::vector<float*> outs;
@@ -177,7 +176,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
     };
   };
   detail::write_all_or_none(
-      tables, static_cast<size_t>(L.id_offsets.back()), /*parallel_writes=*/true,
+      tables, static_cast<size_t>(L.id_offsets.back()), [](size_t) { return true; },
       [&](size_t k, bool distinct) {
         TableWrite& w = writes[k];
         const detail::TableGather& g = w.gathered = detail::gather_table(L, ids, k);

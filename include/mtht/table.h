@@ -525,6 +525,38 @@ class Shard {
   uint32_t max_load_permille_;
 };
 
+// The fewest ids a task of a batch gets when the batch is spread over several threads.
+constexpr size_t kMinIdsPerTask = 2048;
+
+// The pieces a read is cut into: each table's ids (one table's, or several tables' read in
+// one call) in consecutive pieces of about the same size, about four pieces per thread in
+// all, so that the pool shares them out and a thread that starts late, or runs slowly,
+// leaves its share to the others; one piece per table on one thread. Piece i is the ids
+// [begin(i), end(i)) of table part(i).
+class ReadPieces {
+ public:
+  // counts[k]: table k's ids; `threads`: the threads the read is spread over.
+  ReadPieces(std::vector<size_t> counts, size_t threads) : counts_(std::move(counts)) {
+    size_t total = 0;
+    for (size_t c : counts_) total += c;
+    const size_t piece = std::max(kMinIdsPerTask, total / (4 * threads));
+    first_.push_back(0);
+    for (size_t c : counts_)
+      first_.push_back(first_.back() + (threads == 1 ? 1 : std::max<size_t>(1, (c + piece - 1) / piece)));
+  }
+  size_t size() const { return first_.back(); }
+  size_t part(size_t i) const {
+    return static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), i) - first_.begin()) - 1;
+  }
+  size_t begin(size_t i) const { return bound(part(i), i); }
+  size_t end(size_t i) const { return bound(part(i), i + 1); }
+
+ private:
+  size_t bound(size_t k, size_t i) const { return counts_[k] * (i - first_[k]) / (first_[k + 1] - first_[k]); }
+  std::vector<size_t> counts_;
+  std::vector<size_t> first_;  // the first piece of each table, then the number of pieces
+};
+
 // How many consecutive ranges to split n items of light per-item work into: one per
 // thread, but none smaller than waking a thread is worth.
 inline size_t range_parts(size_t n) {
@@ -991,7 +1023,7 @@ class EmbeddingTable {
     if (streamed) detail::end_streaming();
   }
 
-  // A write to several tables that must change all of them or none (multi_write.h) takes
+  // A write to several tables that must change all of them or none (multi_table.h) takes
   // every capacity-limited table's capacity lock (an empty lock for the others), plans each
   // part (victims_for, reserve_ids), then writes each with its plan.
   std::unique_lock<std::mutex> lock_capacity() const {
@@ -1386,16 +1418,13 @@ class EmbeddingTable {
   }
 
   // Reads change nothing, so unlike a write a read batch need not give each shard to one
-  // thread, nor be grouped by shard: it is cut into consecutive ranges, one per thread, each
+  // thread, nor be grouped by shard: it is cut into consecutive ranges (ReadPieces), each
   // read in input order (read_spans). Calls fn(b, e) for the ranges [b, e) on the pool.
   template <class Fn>
   void for_each_read_range(size_t n, Fn&& fn) const {
     if (n == 0) return;
-    const size_t ranges = batch_ranges(n);
-    // Several ranges a thread when there are several threads, so that one that starts
-    // late (a helper still waking up) takes what is left instead of its fixed share.
-    const size_t pieces = ranges == 1 ? 1 : std::min(4 * ranges, std::max<size_t>(ranges, n / kMinPerRange));
-    detail::for_ranges(n, pieces, [&](size_t, size_t b, size_t e) { fn(b, e); });
+    const detail::ReadPieces pieces({n}, batch_threads(n));
+    ThreadPool::global().parallel_for(pieces.size(), [&](size_t i) { fn(pieces.begin(i), pieces.end(i)); });
   }
 
   // Calls fn(position, slot, row) for every id: its slot and the start of its row, or a
@@ -1726,11 +1755,9 @@ class EmbeddingTable {
     return {shards_.size() * i / chunks, shards_.size() * (i + 1) / chunks};
   }
 
-  // How many consecutive ranges a batch is cut into (a write builds its plan over them, a
-  // read reads them): one per thread, none too small.
-  static constexpr size_t kMinPerRange = 2048;
+  // How many consecutive ranges a write builds its plan over: one per thread, none too small.
   static size_t batch_ranges(size_t n) {
-    return std::max<size_t>(1, std::min(batch_threads(n), n / kMinPerRange));
+    return std::max<size_t>(1, std::min(batch_threads(n), n / detail::kMinIdsPerTask));
   }
 
   // As for_each_shard_write, but calls fn(shard, row, count, id, hash) once per distinct id

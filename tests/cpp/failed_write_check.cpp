@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "mtht/fused.h"
-#include "mtht/multi_write.h"
+#include "mtht/multi_table.h"
 #include "mtht/table.h"
 
 namespace {

@@ -1,10 +1,11 @@
-// Writes to several tables that change all of them or none: the per-slot write of a
-// multi-slot table (write_tables) and the fused update (fused.h) both run through
-// write_all_or_none.
+// Several tables in one call: the lookups of a multi-slot table (lookup_tables), and writes
+// that change all of the tables or none: the per-slot write of a multi-slot table
+// (write_tables) and the fused update (fused.h) both run through write_all_or_none.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstddef>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -33,11 +34,11 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
 // every part, holding the capacity lock of every capacity-limited table throughout (taken in
 // address order, as every write to several tables does). `prepare` does everything that can
 // fail (plan_part) and `write` nothing that can: a part that fails to prepare leaves every
-// table as it was. `parallel_writes`: a task per part (each then writes on one thread);
-// otherwise the parts are written one after the other, each spread over the pool. A table
-// that is written by two parts is always written in order on the calling thread.
-template <class Prepare, class Write>
-void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, bool parallel_writes,
+// table as it was. The parts for which pooled(k) holds are written a task each (each on one
+// thread), then the others one after the other, each spread over the pool. A table that is
+// written by two parts is always written in order on the calling thread.
+template <class Pooled, class Prepare, class Write>
+void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, Pooled&& pooled,
                        Prepare&& prepare, Write&& write) {
   std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
   std::sort(sorted.begin(), sorted.end());
@@ -46,19 +47,52 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
   std::vector<std::unique_lock<std::mutex>> capacity_locks;
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
   const size_t K = tables.size();
-  const bool in_pool = parallel_writes && distinct && K > 1;
+  std::vector<size_t> in_pool, after;
+  for (size_t k = 0; k < K; ++k) (distinct && K > 1 && pooled(k) ? in_pool : after).push_back(k);
   ThreadPool::global().parallel_phases(
-      {K, in_pool ? K : 0},
-      [&](size_t phase, size_t k) {
-        if (phase == 1) return write(k);
-        prepare(k, distinct);
+      {K, in_pool.size()},
+      [&](size_t phase, size_t i) {
+        if (phase == 1) return write(in_pool[i]);
+        prepare(i, distinct);
       },
       EmbeddingTable::threads_for(total_ids));
-  if (!in_pool)
-    for (size_t k = 0; k < K; ++k) write(k);
+  for (size_t k : after) write(k);
 }
 
 }  // namespace detail
+
+// One table's part of lookup_tables: n ids, their rows to out (n x dim).
+struct TableRead {
+  const EmbeddingTable* table = nullptr;
+  const int64_t* ids = nullptr;
+  size_t n = 0;
+  float* out = nullptr;
+};
+
+// Each part as the table's lookup would do it, all in one call of the pool.
+inline void lookup_tables(const std::vector<TableRead>& parts) {
+  std::vector<size_t> counts;
+  size_t out_bytes = 0;
+  for (const TableRead& p : parts) {
+    counts.push_back(p.n);
+    out_bytes += p.n * static_cast<size_t>(p.table->dim()) * sizeof(float);
+  }
+  size_t total = 0;
+  for (size_t c : counts) total += c;
+  const size_t threads = EmbeddingTable::batch_threads(total);
+  const detail::ReadPieces pieces(std::move(counts), threads);
+  const bool streamed = out_bytes >= detail::kStreamedOutputBytes;
+  ThreadPool::global().parallel_for(
+      pieces.size(),
+      [&](size_t i) {
+        const TableRead& p = parts[pieces.part(i)];
+        const size_t b = pieces.begin(i), e = pieces.end(i);
+        const EmbeddingTable::IdSpan span{p.ids + b, e - b};
+        float* const out = p.out + b * static_cast<size_t>(p.table->dim());
+        p.table->lookup_spans(&span, 1, &out, streamed);
+      },
+      static_cast<int>(threads));
+}
 
 enum class WriteKind { kAssign, kAssignAdd, kApplyGradients };
 
@@ -94,8 +128,9 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
   auto row_of = [](const TablePart& p) {
     return [rows = p.rows, d = static_cast<size_t>(p.table->dim())](size_t i) { return rows + i * d; };
   };
+  // A part small enough to be written on one thread anyway is written beside the others.
   detail::write_all_or_none(
-      tables, total_ids, /*parallel_writes=*/false,
+      tables, total_ids, [&](size_t k) { return EmbeddingTable::threads_for(parts[k].n) == 1; },
       [&](size_t k, bool distinct) {
         const TablePart& p = parts[k];
         const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
