@@ -542,7 +542,7 @@ class ReadPieces {
     const size_t piece = std::max(kMinIdsPerTask, total / (4 * threads));
     first_.push_back(0);
     for (size_t c : counts_)
-      first_.push_back(first_.back() + (threads == 1 ? 1 : std::max<size_t>(1, (c + piece - 1) / piece)));
+      first_.push_back(first_.back() + (threads == 1 ? 1 : std::max<size_t>(1, (c + piece / 2) / piece)));
   }
   size_t size() const { return first_.back(); }
   size_t part(size_t i) const {
