@@ -72,13 +72,12 @@ struct TableRead {
 // Each part as the table's lookup would do it, all in one call of the pool.
 inline void lookup_tables(const std::vector<TableRead>& parts) {
   std::vector<size_t> counts;
-  size_t out_bytes = 0;
+  size_t total = 0, out_bytes = 0;
   for (const TableRead& p : parts) {
     counts.push_back(p.n);
+    total += p.n;
     out_bytes += p.n * static_cast<size_t>(p.table->dim()) * sizeof(float);
   }
-  size_t total = 0;
-  for (size_t c : counts) total += c;
   const size_t threads = EmbeddingTable::batch_threads(total);
   const detail::ReadPieces pieces(std::move(counts), threads);
   const bool streamed = out_bytes >= detail::kStreamedOutputBytes;
