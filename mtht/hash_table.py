@@ -90,6 +90,8 @@ class TableWrite:
 def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     """``table.lookup(ids)`` for each table and its ids, in one call of the core (the tables'
     lookups share the threads)."""
+    if len(tables) != len(ids_list):
+        raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
     ids_list = [as_ids(ids) for ids in ids_list]
     outs = [np.empty((ids.shape[0], t.dim_size), dtype=np.float32) for t, ids in zip(tables, ids_list)]
     _core.lookup_tables([(t._core, ids, out) for t, ids, out in zip(tables, ids_list, outs)])

@@ -843,6 +843,23 @@ def test_multi_slot_write_equals_each_slots_own_write(restore_num_threads, metho
         assert table_state(table._tables[slot], every_id) == table_state(twins[slot], every_id), slot
 
 
+def test_write_all_refuses_writes_that_do_not_share_their_step_and_changes_nothing():
+    t1, t2 = (hash_table_from_config(make_config([(2, "sgd", "zeros")], [1.0]), name_suffix=s) for s in "ab")
+    writes = [t1.prepare_write("apply_gradients", [1], [[1, 1]], 1),
+              t2.prepare_write("apply_gradients", [1], [[1, 1]], 2)]
+    with pytest.raises(ValueError, match="share global_step"):
+        mtht.hash_table.write_all(writes)
+    assert len(t1) == len(t2) == 0
+    mtht.hash_table.write_all([])  # nothing to write
+
+
+def test_lookup_all_needs_one_ids_array_per_table():
+    t = hash_table_from_config(make_config([(2, "sgd", "zeros")], [1.0]))
+    with pytest.raises(ValueError, match="one ids array per table"):
+        mtht.hash_table.lookup_all([t, t], [[1]])
+    assert mtht.hash_table.lookup_all([], []) == []
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_fused_apply_gradient_with_one_table_named_twice_updates_it_in_list_order(accumulate):
     # The same table as table 0 and table 1 of a fused update: its blocks as table 0 (in
