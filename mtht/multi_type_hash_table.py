@@ -175,6 +175,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             self._merged_slot_to_config[merged_name] = merged_config
             for slot in slots:
                 self._slot_mapping[slot] = merged_name
+        self._dims = {m: infer_dim_size(c.table_config) for m, c in self._merged_slot_to_config.items()}
         self._table = factory(self._merged_slot_to_config)
 
     @property
@@ -189,7 +190,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             raise _unknown_slot(slot) from None
 
     def _dim(self, merged_name: str) -> int:
-        return infer_dim_size(self._merged_slot_to_config[merged_name].table_config)
+        return self._dims[merged_name]
 
     def _get_merged_to_indexed_tensor(self, slot_to_tensor: Mapping, rows: bool,
                                       slot_sizes: Mapping = None) -> Tuple[dict, dict]:
@@ -244,11 +245,17 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
             getattr(self._table, method)(merged, *args, **kwargs)
             return self
-        slot_ids = {s: as_ids(v[0], f"slot {s!r} ids") for s, v in data.items()}
-        merged_ids, _ = self._get_merged_to_indexed_tensor(slot_ids, rows=False)
-        merged_tensors, _ = self._get_merged_to_indexed_tensor({s: v[1] for s, v in data.items()}, rows=True,
-                                                               slot_sizes={s: len(i) for s, i in slot_ids.items()})
-        getattr(self._table, method)({m: (merged_ids[m], merged_tensors[m]) for m in merged_ids}, *args, **kwargs)
+        # Per merged table, in sorted slot order: the slots' ids, and their rows (as many as ids).
+        ids: Dict[str, list] = {}
+        rows: Dict[str, list] = {}
+        for slot in sorted(data):
+            merged = self._merged_name(slot)
+            slot_ids = as_ids(data[slot][0], f"slot {slot!r} ids")
+            ids.setdefault(merged, []).append(slot_ids)
+            rows.setdefault(merged, []).append(
+                as_rows(data[slot][1], slot_ids.shape[0], self._dims[merged], f"slot {slot!r} values"))
+        getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
+                                     *args, **kwargs)
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
