@@ -1650,6 +1650,9 @@ class HashTableConfigInstance:
         self._modes = [_classify_lr_fn(i, fn) for i, fn in enumerate(fns)]
         self._table_config = table_config
         self._learning_rate_fns = fns
+        # Constant learning rates, once evaluated: a small batch's step is a few
+        # microseconds, and evaluating them took half of the Python side of it.
+        self._constant_rates = None
         self._extra_restore_names = self._check_names(extra_restore_names)
 
     @staticmethod
@@ -1745,6 +1748,9 @@ class HashTableConfigInstance:
         if not self._learning_rate_fns:
             raise ValueError("learning_rate_fns must not be empty")
         step = integer_step(global_step)
+        constant_rates = getattr(self, "_constant_rates", None)
+        if constant_rates is not None:
+            return constant_rates.copy()
         out = np.empty(len(self._learning_rate_fns), dtype=np.float32)
         for i, (fn, mode) in enumerate(zip(self._learning_rate_fns,
                                            self._modes)):
@@ -1773,6 +1779,9 @@ class HashTableConfigInstance:
                     f"{float(lr)}"
                 )
             out[i] = lr
+        if all(mode == _CONSTANT and not isinstance(fn, np.ndarray)  # an array may change
+               for fn, mode in zip(self._learning_rate_fns, self._modes)):
+            self._constant_rates = out.copy()
         return out
 
     def __str__(self) -> str:

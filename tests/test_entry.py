@@ -442,6 +442,23 @@ def test_call_learning_rate_fns_accepts_every_form():
     assert config.call_learning_rate_fns()[4] == pytest.approx(0.01)
 
 
+def test_constant_learning_rates_are_evaluated_once_and_handed_out_as_copies():
+    segments = [CombineAsSegment(1, ZerosInitializer(), SgdOptimizer()) for _ in range(2)]
+    config = HashTableConfigInstance(table(*segments), [0.5, np.float32(0.25)])
+    for step in range(3):
+        rates = config.call_learning_rate_fns(step)
+        np.testing.assert_array_equal(rates, [0.5, 0.25])
+        rates[:] = 99.0  # the caller's copy
+    with pytest.raises(TypeError):
+        config.call_learning_rate_fns(1.5)  # the step is still checked
+    # A 0-d array may be changed in place between steps, and is read at every call.
+    rate = np.array(0.125)
+    config = HashTableConfigInstance(table(*segments), [0.5, rate])
+    np.testing.assert_array_equal(config.call_learning_rate_fns(0), [0.5, 0.125])
+    rate[...] = 0.0625
+    np.testing.assert_array_equal(config.call_learning_rate_fns(1), [0.5, 0.0625])
+
+
 def test_learning_rate_fn_validation():
     tc = table()
     with pytest.raises(ValueError, match="must not be empty"):
