@@ -513,8 +513,8 @@ class _MthtRunner:
         bar = _progress(len(layouts), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
         try:
             for i, (keys, ids, fss) in enumerate(layouts):
-                # Each call comes after its checksum, as every op's batch does (run): the pool's
-                # helpers have gone back to sleep for both, as between a trainer's calls.
+                # Both timed calls follow a checksum, as every op's batches do (run): the pool's
+                # helpers have gone back to sleep before each, as between a trainer's calls.
                 if op == "fused":
                     t0 = time.perf_counter()
                     emb = _hash_table.fused_lookup(tables, ids, fss, N)[0]

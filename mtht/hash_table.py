@@ -68,7 +68,8 @@ def _req_time(req_time=None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TableWrite:
-    """One table's write, converted and checked (:meth:`HashTable.prepare_write`)."""
+    """One table's write, its arguments converted (:meth:`HashTable.prepare_write`). NaN/Inf,
+    the capacity and the step are checked when it is applied (:func:`write_all`)."""
 
     core: _core.Table
     method: str  # "assign", "assign_add" or "apply_gradients"
@@ -101,16 +102,19 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
 def write_all(writes: List[TableWrite]) -> None:
     """Apply writes to one or several tables: all of them, or (raising) none. Every write is
     checked, and given the room and the memory it needs, before the first table changes. The
-    writes share their ``global_step``, ``req_time`` and ``dedup``."""
+    writes share their ``req_time``, and the ``apply_gradients`` ones their ``global_step`` and
+    ``dedup``."""
     if len(writes) == 1:
         writes[0].apply()
         return
-    if len({(w.global_step, w.req_time, w.dedup) for w in writes}) > 1:
-        raise ValueError("writes applied together must share global_step, req_time and dedup")
+    steps = [w for w in writes if w.method == "apply_gradients"]
+    if len({w.req_time for w in writes}) > 1 or len({(w.global_step, w.dedup) for w in steps}) > 1:
+        raise ValueError("writes applied together must share req_time, and gradient steps global_step "
+                         "and dedup")
     if writes:
-        first = writes[0]
+        step, dedup = (steps[0].global_step, steps[0].dedup) if steps else (0, False)
         _core.write_tables([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
-                           first.global_step, first.req_time, first.dedup)
+                           step, writes[0].req_time, dedup)
 
 
 class HashTable(BaseHashTable):
@@ -244,12 +248,13 @@ class HashTable(BaseHashTable):
         ]
 
     # -- writes ----------------------------------------------------------------------------
-    # Each write is split in two: prepare_write() converts and checks every argument into a
-    # TableWrite, and write_all() applies one or several of them, so that a multi-slot write
-    # changes every slot's table or none.
+    # Each write is split in two: prepare_write() converts its arguments into a TableWrite,
+    # and write_all() applies one or several of them, so that a multi-slot write changes
+    # every slot's table or none.
     def prepare_write(self, method: str, ids, tensor, *args, **kwargs) -> "TableWrite":
-        """Convert and check a write (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``,
-        with that method's arguments) without applying it; see :func:`write_all`."""
+        """Convert the arguments of a write (``"assign"``, ``"assign_add"`` or
+        ``"apply_gradients"``, with that method's arguments) without applying it; see
+        :func:`write_all`."""
         ids = as_ids(ids)
         what = "grads" if method == "apply_gradients" else "values"
         rows = as_rows(tensor, ids.shape[0], self._dim, what)

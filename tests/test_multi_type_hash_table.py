@@ -843,14 +843,19 @@ def test_multi_slot_write_equals_each_slots_own_write(restore_num_threads, metho
         assert table_state(table._tables[slot], every_id) == table_state(twins[slot], every_id), slot
 
 
-def test_write_all_refuses_writes_that_do_not_share_their_step_and_changes_nothing():
+def test_write_all_refuses_gradient_steps_that_do_not_share_their_step_and_changes_nothing():
     t1, t2 = (hash_table_from_config(make_config([(2, "sgd", "zeros")], [1.0]), name_suffix=s) for s in "ab")
     writes = [t1.prepare_write("apply_gradients", [1], [[1, 1]], 1),
               t2.prepare_write("apply_gradients", [1], [[1, 1]], 2)]
-    with pytest.raises(ValueError, match="share global_step"):
+    with pytest.raises(ValueError, match="gradient steps global_step"):
         mtht.hash_table.write_all(writes)
     assert len(t1) == len(t2) == 0
     mtht.hash_table.write_all([])  # nothing to write
+    # An assign beside a gradient step at another step than 0 goes through.
+    mtht.hash_table.write_all([t1.prepare_write("assign", [1], [[4, 4]], 9),
+                               t2.prepare_write("apply_gradients", [1], [[1, 1]], 5, req_time=9)])
+    np.testing.assert_array_equal(t1.lookup([1]), [[4, 4]])
+    np.testing.assert_array_equal(t2.lookup([1]), [[-1, -1]])
 
 
 def test_lookup_all_needs_one_ids_array_per_table():
