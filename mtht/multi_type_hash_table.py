@@ -234,8 +234,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         sizes = auxiliary_bundle.pop("merged_slot_to_sizes")
         result = {}
         for merged, emb in merged_emb.items():
-            pieces = np.split(emb, np.cumsum(sizes[merged])[:-1], axis=0)
-            result.update(zip(merged_to_slots[merged], pieces))
+            ends = np.cumsum(sizes[merged]).tolist()
+            result.update(zip(merged_to_slots[merged], (emb[b:e] for b, e in zip([0] + ends[:-1], ends))))
         if auxiliary_bundle:
             return result, auxiliary_bundle
         return result
