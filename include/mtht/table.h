@@ -9,9 +9,9 @@
 //   of the id's hash. Each shard has its own reader/writer lock, index and rows. A write
 //   first partitions its ids by shard with a stable counting sort, then threads take whole
 //   shards; inside a shard ids are handled in input order by one thread. A read is cut into
-//   one range per thread, each read in input order under shared locks of its shards. So
-//   concurrent callers are safe, a call needs no lock per id, and results do not depend on
-//   the number of threads.
+//   consecutive ranges (ReadPieces), each read in input order under shared locks of its
+//   shards. So concurrent callers are safe, a call needs no lock per id, and results do not
+//   depend on the number of threads.
 // * Index. Open addressing over buckets of one cache line: 3 slots of (id, timestamp,
 //   row + 1), where row 0 marks a free slot, and an overflow count: how many entries stored
 //   further on passed over this bucket when they were placed. A probe reads the home bucket
@@ -1001,8 +1001,8 @@ class EmbeddingTable {
 
   // A lookup of the ids of spans[0, count) on the calling thread, the row of id i of span s
   // going to outs[s] + i * dim: the piece of a lookup for callers that schedule several
-  // tables' lookups as one set of tasks (the fused lookup, whose ids of one table come in
-  // several blocks). `streamed`: the whole call's output is large (kStreamedOutputBytes).
+  // tables' lookups as one set of tasks (multi_table.h, and the fused lookup, whose ids of one
+  // table come in several blocks). `streamed`: the whole call's output is large (kStreamedOutputBytes).
   void lookup_spans(const IdSpan* spans, size_t count, float* const* outs, bool streamed) const {
     const size_t d = static_cast<size_t>(layout_.dim);
     const size_t bytes = sizeof(float) * d;
@@ -1121,7 +1121,7 @@ class EmbeddingTable {
   // apply_gradients with the gradient row of position i at grad_row(i), the learning rates,
   // gradients and step already checked by the caller; `room_held`: the caller holds
   // lock_capacity() and checked the write with check_room; `planned`: the batch's plan and
-  // room, from reserve_ids (the fused update).
+  // room, from reserve_ids (a write to several tables, multi_table.h).
   template <class GradRow>
   void apply_gradient_rows(const int64_t* ids, size_t n, GradRow grad_row, const float* lrs, int64_t global_step,
                            int64_t ts, bool dedup, const uint32_t* blocks, bool room_held,
