@@ -84,7 +84,7 @@ class ThreadPool {
     std::atomic<bool> failed{false};
     // Helpers that joined the call (under mu_, while it is open) and that left it: the call
     // returns once every helper that joined has left.
-    std::atomic<size_t> joined{0};
+    size_t joined = 0;
     std::atomic<size_t> left{0};
     std::exception_ptr error;
     std::mutex error_mu;
@@ -125,17 +125,19 @@ class ThreadPool {
     // closed and go back to sleep: the call waits only for the helpers that joined it,
     // never for one still waking up (in a virtual machine whose other core sat idle for a
     // few milliseconds, that took up to half a millisecond).
+    size_t joined;
     {
       std::lock_guard<std::mutex> lk(mu_);
       helpers_wanted_ = 0;
       job_ = nullptr;
+      joined = job.joined;  // final: no helper joins a closed call
     }
     // The helpers that joined finish their last tasks within microseconds: waiting for them
     // on the condition variable alone would add the time to wake this thread (about 20 us).
-    spin_until([&] { return job.left.load(std::memory_order_acquire) == job.joined.load(std::memory_order_acquire); });
+    spin_until([&] { return job.left.load(std::memory_order_acquire) == joined; });
     {
       std::unique_lock<std::mutex> lk(mu_);
-      done_cv_.wait(lk, [&] { return job.left.load() == job.joined.load(); });
+      done_cv_.wait(lk, [&] { return job.left.load() == joined; });
     }
     if (job.error) std::rethrow_exception(job.error);
   }
@@ -215,7 +217,7 @@ class ThreadPool {
         seen = generation_;
         --helpers_wanted_;
         job = job_;
-        job->joined.fetch_add(1, std::memory_order_acq_rel);
+        ++job->joined;
       }
       run_tasks(*job);
       {
