@@ -75,6 +75,7 @@
 #include "mtht/initializers.h"
 #include "mtht/kernels.h"
 #include "mtht/quantizers.h"
+#include "mtht/shared_mutex.h"
 #include "mtht/spec.h"
 #include "mtht/thread_pool.h"
 
@@ -303,7 +304,7 @@ class Shard {
         with_meta_(with_meta),
         max_load_permille_(max_load_permille) {}
 
-  mutable std::shared_mutex mu;
+  mutable SharedMutex mu;
 
   // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
   CountMap counts;
@@ -958,7 +959,7 @@ class EmbeddingTable {
   uint64_t size() const {
     uint64_t n = 0;
     for (auto* s : shards_) {
-      std::shared_lock<std::shared_mutex> lk(s->mu);
+      std::shared_lock<detail::SharedMutex> lk(s->mu);
       n += s->size();
     }
     return n;
@@ -970,7 +971,7 @@ class EmbeddingTable {
     st.row_stride = layout_.stride + (layout_.with_meta ? 16 : 0);
     st.evictions = evictions_.load();
     for (auto* s : shards_) {
-      std::shared_lock<std::shared_mutex> lk(s->mu);
+      std::shared_lock<detail::SharedMutex> lk(s->mu);
       st.size += s->size();
       st.capacity += s->slots();
       st.index_bytes += s->index_bytes();
@@ -1164,7 +1165,7 @@ class EmbeddingTable {
     std::atomic<uint64_t> removed{0};
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
       detail::Shard& sh = *shards_[s];
-      std::unique_lock<std::shared_mutex> lk(sh.mu);
+      std::unique_lock<detail::SharedMutex> lk(sh.mu);
       removed += sh.erase_if([&](int64_t id, int64_t ts, uint32_t) { return expired(id, ts, max_update_time); });
     });
     return removed.load();
@@ -1181,7 +1182,7 @@ class EmbeddingTable {
   template <class Fn>
   void scan_shard(size_t s, Fn&& fn) const {
     const detail::Shard& sh = *shards_[s];
-    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    std::shared_lock<detail::SharedMutex> lk(sh.mu);
     sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
   }
 
@@ -1189,7 +1190,7 @@ class EmbeddingTable {
   template <class Fn>
   void scan_counts(size_t s, Fn&& fn) const {
     const detail::Shard& sh = *shards_[s];
-    std::shared_lock<std::shared_mutex> lk(sh.mu);
+    std::shared_lock<detail::SharedMutex> lk(sh.mu);
     sh.counts.for_each(fn);
   }
 
@@ -1209,7 +1210,7 @@ class EmbeddingTable {
   void load_counts(const int64_t* ids, const uint64_t* counts, size_t n) {
     for (size_t i = 0; i < n; ++i) {
       detail::Shard& sh = *shards_[shard_of(hash_id(ids[i]))];
-      std::unique_lock<std::shared_mutex> lk(sh.mu);
+      std::unique_lock<detail::SharedMutex> lk(sh.mu);
       *sh.counts.try_emplace(ids[i], hash_id(ids[i])).first = counts[i];
     }
   }
@@ -1613,7 +1614,7 @@ class EmbeddingTable {
     constexpr size_t K = kBlock;
     const size_t lo = begin[first], hi = begin[last];
     if (lo == hi) return;
-    std::unique_lock<std::shared_mutex> held[4 * K];  // a ring, in the order taken
+    std::unique_lock<detail::SharedMutex> held[4 * K];  // a ring, in the order taken
     size_t n_locked = 0, n_unlocked = 0;
     // Calls f(shard number, shard, b, e) for the parts [b, e) of [from, to) in one shard
     // each; s: the stage's shard so far.
@@ -1629,7 +1630,7 @@ class EmbeddingTable {
     for (size_t b = lo; b < hi + 3 * K; b += K) {
       if (b < hi)
         in_shards(s1, b, std::min(b + K, hi), [&](size_t s, detail::Shard& sh, size_t k, size_t e) {
-          if (k == begin[s]) held[n_locked++ % (4 * K)] = std::unique_lock<std::shared_mutex>(sh.mu);
+          if (k == begin[s]) held[n_locked++ % (4 * K)] = std::unique_lock<detail::SharedMutex>(sh.mu);
           for (; k < e; ++k) stage1(sh, k);
         });
       if (b >= lo + K && b - K < hi)
@@ -1812,7 +1813,7 @@ class EmbeddingTable {
     for (const auto& kv : room.occurrences) {
       const uint64_t h = hash_id(kv.first);
       const detail::Shard& sh = *shards_[shard_of(h)];
-      std::shared_lock<std::shared_mutex> lk(sh.mu);
+      std::shared_lock<detail::SharedMutex> lk(sh.mu);
       if (sh.find(kv.first, h).bucket) {
         ++present;
         continue;
@@ -1879,7 +1880,7 @@ class EmbeddingTable {
     std::vector<Candidate> candidates;
     for (size_t s = 0; s < shards_.size(); ++s) {
       const detail::Shard& sh = *shards_[s];
-      std::shared_lock<std::shared_mutex> lk(sh.mu);
+      std::shared_lock<detail::SharedMutex> lk(sh.mu);
       sh.for_each_entry([&](int64_t id, int64_t, uint32_t r) {
         if (occurrences.count(id)) return;
         const uint64_t* meta = sh.entry(r).meta;
@@ -1904,7 +1905,7 @@ class EmbeddingTable {
   void evict_shard(const detail::Victims& victims, size_t s) {
     if (victims.per_shard[s] == 0) return;  // (a removal scans the shard's whole index)
     detail::Shard& sh = *shards_[s];
-    std::unique_lock<std::shared_mutex> lk(sh.mu);
+    std::unique_lock<detail::SharedMutex> lk(sh.mu);
     evictions_ += sh.erase_if([&](int64_t id, int64_t, uint32_t) { return victims.ids.count(id) > 0; });
   }
 
@@ -1920,7 +1921,7 @@ class EmbeddingTable {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
     detail::Shard& sh = *shards_[s];
-    std::unique_lock<std::shared_mutex> lk(sh.mu);
+    std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
     uint64_t extra = e - b;
     if (sh.reserve_grows_index(beyond_leaving(extra)))
