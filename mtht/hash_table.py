@@ -90,13 +90,38 @@ class TableWrite:
 
 def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     """``table.lookup(ids)`` for each table and its ids, in one call of the core (the tables'
-    lookups share the threads)."""
+    lookups share the threads). The results are views of one array, each starting on a
+    64-byte boundary."""
     if len(tables) != len(ids_list):
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
     ids_list = [as_ids(ids) for ids in ids_list]
-    outs = [np.empty((ids.shape[0], t.dim_size), dtype=np.float32) for t, ids in zip(tables, ids_list)]
+    outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
     _core.lookup_tables([(t._core, ids, out) for t, ids, out in zip(tables, ids_list, outs)])
     return outs
+
+
+def _rows_in_one_array(shapes) -> List[np.ndarray]:
+    """Uninitialised float32 arrays of the given (rows, dim) shapes, as views of one array.
+
+    Many separate arrays of a few KB each come from the top of the C heap, which glibc gives
+    back to the system once they are all freed, and every page then faults in again at the
+    next call: 100 lookups of 200 ids, dim 16, took 0.9 ms that way against 0.45 ms in one
+    array, which glibc keeps (its threshold for giving memory back follows the largest
+    block freed)."""
+    floats = 64 // np.dtype(np.float32).itemsize
+    starts, end = [], 0
+    for rows, dim in shapes:
+        starts.append(end)
+        end += -(-rows * dim // floats) * floats
+    buffer = _aligned_floats(end)
+    return [buffer[start:start + rows * dim].reshape(rows, dim) for start, (rows, dim) in zip(starts, shapes)]
+
+
+def _aligned_floats(n: int) -> np.ndarray:
+    """Uninitialised float32 [n], starting on a 64-byte boundary."""
+    raw = np.empty(n * 4 + 64, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + n * 4].view(np.float32)
 
 
 def write_all(writes: List[TableWrite]) -> None:

@@ -314,6 +314,15 @@ def test_lookups_of_several_tables_in_one_call_match_each_tables_lookup(restore_
     got = mtht.hash_table.lookup_all(tables, id_lists)
     for t, ids, rows in zip(tables, id_lists, got):
         np.testing.assert_array_equal(rows, t.lookup(ids))
+    # The results share one array: each is still its own writable C-contiguous float32 rows,
+    # starting on a cache line, overlapping no other.
+    for k, (t, ids, rows) in enumerate(zip(tables, id_lists, got)):
+        assert rows.dtype == np.float32 and rows.shape == (len(ids), t.dim_size)
+        assert rows.flags.c_contiguous and rows.flags.writeable
+        assert rows.ctypes.data % 64 == 0
+        rows[...] = k
+    for k, rows in enumerate(got):
+        assert (rows == k).all()
 
 
 @pytest.mark.parametrize("shards", [1, 4, 32, 128])

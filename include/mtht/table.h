@@ -1611,10 +1611,10 @@ class EmbeddingTable {
   template <class S1, class S2, class S3, class S4>
   void visit_blocks(const size_t* begin, size_t first, size_t last, S1&& stage1, S2&& stage2, S3&& stage3,
                     S4&& stage4) {
-    constexpr size_t K = kBlock;
+    constexpr size_t K = kBlock, R = 4 * K;
     const size_t lo = begin[first], hi = begin[last];
     if (lo == hi) return;
-    std::unique_lock<detail::SharedMutex> held[4 * K];  // a ring, in the order taken
+    std::unique_lock<detail::SharedMutex> held[R];  // a ring, in the order taken
     size_t n_locked = 0, n_unlocked = 0;
     // Calls f(shard number, shard, b, e) for the parts [b, e) of [from, to) in one shard
     // each; s: the stage's shard so far.
@@ -1626,25 +1626,27 @@ class EmbeddingTable {
         from = stop;
       }
     };
-    size_t s1 = first, s2 = first, s3 = first, s4 = first;
+    // The shard of item k, at k % R, for stages 2 and 3, which need no shard bounds: walking
+    // them there too cost 1.2 of 9.2 us in a 200-id Adagrad step over 64 shards.
+    detail::Shard* at[R];
+    size_t s1 = first, s4 = first;
     for (size_t b = lo; b < hi + 3 * K; b += K) {
       if (b < hi)
         in_shards(s1, b, std::min(b + K, hi), [&](size_t s, detail::Shard& sh, size_t k, size_t e) {
-          if (k == begin[s]) held[n_locked++ % (4 * K)] = std::unique_lock<detail::SharedMutex>(sh.mu);
-          for (; k < e; ++k) stage1(sh, k);
+          if (k == begin[s]) held[n_locked++ % R] = std::unique_lock<detail::SharedMutex>(sh.mu);
+          for (; k < e; ++k) {
+            at[k % R] = &sh;
+            stage1(sh, k);
+          }
         });
       if (b >= lo + K && b - K < hi)
-        in_shards(s2, b - K, std::min(b, hi), [&](size_t, detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) stage2(sh, k);
-        });
+        for (size_t k = b - K, e = std::min(b, hi); k < e; ++k) stage2(*at[k % R], k);
       if (b >= lo + 2 * K && b - 2 * K < hi)
-        in_shards(s3, b - 2 * K, std::min(b - K, hi), [&](size_t, detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) stage3(sh, k);
-        });
+        for (size_t k = b - 2 * K, e = std::min(b - K, hi); k < e; ++k) stage3(*at[k % R], k);
       if (b >= lo + 3 * K && b - 3 * K < hi)
         in_shards(s4, b - 3 * K, std::min(b - 2 * K, hi), [&](size_t s, detail::Shard& sh, size_t k, size_t e) {
           for (; k < e; ++k) stage4(sh, k);
-          if (e == begin[s + 1]) held[n_unlocked++ % (4 * K)].unlock();
+          if (e == begin[s + 1]) held[n_unlocked++ % R].unlock();
         });
     }
   }
@@ -1720,14 +1722,16 @@ class EmbeddingTable {
     detail::HeldRoom room(shards);
     const size_t evicted_shards = victims && !victims->ids.empty() ? shards_.size() : 0;
     ThreadPool::global().parallel_phases(
-        {ranges, ranges, shards, preparing && !planned ? chunks : 0, evicted_shards, chunks},
+        {ranges, ranges, planned ? 0 : chunks, preparing && !planned ? chunks : 0, evicted_shards, chunks},
         [&](size_t phase, size_t i) {
           if (phase == 0) {
             own->count_range(i);
           } else if (phase == 1) {
             own->place_range(i);
           } else if (phase == 2) {
-            reserve_shard(plan, i, room, gated, evicted_shards ? victims->per_shard[i] : 0);
+            const auto [first, last] = chunk_shards(i, chunks);
+            for (size_t s = first; s < last; ++s)
+              reserve_shard(plan, s, room, gated, evicted_shards ? victims->per_shard[s] : 0);
           } else if (phase == 4) {
             evict_shard(*victims, i);
           } else {
