@@ -98,6 +98,8 @@ def as_out(out, n: int, dim: int) -> np.ndarray:
 
 def as_int64_scalar(x, name: str) -> int:
     """An integer scalar (Python or numpy), e.g. req_time or global_step."""
+    if type(x) is int and -(1 << 63) <= x < (1 << 63):  # the common case, without the ABC check
+        return x
     if isinstance(x, np.ndarray) and x.ndim == 0:
         x = x[()]
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):

@@ -66,7 +66,7 @@ def _req_time(req_time=None) -> int:
     return 0 if req_time is None else as_int64_scalar(req_time, "req_time")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class TableWrite:
     """One table's write, its arguments converted (:meth:`HashTable.prepare_write`). NaN/Inf,
     the capacity and the step are checked when it is applied (:func:`write_all`)."""
