@@ -42,6 +42,7 @@ from absl import app, flags
 import mtht
 from mtht import _core
 from mtht import hash_table as _hash_table
+from mtht.multi_type_hash_table import MultiTypeHashTable
 from mtht._spec import state_floats
 from mtht.entry import LOAD_FACTOR_RANGE
 
@@ -53,10 +54,12 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
-           "fused", "fused_apply_gradient", "save", "restore")
+           "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients", "save", "restore")
 # Ops the numpy baselines also run.
 BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
-_WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient")
+_WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
+              "multi_slot_apply_gradients")
+_READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup")
 _OP_CODE = {op: code for code, op in enumerate(ALL_OPS, start=1)}
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DISTRIBUTIONS = ("uniform", "zipf")
@@ -85,6 +88,7 @@ class BenchConfig:
     ops: Sequence[str] = ALL_OPS
     fused_tables: int = 8
     fused_shards: int = 4
+    slots: int = 100
     threads: Sequence[int] = ()  # empty: every core
     iterations: int = 20
     warmup: int = 3
@@ -118,8 +122,8 @@ class BenchConfig:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
         if self.iterations < 1 or self.warmup < 0:
             raise ValueError("iterations must be >= 1 and warmup >= 0")
-        if self.fused_tables < 1 or self.fused_shards < 1:
-            raise ValueError("fused_tables and fused_shards must be >= 1")
+        if self.fused_tables < 1 or self.fused_shards < 1 or self.slots < 1:
+            raise ValueError("fused_tables, fused_shards and slots must be >= 1")
         if any(int(t) < 1 for t in self.threads):
             raise ValueError(f"thread counts must be >= 1, got {list(self.threads)}")
 
@@ -330,7 +334,7 @@ def lines_per_id(op: str, dim: int, state: int) -> int:
     """Cache lines an op must touch per id at the least: one index line, plus the lines of
     the embedding (lookups, assign_add) or of the embedding and its optimizer state (gradient
     steps). The ceiling of an op is the probe's reads/s divided by this."""
-    row = 4 * dim if op in ("lookup", "lookup_missing", "fused", "assign_add") else 4 * (dim + state)
+    row = 4 * dim if op in _READ_OPS + ("assign_add",) else 4 * (dim + state)
     if op == "lookup_missing":
         return 1
     return 1 + (row + 63) // 64
@@ -347,24 +351,33 @@ def _optimizer_builder(name: str):
     return mtht.AdamOptimizer(beta1=_ADAM_BETA1, beta2=_ADAM_BETA2, epsilon=_ADAM_EPS)
 
 
-def _make_table(config: BenchConfig, capacity: int):
+def _table_config(config: BenchConfig, capacity: int):
     segment = mtht.CombineAsSegment(config.dim, mtht.ZerosInitializer(), _optimizer_builder(config.optimizer),
                                     mtht.Fp32Compressor())
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
                                                  initial_capacity=int(capacity),
                                                  max_load_factor=config.max_load_factor)
-    return mtht.hash_table_from_config(mtht.HashTableConfigInstance(table_config,
-                                                                    learning_rate_fns=[config.learning_rate]))
+    return mtht.HashTableConfigInstance(table_config, learning_rate_fns=[config.learning_rate])
+
+
+def _make_table(config: BenchConfig, capacity: int):
+    return mtht.hash_table_from_config(_table_config(config, capacity))
 
 
 def _fill_table(table, keys: np.ndarray, dim: int, desc: str, config: BenchConfig) -> float:
-    bar = _progress(len(keys), desc, config)
+    return _fill_tables([(table, keys)], dim, desc, config)
+
+
+def _fill_tables(tables_and_keys, dim: int, desc: str, config: BenchConfig) -> float:
+    """Fill each table with the rows of its keys, under one progress bar; returns seconds."""
+    bar = _progress(sum(len(keys) for _, keys in tables_and_keys), desc, config)
     start = time.perf_counter()
     try:
-        for s in range(0, len(keys), _FILL_CHUNK):
-            k = keys[s:s + _FILL_CHUNK]
-            table.assign(key_to_id(k), fill_values(k, dim))
-            bar.update(len(k))
+        for table, keys in tables_and_keys:
+            for s in range(0, len(keys), _FILL_CHUNK):
+                k = keys[s:s + _FILL_CHUNK]
+                table.assign(key_to_id(k), fill_values(k, dim))
+                bar.update(len(k))
     finally:
         bar.close()
     return time.perf_counter() - start
@@ -405,7 +418,7 @@ def _unavailable(op: str, impl: str, threads: Optional[int], reason: str) -> dic
 def _bytes_per_id(op: str, dim: int, state: int) -> int:
     """Bytes of table rows touched per id: the embedding for reads; embedding (and optimizer
     state for gradient steps) read and written for updates."""
-    if op in ("lookup", "lookup_missing", "fused"):
+    if op in _READ_OPS:
         return 4 * dim
     if op == "assign_add":
         return 2 * 4 * dim
@@ -436,14 +449,19 @@ class _MthtRunner:
         self.notes = notes
         self.rows = update_rows(config.batch_size, config.dim, config.seed)
         self.lr = np.float32(config.learning_rate)
-        self.fused_tables = None
-        self.fused_reason = ""
+        # The tables of the fused and multi-slot ops: table j holds the keys k % count == j.
+        # One set at a time (a set holds as many ids as the main table).
+        self.split_count = 0
+        self.split_tables: Optional[list] = None
+        self.split_reason = ""
 
     # -- single-table ops ---------------------------------------------------------------------
     def run(self, op: str, threads: int) -> dict:
         c = self.c
         if op in ("fused", "fused_apply_gradient"):
             return self._run_fused(op, threads)
+        if op in ("multi_slot_lookup", "multi_slot_apply_gradients"):
+            return self._run_multi_slot(op, threads)
         if op in ("save", "restore"):
             return self._run_checkpoint(op, threads)
         keys = op_keys(c, op)
@@ -479,82 +497,127 @@ class _MthtRunner:
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
                           _bytes_per_id(op, c.dim, self.state))
 
-    # -- fused ops ----------------------------------------------------------------------------
-    def prepare_fused(self) -> None:
+    # -- ops over several tables -------------------------------------------------------------
+    def split_into(self, count: int) -> Optional[list]:
+        """``count`` tables, table j filled with the keys k % count == j; None (and
+        ``split_reason`` says why) when they would not fit in the memory budget."""
         c = self.c
-        if self.fused_tables is not None or self.fused_reason:
-            return
+        if self.split_count == count:
+            return self.split_tables
+        self.split_count, self.split_tables, self.split_reason = count, None, ""
         need = _mtht_bytes_estimate(c, c.size) * 2
         if need > c.max_memory_gb * 1e9:
-            self.fused_reason = (f"skipped: {c.fused_tables} tables beside the main one would need about "
+            self.split_reason = (f"skipped: {count} tables beside the main one would need about "
                                  f"{need / 1e9:.1f} GB (> --max_memory_gb={c.max_memory_gb:g})")
-            return
-        K = c.fused_tables
-        tables = []
-        for k in range(K):
-            keys = np.arange(k, c.size, K, dtype=np.int64)
-            tab = _make_table(c, max(1, len(keys)))
-            _fill_table(tab, keys, c.dim, f"fill fused table {k + 1}/{K}", c)
-            tables.append(tab)
-        self.fused_tables = tables
+            return None
+        keys = [np.arange(k, c.size, count, dtype=np.int64) for k in range(count)]
+        tables = [_make_table(c, max(1, len(k))) for k in keys]
+        _fill_tables(list(zip(tables, keys)), c.dim, f"fill {count} tables", c)
+        self.split_tables = tables
+        return tables
 
     def _run_fused(self, op: str, threads: int) -> dict:
         c = self.c
-        self.prepare_fused()
-        if self.fused_tables is None:
-            return _unavailable(op, "mtht", threads, self.fused_reason)
         K, N = c.fused_tables, c.fused_shards
-        layouts = [fused_layout(k, K, N) for k in op_keys(c, op)]
-        tables, one = self.fused_tables, self.table
-        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        tables = self.split_into(K)
+        if tables is None:
+            return _unavailable(op, "mtht", threads, self.split_reason)
+        layouts = []
+        for keys, ids, fss in (fused_layout(k, K, N) for k in op_keys(c, op)):
+            id_offsets = np.concatenate([[0], np.cumsum(fss)]).astype(np.int32)
+            layouts.append((keys, ids, (fss, id_offsets, (id_offsets * c.dim).astype(np.int32))))
         lrs = np.full(K, self.lr, dtype=np.float32)
-        fused_seconds, one_seconds = [], []
-        fused_sum = one_sum = 0.0
-        bar = _progress(len(layouts), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+
+        def fused(i, layout):
+            _, ids, (fss, id_offsets, grad_offsets) = layout
+            if op == "fused":
+                return _hash_table.fused_lookup(tables, ids, fss, N)[0]
+            _hash_table.fused_apply_gradient(tables, ids, ids, fss, self.rows[:len(ids)].reshape(-1), id_offsets,
+                                             grad_offsets, lrs, 0, i + 1, N)
+            return None
+
+        def rows_after(i, layout, emb):
+            _, ids, (fss, _, _) = layout
+            return [emb if op == "fused" else _hash_table.fused_lookup(tables, ids, fss, N)[0]]
+
+        return self._against_one_table(op, threads, layouts, fused, rows_after, K, fused_tables=K, fused_shards=N)
+
+    def _run_multi_slot(self, op: str, threads: int) -> dict:
+        """A MultiTypeHashTable of ``--slots`` tables, each batch's ids split among them (by
+        key mod slots), against the same ids in one call of the main table."""
+        c = self.c
+        S = c.slots
+        tables = self.split_into(S)
+        if tables is None:
+            return _unavailable(op, "mtht", threads, self.split_reason)
+        names = [f"slot{j:05d}" for j in range(S)]  # sorted in table order
+        multi = MultiTypeHashTable({name: _table_config(c, 1) for name in names},
+                                   lambda name, _config: tables[int(name[4:])])
+        batches = []
+        for keys in op_keys(c, op):
+            keys = keys[np.argsort(keys % S, kind="stable")]  # slot by slot, in batch order within one
+            counts = np.bincount(keys % S, minlength=S)
+            ids = key_to_id(keys)
+            slot_ids = {name: ids[end - n:end] for name, n, end in zip(names, counts, np.cumsum(counts))}
+            slot_grads = {name: (part, self.rows[end - len(part):end])
+                          for (name, part), end in zip(slot_ids.items(), np.cumsum(counts))}
+            batches.append((keys, ids, (slot_ids, slot_grads)))
+
+        def step(i, batch):
+            slot_ids, slot_grads = batch[2]
+            if op == "multi_slot_lookup":
+                return multi.lookup(slot_ids)
+            multi.apply_gradients(slot_grads, global_step=i + 1)
+            return None
+
+        def rows_after(i, batch, rows):
+            return list((rows if op == "multi_slot_lookup" else multi.lookup(batch[2][0])).values())
+
+        return self._against_one_table(op, threads, batches, step, rows_after, S, slots=S)
+
+    def _against_one_table(self, op: str, threads: int, batches: Sequence, call: Callable, rows_after: Callable,
+                           count: int, **extra) -> dict:
+        """Times ``call(i, batch)`` on the split tables (``split_into(count)``) against the same
+        ids (and gradients) in one call of the main table, batch by batch; a batch is ``(keys,
+        ids, anything)``. The checksums sum the rows of the batch's ids after each call:
+        ``rows_after(i, batch, what call returned)`` gives them for the split tables. Each timed
+        call follows a checksum, as every op's batches do (``run``): the pool's helpers have
+        gone back to sleep before each, as between a trainer's calls."""
+        c, one = self.c, self.table
+        writes = op in _WRITE_OPS
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        seconds, one_seconds = [], []
+        split_sum = one_sum = 0.0
+        bar = _progress(len(batches), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
         try:
-            for i, (keys, ids, fss) in enumerate(layouts):
-                # Both timed calls follow a checksum, as every op's batches do (run): the pool's
-                # helpers have gone back to sleep before each, as between a trainer's calls.
-                if op == "fused":
-                    t0 = time.perf_counter()
-                    emb = _hash_table.fused_lookup(tables, ids, fss, N)[0]
-                    t1 = time.perf_counter()
-                    fused_sum += _checksum(emb)
-                    t2 = time.perf_counter()
-                    one.lookup(ids, out=out)
-                    t3 = time.perf_counter()
-                    one_sum += _checksum(out)
+            for i, batch in enumerate(batches):
+                ids = batch[1]
+                t0 = time.perf_counter()
+                result = call(i, batch)
+                t1 = time.perf_counter()
+                split_sum += sum(_checksum(rows) for rows in rows_after(i, batch, result))
+                t2 = time.perf_counter()
+                if writes:
+                    one.apply_gradients(ids, self.rows[:len(ids)], global_step=i + 1)
                 else:
-                    id_offsets = np.concatenate([[0], np.cumsum(fss)]).astype(np.int32)
-                    grad_offsets = (id_offsets * c.dim).astype(np.int32)
-                    grads = self.rows[:len(ids)]
-                    flat = grads.reshape(-1)
-                    t0 = time.perf_counter()
-                    _hash_table.fused_apply_gradient(tables, ids, ids, fss, flat, id_offsets, grad_offsets, lrs,
-                                                     0, i + 1, N)
-                    t1 = time.perf_counter()
-                    fused_sum += _checksum(_hash_table.fused_lookup(tables, ids, fss, N)[0])
-                    t2 = time.perf_counter()
-                    one.apply_gradients(ids, grads, global_step=i + 1)
-                    t3 = time.perf_counter()
-                    one_sum += _checksum(one.lookup(ids, out=out))
+                    one.lookup(ids, out=out)
+                t3 = time.perf_counter()
+                one_sum += _checksum(one.lookup(ids, out=out) if writes else out)
                 if i >= c.warmup:
-                    fused_seconds.append(t1 - t0)
+                    seconds.append(t1 - t0)
                     one_seconds.append(t3 - t2)
                 bar.update(1)
         finally:
             bar.close()
-        if op == "fused_apply_gradient":
-            all_keys = np.concatenate([k for k, _, _ in layouts])
-            for k in range(K):
-                _reset_mtht(tables[k], all_keys[all_keys % K == k], c.dim)
+        if writes:
+            all_keys = np.concatenate([b[0] for b in batches])
+            for k, table in enumerate(self.split_tables):
+                _reset_mtht(table, all_keys[all_keys % count == k], c.dim)
             _reset_mtht(one, all_keys, c.dim)
-        n = [c.batch_size] * len(fused_seconds)
+        n = [c.batch_size] * len(seconds)
         one_rate = float(np.median(np.asarray(n) / np.asarray(one_seconds)))
-        res = _summarise(op, "mtht", threads, n, fused_seconds, fused_sum,
-                         _bytes_per_id("fused" if op == "fused" else "apply_gradients", c.dim, self.state),
-                         fused_tables=K, fused_shards=N, one_table_ids_per_s=one_rate,
-                         one_table_checksum=float(one_sum))
+        res = _summarise(op, "mtht", threads, n, seconds, split_sum, _bytes_per_id(op, c.dim, self.state),
+                         one_table_ids_per_s=one_rate, one_table_checksum=float(one_sum), **extra)
         res["vs_one_table"] = res["ids_per_s"] / one_rate
         return res
 
@@ -873,7 +936,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
                     log(_one_line(res))
         finally:
             mtht.set_num_threads(default_threads_now)
-        runner.fused_tables = None
+        runner.split_tables = None
         del runner
     del table
 
@@ -1099,8 +1162,8 @@ def _fmt_rate(x: float) -> str:
 
 def _one_line(r: dict) -> str:
     if r["status"] != "ok":
-        return f"  {r['op']:<22} {r['impl']:<13} {r['note']}"
-    return (f"  {r['op']:<22} {r['impl']:<13} thr={r['threads']}  {r['ids_per_s'] / 1e6:.2f} M ids/s  "
+        return f"  {r['op']:<26} {r['impl']:<13} {r['note']}"
+    return (f"  {r['op']:<26} {r['impl']:<13} thr={r['threads']}  {r['ids_per_s'] / 1e6:.2f} M ids/s  "
             f"checksum {r['checksum']:.6e}")
 
 
@@ -1134,13 +1197,13 @@ def format_report(result: dict, header: bool = True) -> str:
         lines.append(f"table: {t['size']:,} ids, {t['bytes'] / t['size']:.0f} B/entry (row stride {t.get('row_stride', '?')}), "
                      f"load {t['load_factor']:.2f}, filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
     lines.append("")
-    head = (f"{'op':<22} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "
+    head = (f"{'op':<26} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "
             f"{'%ceil':>6} {'x dict':>7} {'x khash':>7} {'other':<13} {'busy':>4}  checksum")
     lines.append(head)
     lines.append("-" * len(head))
     for r in result["results"]:
         if r["status"] != "ok":
-            lines.append(f"{r['op']:<22} {r['impl']:<13} {r['threads'] or '':>3} {r['note']}")
+            lines.append(f"{r['op']:<26} {r['impl']:<13} {r['threads'] or '':>3} {r['note']}")
             continue
         pct = r.get("pct_of_ceiling")
         other = ""
@@ -1156,7 +1219,7 @@ def format_report(result: dict, header: bool = True) -> str:
         khash_s = f"{r['vs_pandas_numpy']:6.1f}x" if "vs_pandas_numpy" in r else ""
         busy_s = f"{r['other_cpu_cores']:.1f}" if r.get("other_cpu_cores") is not None else ""
         lines.append(
-            f"{r['op']:<22} {r['impl']:<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])}  {spread:<17} "
+            f"{r['op']:<26} {r['impl']:<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])}  {spread:<17} "
             f"{r['gb_per_s']:6.2f} {pct_s:>6} {dict_s:>7} {khash_s:>7} {other:<13} {busy_s:>4}  {r['checksum']:.6e}")
     mism = [f"{r['op']} ({r['threads']} thr) vs {impl}" for r in result["results"]
             for key, impl in (("checksum_matches_numpy_dict", "numpy+dict"), ("checksum_matches_pandas_numpy", "pandas+numpy"))
@@ -1190,12 +1253,12 @@ def format_report(result: dict, header: bool = True) -> str:
 
 def format_sweep(sweep_result: dict) -> str:
     lines = [f"sweep over {sweep_result['sweep']}:",
-             f"{'value':>12} {'op':<22} {'thr':>3} {'M ids/s':>8} {'%ceil':>6}"]
+             f"{'value':>12} {'op':<26} {'thr':>3} {'M ids/s':>8} {'%ceil':>6}"]
     for v, run in zip(sweep_result["values"], sweep_result["runs"]):
         for r in run["results"]:
             if r["impl"] == "mtht" and r["status"] == "ok":
                 pct = r.get("pct_of_ceiling")
-                lines.append(f"{v:>12,} {r['op']:<22} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
+                lines.append(f"{v:>12,} {r['op']:<26} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
                              f"{(f'{pct:5.0f}%' if pct is not None else ''):>6}")
     if sweep_result.get("plot"):
         lines.append(f"plot written to {sweep_result['plot']}")
@@ -1220,6 +1283,7 @@ flags.DEFINE_float("learning_rate", 0.01, "Learning rate of gradient steps.")
 flags.DEFINE_list("ops", [], f"Ops to run (default: all): {', '.join(ALL_OPS)}.")
 flags.DEFINE_integer("fused_tables", 8, "Tables of the fused ops.", lower_bound=1)
 flags.DEFINE_integer("fused_shards", 4, "Shards of the fused ops.", lower_bound=1)
+flags.DEFINE_integer("slots", 100, "Slots (one table each) of the multi_slot ops.", lower_bound=1)
 flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: every core).")
 flags.DEFINE_integer("iterations", 20, "Timed batches per op.", lower_bound=1)
 flags.DEFINE_integer("warmup", 3, "Untimed batches before the timed ones.", lower_bound=0)
@@ -1270,7 +1334,7 @@ def config_from_flags() -> BenchConfig:
     ops = [op.strip() for op in FLAGS.ops if op.strip()] or list(ALL_OPS)
     cfg = BenchConfig(
         dist=FLAGS.dist, zipf_a=FLAGS.zipf_a, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
-        ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards,
+        ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards, slots=FLAGS.slots,
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor, **values)
