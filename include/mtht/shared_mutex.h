@@ -1,9 +1,11 @@
-// A reader-writer lock for the shards of a table: uncontended, taking it and giving it back
-// are one atomic operation each on one word, where std::shared_mutex (glibc's
+// A reader-writer lock for the shards of a table: one 32-bit word. Uncontended, taking it
+// and giving it back are one atomic operation each, where std::shared_mutex (glibc's
 // pthread_rwlock) does several: a write to a batch of 200 ids locks each of its shards twice,
 // and with 64 shards the locks were a fifth of the write. A thread that cannot take the lock
-// spins briefly, then sleeps on a condition variable until the holder gives it back. Like
-// glibc's default, readers are never held back by waiting writers.
+// spins briefly, then sleeps on one of a fixed set of condition variables shared by all
+// locks (picked by the lock's address), until the holder gives the lock back. So a shard's
+// lock shares a cache line with the fields a batch reads next. Like glibc's default,
+// readers are never held back by waiting writers.
 #pragma once
 
 #include <atomic>
@@ -49,34 +51,50 @@ class SharedMutex {
 
  private:
   static constexpr uint32_t kWriter = 1u << 31;
-  static constexpr uint32_t kWaiting = 1u << 30;  // some thread sleeps (or is about to) on cv_
+  static constexpr uint32_t kWaiting = 1u << 30;  // some thread sleeps (or is about to) on this lock
   static constexpr uint32_t kReaders = kWaiting - 1;
+
+  // Where the threads waiting for a lock sleep: one of kPlaces, by the lock's address.
+  struct Place {
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  static constexpr size_t kPlaces = 64;
+  Place& place() const {
+    static Place places[kPlaces];  // never contended unless a lock is
+    return places[(reinterpret_cast<uintptr_t>(this) >> 6) % kPlaces];
+  }
 
   // Spins for a few microseconds (shards are held that long for most writes), then sleeps
   // until a holder gives the lock back. Lost wake-ups cannot happen: a thread sets kWaiting
-  // and tries once more while it holds mu_, and cv_.wait releases mu_ atomically; a holder
-  // giving the lock back sees kWaiting (both change the one word) and takes mu_ to notify.
+  // and tries once more while it holds its place's mutex, and the condition variable
+  // releases that mutex atomically as it sleeps; a holder giving the lock back sees
+  // kWaiting (both change the one word) and takes the same mutex to notify.
   template <class TryTake>
   void wait_for(TryTake try_take) {
     for (int i = 0; i < kSpins; ++i) {
       pause();
       if (try_take()) return;
     }
-    std::unique_lock<std::mutex> lk(mu_);
+    Place& p = place();
+    std::unique_lock<std::mutex> lk(p.mu);
     for (;;) {
       state_.fetch_or(kWaiting, std::memory_order_relaxed);
       if (try_take()) return;
-      cv_.wait(lk);
+      p.cv.wait(lk);
     }
   }
 
-  // Wakes every sleeper, each of which sets kWaiting again if it has to sleep again; so the
-  // flag is cleared here, under mu_ (no thread is between setting it and sleeping), and
-  // a lock that was contended once does not take mu_ at every unlock after.
+  // Wakes every thread asleep on this lock's place (those waiting for other locks of the
+  // place wake too, find theirs still taken and sleep again). Each sets kWaiting again
+  // before it sleeps again, so the flag is cleared here, under the place's mutex (no thread
+  // is between setting it and sleeping): a lock that was contended once does not take the
+  // mutex at every unlock after.
   void wake() {
-    std::lock_guard<std::mutex> lk(mu_);
+    Place& p = place();
+    std::lock_guard<std::mutex> lk(p.mu);
     state_.fetch_and(~kWaiting, std::memory_order_relaxed);
-    cv_.notify_all();
+    p.cv.notify_all();
   }
 
   static void pause() {
@@ -90,8 +108,6 @@ class SharedMutex {
   static constexpr int kSpins = 128;
 
   std::atomic<uint32_t> state_{0};  // kWriter | kWaiting | number of readers
-  std::mutex mu_;
-  std::condition_variable cv_;
 };
 
 }  // namespace mtht::detail

@@ -133,6 +133,36 @@ void check_sleepers() {
   }
 }
 
+// Locks side by side sleep their waiters in the same place: a thread woken for the other
+// lock must go back to sleep, and none may be left asleep. Four threads, two locks in one
+// cache line, each thread writing under one of them and holding it for 300 us.
+void check_neighbours() {
+  struct Pair {
+    mtht::detail::SharedMutex mu[2];
+  } pair;
+  static_assert(sizeof(Pair) <= 64, "the two locks share a cache line, so a place");
+  long counts[2][2] = {{0, 0}, {0, 0}};  // per lock: before and after the hold
+  std::atomic<int> inside[2] = {{0}, {0}};
+  std::atomic<bool> overlap{false};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t)
+    pool.emplace_back([&, t] {
+      const int k = t % 2;
+      for (int r = 0; r < 30; ++r) {
+        std::unique_lock<mtht::detail::SharedMutex> lk(pair.mu[k]);
+        if (inside[k].fetch_add(1) != 0) overlap = true;
+        ++counts[k][0];
+        std::this_thread::sleep_for(std::chrono::microseconds(300));
+        ++counts[k][1];
+        inside[k].fetch_sub(1);
+      }
+    });
+  for (auto& th : pool) th.join();
+  expect(!overlap.load(), "a writer holds its lock alone beside a lock that shares its place", 300);
+  expect(counts[0][0] == 60 && counts[0][1] == 60 && counts[1][0] == 60 && counts[1][1] == 60,
+         "every write under locks that share a place is made exactly once", 300);
+}
+
 }  // namespace
 
 int main() {
@@ -146,6 +176,7 @@ int main() {
   }).detach();
 
   check_sleepers();
+  check_neighbours();
   // Short holds: waiters mostly get the lock while spinning. Mostly reads, then mostly writes.
   check_round(4, 100000, 8, microseconds(0), false);
   check_round(4, 100000, 2, microseconds(0), false);
