@@ -679,7 +679,10 @@ def _bad_calls(dim):
         calls[f"{name}-req_time_float"] = (method, (good_ids, good), dict(kw, req_time=1.5))
         calls[f"{name}-req_time_str"] = (method, (good_ids, good), dict(kw, req_time="10"))
         calls[f"{name}-req_time_list"] = (method, (good_ids, good), dict(kw, req_time=[10]))
-    for step in (1.5, "3", None, [1], np.array([1, 2]), 2.0**70):
+        calls[f"{name}-req_time_bool"] = (method, (good_ids, good), dict(kw, req_time=True))
+        calls[f"{name}-req_time_too_big"] = (method, (good_ids, good), dict(kw, req_time=2**63))
+        calls[f"{name}-req_time_too_small"] = (method, (good_ids, good), dict(kw, req_time=-(2**63) - 1))
+    for step in (1.5, "3", None, [1], np.array([1, 2]), 2.0**70, 2**63, -(2**63) - 1, True):
         calls[f"apply_gradients-global_step-{step!r}"] = ("apply_gradients", (good_ids, good), {"global_step": step})
     calls["reinitialize-float_ids"] = ("reinitialize", (np.array([1.0, 2.0]),), {"req_time": 0})
     calls["reinitialize-2d_ids"] = ("reinitialize", (np.array([[1, 2]]),), {"req_time": 0})
@@ -926,6 +929,14 @@ def test_timestamps_follow_req_time_default_zero():
     assert t.max_update_ts == 2**40
     t.lookup([1, 2, 3])
     assert t.max_update_ts == 2**40
+
+
+def test_req_time_takes_the_whole_int64_range():
+    t = sgd_table(1)
+    for ts in (INT64_MIN, INT64_MAX, np.int64(INT64_MAX), np.int32(-7)):  # Python or numpy integers
+        t.assign([4], [[1.0]], req_time=ts)
+        assert t.lookup_entry([4])[0].last_update_ts == ts
+    assert t.max_update_ts == INT64_MAX
 
 
 def test_lookup_entry_of_missing_and_duplicates():

@@ -159,8 +159,8 @@ class ThreadPool {
   }
 
   // The tasks of a call that runs on the calling thread alone, in order, as run_tasks does
-  // them but without its atomic counters (two per task: they were 6% of a 200-id Adagrad
-  // step, whose 64 shards are a task each).
+  // them but without its atomic counters (two per task: 6% of a 200-id Adagrad step when
+  // each of its 64 shards was a task).
   static void run_alone(Job& job) {
     size_t phase = 0;
     for (size_t task = 0; task < job.total; ++task) {
