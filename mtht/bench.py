@@ -44,7 +44,7 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht.multi_type_hash_table import MultiTypeHashTable
 from mtht._spec import state_floats
-from mtht.entry import LOAD_FACTOR_RANGE
+from mtht.entry import LOAD_FACTOR_RANGE, MAX_SHARDS
 
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
@@ -100,6 +100,7 @@ class BenchConfig:
     progress: bool = True
     save_dir: Optional[str] = None
     max_load_factor: float = 0.5
+    num_shards: int = 64
 
     def validate(self) -> None:
         if self.size < 1:
@@ -117,6 +118,8 @@ class BenchConfig:
         lo, hi = LOAD_FACTOR_RANGE
         if not lo <= self.max_load_factor <= hi:
             raise ValueError(f"max_load_factor must be in [{lo}, {hi}], got {self.max_load_factor}")
+        if not 1 <= self.num_shards <= MAX_SHARDS or self.num_shards & (self.num_shards - 1):
+            raise ValueError(f"num_shards must be a power of two in [1, {MAX_SHARDS}], got {self.num_shards}")
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
@@ -356,7 +359,8 @@ def _table_config(config: BenchConfig, capacity: int):
                                     mtht.Fp32Compressor())
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
                                                  initial_capacity=int(capacity),
-                                                 max_load_factor=config.max_load_factor)
+                                                 max_load_factor=config.max_load_factor,
+                                                 num_shards=config.num_shards)
     return mtht.HashTableConfigInstance(table_config, learning_rate_fns=[config.learning_rate])
 
 
@@ -1181,7 +1185,7 @@ def format_header(result: dict) -> str:
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
         f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
-        f"  max_load_factor {c.get('max_load_factor', 0.5):g}",
+        f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards', 64)}",
     ]
     return "\n".join(lines)
 
@@ -1276,6 +1280,8 @@ flags.DEFINE_integer("size", 1_000_000, "Ids in the table.", lower_bound=1)
 flags.DEFINE_integer("dim", 16, "Embedding dimension.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 65536, "Ids per batch.", lower_bound=1)
 flags.DEFINE_float("max_load_factor", 0.5, "max_load_factor of the mtht tables (speed against index memory).")
+flags.DEFINE_integer("num_shards", 64, "num_shards of the mtht tables (a power of two; fewer make small batches "
+                     "cheaper, more spread large writes over more cores).")
 flags.DEFINE_enum("dist", "uniform", list(DISTRIBUTIONS), "Distribution of the ids of a batch.")
 flags.DEFINE_float("zipf_a", 1.1, "Exponent of the Zipf distribution (> 1).")
 flags.DEFINE_enum("optimizer", "adagrad", list(OPTIMIZERS), "Optimizer of the table.")
@@ -1337,7 +1343,8 @@ def config_from_flags() -> BenchConfig:
         ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards, slots=FLAGS.slots,
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
-        progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor, **values)
+        progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor,
+        num_shards=FLAGS.num_shards, **values)
     try:
         cfg.validate()
     except ValueError as e:

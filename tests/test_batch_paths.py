@@ -9,8 +9,9 @@ number of ids around the block sizes, reads around the block and piece sizes, ba
 over 1 to 4,096 shards, rows of every width, probe chains many buckets long (ids chosen to
 share one home bucket), growth in the middle of a batch, writes at the load bound, batches
 larger than the table, and a batch of one id. The last part checks that the index's load bound
-(max_load_factor) changes memory, never results, that arrays reused from the shared
-huge-page blocks come back zeroed, and that room reserved ahead of need is not touched.
+(max_load_factor) changes memory and the number of shards speed, never results; that arrays
+reused from the shared huge-page blocks come back zeroed; and that room reserved ahead of
+need is not touched.
 """
 
 import os
@@ -487,6 +488,52 @@ def test_the_load_bound_is_part_of_the_config_key():
     keys = {mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_load_factor=f).canonical_key()
             for f in (0.5, 0.8)}
     assert len(keys) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# num_shards: how a table is cut changes speed, never results
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [0, 3, 48, 8192, -4, 2.0, True, "8", None])
+def test_num_shards_must_be_a_power_of_two_in_range(bad):
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    with pytest.raises(ValueError, match="num_shards"):
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), num_shards=bad)
+
+
+def test_results_and_checkpoints_do_not_depend_on_the_number_of_shards(tmp_path):
+    tables = [_table_with_load(0.5, num_shards=n) for n in (1, 4, 64, 256)]
+    assert [t.stats()["num_shards"] for t in tables] == [1, 4, 64, 256]
+    ref = ReferenceTable([SEG])
+    rng = np.random.default_rng(9)
+    for step in range(6):
+        ids = rng.integers(0, 20_000, [50, 5_000, 9_000][step % 3]).astype(np.int64)
+        g = rng.standard_normal((ids.size, SEG.dim)).astype(np.float32)
+        for t in tables:
+            t.apply_gradients(ids, g, global_step=1, enable_dedup=bool(step % 2), req_time=step)
+            t.assign_add(ids[:100], g[:100], req_time=step)
+        ref.apply_gradients(ids, g, [LR], enable_dedup=bool(step % 2), req_time=step)
+        ref.assign_add(ids[:100], g[:100], req_time=step)
+    probe = np.arange(-10, 20_010, dtype=np.int64)
+    for t in tables:
+        _assert_same(t, ref, probe[::5])
+        np.testing.assert_array_equal(t.lookup(probe), tables[0].lookup(probe))
+    # A checkpoint of one shard count restores into another, both ways.
+    tables[0].save(str(tmp_path / "one"))
+    tables[3].save(str(tmp_path / "many"))
+    many_from_one = _table_with_load(0.5, num_shards=256).restore(str(tmp_path / "one"))
+    one_from_many = _table_with_load(0.5, num_shards=1).restore(str(tmp_path / "many"))
+    for t in (many_from_one, one_from_many):
+        np.testing.assert_array_equal(t.lookup(probe), tables[0].lookup(probe))
+        assert len(t) == len(tables[0])
+
+
+def test_the_shard_count_is_not_part_of_the_config_key():
+    # It only changes speed, so slots that differ in it still share a merged table.
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    keys = {mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), num_shards=n).canonical_key()
+            for n in (1, 64)}
+    assert len(keys) == 1
 
 
 

@@ -303,6 +303,20 @@ def test_max_load_factor_reaches_the_tables():
         assert _results(runs[0.25], op, "mtht")[0]["checksum"] == _results(runs[0.9], op, "mtht")[0]["checksum"]
 
 
+def test_num_shards_reaches_the_tables():
+    # The same multi-slot workload with tables of 1 and 64 shards: each table has the shards
+    # asked for, and the checksums are equal.
+    runs = {n: bench.run_benchmark(_config(ops=("lookup", "multi_slot_apply_gradients"), threads=(1,), probe=False,
+                                           slots=4, num_shards=n)) for n in (1, 64)}
+    for n, result in runs.items():
+        assert result["config"]["num_shards"] == n
+        assert result["table"]["num_shards"] == n
+    for op in ("lookup", "multi_slot_apply_gradients"):
+        assert _results(runs[1], op, "mtht")[0]["checksum"] == _results(runs[64], op, "mtht")[0]["checksum"]
+    with pytest.raises(ValueError, match="num_shards"):
+        _config(num_shards=3).validate()
+
+
 @pytest.mark.parametrize("op,calls", [
     ("fused", ["fused_lookup", "checksum", "lookup", "checksum"]),
     ("fused_apply_gradient", ["fused_apply_gradient", "fused_lookup", "checksum", "apply_gradients", "lookup",
