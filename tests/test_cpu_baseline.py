@@ -1,8 +1,9 @@
 """The C++ core on its own: built from the source tree without Python, every kernel set
 gives the same numbers, and on an emulated CPU without AVX (when qemu-x86_64 is installed)
-it runs the SSE2 kernels instead of crashing; the thread pool and the shards' lock keep their
-contracts; the room a write reserves stays its own until it is done. Skipped where the sources or a C++ toolchain
-are not at hand (e.g. tests run from an installed package alone)."""
+it runs the SSE2 kernels instead of crashing; the thread pool and the shards' lock keep
+their contracts; the room a write reserves stays its own until it is done. Skipped where
+the sources or a C++ toolchain are not at hand (e.g. tests run from an installed package
+alone)."""
 
 import os
 import platform
