@@ -328,7 +328,7 @@ def test_lookups_of_several_tables_in_one_call_match_each_tables_lookup(restore_
 
 @pytest.mark.parametrize("shards", [1, 4, 32, 128])
 def test_reads_over_few_shards_lock_what_they_read(shards):
-    # A read locks the shards its ids fall in, or every shard once it has 16 ids per shard:
+    # A read locks the shards its ids fall in, or every shard once it has 2 ids per shard:
     # below, at and above that size, with fewer shards than one word of the shard set, and
     # with more.
     from mtht._spec import core_segments
@@ -340,7 +340,7 @@ def test_reads_over_few_shards_lock_what_they_read(shards):
     stored = np.ascontiguousarray(pool[::2])
     values = rng.standard_normal((stored.size, SEG.dim)).astype(np.float32)
     core.assign(stored, values, 5)
-    for n in (1, 16 * shards - 1, 16 * shards, 16 * shards + 1, 40 * shards):
+    for n in (1, 2 * shards - 1, 2 * shards, 2 * shards + 1, 40 * shards):
         pick = rng.integers(0, pool.size, n)
         out = np.empty((n, SEG.dim), np.float32)
         core.lookup(np.ascontiguousarray(pool[pick]), out)

@@ -1456,14 +1456,20 @@ class EmbeddingTable {
   }
 
   // Shared locks on the shards of the ids of spans[0, count), `total` ids (on all of them
-  // when there are enough ids to touch nearly every shard, which spares hashing them a
-  // second time), taken in increasing order as every batch takes its locks, and released
-  // when this is destroyed.
+  // when there are enough ids to touch most shards, which spares hashing them a second
+  // time), taken in increasing order as every batch takes its locks, and released when this
+  // is destroyed.
   class SharedShardLocks {
    public:
+    // Ids per shard from which a read locks every shard: twice as many ids as shards touch
+    // 86% of the shards, and locking the rest cost less than hashing the ids to find them
+    // (C++ loop, 64 shards, one thread: lookups of 1,000 ids 12.8 -> 11.8 us, of 200 ids
+    // 2.83 -> 2.67 us, against a bound of 16 ids per shard).
+    static constexpr size_t kLockAllIdsPerShard = 2;
+
     SharedShardLocks(const EmbeddingTable& table, const IdSpan* spans, size_t count, size_t total)
         : shards_(table.shards_), marked_((shards_.size() + 63) / 64, 0) {
-      if (total >= 16 * shards_.size()) {
+      if (total >= kLockAllIdsPerShard * shards_.size()) {
         std::fill(marked_.begin(), marked_.end(), ~uint64_t{0});
         if (shards_.size() < 64) marked_[0] = (uint64_t{1} << shards_.size()) - 1;
       } else {
