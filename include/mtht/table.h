@@ -769,7 +769,8 @@ struct BatchPlan {
 // per shard, sized for the shard so that it stays in the L1 cache.
 struct Runs {
   static constexpr uint32_t kEnd = 0xFFFFFFFFu;
-  static constexpr size_t kAhead = 8;  // rows prefetched this many positions ahead
+  static constexpr size_t kAhead = 8;   // rows prefetched this many positions ahead
+  static constexpr size_t kFewIds = 8;  // shards of at most this many ids are grouped without a hash table
   std::vector<uint32_t> first;   // each run's first occurrence (a plan position)
   std::vector<uint32_t> count;   // each run's occurrences
   std::vector<uint32_t> sum_of;  // each run's row in `sums`, or kEnd if it occurs once
@@ -818,9 +819,43 @@ struct Runs {
     uint32_t* run_first = first.data();
     uint32_t* run_count = count.data();
     uint32_t* run_sum = sum_of.data();
+    // Another occurrence (input position p) of run r: add its row to the run's sum.
+    auto repeat = [&](uint32_t r, uint32_t p) {
+      // Plan positions of a shard are in input order: this adds each run's rows left to right.
+      if (run_count[r]++ == 1) {
+        run_sum[r] = summed++;
+        if (sums.size() < summed * width) sums.resize(2 * summed * width);
+        float* sum = sums.data() + run_sum[r] * width;
+        const float* g = row(order[run_first[r]]);
+        for (size_t j = 0; j < width; ++j) sum[j] = g[j];
+      }
+      float* sum = sums.data() + run_sum[r] * width;
+      const float* g = row(p);
+      for (size_t j = 0; j < width; ++j) sum[j] += g[j];
+    };
+    auto new_run = [&](size_t k) {
+      run_first[runs] = static_cast<uint32_t>(k);
+      run_count[runs] = 1;
+      run_sum[runs] = kEnd;
+      return runs++;
+    };
     for (size_t s = first_shard; s < last_shard; ++s) {
       begin[s] = runs;
       if (sb[s + 1] == sb[s]) continue;
+      if (sb[s + 1] - sb[s] <= kFewIds) {
+        // A shard of a few ids looks for each among the runs so far: filling a hash table
+        // for them cost more (a batch of 200 ids over 64 shards gives each about 3).
+        for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
+          if (k + kAhead < sb[last_shard]) prefetch_lines(row(order[k + kAhead]), sizeof(float) * width);
+          const uint32_t p = order[k];
+          const uint32_t block = blocks ? blocks[p] : 0;
+          uint32_t r = begin[s];
+          while (r < runs && (keys[run_first[r]] != keys[k] || (blocks && blocks[order[run_first[r]]] != block))) ++r;
+          if (r == runs) new_run(k);
+          else repeat(r, p);
+        }
+        continue;
+      }
       size_t cap = 16;
       while (cap < 2 * (sb[s + 1] - sb[s])) cap *= 2;
       slots_.assign(cap, Slot{0, kEnd, 0});
@@ -836,25 +871,11 @@ struct Runs {
         for (size_t i = h & mask;; i = (i + 1) & mask) {
           Slot& slot = slots[i];
           if (slot.run == kEnd) {
-            slot = Slot{key, runs, block};
-            run_first[runs] = static_cast<uint32_t>(k);
-            run_count[runs] = 1;
-            run_sum[runs++] = kEnd;
+            slot = Slot{key, new_run(k), block};
             break;
           }
           if (slot.key != key || slot.block != block) continue;
-          // Plan positions of a shard are in input order: this adds each run's rows left to right.
-          const uint32_t r = slot.run;
-          if (run_count[r]++ == 1) {
-            run_sum[r] = summed++;
-            if (sums.size() < summed * width) sums.resize(2 * summed * width);
-            float* sum = sums.data() + run_sum[r] * width;
-            const float* g = row(order[run_first[r]]);
-            for (size_t j = 0; j < width; ++j) sum[j] = g[j];
-          }
-          float* sum = sums.data() + run_sum[r] * width;
-          const float* g = row(p);
-          for (size_t j = 0; j < width; ++j) sum[j] += g[j];
+          repeat(slot.run, p);
           break;
         }
       }
