@@ -61,7 +61,9 @@ class SharedMutex {
   };
   static constexpr size_t kPlaces = 64;
   Place& place() const {
-    static Place places[kPlaces];  // never contended unless a lock is
+    // Never destroyed: a thread may still wait on a lock while the process exits (a daemon
+    // thread of the interpreter, in a call that released the GIL).
+    static Place* places = new Place[kPlaces];
     return places[(reinterpret_cast<uintptr_t>(this) >> 6) % kPlaces];
   }
 
