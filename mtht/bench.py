@@ -44,7 +44,7 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht.multi_type_hash_table import MultiTypeHashTable
 from mtht._spec import state_floats
-from mtht.entry import LOAD_FACTOR_RANGE, MAX_SHARDS
+from mtht.entry import LOAD_FACTOR_RANGE, check_num_shards
 
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
@@ -118,8 +118,7 @@ class BenchConfig:
         lo, hi = LOAD_FACTOR_RANGE
         if not lo <= self.max_load_factor <= hi:
             raise ValueError(f"max_load_factor must be in [{lo}, {hi}], got {self.max_load_factor}")
-        if not 1 <= self.num_shards <= MAX_SHARDS or self.num_shards & (self.num_shards - 1):
-            raise ValueError(f"num_shards must be a power of two in [1, {MAX_SHARDS}], got {self.num_shards}")
+        check_num_shards(self.num_shards)
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
@@ -555,16 +554,16 @@ class _MthtRunner:
         if tables is None:
             return _unavailable(op, "mtht", threads, self.split_reason)
         names = [f"slot{j:05d}" for j in range(S)]  # sorted in table order
-        multi = MultiTypeHashTable({name: _table_config(c, 1) for name in names},
-                                   lambda name, _config: tables[int(name[4:])])
+        by_name = dict(zip(names, tables))
+        multi = MultiTypeHashTable({name: _table_config(c, 1) for name in names}, lambda name, _config: by_name[name])
         batches = []
         for keys in op_keys(c, op):
             keys = keys[np.argsort(keys % S, kind="stable")]  # slot by slot, in batch order within one
             counts = np.bincount(keys % S, minlength=S)
+            ends = np.cumsum(counts)
             ids = key_to_id(keys)
-            slot_ids = {name: ids[end - n:end] for name, n, end in zip(names, counts, np.cumsum(counts))}
-            slot_grads = {name: (part, self.rows[end - len(part):end])
-                          for (name, part), end in zip(slot_ids.items(), np.cumsum(counts))}
+            slot_ids = {name: ids[end - n:end] for name, n, end in zip(names, counts, ends)}
+            slot_grads = {name: (ids[end - n:end], self.rows[end - n:end]) for name, n, end in zip(names, counts, ends)}
             batches.append((keys, ids, (slot_ids, slot_grads)))
 
         def step(i, batch):

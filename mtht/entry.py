@@ -1338,6 +1338,14 @@ LOAD_FACTOR_RANGE = (0.25, 0.9)
 MAX_SHARDS = 4096
 
 
+def check_num_shards(value: Any) -> int:
+    """``value`` as a shard count: an int, a power of two in [1, MAX_SHARDS]; else ValueError."""
+    value = _check_int(value, "num_shards", 1, MAX_SHARDS)
+    if value & (value - 1):
+        raise ValueError(f"num_shards must be a power of two, got {value}")
+    return value
+
+
 @dataclasses.dataclass
 class EmbeddingHashTableConfig:
     """Configuration of one embedding hash table.
@@ -1456,9 +1464,7 @@ class EmbeddingHashTableConfig:
                 f"{self.max_load_factor!r}"
             )
         self.max_load_factor = float(self.max_load_factor)
-        self.num_shards = _check_int(self.num_shards, "num_shards", 1, MAX_SHARDS)
-        if self.num_shards & (self.num_shards - 1):
-            raise ValueError(f"num_shards must be a power of two, got {self.num_shards}")
+        self.num_shards = check_num_shards(self.num_shards)
 
     @property
     def segments(self) -> list:
