@@ -93,6 +93,9 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         int state_dim()
         int num_segments()
         int num_shards()
+        void pin_layout()
+        pair[size_t, size_t] shards_of_part(size_t part, size_t parts)
+        void unpin_layout()
         int64_t max_update_ts()
         uint64_t size() except +translate_exception
         TableStats stats(cbool probe_lengths) except +translate_exception

@@ -82,11 +82,14 @@ def available_kernels():
 cdef extern from *:
     """
     #include "mtht/table.h"
-    // Collects one shard's entries into flat vectors (used by the Monolith-format writer).
-    static void _dump_shard(const mtht::EmbeddingTable& t, int shard, int64_t now, bool apply_expiry,
-                            std::vector<int64_t>& ids, std::vector<int64_t>& ts, std::vector<float>& data) {
+    // Collects one shard's entries of part `part` of `parts` (EmbeddingTable::shards_of_part)
+    // into flat vectors (used by the Monolith-format writer).
+    static void _dump_shard(const mtht::EmbeddingTable& t, int shard, size_t part, size_t parts, int64_t now,
+                            bool apply_expiry, std::vector<int64_t>& ids, std::vector<int64_t>& ts,
+                            std::vector<float>& data) {
       const size_t width = static_cast<size_t>(t.dim() + t.state_dim());
       t.scan_shard(static_cast<size_t>(shard), [&](int64_t id, int64_t stamp, const float* values) {
+        if (mtht::EmbeddingTable::part_of(id, parts) != part) return;
         if (apply_expiry && t.expired(id, stamp, now)) return;
         ids.push_back(id);
         ts.push_back(stamp);
@@ -94,8 +97,8 @@ cdef extern from *:
       });
     }
     """
-    void _dump_shard(const EmbeddingTable& t, int shard, int64_t now, bint apply_expiry, vector[int64_t]& ids,
-                     vector[int64_t]& ts, vector[float]& data) except +translate_exception nogil
+    void _dump_shard(const EmbeddingTable& t, int shard, size_t part, size_t parts, int64_t now, bint apply_expiry,
+                     vector[int64_t]& ids, vector[int64_t]& ts, vector[float]& data) except +translate_exception nogil
 
 
 cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
@@ -114,7 +117,7 @@ cdef class Table:
     cdef readonly str kernel
 
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
-                  uint64_t initial_capacity=0, int num_shards=64, uint32_t default_expire_days=36500,
+                  uint64_t initial_capacity=0, int num_shards=0, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
                   str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
@@ -217,15 +220,36 @@ cdef class Table:
             removed = self._t.get().evict(max_update_time)
         return removed
 
-    def dump_shard(self, int shard, int64_t now, bint apply_expiry):
-        """(ids, timestamps, values+state [n, dim + state_dim]) of one table shard, leaving out
-        entries expired at ``now`` when ``apply_expiry``."""
+    def pin_layout(self):
+        """Keep the table's shards as they are (no split) until ``unpin_layout``: for a caller
+        going over them one ``dump_shard`` at a time."""
+        with nogil:
+            self._t.get().pin_layout()
+
+    def unpin_layout(self):
+        """End a ``pin_layout``."""
+        self._t.get().unpin_layout()
+
+    def shards_of_part(self, size_t part, size_t parts):
+        """The shards ``range(first, last)`` holding part ``part`` of ``parts`` of the entries
+        (parts go by id hash, whatever the shard count; hold the layout while reading them)."""
+        if not part < parts:
+            raise ValueError(f"part {part} out of range for {parts} parts")
+        first, last = self._t.get().shards_of_part(part, parts)
+        return first, last
+
+    def dump_shard(self, int shard, size_t part, size_t parts, int64_t now, bint apply_expiry):
+        """(ids, timestamps, values+state [n, dim + state_dim]) of the entries of one table
+        shard in part ``part`` of ``parts`` (``shards_of_part``), leaving out entries expired
+        at ``now`` when ``apply_expiry``."""
         cdef vector[int64_t] ids, ts
         cdef vector[float] data
         if not 0 <= shard < self._t.get().num_shards():
             raise ValueError(f"shard {shard} out of range")
+        if not part < parts:
+            raise ValueError(f"part {part} out of range for {parts} parts")
         with nogil:
-            _dump_shard(self._t.get()[0], shard, now, apply_expiry, ids, ts, data)
+            _dump_shard(self._t.get()[0], shard, part, parts, now, apply_expiry, ids, ts, data)
         width = self.dim + self.state_dim
         return (np.asarray(ids, dtype=np.int64), np.asarray(ts, dtype=np.int64),
                 np.asarray(data, dtype=np.float32).reshape(-1, width))

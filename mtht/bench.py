@@ -100,7 +100,7 @@ class BenchConfig:
     progress: bool = True
     save_dir: Optional[str] = None
     max_load_factor: float = 0.5
-    num_shards: int = 64
+    num_shards: Optional[int] = None
 
     def validate(self) -> None:
         if self.size < 1:
@@ -1184,7 +1184,7 @@ def format_header(result: dict) -> str:
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
         f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
-        f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards', 64)}",
+        f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards') or 'auto'}",
     ]
     return "\n".join(lines)
 
@@ -1279,8 +1279,8 @@ flags.DEFINE_integer("size", 1_000_000, "Ids in the table.", lower_bound=1)
 flags.DEFINE_integer("dim", 16, "Embedding dimension.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 65536, "Ids per batch.", lower_bound=1)
 flags.DEFINE_float("max_load_factor", 0.5, "max_load_factor of the mtht tables (speed against index memory).")
-flags.DEFINE_integer("num_shards", 64, "num_shards of the mtht tables (a power of two; fewer make small batches "
-                     "cheaper, more spread large writes over more cores).")
+flags.DEFINE_integer("num_shards", None, "num_shards of the mtht tables: a power of two, fixed (fewer make small "
+                     "batches cheaper, more spread large writes over more cores); default: chosen by each table.")
 flags.DEFINE_enum("dist", "uniform", list(DISTRIBUTIONS), "Distribution of the ids of a batch.")
 flags.DEFINE_float("zipf_a", 1.1, "Exponent of the Zipf distribution (> 1).")
 flags.DEFINE_enum("optimizer", "adagrad", list(OPTIMIZERS), "Optimizer of the table.")

@@ -119,10 +119,8 @@ def read_manifest(basename: str) -> dict:
 
 def _file_count(table) -> int:
     if table._saver_parallel and table._saver_parallel > 0:
-        n = table._saver_parallel
-    else:
-        n = min(4, max(1, len(table) // 1_000_000))
-    return max(1, min(n, table._core.stats()["num_shards"]))
+        return table._saver_parallel
+    return min(4, max(1, len(table) // 1_000_000))
 
 
 def save_table(table, basename: str) -> dict:

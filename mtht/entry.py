@@ -1338,8 +1338,11 @@ LOAD_FACTOR_RANGE = (0.25, 0.9)
 MAX_SHARDS = 4096
 
 
-def check_num_shards(value: Any) -> int:
-    """``value`` as a shard count: an int, a power of two in [1, MAX_SHARDS]; else ValueError."""
+def check_num_shards(value: Any) -> Optional[int]:
+    """``value`` as a shard count: None (automatic), or an int, a power of two in [1,
+    MAX_SHARDS]; else ValueError."""
+    if value is None:
+        return None
     value = _check_int(value, "num_shards", 1, MAX_SHARDS)
     if value & (value - 1):
         raise ValueError(f"num_shards must be a power of two, got {value}")
@@ -1380,13 +1383,15 @@ class EmbeddingHashTableConfig:
         past an id's home bucket), higher takes less memory: the index costs 64 / 3 / load
         bytes per entry (43 to 85 at the default, 24 to 47 at 0.9). What lookups and
         updates return does not depend on it; the entries ``max_bytes`` allows do.
-    num_shards : int, default 64
-        Parts of the table, each with its own lock and index; a power of two in [1, 4096].
-        A batch's write spreads over the threads shard by shard, so a table written in large
-        batches on many cores wants many; every batch pays a little per shard it touches, so
-        tables that only see small batches (many small slots) are faster with few (16:
-        100 slots of 200 ids stepped 24% faster than with 64). Performance only: results
-        do not depend on it, and a checkpoint restores into any shard count.
+    num_shards : int or None, default None
+        Parts of the table, each with its own lock and index. None: the table starts with
+        one (or as many as ``initial_capacity`` calls for) and splits them as it grows (one
+        per 16,384 entries) and as its write batches grow (one per 4,096 ids of a batch), up
+        to 64. A batch's write spreads over the threads shard by shard, so large tables and
+        large batches want many; every batch pays a little per shard it touches, so small
+        tables written in small batches (many small slots) are faster with few. An int, a
+        power of two in [1, 4096], fixes the count. Performance only: results do not depend
+        on it, and a checkpoint restores into any shard count.
 
     Raises
     ------
@@ -1409,7 +1414,7 @@ class EmbeddingHashTableConfig:
     allow_non_finite: bool = False
     max_bytes: Optional[int] = None
     max_load_factor: float = 0.5
-    num_shards: int = 64
+    num_shards: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -181,7 +181,7 @@ class HashTable(BaseHashTable):
             max_bytes=int(table_config.max_bytes or 0),
             eviction_policy=str(table_config.eviction_policy),
             max_load_factor=float(table_config.max_load_factor),
-            num_shards=int(table_config.num_shards),
+            num_shards=int(table_config.num_shards or 0),
         )
 
     def _swap_core(self, core) -> None:

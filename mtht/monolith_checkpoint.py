@@ -200,29 +200,31 @@ def save_monolith(table, basename: str) -> None:
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
     core = table._core
-    shards = core.stats()["num_shards"]
-    n = table._saver_parallel if table._saver_parallel and table._saver_parallel > 0 else min(
-        4, max(1, len(table) // 1_000_000))
-    n = max(1, min(n, shards))
-    segments = _segments(table)
-    dim = table.dim_size
-    now = core.max_update_ts
-    for i in range(n):
-        path = "%s-%05d-of-%05d" % (basename, i, n)
-        tmp = f"{path}-tmp-{os.getpid()}"
+    core.pin_layout()  # the shards stay as they are while they are read one at a time
+    try:
+        n = table._saver_parallel if table._saver_parallel and table._saver_parallel > 0 else min(
+            4, max(1, len(table) // 1_000_000))
+        segments = _segments(table)
+        dim = table.dim_size
+        now = core.max_update_ts
+        for i in range(n):
+            path = "%s-%05d-of-%05d" % (basename, i, n)
+            tmp = f"{path}-tmp-{os.getpid()}"
 
-        def records(i=i):
-            for s in range(shards * i // n, shards * (i + 1) // n):
-                ids, ts, data = core.dump_shard(s, now, True)
-                for k in range(ids.shape[0]):
-                    e = entry_cls(id=int(ids[k]), last_update_ts_sec=int(ts[k]))
-                    e.num.extend(data[k, :dim].tolist())
-                    e.opt.SetInParent()
-                    _encode(e, segments, data[k, dim:])
-                    yield e.SerializeToString()
+            def records(i=i):
+                for s in range(*core.shards_of_part(i, n)):
+                    ids, ts, data = core.dump_shard(s, i, n, now, True)
+                    for k in range(ids.shape[0]):
+                        e = entry_cls(id=int(ids[k]), last_update_ts_sec=int(ts[k]))
+                        e.num.extend(data[k, :dim].tolist())
+                        e.opt.SetInParent()
+                        _encode(e, segments, data[k, dim:])
+                        yield e.SerializeToString()
 
-        write_tfrecords(tmp, records())
-        os.replace(tmp, path)
+            write_tfrecords(tmp, records())
+            os.replace(tmp, path)
+    finally:
+        core.unpin_layout()
     # Files of an earlier save with another file count would make the set ambiguous.
     for other in _all_shard_files(basename):
         if not other.endswith("-of-%05d" % n):

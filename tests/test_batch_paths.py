@@ -32,7 +32,10 @@ MASK64 = (1 << 64) - 1
 
 
 def _table_and_reference():
-    return mtht.hash_table_from_config(make_config([SEG], [LR])), ReferenceTable([SEG])
+    # 64 shards, fixed: the tests below place ids in shards (_shard) and count them per shard.
+    cfg = make_config([SEG], [LR])
+    cfg.table_config.num_shards = 64
+    return mtht.hash_table_from_config(cfg), ReferenceTable([SEG])
 
 
 def _hash(ids: np.ndarray) -> np.ndarray:
@@ -494,7 +497,7 @@ def test_the_load_bound_is_part_of_the_config_key():
 # num_shards: how a table is cut changes speed, never results
 # ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [0, 3, 48, 8192, -4, 2.0, True, "8", None])
+@pytest.mark.parametrize("bad", [0, 3, 48, 8192, -4, 2.0, True, "8"])
 def test_num_shards_must_be_a_power_of_two_in_range(bad):
     seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
     with pytest.raises(ValueError, match="num_shards"):
@@ -534,6 +537,141 @@ def test_the_shard_count_is_not_part_of_the_config_key():
     keys = {mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), num_shards=n).canonical_key()
             for n in (1, 64)}
     assert len(keys) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# The automatic shard count (num_shards=None, the default): shards split as the table and
+# its write batches grow
+# ----------------------------------------------------------------------------------------
+
+def _auto_shards(stored_ids, largest_batch):
+    """The documented rule: the fewest shards, a power of two up to 64, leaving no shard (by
+    the top bits of the id hash) with more than 16,384 entries and no write batch with more
+    than 4,096 ids per shard."""
+    hashes = _hash(np.unique(np.asarray(stored_ids, dtype=np.int64)))
+    for bits in range(6):
+        per_shard = np.bincount((hashes >> np.uint64(64 - bits)).astype(np.int64), minlength=1 << bits) if bits \
+            else np.array([hashes.size])
+        if per_shard.max() <= 16_384 and largest_batch <= 4_096 << bits:
+            return 1 << bits
+    return 64
+
+
+def _write_new(t, ids, rng, step):
+    t.apply_gradients(ids, rng.standard_normal((ids.size, SEG.dim)).astype(np.float32), global_step=1,
+                      req_time=step)
+
+
+def test_an_automatic_shard_count_follows_the_entries_and_the_batches():
+    t = _table_with_load(0.5)
+    assert t.config.table_config.num_shards is None
+    assert t.stats()["num_shards"] == 1
+    rng = np.random.default_rng(11)
+    pool = rng.permutation(np.arange(-300_000, 300_000, dtype=np.int64) * 7919)
+    stored, largest = 0, 0
+
+    def touch_every_shard(step):
+        # A shard over the bound is split after the next write that reaches it.
+        _write_new(t, pool[:stored][rng.integers(0, stored, 4_000)], rng, step)
+
+    # Batches of new ids too small to split anything by themselves: the entries decide.
+    for size in (1_000, 4_096, 4_096, 4_096, 4_000):
+        _write_new(t, pool[stored:stored + size], rng, 1)
+        stored += size
+        largest = max(largest, size)
+    assert stored > 16_384
+    touch_every_shard(2)
+    assert t.stats()["num_shards"] == _auto_shards(pool[:stored], largest) == 2
+    while stored < 150_000:
+        _write_new(t, pool[stored:stored + 3_000], rng, 3)
+        stored += 3_000
+    touch_every_shard(4)
+    assert t.stats()["num_shards"] == _auto_shards(pool[:stored], largest) == 16
+    # One large batch splits right after it: 40,000 ids want 16 shards; 100,000 want 32.
+    _write_new(t, pool[stored:stored + 40_000], rng, 5)
+    stored += 40_000
+    assert t.stats()["num_shards"] == _auto_shards(pool[:stored], 40_000) == 16
+    _write_new(t, pool[:100_000], rng, 6)
+    assert t.stats()["num_shards"] == _auto_shards(pool[:stored], 100_000) == 32
+    # Never more than 64.
+    _write_new(t, pool[:300_000], rng, 7)
+    stored = max(stored, 300_000)
+    assert t.stats()["num_shards"] == 64
+    _write_new(t, pool, rng, 8)
+    touch_every_shard(9)
+    assert t.stats()["num_shards"] == 64
+    assert len(t) == pool.size
+
+
+def test_initial_capacity_and_a_fixed_count_set_the_shards():
+    # As many shards as a table of initial_capacity entries spread evenly would need.
+    assert _table_with_load(0.5, initial_capacity=16_384).stats()["num_shards"] == 1
+    assert _table_with_load(0.5, initial_capacity=100_000).stats()["num_shards"] == 8
+    assert _table_with_load(0.5, initial_capacity=10_000_000).stats()["num_shards"] == 64
+    fixed = _table_with_load(0.5, num_shards=4)
+    rng = np.random.default_rng(12)
+    _write_new(fixed, rng.integers(0, 1 << 40, 100_000), rng, 1)
+    _write_new(fixed, rng.integers(0, 1 << 40, 1_000), rng, 2)
+    assert fixed.stats()["num_shards"] == 4
+
+
+def _filtered_or_limited(kind, num_shards):
+    cfg = make_config([SEG], [LR])
+    cfg.table_config.num_shards = num_shards
+    hash_filter = None
+    if kind == "filter":
+        hash_filter = mtht.HashFilter(default_occurrence_threshold=2)
+    elif kind in ("lru", "lfu"):
+        cfg.table_config.max_entries = 30_000
+        cfg.table_config.eviction_policy = kind
+    cfg.table_config.validate()
+    return mtht.hash_table_from_config(cfg, hash_filter=hash_filter)
+
+
+@pytest.mark.parametrize("kind", ["plain", "filter", "lru", "lfu"])
+def test_splitting_changes_no_result(kind, tmp_path):
+    # The same writes into a table that splits its shards (1, 2, 4, then 8 here, as its
+    # batches grow) and into tables of 1 and 64 fixed shards: every entry, its optimizer
+    # state and timestamp, the admission
+    # filter's counts (which decide when an id gets in) and the capacity limit's choice of
+    # entries to evict (by write clock and write count, both moved with the entries) agree.
+    tables = {n: _filtered_or_limited(kind, n) for n in (None, 1, 64)}
+    rng = np.random.default_rng(13)
+    probe = np.arange(0, 60_000, dtype=np.int64) * 31
+    seen = []
+    for step, size in enumerate([3_000, 5_000, 1_500, 9_000, 2_000, 20_000] * 2):
+        ids = probe[rng.integers(0, probe.size if kind == "filter" else 30_000 + 2_500 * step, size)]
+        g = rng.standard_normal((size, SEG.dim)).astype(np.float32)
+        for t in tables.values():
+            t.apply_gradients(ids, g, global_step=1, enable_dedup=bool(step % 3 == 1), req_time=step)
+            t.assign_add(ids[:500], g[:500], req_time=step)
+        seen.append(tables[None].stats()["num_shards"])
+    auto, one = tables[None], tables[1]
+    assert seen[:6] == [1, 2, 2, 4, 4, 8]
+    assert [t.stats()["num_shards"] for t in tables.values()] == [_auto_shards(probe[auto.contains(probe)], 20_000),
+                                                                 1, 64]
+    if kind in ("lru", "lfu"):
+        assert auto.stats()["evictions"] > 10_000
+    if kind == "filter":
+        assert len(auto) < 0.5 * probe.size
+    assert len(auto) == len(one) == len(tables[64])
+    np.testing.assert_array_equal(auto.contains(probe), one.contains(probe))
+    np.testing.assert_array_equal(auto.lookup(probe), tables[64].lookup(probe))
+    for a, b in zip(auto.lookup_entry(probe[::7]), one.lookup_entry(probe[::7])):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a.values, b.values)
+            np.testing.assert_array_equal(a.optimizer_state[0]["norm"], b.optimizer_state[0]["norm"])
+            assert a.last_update_ts == b.last_update_ts
+    # A checkpoint of the split table holds what one of the single shard holds.
+    auto.save(str(tmp_path / "auto"))
+    one.save(str(tmp_path / "one"))
+    again = {name: _filtered_or_limited(kind, None).restore(str(tmp_path / name)) for name in ("auto", "one")}
+    np.testing.assert_array_equal(again["auto"].lookup(probe), again["one"].lookup(probe))
+    ids = probe[:2_000]
+    for t in again.values():  # the filter's counts came back alike: the same ids get in
+        t.apply_gradients(ids, np.ones((ids.size, SEG.dim), np.float32), global_step=1, req_time=20)
+    np.testing.assert_array_equal(again["auto"].contains(probe), again["one"].contains(probe))
 
 
 

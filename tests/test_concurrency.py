@@ -207,6 +207,64 @@ def test_lookups_during_writes_never_see_torn_rows():
     assert t.size() == counted.size + stamped.size + fresh.size
 
 
+def test_shards_split_while_other_threads_read_write_and_save(tmp_path):
+    # A table with an automatic shard count splits its shards as writers fill it, between
+    # batches of other threads: adds are never lost, reads never see a row torn or going
+    # back, and saves made meanwhile restore to counts each within what had been added.
+    dim = 4
+    t = hash_table_from_config(generate_test_hash_table_config(dim))
+    assert t.stats()["num_shards"] == 1
+    counted = np.arange(2000, dtype=np.int64) * 7
+    n_writers, rounds = 3, 60
+    done = threading.Event()
+    failures, shard_counts, saves = [], set(), []
+
+    def writer(k):
+        def fn():
+            rng = np.random.default_rng(k)
+            for r in range(rounds):
+                fresh = (np.arange(600, dtype=np.int64) + (k * rounds + r) * 600) * 7 + 1  # new ids
+                ids = rng.permutation(np.concatenate([counted, fresh]))
+                t.assign_add(ids, np.ones((ids.size, dim), dtype=np.float32))
+        return fn
+
+    def reader():
+        last = np.zeros(counted.size, dtype=np.float32)
+        while not done.is_set():
+            rows = t.lookup(counted)
+            c = rows[:, 0]
+            if not ((rows == rows[:, :1]).all() and (c == np.round(c)).all() and (c >= last).all()
+                    and (c <= n_writers * rounds).all()):
+                failures.append("torn, fractional, regressing or excessive count")
+                return
+            last = c
+            shard_counts.add(t.stats()["num_shards"])
+
+    def saver():
+        while not done.is_set() and len(saves) < 5:
+            path = str(tmp_path / f"save{len(saves)}")
+            t.save(path)
+            saves.append(path)
+
+    def writers_then_done():
+        try:
+            run_threads([writer(k) for k in range(n_writers)])
+        finally:
+            done.set()
+
+    run_threads([writers_then_done, reader, reader, saver])
+    assert failures == []
+    total = n_writers * rounds
+    assert t.size() == counted.size + total * 600
+    np.testing.assert_array_equal(t.lookup(counted), np.full((counted.size, dim), total, np.float32))
+    assert len(shard_counts) >= 2 and t.stats()["num_shards"] >= 8  # 110,000 entries: 8 or more
+    assert saves
+    for path in saves:
+        back = hash_table_from_config(generate_test_hash_table_config(dim)).restore(path)
+        c = back.lookup(counted)
+        assert ((c == c[:, :1]).all() and (c >= 0).all() and (c <= total).all())
+
+
 def test_sgd_and_assign_add_commute_across_threads():
     """Monolith's MultiThread test: assign_add(i, i) and an SGD step with g = -200 i and
     lr 0.01, from many threads in any order, give 3 i."""

@@ -1,4 +1,4 @@
-// Checkpoint data files: streamed, checksummed, one file per group of table shards.
+// Checkpoint data files: streamed, checksummed, one file per part of a table (by id hash).
 //
 // A data file (all integers little-endian):
 //
@@ -225,11 +225,13 @@ class CheckedReader {
 
 }  // namespace detail
 
-// Writes the entries of table shards [shard_begin, shard_end) to `path`, leaving out those
-// expired at `now` when `apply_expiry`. Removes the partial file if anything fails.
-inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, const std::string& path, size_t shard_begin,
-                                               size_t shard_end, int64_t max_update_ts, bool apply_expiry,
+// Writes part `part` of `parts` of the table's entries (EmbeddingTable::shards_of_part) to
+// `path`, leaving out those expired at `now` when `apply_expiry`. Removes the partial file
+// if anything fails. The caller holds the table's layout.
+inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, const std::string& path, size_t part,
+                                               size_t parts, int64_t max_update_ts, bool apply_expiry,
                                                const std::string& layout) {
+  const auto [shard_begin, shard_end] = table.shards_of_part(part, parts);
   CheckpointFileInfo info;
   try {
     detail::CheckedWriter w(path);
@@ -247,6 +249,7 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
     block.reserve(size_t{1} << 20);
     for (size_t s = shard_begin; s < shard_end; ++s) {
       table.scan_shard(s, [&](int64_t id, int64_t ts, const float* data) {
+        if (EmbeddingTable::part_of(id, parts) != part) return;
         if (apply_expiry && table.expired(id, ts, max_update_ts)) return;
         const size_t at = block.size();
         block.resize(at + record);
@@ -263,6 +266,7 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
     w.write(block.data(), block.size());
     for (size_t s = shard_begin; s < shard_end; ++s) {
       table.scan_counts(s, [&](int64_t id, uint64_t count) {
+        if (EmbeddingTable::part_of(id, parts) != part) return;
         w.put(id);
         w.put(count);
         ++info.filter_entries;
@@ -374,17 +378,17 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   return info;
 }
 
-// Saves the whole table into paths.size() files in parallel; file i holds a contiguous range
-// of table shards.
+// Saves the whole table into paths.size() files in parallel; file i holds part i of them
+// (EmbeddingTable::shards_of_part).
 inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& table, const std::vector<std::string>& paths,
                                                        int64_t max_update_ts, bool apply_expiry,
                                                        const std::string& layout) {
-  const size_t n = paths.size(), shards = static_cast<size_t>(table.num_shards());
-  if (n == 0 || n > shards) throw ValueError("a checkpoint has 1 to " + std::to_string(shards) + " data files");
+  const EmbeddingTable::LayoutPin pin(table);  // the shards stay as they are through the save
+  const size_t n = paths.size();
+  if (n == 0) throw ValueError("a checkpoint has at least one data file");
   std::vector<CheckpointFileInfo> out(n);
   ThreadPool::global().parallel_for(n, [&](size_t i) {
-    out[i] = save_checkpoint_file(table, paths[i], shards * i / n, shards * (i + 1) / n, max_update_ts, apply_expiry,
-                                  layout);
+    out[i] = save_checkpoint_file(table, paths[i], i, n, max_update_ts, apply_expiry, layout);
   });
   return out;
 }

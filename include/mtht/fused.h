@@ -161,6 +161,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // id with their gradients summed (a task per table; this is where the update allocates),
   // then the tables are updated, a task each (each table's own blocks stay in shard order).
   const size_t K = L.num_tables;
+  const detail::HeldLayouts held(tables);  // before the plans: it outlives them
   struct TableWrite {
     detail::TableGather gathered;
     std::vector<int64_t> shift;                  // see grad_rows

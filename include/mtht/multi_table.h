@@ -32,9 +32,9 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
 
 // Calls prepare(k, distinct) for every part k (a task each on the pool), then write(k) for
 // every part, holding the capacity lock of every capacity-limited table throughout (taken in
-// address order, as every write to several tables does). `prepare` does everything that can
-// fail (plan_part) and `write` nothing that can: a part that fails to prepare leaves every
-// table as it was. The parts for which pooled(k) holds are written a task each (each on one
+// address order, as every write to several tables does). The caller holds the tables'
+// layouts (HeldLayouts). `prepare` does everything that can fail (plan_part) and `write`
+// nothing that can: a part that fails to prepare leaves every table as it was. The parts for which pooled(k) holds are written a task each (each on one
 // thread), then the others one after the other, each spread over the pool. A table that is
 // written by two parts is always written in order on the calling thread.
 template <class Pooled, class Prepare, class Write>
@@ -58,6 +58,28 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
       EmbeddingTable::threads_for(total_ids));
   for (size_t k : after) write(k);
 }
+
+// The layouts of the tables of a write to several tables, held while it lives: the write's
+// plans hold on to their tables' shards, so it must outlive them (be declared before them).
+// Once it lets go, each table splits its shards if the write asked it to.
+class HeldLayouts {
+ public:
+  explicit HeldLayouts(const std::vector<EmbeddingTable*>& tables) : tables_(tables) {
+    std::sort(tables_.begin(), tables_.end());
+    tables_.erase(std::unique(tables_.begin(), tables_.end()), tables_.end());
+    for (EmbeddingTable* t : tables_) holds_.emplace_back(*t);
+  }
+  ~HeldLayouts() {
+    holds_.clear();
+    for (EmbeddingTable* t : tables_) t->maybe_split();
+  }
+  HeldLayouts(const HeldLayouts&) = delete;
+  HeldLayouts& operator=(const HeldLayouts&) = delete;
+
+ private:
+  std::vector<EmbeddingTable*> tables_;
+  std::vector<EmbeddingTable::LayoutHold> holds_;
+};
 
 }  // namespace detail
 
@@ -123,10 +145,11 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
     tables.push_back(p.table);
     total_ids += p.n;
   }
-  std::vector<std::optional<detail::PlannedWrite>> planned(parts.size());
   auto row_of = [](const TablePart& p) {
     return [rows = p.rows, d = static_cast<size_t>(p.table->dim())](size_t i) { return rows + i * d; };
   };
+  const detail::HeldLayouts held(tables);  // before the plans: it outlives them
+  std::vector<std::optional<detail::PlannedWrite>> planned(parts.size());
   // A part small enough to be written on one thread anyway is written beside the others.
   detail::write_all_or_none(
       tables, total_ids, [&](size_t k) { return EmbeddingTable::threads_for(parts[k].n) == 1; },

@@ -65,7 +65,8 @@ inline void validate(const TableSpec& spec) {
     if (e.first > 0x7FFF) throw ValueError("threshold slot " + std::to_string(e.first) + " is not in 0..32767");
   if (spec.eviction_policy != 0 && spec.eviction_policy != 1) throw ValueError("eviction_policy must be lru or lfu");
   int n = spec.num_shards;
-  if (n < 1 || n > 4096 || (n & (n - 1)) != 0) throw ValueError("num_shards must be a power of two in [1, 4096]");
+  if (n < 0 || n > 4096 || (n & (n - 1)) != 0)
+    throw ValueError("num_shards must be 0 (automatic) or a power of two in [1, 4096]");
   if (spec.max_load_permille < kMinLoadPermille || spec.max_load_permille > kMaxLoadPermille)
     throw ValueError("max load factor must be in [0.25, 0.9], got " + std::to_string(spec.max_load_permille / 1000.0));
 }

@@ -70,7 +70,10 @@ struct TableSpec {
   uint64_t random_seed = 0;
   bool allow_non_finite = false;
   uint64_t initial_capacity = 0;
-  int num_shards = 64;  // a power of two
+  // A power of two in [1, 4096], fixed; or 0: the table starts with as few shards as its
+  // initial capacity calls for and splits them as it grows and as its write batches grow,
+  // up to 64 (EmbeddingTable::split_shards).
+  int num_shards = 0;
   // The index grows (doubles) before more than this many thousandths of its slots are used,
   // so its load stays between half this and this.
   uint32_t max_load_permille = 500;

@@ -42,6 +42,9 @@ class ThreadPool {
 
   int num_threads() const { return num_threads_.load(); }
 
+  // Whether the calling thread is one of a pool's helper threads.
+  static bool on_helper() { return on_helper_flag(); }
+
   void set_num_threads(int n) {
     if (n < 1) n = 1;
     std::lock_guard<std::mutex> busy(busy_);  // wait until no call is running
@@ -217,7 +220,13 @@ class ThreadPool {
     workers_.clear();
   }
 
+  static bool& on_helper_flag() {
+    static thread_local bool on_helper = false;
+    return on_helper;
+  }
+
   void worker_loop() {
+    on_helper_flag() = true;
     uint64_t seen = 0;
     for (;;) {
       Job* job;

@@ -8,7 +8,9 @@
 // and writes to two tables (write_tables: apply_gradients with and without dedup; assign and
 // assign_add), into unlimited, capacity-limited (evicting) and filtered tables. Each attempt writes
 // from a new thread, so that the memory a thread keeps from one write to the next has to be
-// allocated again.
+// allocated again. Last, a write after which a table with an automatic shard count splits its
+// shards: the write goes through whichever allocation of the split fails, and a failed split
+// leaves the shards as they were.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -61,6 +63,7 @@ struct Case {
   int64_t stored, drawn, length, added;
   uint64_t max_entries;
   uint32_t threshold = 0;  // occurrences before a new id is admitted (0: at once)
+  int num_shards = 64;     // 0: automatic (filled in batches too small to split the shards)
 };
 
 mtht::EmbeddingTable* filled_table(const Case& c) {
@@ -69,7 +72,7 @@ mtht::EmbeddingTable* filled_table(const Case& c) {
   seg.dim = kDim;
   seg.opt = static_cast<int>(mtht::OptKind::kSgd);
   spec.segments.push_back(seg);
-  spec.num_shards = 64;
+  spec.num_shards = c.num_shards;
   spec.max_entries = c.max_entries;
   spec.has_filter = c.threshold > 0;
   spec.default_occurrence_threshold = c.threshold;
@@ -77,7 +80,9 @@ mtht::EmbeddingTable* filled_table(const Case& c) {
   std::vector<int64_t> ids(c.stored);
   for (int64_t i = 0; i < c.stored; ++i) ids[i] = i;
   const std::vector<float> rows(ids.size() * kDim, 1.f);
-  t->assign(ids.data(), ids.size(), rows.data(), 0);
+  const int64_t step = c.num_shards ? c.stored : 4000;
+  for (int64_t i = 0; i < c.stored; i += step)
+    t->assign(ids.data() + i, static_cast<size_t>(std::min(step, c.stored - i)), rows.data(), 0);
   return t;
 }
 
@@ -167,6 +172,62 @@ void check(const Case& c, size_t num_tables, Write&& write, const std::string& n
   }
 }
 
+// A write of c's batch into a table with an automatic shard count after which the table
+// splits its one shard in two, with the a-th allocation failing for a = 0, 1, 2, ... until
+// none does: a failure in the write leaves the table as it was, one in the split that
+// follows leaves the write done and the single shard as it was.
+void check_split(const Case& c, float lr) {
+  const Batch b = batch(c);
+  auto write = [&](mtht::EmbeddingTable& t) {
+    t.apply_gradients(b.ids.data(), b.ids.size(), b.grads.data(), &lr, 1, 1, 7, false);
+  };
+  auto state = [&](mtht::EmbeddingTable* t) {
+    auto v = values(*t, c);
+    const size_t shards = t->stats().num_shards;
+    delete t;
+    return std::make_pair(v, shards);
+  };
+  mtht::EmbeddingTable* reference = filled_table(c);
+  expect(reference->stats().num_shards == 1, "the filled table has one shard", -1);
+  write(*reference);
+  const auto after = state(reference);
+  expect(after.second == 2, "the write splits the shards", -1);
+  Case fixed = c;
+  fixed.num_shards = 1;
+  mtht::EmbeddingTable* one_shard = filled_table(fixed);
+  write(*one_shard);
+  expect(state(one_shard).first == after.first, "the split shards hold what one shard holds", -1);
+  const auto before = state(filled_table(c));
+  long failed_writes = 0, failed_splits = 0;
+  for (long attempt = 0; attempt < 100000; ++attempt) {
+    mtht::EmbeddingTable* t = filled_table(c);
+    bool threw = false, failed = false;
+    std::thread writer([&] {
+      allocations_left.store(attempt);
+      try {
+        write(*t);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      failed = allocations_left.exchange(-1) < 0;
+    });
+    writer.join();
+    const auto now = state(t);
+    if (threw) {
+      ++failed_writes;
+      expect(now == before, "a write that failed changed the table", attempt);
+    } else if (failed) {  // in the split, or where a failure only costs memory kept for later
+      failed_splits += now.second == 1;
+      expect(now.first == after.first && (now.second == 1 || now.second == 2),
+             "a failed allocation after the write changed the table", attempt);
+    } else {
+      expect(now == after, "the write and split gave another table", attempt);
+      break;
+    }
+  }
+  expect(failed_writes > 0 && failed_splits > 0, "allocations failed in the write and in the split", -1);
+}
+
 }  // namespace
 
 int main() {
@@ -229,6 +290,8 @@ int main() {
         },
         "assign and assign_add to two tables" + limited + " failed and changed a table");
   }
+  check_split(Case{17000, 17000, 3000, 1000, 0, 0, 0}, lr);  // split by size (a shard over 16,384 entries)
+  check_split(Case{16000, 16000, 4000, 1000, 0, 1, 0}, lr);  // by batch (over 4,096 ids), filter counts moved
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
