@@ -371,14 +371,15 @@ def _fill_table(table, keys: np.ndarray, dim: int, desc: str, config: BenchConfi
     return _fill_tables([(table, keys)], dim, desc, config)
 
 
-def _fill_tables(tables_and_keys, dim: int, desc: str, config: BenchConfig) -> float:
-    """Fill each table with the rows of its keys, under one progress bar; returns seconds."""
+def _fill_tables(tables_and_keys, dim: int, desc: str, config: BenchConfig, chunk: int = _FILL_CHUNK) -> float:
+    """Fill each table with the rows of its keys, ``chunk`` at a time, under one progress bar;
+    returns seconds."""
     bar = _progress(sum(len(keys) for _, keys in tables_and_keys), desc, config)
     start = time.perf_counter()
     try:
         for table, keys in tables_and_keys:
-            for s in range(0, len(keys), _FILL_CHUNK):
-                k = keys[s:s + _FILL_CHUNK]
+            for s in range(0, len(keys), chunk):
+                k = keys[s:s + chunk]
                 table.assign(key_to_id(k), fill_values(k, dim))
                 bar.update(len(k))
     finally:
@@ -515,7 +516,9 @@ class _MthtRunner:
             return None
         keys = [np.arange(k, c.size, count, dtype=np.int64) for k in range(count)]
         tables = [_make_table(c, max(1, len(k))) for k in keys]
-        _fill_tables(list(zip(tables, keys)), c.dim, f"fill {count} tables", c)
+        # Each table in writes of its share of a batch, as training fills a slot's table: a
+        # table takes as many shards as its writes call for.
+        _fill_tables(list(zip(tables, keys)), c.dim, f"fill {count} tables", c, chunk=max(1, c.batch_size // count))
         self.split_tables = tables
         return tables
 

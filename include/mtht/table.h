@@ -1081,16 +1081,23 @@ class EmbeddingTable {
   // batches then wait (hold_layout) while those under way finish, for at most kSplitWait,
   // and the split runs alone. Nothing is tried while the layout is pinned, from a thread
   // that holds a layout or from a pool helper (they cannot wait): a later write asks again.
+  // After a wait that timed out (a batch held the layout for over kSplitWait, or a process
+  // forked while a batch held it), nothing is tried for ten times as long, so that other
+  // threads are not kept waiting again and again.
   void maybe_split() noexcept {
     if (!split_wanted_.load(std::memory_order_relaxed) || pins_.load(std::memory_order_relaxed) > 0) return;
     if (detail::layouts_held_here() > 0 || ThreadPool::on_helper()) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now.time_since_epoch().count() < split_retry_at_.load(std::memory_order_relaxed)) return;
     bool idle = false;
     if (!split_pending_.compare_exchange_strong(idle, true, std::memory_order_acq_rel)) return;  // another thread splits
-    const auto give_up = std::chrono::steady_clock::now() + kSplitWait;
     bool alone;
     while (!(alone = layout_mu_.try_lock()) && pins_.load(std::memory_order_relaxed) == 0 &&
-           std::chrono::steady_clock::now() < give_up)
+           std::chrono::steady_clock::now() < now + kSplitWait)
       std::this_thread::sleep_for(std::chrono::microseconds(20));
+    if (!alone && pins_.load(std::memory_order_relaxed) == 0)
+      split_retry_at_.store((std::chrono::steady_clock::now() + 10 * kSplitWait).time_since_epoch().count(),
+                            std::memory_order_relaxed);
     if (alone) {
       split_wanted_.store(false, std::memory_order_relaxed);
       try {
@@ -2244,6 +2251,7 @@ class EmbeddingTable {
   std::atomic<bool> split_wanted_{false};
   std::atomic<uint64_t> split_batch_{0};  // the largest write batch asking for a split since the last one
   mutable std::atomic<bool> split_pending_{false};  // a thread waits to split: new batches wait
+  std::atomic<int64_t> split_retry_at_{0};  // steady_clock ticks before which maybe_split tries nothing
   mutable std::atomic<int> pins_{0};
   std::atomic<int64_t> max_update_ts_{0};
 };
