@@ -21,9 +21,15 @@ def as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+_INT64 = np.dtype(np.int64)
+_FLOAT32 = np.dtype(np.float32)
+
+
 def as_ids(ids, name: str = "ids") -> np.ndarray:
     """1-D C-contiguous int64. Signed ints of any width; uint64 is reinterpreted as int64
     bits; smaller unsigned ints widen. Floats (unless empty) and bools are rejected."""
+    if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
+        return ids  # already what the core takes: the common case, checked first
     a = as_numpy(ids)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
@@ -59,6 +65,9 @@ def _object_ids(a: np.ndarray, name: str) -> np.ndarray:
 def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     """C-contiguous float32 ``[n, dim]``. Also accepted: ``[n]`` when dim == 1, and a scalar
     when n * dim == 1. Anything else, a transposed array included, is a ValueError."""
+    if type(values) is np.ndarray and values.dtype is _FLOAT32 and values.shape == (n, dim) and \
+            values.flags.c_contiguous:
+        return values  # already what the core takes: the common case, checked first
     a = as_numpy(values)
     if a.dtype.kind not in "fiub" or a.dtype.kind == "b":
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")

@@ -1751,6 +1751,15 @@ class HashTableConfigInstance:
         """
         return [float(x) for x in self.call_learning_rate_fns(global_step)]
 
+    def learning_rates(self, global_step: int) -> np.ndarray:
+        """:meth:`call_learning_rate_fns` for a write: constant rates come back as the one
+        read-only array they were evaluated into (no copy for every table of every batch)."""
+        constant_rates = getattr(self, "_constant_rates", None)
+        if constant_rates is not None:
+            integer_step(global_step)
+            return constant_rates
+        return self.call_learning_rate_fns(global_step)
+
     def call_learning_rate_fns(self, global_step=0) -> np.ndarray:
         """Evaluate the learning-rate fns at ``global_step``.
 
@@ -1806,6 +1815,7 @@ class HashTableConfigInstance:
         if all(mode == _CONSTANT and not isinstance(fn, np.ndarray)  # an array may change
                for fn, mode in zip(self._learning_rate_fns, self._modes)):
             self._constant_rates = out.copy()
+            self._constant_rates.flags.writeable = False
         return out
 
     def __str__(self) -> str:

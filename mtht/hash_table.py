@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -64,6 +64,32 @@ class BaseHashTable(abc.ABC):
 
 def _req_time(req_time=None) -> int:
     return 0 if req_time is None else as_int64_scalar(req_time, "req_time")
+
+
+class WriteArguments(NamedTuple):
+    """What a write's arguments after the ids and the rows come to (write_arguments)."""
+
+    global_step: int
+    dedup: bool
+    req_time: int
+
+
+def _assign_arguments(req_time=None) -> WriteArguments:
+    return WriteArguments(0, False, _req_time(req_time))
+
+
+def _apply_arguments(global_step, use_multi_threads=False, enable_dedup=False, req_time=None) -> WriteArguments:
+    return WriteArguments(as_int64_scalar(global_step, "global_step"), bool(enable_dedup), _req_time(req_time))
+
+
+def write_arguments(method: str, *args, **kwargs) -> WriteArguments:
+    """The arguments of ``method`` (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``)
+    after the ids and the rows, converted: once for all the tables of a multi-slot write."""
+    if method in ("assign", "assign_add"):
+        return _assign_arguments(*args, **kwargs)
+    if method == "apply_gradients":
+        return _apply_arguments(*args, **kwargs)
+    raise ValueError(f"unknown write {method!r}")
 
 
 @dataclasses.dataclass
@@ -281,20 +307,18 @@ class HashTable(BaseHashTable):
         """Convert the arguments of a write (``"assign"``, ``"assign_add"`` or
         ``"apply_gradients"``, with that method's arguments) without applying it; see
         :func:`write_all`."""
-        ids = as_ids(ids)
-        what = "grads" if method == "apply_gradients" else "values"
-        rows = as_rows(tensor, ids.shape[0], self._dim, what)
-        if method in ("assign", "assign_add"):
-            return TableWrite(self._core, method, ids, rows, None, 0, _req_time(*args, **kwargs), False)
-        if method == "apply_gradients":
-            return self._prepare_apply(ids, rows, *args, **kwargs)
-        raise ValueError(f"unknown write {method!r}")
+        return self.prepare_write_with(method, ids, tensor, write_arguments(method, *args, **kwargs))
 
-    def _prepare_apply(self, ids, rows, global_step, use_multi_threads=False, enable_dedup=False, req_time=None):
-        step = as_int64_scalar(global_step, "global_step")
-        lrs = np.ascontiguousarray(self._config.call_learning_rate_fns(step), dtype=np.float32)
-        return TableWrite(self._core, "apply_gradients", ids, rows, lrs, step, _req_time(req_time),
-                          bool(enable_dedup))
+    def prepare_write_with(self, method: str, ids, tensor, arguments: WriteArguments) -> "TableWrite":
+        """:meth:`prepare_write` with the arguments after the rows already converted
+        (:func:`write_arguments`)."""
+        ids = as_ids(ids)
+        if method == "apply_gradients":
+            rows = as_rows(tensor, ids.shape[0], self._dim, "grads")
+            return TableWrite(self._core, method, ids, rows, self._config.learning_rates(arguments.global_step),
+                              arguments.global_step, arguments.req_time, arguments.dedup)
+        rows = as_rows(tensor, ids.shape[0], self._dim, "values")
+        return TableWrite(self._core, method, ids, rows, None, 0, arguments.req_time, False)
 
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing

@@ -98,7 +98,8 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
         # Every slot's table is written, or (on any error) none.
-        _hash_table.write_all([self._slot_table(slot).prepare_write(method, ids, tensor, *args, **kwargs)
+        arguments = _hash_table.write_arguments(method, *args, **kwargs)
+        _hash_table.write_all([self._slot_table(slot).prepare_write_with(method, ids, tensor, arguments)
                                for slot, (ids, tensor) in slot_to_id_and_tensor.items()])
         return self
 

@@ -451,12 +451,23 @@ def test_constant_learning_rates_are_evaluated_once_and_handed_out_as_copies():
         rates[:] = 99.0  # the caller's copy
     with pytest.raises(TypeError):
         config.call_learning_rate_fns(1.5)  # the step is still checked
+    # A write takes the one evaluated array, read-only, so nothing can change it.
+    shared = config.learning_rates(3)
+    assert shared is config.learning_rates(4)
+    np.testing.assert_array_equal(shared, [0.5, 0.25])
+    with pytest.raises(ValueError):
+        shared[0] = 99.0
+    with pytest.raises(TypeError):
+        config.learning_rates(1.5)
     # A 0-d array may be changed in place between steps, and is read at every call.
     rate = np.array(0.125)
     config = HashTableConfigInstance(table(*segments), [0.5, rate])
     np.testing.assert_array_equal(config.call_learning_rate_fns(0), [0.5, 0.125])
     rate[...] = 0.0625
     np.testing.assert_array_equal(config.call_learning_rate_fns(1), [0.5, 0.0625])
+    np.testing.assert_array_equal(config.learning_rates(2), [0.5, 0.0625])
+    rate[...] = 0.5
+    np.testing.assert_array_equal(config.learning_rates(3), [0.5, 0.5])
 
 
 def test_learning_rate_fn_validation():

@@ -1225,6 +1225,18 @@ def test_merged_bad_write_in_one_slot_changes_nothing(call):
     assert _multi_type_snapshot(merged._table) == before
 
 
+@pytest.mark.parametrize("kwargs,error", [(dict(global_step=1.5), TypeError), (dict(global_step=True), TypeError),
+                                          (dict(global_step=0, req_time=2**63), ValueError),
+                                          (dict(global_step=0, unknown=1), TypeError), (dict(), TypeError)])
+def test_bad_arguments_shared_by_the_slots_change_no_slot(kwargs, error):
+    # The arguments after the rows are converted once for all the slots, before any write.
+    hash_table = _filled_multi_type()
+    before = _multi_type_snapshot(hash_table)
+    with pytest.raises(error):
+        hash_table.apply_gradients({"slot0": ([1], [[1.0]]), "slot1": ([2], [[1.0, 2.0]])}, **kwargs)
+    assert _multi_type_snapshot(hash_table) == before
+
+
 def _nan_after_step_5(step):
     return float("nan") if step > 5 else 0.1
 
