@@ -715,3 +715,28 @@ def test_room_reserved_ahead_is_not_resident():
     assert grown < 0.1 * reserved, (grown, reserved)
     table.assign(np.arange(1000), np.ones((1000, 32), np.float32))  # the table works as usual
     np.testing.assert_array_equal(table.lookup([0, 999, 1000]), [[1.0] * 32, [1.0] * 32, [0.0] * 32])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc/self/statm")
+@pytest.mark.parametrize("filtered", [False, True])
+def test_a_small_table_takes_little_memory(filtered):
+    # A model may have a table for each of hundreds of small slots: 300 tables of 200 ids,
+    # dim 16, Adagrad (a row of 128 bytes), must not take more than 100 KB each. A table of
+    # all 32,768 slots' expiry (256 KB) or admission thresholds (128 KB), or 64 shards with
+    # their own index and first rows, used to take more than that by themselves.
+    seg = mtht.CombineAsSegment(16, mtht.ZerosInitializer(), mtht.AdagradOptimizer(), None)
+    config = mtht.HashTableConfigInstance(mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg])),
+                                          learning_rate_fns=[0.1])
+    rng = np.random.default_rng(14)
+    batches = [rng.integers(0, 1 << 40, 200) for _ in range(300)]
+    grads = np.ones((200, 16), np.float32)
+    before = _resident_bytes()
+    tables = []
+    for ids in batches:
+        hash_filter = mtht.HashFilter(default_occurrence_threshold=0) if filtered else None
+        t = mtht.hash_table_from_config(config, hash_filter=hash_filter)
+        t.apply_gradients(ids, grads, global_step=1)
+        tables.append(t)
+    per_table = (_resident_bytes() - before) / len(tables)
+    assert per_table < 100_000, per_table
+    assert all(len(t) == 200 for t in tables)

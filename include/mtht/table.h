@@ -559,6 +559,27 @@ class alignas(64) Shard {
   CountMap counts;
 };
 
+// A value for each slot of ids (slot_of): a default, and a table of all 32,768 slots only when
+// some slot has a value of its own. (Such a table takes 128 or 256 KB, which a model of
+// many small slot tables would otherwise pay in each.)
+template <class T>
+class SlotValues {
+ public:
+  SlotValues() = default;
+  template <class Convert>
+  SlotValues(T fallback, const std::vector<std::pair<uint32_t, uint32_t>>& own, Convert&& convert)
+      : fallback_(fallback) {
+    if (own.empty()) return;
+    by_slot_.assign(0x8000, fallback);
+    for (const auto& [slot, value] : own) by_slot_[slot] = convert(value);
+  }
+  T of(int64_t id) const { return by_slot_.empty() ? fallback_ : by_slot_[slot_of(id)]; }
+
+ private:
+  T fallback_{};
+  std::vector<T> by_slot_;
+};
+
 // How many table layouts (EmbeddingTable::hold_layout) the calling thread holds.
 inline int& layouts_held_here() {
   static thread_local int held = 0;
@@ -985,12 +1006,12 @@ class EmbeddingTable {
       if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
       if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
     }
-    expire_seconds_.assign(0x8000, static_cast<int64_t>(spec.default_expire_days) * 86400);
-    for (const auto& e : spec.slot_expire_days) expire_seconds_[e.first] = static_cast<int64_t>(e.second) * 86400;
-    if (spec.has_filter) {
-      thresholds_.assign(0x8000, spec.default_occurrence_threshold);
-      for (const auto& e : spec.slot_occurrence_thresholds) thresholds_[e.first] = e.second;
-    }
+    expire_seconds_ = detail::SlotValues<int64_t>(static_cast<int64_t>(spec.default_expire_days) * 86400,
+                                                  spec.slot_expire_days, [](uint32_t days) { return int64_t{days} * 86400; });
+    has_filter_ = spec.has_filter;
+    if (has_filter_)
+      thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
+                                                 [](uint32_t threshold) { return threshold; });
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
     const size_t shards = size_t{1} << shard_bits_;
     shards_.reserve(shards);
@@ -1314,7 +1335,7 @@ class EmbeddingTable {
   // ---- lifecycle -------------------------------------------------------------------------
 
   // Seconds after its last write at which an id expires (by its slot).
-  int64_t expire_seconds(int64_t id) const { return expire_seconds_[slot_of(id)]; }
+  int64_t expire_seconds(int64_t id) const { return expire_seconds_.of(id); }
 
   // Expired at `now` (Monolith: now - ts >= expire days * 86400), without int64 overflow.
   bool expired(int64_t id, int64_t ts, int64_t now) const {
@@ -1334,7 +1355,7 @@ class EmbeddingTable {
   }
 
   void set_max_update_ts(int64_t ts) { max_update_ts_.store(ts); }
-  bool has_filter() const { return !thresholds_.empty(); }
+  bool has_filter() const { return has_filter_; }
 
   float hashnet_scale_of(size_t segment) const { return hashnet_scale_[segment].load(); }
   void set_hashnet_scale(size_t segment, float v) { hashnet_scale_[segment].store(v); }
@@ -1593,8 +1614,8 @@ class EmbeddingTable {
   // filter keeps an absent id out. An id already in the table is never filtered; an absent
   // one is admitted once `threshold` occurrences were seen before (exact counts).
   Slot admit(detail::Shard& sh, int64_t id, uint64_t h, uint64_t occurrences) const {
-    if (thresholds_.empty()) return upsert(sh, id, h);
-    const uint32_t threshold = thresholds_[slot_of(id)];
+    if (!has_filter_) return upsert(sh, id, h);
+    const uint32_t threshold = thresholds_.of(id);
     if (threshold > 0 && !sh.find(id, h).bucket) {
       uint64_t* count = sh.counts.try_emplace(id, h).first;
       const uint64_t before = *count;
@@ -1928,7 +1949,7 @@ class EmbeddingTable {
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
     LocatedRows found;  // for prefetching only: fn finds (or inserts) each id itself
-    const bool counting = !thresholds_.empty();  // an absent id is counted by the admission filter
+    const bool counting = has_filter_;  // an absent id is counted by the admission filter
     visit_blocks(
         begin, first, last, [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
@@ -2096,8 +2117,8 @@ class EmbeddingTable {
         ++present;
         continue;
       }
-      if (gated && !thresholds_.empty()) {
-        const uint32_t threshold = thresholds_[slot_of(kv.first)];
+      if (gated && has_filter_) {
+        const uint32_t threshold = thresholds_.of(kv.first);
         const uint64_t* count = sh.counts.find(kv.first, h);
         const uint64_t before = count ? *count : 0;
         const uint64_t last_seen = runs ? before : before + kv.second - 1;
@@ -2207,7 +2228,7 @@ class EmbeddingTable {
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
     if (sh.reserve_grows_index(beyond_leaving(extra)))
       extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
-    if (gated && !thresholds_.empty()) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
+    if (gated && has_filter_) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
     room.hold(s, sh, beyond_leaving(extra));
   }
 
@@ -2232,8 +2253,9 @@ class EmbeddingTable {
   const KernelSet* kernels_;
   std::vector<OptStepFn> steps_;
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
-  std::vector<int64_t> expire_seconds_;  // by slot
-  std::vector<uint32_t> thresholds_;     // by slot; empty without an admission filter
+  detail::SlotValues<int64_t> expire_seconds_;
+  bool has_filter_ = false;
+  detail::SlotValues<uint32_t> thresholds_;  // with an admission filter
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};
   std::atomic<uint64_t> evictions_{0};
