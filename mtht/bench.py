@@ -1201,7 +1201,8 @@ def format_report(result: dict, header: bool = True) -> str:
     t = result.get("table")
     if t:
         lines.append(f"table: {t['size']:,} ids, {t['bytes'] / t['size']:.0f} B/entry (row stride {t.get('row_stride', '?')}), "
-                     f"load {t['load_factor']:.2f}, filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
+                     f"load {t['load_factor']:.2f}, {t.get('num_shards', '?')} shards, "
+                     f"filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
     lines.append("")
     head = (f"{'op':<26} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "
             f"{'%ceil':>6} {'x dict':>7} {'x khash':>7} {'other':<13} {'busy':>4}  checksum")
