@@ -18,8 +18,8 @@ from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_ro
 from mtht._spec import core_segments, split_state
 from mtht.feature_eviction import FeatureEvictor
 
-__all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "lookup_all", "write_all", "hash_table_from_config",
-           "fused_lookup", "fused_apply_gradient"]
+__all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "WriteArguments", "lookup_all", "write_all",
+           "write_arguments", "hash_table_from_config", "fused_lookup", "fused_apply_gradient"]
 
 
 @dataclasses.dataclass
@@ -317,8 +317,10 @@ class HashTable(BaseHashTable):
             rows = as_rows(tensor, ids.shape[0], self._dim, "grads")
             return TableWrite(self._core, method, ids, rows, self._config.learning_rates(arguments.global_step),
                               arguments.global_step, arguments.req_time, arguments.dedup)
-        rows = as_rows(tensor, ids.shape[0], self._dim, "values")
-        return TableWrite(self._core, method, ids, rows, None, 0, arguments.req_time, False)
+        if method in ("assign", "assign_add"):
+            rows = as_rows(tensor, ids.shape[0], self._dim, "values")
+            return TableWrite(self._core, method, ids, rows, None, 0, arguments.req_time, False)
+        raise ValueError(f"unknown write {method!r}")
 
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing

@@ -1156,3 +1156,28 @@ def test_growth_keeps_every_entry():
     np.testing.assert_array_equal(t.lookup(all_ids), np.array([ref[i] for i in all_ids.tolist()]))
     assert t.size() == len(ref)
     assert t.stats()["capacity"] >= len(ref)
+
+
+def test_prepared_writes_apply_as_the_methods_do():
+    # prepare_write converts a write's arguments without applying it; write_all applies it.
+    # The arguments after the rows can be converted once (write_arguments) for many tables.
+    from mtht.hash_table import write_all, write_arguments
+    t, ref = sgd_table(2), sgd_table(2)
+    writes = [t.prepare_write("assign", [1, 2], [[1, 2], [3, 4]], req_time=5),
+              t.prepare_write_with("assign_add", [1], [[0.5, 0.5]], write_arguments("assign_add", 6)),
+              t.prepare_write("apply_gradients", [2], [[1, 1]], 3, enable_dedup=True)]
+    assert len(t) == 0  # nothing applied yet
+    for w in writes:
+        write_all([w])
+    ref.assign([1, 2], [[1, 2], [3, 4]], req_time=5)
+    ref.assign_add([1], [[0.5, 0.5]], req_time=6)
+    ref.apply_gradients([2], [[1, 1]], 3, enable_dedup=True)
+    np.testing.assert_array_equal(t.lookup([1, 2]), ref.lookup([1, 2]))
+    assert [d.last_update_ts for d in t.lookup_entry([1, 2])] == [6, 0]
+    for bad in (lambda: t.prepare_write("erase", [1], [[1, 1]]),
+                lambda: t.prepare_write_with("erase", [1], [[1, 1]], write_arguments("assign")),
+                lambda: write_arguments("erase")):
+        with pytest.raises(ValueError, match="unknown write"):
+            bad()
+    with pytest.raises(TypeError):
+        write_arguments("apply_gradients")  # global_step is required

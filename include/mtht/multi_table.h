@@ -34,9 +34,10 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
 // every part, holding the capacity lock of every capacity-limited table throughout (taken in
 // address order, as every write to several tables does). The caller holds the tables'
 // layouts (HeldLayouts). `prepare` does everything that can fail (plan_part) and `write`
-// nothing that can: a part that fails to prepare leaves every table as it was. The parts for which pooled(k) holds are written a task each (each on one
-// thread), then the others one after the other, each spread over the pool. A table that is
-// written by two parts is always written in order on the calling thread.
+// nothing that can: a part that fails to prepare leaves every table as it was. The parts
+// for which pooled(k) holds are written a task each (each on one thread), then the others
+// one after the other, each spread over the pool. A table that is written by two parts is
+// always written in order on the calling thread.
 template <class Pooled, class Prepare, class Write>
 void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, Pooled&& pooled,
                        Prepare&& prepare, Write&& write) {

@@ -72,7 +72,7 @@ struct TableSpec {
   uint64_t initial_capacity = 0;
   // A power of two in [1, 4096], fixed; or 0: the table starts with as few shards as its
   // initial capacity calls for and splits them as it grows and as its write batches grow,
-  // up to 64 (EmbeddingTable::split_shards).
+  // up to 64 (EmbeddingTable::maybe_split).
   int num_shards = 0;
   // The index grows (doubles) before more than this many thousandths of its slots are used,
   // so its load stays between half this and this.

@@ -1006,8 +1006,8 @@ class EmbeddingTable {
       if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
       if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
     }
-    expire_seconds_ = detail::SlotValues<int64_t>(static_cast<int64_t>(spec.default_expire_days) * 86400,
-                                                  spec.slot_expire_days, [](uint32_t days) { return int64_t{days} * 86400; });
+    auto seconds = [](uint32_t days) { return int64_t{days} * 86400; };
+    expire_seconds_ = detail::SlotValues<int64_t>(seconds(spec.default_expire_days), spec.slot_expire_days, seconds);
     has_filter_ = spec.has_filter;
     if (has_filter_)
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
@@ -1111,7 +1111,7 @@ class EmbeddingTable {
     const auto now = std::chrono::steady_clock::now();
     if (now.time_since_epoch().count() < split_retry_at_.load(std::memory_order_relaxed)) return;
     bool idle = false;
-    if (!split_pending_.compare_exchange_strong(idle, true, std::memory_order_acq_rel)) return;  // another thread splits
+    if (!split_pending_.compare_exchange_strong(idle, true, std::memory_order_acq_rel)) return;  // another one splits
     bool alone;
     while (!(alone = layout_mu_.try_lock()) && pins_.load(std::memory_order_relaxed) == 0 &&
            std::chrono::steady_clock::now() < now + kSplitWait)
