@@ -1122,9 +1122,10 @@ class EmbeddingTable {
     if (alone) {
       split_wanted_.store(false, std::memory_order_relaxed);
       try {
-        const int bits = std::max(bits_for_entries(),
+        const std::vector<uint64_t> finest = entries_by_finest_shard();
+        const int bits = std::max(bits_for_entries(finest),
                                   std::min(max_shard_bits_, bits_for(split_batch_.exchange(0), kSplitIdsPerShard)));
-        if (bits > shard_bits_) split_shards(bits);
+        if (bits > shard_bits_) split_shards(bits, finest);
       } catch (...) {
         // Out of memory: the table stays as it was, which only costs speed.
       }
@@ -1444,22 +1445,28 @@ class EmbeddingTable {
     return b;
   }
 
-  // The fewest shard bits, from the current ones to max_shard_bits_, that leave no shard with
-  // more than kSplitEntriesPerShard entries (max_shard_bits_ if none does). The caller holds
-  // the layout alone.
-  int bits_for_entries() const {
-    std::vector<uint64_t> finest(size_t{1} << max_shard_bits_, 0);  // entries by the top max_shard_bits_ bits
+  // The entries by the top max_shard_bits_ bits of their hashes: the finest shards the table
+  // may have. The caller holds the layout alone.
+  std::vector<uint64_t> entries_by_finest_shard() const {
+    std::vector<uint64_t> finest(size_t{1} << max_shard_bits_, 0);
     for (const detail::Shard* sh : shards_)
       sh->for_each_id([&](int64_t id) { ++finest[max_shard_bits_ ? hash_id(id) >> (64 - max_shard_bits_) : 0]; });
+    return finest;
+  }
+
+  // The entries each shard would hold with 2^bits shards, from entries_by_finest_shard().
+  std::vector<uint64_t> entries_per_shard(const std::vector<uint64_t>& finest, int bits) const {
+    std::vector<uint64_t> per(size_t{1} << bits, 0);
+    for (size_t j = 0; j < finest.size(); ++j) per[j >> (max_shard_bits_ - bits)] += finest[j];
+    return per;
+  }
+
+  // The fewest shard bits, from the current ones to max_shard_bits_, that leave no shard with
+  // more than kSplitEntriesPerShard entries (max_shard_bits_ if none does).
+  int bits_for_entries(const std::vector<uint64_t>& finest) const {
     for (int b = shard_bits_; b < max_shard_bits_; ++b) {
-      const size_t group = size_t{1} << (max_shard_bits_ - b);  // finest counters per shard at b bits
-      uint64_t most = 0;
-      for (size_t i = 0; i < finest.size(); i += group) {
-        uint64_t entries = 0;
-        for (size_t j = i; j < i + group; ++j) entries += finest[j];
-        most = std::max(most, entries);
-      }
-      if (most <= kSplitEntriesPerShard) return b;
+      const std::vector<uint64_t> per = entries_per_shard(finest, b);
+      if (*std::max_element(per.begin(), per.end()) <= kSplitEntriesPerShard) return b;
     }
     return max_shard_bits_;
   }
@@ -1472,16 +1479,16 @@ class EmbeddingTable {
   // caller holds layout_mu_ alone: no batch is under way. The new shards are built whole
   // (their rows copied, the free ones left behind) before the old ones go, so a failed
   // allocation leaves the table as it was; meanwhile the table takes twice its memory, which
-  // kSplitEntriesPerShard keeps to tables of at most half a million or so entries.
-  void split_shards(int bits) {
+  // kSplitEntriesPerShard keeps to tables of at most half a million or so entries. `finest`:
+  // entries_by_finest_shard().
+  void split_shards(int bits, const std::vector<uint64_t>& finest) {
     const int shift = 64 - bits;
     std::vector<std::unique_ptr<detail::Shard>> fresh(size_t{1} << bits);
     for (auto& sh : fresh) sh = new_shard();
-    std::vector<uint64_t> entries(fresh.size(), 0), counted(fresh.size(), 0);
-    for (const detail::Shard* sh : shards_) {
-      sh->for_each_entry([&](int64_t id, int64_t, uint32_t) { ++entries[hash_id(id) >> shift]; });
+    const std::vector<uint64_t> entries = entries_per_shard(finest, bits);
+    std::vector<uint64_t> counted(fresh.size(), 0);
+    for (const detail::Shard* sh : shards_)
       sh->counts.for_each([&](int64_t id, uint64_t) { ++counted[hash_id(id) >> shift]; });
-    }
     for (size_t i = 0; i < fresh.size(); ++i) {
       fresh[i]->reserve(entries[i]);
       fresh[i]->counts.reserve(counted[i]);
