@@ -836,9 +836,16 @@ struct Runs {
     drop_if_large(sum_of);
     drop_if_large(sums);
     drop_if_large(slots_);
+    drop_if_large(run_at_);
+    drop_if_large(repeated_);
   }
 
   // row(input position): the `width` floats summed for that occurrence.
+  //
+  // Two passes: the first groups the ids alone (the hash table stays in the L1 cache); the
+  // second reads and sums the rows of the runs that occur more than once. A row that occurs
+  // once is not read here at all: the write reads it (prefetched with the entry), so with
+  // mostly distinct ids grouping costs no memory traffic, and no row is read twice.
   template <class Row>
   void group(const BatchPlan& plan, size_t first_shard, size_t last_shard, const uint32_t* blocks, size_t width,
              Row&& row) {
@@ -846,35 +853,21 @@ struct Runs {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    const size_t n = sb[last_shard] - sb[first_shard];
+    const size_t base = sb[first_shard];
+    const size_t n = sb[last_shard] - base;
     first.resize(n);  // room for n runs, trimmed at the end (no growth checks in the loop)
     count.resize(n);
     sum_of.resize(n);
+    run_at_.resize(n);
     begin.resize(plan.shard_begin.size());
-    uint32_t runs = 0, summed = 0;
-    // Plain pointers: through the members, every pass of the loop would reload them (the
-    // sums are stores the compiler cannot tell apart from the vectors' own fields).
+    uint32_t runs = 0;
+    // Plain pointers: through the members, every pass of the loop would reload them.
     uint32_t* run_first = first.data();
     uint32_t* run_count = count.data();
-    uint32_t* run_sum = sum_of.data();
-    // Another occurrence (input position p) of run r: add its row to the run's sum.
-    auto repeat = [&](uint32_t r, uint32_t p) {
-      // Plan positions of a shard are in input order: this adds each run's rows left to right.
-      if (run_count[r]++ == 1) {
-        run_sum[r] = summed++;
-        if (sums.size() < summed * width) sums.resize(2 * summed * width);
-        float* sum = sums.data() + run_sum[r] * width;
-        const float* g = row(order[run_first[r]]);
-        for (size_t j = 0; j < width; ++j) sum[j] = g[j];
-      }
-      float* sum = sums.data() + run_sum[r] * width;
-      const float* g = row(p);
-      for (size_t j = 0; j < width; ++j) sum[j] += g[j];
-    };
+    uint32_t* run_at = run_at_.data();  // the run of each plan position, from `base`
     auto new_run = [&](size_t k) {
       run_first[runs] = static_cast<uint32_t>(k);
       run_count[runs] = 1;
-      run_sum[runs] = kEnd;
       return runs++;
     };
     for (size_t s = first_shard; s < last_shard; ++s) {
@@ -884,13 +877,12 @@ struct Runs {
         // A shard of a few ids looks for each among the runs so far: filling a hash table
         // for them cost more (a batch of 200 ids over 64 shards gives each about 3).
         for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
-          if (k + kAhead < sb[last_shard]) prefetch_lines(row(order[k + kAhead]), sizeof(float) * width);
-          const uint32_t p = order[k];
-          const uint32_t block = blocks ? blocks[p] : 0;
+          const uint32_t block = blocks ? blocks[order[k]] : 0;
           uint32_t r = begin[s];
           while (r < runs && (keys[run_first[r]] != keys[k] || (blocks && blocks[order[run_first[r]]] != block))) ++r;
           if (r == runs) new_run(k);
-          else repeat(r, p);
+          else ++run_count[r];
+          run_at[k - base] = r;
         }
         continue;
       }
@@ -900,20 +892,19 @@ struct Runs {
       Slot* slots = slots_.data();
       const size_t mask = cap - 1;
       for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
-        // Any occurrence may turn out to repeat one before it; its row then is read at once.
-        if (k + kAhead < sb[last_shard]) prefetch_lines(row(order[k + kAhead]), sizeof(float) * width);
-        const uint32_t p = order[k];
         const int64_t key = keys[k];
-        const uint32_t block = blocks ? blocks[p] : 0;
+        const uint32_t block = blocks ? blocks[order[k]] : 0;
         const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(block) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
         for (size_t i = h & mask;; i = (i + 1) & mask) {
           Slot& slot = slots[i];
           if (slot.run == kEnd) {
             slot = Slot{key, new_run(k), block};
+            run_at[k - base] = slot.run;
             break;
           }
           if (slot.key != key || slot.block != block) continue;
-          repeat(slot.run, p);
+          ++run_count[slot.run];
+          run_at[k - base] = slot.run;
           break;
         }
       }
@@ -922,6 +913,7 @@ struct Runs {
     first.resize(runs);
     count.resize(runs);
     sum_of.resize(runs);
+    sum_rows(plan, base, n, width, row);
   }
 
   // Run r's row: the sum of its rows, or, for a run occurring once, row(its position).
@@ -931,12 +923,49 @@ struct Runs {
   }
 
  private:
+  // The second pass of group over plan positions [base, base + n): the rows of every run
+  // that occurs more than once summed into `sums`, left to right; sum_of[r] = kEnd for the
+  // others.
+  template <class Row>
+  void sum_rows(const BatchPlan& plan, size_t base, size_t n, size_t width, Row&& row) {
+    uint32_t summed = 0;
+    for (size_t r = 0; r < count.size(); ++r) sum_of[r] = count[r] > 1 ? summed++ : kEnd;
+    if (summed == 0) return;
+    const size_t need = static_cast<size_t>(summed) * width;
+    if (sums.size() < need) sums.resize(need);
+    // The positions of the repeated runs, so that their rows can be prefetched ahead.
+    repeated_.resize(n);
+    const uint32_t* run_at = run_at_.data();
+    uint32_t* repeated = repeated_.data();
+    size_t m = 0;
+    for (size_t k = 0; k < n; ++k) {
+      repeated[m] = static_cast<uint32_t>(k);
+      m += count[run_at[k]] > 1;
+    }
+    const uint32_t* order = plan.order.data() + base;
+    const size_t bytes = sizeof(float) * width;
+    for (size_t i = 0; i < m; ++i) {
+      if (i + kAhead < m) prefetch_lines(row(order[repeated[i + kAhead]]), bytes);
+      const uint32_t k = repeated[i];
+      const uint32_t r = run_at[k];
+      float* sum = sums.data() + static_cast<size_t>(sum_of[r]) * width;
+      const float* g = row(order[k]);
+      if (first[r] == base + k) {
+        for (size_t j = 0; j < width; ++j) sum[j] = g[j];
+      } else {
+        for (size_t j = 0; j < width; ++j) sum[j] += g[j];
+      }
+    }
+  }
+
   struct Slot {
     int64_t key;
     uint32_t run;  // kEnd: empty
     uint32_t block;
   };
   std::vector<Slot> slots_;
+  std::vector<uint32_t> run_at_;    // group: the run of each plan position
+  std::vector<uint32_t> repeated_;  // group: the positions of the runs that occur more than once
 };
 
 // The room a write batch holds in the shards it writes (Shard::hold), given back when the
@@ -1323,7 +1352,7 @@ class EmbeddingTable {
       }, true, true, room_held, planned);
       return;
     }
-    for_each_shard_write_runs(ids, n, ts, blocks, grad_row, static_cast<size_t>(d), prefetch_grad,
+    for_each_shard_write_runs(ids, n, ts, blocks, grad_row, static_cast<size_t>(d),
                               [&](detail::Shard& sh, const float* g, size_t count, int64_t id, uint64_t h) {
                                 const auto slot = admit(sh, id, h, count);
                                 if (!slot.bucket) return;
@@ -1946,12 +1975,11 @@ class EmbeddingTable {
 
   // A write of items [begin[first], begin[last]) (plan positions, or runs of a deduplicated
   // write: item k stands for plan position at(k)): fn(shard, k) for each, with the row
-  // (layout_.stride bytes, when the id is already stored) and, through ahead(input
-  // position), the batch's own data for it prefetched first.
+  // (layout_.stride bytes, when the id is already stored) and, through ahead(k), the
+  // batch's own data for it prefetched first.
   template <class At, class Fn, class Ahead>
   void write_blocks(const detail::BatchPlan& plan, const size_t* begin, size_t first, size_t last, At&& at, Fn&& fn,
                     Ahead&& ahead) {
-    const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
     const size_t row_bytes = layout_.stride;
@@ -1963,7 +1991,7 @@ class EmbeddingTable {
         [&](const detail::Shard& sh, size_t k) {
           const size_t q = at(k);
           if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
-          ahead(order[q]);
+          ahead(k);
         },
         fn);
   }
@@ -1991,7 +2019,8 @@ class EmbeddingTable {
                    const int64_t* keys = plan.keys.data();
                    const uint64_t* hashes = plan.hashes.data();
                    write_blocks(plan, plan.shard_begin.data(), first, last, [](size_t k) { return k; },
-                                [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); }, inputs);
+                                [&](detail::Shard& sh, size_t k) { fn(sh, order[k], keys[k], hashes[k]); },
+                                [&](size_t k) { inputs(order[k]); });
                  });
   }
 
@@ -2068,9 +2097,9 @@ class EmbeddingTable {
   // As for_each_shard_write, but calls fn(shard, row, count, id, hash) once per distinct id
   // (and block) occurring `count` times, with the sum, left to right, of the `width`-float rows
   // row(position) of its occurrences.
-  template <class Row, class Ahead, class Fn>
+  template <class Row, class Fn>
   void for_each_shard_write_runs(const int64_t* ids, size_t n, int64_t ts, const uint32_t* blocks, Row&& row,
-                                 size_t width, Ahead&& inputs, Fn&& fn, bool room_held = false,
+                                 size_t width, Fn&& fn, bool room_held = false,
                                  const detail::PlannedWrite* planned = nullptr) {
     if (n == 0) {
       note_ts(ts);
@@ -2093,11 +2122,14 @@ class EmbeddingTable {
         },
         [&](const detail::BatchPlan& plan, size_t chunk, size_t first, size_t last) {
           const detail::Runs& runs = chunk_runs[chunk];
+          const size_t bytes = sizeof(float) * width;
           const uint32_t* head = runs.first.data();
           auto run = [&](detail::Shard& sh, size_t r) {
             fn(sh, runs.summed_row(plan, r, width, row), runs.count[r], plan.keys[head[r]], plan.hashes[head[r]]);
           };
-          write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, inputs);
+          // A run's own row: its sum, or the row of its one occurrence.
+          auto ahead = [&](size_t r) { detail::prefetch_lines(runs.summed_row(plan, r, width, row), bytes); };
+          write_blocks(plan, runs.begin.data(), first, last, [head](size_t r) { return head[r]; }, run, ahead);
         });
     if (own_runs)
       for (detail::Runs& runs : *own_runs) runs.trim();
