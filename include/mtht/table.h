@@ -836,16 +836,15 @@ struct Runs {
     drop_if_large(sum_of);
     drop_if_large(sums);
     drop_if_large(slots_);
-    drop_if_large(run_at_);
-    drop_if_large(repeated_);
+    drop_if_large(repeats_);
   }
 
   // row(input position): the `width` floats summed for that occurrence.
   //
-  // Two passes: the first groups the ids alone (the hash table stays in the L1 cache); the
-  // second reads and sums the rows of the runs that occur more than once. A row that occurs
-  // once is not read here at all: the write reads it (prefetched with the entry), so with
-  // mostly distinct ids grouping costs no memory traffic, and no row is read twice.
+  // Two passes: the first groups the ids alone (its hash table stays in the L1 cache) and
+  // lists the occurrences after the first; the second sums their rows, each run's from its
+  // first occurrence on. A row that occurs once is not read here: the write reads it, with
+  // the entry's lines, so no row is read twice.
   template <class Row>
   void group(const BatchPlan& plan, size_t first_shard, size_t last_shard, const uint32_t* blocks, size_t width,
              Row&& row) {
@@ -853,22 +852,28 @@ struct Runs {
     const uint32_t* order = plan.order.data();
     const int64_t* keys = plan.keys.data();
     const uint64_t* hashes = plan.hashes.data();
-    const size_t base = sb[first_shard];
-    const size_t n = sb[last_shard] - base;
+    const size_t n = sb[last_shard] - sb[first_shard];
     first.resize(n);  // room for n runs, trimmed at the end (no growth checks in the loop)
     count.resize(n);
     sum_of.resize(n);
-    run_at_.resize(n);
+    repeats_.resize(n);
     begin.resize(plan.shard_begin.size());
     uint32_t runs = 0;
+    size_t n_repeats = 0;
     // Plain pointers: through the members, every pass of the loop would reload them.
     uint32_t* run_first = first.data();
     uint32_t* run_count = count.data();
-    uint32_t* run_at = run_at_.data();  // the run of each plan position, from `base`
+    uint32_t* run_sum = sum_of.data();
+    Repeat* repeats = repeats_.data();
     auto new_run = [&](size_t k) {
       run_first[runs] = static_cast<uint32_t>(k);
       run_count[runs] = 1;
+      run_sum[runs] = kEnd;
       return runs++;
+    };
+    auto repeat = [&](uint32_t r, size_t k) {
+      ++run_count[r];
+      repeats[n_repeats++] = Repeat{r, static_cast<uint32_t>(k)};
     };
     for (size_t s = first_shard; s < last_shard; ++s) {
       begin[s] = runs;
@@ -881,8 +886,7 @@ struct Runs {
           uint32_t r = begin[s];
           while (r < runs && (keys[run_first[r]] != keys[k] || (blocks && blocks[order[run_first[r]]] != block))) ++r;
           if (r == runs) new_run(k);
-          else ++run_count[r];
-          run_at[k - base] = r;
+          else repeat(r, k);
         }
         continue;
       }
@@ -899,12 +903,10 @@ struct Runs {
           Slot& slot = slots[i];
           if (slot.run == kEnd) {
             slot = Slot{key, new_run(k), block};
-            run_at[k - base] = slot.run;
             break;
           }
           if (slot.key != key || slot.block != block) continue;
-          ++run_count[slot.run];
-          run_at[k - base] = slot.run;
+          repeat(slot.run, k);
           break;
         }
       }
@@ -913,7 +915,7 @@ struct Runs {
     first.resize(runs);
     count.resize(runs);
     sum_of.resize(runs);
-    sum_rows(plan, base, n, width, row);
+    sum_repeats(order, n_repeats, width, row);
   }
 
   // Run r's row: the sum of its rows, or, for a run occurring once, row(its position).
@@ -923,38 +925,31 @@ struct Runs {
   }
 
  private:
-  // The second pass of group over plan positions [base, base + n): the rows of every run
-  // that occurs more than once summed into `sums`, left to right; sum_of[r] = kEnd for the
-  // others.
+  // The second pass of group: for each of the `n` occurrences after a run's first, in plan
+  // order, its row added to the run's sum, which starts as the row of the first occurrence.
   template <class Row>
-  void sum_rows(const BatchPlan& plan, size_t base, size_t n, size_t width, Row&& row) {
-    uint32_t summed = 0;
-    for (size_t r = 0; r < count.size(); ++r) sum_of[r] = count[r] > 1 ? summed++ : kEnd;
-    if (summed == 0) return;
-    const size_t need = static_cast<size_t>(summed) * width;
-    if (sums.size() < need) sums.resize(need);
-    // The positions of the repeated runs, so that their rows can be prefetched ahead.
-    repeated_.resize(n);
-    const uint32_t* run_at = run_at_.data();
-    uint32_t* repeated = repeated_.data();
-    size_t m = 0;
-    for (size_t k = 0; k < n; ++k) {
-      repeated[m] = static_cast<uint32_t>(k);
-      m += count[run_at[k]] > 1;
-    }
-    const uint32_t* order = plan.order.data() + base;
+  void sum_repeats(const uint32_t* order, size_t n, size_t width, Row&& row) {
     const size_t bytes = sizeof(float) * width;
-    for (size_t i = 0; i < m; ++i) {
-      if (i + kAhead < m) prefetch_lines(row(order[repeated[i + kAhead]]), bytes);
-      const uint32_t k = repeated[i];
-      const uint32_t r = run_at[k];
-      float* sum = sums.data() + static_cast<size_t>(sum_of[r]) * width;
-      const float* g = row(order[k]);
-      if (first[r] == base + k) {
-        for (size_t j = 0; j < width; ++j) sum[j] = g[j];
-      } else {
-        for (size_t j = 0; j < width; ++j) sum[j] += g[j];
+    const Repeat* repeats = repeats_.data();
+    uint32_t summed = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) {
+        const Repeat& ahead = repeats[i + kAhead];
+        prefetch_lines(row(order[ahead.position]), bytes);
+        if (sum_of[ahead.run] == kEnd) prefetch_lines(row(order[first[ahead.run]]), bytes);
       }
+      const Repeat& rep = repeats[i];
+      uint32_t& at = sum_of[rep.run];
+      if (at == kEnd) {
+        at = summed++;
+        if (sums.size() < static_cast<size_t>(summed) * width) sums.resize(2 * static_cast<size_t>(summed) * width);
+        float* sum = sums.data() + static_cast<size_t>(at) * width;
+        const float* g = row(order[first[rep.run]]);
+        for (size_t j = 0; j < width; ++j) sum[j] = g[j];
+      }
+      float* sum = sums.data() + static_cast<size_t>(at) * width;
+      const float* g = row(order[rep.position]);
+      for (size_t j = 0; j < width; ++j) sum[j] += g[j];
     }
   }
 
@@ -964,8 +959,10 @@ struct Runs {
     uint32_t block;
   };
   std::vector<Slot> slots_;
-  std::vector<uint32_t> run_at_;    // group: the run of each plan position
-  std::vector<uint32_t> repeated_;  // group: the positions of the runs that occur more than once
+  struct Repeat {
+    uint32_t run, position;  // an occurrence after the run's first, at a plan position
+  };
+  std::vector<Repeat> repeats_;  // group: every occurrence after a run's first, in plan order
 };
 
 // The room a write batch holds in the shards it writes (Shard::hold), given back when the
