@@ -231,7 +231,8 @@ class ThreadPool {
     for (;;) {
       Job* job;
       // Calls often come back to back (a lookup, then the update of the same ids): a helper
-      // that spins a little before it sleeps is there at once for the next.
+      // that spins a little before it sleeps is there at once for the next. Not longer: the
+      // caller's own work between calls (a framework's threads) needs the core (design.md).
       spin_until([&] { return generation_.load(std::memory_order_relaxed) != seen; });
       {
         std::unique_lock<std::mutex> lk(mu_);
