@@ -807,7 +807,7 @@ struct BatchPlan {
 // per shard, sized for the shard (a quarter full at most) so that it stays in the L1 cache.
 struct Runs {
   static constexpr uint32_t kEnd = 0xFFFFFFFFu;
-  static constexpr size_t kAhead = 8;   // rows prefetched this many positions ahead
+  static constexpr size_t kAhead = 8;   // rows prefetched this many repeats ahead (sum_repeats)
   static constexpr size_t kFewIds = 8;  // shards of at most this many ids are grouped without a hash table
   std::vector<uint32_t> first;   // each run's first occurrence (a plan position)
   std::vector<uint32_t> count;   // each run's occurrences
