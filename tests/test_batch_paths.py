@@ -124,6 +124,33 @@ def test_shard_sizes_around_the_block_sizes(n):
     _assert_same(t, ref, np.concatenate([ids, missing]))
 
 
+def _ids_with_one_grouping_slot() -> np.ndarray:
+    """Two ids whose hashes agree in their top 32 bits (what the grouping of a deduplicated
+    write keeps of a hash, and the shard) and their low 6 bits (its first slot in a table of
+    64 slots, a shard's of 9 to 16 ids)."""
+    cand = np.arange(4_000_000, dtype=np.int64)
+    h = _hash(cand)
+    key = (h >> np.uint64(32)) << np.uint64(6) | (h & np.uint64(63))
+    order = np.argsort(key, kind="stable")
+    same = np.flatnonzero(key[order][1:] == key[order][:-1])
+    return cand[order[same[0]:same[0] + 2]]
+
+
+def test_dedup_keeps_apart_ids_whose_hashes_share_the_grouping_slot():
+    # The grouping keeps 32 bits of each hash and compares the ids themselves when those
+    # match: ids that also share the first slot must still be grouped (and stepped) apart.
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(4)
+    pair = _ids_with_one_grouping_slot()
+    hashes = _hash(pair)
+    assert hashes[0] != hashes[1] and hashes[0] >> np.uint64(32) == hashes[1] >> np.uint64(32)
+    others = _ids_in_one_shard(10, shard=int(_shard(pair)[0]), start=50_000_000)  # > 8 ids: a hash table
+    batch = rng.permutation(np.concatenate([pair, pair, pair, others]))
+    _step_both(t, ref, batch, rng, 1, dedup=True)
+    _assert_same(t, ref, np.concatenate([pair, others]))
+    assert t.size() == 12
+
+
 @pytest.mark.parametrize("dedup", [False, True])
 def test_long_probe_chains(dedup):
     # 60 ids with one home bucket: a chain of 20 full buckets, so most ids lie far past home,
