@@ -7,7 +7,8 @@ last. A read goes through the same stages in input order, in pieces that hold th
 locks of their shards. These tests drive the edges of those pipelines: shards holding a
 number of ids around the block sizes, reads around the block and piece sizes, batches spread
 over 1 to 4,096 shards, rows of every width, probe chains many buckets long (ids chosen to
-share one home bucket), growth in the middle of a batch, writes at the load bound, batches
+share one home bucket), ids that the grouping of a deduplicated write can tell apart only by
+the ids themselves, growth in the middle of a batch, writes at the load bound, batches
 larger than the table, and a batch of one id. The last part checks that the index's load bound
 (max_load_factor) changes memory and the number of shards speed, never results; that arrays
 reused from the shared huge-page blocks come back zeroed; and that room reserved ahead of
