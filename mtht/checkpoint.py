@@ -117,7 +117,9 @@ def read_manifest(basename: str) -> dict:
     return body
 
 
-def _file_count(table) -> int:
+def file_count(table) -> int:
+    """How many data files a save of ``table`` writes (in either format): its
+    ``saver_parallel`` if set, else one per million entries, from 1 to 4."""
     if table._saver_parallel and table._saver_parallel > 0:
         return table._saver_parallel
     return min(4, max(1, len(table) // 1_000_000))
@@ -140,7 +142,7 @@ def save_table(table, basename: str) -> dict:
         os.unlink(stale)
     old = _generations_on_disk(basename)
     generation = max(old, default=0) + 1
-    count = _file_count(table)
+    count = file_count(table)
     paths = [os.path.join(directory, _data_name(prefix, generation, i, count)) for i in range(count)]
     core = table._core
     max_update_ts = core.max_update_ts

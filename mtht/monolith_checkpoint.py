@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from mtht._spec import _STATE_LAYOUT
+from mtht.checkpoint import file_count
 
 __all__ = ["save_monolith", "restore_monolith", "entry_dump_class", "write_tfrecords", "read_tfrecords"]
 
@@ -202,8 +203,7 @@ def save_monolith(table, basename: str) -> None:
     core = table._core
     core.pin_layout()  # the shards stay as they are while they are read one at a time
     try:
-        n = table._saver_parallel if table._saver_parallel and table._saver_parallel > 0 else min(
-            4, max(1, len(table) // 1_000_000))
+        n = file_count(table)
         segments = _segments(table)
         dim = table.dim_size
         now = core.max_update_ts

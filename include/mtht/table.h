@@ -1471,6 +1471,9 @@ class EmbeddingTable {
  private:
   size_t shard_of(uint64_t h) const { return shard_bits_ ? static_cast<size_t>(h >> (64 - shard_bits_)) : 0; }
 
+  // Whether the shard count is automatic and below its most (a write may ask for a split).
+  bool can_split() const { return !fixed_shards_ && shard_bits_ < max_shard_bits_; }
+
   // The fewest bits b such that `count` items make at most `per_shard` per shard over 2^b.
   static int bits_for(uint64_t count, uint64_t per_shard) {
     int b = 0;
@@ -2040,7 +2043,7 @@ class EmbeddingTable {
   void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned,
                     const detail::Victims* victims, bool gated, size_t chunks, Prepare&& prepare, Write&& write) {
     constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
-    if (!fixed_shards_ && shard_bits_ < max_shard_bits_ && n > (kSplitIdsPerShard << shard_bits_)) {
+    if (can_split() && n > (kSplitIdsPerShard << shard_bits_)) {
       uint64_t most = split_batch_.load(std::memory_order_relaxed);
       while (n > most && !split_batch_.compare_exchange_weak(most, n, std::memory_order_relaxed)) {
       }
@@ -2267,7 +2270,7 @@ class EmbeddingTable {
     std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
     uint64_t extra = e - b;
-    if (!fixed_shards_ && shard_bits_ < max_shard_bits_ && sh.size() > kSplitEntriesPerShard)
+    if (can_split() && sh.size() > kSplitEntriesPerShard)
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
     if (sh.reserve_grows_index(beyond_leaving(extra)))
       extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
