@@ -65,15 +65,18 @@ def _ids_in_one_shard(n: int, shard: int = 5, start: int = 0) -> np.ndarray:
     return np.asarray(out[:n], dtype=np.int64)
 
 
-def _colliding_ids(n: int, low_bits: int = 10, start: int = 0) -> np.ndarray:
-    """n ids with one shard and one home bucket in any shard index of up to 2^low_bits buckets."""
+def _colliding_ids(n: int, home_bits: int = 10, start: int = 0) -> np.ndarray:
+    """n ids with one shard and one home bucket in any shard index of up to 2^home_bits
+    buckets (a power of two). The home bucket among nb is the hash's bits below the top 12
+    (those that may choose a shard), as a fraction of 2^52, times nb: for nb = 2^k, the top
+    k of those bits."""
     out = []
     lo = start
     target = None
     while len(out) < n:
         cand = np.arange(lo, lo + 1_000_000, dtype=np.int64)
         h = _hash(cand)
-        key = (h >> np.uint64(58)) << np.uint64(low_bits) | (h & np.uint64((1 << low_bits) - 1))
+        key = (h >> np.uint64(58)) << np.uint64(home_bits) | (h >> np.uint64(52 - home_bits)) & np.uint64((1 << home_bits) - 1)
         if target is None:
             target = key[0]
         out.extend(cand[key == target].tolist())
@@ -464,6 +467,43 @@ def test_load_stays_within_its_bound_as_the_table_grows(max_load_factor):
     assert max(loads) <= max_load_factor
     # Past the shards' first allocations the index doubles only when full to the bound.
     assert min(loads[4:]) >= max_load_factor / 2 * 0.9
+
+
+def test_a_large_index_grows_by_a_quarter_and_keeps_its_entries():
+    # One shard: its index is a pooled piece of up to 2 MiB (32,768 buckets, 98,304 slots),
+    # a power of two that doubles; past that it grows by a quarter (rounded up to whole 2 MiB
+    # pages), so its load stays near the bound instead of falling to half of it. Entries stay
+    # reachable through every growth, and through removals from an index whose bucket count
+    # is not a power of two.
+    bound, page_slots = 0.5, 98_304
+    t = _table_with_load(bound, num_shards=1)
+    ref = ReferenceTable([SEG])
+    rng = np.random.default_rng(12)
+    written = np.unique(rng.integers(-(2**63), 2**63 - 1, 420_000, dtype=np.int64))
+    rng.shuffle(written)
+    capacities, loads = [], []
+    for step, batch in enumerate(np.array_split(written, 42)):
+        _step_both(t, ref, batch, rng, step)
+        st = t.stats()
+        capacities.append(st["capacity"])
+        loads.append(st["load_factor"])
+    assert max(loads) <= bound
+    grown = [(a, b) for a, b in zip(capacities, capacities[1:]) if b != a]
+    large = [(a, b) for a, b in grown if a >= page_slots]
+    assert len(large) >= 4
+    for a, b in large:
+        assert b % page_slots == 0 and b <= -(-a * 5 // 4 // page_slots) * page_slots
+    assert min(l for c, l in zip(capacities, loads) if c >= 4 * page_slots) >= 0.8 * bound * 0.9
+    _assert_same(t, ref, rng.permutation(written)[:20_000])
+    expiry = 36500 * 86400  # the default: 36,500 days
+    removed = t.evict(max_update_time=20 + expiry)  # the batches written at times 0 to 20
+    gone = [i for i, e in ref.entries.items() if e.ts <= 20]
+    assert removed == len(gone) > 0
+    for i in gone:
+        del ref.entries[i]
+    _assert_same(t, ref, rng.permutation(written)[:20_000])
+    _step_both(t, ref, rng.permutation(written)[:50_000], rng, 50)  # reinserted into the freed slots
+    _assert_same(t, ref, rng.permutation(written)[:20_000])
 
 
 def test_rewriting_stored_ids_at_the_load_bound_does_not_grow_the_index():

@@ -15,17 +15,17 @@
 // * Index. Open addressing over buckets of one cache line: 3 slots of (id, timestamp,
 //   row + 1), where row 0 marks a free slot, and an overflow count: how many entries stored
 //   further on passed over this bucket when they were placed. A probe reads the home bucket
-//   (chosen by the low bits of the hash), compares the ids, and moves to the next bucket
-//   only while the overflow count says something may lie beyond (linear probing over lines,
-//   which the hardware prefetcher follows), so a missing id usually costs one line too.
-//   Removing an entry frees its slot and decrements the counts on its path: no tombstones.
-//   Load stays <= the table's max load (TableSpec::max_load_permille, default 1/2); growth
-//   doubles the bucket count. (Linear probing clusters: at a load of 0.79, 43% of the ids
-//   not in the table probe more than one bucket and 19% of those in it do not sit in their
-//   home bucket; at 0.40 it is 4% and 4%. Each such probe is a dependent miss, so a lower
-//   load buys speed with index memory.) Since the id and the
-//   timestamp sit in the bucket, a lookup touches one index line plus the lines of the
-//   values, and an update one index line plus the row.
+//   (chosen by the hash's bits below the shard's), compares the ids, and moves to the next
+//   bucket only while the overflow count says something may lie beyond (linear probing over
+//   lines, which the hardware prefetcher follows), so a missing id usually costs one line
+//   too. Removing an entry frees its slot and decrements the counts on its path: no
+//   tombstones. Load stays <= the table's max load (TableSpec::max_load_permille, default
+//   1/2); growth doubles an index of up to 2 MiB and grows a larger one by a quarter.
+//   (Linear probing clusters: at a load of 0.79, 43% of the ids not in the table probe more
+//   than one bucket and 19% of those in it do not sit in their home bucket; at 0.40 it is 4%
+//   and 4%. Each such probe is a dependent miss, so a lower load buys speed with index
+//   memory.) Since the id and the timestamp sit in the bucket, a lookup touches one index
+//   line plus the lines of the values, and an update one index line plus the row.
 // * Rows never move. Rows live in per-shard chunks of geometrically growing size
 //   (16, 32, 64, ... rows), so growth allocates a new chunk and rehashes only the index
 //   (from the ids in it, without touching a row). The row stride is a power of two up to 64
@@ -153,6 +153,17 @@ struct alignas(64) Bucket {
   uint32_t overflow;           // entries stored past this bucket whose probe passed through it
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
+
+// The top bits of an id's hash choose its shard (up to 4096 shards); the bits below choose
+// its home bucket.
+constexpr int kShardHashBits = 12;
+
+// The home bucket of hash h among nb buckets: the next bits of h scaled to [0, nb), so that
+// nb need not be a power of two, and entries keep their order from a smaller index to a
+// larger one (a rehash writes the new index almost front to back).
+inline uint64_t bucket_of(uint64_t h, uint64_t nb) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(h << kShardHashBits) * nb) >> 64);
+}
 
 // Prefetches the cache line of p, in a way the compiler cannot drop. GCC 12 at -O3 removed
 // the row prefetches of the batch loops written with __builtin_prefetch (seen in the
@@ -336,7 +347,7 @@ class alignas(64) Shard {
                     with_meta_ ? reinterpret_cast<uint64_t*>(rows_.at(1, r)) : nullptr};
   }
 
-  const Bucket* home(uint64_t h) const { return buckets() + (h & (nb_ - 1)); }
+  const Bucket* home(uint64_t h) const { return buckets() + bucket_of(h, nb_); }
 
   // The home bucket of hash h, and the shard's second line (the rows' addresses), which a
   // batch over many small tables finds cold.
@@ -359,8 +370,7 @@ class alignas(64) Shard {
   Slot find(int64_t id, uint64_t h) const {
     if (!nb_) return Slot{nullptr, 0};
     Bucket* base = buckets();
-    const uint64_t mask = nb_ - 1;
-    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
+    for (uint64_t b = bucket_of(h, nb_);; b = next(b, nb_)) {
       const unsigned m = matches(base[b], id);
       if (m) return Slot{&base[b], __builtin_ctz(m)};
       if (base[b].overflow == 0) return Slot{nullptr, 0};
@@ -389,12 +399,13 @@ class alignas(64) Shard {
   Slot find_at_home(int64_t id, uint64_t h, bool* further) const {
     *further = false;
     if (!nb_) return Slot{nullptr, 0};
-    Bucket* b = buckets() + (h & (nb_ - 1));
+    const uint64_t at = bucket_of(h, nb_);
+    Bucket* b = buckets() + at;
     const unsigned m = matches(*b, id);
     if (m) return Slot{b, __builtin_ctz(m)};
     if (b->overflow) {
       *further = true;
-      prefetch(buckets() + ((h + 1) & (nb_ - 1)));
+      prefetch(buckets() + next(at, nb_));
     }
     return Slot{nullptr, 0};
   }
@@ -417,11 +428,7 @@ class alignas(64) Shard {
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + held() + extra, kMaxRowsPerShard));
-    if (over_load(want)) {
-      uint64_t nb = nb_ ? nb_ : 1;
-      while (want * 1000 > nb * kBucketSlots * max_load_permille_) nb *= 2;  // growth doubles
-      rehash(nb);
-    }
+    if (over_load(want)) rehash(buckets_for(want));
   }
 
   // reserve(extra), then hold that room for the caller's write until release(extra): other
@@ -486,13 +493,12 @@ class alignas(64) Shard {
   template <class Pred>
   uint64_t erase_if(Pred&& drop) {
     Bucket* base = buckets();
-    const uint64_t mask = nb_ - 1;
     uint64_t removed = 0;
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
         const uint32_t v = base[b].row[j];
         if (v == kEmpty || !drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
-        for (uint64_t t = hash_id(base[b].key[j]) & mask; t != b; t = (t + 1) & mask) --base[t].overflow;
+        for (uint64_t t = bucket_of(hash_id(base[b].key[j]), nb_); t != b; t = next(t, nb_)) --base[t].overflow;
         base[b].row[j] = kEmpty;
         --size_;
         rows_.release(v - 1);
@@ -504,11 +510,11 @@ class alignas(64) Shard {
   uint64_t max_probe_groups() const {
     uint64_t worst = 0;
     const Bucket* base = buckets();
-    const uint64_t mask = nb_ - 1;
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
         if (base[b].row[j] == kEmpty) continue;
-        const uint64_t distance = ((b - (hash_id(base[b].key[j]) & mask)) & mask) + 1;
+        const uint64_t home = bucket_of(hash_id(base[b].key[j]), nb_);
+        const uint64_t distance = (b >= home ? b - home : b + nb_ - home) + 1;
         worst = std::max(worst, distance);
       }
     return worst;
@@ -518,11 +524,36 @@ class alignas(64) Shard {
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
   bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
 
+  static uint64_t next(uint64_t b, uint64_t nb) { return b + 1 == nb ? 0 : b + 1; }
+
+  // The buckets of an index that holds `want` entries at the bound. An index of up to 2 MiB
+  // is a pooled piece, whose size is a power of two anyway: its bucket count is too, and it
+  // doubles. A larger one is mapped: it grows by a quarter, so that rehashing
+  // stays a constant cost per insert, and its load stays between 4/5 of the bound and the
+  // bound (between half and all of it while doubling): a table's memory grows by steps of
+  // at most a quarter of its index. A reservation of more (initial_capacity, a large batch
+  // of new ids) leaves an eighth to spare: a shard left at its bound would count the absent
+  // ids of every write before it (count_absent), which made Adagrad steps on a 10M-id table
+  // reserved to the entry 25% slower.
+  uint64_t buckets_for(uint64_t want) const {
+    const uint64_t per_bucket = uint64_t{kBucketSlots} * max_load_permille_;  // entries x 1000
+    const uint64_t need = std::max<uint64_t>(1, (want * 1000 + per_bucket - 1) / per_bucket);
+    if (need * sizeof(Bucket) <= Buffer::kHugePage) {
+      uint64_t nb = 1;
+      while (nb < need) nb *= 2;
+      return nb;
+    }
+    // Whole huge pages: the tail of a mapping that ends inside one gets 4 KiB pages, and the
+    // TLB misses on it made lookups 10% to 15% slower with a sixth of the index there.
+    const uint64_t nb = std::max(need + need / 8, nb_ + nb_ / 4);
+    return (nb + kBucketsPerHugePage - 1) / kBucketsPerHugePage * kBucketsPerHugePage;
+  }
+  static constexpr uint64_t kBucketsPerHugePage = Buffer::kHugePage / sizeof(Bucket);
+
   // Puts an entry in the first bucket from its home with a free slot, counting an overflow
   // on every full bucket passed.
   static Slot place(Bucket* base, uint64_t nb, uint64_t h, int64_t id, int64_t ts, uint32_t row_plus_one) {
-    const uint64_t mask = nb - 1;
-    for (uint64_t b = h & mask;; b = (b + 1) & mask) {
+    for (uint64_t b = bucket_of(h, nb);; b = next(b, nb)) {
       Bucket& k = base[b];
       for (int j = 0; j < kBucketSlots; ++j)
         if (k.row[j] == kEmpty) {
@@ -547,7 +578,7 @@ class alignas(64) Shard {
   }
 
   uint32_t max_load_permille_;
-  uint64_t nb_ = 0;  // buckets, a power of two
+  uint64_t nb_ = 0;  // buckets (buckets_for)
   Buffer index_;
   uint64_t size_ = 0;
   std::atomic<uint64_t> held_{0};  // room held by writes in progress (hold)
