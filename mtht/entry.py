@@ -1378,11 +1378,13 @@ class EmbeddingHashTableConfig:
         memory one entry may take at most (row, capacity bookkeeping and index); together
         with ``max_entries`` the smaller bound holds. None means unbounded.
     max_load_factor : float, default 0.5
-        The index doubles before more than this fraction of its slots is used, so its load
-        stays between half this and this; in [0.25, 0.9]. Lower is faster (fewer probes
-        past an id's home bucket), higher takes less memory: the index costs 64 / 3 / load
-        bytes per entry (43 to 85 at the default, 24 to 47 at 0.9). What lookups and
-        updates return does not depend on it; the entries ``max_bytes`` allows do.
+        The index grows before more than this fraction of its slots is used; in [0.25, 0.9].
+        A shard's index of up to 2 MiB doubles, so its load stays between half this and
+        this; a larger one grows by a quarter, so its load stays between 4/5 of this and
+        this. Lower is faster (fewer probes past an id's home bucket), higher takes less
+        memory: the index costs 64 / 3 / load bytes per entry (43 to 85 at the default, 24
+        to 47 at 0.9; 43 to 53 and 24 to 30 in large shards). What lookups and updates
+        return does not depend on it; the entries ``max_bytes`` allows do.
     num_shards : int or None, default None
         Parts of the table, each with its own lock and index. None: the table starts with
         one (or as many as ``initial_capacity`` calls for) and splits them as it grows (one

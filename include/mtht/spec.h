@@ -72,7 +72,8 @@ inline void validate(const TableSpec& spec) {
 }
 
 // Index bytes one entry takes at most: a third of a 64-byte bucket at the lowest load the
-// index runs at, half its max load.
+// index runs at, half its max load (that of the small indexes, which double; large ones
+// stay fuller).
 inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
   return (64 * 2 * 1000 + 3 * max_load_permille - 1) / (3 * max_load_permille);
 }
