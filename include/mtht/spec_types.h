@@ -75,8 +75,8 @@ struct TableSpec {
   // up to 64 (EmbeddingTable::maybe_split).
   int num_shards = 0;
   // The index grows before more than this many thousandths of its slots are used, so its
-  // load stays between half this and this (between 4/5 of it and it in a shard whose index
-  // is over 2 MiB, which grows by a quarter: detail::Shard::buckets_for).
+  // load stays between half this and this (between 2/3 of it and it in a shard whose index
+  // is over 2 MiB, which grows by half: detail::Shard::buckets_for).
   uint32_t max_load_permille = 500;
   // Capacity: 0 = unlimited; otherwise a write that would exceed it first evicts entries
   // by `eviction_policy` (0 = least recently written, 1 = least frequently written).
