@@ -529,14 +529,13 @@ class alignas(64) Shard {
   // The buckets of an index that holds `want` entries at the bound. An index of up to 2 MiB
   // is a pooled piece, whose size is a power of two anyway: its bucket count is too, and it
   // doubles. A larger one is mapped: it grows by half, so its load stays between 2/3 of the
-  // bound and the bound (between half and all of it while doubling) and a table's memory
-  // grows by steps of at most half its index. (By a quarter, the index took 19% less memory
-  // on average than doubling, against 13% by half, but filling a table with new ids took
-  // 29% more CPU time, against 16%: each growth rewrites the whole index, into memory the
-  // system must zero first.) A reservation of more (initial_capacity, a large batch
-  // of new ids) leaves an eighth to spare: a shard left at its bound would count the absent
-  // ids of every write before it (count_absent), which made Adagrad steps on a 10M-id table
-  // reserved to the entry 25% slower.
+  // bound and the bound, and a table's memory grows by steps of at most half its index.
+  // (Growing by a quarter saved 19% of the index against doubling, by half 13%, but took
+  // 29% more CPU time to fill a table, against 16%: every growth rewrites the whole index;
+  // see docs/design.md.) A reservation of more (initial_capacity, a large batch of new ids)
+  // leaves an eighth to spare: a shard left at its bound counts the absent ids of every
+  // write first (count_absent), which made Adagrad steps on a 10M-id table reserved to the
+  // entry 25% slower.
   uint64_t buckets_for(uint64_t want) const {
     const uint64_t per_bucket = uint64_t{kBucketSlots} * max_load_permille_;  // entries x 1000
     const uint64_t need = std::max<uint64_t>(1, (want * 1000 + per_bucket - 1) / per_bucket);
@@ -571,8 +570,8 @@ class alignas(64) Shard {
   }
 
   // Rewrites the index into nb buckets. The entries of a run of buckets are first copied
-  // out without a branch per slot (which slots are taken is random: a branch each
-  // mispredicted about once a bucket), then placed.
+  // out without a branch per slot (which slots are taken is random, so such branches
+  // mispredict), then placed.
   void rehash(uint64_t nb) {
     Buffer fresh(static_cast<size_t>(nb * sizeof(Bucket)));
     Bucket* dst = static_cast<Bucket*>(fresh.data());
