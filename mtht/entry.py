@@ -1375,8 +1375,9 @@ class EmbeddingHashTableConfig:
         Accept NaN/Inf in written values and gradients.
     max_bytes : int, optional
         Bound on the table's memory (>= 1 byte): turned into a number of entries from the
-        memory one entry may take at most (row, capacity bookkeeping and index); together
-        with ``max_entries`` the smaller bound holds. None means unbounded.
+        memory one entry may take at most (row, capacity bookkeeping and index: 86 bytes of
+        it at the default load bound, or 64 plus 2 MiB a shard when that allows more);
+        together with ``max_entries`` the smaller bound holds. None means unbounded.
     max_load_factor : float, default 0.5
         The index grows before more than this fraction of its slots is used; in [0.25, 0.9].
         A shard's index of up to 2 MiB doubles, so its load stays between half this and

@@ -1146,6 +1146,24 @@ def test_max_bytes_bounds_the_memory_of_a_table():
     assert st["bytes"] <= budget
 
 
+def test_max_bytes_of_a_large_table_counts_its_fuller_index():
+    # One shard of a dim-4 SGD table (16-byte rows): past 2 MiB its index grows by half, so
+    # an entry takes at most 64 bytes of index (64 / 3 bytes a slot at 2/3 of the bound),
+    # plus up to 2 MiB + 4 KiB for the shard, instead of 86: more entries fit the budget,
+    # and filling the table past them keeps it within the budget at every write.
+    budget = 200_000_000
+    seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(mtht.EmbeddingHashTableConfig(
+        entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=budget, num_shards=1), [0.1]))
+    most = (budget - (2 << 20) - 4096) // (16 + 16 + 64)
+    assert most > budget // (16 + 16 + 86)
+    assert t.stats()["max_entries"] == most
+    for start in range(0, 2_400_000, 100_000):
+        t.assign(np.arange(start, start + 100_000), np.ones((100_000, 4), np.float32))
+        assert t.stats()["bytes"] <= budget
+    assert len(t) == most
+
+
 def test_max_bytes_and_max_entries_the_smaller_bound_holds():
     assert _bytes_table(10_000_000, max_entries=1000).stats()["max_entries"] == 1000
     assert _bytes_table(230 * 10, max_entries=1000).stats()["max_entries"] == 10

@@ -78,4 +78,12 @@ inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
   return (64 * 2 * 1000 + 3 * max_load_permille - 1) / (3 * max_load_permille);
 }
 
+// Another bound on a shard's index, lower per entry for large shards: an index over 2 MiB
+// grows by half, to whole 2 MiB pages, so it holds at most 1.5 x 64 / 3 / max load bytes
+// per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within it too.)
+inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille) {
+  return (32 * 1000 + max_load_permille - 1) / max_load_permille;
+}
+constexpr uint64_t kIndexSlackBytes = (uint64_t{2} << 20) + 4096;
+
 }  // namespace mtht

@@ -1076,9 +1076,15 @@ class EmbeddingTable {
                                 : std::min(max_shard_bits_, bits_for(spec.initial_capacity, kSplitEntriesPerShard));
     if (spec.max_bytes) {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
-      // lowest load the index runs at (half the max load): 64 / 3 / (max / 2) bytes.
+      // lowest load the index runs at (half the max load): 64 / 3 / (max / 2) bytes. A
+      // table of millions of entries has large shards, whose indexes stay fuller but may
+      // take up to kIndexSlackBytes more each: the larger of the two limits holds.
       const uint64_t per_entry = layout_.stride + 16 + max_index_bytes_per_entry(spec.max_load_permille);
-      const uint64_t limit = spec.max_bytes / per_entry;
+      uint64_t limit = spec.max_bytes / per_entry;
+      const uint64_t slack = (uint64_t{1} << max_shard_bits_) * kIndexSlackBytes;
+      if (spec.max_bytes > slack)
+        limit = std::max<uint64_t>(limit, (spec.max_bytes - slack) /
+                                              (layout_.stride + 16 + large_index_bytes_per_entry(spec.max_load_permille)));
       if (limit == 0)
         throw ValueError("max_bytes = " + std::to_string(spec.max_bytes) + " does not hold one entry of up to " +
                          std::to_string(per_entry) + " bytes");
