@@ -552,7 +552,7 @@ class alignas(64) Shard {
       return nb;
     }
     // Whole huge pages: the tail of a mapping that ends inside one gets 4 KiB pages, and the
-    // TLB misses on it made lookups 10% to 15% slower with a sixth of the index there.
+    // TLB misses on it made lookups 10% to 15% slower with a fifth of the index there.
     const uint64_t nb = std::max(need + need / 8, nb_ + nb_ / 2);
     return (nb + kBucketsPerHugePage - 1) / kBucketsPerHugePage * kBucketsPerHugePage;
   }
