@@ -552,6 +552,34 @@ def test_capacity_eviction_matches_the_model(policy):
     assert model.evictions > 50
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_capacity_eviction_in_a_large_table_matches_the_model(policy):
+    # Past 131,072 entries the victims are looked for only up to a bound read off a sample
+    # (every second bucket's entries here): the same victims as the rule, write after write.
+    max_entries = 140_000
+    t = table_of(max_entries=max_entries, eviction_policy=policy)
+    model = CapacityModel(max_entries, policy)
+    rng = np.random.default_rng(21 if policy == "lru" else 22)
+    for start in range(0, max_entries, 35_000):
+        ids = np.arange(start, start + 35_000, dtype=np.int64)
+        ids = np.concatenate([ids, ids[: 35_000 * (start // 35_000) // 8]])  # some written twice
+        t.assign_add(ids, np.ones(ids.size, np.float32))
+        model.write(ids.tolist(), [1.0] * ids.size, True)
+    fresh = max_entries
+    for step in range(6):
+        old = rng.integers(0, fresh, 4_000)
+        ids = np.concatenate([old, old[:500], np.arange(fresh, fresh + 1_500)]).astype(np.int64)
+        fresh += 1_500
+        t.assign_add(ids, np.ones(ids.size, np.float32))
+        model.write(ids.tolist(), [1.0] * ids.size, True)
+        every = np.arange(fresh, dtype=np.int64)
+        assert np.flatnonzero(t.contains(every)).tolist() == sorted(model.entries), step
+        assert t.stats()["evictions"] == model.evictions
+    assert model.evictions >= 6 * 1_000
+    some = np.array(sorted(model.entries)[::97], dtype=np.int64)
+    np.testing.assert_array_equal(t.lookup(some)[:, 0], [model.entries[i][2] for i in some.tolist()])
+
+
 def test_lru_and_lfu_choose_different_victims():
     for policy, survivor in [("lru", [False, True, True]), ("lfu", [True, False, True])]:
         t = table_of(max_entries=2, eviction_policy=policy)
