@@ -2394,13 +2394,25 @@ class EmbeddingTable {
     return spec_.eviction_policy == 0 ? Candidate{meta[0], 0, id} : Candidate{meta[1], meta[0], id};
   }
 
-  // calls fn(id, meta) for every entry, `step`-th bucket by `step`-th bucket of each shard.
-  template <class Fn>
-  void for_each_meta(uint64_t step, Fn&& fn) const {
-    for (const detail::Shard* sh : shards_) {
-      std::shared_lock<detail::SharedMutex> lk(sh->mu);
-      sh->for_each_slot(step, [&](int64_t id, uint32_t r) { fn(id, sh->entry(r).meta); });
-    }
+  // The candidates of the entries of every `step`-th bucket of each shard that keep(c)
+  // holds for, the shards spread over the threads (they scan the whole table).
+  template <class Keep>
+  std::vector<Candidate> gather_candidates(uint64_t step, Keep&& keep) const {
+    std::vector<std::vector<Candidate>> per_shard(shards_.size());
+    ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
+      const detail::Shard& sh = *shards_[s];
+      std::shared_lock<detail::SharedMutex> lk(sh.mu);
+      sh.for_each_slot(step, [&](int64_t id, uint32_t r) {
+        const Candidate c = candidate(id, sh.entry(r).meta);
+        if (keep(c)) per_shard[s].push_back(c);
+      });
+    });
+    size_t total = 0;
+    for (const auto& v : per_shard) total += v.size();
+    std::vector<Candidate> out;
+    out.reserve(total);
+    for (const auto& v : per_shard) out.insert(out.end(), v.begin(), v.end());
+    return out;
   }
 
   // A candidate that at least `wanted` of the table's `current` entries are not after, read
@@ -2409,8 +2421,7 @@ class EmbeddingTable {
   Candidate key_bound(uint64_t wanted, uint64_t current) const {
     constexpr Candidate kLast{UINT64_MAX, UINT64_MAX, INT64_MAX};
     const uint64_t step = std::max<uint64_t>(1, current / 65536);
-    std::vector<Candidate> sample;
-    for_each_meta(step, [&](int64_t id, const uint64_t* meta) { sample.push_back(candidate(id, meta)); });
+    std::vector<Candidate> sample = gather_candidates(step, [](const Candidate&) { return true; });
     // The sample's share of `wanted`, a fifth more and a margin of about eight standard
     // deviations for a binomial draw: fewer than `wanted` entries up to the bound would cost
     // a second pass over all of them, not a wrong choice.
@@ -2423,12 +2434,7 @@ class EmbeddingTable {
 
   // Every entry that is not after `bound`.
   std::vector<Candidate> candidates_up_to(const Candidate& bound) const {
-    std::vector<Candidate> out;
-    for_each_meta(1, [&](int64_t id, const uint64_t* meta) {
-      const Candidate c = candidate(id, meta);
-      if (!(bound < c)) out.push_back(c);
-    });
-    return out;
+    return gather_candidates(1, [&](const Candidate& c) { return !(bound < c); });
   }
 
   // Removes the victims in shard s. Allocates nothing.
