@@ -657,6 +657,24 @@ def test_capacity_simulates_the_filter():
     assert t.contains(ids_of(10, 11, 4)).tolist() == [False, False, True]
 
 
+def test_loaded_entries_go_first_even_after_earlier_evictions():
+    # Entries loaded into a table (as a restore does) count as never written, including
+    # entries that an earlier write, whose choice of victims is kept for the next writes,
+    # had seen written since.
+    t = table_of(max_entries=100)
+    core = t._core
+    core.assign(np.arange(100, 200), np.ones((100, 1), F32), 1)
+    core.assign(np.arange(1000, 1010), np.ones((10, 1), F32), 2)   # evicts 100..109
+    universe = np.arange(2100)
+    assert np.flatnonzero(core.contains(universe)).tolist() == list(range(110, 200)) + list(range(1000, 1010))
+    loaded = np.concatenate([np.arange(10), np.arange(150, 200)])  # 150..199 written before
+    core.load_entries(loaded, np.zeros(loaded.size, np.int64), np.ones((loaded.size, 1), F32))
+    core.assign(np.arange(2000, 2005), np.ones((5, 1), F32), 3)
+    # 110 entries and 5 new ones: 15 go, the loaded ones first (clock 0), lowest id first.
+    kept = list(range(110, 150)) + list(range(155, 200)) + list(range(1000, 1010)) + list(range(2000, 2005))
+    assert np.flatnonzero(core.contains(universe)).tolist() == kept
+
+
 def test_capacity_reuses_evicted_rows():
     max_entries = 1000
     t = table_of(dim=4, max_entries=max_entries)

@@ -1545,6 +1545,7 @@ class EmbeddingTable {
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       slot.ts() = ts[i];
     }, false, false);
+    resets_.fetch_add(1, std::memory_order_relaxed);  // clocks moved back: see VictimPool
     maybe_split();
   }
 
@@ -2335,6 +2336,20 @@ class EmbeddingTable {
     return c;
   }
 
+  // An entry as a candidate for eviction, ordered by the policy's keys, then by id.
+  struct Candidate {
+    uint64_t k1, k2;
+    int64_t id;
+    bool operator<(const Candidate& o) const {
+      if (k1 != o.k1) return k1 < o.k1;
+      if (k2 != o.k2) return k2 < o.k2;
+      return id < o.id;
+    }
+  };
+  Candidate candidate(int64_t id, const uint64_t* meta) const {
+    return spec_.eviction_policy == 0 ? Candidate{meta[0], 0, id} : Candidate{meta[1], meta[0], id};
+  }
+
   // With a capacity limit: if the write batch would grow the table past max_entries,
   // chooses the entries it evicts (`victims`), among those the batch does not touch, by the
   // eviction policy; evict_shard removes them once everything that can fail is done. Throws,
@@ -2362,36 +2377,76 @@ class EmbeddingTable {
     const uint64_t current = size();
     if (current + room.new_entries <= spec_.max_entries) return lock;
     const uint64_t excess = current + room.new_entries - spec_.max_entries;
+    const bool lru = spec_.eviction_policy == 0;
+    if (lru && victims_from_pool(room, excess, victims)) return lock;
     const uint64_t wanted = std::min(current, excess + room.present);
-    std::vector<Candidate> gathered = candidates_up_to(key_bound(wanted, current));
-    if (gathered.size() < wanted) gathered = candidates_up_to(Candidate{UINT64_MAX, UINT64_MAX, INT64_MAX});
-    std::nth_element(gathered.begin(), gathered.begin() + static_cast<ptrdiff_t>(wanted - 1), gathered.end());
-    gathered.resize(wanted);
+    // LRU keeps more than this write needs, for the next writes (victims_from_pool).
+    const uint64_t kept = lru ? std::min(current, 8 * wanted + 4096) : wanted;
+    std::vector<Candidate> gathered = candidates_up_to(key_bound(kept, current));
+    if (gathered.size() < kept) gathered = candidates_up_to(Candidate{UINT64_MAX, UINT64_MAX, INT64_MAX});
+    std::nth_element(gathered.begin(), gathered.begin() + static_cast<ptrdiff_t>(kept - 1), gathered.end());
+    gathered.resize(kept);
     std::sort(gathered.begin(), gathered.end());
     for (const Candidate& c : gathered) {
       if (victims.total == excess) break;
       const uint64_t h = hash_id(c.id);
       if (room.occurrences.find(c.id, h)) continue;  // the batch writes it
-      const size_t s = shard_of(h);
-      victims.by_shard[s].push_back(c.id);
-      ++victims.per_shard[s];
-      ++victims.total;
+      add_victim(victims, c.id, h);
     }
+    if (lru) pool_ = VictimPool{std::move(gathered), 0, resets_.load(std::memory_order_relaxed), true};
     return lock;
   }
 
-  // An entry as a candidate for eviction, ordered by the policy's keys, then by id.
-  struct Candidate {
-    uint64_t k1, k2;
-    int64_t id;
-    bool operator<(const Candidate& o) const {
-      if (k1 != o.k1) return k1 < o.k1;
-      if (k2 != o.k2) return k2 < o.k2;
-      return id < o.id;
-    }
+  void add_victim(detail::Victims& victims, int64_t id, uint64_t h) const {
+    const size_t s = shard_of(h);
+    victims.by_shard[s].push_back(id);
+    ++victims.per_shard[s];
+    ++victims.total;
+  }
+
+  // With LRU, the entries a scan gathered, in order: every entry up to the last of them, as
+  // they were then. Since then, every write gave the entries it touched a later clock than
+  // any of them, new entries too, and nothing else moves a clock back but load_entries
+  // (which bumps resets_). So the entries of the pool that are still there with the clock
+  // they had are all the entries up to its last, in order, and the first `excess` of them
+  // that the batch does not touch are the victims, if there are that many. Entries found
+  // gone or written since are passed over for good while they lead the pool; the chosen
+  // ones only once a later write finds them gone (a write that fails after choosing them
+  // leaves them in place, and they are chosen again). 1M entries, steps of 65,536 ids of
+  // which a tenth new: a full scan every 8 writes or so instead of every write.
+  struct VictimPool {
+    std::vector<Candidate> entries;
+    size_t next = 0;      // entries before it are gone
+    uint64_t resets = 0;  // resets_ when gathered
+    bool valid = false;
   };
-  Candidate candidate(int64_t id, const uint64_t* meta) const {
-    return spec_.eviction_policy == 0 ? Candidate{meta[0], 0, id} : Candidate{meta[1], meta[0], id};
+  bool victims_from_pool(const Room& room, uint64_t excess, detail::Victims& victims) {
+    if (!pool_.valid || pool_.resets != resets_.load(std::memory_order_relaxed)) return false;
+    bool leading = true;
+    for (size_t i = pool_.next; i < pool_.entries.size() && victims.total < excess; ++i) {
+      const Candidate& c = pool_.entries[i];
+      const uint64_t h = hash_id(c.id);
+      const detail::Shard& sh = *shards_[shard_of(h)];
+      bool unchanged;
+      {
+        std::shared_lock<detail::SharedMutex> lk(sh.mu);
+        const Slot slot = sh.find(c.id, h);
+        unchanged = slot.bucket && sh.entry(slot.row()).meta[0] == c.k1;
+      }
+      if (!unchanged) {
+        if (leading) pool_.next = i + 1;
+        continue;
+      }
+      leading = false;
+      if (room.occurrences.find(c.id, h)) continue;  // the batch writes it
+      add_victim(victims, c.id, h);
+    }
+    if (victims.total == excess) return true;
+    for (auto& ids : victims.by_shard) ids.clear();
+    std::fill(victims.per_shard.begin(), victims.per_shard.end(), 0);
+    victims.total = 0;
+    pool_.valid = false;
+    return false;
   }
 
   // The candidates of the entries of every `step`-th bucket of each shard that keep(c)
@@ -2494,6 +2549,8 @@ class EmbeddingTable {
   detail::SlotValues<uint32_t> thresholds_;  // with an admission filter
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};
+  std::atomic<uint64_t> resets_{0};  // load_entries calls (VictimPool)
+  VictimPool pool_;                  // with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
   bool raw_lookup_ = true;
