@@ -2380,8 +2380,10 @@ class EmbeddingTable {
     const bool lru = spec_.eviction_policy == 0;
     if (lru && victims_from_pool(room, excess, victims)) return lock;
     const uint64_t wanted = std::min(current, excess + room.present);
-    // LRU keeps more than this write needs, for the next writes (victims_from_pool).
-    const uint64_t kept = lru ? std::min(current, 8 * wanted + 4096) : wanted;
+    // LRU keeps more than this write needs, for the next writes (victims_from_pool): eight
+    // times as many, but no more than an eighth of the table (3 bytes an entry) beyond it.
+    const uint64_t most_kept = std::max<uint64_t>(current / 8, 4096);
+    const uint64_t kept = lru ? std::min(current, std::max(wanted, std::min(8 * wanted + 4096, most_kept))) : wanted;
     std::vector<Candidate> gathered = candidates_up_to(key_bound(kept, current));
     if (gathered.size() < kept) gathered = candidates_up_to(Candidate{UINT64_MAX, UINT64_MAX, INT64_MAX});
     std::nth_element(gathered.begin(), gathered.begin() + static_cast<ptrdiff_t>(kept - 1), gathered.end());
