@@ -675,6 +675,20 @@ def test_loaded_entries_go_first_even_after_earlier_evictions():
     assert np.flatnonzero(core.contains(universe)).tolist() == kept
 
 
+def test_reinitialized_entries_count_one_write_for_lfu():
+    # Re-initialising an entry resets its write count: with LFU it goes before the entries
+    # written more often, even after earlier evictions (whose choice is kept for later writes).
+    t = table_of(max_entries=100, eviction_policy="lfu")
+    t.assign_add(np.tile(np.arange(100), 3), np.ones((300, 1), F32))   # 3 writes each
+    t.assign_add(np.repeat(np.arange(1000, 1010), 2), np.ones((20, 1), F32))  # evicts 0..9
+    universe = np.arange(2100)
+    assert np.flatnonzero(t.contains(universe)).tolist() == list(range(10, 100)) + list(range(1000, 1010))
+    t.reinitialize(np.arange(50, 55))                                    # 1 write each
+    t.assign_add(np.arange(2000, 2005), np.ones((5, 1), F32))           # evicts 50..54
+    kept = list(range(10, 50)) + list(range(55, 100)) + list(range(1000, 1010)) + list(range(2000, 2005))
+    assert np.flatnonzero(t.contains(universe)).tolist() == kept
+
+
 def test_capacity_reuses_evicted_rows():
     max_entries = 1000
     t = table_of(dim=4, max_entries=max_entries)

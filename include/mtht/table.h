@@ -1570,6 +1570,7 @@ class EmbeddingTable {
       slot.ts() = ts;
       status[i] = inserted ? 0 : 1;
     }, false);
+    resets_.fetch_add(1, std::memory_order_relaxed);  // write counts moved back: see VictimPool
     maybe_split();
   }
 
@@ -2426,7 +2427,8 @@ class EmbeddingTable {
   // keys of the entries it touches (a later clock, one more write). A new entry (one
   // removed before included) gets a record of the least key when its write chooses its
   // victims, with LFU (it may count fewer writes than `bound`; with LRU its clock is later
-  // than any). Only load_entries lowers keys, and it bumps resets_, which drops the pool.
+  // than any). Only load_entries (a clock and a count of 0) and reinitialize (a count of 1)
+  // lower keys; they bump resets_, which drops the pool.
   // So the smallest record whose key is still its entry's is the entry that comes first,
   // and the victims are the first `excess` of those that the batch does not touch. A record
   // of a higher key than its entry's is dropped (the entry was inserted again: that has a
@@ -2595,7 +2597,7 @@ class EmbeddingTable {
   detail::SlotValues<uint32_t> thresholds_;  // with an admission filter
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};
-  std::atomic<uint64_t> resets_{0};  // load_entries calls (VictimPool)
+  std::atomic<uint64_t> resets_{0};  // load_entries and reinitialize calls (VictimPool)
   VictimPool pool_;                  // with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
