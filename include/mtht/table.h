@@ -1489,6 +1489,9 @@ class EmbeddingTable {
       std::unique_lock<detail::SharedMutex> lk(sh.mu);
       removed += sh.erase_if([&](int64_t id, int64_t ts, uint32_t) { return expired(id, ts, max_update_time); });
     });
+    // A capacity-limited write under way may have counted a removed entry present: it
+    // inserts it again without a record in the kept victims (VictimPool), so they go.
+    if (removed.load()) resets_.fetch_add(1, std::memory_order_relaxed);
     return removed.load();
   }
 
@@ -2428,7 +2431,7 @@ class EmbeddingTable {
   // removed before included) gets a record of the least key when its write chooses its
   // victims, with LFU (it may count fewer writes than `bound`; with LRU its clock is later
   // than any). Only load_entries (a clock and a count of 0) and reinitialize (a count of 1)
-  // lower keys; they bump resets_, which drops the pool.
+  // lower keys; they bump resets_, which drops the pool, and so does evict.
   // So the smallest record whose key is still its entry's is the entry that comes first,
   // and the victims are the first `excess` of those that the batch does not touch. A record
   // of a higher key than its entry's is dropped (the entry was inserted again: that has a
@@ -2597,7 +2600,7 @@ class EmbeddingTable {
   detail::SlotValues<uint32_t> thresholds_;  // with an admission filter
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};
-  std::atomic<uint64_t> resets_{0};  // load_entries and reinitialize calls (VictimPool)
+  std::atomic<uint64_t> resets_{0};  // load_entries, reinitialize and evict calls (VictimPool)
   VictimPool pool_;                  // with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
