@@ -54,7 +54,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
-           "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients", "save", "restore")
+           "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients", "save", "restore",
+           "apply_gradients_capped")
 # Ops the numpy baselines also run.
 BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
 _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
@@ -101,6 +102,8 @@ class BenchConfig:
     save_dir: Optional[str] = None
     max_load_factor: float = 0.5
     num_shards: Optional[int] = None
+    capped_new: float = 0.1  # apply_gradients_capped: the share of each batch's ids that are new
+    capped_policy: str = "lru"  # apply_gradients_capped: the table's eviction_policy
 
     def validate(self) -> None:
         if self.size < 1:
@@ -128,6 +131,10 @@ class BenchConfig:
             raise ValueError("fused_tables, fused_shards and slots must be >= 1")
         if any(int(t) < 1 for t in self.threads):
             raise ValueError(f"thread counts must be >= 1, got {list(self.threads)}")
+        if not 0.0 <= self.capped_new <= 1.0:
+            raise ValueError(f"capped_new must be in [0, 1], got {self.capped_new}")
+        if self.capped_policy not in ("lru", "lfu"):
+            raise ValueError(f"capped_policy must be 'lru' or 'lfu', got {self.capped_policy!r}")
 
     def thread_counts(self) -> List[int]:
         return [int(t) for t in self.threads] or [default_threads()]
@@ -182,7 +189,16 @@ def op_keys(config: BenchConfig, op: str, size: Optional[int] = None) -> List[np
     batches = [_draw_keys(rng, config.batch_size, size, config.dist, config.zipf_a) for _ in range(n_batches)]
     if op == "lookup_missing":
         batches = [b + size for b in batches]
+    if op == "apply_gradients_capped":  # the last ids of each batch new: size, size + 1, ...
+        new = capped_new_ids(config)
+        for i, b in enumerate(batches):
+            b[config.batch_size - new:] = size + i * new + np.arange(new)
     return batches
+
+
+def capped_new_ids(config: BenchConfig) -> int:
+    """How many ids of each batch of apply_gradients_capped are new."""
+    return int(round(config.batch_size * config.capped_new))
 
 
 def fused_layout(keys: np.ndarray, num_tables: int, num_shards: int):
@@ -468,6 +484,8 @@ class _MthtRunner:
             return self._run_multi_slot(op, threads)
         if op in ("save", "restore"):
             return self._run_checkpoint(op, threads)
+        if op == "apply_gradients_capped":
+            return self._run_capped(threads)
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
         out = np.empty((c.batch_size, c.dim), dtype=np.float32)
@@ -628,6 +646,43 @@ class _MthtRunner:
         return res
 
     # -- checkpoint ops -----------------------------------------------------------------------
+    def _run_capped(self, threads: int) -> dict:
+        """Gradient steps on a table filled to its capacity (``max_entries`` = ``--size``):
+        ``--capped_new`` of each batch's ids are new, and each new id evicts an entry (by
+        ``--capped_policy``: the one written longest ago, or least often). A table of its own, filled anew for each thread count. The checksum sums
+        the rows of the new ids after each batch (what an entry that came in holds)."""
+        op, c = "apply_gradients_capped", self.c
+        need = _mtht_bytes_estimate(c, c.size) * 2
+        if need > c.max_memory_gb * 1e9:
+            return _unavailable(op, "mtht", threads, f"skipped: a second table beside the main one would need about "
+                                                     f"{need / 1e9:.1f} GB (> --max_memory_gb={c.max_memory_gb:g})")
+        cfg = _table_config(c, c.size)
+        cfg.table_config.max_entries = c.size
+        cfg.table_config.eviction_policy = c.capped_policy
+        cfg.table_config.validate()
+        table = mtht.hash_table_from_config(cfg)
+        _fill_table(table, np.arange(c.size, dtype=np.int64), c.dim, "fill the capped table", c)
+        keys = op_keys(c, op)
+        ids = [key_to_id(k) for k in keys]
+        new = capped_new_ids(c)
+        rows = self.rows
+        out = np.empty((new, c.dim), dtype=np.float32)
+
+        def step(i, b):
+            table.apply_gradients(b, rows, global_step=i + 1)
+
+        def after(i, b):
+            return _checksum(table.lookup(b[c.batch_size - new:], out=out)) if new else 0.0
+
+        bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
+        finally:
+            bar.close()
+        return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
+                          _bytes_per_id(op, c.dim, self.state), evictions=int(table.stats()["evictions"]),
+                          new_ids_per_batch=new)
+
     def _run_checkpoint(self, op: str, threads: int) -> dict:
         c, t = self.c, self.table
         if not (hasattr(t, "save") and hasattr(t, "restore")):
@@ -1103,7 +1158,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     runs = sweep_result["runs"]
     cfg = runs[0]["config"]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
-    ops = [op for op in ALL_OPS if op not in ("save", "restore")]
+    ops = [op for op in ALL_OPS if op not in ("save", "restore", "apply_gradients_capped")]
     colors = dict(zip(ops, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     thread_counts = sorted({r["threads"] for run in runs for r in run["results"]
                             if r["impl"] == "mtht" and r["status"] == "ok"})
@@ -1283,6 +1338,9 @@ flags.DEFINE_integer("size", 1_000_000, "Ids in the table.", lower_bound=1)
 flags.DEFINE_integer("dim", 16, "Embedding dimension.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 65536, "Ids per batch.", lower_bound=1)
 flags.DEFINE_float("max_load_factor", 0.5, "max_load_factor of the mtht tables (speed against index memory).")
+flags.DEFINE_float("capped_new", 0.1, "apply_gradients_capped: the share of each batch's ids that are new (each "
+                   "evicts an entry of the table filled to its capacity).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_enum("capped_policy", "lru", ["lru", "lfu"], "apply_gradients_capped: the table's eviction_policy.")
 flags.DEFINE_integer("num_shards", None, "num_shards of the mtht tables: a power of two, fixed (fewer make small "
                      "batches cheaper, more spread large writes over more cores); default: chosen by each table.")
 flags.DEFINE_enum("dist", "uniform", list(DISTRIBUTIONS), "Distribution of the ids of a batch.")
@@ -1347,6 +1405,7 @@ def config_from_flags() -> BenchConfig:
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor,
+        capped_new=FLAGS.capped_new, capped_policy=FLAGS.capped_policy,
         num_shards=FLAGS.num_shards, **values)
     try:
         cfg.validate()

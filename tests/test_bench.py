@@ -40,10 +40,11 @@ class _Model:
         self.opt, self.dim, self.lr = optimizer, dim, np.float32(lr)
         self.rows = {}
 
-    def row(self, key: int) -> dict:
+    def row(self, key: int, fresh: bool = False) -> dict:
+        """A key's row: filled by its formula, or ``fresh`` (inserted by a write: zeros)."""
         if key not in self.rows:
             self.rows[key] = {
-                "w": _value(key, self.dim),
+                "w": np.zeros(self.dim, np.float32) if fresh else _value(key, self.dim),
                 "norm": np.full(self.dim, 0.1, np.float32),
                 "m": np.zeros(self.dim, np.float32),
                 "v": np.zeros(self.dim, np.float32),
@@ -82,6 +83,14 @@ def expected_checksum(config: bench.BenchConfig, op: str) -> float:
     model = _Model(config.optimizer, config.dim, config.learning_rate)
     rows = bench.update_rows(config.batch_size, config.dim, config.seed)
     total = 0.0
+    if op == "apply_gradients_capped":  # the rows of each batch's new ids, one step from zeros
+        first_new = config.batch_size - bench.capped_new_ids(config)
+        for keys in batches:
+            for i in range(first_new, config.batch_size):
+                model.row(int(keys[i]), fresh=True)
+                model.step(int(keys[i]), rows[i])
+            total += model.checksum(keys[first_new:])
+        return total
     for keys in batches:
         if op == "assign_add":
             for i, k in enumerate(keys):
@@ -99,6 +108,25 @@ def expected_checksum(config: bench.BenchConfig, op: str) -> float:
                 model.step(k, g)
         total += model.checksum(keys)
     return total
+
+
+def expected_capped_evictions(config: bench.BenchConfig) -> int:
+    """Evictions of apply_gradients_capped, by the LRU rule: a write that brings new ids
+    first evicts as many entries it does not touch, least recently written first (the fill
+    is one write), ties by id. New ids are the batch's new keys and the keys evicted before."""
+    clock = {int(k): 1 for k in range(config.size)}
+    evictions = 0
+    for step, keys in enumerate(bench.op_keys(config, "apply_gradients_capped"), start=2):
+        touched = {int(k) for k in keys}
+        excess = len(clock) + len(touched - clock.keys()) - config.size
+        if excess > 0:
+            rest = sorted((c, int(bench.key_to_id(np.array([k]))[0]), k) for k, c in clock.items() if k not in touched)
+            for _, _, k in rest[:excess]:
+                del clock[k]
+            evictions += excess
+        for k in touched:
+            clock[k] = step
+    return evictions
 
 
 def _results(result: dict, op: str, impl: str) -> list:
@@ -129,6 +157,10 @@ def test_workload_definition():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert all(((x >= 0) & (x < c.size)).all() for x in a)
     assert all((x >= c.size).all() for x in bench.op_keys(c, "lookup_missing"))
+    new = bench.capped_new_ids(c)
+    capped = np.concatenate([b[c.batch_size - new:] for b in bench.op_keys(c, "apply_gradients_capped")])
+    np.testing.assert_array_equal(capped, c.size + np.arange(capped.size))  # new ids, each once
+    assert all((b[:c.batch_size - new] < c.size).all() for b in bench.op_keys(c, "apply_gradients_capped"))
     skeys, sids, fss = bench.fused_layout(a[0], 8, 4)
     assert fss.sum() == len(a[0]) and len(fss) == 32
     blocks = np.repeat(np.arange(32), fss)
@@ -187,6 +219,18 @@ def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
         msa = [r for r in _results(result, "multi_slot_apply_gradients", "mtht") if r["threads"] == threads][0]
         _check_ok_row(msa)
         assert msa["checksum"] == pytest.approx(msa["one_table_checksum"], rel=1e-9)
+    # A table filled to its capacity: each new id of a batch evicts an entry; the new ids'
+    # rows are one step from zeros whatever was evicted.
+    new = bench.capped_new_ids(config)
+    assert 0 < new < config.batch_size
+    capped = _results(result, "apply_gradients_capped", "mtht")
+    assert len(capped) == 2
+    evictions = expected_capped_evictions(config)
+    for r in capped:
+        _check_ok_row(r)
+        assert r["checksum"] == pytest.approx(expected_checksum(config, "apply_gradients_capped"), rel=1e-6, abs=1e-6)
+        assert r["evictions"] == evictions >= new * (config.warmup + config.iterations)
+    assert capped[0]["checksum"] == capped[1]["checksum"]
     for op in ("save", "restore"):
         for r in _results(result, op, "mtht"):
             assert r["status"] in ("ok", "unavailable")
