@@ -508,11 +508,7 @@ class alignas(64) Shard {
   bool erase(int64_t id, uint64_t h) {
     const Slot slot = find(id, h);
     if (!slot.bucket) return false;
-    const uint64_t at = static_cast<uint64_t>(slot.bucket - buckets());
-    for (uint64_t t = bucket_of(h, nb_); t != at; t = next(t, nb_)) --buckets()[t].overflow;
-    rows_.release(slot.row());
-    slot.bucket->row[slot.j] = kEmpty;
-    --size_;
+    remove(static_cast<uint64_t>(slot.bucket - buckets()), slot.j, h);
     return true;
   }
 
@@ -526,10 +522,7 @@ class alignas(64) Shard {
       for (int j = 0; j < kBucketSlots; ++j) {
         const uint32_t v = base[b].row[j];
         if (v == kEmpty || !drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
-        for (uint64_t t = bucket_of(hash_id(base[b].key[j]), nb_); t != b; t = next(t, nb_)) --base[t].overflow;
-        base[b].row[j] = kEmpty;
-        --size_;
-        rows_.release(v - 1);
+        remove(b, j, hash_id(base[b].key[j]));
         ++removed;
       }
     return removed;
@@ -553,6 +546,16 @@ class alignas(64) Shard {
   bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
 
   static uint64_t next(uint64_t b, uint64_t nb) { return b + 1 == nb ? 0 : b + 1; }
+
+  // Frees slot j of bucket b, whose entry's hash is h: the buckets its probe passed over
+  // count one overflow less, and its row goes to the free list.
+  void remove(uint64_t b, int j, uint64_t h) {
+    Bucket* base = buckets();
+    for (uint64_t t = bucket_of(h, nb_); t != b; t = next(t, nb_)) --base[t].overflow;
+    rows_.release(base[b].row[j] - 1);
+    base[b].row[j] = kEmpty;
+    --size_;
+  }
 
   // The buckets of an index that holds `want` entries at the bound. An index of up to 2 MiB
   // is a pooled piece, whose size is a power of two anyway: its bucket count is too, and it
@@ -1094,7 +1097,6 @@ class HeldRoom {
 // The entries a write to a capacity-limited table evicts (EmbeddingTable::choose_victims).
 struct Victims {
   std::vector<std::vector<int64_t>> by_shard;  // the ids of each shard
-  std::vector<uint64_t> per_shard;             // how many of them each shard holds
   uint64_t total = 0;
 };
 
@@ -1682,7 +1684,7 @@ class EmbeddingTable {
     detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
                                  write_chunks(n), {}, std::move(victims)};
     for (size_t s = 0; s < shards_.size(); ++s)
-      reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->per_shard[s] : 0);
+      reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->by_shard[s].size() : 0);
     return planned;
   }
 
@@ -2182,7 +2184,7 @@ class EmbeddingTable {
           } else if (phase == 2) {
             const auto [first, last] = chunk_shards(i, chunks);
             for (size_t s = first; s < last; ++s)
-              reserve_shard(plan, s, room, gated, evicted_shards ? victims->per_shard[s] : 0);
+              reserve_shard(plan, s, room, gated, evicted_shards ? victims->by_shard[s].size() : 0);
           } else if (phase == 4) {
             evict_shard(*victims, i);
           } else {
@@ -2361,15 +2363,9 @@ class EmbeddingTable {
   // eviction policy; evict_shard removes them once everything that can fail is done. Throws,
   // changing nothing, when the batch cannot fit. Returns the lock that keeps
   // capacity-limited writes one at a time until the batch is written (an empty one when the
-  // caller already holds it: `room_held`).
-  //
-  // The victims are the first `excess` entries by (policy key, id) among those the batch
-  // does not touch. At most `present` touched entries come before them, so they are among
-  // the first excess + present of all entries, whose keys are at most a bound read off a
-  // sample of the entries (all of them when the sample cannot tell). Only the entries up to
-  // the bound are gathered and ordered, and only they are looked up among the batch's ids:
-  // 1M entries, steps of 65,536 ids of which a tenth new, 48x slower than without a limit
-  // when every entry was gathered, ordered and looked up.
+  // caller already holds it: `room_held`). The victims are the first `excess` entries by
+  // (policy key, id) among those the batch does not touch: from the entries an earlier scan
+  // kept (VictimPool), or from a scan (choose_by_scan).
   std::unique_lock<std::mutex> choose_victims(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held,
                                               detail::Victims& victims) {
     const LayoutHold hold(*this);
@@ -2377,7 +2373,6 @@ class EmbeddingTable {
     if (!room_held) lock = std::unique_lock<std::mutex>(capacity_mu_);
     write_clock_.fetch_add(1);
     victims.by_shard.assign(shards_.size(), {});
-    victims.per_shard.assign(shards_.size(), 0);
     victims.total = 0;
     const Room room = room_for(ids, n, runs, gated);
     const uint64_t current = size();
@@ -2392,9 +2387,14 @@ class EmbeddingTable {
     return lock;
   }
 
-  // Chooses the victims from a scan of the table, and keeps the entries up to a bound, in
-  // order, for the next writes (VictimPool): eight times as many as this write needs, but
-  // no more than an eighth of the table (3 bytes an entry) beyond them.
+  // Chooses the victims from a scan of the table. At most `present` touched entries come
+  // before them, so they are among the first excess + present of all entries, whose keys
+  // are at most a bound read off a sample of the entries (all of them when the sample cannot
+  // tell). Only the entries up to the bound are gathered and ordered, and only they are
+  // looked up among the batch's ids (1M entries, steps of 65,536 ids of which a tenth new:
+  // 48x slower than without a limit when every entry was gathered, ordered and looked up).
+  // The first of them are kept in order for the next writes (VictimPool): eight times as
+  // many as this write needs, but no more than an eighth of the table (3 bytes an entry).
   void choose_by_scan(const Room& room, uint64_t excess, uint64_t current, detail::Victims& victims) {
     const uint64_t wanted = std::min(current, excess + room.present);
     const uint64_t most_kept = std::max<uint64_t>(current / 8, 4096);
@@ -2420,7 +2420,6 @@ class EmbeddingTable {
   void add_victim(detail::Victims& victims, int64_t id, uint64_t h) const {
     const size_t s = shard_of(h);
     victims.by_shard[s].push_back(id);
-    ++victims.per_shard[s];
     ++victims.total;
   }
 
@@ -2494,7 +2493,6 @@ class EmbeddingTable {
     for (const Candidate& c : current) push_pool(c);
     if (victims.total == excess) return true;
     for (auto& ids : victims.by_shard) ids.clear();
-    std::fill(victims.per_shard.begin(), victims.per_shard.end(), 0);
     victims.total = 0;
     pool_.valid = false;
     return false;
@@ -2545,7 +2543,7 @@ class EmbeddingTable {
 
   // Removes the victims in shard s. Allocates nothing.
   void evict_shard(const detail::Victims& victims, size_t s) {
-    if (victims.per_shard[s] == 0) return;
+    if (victims.by_shard[s].empty()) return;
     detail::Shard& sh = *shards_[s];
     std::unique_lock<detail::SharedMutex> lk(sh.mu);
     for (const int64_t id : victims.by_shard[s]) evictions_ += sh.erase(id, hash_id(id));
