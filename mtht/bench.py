@@ -649,8 +649,9 @@ class _MthtRunner:
     def _run_capped(self, threads: int) -> dict:
         """Gradient steps on a table filled to its capacity (``max_entries`` = ``--size``):
         ``--capped_new`` of each batch's ids are new, and each new id evicts an entry (by
-        ``--capped_policy``: the one written longest ago, or least often). A table of its own, filled anew for each thread count. The checksum sums
-        the rows of the new ids after each batch (what an entry that came in holds)."""
+        ``--capped_policy``: the one written longest ago, or least often). A table of its
+        own, filled anew for each thread count. The checksum sums the rows of the new ids
+        after each batch (what an entry that came in holds)."""
         op, c = "apply_gradients_capped", self.c
         need = _mtht_bytes_estimate(c, c.size) * 2
         if need > c.max_memory_gb * 1e9:

@@ -76,7 +76,8 @@ def _colliding_ids(n: int, home_bits: int = 10, start: int = 0) -> np.ndarray:
     while len(out) < n:
         cand = np.arange(lo, lo + 1_000_000, dtype=np.int64)
         h = _hash(cand)
-        key = (h >> np.uint64(58)) << np.uint64(home_bits) | (h >> np.uint64(52 - home_bits)) & np.uint64((1 << home_bits) - 1)
+        home = (h >> np.uint64(52 - home_bits)) & np.uint64((1 << home_bits) - 1)
+        key = (h >> np.uint64(58)) << np.uint64(home_bits) | home
         if target is None:
             target = key[0]
         out.extend(cand[key == target].tolist())
