@@ -379,6 +379,16 @@ def _table_config(config: BenchConfig, capacity: int):
     return mtht.HashTableConfigInstance(table_config, learning_rate_fns=[config.learning_rate])
 
 
+def _beside_main_table(config: BenchConfig, what: str) -> str:
+    """Why ``what``, as many ids as the main table, does not fit beside it in the memory
+    budget; empty if it does."""
+    need = _mtht_bytes_estimate(config, config.size) * 2
+    if need <= config.max_memory_gb * 1e9:
+        return ""
+    return (f"skipped: {what} beside the main one would need about {need / 1e9:.1f} GB "
+            f"(> --max_memory_gb={config.max_memory_gb:g})")
+
+
 def _make_table(config: BenchConfig, capacity: int):
     return mtht.hash_table_from_config(_table_config(config, capacity))
 
@@ -526,11 +536,9 @@ class _MthtRunner:
         c = self.c
         if self.split_count == count:
             return self.split_tables
-        self.split_count, self.split_tables, self.split_reason = count, None, ""
-        need = _mtht_bytes_estimate(c, c.size) * 2
-        if need > c.max_memory_gb * 1e9:
-            self.split_reason = (f"skipped: {count} tables beside the main one would need about "
-                                 f"{need / 1e9:.1f} GB (> --max_memory_gb={c.max_memory_gb:g})")
+        self.split_count, self.split_tables = count, None
+        self.split_reason = _beside_main_table(c, f"{count} tables")
+        if self.split_reason:
             return None
         keys = [np.arange(k, c.size, count, dtype=np.int64) for k in range(count)]
         tables = [_make_table(c, max(1, len(k))) for k in keys]
@@ -653,10 +661,9 @@ class _MthtRunner:
         own, filled anew for each thread count. The checksum sums the rows of the new ids
         after each batch (what an entry that came in holds)."""
         op, c = "apply_gradients_capped", self.c
-        need = _mtht_bytes_estimate(c, c.size) * 2
-        if need > c.max_memory_gb * 1e9:
-            return _unavailable(op, "mtht", threads, f"skipped: a second table beside the main one would need about "
-                                                     f"{need / 1e9:.1f} GB (> --max_memory_gb={c.max_memory_gb:g})")
+        reason = _beside_main_table(c, "a second table")
+        if reason:
+            return _unavailable(op, "mtht", threads, reason)
         cfg = _table_config(c, c.size)
         cfg.table_config.max_entries = c.size
         cfg.table_config.eviction_policy = c.capped_policy

@@ -465,15 +465,6 @@ class alignas(64) Shard {
     return slot;
   }
 
-  // Calls fn(id) for every entry, in index order.
-  template <class Fn>
-  void for_each_id(Fn&& fn) const {
-    const Bucket* base = buckets();
-    for (uint64_t b = 0; b < nb_; ++b)
-      for (int j = 0; j < kBucketSlots; ++j)
-        if (base[b].row[j] != kEmpty) fn(base[b].key[j]);
-  }
-
   // Calls fn(id, ts, row) for every entry, in row order (sequential reads of the rows).
   template <class Fn>
   void for_each_entry(Fn&& fn) const {
@@ -975,6 +966,11 @@ struct Runs {
       ++run_count[r];
       repeats[n_repeats++] = Repeat{r, static_cast<uint32_t>(k)};
     };
+    // Whether plan position k holds run r's id (and block).
+    auto of_run = [&](uint32_t r, size_t k, uint32_t block) {
+      const uint32_t head = run_first[r];
+      return keys[head] == keys[k] && (!blocks || blocks[order[head]] == block);
+    };
     for (size_t s = first_shard; s < last_shard; ++s) {
       begin[s] = runs;
       if (sb[s + 1] == sb[s]) continue;
@@ -984,7 +980,7 @@ struct Runs {
         for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
           const uint32_t block = blocks ? blocks[order[k]] : 0;
           uint32_t r = begin[s];
-          while (r < runs && (keys[run_first[r]] != keys[k] || (blocks && blocks[order[run_first[r]]] != block))) ++r;
+          while (r < runs && !of_run(r, k, block)) ++r;
           if (r == runs) new_run(k);
           else repeat(r, k);
         }
@@ -999,7 +995,6 @@ struct Runs {
       std::memset(slots, 0xFF, sizeof(Slot) * cap);  // every run kEnd: empty
       const size_t mask = cap - 1;
       for (size_t k = sb[s]; k < sb[s + 1]; ++k) {
-        const int64_t key = keys[k];
         const uint32_t block = blocks ? blocks[order[k]] : 0;
         const uint64_t h = blocks ? mix64(hashes[k] ^ (static_cast<uint64_t>(block) * 0x9e3779b97f4a7c15ULL)) : hashes[k];
         const uint32_t tag = static_cast<uint32_t>(h >> 32);
@@ -1009,9 +1004,7 @@ struct Runs {
             slot = Slot{tag, new_run(k)};
             break;
           }
-          if (slot.tag != tag) continue;
-          const uint32_t head = run_first[slot.run];
-          if (keys[head] != key || (blocks && blocks[order[head]] != block)) continue;
+          if (slot.tag != tag || !of_run(slot.run, k, block)) continue;
           repeat(slot.run, k);
           break;
         }
@@ -1492,8 +1485,8 @@ class EmbeddingTable {
       removed += sh.erase_if([&](int64_t id, int64_t ts, uint32_t) { return expired(id, ts, max_update_time); });
     });
     // A capacity-limited write under way may have counted a removed entry present: it
-    // inserts it again without a record in the kept victims (VictimPool), so they go.
-    if (removed.load()) resets_.fetch_add(1, std::memory_order_relaxed);
+    // inserts it again without a record in the kept victims.
+    if (removed.load()) drop_kept_victims();
     return removed.load();
   }
 
@@ -1550,7 +1543,7 @@ class EmbeddingTable {
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       slot.ts() = ts[i];
     }, false, false);
-    resets_.fetch_add(1, std::memory_order_relaxed);  // clocks moved back: see VictimPool
+    drop_kept_victims();  // clocks and write counts moved back
     maybe_split();
   }
 
@@ -1575,7 +1568,7 @@ class EmbeddingTable {
       slot.ts() = ts;
       status[i] = inserted ? 0 : 1;
     }, false);
-    resets_.fetch_add(1, std::memory_order_relaxed);  // write counts moved back: see VictimPool
+    drop_kept_victims();  // write counts moved back
     maybe_split();
   }
 
@@ -1597,7 +1590,7 @@ class EmbeddingTable {
   std::vector<uint64_t> entries_by_finest_shard() const {
     std::vector<uint64_t> finest(size_t{1} << max_shard_bits_, 0);
     for (const detail::Shard* sh : shards_)
-      sh->for_each_id([&](int64_t id) { ++finest[max_shard_bits_ ? hash_id(id) >> (64 - max_shard_bits_) : 0]; });
+      sh->for_each_slot(1, [&](int64_t id, uint32_t) { ++finest[max_shard_bits_ ? hash_id(id) >> (64 - max_shard_bits_) : 0]; });
     return finest;
   }
 
@@ -2430,7 +2423,7 @@ class EmbeddingTable {
   // removed before included) gets a record of the least key when its write chooses its
   // victims, with LFU (it may count fewer writes than `bound`; with LRU its clock is later
   // than any). Only load_entries (a clock and a count of 0) and reinitialize (a count of 1)
-  // lower keys; they bump resets_, which drops the pool, and so does evict.
+  // lower keys; they drop the pool (drop_kept_victims), and so does evict.
   // So the smallest record whose key is still its entry's is the entry that comes first,
   // and the victims are the first `excess` of those that the batch does not touch. A record
   // of a higher key than its entry's is dropped (the entry was inserted again: that has a
@@ -2449,6 +2442,8 @@ class EmbeddingTable {
     bool valid = false;
   };
   static bool after(const Candidate& a, const Candidate& b) { return b < a; }
+  // Makes the next capacity-limited write scan again (see VictimPool). Any thread.
+  void drop_kept_victims() { resets_.fetch_add(1, std::memory_order_relaxed); }
   void push_pool(const Candidate& c) {
     pool_.heap.push_back(c);
     std::push_heap(pool_.heap.begin(), pool_.heap.end(), after);
