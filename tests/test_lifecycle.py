@@ -689,6 +689,25 @@ def test_reinitialized_entries_count_one_write_for_lfu():
     assert np.flatnonzero(t.contains(universe)).tolist() == kept
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_victims_chosen_by_a_refused_write_go_first_in_the_next_one(policy, restore_num_threads):
+    # A write to several tables chooses each table's victims before any table changes. When
+    # another table refuses its part, nothing is evicted, and the next write evicts the
+    # victims the refused one had chosen: they are still the first by the rule.
+    mtht.set_num_threads(1)  # the capped table's part is planned first, before the refusal
+    configs = {"a": config_of(max_entries=8, eviction_policy=policy), "z": config_of(max_entries=3)}
+    table = MultiTypeHashTable(configs, lambda name, c: hash_table_from_config(c, name_suffix=name))
+    for k in range(8):                                             # id k: written at clock k
+        table.assign_add({"a": (ids_of(k), [[1]])})
+    table.assign_add({"a": (ids_of(100), [[1]])})                  # evicts 0 (and keeps the order)
+    with pytest.raises(ValueError):                                # "z" cannot take 4 new ids
+        table.assign_add({"a": (ids_of(101), [[1]]), "z": (ids_of(10, 11, 12, 13), np.ones([4, 1], F32))})
+    assert table.lookup({"a": np.arange(8)})["a"].ravel().tolist() == [0] + [1] * 7
+    table.assign_add({"a": (ids_of(102), [[1]])})                  # evicts 1, as the refused write chose
+    table.assign_add({"a": (ids_of(103), [[1]])})                  # then 2
+    assert table.lookup({"a": np.arange(8)})["a"].ravel().tolist() == [0, 0, 0] + [1] * 5
+
+
 def test_capacity_reuses_evicted_rows():
     max_entries = 1000
     t = table_of(dim=4, max_entries=max_entries)

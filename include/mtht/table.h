@@ -296,6 +296,12 @@ class RowArena {
       const uint32_t r = free_head_;
       std::memcpy(&free_head_, at(0, r), sizeof free_head_);
       --free_count_;
+      // The next free row is the next insert's (its link is read then, and every column
+      // written): its first lines are fetched now, so that the insert does not wait on
+      // memory for them (capacity-limited writes, whose victims' rows the new entries
+      // take: 1M entries, steps of 65,536 ids: see docs/lifecycle.md).
+      if (free_count_ > 0)
+        for (size_t col = 0; col < strides_.size(); ++col) prefetch(at(col, free_head_));
       return r;
     }
     reserve(static_cast<uint64_t>(used_) + 1);
@@ -2376,7 +2382,7 @@ class EmbeddingTable {
     // With LFU a new entry may count fewer writes than the pool's last entry: it joins the
     // pool (with the least key, so it is looked at first). With LRU its clock is later.
     if (pool_.valid && spec_.eviction_policy != 0)
-      for (const int64_t id : room.admitted) push_pool(Candidate{0, 0, id});
+      for (const int64_t id : room.admitted) pool_.pending.push_back(Candidate{0, 0, id});
     return lock;
   }
 
@@ -2418,25 +2424,26 @@ class EmbeddingTable {
 
   // The entries a scan kept (choose_by_scan), for the next writes to take their victims
   // from. Invariant: every entry whose key is at most `bound` has a record, in `sorted` from
-  // `next` on or in `heap`, with its id and a key at most its own. A write only raises the
-  // keys of the entries it touches (a later clock, one more write). A new entry (one
-  // removed before included) gets a record of the least key when its write chooses its
-  // victims, with LFU (it may count fewer writes than `bound`; with LRU its clock is later
-  // than any). Only load_entries (a clock and a count of 0) and reinitialize (a count of 1)
-  // lower keys; they drop the pool (drop_kept_victims), and so does evict.
+  // `next` on, in `heap` or in `pending`, with its id and a key at most its own. A write
+  // only raises the keys of the entries it touches (a later clock, one more write). A new
+  // entry (one removed before included) gets a record of the least key when its write
+  // chooses its victims, with LFU (it may count fewer writes than `bound`; with LRU its
+  // clock is later than any). Only load_entries (a clock and a count of 0) and reinitialize
+  // (a count of 1) lower keys; they drop the pool (drop_kept_victims), and so does evict.
   // So the smallest record whose key is still its entry's is the entry that comes first,
   // and the victims are the first `excess` of those that the batch does not touch. A record
   // of a higher key than its entry's is dropped (the entry was inserted again: that has a
   // record); one of a lower key is dropped, or put back with the entry's key if that is
   // still at most `bound`; one of its entry's key stays (the entry is evicted by this
-  // write, or written by it, or neither if the write fails: a later write will tell), and
+  // write, or written by it, or neither if the write fails: the next write tells), and
   // equal records of one entry are kept once. 1M entries, steps of 65,536 ids of which a
   // tenth new: a scan every 8 writes or so instead of every write (LFU: 2.8 -> 7.6 M ids/s
   // on two threads, LRU: 3.1 -> 10).
   struct VictimPool {
-    std::vector<Candidate> sorted;  // from the scan, in order
-    size_t next = 0;                // records of `sorted` before it are in `heap` or dropped
-    std::vector<Candidate> heap;    // a min-heap (push_pool)
+    std::vector<Candidate> sorted;   // from the scan, in order
+    size_t next = 0;                 // records of `sorted` before it are elsewhere or dropped
+    std::vector<Candidate> heap;     // a min-heap (push_pool)
+    std::vector<Candidate> pending;  // records the last write looked at or made, unchecked
     Candidate bound{};
     uint64_t resets = 0;  // resets_ when gathered
     bool valid = false;
@@ -2448,13 +2455,65 @@ class EmbeddingTable {
     pool_.heap.push_back(c);
     std::push_heap(pool_.heap.begin(), pool_.heap.end(), after);
   }
+
+  // What a record of the pool says of its entry now: its key then (`now`), or that it is
+  // gone. Reads the entry's bucket and its row's bookkeeping.
+  bool entry_key(const Candidate& c, uint64_t h, Candidate* now) const {
+    const detail::Shard& sh = *shards_[shard_of(h)];
+    std::shared_lock<detail::SharedMutex> lk(sh.mu);
+    const Slot slot = sh.find(c.id, h);
+    if (!slot.bucket) return false;
+    *now = candidate(c.id, sh.entry(slot.row()).meta);
+    return true;
+  }
+  // Looks at records in order, the i-th as fn(i) runs: a record's home bucket is fetched 16
+  // records ahead of its turn, and its row's bookkeeping 8 ahead (the bucket is in by then),
+  // so that looking at one does not wait on memory twice. Call fetch_ahead(records, i)
+  // before looking at records[i].
+  void fetch_ahead(const std::vector<Candidate>& records, size_t i) const {
+    auto in_shard = [this](int64_t id, auto&& fn) {
+      const uint64_t h = hash_id(id);
+      const detail::Shard& sh = *shards_[shard_of(h)];
+      std::shared_lock<detail::SharedMutex> lk(sh.mu);
+      fn(sh, h);
+    };
+    if (i == 0)
+      for (size_t k = 0; k < std::min<size_t>(records.size(), 16); ++k)
+        in_shard(records[k].id, [](const detail::Shard& sh, uint64_t h) { sh.prefetch_group(h); });
+    if (i + 16 < records.size())
+      in_shard(records[i + 16].id, [](const detail::Shard& sh, uint64_t h) { sh.prefetch_group(h); });
+    if (i + 8 < records.size())
+      in_shard(records[i + 8].id, [id = records[i + 8].id](const detail::Shard& sh, uint64_t h) {
+        const Slot slot = sh.find(id, h);
+        if (slot.bucket) detail::prefetch(sh.entry(slot.row()).meta);
+      });
+  }
+
+  // The records the last write looked at or made go into the heap if they still hold, or
+  // with their entry's key if that was raised and is still at most the bound. (Checked one
+  // at a time as they come out of the heap, each waited on memory twice: a write's victims'
+  // records, and with LFU its new entries', are as many as its new ids.)
+  void settle_pending() {
+    std::vector<Candidate> pending = std::move(pool_.pending);
+    pool_.pending.clear();
+    for (size_t i = 0; i < pending.size(); ++i) {
+      fetch_ahead(pending, i);
+      const Candidate& c = pending[i];
+      Candidate now;
+      if (!entry_key(c, hash_id(c.id), &now) || now < c) continue;  // gone, or inserted again
+      if (!(pool_.bound < now)) push_pool(now);
+    }
+  }
+
   bool victims_from_pool(const Room& room, uint64_t excess, detail::Victims& victims) {
     if (!pool_.valid || pool_.resets != resets_.load(std::memory_order_relaxed)) return false;
-    std::vector<Candidate> current;  // records found current: back into the heap at the end
+    settle_pending();
+    std::vector<Candidate>& current = pool_.pending;  // records found current: checked next time
     while (victims.total < excess) {
       Candidate c;
       const bool in_sorted = pool_.next < pool_.sorted.size();
       if (in_sorted && (pool_.heap.empty() || pool_.sorted[pool_.next] < pool_.heap.front())) {
+        fetch_ahead(pool_.sorted, pool_.next);
         c = pool_.sorted[pool_.next++];
       } else if (!pool_.heap.empty()) {
         std::pop_heap(pool_.heap.begin(), pool_.heap.end(), after);
@@ -2464,14 +2523,8 @@ class EmbeddingTable {
         break;
       }
       const uint64_t h = hash_id(c.id);
-      const detail::Shard& sh = *shards_[shard_of(h)];
       Candidate now;
-      {
-        std::shared_lock<detail::SharedMutex> lk(sh.mu);
-        const Slot slot = sh.find(c.id, h);
-        if (!slot.bucket) continue;  // gone
-        now = candidate(c.id, sh.entry(slot.row()).meta);
-      }
+      if (!entry_key(c, h, &now)) continue;  // gone
       if (c < now) {  // written since
         if (!(pool_.bound < now)) push_pool(now);
         continue;
@@ -2485,7 +2538,6 @@ class EmbeddingTable {
       if (room.occurrences.find(c.id, h)) continue;  // the batch writes it
       add_victim(victims, c.id, h);
     }
-    for (const Candidate& c : current) push_pool(c);
     if (victims.total == excess) return true;
     for (auto& ids : victims.by_shard) ids.clear();
     victims.total = 0;
@@ -2494,17 +2546,31 @@ class EmbeddingTable {
   }
 
   // The candidates of the entries of every `step`-th bucket of each shard that keep(c)
-  // holds for, the shards spread over the threads (they scan the whole table).
+  // holds for, the shards spread over the threads (they scan the whole table). The index is
+  // read front to back, but the rows' bookkeeping it leads to lies in row order: each is
+  // fetched 16 entries ahead of its use, so that the scan waits on memory once for many
+  // rows rather than once a row.
   template <class Keep>
   std::vector<Candidate> gather_candidates(uint64_t step, Keep&& keep) const {
     std::vector<std::vector<Candidate>> per_shard(shards_.size());
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
       const detail::Shard& sh = *shards_[s];
       std::shared_lock<detail::SharedMutex> lk(sh.mu);
-      sh.for_each_slot(step, [&](int64_t id, uint32_t r) {
-        const Candidate c = candidate(id, sh.entry(r).meta);
+      constexpr size_t kAhead = 16;
+      std::pair<int64_t, const uint64_t*> ahead[kAhead];
+      size_t seen = 0;
+      auto visit = [&](const std::pair<int64_t, const uint64_t*>& e) {
+        const Candidate c = candidate(e.first, e.second);
         if (keep(c)) per_shard[s].push_back(c);
+      };
+      sh.for_each_slot(step, [&](int64_t id, uint32_t r) {
+        const uint64_t* meta = sh.entry(r).meta;
+        detail::prefetch(meta);
+        auto& slot = ahead[seen++ % kAhead];
+        if (seen > kAhead) visit(slot);
+        slot = {id, meta};
       });
+      for (size_t k = seen > kAhead ? seen - kAhead : 0; k < seen; ++k) visit(ahead[k % kAhead]);
     });
     size_t total = 0;
     for (const auto& v : per_shard) total += v.size();
