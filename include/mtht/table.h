@@ -2263,57 +2263,73 @@ class EmbeddingTable {
   // Throws, changing nothing, when the batch cannot fit however many entries are evicted.
   // The caller holds capacity_mu_.
   struct Room {
-    detail::CountMap occurrences;  // id -> occurrences in the batch
+    std::vector<detail::CountMap> by_shard;  // id -> occurrences in the batch, by shard
     uint64_t new_entries = 0;
     uint64_t present = 0;            // distinct ids of the batch already in the table
     std::vector<int64_t> admitted;   // the new ones it inserts
   };
+  // Whether the batch of `room` writes `id` (h = hash_id(id)).
+  bool writes(const Room& room, int64_t id, uint64_t h) const {
+    return room.by_shard[shard_of(h)].find(id, h) != nullptr;
+  }
   Room room_for(const int64_t* ids, size_t n, bool runs, bool gated) const {
     const LayoutHold hold(*this);
+    // Shard by shard, over the threads: a shard's ids are counted in a map of their own,
+    // which stays in the core's cache (one map of a 65,536-id batch did not), and looked for
+    // with the shard locked once, a block at a time while the next block's home buckets are
+    // fetched (as count_absent).
+    const detail::BatchPlan plan(ids, n, shard_bits_);
     Room room;
-    room.occurrences.reserve(n);
-    for (size_t i = 0; i < n; ++i) ++*room.occurrences.try_emplace(ids[i], hash_id(ids[i])).first;
-    // The distinct ids shard by shard, so that each shard is locked once, and looked for a
-    // block at a time while the next block's home buckets are fetched (as count_absent).
-    struct Distinct {
-      int64_t id;
-      uint64_t h, occurrences;
+    room.by_shard.resize(shards_.size());
+    struct ShardRoom {
+      uint64_t new_entries = 0, present = 0;
+      std::vector<int64_t> admitted;
     };
-    std::vector<size_t> begin(shards_.size() + 1, 0);
-    room.occurrences.for_each([&](int64_t id, uint64_t) { ++begin[shard_of(hash_id(id)) + 1]; });
-    for (size_t s = 0; s < shards_.size(); ++s) begin[s + 1] += begin[s];
-    std::vector<Distinct> distinct(room.occurrences.size());
-    std::vector<size_t> at(begin.begin(), begin.end() - 1);
-    room.occurrences.for_each([&](int64_t id, uint64_t occurrences) {
-      const uint64_t h = hash_id(id);
-      distinct[at[shard_of(h)]++] = Distinct{id, h, occurrences};
-    });
-    auto classify = [&](const detail::Shard& sh, const Distinct& d) {
-      if (sh.find(d.id, d.h).bucket) {
-        ++room.present;
-        return;
-      }
-      if (gated && has_filter_) {
-        const uint32_t threshold = thresholds_.of(d.id);
-        const uint64_t* count = sh.counts.find(d.id, d.h);
-        const uint64_t before = count ? *count : 0;
-        const uint64_t last_seen = runs ? before : before + d.occurrences - 1;
-        if (threshold > 0 && last_seen < threshold) return;  // stays filtered
-      }
-      ++room.new_entries;
-      room.admitted.push_back(d.id);
-    };
-    constexpr size_t K = 16;
-    for (size_t s = 0; s < shards_.size(); ++s) {
-      if (begin[s] == begin[s + 1]) continue;
+    std::vector<ShardRoom> parts(shards_.size());
+    auto count_shard = [&](size_t s) {
+      const size_t first = plan.shard_begin[s], last = plan.shard_begin[s + 1];
+      if (first == last) return;
+      detail::CountMap& occurrences = room.by_shard[s];
+      occurrences.reserve(last - first);
+      for (size_t k = first; k < last; ++k) ++*occurrences.try_emplace(plan.keys[k], plan.hashes[k]).first;
+      struct Distinct {
+        int64_t id;
+        uint64_t h, occurrences;
+      };
+      std::vector<Distinct> distinct;
+      distinct.reserve(occurrences.size());
+      occurrences.for_each([&](int64_t id, uint64_t count) { distinct.push_back(Distinct{id, hash_id(id), count}); });
       const detail::Shard& sh = *shards_[s];
+      ShardRoom& part = parts[s];
+      auto classify = [&](const Distinct& d) {
+        if (sh.find(d.id, d.h).bucket) {
+          ++part.present;
+          return;
+        }
+        if (gated && has_filter_) {
+          const uint32_t threshold = thresholds_.of(d.id);
+          const uint64_t* count = sh.counts.find(d.id, d.h);
+          const uint64_t before = count ? *count : 0;
+          const uint64_t last_seen = runs ? before : before + d.occurrences - 1;
+          if (threshold > 0 && last_seen < threshold) return;  // stays filtered
+        }
+        ++part.new_entries;
+        part.admitted.push_back(d.id);
+      };
+      constexpr size_t K = 16;
+      const size_t m = distinct.size();
       std::shared_lock<detail::SharedMutex> lk(sh.mu);
-      const size_t first = begin[s], last = begin[s + 1];
-      for (size_t k = first; k < std::min(last, first + K); ++k) sh.prefetch_group(distinct[k].h);
-      for (size_t b = first; b < last; b += K) {
-        for (size_t k = b + K, e = std::min(last, b + 2 * K); k < e; ++k) sh.prefetch_group(distinct[k].h);
-        for (size_t k = b, e = std::min(last, b + K); k < e; ++k) classify(sh, distinct[k]);
+      for (size_t k = 0; k < std::min(m, K); ++k) sh.prefetch_group(distinct[k].h);
+      for (size_t b = 0; b < m; b += K) {
+        for (size_t k = b + K, e = std::min(m, b + 2 * K); k < e; ++k) sh.prefetch_group(distinct[k].h);
+        for (size_t k = b, e = std::min(m, b + K); k < e; ++k) classify(distinct[k]);
       }
+    };
+    ThreadPool::global().parallel_for(shards_.size(), count_shard, static_cast<int>(batch_threads(n)));
+    for (ShardRoom& part : parts) {
+      room.present += part.present;
+      room.new_entries += part.new_entries;
+      room.admitted.insert(room.admitted.end(), part.admitted.begin(), part.admitted.end());
     }
     const uint64_t present = room.present;
     if (room.new_entries > spec_.max_entries)
@@ -2406,7 +2422,7 @@ class EmbeddingTable {
     for (const Candidate& c : gathered) {
       if (victims.total == excess) break;
       const uint64_t h = hash_id(c.id);
-      if (room.occurrences.find(c.id, h)) continue;  // the batch writes it
+      if (writes(room, c.id, h)) continue;  // the batch writes it
       add_victim(victims, c.id, h);
     }
     pool_ = VictimPool{};
@@ -2535,7 +2551,7 @@ class EmbeddingTable {
       // out one after the other.
       if (!current.empty() && !(current.back() < c)) continue;
       current.push_back(c);
-      if (room.occurrences.find(c.id, h)) continue;  // the batch writes it
+      if (writes(room, c.id, h)) continue;  // the batch writes it
       add_victim(victims, c.id, h);
     }
     if (victims.total == excess) return true;
