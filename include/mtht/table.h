@@ -2419,17 +2419,28 @@ class EmbeddingTable {
     std::nth_element(gathered.begin(), gathered.begin() + static_cast<ptrdiff_t>(kept - 1), gathered.end());
     gathered.resize(kept);
     std::sort(gathered.begin(), gathered.end());
-    for (const Candidate& c : gathered) {
-      if (victims.total == excess) break;
-      const uint64_t h = hash_id(c.id);
-      if (writes(room, c.id, h)) continue;  // the batch writes it
-      add_victim(victims, c.id, h);
-    }
     pool_ = VictimPool{};
     pool_.bound = gathered.back();
     pool_.sorted = std::move(gathered);
     pool_.resets = resets_.load(std::memory_order_relaxed);
     pool_.valid = true;
+    // Every record is its entry's (they were just gathered).
+    while (victims.total < excess && pool_.next < pool_.sorted.size()) {
+      const Candidate& c = pool_.sorted[pool_.next++];
+      take(c, hash_id(c.id), room, victims);
+    }
+    pool_.evicted_after = evictions_.load(std::memory_order_relaxed) + victims.total;
+  }
+
+  // A record of the pool whose key is its entry's, in its turn: the entry is a victim,
+  // unless the batch writes it.
+  void take(const Candidate& c, uint64_t h, const Room& room, detail::Victims& victims) {
+    if (writes(room, c.id, h)) {
+      pool_.pending.push_back(c);
+      return;
+    }
+    add_victim(victims, c.id, h);
+    pool_.chosen.push_back(c);
   }
 
   void add_victim(detail::Victims& victims, int64_t id, uint64_t h) const {
@@ -2452,7 +2463,8 @@ class EmbeddingTable {
   // record); one of a lower key is dropped, or put back with the entry's key if that is
   // still at most `bound`; one of its entry's key stays (the entry is evicted by this
   // write, or written by it, or neither if the write fails: the next write tells), and
-  // equal records of one entry are kept once. 1M entries, steps of 65,536 ids of which a
+  // equal records of one entry are kept once. The victims' records are dropped once their
+  // write has evicted them all. 1M entries, steps of 65,536 ids of which a
   // tenth new: a scan every 8 writes or so instead of every write (LFU: 2.8 -> 7.6 M ids/s
   // on two threads, LRU: 3.1 -> 10).
   struct VictimPool {
@@ -2460,6 +2472,8 @@ class EmbeddingTable {
     size_t next = 0;                 // records of `sorted` before it are elsewhere or dropped
     std::vector<Candidate> heap;     // a min-heap (push_pool)
     std::vector<Candidate> pending;  // records the last write looked at or made, unchecked
+    std::vector<Candidate> chosen;   // the last write's victims' records
+    uint64_t evicted_after = 0;      // evictions_ once the last write has evicted its victims
     Candidate bound{};
     uint64_t resets = 0;  // resets_ when gathered
     bool valid = false;
@@ -2512,6 +2526,10 @@ class EmbeddingTable {
   void settle_pending() {
     std::vector<Candidate> pending = std::move(pool_.pending);
     pool_.pending.clear();
+    // Victims stand if their write failed (each write that evicts holds capacity_mu_).
+    if (evictions_.load(std::memory_order_relaxed) != pool_.evicted_after)
+      pending.insert(pending.end(), pool_.chosen.begin(), pool_.chosen.end());
+    pool_.chosen.clear();
     for (size_t i = 0; i < pending.size(); ++i) {
       fetch_ahead(pending, i);
       const Candidate& c = pending[i];
@@ -2524,7 +2542,8 @@ class EmbeddingTable {
   bool victims_from_pool(const Room& room, uint64_t excess, detail::Victims& victims) {
     if (!pool_.valid || pool_.resets != resets_.load(std::memory_order_relaxed)) return false;
     settle_pending();
-    std::vector<Candidate>& current = pool_.pending;  // records found current: checked next time
+    Candidate last{};  // the last record found its entry's
+    bool any = false;
     while (victims.total < excess) {
       Candidate c;
       const bool in_sorted = pool_.next < pool_.sorted.size();
@@ -2549,11 +2568,12 @@ class EmbeddingTable {
       // An entry can have several records (an old one from the scan, one from its
       // insertion, each put back with its new key); those with its key are equal, and come
       // out one after the other.
-      if (!current.empty() && !(current.back() < c)) continue;
-      current.push_back(c);
-      if (writes(room, c.id, h)) continue;  // the batch writes it
-      add_victim(victims, c.id, h);
+      if (any && !(last < c)) continue;
+      last = c;
+      any = true;
+      take(c, h, room, victims);
     }
+    pool_.evicted_after = evictions_.load(std::memory_order_relaxed) + victims.total;
     if (victims.total == excess) return true;
     for (auto& ids : victims.by_shard) ids.clear();
     victims.total = 0;
