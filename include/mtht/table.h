@@ -341,6 +341,10 @@ class alignas(64) Shard {
 
   mutable SharedMutex mu;
 
+  // The write clock of a free row's bookkeeping, which no write reaches: a scan of the rows
+  // in order tells them from the entries' by it.
+  static constexpr uint64_t kFreeRow = UINT64_MAX;
+
   size_t size() const { return size_; }
   const RowArena& rows() const { return rows_; }
   uint64_t slots() const { return nb_ * kBucketSlots; }
@@ -499,6 +503,31 @@ class alignas(64) Shard {
         if (base[b].row[j] != kEmpty) fn(base[b].key[j], base[b].row[j] - 1);
   }
 
+  // An entry copied out of the index: its id, timestamp and row + 1 (as a slot holds it).
+  struct Copied {
+    int64_t key, ts;
+    uint32_t row;
+  };
+  static constexpr size_t kRunBuckets = 64;
+  // fn(entries, n) for the n entries of each run of kRunBuckets buckets, in index order.
+  // They are copied out without a branch per slot: which slots are taken is random, and
+  // such a branch mispredicts at every other slot (a rehash took 12.7 ns per entry with
+  // one, 10 without).
+  template <class Fn>
+  void for_each_run(Fn&& fn) const {
+    const Bucket* src = buckets();
+    Copied copied[kRunBuckets * kBucketSlots];
+    for (uint64_t first = 0; first < nb_; first += kRunBuckets) {
+      size_t n = 0;
+      for (uint64_t b = first, last = std::min(nb_, first + kRunBuckets); b < last; ++b)
+        for (int j = 0; j < kBucketSlots; ++j) {
+          copied[n] = Copied{src[b].key[j], src[b].ts[j], src[b].row[j]};
+          n += src[b].row[j] != kEmpty;
+        }
+      fn(static_cast<const Copied*>(copied), n);
+    }
+  }
+
   // Removes the entry of `id` (h = hash_id(id)), if there is one; returns whether there was.
   // Its row is reused by later inserts; the buckets its probe passed over count one
   // overflow less.
@@ -549,7 +578,9 @@ class alignas(64) Shard {
   void remove(uint64_t b, int j, uint64_t h) {
     Bucket* base = buckets();
     for (uint64_t t = bucket_of(h, nb_); t != b; t = next(t, nb_)) --base[t].overflow;
-    rows_.release(base[b].row[j] - 1);
+    const uint32_t r = base[b].row[j] - 1;
+    if (with_meta_) entry(r).meta[0] = kFreeRow;
+    rows_.release(r);
     base[b].row[j] = kEmpty;
     --size_;
   }
@@ -603,21 +634,9 @@ class alignas(64) Shard {
   void rehash(uint64_t nb) {
     Buffer fresh(static_cast<size_t>(nb * sizeof(Bucket)));
     Bucket* dst = static_cast<Bucket*>(fresh.data());
-    const Bucket* src = buckets();
-    constexpr uint64_t kRun = 64;
-    struct Moved {
-      int64_t key, ts;
-      uint32_t row;
-    } moved[kRun * kBucketSlots];
-    for (uint64_t first = 0; first < nb_; first += kRun) {
-      size_t n = 0;
-      for (uint64_t b = first, last = std::min(nb_, first + kRun); b < last; ++b)
-        for (int j = 0; j < kBucketSlots; ++j) {
-          moved[n] = Moved{src[b].key[j], src[b].ts[j], src[b].row[j]};
-          n += src[b].row[j] != kEmpty;
-        }
+    for_each_run([&](const Copied* moved, size_t n) {
       for (size_t i = 0; i < n; ++i) place(dst, nb, hash_id(moved[i].key), moved[i].key, moved[i].ts, moved[i].row);
-    }
+    });
     index_ = std::move(fresh);
     nb_ = nb;
   }
@@ -2581,32 +2600,14 @@ class EmbeddingTable {
     return false;
   }
 
-  // The candidates of the entries of every `step`-th bucket of each shard that keep(c)
-  // holds for, the shards spread over the threads (they scan the whole table). The index is
-  // read front to back, but the rows' bookkeeping it leads to lies in row order: each is
-  // fetched 16 entries ahead of its use, so that the scan waits on memory once for many
-  // rows rather than once a row.
-  template <class Keep>
-  std::vector<Candidate> gather_candidates(uint64_t step, Keep&& keep) const {
+  // fn(s, out) for every shard s, the shards spread over the threads (each under its shared
+  // lock, adding to `out`), and what they added, shard after shard.
+  template <class Fn>
+  std::vector<Candidate> gather_by_shard(Fn&& fn) const {
     std::vector<std::vector<Candidate>> per_shard(shards_.size());
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
-      const detail::Shard& sh = *shards_[s];
-      std::shared_lock<detail::SharedMutex> lk(sh.mu);
-      constexpr size_t kAhead = 16;
-      std::pair<int64_t, const uint64_t*> ahead[kAhead];
-      size_t seen = 0;
-      auto visit = [&](const std::pair<int64_t, const uint64_t*>& e) {
-        const Candidate c = candidate(e.first, e.second);
-        if (keep(c)) per_shard[s].push_back(c);
-      };
-      sh.for_each_slot(step, [&](int64_t id, uint32_t r) {
-        const uint64_t* meta = sh.entry(r).meta;
-        detail::prefetch(meta);
-        auto& slot = ahead[seen++ % kAhead];
-        if (seen > kAhead) visit(slot);
-        slot = {id, meta};
-      });
-      for (size_t k = seen > kAhead ? seen - kAhead : 0; k < seen; ++k) visit(ahead[k % kAhead]);
+      std::shared_lock<detail::SharedMutex> lk(shards_[s]->mu);
+      fn(*shards_[s], per_shard[s]);
     });
     size_t total = 0;
     for (const auto& v : per_shard) total += v.size();
@@ -2616,13 +2617,26 @@ class EmbeddingTable {
     return out;
   }
 
+  // fn(meta) for the bookkeeping of every `step`-th row of a shard that holds an entry (in
+  // row order: a sequential read).
+  template <class Fn>
+  static void for_each_row_meta(const detail::Shard& sh, uint64_t step, Fn&& fn) {
+    const detail::RowArena& rows = sh.rows();
+    for (uint64_t r = 0; r < rows.rows_used(); r += step) {
+      const auto* meta = reinterpret_cast<const uint64_t*>(rows.at(1, static_cast<uint32_t>(r)));
+      if (meta[0] != detail::Shard::kFreeRow) fn(static_cast<uint32_t>(r), meta);
+    }
+  }
+
   // A candidate that at least `wanted` of the table's `current` entries are not after, read
-  // off a sample of about 65,536 entries with a margin; the last one possible when the
-  // sample is too small to tell.
+  // off the keys of about 65,536 entries (every so many rows) with a margin; the last one
+  // possible when the sample is too small to tell.
   Candidate key_bound(uint64_t wanted, uint64_t current) const {
     constexpr Candidate kLast{UINT64_MAX, UINT64_MAX, INT64_MAX};
     const uint64_t step = std::max<uint64_t>(1, current / 65536);
-    std::vector<Candidate> sample = gather_candidates(step, [](const Candidate&) { return true; });
+    std::vector<Candidate> sample = gather_by_shard([&](const detail::Shard& sh, std::vector<Candidate>& out) {
+      for_each_row_meta(sh, step, [&](uint32_t, const uint64_t* meta) { out.push_back(candidate(0, meta)); });
+    });
     // The sample's share of `wanted`, a fifth more and a margin of about eight standard
     // deviations for a binomial draw: fewer than `wanted` entries up to the bound would cost
     // a second pass over all of them, not a wrong choice.
@@ -2633,9 +2647,36 @@ class EmbeddingTable {
     return Candidate{sample[rank].k1, sample[rank].k2, INT64_MAX};
   }
 
-  // Every entry that is not after `bound`.
+  // Every entry whose keys are at most `bound`'s (whose id is the largest). The rows'
+  // bookkeeping, in row order, is read front to back first, marking the rows up to the
+  // bound; then the index, front to back, gives the ids of the marked rows, whose
+  // bookkeeping is fetched a run of buckets' worth at a time. Neither pass branches on
+  // what it reads (whether a slot is taken, whether a key is low: random, so such branches
+  // mispredict). 1M entries, one thread: 13.4-14.2 ms a scan before, 11.0 now.
   std::vector<Candidate> candidates_up_to(const Candidate& bound) const {
-    return gather_candidates(1, [&](const Candidate& c) { return !(bound < c); });
+    auto up_to_bound = [&bound](const Candidate& c) {
+      return (c.k1 < bound.k1) | ((c.k1 == bound.k1) & (c.k2 <= bound.k2));
+    };
+    return gather_by_shard([&](const detail::Shard& sh, std::vector<Candidate>& out) {
+      const detail::RowArena& rows = sh.rows();
+      std::vector<uint64_t> marked((rows.rows_used() + 63) / 64, 0);
+      for (uint32_t r = 0; r < rows.rows_used(); ++r) {
+        const auto* meta = reinterpret_cast<const uint64_t*>(rows.at(1, r));
+        const bool in = (meta[0] != detail::Shard::kFreeRow) & up_to_bound(candidate(0, meta));
+        marked[r / 64] |= uint64_t{in} << (r % 64);
+      }
+      sh.for_each_run([&](const detail::Shard::Copied* entries, size_t n) {
+        std::pair<int64_t, const uint64_t*> found[detail::Shard::kRunBuckets * detail::kBucketSlots];
+        size_t m = 0;
+        for (size_t i = 0; i < n; ++i) {
+          const uint32_t r = entries[i].row - 1;
+          found[m] = {entries[i].key, sh.entry(r).meta};
+          m += marked[r / 64] >> (r % 64) & 1;
+        }
+        for (size_t k = 0; k < m; ++k) detail::prefetch(found[k].second);
+        for (size_t k = 0; k < m; ++k) out.push_back(candidate(found[k].first, found[k].second));
+      });
+    });
   }
 
   // Removes the victims in shard s. Allocates nothing.
