@@ -78,6 +78,15 @@ class CountMap {
 
   // Room for `n` ids in all, so that entering ids up to that many allocates nothing.
   void reserve(size_t n) {
+    if (used_ == 0) {  // nothing to enter again: the slots at once
+      size_t size = 16;
+      while (2 * n > size) size *= 2;
+      if (size > slots_.size()) {
+        slots_.assign(size, Slot{kEmpty, 0});
+        mask_ = size - 1;
+      }
+      return;
+    }
     while (2 * n > slots_.size()) grow();
   }
 
