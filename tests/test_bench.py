@@ -141,6 +141,8 @@ def _check_ok_row(r: dict) -> None:
     assert r["ids_per_s_min"] <= r["ids_per_s_q1"] <= r["ids_per_s"] <= r["ids_per_s_q3"] <= r["ids_per_s_max"]
     assert r["batches_timed"] == SMALL["iterations"] == len(r["seconds"])
     assert all(s > 0 for s in r["seconds"])
+    assert r["ids_per_s_overall"] == pytest.approx(r["batches_timed"] * r["ids_per_batch"] / sum(r["seconds"]))
+    assert r["ids_per_s_min"] <= r["ids_per_s_overall"] <= r["ids_per_s_max"]
     assert math.isfinite(r["checksum"])
 
 
