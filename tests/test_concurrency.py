@@ -131,6 +131,42 @@ def test_fused_updates_of_capped_tables_in_any_order_do_not_deadlock():
     assert 0 < a.size() <= cap and 0 < b.size() <= cap
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_expiry_during_capacity_limited_writes_keeps_the_limit(policy):
+    # evict() removes expired entries while writes to a capacity-limited table choose their
+    # victims: a write that counted an entry present and then found it removed inserts it
+    # again, and must still leave the table within max_entries. (Writes that counted the
+    # new ids before reading the table's size went past it: by up to 200 entries in every
+    # run of this workload.)
+    cap = 5000
+    seg = mtht.CombineAsSegment(1, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_entries=cap,
+                                           eviction_policy=policy)
+    t = hash_table_from_config(mtht.HashTableConfigInstance(config, [0.1]))
+    done = threading.Event()
+    sizes = []
+
+    def writer():
+        rng = np.random.default_rng(7)
+        stop = time.monotonic() + 1.5
+        try:
+            while time.monotonic() < stop:
+                ids = rng.integers(0, 20_000, int(rng.integers(1, 3000))).astype(np.int64)
+                t.apply_gradients(ids, np.ones((ids.size, 1), F32), 1, req_time=int(rng.integers(0, 100)))
+                sizes.append(t.size())  # only the evictor runs beside: nothing adds entries
+        finally:
+            done.set()
+
+    def evictor():
+        while not done.is_set():  # about half the entries, by their random timestamps
+            t.evict(max_update_time=100 + 36500 * 86400 - 50)
+            time.sleep(0.0001)
+
+    run_threads([writer, evictor], timeout=60)
+    assert len(sizes) > 100 and max(sizes) <= cap
+    assert t.stats()["evictions"] > 0
+
+
 def test_lookups_during_writes_never_see_torn_rows():
     dim = 16
     t = hash_table_from_config(generate_test_hash_table_config(dim))

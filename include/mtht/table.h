@@ -2425,8 +2425,13 @@ class EmbeddingTable {
     write_clock_.fetch_add(1);
     victims.by_shard.assign(shards_.size(), {});
     victims.total = 0;
-    const Room room = room_for(ids, n, runs, gated);
+    // The size first: an entry that evict() (expiry) removes once the size is read was
+    // counted in it, so if the batch counted it present and so inserts it again, the room
+    // its removal left pays for that. Counted the other way round, an entry removed in
+    // between was in neither count, and the write took the table past its limit by one for
+    // each such entry that the batch writes.
     const uint64_t current = size();
+    const Room room = room_for(ids, n, runs, gated);
     if (current + room.new_entries > spec_.max_entries) {
       const uint64_t excess = current + room.new_entries - spec_.max_entries;
       if (!victims_from_pool(room, excess, victims)) choose_by_scan(room, excess, current, victims);
