@@ -302,8 +302,8 @@ class RowArena {
       --free_count_;
       // The next free row is the next insert's (its link is read then, and every column
       // written): its first lines are fetched now, so that the insert does not wait on
-      // memory for them (capacity-limited writes, whose victims' rows the new entries
-      // take: 1M entries, steps of 65,536 ids: see docs/lifecycle.md).
+      // memory for them (capacity-limited writes, whose new entries take their victims'
+      // rows: 1M entries at their limit, steps of 65,536 ids, C++ loop: 5% less time).
       if (free_count_ > 0)
         for (size_t col = 0; col < strides_.size(); ++col) prefetch(at(col, free_head_));
       return r;
@@ -2492,6 +2492,13 @@ class EmbeddingTable {
     ++victims.total;
   }
 
+  // Records in order, taken from the front.
+  struct Run {
+    std::vector<Candidate> records;
+    size_t next = 0;  // records before it are elsewhere or dropped
+    bool done() const { return next == records.size(); }
+  };
+
   // The entries a scan kept (choose_by_scan), for the next writes to take their victims
   // from. Invariant: every entry whose key is at most `bound` has a record, in a run (from
   // its `next` on), in `heap` or in `pending`, with its id and a key at most its own. A write
@@ -2510,12 +2517,6 @@ class EmbeddingTable {
   // write has evicted them all. 1M entries, steps of 65,536 ids of which a
   // tenth new: a scan every 8 writes or so instead of every write (LFU: 2.8 -> 7.6 M ids/s
   // on two threads, LRU: 3.1 -> 10).
-  // Records in order, taken from the front.
-  struct Run {
-    std::vector<Candidate> records;
-    size_t next = 0;  // records before it are elsewhere or dropped
-    bool done() const { return next == records.size(); }
-  };
   struct VictimPool {
     Run scanned;                     // from the scan
     Run settled;                     // from earlier writes (settle_pending)
@@ -2545,10 +2546,9 @@ class EmbeddingTable {
     *now = candidate(c.id, sh.entry(slot.row()).meta);
     return true;
   }
-  // Looks at records in order, the i-th as fn(i) runs: a record's home bucket is fetched 16
-  // records ahead of its turn, and its row's bookkeeping 8 ahead (the bucket is in by then),
-  // so that looking at one does not wait on memory twice. Call fetch_ahead(records, i)
-  // before looking at records[i].
+  // For records looked at in order, called before records[i] is: a record's home bucket is
+  // fetched 16 records ahead of its turn, and its row's bookkeeping 8 ahead (the bucket is
+  // in by then), so that looking at one does not wait on memory twice.
   void fetch_ahead(const std::vector<Candidate>& records, size_t i) const {
     auto in_shard = [this](int64_t id, auto&& fn) {
       const uint64_t h = hash_id(id);
@@ -2667,8 +2667,8 @@ class EmbeddingTable {
     return out;
   }
 
-  // fn(meta) for the bookkeeping of every `step`-th row of a shard that holds an entry (in
-  // row order: a sequential read).
+  // fn(row, meta) for the bookkeeping of every `step`-th row of a shard that holds an entry
+  // (in row order: a sequential read; free rows are few, so the test for them predicts).
   template <class Fn>
   static void for_each_row_meta(const detail::Shard& sh, uint64_t step, Fn&& fn) {
     const detail::RowArena& rows = sh.rows();
@@ -2710,11 +2710,9 @@ class EmbeddingTable {
     return gather_by_shard([&](const detail::Shard& sh, std::vector<Candidate>& out) {
       const detail::RowArena& rows = sh.rows();
       std::vector<uint64_t> marked((rows.rows_used() + 63) / 64, 0);
-      for (uint32_t r = 0; r < rows.rows_used(); ++r) {
-        const auto* meta = reinterpret_cast<const uint64_t*>(rows.at(1, r));
-        const bool in = (meta[0] != detail::Shard::kFreeRow) & up_to_bound(candidate(0, meta));
-        marked[r / 64] |= uint64_t{in} << (r % 64);
-      }
+      for_each_row_meta(sh, 1, [&](uint32_t r, const uint64_t* meta) {
+        marked[r / 64] |= uint64_t{up_to_bound(candidate(0, meta))} << (r % 64);
+      });
       sh.for_each_run([&](const detail::Shard::Copied* entries, size_t n) {
         std::pair<int64_t, const uint64_t*> found[detail::Shard::kRunBuckets * detail::kBucketSlots];
         size_t m = 0;
