@@ -512,9 +512,14 @@ class CapacityModel:
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_capacity_eviction_matches_the_model(policy):
+def test_capacity_eviction_matches_the_model(policy, restore_num_threads):
     max_entries = 12
     t = table_of(max_entries=max_entries, eviction_policy=policy)
+    # Some writes go with a write to a second table that refuses its part: the table chooses
+    # its victims (it is planned first, on one thread), then nothing is written.
+    mtht.set_num_threads(1)
+    refusing = table_of(max_entries=1, name_suffix="z")
+    both = MultiTypeHashTable({"a": t.config, "z": refusing.config}, lambda name, _: t if name == "a" else refusing)
     model = CapacityModel(max_entries, policy)
     rng = random.Random(policy)
     universe = list(range(-15, 16))
@@ -526,7 +531,13 @@ def test_capacity_eviction_matches_the_model(policy):
             ids = [rng.choice(universe) for _ in range(rng.randint(1, max_entries))]
         n = len(ids)
         deltas = [float(rng.randint(1, 3)) for _ in range(n)]
-        kind = rng.choice(["assign_add", "apply_dedup", "apply"])
+        kind = rng.choice(["assign_add", "apply_dedup", "apply", "refused"])
+        if kind == "refused":
+            before = snapshot(t, universe)
+            with pytest.raises(ValueError):
+                both.assign_add({"a": (ids, deltas), "z": ([7, 8], [1.0, 1.0])})
+            assert snapshot(t, universe) == before
+            continue
         per_occurrence = kind != "apply_dedup"
         before = snapshot(t, universe)
         try:
