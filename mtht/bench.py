@@ -654,7 +654,6 @@ class _MthtRunner:
         res["vs_one_table"] = res["ids_per_s"] / one_rate
         return res
 
-    # -- checkpoint ops -----------------------------------------------------------------------
     def _run_capped(self, threads: int) -> dict:
         """Gradient steps on a table filled to its capacity (``max_entries`` = ``--size``):
         ``--capped_new`` of each batch's ids are new, and each new id evicts an entry (by
@@ -692,6 +691,7 @@ class _MthtRunner:
                           _bytes_per_id(op, c.dim, self.state), evictions=int(table.stats()["evictions"]),
                           new_ids_per_batch=new)
 
+    # -- checkpoint ops -----------------------------------------------------------------------
     def _run_checkpoint(self, op: str, threads: int) -> dict:
         c, t = self.c, self.table
         if not (hasattr(t, "save") and hasattr(t, "restore")):

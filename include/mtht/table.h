@@ -502,15 +502,6 @@ class alignas(64) Shard {
       if (by_row[r].live) fn(by_row[r].key, by_row[r].ts, r);
   }
 
-  // Calls fn(id, row) for the entries of every `step`-th bucket, in index order.
-  template <class Fn>
-  void for_each_slot(uint64_t step, Fn&& fn) const {
-    const Bucket* base = buckets();
-    for (uint64_t b = 0; b < nb_; b += step)
-      for (int j = 0; j < kBucketSlots; ++j)
-        if (base[b].row[j] != kEmpty) fn(base[b].key[j], base[b].row[j] - 1);
-  }
-
   // An entry copied out of the index: its id, timestamp and row + 1 (as a slot holds it).
   struct Copied {
     int64_t key, ts;
@@ -1623,7 +1614,9 @@ class EmbeddingTable {
   std::vector<uint64_t> entries_by_finest_shard() const {
     std::vector<uint64_t> finest(size_t{1} << max_shard_bits_, 0);
     for (const detail::Shard* sh : shards_)
-      sh->for_each_slot(1, [&](int64_t id, uint32_t) { ++finest[max_shard_bits_ ? hash_id(id) >> (64 - max_shard_bits_) : 0]; });
+      sh->for_each_run([&](const detail::Shard::Copied* entries, size_t n) {
+        for (size_t i = 0; i < n; ++i) ++finest[max_shard_bits_ ? hash_id(entries[i].key) >> (64 - max_shard_bits_) : 0];
+      });
     return finest;
   }
 
@@ -2467,7 +2460,7 @@ class EmbeddingTable {
     const uint64_t kept = std::min(current, std::max(wanted, std::min(8 * wanted + 4096, most_kept)));
     std::vector<Candidate> gathered = candidates_up_to(key_bound(kept, current));
     if (gathered.size() < kept) gathered = candidates_up_to(Candidate{UINT64_MAX, UINT64_MAX, INT64_MAX});
-    if (gathered.size() > 2 * kept)  // all of them were gathered
+    if (gathered.size() > 2 * kept)  // all of them were gathered, or many share the bound's keys
       std::nth_element(gathered.begin(), gathered.begin() + static_cast<ptrdiff_t>(kept - 1), gathered.end());
     gathered.resize(std::min<size_t>(gathered.size(), 2 * kept));
     sort_by_key(gathered);
@@ -2546,36 +2539,42 @@ class EmbeddingTable {
     std::push_heap(pool_.heap.begin(), pool_.heap.end(), after);
   }
 
+  // fn(shard) for the shard of hash h, under its shared lock; returns what fn returns.
+  template <class Fn>
+  auto in_shard_of(uint64_t h, Fn&& fn) const {
+    const detail::Shard& sh = *shards_[shard_of(h)];
+    std::shared_lock<detail::SharedMutex> lk(sh.mu);
+    return fn(sh);
+  }
+
   // What a record of the pool says of its entry now: its key then (`now`), or that it is
   // gone. Reads the entry's bucket and its row's bookkeeping.
   bool entry_key(const Candidate& c, uint64_t h, Candidate* now) const {
-    const detail::Shard& sh = *shards_[shard_of(h)];
-    std::shared_lock<detail::SharedMutex> lk(sh.mu);
-    const Slot slot = sh.find(c.id, h);
-    if (!slot.bucket) return false;
-    *now = candidate(c.id, sh.entry(slot.row()).meta);
-    return true;
+    return in_shard_of(h, [&](const detail::Shard& sh) {
+      const Slot slot = sh.find(c.id, h);
+      if (slot.bucket) *now = candidate(c.id, sh.entry(slot.row()).meta);
+      return slot.bucket != nullptr;
+    });
   }
   // For records looked at in order, called before records[i] is: a record's home bucket is
   // fetched 16 records ahead of its turn, and its row's bookkeeping 8 ahead (the bucket is
   // in by then), so that looking at one does not wait on memory twice.
   void fetch_ahead(const std::vector<Candidate>& records, size_t i) const {
-    auto in_shard = [this](int64_t id, auto&& fn) {
+    auto bucket = [this](int64_t id) {
       const uint64_t h = hash_id(id);
-      const detail::Shard& sh = *shards_[shard_of(h)];
-      std::shared_lock<detail::SharedMutex> lk(sh.mu);
-      fn(sh, h);
+      in_shard_of(h, [h](const detail::Shard& sh) { sh.prefetch_group(h); });
     };
     if (i == 0)
-      for (size_t k = 0; k < std::min<size_t>(records.size(), 16); ++k)
-        in_shard(records[k].id, [](const detail::Shard& sh, uint64_t h) { sh.prefetch_group(h); });
-    if (i + 16 < records.size())
-      in_shard(records[i + 16].id, [](const detail::Shard& sh, uint64_t h) { sh.prefetch_group(h); });
-    if (i + 8 < records.size())
-      in_shard(records[i + 8].id, [id = records[i + 8].id](const detail::Shard& sh, uint64_t h) {
+      for (size_t k = 0; k < std::min<size_t>(records.size(), 16); ++k) bucket(records[k].id);
+    if (i + 16 < records.size()) bucket(records[i + 16].id);
+    if (i + 8 < records.size()) {
+      const int64_t id = records[i + 8].id;
+      const uint64_t h = hash_id(id);
+      in_shard_of(h, [&](const detail::Shard& sh) {
         const Slot slot = sh.find(id, h);
         if (slot.bucket) detail::prefetch(sh.entry(slot.row()).meta);
       });
+    }
   }
 
   // The records the last write looked at or made go into the settled run if they still
