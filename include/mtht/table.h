@@ -2562,11 +2562,14 @@ class EmbeddingTable {
   }
   // For records looked at in order, called before records[i] is: a record's home bucket is
   // fetched 16 records ahead of its turn, and its row's bookkeeping 8 ahead (the bucket is
-  // in by then), so that looking at one does not wait on memory twice.
-  void fetch_ahead(const std::vector<Candidate>& records, size_t i) const {
-    auto bucket = [this](int64_t id) {
+  // in by then), so that looking at one does not wait on memory twice. With the `room` of a
+  // write, so is the slot of its id in the batch's counts (take), which missed the cache:
+  // the counts of a batch of 65,536 ids take 2 to 4 MB.
+  void fetch_ahead(const std::vector<Candidate>& records, size_t i, const Room* room) const {
+    auto bucket = [this, room](int64_t id) {
       const uint64_t h = hash_id(id);
       shard_for(h).prefetch_group(h);
+      if (room) room->by_shard[shard_of(h)].occurrences.prefetch(h);
     };
     if (i == 0)
       for (size_t k = 0; k < std::min<size_t>(records.size(), 16); ++k) bucket(records[k].id);
@@ -2595,7 +2598,7 @@ class EmbeddingTable {
     std::vector<Candidate> fresh = std::move(pool_.heap);
     pool_.heap.clear();
     for (size_t i = 0; i < pending.size(); ++i) {
-      fetch_ahead(pending, i);
+      fetch_ahead(pending, i, nullptr);
       const Candidate& c = pending[i];
       Candidate now;
       if (!entry_key(c, hash_id(c.id), &now) || now < c) continue;  // gone, or inserted again
@@ -2613,7 +2616,7 @@ class EmbeddingTable {
   }
 
   // Takes the pool's least record into *c: the least of the runs' heads and the heap's top.
-  bool take_least(Candidate* c) {
+  bool take_least(const Room& room, Candidate* c) {
     Run* least = nullptr;
     for (Run* run : {&pool_.scanned, &pool_.settled})
       if (!run->done() && (!least || run->records[run->next] < least->records[least->next])) least = run;
@@ -2624,7 +2627,7 @@ class EmbeddingTable {
       return true;
     }
     if (!least) return false;
-    fetch_ahead(least->records, least->next);
+    fetch_ahead(least->records, least->next, &room);
     *c = least->records[least->next++];
     return true;
   }
@@ -2636,7 +2639,7 @@ class EmbeddingTable {
     Candidate last{};  // the last record found its entry's
     bool any = false;
     Candidate c;
-    while (victims.total < excess && take_least(&c)) {
+    while (victims.total < excess && take_least(room, &c)) {
       const uint64_t h = hash_id(c.id);
       Candidate now;
       if (!entry_key(c, h, &now)) continue;  // gone
