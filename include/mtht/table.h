@@ -2319,18 +2319,23 @@ class EmbeddingTable {
       const size_t first = plan ? plan->shard_begin[s] : 0, last = plan ? plan->shard_begin[s + 1] : n;
       if (first == last) return;
       ShardRoom& part = room.by_shard[s];
-      part.occurrences.reserve(last - first);
-      for (size_t k = first; k < last; ++k) {
-        const int64_t id = plan ? plan->keys[k] : ids[k];
-        ++*part.occurrences.try_emplace(id, plan ? plan->hashes[k] : hash_id(id)).first;
-      }
+      part.occurrences.reserve(last - first);  // so the counts stay where they are
+      // Each id as it first occurs, with its hash and count (rather than a pass over the map
+      // afterwards, which read its empty slots too and hashed every id again).
       struct Distinct {
         int64_t id;
-        uint64_t h, occurrences;
+        uint64_t h;
+        const uint64_t* occurrences;
       };
       std::vector<Distinct> distinct;
-      distinct.reserve(part.occurrences.size());
-      part.occurrences.for_each([&](int64_t id, uint64_t count) { distinct.push_back(Distinct{id, hash_id(id), count}); });
+      distinct.reserve(last - first);
+      for (size_t k = first; k < last; ++k) {
+        const int64_t id = plan ? plan->keys[k] : ids[k];
+        const uint64_t h = plan ? plan->hashes[k] : hash_id(id);
+        const auto [count, first_seen] = part.occurrences.try_emplace(id, h);
+        ++*count;
+        if (first_seen) distinct.push_back(Distinct{id, h, count});
+      }
       const detail::Shard& sh = *shards_[s];
       auto classify = [&](const Distinct& d) {
         if (sh.find(d.id, d.h).bucket) {
@@ -2341,7 +2346,7 @@ class EmbeddingTable {
           const uint32_t threshold = thresholds_.of(d.id);
           const uint64_t* count = sh.counts.find(d.id, d.h);
           const uint64_t before = count ? *count : 0;
-          const uint64_t last_seen = runs ? before : before + d.occurrences - 1;
+          const uint64_t last_seen = runs ? before : before + *d.occurrences - 1;
           if (threshold > 0 && last_seen < threshold) return;  // stays filtered
         }
         ++part.new_entries;
