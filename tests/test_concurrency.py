@@ -167,6 +167,39 @@ def test_expiry_during_capacity_limited_writes_keeps_the_limit(policy):
     assert t.stats()["evictions"] > 0
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_size_during_capacity_limited_writes_never_passes_the_limit(policy):
+    # A write evicts in every shard before it inserts in any. size() read shard by shard
+    # could count a shard before the evictions and another after the inserts, and so see
+    # the table past max_entries in the middle of a write.
+    cap = 20_000
+    seg = mtht.CombineAsSegment(1, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_entries=cap,
+                                           eviction_policy=policy, num_shards=64)
+    t = hash_table_from_config(mtht.HashTableConfigInstance(config, [0.1]))
+    done = threading.Event()
+    seen = []
+
+    def writer(seed):
+        rng = np.random.default_rng(seed)
+        stop = time.monotonic() + 1.0
+        try:
+            while time.monotonic() < stop:
+                ids = rng.integers(0, 200_000, int(rng.integers(1, 8000))).astype(np.int64)
+                t.apply_gradients(ids, np.ones((ids.size, 1), F32), 1)
+        finally:
+            done.set()
+
+    def watcher():
+        while not done.is_set():
+            seen.append(t.size())
+            seen.append(t.stats()["size"])
+
+    run_threads([lambda: writer(1), lambda: writer(2), watcher], timeout=60)
+    assert len(seen) > 1000 and t.size() == cap
+    assert max(seen) <= cap
+
+
 def test_lookups_during_writes_never_see_torn_rows():
     dim = 16
     t = hash_table_from_config(generate_test_hash_table_config(dim))

@@ -1297,13 +1297,14 @@ class EmbeddingTable {
     split_pending_.store(false, std::memory_order_release);
   }
 
+  // Counted with every shard's shared lock held at once: shard by shard, it could count one
+  // shard before a capacity-limited write evicted and another after it inserted, and see
+  // the table past max_entries (a write evicts in every shard before it inserts in any).
   uint64_t size() const {
     const LayoutHold hold(*this);
+    const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);
     uint64_t n = 0;
-    for (auto* s : shards_) {
-      std::shared_lock<detail::SharedMutex> lk(s->mu);
-      n += s->size();
-    }
+    for (auto* s : shards_) n += s->size();
     return n;
   }
 
@@ -1313,16 +1314,22 @@ class EmbeddingTable {
     st.num_shards = shards_.size();
     st.row_stride = layout_.stride + (layout_.with_meta ? 16 : 0);
     st.evictions = evictions_.load();
-    for (auto* s : shards_) {
-      std::shared_lock<detail::SharedMutex> lk(s->mu);
-      st.size += s->size();
-      st.capacity += s->slots();
-      st.index_bytes += s->index_bytes();
-      st.row_bytes += s->rows().bytes();
-      st.rows_allocated += s->rows().capacity();
-      st.rows_in_use += s->rows().rows_used();
-      if (probe_lengths) st.max_probe_groups = std::max(st.max_probe_groups, s->max_probe_groups());
+    {
+      const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);  // one moment for all shards, as size()
+      for (auto* s : shards_) {
+        st.size += s->size();
+        st.capacity += s->slots();
+        st.index_bytes += s->index_bytes();
+        st.row_bytes += s->rows().bytes();
+        st.rows_allocated += s->rows().capacity();
+        st.rows_in_use += s->rows().rows_used();
+      }
     }
+    if (probe_lengths)  // a pass over each index: one shard at a time
+      for (auto* s : shards_) {
+        std::shared_lock<detail::SharedMutex> lk(s->mu);
+        st.max_probe_groups = std::max(st.max_probe_groups, s->max_probe_groups());
+      }
     return st;
   }
 
