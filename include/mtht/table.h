@@ -2453,6 +2453,12 @@ class EmbeddingTable {
     // between was in neither count, and the write took the table past its limit by one for
     // each such entry that the batch writes.
     const uint64_t current = size();
+    // With room for n more entries, nothing is evicted, and the ids need not be counted
+    // unless the kept records want this write's new LFU entries (below). A table kept under
+    // its limit (by expiry, or still filling) then writes nearly as fast as one without: 1M
+    // entries with room for 2M, 65,536-id Adagrad steps, a tenth of each new, C++ loop, one
+    // thread: 5.5 -> 2.8 ms a write, against 2.4 without a limit.
+    if (current + n <= spec_.max_entries && !(pool_usable() && spec_.eviction_policy != 0)) return lock;
     const Room room = room_for(ids, n, runs, gated);
     if (current + room.new_entries > spec_.max_entries) {
       const uint64_t excess = current + room.new_entries - spec_.max_entries;
@@ -2460,7 +2466,7 @@ class EmbeddingTable {
     }
     // With LFU a new entry may count fewer writes than the pool's last entry: it joins the
     // pool (with the least key, so it is looked at first). With LRU its clock is later.
-    if (pool_.valid && spec_.eviction_policy != 0)
+    if (pool_usable() && spec_.eviction_policy != 0)
       for (const int64_t id : room.admitted) pool_.pending.push_back(Candidate{0, 0, id});
     return lock;
   }
@@ -2644,8 +2650,11 @@ class EmbeddingTable {
     return true;
   }
 
+  // Whether the kept records still stand for the table (nothing dropped them since).
+  bool pool_usable() const { return pool_.valid && pool_.resets == resets_.load(std::memory_order_relaxed); }
+
   bool victims_from_pool(const Room& room, uint64_t excess, detail::Victims& victims) {
-    if (!pool_.valid || pool_.resets != resets_.load(std::memory_order_relaxed)) return false;
+    if (!pool_usable()) return false;
     const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);  // every shard (see shard_for)
     settle_pending();
     Candidate last{};  // the last record found its entry's
