@@ -44,7 +44,7 @@ DAY = 86400
 
 def config_of(dim=1, optimizer=None, initializer=None, compressor=None, learning_rate=1.0,
               expire_days=36500, slot_expire_days=None, max_entries=None, eviction_policy="lru",
-              segments=None, learning_rates=None, extra_restore_names=None, random_seed=0):
+              segments=None, learning_rates=None, extra_restore_names=None, random_seed=0, num_shards=None):
     """A table config; by default Monolith's test table: one SGD segment, zeros, lr 1."""
     if segments is None:
         segments = [entry.CombineAsSegment(dim, initializer or entry.ZerosInitializer(),
@@ -58,6 +58,7 @@ def config_of(dim=1, optimizer=None, initializer=None, compressor=None, learning
         max_entries=max_entries,
         eviction_policy=eviction_policy,
         random_seed=random_seed,
+        num_shards=num_shards,
     )
     return entry.HashTableConfigInstance(table_config, learning_rates,
                                          extra_restore_names=extra_restore_names)
@@ -717,6 +718,27 @@ def test_victims_chosen_by_a_refused_write_go_first_in_the_next_one(policy, rest
     table.assign_add({"a": (ids_of(102), [[1]])})                  # evicts 1, as the refused write chose
     table.assign_add({"a": (ids_of(103), [[1]])})                  # then 2
     assert table.lookup({"a": np.arange(8)})["a"].ravel().tolist() == [0, 0, 0] + [1] * 5
+
+
+def test_a_write_that_touches_no_id_of_a_shard_spares_none_of_its_entries():
+    # A write counts its ids shard by shard, in maps kept from one write to the next. A
+    # shard the write does not touch must not keep the last write's ids, which would pass
+    # for ids of this write and be spared as victims.
+    probe = table_of(num_shards=2)
+    probe.assign(np.arange(64), np.zeros([64, 1], F32))
+    in_shard_0 = {int(k) for k in probe._core.dump_shard(0, 0, 1, 0, False)[0]}
+    shard_0 = [k for k in range(64) if k in in_shard_0]
+    shard_1 = [k for k in range(64) if k not in in_shard_0]
+    b1, b2, b3, z = shard_1[:4]
+    y, x = shard_0[:2]
+    t = table_of(max_entries=4, eviction_policy="lfu", num_shards=2)
+    for _ in range(3):
+        t.assign_add(ids_of(b1, b2, b3, y), np.ones([4, 1], F32))  # 3 writes each
+    t.assign_add(ids_of(x), [[1]])        # shard 0 only: evicts the lowest id of the four
+    kept = sorted({b1, b2, b3, y} - {min(b1, b2, b3, y)})
+    assert t.lookup(ids_of(x, *kept)).ravel().tolist() == [1, 3, 3, 3]
+    t.assign_add(ids_of(z), [[1]])        # shard 1 only: evicts x, written once
+    assert t.lookup(ids_of(x, z, *kept)).ravel().tolist() == [0, 1, 3, 3, 3]
 
 
 def test_capacity_reuses_evicted_rows():

@@ -4,6 +4,7 @@
 // is one cache miss where a node-based map (std::unordered_map) takes two or more.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -88,6 +89,26 @@ class CountMap {
       return;
     }
     while (2 * n > slots_.size()) grow();
+  }
+
+  // Empties the map, keeping its slots.
+  void clear() {
+    if (used_) std::fill(slots_.begin(), slots_.end(), Slot{kEmpty, 0});
+    used_ = 0;
+    has_empty_key_ = false;
+  }
+
+  // Empties the map and makes room for `n` ids (as reserve), in the slots it has unless
+  // they are far more than that needs: a map kept from one batch to the next is not taken
+  // from the system again, nor kept at the size of its biggest batch.
+  void clear_for(size_t n) {
+    size_t size = 16;
+    while (2 * n > size) size *= 2;
+    if (slots_.capacity() > 4 * size) std::vector<Slot>().swap(slots_);
+    slots_.assign(size, Slot{kEmpty, 0});
+    mask_ = size - 1;
+    used_ = 0;
+    has_empty_key_ = false;
   }
 
   // fn(id, count) for every id with a count.

@@ -1383,7 +1383,9 @@ class EmbeddingTable {
   // Throws, changing nothing, when a write of these ids could not fit under max_entries
   // (`runs`: one admission per distinct id, as with dedup). The caller holds lock_capacity().
   void check_room(const int64_t* ids, size_t n, bool runs) const {
-    if (spec_.max_entries) room_for(ids, n, runs, true);
+    if (!spec_.max_entries) return;
+    Room room;  // not room_kept_: two parts of one write to several tables may check a table at once
+    room_for(ids, n, runs, true, room);
   }
 
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
@@ -2293,25 +2295,37 @@ class EmbeddingTable {
   }
 
   // With a capacity limit: the ids of a write batch and their occurrences, and how many new
-  // entries the write will create (simulating the admission filter without changing it).
-  // Throws, changing nothing, when the batch cannot fit however many entries are evicted.
-  // The caller holds capacity_mu_.
+  // entries the write will create (simulating the admission filter without changing it),
+  // into `room`. Throws, changing nothing, when the batch cannot fit however many entries
+  // are evicted. The caller holds capacity_mu_.
   struct ShardRoom {
+    struct Distinct {
+      int64_t id;
+      uint64_t h;
+      const uint64_t* occurrences;
+    };
     detail::CountMap occurrences;  // id -> occurrences in the batch, for the shard's ids
+    std::vector<Distinct> distinct;  // the shard's ids, each as it first occurs
     uint64_t new_entries = 0, present = 0;
     std::vector<int64_t> admitted;
   };
+  // A room is kept from one write to the next (room_kept_), so that its memory is not taken
+  // from the system and faulted in again at every write: the C library gave the maps of a
+  // 65,536-id batch (4 MB) back once they were freed, and a write to a full table of 1M
+  // entries whose ids were all stored then spent a quarter of its time in page faults.
   struct Room {
     std::vector<ShardRoom> by_shard;
     uint64_t new_entries = 0;
     uint64_t present = 0;            // distinct ids of the batch already in the table
     std::vector<int64_t> admitted;   // the new ones it inserts
   };
+  // The most ids a batch can have for its room to be kept (about 70 bytes an id).
+  static constexpr size_t kKeptRoomIds = size_t{1} << 17;
   // Whether the batch of `room` writes `id` (h = hash_id(id)).
   bool writes(const Room& room, int64_t id, uint64_t h) const {
     return room.by_shard[shard_of(h)].occurrences.find(id, h) != nullptr;
   }
-  Room room_for(const int64_t* ids, size_t n, bool runs, bool gated) const {
+  void room_for(const int64_t* ids, size_t n, bool runs, bool gated, Room& room) const {
     const LayoutHold hold(*this);
     // Shard by shard, over the threads: a shard's ids are counted in a map of their own,
     // which stays in the core's cache (one map of a 65,536-id batch did not), and looked for
@@ -2320,31 +2334,33 @@ class EmbeddingTable {
     // pool: writes of one id to 100 small tables paid 15% more for them.
     std::optional<detail::BatchPlan> plan;
     if (shards_.size() > 1) plan.emplace(ids, n, shard_bits_);
-    Room room;
     room.by_shard.resize(shards_.size());
+    room.new_entries = room.present = 0;
+    room.admitted.clear();
     auto count_shard = [&](size_t s) {
       const size_t first = plan ? plan->shard_begin[s] : 0, last = plan ? plan->shard_begin[s + 1] : n;
-      if (first == last) return;
       ShardRoom& part = room.by_shard[s];
-      part.occurrences.reserve(last - first);  // so the counts stay where they are
+      part.new_entries = part.present = 0;
+      part.admitted.clear();
+      part.distinct.clear();
+      if (first == last) {
+        part.occurrences.clear();
+        return;
+      }
+      part.occurrences.clear_for(last - first);  // so the counts stay where they are
       // Each id as it first occurs, with its hash and count (rather than a pass over the map
       // afterwards, which read its empty slots too and hashed every id again).
-      struct Distinct {
-        int64_t id;
-        uint64_t h;
-        const uint64_t* occurrences;
-      };
-      std::vector<Distinct> distinct;
+      std::vector<ShardRoom::Distinct>& distinct = part.distinct;
       distinct.reserve(last - first);
       for (size_t k = first; k < last; ++k) {
         const int64_t id = plan ? plan->keys[k] : ids[k];
         const uint64_t h = plan ? plan->hashes[k] : hash_id(id);
         const auto [count, first_seen] = part.occurrences.try_emplace(id, h);
         ++*count;
-        if (first_seen) distinct.push_back(Distinct{id, h, count});
+        if (first_seen) distinct.push_back(ShardRoom::Distinct{id, h, count});
       }
       const detail::Shard& sh = *shards_[s];
-      auto classify = [&](const Distinct& d) {
+      auto classify = [&](const ShardRoom::Distinct& d) {
         if (sh.find(d.id, d.h).bucket) {
           ++part.present;
           return;
@@ -2389,7 +2405,6 @@ class EmbeddingTable {
       throw ValueError("this write touches " + std::to_string(present + room.new_entries) +
                        " distinct ids but the table holds at most " + std::to_string(spec_.max_entries) +
                        " entries (max_entries)");
-    return room;
   }
 
   // The capacity side of a write to a capacity-limited table: the lock, and the entries
@@ -2459,7 +2474,17 @@ class EmbeddingTable {
     // entries with room for 2M, 65,536-id Adagrad steps, a tenth of each new, C++ loop, one
     // thread: 5.5 -> 2.8 ms a write, against 2.4 without a limit.
     if (current + n <= spec_.max_entries && !(pool_usable() && spec_.eviction_policy != 0)) return lock;
-    const Room room = room_for(ids, n, runs, gated);
+    // A big batch's room is not kept (nor made from the kept one's memory).
+    struct Kept {
+      Room& room;
+      bool big;
+      ~Kept() {
+        if (big) room = Room{};
+      }
+    } kept{room_kept_, n > kKeptRoomIds};
+    if (kept.big) kept.room = Room{};
+    Room& room = kept.room;
+    room_for(ids, n, runs, gated, room);
     if (current + room.new_entries > spec_.max_entries) {
       const uint64_t excess = current + room.new_entries - spec_.max_entries;
       if (!victims_from_pool(room, excess, victims)) choose_by_scan(room, excess, current, victims);
@@ -2834,6 +2859,7 @@ class EmbeddingTable {
   std::atomic<uint64_t> write_clock_{0};
   std::atomic<uint64_t> resets_{0};  // load_entries, reinitialize and evict calls (VictimPool)
   VictimPool pool_;                  // with capacity_mu_ held
+  Room room_kept_;                   // the last capacity-limited write's room, with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
   bool raw_lookup_ = true;

@@ -31,6 +31,12 @@ void check_round(int round, int64_t range) {
   };
   for (long step = 0; step < 200000; ++step) {
     const uint64_t r = next();
+    if (r % 7919 == 0) {  // emptied, as a map kept from one batch to the next is
+      if (r & 1) map.clear();
+      else map.clear_for(static_cast<size_t>(next() % 3000));
+      model.clear();
+      expect(map.size() == 0, "empty after clear", round, step);
+    }
     const int64_t drawn = static_cast<int64_t>(next() % static_cast<uint64_t>(range)) - range / 2;
     const int64_t id = r % 97 == 0 ? INT64_MIN : drawn;
     const uint64_t h = mtht::hash_id(id);
@@ -93,10 +99,36 @@ void check_wrapped_cluster() {
   } while (std::next_permutation(order.begin(), order.end()));
 }
 
+// clear_for(n) leaves room for n ids: counts entered then stay where they are (a batch's
+// room holds pointers to them), whether the map had fewer slots, as many, or far more.
+void check_clear_for_keeps_counts_in_place() {
+  mtht::detail::CountMap map;
+  int round = 2000;
+  for (size_t n : {10, 1000, 5, 70000, 3, 1000}) {
+    map.clear_for(n);
+    std::vector<uint64_t*> counts;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t id = static_cast<int64_t>(i * 7 + n);
+      const auto [count, entered] = map.try_emplace(id, mtht::hash_id(id));
+      expect(entered, "an id is new after clear_for", round, static_cast<long>(i));
+      *count = i + 1;
+      counts.push_back(count);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t id = static_cast<int64_t>(i * 7 + n);
+      expect(map.find(id, mtht::hash_id(id)) == counts[i] && *counts[i] == i + 1,
+             "counts stay in place for n ids after clear_for(n)", round, static_cast<long>(i));
+    }
+    expect(map.size() == n, "size after clear_for and n entries", round, 0);
+    ++round;
+  }
+}
+
 }  // namespace
 
 int main() {
   check_wrapped_cluster();
+  check_clear_for_keeps_counts_in_place();
   int round = 0;
   for (int64_t range : {8, 40, 300, 5000})
     for (int i = 0; i < 3; ++i) check_round(round++, range);
