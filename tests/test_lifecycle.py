@@ -512,10 +512,11 @@ class CapacityModel:
                 e[2] += d
 
 
+@pytest.mark.parametrize("num_shards", [None, 4])  # the automatic count (one, here), or several
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_capacity_eviction_matches_the_model(policy, restore_num_threads):
+def test_capacity_eviction_matches_the_model(policy, num_shards, restore_num_threads):
     max_entries = 12
-    t = table_of(max_entries=max_entries, eviction_policy=policy)
+    t = table_of(max_entries=max_entries, eviction_policy=policy, num_shards=num_shards)
     # Some writes go with a write to a second table that refuses its part: the table chooses
     # its victims (it is planned first, on one thread), then nothing is written.
     mtht.set_num_threads(1)
