@@ -2312,7 +2312,7 @@ class EmbeddingTable {
   // A room is kept from one write to the next (room_kept_), so that its memory is not taken
   // from the system and faulted in again at every write: the C library gave the maps of a
   // 65,536-id batch (4 MB) back once they were freed, and a write to a full table of 1M
-  // entries whose ids were all stored then spent a quarter of its time in page faults.
+  // entries whose ids were all stored then spent a fifth of its time in page faults.
   struct Room {
     std::vector<ShardRoom> by_shard;
     uint64_t new_entries = 0;
