@@ -1759,7 +1759,8 @@ class HashTableConfigInstance:
         read-only array they were evaluated into (no copy for every table of every batch)."""
         constant_rates = getattr(self, "_constant_rates", None)
         if constant_rates is not None:
-            integer_step(global_step)
+            if type(global_step) is not int:  # a Python int needs no check (every table of a multi-slot write)
+                integer_step(global_step)
             return constant_rates
         return self.call_learning_rate_fns(global_step)
 

@@ -99,8 +99,8 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
         # Every slot's table is written, or (on any error) none.
         arguments = _hash_table.write_arguments(method, *args, **kwargs)
-        _hash_table.write_all([self._slot_table(slot).prepare_write_with(method, ids, tensor, arguments)
-                               for slot, (ids, tensor) in slot_to_id_and_tensor.items()])
+        _hash_table.write_parts([self._slot_table(slot).write_part(method, ids, tensor, arguments)
+                                 for slot, (ids, tensor) in slot_to_id_and_tensor.items()], arguments)
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":

@@ -333,14 +333,15 @@ def test_fused_lookup_with_a_large_output_matches_per_table_lookups(restore_num_
                                       tables[k].lookup(ids[a:b]).reshape(-1))
 
 
+@pytest.mark.parametrize("dims", [(16, 3, 16, 3, 16), (16, 16, 16, 16, 16)])  # rows of one width: one 2-D array
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_lookups_of_several_tables_in_one_call_match_each_tables_lookup(restore_num_threads, threads):
+def test_lookups_of_several_tables_in_one_call_match_each_tables_lookup(restore_num_threads, threads, dims):
     # The tables' ids are cut into pieces shared out over the threads: tables with no ids, one
     # id, fewer than a piece and several pieces' worth, one table twice, rows of 3 and 16 floats.
     mtht.set_num_threads(threads)
     rng = np.random.default_rng(threads)
     tables = []
-    for dim in (16, 3, 16, 3, 16):
+    for dim in dims:
         t = mtht.hash_table_from_config(make_config([SegmentDesc(dim, init="zeros", opt="sgd")], [LR]))
         t.assign(np.arange(30_000), rng.standard_normal((30_000, dim)).astype(np.float32))
         tables.append(t)
