@@ -184,17 +184,15 @@ def write_all(writes: List[TableWrite]) -> None:
     checked, and given the room and the memory it needs, before the first table changes. The
     writes share their ``req_time``, and the ``apply_gradients`` ones their ``global_step`` and
     ``dedup``."""
-    if len(writes) == 1:
-        writes[0].apply()
+    if not writes:
         return
     steps = [w for w in writes if w.method == "apply_gradients"]
     if len({w.req_time for w in writes}) > 1 or len({(w.global_step, w.dedup) for w in steps}) > 1:
         raise ValueError("writes applied together must share req_time, and gradient steps global_step "
                          "and dedup")
-    if writes:
-        step, dedup = (steps[0].global_step, steps[0].dedup) if steps else (0, False)
-        _core.write_tables([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
-                           step, writes[0].req_time, dedup)
+    step, dedup = (steps[0].global_step, steps[0].dedup) if steps else (0, False)
+    write_parts([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
+                WriteArguments(step, dedup, writes[0].req_time))
 
 
 class HashTable(BaseHashTable):

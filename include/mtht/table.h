@@ -2473,17 +2473,9 @@ class EmbeddingTable {
     // its limit (by expiry, or still filling) then writes nearly as fast as one without: 1M
     // entries with room for 2M, 65,536-id Adagrad steps, a tenth of each new, C++ loop, one
     // thread: 5.5 -> 2.8 ms a write, against 2.4 without a limit.
-    if (current + n <= spec_.max_entries && !(pool_usable() && spec_.eviction_policy != 0)) return lock;
-    // A big batch's room is not kept (nor made from the kept one's memory).
-    struct Kept {
-      Room& room;
-      bool big;
-      ~Kept() {
-        if (big) room = Room{};
-      }
-    } kept{room_kept_, n > kKeptRoomIds};
-    if (kept.big) kept.room = Room{};
-    Room& room = kept.room;
+    if (current + n <= spec_.max_entries && !pool_takes_new_entries()) return lock;
+    Room big_batch;  // a big batch's room is not kept
+    Room& room = n > kKeptRoomIds ? big_batch : room_kept_;
     room_for(ids, n, runs, gated, room);
     if (current + room.new_entries > spec_.max_entries) {
       const uint64_t excess = current + room.new_entries - spec_.max_entries;
@@ -2491,7 +2483,7 @@ class EmbeddingTable {
     }
     // With LFU a new entry may count fewer writes than the pool's last entry: it joins the
     // pool (with the least key, so it is looked at first). With LRU its clock is later.
-    if (pool_usable() && spec_.eviction_policy != 0)
+    if (pool_takes_new_entries())
       for (const int64_t id : room.admitted) pool_.pending.push_back(Candidate{0, 0, id});
     return lock;
   }
@@ -2535,14 +2527,9 @@ class EmbeddingTable {
       pool_.pending.push_back(c);
       return;
     }
-    add_victim(victims, c.id, h);
-    pool_.chosen.push_back(c);
-  }
-
-  void add_victim(detail::Victims& victims, int64_t id, uint64_t h) const {
-    const size_t s = shard_of(h);
-    victims.by_shard[s].push_back(id);
+    victims.by_shard[shard_of(h)].push_back(c.id);
     ++victims.total;
+    pool_.chosen.push_back(c);
   }
 
   // Records in order, taken from the front.
@@ -2608,20 +2595,25 @@ class EmbeddingTable {
   // in by then), so that looking at one does not wait on memory twice. With the `room` of a
   // write, so is the slot of its id in the batch's counts (take), which missed the cache:
   // the counts of a batch of 65,536 ids take 2 to 4 MB.
-  void fetch_ahead(const std::vector<Candidate>& records, size_t i, const Room* room) const {
+  // (Also for the ids a write evicts, evict_shard: `id_of(k)` is the id of the k-th of n.)
+  template <class IdOf>
+  void fetch_ahead(size_t n, size_t i, IdOf&& id_of, const Room* room) const {
     auto bucket = [this, room](int64_t id) {
       const uint64_t h = hash_id(id);
       shard_for(h).prefetch_group(h);
       if (room) room->by_shard[shard_of(h)].occurrences.prefetch(h);
     };
     if (i == 0)
-      for (size_t k = 0; k < std::min<size_t>(records.size(), 16); ++k) bucket(records[k].id);
-    if (i + 16 < records.size()) bucket(records[i + 16].id);
-    if (i + 8 < records.size()) {
-      const int64_t id = records[i + 8].id;
+      for (size_t k = 0; k < std::min<size_t>(n, 16); ++k) bucket(id_of(k));
+    if (i + 16 < n) bucket(id_of(i + 16));
+    if (i + 8 < n) {
+      const int64_t id = id_of(i + 8);
       const uint64_t h = hash_id(id);
       shard_for(h).prefetch_meta(id, h);
     }
+  }
+  void fetch_ahead(const std::vector<Candidate>& records, size_t i, const Room* room) const {
+    fetch_ahead(records.size(), i, [&records](size_t k) { return records[k].id; }, room);
   }
 
   // The records the last write looked at or made go into the settled run if they still
@@ -2677,6 +2669,8 @@ class EmbeddingTable {
 
   // Whether the kept records still stand for the table (nothing dropped them since).
   bool pool_usable() const { return pool_.valid && pool_.resets == resets_.load(std::memory_order_relaxed); }
+  // Whether a write's new entries need records in the kept ones (LFU: see VictimPool).
+  bool pool_takes_new_entries() const { return spec_.eviction_policy != 0 && pool_usable(); }
 
   bool victims_from_pool(const Room& room, uint64_t excess, detail::Victims& victims) {
     if (!pool_usable()) return false;
@@ -2787,22 +2781,18 @@ class EmbeddingTable {
     });
   }
 
-  // Removes the victims in shard s. Allocates nothing. Each victim's bucket is fetched 16
-  // victims ahead and its row's bookkeeping (which the removal writes) 8 ahead, as the
-  // kept records are (fetch_ahead), and the evictions are counted once: removals one after
-  // another, each waiting on memory and adding to the shared count, cost 2% to 3% of a
-  // write (as in shard_for).
+  // Removes the victims in shard s. Allocates nothing. Each victim's bucket and the
+  // bookkeeping the removal writes are fetched ahead (fetch_ahead), and the evictions are
+  // counted once: removals one after another, each waiting on memory and adding to the
+  // shared count, cost 2% to 3% of a write (as in shard_for).
   void evict_shard(const detail::Victims& victims, size_t s) {
     const std::vector<int64_t>& ids = victims.by_shard[s];
     if (ids.empty()) return;
     detail::Shard& sh = *shards_[s];
     std::unique_lock<detail::SharedMutex> lk(sh.mu);
-    const size_t n = ids.size();
-    for (size_t k = 0; k < std::min<size_t>(n, 16); ++k) sh.prefetch_group(hash_id(ids[k]));
     uint64_t evicted = 0;
-    for (size_t k = 0; k < n; ++k) {
-      if (k + 16 < n) sh.prefetch_group(hash_id(ids[k + 16]));
-      if (k + 8 < n) sh.prefetch_meta(ids[k + 8], hash_id(ids[k + 8]));
+    for (size_t k = 0; k < ids.size(); ++k) {
+      fetch_ahead(ids.size(), k, [&ids](size_t q) { return ids[q]; }, nullptr);
       evicted += sh.erase(ids[k], hash_id(ids[k]));
     }
     evictions_ += evicted;
