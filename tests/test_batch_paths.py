@@ -1,10 +1,11 @@
 """Tests of the batch engine's fast paths against the reference model.
 
 A write is split by shard and its ids are visited in four stages, each a loop over a block
-of 16 positions, a block apart: home buckets prefetched, then the next bucket when an id may
-lie past home, then the row, then the work; each shard is locked from the first stage to the
-last. A read goes through the same stages in input order, in pieces that hold the shared
-locks of their shards. These tests drive the edges of those pipelines: shards holding a
+of 2 to 16 positions (fewer for wider rows), a block apart: home buckets prefetched, then the
+next bucket when an id may lie past home, then the row, then the work; each shard is locked
+from the first stage to the last. A read goes through the same stages in input order, each
+block sized by the rows the last one found, in pieces that hold the shared locks of their
+shards. These tests drive the edges of those pipelines: shards holding a
 number of ids around the block sizes, reads around the block and piece sizes, batches spread
 over 1 to 4,096 shards, rows of every width, probe chains many buckets long (ids chosen to
 share one home bucket), ids that the grouping of a deduplicated write can tell apart only by
@@ -267,6 +268,32 @@ def test_reads_in_blocks_over_many_shards(n):
     ref.assign(stored, values, req_time=7)
     _assert_same(t, ref, ids)
     _assert_same(t, ref, np.repeat(ids[: max(1, n // 10)], 40))  # runs of one id across blocks
+
+
+@pytest.mark.parametrize("dim", [4, 64])
+def test_reads_whose_blocks_change_size_with_the_stored_share(dim):
+    # A read sizes each block by the rows the last one found: more ids per block where few
+    # are stored (an absent id fetches no row), fewer where all are, and fewer still for wide
+    # rows. Runs of stored and of absent ids, 1 to 150 long, make the size change at every
+    # point of the pipeline; every id's row must come back all the same.
+    seg = SegmentDesc(dim, init="zeros", opt="sgd")
+    cfg = make_config([seg], [LR])
+    t, ref = mtht.hash_table_from_config(cfg), ReferenceTable([seg])
+    rng = np.random.default_rng(dim)
+    runs = []
+    for k in range(400):
+        length = int(rng.integers(1, 151))
+        runs.append(np.full(length, k % 2 == 0))
+    stored_mask = np.concatenate(runs)
+    ids = rng.permutation(10 * stored_mask.size)[: stored_mask.size].astype(np.int64)
+    values = rng.standard_normal((int(stored_mask.sum()), dim)).astype(np.float32)
+    t.assign(ids[stored_mask], values, req_time=3)
+    ref.assign(ids[stored_mask], values, req_time=3)
+    want = np.zeros((ids.size, dim), np.float32)
+    want[stored_mask] = values
+    np.testing.assert_array_equal(t.lookup(ids), want)
+    np.testing.assert_array_equal(t.lookup(ids), ref.lookup(ids))
+    np.testing.assert_array_equal(t.lookup(ids[::-1]), want[::-1])
 
 
 @pytest.mark.parametrize("dim", [1, 3, 7, 8, 16, 24, 32, 33, 40, 64])

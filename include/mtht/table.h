@@ -1176,6 +1176,8 @@ class EmbeddingTable {
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
                                                  [](uint32_t threshold) { return threshold; });
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
+    read_block_ = block_for(2 + half_fetches(read_bytes_));
+    write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
     const size_t shards = size_t{1} << shard_bits_;
     shards_.reserve(shards);
     for (size_t s = 0; s < shards; ++s) shards_.emplace_back(new_shard().release());
@@ -1996,7 +1998,19 @@ class EmbeddingTable {
     }
   }
 
-  static constexpr size_t kBlock = 16;  // items per block of visit_blocks and read_blocks
+  // Items per block of visit_blocks and read_blocks, from 2 to kMaxBlock: a block is how far
+  // ahead of its use each fetch is made, and a longer distance hid less of the memory's
+  // latency, not more (1M ids, one thread, C++ loop, blocks of 16 / 8 / 4 / 2 items: dim-16
+  // Adagrad steps 11.8 / 15.5 / 20.5 / 15.6 M ids/s, dim-16 lookups 33.8 / 41.1 / 31.7 /
+  // 21.7, dim-64 steps 5.8 / 5.2 / 6.0 / 7.3). So a block holds about kFetchesAhead fetches:
+  // an item fetches its bucket and its row (and a write the caller's row), each one fetch
+  // plus half of one for every further line, as adjacent lines come cheaper.
+  static constexpr size_t kMaxBlock = 16, kRing = 4 * kMaxBlock, kFetchesAhead = 16;
+  static size_t half_fetches(size_t bytes) { return bytes ? 1 + (bytes + 63) / 64 : 0; }
+  static size_t block_for(size_t half_fetches_per_item) {
+    const size_t h = half_fetches_per_item;
+    return std::clamp<size_t>((2 * kFetchesAhead + h / 2) / h, 2, kMaxBlock);
+  }
 
   // Where the ids of the last blocks of a read were found, between stages 2 and 4 of
   // read_blocks: stage 2 looks in the home bucket (at_home), stage 3 further on when the id
@@ -2005,18 +2019,20 @@ class EmbeddingTable {
   // Slots and rows stay valid to stage 4: the shard is held all along, and a read changes
   // nothing.
   struct Located {
-    detail::Shard::Slot slot[4 * kBlock];
-    const float* row[4 * kBlock];
-    bool further[4 * kBlock];
+    detail::Shard::Slot slot[kRing];
+    const float* row[kRing];
+    bool further[kRing];
     void at_home(const detail::Shard& sh, size_t k, int64_t id, uint64_t h) {
-      slot[k % (4 * kBlock)] = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
+      slot[k % kRing] = sh.find_at_home(id, h, &further[k % kRing]);
     }
-    void prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) {
-      detail::Shard::Slot& s = slot[k % (4 * kBlock)];
-      if (further[k % (4 * kBlock)]) s = sh.find(id, h);
+    // Returns whether the id is stored.
+    bool prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) {
+      detail::Shard::Slot& s = slot[k % kRing];
+      if (further[k % kRing]) s = sh.find(id, h);
       const float* r = s.bucket ? sh.entry(s.row()).values : nullptr;
-      row[k % (4 * kBlock)] = r;
+      row[k % kRing] = r;
       if (r) detail::prefetch_lines(r, bytes);
+      return r != nullptr;
     }
   };
 
@@ -2025,16 +2041,16 @@ class EmbeddingTable {
   // while its room was reserved has been removed since), which frees the buckets a slot
   // points into; rows never move.
   struct LocatedRows {
-    uint32_t row1[4 * kBlock];  // row + 1, or 0 when not in the home bucket
-    bool further[4 * kBlock];
+    uint32_t row1[kRing];  // row + 1, or 0 when not in the home bucket
+    bool further[kRing];
     void at_home(const detail::Shard& sh, size_t k, int64_t id, uint64_t h) {
-      const auto s = sh.find_at_home(id, h, &further[k % (4 * kBlock)]);
-      row1[k % (4 * kBlock)] = s.bucket ? s.bucket->row[s.j] : 0;
+      const auto s = sh.find_at_home(id, h, &further[k % kRing]);
+      row1[k % kRing] = s.bucket ? s.bucket->row[s.j] : 0;
     }
     // Returns whether the id is stored.
     bool prefetch_row(const detail::Shard& sh, size_t k, int64_t id, uint64_t h, size_t bytes) const {
-      uint32_t r1 = row1[k % (4 * kBlock)];
-      if (further[k % (4 * kBlock)]) {
+      uint32_t r1 = row1[k % kRing];
+      if (further[k % kRing]) {
         const auto s = sh.find(id, h);
         r1 = s.bucket ? s.bucket->row[s.j] : 0;
       }
@@ -2052,47 +2068,62 @@ class EmbeddingTable {
   // The four stages of visit_blocks (see there), over ids[0, n) in input order (the caller
   // holds the shards' locks): stage 1 hashes each id and prefetches its home bucket, stage 2 looks for it
   // there, stage 3 further on (when it may lie there) and prefetches the row's first
-  // read_bytes_; stage 4 is use(position, slot, row).
+  // read_bytes_; stage 4 is use(position, slot, row). The blocks are sized by the rows the
+  // last block found: an absent id fetches no row, and a lookup of absent ids keeps more of
+  // them ahead (1M ids, dim 16, one thread: absent ids 55.6 M ids/s in blocks of 8, 68.3 in
+  // blocks of 16).
   template <class Use>
   void read_blocks(const int64_t* ids, size_t n, Use&& use) const {
-    constexpr size_t K = kBlock, R = 4 * kBlock;
+    constexpr size_t R = kRing;
+    const size_t row_fetches = half_fetches(read_bytes_);
     const detail::Shard* shard[R];
     uint64_t hash[R];
     Located found;
-    for (size_t b = 0; b < n + 3 * K; b += K) {
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) {
+    size_t K = read_block_;
+    // Blocks [at2, b), [at3, at2), [at4, at3) are at stages 2, 3 and 4; [b, e) enters stage 1.
+    size_t b = 0, at2 = 0, at3 = 0, at4 = 0;
+    while (at4 < n) {
+      const size_t e = std::min(n, b + K);
+      for (size_t k = b; k < e; ++k) {
         const uint64_t h = hash_id(ids[k]);
         shard[k % R] = shards_[shard_of(h)];
         hash[k % R] = h;
         shard[k % R]->prefetch_group(h);
       }
-      if (b >= K)
-        for (size_t k = b - K, e = std::min(n, b); k < e; ++k) found.at_home(*shard[k % R], k, ids[k], hash[k % R]);
-      if (b >= 2 * K)
-        for (size_t k = b - 2 * K, e = std::min(n, b - K); k < e; ++k)
-          found.prefetch_row(*shard[k % R], k, ids[k], hash[k % R], read_bytes_);
-      if (b >= 3 * K)
-        for (size_t k = b - 3 * K, e = std::min(n, b - 2 * K); k < e; ++k) use(k, found.slot[k % R], found.row[k % R]);
+      for (size_t k = at2; k < b; ++k) found.at_home(*shard[k % R], k, ids[k], hash[k % R]);
+      if (at3 < at2) {
+        size_t rows = 0;
+        for (size_t k = at3; k < at2; ++k)
+          rows += found.prefetch_row(*shard[k % R], k, ids[k], hash[k % R], read_bytes_);
+        const size_t m = at2 - at3;
+        K = block_for(2 + (rows * row_fetches + m / 2) / m);
+      }
+      for (size_t k = at4; k < at3; ++k) use(k, found.slot[k % R], found.row[k % R]);
+      at4 = at3;
+      at3 = at2;
+      at2 = b;
+      b = e;
     }
   }
 
   // The loop of every write batch: items [begin[first], begin[last]) (item k belongs to
   // shard s when begin[s] <= k < begin[s + 1]: plan positions, or runs of a deduplicated
-  // write) go through four stages, each a short loop over a block of kBlock items, a block
-  // apart: stage1(shard, k) prefetches the home bucket; stage2 the next bucket when the id
-  // may lie past home (the home bucket has arrived); stage3 the row (the buckets have
-  // arrived) and the caller's data; stage4 does the work. A shard is locked (exclusively) when stage 1
-  // reaches its first item and unlocked after stage 4 has done its last: in increasing
-  // order, at most 4 * kBlock shards at a time. Short loops let the processor run far
-  // ahead of a stage that waits; the loop this replaced did all stages for one item at a
-  // time (for items 24, 16 and 8 ahead), with many more instructions between its misses:
-  // 1M ids, dim 16, one thread, medians of alternating runs of the Python benchmark:
-  // lookups 36.7 -> 49.9 M ids/s, Adagrad steps 26.7 -> 30.2. Blocks of 8 items were 5 to
-  // 25% slower than 16, blocks of 32 up to 10% slower on writes (as far apart as 16 at 10M).
+  // write) go through four stages, each a short loop over a block of K items (write_block_,
+  // see block_for), a block apart: stage1(shard, k) prefetches the home bucket; stage2 the
+  // next bucket when the id may lie past home (the home bucket has arrived); stage3 the row
+  // (the buckets have arrived) and the caller's data; stage4 does the work. A shard is
+  // locked (exclusively) when stage 1 reaches its first item and unlocked after stage 4 has
+  // done its last: in increasing order, at most kRing shards at a time. Short loops let the
+  // processor run far ahead of a stage that waits; the loop this replaced did all stages for
+  // one item at a time (for items 24, 16 and 8 ahead), with many more instructions between
+  // its misses: 1M ids, dim 16, one thread, medians of alternating runs of the Python
+  // benchmark: lookups 36.7 -> 49.9 M ids/s, Adagrad steps 26.7 -> 30.2. On the machine of
+  // those runs, blocks of 8 items were 5 to 25% slower than 16 (and 32 up to 10% slower on
+  // writes); on a later one, whose memory answered in 164 ns, 16 was the slowest (block_for).
   template <class S1, class S2, class S3, class S4>
-  void visit_blocks(const size_t* begin, size_t first, size_t last, S1&& stage1, S2&& stage2, S3&& stage3,
+  void visit_blocks(const size_t* begin, size_t first, size_t last, size_t K, S1&& stage1, S2&& stage2, S3&& stage3,
                     S4&& stage4) {
-    constexpr size_t K = kBlock, R = 4 * K;
+    constexpr size_t R = kRing;
     const size_t lo = begin[first], hi = begin[last];
     if (lo == hi) return;
     std::unique_lock<detail::SharedMutex> held[R];  // a ring, in the order taken
@@ -2145,7 +2176,7 @@ class EmbeddingTable {
     LocatedRows found;  // for prefetching only: fn finds (or inserts) each id itself
     const bool counting = has_filter_;  // an absent id is counted by the admission filter
     visit_blocks(
-        begin, first, last, [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
+        begin, first, last, write_block_, [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
         [&](const detail::Shard& sh, size_t k) {
           const size_t q = at(k);
@@ -2852,6 +2883,7 @@ class EmbeddingTable {
   Room room_kept_;                   // the last capacity-limited write's room, with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
+  size_t read_block_ = 0, write_block_ = 0;  // items per block of read_blocks, of write_blocks
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
   bool needs_step_ = false;
