@@ -84,6 +84,8 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         uint64_t max_probe_groups
         uint64_t evictions
         uint64_t rows_in_use
+        uint64_t read_block
+        uint64_t write_block
 
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception

@@ -296,6 +296,8 @@ cdef class Table:
             "max_probe_groups": st.max_probe_groups,
             "evictions": st.evictions,
             "rows_in_use": st.rows_in_use,
+            "read_block": st.read_block,
+            "write_block": st.write_block,
         }
 
     def lookup(self, const int64_t[::1] ids, float[:, ::1] out):

@@ -1266,6 +1266,7 @@ def format_report(result: dict, header: bool = True) -> str:
     if t:
         lines.append(f"table: {t['size']:,} ids, {t['bytes'] / t['size']:.0f} B/entry (row stride {t.get('row_stride', '?')}), "
                      f"load {t['load_factor']:.2f}, {t.get('num_shards', '?')} shards, "
+                     f"blocks of {t.get('read_block', '?')} ids (reads) / {t.get('write_block', '?')} (writes), "
                      f"filled at {t['fill_ids_per_s'] / 1e6:.1f} M ids/s")
     lines.append("")
     head = (f"{'op':<26} {'impl':<13} {'thr':>3} {'M ids/s':>8}  {'[min .. max]':<17} {'GB/s':>6} "

@@ -296,6 +296,48 @@ def test_reads_whose_blocks_change_size_with_the_stored_share(dim):
     np.testing.assert_array_equal(t.lookup(ids[::-1]), want[::-1])
 
 
+def _blocks_of(dim, opt):
+    t = mtht.hash_table_from_config(make_config([SegmentDesc(dim, init="zeros", opt=opt)], [LR]))
+    st = t.stats()
+    return st["read_block"], st["write_block"]
+
+
+def test_blocks_hold_about_sixteen_fetches(monkeypatch):
+    # A block holds about 16 fetches: a bucket and a row per id (a row of n lines counts
+    # (n + 1) / 2), and for a write the caller's row too; from 2 to 16 ids.
+    assert _blocks_of(16, "adagrad") == (8, 5)    # bucket + 64-B values; + 128-B row + 64-B gradient
+    assert _blocks_of(64, "adagrad") == (5, 2)    # bucket + 256-B values; + 512-B row + 256-B gradient
+    assert _blocks_of(1, "sgd") == (8, 5)
+    assert _blocks_of(128, "sgd") == (3, 2)       # bucket + 512-B values; + 512-B row + 512-B values
+    monkeypatch.setenv("MTHT_FETCHES_AHEAD", "64")
+    assert _blocks_of(16, "adagrad") == (16, 16)  # at most 16
+    monkeypatch.setenv("MTHT_FETCHES_AHEAD", "1")
+    assert _blocks_of(16, "adagrad") == (2, 2)    # at least 2
+
+
+@pytest.mark.parametrize("bad", ["0", "257", "-3", "8x", "many"])
+def test_a_bad_fetches_ahead_is_refused(monkeypatch, bad):
+    monkeypatch.setenv("MTHT_FETCHES_AHEAD", bad)
+    with pytest.raises(ValueError, match="MTHT_FETCHES_AHEAD"):
+        _blocks_of(16, "adagrad")
+
+
+@pytest.mark.parametrize("fetches", ["1", "3", "256"])
+def test_results_do_not_depend_on_the_block_length(monkeypatch, fetches):
+    # Blocks of 2, 3 and 16 ids over writes (plain, deduplicated, with new ids among stored
+    # ones) and reads of stored and absent ids give the reference model's results.
+    monkeypatch.setenv("MTHT_FETCHES_AHEAD", fetches)
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(int(fetches))
+    for step in range(4):
+        ids = rng.integers(0, 3000, 2000).astype(np.int64)
+        grads = rng.standard_normal((ids.size, SEG.dim)).astype(np.float32)
+        dedup = step % 2 == 1
+        t.apply_gradients(ids, grads, global_step=step, req_time=step, enable_dedup=dedup)
+        ref.apply_gradients(ids, grads, [LR], enable_dedup=dedup, req_time=step)
+    _assert_same(t, ref, rng.integers(0, 4000, 3000).astype(np.int64))
+
+
 @pytest.mark.parametrize("dim", [1, 3, 7, 8, 16, 24, 32, 33, 40, 64])
 def test_lookups_copy_rows_of_every_width(dim):
     # A lookup copies rows of up to 128 bytes that are a multiple of 32 in 32-byte steps, and

@@ -57,6 +57,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <map>
@@ -130,6 +131,8 @@ struct TableStats {
   uint64_t max_probe_groups = 0;  // longest probe sequence (in buckets) seen by the last stats() scan
   uint64_t evictions = 0;         // entries removed to respect max_entries
   uint64_t rows_in_use = 0;       // rows handed out (live or free for reuse)
+  uint64_t read_block = 0;        // ids per block of a lookup's loop (when all are stored)
+  uint64_t write_block = 0;       // ids per block of a write's loop
 };
 
 // Where one entry's data is: its row of values then state, and, with a capacity limit, its
@@ -1176,6 +1179,7 @@ class EmbeddingTable {
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
                                                  [](uint32_t threshold) { return threshold; });
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
+    fetches_ahead_ = fetches_ahead_from_env();
     read_block_ = block_for(2 + half_fetches(read_bytes_));
     write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
     const size_t shards = size_t{1} << shard_bits_;
@@ -1315,6 +1319,8 @@ class EmbeddingTable {
     TableStats st;
     st.num_shards = shards_.size();
     st.row_stride = layout_.stride + (layout_.with_meta ? 16 : 0);
+    st.read_block = read_block_;
+    st.write_block = write_block_;
     st.evictions = evictions_.load();
     {
       const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);  // one moment for all shards, as size()
@@ -2005,11 +2011,22 @@ class EmbeddingTable {
   // 21.7, dim-64 steps 5.8 / 5.2 / 6.0 / 7.3). So a block holds about kFetchesAhead fetches:
   // an item fetches its bucket and its row (and a write the caller's row), each one fetch
   // plus half of one for every further line, as adjacent lines come cheaper.
+  // MTHT_FETCHES_AHEAD (read each time a table is built) sets another number of fetches, for
+  // machines that differ.
   static constexpr size_t kMaxBlock = 16, kRing = 4 * kMaxBlock, kFetchesAhead = 16;
   static size_t half_fetches(size_t bytes) { return bytes ? 1 + (bytes + 63) / 64 : 0; }
-  static size_t block_for(size_t half_fetches_per_item) {
+  size_t block_for(size_t half_fetches_per_item) const {
     const size_t h = half_fetches_per_item;
-    return std::clamp<size_t>((2 * kFetchesAhead + h / 2) / h, 2, kMaxBlock);
+    return std::clamp<size_t>((2 * fetches_ahead_ + h / 2) / h, 2, kMaxBlock);
+  }
+  static size_t fetches_ahead_from_env() {
+    const char* env = std::getenv("MTHT_FETCHES_AHEAD");
+    if (!env || !*env) return kFetchesAhead;
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end != '\0' || v < 1 || v > 256)
+      throw ValueError(std::string("MTHT_FETCHES_AHEAD=") + env + " must be a whole number from 1 to 256");
+    return static_cast<size_t>(v);
   }
 
   // Where the ids of the last blocks of a read were found, between stages 2 and 4 of
@@ -2883,6 +2900,7 @@ class EmbeddingTable {
   Room room_kept_;                   // the last capacity-limited write's room, with capacity_mu_ held
   std::atomic<uint64_t> evictions_{0};
   size_t read_bytes_ = 0;  // bytes of a row a lookup reads: header and values
+  size_t fetches_ahead_ = kFetchesAhead;       // see block_for
   size_t read_block_ = 0, write_block_ = 0;  // items per block of read_blocks, of write_blocks
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
