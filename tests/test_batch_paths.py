@@ -322,12 +322,13 @@ def test_a_bad_fetches_ahead_is_refused(monkeypatch, bad):
         _blocks_of(16, "adagrad")
 
 
-@pytest.mark.parametrize("fetches", ["1", "3", "256"])
-def test_results_do_not_depend_on_the_block_length(monkeypatch, fetches):
-    # Blocks of 2, 3 and 16 ids over writes (plain, deduplicated, with new ids among stored
-    # ones) and reads of stored and absent ids give the reference model's results.
+@pytest.mark.parametrize("fetches, blocks", [("1", (2, 2)), ("6", (3, 2)), ("9", (5, 3)), ("256", (16, 16))])
+def test_results_do_not_depend_on_the_block_length(monkeypatch, fetches, blocks):
+    # Blocks of 2 to 16 ids (reads, writes) over writes (plain, deduplicated, with new ids
+    # among stored ones) and reads of stored and absent ids give the reference model's results.
     monkeypatch.setenv("MTHT_FETCHES_AHEAD", fetches)
     t, ref = _table_and_reference()
+    assert (t.stats()["read_block"], t.stats()["write_block"]) == blocks
     rng = np.random.default_rng(int(fetches))
     for step in range(4):
         ids = rng.integers(0, 3000, 2000).astype(np.int64)
