@@ -1179,6 +1179,8 @@ class EmbeddingTable {
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
                                                  [](uint32_t threshold) { return threshold; });
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
+    // In half fetches: a bucket (2), the values a lookup reads; for a write the whole row, its
+    // bookkeeping line (with a capacity limit) and the caller's row, as wide as the values.
     fetches_ahead_ = fetches_ahead_from_env();
     read_block_ = block_for(2 + half_fetches(read_bytes_));
     write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
