@@ -29,7 +29,7 @@ def build(tmp_path_factory):
     subprocess.run(configure, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
-                    "radix_sort_check"],
+                    "radix_sort_check", "row_arena_check"],
                    check=True, capture_output=True)
     return build
 
@@ -105,3 +105,9 @@ def test_the_radix_sort_agrees_with_a_stable_sort(build):
     # Records of three 64-bit key words, random or agreeing in most bytes (which the sort
     # skips) or all equal, 0 to 65,537 of them, against std::stable_sort.
     check_passes(build, "radix_sort_check")
+
+
+def test_the_row_arena_walks_a_column_chunk_by_chunk_as_row_by_row(build):
+    # 0 to 2,000 rows over chunks of doubling sizes, steps of 1 to 5,000 rows, both columns:
+    # the walk visits every step-th row in use, in order, at the address RowArena::at gives.
+    check_passes(build, "row_arena_check")
