@@ -80,8 +80,7 @@ class CountMap {
   // Room for `n` ids in all, so that entering ids up to that many allocates nothing.
   void reserve(size_t n) {
     if (used_ == 0) {  // nothing to enter again: the slots at once
-      size_t size = 16;
-      while (2 * n > size) size *= 2;
+      const size_t size = slots_for(n);
       if (size > slots_.size()) {
         slots_.assign(size, Slot{kEmpty, 0});
         mask_ = size - 1;
@@ -102,8 +101,7 @@ class CountMap {
   // they are far more than that needs: a map kept from one batch to the next is not taken
   // from the system again, nor kept at the size of its biggest batch.
   void clear_for(size_t n) {
-    size_t size = 16;
-    while (2 * n > size) size *= 2;
+    const size_t size = slots_for(n);
     if (slots_.capacity() > 4 * size) std::vector<Slot>().swap(slots_);
     slots_.assign(size, Slot{kEmpty, 0});
     mask_ = size - 1;
@@ -128,6 +126,13 @@ class CountMap {
   };
 
   // Doubles the slots (16 at first) and enters the ids again.
+  // The slots for n ids: a power of two, at most half of them taken.
+  static size_t slots_for(size_t n) {
+    size_t size = 16;
+    while (2 * n > size) size *= 2;
+    return size;
+  }
+
   void grow() {
     std::vector<Slot> old(slots_.empty() ? 16 : 2 * slots_.size(), Slot{kEmpty, 0});
     old.swap(slots_);
