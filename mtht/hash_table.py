@@ -361,12 +361,12 @@ class HashTable(BaseHashTable):
     def assign(self, ids, values, req_time=None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
-        write_all([self.prepare_write("assign", ids, values, req_time)])
+        self._write("assign", ids, values, _assign_arguments(req_time))
         return self
 
     def assign_add(self, ids, values, req_time=None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
-        write_all([self.prepare_write("assign_add", ids, values, req_time)])
+        self._write("assign_add", ids, values, _assign_arguments(req_time))
         return self
 
     def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
@@ -375,9 +375,15 @@ class HashTable(BaseHashTable):
         step per unique id with its gradients summed left to right. Missing ids are created
         with the initializer, then stepped. Learning rates come from the config's
         learning-rate functions at ``global_step``."""
-        write_all([self.prepare_write("apply_gradients", ids, grads, global_step, use_multi_threads, enable_dedup,
-                                      req_time)])
+        self._write("apply_gradients", ids, grads,
+                    _apply_arguments(global_step, use_multi_threads, enable_dedup, req_time))
         return self
+
+    def _write(self, method: str, ids, tensor, arguments: WriteArguments) -> None:
+        # One table's write goes straight to the core, without the TableWrite that write_all
+        # checks against the others: a write of one id took 4.7 us that way, 1 us of it
+        # in the core.
+        write_parts([self.write_part(method, ids, tensor, arguments)], arguments)
 
     def reinitialize(self, ids, req_time=None) -> np.ndarray:
         """Reset values and optimizer state to their initial values (inserting new ids).
