@@ -453,7 +453,9 @@ class alignas(64) Shard {
 
   // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
   // and when entries have overflowed past home (so `id` may lie further) the next bucket is
-  // prefetched and *further is set.
+  // prefetched and *further is set; the bucket after it too when more than one entry passed
+  // home, a sign of a long run (1M ids at load 0.64, C++ loop, one thread, 8 paired runs:
+  // lookups 5.6% faster; level at the default bound's 0.32).
   Slot find_at_home(int64_t id, uint64_t h, bool* further) const {
     *further = false;
     if (!nb_) return Slot{nullptr, 0};
@@ -463,7 +465,9 @@ class alignas(64) Shard {
     if (m) return Slot{b, __builtin_ctz(m)};
     if (b->overflow) {
       *further = true;
-      prefetch(buckets() + next(at, nb_));
+      const uint64_t at1 = next(at, nb_);
+      prefetch(buckets() + at1);
+      if (b->overflow > 1) prefetch(buckets() + next(at1, nb_));
     }
     return Slot{nullptr, 0};
   }
