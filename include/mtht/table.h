@@ -1710,7 +1710,8 @@ class EmbeddingTable {
   // (their rows copied, the free ones left behind) before the old ones go, so a failed
   // allocation leaves the table as it was; meanwhile the table takes twice its memory, which
   // kSplitEntriesPerShard keeps to tables of at most half a million or so entries. `finest`:
-  // entries_by_finest_shard().
+  // entries_by_finest_shard(). The new shards of one old shard are its alone, so the old
+  // shards are moved over the pool (move_entries).
   void split_shards(int bits, const std::vector<uint64_t>& finest) {
     const int shift = 64 - bits;
     std::vector<std::unique_ptr<detail::Shard>> fresh(size_t{1} << bits);
@@ -1723,26 +1724,52 @@ class EmbeddingTable {
       fresh[i]->reserve(entries[i]);
       fresh[i]->counts.reserve(counted[i]);
     }
-    for (const detail::Shard* sh : shards_) {
-      sh->for_each_entry([&](int64_t id, int64_t ts, uint32_t r) {
-        const uint64_t h = hash_id(id);
-        bool inserted;
-        const Slot slot = fresh[h >> shift]->find_or_insert(id, h, &inserted);
-        const EntryRef from = sh->entry(r), to = fresh[h >> shift]->entry(slot.row());
-        std::memcpy(to.values, from.values, layout_.stride);
-        if (from.meta) std::memcpy(to.meta, from.meta, 2 * sizeof(uint64_t));
-        slot.ts() = ts;
-      });
-      sh->counts.for_each([&](int64_t id, uint64_t count) {
+    ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
+      const detail::Shard& sh = *shards_[s];
+      move_entries(sh, fresh, shift);
+      sh.counts.for_each([&](int64_t id, uint64_t count) {
         const uint64_t h = hash_id(id);
         *fresh[h >> shift]->counts.try_emplace(id, h).first = count;
       });
-    }
+    });
     std::vector<detail::Shard*> next(fresh.size());  // the last allocation
     for (size_t i = 0; i < fresh.size(); ++i) next[i] = fresh[i].release();
     for (detail::Shard* sh : shards_) delete sh;
     shards_.swap(next);
     shard_bits_ = bits;
+  }
+
+  // Copies every entry of `from` into the new shard that the top `64 - shift` bits of its
+  // hash choose among `to` (split_shards), in index order. Each entry's row and new home
+  // bucket are fetched kMoveAhead entries ahead: one entry at a time, each waited on memory
+  // (a split of 590,000 entries from 32 shards to 64 took 50 ms in a C++ loop).
+  void move_entries(const detail::Shard& from, const std::vector<std::unique_ptr<detail::Shard>>& to,
+                    int shift) const {
+    constexpr size_t kMoveAhead = 16;
+    const size_t stride = layout_.stride;
+    from.for_each_run([&](const detail::Shard::Copied* moved, size_t n) {
+      uint64_t hash[kMoveAhead];
+      auto fetch = [&](size_t i) {
+        const uint64_t h = hash_id(moved[i].key);
+        hash[i % kMoveAhead] = h;
+        to[h >> shift]->prefetch_group(h);
+        const EntryRef row = from.entry(moved[i].row - 1);
+        detail::prefetch_lines(row.values, stride);
+        if (row.meta) detail::prefetch(row.meta);
+      };
+      for (size_t i = 0; i < std::min(n, kMoveAhead); ++i) fetch(i);
+      for (size_t i = 0; i < n; ++i) {
+        const uint64_t h = hash[i % kMoveAhead];
+        if (i + kMoveAhead < n) fetch(i + kMoveAhead);
+        detail::Shard& dst = *to[h >> shift];
+        bool inserted;
+        const Slot slot = dst.find_or_insert(moved[i].key, h, &inserted);
+        const EntryRef src = from.entry(moved[i].row - 1), out = dst.entry(slot.row());
+        std::memcpy(out.values, src.values, stride);
+        if (src.meta) std::memcpy(out.meta, src.meta, 2 * sizeof(uint64_t));
+        slot.ts() = moved[i].ts;
+      }
+    });
   }
 
   using Slot = detail::Shard::Slot;
