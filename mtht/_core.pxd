@@ -86,6 +86,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         uint64_t rows_in_use
         uint64_t read_block
         uint64_t write_block
+        uint64_t timestamps_apart
 
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception

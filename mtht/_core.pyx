@@ -298,6 +298,7 @@ cdef class Table:
             "rows_in_use": st.rows_in_use,
             "read_block": st.read_block,
             "write_block": st.write_block,
+            "timestamps_apart": st.timestamps_apart,
         }
 
     def lookup(self, const int64_t[::1] ids, float[:, ::1] out):

@@ -324,7 +324,7 @@ def _mtht_bytes_estimate(config: BenchConfig, n: int) -> int:
         stride = None
     if stride is None:
         stride = _round_up(4 * (config.dim + _state_floats(config.optimizer, config.dim)), 16)
-    return int(n * (stride + 128 / (3 * config.max_load_factor)))  # + the index at its lowest load
+    return int(n * (stride + 128 / (4 * config.max_load_factor)))  # + the index at its lowest load
 
 
 def _baseline_bytes_per_entry(config: BenchConfig) -> int:

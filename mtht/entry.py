@@ -1383,8 +1383,8 @@ class EmbeddingHashTableConfig:
         A shard's index of up to 2 MiB doubles, so its load stays between half this and
         this; a larger one grows by half, so its load stays between 2/3 of this and this.
         Lower is faster (fewer probes past an id's home bucket), higher takes less memory:
-        the index costs 64 / 3 / load bytes per entry (43 to 85 at the default, 24 to 47 at
-        0.9; 43 to 64 and 24 to 36 in large shards). What lookups and updates
+        the index costs 64 / 4 / load bytes per entry (32 to 64 at the default, 18 to 36 at
+        0.9; 32 to 48 and 18 to 27 in large shards). What lookups and updates
         return does not depend on it; the entries ``max_bytes`` allows do.
     num_shards : int or None, default None
         Parts of the table, each with its own lock and index. None: the table starts with

@@ -302,8 +302,10 @@ class HashTable(BaseHashTable):
         made to respect ``max_entries``. ``bytes`` counts the index and the rows handed out
         (``row_bytes_reserved`` also counts address space reserved but never touched);
         ``probe_lengths=True`` also scans the index for the longest probe sequence (in
-        buckets of 3 slots). ``read_block`` and ``write_block`` are the ids per block of the
-        batch loops (see "How long a block" in docs/design.md)."""
+        buckets of 4 slots). ``read_block`` and ``write_block`` are the ids per block of the
+        batch loops (see "How long a block" in docs/design.md). ``timestamps_apart`` counts
+        the entries whose timestamp is outside [0, 2**32 - 1), which the index keeps apart
+        (their memory is part of ``index_bytes``)."""
         st = self._core.stats(probe_lengths)
         st["row_bytes_reserved"] = st.pop("row_bytes")
         st["row_bytes"] = st["rows_in_use"] * st["row_stride"]

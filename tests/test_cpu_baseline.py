@@ -29,7 +29,7 @@ def build(tmp_path_factory):
     subprocess.run(configure, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
-                    "radix_sort_check", "row_arena_check"],
+                    "radix_sort_check", "row_arena_check", "bucket_check"],
                    check=True, capture_output=True)
     return build
 
@@ -111,3 +111,10 @@ def test_the_row_arena_walks_a_column_chunk_by_chunk_as_row_by_row(build):
     # 0 to 2,000 rows over chunks of doubling sizes, steps of 1 to 5,000 rows, both columns:
     # the walk visits every step-th row in use, in order, at the address RowArena::at gives.
     check_passes(build, "row_arena_check")
+
+
+def test_a_bucket_packs_its_overflow_count_and_compares_four_ids_at_once(build):
+    # The overflow count in the slot words' top bits reads back, leaves the rows alone and
+    # stops at its most; the SSE2 comparison of four ids agrees with one slot at a time,
+    # for ids differing from the wanted one in only their low or high 32 bits.
+    check_passes(build, "bucket_check")

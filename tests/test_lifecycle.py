@@ -273,6 +273,75 @@ def test_timestamps_are_int64(tmp_path):
         assert restored.max_update_ts == max(stamps) == t.max_update_ts
 
 
+def _apart(ts):
+    """Whether a bucket slot cannot hold this timestamp (it keeps 32 bits: [0, 2**32 - 1))."""
+    return not 0 <= ts < 2**32 - 1
+
+
+def _check_timestamps(t, want):
+    ids = np.fromiter(want, dtype=np.int64)
+    assert [e.last_update_ts for e in t.lookup_entry(ids)] == [want[i] for i in ids.tolist()]
+    assert t.stats()["timestamps_apart"] == sum(_apart(ts) for ts in want.values())
+
+
+@pytest.mark.parametrize("far", [-1, -(2**62), 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 1])
+def test_timestamps_a_slot_cannot_hold_are_kept_apart_exactly(far):
+    # Slots keep 32-bit timestamps; the shard keeps the others apart. Both kinds come back
+    # exactly through growth and shard splits, through writes that move a timestamp from one
+    # place to the other (by every write path), and through removals; nothing is kept apart
+    # once no entry needs it.
+    ones = lambda b: np.ones((b.size, 1), F32)  # noqa: E731
+    t = table_of()
+    rng = np.random.default_rng(5)
+    ids = rng.permutation(120_000).astype(np.int64) * 7919 - 300_000_000
+    want = {}
+    for step, batch in enumerate(np.array_split(ids, 12)):  # grows, and splits its shards
+        ts = far if step % 2 else 1_700_000_000 + step
+        t.apply_gradients(batch, ones(batch), global_step=0, req_time=ts)
+        want.update(dict.fromkeys(batch.tolist(), ts))
+    assert t.stats()["num_shards"] > 1
+    _check_timestamps(t, want)
+    writes = [lambda b, ts: t.assign(b, ones(b), req_time=ts),
+              lambda b, ts: t.assign_add(b, ones(b), req_time=ts),
+              lambda b, ts: t.apply_gradients(b, ones(b), global_step=0, enable_dedup=True, req_time=ts),
+              lambda b, ts: t.reinitialize(b, req_time=ts)]
+    for k, batch in enumerate(np.array_split(rng.choice(ids, 40_000, replace=False), 8)):
+        ts = far if k % 2 else 7 + k  # near ones become far, far ones near, and back
+        writes[k % len(writes)](batch, ts)
+        want.update(dict.fromkeys(batch.tolist(), ts))
+    _check_timestamps(t, want)
+    t.assign(ids, ones(ids), req_time=3)  # every timestamp back in its slot
+    _check_timestamps(t, dict.fromkeys(ids.tolist(), 3))
+
+    # Removed by expiry: whichever of the two kinds has expired at `now` goes.
+    near = 10**9
+    t = table_of(expire_days=1)
+    for k, batch in enumerate(np.array_split(ids[:20_000], 4)):
+        t.assign(batch, ones(batch), req_time=far if k % 2 else near)
+    now = max(far, near)
+    t.evict(now)
+    _check_timestamps(t, {i: ts for k, batch in enumerate(np.array_split(ids[:20_000], 4))
+                          for ts in [far if k % 2 else near] if now - ts < DAY for i in batch.tolist()})
+
+    # Removed to respect max_entries: the victims' timestamps kept apart go with them.
+    t = table_of(max_entries=30_000)
+    written = {}
+    for step, batch in enumerate(np.array_split(ids[:45_000], 9)):
+        ts = far if step % 3 == 0 else 1_000 + step
+        t.assign(batch, ones(batch), req_time=ts)
+        written.update(dict.fromkeys(batch.tolist(), ts))
+    live = ids[:45_000][t.contains(ids[:45_000])]
+    assert live.size == 30_000
+    _check_timestamps(t, {i: written[i] for i in live.tolist()})
+
+    # A write to several tables at once holds room for them too.
+    multi = MultiTypeHashTable({"a": config_of(), "b": config_of()}, lambda slot, c: hash_table_from_config(c))
+    multi.apply_gradients({"a": (ids[:5_000], ones(ids[:5_000])), "b": (ids[5_000:9_000], ones(ids[5_000:9_000]))},
+                          global_step=0, req_time=far)
+    _check_timestamps(multi._tables["a"], dict.fromkeys(ids[:5_000].tolist(), far))
+    _check_timestamps(multi._tables["b"], dict.fromkeys(ids[5_000:9_000].tolist(), far))
+
+
 def test_max_update_ts_never_decreases_and_default_req_time_is_zero():
     t = table_of()
     assert t.max_update_ts == 0
@@ -1248,9 +1317,9 @@ def _bytes_table(max_bytes, max_entries=None):
 def test_max_bytes_bounds_the_memory_of_a_table():
     budget = 20_000_000
     t = _bytes_table(budget)
-    # An Adagrad dim-16 entry: a 128-byte row, 16 bytes of bookkeeping, at most 86 of index
-    # (64 / 3 bytes a slot at load 0.25, rounded up).
-    assert t.stats()["max_entries"] == budget // (128 + 16 + 86)
+    # An Adagrad dim-16 entry: a 128-byte row, 16 bytes of bookkeeping, at most 64 of index
+    # (64 / 4 bytes a slot at load 0.25).
+    assert t.stats()["max_entries"] == budget // (128 + 16 + 64)
     for start in range(0, 400_000, 20_000):
         t.assign(np.arange(start, start + 20_000), np.ones((20_000, 16), np.float32))
     st = t.stats()
@@ -1261,17 +1330,17 @@ def test_max_bytes_bounds_the_memory_of_a_table():
 
 def test_max_bytes_of_a_large_table_counts_its_fuller_index():
     # One shard of a dim-4 SGD table (16-byte rows): past 2 MiB its index grows by half, so
-    # an entry takes at most 64 bytes of index (64 / 3 bytes a slot at 2/3 of the bound),
-    # plus up to 2 MiB + 4 KiB for the shard, instead of 86: more entries fit the budget,
+    # an entry takes at most 48 bytes of index (64 / 4 bytes a slot at 2/3 of the bound),
+    # plus up to 2 MiB + 4 KiB for the shard, instead of 64: more entries fit the budget,
     # and filling the table past them keeps it within the budget at every write.
     budget = 200_000_000
     seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
     t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(mtht.EmbeddingHashTableConfig(
         entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=budget, num_shards=1), [0.1]))
-    most = (budget - (2 << 20) - 4096) // (16 + 16 + 64)
-    assert most > budget // (16 + 16 + 86)
+    most = (budget - (2 << 20) - 4096) // (16 + 16 + 48)
+    assert most > budget // (16 + 16 + 64)
     assert t.stats()["max_entries"] == most
-    for start in range(0, 2_400_000, 100_000):
+    for start in range(0, 2_600_000, 100_000):
         t.assign(np.arange(start, start + 100_000), np.ones((100_000, 4), np.float32))
         assert t.stats()["bytes"] <= budget
     assert len(t) == most
@@ -1279,7 +1348,7 @@ def test_max_bytes_of_a_large_table_counts_its_fuller_index():
 
 def test_max_bytes_and_max_entries_the_smaller_bound_holds():
     assert _bytes_table(10_000_000, max_entries=1000).stats()["max_entries"] == 1000
-    assert _bytes_table(230 * 10, max_entries=1000).stats()["max_entries"] == 10
+    assert _bytes_table(208 * 10, max_entries=1000).stats()["max_entries"] == 10
 
 
 def test_max_bytes_too_small_for_one_entry_is_refused():

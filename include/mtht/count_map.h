@@ -109,6 +109,9 @@ class CountMap {
     has_empty_key_ = false;
   }
 
+  // Memory of the slots.
+  size_t bytes() const { return slots_.capacity() * sizeof(Slot); }
+
   // fn(id, count) for every id with a count.
   template <class Fn>
   void for_each(Fn&& fn) const {

@@ -23,11 +23,13 @@ namespace detail {
 // the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
 // first write would change the choice; a table written twice chooses them when it writes),
 // room reserved for its new ids. `runs`: one admission per distinct id (a deduplicated write).
-inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct) {
+// `ts`: the timestamp the write stamps its entries with.
+inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct,
+                              int64_t ts) {
   std::optional<Victims> victims;
   if (distinct) victims = table.victims_for(ids, n, runs);
   else table.check_room(ids, n, runs);
-  return table.reserve_ids(ids, n, std::move(victims));
+  return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts));
 }
 
 // Calls prepare(k, distinct) for every part k (a task each on the pool), then write(k) for
@@ -157,7 +159,7 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
       [&](size_t k, bool distinct) {
         const TablePart& p = parts[k];
         const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
-        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct));
+        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct, ts));
         if (runs) p.table->group_runs(*planned[k], nullptr, row_of(p));
       },
       [&](size_t k) {

@@ -71,18 +71,18 @@ inline void validate(const TableSpec& spec) {
     throw ValueError("max load factor must be in [0.25, 0.9], got " + std::to_string(spec.max_load_permille / 1000.0));
 }
 
-// Index bytes one entry takes at most: a third of a 64-byte bucket at the lowest load the
-// index runs at, half its max load (that of the small indexes, which double; large ones
-// stay fuller).
+// Index bytes one entry takes at most: a quarter of a 64-byte bucket of 4 slots at the
+// lowest load the index runs at, half its max load (that of the small indexes, which double;
+// large ones stay fuller).
 inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
-  return (64 * 2 * 1000 + 3 * max_load_permille - 1) / (3 * max_load_permille);
+  return (64 * 2 * 1000 + 4 * max_load_permille - 1) / (4 * max_load_permille);
 }
 
 // Another bound on a shard's index, lower per entry for large shards: an index over 2 MiB
-// grows by half, to whole 2 MiB pages, so it holds at most 1.5 x 64 / 3 / max load bytes
+// grows by half, to whole 2 MiB pages, so it holds at most 1.5 x 64 / 4 / max load bytes
 // per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within it too.)
 inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille) {
-  return (32 * 1000 + max_load_permille - 1) / max_load_permille;
+  return (24 * 1000 + max_load_permille - 1) / max_load_permille;
 }
 constexpr uint64_t kIndexSlackBytes = (uint64_t{2} << 20) + 4096;
 

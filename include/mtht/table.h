@@ -12,8 +12,9 @@
 //   consecutive ranges (ReadPieces), each read in input order under shared locks of its
 //   shards. So concurrent callers are safe, a call needs no lock per id, and results do not
 //   depend on the number of threads.
-// * Index. Open addressing over buckets of one cache line: 3 slots of (id, timestamp,
-//   row + 1), where row 0 marks a free slot, and an overflow count: how many entries stored
+// * Index. Open addressing over buckets of one cache line: 4 slots of (id, row + 1,
+//   32-bit timestamp), where row 0 marks a free slot (a timestamp outside [0, 2^32 - 1) is
+//   kept apart by the shard), and an overflow count: how many entries stored
 //   further on passed over this bucket when they were placed. A probe reads the home bucket
 //   (chosen by the hash's bits below the shard's), compares the ids, and moves to the next
 //   bucket only while the overflow count says something may lie beyond (linear probing over
@@ -133,6 +134,7 @@ struct TableStats {
   uint64_t rows_in_use = 0;       // rows handed out (live or free for reuse)
   uint64_t read_block = 0;        // ids per block of a lookup's loop (when all are stored)
   uint64_t write_block = 0;       // ids per block of a write's loop
+  uint64_t timestamps_apart = 0;  // entries whose timestamp a slot cannot hold (Shard::stamp)
 };
 
 // Where one entry's data is: its row of values then state, and, with a capacity limit, its
@@ -145,17 +147,49 @@ struct EntryRef {
 namespace detail {
 
 constexpr uint32_t kEmpty = 0;
-constexpr uint64_t kMaxRowsPerShard = 0xFFFFFFFEull;  // row + 1 must fit in a uint32
-constexpr int kBucketSlots = 3;
+constexpr int kBucketSlots = 4;
+// A slot's word holds its row + 1 in the low kRowBits bits and, in the high bits, a piece of
+// the bucket's overflow count (4 bits from each of the 4 words).
+constexpr int kRowBits = 28;
+constexpr uint32_t kRowMask = (uint32_t{1} << kRowBits) - 1;
+constexpr uint64_t kMaxRowsPerShard = kRowMask - 1;  // row + 1 must fit in kRowBits
+// The most overflows a bucket counts. One that reaches it stays there (a probe then goes on
+// past it, which is only slower), until the index is rewritten.
+constexpr uint32_t kMaxOverflow = 0xFFFF;
+// A slot's 32-bit timestamp when the entry's timestamp is outside [0, kTsApart): the
+// shard keeps that one apart (Shard::far_ts_).
+constexpr uint32_t kTsApart = 0xFFFFFFFFu;
 
-// One cache line of the index.
+// One cache line of the index: 4 slots of (id, row + 1, timestamp), and the overflow count.
 struct alignas(64) Bucket {
   int64_t key[kBucketSlots];
-  int64_t ts[kBucketSlots];
-  uint32_t row[kBucketSlots];  // row + 1; kEmpty when the slot is free
-  uint32_t overflow;           // entries stored past this bucket whose probe passed through it
+  uint32_t word[kBucketSlots];  // row + 1 (kEmpty when the slot is free), and overflow bits
+  uint32_t ts[kBucketSlots];    // the timestamp, or kTsApart
+
+  uint32_t row_plus_one(int j) const { return word[j] & kRowMask; }
+  bool taken(int j) const { return (word[j] & kRowMask) != kEmpty; }
+  void set_row_plus_one(int j, uint32_t v) { word[j] = (word[j] & ~kRowMask) | v; }
+  // Entries stored past this bucket whose probe passed through it (at most kMaxOverflow).
+  uint32_t overflow() const {
+    uint32_t o = 0;
+    for (int j = 0; j < kBucketSlots; ++j) o |= (word[j] >> kRowBits) << (4 * j);
+    return o;
+  }
+  bool overflowed() const { return ((word[0] | word[1] | word[2] | word[3]) & ~kRowMask) != 0; }
+  void set_overflow(uint32_t o) {
+    for (int j = 0; j < kBucketSlots; ++j) word[j] = (word[j] & kRowMask) | (((o >> (4 * j)) & 0xF) << kRowBits);
+  }
+  void add_overflow() {
+    const uint32_t o = overflow();
+    if (o < kMaxOverflow) set_overflow(o + 1);
+  }
+  void drop_overflow() {
+    const uint32_t o = overflow();
+    if (o < kMaxOverflow) set_overflow(o - 1);
+  }
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
+static_assert(kBucketSlots * 4 >= 16 && (kMaxOverflow >> (4 * kBucketSlots)) == 0, "the overflow count fits its bits");
 
 // The top bits of an id's hash choose its shard (up to 4096 shards); the bits below choose
 // its home bucket.
@@ -394,16 +428,34 @@ class alignas(64) Shard {
   struct Slot {
     Bucket* bucket;
     int j;
-    uint32_t row() const { return bucket->row[j] - 1; }
-    int64_t& ts() const { return bucket->ts[j]; }
-    // Sets the timestamp of a write. One equal to the stored timestamp is not stored, so the
-    // bucket's line stays clean and is not written back to memory: writes without req_time
-    // (0), and writes in the second of the entry's last one (1M-id dim-64 Adagrad steps,
-    // C++ loop: 2.5% faster on one thread and on two).
-    void stamp(int64_t t) const {
-      if (bucket->ts[j] != t) bucket->ts[j] = t;
-    }
+    uint32_t row() const { return bucket->row_plus_one(j) - 1; }
   };
+
+  // A timestamp as a slot holds it: itself, or kTsApart when it does not fit.
+  static uint32_t near_ts(int64_t t) { return t >= 0 && t < int64_t{kTsApart} ? static_cast<uint32_t>(t) : kTsApart; }
+
+  // The timestamp of the entry in slot j of `b` (a bucket of this shard).
+  int64_t ts_at(const Bucket& b, int j) const {
+    if (b.ts[j] != kTsApart) return b.ts[j];
+    return static_cast<int64_t>(*far_ts_.find(b.key[j], hash_id(b.key[j])));
+  }
+  int64_t ts_of(const Slot& s) const { return ts_at(*s.bucket, s.j); }
+
+  // Sets the timestamp of a write. One equal to the stored timestamp is not stored, so the
+  // bucket's line stays clean and is not written back to memory: writes without req_time
+  // (0), and writes in the second of the entry's last one (1M-id dim-64 Adagrad steps,
+  // C++ loop: 2.5% faster on one thread and on two). A timestamp kept apart needs room
+  // reserved for it (hold(extra, true)), so that this allocates nothing.
+  void stamp(const Slot& s, int64_t t) {
+    uint32_t& at = s.bucket->ts[s.j];
+    const uint32_t v = near_ts(t);
+    if (v == kTsApart) {
+      *far_ts_.try_emplace(s.bucket->key[s.j], hash_id(s.bucket->key[s.j])).first = static_cast<uint64_t>(t);
+    } else if (at == kTsApart) {
+      far_ts_.erase(s.bucket->key[s.j], hash_id(s.bucket->key[s.j]));
+    }
+    if (at != v) at = v;
+  }
 
   // Where a write reaches an entry: its slot and its row (a null bucket: none).
   struct Found {
@@ -424,7 +476,7 @@ class alignas(64) Shard {
     for (uint64_t b = bucket_of(h, nb_);; b = next(b, nb_)) {
       const unsigned m = matches(base[b], id);
       if (m) return Slot{&base[b], __builtin_ctz(m)};
-      if (base[b].overflow == 0) return Slot{nullptr, 0};
+      if (!base[b].overflowed()) return Slot{nullptr, 0};
     }
   }
 
@@ -463,20 +515,37 @@ class alignas(64) Shard {
     Bucket* b = buckets() + at;
     const unsigned m = matches(*b, id);
     if (m) return Slot{b, __builtin_ctz(m)};
-    if (b->overflow) {
+    if (b->overflowed()) {
       *further = true;
       const uint64_t at1 = next(at, nb_);
       prefetch(buckets() + at1);
-      if (b->overflow > 1) prefetch(buckets() + next(at1, nb_));
+      if (b->overflow() > 1) prefetch(buckets() + next(at1, nb_));
     }
     return Slot{nullptr, 0};
   }
 
-  // Bit j set when slot j of `b` holds `id`.
+  // Bit j set when slot j of `b` holds `id`. With SSE2, the four ids and the four words are
+  // compared two and four at a time (14 instructions, against 30 one slot at a time).
   static unsigned matches(const Bucket& b, int64_t id) {
+#if defined(__SSE2__)
+    const __m128i want = _mm_set1_epi64x(id);
+    // 64-bit equality from 32-bit halves: each half must match, and so must its neighbour.
+    auto equal_pairs = [&](const int64_t* two) {
+      const __m128i e = _mm_cmpeq_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(two)), want);
+      return static_cast<unsigned>(
+          _mm_movemask_pd(_mm_castsi128_pd(_mm_and_si128(e, _mm_shuffle_epi32(e, _MM_SHUFFLE(2, 3, 0, 1))))));
+    };
+    const unsigned ids = equal_pairs(b.key) | equal_pairs(b.key + 2) << 2;
+    const __m128i rows = _mm_and_si128(_mm_load_si128(reinterpret_cast<const __m128i*>(b.word)),
+                                       _mm_set1_epi32(static_cast<int>(kRowMask)));
+    const unsigned free = static_cast<unsigned>(
+        _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(rows, _mm_setzero_si128()))));
+    return ids & ~free;
+#else
     unsigned m = 0;
-    for (int j = 0; j < kBucketSlots; ++j) m |= static_cast<unsigned>((b.key[j] == id) & (b.row[j] != kEmpty)) << j;
+    for (int j = 0; j < kBucketSlots; ++j) m |= static_cast<unsigned>((b.key[j] == id) & b.taken(j)) << j;
     return m;
+#endif
   }
 
   // Whether reserve(extra) would grow the index. (A chunk of rows reserved too early costs
@@ -496,14 +565,26 @@ class alignas(64) Shard {
   // reserve(extra), then hold that room for the caller's write until release(extra): other
   // writes reserve room beside it, so they cannot use it up. (Without this, a write that
   // found room reserved by another write still in progress could take it, and that write's
-  // inserts would then allocate, and could fail, half-way through it.) The caller holds mu.
-  void hold(uint64_t extra) {
+  // inserts would then allocate, and could fail, half-way through it.) `far`: the write
+  // stamps that many entries with a timestamp kept apart (stamp), which need room there
+  // too. The caller holds mu.
+  void hold(uint64_t extra, uint64_t far = 0) {
     reserve(extra);
+    if (far) {
+      far_ts_.reserve(far_ts_.size() + far_held_.load(std::memory_order_relaxed) + far);
+      far_held_.fetch_add(far, std::memory_order_relaxed);
+    }
     held_.fetch_add(extra, std::memory_order_relaxed);
   }
   // Any thread, with or without mu: room held only ever makes other writes reserve more.
-  void release(uint64_t extra) { held_.fetch_sub(extra, std::memory_order_relaxed); }
+  void release(uint64_t extra, uint64_t far = 0) {
+    held_.fetch_sub(extra, std::memory_order_relaxed);
+    if (far) far_held_.fetch_sub(far, std::memory_order_relaxed);
+  }
   uint64_t held() const { return held_.load(std::memory_order_relaxed); }
+  // Entries whose timestamp is kept apart, and the memory that takes.
+  size_t far_timestamps() const { return far_ts_.size(); }
+  size_t far_timestamp_bytes() const { return far_ts_.bytes(); }
 
   // Slot of `id`, inserting it (with a new row, for the caller to initialise) if absent.
   // Allocates only when no room was reserved (or an id counted present at the reservation
@@ -533,19 +614,24 @@ class alignas(64) Shard {
     const Bucket* base = buckets();
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = base[b].row[j];
+        const uint32_t v = base[b].row_plus_one(j);
         if (v == kEmpty) continue;
-        by_row[v - 1] = Row{base[b].key[j], base[b].ts[j], true};
+        by_row[v - 1] = Row{base[b].key[j], ts_at(base[b], j), true};
       }
     for (uint32_t r = 0; r < by_row.size(); ++r)
       if (by_row[r].live) fn(by_row[r].key, by_row[r].ts, r);
   }
 
-  // An entry copied out of the index: its id, timestamp and row + 1 (as a slot holds it).
+  // An entry copied out of the index: its id, and its timestamp and row + 1 as its slot
+  // holds them (ts_of(Copied) gives the timestamp).
   struct Copied {
-    int64_t key, ts;
+    int64_t key;
+    uint32_t ts;
     uint32_t row;
   };
+  int64_t ts_of(const Copied& c) const {
+    return c.ts != kTsApart ? c.ts : static_cast<int64_t>(*far_ts_.find(c.key, hash_id(c.key)));
+  }
   static constexpr size_t kRunBuckets = 64;
   // A scan fetches each bucket this many buckets ahead: read in order, the index still came
   // in slower than the scan used it. A capacity-limited table of 1M entries choosing its
@@ -566,8 +652,8 @@ class alignas(64) Shard {
       for (uint64_t b = first, last = std::min(nb_, first + kRunBuckets); b < last; ++b) {
         if (b + kScanAhead < nb_) prefetch(src + b + kScanAhead);
         for (int j = 0; j < kBucketSlots; ++j) {
-          copied[n] = Copied{src[b].key[j], src[b].ts[j], src[b].row[j]};
-          n += src[b].row[j] != kEmpty;
+          copied[n] = Copied{src[b].key[j], src[b].ts[j], src[b].row_plus_one(j)};
+          n += src[b].taken(j);
         }
       }
       fn(static_cast<const Copied*>(copied), n);
@@ -592,8 +678,8 @@ class alignas(64) Shard {
     uint64_t removed = 0;
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
-        const uint32_t v = base[b].row[j];
-        if (v == kEmpty || !drop(base[b].key[j], base[b].ts[j], v - 1)) continue;
+        const uint32_t v = base[b].row_plus_one(j);
+        if (v == kEmpty || !drop(base[b].key[j], ts_at(base[b], j), v - 1)) continue;
         remove(b, j, hash_id(base[b].key[j]));
         ++removed;
       }
@@ -605,7 +691,7 @@ class alignas(64) Shard {
     const Bucket* base = buckets();
     for (uint64_t b = 0; b < nb_; ++b)
       for (int j = 0; j < kBucketSlots; ++j) {
-        if (base[b].row[j] == kEmpty) continue;
+        if (!base[b].taken(j)) continue;
         const uint64_t home = bucket_of(hash_id(base[b].key[j]), nb_);
         const uint64_t distance = (b >= home ? b - home : b + nb_ - home) + 1;
         worst = std::max(worst, distance);
@@ -623,11 +709,12 @@ class alignas(64) Shard {
   // count one overflow less, and its row goes to the free list.
   void remove(uint64_t b, int j, uint64_t h) {
     Bucket* base = buckets();
-    for (uint64_t t = bucket_of(h, nb_); t != b; t = next(t, nb_)) --base[t].overflow;
-    const uint32_t r = base[b].row[j] - 1;
+    for (uint64_t t = bucket_of(h, nb_); t != b; t = next(t, nb_)) base[t].drop_overflow();
+    if (base[b].ts[j] == kTsApart) far_ts_.erase(base[b].key[j], h);
+    const uint32_t r = base[b].row_plus_one(j) - 1;
     if (with_meta_) entry(r).meta[0] = kFreeRow;
     rows_.release(r);
-    base[b].row[j] = kEmpty;
+    base[b].set_row_plus_one(j, kEmpty);
     --size_;
   }
 
@@ -658,19 +745,20 @@ class alignas(64) Shard {
 
   // Puts an entry in the first bucket from its home with a free slot, counting an overflow
   // on every full bucket passed.
-  static Slot place(Bucket* base, uint64_t nb, uint64_t h, int64_t id, int64_t ts, uint32_t row_plus_one) {
+  // `ts` as a slot holds it (near_ts).
+  static Slot place(Bucket* base, uint64_t nb, uint64_t h, int64_t id, uint32_t ts, uint32_t row_plus_one) {
     for (uint64_t b = bucket_of(h, nb);; b = next(b, nb)) {
       Bucket& k = base[b];
       unsigned free = 0;
-      for (int j = 0; j < kBucketSlots; ++j) free |= static_cast<unsigned>(k.row[j] == kEmpty) << j;
+      for (int j = 0; j < kBucketSlots; ++j) free |= static_cast<unsigned>(!k.taken(j)) << j;
       if (free) {
         const int j = __builtin_ctz(free);
         k.key[j] = id;
         k.ts[j] = ts;
-        k.row[j] = row_plus_one;
+        k.set_row_plus_one(j, row_plus_one);
         return Slot{&k, j};
       }
-      ++k.overflow;
+      k.add_overflow();
     }
   }
 
@@ -696,6 +784,11 @@ class alignas(64) Shard {
   std::atomic<uint64_t> held_{0};  // room held by writes in progress (hold)
   bool with_meta_;
   RowArena rows_;
+  // The timestamps that do not fit a slot (outside [0, kTsApart)), by id; such timestamps are
+  // rare (a req_time before 1970 or after 2106), so a slot keeps 32 bits and a bucket holds 4
+  // entries rather than 3.
+  CountMap far_ts_;
+  std::atomic<uint64_t> far_held_{0};  // room in far_ts_ held by writes in progress (hold)
 
  public:
   // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
@@ -1142,22 +1235,27 @@ struct Runs {
 // write is done or has failed: when this is destroyed.
 class HeldRoom {
  public:
-  explicit HeldRoom(size_t shards) : held_(shards, {nullptr, 0}) {}
+  explicit HeldRoom(size_t shards) : held_(shards) {}
   HeldRoom(HeldRoom&&) = default;  // leaves the source empty: it releases nothing
   HeldRoom& operator=(HeldRoom&&) = delete;
   ~HeldRoom() {
-    for (const auto& [shard, extra] : held_)
-      if (shard) shard->release(extra);
+    for (const Held& h : held_)
+      if (h.shard) h.shard->release(h.extra, h.far);
   }
 
-  // Shard s (the caller holds its lock): room for `extra` more entries, held. Each s once.
-  void hold(size_t s, Shard& shard, uint64_t extra) {
-    shard.hold(extra);
-    held_[s] = {&shard, extra};
+  // Shard s (the caller holds its lock): room for `extra` more entries, and for `far`
+  // timestamps kept apart (Shard::hold), held. Each s once.
+  void hold(size_t s, Shard& shard, uint64_t extra, uint64_t far = 0) {
+    shard.hold(extra, far);
+    held_[s] = Held{&shard, extra, far};
   }
 
  private:
-  std::vector<std::pair<Shard*, uint64_t>> held_;
+  struct Held {
+    Shard* shard = nullptr;
+    uint64_t extra = 0, far = 0;
+  };
+  std::vector<Held> held_;
 };
 
 // The entries a write to a capacity-limited table evicts (EmbeddingTable::choose_victims).
@@ -1187,7 +1285,7 @@ class EmbeddingTable {
                                 : std::min(max_shard_bits_, bits_for(spec.initial_capacity, kSplitEntriesPerShard));
     if (spec.max_bytes) {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
-      // lowest load the index runs at (half the max load): 64 / 3 / (max / 2) bytes. A
+      // lowest load the index runs at (half the max load): 64 / 4 / (max / 2) bytes. A
       // table of millions of entries has large shards, whose indexes stay fuller but may
       // take up to kIndexSlackBytes more each: the larger of the two limits holds.
       const uint64_t per_entry = layout_.stride + 16 + max_index_bytes_per_entry(spec.max_load_permille);
@@ -1368,7 +1466,8 @@ class EmbeddingTable {
       for (auto* s : shards_) {
         st.size += s->size();
         st.capacity += s->slots();
-        st.index_bytes += s->index_bytes();
+        st.index_bytes += s->index_bytes() + s->far_timestamp_bytes();
+        st.timestamps_apart += s->far_timestamps();
         st.row_bytes += s->rows().bytes();
         st.rows_allocated += s->rows().capacity();
         st.rows_in_use += s->rows().rows_used();
@@ -1458,7 +1557,7 @@ class EmbeddingTable {
       if (row) {
         std::memcpy(values + i * d, row, sizeof(float) * d);
         std::memcpy(state + i * sd, row + d, sizeof(float) * sd);
-        ts[i] = slot.ts();
+        ts[i] = shards_[shard_of(hash_id(ids[i]))]->ts_of(slot);
       } else {
         std::memset(values + i * d, 0, sizeof(float) * d);
         std::memset(state + i * sd, 0, sizeof(float) * sd);
@@ -1490,8 +1589,8 @@ class EmbeddingTable {
       const Found found = admit(sh, id, h, 1, known);
       if (!found.slot.bucket) return;
       std::memcpy(found.entry.values, values + i * layout_.dim, bytes);
-      found.slot.stamp(ts);
-    }, true, true, planned != nullptr, planned);
+      sh.stamp(found.slot, ts);
+    }, true, true, planned != nullptr, planned, far_stamp(ts));
   }
   void add_rows(const int64_t* ids, size_t n, const float* values, int64_t ts,
                 const detail::PlannedWrite* planned = nullptr) {
@@ -1502,8 +1601,8 @@ class EmbeddingTable {
       float* w = found.entry.values;
       const float* v = values + i * d;
       for (int j = 0; j < d; ++j) w[j] += v[j];
-      found.slot.stamp(ts);
-    }, true, true, planned != nullptr, planned);
+      sh.stamp(found.slot, ts);
+    }, true, true, planned != nullptr, planned, far_stamp(ts));
   }
 
   // One optimizer step per occurrence in input order, or (dedup) one step per unique id with
@@ -1540,8 +1639,8 @@ class EmbeddingTable {
         const Found found = admit(sh, id, h, 1, known);
         if (!found.slot.bucket) return;
         step_row(found.entry.values, id, grad_row(i), lrs, global_step);
-        found.slot.stamp(ts);
-      }, true, true, room_held, planned);
+        sh.stamp(found.slot, ts);
+      }, true, true, room_held, planned, far_stamp(ts));
       return;
     }
     for_each_shard_write_runs(ids, n, ts, blocks, grad_row, static_cast<size_t>(d),
@@ -1550,7 +1649,7 @@ class EmbeddingTable {
                                 const Found found = admit(sh, id, h, count, known);
                                 if (!found.slot.bucket) return;
                                 step_row(found.entry.values, id, g, lrs, global_step);
-                                found.slot.stamp(ts);
+                                sh.stamp(found.slot, ts);
                               },
                               room_held, planned);
   }
@@ -1625,13 +1724,14 @@ class EmbeddingTable {
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
     const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
+    const bool far = std::any_of(ts, ts + n, [](int64_t t) { return far_stamp(t); });
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{data, sizeof(float) * floats}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
       std::memcpy(e.values, data + i * floats, sizeof(float) * floats);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
-      slot.ts() = ts[i];
-    }, false, false);
+      sh.stamp(slot, ts[i]);
+    }, false, false, false, nullptr, far);
     drop_kept_victims();  // clocks and write counts moved back
     maybe_split();
   }
@@ -1653,15 +1753,16 @@ class EmbeddingTable {
       init_row(e.values, id);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       touch(e);
-      slot.ts() = ts;
+      sh.stamp(slot, ts);
       status[i] = inserted ? 0 : 1;
-    }, false);
+    }, false, true, false, nullptr, far_stamp(ts));
     drop_kept_victims();  // write counts moved back
     maybe_split();
   }
 
  private:
   size_t shard_of(uint64_t h) const { return shard_bits_ ? static_cast<size_t>(h >> (64 - shard_bits_)) : 0; }
+
 
   // Whether the shard count is automatic and below its most (a write may ask for a split).
   bool can_split() const { return !fixed_shards_ && shard_bits_ < max_shard_bits_; }
@@ -1769,7 +1870,7 @@ class EmbeddingTable {
         const EntryRef src = from.entry(moved[i].row - 1), out = dst.entry(slot.row());
         std::memcpy(out.values, src.values, stride);
         if (src.meta) std::memcpy(out.meta, src.meta, 2 * sizeof(uint64_t));
-        slot.ts() = moved[i].ts;
+        dst.stamp(slot, from.ts_of(moved[i]));
       }
     });
   }
@@ -1785,6 +1886,9 @@ class EmbeddingTable {
   }
 
  public:
+  // Whether a write stamping `ts` needs room for timestamps kept apart (Shard::stamp).
+  static bool far_stamp(int64_t ts) { return detail::Shard::near_ts(ts) == detail::kTsApart; }
+
   // Reserve room for the new ids of a batch and hold it, changing nothing visible: a
   // multi-table write calls it for every table before it changes the first one. Returns the
   // batch's plan and the room (held until it is destroyed), for the write to use
@@ -1792,12 +1896,14 @@ class EmbeddingTable {
   // `victims`: the entries the write evicts, if the caller chose them (victims_for); the
   // room they leave counts as room for the write's new entries. The write goes through the
   // admission filter.
-  detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {}) {
+  detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {},
+                                   bool far_stamps = false) {
     const LayoutHold hold(*this);
     detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
                                  write_chunks(n), {}, std::move(victims)};
     for (size_t s = 0; s < shards_.size(); ++s)
-      reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->by_shard[s].size() : 0);
+      reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->by_shard[s].size() : 0,
+                    far_stamps);
     return planned;
   }
 
@@ -2301,7 +2407,7 @@ class EmbeddingTable {
   template <class Ahead, class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
                             bool gated = true, bool limited = true, bool room_held = false,
-                            const detail::PlannedWrite* planned = nullptr) {
+                            const detail::PlannedWrite* planned = nullptr, bool far_stamps = false) {
     if (n == 0) {
       note_ts(ts);
       return;
@@ -2309,7 +2415,7 @@ class EmbeddingTable {
     const LayoutHold hold(*this);
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
-    write_phases(ids, n, ts, planned, capacity.victims(), gated, write_chunks(n), nullptr,
+    write_phases(ids, n, ts, planned, capacity.victims(), gated, far_stamps, write_chunks(n), nullptr,
                  [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
                    const uint32_t* order = plan.order.data();
                    const int64_t* keys = plan.keys.data();
@@ -2329,10 +2435,12 @@ class EmbeddingTable {
   // `chunks` runs of consecutive shards [first, last) (write_chunks(n): more than one per
   // thread, to share the work out). Everything that can fail (allocations, the room, what
   // `prepare` does) is done before any entry changes. A planned write (reserve_ids) has its
-  // plan, room, chunks and preparation already, and allocates nothing here.
+  // plan, room, chunks and preparation already, and allocates nothing here. `far_stamps`:
+  // the write may stamp its entries with timestamps that a slot keeps apart (Shard::stamp).
   template <class Prepare, class Write>
   void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned,
-                    const detail::Victims* victims, bool gated, size_t chunks, Prepare&& prepare, Write&& write) {
+                    const detail::Victims* victims, bool gated, bool far_stamps, size_t chunks, Prepare&& prepare,
+                    Write&& write) {
     constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
     if (can_split() && n > (kSplitIdsPerShard << shard_bits_)) {
       uint64_t most = split_batch_.load(std::memory_order_relaxed);
@@ -2358,7 +2466,7 @@ class EmbeddingTable {
           } else if (phase == 2) {
             const auto [first, last] = chunk_shards(i, chunks);
             for (size_t s = first; s < last; ++s)
-              reserve_shard(plan, s, room, gated, evicted_shards ? victims->by_shard[s].size() : 0);
+              reserve_shard(plan, s, room, gated, evicted_shards ? victims->by_shard[s].size() : 0, far_stamps);
           } else if (phase == 4) {
             evict_shard(*victims, i);
           } else {
@@ -2414,7 +2522,7 @@ class EmbeddingTable {
     std::vector<detail::Runs>* own_runs = planned ? nullptr : &detail::Runs::per_chunk(chunks);
     const std::vector<detail::Runs>& chunk_runs = planned ? planned->runs : *own_runs;
     write_phases(
-        ids, n, ts, planned, capacity.victims(), true, chunks,
+        ids, n, ts, planned, capacity.victims(), true, far_stamp(ts), chunks,
         [&](const detail::BatchPlan& plan, size_t chunk, size_t first, size_t last) {
           (*own_runs)[chunk].group(plan, first, last, blocks, width, row);
         },
@@ -2950,7 +3058,7 @@ class EmbeddingTable {
   // filter (`gated` writes), the filter's counts get room for the ids too, beside the room
   // held by other writes (each of whose held entries may turn out a count instead).
   void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room, bool gated,
-                     uint64_t leaving = 0) {
+                     uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
     detail::Shard& sh = *shards_[s];
@@ -2962,7 +3070,7 @@ class EmbeddingTable {
     if (sh.reserve_grows_index(beyond_leaving(extra)))
       extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
     if (gated && has_filter_) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
-    room.hold(s, sh, beyond_leaving(extra));
+    room.hold(s, sh, beyond_leaving(extra), far_stamps ? e - b : 0);
   }
 
   static constexpr int kMaxHashNetDim = 4096;
