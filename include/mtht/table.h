@@ -189,7 +189,8 @@ struct alignas(64) Bucket {
   }
 };
 static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
-static_assert(kBucketSlots * 4 >= 16 && (kMaxOverflow >> (4 * kBucketSlots)) == 0, "the overflow count fits its bits");
+// overflowed() and Shard::matches read the four slots at once.
+static_assert(kBucketSlots == 4 && (kMaxOverflow >> (4 * kBucketSlots)) == 0, "4 slots, 4 overflow bits each");
 
 // The top bits of an id's hash choose its shard (up to 4096 shards); the bits below choose
 // its home bucket.
@@ -1763,7 +1764,6 @@ class EmbeddingTable {
  private:
   size_t shard_of(uint64_t h) const { return shard_bits_ ? static_cast<size_t>(h >> (64 - shard_bits_)) : 0; }
 
-
   // Whether the shard count is automatic and below its most (a write may ask for a split).
   bool can_split() const { return !fixed_shards_ && shard_bits_ < max_shard_bits_; }
 
@@ -3057,6 +3057,8 @@ class EmbeddingTable {
   // write evicts before it inserts, whose room its new entries take. With an admission
   // filter (`gated` writes), the filter's counts get room for the ids too, beside the room
   // held by other writes (each of whose held entries may turn out a count instead).
+  // `far_stamps`: the write stamps timestamps that a slot keeps apart, so every id of the
+  // shard's share gets room for one (Shard::hold).
   void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room, bool gated,
                      uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
