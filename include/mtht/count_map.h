@@ -128,7 +128,6 @@ class CountMap {
     uint64_t count;
   };
 
-  // Doubles the slots (16 at first) and enters the ids again.
   // The slots for n ids: a power of two, at most half of them taken.
   static size_t slots_for(size_t n) {
     size_t size = 16;
@@ -136,6 +135,7 @@ class CountMap {
     return size;
   }
 
+  // Doubles the slots (16 at first) and enters the ids again.
   void grow() {
     std::vector<Slot> old(slots_.empty() ? 16 : 2 * slots_.size(), Slot{kEmpty, 0});
     old.swap(slots_);

@@ -167,7 +167,7 @@ struct alignas(64) Bucket {
   uint32_t ts[kBucketSlots];    // the timestamp, or kTsApart
 
   uint32_t row_plus_one(int j) const { return word[j] & kRowMask; }
-  bool taken(int j) const { return (word[j] & kRowMask) != kEmpty; }
+  bool taken(int j) const { return row_plus_one(j) != kEmpty; }
   void set_row_plus_one(int j, uint32_t v) { word[j] = (word[j] & ~kRowMask) | v; }
   // Entries stored past this bucket whose probe passed through it (at most kMaxOverflow).
   uint32_t overflow() const {
@@ -435,18 +435,19 @@ class alignas(64) Shard {
   // A timestamp as a slot holds it: itself, or kTsApart when it does not fit.
   static uint32_t near_ts(int64_t t) { return t >= 0 && t < int64_t{kTsApart} ? static_cast<uint32_t>(t) : kTsApart; }
 
-  // The timestamp of the entry in slot j of `b` (a bucket of this shard).
-  int64_t ts_at(const Bucket& b, int j) const {
-    if (b.ts[j] != kTsApart) return b.ts[j];
-    return static_cast<int64_t>(*far_ts_.find(b.key[j], hash_id(b.key[j])));
+  // The timestamp of entry `id` whose slot holds `near` (near_ts of it).
+  int64_t ts_of(int64_t id, uint32_t near) const {
+    return near != kTsApart ? near : static_cast<int64_t>(*far_ts_.find(id, hash_id(id)));
   }
+  // The timestamp of the entry in slot j of `b` (a bucket of this shard).
+  int64_t ts_at(const Bucket& b, int j) const { return ts_of(b.key[j], b.ts[j]); }
   int64_t ts_of(const Slot& s) const { return ts_at(*s.bucket, s.j); }
 
   // Sets the timestamp of a write. One equal to the stored timestamp is not stored, so the
   // bucket's line stays clean and is not written back to memory: writes without req_time
   // (0), and writes in the second of the entry's last one (1M-id dim-64 Adagrad steps,
   // C++ loop: 2.5% faster on one thread and on two). A timestamp kept apart needs room
-  // reserved for it (hold(extra, true)), so that this allocates nothing.
+  // held for it (hold(extra, far)), so that this allocates nothing.
   void stamp(const Slot& s, int64_t t) {
     uint32_t& at = s.bucket->ts[s.j];
     const uint32_t v = near_ts(t);
@@ -630,9 +631,7 @@ class alignas(64) Shard {
     uint32_t ts;
     uint32_t row;
   };
-  int64_t ts_of(const Copied& c) const {
-    return c.ts != kTsApart ? c.ts : static_cast<int64_t>(*far_ts_.find(c.key, hash_id(c.key)));
-  }
+  int64_t ts_of(const Copied& c) const { return ts_of(c.key, c.ts); }
   static constexpr size_t kRunBuckets = 64;
   // A scan fetches each bucket this many buckets ahead: read in order, the index still came
   // in slower than the scan used it. A capacity-limited table of 1M entries choosing its
@@ -1317,9 +1316,9 @@ class EmbeddingTable {
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
                                                  [](uint32_t threshold) { return threshold; });
     read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
+    fetches_ahead_ = fetches_ahead_from_env();
     // In half fetches: a bucket (2), the values a lookup reads; for a write the whole row, its
     // bookkeeping line (with a capacity limit) and the caller's row, as wide as the values.
-    fetches_ahead_ = fetches_ahead_from_env();
     read_block_ = block_for(2 + half_fetches(read_bytes_));
     write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
     const size_t shards = size_t{1} << shard_bits_;
@@ -2241,11 +2240,12 @@ class EmbeddingTable {
   // The same for a write, whose stage 4 is then handed the entry (known), so that it need
   // not find the id nor its row again (dim-16 Adagrad steps of 8,192 ids on a table in
   // cache, callgrind: 561 -> 494 instructions an id; 1M ids, C++ loop, one thread, medians
-  // of 7 alternating runs: 16.9 -> 17.6 M ids/s). An insert by stage 4 of the same batch can still rewrite the index
-  // (when an id counted present while its room was reserved has been removed since), which
-  // frees the buckets a slot points into: a slot is handed on only while the shard's
-  // index_version is the one it was found at. Rows never move. An id not found is found or
-  // inserted by stage 4 (an earlier occurrence in the batch may have inserted it since).
+  // of 7 alternating runs: 16.9 -> 17.6 M ids/s). An insert by stage 4 of the same batch
+  // can still rewrite the index (when an id counted present while its room was reserved has
+  // been removed since), which frees the buckets a slot points into: a slot is handed on
+  // only while the shard's index_version is the one it was found at. Rows never move. An id
+  // not found is found or inserted by stage 4 (an earlier occurrence in the batch may have
+  // inserted it since).
   struct LocatedRows {
     detail::Shard::Found found[kRing];  // a null bucket when not (yet) found
     uint32_t version[kRing];            // the shard's index_version when found[] was looked for
