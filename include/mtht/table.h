@@ -21,7 +21,8 @@
 //   lines, which the hardware prefetcher follows), so a missing id usually costs one line
 //   too. Removing an entry frees its slot and decrements the counts on its path: no
 //   tombstones. Load stays <= the table's max load (TableSpec::max_load_permille, default
-//   1/2); growth doubles an index of up to 2 MiB and grows a larger one by half.
+//   1/2) between writes: a write that passes it by a little grows the index when it is done.
+//   Growth doubles an index of up to 2 MiB and grows a larger one by half.
 //   (Linear probing clusters: at a load of 0.79, 43% of the ids not in the table probe more
 //   than one bucket and 19% of those in it do not sit in their home bucket; at 0.40 it is 4%
 //   and 4%. Each such probe is a dependent miss, so a lower load buys speed with index
@@ -553,15 +554,37 @@ class alignas(64) Shard {
   // Whether reserve(extra) would grow the index. (A chunk of rows reserved too early costs
   // only address space: its pages are not touched until rows are handed out.)
   bool reserve_grows_index(uint64_t extra) const {
-    return over_load(std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard));
+    const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
+    return over_load(want) && (over_load(size_ + held()) || over_slack(want));
   }
 
   // Make room for `extra` more entries besides the room held by writes in progress, so that
-  // inserting them allocates nothing.
+  // inserting them allocates nothing. An index within its bound that `extra` would take past
+  // it, but not past the slack above it (over_slack), is left to grow after the write
+  // (grow_if_past_bound): were it grown now, a write of ids mostly stored already would have
+  // to count its absent ids first, not to grow the index for nothing.
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + held() + extra, kMaxRowsPerShard));
-    if (over_load(want)) rehash(buckets_for(want));
+    if (!over_load(want)) return;
+    if (over_load(size_ + held()) || over_slack(want))
+      rehash(buckets_for(want));
+    else
+      grow_due_.store(true, std::memory_order_relaxed);
+  }
+
+  // After a write: the index grows if the write's inserts took it past its bound. A failed
+  // allocation leaves it past the bound (within its slack) until the next write's reserve,
+  // the write itself being done.
+  void grow_if_past_bound() {
+    if (!grow_due_.load(std::memory_order_relaxed)) return;
+    std::unique_lock<SharedMutex> lk(mu);
+    grow_due_.store(false, std::memory_order_relaxed);
+    if (!over_load(size_)) return;
+    try {
+      rehash(buckets_for(size_ + held()));
+    } catch (const std::bad_alloc&) {
+    }
   }
 
   // reserve(extra), then hold that room for the caller's write until release(extra): other
@@ -597,7 +620,8 @@ class alignas(64) Shard {
       *inserted = false;
       return found;
     }
-    if (over_load(size_ + 1)) reserve(1);
+    if (over_slack(size_ + 1)) reserve(1);
+    if (over_load(size_ + 1)) grow_due_.store(true, std::memory_order_relaxed);
     const uint32_t r = rows_.allocate();
     Slot slot = place(buckets(), nb_, h, id, 0, r + 1);
     ++size_;
@@ -702,6 +726,11 @@ class alignas(64) Shard {
  private:
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
   bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
+  // Past the bound and a quarter of the rest of the slots (at the default bound of 1/2: past
+  // 5/8), which inserts do not go within a write (reserve).
+  bool over_slack(uint64_t used) const {
+    return used * 4000 > slots() * (3 * max_load_permille_ + 1000);
+  }
 
   static uint64_t next(uint64_t b, uint64_t nb) { return b + 1 == nb ? 0 : b + 1; }
 
@@ -726,8 +755,8 @@ class alignas(64) Shard {
   // 29% more CPU time to fill a table, against 16%: every growth rewrites the whole index;
   // see docs/design.md.) A reservation of more (initial_capacity, a large batch of new ids)
   // leaves an eighth to spare: a shard left at its bound counts the absent ids of every
-  // write first (count_absent), which made Adagrad steps on a 10M-id table reserved to the
-  // entry 25% slower.
+  // write whose share would take it past its slack first (count_absent), which made Adagrad
+  // steps on a 10M-id table reserved to the entry 25% slower.
   uint64_t buckets_for(uint64_t want) const {
     const uint64_t per_bucket = uint64_t{kBucketSlots} * max_load_permille_;  // entries x 1000
     const uint64_t need = std::max<uint64_t>(1, (want * 1000 + per_bucket - 1) / per_bucket);
@@ -782,6 +811,7 @@ class alignas(64) Shard {
   Buffer index_;
   uint64_t size_ = 0;
   std::atomic<uint64_t> held_{0};  // room held by writes in progress (hold)
+  std::atomic<bool> grow_due_{false};  // inserts may have taken the index past its bound (reserve)
   bool with_meta_;
   RowArena rows_;
   // The timestamps that do not fit a slot (outside [0, kTsApart)), by id; such timestamps are
@@ -2478,6 +2508,8 @@ class EmbeddingTable {
             }
             note_ts(ts);
             write(plan, i, first, last);
+            for (size_t s = first; s < last; ++s)
+              if (plan.shard_begin[s + 1] != plan.shard_begin[s]) shards_[s]->grow_if_past_bound();
           }
         },
         threads_for(n));
@@ -3052,8 +3084,9 @@ class EmbeddingTable {
 
   // Room in shard s for the plan's new ids of that shard, held for the write in `room` (no
   // ids there: nothing to do), before any entry changes. The shard's share of the batch
-  // bounds its new ids; only when that bound would grow the index are the ids looked up, so
-  // rewriting ids already present never grows an index. `leaving`: entries of the shard the
+  // bounds its new ids; only when that bound would grow the index now (past its slack:
+  // Shard::reserve) are the ids looked up, so rewriting ids already present never grows an
+  // index. `leaving`: entries of the shard the
   // write evicts before it inserts, whose room its new entries take. With an admission
   // filter (`gated` writes), the filter's counts get room for the ids too, beside the room
   // held by other writes (each of whose held entries may turn out a count instead).

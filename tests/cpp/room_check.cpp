@@ -1,11 +1,14 @@
 // Checks that the room a write reserves before it changes anything stays its own until the
 // write is done, printing one line per failure and "ok" when there is none. Two writes are
 // interleaved by hand, as two threads may interleave them: A reserves room for its new ids
-// (reserve_ids, as a multi-table update does), then B writes new ids into the same shard,
-// then A writes. B must find A's room taken and grow the index before it changes anything;
-// A's write must then insert without growing the index (an allocation half-way through a
-// write could fail and leave it half applied). The room is given back when the write is done
-// or dropped: the index then grows exactly when the entries alone exceed its load bound.
+// (reserve_ids, as a multi-table update does) up to the slack above the index's load bound,
+// then B writes a new id into the same shard, then A writes. B must find A's room taken and
+// grow the index before it changes anything; A's write must then insert without growing the
+// index (an allocation half-way through a write could fail and leave it half applied). A
+// write whose new ids take the index past its bound but within the slack grows it after it
+// is done. The room is given back when the write is done or dropped: the index then grows
+// exactly when the entries alone exceed its load bound.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
@@ -34,6 +37,11 @@ mtht::TableSpec one_shard_sgd() {
 
 // Entries the table holds before its index must grow.
 uint64_t bound(const mtht::EmbeddingTable& t) { return t.stats().capacity * one_shard_sgd().max_load_permille / 1000; }
+// Entries a write may take the index to before it grows, to grow after the write instead:
+// the bound and a quarter of the rest of the slots.
+uint64_t slack(const mtht::EmbeddingTable& t) {
+  return t.stats().capacity * (3 * one_shard_sgd().max_load_permille + 1000) / 4000;
+}
 
 std::vector<int64_t> range(int64_t first, uint64_t n) {
   std::vector<int64_t> ids(n);
@@ -64,7 +72,7 @@ uint64_t size_at_growth(mtht::EmbeddingTable& t, int64_t next) {
 void check_interleaved_writes() {
   mtht::EmbeddingTable t(one_shard_sgd());
   assign(t, range(0, 1000), 1.f);
-  const uint64_t room = bound(t) - t.stats().size;  // new entries that fit before growth
+  const uint64_t room = slack(t) - t.stats().size;  // new entries that fit before growth
   const std::vector<int64_t> a = range(1'000'000, room);
   const std::vector<int64_t> b = range(2'000'000, 1);
   {
@@ -77,7 +85,7 @@ void check_interleaved_writes() {
     const float lr = 0.5f;
     t.apply_gradient_rows(a.data(), a.size(), [&](size_t i) { return grads.data() + 4 * i; }, &lr, 0, 7, false,
                           nullptr, false, &planned);
-    expect(t.stats().capacity == capacity, "A's write grew the index half-way (its room was taken)");
+    expect(t.stats().capacity == capacity, "A's write grew the index (its room was taken)");
     expect(values_are(t, a, -0.5f), "A's entries hold one SGD step from zero");
     expect(values_are(t, b, 2.f), "B's entry holds its row");
     expect(values_are(t, range(0, 1000), 1.f), "the first entries are unchanged");
@@ -85,6 +93,26 @@ void check_interleaved_writes() {
   // Both writes are done: nothing is held, so the index grows just past its bound.
   const uint64_t limit = bound(t);
   expect(size_at_growth(t, 3'000'000) == limit + 1, "room held after the writes were done");
+}
+
+void check_growth_after_a_write() {
+  mtht::EmbeddingTable t(one_shard_sgd());
+  assign(t, range(0, 1000), 1.f);
+  const uint64_t capacity = t.stats().capacity, limit = bound(t);
+  // Stored ids and new ones, whose share would take the index past its bound, but not past
+  // the slack: the index keeps its size, the new ids being too few to pass the bound.
+  std::vector<int64_t> ids = range(0, std::min<uint64_t>(1000, slack(t) - limit));
+  const std::vector<int64_t> fresh = range(1'000'000, limit - 1000 - 1);
+  ids.insert(ids.end(), fresh.begin(), fresh.end());
+  assign(t, ids, 3.f);
+  expect(t.stats().size == limit - 1 && t.stats().capacity == capacity, "a write within the bound grew the index");
+  // New ids past the bound, within the slack: the write goes through, then the index grows.
+  const std::vector<int64_t> more = range(2'000'000, slack(t) - limit);
+  assign(t, more, 4.f);
+  expect(t.stats().capacity > capacity, "the index did not grow after the write that took it past its bound");
+  expect(t.stats().size * 1000 <= t.stats().capacity * one_shard_sgd().max_load_permille,
+         "the load is past its bound after the write");
+  expect(values_are(t, ids, 3.f) && values_are(t, more, 4.f), "the entries hold their rows");
 }
 
 void check_dropped_reservation() {
@@ -100,6 +128,7 @@ void check_dropped_reservation() {
 
 int main() {
   check_interleaved_writes();
+  check_growth_after_a_write();
   check_dropped_reservation();
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
