@@ -602,6 +602,37 @@ def test_rewriting_stored_ids_at_the_load_bound_does_not_grow_the_index():
     assert core.stats()["size"] == stored.size + 1
 
 
+@pytest.mark.parametrize("max_load_factor", [0.25, 0.5, 0.9])
+def test_writes_that_pass_the_bound_a_little_grow_the_index_after_them(max_load_factor):
+    # A shard's share of a write that could take its index past the bound, but not past the
+    # slack above it, goes in without its ids being counted; if its new ids do pass the
+    # bound, the index grows when the write is done. Steps of stored ids with a few new ones
+    # each (plain and deduplicated, repeated ids among them), from just under the bound:
+    # every result as the reference's, the load within the bound after every write.
+    t = _table_with_load(max_load_factor, num_shards=1)
+    ref = ReferenceTable([SEG])
+    rng = np.random.default_rng(9)
+    stored = rng.integers(-(2**63), 2**63 - 1, 500, dtype=np.int64)
+    _step_both(t, ref, stored, rng, 1)
+    capacity = t.stats()["capacity"]
+    fresh = rng.integers(-(2**63), 2**63 - 1, int(capacity * max_load_factor) - stored.size - 3, dtype=np.int64)
+    _step_both(t, ref, fresh, rng, 2)
+    stored = np.concatenate([stored, fresh])
+    assert t.stats()["capacity"] == capacity  # 3 entries under the bound
+    grew = 0
+    for step in range(12):
+        new = rng.integers(-(2**63), 2**63 - 1, 2, dtype=np.int64)
+        batch = np.concatenate([rng.choice(stored, 40), new, new[:1]]).astype(np.int64)
+        _step_both(t, ref, rng.permutation(batch), rng, 3 + step, dedup=bool(step % 2))
+        stored = np.concatenate([stored, new])
+        stats = t.stats()
+        assert stats["size"] <= stats["capacity"] * max_load_factor
+        grew += stats["capacity"] != capacity
+        capacity = stats["capacity"]
+    assert grew == 1
+    _assert_same(t, ref, np.concatenate([stored, rng.integers(0, 100, 10)]))
+
+
 def test_results_do_not_depend_on_the_load_bound():
     tables = [_table_with_load(f) for f in (0.25, 0.5, 0.9)]
     ref = ReferenceTable([SEG])

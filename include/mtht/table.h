@@ -566,10 +566,9 @@ class alignas(64) Shard {
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + held() + extra, kMaxRowsPerShard));
-    if (!over_load(want)) return;
-    if (over_load(size_ + held()) || over_slack(want))
+    if (reserve_grows_index(extra))
       rehash(buckets_for(want));
-    else
+    else if (over_load(want))
       grow_due_.store(true, std::memory_order_relaxed);
   }
 
@@ -582,7 +581,7 @@ class alignas(64) Shard {
     grow_due_.store(false, std::memory_order_relaxed);
     if (!over_load(size_)) return;
     try {
-      rehash(buckets_for(size_ + held()));
+      rehash(buckets_for(std::min<uint64_t>(size_ + held(), kMaxRowsPerShard)));
     } catch (const std::bad_alloc&) {
     }
   }
