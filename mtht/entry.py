@@ -1380,6 +1380,8 @@ class EmbeddingHashTableConfig:
         together with ``max_entries`` the smaller bound holds. None means unbounded.
     max_load_factor : float, default 0.5
         The index grows before more than this fraction of its slots is used; in [0.25, 0.9].
+        (A write whose new ids take it past that, by at most a quarter of the slots left
+        above it, grows it as soon as it is done: between writes the bound holds.)
         A shard's index of up to 2 MiB doubles, so its load stays between half this and
         this; a larger one grows by half, so its load stays between 2/3 of this and this.
         Lower is faster (fewer probes past an id's home bucket), higher takes less memory:

@@ -725,8 +725,8 @@ class alignas(64) Shard {
  private:
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
   bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
-  // Past the bound and a quarter of the rest of the slots (at the default bound of 1/2: past
-  // 5/8), which inserts do not go within a write (reserve).
+  // Past the bound and a quarter of the slots left above it (at the default bound of 1/2:
+  // past 5/8). A write's inserts never take an index this far (reserve).
   bool over_slack(uint64_t used) const {
     return used * 4000 > slots() * (3 * max_load_permille_ + 1000);
   }
@@ -3085,10 +3085,10 @@ class EmbeddingTable {
   // ids there: nothing to do), before any entry changes. The shard's share of the batch
   // bounds its new ids; only when that bound would grow the index now (past its slack:
   // Shard::reserve) are the ids looked up, so rewriting ids already present never grows an
-  // index. `leaving`: entries of the shard the
-  // write evicts before it inserts, whose room its new entries take. With an admission
-  // filter (`gated` writes), the filter's counts get room for the ids too, beside the room
-  // held by other writes (each of whose held entries may turn out a count instead).
+  // index. `leaving`: entries of the shard the write evicts before it inserts, whose room
+  // its new entries take. With an admission filter (`gated` writes), the filter's counts get
+  // room for the ids too, beside the room held by other writes (each of whose held entries
+  // may turn out a count instead).
   // `far_stamps`: the write stamps timestamps that a slot keeps apart, so every id of the
   // shard's share gets room for one (Shard::hold).
   void reserve_shard(const detail::BatchPlan& plan, size_t s, detail::HeldRoom& room, bool gated,
