@@ -2756,14 +2756,22 @@ class EmbeddingTable {
     Room big_batch;  // a big batch's room is not kept
     Room& room = n > kKeptRoomIds ? big_batch : room_kept_;
     room_for(ids, n, runs, gated, room);
-    if (current + room.new_entries > spec_.max_entries) {
-      const uint64_t excess = current + room.new_entries - spec_.max_entries;
-      if (!victims_from_pool(room, excess, victims)) choose_by_scan(room, excess, current, victims);
+    try {
+      if (current + room.new_entries > spec_.max_entries) {
+        const uint64_t excess = current + room.new_entries - spec_.max_entries;
+        if (!victims_from_pool(room, excess, victims)) choose_by_scan(room, excess, current, victims);
+      }
+      // With LFU a new entry may count fewer writes than the pool's last entry: it joins the
+      // pool (with the least key, so it is looked at first). With LRU its clock is later.
+      if (pool_takes_new_entries())
+        for (const int64_t id : room.admitted) pool_.pending.push_back(Candidate{0, 0, id});
+    } catch (...) {
+      // Out of memory part way: records taken from the kept ones may be neither back nor
+      // among the victims, and without them a later write could pass over the entry that
+      // comes first. The next write scans the table again.
+      pool_.valid = false;
+      throw;
     }
-    // With LFU a new entry may count fewer writes than the pool's last entry: it joins the
-    // pool (with the least key, so it is looked at first). With LRU its clock is later.
-    if (pool_takes_new_entries())
-      for (const int64_t id : room.admitted) pool_.pending.push_back(Candidate{0, 0, id});
     return lock;
   }
 

@@ -1,16 +1,17 @@
 // Checks that a write batch in which an allocation fails changes nothing, printing one line
 // per failure and "ok" when there is none. operator new is replaced by one that fails once,
-// at the c-th allocation from the moment it is armed; a batch is written on two threads
-// (so in several chunks of shards) with c = 0, 1, 2, ... until it goes through. Each failed
+// at the c-th allocation from the moment it is armed; a batch is written on two threads (so
+// in several chunks of shards) with c = 0, 1, 2, ... until no allocation fails. Each failed
 // attempt must leave the tables as they were (values and the admission filter's counts), and
-// the one that goes through must give what the same write gives where nothing fails. The
-// writes: apply_gradients with and without dedup into one table, the fused update over two,
-// and writes to two tables (write_tables: apply_gradients with and without dedup; assign and
-// assign_add), into unlimited, capacity-limited (evicting) and filtered tables. Each attempt writes
-// from a new thread, so that the memory a thread keeps from one write to the next has to be
-// allocated again. Last, a write after which a table with an automatic shard count splits its
-// shards: the write goes through whichever allocation of the split fails, and a failed split
-// leaves the shards as they were.
+// one that goes through (past a failure that only costs speed, or with none) must give what
+// the same write gives where nothing fails. The writes: apply_gradients with and without
+// dedup into one table, the fused update over two, and writes to two tables (write_tables:
+// apply_gradients with and without dedup; assign and assign_add), into unlimited,
+// capacity-limited (evicting) and filtered tables; then a write that takes its victims from
+// those an earlier write kept. Each attempt writes from a new thread, so that the memory a
+// thread keeps from one write to the next has to be allocated again. Last, a write after
+// which a table with an automatic shard count splits its shards: the write goes through
+// whichever allocation of the split fails, and a failed split leaves the shards as they were.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -110,20 +111,22 @@ struct Batch {
   std::vector<float> grads;
 };
 
-Batch batch(const Case& c) {
+Batch batch(const Case& c, int64_t first_added = -1) {
+  if (first_added < 0) first_added = c.stored;
   Batch b;
   uint64_t x = 12345;
   for (int64_t i = 0; i < c.length; ++i) {
     x = x * 6364136223846793005ULL + 1442695040888963407ULL;
     b.ids.push_back(static_cast<int64_t>((x >> 33) % static_cast<uint64_t>(c.drawn)));
   }
-  for (int64_t i = 0; i < c.added; ++i) b.ids.push_back(c.stored + i);
+  for (int64_t i = 0; i < c.added; ++i) b.ids.push_back(first_added + i);
   for (size_t i = 0; i < b.ids.size() * kDim; ++i) b.grads.push_back(static_cast<float>(i % 7) * 0.25f);
   return b;
 }
 
 // Writes `write(tables)` over `num_tables` filled tables with the c-th allocation failing,
-// for c = 0, 1, 2, ... until the write goes through.
+// for c = 0, 1, 2, ... until none fails (a write may go through a failure that only costs
+// speed, and fail at a later allocation).
 template <class Write>
 void check(const Case& c, size_t num_tables, Write&& write, const std::string& name) {
   auto fresh = [&] {
@@ -147,7 +150,7 @@ void check(const Case& c, size_t num_tables, Write&& write, const std::string& n
   long failed = 0;
   for (long attempt = 0; attempt < 100000; ++attempt) {
     std::vector<mtht::EmbeddingTable*> tables = fresh();
-    bool threw = false;
+    bool threw = false, any_failed = false;
     std::thread writer([&] {
       allocations_left.store(attempt);
       try {
@@ -155,12 +158,13 @@ void check(const Case& c, size_t num_tables, Write&& write, const std::string& n
       } catch (const std::bad_alloc&) {
         threw = true;
       }
-      allocations_left.store(-1);
+      any_failed = allocations_left.exchange(-1) < 0;
     });
     writer.join();
     const auto now = state(tables);
-    if (!threw) {
+    if (!threw) {  // the write went through, with the one failure (one that only costs speed) or none
       expect(now == after, name.c_str(), attempt);
+      if (any_failed) continue;
       break;
     }
     ++failed;
@@ -228,6 +232,55 @@ void check_split(const Case& c, float lr) {
   expect(failed_writes > 0 && failed_splits > 0, "allocations failed in the write and in the split", -1);
 }
 
+// Writes of new ids, each evicting as many entries, into a full capacity-limited table: the
+// first scans the table for its victims and keeps the next ones in order (the kept victims);
+// the second, whose c-th allocation fails for c = 0, 1, 2, ... until none does, takes its
+// victims from them. A failed second write must change nothing, and once it is written again
+// (nothing failing) and a third follows, the table must hold what it holds where nothing
+// failed: a failure may not cost the kept victims a record (the third write would then evict
+// another entry than the oldest).
+void check_kept_victims(const Case& c, float lr) {
+  const Batch first = batch(c), second = batch(c, c.stored + c.added), third = batch(c, c.stored + 2 * c.added);
+  Case all = c;
+  all.added = 3 * c.added;  // values() reads every added id
+  auto write = [&](mtht::EmbeddingTable& t, const Batch& b) {
+    t.apply_gradients(b.ids.data(), b.ids.size(), b.grads.data(), &lr, 1, 1, 7, false);
+  };
+  mtht::EmbeddingTable* reference = filled_table(c);
+  write(*reference, first);
+  const std::vector<float> before = values(*reference, all);
+  write(*reference, second);
+  write(*reference, third);
+  const std::vector<float> after = values(*reference, all);
+  delete reference;
+  long failed = 0;
+  for (long attempt = 0; attempt < 100000; ++attempt) {
+    mtht::EmbeddingTable* t = filled_table(c);
+    write(*t, first);
+    bool threw = false, any_failed = false;
+    std::thread writer([&] {
+      allocations_left.store(attempt);
+      try {
+        write(*t, second);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+      }
+      any_failed = allocations_left.exchange(-1) < 0;
+    });
+    writer.join();
+    if (threw) {
+      ++failed;
+      expect(values(*t, all) == before, "a failed write that took kept victims changed the table", attempt);
+      write(*t, second);
+    }
+    write(*t, third);
+    expect(values(*t, all) == after, "after a failed write, the kept victims chose other victims", attempt);
+    delete t;
+    if (!any_failed) break;
+  }
+  expect(failed > 0, "allocations failed in a write that took kept victims", -1);
+}
+
 }  // namespace
 
 int main() {
@@ -290,6 +343,7 @@ int main() {
         },
         "assign and assign_add to two tables" + limited + " failed and changed a table");
   }
+  check_kept_victims(Case{2000, 300, 6000, 100, 2000}, lr);
   check_split(Case{17000, 17000, 3000, 1000, 0, 0, 0}, lr);  // split by size (a shard over 16,384 entries)
   check_split(Case{16000, 16000, 4000, 1000, 0, 1, 0}, lr);  // by batch (over 4,096 ids), filter counts moved
   if (failures == 0) std::printf("ok\n");
