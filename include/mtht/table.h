@@ -2444,7 +2444,8 @@ class EmbeddingTable {
     const LayoutHold hold(*this);
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
-    write_phases(ids, n, ts, planned, capacity.victims(), gated, far_stamps, write_chunks(n), nullptr,
+    write_phases(ids, n, ts, planned, capacity.victims(), capacity.built_plan(), gated, far_stamps, write_chunks(n),
+                 nullptr,
                  [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
                    const uint32_t* order = plan.order.data();
                    const int64_t* keys = plan.keys.data();
@@ -2464,12 +2465,13 @@ class EmbeddingTable {
   // `chunks` runs of consecutive shards [first, last) (write_chunks(n): more than one per
   // thread, to share the work out). Everything that can fail (allocations, the room, what
   // `prepare` does) is done before any entry changes. A planned write (reserve_ids) has its
-  // plan, room, chunks and preparation already, and allocates nothing here. `far_stamps`:
+  // plan, room, chunks and preparation already, and allocates nothing here. `built_plan`:
+  // the batch's plan, if counting its ids for a capacity limit built it (room_for). `far_stamps`:
   // the write may stamp its entries with timestamps that a slot keeps apart (Shard::stamp).
   template <class Prepare, class Write>
   void write_phases(const int64_t* ids, size_t n, int64_t ts, const detail::PlannedWrite* planned,
-                    const detail::Victims* victims, bool gated, bool far_stamps, size_t chunks, Prepare&& prepare,
-                    Write&& write) {
+                    const detail::Victims* victims, const detail::BatchPlan* built_plan, bool gated, bool far_stamps,
+                    size_t chunks, Prepare&& prepare, Write&& write) {
     constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
     if (can_split() && n > (kSplitIdsPerShard << shard_bits_)) {
       uint64_t most = split_batch_.load(std::memory_order_relaxed);
@@ -2478,9 +2480,9 @@ class EmbeddingTable {
       split_wanted_.store(true, std::memory_order_relaxed);
     }
     std::optional<detail::BatchPlan> own;
-    if (!planned) own.emplace(ids, n, shard_bits_, batch_ranges(n));
-    const detail::BatchPlan& plan = planned ? planned->plan : *own;
-    const size_t ranges = planned ? 0 : own->num_ranges();
+    if (!planned && !built_plan) own.emplace(ids, n, shard_bits_, batch_ranges(n));
+    const detail::BatchPlan& plan = planned ? planned->plan : built_plan ? *built_plan : *own;
+    const size_t ranges = own ? own->num_ranges() : 0;
     const size_t shards = planned ? 0 : shards_.size();
     if (planned) chunks = planned->chunks;
     detail::HeldRoom room(shards);
@@ -2553,7 +2555,7 @@ class EmbeddingTable {
     std::vector<detail::Runs>* own_runs = planned ? nullptr : &detail::Runs::per_chunk(chunks);
     const std::vector<detail::Runs>& chunk_runs = planned ? planned->runs : *own_runs;
     write_phases(
-        ids, n, ts, planned, capacity.victims(), true, far_stamp(ts), chunks,
+        ids, n, ts, planned, capacity.victims(), capacity.built_plan(), true, far_stamp(ts), chunks,
         [&](const detail::BatchPlan& plan, size_t chunk, size_t first, size_t last) {
           (*own_runs)[chunk].group(plan, first, last, blocks, width, row);
         },
@@ -2604,15 +2606,21 @@ class EmbeddingTable {
   bool writes(const Room& room, int64_t id, uint64_t h) const {
     return room.by_shard[shard_of(h)].occurrences.find(id, h) != nullptr;
   }
-  void room_for(const int64_t* ids, size_t n, bool runs, bool gated, Room& room) const {
+  // `plan_out`: where the batch's plan goes, for the write to use rather than build its own
+  // (null: it is dropped).
+  void room_for(const int64_t* ids, size_t n, bool runs, bool gated, Room& room,
+                std::optional<detail::BatchPlan>* plan_out = nullptr) const {
     const LayoutHold hold(*this);
     // Shard by shard, over the threads: a shard's ids are counted in a map of their own,
     // which stays in the core's cache (one map of a 65,536-id batch did not), and looked for
     // with the shard locked once, a block at a time while the next block's home buckets are
-    // fetched (as count_absent). A table of one shard needs no plan, and a small batch no
-    // pool: writes of one id to 100 small tables paid 15% more for them.
-    std::optional<detail::BatchPlan> plan;
-    if (shards_.size() > 1) plan.emplace(ids, n, shard_bits_);
+    // fetched (as count_absent). The plan is built over the threads too, as a write's is. A
+    // table of one shard needs no plan, and a small batch no pool: writes of one id to 100
+    // small tables paid 15% more for them.
+    std::optional<detail::BatchPlan> own_plan;
+    std::optional<detail::BatchPlan>& plan = plan_out ? *plan_out : own_plan;
+    plan.reset();
+    if (shards_.size() > 1) plan.emplace(ids, n, shard_bits_, batch_ranges(n));
     room.by_shard.resize(shards_.size());
     room.new_entries = room.present = 0;
     room.admitted.clear();
@@ -2665,9 +2673,21 @@ class EmbeddingTable {
     };
     const size_t threads = batch_threads(n);
     if (threads == 1) {
+      if (plan) {
+        plan->count_range(0);
+        plan->place_range(0);
+      }
       for (size_t s = 0; s < shards_.size(); ++s) count_shard(s);
     } else {
-      ThreadPool::global().parallel_for(shards_.size(), count_shard, static_cast<int>(threads));
+      const size_t ranges = plan ? plan->num_ranges() : 0;
+      ThreadPool::global().parallel_phases(
+          {ranges, ranges, shards_.size()},
+          [&](size_t phase, size_t i) {
+            if (phase == 0) plan->count_range(i);
+            else if (phase == 1) plan->place_range(i);
+            else count_shard(i);
+          },
+          static_cast<int>(threads));
     }
     for (ShardRoom& part : room.by_shard) {
       room.present += part.present;
@@ -2692,13 +2712,15 @@ class EmbeddingTable {
     std::unique_lock<std::mutex> lock;
     detail::Victims chosen;
     const detail::Victims* planned = nullptr;
+    std::optional<detail::BatchPlan> plan;  // built while counting the batch's ids (room_for)
     const detail::Victims* victims() const { return planned ? planned : &chosen; }
+    const detail::BatchPlan* built_plan() const { return plan ? &*plan : nullptr; }
   };
   CapacityRoom capacity_room(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held,
                              const detail::PlannedWrite* planned) {
     CapacityRoom c;
     if (planned && planned->victims) c.planned = &*planned->victims;
-    else c.lock = choose_victims(ids, n, runs, gated, room_held, c.chosen);
+    else c.lock = choose_victims(ids, n, runs, gated, room_held, c.chosen, &c.plan);
     return c;
   }
 
@@ -2733,8 +2755,10 @@ class EmbeddingTable {
   // caller already holds it: `room_held`). The victims are the first `excess` entries by
   // (policy key, id) among those the batch does not touch: from the entries an earlier scan
   // kept (VictimPool), or from a scan (choose_by_scan).
+  // `plan`: where the batch's plan goes if the ids are counted (room_for).
   std::unique_lock<std::mutex> choose_victims(const int64_t* ids, size_t n, bool runs, bool gated, bool room_held,
-                                              detail::Victims& victims) {
+                                              detail::Victims& victims,
+                                              std::optional<detail::BatchPlan>* plan = nullptr) {
     const LayoutHold hold(*this);
     std::unique_lock<std::mutex> lock;
     if (!room_held) lock = std::unique_lock<std::mutex>(capacity_mu_);
@@ -2755,7 +2779,7 @@ class EmbeddingTable {
     if (current + n <= spec_.max_entries && !pool_takes_new_entries()) return lock;
     Room big_batch;  // a big batch's room is not kept
     Room& room = n > kKeptRoomIds ? big_batch : room_kept_;
-    room_for(ids, n, runs, gated, room);
+    room_for(ids, n, runs, gated, room, plan);
     try {
       if (current + room.new_entries > spec_.max_entries) {
         const uint64_t excess = current + room.new_entries - spec_.max_entries;
