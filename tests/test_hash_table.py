@@ -787,6 +787,36 @@ def test_the_first_non_finite_row_is_named_whatever_the_thread_count(restore_num
     assert t.size() == size
 
 
+NON_FINITE = {"nan": np.float32(np.nan), "-nan": -np.float32(np.nan), "inf": np.float32(np.inf),
+              "-inf": np.float32(-np.inf),
+              "nan_payload": np.array([0x7FC00123], dtype=np.uint32).view(np.float32)[0],
+              "signalling_nan": np.array([0x7F800001], dtype=np.uint32).view(np.float32)[0]}
+
+
+def test_every_kernel_finds_a_non_finite_value_wherever_it_is(kernel):
+    # Rows of 3 floats, 700 rows: the check goes over blocks of 1,024 floats, each in vectors
+    # of 4 to 16 with a tail. One bad value at each place where a vector, a tail or a block
+    # begins or ends must be found and its row named; the largest finite floats, subnormals
+    # and negative zeros beside it must not be taken for one.
+    t = populated_adagrad_table(3)
+    ids = np.arange(100, 800, dtype=np.int64)
+    edge = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal,
+                     -0.0], dtype=np.float32)
+    finite = np.resize(edge, ids.size * 3).reshape(ids.size, 3)
+    t.assign(ids, finite)  # nothing taken for non-finite
+    np.testing.assert_array_equal(t.lookup(ids), finite)
+    before = snapshot(t, KNOWN_IDS + [100, 555, 799])
+    for pos in (0, 1, 3, 4, 7, 8, 15, 16, 17, 31, 63, 64, 1023, 1024, 1025, 2047, 2048, 2099):
+        for name, value in NON_FINITE.items():
+            vals = finite.copy()
+            vals.reshape(-1)[pos] = value
+            with pytest.raises(ValueError, match=rf"\(row {pos // 3}\)"):
+                t.assign(ids, vals)
+            with pytest.raises(ValueError, match=rf"\(row {pos // 3}\)"):
+                t.apply_gradients(ids, vals, global_step=0)
+    assert snapshot(t, KNOWN_IDS + [100, 555, 799]) == before
+
+
 def test_non_finite_learning_rate_changes_nothing():
     seg = SegmentDesc(2)
     t = table_of([seg], [lambda step: float("nan") if step == 7 else 1.0])

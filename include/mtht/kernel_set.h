@@ -1,6 +1,7 @@
 // The kernel table type (no functions: included by the per-ISA kernel units).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "mtht/spec_types.h"
@@ -8,10 +9,12 @@
 namespace mtht {
 
 using OptStepFn = void (*)(const SegmentSpec& s, float* w, float* state, const float* g, float lr, int64_t step);
+using AllFiniteFn = bool (*)(const float* v, size_t n);
 
 struct KernelSet {
   const char* name;
   OptStepFn step[kNumOptKinds];
+  AllFiniteFn all_finite;  // whether none of v[0, n) is NaN or Inf
 };
 
 // Defined in the per-ISA translation units; a set is null where the build lacks it.

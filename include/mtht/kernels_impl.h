@@ -327,10 +327,24 @@ inline void batch_softmax_any(const SegmentSpec& s, float* w, float* st, const f
   batch_softmax<1>(s, w, st, g, lr, t);
 }
 
+// ---- Whether no value is NaN or Inf: none has an exponent of all ones ----
+// Without a branch per value, so that the loop is vectorised at the unit's width (a write
+// checks every gradient before it changes anything).
+inline bool all_finite(const float* v, size_t n) {
+  uint32_t bad = 0;
+  for (size_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, v + k, sizeof bits);
+    bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad == 0;
+}
+
 // The kernel table, indexed by OptKind.
 inline KernelSet make_kernel_set(const char* name) {
   KernelSet k{};
   k.name = name;
+  k.all_finite = all_finite;
   k.step[static_cast<int>(OptKind::kSgd)] = sgd_any;
   k.step[static_cast<int>(OptKind::kAdagrad)] = adagrad_any;
   k.step[static_cast<int>(OptKind::kDynamicWdAdagrad)] = dynamic_wd_adagrad_any;

@@ -1974,22 +1974,16 @@ class EmbeddingTable {
   // Throws ValueError if any value is NaN or Inf, unless the table allows them.
   void check_finite(const float* v, size_t count, const char* what) const {
     if (spec_.allow_non_finite) return;
-    // A float is NaN or Inf when its exponent bits are all ones; test blocks branch-free
-    // (vectorised), ranges of them in parallel, and look for the culprit only when a block
-    // fails. The first culprit is reported, whatever the thread count.
+    // Blocks are tested by the kernel set's all_finite (vectorised at the CPU's width), ranges
+    // of them in parallel, and the culprit is looked for only when a block fails. The first
+    // culprit is reported, whatever the thread count.
     constexpr size_t kFloats = 1024;  // tested at a time
     const size_t parts = detail::range_parts(count / 16);
     std::vector<size_t> first_bad(parts, count);
     detail::for_ranges(count, parts, [&](size_t p, size_t lo, size_t hi) {
       for (size_t start = lo; start < hi; start += kFloats) {
         const size_t end = std::min(hi, start + kFloats);
-        uint32_t bad = 0;
-        for (size_t k = start; k < end; ++k) {
-          uint32_t bits;
-          std::memcpy(&bits, v + k, 4);
-          bad |= static_cast<uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
-        }
-        if (!bad) continue;
+        if (kernels_->all_finite(v + start, end - start)) continue;
         for (size_t k = start; k < end; ++k)
           if (!std::isfinite(v[k])) {
             first_bad[p] = k;
