@@ -3071,6 +3071,9 @@ class EmbeddingTable {
       for_each_row_meta(sh, 1, [&](uint32_t r, const uint64_t* meta) {
         marked[r / 64] |= uint64_t{up_to_bound(candidate(0, meta))} << (r % 64);
       });
+      size_t count = 0;  // room for them all at once, rather than growing the vector
+      for (const uint64_t word : marked) count += static_cast<size_t>(__builtin_popcountll(word));
+      out.reserve(out.size() + count);
       sh.for_each_run([&](const detail::Shard::Copied* entries, size_t n) {
         // The marked entries' ids and rows first, then only their bookkeeping's addresses.
         std::pair<int64_t, uint32_t> found[detail::Shard::kRunBuckets * detail::kBucketSlots];
