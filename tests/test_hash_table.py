@@ -807,7 +807,7 @@ def test_every_kernel_finds_a_non_finite_value_wherever_it_is(kernel):
     np.testing.assert_array_equal(t.lookup(ids), finite)
     before = snapshot(t, KNOWN_IDS + [100, 555, 799])
     for pos in (0, 1, 3, 4, 7, 8, 15, 16, 17, 31, 63, 64, 1023, 1024, 1025, 2047, 2048, 2099):
-        for name, value in NON_FINITE.items():
+        for value in NON_FINITE.values():
             vals = finite.copy()
             vals.reshape(-1)[pos] = value
             with pytest.raises(ValueError, match=rf"\(row {pos // 3}\)"):
