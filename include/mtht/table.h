@@ -2611,10 +2611,14 @@ class EmbeddingTable {
     // fetched (as count_absent). The plan is built over the threads too, as a write's is. A
     // table of one shard needs no plan, and a small batch no pool: writes of one id to 100
     // small tables paid 15% more for them.
+    const size_t threads = batch_threads(n);
     std::optional<detail::BatchPlan> own_plan;
     std::optional<detail::BatchPlan>& plan = plan_out ? *plan_out : own_plan;
     plan.reset();
-    if (shards_.size() > 1) plan.emplace(ids, n, shard_bits_, batch_ranges(n));
+    if (shards_.size() > 1) {
+      if (threads == 1) plan.emplace(ids, n, shard_bits_);  // built here
+      else plan.emplace(ids, n, shard_bits_, batch_ranges(n));  // built by the pool, below
+    }
     room.by_shard.resize(shards_.size());
     room.new_entries = room.present = 0;
     room.admitted.clear();
@@ -2665,12 +2669,7 @@ class EmbeddingTable {
         for (size_t k = b, e = std::min(m, b + K); k < e; ++k) classify(distinct[k]);
       }
     };
-    const size_t threads = batch_threads(n);
     if (threads == 1) {
-      if (plan) {
-        plan->count_range(0);
-        plan->place_range(0);
-      }
       for (size_t s = 0; s < shards_.size(); ++s) count_shard(s);
     } else {
       const size_t ranges = plan ? plan->num_ranges() : 0;

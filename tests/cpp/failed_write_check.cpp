@@ -124,6 +124,29 @@ Batch batch(const Case& c, int64_t first_added = -1) {
   return b;
 }
 
+// What became of a write with one allocation armed to fail.
+struct Attempt {
+  bool threw = false;       // the write failed (std::bad_alloc)
+  bool any_failed = false;  // the armed allocation failed (in the write, or where it only costs speed)
+};
+
+// Runs write() on a new thread with the allocation-th allocation from then on failing.
+template <class Write>
+Attempt attempt_failing(long allocation, Write&& write) {
+  Attempt a;
+  std::thread writer([&] {
+    allocations_left.store(allocation);
+    try {
+      write();
+    } catch (const std::bad_alloc&) {
+      a.threw = true;
+    }
+    a.any_failed = allocations_left.exchange(-1) < 0;
+  });
+  writer.join();
+  return a;
+}
+
 // Writes `write(tables)` over `num_tables` filled tables with the c-th allocation failing,
 // for c = 0, 1, 2, ... until none fails (a write may go through a failure that only costs
 // speed, and fail at a later allocation).
@@ -150,17 +173,7 @@ void check(const Case& c, size_t num_tables, Write&& write, const std::string& n
   long failed = 0;
   for (long attempt = 0; attempt < 100000; ++attempt) {
     std::vector<mtht::EmbeddingTable*> tables = fresh();
-    bool threw = false, any_failed = false;
-    std::thread writer([&] {
-      allocations_left.store(attempt);
-      try {
-        write(tables);
-      } catch (const std::bad_alloc&) {
-        threw = true;
-      }
-      any_failed = allocations_left.exchange(-1) < 0;
-    });
-    writer.join();
+    const auto [threw, any_failed] = attempt_failing(attempt, [&] { write(tables); });
     const auto now = state(tables);
     if (!threw) {  // the write went through, with the one failure (one that only costs speed) or none
       expect(now == after, name.c_str(), attempt);
@@ -205,17 +218,7 @@ void check_split(const Case& c, float lr) {
   long failed_writes = 0, failed_splits = 0;
   for (long attempt = 0; attempt < 100000; ++attempt) {
     mtht::EmbeddingTable* t = filled_table(c);
-    bool threw = false, failed = false;
-    std::thread writer([&] {
-      allocations_left.store(attempt);
-      try {
-        write(*t);
-      } catch (const std::bad_alloc&) {
-        threw = true;
-      }
-      failed = allocations_left.exchange(-1) < 0;
-    });
-    writer.join();
+    const auto [threw, failed] = attempt_failing(attempt, [&] { write(*t); });
     const auto now = state(t);
     if (threw) {
       ++failed_writes;
@@ -257,17 +260,7 @@ void check_kept_victims(const Case& c, float lr) {
   for (long attempt = 0; attempt < 100000; ++attempt) {
     mtht::EmbeddingTable* t = filled_table(c);
     write(*t, first);
-    bool threw = false, any_failed = false;
-    std::thread writer([&] {
-      allocations_left.store(attempt);
-      try {
-        write(*t, second);
-      } catch (const std::bad_alloc&) {
-        threw = true;
-      }
-      any_failed = allocations_left.exchange(-1) < 0;
-    });
-    writer.join();
+    const auto [threw, any_failed] = attempt_failing(attempt, [&] { write(*t, second); });
     if (threw) {
       ++failed;
       expect(values(*t, all) == before, "a failed write that took kept victims changed the table", attempt);
