@@ -363,7 +363,13 @@ class RowArena {
       return r;
     }
     reserve(static_cast<uint64_t>(used_) + 1);
-    return used_++;
+    // A fresh row is fetched ahead for the next insert too: a write in input order hands out
+    // the rows of all its shards in turn, and the hardware does not follow that many
+    // streams (filling 2M ids on one thread: 0.36 s without this, 0.24 with it).
+    const uint32_t r = used_++;
+    if (used_ < capacity_)
+      for (size_t col = 0; col < strides_.size(); ++col) prefetch_lines(at(col, used_), strides_[col]);
+    return r;
   }
 
   // The free rows are a list threaded through their own bytes, so that removing entries
@@ -2404,20 +2410,113 @@ class EmbeddingTable {
   template <class At, class Fn, class Ahead>
   void write_blocks(const detail::BatchPlan& plan, const size_t* begin, size_t first, size_t last, At&& at, Fn&& fn,
                     Ahead&& ahead) {
-    const int64_t* keys = plan.keys.data();
-    const uint64_t* hashes = plan.hashes.data();
+    write_stages(plan.keys.data(), plan.hashes.data(), at, fn, ahead, [&](auto&&... stages) {
+      visit_blocks(begin, first, last, write_block_, stages...);
+    });
+  }
+
+  // The stages of a write (visit_blocks) over items whose ids and hashes are keys[at(k)] and
+  // hashes[at(k)], visited by visit(stage1, stage2, stage3, stage4).
+  template <class At, class Fn, class Ahead, class Visit>
+  void write_stages(const int64_t* keys, const uint64_t* hashes, At&& at, Fn&& fn, Ahead&& ahead, Visit&& visit) {
     const size_t row_bytes = layout_.stride;
     LocatedRows found;
     const bool counting = has_filter_;  // an absent id is counted by the admission filter
-    visit_blocks(
-        begin, first, last, write_block_, [&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
-        [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
-        [&](const detail::Shard& sh, size_t k) {
-          const size_t q = at(k);
-          if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
-          ahead(k);
-        },
-        [&](detail::Shard& sh, size_t k) { fn(sh, k, found.known(sh, k)); });
+    visit([&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
+          [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
+          [&](const detail::Shard& sh, size_t k) {
+            const size_t q = at(k);
+            if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
+            ahead(k);
+          },
+          [&](detail::Shard& sh, size_t k) { fn(sh, k, found.known(sh, k)); });
+  }
+
+  // visit_blocks over ids [0, n) in input order, the caller holding the locks of their
+  // shards; shard(k): id k's shard.
+  template <class ShardOf, class S1, class S2, class S3, class S4>
+  void visit_in_order(size_t n, size_t K, ShardOf&& shard, S1&& stage1, S2&& stage2, S3&& stage3, S4&& stage4) {
+    constexpr size_t R = kRing;
+    detail::Shard* at[R];
+    for (size_t b = 0; b < n + 3 * K; b += K) {
+      for (size_t k = b, e = std::min(b + K, n); k < e; ++k) {
+        at[k % R] = shards_[shard(k)];
+        stage1(*at[k % R], k);
+      }
+      if (b >= K && b - K < n)
+        for (size_t k = b - K, e = std::min(b, n); k < e; ++k) stage2(*at[k % R], k);
+      if (b >= 2 * K && b - 2 * K < n)
+        for (size_t k = b - 2 * K, e = std::min(b - K, n); k < e; ++k) stage3(*at[k % R], k);
+      if (b >= 3 * K && b - 3 * K < n)
+        for (size_t k = b - 3 * K, e = std::min(b - 2 * K, n); k < e; ++k) stage4(*at[k % R], k);
+    }
+  }
+
+  // A plain write on one thread (no plan given, no victims): the ids in input order, every
+  // shard they touch held meanwhile. The plan's shard-by-shard order reaches the caller's
+  // rows at random; input order reads them one after the other (1M ids, dim-16 Adagrad
+  // steps, C++ loop, alternating batches: 1.14x to 1.17x). On several threads, each taking
+  // a run of shards, the plan stays faster: a run's ids in input order lost 1.08x to 1.12x
+  // against it, keeping a shard's entries together counting for more than the caller's rows.
+  template <class Ahead, class Fn>
+  void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Ahead&& inputs,
+                      Fn&& fn) {
+    note_batch_size(n);
+    const detail::ScratchBlock block(sizeof(uint64_t) * n);
+    detail::ScratchArray<uint64_t> hashes(block.data());
+    std::vector<uint64_t> count(shards_.size(), 0);
+    for (size_t i = 0; i < n; ++i) {
+      hashes[i] = hash_id(ids[i]);
+      ++count[shard_of(hashes[i])];
+    }
+    detail::HeldRoom room(shards_.size());
+    reserve_in_order(ids, hashes.data(), n, count, room, gated, far_stamps);
+    {
+      std::vector<std::unique_lock<detail::SharedMutex>> locks;
+      locks.reserve(shards_.size());
+      for (size_t s = 0; s < shards_.size(); ++s)
+        if (count[s]) locks.emplace_back(shards_[s]->mu);
+      note_ts(ts);
+      write_stages(ids, hashes.data(), [](size_t k) { return k; },
+                   [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hashes[k], known); },
+                   inputs, [&](auto&&... stages) {
+                     visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hashes[k]); }, stages...);
+                   });
+    }
+    for (size_t s = 0; s < shards_.size(); ++s)
+      if (count[s]) shards_[s]->grow_if_past_bound();
+  }
+
+  // Room for the ids of a write in input order (count[s] of them in shard s), held in
+  // `room` (reserve_shard). The shards whose index they would grow count their absent ids
+  // in one pass over the batch, holding their locks together.
+  void reserve_in_order(const int64_t* ids, const uint64_t* hashes, size_t n, const std::vector<uint64_t>& count,
+                        detail::HeldRoom& room, bool gated, bool far_stamps) {
+    std::vector<size_t> growing;
+    for (size_t s = 0; s < shards_.size(); ++s)
+      if (count[s] && !reserve_shard(s, count[s], room, gated, 0, far_stamps, nullptr)) growing.push_back(s);
+    if (growing.empty()) return;
+    std::vector<std::unique_lock<detail::SharedMutex>> locks;
+    locks.reserve(growing.size());
+    std::vector<uint64_t> absent(shards_.size(), 0);
+    std::vector<char> grows(shards_.size(), 0);
+    for (size_t s : growing) {
+      locks.emplace_back(shards_[s]->mu);
+      grows[s] = 1;
+    }
+    std::vector<uint32_t> looked;  // the positions of their ids
+    for (size_t i = 0; i < n; ++i)
+      if (grows[shard_of(hashes[i])]) looked.push_back(static_cast<uint32_t>(i));
+    constexpr size_t K = 16;
+    auto fetch = [&](size_t j) { shards_[shard_of(hashes[looked[j]])]->prefetch_group(hashes[looked[j]]); };
+    for (size_t j = 0; j < std::min(looked.size(), K); ++j) fetch(j);
+    for (size_t j = 0; j < looked.size(); ++j) {
+      if (j + K < looked.size()) fetch(j + K);
+      const size_t i = looked[j], s = shard_of(hashes[i]);
+      absent[s] += shards_[s]->find(ids[i], hashes[i]).bucket == nullptr;
+    }
+    for (size_t s : growing)
+      reserve_locked(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard&) { return absent[s]; });
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
@@ -2426,7 +2525,8 @@ class EmbeddingTable {
   // prefetches the batch's own data fn will read for that position (see detail::BatchRows).
   // `limited` = false skips the capacity limit (loading a checkpoint, checked by the
   // caller); `room_held`: the caller holds lock_capacity().
-  // `planned`: the batch's plan and room if the caller has them (reserve_ids).
+  // `planned`: the batch's plan and room if the caller has them (reserve_ids). On one
+  // thread, a write with neither a plan nor victims goes in input order (write_in_order).
   template <class Ahead, class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
                             bool gated = true, bool limited = true, bool room_held = false,
@@ -2438,6 +2538,8 @@ class EmbeddingTable {
     const LayoutHold hold(*this);
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
+    if (!planned && !capacity.built_plan() && !capacity.victims()->total && batch_threads(n) == 1)
+      return write_in_order(ids, n, ts, gated, far_stamps, inputs, fn);
     write_phases(ids, n, ts, planned, capacity.victims(), capacity.built_plan(), gated, far_stamps, write_chunks(n),
                  nullptr,
                  [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
@@ -2467,12 +2569,7 @@ class EmbeddingTable {
                     const detail::Victims* victims, const detail::BatchPlan* built_plan, bool gated, bool far_stamps,
                     size_t chunks, Prepare&& prepare, Write&& write) {
     constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
-    if (can_split() && n > (kSplitIdsPerShard << shard_bits_)) {
-      uint64_t most = split_batch_.load(std::memory_order_relaxed);
-      while (n > most && !split_batch_.compare_exchange_weak(most, n, std::memory_order_relaxed)) {
-      }
-      split_wanted_.store(true, std::memory_order_relaxed);
-    }
+    note_batch_size(n);
     std::optional<detail::BatchPlan> own;
     if (!planned && !built_plan) own.emplace(ids, n, shard_bits_, batch_ranges(n));
     const detail::BatchPlan& plan = planned ? planned->plan : built_plan ? *built_plan : *own;
@@ -2508,6 +2605,16 @@ class EmbeddingTable {
           }
         },
         threads_for(n));
+  }
+
+  // A write of n ids: a batch with many ids per shard asks for more shards (can_split).
+  void note_batch_size(size_t n) {
+    if (can_split() && n > (kSplitIdsPerShard << shard_bits_)) {
+      uint64_t most = split_batch_.load(std::memory_order_relaxed);
+      while (n > most && !split_batch_.compare_exchange_weak(most, n, std::memory_order_relaxed)) {
+      }
+      split_wanted_.store(true, std::memory_order_relaxed);
+    }
   }
 
   // How many runs of consecutive shards a write's shards are handled in: one on one thread;
@@ -3123,16 +3230,36 @@ class EmbeddingTable {
                      uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
+    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh) {
+      return sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
+    });
+  }
+
+  // The same for `ids` ids of shard s (ids > 0); count_absent(shard) counts the absent ones,
+  // or is null: then room that would grow the index is not held, and false is returned.
+  template <class CountAbsent>
+  bool reserve_shard(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
+                     CountAbsent&& count_absent) {
+    std::unique_lock<detail::SharedMutex> lk(shards_[s]->mu);
+    return reserve_locked(s, ids, room, gated, leaving, far_stamps, count_absent);
+  }
+
+  // reserve_shard with the shard's lock held by the caller.
+  template <class CountAbsent>
+  bool reserve_locked(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
+                      CountAbsent&& count_absent) {
     detail::Shard& sh = *shards_[s];
-    std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
-    uint64_t extra = e - b;
+    uint64_t extra = ids;
     if (can_split() && sh.size() > kSplitEntriesPerShard)
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
-    if (sh.reserve_grows_index(beyond_leaving(extra)))
-      extra = sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
+    if (sh.reserve_grows_index(beyond_leaving(extra))) {
+      if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) return false;
+      else extra = count_absent(sh);
+    }
     if (gated && has_filter_) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
-    room.hold(s, sh, beyond_leaving(extra), far_stamps ? e - b : 0);
+    room.hold(s, sh, beyond_leaving(extra), far_stamps ? ids : 0);
+    return true;
   }
 
   static constexpr int kMaxHashNetDim = 4096;

@@ -336,6 +336,20 @@ int main() {
         },
         "assign and assign_add to two tables" + limited + " failed and changed a table");
   }
+  // On one thread a plain write goes in input order (EmbeddingTable::write_in_order); the
+  // shards whose index its ids would grow count their absent ids first (all of them here).
+  mtht::ThreadPool::global().set_num_threads(1);
+  for (const Case& c : {Case{20000, 20000, 60000, 0, 0}, Case{2000, 300, 6000, 100, 0}, Case{2000, 300, 6000, 100, 0, 3}}) {
+    const Batch b = batch(c);
+    check(
+        c, 1,
+        [&](std::vector<mtht::EmbeddingTable*>& t) {
+          t[0]->apply_gradients(b.ids.data(), b.ids.size(), b.grads.data(), &lr, 1, 1, 7, false);
+        },
+        std::string("a write on one thread") + (c.threshold ? " (admission filter)" : "") +
+            " failed and changed the table");
+  }
+  mtht::ThreadPool::global().set_num_threads(2);
   check_kept_victims(Case{2000, 300, 6000, 100, 2000}, lr);
   check_split(Case{17000, 17000, 3000, 1000, 0, 0, 0}, lr);  // split by size (a shard over 16,384 entries)
   check_split(Case{16000, 16000, 4000, 1000, 0, 1, 0}, lr);  // by batch (over 4,096 ids), filter counts moved
