@@ -2351,7 +2351,7 @@ class EmbeddingTable {
   // write) go through four stages, each a short loop over a block of K items (write_block_,
   // see block_for), a block apart: stage1(shard, k) prefetches the home bucket; stage2 the
   // next bucket when the id may lie past home (the home bucket has arrived); stage3 the row
-  // (the buckets have arrived) and the caller's data; stage4 does the work. A shard is
+  // (the buckets have arrived); stage4 does the work. A shard is
   // locked (exclusively) when stage 1 reaches its first item and unlocked after stage 4 has
   // done its last: in increasing order, at most kRing shards at a time. Short loops let the
   // processor run far ahead of a stage that waits; the loop this replaced did all stages for
@@ -2407,6 +2407,10 @@ class EmbeddingTable {
   // write: item k stands for plan position at(k)): fn(shard, k, known) for each, with the row
   // (layout_.stride bytes, when the id is already stored) and, through ahead(k), the
   // batch's own data for it prefetched first; `known`: the id's entry, if it was found.
+  // The batch's data is reached at random in the plan's order, and is fetched a block
+  // before the entry's row (in stage 2): 1M ids, dim-16 Adagrad steps, C++ loop,
+  // alternating batches: two threads 1.05x, deduplicated steps 1.06x to 1.07x on one
+  // thread and 1.04x to 1.05x on two, against fetching it with the row.
   template <class At, class Fn, class Ahead>
   void write_blocks(const detail::BatchPlan& plan, const size_t* begin, size_t first, size_t last, At&& at, Fn&& fn,
                     Ahead&& ahead) {
@@ -2416,18 +2420,21 @@ class EmbeddingTable {
   }
 
   // The stages of a write (visit_blocks) over items whose ids and hashes are keys[at(k)] and
-  // hashes[at(k)], visited by visit(stage1, stage2, stage3, stage4).
+  // hashes[at(k)], visited by visit(stage1, stage2, stage3, stage4); ahead(k) prefetches
+  // the batch's own data in stage 2.
   template <class At, class Fn, class Ahead, class Visit>
   void write_stages(const int64_t* keys, const uint64_t* hashes, At&& at, Fn&& fn, Ahead&& ahead, Visit&& visit) {
     const size_t row_bytes = layout_.stride;
     LocatedRows found;
     const bool counting = has_filter_;  // an absent id is counted by the admission filter
     visit([&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
-          [&](const detail::Shard& sh, size_t k) { found.at_home(sh, k, keys[at(k)], hashes[at(k)]); },
+          [&](const detail::Shard& sh, size_t k) {
+            found.at_home(sh, k, keys[at(k)], hashes[at(k)]);
+            ahead(k);
+          },
           [&](const detail::Shard& sh, size_t k) {
             const size_t q = at(k);
             if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
-            ahead(k);
           },
           [&](detail::Shard& sh, size_t k) { fn(sh, k, found.known(sh, k)); });
   }
@@ -2458,9 +2465,10 @@ class EmbeddingTable {
   // steps, C++ loop, alternating batches: 1.14x to 1.17x). On several threads, each taking
   // a run of shards, the plan stays faster: a run's ids in input order lost 1.08x to 1.12x
   // against it, keeping a shard's entries together counting for more than the caller's rows.
-  template <class Ahead, class Fn>
-  void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Ahead&& inputs,
-                      Fn&& fn) {
+  // The batch's own rows, read in order too, are left to the hardware to fetch: fetching
+  // them as the plan's order does cost 1.02x to 1.035x at dim 16, 1.02x at dim 64.
+  template <class Fn>
+  void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Fn&& fn) {
     note_batch_size(n);
     const detail::ScratchBlock block(sizeof(uint64_t) * n);
     detail::ScratchArray<uint64_t> hashes(block.data());
@@ -2479,7 +2487,7 @@ class EmbeddingTable {
       note_ts(ts);
       write_stages(ids, hashes.data(), [](size_t k) { return k; },
                    [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hashes[k], known); },
-                   inputs, [&](auto&&... stages) {
+                   [](size_t) {}, [&](auto&&... stages) {
                      visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hashes[k]); }, stages...);
                    });
     }
@@ -2539,7 +2547,7 @@ class EmbeddingTable {
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
     if (!planned && !capacity.built_plan() && !capacity.victims()->total && batch_threads(n) == 1)
-      return write_in_order(ids, n, ts, gated, far_stamps, inputs, fn);
+      return write_in_order(ids, n, ts, gated, far_stamps, fn);
     write_phases(ids, n, ts, planned, capacity.victims(), capacity.built_plan(), gated, far_stamps, write_chunks(n),
                  nullptr,
                  [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
