@@ -2414,27 +2414,28 @@ class EmbeddingTable {
   template <class At, class Fn, class Ahead>
   void write_blocks(const detail::BatchPlan& plan, const size_t* begin, size_t first, size_t last, At&& at, Fn&& fn,
                     Ahead&& ahead) {
-    write_stages(plan.keys.data(), plan.hashes.data(), at, fn, ahead, [&](auto&&... stages) {
-      visit_blocks(begin, first, last, write_block_, stages...);
-    });
+    const int64_t* keys = plan.keys.data();
+    const uint64_t* hashes = plan.hashes.data();
+    write_stages([&](size_t k) { return keys[at(k)]; }, [&](size_t k) { return hashes[at(k)]; }, fn, ahead,
+                 [&](auto&&... stages) { visit_blocks(begin, first, last, write_block_, stages...); });
   }
 
-  // The stages of a write (visit_blocks) over items whose ids and hashes are keys[at(k)] and
-  // hashes[at(k)], visited by visit(stage1, stage2, stage3, stage4); ahead(k) prefetches
-  // the batch's own data in stage 2.
-  template <class At, class Fn, class Ahead, class Visit>
-  void write_stages(const int64_t* keys, const uint64_t* hashes, At&& at, Fn&& fn, Ahead&& ahead, Visit&& visit) {
+  // The stages of a write (visit_blocks) over items whose ids and hashes are key(k) and
+  // hash(k), visited by visit(stage1, stage2, stage3, stage4); ahead(k) prefetches the
+  // batch's own data in stage 2.
+  template <class Key, class Hash, class Fn, class Ahead, class Visit>
+  void write_stages(Key&& key, Hash&& hash, Fn&& fn, Ahead&& ahead, Visit&& visit) {
     const size_t row_bytes = layout_.stride;
     LocatedRows found;
     const bool counting = has_filter_;  // an absent id is counted by the admission filter
-    visit([&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hashes[at(k)]); },
+    visit([&](const detail::Shard& sh, size_t k) { sh.prefetch_group(hash(k)); },
           [&](const detail::Shard& sh, size_t k) {
-            found.at_home(sh, k, keys[at(k)], hashes[at(k)]);
+            found.at_home(sh, k, key(k), hash(k));
             ahead(k);
           },
           [&](const detail::Shard& sh, size_t k) {
-            const size_t q = at(k);
-            if (!found.prefetch_row(sh, k, keys[q], hashes[q], row_bytes) && counting) sh.counts.prefetch(hashes[q]);
+            const uint64_t h = hash(k);
+            if (!found.prefetch_row(sh, k, key(k), h, row_bytes) && counting) sh.counts.prefetch(h);
           },
           [&](detail::Shard& sh, size_t k) { fn(sh, k, found.known(sh, k)); });
   }
@@ -2485,7 +2486,7 @@ class EmbeddingTable {
       for (size_t s = 0; s < shards_.size(); ++s)
         if (count[s]) locks.emplace_back(shards_[s]->mu);
       note_ts(ts);
-      write_stages(ids, hashes.data(), [](size_t k) { return k; },
+      write_stages([&](size_t k) { return ids[k]; }, [&](size_t k) { return hashes[k]; },
                    [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hashes[k], known); },
                    [](size_t) {}, [&](auto&&... stages) {
                      visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hashes[k]); }, stages...);
@@ -2493,6 +2494,40 @@ class EmbeddingTable {
     }
     for (size_t s = 0; s < shards_.size(); ++s)
       if (count[s]) shards_[s]->grow_if_past_bound();
+  }
+
+  // A planned write (reserve_ids: its room held, its plan made for one thread) in input
+  // order, as write_in_order: the plan only counted the ids and reserved room. The ids are
+  // hashed again as they come (the plan's hashes are in shard order), and nothing is
+  // allocated: the room is the caller's.
+  template <class Fn>
+  void write_planned_in_order(const int64_t* ids, size_t n, int64_t ts, const detail::BatchPlan& plan, Fn&& fn) {
+    const size_t* begin = plan.shard_begin.data();
+    {
+      struct Held {  // the locks of the shards the batch touches, released however the write ends
+        const EmbeddingTable& table;
+        const size_t* begin;
+        size_t locked = 0;  // shards [0, locked) gone through
+        ~Held() {
+          for (size_t s = 0; s < locked; ++s)
+            if (begin[s + 1] != begin[s]) table.shards_[s]->mu.unlock();
+        }
+      } held{*this, begin};
+      for (; held.locked < shards_.size(); ++held.locked)
+        if (begin[held.locked + 1] != begin[held.locked]) shards_[held.locked]->mu.lock();
+      note_ts(ts);
+      uint64_t hash[kRing];  // item k's hash, from stage 1 to stage 4
+      write_stages(
+          [&](size_t k) { return ids[k]; }, [&](size_t k) { return hash[k % kRing]; },
+          [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hash[k % kRing], known); },
+          [](size_t) {},
+          [&](auto&&... stages) {
+            visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hash[k % kRing] = hash_id(ids[k])); },
+                           stages...);
+          });
+    }
+    for (size_t s = 0; s < shards_.size(); ++s)
+      if (begin[s + 1] != begin[s]) shards_[s]->grow_if_past_bound();
   }
 
   // Room for the ids of a write in input order (count[s] of them in shard s), held in
@@ -2546,8 +2581,11 @@ class EmbeddingTable {
     const LayoutHold hold(*this);
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
-    if (!planned && !capacity.built_plan() && !capacity.victims()->total && batch_threads(n) == 1)
-      return write_in_order(ids, n, ts, gated, far_stamps, fn);
+    if (!capacity.victims()->total) {
+      if (!planned && !capacity.built_plan() && batch_threads(n) == 1)
+        return write_in_order(ids, n, ts, gated, far_stamps, fn);
+      if (planned && planned->chunks == 1) return write_planned_in_order(ids, n, ts, planned->plan, fn);
+    }
     write_phases(ids, n, ts, planned, capacity.victims(), capacity.built_plan(), gated, far_stamps, write_chunks(n),
                  nullptr,
                  [&](const detail::BatchPlan& plan, size_t, size_t first, size_t last) {
