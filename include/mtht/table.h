@@ -2466,8 +2466,6 @@ class EmbeddingTable {
   // steps, C++ loop, alternating batches: 1.14x to 1.17x). On several threads, each taking
   // a run of shards, the plan stays faster: a run's ids in input order lost 1.08x to 1.12x
   // against it, keeping a shard's entries together counting for more than the caller's rows.
-  // The batch's own rows, read in order too, are left to the hardware to fetch: fetching
-  // them as the plan's order does cost 1.02x to 1.035x at dim 16, 1.02x at dim 64.
   template <class Fn>
   void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Fn&& fn) {
     note_batch_size(n);
@@ -2480,41 +2478,28 @@ class EmbeddingTable {
     }
     detail::HeldRoom room(shards_.size());
     reserve_in_order(ids, hashes.data(), n, count, room, gated, far_stamps);
-    {
-      std::vector<std::unique_lock<detail::SharedMutex>> locks;
-      locks.reserve(shards_.size());
-      for (size_t s = 0; s < shards_.size(); ++s)
-        if (count[s]) locks.emplace_back(shards_[s]->mu);
-      note_ts(ts);
-      write_stages([&](size_t k) { return ids[k]; }, [&](size_t k) { return hashes[k]; },
-                   [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hashes[k], known); },
-                   [](size_t) {}, [&](auto&&... stages) {
-                     visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hashes[k]); }, stages...);
-                   });
-    }
-    for (size_t s = 0; s < shards_.size(); ++s)
-      if (count[s]) shards_[s]->grow_if_past_bound();
+    write_held_in_order(ids, hashes.data(), n, ts, [&](size_t s) { return count[s] != 0; }, fn);
   }
 
   // A planned write (reserve_ids: its room held, its plan made for one thread) in input
-  // order, as write_in_order: the plan only counted the ids and reserved room. The ids are
-  // hashed again as they come (the plan's hashes are in shard order), and nothing is
-  // allocated: the room is the caller's.
+  // order, as write_in_order: the plan only counted the ids and reserved room. Its ids are
+  // hashed again as they come (the plan's hashes are in shard order).
   template <class Fn>
   void write_planned_in_order(const int64_t* ids, size_t n, int64_t ts, const detail::BatchPlan& plan, Fn&& fn) {
     const size_t* begin = plan.shard_begin.data();
+    write_held_in_order(ids, nullptr, n, ts, [begin](size_t s) { return begin[s + 1] != begin[s]; }, fn);
+  }
+
+  // Writes ids [0, n) in input order (room held for them) under the write locks of the
+  // shards touched(s) picks, every shard they fall in; hashes: theirs, or null to hash
+  // them as they come. Allocates nothing. The batch's own rows, read in order too, are left
+  // to the hardware to fetch: fetching them as the plan's order does cost 1.02x to 1.035x
+  // at dim 16, 1.02x at dim 64.
+  template <class Touched, class Fn>
+  void write_held_in_order(const int64_t* ids, const uint64_t* hashes, size_t n, int64_t ts, Touched&& touched,
+                           Fn&& fn) {
     {
-      struct Held {  // the locks of the shards the batch touches, released however the write ends
-        const EmbeddingTable& table;
-        const size_t* begin;
-        size_t locked = 0;  // shards [0, locked) gone through
-        ~Held() {
-          for (size_t s = 0; s < locked; ++s)
-            if (begin[s + 1] != begin[s]) table.shards_[s]->mu.unlock();
-        }
-      } held{*this, begin};
-      for (; held.locked < shards_.size(); ++held.locked)
-        if (begin[held.locked + 1] != begin[held.locked]) shards_[held.locked]->mu.lock();
+      const ExclusiveShardLocks held(*this, touched);
       note_ts(ts);
       uint64_t hash[kRing];  // item k's hash, from stage 1 to stage 4
       write_stages(
@@ -2522,13 +2507,38 @@ class EmbeddingTable {
           [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hash[k % kRing], known); },
           [](size_t) {},
           [&](auto&&... stages) {
-            visit_in_order(n, write_block_, [&](size_t k) { return shard_of(hash[k % kRing] = hash_id(ids[k])); },
-                           stages...);
+            visit_in_order(n, write_block_, [&](size_t k) {
+              const uint64_t h = hashes ? hashes[k] : hash_id(ids[k]);
+              hash[k % kRing] = h;
+              return shard_of(h);
+            }, stages...);
           });
     }
     for (size_t s = 0; s < shards_.size(); ++s)
-      if (begin[s + 1] != begin[s]) shards_[s]->grow_if_past_bound();
+      if (touched(s)) shards_[s]->grow_if_past_bound();
   }
+
+  // The write locks of the shards touched(s) picks, taken in increasing order (as every
+  // lock a batch takes) and released however the write ends. Allocates nothing.
+  template <class Touched>
+  class ExclusiveShardLocks {
+   public:
+    ExclusiveShardLocks(const EmbeddingTable& table, const Touched& touched) : table_(table), touched_(touched) {
+      for (; locked_ < table_.shards_.size(); ++locked_)
+        if (touched_(locked_)) table_.shards_[locked_]->mu.lock();
+    }
+    ~ExclusiveShardLocks() {
+      for (size_t s = 0; s < locked_; ++s)
+        if (touched_(s)) table_.shards_[s]->mu.unlock();
+    }
+    ExclusiveShardLocks(const ExclusiveShardLocks&) = delete;
+    ExclusiveShardLocks& operator=(const ExclusiveShardLocks&) = delete;
+
+   private:
+    const EmbeddingTable& table_;
+    const Touched& touched_;
+    size_t locked_ = 0;  // shards [0, locked_) gone through
+  };
 
   // Room for the ids of a write in input order (count[s] of them in shard s), held in
   // `room` (reserve_shard). The shards whose index they would grow count their absent ids
@@ -2569,7 +2579,8 @@ class EmbeddingTable {
   // `limited` = false skips the capacity limit (loading a checkpoint, checked by the
   // caller); `room_held`: the caller holds lock_capacity().
   // `planned`: the batch's plan and room if the caller has them (reserve_ids). On one
-  // thread, a write with neither a plan nor victims goes in input order (write_in_order).
+  // thread, a write with no victims goes in input order (write_in_order; a planned one,
+  // made for one thread: write_planned_in_order).
   template <class Ahead, class Fn>
   void for_each_shard_write(const int64_t* ids, size_t n, int64_t ts, Ahead&& inputs, Fn&& fn,
                             bool gated = true, bool limited = true, bool room_held = false,
