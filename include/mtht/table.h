@@ -2523,7 +2523,7 @@ class EmbeddingTable {
   template <class Touched>
   class ExclusiveShardLocks {
    public:
-    ExclusiveShardLocks(const EmbeddingTable& table, const Touched& touched) : table_(table), touched_(touched) {
+    ExclusiveShardLocks(const EmbeddingTable& table, Touched touched) : table_(table), touched_(std::move(touched)) {
       for (; locked_ < table_.shards_.size(); ++locked_)
         if (touched_(locked_)) table_.shards_[locked_]->mu.lock();
     }
@@ -2536,7 +2536,7 @@ class EmbeddingTable {
 
    private:
     const EmbeddingTable& table_;
-    const Touched& touched_;
+    const Touched touched_;
     size_t locked_ = 0;  // shards [0, locked_) gone through
   };
 
