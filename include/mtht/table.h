@@ -2541,35 +2541,35 @@ class EmbeddingTable {
   };
 
   // Room for the ids of a write in input order (count[s] of them in shard s), held in
-  // `room` (reserve_shard). The shards whose index they would grow count their absent ids
-  // in one pass over the batch, holding their locks together.
+  // `room` (reserve_shard). The ids of the shards whose index they would grow are gathered
+  // shard by shard, in one pass over the batch, for those shards to count the absent ones.
   void reserve_in_order(const int64_t* ids, const uint64_t* hashes, size_t n, const std::vector<uint64_t>& count,
                         detail::HeldRoom& room, bool gated, bool far_stamps) {
     std::vector<size_t> growing;
     for (size_t s = 0; s < shards_.size(); ++s)
       if (count[s] && !reserve_shard(s, count[s], room, gated, 0, far_stamps, nullptr)) growing.push_back(s);
     if (growing.empty()) return;
-    std::vector<std::unique_lock<detail::SharedMutex>> locks;
-    locks.reserve(growing.size());
-    std::vector<uint64_t> absent(shards_.size(), 0);
-    std::vector<char> grows(shards_.size(), 0);
+    constexpr size_t kNotGrowing = ~size_t{0};
+    std::vector<size_t> cursor(shards_.size(), kNotGrowing);  // where a growing shard's next id goes
+    size_t total = 0;
     for (size_t s : growing) {
-      locks.emplace_back(shards_[s]->mu);
-      grows[s] = 1;
+      cursor[s] = total;
+      total += count[s];
     }
-    std::vector<uint32_t> looked;  // the positions of their ids
+    std::vector<int64_t> keys(total);
+    std::vector<uint64_t> key_hashes(total);
     for (size_t i = 0; i < n; ++i)
-      if (grows[shard_of(hashes[i])]) looked.push_back(static_cast<uint32_t>(i));
-    constexpr size_t K = 16;
-    auto fetch = [&](size_t j) { shards_[shard_of(hashes[looked[j]])]->prefetch_group(hashes[looked[j]]); };
-    for (size_t j = 0; j < std::min(looked.size(), K); ++j) fetch(j);
-    for (size_t j = 0; j < looked.size(); ++j) {
-      if (j + K < looked.size()) fetch(j + K);
-      const size_t i = looked[j], s = shard_of(hashes[i]);
-      absent[s] += shards_[s]->find(ids[i], hashes[i]).bucket == nullptr;
+      if (size_t& at = cursor[shard_of(hashes[i])]; at != kNotGrowing) {
+        keys[at] = ids[i];
+        key_hashes[at++] = hashes[i];
+      }
+    size_t first = 0;
+    for (size_t s : growing) {
+      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh) {
+        return sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s]);
+      });
+      first += count[s];
     }
-    for (size_t s : growing)
-      reserve_locked(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard&) { return absent[s]; });
   }
 
   // Reserves room for every id of the batch in its shard (so allocation fails before any
@@ -3297,15 +3297,8 @@ class EmbeddingTable {
   template <class CountAbsent>
   bool reserve_shard(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
                      CountAbsent&& count_absent) {
-    std::unique_lock<detail::SharedMutex> lk(shards_[s]->mu);
-    return reserve_locked(s, ids, room, gated, leaving, far_stamps, count_absent);
-  }
-
-  // reserve_shard with the shard's lock held by the caller.
-  template <class CountAbsent>
-  bool reserve_locked(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
-                      CountAbsent&& count_absent) {
     detail::Shard& sh = *shards_[s];
+    std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
     uint64_t extra = ids;
     if (can_split() && sh.size() > kSplitEntriesPerShard)
