@@ -2382,24 +2382,41 @@ class EmbeddingTable {
     // them there too cost 1.2 of 9.2 us in a 200-id Adagrad step over 64 shards.
     detail::Shard* at[R];
     size_t s1 = first, s4 = first;
+    in_stages(lo, hi, K, at,
+              [&](size_t b, size_t e) {
+                in_shards(s1, b, e, [&](size_t s, detail::Shard& sh, size_t k, size_t stop) {
+                  if (k == begin[s]) held[n_locked++ % R] = std::unique_lock<detail::SharedMutex>(sh.mu);
+                  for (; k < stop; ++k) {
+                    at[k % R] = &sh;
+                    stage1(sh, k);
+                  }
+                });
+              },
+              stage2, stage3,
+              [&](size_t b, size_t e) {
+                in_shards(s4, b, e, [&](size_t s, detail::Shard& sh, size_t k, size_t stop) {
+                  for (; k < stop; ++k) stage4(sh, k);
+                  if (stop == begin[s + 1]) held[n_unlocked++ % R].unlock();
+                });
+              });
+  }
+
+  // The schedule of visit_blocks and visit_in_order: items [lo, hi) go through four stages,
+  // each a loop over a block of K items, a block apart. enter(b, e) is stage 1 of block
+  // [b, e): it sets at[k % kRing] to item k's shard, for stages 2 and 3, which call
+  // stage2(shard, k) and stage3(shard, k); leave(b, e) is stage 4 of the block. Inlined:
+  // called out of line, one-thread writes in input order ran 1.5% slower (C++ loop).
+  template <class Enter, class S2, class S3, class Leave>
+  [[gnu::always_inline]] static void in_stages(size_t lo, size_t hi, size_t K, detail::Shard* const* at,
+                                               Enter&& enter, S2&& stage2, S3&& stage3, Leave&& leave) {
+    constexpr size_t R = kRing;
     for (size_t b = lo; b < hi + 3 * K; b += K) {
-      if (b < hi)
-        in_shards(s1, b, std::min(b + K, hi), [&](size_t s, detail::Shard& sh, size_t k, size_t e) {
-          if (k == begin[s]) held[n_locked++ % R] = std::unique_lock<detail::SharedMutex>(sh.mu);
-          for (; k < e; ++k) {
-            at[k % R] = &sh;
-            stage1(sh, k);
-          }
-        });
+      if (b < hi) enter(b, std::min(b + K, hi));
       if (b >= lo + K && b - K < hi)
         for (size_t k = b - K, e = std::min(b, hi); k < e; ++k) stage2(*at[k % R], k);
       if (b >= lo + 2 * K && b - 2 * K < hi)
         for (size_t k = b - 2 * K, e = std::min(b - K, hi); k < e; ++k) stage3(*at[k % R], k);
-      if (b >= lo + 3 * K && b - 3 * K < hi)
-        in_shards(s4, b - 3 * K, std::min(b - 2 * K, hi), [&](size_t s, detail::Shard& sh, size_t k, size_t e) {
-          for (; k < e; ++k) stage4(sh, k);
-          if (e == begin[s + 1]) held[n_unlocked++ % R].unlock();
-        });
+      if (b >= lo + 3 * K && b - 3 * K < hi) leave(b - 3 * K, std::min(b - 2 * K, hi));
     }
   }
 
@@ -2444,20 +2461,18 @@ class EmbeddingTable {
   // shards; shard(k): id k's shard.
   template <class ShardOf, class S1, class S2, class S3, class S4>
   void visit_in_order(size_t n, size_t K, ShardOf&& shard, S1&& stage1, S2&& stage2, S3&& stage3, S4&& stage4) {
-    constexpr size_t R = kRing;
-    detail::Shard* at[R];
-    for (size_t b = 0; b < n + 3 * K; b += K) {
-      for (size_t k = b, e = std::min(b + K, n); k < e; ++k) {
-        at[k % R] = shards_[shard(k)];
-        stage1(*at[k % R], k);
-      }
-      if (b >= K && b - K < n)
-        for (size_t k = b - K, e = std::min(b, n); k < e; ++k) stage2(*at[k % R], k);
-      if (b >= 2 * K && b - 2 * K < n)
-        for (size_t k = b - 2 * K, e = std::min(b - K, n); k < e; ++k) stage3(*at[k % R], k);
-      if (b >= 3 * K && b - 3 * K < n)
-        for (size_t k = b - 3 * K, e = std::min(b - 2 * K, n); k < e; ++k) stage4(*at[k % R], k);
-    }
+    detail::Shard* at[kRing];
+    in_stages(0, n, K, at,
+              [&](size_t b, size_t e) {
+                for (size_t k = b; k < e; ++k) {
+                  at[k % kRing] = shards_[shard(k)];
+                  stage1(*at[k % kRing], k);
+                }
+              },
+              stage2, stage3,
+              [&](size_t b, size_t e) {
+                for (size_t k = b; k < e; ++k) stage4(*at[k % kRing], k);
+              });
   }
 
   // A plain write on one thread (no plan given, no victims): the ids in input order, every
