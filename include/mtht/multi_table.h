@@ -23,23 +23,24 @@ namespace detail {
 // the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
 // first write would change the choice; a table written twice chooses them when it writes),
 // room reserved for its new ids. `runs`: one admission per distinct id (a deduplicated write).
-// `ts`: the timestamp the write stamps its entries with.
+// `ts`: the timestamp the write stamps its entries with. `alone`: the part is written by a
+// task of its own, on one thread.
 inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct,
-                              int64_t ts) {
+                              bool alone, int64_t ts) {
   std::optional<Victims> victims;
   if (distinct) victims = table.victims_for(ids, n, runs);
   else table.check_room(ids, n, runs);
-  return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts));
+  return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts), alone);
 }
 
-// Calls prepare(k, distinct) for every part k (a task each on the pool), then write(k) for
-// every part, holding the capacity lock of every capacity-limited table throughout (taken in
-// address order, as every write to several tables does). The caller holds the tables'
+// Calls prepare(k, distinct, alone) for every part k (a task each on the pool), then write(k)
+// for every part, holding the capacity lock of every capacity-limited table throughout (taken
+// in address order, as every write to several tables does). The caller holds the tables'
 // layouts (HeldLayouts). `prepare` does everything that can fail (plan_part) and `write`
 // nothing that can: a part that fails to prepare leaves every table as it was. The parts
-// for which pooled(k) holds are written a task each (each on one thread), then the others
-// one after the other, each spread over the pool. A table that is written by two parts is
-// always written in order on the calling thread.
+// for which pooled(k) holds are written a task each (each on one thread: `alone`), then the
+// others one after the other, each spread over the pool. A table that is written by two
+// parts is always written in order on the calling thread.
 template <class Pooled, class Prepare, class Write>
 void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, Pooled&& pooled,
                        Prepare&& prepare, Write&& write) {
@@ -51,12 +52,16 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
   const size_t K = tables.size();
   std::vector<size_t> in_pool, after;
-  for (size_t k = 0; k < K; ++k) (distinct && K > 1 && pooled(k) ? in_pool : after).push_back(k);
+  std::vector<bool> alone(K);
+  for (size_t k = 0; k < K; ++k) {
+    alone[k] = distinct && K > 1 && pooled(k);
+    (alone[k] ? in_pool : after).push_back(k);
+  }
   ThreadPool::global().parallel_phases(
       {K, in_pool.size()},
       [&](size_t phase, size_t i) {
         if (phase == 1) return write(in_pool[i]);
-        prepare(i, distinct);
+        prepare(i, distinct, alone[i]);
       },
       EmbeddingTable::threads_for(total_ids));
   for (size_t k : after) write(k);
@@ -156,10 +161,10 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
   // A part small enough to be written on one thread anyway is written beside the others.
   detail::write_all_or_none(
       tables, total_ids, [&](size_t k) { return EmbeddingTable::threads_for(parts[k].n) == 1; },
-      [&](size_t k, bool distinct) {
+      [&](size_t k, bool distinct, bool alone) {
         const TablePart& p = parts[k];
         const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
-        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct, ts));
+        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct, alone, ts));
         if (runs) p.table->group_runs(*planned[k], nullptr, row_of(p));
       },
       [&](size_t k) {

@@ -1929,12 +1929,13 @@ class EmbeddingTable {
   // (apply_gradient_rows).
   // `victims`: the entries the write evicts, if the caller chose them (victims_for); the
   // room they leave counts as room for the write's new entries. The write goes through the
-  // admission filter.
+  // admission filter. `one_thread`: the caller writes it on the calling thread alone (a task
+  // of its own), so that it is planned as a write on one thread is.
   detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {},
-                                   bool far_stamps = false) {
+                                   bool far_stamps = false, bool one_thread = false) {
     const LayoutHold hold(*this);
     detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
-                                 write_chunks(n), {}, std::move(victims)};
+                                 one_thread ? 1 : write_chunks(n), {}, std::move(victims)};
     for (size_t s = 0; s < shards_.size(); ++s)
       reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->by_shard[s].size() : 0,
                     far_stamps);
