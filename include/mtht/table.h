@@ -313,8 +313,7 @@ class RowArena {
 
   // Row r of the first column.
   char* row(uint32_t r) const {
-    const int c = chunk_of(r);
-    return first_chunks_[c] + static_cast<size_t>(r - first_row(c)) * first_stride_;
+    return reinterpret_cast<char*>(first_bases_[chunk_of(r)] + static_cast<uintptr_t>(r) * first_stride_);
   }
 
   char* at(size_t column, uint32_t r) const {
@@ -344,7 +343,9 @@ class RowArena {
     while (capacity_ < rows) {
       const uint64_t n = static_cast<uint64_t>(kFirstChunkRows) << chunks_[0].size();
       for (size_t col = 0; col < strides_.size(); ++col) chunks_[col].emplace_back(static_cast<size_t>(n * strides_[col]));
-      first_chunks_[chunks_[0].size() - 1] = static_cast<char*>(chunks_[0].back().data());
+      const int c = static_cast<int>(chunks_[0].size()) - 1;
+      first_bases_[c] = reinterpret_cast<uintptr_t>(chunks_[0].back().data()) -
+                        static_cast<uintptr_t>(first_row(c)) * first_stride_;
       capacity_ += n;
     }
   }
@@ -388,7 +389,9 @@ class RowArena {
   static uint32_t first_row(int c) { return kFirstChunkRows * ((1u << c) - 1); }
 
   size_t first_stride_;
-  char* first_chunks_[kMaxChunks] = {};  // chunks_[0][c].data()
+  // Chunk c of the first column, less first_row(c) rows (modulo 2^64): row r's address is
+  // then first_bases_[c] + r * first_stride_ (lookups in cache, C++ loop: 1.4% to 1.8%).
+  uintptr_t first_bases_[kMaxChunks] = {};
   std::vector<size_t> strides_;
   std::vector<std::vector<Buffer>> chunks_;  // [column][chunk]
   uint64_t capacity_ = 0;
