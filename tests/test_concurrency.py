@@ -1,5 +1,6 @@
 """One table used from many Python threads at once, intra-call threading, and a large table."""
 
+import ctypes
 import os
 import sys
 import threading
@@ -474,17 +475,33 @@ def test_large_table():
     assert st["bytes"] < 512 * 2**20
 
 
+def _sgd_table():
+    seg = mtht.CombineAsSegment(8, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
+    return mtht.hash_table_from_config(mtht.HashTableConfigInstance(
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg])), [0.1]))
+
+
+def _wait_for_child(pid: int, hung: str) -> int:
+    """The exit status of child ``pid``; the test fails with ``hung`` after a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(hung)
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     # Mid-size arrays and the memory of batch plans come from process-wide pools behind
     # locks, held across fork so that a child never inherits one locked. The window is a few
     # microseconds, so this rarely lands in it; it checks that children forked while another
     # thread builds tables can build and fill their own (a hang fails at the deadline).
-    def make():
-        seg = mtht.CombineAsSegment(8, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
-        return mtht.hash_table_from_config(mtht.HashTableConfigInstance(
-            mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg])), [0.1]))
-
+    make = _sgd_table
     stop = threading.Event()
 
     def churn():
@@ -502,17 +519,32 @@ def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
                 t = make()
                 t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))
                 os._exit(0 if t.size() == 200_000 else 3)
-            deadline = time.monotonic() + 60
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    pytest.fail("the forked child hung building a table")
-                time.sleep(0.01)
+            status = _wait_for_child(pid, "the forked child hung building a table")
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
         stop.set()
         worker.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("child", ["exit", "write", "threads"])
+def test_a_forked_child_uses_the_table_and_exits(restore_num_threads, child):
+    # The parent's helper threads do not exist in a child: its calls, its set_num_threads and
+    # its exit (which destroys the pool) must not wait for them.
+    mtht.set_num_threads(2)
+    t = _sgd_table()
+    t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))  # the helper has worked
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            if child == "threads":  # helpers of the child's own
+                mtht.set_num_threads(2)
+            if child != "exit":
+                t.assign_add(np.arange(200_000), np.ones((200_000, 8), np.float32))
+                code = 0 if (t.lookup(np.arange(200_000)) == 2).all() else 3
+        except BaseException:
+            code = 4
+        ctypes.CDLL(None).exit(code)  # C's exit, not os._exit: the C++ statics are destroyed
+    status = _wait_for_child(pid, "the forked child hung")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -15,11 +15,12 @@
 #include <functional>
 #include <initializer_list>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
-#include <unistd.h>
+#include <pthread.h>
 
 namespace mtht {
 
@@ -27,6 +28,8 @@ class ThreadPool {
  public:
   static ThreadPool& global() {
     static ThreadPool pool(default_threads());
+    static const bool forks_handled = (pthread_atfork(nullptr, nullptr, [] { global().forget_helpers(); }), true);
+    (void)forks_handled;
     return pool;
   }
 
@@ -45,10 +48,12 @@ class ThreadPool {
   // Whether the calling thread is one of a pool's helper threads.
   static bool on_helper() { return on_helper_flag(); }
 
+  // Calls use n threads from now on. Helpers are only ever added: one left over by a smaller
+  // n sleeps, and is woken again when n grows back (a benchmark that alternates one thread
+  // and two found a new helper slower to join than one that had worked before).
   void set_num_threads(int n) {
     if (n < 1) n = 1;
     std::lock_guard<std::mutex> busy(busy_);  // wait until no call is running
-    stop_workers();
     resize(n);
   }
 
@@ -110,8 +115,7 @@ class ThreadPool {
     if (max_threads > 0) want = std::min(want, max_threads);
     if (widest == 1 || want <= 1) return run_alone(job);
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    // In a forked child the helper threads do not exist: run alone.
-    if (!busy.owns_lock() || workers_.empty() || getpid() != owner_pid_) return run_alone(job);
+    if (!busy.owns_lock() || workers_.empty()) return run_alone(job);
     size_t helpers = std::min<size_t>({workers_.size(), static_cast<size_t>(want - 1), widest - 1});
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -119,7 +123,7 @@ class ThreadPool {
       helpers_wanted_ = helpers;
       ++generation_;
     }
-    cv_.notify_all();
+    for (size_t i = 0; i < helpers; ++i) cv_.notify_one();  // not the helpers a smaller count left asleep
     run_tasks(job);
     // Every task has been taken. A helper that has not joined yet will find the call
     // closed and go back to sleep: the call waits only for the helpers that joined it,
@@ -203,11 +207,28 @@ class ThreadPool {
     }
   }
 
-  void resize(int n) {
-    owner_pid_ = getpid();
-    num_threads_.store(n);
+  // In a forked child (pthread_atfork) the helper threads are not there: the child starts
+  // with a pool of no helpers, so that its calls run on the calling thread, that
+  // set_num_threads gives it helpers of its own, and that its exit does not wait forever to
+  // join the parent's. Their thread objects are kept, never destroyed (destroying one still
+  // joinable would end the process), and the locks and condition variables are made anew: a
+  // helper or a call of the parent may have held one, or waited on one, at the fork.
+  void forget_helpers() {
+    static std::vector<std::thread>* const parents_helpers = new std::vector<std::thread>();
+    for (std::thread& t : workers_) parents_helpers->push_back(std::move(t));
+    workers_.clear();
+    new (&busy_) std::mutex();
+    new (&mu_) std::mutex();
+    new (&cv_) std::condition_variable();
+    new (&done_cv_) std::condition_variable();
+    job_ = nullptr;
+    helpers_wanted_ = 0;
     stopping_ = false;
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+  }
+
+  void resize(int n) {
+    while (workers_.size() + 1 < static_cast<size_t>(n)) workers_.emplace_back([this] { worker_loop(); });
+    num_threads_.store(n);
   }
 
   void stop_workers() {
@@ -261,7 +282,6 @@ class ThreadPool {
   size_t helpers_wanted_ = 0;
   std::atomic<uint64_t> generation_{0};
   bool stopping_ = false;
-  pid_t owner_pid_ = 0;
 };
 
 }  // namespace mtht

@@ -2,10 +2,21 @@
 // none: every task runs exactly once; in parallel_phases no task starts before every task
 // of the earlier phases has finished, and after a task throws the tasks not yet started are
 // skipped; parallel_for runs every task even after one throws; a call made from inside a
-// task (the helpers are busy) runs on its own thread.
+// task (the helpers are busy) runs on its own thread; a call takes at most set_num_threads
+// threads, however many helpers an earlier count made; a forked child's calls run, and its
+// set_num_threads and its exit do not wait for the parent's helpers.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "mtht/thread_pool.h"
@@ -77,6 +88,58 @@ void check_nested(mtht::ThreadPool& pool, int threads, int round) {
   expect(inner.load() == 4 * 7, "a call from inside a task runs all its tasks", threads, round);
 }
 
+// After set_num_threads(4) then (1) then (2), a call takes at most 2 threads (the helpers
+// left over sleep), and every task still runs once.
+void check_fewer_threads() {
+  mtht::ThreadPool pool(4);
+  for (int n : {1, 2, 3, 1, 2}) {
+    pool.set_num_threads(n);
+    for (int round = 0; round < 20; ++round) {
+      std::mutex mu;
+      std::vector<std::thread::id> seen;
+      std::atomic<int> ran{0};
+      pool.parallel_for(16, [&](size_t) {
+        ++ran;
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        std::lock_guard<std::mutex> lk(mu);
+        if (std::find(seen.begin(), seen.end(), std::this_thread::get_id()) == seen.end())
+          seen.push_back(std::this_thread::get_id());
+      });
+      expect(ran.load() == 16, "every task runs once after set_num_threads", n, round);
+      expect(seen.size() <= static_cast<size_t>(n), "a call takes at most set_num_threads threads", n, round);
+    }
+  }
+}
+
+// The global pool with a helper, then a fork: the child runs calls, gives itself helpers
+// and exits normally (destroying the pool); a child that has not exited within 30 s hung.
+void check_fork() {
+  mtht::ThreadPool& pool = mtht::ThreadPool::global();
+  pool.set_num_threads(2);
+  std::atomic<int> ran{0};
+  pool.parallel_for(64, [&](size_t) { ++ran; });
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::atomic<int> in_child{0};
+    pool.parallel_for(64, [&](size_t) { ++in_child; });
+    pool.set_num_threads(2);
+    pool.parallel_for(64, [&](size_t) { ++in_child; });
+    std::exit(in_child.load() == 128 ? 0 : 3);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      expect(false, "a forked child exits without waiting for the parent's helpers", 2, 0);
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a forked child runs its calls", 2, 0);
+}
+
 }  // namespace
 
 int main() {
@@ -90,6 +153,8 @@ int main() {
       }
     }
   }
+  check_fewer_threads();
+  check_fork();
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
