@@ -63,7 +63,7 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
         @staticmethod
         ThreadPool& global_ "global"()
         int num_threads()
-        void set_num_threads(int n)
+        void set_num_threads(int n) except +translate_exception
 
 
 cdef extern from "mtht/cpu.h" namespace "mtht" nogil:
