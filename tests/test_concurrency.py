@@ -501,12 +501,11 @@ def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
     # locks, held across fork so that a child never inherits one locked. The window is a few
     # microseconds, so this rarely lands in it; it checks that children forked while another
     # thread builds tables can build and fill their own (a hang fails at the deadline).
-    make = _sgd_table
     stop = threading.Event()
 
     def churn():
         while not stop.is_set():
-            t = make()
+            t = _sgd_table()
             t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))
             del t
 
@@ -516,7 +515,7 @@ def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
         for _ in range(10):
             pid = os.fork()
             if pid == 0:  # the child: build a table with pooled arrays, then leave at once
-                t = make()
+                t = _sgd_table()
                 t.assign(np.arange(200_000), np.ones((200_000, 8), np.float32))
                 os._exit(0 if t.size() == 200_000 else 3)
             status = _wait_for_child(pid, "the forked child hung building a table")
