@@ -543,13 +543,11 @@ class _MthtRunner:
 
     def paired_vs_one_thread(self, op: str, threads: int) -> Optional[float]:
         """A single-table op on ``threads`` threads over one thread, measured in pairs: the
-        op's batches two by two, one on each thread count (which goes first alternating);
-        the median over the pairs of the one-thread time over the other (None with fewer
-        than two batches). As in the runs, each timed call follows a checksum made on its
-        own thread count (here the last call's), so that the pool's helpers are in the same
-        state before it. The two runs of an op are seconds apart, and a shared machine's
-        speed changes from one second to the next; the two calls of a pair are milliseconds
-        apart."""
+        op's batches two by two, one on each thread count (which goes first alternating),
+        each followed by its checksum as in the runs; the median over the pairs of the
+        one-thread time over the other (None with fewer than two batches). The two runs of
+        an op are seconds apart, and a shared machine's speed changes from one second to the
+        next; the two calls of a pair are milliseconds apart."""
         c = self.c
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
@@ -564,11 +562,11 @@ class _MthtRunner:
                 seconds = {}
                 for n, i in ((1, 2 * j), (threads, 2 * j + 1)) if j % 2 == 0 else ((threads, 2 * j), (1, 2 * j + 1)):
                     mtht.set_num_threads(n)
-                    if i > 0:
-                        after(i - 1, ids[i - 1])
+                    time.sleep(0.002)  # the pool's helpers asleep, as before every timed call
                     t0 = time.perf_counter()
                     step(i, ids[i])
                     seconds[n] = time.perf_counter() - t0
+                    after(i, ids[i])
                 ratios.append(seconds[1] / seconds[threads])
                 bar.update(1)
         finally:
