@@ -541,22 +541,18 @@ class _MthtRunner:
             return _checksum(t.lookup(b, out=out))
         return step, after
 
-    def paired_vs_one_thread(self, op: str, threads: int) -> Optional[float]:
+    def paired_vs_one_thread(self, op: str, threads: int) -> float:
         """A single-table op on ``threads`` threads over one thread, measured in pairs: the
         op's batches two by two, one on each thread count (which goes first alternating),
         each followed by its checksum as in the runs; the median over the pairs of the
-        one-thread time over the other (None with fewer than two batches). The two runs of
-        an op are seconds apart, and a shared machine's speed changes from one second to the
-        next; the two calls of a pair are milliseconds apart."""
+        one-thread time over the other. The two runs of an op are seconds apart, and a shared
+        machine's speed changes from one second to the next; the two calls of a pair are
+        milliseconds apart."""
         c = self.c
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
-        if len(ids) < 2:
-            return None
         step, after = self._single_table_calls(op)
         ratios = []
-        bar = _progress(len(ids) // 2, f"mtht {op} (1 and {threads} thr, in pairs)", c, unit="pair",
-                        long_phase=False)
         try:
             for j in range(len(ids) // 2):
                 seconds = {}
@@ -568,9 +564,7 @@ class _MthtRunner:
                     seconds[n] = time.perf_counter() - t0
                     after(i, ids[i])
                 ratios.append(seconds[1] / seconds[threads])
-                bar.update(1)
         finally:
-            bar.close()
             mtht.set_num_threads(threads)
         if op in _WRITE_OPS:
             _reset_mtht(self.table, keys, c.dim)
@@ -1043,9 +1037,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
                     result["results"].append(res)
                     log(_one_line(res))
                     if op in PAIRED_OPS and threads > 1 and 1 in threads_list and res["status"] == "ok":
-                        paired = runner.paired_vs_one_thread(op, threads)
-                        if paired is not None:
-                            res["vs_one_thread_paired"] = paired
+                        res["vs_one_thread_paired"] = runner.paired_vs_one_thread(op, threads)
         finally:
             mtht.set_num_threads(default_threads_now)
         runner.split_tables = None
