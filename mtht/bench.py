@@ -61,8 +61,6 @@ BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "ap
 _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
               "multi_slot_apply_gradients")
 _READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup")
-# Ops whose thread counts are also compared in pairs of batches (paired_vs_one_thread).
-PAIRED_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
 _OP_CODE = {op: code for code, op in enumerate(ALL_OPS, start=1)}
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 DISTRIBUTIONS = ("uniform", "zipf")
@@ -458,24 +456,17 @@ def _bytes_per_id(op: str, dim: int, state: int) -> int:
     return 2 * 4 * (dim + state)
 
 
-def _run_timed(batches: Sequence, config: BenchConfig, desc: str, step: Callable[[int, object], None],
-               after: Callable[[int, object], float]) -> tuple:
-    """``(seconds, checksum)``: ``step(i, b)`` timed on every batch (the warm-up ones left out
-    of ``seconds``), each followed by ``after(i, b)``, whose values sum to the checksum;
-    under a progress bar named ``desc``."""
-    bar = _progress(len(batches), desc, config, unit="batch", long_phase=False)
+def _run_timed(batches: Sequence, warmup: int, step: Callable[[int, object], None],
+               after: Callable[[int, object], float], bar) -> tuple:
     seconds, checksum = [], 0.0
-    try:
-        for i, b in enumerate(batches):
-            t0 = time.perf_counter()
-            step(i, b)
-            dt = time.perf_counter() - t0
-            if i >= config.warmup:
-                seconds.append(dt)
-            checksum += after(i, b)
-            bar.update(1)
-    finally:
-        bar.close()
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        step(i, b)
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            seconds.append(dt)
+        checksum += after(i, b)
+        bar.update(1)
     return seconds, checksum
 
 
@@ -508,67 +499,36 @@ class _MthtRunner:
             return self._run_capped(threads)
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
-        step, after = self._single_table_calls(op)
-        seconds, checksum = _run_timed(ids, c, f"mtht {op} ({threads} thr)", step, after)
-        if op in _WRITE_OPS:
-            _reset_mtht(self.table, keys, c.dim)
-        return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
-                          _bytes_per_id(op, c.dim, self.state))
-
-    def _single_table_calls(self, op: str) -> tuple:
-        """``(step, after)`` of a single-table op: ``step(i, ids)`` is the timed call on batch
-        ``i``, ``after(i, ids)`` the checksum that follows it."""
-        c, t = self.c, self.table
         out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+        t = self.table
         if op in ("lookup", "lookup_missing"):
             def step(i, b):
                 t.lookup(b, out=out)
 
             def after(i, b):
                 return _checksum(out)
-            return step, after
-        rows = self.rows
-        if op == "assign_add":
-            def step(i, b):
-                t.assign_add(b, rows)
         else:
-            dedup = op == "apply_gradients_dedup"
+            rows = self.rows
+            if op == "assign_add":
+                def step(i, b):
+                    t.assign_add(b, rows)
+            else:
+                dedup = op == "apply_gradients_dedup"
 
-            def step(i, b):
-                t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=dedup)
+                def step(i, b):
+                    t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=dedup)
 
-        def after(i, b):
-            return _checksum(t.lookup(b, out=out))
-        return step, after
-
-    def paired_vs_one_thread(self, op: str, threads: int) -> float:
-        """A single-table op on ``threads`` threads over one thread, measured in pairs: the
-        op's batches two by two, one on each thread count (which goes first alternating),
-        each followed by its checksum as in the runs; the median over the pairs of the
-        one-thread time over the other. The two runs of an op are seconds apart, and a shared
-        machine's speed changes from one second to the next; the two calls of a pair are
-        milliseconds apart."""
-        c = self.c
-        keys = op_keys(c, op)
-        ids = [key_to_id(k) for k in keys]
-        step, after = self._single_table_calls(op)
-        ratios = []
+            def after(i, b):
+                return _checksum(t.lookup(b, out=out))
+        bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
         try:
-            for j in range(len(ids) // 2):
-                seconds = {}
-                for n, i in ((1, 2 * j), (threads, 2 * j + 1)) if j % 2 == 0 else ((threads, 2 * j), (1, 2 * j + 1)):
-                    mtht.set_num_threads(n)
-                    time.sleep(0.002)  # the pool's helpers asleep, as before every timed call
-                    t0 = time.perf_counter()
-                    step(i, ids[i])
-                    seconds[n] = time.perf_counter() - t0
-                    after(i, ids[i])
-                ratios.append(seconds[1] / seconds[threads])
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
         finally:
-            mtht.set_num_threads(threads)
+            bar.close()
         if op in _WRITE_OPS:
-            _reset_mtht(self.table, keys, c.dim)
-        return float(np.median(ratios))
+            _reset_mtht(t, keys, c.dim)
+        return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
+                          _bytes_per_id(op, c.dim, self.state))
 
     # -- ops over several tables -------------------------------------------------------------
     def split_into(self, count: int) -> Optional[list]:
@@ -722,7 +682,11 @@ class _MthtRunner:
         def after(i, b):
             return _checksum(table.lookup(b[c.batch_size - new:], out=out)) if new else 0.0
 
-        seconds, checksum = _run_timed(ids, c, f"mtht {op} ({threads} thr)", step, after)
+        bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
+        finally:
+            bar.close()
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
                           _bytes_per_id(op, c.dim, self.state), evictions=int(table.stats()["evictions"]),
                           new_ids_per_batch=new)
@@ -950,7 +914,11 @@ class _BaselineRunner:
             def after(i, b):
                 store.lookup(index.rows(b), out)
                 return _checksum(out)
-        seconds, checksum = _run_timed(ids, c, f"{index.name} {op}", step, after)
+        bar = _progress(len(ids), f"{index.name} {op}", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
+        finally:
+            bar.close()
         if op in _WRITE_OPS:
             store.reset(np.unique(np.concatenate(keys)))
         state = _state_floats(c.optimizer, c.dim)
@@ -1036,8 +1004,6 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
                     res["other_cpu_cores"] = watch.other_cores()
                     result["results"].append(res)
                     log(_one_line(res))
-                    if op in PAIRED_OPS and threads > 1 and 1 in threads_list and res["status"] == "ok":
-                        res["vs_one_thread_paired"] = runner.paired_vs_one_thread(op, threads)
         finally:
             mtht.set_num_threads(default_threads_now)
         runner.split_tables = None
@@ -1155,7 +1121,7 @@ def _goals(result: dict) -> List[dict]:
             if r and "vs_one_thread" in r:
                 goals.append(_goal(f"{op}: 2 threads >= 1.7x one thread (the probe: "
                                    f"{result.get('probe_two_thread_scaling', float('nan')):.2f}x)",
-                                   r.get("vs_one_thread_paired", r["vs_one_thread"]), 1.7))
+                                   r["vs_one_thread"], 1.7))
     return goals
 
 
@@ -1318,7 +1284,7 @@ def format_report(result: dict, header: bool = True) -> str:
         elif "vs_numpy_save" in r:
             other = f"{r['vs_numpy_save']:.2f}x np.save" if r["op"] == "save" else f"{r['vs_numpy_save']:.2f}x np.load"
         elif "vs_one_thread" in r:
-            other = f"{r.get('vs_one_thread_paired', r['vs_one_thread']):.2f}x 1-thr"
+            other = f"{r['vs_one_thread']:.2f}x 1-thr"
         spread = f"[{r['ids_per_s_min'] / 1e6:.2f} .. {r['ids_per_s_max'] / 1e6:.2f}]"
         pct_s = f"{pct:5.0f}%" if pct is not None else ""
         dict_s = f"{r['vs_numpy_dict']:6.1f}x" if "vs_numpy_dict" in r else ""

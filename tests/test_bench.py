@@ -396,26 +396,3 @@ def test_ops_over_several_tables_and_their_one_table_counterpart_each_follow_a_c
     config = _config(ops=(op,), threads=(1,), probe=False, slots=3)
     bench.run_benchmark(config)
     assert log == calls * (config.warmup + config.iterations)
-
-
-def test_thread_counts_are_also_compared_in_pairs_of_batches(monkeypatch):
-    # After an op's runs on one thread and on two, its batches are timed two by two, one on
-    # each thread count, which goes first alternating; the goal takes the median pair.
-    counts = []
-    apply_gradients = mtht.HashTable.apply_gradients
-
-    def logged(self, *args, **kwargs):
-        counts.append(mtht.get_num_threads())
-        return apply_gradients(self, *args, **kwargs)
-
-    monkeypatch.setattr(mtht.HashTable, "apply_gradients", logged)
-    config = _config(ops=("apply_gradients",), threads=(1, 2), probe=False, baseline=False, iterations=4)
-    result = bench.run_benchmark(config)
-    n = config.warmup + config.iterations
-    pairs = [[1, 2] if j % 2 == 0 else [2, 1] for j in range(n // 2)]
-    assert counts == [1] * n + [2] * n + [c for pair in pairs for c in pair]
-    two = [r for r in _results(result, "apply_gradients", "mtht") if r["threads"] == 2][0]
-    assert two["vs_one_thread_paired"] > 0
-    goal = [g for g in result["goals"] if g["goal"].startswith("apply_gradients: 2 threads")][0]
-    assert goal["value"] == two["vs_one_thread_paired"]
-    assert f"{two['vs_one_thread_paired']:.2f}x 1-thr" in bench.format_report(result)
