@@ -952,6 +952,21 @@ def test_save_of_an_empty_table(tmp_path):
     assert restored.size() == 0 and restored.max_update_ts == 0
 
 
+def test_a_save_writes_one_file_per_half_million_entries(tmp_path):
+    t = table_of(dim=1)
+    ids = np.arange(999_999, dtype=np.int64)
+    t.assign(ids, np.ones([ids.size, 1], F32))
+    basename = str(tmp_path / "t")
+    t.save(basename)
+    assert len(manifest_files(basename)) == 1
+    t.assign([-1], [[2.0]])  # the millionth entry
+    t.save(basename)
+    assert len(manifest_files(basename)) == 2 and data_files(tmp_path) == sorted(manifest_files(basename))
+    restored = table_of(dim=1).restore(basename)
+    assert restored.size() == 1_000_000
+    assert restored.lookup([-1, 0, 999_998]).tolist() == [[2.0], [1.0], [1.0]]
+
+
 def test_large_round_trip_with_several_files(tmp_path):
     t = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), saver_parallel=3)
     ids = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)
