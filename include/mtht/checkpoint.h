@@ -337,21 +337,18 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   constexpr size_t kChunk = 65536;
   std::vector<char> raw;
   std::vector<int64_t> ids, ts;
-  std::vector<float> data;
   for (uint64_t done = 0; done < entries;) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, entries - done));
     raw.resize(n * record);
     r.read(raw.data(), raw.size());
     ids.resize(n);
     ts.resize(n);
-    data.resize(n * floats);
     for (size_t i = 0; i < n; ++i) {
       const char* rec = raw.data() + i * record;
       std::memcpy(&ids[i], rec, 8);
       std::memcpy(&ts[i], rec + 8, 8);
-      std::memcpy(&data[i * floats], rec + 16, 4 * floats);
     }
-    into.load_entries(ids.data(), ts.data(), data.data(), n);
+    into.load_entries(ids.data(), ts.data(), raw.data() + 16, record, n);  // the rows read in place
     done += n;
   }
   std::vector<uint64_t> counts;

@@ -1761,12 +1761,19 @@ class EmbeddingTable {
 
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
-    const size_t floats = static_cast<size_t>(layout_.dim + layout_.state_dim);
+    load_entries(ids, ts, data, sizeof(float) * (layout_.dim + layout_.state_dim), n);
+  }
+
+  // load_entries with entry i's values and state at data + i * stride bytes (a checkpoint's
+  // records, read in place).
+  void load_entries(const int64_t* ids, const int64_t* ts, const void* data, size_t stride, size_t n) {
+    const size_t bytes = sizeof(float) * (layout_.dim + layout_.state_dim);
+    const char* rows = static_cast<const char*>(data);
     const bool far = std::any_of(ts, ts + n, [](int64_t t) { return far_stamp(t); });
-    for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{data, sizeof(float) * floats}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
+    for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{rows, stride}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
-      std::memcpy(e.values, data + i * floats, sizeof(float) * floats);
+      std::memcpy(e.values, rows + i * stride, bytes);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       sh.stamp(slot, ts[i]);
     }, false, false, false, nullptr, far);
