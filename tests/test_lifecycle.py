@@ -967,6 +967,22 @@ def test_a_save_writes_one_file_per_half_million_entries(tmp_path):
     assert restored.lookup([-1, 0, 999_998]).tolist() == [[2.0], [1.0], [1.0]]
 
 
+def test_a_restore_asks_for_no_shards_by_the_size_of_its_loads(tmp_path):
+    # A write of 10,000 ids gives a table of one shard four (2,500 ids a shard); a
+    # restore's loads, in chunks of their own size, say nothing of the batches to come.
+    t = table_of(dim=1)
+    ids = np.arange(10_000, dtype=np.int64)
+    t.assign(ids, np.ones([ids.size, 1], F32))
+    assert t.stats()["num_shards"] == 4
+    basename = str(tmp_path / "t")
+    t.save(basename)
+    restored = table_of(dim=1).restore(basename)
+    assert restored.stats()["num_shards"] == 1
+    assert restored.size() == ids.size and np.all(restored.lookup(ids) == 1.0)
+    restored.assign(ids, np.full([ids.size, 1], 2.0, F32))  # a write of as many ids does
+    assert restored.stats()["num_shards"] == 4 and np.all(restored.lookup(ids) == 2.0)
+
+
 def test_large_round_trip_with_several_files(tmp_path):
     t = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), saver_parallel=3)
     ids = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)

@@ -2494,7 +2494,6 @@ class EmbeddingTable {
   // against it, keeping a shard's entries together counting for more than the caller's rows.
   template <class Fn>
   void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Fn&& fn) {
-    note_batch_size(n);
     const detail::ScratchBlock block(sizeof(uint64_t) * n);
     detail::ScratchArray<uint64_t> hashes(block.data());
     std::vector<uint64_t> count(shards_.size(), 0);
@@ -2602,8 +2601,10 @@ class EmbeddingTable {
   // entry changes), then calls fn(shard, position, id, hash, known) under each shard's write
   // lock (known: the id's entry, if the write found it ahead: write_blocks). inputs(position)
   // prefetches the batch's own data fn will read for that position (see detail::BatchRows).
-  // `limited` = false skips the capacity limit (loading a checkpoint, checked by the
-  // caller); `room_held`: the caller holds lock_capacity().
+  // `limited` = false is a checkpoint's load: it skips the capacity limit (checked by the
+  // caller), and its size asks for no more shards (note_batch_size), the size of a load's
+  // chunks saying nothing of the batches to come; `room_held`: the caller holds
+  // lock_capacity().
   // `planned`: the batch's plan and room if the caller has them (reserve_ids). On one
   // thread, a write with no victims goes in input order (write_in_order; a planned one,
   // made for one thread: write_planned_in_order).
@@ -2616,6 +2617,7 @@ class EmbeddingTable {
       return;
     }
     const LayoutHold hold(*this);
+    if (limited) note_batch_size(n);
     const CapacityRoom capacity = spec_.max_entries && limited ? capacity_room(ids, n, false, gated, room_held, planned)
                                                                : CapacityRoom{};
     if (!capacity.victims()->total) {
@@ -2652,7 +2654,6 @@ class EmbeddingTable {
                     const detail::Victims* victims, const detail::BatchPlan* built_plan, bool gated, bool far_stamps,
                     size_t chunks, Prepare&& prepare, Write&& write) {
     constexpr bool preparing = !std::is_same_v<std::decay_t<Prepare>, std::nullptr_t>;
-    note_batch_size(n);
     std::optional<detail::BatchPlan> own;
     if (!planned && !built_plan) own.emplace(ids, n, shard_bits_, batch_ranges(n));
     const detail::BatchPlan& plan = planned ? planned->plan : built_plan ? *built_plan : *own;
@@ -2729,6 +2730,7 @@ class EmbeddingTable {
       return;
     }
     const LayoutHold hold(*this);
+    note_batch_size(n);
     const CapacityRoom capacity =
         spec_.max_entries ? capacity_room(ids, n, true, true, room_held, planned) : CapacityRoom{};
     // The runs of equal ids are visited as the ids of a plain write are, each prefetched at
