@@ -12,12 +12,15 @@ only when everything checked out; otherwise the table is left exactly as it was.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import re
 import secrets
 from typing import Dict, List, Tuple
+
+from mtht import _core
 
 __all__ = ["CheckpointError", "save_table", "restore_table", "save_multi_type", "restore_multi_type",
            "checkpoint_exists"]
@@ -241,23 +244,35 @@ def _slot_tables(table) -> Dict[str, object]:
     raise TypeError(f"cannot find the tables of {type(table).__name__}")
 
 
+def _over_tables(fn, args: list) -> list:
+    """``[fn(*a) for a in args]``, the calls spread over ``mtht.get_num_threads()`` threads
+    (they spend their time in the core, without the GIL): the first exception, in the order
+    of ``args``, is raised once every call has ended."""
+    workers = min(len(args), _core.get_num_threads())
+    if workers <= 1:
+        return [fn(*a) for a in args]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, *a) for a in args]
+    return [f.result() for f in futures]
+
+
 def save_multi_type(table, directory: str) -> None:
     """Save every table of a MultiTypeHashTable / MergedMultiTypeHashTable under
     ``directory``, one checkpoint per slot key (the merged name for merged tables)."""
-    for key, t in _slot_tables(table).items():
-        save_table(t, os.path.join(os.fspath(directory), key))
+    _over_tables(save_table, [(t, os.path.join(os.fspath(directory), key)) for key, t in _slot_tables(table).items()])
 
 
 def restore_multi_type(table, directory: str) -> None:
     """Restore every table from ``directory``: from its key, or else from the first of its
     ``extra_restore_names`` that is present (exact names). Every checkpoint is verified
     before any table changes."""
-    loaded = []
+    found = []
     for key, t in _slot_tables(table).items():
         candidates = [key] + list(t.extra_restore_names)
         name = next((c for c in candidates if checkpoint_exists(os.path.join(os.fspath(directory), c))), None)
         if name is None:
             raise FileNotFoundError(f"no checkpoint for table {key!r} in {directory!r} (looked for {candidates})")
-        loaded.append((t, _load(t, os.path.join(os.fspath(directory), name))[0]))
-    for t, core in loaded:
+        found.append((t, os.path.join(os.fspath(directory), name)))
+    loaded = _over_tables(_load, found)
+    for (t, _), (core, _) in zip(found, loaded):
         t._swap_core(core)

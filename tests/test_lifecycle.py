@@ -1304,6 +1304,23 @@ def test_multi_type_restore_verifies_every_table_first(tmp_path):
     assert target.lookup({"a": ids_of(1)})["a"].tolist() == [[9]]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_type_restore_reports_the_first_bad_table_in_slot_order(tmp_path, threads, restore_num_threads):
+    # The tables are loaded over the threads; which one fails first must not depend on that.
+    mtht.set_num_threads(threads)
+    t = _fill(_multi(_slot_configs()))
+    save_multi_type(t, str(tmp_path))
+    bad = {}
+    for slot in ("b", "d"):
+        (bad[slot],) = manifest_files(str(tmp_path / slot))
+        _flip(str(tmp_path / bad[slot]), os.path.getsize(tmp_path / bad[slot]) - 20)
+    target = _multi(_slot_configs())
+    target.assign({"a": (ids_of(1), [[9]])})
+    with pytest.raises(mtht.CheckpointError, match=re.escape(bad["b"])):
+        restore_multi_type(target, str(tmp_path))
+    assert target.lookup({"a": ids_of(1, 2)})["a"].tolist() == [[9], [0]]
+
+
 def test_multi_type_restore_from_an_extra_restore_name(tmp_path):
     old = _fill(_multi(_slot_configs()))
     save_multi_type(old, str(tmp_path))
