@@ -334,10 +334,12 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   if (entries > (r.size() / record) || filter_entries > r.size() / 16 ||
       body + entries * record + filter_entries * 16 + detail::kTrailerBytes != r.size())
     throw IOError(bad + "size does not match its record counts (truncated or corrupt)");
-  // Records are read and inserted a chunk at a time; the insert reads each row from the
-  // chunk, which is still in the cache when it is small: restores 1.17x to 1.41x faster
-  // than in chunks of 65,536 (docs/benchmarks.md, Save and restore).
-  constexpr size_t kChunk = 16384;
+  // Records are read and inserted a chunk at a time. An insert on one thread reads each row
+  // from the chunk, which is still in the cache when it is small: restores 1.17x to 1.41x
+  // faster than in chunks of 65,536. An insert spread over the threads (a file loaded
+  // alone) pays for each wake-up of the helpers, and goes faster in large chunks
+  // (docs/benchmarks.md, Save and restore).
+  const size_t kChunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
   std::vector<char> raw;
   std::vector<int64_t> ids, ts;
   for (uint64_t done = 0; done < entries;) {

@@ -1576,9 +1576,12 @@ class EmbeddingTable {
 
   // Small batches stay on the calling thread: waking helpers costs more than it saves.
   static int threads_for(size_t n) { return n < 4096 ? 1 : 0; }
-  // The number of threads a batch of n ids is spread over.
+  // The number of threads a batch of n ids is spread over: one inside a task of a call
+  // that has helpers (a checkpoint's files loaded over the threads), where the pool could
+  // not give it more, so that it takes the paths made for one thread.
   static size_t batch_threads(size_t n) {
-    return threads_for(n) == 1 ? 1 : static_cast<size_t>(ThreadPool::global().num_threads());
+    if (threads_for(n) == 1 || ThreadPool::in_shared_call()) return 1;
+    return static_cast<size_t>(ThreadPool::global().num_threads());
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {

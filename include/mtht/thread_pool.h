@@ -48,6 +48,10 @@ class ThreadPool {
   // Whether the calling thread is one of a pool's helper threads.
   static bool on_helper() { return on_helper_flag(); }
 
+  // Whether the calling thread runs a task of a call that has helpers (on a helper, or on
+  // the thread that made the call): a call it makes now runs on it alone.
+  static bool in_shared_call() { return on_helper_flag() || calling_flag(); }
+
   // Calls use n threads from now on. Helpers are only ever added: one left over by a smaller
   // n sleeps, and is woken again when n grows back (a benchmark that alternates one thread
   // and two found a new helper slower to join than one that had worked before).
@@ -124,7 +128,10 @@ class ThreadPool {
       ++generation_;
     }
     for (size_t i = 0; i < helpers; ++i) cv_.notify_one();  // not the helpers a smaller count left asleep
-    run_tasks(job);
+    {
+      const Calling calling;
+      run_tasks(job);
+    }
     // Every task has been taken. A helper that has not joined yet will find the call
     // closed and go back to sleep: the call waits only for the helpers that joined it,
     // never for one still waking up (in a virtual machine whose other core sat idle for a
@@ -245,6 +252,17 @@ class ThreadPool {
     static thread_local bool on_helper = false;
     return on_helper;
   }
+  static bool& calling_flag() {
+    static thread_local bool calling = false;
+    return calling;
+  }
+  // Marks the calling thread as running the tasks of its call with helpers, until destroyed.
+  struct Calling {
+    Calling() { calling_flag() = true; }
+    ~Calling() { calling_flag() = false; }
+    Calling(const Calling&) = delete;
+    Calling& operator=(const Calling&) = delete;
+  };
 
   void worker_loop() {
     on_helper_flag() = true;

@@ -2,7 +2,8 @@
 // none: every task runs exactly once; in parallel_phases no task starts before every task
 // of the earlier phases has finished, and after a task throws the tasks not yet started are
 // skipped; parallel_for runs every task even after one throws; a call made from inside a
-// task (the helpers are busy) runs on its own thread; a call takes at most set_num_threads
+// task (the helpers are busy) runs on its own thread, and the task knows it is in a shared
+// call (in_shared_call) when its call has helpers; a call takes at most set_num_threads
 // threads, however many helpers an earlier count made; a forked child's calls run, and its
 // set_num_threads and its exit do not wait for the parent's helpers.
 #include <signal.h>
@@ -83,9 +84,15 @@ void check_errors(mtht::ThreadPool& pool, int threads, int round) {
 }
 
 void check_nested(mtht::ThreadPool& pool, int threads, int round) {
-  std::atomic<int> inner{0};
-  pool.parallel_for(4, [&](size_t) { pool.parallel_phases({2, 5}, [&](size_t, size_t) { ++inner; }); });
+  std::atomic<int> inner{0}, shared{0};
+  pool.parallel_for(4, [&](size_t) {
+    shared += mtht::ThreadPool::in_shared_call();
+    pool.parallel_phases({2, 5}, [&](size_t, size_t) { ++inner; });
+  });
   expect(inner.load() == 4 * 7, "a call from inside a task runs all its tasks", threads, round);
+  expect(shared.load() == (threads > 1 ? 4 : 0), "a task is in a shared call when its call has helpers", threads,
+         round);
+  expect(!mtht::ThreadPool::in_shared_call(), "a thread is in no shared call once its call returns", threads, round);
 }
 
 // After set_num_threads(4) then (1) then (2), a call takes at most 2 threads (the helpers
