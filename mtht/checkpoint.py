@@ -123,15 +123,15 @@ def read_manifest(basename: str) -> dict:
 # Entries per data file when ``saver_parallel`` is not set. The files are written and read in
 # parallel: a table of 1M entries in two files rather than one restored 1.55x and saved 1.19x
 # faster on two threads, and level on one (docs/benchmarks.md, Save and restore).
-ENTRIES_PER_FILE = 500_000
+_ENTRIES_PER_FILE = 500_000
 
 
 def file_count(table) -> int:
     """How many data files a save of ``table`` writes (in either format): its
-    ``saver_parallel`` if set, else one per ``ENTRIES_PER_FILE`` entries, from 1 to 4."""
+    ``saver_parallel`` if set, else one per ``_ENTRIES_PER_FILE`` entries, from 1 to 4."""
     if table._saver_parallel and table._saver_parallel > 0:
         return table._saver_parallel
-    return min(4, max(1, len(table) // ENTRIES_PER_FILE))
+    return min(4, max(1, len(table) // _ENTRIES_PER_FILE))
 
 
 def save_table(table, basename: str) -> dict:

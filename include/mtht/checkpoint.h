@@ -339,11 +339,11 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   // faster than in chunks of 65,536. An insert spread over the threads (a file loaded
   // alone) pays for each wake-up of the helpers, and goes faster in large chunks
   // (docs/benchmarks.md, Save and restore).
-  const size_t kChunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
+  const size_t chunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
   std::vector<char> raw;
   std::vector<int64_t> ids, ts;
   for (uint64_t done = 0; done < entries;) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, entries - done));
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk, entries - done));
     raw.resize(n * record);
     r.read(raw.data(), raw.size());
     ids.resize(n);
@@ -358,7 +358,7 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   }
   std::vector<uint64_t> counts;
   for (uint64_t done = 0; done < filter_entries;) {
-    const size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, filter_entries - done));
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk, filter_entries - done));
     raw.resize(n * 16);
     r.read(raw.data(), raw.size());
     ids.resize(n);

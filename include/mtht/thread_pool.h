@@ -117,7 +117,9 @@ class ThreadPool {
     if (job.total == 0) return;
     int want = num_threads();
     if (max_threads > 0) want = std::min(want, max_threads);
-    if (widest == 1 || want <= 1) return run_alone(job);
+    // A call from inside a task of a call with helpers runs alone: the helpers are busy, and
+    // the thread that made the outer call must not try the lock it holds.
+    if (widest == 1 || want <= 1 || in_shared_call()) return run_alone(job);
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock() || workers_.empty()) return run_alone(job);
     size_t helpers = std::min<size_t>({workers_.size(), static_cast<size_t>(want - 1), widest - 1});
