@@ -10,6 +10,7 @@ encoding and the checksums.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -91,26 +92,27 @@ def entry_dump_class():
     return _CLASSES
 
 
-def _masked_crc(data: bytes) -> int:
-    crc = _require()[3].value(data)
+def _mask(crc: int) -> int:
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def write_tfrecords(path: str, records) -> None:
     """Write ``records`` (bytes) as a TFRecord file."""
+    crc32c = _require()[3].value  # once: imported again for every record, it took a third of the time
     with open(path, "wb") as f:
         for data in records:
             length = struct.pack("<Q", len(data))
             f.write(length)
-            f.write(struct.pack("<I", _masked_crc(length)))
+            f.write(struct.pack("<I", _mask(crc32c(length))))
             f.write(data)
-            f.write(struct.pack("<I", _masked_crc(data)))
+            f.write(struct.pack("<I", _mask(crc32c(data))))
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_tfrecords(path: str):
     """Yield the records of a TFRecord file, checking both checksums of each."""
+    crc32c = _require()[3].value
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         while True:
@@ -120,7 +122,7 @@ def read_tfrecords(path: str):
             if len(head) < 12:
                 raise ValueError(f"{path}: truncated record header")
             length_bytes, (length_crc,) = head[:8], struct.unpack("<I", head[8:])
-            if _masked_crc(length_bytes) != length_crc:
+            if _mask(crc32c(length_bytes)) != length_crc:
                 raise ValueError(f"{path}: corrupt record length")
             (length,) = struct.unpack("<Q", length_bytes)
             if length + 4 > size - f.tell():
@@ -129,7 +131,7 @@ def read_tfrecords(path: str):
             tail = f.read(4)
             if len(data) < length or len(tail) < 4:
                 raise ValueError(f"{path}: truncated record")
-            if _masked_crc(data) != struct.unpack("<I", tail)[0]:
+            if _mask(crc32c(data)) != struct.unpack("<I", tail)[0]:
                 raise ValueError(f"{path}: corrupt record (checksum mismatch)")
             yield data
 
@@ -138,58 +140,77 @@ def _segments(table) -> List[Tuple[str, int]]:
     return [(seg.optimizer.kind, int(seg.dim_size)) for seg in table.config.table_config.entry_config.segments]
 
 
-def _encode(entry, segments, state_row: np.ndarray) -> None:
-    """Fill ``entry.opt`` from one entry's raw state floats."""
-    offset = 0
+def _state_plan(segments) -> List[Tuple[str, List[Tuple[str, str, int]]]]:
+    """For each segment with an optimizer dump, in order: (kind, [(field, type, floats)])."""
+    plan = []
     for kind, dim in segments:
         if kind == "moving_average":
             continue
-        number, _, fields = _DUMPS[kind]
+        fields = [(fname, ftype, per_dim * dim + extra)
+                  for (_, per_dim, extra, _), (fname, _, ftype) in zip(_STATE_LAYOUT[kind], _DUMPS[kind][2])]
+        plan.append((kind, fields))
+    return plan
+
+
+def _state_columns(plan, state: np.ndarray) -> List[Tuple[str, List[Tuple[str, str, list]]]]:
+    """``plan`` with each field's values for every row of ``state`` (raw state floats, one
+    row per entry) as Python objects: a list of floats per row for a repeated field, a
+    float or an int (its two words, bit for bit) for a single one."""
+    columns = []
+    offset = 0
+    for kind, fields in plan:
+        cols = []
+        for fname, ftype, length in fields:
+            words = state[:, offset:offset + length]
+            if ftype == "rf":
+                cols.append((fname, ftype, words.tolist()))
+            elif ftype == "f":
+                cols.append((fname, ftype, words[:, 0].tolist()))
+            else:
+                cols.append((fname, ftype, np.ascontiguousarray(words).view(np.int64)[:, 0].tolist()))
+            offset += length
+        columns.append((kind, cols))
+    return columns
+
+
+def _encode(entry, columns, k: int) -> None:
+    """Fill ``entry.opt`` from row ``k`` of ``columns`` (_state_columns)."""
+    entry.opt.SetInParent()
+    for kind, cols in columns:
         dump = getattr(entry.opt.dump.add(), kind)
         dump.SetInParent()
-        for (name, per_dim, extra, dtype), (fname, _, ftype) in zip(_STATE_LAYOUT[kind], fields):
-            length = per_dim * dim + extra
-            words = state_row[offset:offset + length]
-            offset += length
+        for fname, ftype, col in cols:
             if ftype == "rf":
-                getattr(dump, fname).extend(words.tolist())
-            elif ftype == "f":
-                setattr(dump, fname, float(words[0]))
+                getattr(dump, fname).extend(col[k])
             else:
-                setattr(dump, fname, int(np.ascontiguousarray(words).view(np.int64)[0]))
+                setattr(dump, fname, col[k])
 
 
-def _decode(entry, segments, state_width: int) -> np.ndarray:
-    """Raw state floats of one entry from ``entry.opt``; ValueError when it does not match."""
-    out = np.zeros(state_width, dtype=np.float32)
-    dumps = [d for d in entry.opt.dump]
-    expected = [kind for kind, _ in segments if kind != "moving_average"]
-    if len(dumps) != len(expected):
+def _decode(entry, plan, state: list, int_fields: list, row: int) -> None:
+    """Append one entry's raw state floats from ``entry.opt`` to ``state``; an int64 field
+    takes two placeholder words, and (row, offset in the row's state, value) goes to
+    ``int_fields`` (its words are set from the integer, bit for bit, later). ValueError
+    when the dumps do not match the table's layout."""
+    dumps = entry.opt.dump
+    if len(dumps) != len(plan):
         raise ValueError(f"entry {entry.id}: {len(dumps)} optimizer dumps, the table's layout needs "
-                         f"{len(expected)} ({', '.join(expected)})")
-    offset = 0
-    it = iter(dumps)
-    for kind, dim in segments:
-        layout = _STATE_LAYOUT[kind]
-        if kind == "moving_average":
-            continue
-        d = next(it)
+                         f"{len(plan)} ({', '.join(kind for kind, _ in plan)})")
+    start = len(state)
+    for d, (kind, fields) in zip(dumps, plan):
         if d.WhichOneof("type") != kind:
             raise ValueError(f"entry {entry.id}: optimizer dump is {d.WhichOneof('type')!r}, the table has {kind!r}")
         dump = getattr(d, kind)
-        for (name, per_dim, extra, dtype), (fname, _, ftype) in zip(layout, _DUMPS[kind][2]):
-            length = per_dim * dim + extra
+        for fname, ftype, length in fields:
             if ftype == "rf":
-                values = list(getattr(dump, fname))
+                values = getattr(dump, fname)
                 if len(values) != length:
                     raise ValueError(f"entry {entry.id}: {kind}.{fname} has {len(values)} values, expected {length}")
-                out[offset:offset + length] = values
+                state.extend(values)
             elif ftype == "f":
-                out[offset] = getattr(dump, fname)
+                state.append(getattr(dump, fname))
             else:
-                out[offset:offset + 2] = np.array([getattr(dump, fname)], dtype=np.int64).view(np.float32)
-            offset += length
-    return out
+                int_fields.append((row, len(state) - start, getattr(dump, fname)))
+                state.extend((0.0, 0.0))
 
 
 def save_monolith(table, basename: str) -> None:
@@ -204,7 +225,7 @@ def save_monolith(table, basename: str) -> None:
     core.pin_layout()  # the shards stay as they are while they are read one at a time
     try:
         n = file_count(table)
-        segments = _segments(table)
+        plan = _state_plan(_segments(table))
         dim = table.dim_size
         now = core.max_update_ts
         for i in range(n):
@@ -214,11 +235,14 @@ def save_monolith(table, basename: str) -> None:
             def records(i=i):
                 for s in range(*core.shards_of_part(i, n)):
                     ids, ts, data = core.dump_shard(s, i, n, now, True)
-                    for k in range(ids.shape[0]):
-                        e = entry_cls(id=int(ids[k]), last_update_ts_sec=int(ts[k]))
-                        e.num.extend(data[k, :dim].tolist())
-                        e.opt.SetInParent()
-                        _encode(e, segments, data[k, dim:])
+                    # A shard's arrays made into Python objects at once: per entry, numpy
+                    # calls took most of a save's time.
+                    id_list, ts_list, values = ids.tolist(), ts.tolist(), data[:, :dim].tolist()
+                    columns = _state_columns(plan, data[:, dim:])
+                    for k in range(len(id_list)):
+                        e = entry_cls(id=id_list[k], last_update_ts_sec=ts_list[k])
+                        e.num.extend(values[k])
+                        _encode(e, columns, k)
                         yield e.SerializeToString()
 
             write_tfrecords(tmp, records())
@@ -267,44 +291,57 @@ def restore_monolith(table, basename: str) -> None:
     Everything is parsed and checked (checksums, shard set, optimizer layout) into a fresh
     table first; on any error the table is left as it was."""
     entry_cls = entry_dump_class()
-    segments = _segments(table)
+    plan = _state_plan(_segments(table))
     dim = table.dim_size
     core = table._new_core()
-    width = dim + core.state_dim
+    state_width = core.state_dim
     max_ts = None
     allow_non_finite = bool(table.config.table_config.allow_non_finite)
     batch = 8192
+    # A batch of entries is gathered in Python lists and made into arrays once: per entry,
+    # numpy calls took most of a restore's time.
+    ids: List[int] = []
+    stamps: List[int] = []
+    values: List[float] = []
+    state: List[float] = []
+    int_fields: List[Tuple[int, int, int]] = []
+
+    def flush():
+        if not ids:
+            return
+        rows = np.empty((len(ids), dim + state_width), dtype=np.float32)
+        rows[:, :dim] = np.asarray(values, dtype=np.float32).reshape(len(ids), dim)
+        rows[:, dim:] = np.asarray(state, dtype=np.float32).reshape(len(ids), state_width)
+        for row, offset, value in int_fields:
+            rows[row, dim + offset:dim + offset + 2] = np.array([value], dtype=np.int64).view(np.float32)
+        core.load_entries(np.array(ids, dtype=np.int64), np.array(stamps, dtype=np.int64), rows)
+        for pending in (ids, stamps, values, state, int_fields):
+            pending.clear()
+
     for path in _shard_files(os.fspath(basename)):
-        ids: List[int] = []
-        stamps: List[int] = []
-        rows: List[np.ndarray] = []
-
-        def flush():
-            if ids:
-                core.load_entries(np.array(ids, dtype=np.int64), np.array(stamps, dtype=np.int64),
-                                  np.ascontiguousarray(np.stack(rows), dtype=np.float32))
-                ids.clear(), stamps.clear(), rows.clear()
-
         for record in read_tfrecords(path):
             e = entry_cls()
             try:
                 e.ParseFromString(record)
             except Exception as err:
                 raise ValueError(f"{path}: unable to parse an EntryDump record ({err})") from None
-            if len(e.num) != dim:
-                raise ValueError(f"{path}: entry {e.id} has {len(e.num)} values, the table has dim {dim}")
-            row = np.empty(width, dtype=np.float32)
-            row[:dim] = e.num
-            row[dim:] = _decode(e, segments, width - dim)
-            if not allow_non_finite and not np.isfinite(row[:dim]).all():
+            num = e.num
+            if len(num) != dim:
+                raise ValueError(f"{path}: entry {e.id} has {len(num)} values, the table has dim {dim}")
+            _decode(e, plan, state, int_fields, len(ids))
+            # The sum is finite exactly when every value is: float32 values summed as doubles
+            # cannot overflow.
+            if not allow_non_finite and not math.isfinite(sum(num)):
                 raise ValueError(f"{path}: entry {e.id} holds NaN or Inf values; the table does not allow them")
+            values.extend(num)
             ids.append(e.id)
-            stamps.append(e.last_update_ts_sec)
-            rows.append(row)
-            max_ts = e.last_update_ts_sec if max_ts is None else max(max_ts, e.last_update_ts_sec)
+            ts = e.last_update_ts_sec
+            stamps.append(ts)
+            if max_ts is None or ts > max_ts:
+                max_ts = ts
             if len(ids) >= batch:
                 flush()
-        flush()
+    flush()
     limit = core.max_entries
     if limit and core.size() > limit:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "

@@ -658,6 +658,34 @@ def test_batch_softmax_int64_step_round_trip(tmp_path):
     assert restored.lookup_entry([4])[0].optimizer_state[0]["global_step"].tolist() == [step]
 
 
+def test_round_trip_over_several_restore_batches_with_int64_state(tmp_path):
+    # More entries than a restore gathers at a time, each with an int64 field among floats
+    # (dynamic_wd_adagrad's step after its norms, next to an Adam segment): the fields of
+    # every batch land in their own entries, bit for bit.
+    segments = [(3, mtht.DynamicWdAdagradOptimizer()), (2, mtht.AdamOptimizer())]
+    table = make_table(segments)
+    ids = np.arange(-4_500, 4_500, dtype=np.int64) * 7919
+    rng = np.random.default_rng(3)
+    for step in (1, 2**40 + 5):
+        table.apply_gradients(ids, rng.standard_normal((ids.size, 5)).astype(F32), global_step=step,
+                              req_time=100 + step % 1000)
+    table.apply_gradients(ids[::3], np.ones((ids[::3].size, 5), F32), global_step=2**33 + 1, req_time=7)
+    table.save(tmp_path / "big", format="monolith")
+    restored = make_table(segments)
+    restored.restore(tmp_path / "big", format="monolith")
+    assert snapshot(restored, ids) == snapshot(table, ids)
+
+
+def test_restore_accepts_the_largest_finite_values(tmp_path):
+    # Their float32 sum would overflow; they are finite all the same.
+    largest = float(np.finfo(F32).max)
+    base = tmp_path / "large"
+    write_file(shard_names(base, 1)[0], [entry_dump(5, [largest, largest], [dump("adagrad", norm=[1.0, 2.0])], ts=9)])
+    table = adagrad_table(2)
+    table.restore(base, format="monolith")
+    assert table.lookup([5]).tolist() == [[largest, largest]]
+
+
 def test_save_restore_negative_ids(tmp_path):
     # Monolith's test_save_restore: ids [-1, 1] -> [[1], [2]].
     table = sgd_table(1)
@@ -970,6 +998,10 @@ BROKEN = {
         entry_dump(30, [1.0], [dump("adagrad", norm=[1.0, 1.0])], ts=1))),
     "too_many_values": (ValueError, bad_record_in_second_file(
         entry_dump(30, [1.0, 2.0, 3.0], [dump("adagrad", norm=[1.0, 1.0])], ts=1))),
+    "nan_value": (ValueError, bad_record_in_second_file(
+        entry_dump(30, [float("nan"), 2.0], [dump("adagrad", norm=[1.0, 1.0])], ts=1))),
+    "infinite_value": (ValueError, bad_record_in_second_file(
+        entry_dump(30, [1.0, float("-inf")], [dump("adagrad", norm=[1.0, 1.0])], ts=1))),
 }
 
 
