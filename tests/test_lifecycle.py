@@ -968,7 +968,7 @@ def test_a_save_writes_one_file_per_half_million_entries(tmp_path):
 
 
 def test_a_restore_asks_for_no_shards_by_the_size_of_its_loads(tmp_path):
-    # A write of 10,000 ids gives a table of one shard four (2,500 ids a shard); a
+    # A write of 10,000 ids splits a table of one shard into four (2,500 ids a shard); a
     # restore's loads, in chunks of their own size, say nothing of the batches to come.
     t = table_of(dim=1)
     ids = np.arange(10_000, dtype=np.int64)
