@@ -180,6 +180,30 @@ cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
                                                const string& layout) except +translate_exception
 
 
+cdef extern from "mtht/monolith_format.h" namespace "mtht::monolith" nogil:
+    cdef cppclass MonolithFormat "mtht::monolith::EntryFormat":
+        uint32_t dim
+        uint32_t state_dim
+        cbool allow_non_finite
+        void add_member(uint32_t number, const string& name) except +translate_exception
+        void add_dump(uint32_t member) except +translate_exception
+        void add_field(uint32_t number, int type, uint32_t words, const string& name) except +translate_exception
+
+    cdef cppclass MonolithLoadInfo "mtht::monolith::LoadInfo":
+        uint64_t entries
+        int64_t max_update_ts
+
+    vector[uint64_t] monolith_save "mtht::monolith::save"(const EmbeddingTable& table, const vector[string]& paths,
+                                                         int64_t now, const MonolithFormat& format) except +translate_exception
+    vector[MonolithLoadInfo] monolith_load "mtht::monolith::load"(EmbeddingTable& into, const vector[string]& paths,
+                                                                 const MonolithFormat& format,
+                                                                 int max_threads) except +translate_exception
+
+
+cdef extern from "mtht/crc32c.h" namespace "mtht" nogil:
+    uint32_t c_crc32c "mtht::crc32c"(const void* data, size_t n)
+
+
 cdef extern from "mtht/probe.h" namespace "mtht" nogil:
     cdef cppclass ProbeResult:
         double reads_per_s

@@ -19,7 +19,7 @@ from mtht._core cimport (
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
     TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
-    ProbeResult, random_read_probe,
+    ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
 )
 from libcpp.string cimport string
 from libcpp.pair cimport pair
@@ -31,7 +31,7 @@ cdef extern from *:
 
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
-           "fused_offsets", "fused_lookup", "fused_apply_gradient", "lookup_tables", "write_tables"]
+           "fused_offsets", "fused_lookup", "fused_apply_gradient", "lookup_tables", "write_tables", "crc32c"]
 
 
 def compiler():
@@ -79,11 +79,20 @@ def available_kernels():
     return kernel_names().decode().split(",")
 
 
+def crc32c(const unsigned char[::1] data not None):
+    """The CRC-32C of ``data`` (bytes or any contiguous buffer)."""
+    cdef const unsigned char* p = &data[0] if data.shape[0] else NULL
+    cdef uint32_t crc
+    with nogil:
+        crc = c_crc32c(p, data.shape[0])
+    return crc
+
+
 cdef extern from *:
     """
     #include "mtht/table.h"
-    // Collects one shard's entries of part `part` of `parts` (EmbeddingTable::shards_of_part)
-    // into flat vectors (used by the Monolith-format writer).
+    // Collects one shard's entries of part `part` of `parts` (EmbeddingTable::part_of) into
+    // flat vectors.
     static void _dump_shard(const mtht::EmbeddingTable& t, int shard, size_t part, size_t parts, int64_t now,
                             bool apply_expiry, std::vector<int64_t>& ids, std::vector<int64_t>& ts,
                             std::vector<float>& data) {
@@ -104,6 +113,23 @@ cdef extern from *:
 cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
     if rows != n or cols != dim:
         raise ValueError(f"{what} must have shape ({n}, {dim}), got ({rows}, {cols})")
+
+
+cdef int _monolith_format(Table table, list dumps, list members, bint allow_non_finite,
+                          MonolithFormat& fmt) except -1:
+    """``dumps``: [(oneof member, [(field number, type, words, name)])] of the table's
+    segments with a dump; ``members``: [(number, name)] of every oneof member. Types: 0
+    repeated float, 1 float, 2 int64."""
+    fmt.dim = table.dim
+    fmt.state_dim = table.state_dim
+    fmt.allow_non_finite = allow_non_finite
+    for number, name in members:
+        fmt.add_member(number, name.encode())
+    for member, fields in dumps:
+        fmt.add_dump(member)
+        for number, kind, words, name in fields:
+            fmt.add_field(number, kind, words, name.encode())
+    return 0
 
 
 cdef class Table:
@@ -220,28 +246,10 @@ cdef class Table:
             removed = self._t.get().evict(max_update_time)
         return removed
 
-    def pin_layout(self):
-        """Keep the table's shards as they are (no split) until ``unpin_layout``: for a caller
-        going over them one ``dump_shard`` at a time."""
-        with nogil:
-            self._t.get().pin_layout()
-
-    def unpin_layout(self):
-        """End a ``pin_layout``."""
-        self._t.get().unpin_layout()
-
-    def shards_of_part(self, size_t part, size_t parts):
-        """The shards ``range(first, last)`` holding part ``part`` of ``parts`` of the entries
-        (parts go by id hash, whatever the shard count; hold the layout while reading them)."""
-        if not part < parts:
-            raise ValueError(f"part {part} out of range for {parts} parts")
-        first, last = self._t.get().shards_of_part(part, parts)
-        return first, last
-
     def dump_shard(self, int shard, size_t part, size_t parts, int64_t now, bint apply_expiry):
         """(ids, timestamps, values+state [n, dim + state_dim]) of the entries of one table
-        shard in part ``part`` of ``parts`` (``shards_of_part``), leaving out entries expired
-        at ``now`` when ``apply_expiry``."""
+        shard in part ``part`` of ``parts`` of the entries (by id hash), leaving out entries
+        expired at ``now`` when ``apply_expiry``."""
         cdef vector[int64_t] ids, ts
         cdef vector[float] data
         if not 0 <= shard < self._t.get().num_shards():
@@ -280,6 +288,28 @@ cdef class Table:
         with nogil:
             infos = load_checkpoint(self._t.get()[0], cpaths, clayout)
         return [_file_info(i) for i in infos]
+
+    def save_monolith_files(self, list paths, int64_t now, list dumps, list members):
+        """Write the table as Monolith's files ``paths`` in parallel (entries expired at
+        ``now`` left out); the records of each. ``dumps`` and ``members``: _monolith_format."""
+        cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
+        cdef MonolithFormat fmt
+        _monolith_format(self, dumps, members, False, fmt)
+        cdef vector[uint64_t] records
+        with nogil:
+            records = monolith_save(self._t.get()[0], cpaths, now, fmt)
+        return list(records)
+
+    def load_monolith_files(self, list paths, list dumps, list members, bint allow_non_finite, int max_threads=0):
+        """Read Monolith's files into this (fresh) table over at most ``max_threads``
+        threads (0: all); (entries, largest timestamp) of each file."""
+        cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
+        cdef MonolithFormat fmt
+        _monolith_format(self, dumps, members, allow_non_finite, fmt)
+        cdef vector[MonolithLoadInfo] infos
+        with nogil:
+            infos = monolith_load(self._t.get()[0], cpaths, fmt, max_threads)
+        return [(i.entries, i.max_update_ts) for i in infos]
 
     def stats(self, bint probe_lengths=False):
         cdef TableStats st

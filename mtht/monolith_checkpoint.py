@@ -1,29 +1,26 @@
-"""Monolith's single-table checkpoint files, read and written (``pip install mtht[monolith]``).
+"""Monolith's single-table checkpoint files, read and written.
 
 Monolith saves a table as ``<basename>-%05d-of-%05d`` files, each a TFRecord stream (every
 record framed by its length and masked CRC32C checksums) of serialized ``EntryDump``
 protobuf messages: the id, the raw stored floats, one optimizer dump per segment (none for
-moving average) and the last update time. The message types are declared here from
-Monolith's field numbers, so no generated code is needed; protobuf and google-crc32c do the
-encoding and the checksums.
+moving average) and the last update time. The C++ core encodes and decodes them
+(``mtht/monolith_format.h``) from the schema declared here, Monolith's field numbers, and
+reads and writes the files in parallel. Only ``entry_dump_class``, for looking at records
+from Python, needs protobuf (``pip install mtht[monolith]``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import struct
 from typing import Dict, List, Tuple
 
-import numpy as np
-
+from mtht import _core
 from mtht._spec import _STATE_LAYOUT
 from mtht.checkpoint import file_count
 
 __all__ = ["save_monolith", "restore_monolith", "entry_dump_class", "write_tfrecords", "read_tfrecords"]
-
-_MASK_DELTA = 0xA282EAD8
 
 # Optimizer dump messages: (oneof field number in SingleOptimizerDump, message name,
 # fields as (name, number, type)). "repeated" floats are unpacked (proto2), as Monolith's.
@@ -50,18 +47,16 @@ _CLASSES = None
 def _require():
     try:
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-        import google_crc32c
     except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("the Monolith checkpoint format needs protobuf and google-crc32c: "
-                          "pip install 'mtht[monolith]'") from e
-    return descriptor_pb2, descriptor_pool, message_factory, google_crc32c
+        raise ImportError("entry_dump_class needs protobuf: pip install 'mtht[monolith]'") from e
+    return descriptor_pb2, descriptor_pool, message_factory
 
 
 def entry_dump_class():
     """The ``EntryDump`` message class (Monolith's field numbers)."""
     global _CLASSES
     if _CLASSES is None:
-        descriptor_pb2, descriptor_pool, message_factory, _ = _require()
+        descriptor_pb2, descriptor_pool, message_factory = _require()
         F = descriptor_pb2.FieldDescriptorProto
         types = {"rf": (F.TYPE_FLOAT, F.LABEL_REPEATED), "f": (F.TYPE_FLOAT, F.LABEL_OPTIONAL),
                  "i64": (F.TYPE_INT64, F.LABEL_OPTIONAL)}
@@ -92,27 +87,26 @@ def entry_dump_class():
     return _CLASSES
 
 
-def _mask(crc: int) -> int:
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+def _masked_crc32c(data: bytes) -> int:
+    crc = _core.crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def write_tfrecords(path: str, records) -> None:
     """Write ``records`` (bytes) as a TFRecord file."""
-    crc32c = _require()[3].value  # once: imported again for every record, it took a third of the time
     with open(path, "wb") as f:
         for data in records:
             length = struct.pack("<Q", len(data))
             f.write(length)
-            f.write(struct.pack("<I", _mask(crc32c(length))))
+            f.write(struct.pack("<I", _masked_crc32c(length)))
             f.write(data)
-            f.write(struct.pack("<I", _mask(crc32c(data))))
+            f.write(struct.pack("<I", _masked_crc32c(data)))
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_tfrecords(path: str):
     """Yield the records of a TFRecord file, checking both checksums of each."""
-    crc32c = _require()[3].value
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         while True:
@@ -122,7 +116,7 @@ def read_tfrecords(path: str):
             if len(head) < 12:
                 raise ValueError(f"{path}: truncated record header")
             length_bytes, (length_crc,) = head[:8], struct.unpack("<I", head[8:])
-            if _mask(crc32c(length_bytes)) != length_crc:
+            if _masked_crc32c(length_bytes) != length_crc:
                 raise ValueError(f"{path}: corrupt record length")
             (length,) = struct.unpack("<Q", length_bytes)
             if length + 4 > size - f.tell():
@@ -131,7 +125,7 @@ def read_tfrecords(path: str):
             tail = f.read(4)
             if len(data) < length or len(tail) < 4:
                 raise ValueError(f"{path}: truncated record")
-            if _mask(crc32c(data)) != struct.unpack("<I", tail)[0]:
+            if _masked_crc32c(data) != struct.unpack("<I", tail)[0]:
                 raise ValueError(f"{path}: corrupt record (checksum mismatch)")
             yield data
 
@@ -140,115 +134,44 @@ def _segments(table) -> List[Tuple[str, int]]:
     return [(seg.optimizer.kind, int(seg.dim_size)) for seg in table.config.table_config.entry_config.segments]
 
 
-def _state_plan(segments) -> List[Tuple[str, List[Tuple[str, str, int]]]]:
-    """For each segment with an optimizer dump, in order: (kind, [(field, type, floats)])."""
-    plan = []
-    for kind, dim in segments:
+# How the core takes a dump field: repeated float, float, int64 (monolith_format.h).
+_FIELD_TYPES = {"rf": 0, "f": 1, "i64": 2}
+_MEMBERS = [(number, kind) for kind, (number, _, _) in _DUMPS.items()]
+
+
+def _format(table) -> List[Tuple[int, List[Tuple[int, int, int, str]]]]:
+    """For each segment with an optimizer dump, in order: (oneof number, [(field number,
+    type, state words, name)])."""
+    dumps = []
+    for kind, dim in _segments(table):
         if kind == "moving_average":
             continue
-        fields = [(fname, ftype, per_dim * dim + extra)
-                  for (_, per_dim, extra, _), (fname, _, ftype) in zip(_STATE_LAYOUT[kind], _DUMPS[kind][2])]
-        plan.append((kind, fields))
-    return plan
-
-
-def _state_columns(plan, state: np.ndarray) -> List[Tuple[str, List[Tuple[str, str, list]]]]:
-    """``plan`` with each field's values for every row of ``state`` (raw state floats, one
-    row per entry) as Python objects: a list of floats per row for a repeated field, a
-    float or an int (its two words, bit for bit) for a single one."""
-    columns = []
-    offset = 0
-    for kind, fields in plan:
-        cols = []
-        for fname, ftype, length in fields:
-            words = state[:, offset:offset + length]
-            if ftype == "rf":
-                cols.append((fname, ftype, words.tolist()))
-            elif ftype == "f":
-                cols.append((fname, ftype, words[:, 0].tolist()))
-            else:
-                cols.append((fname, ftype, np.ascontiguousarray(words).view(np.int64)[:, 0].tolist()))
-            offset += length
-        columns.append((kind, cols))
-    return columns
-
-
-def _encode(entry, columns, k: int) -> None:
-    """Fill ``entry.opt`` from row ``k`` of ``columns`` (_state_columns)."""
-    entry.opt.SetInParent()
-    for kind, cols in columns:
-        dump = getattr(entry.opt.dump.add(), kind)
-        dump.SetInParent()
-        for fname, ftype, col in cols:
-            if ftype == "rf":
-                getattr(dump, fname).extend(col[k])
-            else:
-                setattr(dump, fname, col[k])
-
-
-def _decode(entry, plan, state: list, int_fields: list, row: int) -> None:
-    """Append one entry's raw state floats from ``entry.opt`` to ``state``; an int64 field
-    takes two placeholder words, and (row, offset in the row's state, value) goes to
-    ``int_fields`` (its words are set from the integer, bit for bit, later). ValueError
-    when the dumps do not match the table's layout."""
-    dumps = entry.opt.dump
-    if len(dumps) != len(plan):
-        raise ValueError(f"entry {entry.id}: {len(dumps)} optimizer dumps, the table's layout needs "
-                         f"{len(plan)} ({', '.join(kind for kind, _ in plan)})")
-    start = len(state)
-    for d, (kind, fields) in zip(dumps, plan):
-        if d.WhichOneof("type") != kind:
-            raise ValueError(f"entry {entry.id}: optimizer dump is {d.WhichOneof('type')!r}, the table has {kind!r}")
-        dump = getattr(d, kind)
-        for fname, ftype, length in fields:
-            if ftype == "rf":
-                values = getattr(dump, fname)
-                if len(values) != length:
-                    raise ValueError(f"entry {entry.id}: {kind}.{fname} has {len(values)} values, expected {length}")
-                state.extend(values)
-            elif ftype == "f":
-                state.append(getattr(dump, fname))
-            else:
-                int_fields.append((row, len(state) - start, getattr(dump, fname)))
-                state.extend((0.0, 0.0))
+        number, _, fields = _DUMPS[kind]
+        dumps.append((number, [(fnum, _FIELD_TYPES[ftype], per_dim * dim + extra, fname)
+                               for (_, per_dim, extra, _), (fname, fnum, ftype) in zip(_STATE_LAYOUT[kind], fields)]))
+    return dumps
 
 
 def save_monolith(table, basename: str) -> None:
     """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
-    expired at the table's max_update_ts are left out, as Monolith does). Each file is
-    written under a temporary name and renamed into place."""
-    entry_cls = entry_dump_class()
+    expired at the table's max_update_ts are left out, as Monolith does). The files are
+    written in parallel under temporary names and renamed into place."""
     basename = os.fspath(basename)
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
     core = table._core
-    core.pin_layout()  # the shards stay as they are while they are read one at a time
+    n = file_count(table)
+    paths = ["%s-%05d-of-%05d" % (basename, i, n) for i in range(n)]
+    temporary = [f"{path}-tmp-{os.getpid()}" for path in paths]
     try:
-        n = file_count(table)
-        plan = _state_plan(_segments(table))
-        dim = table.dim_size
-        now = core.max_update_ts
-        for i in range(n):
-            path = "%s-%05d-of-%05d" % (basename, i, n)
-            tmp = f"{path}-tmp-{os.getpid()}"
-
-            def records(i=i):
-                for s in range(*core.shards_of_part(i, n)):
-                    ids, ts, data = core.dump_shard(s, i, n, now, True)
-                    # A shard's arrays made into Python objects at once: per entry, numpy
-                    # calls took most of a save's time.
-                    id_list, ts_list, values = ids.tolist(), ts.tolist(), data[:, :dim].tolist()
-                    columns = _state_columns(plan, data[:, dim:])
-                    for k in range(len(id_list)):
-                        e = entry_cls(id=id_list[k], last_update_ts_sec=ts_list[k])
-                        e.num.extend(values[k])
-                        _encode(e, columns, k)
-                        yield e.SerializeToString()
-
-            write_tfrecords(tmp, records())
+        core.save_monolith_files(temporary, core.max_update_ts, _format(table), _MEMBERS)
+        for tmp, path in zip(temporary, paths):
             os.replace(tmp, path)
-    finally:
-        core.unpin_layout()
+    except BaseException:
+        for tmp in temporary:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
     # Files of an earlier save with another file count would make the set ambiguous.
     for other in _all_shard_files(basename):
         if not other.endswith("-of-%05d" % n):
@@ -290,61 +213,19 @@ def restore_monolith(table, basename: str) -> None:
     """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
     Everything is parsed and checked (checksums, shard set, optimizer layout) into a fresh
     table first; on any error the table is left as it was."""
-    entry_cls = entry_dump_class()
-    plan = _state_plan(_segments(table))
-    dim = table.dim_size
-    core = table._new_core()
-    state_width = core.state_dim
-    max_ts = None
+    paths = _shard_files(os.fspath(basename))
+    dumps = _format(table)
     allow_non_finite = bool(table.config.table_config.allow_non_finite)
-    batch = 8192
-    # A batch of entries is gathered in Python lists and made into arrays once: per entry,
-    # numpy calls took most of a restore's time.
-    ids: List[int] = []
-    stamps: List[int] = []
-    values: List[float] = []
-    state: List[float] = []
-    int_fields: List[Tuple[int, int, int]] = []
-
-    def flush():
-        if not ids:
-            return
-        rows = np.empty((len(ids), dim + state_width), dtype=np.float32)
-        rows[:, :dim] = np.asarray(values, dtype=np.float32).reshape(len(ids), dim)
-        rows[:, dim:] = np.asarray(state, dtype=np.float32).reshape(len(ids), state_width)
-        for row, offset, value in int_fields:
-            rows[row, dim + offset:dim + offset + 2] = np.array([value], dtype=np.int64).view(np.float32)
-        core.load_entries(np.array(ids, dtype=np.int64), np.array(stamps, dtype=np.int64), rows)
-        for pending in (ids, stamps, values, state, int_fields):
-            pending.clear()
-
-    for path in _shard_files(os.fspath(basename)):
-        for record in read_tfrecords(path):
-            e = entry_cls()
-            try:
-                e.ParseFromString(record)
-            except Exception as err:
-                raise ValueError(f"{path}: unable to parse an EntryDump record ({err})") from None
-            num = e.num
-            if len(num) != dim:
-                raise ValueError(f"{path}: entry {e.id} has {len(num)} values, the table has dim {dim}")
-            _decode(e, plan, state, int_fields, len(ids))
-            # The sum is finite exactly when every value is: float32 values summed as doubles
-            # cannot overflow.
-            if not allow_non_finite and not math.isfinite(sum(num)):
-                raise ValueError(f"{path}: entry {e.id} holds NaN or Inf values; the table does not allow them")
-            values.extend(num)
-            ids.append(e.id)
-            ts = e.last_update_ts_sec
-            stamps.append(ts)
-            if max_ts is None or ts > max_ts:
-                max_ts = ts
-            if len(ids) >= batch:
-                flush()
-    flush()
+    core = table._new_core()
+    files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite)
+    if len(paths) > 1 and core.size() < sum(entries for entries, _ in files):
+        # An id in two files (a save never writes one twice): read them again one after the
+        # other, so that the later file's entry wins, whatever the thread count.
+        core = table._new_core()
+        files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite, 1)
     limit = core.max_entries
     if limit and core.size() > limit:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "
                          f"table's max_entries = {limit}")
-    core.max_update_ts = 0 if max_ts is None else max_ts
+    core.max_update_ts = max((ts for entries, ts in files if entries), default=0)
     table._swap_core(core)

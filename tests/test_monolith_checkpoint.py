@@ -11,7 +11,10 @@ The wire format is checked independently of the library's own encoder and decode
 
 Then: a save/restore round trip for every optimizer (state compared bit for bit),
 multi-segment entries, expiry at save time, several files per save, and every way a
-checkpoint can be broken (each leaves the table exactly as it was).
+checkpoint can be broken (each leaves the table exactly as it was). Last, the records
+against the protobuf library: a save writes the bytes it encodes, and records it encodes,
+merges, or that are damaged at random restore as it reads them (or raise when it refuses
+them or the table's layout does).
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 google_crc32c = pytest.importorskip("google_crc32c")
 pytest.importorskip("google.protobuf")
 
 import mtht  # noqa: E402
+from mtht import monolith_checkpoint  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from observed import entry_rows  # noqa: E402
@@ -460,6 +466,26 @@ def test_restore_accepts_fields_in_any_order_and_unknown_fields(tmp_path):
     np.testing.assert_array_equal(e.values, np.array([1.0, 2.0], dtype=F32))
     np.testing.assert_array_equal(e.optimizer_state[0]["norm"], np.array([3.0, 4.0], dtype=F32))
     assert e.last_update_ts == 77
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_id_in_two_records_restores_the_later_one(tmp_path, restore_num_threads, threads):
+    # A save never writes an id twice; files that do (joined by hand) restore as if read one
+    # after the other, whatever the thread count: the later record wins, the later file's.
+    mtht.set_num_threads(threads)
+    base = tmp_path / "twice"
+    first, second, third = shard_names(base, 3)
+    write_file(first, [entry_dump(i, [float(i), 1.0], [dump("adagrad", norm=[1.0, 1.0])], ts=i) for i in range(50)]
+               + [entry_dump(7, [-7.0, 1.0], [dump("adagrad", norm=[2.0, 2.0])], ts=100)])
+    write_file(second, [entry_dump(i, [float(i), 2.0], [dump("adagrad", norm=[3.0, 3.0])], ts=i) for i in range(40, 90)])
+    write_file(third, [entry_dump(45, [45.0, 3.0], [dump("adagrad", norm=[4.0, 4.0])], ts=5)])
+    table = adagrad_table(2)
+    table.restore(base, format="monolith")
+    assert len(table) == 90
+    assert table.max_update_ts == 100
+    assert table.lookup([7, 45, 60, 3]).tolist() == [[-7.0, 1.0], [45.0, 3.0], [60.0, 2.0], [3.0, 1.0]]
+    assert [e.last_update_ts for e in table.lookup_entry([7, 45, 40])] == [100, 5, 40]
+    assert table.lookup_entry([45])[0].optimizer_state[0]["norm"].tolist() == [4.0, 4.0]
 
 
 def test_restore_empty_files(tmp_path):
@@ -1079,12 +1105,294 @@ def test_dumps_in_the_wrong_segment_order_raise(tmp_path):
     assert len(table) == 0
 
 
-def test_missing_dependencies_are_named(tmp_path, monkeypatch):
-    table = sgd_table(1)
-    table.assign([1], [[1.0]])
+def test_save_and_restore_need_neither_protobuf_nor_google_crc32c(tmp_path, monkeypatch):
+    # The core encodes the records and computes the checksums; only entry_dump_class, for
+    # looking at records from Python, needs protobuf, and says which extra has it.
+    for module in ("google_crc32c", "google", "google.protobuf"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    monkeypatch.setattr(monolith_checkpoint, "_CLASSES", None)
+    table = adagrad_table(2)
+    table.apply_gradients([1, -2], [[1.0, 2.0], [3.0, 4.0]], global_step=1, req_time=5)
     table.save(tmp_path / "t", format="monolith")
-    before = snapshot(table, [1])
-    monkeypatch.setitem(sys.modules, "google_crc32c", None)  # as if it were not installed
+    restored = adagrad_table(2)
+    restored.restore(tmp_path / "t", format="monolith")
+    assert snapshot(restored, [1, -2]) == snapshot(table, [1, -2])
+    records = list(monolith_checkpoint.read_tfrecords(shard_names(tmp_path / "t", 1)[0]))
+    assert sorted(decode_entry(r)["id"] for r in records) == [-2, 1]
     with pytest.raises(ImportError, match=r"mtht\[monolith\]"):
-        table.restore(tmp_path / "t", format="monolith")
-    assert snapshot(table, [1]) == before
+        monolith_checkpoint.entry_dump_class()
+
+
+# ---------------------------------------------------------------------------------------
+# 7. Against the protobuf library: records it encodes, merges and rejects
+# ---------------------------------------------------------------------------------------
+
+# Table layouts: (dim, optimizer) per segment.
+LAYOUTS = {
+    "adagrad": [(2, mtht.AdagradOptimizer())],
+    "adam+sgd": [(1, mtht.AdamOptimizer()), (2, mtht.SgdOptimizer())],
+    "dynamic_wd+moving_average+group_adagrad": [(2, mtht.DynamicWdAdagradOptimizer()),
+                                                (1, mtht.MovingAverageOptimizer()),
+                                                (1, mtht.AdaGradWithGroupLassoOptimizer())],
+    "batch_softmax": [(1, mtht.BatchSoftmaxOptimizer())],
+}
+
+
+def layout_plan(layout):
+    """(dim, [(kind, [(name, form, length)])]) of the segments with a dump."""
+    dim = sum(d for d, _ in layout)
+    plan = []
+    for seg_dim, opt in layout:
+        if opt.kind == "moving_average":
+            continue
+        plan.append((opt.kind, [(name, form, seg_dim if form == "floats" else 1)
+                                for _, name, form in DUMPS[opt.kind][1]]))
+    return dim, plan
+
+
+def reference_restore(record, layout):
+    """What restoring ``record`` into a table of ``layout`` gives, by the protobuf library
+    and the format's rules: None when it must raise, else (id, ts, values, [{name: array}]
+    per segment) as lookup_entry reports them."""
+    message = monolith_checkpoint.entry_dump_class()()
+    try:
+        message.ParseFromString(record)
+    except Exception:
+        return None
+    dim, plan = layout_plan(layout)
+    if len(message.num) != dim or len(message.opt.dump) != len(plan):
+        return None
+    states = iter([])
+    dumped = []
+    for single, (kind, fields) in zip(message.opt.dump, plan):
+        if single.WhichOneof("type") != kind:
+            return None
+        body = getattr(single, kind)
+        state = {}
+        for name, form, length in fields:
+            value = getattr(body, name)
+            if form == "floats":
+                if len(value) != length:
+                    return None
+                state[name] = np.array(list(value), dtype=F32)
+            else:
+                state[name] = np.array([value], dtype=np.int64 if form == "int64" else F32)
+        dumped.append(state)
+    values = np.array(list(message.num), dtype=F32)
+    if not np.isfinite(values).all():
+        return None
+    states = iter(dumped)
+    per_segment = [{} if opt.kind == "moving_average" else next(states) for _, opt in layout]
+    return message.id, message.last_update_ts_sec, values, per_segment
+
+
+def assert_restores_as_protobuf_reads_it(tmp_path, record, layout):
+    """Restoring ``record`` raises ValueError (and leaves the table) exactly when the
+    reference says it must, and otherwise gives the reference's entry, bit for bit (NaN
+    state as NaN: the reference's floats pass through Python floats)."""
+    expected = reference_restore(record, layout)
+    table = make_table(layout)
+    table.assign([123], np.full((1, table.dim_size), 7.0, F32), req_time=9)
+    before = snapshot(table, [123])
+    base = tmp_path / f"r{os.urandom(6).hex()}"
+    write_file(shard_names(base, 1)[0], [record])
+    if expected is None:
+        with pytest.raises(ValueError):
+            table.restore(base, format="monolith")
+        assert snapshot(table, [123]) == before
+        return
+    table.restore(base, format="monolith")
+    id_, ts, values, state = expected
+    assert len(table) == 1 and table.max_update_ts == ts
+    (entry,) = table.lookup_entry([id_])
+    assert entry is not None and entry.last_update_ts == ts
+    assert entry.values.tobytes() == values.tobytes()
+    assert len(entry.optimizer_state) == len(state)
+    for got, want in zip(entry.optimizer_state, state):
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert got[name].dtype == want[name].dtype
+            assert np.array_equal(got[name], want[name], equal_nan=want[name].dtype == F32), name
+
+
+def protobuf_entry(layout, id_, ts, values, state_values):
+    """An EntryDump built with the protobuf library: ``state_values`` gives each dump
+    field's value (a list for repeated floats)."""
+    message = monolith_checkpoint.entry_dump_class()(id=id_, last_update_ts_sec=ts)
+    message.num.extend(values)
+    message.opt.SetInParent()
+    _, plan = layout_plan(layout)
+    for kind, fields in plan:
+        body = getattr(message.opt.dump.add(), kind)
+        body.SetInParent()
+        for name, form, _ in fields:
+            if form == "floats":
+                getattr(body, name).extend(state_values[(kind, name)])
+            else:
+                setattr(body, name, state_values[(kind, name)])
+    return message
+
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+int64s = st.integers(-(2**63), 2**63 - 1)
+
+
+@st.composite
+def layout_and_entry(draw, names=st.sampled_from(sorted(LAYOUTS))):
+    """An entry of a layout (drawn from ``names``) as the protobuf library builds it."""
+    name = draw(names)
+    layout = LAYOUTS[name]
+    dim, plan = layout_plan(layout)
+    state_values = {}
+    for kind, fields in plan:
+        for field, form, length in fields:
+            if form == "floats":
+                state_values[(kind, field)] = draw(st.lists(finite_f32, min_size=length, max_size=length))
+            elif form == "float":
+                state_values[(kind, field)] = draw(finite_f32)
+            else:
+                state_values[(kind, field)] = draw(int64s)
+    values = draw(st.lists(finite_f32, min_size=dim, max_size=dim))
+    return protobuf_entry(layout, draw(int64s), draw(int64s), values, state_values)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_records_restore_and_save_as_the_protobuf_library_encodes_them(tmp_path, data):
+    # Restoring a record the library encoded and saving it again gives the library's bytes.
+    name = data.draw(st.sampled_from(sorted(LAYOUTS)))
+    layout = LAYOUTS[name]
+    message = data.draw(layout_and_entry(st.just(name)))
+    record = message.SerializeToString()
+    assert_restores_as_protobuf_reads_it(tmp_path, record, layout)
+    table = make_table(layout)
+    base = tmp_path / f"in{os.urandom(6).hex()}"
+    write_file(shard_names(base, 1)[0], [record])
+    table.restore(base, format="monolith")
+    out = tmp_path / f"out{os.urandom(6).hex()}"
+    table.save(out, format="monolith")
+    assert read_frames(shard_names(out, 1)[0]) == [record]
+
+
+@st.composite
+def unknown_field(draw):
+    """A well-formed field of EntryDump: an unknown number, or a known one with a wire type
+    of another field type (which a parser keeps among the unknown fields)."""
+    number = draw(st.integers(1, 40))
+    wire = draw(st.sampled_from([0, 1, 2, 5]))
+    payload = {0: varint(draw(st.integers(0, 2**64 - 1))), 1: draw(st.binary(min_size=8, max_size=8)),
+               2: b"", 5: draw(st.binary(min_size=4, max_size=4))}[wire]
+    if wire == 2:
+        payload = varint(len(body := draw(st.binary(max_size=12)))) + body
+    return key(number, wire) + payload
+
+
+@st.composite
+def merge_partner(draw, name):
+    """A message to follow an entry's record, which a parser merges into it: scalars only,
+    an empty ``opt``, unknown fields, or a whole entry of the same layout."""
+    kind = draw(st.sampled_from(["scalars", "empty_opt", "unknown", "entry"]))
+    if kind == "entry":
+        return draw(layout_and_entry(st.just(name))).SerializeToString()
+    if kind == "unknown":
+        return b"".join(draw(st.lists(unknown_field(), min_size=1, max_size=3)))
+    message = monolith_checkpoint.entry_dump_class()()
+    if draw(st.booleans()):
+        message.id = draw(int64s)
+    if draw(st.booleans()):
+        message.last_update_ts_sec = draw(int64s)
+    if kind == "empty_opt":
+        message.opt.SetInParent()
+    return message.SerializeToString()
+
+
+def mutations():
+    """Ways to change a record: (kind, position fraction, bytes)."""
+    return st.tuples(st.sampled_from(["flip", "truncate", "insert", "duplicate"]), st.floats(0, 1),
+                     st.binary(min_size=1, max_size=6))
+
+
+def mutate(record: bytes, how) -> bytes:
+    kind, where, data = how
+    at = int(where * len(record))
+    if kind == "flip":
+        at = min(at, len(record) - 1)
+        return record[:at] + bytes([record[at] ^ (data[0] or 1)]) + record[at + 1:] if record else record
+    if kind == "truncate":
+        return record[:at]
+    if kind == "insert":
+        return record[:at] + data + record[at:]
+    return record[:at] + record[at:at + 1 + data[0] % 40] + record[at:]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_merged_records_restore_as_the_protobuf_library_reads_them(tmp_path, data):
+    # Two messages one after the other are one merged message: repeated fields appended,
+    # the last scalar winning, unknown fields skipped.
+    name = data.draw(st.sampled_from(sorted(LAYOUTS)))
+    record = data.draw(layout_and_entry(st.just(name))).SerializeToString()
+    partner = data.draw(merge_partner(name))
+    if data.draw(st.booleans()):
+        record, partner = partner, record
+    assert_restores_as_protobuf_reads_it(tmp_path, record + partner, LAYOUTS[name])
+
+
+@st.composite
+def oneof_members(draw, name):
+    """An entry whose SingleOptimizerDumps each hold one to three members one after the
+    other (the last one set wins; the same member twice is merged), some with part of their
+    state, or of another optimizer."""
+    dim, plan = layout_plan(LAYOUTS[name])
+    singles = []
+    for kind, fields in plan:
+        lengths = {field: length for field, _, length in fields}
+        members = []
+        for _ in range(draw(st.sampled_from([1, 1, 2, 3]))):
+            member = draw(st.sampled_from([kind] * 4 + ["sgd", "adagrad", "momentum", "group_adagrad"]))
+            state = {}
+            for _, field, form in DUMPS[member][1]:
+                if form == "floats":
+                    # Mostly the length the table needs (across the members the same member
+                    # takes, its floats add up).
+                    length = draw(st.sampled_from([lengths.get(field, 1)] * 3 + [0, 1, 2]))
+                    state[field] = draw(st.lists(finite_f32, min_size=length, max_size=length))
+                elif form == "float":
+                    state[field] = draw(finite_f32)
+                else:
+                    state[field] = draw(int64s)
+                if draw(st.integers(0, 4)) == 0:
+                    del state[field]
+            members.append(dump(member, packed=draw(st.booleans()), **state))
+        singles.append(b"".join(members))
+    values = draw(st.lists(finite_f32, min_size=dim, max_size=dim))
+    return entry_dump(draw(int64s), values, singles, ts=draw(int64s), packed=draw(st.booleans()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_oneof_members_restore_as_the_protobuf_library_reads_them(tmp_path, data):
+    name = data.draw(st.sampled_from(sorted(LAYOUTS)))
+    assert_restores_as_protobuf_reads_it(tmp_path, data.draw(oneof_members(name)), LAYOUTS[name])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_damaged_records_restore_as_the_protobuf_library_reads_them(tmp_path, data):
+    # Any bytes either parse as the library parses them or raise: flipped, cut, inserted and
+    # repeated bytes, and fields the format does not have.
+    name = data.draw(st.sampled_from(sorted(LAYOUTS)))
+    record = data.draw(layout_and_entry(st.just(name))).SerializeToString()
+    for how in data.draw(st.lists(mutations(), max_size=3)):
+        record = mutate(record, how)
+    extra = data.draw(st.lists(unknown_field(), max_size=2))
+    at = data.draw(st.sampled_from([0, len(record)]))  # between fields: the record's ends
+    record = record[:at] + b"".join(extra) + record[at:]
+    assert_restores_as_protobuf_reads_it(tmp_path, record, LAYOUTS[name])
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2000))
+def test_crc32c_agrees_with_google_crc32c(data):
+    assert mtht._core.crc32c(data) == google_crc32c.value(data)
+    assert monolith_checkpoint._masked_crc32c(data) == masked_crc32c(data)

@@ -105,23 +105,20 @@ inline std::string errno_text(const std::string& what, const std::string& path) 
   return what + " " + path + ": " + std::strerror(errno);
 }
 
-// Buffered writer that checksums what it writes.
-class CheckedWriter {
+// Buffered writer of a new file; finish() writes the rest and syncs it to disk.
+class FileWriter {
  public:
-  explicit CheckedWriter(const std::string& path) : path_(path) {
+  explicit FileWriter(const std::string& path) : path_(path) {
     fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd_ < 0) throw IOError(errno_text("cannot create", path));
     buf_.reserve(kBuffer);
   }
-  ~CheckedWriter() {
+  FileWriter(const FileWriter&) = delete;
+  FileWriter& operator=(const FileWriter&) = delete;
+  ~FileWriter() {
     if (fd_ >= 0) ::close(fd_);
   }
-  template <class T>
-  void put(const T& v) {
-    write(&v, sizeof v);
-  }
   void write(const void* p, size_t n) {
-    sum_.update(p, n);
     bytes_ += n;
     const char* c = static_cast<const char*>(p);
     if (buf_.size() + n > kBuffer) flush();
@@ -131,14 +128,7 @@ class CheckedWriter {
       buf_.insert(buf_.end(), c, c + n);
     }
   }
-  uint64_t checksum() const { return sum_.digest(); }
   uint64_t bytes() const { return bytes_; }
-  // Unchecksummed tail (the checksum itself and the end magic).
-  void write_unchecked(const void* p, size_t n) {
-    const char* c = static_cast<const char*>(p);
-    buf_.insert(buf_.end(), c, c + n);
-    bytes_ += n;
-  }
   void finish() {
     flush();
     if (::fsync(fd_) != 0) throw IOError(errno_text("cannot sync", path_));
@@ -170,8 +160,30 @@ class CheckedWriter {
   std::string path_;
   int fd_ = -1;
   std::vector<char> buf_;
-  Checksum64 sum_;
   uint64_t bytes_ = 0;
+};
+
+// Buffered writer that checksums what it writes.
+class CheckedWriter {
+ public:
+  explicit CheckedWriter(const std::string& path) : file_(path) {}
+  template <class T>
+  void put(const T& v) {
+    write(&v, sizeof v);
+  }
+  void write(const void* p, size_t n) {
+    sum_.update(p, n);
+    file_.write(p, n);
+  }
+  uint64_t checksum() const { return sum_.digest(); }
+  uint64_t bytes() const { return file_.bytes(); }
+  // Unchecksummed tail (the checksum itself and the end magic).
+  void write_unchecked(const void* p, size_t n) { file_.write(p, n); }
+  void finish() { file_.finish(); }
+
+ private:
+  FileWriter file_;
+  Checksum64 sum_;
 };
 
 // Buffered reader that checksums what it reads.
