@@ -209,6 +209,21 @@ def _shard_files(basename: str) -> List[str]:
     return [files[i] for i in range(count)]
 
 
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _fewest_bytes_per_entry(dim: int, dumps) -> int:
+    """The framed size of the smallest record of an entry in this format (varints of one
+    byte): what tells how many entries files of a given size hold at most."""
+    opt = 0
+    for _, fields in dumps:
+        body = sum(5 * words if ftype == 0 else 5 if ftype == 1 else 2 for _, ftype, words, _ in fields)
+        single = 1 + _varint_size(body) + body
+        opt += 1 + _varint_size(single) + single
+    return 16 + 9 + 5 * dim + 1 + _varint_size(opt) + opt + 2
+
+
 def restore_monolith(table, basename: str) -> None:
     """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
     Everything is parsed and checked (checksums, shard set, optimizer layout) into a fresh
@@ -216,12 +231,18 @@ def restore_monolith(table, basename: str) -> None:
     paths = _shard_files(os.fspath(basename))
     dumps = _format(table)
     allow_non_finite = bool(table.config.table_config.allow_non_finite)
-    core = table._new_core()
+    # Room for as many entries as the files can hold in records of Monolith's form (whose
+    # timestamps take 5 bytes rather than 1: 2% more room than entries), so that the new
+    # table does not grow while it loads.
+    room = sum(os.path.getsize(p) for p in paths) // _fewest_bytes_per_entry(table.dim_size, dumps)
+    config = table.config.table_config
+    room = max(min(room, int(config.max_entries)) if config.max_entries else room, int(config.initial_capacity))
+    core = table._new_core(initial_capacity=room)
     files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite)
     if len(paths) > 1 and core.size() < sum(entries for entries, _ in files):
         # An id in two files (a save never writes one twice): read them again one after the
         # other, so that the later file's entry wins, whatever the thread count.
-        core = table._new_core()
+        core = table._new_core(initial_capacity=room)
         files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite, 1)
     limit = core.max_entries
     if limit and core.size() > limit:

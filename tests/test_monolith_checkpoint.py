@@ -1391,6 +1391,20 @@ def test_damaged_records_restore_as_the_protobuf_library_reads_them(tmp_path, da
     assert_restores_as_protobuf_reads_it(tmp_path, record, LAYOUTS[name])
 
 
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_the_room_a_restore_reserves_counts_the_smallest_records(tmp_path, name):
+    # A restore makes room for file bytes / the smallest framed record of the layout: that
+    # size is what a save writes for entries whose varints take one byte each (timestamp 0,
+    # int64 state 0), so the files never hold more entries than there is room for.
+    table = make_table(LAYOUTS[name])
+    table.assign(np.arange(5), np.ones((5, table.dim_size), F32), req_time=0)
+    table.save(tmp_path / "t", format="monolith")
+    path = shard_names(tmp_path / "t", 1)[0]
+    smallest = monolith_checkpoint._fewest_bytes_per_entry(table.dim_size, monolith_checkpoint._format(table))
+    assert [16 + len(r) for r in read_frames(path)] == [smallest] * 5
+    assert os.path.getsize(path) == 5 * smallest
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=2000))
 def test_crc32c_agrees_with_google_crc32c(data):
