@@ -100,6 +100,7 @@ class BenchConfig:
     probe: bool = True
     progress: bool = True
     save_dir: Optional[str] = None
+    checkpoint_format: str = "mtht"  # save, restore: format= of HashTable.save and restore
     max_load_factor: float = 0.5
     num_shards: Optional[int] = None
     capped_new: float = 0.1  # apply_gradients_capped: the share of each batch's ids that are new
@@ -135,6 +136,8 @@ class BenchConfig:
             raise ValueError(f"capped_new must be in [0, 1], got {self.capped_new}")
         if self.capped_policy not in ("lru", "lfu"):
             raise ValueError(f"capped_policy must be 'lru' or 'lfu', got {self.capped_policy!r}")
+        if self.checkpoint_format not in ("mtht", "monolith"):
+            raise ValueError(f"checkpoint_format must be 'mtht' or 'monolith', got {self.checkpoint_format!r}")
 
     def thread_counts(self) -> List[int]:
         return [int(t) for t in self.threads] or [default_threads()]
@@ -710,9 +713,9 @@ class _MthtRunner:
             reps = 1 if table_bytes > 1e9 else max(1, min(c.iterations, 3))
             for _ in range(reps):
                 t0 = time.perf_counter()
-                t.save(base)
+                t.save(base, format=c.checkpoint_format)
                 t1 = time.perf_counter()
-                t.restore(base)
+                t.restore(base, format=c.checkpoint_format)
                 t2 = time.perf_counter()
                 save_s.append(t1 - t0)
                 restore_s.append(t2 - t1)
@@ -1384,6 +1387,8 @@ flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipp
 flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
 flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
 flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
+flags.DEFINE_enum("checkpoint_format", "mtht", ["mtht", "monolith"],
+                  "File format of the save/restore ops: mtht's own, or Monolith's TFRecord files.")
 
 _QUICK = {"size": 200_000, "batch_size": 16384, "iterations": 5, "warmup": 1}
 
@@ -1418,7 +1423,8 @@ def config_from_flags() -> BenchConfig:
         ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards, slots=FLAGS.slots,
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
-        progress=FLAGS.progress, save_dir=FLAGS.save_dir, max_load_factor=FLAGS.max_load_factor,
+        progress=FLAGS.progress, save_dir=FLAGS.save_dir, checkpoint_format=FLAGS.checkpoint_format,
+        max_load_factor=FLAGS.max_load_factor,
         capped_new=FLAGS.capped_new, capped_policy=FLAGS.capped_policy,
         num_shards=FLAGS.num_shards, **values)
     try:
