@@ -518,7 +518,7 @@ class RecordReader {
   bool have(size_t n) {
     if (end_ - begin_ >= n) return true;
     if (n > left()) return false;
-    std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
+    if (end_ > begin_) std::memmove(buf_.data(), buf_.data() + begin_, end_ - begin_);
     end_ -= begin_;
     begin_ = 0;
     if (buf_.size() < std::max(n, kBlock)) buf_.resize(std::max(n, kBlock));
