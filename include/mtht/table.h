@@ -1581,7 +1581,7 @@ class EmbeddingTable {
   // not give it more, so that it takes the paths made for one thread.
   static size_t batch_threads(size_t n) {
     if (threads_for(n) == 1 || ThreadPool::in_shared_call()) return 1;
-    return static_cast<size_t>(ThreadPool::global().num_threads());
+    return static_cast<size_t>(ThreadPool::global().usable_threads());
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {

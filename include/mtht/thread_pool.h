@@ -45,6 +45,10 @@ class ThreadPool {
 
   int num_threads() const { return num_threads_.load(); }
 
+  // The threads a call can have now: num_threads, or 1 in a forked child whose pool has no
+  // helpers yet (forget_helpers).
+  int usable_threads() const { return std::min(num_threads_.load(), helpers_.load() + 1); }
+
   // Whether the calling thread is one of a pool's helper threads.
   static bool on_helper() { return on_helper_flag(); }
 
@@ -226,6 +230,7 @@ class ThreadPool {
     static std::vector<std::thread>* const parents_helpers = new std::vector<std::thread>();
     for (std::thread& t : workers_) parents_helpers->push_back(std::move(t));
     workers_.clear();
+    helpers_.store(0);
     new (&busy_) std::mutex();
     new (&mu_) std::mutex();
     new (&cv_) std::condition_variable();
@@ -237,6 +242,7 @@ class ThreadPool {
 
   void resize(int n) {
     while (workers_.size() + 1 < static_cast<size_t>(n)) workers_.emplace_back([this] { worker_loop(); });
+    helpers_.store(static_cast<int>(workers_.size()));
     num_threads_.store(n);
   }
 
@@ -294,6 +300,7 @@ class ThreadPool {
   }
 
   std::atomic<int> num_threads_{1};
+  std::atomic<int> helpers_{0};  // workers_.size(), for readers that do not hold busy_
   std::vector<std::thread> workers_;
   std::mutex busy_;  // held by the call that owns the helpers
   std::mutex mu_;

@@ -4,7 +4,8 @@
 // skipped; parallel_for runs every task even after one throws; a call made from inside a
 // task (the helpers are busy) runs on its own thread, and the task knows it is in a shared
 // call (in_shared_call) when its call has helpers; a call takes at most set_num_threads
-// threads, however many helpers an earlier count made; a forked child's calls run, and its
+// threads, however many helpers an earlier count made; a forked child's calls run, on its
+// thread alone (usable_threads) until its set_num_threads gives it helpers, and its
 // set_num_threads and its exit do not wait for the parent's helpers.
 #include <signal.h>
 #include <sys/wait.h>
@@ -120,16 +121,22 @@ void check_fewer_threads() {
 
 // The global pool with a helper, then a fork: the child runs calls, gives itself helpers
 // and exits normally (destroying the pool); a child that has not exited within 30 s hung.
+// Exit codes: 3 a call's tasks did not all run, 4 and 5 usable_threads was wrong.
 void check_fork() {
   mtht::ThreadPool& pool = mtht::ThreadPool::global();
   pool.set_num_threads(2);
   std::atomic<int> ran{0};
   pool.parallel_for(64, [&](size_t) { ++ran; });
+  expect(pool.usable_threads() == 2, "a pool of two threads can give a call two", 2, 0);
   const pid_t pid = fork();
   if (pid == 0) {
+    // The child keeps the count it was given, but until it has helpers of its own a call
+    // can have its thread alone.
+    if (pool.num_threads() != 2 || pool.usable_threads() != 1) std::exit(4);
     std::atomic<int> in_child{0};
     pool.parallel_for(64, [&](size_t) { ++in_child; });
     pool.set_num_threads(2);
+    if (pool.usable_threads() != 2) std::exit(5);
     pool.parallel_for(64, [&](size_t) { ++in_child; });
     std::exit(in_child.load() == 128 ? 0 : 3);
   }
