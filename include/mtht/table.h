@@ -896,7 +896,7 @@ class ReadPieces {
 // thread, but none smaller than waking a thread is worth.
 inline size_t range_parts(size_t n) {
   constexpr size_t kMinPerPart = 16384;
-  return std::max<size_t>(1, std::min<size_t>(ThreadPool::global().num_threads(), n / kMinPerPart));
+  return std::max<size_t>(1, std::min<size_t>(ThreadPool::global().usable_threads(), n / kMinPerPart));
 }
 
 // Runs fn(part, begin, end) for the `parts` consecutive ranges of [0, n), over the pool.
