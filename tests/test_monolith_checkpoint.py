@@ -796,6 +796,27 @@ def test_save_over_an_existing_checkpoint(tmp_path):
     assert restored.lookup([1, 2]).tolist() == [[5.0], [6.0]]
 
 
+def test_a_failed_save_leaves_the_previous_files(tmp_path):
+    # A save that cannot write one of its files raises OSError, removes what it wrote, and
+    # leaves the files of the save before it as they were.
+    base = tmp_path / "t"
+    table = sgd_table(1, saver_parallel=2)
+    table.assign([1, 2, 3], [[1.0], [2.0], [3.0]])
+    table.save(base, format="monolith")
+    before = {p: pathlib.Path(p).read_bytes() for p in shard_names(base, 2)}
+    table.assign([1, 2, 3], [[5.0], [6.0], [7.0]])
+    blocker = pathlib.Path(f"{shard_names(base, 2)[1]}-tmp-{os.getpid()}")
+    blocker.mkdir()  # the second file's temporary name is taken by a directory
+    with pytest.raises(OSError):
+        table.save(base, format="monolith")
+    assert sorted(os.listdir(tmp_path)) == sorted([blocker.name] + [os.path.basename(p) for p in before])
+    assert {p: pathlib.Path(p).read_bytes() for p in before} == before
+    blocker.rmdir()
+    restored = sgd_table(1)
+    restored.restore(base, format="monolith")
+    assert restored.lookup([1, 2, 3]).tolist() == [[1.0], [2.0], [3.0]]
+
+
 def test_mtht_and_monolith_formats_side_by_side(tmp_path):
     # The two formats are separate: each restores what it saved.
     table = adagrad_table(2)
