@@ -983,6 +983,23 @@ def test_a_restore_asks_for_no_shards_by_the_size_of_its_loads(tmp_path):
     assert restored.stats()["num_shards"] == 4 and np.all(restored.lookup(ids) == 2.0)
 
 
+@pytest.mark.parametrize("fmt", ["mtht", "monolith"])
+def test_wide_rows_round_trip_over_several_load_chunks(tmp_path, fmt):
+    # Dim 512 with Adam's state: about 6 KB an entry, so a restore loads a chunk of 32 MiB
+    # of records (about 5,400 of them) at a time, and 12,000 entries take three chunks.
+    make = lambda: table_of(dim=512, optimizer=entry.AdamOptimizer(), learning_rate=0.01)  # noqa: E731
+    t = make()
+    ids = np.arange(12_000, dtype=np.int64) * 7919 - 5
+    grads = np.random.default_rng(1).standard_normal([ids.size, 512]).astype(F32)
+    t.apply_gradients(ids, grads, global_step=1, req_time=5)
+    basename = str(tmp_path / "t")
+    t.save(basename, format=fmt)
+    restored = make().restore(basename, format=fmt)
+    assert restored.size() == ids.size
+    probe = np.concatenate([ids[::97], ids[-3:]])
+    assert snapshot(restored, probe) == snapshot(t, probe)
+
+
 def test_large_round_trip_with_several_files(tmp_path):
     t = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), saver_parallel=3)
     ids = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 50_000, dtype=np.int64)

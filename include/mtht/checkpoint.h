@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
@@ -237,6 +238,17 @@ class CheckedReader {
 
 }  // namespace detail
 
+// The records a restore reads and inserts at a time, of `record_bytes` each. An insert on
+// one thread reads each row from the chunk, which is still in the cache when it is small:
+// restores 1.17x to 1.41x faster than in chunks of 65,536. An insert spread over the
+// threads (a file loaded alone) pays for each wake-up of the helpers, and goes faster in
+// large chunks (docs/benchmarks.md, Save and restore). At most 32 MiB of records: wide rows
+// (dim 256 with Adam's state: 3 KB) would otherwise take hundreds of MB.
+inline size_t load_chunk(size_t record_bytes) {
+  const size_t chunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
+  return std::clamp<size_t>((size_t{32} << 20) / std::max<size_t>(record_bytes, 1), 1024, chunk);
+}
+
 // Writes part `part` of `parts` of the table's entries (EmbeddingTable::shards_of_part) to
 // `path`, leaving out those expired at `now` when `apply_expiry`. Removes the partial file
 // if anything fails. The caller holds the table's layout.
@@ -346,12 +358,7 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   if (entries > (r.size() / record) || filter_entries > r.size() / 16 ||
       body + entries * record + filter_entries * 16 + detail::kTrailerBytes != r.size())
     throw IOError(bad + "size does not match its record counts (truncated or corrupt)");
-  // Records are read and inserted a chunk at a time. An insert on one thread reads each row
-  // from the chunk, which is still in the cache when it is small: restores 1.17x to 1.41x
-  // faster than in chunks of 65,536. An insert spread over the threads (a file loaded
-  // alone) pays for each wake-up of the helpers, and goes faster in large chunks
-  // (docs/benchmarks.md, Save and restore).
-  const size_t chunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
+  const size_t chunk = load_chunk(record);
   std::vector<char> raw;
   std::vector<int64_t> ids, ts;
   for (uint64_t done = 0; done < entries;) {

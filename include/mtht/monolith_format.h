@@ -598,8 +598,7 @@ inline LoadInfo load_file(EmbeddingTable& into, const std::string& path, const E
   RecordReader records(path);
   EntryDecoder decoder(format);
   const size_t width = size_t{format.dim} + format.state_dim;
-  // Chunks as a restore of mtht's own files reads them (checkpoint.h).
-  const size_t chunk = EmbeddingTable::batch_threads(65536) > 1 ? 65536 : 16384;
+  const size_t chunk = load_chunk(sizeof(float) * width);
   std::vector<int64_t> ids(chunk), ts(chunk);
   std::vector<float> rows(chunk * width);
   LoadInfo info;
