@@ -1183,7 +1183,6 @@ def reference_restore(record, layout):
     dim, plan = layout_plan(layout)
     if len(message.num) != dim or len(message.opt.dump) != len(plan):
         return None
-    states = iter([])
     dumped = []
     for single, (kind, fields) in zip(message.opt.dump, plan):
         if single.WhichOneof("type") != kind:
