@@ -248,7 +248,7 @@ def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
 
 def test_save_and_restore_in_either_checkpoint_format(tmp_path):
     # Both formats save and restore the filled table whole: the checksum after the restore
-    # is the filled rows', and the files are where --save_dir says while the op runs.
+    # is the filled rows', and the op leaves nothing behind in --save_dir.
     def want(config, op):  # the filled rows of the op's first batch, as restored
         return float(np.sum(bench.fill_values(bench.op_keys(config, op)[0], config.dim), dtype=np.float64))
 
