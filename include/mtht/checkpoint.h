@@ -187,31 +187,25 @@ class CheckedWriter {
   Checksum64 sum_;
 };
 
-// Buffered reader that checksums what it reads.
-class CheckedReader {
+// Reader of a file from its start (or from where seek() puts it).
+class FileReader {
  public:
-  explicit CheckedReader(const std::string& path) : path_(path) {
+  explicit FileReader(const std::string& path) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd_ < 0) throw IOError(errno_text("cannot open checkpoint file", path));
     struct stat st;
-    if (::fstat(fd_, &st) != 0) throw IOError(errno_text("cannot stat", path));
+    if (::fstat(fd_, &st) != 0) {
+      ::close(fd_);
+      throw IOError(errno_text("cannot stat", path));
+    }
     size_ = static_cast<uint64_t>(st.st_size);
   }
-  ~CheckedReader() {
-    if (fd_ >= 0) ::close(fd_);
-  }
+  FileReader(const FileReader&) = delete;
+  FileReader& operator=(const FileReader&) = delete;
+  ~FileReader() { ::close(fd_); }
   uint64_t size() const { return size_; }
+  // The next n bytes; IOError when the file ends before them.
   void read(void* p, size_t n) {
-    read_raw(p, n);
-    sum_.update(p, n);
-  }
-  template <class T>
-  T get() {
-    T v;
-    read(&v, sizeof v);
-    return v;
-  }
-  void read_raw(void* p, size_t n) {
     char* c = static_cast<char*>(p);
     while (n > 0) {
       const ssize_t r = ::pread(fd_, c, n, static_cast<off_t>(pos_));
@@ -226,13 +220,35 @@ class CheckedReader {
     }
   }
   void seek(uint64_t pos) { pos_ = pos; }
-  uint64_t checksum() const { return sum_.digest(); }
 
  private:
   std::string path_;
   int fd_ = -1;
   uint64_t size_ = 0;
   uint64_t pos_ = 0;
+};
+
+// Reader that checksums what it reads (read_raw: bytes left out of the checksum).
+class CheckedReader {
+ public:
+  explicit CheckedReader(const std::string& path) : file_(path) {}
+  uint64_t size() const { return file_.size(); }
+  void read(void* p, size_t n) {
+    file_.read(p, n);
+    sum_.update(p, n);
+  }
+  template <class T>
+  T get() {
+    T v;
+    read(&v, sizeof v);
+    return v;
+  }
+  void read_raw(void* p, size_t n) { file_.read(p, n); }
+  void seek(uint64_t pos) { file_.seek(pos); }
+  uint64_t checksum() const { return sum_.digest(); }
+
+ private:
+  FileReader file_;
   Checksum64 sum_;
 };
 

@@ -523,14 +523,14 @@ class RecordReader {
     begin_ = 0;
     if (buf_.size() < std::max(n, kBlock)) buf_.resize(std::max(n, kBlock));
     const size_t take = static_cast<size_t>(std::min<uint64_t>(buf_.size() - end_, file_.size() - read_));
-    file_.read_raw(buf_.data() + end_, take);
+    file_.read(buf_.data() + end_, take);
     end_ += take;
     read_ += take;
     return true;
   }
 
   std::string path_;
-  mtht::detail::CheckedReader file_;  // read_raw only: no checksum of its own
+  mtht::detail::FileReader file_;
   std::vector<unsigned char> buf_;
   size_t begin_ = 0, end_ = 0;  // the buffer's unread bytes
   uint64_t read_ = 0;           // bytes of the file read into the buffer
