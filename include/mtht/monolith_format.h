@@ -195,29 +195,29 @@ struct Cursor {
       skip(n, w);
     }
   }
-  // Appends the floats of repeated float field `number`: a packed block, or an unpacked
-  // float and the run of its field's floats that follow it (a one-byte tag and 4 bytes
-  // each), taken at once.
-  void floats(uint32_t number, int wire, std::vector<float>& out) {
+  // Puts the floats of repeated float field `number` at dst[count, cap) (those past cap
+  // are only counted): a packed block, or an unpacked float and the run of its field's
+  // floats that follow it (a one-byte tag and 4 bytes each), taken at once.
+  void floats_into(uint32_t number, int wire, float* dst, uint64_t cap, uint64_t& count) {
     if (wire == kFixed32) {
       need(4);
       const unsigned char tag_byte = static_cast<unsigned char>(number << 3 | kFixed32);
-      size_t count = 1;
-      for (const unsigned char* q = p + 4; end - q >= 5 && *q == tag_byte; q += 5) ++count;
-      const size_t at = out.size();
-      out.resize(at + count);
-      float* o = out.data() + at;
-      std::memcpy(o, p, 4);
+      if (count < cap) std::memcpy(dst + count, p, 4);
+      ++count;
       p += 4;
-      for (size_t i = 1; i < count; ++i, p += 5) std::memcpy(o + i, p + 1, 4);
+      while (end - p >= 5 && *p == tag_byte) {
+        if (count < cap) std::memcpy(dst + count, p + 1, 4);
+        ++count;
+        p += 5;
+      }
       return;
     }
     Cursor c = sub();
     const size_t bytes = static_cast<size_t>(c.end - c.p);
     if (bytes % 4) throw ValueError("packed floats of " + std::to_string(bytes) + " bytes");
-    const size_t at = out.size();
-    out.resize(at + bytes / 4);
-    std::memcpy(out.data() + at, c.p, bytes);
+    const size_t n = bytes / 4;
+    if (count < cap) std::memcpy(dst + count, c.p, 4 * std::min<uint64_t>(n, cap - count));
+    count += n;
   }
 };
 
@@ -311,20 +311,32 @@ class EntryEncoder {
 };
 
 // Decodes EntryDump records into table rows, checking them against the table's format.
+// The values go straight to their place in the row as they are read.
 class EntryDecoder {
  public:
   explicit EntryDecoder(const EntryFormat& f) : f_(f), dumps_(f.dumps.size()) {
-    for (size_t d = 0; d < f.dumps.size(); ++d) dumps_[d].fields.resize(f.dumps[d].fields.size());
+    uint32_t offset = f.dim;
+    for (size_t d = 0; d < f.dumps.size(); ++d) {
+      dumps_[d].first = offset;
+      for (const DumpField& field : f.dumps[d].fields) {
+        dumps_[d].offsets.push_back(offset);
+        offset += field.words;
+      }
+      dumps_[d].words = offset - dumps_[d].first;
+      dumps_[d].counts.resize(f.dumps[d].fields.size());
+    }
   }
 
   // Decodes record [p, p + n) into id, ts and row (dim values, then state_dim words).
-  // Throws ValueError when it is not an EntryDump or does not fit the table.
+  // Throws ValueError when it is not an EntryDump or does not fit the table (row is then
+  // left in any state).
   void decode(const unsigned char* p, size_t n, int64_t& id, int64_t& ts, float* row) {
     using namespace detail;
     id = 0;
     ts = 0;
-    num_.clear();
+    num_count_ = 0;
     seen_ = 0;
+    row_ = row;
     try {
       Cursor c{p, p + n};
       while (!c.done()) {
@@ -332,7 +344,7 @@ class EntryDecoder {
         if (number == 1 && wire == kFixed64) {
           id = c.fixed<int64_t>();
         } else if (number == 2 && (wire == kFixed32 || wire == kLengthDelimited)) {
-          c.floats(number, wire, num_);
+          c.floats_into(number, wire, row, f_.dim, num_count_);
         } else if (number == 3 && wire == kLengthDelimited) {
           Cursor opt = c.sub();  // a message given twice is merged: its dumps appended
           parse_optimizer_dump(opt);
@@ -346,42 +358,23 @@ class EntryDecoder {
       throw ValueError(std::string("unable to parse an EntryDump record (") + e.what() + ")");
     }
     check(id);
-    std::memcpy(row, num_.data(), sizeof(float) * f_.dim);
-    float* state = row + f_.dim;
-    for (size_t d = 0; d < f_.dumps.size(); ++d) {
-      for (size_t k = 0; k < f_.dumps[d].fields.size(); ++k) {
-        const DumpField& field = f_.dumps[d].fields[k];
-        const Values& v = dumps_[d].fields[k];
-        if (field.type == kFloats) {
-          std::memcpy(state, v.floats.data(), sizeof(float) * field.words);
-        } else if (field.type == kFloat) {
-          *state = v.value;
-        } else {
-          std::memcpy(state, &v.integer, 8);
-        }
-        state += field.words;
-      }
-    }
   }
 
  private:
-  struct Values {
-    std::vector<float> floats;
-    float value = 0;
-    int64_t integer = 0;
-  };
-  struct DumpValues {
+  // Where a dump's fields go in the row, and how many floats each repeated one has had.
+  struct DumpPlace {
     uint32_t member = 0;  // the oneof's member, 0 when none is set
-    std::vector<Values> fields;
-    void clear(uint32_t to) {
-      member = to;
-      for (Values& v : fields) {
-        v.floats.clear();
-        v.value = 0;
-        v.integer = 0;
-      }
-    }
+    uint32_t first = 0, words = 0;
+    std::vector<uint32_t> offsets;
+    std::vector<uint64_t> counts;
   };
+
+  // A member set anew: no fields yet (0 for those a record leaves out).
+  void clear(DumpPlace& place, uint32_t to) {
+    place.member = to;
+    std::fill(place.counts.begin(), place.counts.end(), 0);
+    std::memset(row_ + place.first, 0, sizeof(float) * place.words);
+  }
 
   void parse_optimizer_dump(detail::Cursor& c) {
     using namespace detail;
@@ -402,9 +395,9 @@ class EntryDecoder {
   }
 
   // A SingleOptimizerDump: the last member set wins; the same member twice is merged.
-  void parse_single(detail::Cursor& c, const DumpFormat& format, DumpValues& out) {
+  void parse_single(detail::Cursor& c, const DumpFormat& format, DumpPlace& place) {
     using namespace detail;
-    out.clear(0);
+    clear(place, 0);
     while (!c.done()) {
       const auto [number, wire] = c.tag();
       if (wire != kLengthDelimited || f_.member_name(number).empty()) {
@@ -412,7 +405,7 @@ class EntryDecoder {
         continue;
       }
       Cursor body = c.sub();
-      if (number != out.member) out.clear(number);
+      if (number != place.member) clear(place, number);
       if (number != format.member) {
         body.skip_all();  // another optimizer's dump: an error once the record is read
         continue;
@@ -425,14 +418,15 @@ class EntryDecoder {
           body.skip(field_number, field_wire);
           continue;
         }
-        Values& v = out.fields[k];
-        const FieldType type = format.fields[k].type;
-        if (type == kFloats && (field_wire == kFixed32 || field_wire == kLengthDelimited)) {
-          body.floats(field_number, field_wire, v.floats);
-        } else if (type == kFloat && field_wire == kFixed32) {
-          v.value = body.fixed<float>();
-        } else if (type == kInt64 && field_wire == kVarint) {
-          v.integer = static_cast<int64_t>(body.varint());
+        float* const at = row_ + place.offsets[k];
+        const DumpField& field = format.fields[k];
+        if (field.type == kFloats && (field_wire == kFixed32 || field_wire == kLengthDelimited)) {
+          body.floats_into(field_number, field_wire, at, field.words, place.counts[k]);
+        } else if (field.type == kFloat && field_wire == kFixed32) {
+          *at = body.fixed<float>();
+        } else if (field.type == kInt64 && field_wire == kVarint) {
+          const uint64_t v = body.varint();
+          std::memcpy(at, &v, 8);
         } else {
           body.skip(field_number, field_wire);
         }
@@ -444,8 +438,8 @@ class EntryDecoder {
   void check(int64_t id) const {
     using detail::quoted;
     const auto entry = [id] { return "entry " + std::to_string(id); };  // built for an error only
-    if (num_.size() != f_.dim)
-      throw ValueError(entry() + " has " + std::to_string(num_.size()) + " values, the table has dim " +
+    if (num_count_ != f_.dim)
+      throw ValueError(entry() + " has " + std::to_string(num_count_) + " values, the table has dim " +
                        std::to_string(f_.dim));
     if (seen_ != f_.dumps.size()) {
       std::string kinds;
@@ -462,21 +456,22 @@ class EntryDecoder {
       }
       for (size_t k = 0; k < format.fields.size(); ++k) {
         const DumpField& field = format.fields[k];
-        const size_t got = dumps_[d].fields[k].floats.size();
+        const uint64_t got = dumps_[d].counts[k];
         if (field.type == kFloats && got != field.words)
           throw ValueError(entry() + ": " + kind + "." + field.name + " has " + std::to_string(got) +
                            " values, expected " + std::to_string(field.words));
       }
     }
     if (!f_.allow_non_finite)
-      for (float v : num_)
-        if (!std::isfinite(v)) throw ValueError(entry() + " holds NaN or Inf values; the table does not allow them");
+      for (uint32_t j = 0; j < f_.dim; ++j)
+        if (!std::isfinite(row_[j])) throw ValueError(entry() + " holds NaN or Inf values; the table does not allow them");
   }
 
   const EntryFormat& f_;
-  std::vector<float> num_;
-  std::vector<DumpValues> dumps_;
-  size_t seen_ = 0;  // SingleOptimizerDumps in the record
+  std::vector<DumpPlace> dumps_;
+  float* row_ = nullptr;   // the row of the record being decoded
+  uint64_t num_count_ = 0;  // values (num) in the record
+  size_t seen_ = 0;         // SingleOptimizerDumps in the record
 };
 
 // The records of a TFRecord file, read a block at a time, both checksums of each checked.
