@@ -126,12 +126,12 @@ def read_manifest(basename: str) -> dict:
 _ENTRIES_PER_FILE = 500_000
 
 
-def file_count(table) -> int:
-    """How many data files a save of ``table`` writes (in either format): its
-    ``saver_parallel`` if set, else one per ``_ENTRIES_PER_FILE`` entries, from 1 to 4."""
+def file_count(table, entries_per_file: int = _ENTRIES_PER_FILE) -> int:
+    """How many data files a save of ``table`` writes: its ``saver_parallel`` if set, else
+    one per ``entries_per_file`` entries, from 1 to 4."""
     if table._saver_parallel and table._saver_parallel > 0:
         return table._saver_parallel
-    return min(4, max(1, len(table) // _ENTRIES_PER_FILE))
+    return min(4, max(1, len(table) // entries_per_file))
 
 
 def save_table(table, basename: str) -> dict:

@@ -134,6 +134,10 @@ def _segments(table) -> List[Tuple[str, int]]:
     return [(seg.optimizer.kind, int(seg.dim_size)) for seg in table.config.table_config.entry_config.segments]
 
 
+# Monolith's own default when saver_parallel is not set: one file per million entries, 1 to 4
+# (mtht's own format writes one per half million).
+_MONOLITH_ENTRIES_PER_FILE = 1_000_000
+
 # How the core takes a dump field: repeated float, float, int64 (monolith_format.h).
 _FIELD_TYPES = {"rf": 0, "f": 1, "i64": 2}
 _MEMBERS = [(number, kind) for kind, (number, _, _) in _DUMPS.items()]
@@ -160,7 +164,7 @@ def save_monolith(table, basename: str) -> None:
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
     core = table._core
-    n = file_count(table)
+    n = file_count(table, _MONOLITH_ENTRIES_PER_FILE)
     paths = ["%s-%05d-of-%05d" % (basename, i, n) for i in range(n)]
     temporary = [f"{path}-tmp-{os.getpid()}" for path in paths]
     try:

@@ -488,6 +488,22 @@ def test_an_id_in_two_records_restores_the_later_one(tmp_path, restore_num_threa
     assert table.lookup_entry([45])[0].optimizer_state[0]["norm"].tolist() == [4.0, 4.0]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_id_twice_in_one_large_file_restores_the_later_one(tmp_path, restore_num_threads, threads):
+    # A file's records load in file order, whatever the thread count (its chunks inserted
+    # over the threads): an id given twice keeps its later record.
+    mtht.set_num_threads(threads)
+    records = [entry_dump(i, [float(i), 1.0], [dump("adagrad", norm=[1.0, 1.0])], ts=i) for i in range(10_000)]
+    records[9_000] = entry_dump(5, [-5.0, 2.0], [dump("adagrad", norm=[2.0, 2.0])], ts=3)
+    base = tmp_path / "twice"
+    write_file(shard_names(base, 1)[0], records)
+    table = adagrad_table(2)
+    table.restore(base, format="monolith")
+    assert len(table) == 9_999
+    assert table.lookup([5, 9_001]).tolist() == [[-5.0, 2.0], [9_001.0, 1.0]]
+    assert table.lookup_entry([5])[0].last_update_ts == 3
+
+
 def test_restore_empty_files(tmp_path):
     base = tmp_path / "empty"
     for path in shard_names(base, 2):
@@ -774,6 +790,18 @@ def test_one_file_by_default_for_a_small_table(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["small-00000-of-00001"]
 
 
+def test_files_by_monolith_default_one_per_million_entries(tmp_path):
+    # Monolith's default, min(4, max(1, entries // 1,000,000)): a table of 1M entries takes
+    # one file (mtht's own format writes two), of 2M two.
+    table = sgd_table(1)
+    table.assign(np.arange(1_000_000), np.ones((1_000_000, 1), dtype=F32))
+    table.save(tmp_path / "one", format="monolith")
+    assert sorted(os.listdir(tmp_path)) == ["one-00000-of-00001"]
+    table.assign(np.arange(1_000_000, 2_000_000), np.ones((1_000_000, 1), dtype=F32))
+    table.save(tmp_path / "two", format="monolith")
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("two")) == shard_names("two", 2)
+
+
 def test_save_empty_table(tmp_path):
     table = adagrad_table(2)
     table.save(tmp_path / "empty", format="monolith")
@@ -1050,6 +1078,29 @@ BROKEN = {
     "infinite_value": (ValueError, bad_record_in_second_file(
         entry_dump(30, [1.0, float("-inf")], [dump("adagrad", norm=[1.0, 1.0])], ts=1))),
 }
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_first_broken_record_of_a_file_is_the_one_named(tmp_path, restore_num_threads, threads):
+    # Whatever the thread count, the error names a file's first broken record, also when a
+    # frame after it is broken too.
+    mtht.set_num_threads(threads)
+    records = [entry_dump(i, [i + 0.5, -i], [dump("adagrad", norm=[1.0, 2.0])], ts=i) for i in range(100)]
+    records[20] = entry_dump(20, [1.0, 2.0, 3.0], [dump("adagrad", norm=[1.0, 2.0])], ts=20)
+    records[90] = entry_dump(90, [float("nan"), 2.0], [dump("adagrad", norm=[1.0, 2.0])], ts=90)
+    base = tmp_path / "bad"
+    path = pathlib.Path(shard_names(base, 1)[0])
+    write_file(path, records)
+    with pytest.raises(ValueError, match="entry 20 has 3 values"):
+        adagrad_table(2).restore(base, format="monolith")
+    path.write_bytes(path.read_bytes()[:-3])  # and the last frame cut short
+    with pytest.raises(ValueError, match="entry 20 has 3 values"):
+        adagrad_table(2).restore(base, format="monolith")
+    records[20] = records[21]
+    write_file(path, records[:90])
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated record"):
+        adagrad_table(2).restore(base, format="monolith")
 
 
 def test_record_length_beyond_the_end_of_the_file(tmp_path):
