@@ -256,16 +256,36 @@ def _over_tables(fn, args: list) -> list:
     return [f.result() for f in futures]
 
 
-def save_multi_type(table, directory: str) -> None:
+def check_format(format: str) -> None:
+    """Raise ValueError unless ``format`` names a checkpoint format."""
+    if format not in ("mtht", "monolith"):
+        raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
+
+
+def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     """Save every table of a MultiTypeHashTable / MergedMultiTypeHashTable under
-    ``directory``, one checkpoint per slot key (the merged name for merged tables)."""
+    ``directory``, one checkpoint per slot key (the merged name for merged tables).
+    ``format="monolith"`` writes Monolith's files of each table instead, named as
+    Monolith's checkpoint listener names them in a ``.assets`` directory (see
+    :func:`mtht.monolith_checkpoint.save_monolith_tables`)."""
+    check_format(format)
+    if format == "monolith":
+        from mtht.monolith_checkpoint import save_monolith_tables
+        save_monolith_tables(list(_slot_tables(table).values()), directory)
+        return
     _over_tables(save_table, [(t, os.path.join(os.fspath(directory), key)) for key, t in _slot_tables(table).items()])
 
 
-def restore_multi_type(table, directory: str) -> None:
+def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     """Restore every table from ``directory``: from its key, or else from the first of its
     ``extra_restore_names`` that is present (exact names). Every checkpoint is verified
-    before any table changes."""
+    before any table changes. ``format="monolith"`` reads Monolith's files of each table,
+    found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`)."""
+    check_format(format)
+    if format == "monolith":
+        from mtht.monolith_checkpoint import restore_monolith_tables
+        restore_monolith_tables(list(_slot_tables(table).values()), directory)
+        return
     found = []
     for key, t in _slot_tables(table).items():
         candidates = [key] + list(t.extra_restore_names)

@@ -420,27 +420,25 @@ class HashTable(BaseHashTable):
     def save(self, basename, format: str = "mtht") -> "HashTable":
         """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).
         ``format="monolith"`` writes Monolith's single-table files instead."""
-        if format == "mtht":
-            from mtht.checkpoint import save_table
-            save_table(self, basename)
-        elif format == "monolith":
+        from mtht.checkpoint import check_format, save_table
+        check_format(format)
+        if format == "monolith":
             from mtht.monolith_checkpoint import save_monolith
             save_monolith(self, basename)
         else:
-            raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
+            save_table(self, basename)
         return self
 
     def restore(self, basename, format: str = "mtht") -> "HashTable":
         """Replace the table's contents with the checkpoint at ``basename``. The checkpoint is
         verified first; on any error the table is left exactly as it was."""
-        if format == "mtht":
-            from mtht.checkpoint import restore_table
-            restore_table(self, basename)
-        elif format == "monolith":
+        from mtht.checkpoint import check_format, restore_table
+        check_format(format)
+        if format == "monolith":
             from mtht.monolith_checkpoint import restore_monolith
             restore_monolith(self, basename)
         else:
-            raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
+            restore_table(self, basename)
         return self
 
 

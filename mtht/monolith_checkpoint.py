@@ -18,9 +18,10 @@ from typing import Dict, List, Tuple
 
 from mtht import _core
 from mtht._spec import _STATE_LAYOUT
-from mtht.checkpoint import file_count
+from mtht.checkpoint import _over_tables, file_count
 
-__all__ = ["save_monolith", "restore_monolith", "entry_dump_class", "write_tfrecords", "read_tfrecords"]
+__all__ = ["save_monolith", "restore_monolith", "save_monolith_tables", "restore_monolith_tables", "asset_prefix",
+           "entry_dump_class", "write_tfrecords", "read_tfrecords"]
 
 # Optimizer dump messages: (oneof field number in SingleOptimizerDump, message name,
 # fields as (name, number, type)). "repeated" floats are unpacked (proto2), as Monolith's.
@@ -156,6 +157,41 @@ def _format(table) -> List[Tuple[int, List[Tuple[int, int, int, str]]]]:
     return dumps
 
 
+def _remove(paths: List[str]) -> None:
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def _write_temporaries(table, basename: str) -> List[Tuple[str, str]]:
+    """Write ``table``'s files under temporary names, in parallel; returns the (temporary,
+    final) path of each. On an error, what was written is removed."""
+    core = table._core
+    n = file_count(table, _MONOLITH_ENTRIES_PER_FILE)
+    paths = ["%s-%05d-of-%05d" % (basename, i, n) for i in range(n)]
+    temporary = [f"{path}-tmp-{os.getpid()}" for path in paths]
+    try:
+        core.save_monolith_files(temporary, core.max_update_ts, _format(table), _MEMBERS)
+    except BaseException:
+        _remove(temporary)
+        raise
+    return list(zip(temporary, paths))
+
+
+def _publish(basename: str, moves: List[Tuple[str, str]]) -> None:
+    """Rename written files into place; then remove the files of an earlier save with
+    another file count, which would make the set ambiguous."""
+    try:
+        for tmp, path in moves:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove([tmp for tmp, _ in moves])
+        raise
+    for other in _all_shard_files(basename):
+        if not other.endswith("-of-%05d" % len(moves)):
+            os.unlink(other)
+
+
 def save_monolith(table, basename: str) -> None:
     """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
     expired at the table's max_update_ts are left out, as Monolith does). The files are
@@ -163,23 +199,7 @@ def save_monolith(table, basename: str) -> None:
     basename = os.fspath(basename)
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
-    core = table._core
-    n = file_count(table, _MONOLITH_ENTRIES_PER_FILE)
-    paths = ["%s-%05d-of-%05d" % (basename, i, n) for i in range(n)]
-    temporary = [f"{path}-tmp-{os.getpid()}" for path in paths]
-    try:
-        core.save_monolith_files(temporary, core.max_update_ts, _format(table), _MEMBERS)
-        for tmp, path in zip(temporary, paths):
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temporary:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        raise
-    # Files of an earlier save with another file count would make the set ambiguous.
-    for other in _all_shard_files(basename):
-        if not other.endswith("-of-%05d" % n):
-            os.unlink(other)
+    _publish(basename, _write_temporaries(table, basename))
 
 
 def _shard_pattern(basename: str):
@@ -228,10 +248,9 @@ def _fewest_bytes_per_entry(dim: int, dumps) -> int:
     return 16 + 9 + 5 * dim + 1 + _varint_size(opt) + opt + 2
 
 
-def restore_monolith(table, basename: str) -> None:
-    """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
-    Everything is parsed and checked (checksums, shard set, optimizer layout) into a fresh
-    table first; on any error the table is left as it was."""
+def _load(table, basename: str):
+    """A fresh core for ``table`` holding Monolith's checkpoint files at ``basename``, every
+    file parsed and checked (checksums, shard set, optimizer layout)."""
     paths = _shard_files(os.fspath(basename))
     dumps = _format(table)
     allow_non_finite = bool(table.config.table_config.allow_non_finite)
@@ -253,4 +272,76 @@ def restore_monolith(table, basename: str) -> None:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "
                          f"table's max_entries = {limit}")
     core.max_update_ts = max((ts for entries, ts in files if entries), default=0)
-    table._swap_core(core)
+    return core
+
+
+def restore_monolith(table, basename: str) -> None:
+    """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
+    Everything is parsed and checked into a fresh table first; on any error the table is
+    left as it was."""
+    table._swap_core(_load(table, basename))
+
+
+def asset_prefix(name: str) -> str:
+    """The prefix of a table's files in a checkpoint's ``.assets`` directory, as Monolith's
+    checkpoint listener names them: the table's name with ``:`` and ``/`` made ``-``."""
+    return name.replace(":", "-").replace("/", "-")
+
+
+def _prefixes(tables: list) -> List[str]:
+    prefixes = [asset_prefix(t.name) for t in tables]
+    for i, prefix in enumerate(prefixes):
+        if prefix in prefixes[:i]:
+            first = tables[prefixes.index(prefix)]
+            raise ValueError(f"tables {first.name!r} and {tables[i].name!r} would share the files {prefix}-*: "
+                             "give each table a name of its own (hash_table_from_config's name_suffix)")
+    return prefixes
+
+
+def save_monolith_tables(tables: list, directory: str) -> None:
+    """Save each of ``tables`` in Monolith's files under ``directory`` (a checkpoint's
+    ``.assets`` directory), at ``directory/asset_prefix(table.name)``. All tables' files
+    are written, in parallel, before the first is renamed into place: a save that fails
+    leaves every table's previous files."""
+    directory = os.fspath(directory)
+    basenames = [os.path.join(directory, p) for p in _prefixes(tables)]
+    os.makedirs(directory, exist_ok=True)
+
+    def write(table, basename):
+        try:
+            return _write_temporaries(table, basename), None
+        except BaseException as error:  # kept until every table's write has ended
+            return [], error
+
+    written = _over_tables(write, list(zip(tables, basenames)))
+    failed = next((error for _, error in written if error is not None), None)
+    try:
+        if failed is not None:
+            raise failed
+        for i, (basename, (moves, _)) in enumerate(zip(basenames, written)):
+            _publish(basename, moves)
+            written[i] = ([], None)
+    finally:
+        _remove([tmp for moves, _ in written for tmp, _ in moves])
+
+
+def restore_monolith_tables(tables: list, directory: str) -> None:
+    """Restore each of ``tables`` from Monolith's files under ``directory`` (a checkpoint's
+    ``.assets`` directory): from its name's files or, if there are none, from the first of
+    its ``extra_restore_names`` that has files. The tables load in parallel, and every file
+    is checked before the first table changes."""
+    directory = os.fspath(directory)
+    _prefixes(tables)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no Monolith checkpoint directory {directory!r}")
+    found = []
+    for table in tables:
+        candidates = [asset_prefix(name) for name in [table.name] + list(table.extra_restore_names)]
+        prefix = next((c for c in candidates if _all_shard_files(os.path.join(directory, c))), None)
+        if prefix is None:
+            raise FileNotFoundError(f"no Monolith checkpoint files for table {table.name!r} in {directory!r} "
+                                    f"(looked for {', '.join(c + '-NNNNN-of-NNNNN' for c in candidates)})")
+        found.append((table, os.path.join(directory, prefix)))
+    cores = _over_tables(_load, found)
+    for (table, _), core in zip(found, cores):
+        table._swap_core(core)

@@ -14,7 +14,8 @@ multi-segment entries, expiry at save time, several files per save, and every wa
 checkpoint can be broken (each leaves the table exactly as it was). Last, the records
 against the protobuf library: a save writes the bytes it encodes, and records it encodes,
 merges, or that are damaged at random restore as it reads them (or raise when it refuses
-them or the table's layout does).
+them or the table's layout does). And a model's tables saved and restored at once, in a
+checkpoint's ``.assets`` directory.
 """
 
 from __future__ import annotations
@@ -1481,3 +1482,181 @@ def test_the_room_a_restore_reserves_counts_the_smallest_records(tmp_path, name)
 def test_crc32c_agrees_with_google_crc32c(data):
     assert mtht._core.crc32c(data) == google_crc32c.value(data)
     assert monolith_checkpoint._masked_crc32c(data) == masked_crc32c(data)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. A model's tables in a checkpoint's .assets directory
+# ---------------------------------------------------------------------------------------
+
+from mtht.checkpoint import restore_multi_type, save_multi_type  # noqa: E402
+from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable  # noqa: E402
+
+MODEL_SLOTS = {  # slot: segments
+    "user_id": [(4, mtht.AdagradOptimizer(initial_accumulator_value=0.1))],
+    "item_id": [(3, mtht.AdamOptimizer()), (2, mtht.SgdOptimizer())],
+    "fc_slot_7": [(2, mtht.FtrlOptimizer())],
+}
+
+
+def slot_config(segments):
+    segs = [mtht.CombineAsSegment(dim, mtht.ZerosInitializer(), opt, mtht.Fp32Compressor()) for dim, opt in segments]
+    return mtht.HashTableConfigInstance(
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=segs)), [0.1] * len(segs))
+
+
+def slot_factory(name, config):
+    return mtht.hash_table_from_config(config, name_suffix=name)
+
+
+def model(merged=False):
+    configs = {slot: slot_config(segments) for slot, segments in MODEL_SLOTS.items()}
+    if merged:
+        return MergedMultiTypeHashTable(configs, lambda merged_configs: MultiTypeHashTable(merged_configs, slot_factory))
+    return MultiTypeHashTable(configs, slot_factory)
+
+
+def model_tables(m):
+    inner = m._table if isinstance(m, MergedMultiTypeHashTable) else m
+    return [inner._tables[key] for key in sorted(inner._tables)]
+
+
+def train_model(m, seed):
+    rng = np.random.default_rng(seed)
+    for step in range(4):
+        grads = {}
+        for slot, segments in MODEL_SLOTS.items():
+            ids = rng.choice(ROUND_TRIP_IDS, size=6)
+            grads[slot] = (ids, rng.standard_normal((6, sum(d for d, _ in segments))).astype(F32))
+        m.apply_gradients(grads, global_step=step + 1, req_time=1_700_000_000 + 60 * step)
+    return m
+
+
+def model_snapshot(m):
+    return [snapshot(t, ROUND_TRIP_IDS) for t in model_tables(m)]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["multi_type", "merged"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_model_saves_each_table_as_its_own_monolith_save(tmp_path, restore_num_threads, merged, threads):
+    # Each table's files are named as Monolith's checkpoint listener names them in a
+    # .assets directory (the table's name), hold what the table's own save writes, byte for
+    # byte, and restore into a fresh model bit for bit, whatever the thread count.
+    mtht.set_num_threads(threads)
+    trained = model(merged)
+    train_model(trained, seed=3)
+    save_multi_type(trained, tmp_path / "assets", format="monolith")
+    tables = model_tables(trained)
+    names = [t.name for t in tables]
+    if merged:  # the merged tables are named by the md5 of their slots
+        assert sorted(names) == sorted(f"MonolithHashTable_{n}" for n in trained.slot_mapping.values())
+    else:
+        assert sorted(names) == sorted(f"MonolithHashTable_{slot}" for slot in MODEL_SLOTS)
+    assert sorted(os.listdir(tmp_path / "assets")) == sorted(f"{n}-00000-of-00001" for n in names)
+    for table in tables:
+        table.save(tmp_path / "single" / table.name, format="monolith")
+        own = pathlib.Path(shard_names(tmp_path / "single" / table.name, 1)[0]).read_bytes()
+        assert pathlib.Path(shard_names(tmp_path / "assets" / table.name, 1)[0]).read_bytes() == own
+
+    restored = model(merged)
+    restore_multi_type(restored, tmp_path / "assets", format="monolith")
+    assert model_snapshot(restored) == model_snapshot(trained)
+
+
+def test_a_model_restores_tables_saved_one_by_one(tmp_path):
+    # Files written table by table (as Monolith's listener writes them) restore as a model.
+    trained = model()
+    train_model(trained, seed=4)
+    for table in model_tables(trained):
+        table.save(tmp_path / table.name, format="monolith")
+    restored = model()
+    restore_multi_type(restored, tmp_path, format="monolith")
+    assert model_snapshot(restored) == model_snapshot(trained)
+
+
+def test_a_renamed_merged_table_restores_from_its_old_name(tmp_path):
+    # A merged table of fc_slot_7 also answers to the bare md5 its slot had as slot_7 (its
+    # extra_restore_names), which is where Monolith's restorer looks for old files.
+    configs = {"fc_slot_7": slot_config(MODEL_SLOTS["fc_slot_7"])}
+    new = MergedMultiTypeHashTable(configs, lambda c: MultiTypeHashTable(c, slot_factory))
+    (table,) = model_tables(new)
+    old_name = table.extra_restore_names[0]
+    source = slot_factory("x", slot_config(MODEL_SLOTS["fc_slot_7"]))
+    source.assign([5], [[0.5, 0.25]], req_time=7)
+    source.save(tmp_path / old_name, format="monolith")
+    restore_multi_type(new, tmp_path, format="monolith")
+    assert new.lookup({"fc_slot_7": [5]})["fc_slot_7"].tolist() == [[0.5, 0.25]]
+
+
+def saved_model_and_another(directory):
+    """Saves a trained model's tables at ``directory``; returns another model, trained
+    otherwise, and its snapshot."""
+    save_multi_type(train_model(model(), seed=5), directory, format="monolith")
+    other = train_model(model(), seed=6)
+    return other, model_snapshot(other)
+
+
+def test_a_model_restore_missing_a_table_changes_nothing(tmp_path):
+    target, before = saved_model_and_another(tmp_path)
+    os.unlink(shard_names(tmp_path / "MonolithHashTable_item_id", 1)[0])
+    with pytest.raises(FileNotFoundError, match="MonolithHashTable_item_id"):
+        restore_multi_type(target, tmp_path, format="monolith")
+    assert model_snapshot(target) == before
+    with pytest.raises(FileNotFoundError):
+        restore_multi_type(target, tmp_path / "absent", format="monolith")
+    assert model_snapshot(target) == before
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_model_restore_with_a_damaged_table_changes_nothing(tmp_path, restore_num_threads, threads):
+    # The tables load in parallel, but none changes until every one has loaded: a damaged
+    # file in the last table leaves the first ones as they were.
+    mtht.set_num_threads(threads)
+    target, before = saved_model_and_another(tmp_path)
+    path = pathlib.Path(shard_names(tmp_path / "MonolithHashTable_user_id", 1)[0])
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0x10  # in the first record's data: its checksum fails
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="MonolithHashTable_user_id"):
+        restore_multi_type(target, tmp_path, format="monolith")
+    assert model_snapshot(target) == before
+
+
+def test_a_failed_model_save_leaves_every_tables_previous_files(tmp_path):
+    # One table's file cannot be written: no table's new files are renamed into place, and
+    # no temporary file is left.
+    m = model()
+    train_model(m, seed=9)
+    save_multi_type(m, tmp_path, format="monolith")
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    train_model(m, seed=10)
+    blocker = pathlib.Path(f"{shard_names(tmp_path / 'MonolithHashTable_user_id', 1)[0]}-tmp-{os.getpid()}")
+    blocker.mkdir()
+    with pytest.raises(OSError):
+        save_multi_type(m, tmp_path, format="monolith")
+    blocker.rmdir()
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_tables_that_would_share_files_are_refused(tmp_path):
+    # Tables built without a name_suffix all have the same name: saving them would write one
+    # table's files over another's.
+    configs = {slot: slot_config(MODEL_SLOTS["fc_slot_7"]) for slot in ("a", "b")}
+    m = MultiTypeHashTable(configs, lambda name, config: mtht.hash_table_from_config(config))
+    with pytest.raises(ValueError, match="share the files"):
+        save_multi_type(m, tmp_path / "assets", format="monolith")
+    assert not (tmp_path / "assets").exists()
+    with pytest.raises(ValueError, match="share the files"):
+        restore_multi_type(m, tmp_path, format="monolith")
+
+
+def test_a_model_checkpoint_format_must_be_known(tmp_path):
+    m = model()
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        save_multi_type(m, tmp_path, format="tfrecord")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        restore_multi_type(m, tmp_path, format="tfrecord")
+    assert os.listdir(tmp_path) == []
+
+
+def test_asset_prefix_is_the_listeners_name():
+    assert monolith_checkpoint.asset_prefix("MonolithHashTable_a:0/b") == "MonolithHashTable_a-0-b"
