@@ -59,6 +59,8 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
 
 
 cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
+    const int MAX_THREADS "mtht::ThreadPool::kMaxThreads"
+
     cdef cppclass ThreadPool:
         @staticmethod
         ThreadPool& global_ "global"()

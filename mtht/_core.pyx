@@ -10,12 +10,13 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libcpp.memory cimport unique_ptr
 from libcpp.vector cimport vector
 
+import operator
 import os
 
 import numpy as np
 
 from mtht._core cimport (
-    EmbeddingTable, FusedLayout, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
+    EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
     TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
@@ -42,12 +43,16 @@ def compile_flags():
     return MTHT_CXX_FLAGS.decode().strip()
 
 
-def set_num_threads(int n):
+def set_num_threads(n):
     """Set the number of threads batch calls may use (the calling thread included)."""
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
+    if isinstance(n, bool):
+        raise TypeError("num_threads must be an integer, got bool")
+    n = operator.index(n)  # an integer: neither 1.9 nor "3"
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"num_threads must be from 1 to {MAX_THREADS}, got {n}")
+    cdef int count = n
     with nogil:
-        ThreadPool.global_().set_num_threads(n)
+        ThreadPool.global_().set_num_threads(count)
 
 
 def get_num_threads():

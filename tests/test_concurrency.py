@@ -424,10 +424,17 @@ def test_results_do_not_depend_on_thread_count():
 
 
 def test_set_num_threads_validation():
-    with pytest.raises(ValueError):
-        mtht.set_num_threads(0)
     mtht.set_num_threads(3)
+    # A count meant as something else would start threads until the system has none left.
+    for bad in (0, -1, 1025, 10**6, 2**40):
+        with pytest.raises(ValueError, match="from 1 to 1024"):
+            mtht.set_num_threads(bad)
+    for bad in (1.9, "3", True, None):
+        with pytest.raises(TypeError):
+            mtht.set_num_threads(bad)
     assert mtht.get_num_threads() == 3
+    mtht.set_num_threads(np.int64(2))
+    assert mtht.get_num_threads() == 2
 
 
 def test_set_num_threads_while_other_threads_write():

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -59,8 +60,13 @@ class ThreadPool {
   // Calls use n threads from now on. Helpers are only ever added: one left over by a smaller
   // n sleeps, and is woken again when n grows back (a benchmark that alternates one thread
   // and two found a new helper slower to join than one that had worked before).
+  // At most kMaxThreads: a count meant as something else (a size, an id) would otherwise
+  // start threads until the system has no more to give, for every process of the machine.
+  static constexpr int kMaxThreads = 1024;
   void set_num_threads(int n) {
-    if (n < 1) n = 1;
+    if (n < 1 || n > kMaxThreads)
+      throw std::invalid_argument("num_threads must be from 1 to " + std::to_string(kMaxThreads) + ", got " +
+                                  std::to_string(n));
     std::lock_guard<std::mutex> busy(busy_);  // wait until no call is running
     resize(n);
   }
@@ -240,8 +246,15 @@ class ThreadPool {
     stopping_ = false;
   }
 
+  // If the system cannot start another thread, the count stays as it was (the helpers
+  // started so far sleep, as those left over by a smaller count do) and the error is thrown.
   void resize(int n) {
-    while (workers_.size() + 1 < static_cast<size_t>(n)) workers_.emplace_back([this] { worker_loop(); });
+    try {
+      while (workers_.size() + 1 < static_cast<size_t>(n)) workers_.emplace_back([this] { worker_loop(); });
+    } catch (...) {
+      helpers_.store(static_cast<int>(workers_.size()));
+      throw;
+    }
     helpers_.store(static_cast<int>(workers_.size()));
     num_threads_.store(n);
   }
