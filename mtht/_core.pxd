@@ -186,7 +186,6 @@ cdef extern from "mtht/monolith_format.h" namespace "mtht::monolith" nogil:
     cdef cppclass MonolithFormat "mtht::monolith::EntryFormat":
         uint32_t dim
         uint32_t state_dim
-        cbool allow_non_finite
         void add_member(uint32_t number, const string& name) except +translate_exception
         void add_dump(uint32_t member) except +translate_exception
         void add_field(uint32_t number, int type, uint32_t words, const string& name) except +translate_exception

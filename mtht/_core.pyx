@@ -120,14 +120,12 @@ cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int
         raise ValueError(f"{what} must have shape ({n}, {dim}), got ({rows}, {cols})")
 
 
-cdef int _monolith_format(Table table, list dumps, list members, bint allow_non_finite,
-                          MonolithFormat& fmt) except -1:
+cdef int _monolith_format(Table table, list dumps, list members, MonolithFormat& fmt) except -1:
     """``dumps``: [(oneof member, [(field number, type, words, name)])] of the table's
     segments with a dump; ``members``: [(number, name)] of every oneof member. Types: 0
     repeated float, 1 float, 2 int64."""
     fmt.dim = table.dim
     fmt.state_dim = table.state_dim
-    fmt.allow_non_finite = allow_non_finite
     for number, name in members:
         fmt.add_member(number, name.encode())
     for member, fields in dumps:
@@ -299,18 +297,18 @@ cdef class Table:
         ``now`` left out); the records of each. ``dumps`` and ``members``: _monolith_format."""
         cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
         cdef MonolithFormat fmt
-        _monolith_format(self, dumps, members, False, fmt)
+        _monolith_format(self, dumps, members, fmt)
         cdef vector[uint64_t] records
         with nogil:
             records = monolith_save(self._t.get()[0], cpaths, now, fmt)
         return list(records)
 
-    def load_monolith_files(self, list paths, list dumps, list members, bint allow_non_finite, int max_threads=0):
+    def load_monolith_files(self, list paths, list dumps, list members, int max_threads=0):
         """Read Monolith's files into this (fresh) table over at most ``max_threads``
         threads (0: all); (entries, largest timestamp) of each file."""
         cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
         cdef MonolithFormat fmt
-        _monolith_format(self, dumps, members, allow_non_finite, fmt)
+        _monolith_format(self, dumps, members, fmt)
         cdef vector[MonolithLoadInfo] infos
         with nogil:
             infos = monolith_load(self._t.get()[0], cpaths, fmt, max_threads)

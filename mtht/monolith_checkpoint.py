@@ -253,7 +253,6 @@ def _load(table, basename: str):
     file parsed and checked (checksums, shard set, optimizer layout)."""
     paths = _shard_files(os.fspath(basename))
     dumps = _format(table)
-    allow_non_finite = bool(table.config.table_config.allow_non_finite)
     # Room for as many entries as the files can hold in records of Monolith's form (whose
     # timestamps take 5 bytes rather than 1: 2% more room than entries), so that the new
     # table does not grow while it loads.
@@ -261,12 +260,12 @@ def _load(table, basename: str):
     config = table.config.table_config
     room = max(min(room, int(config.max_entries)) if config.max_entries else room, int(config.initial_capacity))
     core = table._new_core(initial_capacity=room)
-    files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite)
+    files = core.load_monolith_files(paths, dumps, _MEMBERS)
     if len(paths) > 1 and core.size() < sum(entries for entries, _ in files):
         # An id in two files (a save never writes one twice): read them again one after the
         # other, so that the later file's entry wins, whatever the thread count.
         core = table._new_core(initial_capacity=room)
-        files = core.load_monolith_files(paths, dumps, _MEMBERS, allow_non_finite, 1)
+        files = core.load_monolith_files(paths, dumps, _MEMBERS, 1)
     limit = core.max_entries
     if limit and core.size() > limit:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "

@@ -17,7 +17,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -54,7 +53,6 @@ class EntryFormat {
  public:
   uint32_t dim = 0;
   uint32_t state_dim = 0;
-  bool allow_non_finite = false;
   std::vector<DumpFormat> dumps;  // one per segment that has a dump, in segment order
 
   // Every member of SingleOptimizerDump's oneof (for telling a dump of another optimizer).
@@ -462,9 +460,6 @@ class EntryDecoder {
                            " values, expected " + std::to_string(field.words));
       }
     }
-    if (!f_.allow_non_finite)
-      for (uint32_t j = 0; j < f_.dim; ++j)
-        if (!std::isfinite(row_[j])) throw ValueError(entry() + " holds NaN or Inf values; the table does not allow them");
   }
 
   const EntryFormat& f_;

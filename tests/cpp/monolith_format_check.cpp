@@ -25,7 +25,6 @@ mtht::monolith::EntryFormat make_format() {
   mtht::monolith::EntryFormat f;
   f.dim = 5;
   f.state_dim = 7;
-  f.allow_non_finite = true;
   f.add_member(1, "adagrad");
   f.add_member(2, "sgd");
   f.add_member(4, "dynamic_wd_adagrad");
