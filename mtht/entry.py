@@ -365,8 +365,8 @@ class AdagradOptimizer(Optimizer):
     learning_rate : float, optional
         Unused by the update (proto default 0.001).
     initial_accumulator_value : float, optional
-        Initial ``norm`` of every element, >= 0 (proto default 0.1). It also
-        plays the role of epsilon.
+        Initial ``norm`` of every element, > 0 (proto default 0.1). It also
+        plays the role of epsilon: with 0, a zero gradient would step by 0 / 0.
     hessian_compression_times : int, default 1
         Accepted for compatibility; has no effect.
     warmup_steps : int, default 0
@@ -378,7 +378,7 @@ class AdagradOptimizer(Optimizer):
     kind = "adagrad"
     _FIELDS = (
         ("learning_rate", _FLOAT, 0.001, _ANY),
-        ("initial_accumulator_value", _FLOAT, 0.1, _NONNEG),
+        ("initial_accumulator_value", _FLOAT, 0.1, _POSITIVE),
         ("hessian_compression_times", _INT, 1, _ANY),
         ("weight_decay_factor", _FLOAT, 0.0, _NONNEG),
         ("warmup_steps", _INT, 0, _ANY),
@@ -411,7 +411,8 @@ class DynamicWdAdagradOptimizer(Optimizer):
     learning_rate : float, optional
         Unused by the update (proto default 0.001).
     initial_accumulator_value : float, optional
-        Initial accumulator, >= 0 (proto default 0.1).
+        Initial accumulator, > 0 (proto default 0.1): with 0, a zero gradient
+        would step by 0 / 0.
     hessian_compression_times : int, default 1
         Accepted for compatibility; has no effect.
     warmup_steps : int, default 0
@@ -437,7 +438,7 @@ class DynamicWdAdagradOptimizer(Optimizer):
     kind = "dynamic_wd_adagrad"
     _FIELDS = (
         ("learning_rate", _FLOAT, 0.001, _ANY),
-        ("initial_accumulator_value", _FLOAT, 0.1, _NONNEG),
+        ("initial_accumulator_value", _FLOAT, 0.1, _POSITIVE),
         ("hessian_compression_times", _INT, 1, _ANY),
         ("weight_decay_factor", _FLOAT, 0.0, _NONNEG),
         ("warmup_steps", _INT, 0, _ANY),
@@ -488,7 +489,8 @@ class AdadeltaOptimizer(Optimizer):
     averaging_ratio : float, default 0.9
         Decay of the running averages, in [0, 1].
     epsilon : float, default 0.01
-        Added inside both square roots, >= 0.
+        Added inside both square roots, > 0 (with 0, a zero gradient would step
+        by 0 / 0).
     warmup_steps : int, default 0
         Accepted for compatibility; has no effect.
     """
@@ -498,7 +500,7 @@ class AdadeltaOptimizer(Optimizer):
         ("learning_rate", _FLOAT, 0.01, _ANY),
         ("weight_decay_factor", _FLOAT, 0.0, _NONNEG),
         ("averaging_ratio", _FLOAT, 0.9, _UNIT),
-        ("epsilon", _FLOAT, 0.01, _NONNEG),
+        ("epsilon", _FLOAT, 0.01, _POSITIVE),
         ("warmup_steps", _INT, 0, _ANY),
     )
     _ARGS = (
@@ -536,7 +538,8 @@ class AdamOptimizer(Optimizer):
     use_nesterov : bool, default False
         Nesterov momentum.
     epsilon : float, default 0.01
-        Added to the denominator, >= 0.
+        Added to the denominator, > 0 (with 0, a zero gradient would step by
+        0 / 0).
     warmup_steps : int, default 0
         Accepted for compatibility; has no effect.
     """
@@ -549,7 +552,7 @@ class AdamOptimizer(Optimizer):
         ("use_beta1_warmup", _BOOL, False, _ANY),
         ("weight_decay_factor", _FLOAT, 0.0, _NONNEG),
         ("use_nesterov", _BOOL, False, _ANY),
-        ("epsilon", _FLOAT, 0.01, _NONNEG),
+        ("epsilon", _FLOAT, 0.01, _POSITIVE),
         ("warmup_steps", _INT, 0, _ANY),
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
@@ -583,7 +586,8 @@ class AmsgradOptimizer(Optimizer):
     use_nesterov : bool, default False
         Nesterov momentum.
     epsilon : float, default 0.01
-        Added to the denominator, >= 0.
+        Added to the denominator, > 0 (with 0, a zero gradient would step by
+        0 / 0).
     warmup_steps : int, default 0
         Accepted for compatibility; has no effect.
     """
@@ -595,7 +599,7 @@ class AmsgradOptimizer(Optimizer):
         ("beta2", _FLOAT, 0.99, _UNIT_OPEN),
         ("weight_decay_factor", _FLOAT, 0.0, _NONNEG),
         ("use_nesterov", _BOOL, False, _ANY),
-        ("epsilon", _FLOAT, 0.01, _NONNEG),
+        ("epsilon", _FLOAT, 0.01, _POSITIVE),
         ("warmup_steps", _INT, 0, _ANY),
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)

@@ -244,6 +244,13 @@ def test_builders_of_different_families_are_not_equal():
         lambda: SgdOptimizer(learning_rate=1e39),  # inf in float32
         lambda: SgdOptimizer(learning_rate=True),
         lambda: AdagradOptimizer(initial_accumulator_value=-0.1),
+        # 0 in a step's denominator: a zero gradient would step by 0 / 0 (NaN)
+        lambda: AdagradOptimizer(initial_accumulator_value=0.0),
+        lambda: AdagradOptimizer(initial_accumulator_value=1e-50),  # 0 in float32
+        lambda: DynamicWdAdagradOptimizer(initial_accumulator_value=0),
+        lambda: AdamOptimizer(epsilon=0.0),
+        lambda: AmsgradOptimizer(epsilon=0),
+        lambda: AdadeltaOptimizer(epsilon=0.0),
         lambda: AdagradOptimizer(warmup_steps=-1),
         lambda: AdagradOptimizer(hessian_compression_times=1.5),
         lambda: AdamOptimizer(beta1=1.0),
@@ -675,7 +682,7 @@ def test_merge_key_compares_learning_rates_as_float32(a, b):
 
 
 @settings(max_examples=50, deadline=None)
-@given(lr=finite32, eps=finite32.filter(lambda x: x >= 0),
+@given(lr=finite32, eps=finite32.filter(lambda x: np.float32(x) > 0),
        seed=st.integers(min_value=0, max_value=2**64 - 1))
 def test_merge_key_compares_optimizer_params_as_float32(lr, eps, seed):
     explicit = AdamOptimizer(learning_rate=lr, epsilon=eps)
