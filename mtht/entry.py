@@ -87,6 +87,7 @@ MAX_SLOT = 32767
 
 _UINT32_MAX = 2**32 - 1
 _INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 # ---------------------------------------------------------------------------
 # Scalar validation and canonical formatting
@@ -1447,7 +1448,7 @@ class EmbeddingHashTableConfig:
             )
         self.slot_expire_time_config.validate()
         self.initial_capacity = _check_int(
-            self.initial_capacity, "initial_capacity", 0
+            self.initial_capacity, "initial_capacity", 0, _INT64_MAX
         )
         self.enable_feature_eviction = _check_bool(
             self.enable_feature_eviction, "enable_feature_eviction"
@@ -1459,9 +1460,11 @@ class EmbeddingHashTableConfig:
         self.random_seed = _check_int(self.random_seed, "random_seed", 0,
                                       2**64 - 1)
         if self.max_entries is not None:
-            self.max_entries = _check_int(self.max_entries, "max_entries", 1)
+            self.max_entries = _check_int(self.max_entries, "max_entries", 1,
+                                          _INT64_MAX)
         if self.max_bytes is not None:
-            self.max_bytes = _check_int(self.max_bytes, "max_bytes", 1)
+            self.max_bytes = _check_int(self.max_bytes, "max_bytes", 1,
+                                        _INT64_MAX)
         if self.eviction_policy not in _EVICTION_POLICIES:
             raise ValueError(
                 f"eviction_policy must be one of {_EVICTION_POLICIES}, got "

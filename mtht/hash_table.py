@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import numbers
+import os
 import time
 from typing import Dict, List, NamedTuple, Optional
 
@@ -16,7 +18,9 @@ import numpy as np
 from mtht import _core
 from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
 from mtht._spec import core_segments, split_state
+from mtht.entry import HashTableConfigInstance
 from mtht.feature_eviction import FeatureEvictor
+from mtht.hash_filter import HashFilter
 
 __all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "WriteArguments", "lookup_all", "write_all",
            "write_parts", "write_arguments", "hash_table_from_config", "fused_lookup", "fused_apply_gradient"]
@@ -195,6 +199,24 @@ def write_all(writes: List[TableWrite]) -> None:
                 WriteArguments(step, dedup, writes[0].req_time))
 
 
+# The most data files a save writes: file names hold their count in 5 digits.
+_MAX_FILES = 99_999
+
+
+def _check_index_fits(initial_capacity: int, max_load_factor: float) -> None:
+    """MemoryError when the index that room for ``initial_capacity`` entries takes (a 16-byte
+    slot an entry at the load bound) is larger than this machine's memory: it is only
+    reserved at first, but the inserts that follow touch all of it."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not known here: nothing to check against
+        return
+    index_bytes = initial_capacity * 16 / max_load_factor
+    if memory > 0 and index_bytes > memory:
+        raise MemoryError(f"initial_capacity={initial_capacity} needs an index of {index_bytes / 2**30:.1f} GiB, "
+                          f"more than this machine's {memory / 2**30:.1f} GiB of memory")
+
+
 class HashTable(BaseHashTable):
     """An embedding table from int64 id to [values | optimizer state | timestamp].
 
@@ -203,10 +225,18 @@ class HashTable(BaseHashTable):
     """
 
     def __init__(self, config, name: str, saver_parallel: int = -1, hash_filter=None):
+        if not isinstance(config, HashTableConfigInstance):
+            raise TypeError(f"config must be a HashTableConfigInstance, got {type(config).__name__}")
+        if hash_filter is not None and not isinstance(hash_filter, HashFilter):
+            raise TypeError(f"hash_filter must be a HashFilter or None, got {type(hash_filter).__name__}")
+        if isinstance(saver_parallel, bool) or not isinstance(saver_parallel, numbers.Integral):
+            raise TypeError(f"saver_parallel must be an integer, got {type(saver_parallel).__name__}")
+        if saver_parallel > _MAX_FILES:  # a file name holds the count in 5 digits
+            raise ValueError(f"saver_parallel must be at most {_MAX_FILES}, got {saver_parallel}")
         config.validate()
         self._config = config
         self._name = name
-        self._saver_parallel = saver_parallel
+        self._saver_parallel = int(saver_parallel)
         self._hash_filter = hash_filter
         self._core = self._new_core()
         if hash_filter is not None:
@@ -222,11 +252,13 @@ class HashTable(BaseHashTable):
         room for ``initial_capacity`` entries (default: the config's)."""
         table_config = self._config.table_config
         expiry = table_config.slot_expire_time_config
+        initial_capacity = int(table_config.initial_capacity if initial_capacity is None else initial_capacity)
+        _check_index_fits(initial_capacity, float(table_config.max_load_factor))
         return _core.Table(
             core_segments(table_config),
             random_seed=int(table_config.random_seed),
             allow_non_finite=bool(table_config.allow_non_finite),
-            initial_capacity=int(table_config.initial_capacity if initial_capacity is None else initial_capacity),
+            initial_capacity=initial_capacity,
             default_expire_days=int(expiry.default_expire_time),
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
@@ -283,6 +315,8 @@ class HashTable(BaseHashTable):
             out = np.empty((n, self._dim), dtype=np.float32)
         else:
             out = as_out(out, n, self._dim)
+            if np.may_share_memory(ids, out):  # the core reads ids while it writes rows
+                ids = ids.copy()
         self._core.lookup(ids, out)
         return out
 

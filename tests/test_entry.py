@@ -336,6 +336,11 @@ def test_table_config_defaults_and_validation():
         dict(random_seed=1.0),
         dict(enable_feature_eviction=1),
         dict(allow_non_finite="yes"),
+        # past int64: the core could not take them
+        dict(initial_capacity=2**64 - 1),
+        dict(max_entries=2**63),
+        dict(max_entries=10**30),
+        dict(max_bytes=2**64),
     ]
     for kwargs in bad:
         with pytest.raises(ValueError):

@@ -495,6 +495,46 @@ def test_lookup_read_only_out():
         t.lookup([1], out=out)
 
 
+@pytest.mark.parametrize("dim", [2, 4, 8])
+def test_lookup_out_over_the_ids_buffer(dim):
+    # The ids are stored in the memory of out itself: every id is read before its row is
+    # written over it.
+    rows = np.arange(300 * dim, dtype=np.float32).reshape(300, dim)
+    t = sgd_table(dim)
+    t.assign(np.arange(1, 301), rows)
+    out = np.zeros((300, dim), dtype=np.float32)
+    ids = out.reshape(-1).view(np.int64)[:300]
+    ids[:] = np.arange(300, 0, -1)
+    assert t.lookup(ids, out=out) is out
+    np.testing.assert_array_equal(out, rows[::-1])
+
+
+def test_table_arguments_of_the_wrong_kind():
+    config = generate_test_hash_table_config(2)
+    for bad in (None, config.table_config, {"dim": 2}):
+        with pytest.raises(TypeError, match="HashTableConfigInstance"):
+            hash_table_from_config(bad)
+    with pytest.raises(TypeError, match="HashFilter"):
+        hash_table_from_config(config, hash_filter="x")
+    for bad in ("x", 1.5, True):
+        with pytest.raises(TypeError, match="saver_parallel"):
+            hash_table_from_config(config, saver_parallel=bad)
+    with pytest.raises(ValueError, match="saver_parallel"):
+        hash_table_from_config(config, saver_parallel=100_000)
+    assert hash_table_from_config(config, saver_parallel=np.int64(3)).size() == 0
+
+
+def test_an_initial_capacity_past_the_machines_memory_is_refused():
+    # Its index would be reserved at once and touched page by page by the inserts that
+    # follow, until the process is killed: refused up front instead.
+    config = generate_test_hash_table_config(2)
+    config.table_config.initial_capacity = 2**50
+    with pytest.raises(MemoryError, match="initial_capacity"):
+        hash_table_from_config(config)
+    config.table_config.initial_capacity = 1000
+    assert hash_table_from_config(config).size() == 0
+
+
 class DLPackOnly:
     """A DLPack producer that is not a numpy array and has no __array__."""
 
