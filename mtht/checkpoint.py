@@ -115,9 +115,31 @@ def read_manifest(basename: str) -> dict:
         raise CheckpointError(f"checkpoint manifest {path} is truncated or corrupt") from None
     if not ok:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt (checksum mismatch)")
-    if body.get("format") != FORMAT or body.get("version") != VERSION:
+    if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("version") != VERSION:
         raise CheckpointError(f"{path} is not a version-{VERSION} mtht checkpoint manifest")
+    if not _holds_what_a_save_writes(body):
+        raise CheckpointError(f"checkpoint manifest {path} does not hold what a save writes")
     return body
+
+
+def _holds_what_a_save_writes(body) -> bool:
+    """Whether the fields a restore reads have the types and ranges a save gives them: a
+    manifest edited by hand (its digest recomputed) is refused here, not deep in a load."""
+    def count(v, lo=0):
+        return type(v) is int and lo <= v < 1 << 63
+
+    def data_file(f):
+        return (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] not in ("", ".", "..")
+                and os.path.basename(f["name"]) == f["name"]  # in the manifest's directory
+                and count(f.get("bytes")) and count(f.get("entries")) and count(f.get("filter_entries", 0))
+                and isinstance(f.get("checksum"), str))
+
+    scales = body.get("hashnet_scales", [])
+    files = body.get("files")
+    return (count(body.get("dim"), 1) and isinstance(body.get("layout"), str)
+            and count(body.get("entries")) and count(body.get("max_update_ts"), -(1 << 63))
+            and isinstance(scales, list) and all(type(x) in (int, float) for x in scales)
+            and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files))
 
 
 # Entries per data file when ``saver_parallel`` is not set. The files are written and read in
@@ -244,6 +266,16 @@ def _slot_tables(table) -> Dict[str, object]:
     raise TypeError(f"cannot find the tables of {type(table).__name__}")
 
 
+def _named_tables(table) -> Dict[str, object]:
+    """{key: HashTable} of a multi-type table, each key a checkpoint's name in one directory."""
+    tables = _slot_tables(table)
+    for key in tables:
+        if not isinstance(key, str) or key in ("", ".", "..") or os.path.basename(key) != key or "\0" in key:
+            raise ValueError(f"slot {key!r} cannot name a checkpoint in a directory: use slot names without "
+                             "path separators")
+    return tables
+
+
 def _over_tables(fn, args: list) -> list:
     """``[fn(*a) for a in args]``, the calls spread over ``mtht.get_num_threads()`` threads
     (they spend their time in the core, without the GIL): the first exception, in the order
@@ -273,7 +305,7 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
         return
-    _over_tables(save_table, [(t, os.path.join(os.fspath(directory), key)) for key, t in _slot_tables(table).items()])
+    _over_tables(save_table, [(t, os.path.join(os.fspath(directory), key)) for key, t in _named_tables(table).items()])
 
 
 def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
@@ -287,7 +319,7 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
         restore_monolith_tables(list(_slot_tables(table).values()), directory)
         return
     found = []
-    for key, t in _slot_tables(table).items():
+    for key, t in _named_tables(table).items():
         candidates = [key] + list(t.extra_restore_names)
         name = next((c for c in candidates if checkpoint_exists(os.path.join(os.fspath(directory), c))), None)
         if name is None:

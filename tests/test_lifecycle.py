@@ -1172,6 +1172,32 @@ def test_corrupt_manifest(saved, damage):
     _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(entries=2**70),
+    lambda m: m.update(entries=-1),
+    lambda m: m.update(dim="2"),
+    lambda m: m.update(max_update_ts=None),
+    lambda m: m.update(files=[]),
+    lambda m: m.update(files="t.mtd"),
+    lambda m: m.update(hashnet_scales=["x"]),
+    lambda m: m["files"][0].update(name="../outside.mtd"),
+    lambda m: m["files"][0].update(name=".."),
+    lambda m: m["files"][0].update(bytes=1.5),
+    lambda m: m["files"][0].pop("checksum"),
+    lambda m: m.pop("layout"),
+], ids=["huge_entries", "negative_entries", "dim_text", "no_timestamp", "no_files", "files_text", "scale_text",
+        "file_outside", "file_dotdot", "bytes_float", "no_checksum", "no_layout"])
+def test_manifest_edited_with_its_digest_recomputed(saved, edit):
+    # The digest matches, but the manifest does not hold what a save writes: refused as a
+    # checkpoint error before anything is read.
+    basename, _, _ = saved
+    path = basename + ".manifest.json"
+    body = json.loads(open(path, "rb").read())["manifest"]
+    edit(body)
+    open(path, "w").write(json.dumps({"manifest": body, "sha256": mtht.checkpoint._digest(body)}))
+    _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
 def test_layout_mismatch(tmp_path):
     t, _ = _error_case_table()
     for name, other in [("dim", table_of(dim=3, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1))),
@@ -1281,6 +1307,18 @@ def _fill(t):
 
 
 QUERY = {"a": ids_of(1, 2, 3), "b": ids_of(1, 5), "c": ids_of(1, 5), "d": ids_of(7, 8, 9)}
+
+
+@pytest.mark.parametrize("slot", ["../x", "a/b", ".", "..", ""])
+def test_multi_type_slots_that_are_not_file_names_are_refused(tmp_path, slot):
+    # A slot name is a checkpoint's name in the directory: one that is a path would write
+    # outside it, or over another slot's checkpoint ("a" and "./a").
+    t = _multi({slot: _slot_configs()["a"], "z": _slot_configs()["a"]})
+    with pytest.raises(ValueError, match="cannot name a checkpoint"):
+        save_multi_type(t, str(tmp_path / "d"))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="cannot name a checkpoint"):
+        restore_multi_type(t, str(tmp_path))
 
 
 @pytest.mark.parametrize("build", [_multi, _merged], ids=["multi", "merged"])
