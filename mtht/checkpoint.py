@@ -8,17 +8,27 @@ removes the files of older generations. A process killed at any moment therefore
 either the previous checkpoint or the new one whole. A restore reads only what the
 manifest names, loads it into a fresh table while verifying every byte, and swaps it in
 only when everything checked out; otherwise the table is left exactly as it was.
+
+The tables of a multi-type table are saved in one directory, a checkpoint each, and the
+directory's ``tables.json`` names the generation of every table that one save wrote: it is
+renamed into place once every table's data files are written, and only then are the
+tables' own manifests replaced and their older generations removed. A killed save
+therefore leaves the previous save of every table, or the new one of every table.
+
+Saves and restores at one basename (or directory) from threads of one process take turns.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
-from typing import Dict, List, Tuple
+import threading
+from typing import Dict, List, Optional, Tuple
 
 from mtht import _core
 
@@ -27,6 +37,10 @@ __all__ = ["CheckpointError", "save_table", "restore_table", "save_multi_type", 
 
 FORMAT = "mtht-checkpoint"
 VERSION = 1
+TABLES_FORMAT = "mtht-multi-type-checkpoint"
+# The file of a multi-type save's directory that names each table's generation. No slot's
+# files can have this name (theirs end in .manifest.json, .mtd or .manifest.json.tmp-...).
+TABLES_FILE = "tables.json"
 
 
 class CheckpointError(OSError):
@@ -82,8 +96,38 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+_LOCKS: Dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _turn(*paths: str):
+    """Holds the locks of ``paths`` (basenames or directories), taken in one order: two
+    saves at one basename would write the same generation's files, and a restore could find
+    its files removed by a save that replaced them."""
+    keys = sorted({os.path.realpath(os.fspath(p)) for p in paths})
+    with _LOCKS_GUARD:
+        locks = [_LOCKS.setdefault(k, threading.Lock()) for k in keys]
+    with contextlib.ExitStack() as stack:
+        for lock in locks:
+            stack.enter_context(lock)
+        yield
+
+
+def _remove(paths: List[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
 def _write_manifest(basename: str, body: dict) -> None:
-    path = manifest_path(basename)
+    _write_verified(manifest_path(basename), body)
+
+
+def _write_verified(path: str, body: dict) -> None:
+    """Write ``{"manifest": body, "sha256": digest}`` at ``path``, atomically and synced."""
     tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     data = json.dumps({"manifest": body, "sha256": _digest(body)}, indent=1, sort_keys=True).encode()
     try:
@@ -99,14 +143,14 @@ def _write_manifest(basename: str, body: dict) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
-def read_manifest(basename: str) -> dict:
-    """The manifest of the checkpoint at ``basename``, verified."""
-    path = manifest_path(basename)
+def _read_verified(path: str, missing: str, form: str) -> dict:
+    """The body of a file _write_verified wrote, its digest checked and its ``format`` and
+    ``version`` those of ``form``; FileNotFoundError(missing) when there is none."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {basename!r} (missing {path})") from None
+        raise FileNotFoundError(missing) from None
     try:
         doc = json.loads(raw)
         body = doc["manifest"]
@@ -115,11 +159,32 @@ def read_manifest(basename: str) -> dict:
         raise CheckpointError(f"checkpoint manifest {path} is truncated or corrupt") from None
     if not ok:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt (checksum mismatch)")
-    if not isinstance(body, dict) or body.get("format") != FORMAT or body.get("version") != VERSION:
-        raise CheckpointError(f"{path} is not a version-{VERSION} mtht checkpoint manifest")
+    if not isinstance(body, dict) or body.get("format") != form or body.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a version-{VERSION} {form} manifest")
+    return body
+
+
+def read_manifest(basename: str) -> dict:
+    """The manifest of the checkpoint at ``basename``, verified."""
+    path = manifest_path(basename)
+    body = _read_verified(path, f"no checkpoint at {basename!r} (missing {path})", FORMAT)
     if not _holds_what_a_save_writes(body):
         raise CheckpointError(f"checkpoint manifest {path} does not hold what a save writes")
     return body
+
+
+def _read_tables_file(directory: str) -> Optional[Dict[str, dict]]:
+    """{name: manifest} of the last multi-type save in ``directory``, or None if none."""
+    path = os.path.join(directory, TABLES_FILE)
+    if not os.path.exists(path):
+        return None
+    body = _read_verified(path, f"no {path}", TABLES_FORMAT)
+    tables = body.get("tables")
+    if not isinstance(tables, dict) or not all(
+            isinstance(b, dict) and b.get("format") == FORMAT and b.get("version") == VERSION
+            and _holds_what_a_save_writes(b) for b in tables.values()):
+        raise CheckpointError(f"checkpoint manifest {path} does not hold what a save writes")
+    return tables
 
 
 def _holds_what_a_save_writes(body) -> bool:
@@ -136,7 +201,7 @@ def _holds_what_a_save_writes(body) -> bool:
 
     scales = body.get("hashnet_scales", [])
     files = body.get("files")
-    return (count(body.get("dim"), 1) and isinstance(body.get("layout"), str)
+    return (count(body.get("dim"), 1) and count(body.get("generation"), 1) and isinstance(body.get("layout"), str)
             and count(body.get("entries")) and count(body.get("max_update_ts"), -(1 << 63))
             and isinstance(scales, list) and all(type(x) in (int, float) for x in scales)
             and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files))
@@ -163,14 +228,23 @@ def save_table(table, basename: str) -> dict:
     left out of the checkpoint but stay in memory, as in Monolith.
     """
     basename = os.fspath(basename)
+    with _turn(basename):
+        body, older = _write_generation(table, basename)
+        _commit(basename, body, older)
+    return body
+
+
+def _write_generation(table, basename: str) -> Tuple[dict, List[str]]:
+    """Write and sync the data files of a new generation of the checkpoint at ``basename``;
+    returns the manifest naming them, and the data files of older generations, for the
+    caller to remove once the manifest is in place. On an error, what it wrote is removed."""
     directory = os.path.dirname(basename)
     if directory:
         os.makedirs(directory, exist_ok=True)
     prefix = os.path.basename(basename)
     if not prefix:
         raise ValueError(f"checkpoint basename {basename!r} names a directory, not a file prefix")
-    for stale in _stale_manifest_temps(basename):  # left by a save that was killed
-        os.unlink(stale)
+    _remove(_stale_manifest_temps(basename))  # left by a save that was killed
     old = _generations_on_disk(basename)
     generation = max(old, default=0) + 1
     count = file_count(table)
@@ -180,38 +254,55 @@ def save_table(table, basename: str) -> dict:
     try:
         infos = core.save_files(paths, max_update_ts, True, table.layout)
         _fsync_dir(directory)
-        body = {
-            "format": FORMAT,
-            "version": VERSION,
-            "generation": generation,
-            "table": table.name,
-            "dim": table.dim_size,
-            "state_dim": core.state_dim,
-            "layout": table.layout,
-            "max_update_ts": max_update_ts,
-            "hashnet_scales": core.hashnet_scales(),
-            "entries": sum(i["entries"] for i in infos),
-            "files": [dict(info, name=os.path.basename(p)) for p, info in zip(paths, infos)],
-        }
+    except BaseException:
+        _remove(paths)
+        raise
+    body = {
+        "format": FORMAT,
+        "version": VERSION,
+        "generation": generation,
+        "table": table.name,
+        "dim": table.dim_size,
+        "state_dim": core.state_dim,
+        "layout": table.layout,
+        "max_update_ts": max_update_ts,
+        "hashnet_scales": core.hashnet_scales(),
+        "entries": sum(i["entries"] for i in infos),
+        "files": [dict(info, name=os.path.basename(p)) for p, info in zip(paths, infos)],
+    }
+    return body, [p for files in old.values() for p in files]
+
+
+def _files_of(basename: str, body: dict) -> List[str]:
+    return [os.path.join(os.path.dirname(basename), f["name"]) for f in body["files"]]
+
+
+def _commit(basename: str, body: dict, older: List[str]) -> None:
+    """Put the manifest ``body`` in place at ``basename``, then remove ``older`` files. If
+    that fails before the manifest is in place, the new data files are removed; once it is
+    in place (an interrupt may come just after), they are what it names, and stay."""
+    try:
         _write_manifest(basename, body)
     except BaseException:
-        for p in paths:
-            if os.path.exists(p):
-                os.unlink(p)
+        if not _names_generation(basename, body["generation"]):
+            _remove(_files_of(basename, body))
         raise
-    for files in old.values():  # the new manifest is in place: older generations can go
-        for p in files:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-    return body
+    _remove(older)
 
 
-def _load(table, basename: str) -> Tuple[object, dict]:
-    """A fresh core table holding the checkpoint at ``basename``, verified, and its manifest."""
+def _names_generation(basename: str, generation: int) -> bool:
+    try:
+        return read_manifest(basename)["generation"] == generation
+    except Exception:  # noqa: BLE001 - no readable manifest names it
+        return False
+
+
+def _load(table, basename: str, body: Optional[dict] = None) -> Tuple[object, dict]:
+    """A fresh core table holding the checkpoint at ``basename``, verified, and its manifest
+    (``body``, when given, instead of the one at ``basename``)."""
     basename = os.fspath(basename)
-    body = read_manifest(basename)
+    if body is None:
+        body = read_manifest(basename)
     if body["dim"] != table.dim_size or body["layout"] != table.layout:
         raise ValueError(
             f"checkpoint {basename!r} holds entries of dim {body['dim']} with layout {body['layout']!r}; "
@@ -250,7 +341,8 @@ def _load(table, basename: str) -> Tuple[object, dict]:
 def restore_table(table, basename: str) -> dict:
     """Replace the contents of ``table`` with the checkpoint at ``basename``; returns the
     manifest. Nothing changes unless the whole checkpoint verified."""
-    core, body = _load(table, basename)
+    with _turn(basename):
+        core, body = _load(table, basename)
     table._swap_core(core)
     return body
 
@@ -288,6 +380,19 @@ def _over_tables(fn, args: list) -> list:
     return [f.result() for f in futures]
 
 
+def _over_tables_settled(fn, args: list) -> Tuple[list, Optional[BaseException]]:
+    """:func:`_over_tables` that lets every call end: (the results, None for a call that
+    failed; the first exception in the order of ``args``, or None)."""
+    def settled(*a):
+        try:
+            return fn(*a), None
+        except BaseException as error:  # kept until every call has ended
+            return None, error
+
+    outcomes = _over_tables(settled, args)
+    return [r for r, _ in outcomes], next((e for _, e in outcomes if e is not None), None)
+
+
 def check_format(format: str) -> None:
     """Raise ValueError unless ``format`` names a checkpoint format."""
     if format not in ("mtht", "monolith"):
@@ -296,21 +401,51 @@ def check_format(format: str) -> None:
 
 def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     """Save every table of a MultiTypeHashTable / MergedMultiTypeHashTable under
-    ``directory``, one checkpoint per slot key (the merged name for merged tables).
-    ``format="monolith"`` writes Monolith's files of each table instead, named as
-    Monolith's checkpoint listener names them in a ``.assets`` directory (see
-    :func:`mtht.monolith_checkpoint.save_monolith_tables`)."""
+    ``directory``, one checkpoint per slot key (the merged name for merged tables), and
+    ``tables.json``, which names the generation of each: a killed save leaves every table's
+    previous checkpoint or every table's new one. ``format="monolith"`` writes Monolith's
+    files of each table instead, named as Monolith's checkpoint listener names them in a
+    ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`)."""
     check_format(format)
     if format == "monolith":
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
         return
-    _over_tables(save_table, [(t, os.path.join(os.fspath(directory), key)) for key, t in _named_tables(table).items()])
+    directory = os.fspath(directory)
+    tables = _named_tables(table)
+    bases = [os.path.join(directory, key) for key in tables]
+    with _turn(directory, *bases):
+        written, failed = _over_tables_settled(_write_generation, list(zip(tables.values(), bases)))
+        news = [f for base, w in zip(bases, written) if w for f in _files_of(base, w[0])]
+        try:
+            if failed is not None:
+                raise failed
+            _write_verified(os.path.join(directory, TABLES_FILE), {
+                "format": TABLES_FORMAT, "version": VERSION,
+                "tables": {key: body for key, (body, _) in zip(tables, written)}})
+        except BaseException:
+            generations = {key: w[0]["generation"] for key, w in zip(tables, written) if w}
+            if failed is not None or not _tables_file_names(directory, generations):
+                _remove(news)
+            raise
+        # tables.json is in place: from here on every table restores from this save.
+        for base, (body, older) in zip(bases, written):
+            _commit(base, body, older)
+
+
+def _tables_file_names(directory: str, generations: Dict[str, int]) -> bool:
+    """Whether ``tables.json`` in ``directory`` names these generations of these tables."""
+    try:
+        listed = _read_tables_file(directory) or {}
+    except Exception:  # noqa: BLE001 - no readable tables.json names them
+        return False
+    return {key: body["generation"] for key, body in listed.items()} == generations
 
 
 def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     """Restore every table from ``directory``: from its key, or else from the first of its
-    ``extra_restore_names`` that is present (exact names). Every checkpoint is verified
+    ``extra_restore_names`` that is present (exact names). A table takes the later of the
+    checkpoint ``tables.json`` names for it and its own. Every checkpoint is verified
     before any table changes. ``format="monolith"`` reads Monolith's files of each table,
     found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`)."""
     check_format(format)
@@ -318,13 +453,30 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
         from mtht.monolith_checkpoint import restore_monolith_tables
         restore_monolith_tables(list(_slot_tables(table).values()), directory)
         return
-    found = []
-    for key, t in _named_tables(table).items():
-        candidates = [key] + list(t.extra_restore_names)
-        name = next((c for c in candidates if checkpoint_exists(os.path.join(os.fspath(directory), c))), None)
-        if name is None:
-            raise FileNotFoundError(f"no checkpoint for table {key!r} in {directory!r} (looked for {candidates})")
-        found.append((t, os.path.join(os.fspath(directory), name)))
-    loaded = _over_tables(_load, found)
-    for (t, _), (core, _) in zip(found, loaded):
+    directory = os.fspath(directory)
+    tables = _named_tables(table)
+    names = {name for key, t in tables.items() for name in [key] + list(t.extra_restore_names)}
+    with _turn(directory, *(os.path.join(directory, n) for n in names)):
+        listed = _read_tables_file(directory) or {}
+        found = []
+        for key, t in tables.items():
+            candidates = [key] + list(t.extra_restore_names)
+            for name in candidates:
+                body = _later(listed.get(name), os.path.join(directory, name))
+                if body is not None:
+                    found.append((t, os.path.join(directory, name), body))
+                    break
+            else:
+                raise FileNotFoundError(f"no checkpoint for table {key!r} in {directory!r} (looked for {candidates})")
+        loaded = _over_tables(_load, found)
+    for (t, _, _), (core, _) in zip(found, loaded):
         t._swap_core(core)
+
+
+def _later(listed: Optional[dict], basename: str) -> Optional[dict]:
+    """Of the manifest tables.json lists for ``basename`` and its own, the later generation
+    (its own is later after a save of that table alone), or None when there is neither."""
+    own = read_manifest(basename) if checkpoint_exists(basename) else None
+    if listed is None or (own is not None and own["generation"] > listed["generation"]):
+        return own
+    return listed

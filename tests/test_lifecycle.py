@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1235,32 +1236,47 @@ while True:
 """
 
 
+def _killed_at_random(saver, args, cwd, rng, longest):
+    """Runs the ``saver`` script (which prints "saving V" and "saved V" around each save)
+    until one save is complete, kills it with SIGKILL ``rng.uniform(0, longest)`` seconds
+    later, and returns (the values saved, the values whose save started)."""
+    proc = subprocess.Popen([sys.executable, "-c", saver, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=cwd)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("saved"):   # one complete save first
+            line = proc.stdout.readline()
+            assert line, "the saver exited early"
+            lines.append(line)
+        time.sleep(rng.uniform(0.0, longest))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    lines += proc.stdout.read().splitlines()
+    proc.stdout.close()
+    # A line cut short by the kill carries no number: only whole lines count.
+    saved = [int(m.group(1)) for m in (re.fullmatch(r"saved (\d+)", x.strip()) for x in lines) if m]
+    started = [int(m.group(1)) for m in (re.fullmatch(r"saving (\d+)", x.strip()) for x in lines) if m]
+    return saved, started
+
+
+def _kill_rounds(saver, target, n, cwd, seed, longest, rounds, seconds):
+    """Up to ``rounds`` savers (``saver target n first-value``) killed at random, within
+    about ``seconds``: yields (saved, started) of each; at least 3 rounds must run."""
+    rng = random.Random(seed)
+    deadline = time.monotonic() + seconds
+    done = 0
+    while done < rounds and time.monotonic() < deadline:
+        yield _killed_at_random(saver, [target, str(n), str(done * 1000)], cwd, rng, longest)
+        done += 1
+    assert done >= 3
+
+
 def test_killed_saver_leaves_one_whole_checkpoint(tmp_path):
     n = 200_000
     basename = str(tmp_path / "t")
-    rng = random.Random(1)
     ids = np.arange(n, dtype=np.int64)
-    deadline = time.monotonic() + 30
-    rounds = 0
-    while rounds < 6 and time.monotonic() < deadline:
-        first = rounds * 1000
-        proc = subprocess.Popen([sys.executable, "-c", _SAVER, basename, str(n), str(first)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=str(tmp_path))
-        try:
-            lines = []
-            while not lines or not lines[-1].startswith("saved"):   # one complete save first
-                line = proc.stdout.readline()
-                assert line, "the saver exited early"
-                lines.append(line)
-            time.sleep(rng.uniform(0.0, 0.6))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        lines += proc.stdout.read().splitlines()
-        proc.stdout.close()
-        # A line cut short by the kill carries no number: only whole lines count.
-        saved = [int(m.group(1)) for m in (re.fullmatch(r"saved (\d+)", x.strip()) for x in lines) if m]
-        started = [int(m.group(1)) for m in (re.fullmatch(r"saving (\d+)", x.strip()) for x in lines) if m]
+    for saved, started in _kill_rounds(_SAVER, basename, n, str(tmp_path), seed=1, longest=0.6, rounds=6, seconds=30):
         table = hash_table_from_config(generate_test_hash_table_config(8)).restore(basename)
         assert table.size() == n
         values = table.lookup(ids)
@@ -1270,8 +1286,91 @@ def test_killed_saver_leaves_one_whole_checkpoint(tmp_path):
         assert int(value) in (saved[-1], started[-1]), (value, saved[-1], started[-1])
         assert table.max_update_ts == int(value)
         assert len(data_files(tmp_path)) <= 2
-        rounds += 1
-    assert rounds >= 3
+
+
+def _interrupt_on_call(monkeypatch, module, name, call):
+    """Makes ``module.name`` raise KeyboardInterrupt at its ``call``-th call (1-based) after
+    doing what it does: as if Ctrl-C came just after it."""
+    real = getattr(module, name)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_an_interrupt_just_after_the_manifest_is_in_place_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+    # The data files are synced (first sync of the directory), the manifest renamed into
+    # place, and then, at the sync after the rename, the save is interrupted: the manifest
+    # names the new files, which must stay.
+    basename = str(tmp_path / "t")
+    t = table_of(dim=2)
+    t.assign(ids_of(1, 2), [[1, 1], [2, 2]])
+    t.save(basename)
+    t.assign(ids_of(1, 2), [[3, 3], [4, 4]])
+    _interrupt_on_call(monkeypatch, mtht.checkpoint, "_fsync_dir", 2)
+    with pytest.raises(KeyboardInterrupt):
+        t.save(basename)
+    monkeypatch.undo()
+    restored = table_of(dim=2).restore(basename)
+    assert restored.lookup(ids_of(1, 2)).tolist() == [[3, 3], [4, 4]]
+
+
+def test_an_interrupt_before_the_manifest_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    basename = str(tmp_path / "t")
+    t = table_of(dim=2)
+    t.assign(ids_of(1, 2), [[1, 1], [2, 2]])
+    t.save(basename)
+    before = sorted(os.listdir(tmp_path))
+    t.assign(ids_of(1, 2), [[3, 3], [4, 4]])
+    _interrupt_on_call(monkeypatch, mtht.checkpoint, "_fsync_dir", 1)  # the data files' sync
+    with pytest.raises(KeyboardInterrupt):
+        t.save(basename)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == before
+    assert table_of(dim=2).restore(basename).lookup(ids_of(1, 2)).tolist() == [[1, 1], [2, 2]]
+
+
+@pytest.mark.parametrize("fmt", ["mtht", "monolith"])
+def test_saves_and_restores_at_one_basename_from_threads_take_turns(tmp_path, fmt):
+    # Two threads save one table at one basename while a third restores from it: every
+    # call succeeds, and every restore gives a whole save.
+    n = 20_000
+    basename = str(tmp_path / "t")
+    t = table_of(dim=4, saver_parallel=2)
+    ids = np.arange(n, dtype=np.int64)
+    t.assign(ids, np.zeros((n, 4), F32))
+    t.save(basename, format=fmt)
+    errors, seen = [], []
+
+    def saver(value):
+        try:
+            for _ in range(8):
+                t.assign(ids, np.full((n, 4), value, F32))
+                t.save(basename, format=fmt)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def restorer():
+        try:
+            for _ in range(8):
+                rows = table_of(dim=4).restore(basename, format=fmt).lookup(ids)
+                seen.append(len(np.unique(rows)))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saver, args=(v,)) for v in (1.0, 2.0)] + [threading.Thread(target=restorer)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    assert len(seen) == 8 and set(seen) == {1}  # each restore holds one value: one save's
 
 
 # ----------------------------------------------------------------------------------------
@@ -1342,6 +1441,90 @@ def test_multi_type_save_restore(tmp_path, build):
         np.testing.assert_array_equal(rows, want[slot])
 
 
+def _model_values(t):
+    return {slot: rows.tolist() for slot, rows in t.lookup(QUERY).items()}
+
+
+@pytest.mark.parametrize("where", ["tables_json", "first_commit", "second_commit"])
+def test_an_interrupted_model_save_leaves_one_whole_save(tmp_path, monkeypatch, where):
+    # Interrupted before tables.json is in place: every table restores the previous save,
+    # and the new data files are gone. After: every table restores the new one, whichever
+    # of the tables' own manifests were replaced.
+    t = _fill(_multi(_slot_configs()))
+    save_multi_type(t, str(tmp_path))
+    before, files_before = _model_values(t), sorted(os.listdir(tmp_path))
+    t.assign_add({slot: (ids, np.ones((len(ids), t._tables[slot].dim_size), F32)) for slot, ids in QUERY.items()})
+    after = _model_values(t)
+    if where == "tables_json":
+        real = mtht.checkpoint._write_verified
+        monkeypatch.setattr(mtht.checkpoint, "_write_verified", lambda path, body: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if path.endswith("tables.json") else real(path, body)))
+    else:
+        _interrupt_on_call(monkeypatch, mtht.checkpoint, "_write_manifest", 1 if where == "first_commit" else 2)
+    with pytest.raises(KeyboardInterrupt):
+        save_multi_type(t, str(tmp_path))
+    monkeypatch.undo()
+    if where == "tables_json":
+        assert sorted(os.listdir(tmp_path)) == files_before
+    restored = _multi(_slot_configs())
+    restore_multi_type(restored, str(tmp_path))
+    assert _model_values(restored) == (before if where == "tables_json" else after)
+    save_multi_type(t, str(tmp_path))  # the next save leaves one generation of each table
+    assert len(data_files(tmp_path)) == len(_slot_configs())
+
+
+def test_a_table_saved_alone_after_its_model_restores_its_own_save(tmp_path):
+    # tables.json names the model's save; a later save of one table is later still.
+    t = _fill(_multi(_slot_configs()))
+    save_multi_type(t, str(tmp_path))
+    t.assign({"a": (ids_of(1), [[42]])})
+    t._tables["a"].save(str(tmp_path / "a"))
+    restored = _multi(_slot_configs())
+    restore_multi_type(restored, str(tmp_path))
+    assert restored.lookup({"a": ids_of(1)})["a"].tolist() == [[42]]
+    assert _model_values(restored) == _model_values(t)
+
+
+_MODEL_SAVER = r"""
+import sys
+import numpy as np
+from mtht.checkpoint import save_multi_type
+from mtht.hash_table import hash_table_from_config
+from mtht.multi_type_hash_table import MultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+directory, n, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+slots = [f"s{i}" for i in range(6)]
+model = MultiTypeHashTable({s: generate_test_hash_table_config(4) for s in slots},
+                           lambda slot, config: hash_table_from_config(config, name_suffix=slot))
+ids = np.arange(n, dtype=np.int64)
+value = first
+while True:
+    model.assign({s: (ids, np.full((n, 4), value, np.float32)) for s in slots})
+    print("saving", value, flush=True)
+    save_multi_type(model, directory)
+    print("saved", value, flush=True)
+    value += 1
+"""
+
+
+def test_killed_model_saver_leaves_one_whole_save(tmp_path):
+    # A process saving a model of six tables is killed at random moments: every table
+    # restores the same save, the last completed one or the one under way.
+    n = 30_000
+    directory = str(tmp_path / "model")
+    ids = np.arange(n, dtype=np.int64)
+    for saved, started in _kill_rounds(_MODEL_SAVER, directory, n, str(tmp_path), seed=2, longest=0.4, rounds=8,
+                                       seconds=40):
+        model = _multi({f"s{i}": generate_test_hash_table_config(4) for i in range(6)})
+        restore_multi_type(model, directory)
+        values = {slot: np.unique(rows) for slot, rows in model.lookup({f"s{i}": ids for i in range(6)}).items()}
+        assert all(len(v) == 1 for v in values.values()), values
+        assert len({float(v[0]) for v in values.values()}) == 1, values  # one save for every table
+        value = int(values["s0"][0])
+        assert value in (saved[-1], started[-1]), (value, saved[-1], started[-1])
+
+
 def test_multi_type_restore_verifies_every_table_first(tmp_path):
     t = _fill(_multi(_slot_configs()))
     save_multi_type(t, str(tmp_path))
@@ -1354,6 +1537,7 @@ def test_multi_type_restore_verifies_every_table_first(tmp_path):
     assert target.lookup({"a": ids_of(1)})["a"].tolist() == [[9]]
     assert target.lookup({"b": ids_of(1)})["b"].tolist() == [[0, 0]]
     os.unlink(tmp_path / "c.manifest.json")
+    os.unlink(tmp_path / "tables.json")  # which names c's checkpoint too
     with pytest.raises(FileNotFoundError):
         restore_multi_type(target, str(tmp_path))
     assert target.lookup({"a": ids_of(1)})["a"].tolist() == [[9]]
@@ -1388,6 +1572,7 @@ def test_multi_type_restore_from_an_extra_restore_name(tmp_path):
     assert t.lookup({"a2": ids_of(1, 2)})["a2"].tolist() == [[1], [2]]
     # Names are matched exactly: "a" is not found through a name it is a prefix of.
     os.rename(tmp_path / "a.manifest.json", tmp_path / "aa.manifest.json")
+    os.unlink(tmp_path / "tables.json")  # which names a's checkpoint too
     with pytest.raises(FileNotFoundError):
         restore_multi_type(_multi({"a": generate_test_hash_table_config(1)}), str(tmp_path))
 
