@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import struct
 from typing import Dict, List, Tuple
 
 from mtht import _core
 from mtht._spec import _STATE_LAYOUT
-from mtht.checkpoint import _over_tables, file_count
+from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count
 
 __all__ = ["save_monolith", "restore_monolith", "save_monolith_tables", "restore_monolith_tables", "asset_prefix",
            "entry_dump_class", "write_tfrecords", "read_tfrecords"]
@@ -157,25 +158,33 @@ def _format(table) -> List[Tuple[int, List[Tuple[int, int, int, str]]]]:
     return dumps
 
 
-def _remove(paths: List[str]) -> None:
-    for path in paths:
-        if os.path.exists(path):
-            os.unlink(path)
-
-
 def _write_temporaries(table, basename: str) -> List[Tuple[str, str]]:
     """Write ``table``'s files under temporary names, in parallel; returns the (temporary,
     final) path of each. On an error, what was written is removed."""
     core = table._core
     n = file_count(table, _MONOLITH_ENTRIES_PER_FILE)
     paths = ["%s-%05d-of-%05d" % (basename, i, n) for i in range(n)]
-    temporary = [f"{path}-tmp-{os.getpid()}" for path in paths]
+    _remove(_temporaries_on_disk(basename))  # left by a save that was killed
+    temporary = [_temporary_name(path) for path in paths]
     try:
         core.save_monolith_files(temporary, core.max_update_ts, _format(table), _MEMBERS)
     except BaseException:
         _remove(temporary)
         raise
     return list(zip(temporary, paths))
+
+
+def _temporary_name(path: str) -> str:
+    return f"{path}-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _temporaries_on_disk(basename: str) -> List[str]:
+    directory = os.path.dirname(basename) or "."
+    pattern = re.compile(re.escape(os.path.basename(basename)) + r"-\d{5}-of-\d{5}-tmp-")
+    try:
+        return [os.path.join(directory, name) for name in os.listdir(directory) if pattern.match(name)]
+    except FileNotFoundError:
+        return []
 
 
 def _publish(basename: str, moves: List[Tuple[str, str]]) -> None:
@@ -187,9 +196,7 @@ def _publish(basename: str, moves: List[Tuple[str, str]]) -> None:
     except BaseException:
         _remove([tmp for tmp, _ in moves])
         raise
-    for other in _all_shard_files(basename):
-        if not other.endswith("-of-%05d" % len(moves)):
-            os.unlink(other)
+    _remove([other for other in _all_shard_files(basename) if not other.endswith("-of-%05d" % len(moves))])
 
 
 def save_monolith(table, basename: str) -> None:
@@ -199,7 +206,8 @@ def save_monolith(table, basename: str) -> None:
     basename = os.fspath(basename)
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
-    _publish(basename, _write_temporaries(table, basename))
+    with _turn(basename):
+        _publish(basename, _write_temporaries(table, basename))
 
 
 def _shard_pattern(basename: str):
@@ -224,13 +232,26 @@ def _shard_files(basename: str) -> List[str]:
             found.setdefault(int(m.group(2)), {})[int(m.group(1))] = os.path.join(directory, name)
     if not found:
         raise FileNotFoundError(f"no Monolith checkpoint files {basename}-NNNNN-of-NNNNN")
-    if len(found) > 1:
-        raise ValueError(f"Monolith checkpoint {basename!r} mixes shard counts {sorted(found)}")
-    (count, files), = found.items()
-    missing = [i for i in range(count) if i not in files]
-    if missing:
-        raise FileNotFoundError(f"Monolith checkpoint {basename!r}: shard {missing[0]} of {count} is missing")
-    return [files[i] for i in range(count)]
+    if len(found) == 1:
+        (count, files), = found.items()
+        missing = [i for i in range(count) if i not in files]
+        if missing:
+            raise FileNotFoundError(f"Monolith checkpoint {basename!r}: shard {missing[0]} of {count} is missing")
+        return [files[i] for i in range(count)]
+    return _latest_whole_set(basename, found)
+
+
+def _latest_whole_set(basename: str, found: Dict[int, Dict[int, str]]) -> List[str]:
+    """Of files of several counts (a save with another count killed between its renames and
+    its removal of the older files), the whole set written last: each set's oldest file
+    tells when it was written, as a rename keeps the time a file was written."""
+    whole = {count: [files[i] for i in range(count)] for count, files in found.items() if len(files) == count}
+    written = {count: min(os.stat(p).st_mtime_ns for p in paths) for count, paths in whole.items()}
+    latest = sorted(written, key=written.get)[-2:]
+    if not whole or (len(latest) == 2 and written[latest[0]] == written[latest[1]]):
+        raise ValueError(f"Monolith checkpoint {basename!r} mixes shard counts {sorted(found)}, and no one set "
+                         "of them is whole and the latest")
+    return whole[latest[-1]]
 
 
 def _varint_size(value: int) -> int:
@@ -278,7 +299,9 @@ def restore_monolith(table, basename: str) -> None:
     """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
     Everything is parsed and checked into a fresh table first; on any error the table is
     left as it was."""
-    table._swap_core(_load(table, basename))
+    with _turn(basename):
+        core = _load(table, basename)
+    table._swap_core(core)
 
 
 def asset_prefix(name: str) -> str:
@@ -305,23 +328,17 @@ def save_monolith_tables(tables: list, directory: str) -> None:
     directory = os.fspath(directory)
     basenames = [os.path.join(directory, p) for p in _prefixes(tables)]
     os.makedirs(directory, exist_ok=True)
-
-    def write(table, basename):
+    with _turn(directory, *basenames):
+        written, failed = _over_tables_settled(_write_temporaries, list(zip(tables, basenames)))
+        written = [moves or [] for moves in written]
         try:
-            return _write_temporaries(table, basename), None
-        except BaseException as error:  # kept until every table's write has ended
-            return [], error
-
-    written = _over_tables(write, list(zip(tables, basenames)))
-    failed = next((error for _, error in written if error is not None), None)
-    try:
-        if failed is not None:
-            raise failed
-        for i, (basename, (moves, _)) in enumerate(zip(basenames, written)):
-            _publish(basename, moves)
-            written[i] = ([], None)
-    finally:
-        _remove([tmp for moves, _ in written for tmp, _ in moves])
+            if failed is not None:
+                raise failed
+            for i, (basename, moves) in enumerate(zip(basenames, written)):
+                _publish(basename, moves)
+                written[i] = []
+        finally:
+            _remove([tmp for moves in written for tmp, _ in moves])
 
 
 def restore_monolith_tables(tables: list, directory: str) -> None:
@@ -333,14 +350,15 @@ def restore_monolith_tables(tables: list, directory: str) -> None:
     _prefixes(tables)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no Monolith checkpoint directory {directory!r}")
-    found = []
-    for table in tables:
-        candidates = [asset_prefix(name) for name in [table.name] + list(table.extra_restore_names)]
-        prefix = next((c for c in candidates if _all_shard_files(os.path.join(directory, c))), None)
-        if prefix is None:
-            raise FileNotFoundError(f"no Monolith checkpoint files for table {table.name!r} in {directory!r} "
-                                    f"(looked for {', '.join(c + '-NNNNN-of-NNNNN' for c in candidates)})")
-        found.append((table, os.path.join(directory, prefix)))
-    cores = _over_tables(_load, found)
+    names = [[asset_prefix(name) for name in [t.name] + list(t.extra_restore_names)] for t in tables]
+    with _turn(directory, *(os.path.join(directory, n) for candidates in names for n in candidates)):
+        found = []
+        for table, candidates in zip(tables, names):
+            prefix = next((c for c in candidates if _all_shard_files(os.path.join(directory, c))), None)
+            if prefix is None:
+                raise FileNotFoundError(f"no Monolith checkpoint files for table {table.name!r} in {directory!r} "
+                                        f"(looked for {', '.join(c + '-NNNNN-of-NNNNN' for c in candidates)})")
+            found.append((table, os.path.join(directory, prefix)))
+        cores = _over_tables(_load, found)
     for (table, _), core in zip(found, cores):
         table._swap_core(core)

@@ -855,7 +855,15 @@ def test_save_over_an_existing_checkpoint(tmp_path):
     assert restored.lookup([1, 2]).tolist() == [[5.0], [6.0]]
 
 
-def test_a_failed_save_leaves_the_previous_files(tmp_path):
+def unwritable_temporaries(monkeypatch, *names):
+    """The temporary files of the shard files ``names`` go to a directory that does not
+    exist: their writes fail."""
+    real = monolith_checkpoint._temporary_name
+    monkeypatch.setattr(monolith_checkpoint, "_temporary_name", lambda path: (
+        os.path.join(f"{path}-nowhere", "tmp") if os.path.basename(path) in names else real(path)))
+
+
+def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
     # A save that cannot write one of its files raises OSError, removes what it wrote, and
     # leaves the files of the save before it as they were.
     base = tmp_path / "t"
@@ -864,13 +872,11 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path):
     table.save(base, format="monolith")
     before = {p: pathlib.Path(p).read_bytes() for p in shard_names(base, 2)}
     table.assign([1, 2, 3], [[5.0], [6.0], [7.0]])
-    blocker = pathlib.Path(f"{shard_names(base, 2)[1]}-tmp-{os.getpid()}")
-    blocker.mkdir()  # the second file's temporary name is taken by a directory
+    unwritable_temporaries(monkeypatch, "t-00001-of-00002")
     with pytest.raises(OSError):
         table.save(base, format="monolith")
-    assert sorted(os.listdir(tmp_path)) == sorted([blocker.name] + [os.path.basename(p) for p in before])
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in before)
     assert {p: pathlib.Path(p).read_bytes() for p in before} == before
-    blocker.rmdir()
     restored = sgd_table(1)
     restored.restore(base, format="monolith")
     assert restored.lookup([1, 2, 3]).tolist() == [[1.0], [2.0], [3.0]]
@@ -1006,6 +1012,33 @@ def test_basename_with_pattern_characters(tmp_path):
     assert restored.lookup([1]).tolist() == [[1.0]]
 
 
+def test_files_of_two_counts_restore_the_latest_whole_set(tmp_path):
+    # A save with another file count killed after its renames, before it removed the older
+    # files, leaves two whole sets: the one written last restores. Killed during its
+    # renames, it leaves its own set partial: the older, whole one restores.
+    base = tmp_path / "t"
+    for value, count in ((1.0, 2), (2.0, 3)):
+        table = sgd_table(1, saver_parallel=count)
+        table.assign([1, 2, 3], [[value]] * 3)
+        table.save(tmp_path / f"save{count}" / "t", format="monolith")
+        for path in shard_names(tmp_path / f"save{count}" / "t", count):
+            os.replace(path, tmp_path / os.path.basename(path))
+    for i, path in enumerate(shard_names(base, 2) + shard_names(base, 3)):
+        os.utime(path, ns=(10**18 + i, 10**18 + (0 if i < 2 else 10**9) + i))
+
+    def restored():
+        t = sgd_table(1)
+        t.restore(base, format="monolith")
+        return t.lookup([1, 2, 3]).tolist()
+
+    assert restored() == [[2.0]] * 3
+    for path in shard_names(base, 2):  # the older set written last instead
+        os.utime(path, ns=(10**18, 10**18 + 2 * 10**9))
+    assert restored() == [[1.0]] * 3
+    os.unlink(shard_names(base, 2)[1])  # only the three-file set is whole
+    assert restored() == [[2.0]] * 3
+
+
 def test_saving_again_with_another_file_count_restores_the_latest_save(tmp_path):
     # The number of files can change between two saves to the same basename (saver_parallel,
     # or, by default, the table growing past a million entries). Restoring that basename
@@ -1078,7 +1111,8 @@ BROKEN = {
     "missing_first_shard": (FileNotFoundError, good_files_then(lambda b: _path(b, 0).unlink())),
     "no_files": (FileNotFoundError, lambda base: None),
     "missing_directory": (FileNotFoundError, lambda base: None),
-    "mixed_shard_counts": (ValueError, good_files_then(lambda b: write_file(shard_names(b, 3)[0], []))),
+    "mixed_shard_counts_none_whole": (ValueError, good_files_then(
+        lambda b: (_path(b, 1).unlink(), write_file(shard_names(b, 3)[0], [])))),
     "corrupt_data_checksum": (ValueError, good_files_then(
         lambda b: flip_byte(_path(b, 1), _path(b, 1).stat().st_size - 10))),
     "corrupt_stored_checksum": (ValueError, good_files_then(
@@ -1647,7 +1681,7 @@ def test_a_model_restore_with_a_damaged_table_changes_nothing(tmp_path, restore_
     assert model_snapshot(target) == before
 
 
-def test_a_failed_model_save_leaves_every_tables_previous_files(tmp_path):
+def test_a_failed_model_save_leaves_every_tables_previous_files(tmp_path, monkeypatch):
     # One table's file cannot be written: no table's new files are renamed into place, and
     # no temporary file is left.
     m = model()
@@ -1655,12 +1689,24 @@ def test_a_failed_model_save_leaves_every_tables_previous_files(tmp_path):
     save_multi_type(m, tmp_path, format="monolith")
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
     train_model(m, seed=10)
-    blocker = pathlib.Path(f"{shard_names(tmp_path / 'MonolithHashTable_user_id', 1)[0]}-tmp-{os.getpid()}")
-    blocker.mkdir()
+    unwritable_temporaries(monkeypatch, "MonolithHashTable_user_id-00000-of-00001")
     with pytest.raises(OSError):
         save_multi_type(m, tmp_path, format="monolith")
-    blocker.rmdir()
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
+    # A killed save leaves its temporary files; the next save at the basename removes them
+    # (and leaves other names alone).
+    base = tmp_path / "t"
+    table = sgd_table(1, saver_parallel=2)
+    table.assign([1], [[1.0]])
+    left = [f"{shard_names(base, 2)[0]}-tmp-4242", f"{shard_names(base, 3)[2]}-tmp-1-abcd"]
+    others = ["t-tmp-9", "tt-00000-of-00001-tmp-3", "t-00000-of-00002.bak"]
+    for name in left + [str(tmp_path / o) for o in others]:
+        pathlib.Path(name).write_bytes(b"x" * 100)
+    table.save(base, format="monolith")
+    assert sorted(os.listdir(tmp_path)) == sorted(others + [os.path.basename(p) for p in shard_names(base, 2)])
 
 
 def test_tables_that_would_share_files_are_refused(tmp_path):
