@@ -1338,39 +1338,40 @@ def test_an_interrupt_before_the_manifest_keeps_the_previous_checkpoint(tmp_path
 
 @pytest.mark.parametrize("fmt", ["mtht", "monolith"])
 def test_saves_and_restores_at_one_basename_from_threads_take_turns(tmp_path, fmt):
-    # Two threads save one table at one basename while a third restores from it: every
-    # call succeeds, and every restore gives a whole save.
+    # Two threads save two tables (every row 1.0 in one, 2.0 in the other) at one basename
+    # while a third restores from it: every call succeeds, and every restore gives one
+    # table's save whole.
     n = 20_000
     basename = str(tmp_path / "t")
-    t = table_of(dim=4, saver_parallel=2)
     ids = np.arange(n, dtype=np.int64)
-    t.assign(ids, np.zeros((n, 4), F32))
-    t.save(basename, format=fmt)
+    tables = {}
+    for value in (1.0, 2.0):
+        tables[value] = table_of(dim=4, saver_parallel=2)
+        tables[value].assign(ids, np.full((n, 4), value, F32))
+    tables[1.0].save(basename, format=fmt)
     errors, seen = [], []
 
     def saver(value):
         try:
             for _ in range(8):
-                t.assign(ids, np.full((n, 4), value, F32))
-                t.save(basename, format=fmt)
+                tables[value].save(basename, format=fmt)
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
     def restorer():
         try:
             for _ in range(8):
-                rows = table_of(dim=4).restore(basename, format=fmt).lookup(ids)
-                seen.append(len(np.unique(rows)))
+                seen.append(np.unique(table_of(dim=4).restore(basename, format=fmt).lookup(ids)).tolist())
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=saver, args=(v,)) for v in (1.0, 2.0)] + [threading.Thread(target=restorer)]
+    threads = [threading.Thread(target=saver, args=(v,)) for v in tables] + [threading.Thread(target=restorer)]
     for th in threads:
         th.start()
     for th in threads:
         th.join(120)
     assert not errors, errors
-    assert len(seen) == 8 and set(seen) == {1}  # each restore holds one value: one save's
+    assert len(seen) == 8 and all(values in ([1.0], [2.0]) for values in seen), seen
 
 
 # ----------------------------------------------------------------------------------------
