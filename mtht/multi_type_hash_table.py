@@ -8,6 +8,7 @@ Writes change the tables in place and return the multi-type table itself, so
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import hashlib
 import re
@@ -77,6 +78,34 @@ def _unknown_slot(slot) -> KeyError:
     return KeyError(f"unknown slot {slot!r}")
 
 
+@contextlib.contextmanager
+def _naming_the_slot(slot):
+    """A bad argument of one slot's write is reported with the slot's name."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"slot {slot!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def _naming_the_non_finite_slot(method: str, slot_rows: List[Tuple[str, np.ndarray]]):
+    """The core reports NaN or Inf by the row of the batch it was given (all slots of a
+    merged table together): reported instead by the first slot, among ``slot_rows`` (those
+    whose table refuses them), and the row of that slot's own rows."""
+    try:
+        yield
+    except ValueError as e:
+        if "NaN or Inf" not in str(e):
+            raise
+        for slot, rows in slot_rows:
+            bad = ~np.isfinite(rows).all(axis=1)
+            if bad.any():
+                what = "gradients" if method == "apply_gradients" else "values"
+                raise ValueError(f"slot {slot!r}: {what} contain NaN or Inf (row {int(np.argmax(bad))}); set "
+                                 "allow_non_finite=True in the table config to accept them") from None
+        raise
+
+
 class MultiTypeHashTable(BaseMultiTypeHashTable):
     """One table per slot, built by ``hash_table_factory(slot, config)`` in sorted slot order."""
 
@@ -99,8 +128,15 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
         # Every slot's table is written, or (on any error) none.
         arguments = _hash_table.write_arguments(method, *args, **kwargs)
-        _hash_table.write_parts([self._slot_table(slot).write_part(method, ids, tensor, arguments)
-                                 for slot, (ids, tensor) in slot_to_id_and_tensor.items()], arguments)
+        parts, checked = [], []
+        for slot, (ids, tensor) in slot_to_id_and_tensor.items():
+            table = self._slot_table(slot)
+            with _naming_the_slot(slot):
+                parts.append(table.write_part(method, ids, tensor, arguments))
+            if not table.config.table_config.allow_non_finite:
+                checked.append((slot, parts[-1][3]))
+        with _naming_the_non_finite_slot(method, checked):
+            _hash_table.write_parts(parts, arguments)
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
@@ -249,14 +285,18 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         # Per merged table, in sorted slot order: the slots' ids, and their rows (as many as ids).
         ids: Dict[str, list] = {}
         rows: Dict[str, list] = {}
+        checked = []  # (slot, rows) of the slots whose table refuses NaN and Inf
         for slot in sorted(data):
             merged = self._merged_name(slot)
             slot_ids = as_ids(data[slot][0], f"slot {slot!r} ids")
+            slot_rows = as_rows(data[slot][1], slot_ids.shape[0], self._dims[merged], f"slot {slot!r} values")
             ids.setdefault(merged, []).append(slot_ids)
-            rows.setdefault(merged, []).append(
-                as_rows(data[slot][1], slot_ids.shape[0], self._dims[merged], f"slot {slot!r} values"))
-        getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
-                                     *args, **kwargs)
+            rows.setdefault(merged, []).append(slot_rows)
+            if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
+                checked.append((slot, slot_rows))
+        with _naming_the_non_finite_slot(method, checked):
+            getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
+                                         *args, **kwargs)
         return self
 
     def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":

@@ -1257,6 +1257,25 @@ def test_non_finite_learning_rate_in_one_slot_changes_no_slot():
     assert _multi_type_snapshot(hash_table) == before
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["multi_type", "merged"])
+@pytest.mark.parametrize("method", ["assign", "assign_add", "apply_gradients"])
+def test_a_bad_slot_is_named_with_its_own_row(merged, method):
+    # NaN in "c"'s second row: the error names "c" and row 1 (not the row of the batch the
+    # slots of a merged table make together), and no slot changes. A wrong shape names the
+    # slot too.
+    configs = {s: generate_test_hash_table_config(2) for s in ("a", "b", "c")}
+    table = (MergedMultiTypeHashTable(configs, multi_type_factory) if merged
+             else MultiTypeHashTable(configs, factory))
+    args = (1,) if method == "apply_gradients" else ()
+    what = "gradients" if method == "apply_gradients" else "values"
+    data = {s: ([1, 2], [[1.0, 1.0], [2.0, 2.0]]) for s in ("a", "b")}
+    with pytest.raises(ValueError, match=rf"slot 'c': {what} contain NaN or Inf \(row 1\)"):
+        getattr(table, method)({**data, "c": ([3, 4], [[1.0, 1.0], [np.nan, 1.0]])}, *args)
+    with pytest.raises(ValueError, match="slot 'c'.*shape"):
+        getattr(table, method)({**data, "c": ([3, 4], [[1.0, 1.0, 1.0]] * 2)}, *args)
+    assert all(rows.tolist() == [[0.0, 0.0]] * 4 for rows in table.lookup({s: [1, 2, 3, 4] for s in configs}).values())
+
+
 def test_merged_rows_must_match_ids_slot_by_slot():
     # s1 has two ids and one row, s2 one id and two rows: three of each in the merged table,
     # but the rows do not belong to those ids. Must be a ValueError naming the slot.
