@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import mtht
+from mtht.learning_rate_functions import LinearWarmup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optimizer_reference as ref  # noqa: E402
@@ -188,6 +189,39 @@ def test_ftrl(monkeypatch, kernel):
     t = pinned(monkeypatch, kernel, 2, mtht.FtrlOptimizer(), 0.01)
     close(one_step(t, [10, 1]), [-0.009995, -0.00953463])
     close(one_step(t, [10, 1]), [-0.0170643, -0.0164353])
+
+
+@pytest.mark.parametrize("optimizer", [
+    mtht.FtrlOptimizer(), mtht.FTRLWithGroupSparsityOptimizer(),
+    mtht.AdaGradWithGroupLassoOptimizer(beta=1.0, initial_accumulator_value=0.0)],
+    ids=["ftrl", "group_ftrl", "group_lasso"])
+def test_a_step_at_learning_rate_zero_is_left_out(monkeypatch, kernel, optimizer):
+    # These steps divide by the learning rate. At 0 (a LinearWarmup's first step) the step
+    # changes nothing; the entry is the one the initializer made, and the next step at a
+    # positive rate gives what it gives on that entry.
+    warm = build(monkeypatch, kernel, [segment(2, optimizer, initializer=mtht.ConstantsInitializer(0.5))],
+                 [LinearWarmup(0.1, 100)])
+    cold = build(monkeypatch, kernel, [segment(2, optimizer, initializer=mtht.ConstantsInitializer(0.5))], [0.001])
+    warm.apply_gradients([1], [[1.0, -2.0]], global_step=0)
+    (entry,) = warm.lookup_entry([1])
+    assert entry.values.tolist() == [0.5, 0.5]
+    cold.assign([1], [[0.5, 0.5]])  # the same fresh entry, made by a write that steps nothing
+    (fresh,) = cold.lookup_entry([1])
+    for name, state in fresh.optimizer_state[0].items():
+        assert_bits_equal(entry.optimizer_state[0][name], state, name)
+    for t in (warm, cold):
+        t.apply_gradients([1], [[1.0, -2.0]], global_step=1)  # LinearWarmup(0.1, 100) at 1: 0.001
+    assert_bits_equal(warm.lookup([1]), cold.lookup([1]), "after a step at 0.001")
+
+
+def test_group_ftrl_value_with_no_gradient_yet_reads_zero(monkeypatch, kernel):
+    # beta, the initial accumulator and l2 all 0: a value whose gradients were all 0 has a
+    # denominator of 0 and a z of 0, and reads 0 (it was NaN).
+    t = build(monkeypatch, kernel, [segment(2, mtht.FTRLWithGroupSparsityOptimizer(
+        beta=0.0, initial_accumulator_value=0.0))], [0.1])
+    got = one_step(t, [1.0, 0.0])
+    assert np.isfinite(got).all() and got[0, 1] == 0.0 and got[0, 0] != 0.0
+    assert np.isfinite(one_step(t, [1.0, 1.0], global_step=1)).all()
 
 
 def group_lasso(lam):

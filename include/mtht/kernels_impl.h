@@ -150,9 +150,13 @@ void amsgrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr
   powers[1] *= b2;
 }
 
+// FTRL, group FTRL and group lasso divide by the learning rate: a step at rate 0 (where a
+// LinearWarmup starts) would store NaN or infinities, and is left out, state and values.
+
 // ---- FTRL (textbook sign in the L1 term): state zero[D], norm[D] ----
 template <int D>
 void ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  if (lr == 0.f) return;
   const int n = dim_of<D>(s.dim);
   const OptParams& p = s.opt_params;
   float* z = st;
@@ -170,9 +174,12 @@ void ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, i
 }
 
 // ---- Group FTRL: per element as FTRL, then shrink the whole segment by ||z||.
-//      state zero[D], norm[D]; ||z|| = 0 or ||z|| < l1 gives w = 0. ----
+//      state zero[D], norm[D]; ||z|| = 0 or ||z|| < l1 gives w = 0, and so does a value
+//      whose denominator is 0 (beta, norm and l2 all 0: every gradient so far was 0, so
+//      its z is 0 too). ----
 template <int D>
 void group_ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  if (lr == 0.f) return;
   const int n = dim_of<D>(s.dim);
   const OptParams& p = s.opt_params;
   float* z = st;
@@ -192,12 +199,16 @@ void group_ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float
     return;
   }
   const float shrink = (p.l1 - znorm) / znorm;
-  for (int i = 0; i < n; ++i) w[i] = lr * z[i] * shrink / (p.beta + __builtin_sqrtf(norm[i]) + p.l2 * lr);
+  for (int i = 0; i < n; ++i) {
+    const float den = p.beta + __builtin_sqrtf(norm[i]) + p.l2 * lr;
+    w[i] = den != 0.f ? lr * z[i] * shrink / den : 0.f;
+  }
 }
 
 // ---- Group Adagrad / group lasso: state one float, the accumulated max squared gradient ----
 template <int D>
 void group_adagrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr, int64_t) {
+  if (lr == 0.f) return;
   const int n = dim_of<D>(s.dim);
   const OptParams& p = s.opt_params;
   const float wd = p.weight_decay_factor, lambda = p.l2;
