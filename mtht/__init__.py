@@ -6,7 +6,13 @@ optimizer state, timestamp) with Monolith's Python API, usable from any trainer.
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from mtht import _core
+try:
+    from mtht import _core
+except ImportError as _error:
+    # Inside a source checkout Python imports its mtht/ directory, which has no built core.
+    raise ImportError(
+        f"mtht's compiled core (mtht._core) cannot be imported from {__path__[0]}: install mtht "
+        f"(pip install .) and run Python from outside the source checkout ({_error})") from _error
 from mtht.entry import (
     AdadeltaOptimizer,
     AdaGradWithGroupLassoOptimizer,

@@ -43,6 +43,9 @@ def compile_flags():
     return MTHT_CXX_FLAGS.decode().strip()
 
 
+MAX_NUM_THREADS = MAX_THREADS
+
+
 def set_num_threads(n):
     """Set the number of threads batch calls may use (the calling thread included)."""
     if isinstance(n, bool):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -130,8 +131,22 @@ class BenchConfig:
             raise ValueError("iterations must be >= 1 and warmup >= 0")
         if self.fused_tables < 1 or self.fused_shards < 1 or self.slots < 1:
             raise ValueError("fused_tables, fused_shards and slots must be >= 1")
-        if any(int(t) < 1 for t in self.threads):
-            raise ValueError(f"thread counts must be >= 1, got {list(self.threads)}")
+        if any(not 1 <= int(t) <= MAX_THREADS for t in self.threads):
+            raise ValueError(f"thread counts must be from 1 to {MAX_THREADS}, got {list(self.threads)}")
+        if not math.isfinite(self.learning_rate):
+            raise ValueError(f"learning_rate must be finite, got {self.learning_rate}")
+        if not (math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0):
+            raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb}")
+        memory_gb = physical_memory_gb()
+        if memory_gb and self.max_memory_gb > memory_gb:
+            raise ValueError(f"max_memory_gb={self.max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
+                             "of memory")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        batch_gb = 4 * self.batch_size * self.dim * 4 / 1e9  # a batch's rows, gradients and outputs
+        if memory_gb and batch_gb > memory_gb:
+            raise ValueError(f"a batch of {self.batch_size:,} rows of dim {self.dim} takes about {batch_gb:.1f} GB "
+                             f"of arrays, more than this machine's {memory_gb:.1f} GB of memory")
         if not 0.0 <= self.capped_new <= 1.0:
             raise ValueError(f"capped_new must be in [0, 1], got {self.capped_new}")
         if self.capped_policy not in ("lru", "lfu"):
@@ -141,6 +156,17 @@ class BenchConfig:
 
     def thread_counts(self) -> List[int]:
         return [int(t) for t in self.threads] or [default_threads()]
+
+
+MAX_THREADS = _core.MAX_NUM_THREADS  # the most mtht.set_num_threads takes
+
+
+def physical_memory_gb() -> Optional[float]:
+    """This machine's memory in GB, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def default_threads() -> int:
@@ -665,6 +691,9 @@ class _MthtRunner:
         after each batch (what an entry that came in holds)."""
         op, c = "apply_gradients_capped", self.c
         reason = _beside_main_table(c, "a second table")
+        if c.batch_size > c.size:
+            reason = (f"skipped: a batch of {c.batch_size:,} ids can hold more distinct ids than a table at its "
+                      f"capacity of --size={c.size:,} entries")
         if reason:
             return _unavailable(op, "mtht", threads, reason)
         cfg = _table_config(c, c.size)
@@ -966,7 +995,11 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
         if probe_bytes < table_bytes:
             notes.append(f"probe buffer capped at {probe_bytes / 1e9:.1f} GB by --max_memory_gb")
         log(f"probe: random 64-byte reads over {probe_bytes / 1e6:,.0f} MB")
-        result["probe"] = random_access_probe(probe_bytes, threads_list)
+        try:
+            result["probe"] = random_access_probe(probe_bytes, threads_list)
+        except MemoryError:
+            notes.append(f"probe skipped: its buffer of {probe_bytes / 1e6:,.0f} MB could not be allocated")
+            result["probe"] = None
     else:
         result["probe"] = None
 
@@ -1122,10 +1155,21 @@ def _goals(result: dict) -> List[dict]:
         for op in ("lookup", "apply_gradients", "apply_gradients_dedup", "assign_add"):
             r = _find(results, op, "mtht", 2)
             if r and "vs_one_thread" in r:
-                goals.append(_goal(f"{op}: 2 threads >= 1.7x one thread (the probe: "
-                                   f"{result.get('probe_two_thread_scaling', float('nan')):.2f}x)",
-                                   r["vs_one_thread"], 1.7))
+                probe_scaling = result.get("probe_two_thread_scaling")
+                beside = f" (the probe: {probe_scaling:.2f}x)" if probe_scaling is not None else ""
+                goals.append(_goal(f"{op}: 2 threads >= 1.7x one thread{beside}", r["vs_one_thread"], 1.7))
     return goals
+
+
+def _goal_value(goal: dict) -> str:
+    """The value of a goal as printed: rounded, but never to the bound it misses or meets
+    (49.6% of a 50% goal prints as 49.6%, not 50%)."""
+    unit, value, need = goal["unit"], goal["value"], goal["need"]
+    for digits in ((0, 1, 2) if unit == "%" else (2, 3, 4)):
+        text = f"{value:.{digits}f}"
+        if (float(text) >= need) == goal["met"]:
+            break
+    return f"{text}%" if unit == "%" else f"{text}x"
 
 
 def _goal(name: str, value: float, need: float, unit: str = "x") -> dict:
@@ -1325,7 +1369,7 @@ def format_report(result: dict, header: bool = True) -> str:
             lines.append("  costs per call and per table weigh differently, so a miss or a hit here does not "
                          "settle a goal)")
         for g in goals:
-            val = f"{g['value']:.0f}%" if g["unit"] == "%" else f"{g['value']:.2f}x"
+            val = _goal_value(g)
             lines.append(f"  [{'met' if g['met'] else 'not met':>7}] {g['goal']}: {val}")
     return "\n".join(lines)
 
@@ -1371,7 +1415,7 @@ flags.DEFINE_integer("slots", 100, "Slots (one table each) of the multi_slot ops
 flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: every core).")
 flags.DEFINE_integer("iterations", 20, "Timed batches per op.", lower_bound=1)
 flags.DEFINE_integer("warmup", 3, "Untimed batches before the timed ones.", lower_bound=0)
-flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.")
+flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.", lower_bound=0)
 flags.DEFINE_string("json", None, "Write the results as JSON to this file.")
 flags.DEFINE_bool("baseline", False, "Also run the ops on numpy tables indexed by a Python dict "
                   "(and by pandas' khash when pandas is installed) and print the ratios.")
@@ -1438,16 +1482,34 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _check_output_file(path: Optional[str], flag: str) -> None:
+    """A file the run writes at its end must be writable before the run starts."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(directory):
+        raise app.UsageError(f"--{flag}={path}: not a file in an existing directory")
+
+
+def _sweep_values() -> List[int]:
+    name = "sweep_sizes" if FLAGS.sweep == "size" else "sweep_dims"
+    values = _ints([v for v in FLAGS[name].value if str(v).strip()], name)
+    if not values or min(values) < 1:
+        raise app.UsageError(f"--{name} must list values >= 1, got {FLAGS[name].value}")
+    return values
+
+
 def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = config_from_flags()
+    _check_output_file(FLAGS.json, "json")
+    if cfg.save_dir is not None and not os.path.isdir(cfg.save_dir):
+        raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
     if FLAGS.sweep != "none":
-        if FLAGS.sweep == "size":
-            values = _ints(FLAGS.sweep_sizes, "sweep_sizes")
-        else:
-            values = _ints(FLAGS.sweep_dims, "sweep_dims")
+        values = _sweep_values()
         plot = FLAGS.plot or "mtht-bench-sweep.png"
+        _check_output_file(plot, "plot")
         res = run_sweep(cfg, FLAGS.sweep, values, plot, log=_log)
         print(format_header(res["runs"][0]))
         print(format_sweep(res))
@@ -1472,6 +1534,10 @@ def run_header_only(cfg: BenchConfig) -> dict:
 
 def run() -> None:
     """Console entry point of ``mtht-bench``."""
+    # absl's --help lists the flags of the module sys.argv[0] names: under the console
+    # script that is the script, not this module.
+    for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
 
 

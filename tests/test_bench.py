@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -355,10 +356,64 @@ def test_cli_json(tmp_path):
             assert r["checksum"] == pytest.approx(expected_checksum(config, op), rel=1e-6, abs=1e-6)
 
 
-def test_cli_rejects_bad_flags(tmp_path):
-    proc = _cli("--ops=lookup,frobnicate", "--size=1000", cwd=tmp_path)
+@pytest.mark.parametrize("args, says", [
+    (["--ops=lookup,frobnicate"], "frobnicate"),
+    (["--threads=2000"], "from 1 to 1024"),
+    (["--max_memory_gb=-1"], "max_memory_gb must be a positive number"),
+    (["--max_memory_gb=nan"], "max_memory_gb must be a positive number"),
+    (["--max_memory_gb=0"], "max_memory_gb must be a positive number"),
+    (["--max_memory_gb=1000000"], "more than this machine's"),
+    (["--seed=-1"], "--seed"),
+    (["--learning_rate=nan"], "learning_rate must be finite"),
+    (["--dim=1000000", "--batch_size=65536"], "GB of arrays"),
+    (["--json=/nonexistent/dir/x.json"], "--json=/nonexistent/dir/x.json"),
+    (["--json=."], "--json=."),
+    (["--save_dir=/nonexistent"], "--save_dir=/nonexistent"),
+    (["--sweep=size", "--sweep_sizes=1000,0"], "--sweep_sizes must list values >= 1"),
+    (["--sweep=size", "--sweep_sizes="], "--sweep_sizes must list values >= 1"),
+    (["--sweep=dim", "--sweep_dims=0"], "--sweep_dims must list values >= 1"),
+    (["--sweep=size", "--sweep_sizes=1000", "--plot=/nonexistent/d/p.png"], "--plot=/nonexistent/d/p.png"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
+    # A usage error, before anything runs (no probe, no table): not a traceback at the end.
+    proc = _cli("--size=1000", "--iterations=1", "--noprogress", *args, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "frobnicate" in proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "probe: random 64-byte reads over" not in proc.stderr and proc.stdout == ""
+
+
+def test_console_script_help_lists_the_flags(tmp_path):
+    # Under the console script sys.argv[0] is the script, not mtht/bench.py: absl's --help
+    # must still list the benchmark's flags.
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'mtht-bench'; "
+                           "from mtht.bench import run; run()", "--help"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    for flag in ("--size", "--ops", "--threads", "--checkpoint_format", "--sweep"):
+        assert flag in proc.stdout, proc.stdout
+
+
+def test_capped_op_with_batches_larger_than_the_table_is_skipped():
+    result = bench.run_benchmark(_config(ops=("apply_gradients_capped",), size=1000, batch_size=4096,
+                                         threads=(1,), probe=False))
+    (r,) = _results(result, "apply_gradients_capped", "mtht")
+    assert r["status"] == "unavailable" and "--size=1,000" in r["note"]
+
+
+def test_importing_mtht_without_its_compiled_core_says_why(tmp_path):
+    # As inside a source checkout: the package's directory without its built core.
+    (tmp_path / "mtht").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(mtht.__file__), "__init__.py"), tmp_path / "mtht" / "__init__.py")
+    proc = subprocess.run([sys.executable, "-c", "import mtht"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "run Python from outside the source checkout" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("value, met, shown", [(49.6, False, "49.6%"), (49.99, False, "49.99%"), (50.0, True, "50%"),
+                                               (1.6996, False, "1.6996x"), (1.7, True, "1.70x")])
+def test_a_goal_is_never_shown_at_the_bound_it_misses(value, met, shown):
+    goal = bench._goal("g", value, 50.0 if shown.endswith("%") else 1.7, unit="%" if shown.endswith("%") else "x")
+    assert goal["met"] is met and bench._goal_value(goal) == shown
 
 
 def test_max_load_factor_reaches_the_tables():
