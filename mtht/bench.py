@@ -138,9 +138,6 @@ class BenchConfig:
         if not (math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0):
             raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb}")
         memory_gb = physical_memory_gb()
-        if memory_gb and self.max_memory_gb > memory_gb:
-            raise ValueError(f"max_memory_gb={self.max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
-                             "of memory")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         batch_gb = 4 * self.batch_size * self.dim * 4 / 1e9  # a batch's rows, gradients and outputs
@@ -1458,6 +1455,13 @@ def config_from_flags() -> BenchConfig:
         for name, v in _QUICK.items():
             if not FLAGS[name].present:
                 values[name] = v
+    memory_gb = physical_memory_gb()
+    max_memory_gb = FLAGS.max_memory_gb
+    if memory_gb and max_memory_gb > memory_gb:
+        if FLAGS["max_memory_gb"].present:
+            raise app.UsageError(f"--max_memory_gb={max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
+                                 "of memory")
+        max_memory_gb = round(0.75 * memory_gb, 1)  # the default, on a smaller machine
     baseline = FLAGS.baseline
     if FLAGS.quick and not FLAGS["baseline"].present:
         baseline = True
@@ -1466,7 +1470,7 @@ def config_from_flags() -> BenchConfig:
         dist=FLAGS.dist, zipf_a=FLAGS.zipf_a, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
         ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards, slots=FLAGS.slots,
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
-        baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=FLAGS.max_memory_gb, probe=FLAGS.probe,
+        baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, checkpoint_format=FLAGS.checkpoint_format,
         max_load_factor=FLAGS.max_load_factor,
         capped_new=FLAGS.capped_new, capped_policy=FLAGS.capped_policy,

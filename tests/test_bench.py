@@ -382,6 +382,27 @@ def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     assert "probe: random 64-byte reads over" not in proc.stderr and proc.stdout == ""
 
 
+_ON_A_SMALL_MACHINE = """
+import sys
+from absl import app
+from mtht import bench
+bench.physical_memory_gb = lambda: 4.0
+bench.FLAGS(["mtht-bench"] + sys.argv[1:])
+try:
+    print(bench.config_from_flags().max_memory_gb)
+except app.UsageError as e:
+    print("usage error:", e)
+"""
+
+
+@pytest.mark.parametrize("args, printed", [([], "3.0"), (["--max_memory_gb=2"], "2.0"),
+                                           (["--max_memory_gb=5"], "usage error: --max_memory_gb=5 is more")])
+def test_the_memory_budget_on_a_machine_smaller_than_its_default(tmp_path, args, printed):
+    proc = subprocess.run([sys.executable, "-c", _ON_A_SMALL_MACHINE, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.startswith(printed), proc.stdout + proc.stderr
+
+
 def test_console_script_help_lists_the_flags(tmp_path):
     # Under the console script sys.argv[0] is the script, not mtht/bench.py: absl's --help
     # must still list the benchmark's flags.
