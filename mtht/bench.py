@@ -137,9 +137,9 @@ class BenchConfig:
             raise ValueError(f"learning_rate must be finite, got {self.learning_rate}")
         if not (math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0):
             raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb}")
-        memory_gb = physical_memory_gb()
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        memory_gb = physical_memory_gb()
         batch_gb = 4 * self.batch_size * self.dim * 4 / 1e9  # a batch's rows, gradients and outputs
         if memory_gb and batch_gb > memory_gb:
             raise ValueError(f"a batch of {self.batch_size:,} rows of dim {self.dim} takes about {batch_gb:.1f} GB "
