@@ -96,8 +96,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-_LOCKS: Dict[str, threading.Lock] = {}
+# path -> [its lock, the threads holding or waiting for it]: an entry goes when the last
+# of them is done, so that the locks of a run's many basenames do not pile up.
+_LOCKS: Dict[str, list] = {}
 _LOCKS_GUARD = threading.Lock()
+
+
+def _forget_locks() -> None:
+    # A forked child has none of its parent's other threads: the locks they held would
+    # never be released there.
+    global _LOCKS, _LOCKS_GUARD
+    _LOCKS, _LOCKS_GUARD = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
 
 
 @contextlib.contextmanager
@@ -107,11 +119,21 @@ def _turn(*paths: str):
     its files removed by a save that replaced them."""
     keys = sorted({os.path.realpath(os.fspath(p)) for p in paths})
     with _LOCKS_GUARD:
-        locks = [_LOCKS.setdefault(k, threading.Lock()) for k in keys]
-    with contextlib.ExitStack() as stack:
-        for lock in locks:
-            stack.enter_context(lock)
-        yield
+        entries = [_LOCKS.setdefault(k, [threading.Lock(), 0]) for k in keys]
+        for entry in entries:
+            entry[1] += 1
+    guard = _LOCKS_GUARD
+    try:
+        with contextlib.ExitStack() as stack:
+            for lock, _ in entries:
+                stack.enter_context(lock)
+            yield
+    finally:
+        with guard:
+            for key, entry in zip(keys, entries):
+                entry[1] -= 1
+                if entry[1] == 0 and _LOCKS.get(key) is entry:
+                    del _LOCKS[key]
 
 
 def _remove(paths: List[str]) -> None:

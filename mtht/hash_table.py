@@ -36,7 +36,19 @@ class EntryDump:
     last_update_ts: int
 
 
-class BaseHashTable(abc.ABC):
+class NotCopyable:
+    """A table's entries live in the C++ core: a shallow copy would share them without
+    saying so, and a deep copy or a pickle would have to write them all. Both are refused;
+    a checkpoint is the way to copy a table."""
+
+    def _refuse(self, *_):
+        raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: save it and restore the checkpoint "
+                        "into a new table (mtht.checkpoint.save_multi_type for a multi-type table)")
+
+    __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _refuse
+
+
+class BaseHashTable(NotCopyable, abc.ABC):
     """The interface every single table offers (Monolith's ``BaseHashTable``)."""
 
     @abc.abstractmethod

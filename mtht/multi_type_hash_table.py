@@ -23,7 +23,7 @@ from mtht.hash_table_utils import infer_dim_size
 __all__ = ["BaseMultiTypeHashTable", "MultiTypeHashTable", "MergedMultiTypeHashTable"]
 
 
-class BaseMultiTypeHashTable(abc.ABC):
+class BaseMultiTypeHashTable(_hash_table.NotCopyable, abc.ABC):
     """Tables addressed by slot name; the interface of Monolith's multi-type tables."""
 
     @abc.abstractmethod

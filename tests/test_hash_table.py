@@ -6,6 +6,7 @@ initialisation, reinitialize and the small accessors.
 """
 
 import os
+import subprocess
 import sys
 import time
 
@@ -533,6 +534,51 @@ def test_an_initial_capacity_past_the_machines_memory_is_refused():
         hash_table_from_config(config)
     config.table_config.initial_capacity = 1000
     assert hash_table_from_config(config).size() == 0
+
+
+_FAILED_BUILDS = """
+import resource, mtht
+from mtht.testing import generate_test_hash_table_config
+def vm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) // 1024
+config = generate_test_hash_table_config(16)
+config.table_config.initial_capacity = 6_000_000  # rows reserved: 768 MB
+start = vm_mb()
+resource.setrlimit(resource.RLIMIT_AS, ((start + 700) << 20, resource.RLIM_INFINITY))
+failures = 0
+for _ in range(5):
+    try:
+        mtht.hash_table_from_config(config)
+    except MemoryError:
+        failures += 1
+print(failures, vm_mb() - start)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmSize from /proc")
+def test_a_table_that_cannot_get_its_memory_gives_back_what_it_took():
+    # Under an address-space limit, a table whose reservation does not fit raises
+    # MemoryError, and what its constructor had reserved is freed (each failure kept about
+    # 700 MB of address space).
+    proc = subprocess.run([sys.executable, "-c", _FAILED_BUILDS], capture_output=True, text=True, timeout=120)
+    failures, growth_mb = map(int, proc.stdout.split())
+    assert failures == 5 and growth_mb < 100, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_tables_cannot_be_copied_or_pickled(how):
+    # A copy would share the core's entries without saying so; refused with a clear error.
+    import copy
+    import pickle
+    from mtht.multi_type_hash_table import MultiTypeHashTable
+    t = sgd_table(2)
+    multi = MultiTypeHashTable({"a": generate_test_hash_table_config(2)},
+                               lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    for obj in (t, multi):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how](obj)
 
 
 class DLPackOnly:

@@ -1288,6 +1288,16 @@ def test_killed_saver_leaves_one_whole_checkpoint(tmp_path):
         assert len(data_files(tmp_path)) <= 2
 
 
+def test_the_locks_of_basenames_go_when_their_saves_are_done(tmp_path):
+    # One lock per basename in use: a run saving at a new basename each step keeps none.
+    t = table_of(dim=2)
+    t.assign(ids_of(1), [[1, 1]])
+    for step in range(20):
+        t.save(str(tmp_path / f"step{step}" / "t"))
+        table_of(dim=2).restore(str(tmp_path / f"step{step}" / "t"))
+    assert mtht.checkpoint._LOCKS == {}
+
+
 def _interrupt_on_call(monkeypatch, module, name, call):
     """Makes ``module.name`` raise KeyboardInterrupt at its ``call``-th call (1-based) after
     doing what it does: as if Ctrl-C came just after it."""

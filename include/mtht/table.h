@@ -1361,10 +1361,15 @@ class EmbeddingTable {
     write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
     const size_t shards = size_t{1} << shard_bits_;
     shards_.reserve(shards);
-    for (size_t s = 0; s < shards; ++s) shards_.emplace_back(new_shard().release());
-    if (spec.initial_capacity > 0) {
-      const uint64_t per = (spec.initial_capacity + shards - 1) / shards;
-      for (auto& sh : shards_) sh->reserve(per);
+    try {
+      for (size_t s = 0; s < shards; ++s) shards_.emplace_back(new_shard().release());
+      if (spec.initial_capacity > 0) {
+        const uint64_t per = (spec.initial_capacity + shards - 1) / shards;
+        for (auto& sh : shards_) sh->reserve(per);
+      }
+    } catch (...) {  // no destructor runs for a constructor that throws: free what it made
+      for (auto* s : shards_) delete s;
+      throw;
     }
   }
   ~EmbeddingTable() {
