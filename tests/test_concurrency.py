@@ -533,6 +533,38 @@ def test_fork_while_another_thread_allocates_does_not_deadlock_the_child():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("parent", ["lookup", "apply_gradients", "save"])
+@pytest.mark.parametrize("child", ["lookup", "apply_gradients", "save"])
+def test_a_child_forked_while_a_thread_is_inside_a_call_uses_that_table(tmp_path, parent, child):
+    # Another thread is inside a call on the table when the process forks: the fork waits
+    # for it, so the child inherits none of the locks the call held, and its own call on
+    # the same table returns (it hung: the locks stayed held in the child).
+    n = 200_000
+    t = _sgd_table()
+    ids = np.arange(n)
+    rows = np.ones((n, 8), np.float32)
+    t.assign(ids, rows)
+    calls = {"lookup": lambda base: t.lookup(ids),
+             "apply_gradients": lambda base: t.apply_gradients(ids, rows, global_step=1),
+             "save": lambda base: t.save(str(base))}
+    stop = threading.Event()
+    busy = threading.Thread(target=lambda: [calls[parent](tmp_path / "p") for _ in iter(stop.is_set, True)])
+    busy.start()
+    try:
+        for k in range(3):
+            time.sleep(0.05)
+            pid = os.fork()
+            if pid == 0:
+                calls[child](tmp_path / f"c{k}")
+                os._exit(0 if t.size() == n else 3)
+            status = _wait_for_child(pid, f"the child's {child} hung after a fork during the parent's {parent}")
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        stop.set()
+        busy.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("child", ["exit", "write", "threads"])
 def test_a_forked_child_uses_the_table_and_exits(restore_num_threads, child):
     # The parent's helper threads do not exist in a child: its calls, its set_num_threads and

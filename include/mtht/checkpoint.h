@@ -420,6 +420,7 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
 inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& table, const std::vector<std::string>& paths,
                                                        int64_t max_update_ts, bool apply_expiry,
                                                        const std::string& layout) {
+  const detail::ForkGate::InCall in_call;
   const EmbeddingTable::LayoutPin pin(table);  // the shards stay as they are through the save
   const size_t n = paths.size();
   if (n == 0) throw ValueError("a checkpoint has at least one data file");
@@ -432,6 +433,7 @@ inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& tab
 
 inline std::vector<CheckpointFileInfo> load_checkpoint(EmbeddingTable& into, const std::vector<std::string>& paths,
                                                        const std::string& layout) {
+  const detail::ForkGate::InCall in_call;
   std::vector<CheckpointFileInfo> out(paths.size());
   ThreadPool::global().parallel_for(paths.size(),
                                     [&](size_t i) { out[i] = load_checkpoint_file(into, paths[i], layout); });

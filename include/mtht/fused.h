@@ -97,6 +97,7 @@ inline TableGather gather_table(const FusedLayout& L, const int64_t* ids, size_t
 // a task looks up one piece of a table's ids (detail::ReadPieces), which may span blocks.
 inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                          float* embeddings) {
+  const detail::ForkGate::InCall in_call;
   const size_t K = L.num_tables, N = L.num_shards;
   const size_t total = static_cast<size_t>(L.id_offsets.back());
   const size_t threads = EmbeddingTable::batch_threads(total);
@@ -135,6 +136,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
 inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                                   const float* grads, size_t n_grads, const float* lrs, size_t n_lrs,
                                   int64_t global_step, int64_t ts, bool accumulate) {
+  const detail::ForkGate::InCall in_call;
   if (n_grads != static_cast<size_t>(L.emb_offsets.back()))
     throw ValueError("id_grads must have " + std::to_string(L.emb_offsets.back()) + " floats, got " +
                      std::to_string(n_grads));

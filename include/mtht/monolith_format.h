@@ -573,6 +573,7 @@ inline void check_format(const EmbeddingTable& table, const EntryFormat& format)
 // the records of each file.
 inline std::vector<uint64_t> save(const EmbeddingTable& table, const std::vector<std::string>& paths, int64_t now,
                                   const EntryFormat& format) {
+  const mtht::detail::ForkGate::InCall in_call;
   check_format(table, format);
   const EmbeddingTable::LayoutPin pin(table);  // the shards stay as they are through the save
   const size_t n = paths.size();
@@ -616,6 +617,7 @@ inline LoadInfo load_file(EmbeddingTable& into, const std::string& path, const E
 // An error names the first broken file in the order of `paths`, whichever thread read it.
 inline std::vector<LoadInfo> load(EmbeddingTable& into, const std::vector<std::string>& paths,
                                   const EntryFormat& format, int max_threads) {
+  const mtht::detail::ForkGate::InCall in_call;
   check_format(into, format);
   std::vector<LoadInfo> out(paths.size());
   std::vector<std::exception_ptr> errors(paths.size());

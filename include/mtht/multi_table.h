@@ -101,6 +101,7 @@ struct TableRead {
 
 // Each part as the table's lookup would do it, all in one call of the pool.
 inline void lookup_tables(const std::vector<TableRead>& parts) {
+  const detail::ForkGate::InCall in_call;
   std::vector<size_t> counts;
   size_t total = 0, out_bytes = 0;
   for (const TableRead& p : parts) {
@@ -141,6 +142,7 @@ struct TablePart {
 // (`dedup`) and has its evictions chosen before the first table changes. `global_step` and
 // `dedup` concern the kApplyGradients parts; `ts` is every part's timestamp.
 inline void write_tables(const std::vector<TablePart>& parts, int64_t global_step, int64_t ts, bool dedup) {
+  const detail::ForkGate::InCall in_call;
   std::vector<EmbeddingTable*> tables;
   size_t total_ids = 0;
   for (const TablePart& p : parts) {

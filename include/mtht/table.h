@@ -65,6 +65,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <shared_mutex>
 #include <string>
@@ -944,6 +945,7 @@ class ScratchMemory {
   }
 
  private:
+  friend class ForkGate;  // registers its fork handlers after this one's
   static ScratchMemory& global() {
     static ScratchMemory* m = make();  // never destroyed: plans may outlive statics
     return *m;
@@ -961,6 +963,51 @@ class ScratchMemory {
   // for the smallest block that fits was 6% of a write of 100 tables of 200 ids.
   std::multimap<size_t, std::unique_ptr<unsigned char[]>> spare_;
   size_t kept_ = 0;
+};
+
+// A fork while another thread is inside a call on a table would leave the locks that call
+// holds (a shard's, the layout, a capacity limit's) held in the child, which would then
+// wait on them forever at its first call on that table. Every call from outside the core
+// holds this gate shared (InCall); a fork takes it alone first, so it waits until the calls
+// under way are done, and gives it back on both sides. No new call can start meanwhile: the
+// forking thread holds the interpreter's lock, which a call needs to begin. A call's pool
+// helpers may still take it shared while the fork waits (readers go first), and must: the
+// call waits for them.
+class ForkGate {
+ public:
+  class InCall {
+   public:
+    InCall() {
+      if (depth()++ == 0) gate().lock_shared();
+    }
+    ~InCall() {
+      if (--depth() == 0) gate().unlock_shared();
+    }
+    InCall(const InCall&) = delete;
+    InCall& operator=(const InCall&) = delete;
+  };
+
+ private:
+  static int& depth() {
+    static thread_local int calls = 0;  // calls this thread is inside of
+    return calls;
+  }
+  static std::shared_mutex& gate() {
+    static std::shared_mutex* g = make();  // never destroyed, like the pools
+    return *g;
+  }
+  // Prepare handlers run in the reverse order of their registration: the memory pools'
+  // handlers are registered first, so that this one, run before theirs, waits for calls
+  // that may still need a pool's lock.
+  static std::shared_mutex* make() {
+    HugeBlockPool::global();
+    ScratchMemory::global();
+    auto* g = new std::shared_mutex();
+    // In the child the gate is made anew rather than unlocked: a rwlock records its writer
+    // by thread id, and the child's one thread has another.
+    pthread_atfork([] { gate().lock(); }, [] { gate().unlock(); }, [] { new (&gate()) std::shared_mutex(); });
+    return g;
+  }
 };
 
 // A block of kept scratch memory (ScratchMemory), not initialised.
@@ -1489,6 +1536,7 @@ class EmbeddingTable {
   // shard before a capacity-limited write evicted and another after it inserted, and see
   // the table past max_entries (a write evicts in every shard before it inserts in any).
   uint64_t size() const {
+    const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);
     uint64_t n = 0;
@@ -1497,6 +1545,7 @@ class EmbeddingTable {
   }
 
   TableStats stats(bool probe_lengths = false) const {
+    const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     TableStats st;
     st.num_shards = shards_.size();
@@ -1526,6 +1575,7 @@ class EmbeddingTable {
 
   // out[N, dim]: the stored values, or zeros for a missing id (nothing is inserted).
   void lookup(const int64_t* ids, size_t n, float* out) const {
+    const detail::ForkGate::InCall in_call;
     const size_t d = static_cast<size_t>(layout_.dim);
     const bool streamed = n * d * sizeof(float) >= detail::kStreamedOutputBytes;
     for_each_read_range(n, [&](size_t b, size_t e) {
@@ -1590,6 +1640,7 @@ class EmbeddingTable {
   }
 
   void contains(const int64_t* ids, size_t n, uint8_t* out) const {
+    const detail::ForkGate::InCall in_call;
     for_each_shard_read(ids, n, [&](size_t i, detail::Shard::Slot, const float* row) { out[i] = row != nullptr; });
   }
 
@@ -1597,6 +1648,7 @@ class EmbeddingTable {
   // (its outputs are then zero).
   void lookup_entries(const int64_t* ids, size_t n, float* values, float* state, int64_t* ts,
                       uint8_t* found) const {
+    const detail::ForkGate::InCall in_call;
     const int d = layout_.dim, sd = layout_.state_dim;
     for_each_shard_read(ids, n, [&](size_t i, detail::Shard::Slot slot, const float* row) {
       found[i] = row != nullptr;
@@ -1614,6 +1666,7 @@ class EmbeddingTable {
 
   // Upsert rows; the last duplicate wins. New entries get their optimizer state initialised.
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    const detail::ForkGate::InCall in_call;
     check_finite(values, n * layout_.dim, "values");
     assign_rows(ids, n, values, ts);
     maybe_split();
@@ -1621,6 +1674,7 @@ class EmbeddingTable {
 
   // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    const detail::ForkGate::InCall in_call;
     check_finite(values, n * layout_.dim, "values");
     add_rows(ids, n, values, ts);
     maybe_split();
@@ -1659,6 +1713,7 @@ class EmbeddingTable {
   // stepped in block order (the fused multi-shard update).
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
                        int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
+    const detail::ForkGate::InCall in_call;
     check_learning_rates(lrs, n_lrs);
     check_finite(grads, n * layout_.dim, "gradients");
     check_step(global_step);
@@ -1712,6 +1767,7 @@ class EmbeddingTable {
 
   // Removes every entry expired at `max_update_time`; returns how many. Their memory is reused.
   uint64_t evict(int64_t max_update_time) {
+    const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     std::atomic<uint64_t> removed{0};
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
@@ -1735,6 +1791,7 @@ class EmbeddingTable {
   // reads), under the shard's read lock.
   template <class Fn>
   void scan_shard(size_t s, Fn&& fn) const {
+    const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<detail::SharedMutex> lk(sh.mu);
@@ -1769,12 +1826,14 @@ class EmbeddingTable {
 
   // Writes entries read from a checkpoint: `data` holds dim + state_dim floats per entry.
   void load_entries(const int64_t* ids, const int64_t* ts, const float* data, size_t n) {
+    const detail::ForkGate::InCall in_call;
     load_entries(ids, ts, data, sizeof(float) * (layout_.dim + layout_.state_dim), n);
   }
 
   // load_entries with entry i's values and state at data + i * stride bytes (a checkpoint's
   // records, read in place).
   void load_entries(const int64_t* ids, const int64_t* ts, const void* data, size_t stride, size_t n) {
+    const detail::ForkGate::InCall in_call;
     const size_t bytes = sizeof(float) * (layout_.dim + layout_.state_dim);
     const char* rows = static_cast<const char*>(data);
     const bool far = std::any_of(ts, ts + n, [](int64_t t) { return far_stamp(t); });
@@ -1800,6 +1859,7 @@ class EmbeddingTable {
 
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
+    const detail::ForkGate::InCall in_call;
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
