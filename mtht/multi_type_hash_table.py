@@ -84,6 +84,8 @@ def _naming_the_slot(slot):
     try:
         yield
     except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError):  # another class may not take a message alone
+            raise
         raise type(e)(f"slot {slot!r}: {e}") from None
 
 
