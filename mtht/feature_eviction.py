@@ -26,6 +26,9 @@ class FeatureEvictor:
         self.runs = 0
         self._thread = threading.Thread(target=self._loop, name="mtht-feature-eviction", daemon=True)
         self._thread.start()
+        # The thread ends as soon as the table is gone, not at its next poll: a loop that
+        # builds and drops tables would otherwise keep a thread for each for seconds.
+        weakref.finalize(table, self._stop.set)
 
     def _loop(self) -> None:
         last = time.monotonic()

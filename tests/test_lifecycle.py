@@ -9,6 +9,7 @@ capacity rule checked against a small model.
 """
 
 import collections
+import gc
 import hashlib
 import json
 import os
@@ -523,6 +524,22 @@ def test_feature_evictor_removes_expired_entries_on_its_own():
         evictor.stop()
     with pytest.raises(ValueError):
         FeatureEvictor(t, period_seconds=0)
+
+
+def test_the_eviction_thread_of_a_dropped_table_ends_at_once():
+    # Its poll is 10 s; the thread must not outlive the table by that much (a loop that
+    # built and dropped tables kept a thread for each).
+    cfg = config_of()
+    cfg.table_config.enable_feature_eviction = True
+    before = threading.active_count()
+    for _ in range(20):
+        t = hash_table_from_config(cfg)
+        del t
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == before
 
 
 def test_feature_eviction_config_builds_a_working_table():
