@@ -56,6 +56,7 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         cbool has_filter
         uint32_t default_occurrence_threshold
         vector[pair[uint32_t, uint32_t]] slot_occurrence_thresholds
+        uint64_t filter_capacity
 
 
 cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
@@ -89,6 +90,9 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         uint64_t read_block
         uint64_t write_block
         uint64_t timestamps_apart
+        uint64_t filter_counts
+        uint64_t filter_bytes
+        uint64_t filter_forgotten
 
     cdef cppclass EmbeddingTable:
         EmbeddingTable(const TableSpec& spec) except +translate_exception

@@ -36,6 +36,7 @@ class Table:
         eviction_policy: str = "lru",
         max_bytes: int = 0,
         max_load_factor: float = 0.5,
+        filter_capacity: int = 0,
     ) -> None: ...
     def size(self) -> int: ...
     @property

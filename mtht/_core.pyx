@@ -151,8 +151,10 @@ cdef class Table:
     def __cinit__(self, list segments, uint64_t random_seed=0, bint allow_non_finite=False,
                   uint64_t initial_capacity=0, int num_shards=0, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
-                  str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5):
-        """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold})."""
+                  str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5,
+                  uint64_t filter_capacity=0):
+        """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold});
+        ``filter_capacity``: about the most counts the filter keeps (0: no bound)."""
         cdef TableSpec spec
         cdef SegmentSpec seg
         for s in segments:
@@ -196,6 +198,7 @@ cdef class Table:
         spec.eviction_policy = 0 if eviction_policy == "lru" else 1
         for slot, days in (slot_expire_days or {}).items():
             spec.slot_expire_days.push_back(pair[uint32_t, uint32_t](slot, days))
+        spec.filter_capacity = filter_capacity
         if occurrence_thresholds is not None:
             spec.has_filter = True
             spec.default_occurrence_threshold = occurrence_thresholds[0]
@@ -335,6 +338,9 @@ cdef class Table:
             "read_block": st.read_block,
             "write_block": st.write_block,
             "timestamps_apart": st.timestamps_apart,
+            "filter_counts": st.filter_counts,
+            "filter_bytes": st.filter_bytes,
+            "filter_forgotten": st.filter_forgotten,
         }
 
     def lookup(self, const int64_t[::1] ids, float[:, ::1] out):

@@ -6,9 +6,11 @@ import numbers
 import threading
 from typing import Dict, Mapping, Optional, Tuple
 
-__all__ = ["HashFilter", "MAX_SLOT"]
+__all__ = ["HashFilter", "MAX_SLOT", "DEFAULT_CAPACITY"]
 
 MAX_SLOT = 0x7FFF  # slot of an id = (id >> 48) & 0x7FFF
+DEFAULT_CAPACITY = 300_000_000  # Monolith's filter's default capacity
+_MAX_CAPACITY = 2**62
 
 
 def _threshold(value, what: str) -> int:
@@ -26,10 +28,22 @@ class HashFilter:
     already in the table is never filtered. Counts are exact (Monolith's saturate at 15).
     The counts live with the table the filter is attached to and are saved and restored
     with it; a filter serves one table.
+
+    The filter keeps about ``capacity`` counts at most (each takes 32 to 64 bytes): past
+    that, the counts of the ids counted least recently are forgotten (their ids count from
+    0 again), in two generations: a count is kept while fewer than about half of
+    ``capacity`` ids have been counted since its id was last seen, and forgotten once about
+    ``capacity`` have. ``stats()["filter_forgotten"]`` of the table says how many went.
     """
 
     def __init__(self, default_occurrence_threshold: int = 0,
-                 slot_occurrence_thresholds: Optional[Mapping[int, int]] = None):
+                 slot_occurrence_thresholds: Optional[Mapping[int, int]] = None,
+                 capacity: int = DEFAULT_CAPACITY):
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
+            raise TypeError(f"capacity must be an integer, got {type(capacity).__name__}")
+        if not 1 <= int(capacity) <= _MAX_CAPACITY:
+            raise ValueError(f"capacity must be in [1, 2^62], got {capacity!r}")
+        self._capacity = int(capacity)
         self._default = _threshold(default_occurrence_threshold, "default_occurrence_threshold")
         self._slots: Dict[int, int] = {}
         for slot, threshold in (slot_occurrence_thresholds or {}).items():
@@ -47,6 +61,11 @@ class HashFilter:
     def slot_occurrence_thresholds(self) -> Dict[int, int]:
         return dict(self._slots)
 
+    @property
+    def capacity(self) -> int:
+        """About the most counts the filter keeps."""
+        return self._capacity
+
     def thresholds(self) -> Tuple[int, Dict[int, int]]:
         """(default threshold, {slot: threshold}) as the core takes them."""
         return self._default, dict(self._slots)
@@ -61,4 +80,4 @@ class HashFilter:
 
     def __repr__(self) -> str:
         return (f"HashFilter(default_occurrence_threshold={self._default}, "
-                f"slot_occurrence_thresholds={self._slots})")
+                f"slot_occurrence_thresholds={self._slots}, capacity={self._capacity})")

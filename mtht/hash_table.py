@@ -274,6 +274,7 @@ class HashTable(BaseHashTable):
             default_expire_days=int(expiry.default_expire_time),
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
+            filter_capacity=self._hash_filter.capacity if self._hash_filter is not None else 0,
             max_entries=int(table_config.max_entries or 0),
             max_bytes=int(table_config.max_bytes or 0),
             eviction_policy=str(table_config.eviction_policy),
@@ -351,7 +352,9 @@ class HashTable(BaseHashTable):
         buckets of 4 slots). ``read_block`` and ``write_block`` are the ids per block of the
         batch loops (see "How long a block" in docs/design.md). ``timestamps_apart`` counts
         the entries whose timestamp is outside [0, 2**32 - 1), which the index keeps apart
-        (their memory is part of ``index_bytes``)."""
+        (their memory is part of ``index_bytes``). ``filter_counts``, ``filter_bytes`` and
+        ``filter_forgotten``: the admission filter's counts, their memory (not part of
+        ``bytes``) and the counts forgotten to stay within its capacity."""
         st = self._core.stats(probe_lengths)
         st["row_bytes_reserved"] = st.pop("row_bytes")
         st["row_bytes"] = st["rows_in_use"] * st["row_stride"]

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mtht
 from mtht import entry
@@ -480,6 +482,152 @@ def test_filter_state_is_saved_and_restored(tmp_path):
     restored.assign_add(ids_of(7, 8), [[1], [1]])            # 7: fourth (admitted); 8: third
     assert restored.lookup(ids_of(7, 8)).tolist() == [[1], [0]]
 
+
+
+class GenerationalFilterModel:
+    """The filter's counts of one shard as HashFilter documents them: counts enter the
+    current generation; when it holds ``bound`` ids the older one is forgotten and the
+    current one becomes the older; an id counted again moves to the current one."""
+
+    def __init__(self, threshold, bound):
+        self.threshold, self.bound = threshold, bound
+        self.current, self.older, self.forgotten = {}, {}, 0
+
+    def admits(self, i, occurrences):
+        """Whether an absent id is admitted at a write of ``occurrences`` of it."""
+        if self.threshold == 0:
+            return True
+        if i not in self.current:
+            carried = self.older.pop(i, 0)
+            if len(self.current) >= self.bound:
+                self.forgotten += len(self.older)
+                self.older, self.current = self.current, {}
+            self.current[i] = carried
+        before = self.current[i]
+        if before < self.threshold:
+            self.current[i] = before + occurrences
+            return False
+        del self.current[i]
+        return True
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(threshold=st.integers(1, 3), capacity=st.integers(1, 12),
+       writes=st.lists(st.tuples(st.booleans(), st.lists(st.integers(0, 30), min_size=1, max_size=25)),
+                       min_size=1, max_size=12))
+def test_filter_capacity_keeps_the_counts_of_recent_ids(threshold, capacity, writes):
+    # One shard, so that its generations hold ceil(capacity / 2) ids each. Plain writes
+    # count occurrence by occurrence in input order; deduplicated ones count each id once,
+    # in the order of first occurrence, with the batch's occurrences.
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=threshold, capacity=capacity),
+                 num_shards=1)
+    model = GenerationalFilterModel(threshold, -(-capacity // 2))
+    values = {}
+    universe = np.arange(31, dtype=np.int64)
+    for dedup, batch in writes:
+        ids = np.asarray(batch, np.int64)
+        t.apply_gradients(ids, np.full((len(batch), 1), -1, F32), global_step=0, enable_dedup=dedup)
+        if dedup:
+            for i, n in collections.Counter(batch).items():  # first occurrences in order
+                if i in values or model.admits(i, n):
+                    values[i] = values.get(i, 0) + n
+        else:
+            for i in batch:
+                if i in values or model.admits(i, 1):
+                    values[i] = values.get(i, 0) + 1
+        assert t.lookup(universe)[:, 0].tolist() == [values.get(i, 0) for i in range(31)]
+        assert t.contains(universe).tolist() == [i in values for i in range(31)]
+        stats = t.stats()
+        assert stats["filter_counts"] == len(model.current) + len(model.older)
+        assert stats["filter_forgotten"] == model.forgotten
+
+
+def test_filter_counts_stay_within_capacity():
+    # A stream of ids each seen once (most ids of a sparse feature): without a bound every
+    # one of them keeps a count.
+    capacity, batch, batches = 20_000, 10_000, 30
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=capacity))
+    exact = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=2**62))
+    for b in range(batches):
+        ids = np.arange(b * batch, (b + 1) * batch, dtype=np.int64)
+        for table in (t, exact):
+            table.assign_add(ids, np.ones((batch, 1), F32))
+    stats = t.stats()
+    shards = stats["num_shards"]
+    assert capacity // 2 <= stats["filter_counts"] <= capacity + 2 * shards
+    assert stats["filter_forgotten"] == batch * batches - stats["filter_counts"]
+    assert stats["filter_bytes"] <= 64 * (capacity + 2 * shards) + 2 * 256 * shards
+    assert t.size() == 0
+    assert exact.stats()["filter_counts"] == batch * batches and exact.stats()["filter_forgotten"] == 0
+    # The last batch's ids were counted most recently: kept, so a second sight admits them.
+    # The first batch's were forgotten: a second sight counts them from 0 again.
+    last, first = np.arange((batches - 1) * batch, batches * batch), np.arange(batch)
+    t.assign_add(last, np.ones((batch, 1), F32))
+    assert t.contains(last).all()
+    t.assign_add(first, np.ones((batch, 1), F32))
+    assert not t.contains(first).any()
+    exact.assign_add(first, np.ones((batch, 1), F32))
+    assert exact.contains(first).all()
+    # One batch that makes the table split its shards after the write: what the shards
+    # forgot before is still counted.
+    one = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=capacity))
+    one.assign_add(np.arange(100_000, dtype=np.int64), np.ones((100_000, 1), F32))
+    stats = one.stats()
+    assert stats["num_shards"] > 1 and stats["filter_forgotten"] > 0
+    assert stats["filter_counts"] + stats["filter_forgotten"] == 100_000
+
+
+def test_filter_capacity_is_checked():
+    for bad in (0, -1, 2**62 + 1):
+        with pytest.raises(ValueError, match="capacity"):
+            mtht.HashFilter(capacity=bad)
+    for bad in (True, 1.5, "10"):
+        with pytest.raises(TypeError, match="capacity"):
+            mtht.HashFilter(capacity=bad)
+    f = mtht.HashFilter(default_occurrence_threshold=2)
+    assert f.capacity == 300_000_000 and "capacity=300000000" in repr(f)
+
+
+def test_filter_generations_are_saved_and_restored(tmp_path):
+    # Both generations hold counts when the table is saved; after the restore, the same
+    # writes forget and admit the same ids as in the table that was saved.
+    basename = str(tmp_path / "t")
+    make = lambda: table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=2, capacity=8), num_shards=1)
+    t = make()
+    t.assign_add(np.arange(7, dtype=np.int64), np.ones((7, 1), F32))  # 0-3 older, 4-6 current
+    t.save(basename)
+    restored = make().restore(basename)
+    rng = np.random.default_rng(5)
+    universe = np.arange(20, dtype=np.int64)
+    for _ in range(12):
+        ids = rng.integers(0, 20, size=4)
+        for table in (t, restored):
+            table.assign_add(ids, np.ones((4, 1), F32))
+        assert restored.lookup(universe).tolist() == t.lookup(universe).tolist()
+        assert restored.stats()["filter_counts"] == t.stats()["filter_counts"]
+
+
+def test_checkpoint_of_format_1_restores(tmp_path):
+    # Written before the filter had generations (data file version 1): two entries (5 and 6)
+    # and two counts (7 seen twice, 8 once) of an Adagrad table of dim 2 with threshold 2,
+    # after one batch. Its restore must go on as the table that was saved.
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "format1"),
+                    tmp_path / "format1")
+    def make():
+        segment = entry.CombineAsSegment(2, entry.ZerosInitializer(), entry.AdagradOptimizer(),
+                                         entry.Fp32Compressor())
+        return table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=2), segments=[segment],
+                        learning_rates=[0.5])
+    saved = make()
+    saved.apply_gradients(ids_of(7, 7, 8, 6, 6, 6, 5, 5, 5, 5), np.full((10, 2), 0.25, F32), global_step=1,
+                          req_time=1000)
+    restored = make().restore(str(tmp_path / "format1" / "table"))
+    assert restored.size() == 2 and restored.max_update_ts == 1000
+    assert restored.stats()["filter_counts"] == 2
+    for ids in (ids_of(7, 8), ids_of(8, 9), ids_of(9, 9)):
+        for table in (saved, restored):
+            table.apply_gradients(ids, np.full((2, 2), 0.5, F32), global_step=2, req_time=2000)
+        assert snapshot(restored, ids_of(5, 6, 7, 8, 9)) == snapshot(saved, ids_of(5, 6, 7, 8, 9))
 
 # ----------------------------------------------------------------------------------------
 # 4. Expiry, eviction and background eviction

@@ -2,12 +2,13 @@
 //
 // A data file (all integers little-endian):
 //
-//   "MTHTCKP1" | u32 version=1 | u32 dim | u32 state_dim | u32 layout_len | i64 max_update_ts
+//   "MTHTCKP1" | u32 version=2 | u32 dim | u32 state_dim | u32 layout_len | i64 max_update_ts
 //   | layout (layout_len bytes: the entry layout, refused on restore if it differs)
 //   | entries: { i64 id | i64 last_update_ts | f32 values[dim] | f32 state[state_dim] } * E
-//   | filter counts: { i64 id | u64 count } * F
+//   | filter counts: { i64 id | u64 count } * F  (count's top bit: the older generation)
 //   | u64 E | u64 F | u64 checksum | "MTHTEND1"
 //
+// Version 1 (read too) had no generations: its counts are all of the current one.
 // The checksum (Checksum64 below) covers every byte before it. The manifest that names the
 // files of one save, with their sizes and checksums, is written by the Python layer after
 // every data file is complete and synced, and renamed into place atomically.
@@ -99,7 +100,10 @@ namespace detail {
 
 constexpr char kFileMagic[9] = "MTHTCKP1";
 constexpr char kEndMagic[9] = "MTHTEND1";
-constexpr uint32_t kFileVersion = 1;
+constexpr uint32_t kFileVersion = 2;
+// A filter count's top bit: the count is of the older generation (AdmissionCounts). Counts
+// stay far below it: they grow only up to an id's threshold (< 2^32) plus one batch.
+constexpr uint64_t kOlderCount = uint64_t{1} << 63;
 constexpr size_t kTrailerBytes = 32;
 
 inline std::string errno_text(const std::string& what, const std::string& path) {
@@ -305,10 +309,10 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
     }
     w.write(block.data(), block.size());
     for (size_t s = shard_begin; s < shard_end; ++s) {
-      table.scan_counts(s, [&](int64_t id, uint64_t count) {
+      table.scan_counts(s, [&](int64_t id, uint64_t count, bool older) {
         if (EmbeddingTable::part_of(id, parts) != part) return;
         w.put(id);
-        w.put(count);
+        w.put(count | (older ? detail::kOlderCount : 0));
         ++info.filter_entries;
       });
     }
@@ -337,7 +341,7 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
   r.read(magic, 8);
   if (std::memcmp(magic, detail::kFileMagic, 8) != 0) throw IOError(bad + "not an mtht checkpoint data file");
   const auto version = r.get<uint32_t>();
-  if (version != detail::kFileVersion) throw IOError(bad + "unsupported version " + std::to_string(version));
+  if (version != 1 && version != detail::kFileVersion) throw IOError(bad + "unsupported version " + std::to_string(version));
   const auto dim = r.get<uint32_t>();
   const auto state_dim = r.get<uint32_t>();
   const auto layout_len = r.get<uint32_t>();
@@ -392,17 +396,21 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
     done += n;
   }
   std::vector<uint64_t> counts;
+  std::unique_ptr<bool[]> older;
   for (uint64_t done = 0; done < filter_entries;) {
     const size_t n = static_cast<size_t>(std::min<uint64_t>(chunk, filter_entries - done));
     raw.resize(n * 16);
     r.read(raw.data(), raw.size());
     ids.resize(n);
     counts.resize(n);
+    if (!older) older.reset(new bool[chunk]);
     for (size_t i = 0; i < n; ++i) {
       std::memcpy(&ids[i], raw.data() + 16 * i, 8);
       std::memcpy(&counts[i], raw.data() + 16 * i + 8, 8);
+      older[i] = version >= 2 && (counts[i] & detail::kOlderCount);
+      if (version >= 2) counts[i] &= ~detail::kOlderCount;
     }
-    into.load_counts(ids.data(), counts.data(), n);
+    into.load_counts(ids.data(), counts.data(), older.get(), n);
     done += n;
   }
   r.read(trailer, 16);

@@ -155,4 +155,100 @@ class CountMap {
   uint64_t empty_key_count_ = 0;
 };
 
+// The admission filter's counts of one shard, kept within a bound by generations: counts
+// enter the current generation; once it holds `bound` ids, the older generation is forgotten
+// and the current one becomes the older. An id counted again moves to the current generation
+// with its count. So a count is kept while fewer than `bound` ids have entered since its id
+// was last counted, is forgotten once 2 * bound have, and at most 2 * bound counts are kept.
+// (Monolith's filter forgets by a sliding window of generations too; its counts are 4 bits.)
+class AdmissionCounts {
+ public:
+  static constexpr uint64_t kNoBound = UINT64_MAX;
+
+  void set_bound(uint64_t bound) { bound_ = std::max<uint64_t>(bound, 1); }
+
+  // The count of `id` (h = hash_id(id)) in either generation, or nullptr.
+  const uint64_t* find(int64_t id, uint64_t h) const {
+    if (const uint64_t* c = current_.find(id, h)) return c;
+    return older_.size() ? older_.find(id, h) : nullptr;
+  }
+
+  // The count of `id` in the current generation: its count if it had one, else 0. Allocates
+  // nothing after reserve_new() made room for it.
+  uint64_t* enter(int64_t id, uint64_t h) {
+    if (older_.size() == 0 && current_.size() < bound_) return current_.try_emplace(id, h).first;  // one probe
+    if (uint64_t* c = current_.find(id, h)) return c;
+    uint64_t carried = 0;
+    if (older_.size()) {
+      if (const uint64_t* c = older_.find(id, h)) {
+        carried = *c;
+        older_.erase(id, h);
+      }
+    }
+    if (current_.size() >= bound_) {  // the current generation is full: a new one
+      forgotten_ += older_.size();
+      older_.clear();  // its slots are kept for the new generation
+      std::swap(older_, current_);
+    }
+    uint64_t* c = current_.try_emplace(id, h).first;
+    *c = carried;
+    return c;
+  }
+
+  // Removes the count of `id` (an admitted id).
+  void erase(int64_t id, uint64_t h) {
+    current_.erase(id, h);
+    if (older_.size()) older_.erase(id, h);
+  }
+
+  // Puts a count into a generation as it is (a checkpoint's or a split shard's counts).
+  void place(int64_t id, uint64_t h, uint64_t count, bool older) {
+    erase(id, h);
+    *(older ? older_ : current_).try_emplace(id, h).first = count;
+  }
+
+  // Room for `n` more ids to enter (however they turn the generations over), so that enter()
+  // allocates nothing in a write that reserved it.
+  void reserve_new(uint64_t n) {
+    if (current_.size() + n <= bound_) {
+      current_.reserve(current_.size() + n);
+      return;
+    }
+    // A generation may turn over: the older one's slots then take up to min(n, bound) ids,
+    // and after a second turn the current one's take up to bound.
+    current_.reserve(bound_);
+    older_.reserve(std::max<uint64_t>(older_.size(), std::min(n, bound_)));
+  }
+
+  // Room for ids to be placed: `older` and `current` of each generation.
+  void reserve_placed(size_t older, size_t current) {
+    older_.reserve(older);
+    current_.reserve(current);
+  }
+
+  // (Unconditional: with a test of older_.size() here the compiler left the prefetch out of
+  // the write loops, and counting ran 1.7x slower.)
+  void prefetch(uint64_t h) const {
+    current_.prefetch(h);
+    older_.prefetch(h);  // nothing before the first turn (no slots)
+  }
+
+  size_t size() const { return current_.size() + older_.size(); }
+  size_t bytes() const { return current_.bytes() + older_.bytes(); }
+  // Counts forgotten so far (the ids of older generations as they went).
+  uint64_t forgotten() const { return forgotten_; }
+
+  // fn(id, count, older) for every count, the older generation's first.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    older_.for_each([&](int64_t id, uint64_t count) { fn(id, count, true); });
+    current_.for_each([&](int64_t id, uint64_t count) { fn(id, count, false); });
+  }
+
+ private:
+  CountMap current_, older_;
+  uint64_t bound_ = kNoBound;
+  uint64_t forgotten_ = 0;
+};
+
 }  // namespace mtht::detail

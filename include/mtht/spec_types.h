@@ -91,6 +91,9 @@ struct TableSpec {
   bool has_filter = false;
   uint32_t default_occurrence_threshold = 0;
   std::vector<std::pair<uint32_t, uint32_t>> slot_occurrence_thresholds;
+  // The most counts the filter keeps, about (0 = no bound): the counts of the ids counted
+  // least recently are forgotten first (detail::AdmissionCounts).
+  uint64_t filter_capacity = 0;
 };
 
 }  // namespace mtht

@@ -137,6 +137,9 @@ struct TableStats {
   uint64_t read_block = 0;        // ids per block of a lookup's loop (when all are stored)
   uint64_t write_block = 0;       // ids per block of a write's loop
   uint64_t timestamps_apart = 0;  // entries whose timestamp a slot cannot hold (Shard::stamp)
+  uint64_t filter_counts = 0;     // ids the admission filter counts
+  uint64_t filter_bytes = 0;      // memory of those counts
+  uint64_t filter_forgotten = 0;  // counts forgotten to keep within the filter's capacity
 };
 
 // Where one entry's data is: its row of values then state, and, with a capacity limit, its
@@ -831,7 +834,7 @@ class alignas(64) Shard {
 
  public:
   // Admission filter state: occurrences seen of ids that are not (yet) in this shard.
-  CountMap counts;
+  AdmissionCounts counts;
 };
 
 // A value for each slot of ids (slot_of): a default, and a table of all 32,768 slots only when
@@ -1409,7 +1412,10 @@ class EmbeddingTable {
     const size_t shards = size_t{1} << shard_bits_;
     shards_.reserve(shards);
     try {
-      for (size_t s = 0; s < shards; ++s) shards_.emplace_back(new_shard().release());
+      for (size_t s = 0; s < shards; ++s) {
+        shards_.emplace_back(new_shard().release());
+        shards_.back()->counts.set_bound(filter_bound(shards));
+      }
       if (spec.initial_capacity > 0) {
         const uint64_t per = (spec.initial_capacity + shards - 1) / shards;
         for (auto& sh : shards_) sh->reserve(per);
@@ -1553,6 +1559,7 @@ class EmbeddingTable {
     st.read_block = read_block_;
     st.write_block = write_block_;
     st.evictions = evictions_.load();
+    st.filter_forgotten = counts_forgotten_before_;
     {
       const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);  // one moment for all shards, as size()
       for (auto* s : shards_) {
@@ -1563,6 +1570,9 @@ class EmbeddingTable {
         st.row_bytes += s->rows().bytes();
         st.rows_allocated += s->rows().capacity();
         st.rows_in_use += s->rows().rows_used();
+        st.filter_counts += s->counts.size();
+        st.filter_bytes += s->counts.bytes();
+        st.filter_forgotten += s->counts.forgotten();
       }
     }
     if (probe_lengths)  // a pass over each index: one shard at a time
@@ -1815,7 +1825,8 @@ class EmbeddingTable {
     return static_cast<size_t>((static_cast<unsigned __int128>(hash_id(id)) * n) >> 64);
   }
 
-  // Calls fn(id, count) for the admission filter's counts of shard s.
+  // Calls fn(id, count, older) for the admission filter's counts of shard s (`older`: the
+  // count is in the older generation, AdmissionCounts).
   template <class Fn>
   void scan_counts(size_t s, Fn&& fn) const {
     const LayoutHold hold(*this);
@@ -1848,12 +1859,14 @@ class EmbeddingTable {
     maybe_split();
   }
 
-  void load_counts(const int64_t* ids, const uint64_t* counts, size_t n) {
+  // Puts admission filter counts into the generations they were saved in (older[i]).
+  void load_counts(const int64_t* ids, const uint64_t* counts, const bool* older, size_t n) {
     const LayoutHold hold(*this);
     for (size_t i = 0; i < n; ++i) {
-      detail::Shard& sh = *shards_[shard_of(hash_id(ids[i]))];
+      const uint64_t h = hash_id(ids[i]);
+      detail::Shard& sh = *shards_[shard_of(h)];
       std::unique_lock<detail::SharedMutex> lk(sh.mu);
-      *sh.counts.try_emplace(ids[i], hash_id(ids[i])).first = counts[i];
+      sh.counts.place(ids[i], h, counts[i], older[i]);
     }
   }
 
@@ -1914,6 +1927,14 @@ class EmbeddingTable {
     return max_shard_bits_;
   }
 
+  // Each shard's bound on the ids of a generation of filter counts, with `shards` shards: two
+  // generations of all shards hold about the filter's capacity.
+  uint64_t filter_bound(size_t shards) const {
+    const uint64_t capacity = spec_.filter_capacity;
+    if (capacity == 0) return detail::AdmissionCounts::kNoBound;
+    return std::max<uint64_t>(1, (capacity + 2 * shards - 1) / (2 * shards));
+  }
+
   std::unique_ptr<detail::Shard> new_shard() const {
     return std::make_unique<detail::Shard>(layout_.stride, layout_.with_meta, spec_.max_load_permille);
   }
@@ -1930,24 +1951,32 @@ class EmbeddingTable {
     std::vector<std::unique_ptr<detail::Shard>> fresh(size_t{1} << bits);
     for (auto& sh : fresh) sh = new_shard();
     const std::vector<uint64_t> entries = entries_per_shard(finest, bits);
-    std::vector<uint64_t> counted(fresh.size(), 0);
+    std::vector<size_t> counted_older(fresh.size(), 0), counted_current(fresh.size(), 0);
     for (const detail::Shard* sh : shards_)
-      sh->counts.for_each([&](int64_t id, uint64_t) { ++counted[hash_id(id) >> shift]; });
+      sh->counts.for_each([&](int64_t id, uint64_t, bool older) {
+        ++(older ? counted_older : counted_current)[hash_id(id) >> shift];
+      });
     for (size_t i = 0; i < fresh.size(); ++i) {
       fresh[i]->reserve(entries[i]);
-      fresh[i]->counts.reserve(counted[i]);
+      fresh[i]->counts.set_bound(filter_bound(fresh.size()));
+      fresh[i]->counts.reserve_placed(counted_older[i], counted_current[i]);
     }
+    // The counts keep their generations; a new shard whose current one is over its bound
+    // turns it over at the next id it counts.
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
       const detail::Shard& sh = *shards_[s];
       move_entries(sh, fresh, shift);
-      sh.counts.for_each([&](int64_t id, uint64_t count) {
+      sh.counts.for_each([&](int64_t id, uint64_t count, bool older) {
         const uint64_t h = hash_id(id);
-        *fresh[h >> shift]->counts.try_emplace(id, h).first = count;
+        fresh[h >> shift]->counts.place(id, h, count, older);
       });
     });
     std::vector<detail::Shard*> next(fresh.size());  // the last allocation
     for (size_t i = 0; i < fresh.size(); ++i) next[i] = fresh[i].release();
-    for (detail::Shard* sh : shards_) delete sh;
+    for (detail::Shard* sh : shards_) {
+      counts_forgotten_before_ += sh->counts.forgotten();
+      delete sh;
+    }
     shards_.swap(next);
     shard_bits_ = bits;
   }
@@ -2098,7 +2127,7 @@ class EmbeddingTable {
     if (!has_filter_ || known.slot.bucket) return upsert(sh, id, h, known);
     const uint32_t threshold = thresholds_.of(id);
     if (threshold > 0 && !sh.find(id, h).bucket) {
-      uint64_t* count = sh.counts.try_emplace(id, h).first;
+      uint64_t* count = sh.counts.enter(id, h);
       const uint64_t before = *count;
       if (before < threshold) {
         *count = before + occurrences;
@@ -3403,7 +3432,7 @@ class EmbeddingTable {
       if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) return false;
       else extra = count_absent(sh);
     }
-    if (gated && has_filter_) sh.counts.reserve(sh.counts.size() + sh.held() + extra);
+    if (gated && has_filter_) sh.counts.reserve_new(sh.held() + extra);
     room.hold(s, sh, beyond_leaving(extra), far_stamps ? ids : 0);
     return true;
   }
@@ -3431,6 +3460,7 @@ class EmbeddingTable {
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
   detail::SlotValues<int64_t> expire_seconds_;
   bool has_filter_ = false;
+  uint64_t counts_forgotten_before_ = 0;  // by shards that were split (under the layout lock alone)
   detail::SlotValues<uint32_t> thresholds_;  // with an admission filter
   mutable std::mutex capacity_mu_;
   std::atomic<uint64_t> write_clock_{0};

@@ -20,6 +20,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -65,6 +66,7 @@ struct Case {
   uint64_t max_entries;
   uint32_t threshold = 0;  // occurrences before a new id is admitted (0: at once)
   int num_shards = 64;     // 0: automatic (filled in batches too small to split the shards)
+  uint64_t filter_capacity = 0;  // the admission filter's (0: no bound)
 };
 
 mtht::EmbeddingTable* filled_table(const Case& c) {
@@ -77,6 +79,7 @@ mtht::EmbeddingTable* filled_table(const Case& c) {
   spec.max_entries = c.max_entries;
   spec.has_filter = c.threshold > 0;
   spec.default_occurrence_threshold = c.threshold;
+  spec.filter_capacity = c.filter_capacity;
   auto* t = new mtht::EmbeddingTable(spec);
   std::vector<int64_t> ids(c.stored);
   for (int64_t i = 0; i < c.stored; ++i) ids[i] = i;
@@ -93,14 +96,15 @@ std::vector<float> values(mtht::EmbeddingTable& t, const Case& c) {
   for (int64_t i = 0; i < c.stored + c.added; ++i) ids[i] = i;
   std::vector<float> out(ids.size() * kDim);
   t.lookup(ids.data(), ids.size(), out.data());
-  // Then the admission filter's counts, as (id, count) pairs in order.
-  std::vector<std::pair<int64_t, uint64_t>> counts;
+  // Then the admission filter's counts, as (id, count, generation) in order.
+  std::vector<std::tuple<int64_t, uint64_t, bool>> counts;
   for (size_t s = 0; s < t.stats().num_shards; ++s)
-    t.scan_counts(s, [&](int64_t id, uint64_t n) { counts.emplace_back(id, n); });
+    t.scan_counts(s, [&](int64_t id, uint64_t n, bool older) { counts.emplace_back(id, n, older); });
   std::sort(counts.begin(), counts.end());
-  for (const auto& [id, n] : counts) {
+  for (const auto& [id, n, older] : counts) {
     out.push_back(static_cast<float>(id));
     out.push_back(static_cast<float>(n));
+    out.push_back(older ? 1.f : 0.f);
   }
   return out;
 }
@@ -281,10 +285,17 @@ int main() {
   const float lr = 0.5f;
   // Stored ids, most of them several times; then, into full capacity-limited tables, new ids
   // that evict entries the batch does not touch (few distinct ids: each one allocates).
+  // With a filter, the stored ids are counted instead. The last case bounds the counts to
+  // 4,000 over 64 shards (generations of 32 ids): the 2,000 counted ids leave about half the
+  // shards just short of a turn (their older generation without slots yet), and the write's
+  // 3,000 new ids turn generations over in every shard.
   for (const Case& c : {Case{20000, 20000, 60000, 0, 0}, Case{2000, 300, 6000, 100, 2000},
-                        Case{2000, 300, 6000, 100, 0, 3}}) {
+                        Case{2000, 300, 6000, 100, 0, 3}, Case{2000, 300, 6000, 3000, 0, 3, 64, 4000}}) {
     const Batch b = batch(c);
-    const std::string limited = c.max_entries ? " (max_entries)" : c.threshold ? " (admission filter)" : "";
+    const std::string limited = c.max_entries       ? " (max_entries)"
+                                : c.filter_capacity ? " (admission filter with a capacity)"
+                                : c.threshold       ? " (admission filter)"
+                                                    : "";
     for (bool dedup : {true, false})
       check(
           c, 1,
@@ -339,20 +350,23 @@ int main() {
   // On one thread a plain write goes in input order (EmbeddingTable::write_in_order); the
   // shards whose index its ids would grow count their absent ids first (all of them here).
   mtht::ThreadPool::global().set_num_threads(1);
-  for (const Case& c : {Case{20000, 20000, 60000, 0, 0}, Case{2000, 300, 6000, 100, 0}, Case{2000, 300, 6000, 100, 0, 3}}) {
+  for (const Case& c : {Case{20000, 20000, 60000, 0, 0}, Case{2000, 300, 6000, 100, 0}, Case{2000, 300, 6000, 100, 0, 3},
+                        Case{2000, 300, 6000, 3000, 0, 3, 64, 4000}}) {
     const Batch b = batch(c);
     check(
         c, 1,
         [&](std::vector<mtht::EmbeddingTable*>& t) {
           t[0]->apply_gradients(b.ids.data(), b.ids.size(), b.grads.data(), &lr, 1, 1, 7, false);
         },
-        std::string("a write on one thread") + (c.threshold ? " (admission filter)" : "") +
+        std::string("a write on one thread") +
+            (c.filter_capacity ? " (admission filter with a capacity)" : c.threshold ? " (admission filter)" : "") +
             " failed and changed the table");
   }
   mtht::ThreadPool::global().set_num_threads(2);
   check_kept_victims(Case{2000, 300, 6000, 100, 2000}, lr);
   check_split(Case{17000, 17000, 3000, 1000, 0, 0, 0}, lr);  // split by size (a shard over 16,384 entries)
   check_split(Case{16000, 16000, 4000, 1000, 0, 1, 0}, lr);  // by batch (over 4,096 ids), filter counts moved
+  check_split(Case{16000, 16000, 4000, 1000, 0, 1, 0, 20000}, lr);  // and their generations
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
