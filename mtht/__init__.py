@@ -47,6 +47,7 @@ from mtht.entry import (
 from mtht.checkpoint import CheckpointError
 from mtht.hash_filter import HashFilter
 from mtht.hash_table import BaseHashTable, EntryDump, HashTable, hash_table_from_config
+from mtht.hooks import AsyncPush, Prefetch
 
 try:
     __version__ = _version("mtht")

@@ -21,6 +21,7 @@ from mtht._spec import core_segments, split_state
 from mtht.entry import HashTableConfigInstance
 from mtht.feature_eviction import FeatureEvictor
 from mtht.hash_filter import HashFilter
+from mtht.hooks import QueueHooks
 
 __all__ = ["BaseHashTable", "HashTable", "EntryDump", "TableWrite", "WriteArguments", "lookup_all", "write_all",
            "write_parts", "write_arguments", "hash_table_from_config", "fused_lookup", "fused_apply_gradient"]
@@ -48,7 +49,7 @@ class NotCopyable:
     __copy__ = __deepcopy__ = __reduce__ = __reduce_ex__ = _refuse
 
 
-class BaseHashTable(NotCopyable, abc.ABC):
+class BaseHashTable(NotCopyable, QueueHooks, abc.ABC):
     """The interface every single table offers (Monolith's ``BaseHashTable``)."""
 
     @abc.abstractmethod
@@ -445,7 +446,9 @@ class HashTable(BaseHashTable):
         return self._core.reinitialize(ids, ts)
 
     def as_op(self) -> "HashTable":
-        """Every write has been applied when this returns; returns the table."""
+        """Every write has been applied when this returns (those queued by hooks too:
+        :mod:`mtht.hooks`); returns the table."""
+        self._wait_for_hooks()
         return self
 
     def export_serving(self, ids) -> np.ndarray:

@@ -19,11 +19,12 @@ import numpy as np
 from mtht import hash_table as _hash_table
 from mtht._arrays import as_ids, as_numpy, as_rows
 from mtht.hash_table_utils import infer_dim_size
+from mtht.hooks import QueueHooks
 
 __all__ = ["BaseMultiTypeHashTable", "MultiTypeHashTable", "MergedMultiTypeHashTable"]
 
 
-class BaseMultiTypeHashTable(_hash_table.NotCopyable, abc.ABC):
+class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
     """Tables addressed by slot name; the interface of Monolith's multi-type tables."""
 
     @abc.abstractmethod
@@ -53,25 +54,6 @@ class BaseMultiTypeHashTable(_hash_table.NotCopyable, abc.ABC):
     @abc.abstractmethod
     def get_table_dim_sizes(self) -> List[int]:
         ...
-
-    def add_queue_hook(self, hook) -> None:
-        """Attach a pipelining hook to this table."""
-        if not hasattr(self, "_local_queue_hooks"):
-            self._local_queue_hooks = []
-        self._local_queue_hooks.append(hook)
-
-    def get_queue_hooks(self) -> list:
-        """This table's hooks followed by those of the tables it wraps (``_table``, ``_tables``)."""
-        hooks = list(getattr(self, "_local_queue_hooks", []))
-        inner = getattr(self, "_table", None)
-        if inner is not None and hasattr(inner, "get_queue_hooks"):
-            hooks.extend(inner.get_queue_hooks())
-        tables = getattr(self, "_tables", None)
-        if tables is not None:
-            for t in (tables.values() if isinstance(tables, Mapping) else tables):
-                if hasattr(t, "get_queue_hooks"):
-                    hooks.extend(t.get_queue_hooks())
-        return hooks
 
 
 def _unknown_slot(slot) -> KeyError:
@@ -157,7 +139,9 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         raise NotImplementedError("MultiTypeHashTable does not support reinitialize")
 
     def as_op(self, name=None) -> "MultiTypeHashTable":
-        """Wait until every write issued to any slot's table has been applied."""
+        """Wait until every write issued to any slot's table has been applied (those queued
+        by hooks too: :mod:`mtht.hooks`)."""
+        self._wait_for_hooks()
         for table in self._tables.values():
             table.as_op()
         return self
@@ -314,6 +298,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         raise NotImplementedError("MergedMultiTypeHashTable does not support reinitialize")
 
     def as_op(self, name=None) -> "MergedMultiTypeHashTable":
+        """Wait until every write has been applied (those queued by hooks too)."""
+        self._wait_for_hooks()
         self._table.as_op(name)
         return self
 

@@ -1,0 +1,255 @@
+"""Tests of the pipelining hooks (mtht.hooks): AsyncPush applies a table's writes on a
+background thread, Prefetch runs lookups ahead. Expectations come from the same calls made
+one after another on a second table."""
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import mtht
+from mtht import entry
+from mtht.hash_table import hash_table_from_config
+from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
+
+F32 = np.float32
+
+
+def config(dim=4, optimizer=None):
+    segment = entry.CombineAsSegment(dim, entry.ZerosInitializer(), optimizer or entry.AdagradOptimizer(),
+                                     entry.Fp32Compressor())
+    return entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[segment])), [0.1])
+
+
+def table():
+    return hash_table_from_config(config())
+
+
+def pipeline_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mtht-pipeline")]
+
+
+def batches(count, n=500, keys=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, keys, n), rng.standard_normal((n, 4)).astype(F32)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pushed_writes_are_applied_in_order(threads):
+    mtht.set_num_threads(threads)
+    try:
+        pushed, direct = table(), table()
+        push = mtht.AsyncPush(pushed, capacity=3)
+        grads = np.empty((500, 4), F32)  # one buffer, reused: each push must copy it
+        for step, (ids, g) in enumerate(batches(30)):
+            grads[:] = g
+            kind = step % 4
+            if kind == 0:
+                push.apply_gradients(ids, grads, global_step=step)
+                direct.apply_gradients(ids, g, global_step=step)
+            elif kind == 1:
+                push.apply_gradients(ids, grads, global_step=step, enable_dedup=True, req_time=step)
+                direct.apply_gradients(ids, g, global_step=step, enable_dedup=True, req_time=step)
+            elif kind == 2:
+                push.assign_add(ids, grads, req_time=step)
+                direct.assign_add(ids, g, req_time=step)
+            else:
+                push.assign(ids[:50].tolist(), grads[:50], req_time=step)  # a list of ids too
+                direct.assign(ids[:50], g[:50], req_time=step)
+            grads[:] = np.nan  # the trainer reuses its buffer at once
+        assert pushed.as_op() is pushed
+        every = np.arange(2000)
+        assert pushed.lookup(every).tobytes() == direct.lookup(every).tobytes()
+        assert pushed.max_update_ts == direct.max_update_ts
+        push.end()
+    finally:
+        mtht.set_num_threads(2)
+
+
+def test_prefetched_lookups_read_the_table_as_the_calls_queued_before_them_left_it():
+    # The usual pipeline: the next batch is prefetched, then this batch's gradients pushed.
+    # The prefetch is queued before the push, so it reads the values from before it.
+    pushed, direct = table(), table()
+    push, prefetch = mtht.AsyncPush(pushed), mtht.Prefetch(pushed)
+    data = batches(25)
+    prefetch.prefetch(data[0][0])
+    expected = direct.lookup(data[0][0])
+    for step, (ids, g) in enumerate(data):
+        got = prefetch.lookup(ids)
+        assert got.tobytes() == expected.tobytes(), step
+        if step + 1 < len(data):
+            prefetch.prefetch(data[step + 1][0])
+            expected = direct.lookup(data[step + 1][0])
+        push.apply_gradients(ids, g * 0.5 + got[:, :1], global_step=step)  # gradients from the lookup
+        direct.apply_gradients(ids, g * 0.5 + got[:, :1], global_step=step)
+    assert prefetch.misses == 0
+    pushed.as_op()
+    assert pushed.lookup(np.arange(2000)).tobytes() == direct.lookup(np.arange(2000)).tobytes()
+    prefetch.end()
+    push.end()
+
+
+def test_a_lookup_of_other_ids_drops_the_prefetched_batch():
+    t = table()
+    t.assign([1, 2], np.ones((2, 4), F32))
+    prefetch = mtht.Prefetch(t)
+    prefetch.prefetch(np.array([1]))
+    with pytest.raises(ValueError, match="prefetched already"):
+        prefetch.prefetch(np.array([2]))
+    assert prefetch.lookup([2, 3]).tolist() == [[1] * 4, [0] * 4]
+    assert prefetch.misses == 1
+    assert prefetch.lookup([1]).tolist() == [[1] * 4]  # nothing prefetched now: looked up in order
+    prefetch.end()
+
+
+def test_multi_type_tables_take_hooks_and_wait_for_them():
+    slot_configs = {"a": config(), "b": config(), "c": config(dim=2)}
+    make = lambda: MergedMultiTypeHashTable(slot_configs, lambda merged: MultiTypeHashTable(
+        merged, lambda slot, cfg: hash_table_from_config(cfg, name_suffix=slot)))
+    pushed, direct = make(), make()
+    push, prefetch = mtht.AsyncPush(pushed), mtht.Prefetch(pushed)
+    assert push in pushed.get_queue_hooks() and prefetch in pushed.get_queue_hooks()
+    rng = np.random.default_rng(1)
+    for step in range(10):
+        ids = {slot: rng.integers(0, 300, 100) for slot in "abc"}
+        grads = {slot: rng.standard_normal((100, 2 if slot == "c" else 4)).astype(F32) for slot in "abc"}
+        prefetch.prefetch(ids)
+        looked_up = prefetch.lookup({slot: ids[slot].copy() for slot in "abc"})
+        expected = direct.lookup(ids)
+        assert all(looked_up[s].tobytes() == expected[s].tobytes() for s in "abc")
+        push.apply_gradients({s: (ids[s], grads[s]) for s in "abc"}, global_step=step)
+        direct.apply_gradients({s: (ids[s], grads[s]) for s in "abc"}, global_step=step)
+    pushed.as_op()
+    every = {s: np.arange(300) for s in "abc"}
+    assert all(pushed.lookup(every)[s].tobytes() == direct.lookup(every)[s].tobytes() for s in "abc")
+    assert prefetch.misses == 0
+    push.end()
+
+
+def test_a_failed_write_is_raised_by_the_next_call_and_the_writes_after_it_are_not_applied():
+    t = table()
+    push = mtht.AsyncPush(t, capacity=4)
+    t.assign([1], np.ones((1, 4), F32))
+    before = t.lookup(np.arange(5)).tobytes()
+    release = threading.Event()
+    original = t.apply_gradients
+    t.apply_gradients = lambda *a, **k: (release.wait(), original(*a, **k))[1]  # holds the first write back
+    push.apply_gradients([1], np.full((1, 4), np.nan, F32), global_step=0)  # NaN: refused, changes nothing
+    push.apply_gradients([2], np.ones((1, 4), F32), global_step=0)
+    push.assign_add([3], np.ones((1, 4), F32))
+    release.set()
+    with pytest.raises(ValueError, match="NaN") as raised:
+        push.wait()
+    assert "the 2 write(s) queued after it were not applied" in "\n".join(getattr(raised.value, "__notes__", []))
+    assert t.lookup(np.arange(5)).tobytes() == before
+    push.wait()  # raised once
+    push.assign_add([3], np.ones((1, 4), F32))  # and the hook goes on
+    assert t.as_op().lookup([3]).tolist() == [[1] * 4]
+    push.end()
+
+
+def test_the_error_of_a_failed_write_is_raised_by_as_op_and_by_the_next_push():
+    for next_call in ("as_op", "push"):
+        t = table()
+        push = mtht.AsyncPush(t)
+        push.apply_gradients([1], np.ones((1, 3), F32), global_step=0)  # the wrong dim
+        t._mtht_pipeline.wait()  # the failed write has run; its error is not taken yet
+        with pytest.raises(ValueError):
+            if next_call == "as_op":
+                t.as_op()
+            else:
+                push.assign([2], np.ones((1, 4), F32))
+        assert t.size() == 0
+        push.end()
+
+
+def test_an_error_of_a_prefetched_lookup_is_raised_by_its_lookup():
+    t = table()
+    prefetch = mtht.Prefetch(t)
+    prefetch.prefetch(np.array([[1, 2]]))  # 2-D ids: the table refuses them
+    with pytest.raises(ValueError):
+        prefetch.lookup(np.array([[1, 2]]))
+    assert prefetch.lookup([1]).shape == (1, 4)
+    prefetch.end()
+
+
+def test_a_push_beyond_capacity_waits_for_the_oldest():
+    t = table()
+    push = mtht.AsyncPush(t, capacity=2)
+    release = threading.Event()
+    original = t.assign_add
+    t.assign_add = lambda *a, **k: (release.wait(), original(*a, **k))[1]
+    push.assign_add([1], np.ones((1, 4), F32))
+    push.assign_add([1], np.ones((1, 4), F32))
+    third = threading.Thread(target=push.assign_add, args=([1], np.ones((1, 4), F32)))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()  # two writes wait: the third push blocks
+    release.set()
+    third.join(10)
+    assert not third.is_alive()
+    assert t.as_op().lookup([1]).tolist() == [[3] * 4]
+    push.end()
+
+
+def test_end_and_with_blocks_stop_the_thread():
+    t = table()
+    with mtht.AsyncPush(t) as push:
+        push.assign([5], np.ones((1, 4), F32))
+        assert len(pipeline_threads()) >= 1
+    assert t.lookup([5]).tolist() == [[1] * 4]
+    assert t._mtht_pipeline._thread is None
+    push.assign([6], np.ones((1, 4), F32))  # a later push starts the thread again
+    push.end()
+    assert t.contains([6]).tolist() == [True]
+    with pytest.raises(ValueError):
+        mtht.AsyncPush(t, capacity=0)
+    with pytest.raises(TypeError):
+        mtht.AsyncPush(object())
+
+
+def test_a_dropped_table_leaves_no_thread():
+    before = len(pipeline_threads())
+    for _ in range(5):
+        t = table()
+        push = mtht.AsyncPush(t)
+        push.assign([1], np.ones((1, 4), F32))
+        t.as_op()
+        del t, push
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while len(pipeline_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(pipeline_threads()) == before
+
+
+def test_writes_queued_when_the_interpreter_exits_are_applied(tmp_path):
+    script = f"""
+import atexit, numpy as np
+def report():  # registered before mtht's own exit handler, so it runs after it
+    print(t.lookup([1]).tolist())
+atexit.register(report)
+import mtht
+from mtht import entry
+from mtht.hash_table import hash_table_from_config
+segment = entry.CombineAsSegment(2, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+t = hash_table_from_config(entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(
+    entry_config=entry.EntryConfig(segments=[segment])), [1.0]))
+release = __import__("threading").Event()
+original = t.assign_add
+t.assign_add = lambda *a, **k: (release.wait(), original(*a, **k))[1]
+push = mtht.AsyncPush(t, capacity=8)
+for _ in range(5):
+    push.assign_add([1], np.ones((1, 2), np.float32))
+release.set()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[[5.0, 5.0]]"
