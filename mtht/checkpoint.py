@@ -76,10 +76,12 @@ def _generations_on_disk(basename: str) -> Dict[int, List[str]]:
 
 
 def _stale_manifest_temps(basename: str) -> List[str]:
+    """The temporaries of this basename's manifest left by killed saves (_write_verified's
+    names exactly: another table's files may start with the same characters)."""
     directory = os.path.dirname(basename) or "."
-    prefix = os.path.basename(manifest_path(basename)) + ".tmp-"
+    pattern = re.compile(re.escape(os.path.basename(manifest_path(basename))) + r"\.tmp-\d+-[0-9a-f]{8}")
     try:
-        return [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+        return [os.path.join(directory, n) for n in os.listdir(directory) if pattern.fullmatch(n)]
     except FileNotFoundError:
         return []
 

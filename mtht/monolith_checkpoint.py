@@ -179,10 +179,12 @@ def _temporary_name(path: str) -> str:
 
 
 def _temporaries_on_disk(basename: str) -> List[str]:
+    """This basename's temporaries (_temporary_name's names exactly: another table's files
+    may start with the same characters)."""
     directory = os.path.dirname(basename) or "."
-    pattern = re.compile(re.escape(os.path.basename(basename)) + r"-\d{5}-of-\d{5}-tmp-")
+    pattern = re.compile(re.escape(os.path.basename(basename)) + r"-\d{5}-of-\d{5}-tmp-\d+-[0-9a-f]{8}")
     try:
-        return [os.path.join(directory, name) for name in os.listdir(directory) if pattern.match(name)]
+        return [os.path.join(directory, name) for name in os.listdir(directory) if pattern.fullmatch(name)]
     except FileNotFoundError:
         return []
 

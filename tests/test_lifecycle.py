@@ -1215,6 +1215,20 @@ def test_stray_files_beside_a_checkpoint_are_ignored(tmp_path):
     assert "t-00000-of-00001" in os.listdir(tmp_path)
 
 
+def test_a_save_removes_its_own_stale_temporaries_only(tmp_path):
+    # A killed save leaves its manifest's temporary; the next save removes it. Another
+    # table's files may start with the same characters (a slot named
+    # "t.manifest.json.tmp-1"): they stay, whichever of the two saves first.
+    basename = str(tmp_path / "t")
+    other = str(tmp_path / "t.manifest.json.tmp-1")
+    table_of().assign(ids_of(7), [[7]]).save(other)
+    (tmp_path / "t.manifest.json.tmp-4242-0123abcd").write_bytes(b"{")
+    table_of().assign(ids_of(1), [[1]]).save(basename)
+    assert "t.manifest.json.tmp-4242-0123abcd" not in os.listdir(tmp_path)
+    assert table_of().restore(other).lookup(ids_of(7)).tolist() == [[7]]
+    assert table_of().restore(basename).lookup(ids_of(1)).tolist() == [[1]]
+
+
 def _error_case_table():
     t = table_of(dim=2, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1), learning_rate=0.1,
                  hash_filter=mtht.HashFilter(default_occurrence_threshold=1))

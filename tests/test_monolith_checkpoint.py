@@ -1701,8 +1701,10 @@ def test_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
     base = tmp_path / "t"
     table = sgd_table(1, saver_parallel=2)
     table.assign([1], [[1.0]])
-    left = [f"{shard_names(base, 2)[0]}-tmp-4242", f"{shard_names(base, 3)[2]}-tmp-1-abcd"]
-    others = ["t-tmp-9", "tt-00000-of-00001-tmp-3", "t-00000-of-00002.bak"]
+    left = [f"{shard_names(base, 2)[0]}-tmp-4242-0123abcd", f"{shard_names(base, 3)[2]}-tmp-1-abcd0123"]
+    # Among the others, the file of a table whose name starts like this one's temporaries.
+    others = ["t-tmp-9", "tt-00000-of-00001-tmp-3-0123abcd", "t-00000-of-00002.bak",
+              "t-00000-of-00002-tmp-7-0123abcd-00000-of-00001"]
     for name in left + [str(tmp_path / o) for o in others]:
         pathlib.Path(name).write_bytes(b"x" * 100)
     table.save(base, format="monolith")
