@@ -47,6 +47,7 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         cbool allow_non_finite
         uint64_t initial_capacity
         int num_shards
+        uint64_t initial_shards
         uint32_t max_load_permille
         uint64_t max_entries
         uint64_t max_bytes
@@ -183,7 +184,7 @@ cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
                                                int64_t max_update_ts, cbool apply_expiry,
                                                const string& layout) except +translate_exception
     vector[CheckpointFileInfo] load_checkpoint(EmbeddingTable& into, const vector[string]& paths,
-                                               const string& layout) except +translate_exception
+                                               const string& layout, cbool fit_counts) except +translate_exception
 
 
 cdef extern from "mtht/monolith_format.h" namespace "mtht::monolith" nogil:

@@ -152,9 +152,10 @@ cdef class Table:
                   uint64_t initial_capacity=0, int num_shards=0, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
                   str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5,
-                  uint64_t filter_capacity=0):
+                  uint64_t filter_capacity=0, uint64_t initial_shards=0):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold});
-        ``filter_capacity``: about the most counts the filter keeps (0: no bound)."""
+        ``filter_capacity``: about the most counts the filter keeps (0: no bound);
+        ``initial_shards``: with ``num_shards`` 0, the fewest shards to start with."""
         cdef TableSpec spec
         cdef SegmentSpec seg
         for s in segments:
@@ -189,6 +190,7 @@ cdef class Table:
         spec.allow_non_finite = allow_non_finite
         spec.initial_capacity = initial_capacity
         spec.num_shards = num_shards
+        spec.initial_shards = initial_shards
         spec.default_expire_days = default_expire_days
         spec.max_entries = max_entries
         spec.max_bytes = max_bytes
@@ -289,13 +291,14 @@ cdef class Table:
             infos = save_checkpoint(self._t.get()[0], cpaths, max_update_ts, apply_expiry, clayout)
         return [_file_info(i) for i in infos]
 
-    def load_files(self, list paths, str layout):
-        """Read data files into this (fresh) table, verifying every byte; per-file summaries."""
+    def load_files(self, list paths, str layout, bint fit_counts=True):
+        """Read data files into this (fresh) table, verifying every byte; per-file summaries.
+        ``fit_counts``: the files' filter counts were kept under other bounds (load_checkpoint)."""
         cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
         cdef string clayout = layout.encode()
         cdef vector[CheckpointFileInfo] infos
         with nogil:
-            infos = load_checkpoint(self._t.get()[0], cpaths, clayout)
+            infos = load_checkpoint(self._t.get()[0], cpaths, clayout, fit_counts)
         return [_file_info(i) for i in infos]
 
     def save_monolith_files(self, list paths, int64_t now, list dumps, list members):

@@ -31,6 +31,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from mtht import _core
+from mtht.entry import MAX_SHARDS
 
 __all__ = ["CheckpointError", "save_table", "restore_table", "save_multi_type", "restore_multi_type",
            "checkpoint_exists"]
@@ -228,6 +229,8 @@ def _holds_what_a_save_writes(body) -> bool:
     return (count(body.get("dim"), 1) and count(body.get("generation"), 1) and isinstance(body.get("layout"), str)
             and count(body.get("entries")) and count(body.get("max_update_ts"), -(1 << 63))
             and isinstance(scales, list) and all(type(x) in (int, float) for x in scales)
+            and (count(body.get("num_shards", 1), 1) and body.get("num_shards", 1) <= MAX_SHARDS)
+            and (body.get("filter_capacity") is None or count(body["filter_capacity"], 1))
             and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files))
 
 
@@ -292,6 +295,10 @@ def _write_generation(table, basename: str) -> Tuple[dict, List[str]]:
         "max_update_ts": max_update_ts,
         "hashnet_scales": core.hashnet_scales(),
         "entries": sum(i["entries"] for i in infos),
+        # A restore starts with as many shards, and keeps the admission filter's counts as they
+        # are if its filter has the same capacity: the generations and their bounds are per shard.
+        "num_shards": core.stats()["num_shards"],
+        "filter_capacity": table.filter_capacity,
         "files": [dict(info, name=os.path.basename(p)) for p, info in zip(paths, infos)],
     }
     return body, [p for files in old.values() for p in files]
@@ -343,10 +350,12 @@ def _load(table, basename: str, body: Optional[dict] = None) -> Tuple[object, di
             raise CheckpointError(f"checkpoint data file {path} has {size} bytes, the manifest says {f['bytes']} "
                                   "(truncated or replaced)")
         paths.append(path)
-    core = table._new_core(initial_capacity=max(int(body["entries"]),
-                                                int(table.config.table_config.initial_capacity)))
+    core = table._new_core(initial_capacity=max(int(body["entries"]), int(table.config.table_config.initial_capacity)),
+                           initial_shards=body.get("num_shards", 0))
     try:
-        infos = core.load_files(paths, body["layout"])
+        same_bounds = (body.get("filter_capacity") == table.filter_capacity
+                       and body.get("num_shards") == core.stats()["num_shards"])
+        infos = core.load_files(paths, body["layout"], not same_bounds)
     except OSError as e:
         raise CheckpointError(str(e)) from None
     for f, info in zip(body["files"], infos):

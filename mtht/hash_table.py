@@ -260,9 +260,10 @@ class HashTable(BaseHashTable):
         if table_config.enable_feature_eviction:
             self._evictor = FeatureEvictor(self, table_config.feature_evict_every_n_hours * 3600.0)
 
-    def _new_core(self, initial_capacity: Optional[int] = None) -> "_core.Table":
+    def _new_core(self, initial_capacity: Optional[int] = None, initial_shards: int = 0) -> "_core.Table":
         """An empty core table built from this table's config (and filter thresholds), with
-        room for ``initial_capacity`` entries (default: the config's)."""
+        room for ``initial_capacity`` entries (default: the config's), and, with an automatic
+        shard count, at least ``initial_shards`` shards."""
         table_config = self._config.table_config
         expiry = table_config.slot_expire_time_config
         initial_capacity = int(table_config.initial_capacity if initial_capacity is None else initial_capacity)
@@ -275,13 +276,19 @@ class HashTable(BaseHashTable):
             default_expire_days=int(expiry.default_expire_time),
             slot_expire_days={int(k): int(v) for k, v in expiry.slot_expire_times.items()},
             occurrence_thresholds=self._hash_filter.thresholds() if self._hash_filter is not None else None,
-            filter_capacity=self._hash_filter.capacity if self._hash_filter is not None else 0,
+            filter_capacity=self.filter_capacity or 0,
             max_entries=int(table_config.max_entries or 0),
             max_bytes=int(table_config.max_bytes or 0),
             eviction_policy=str(table_config.eviction_policy),
             max_load_factor=float(table_config.max_load_factor),
             num_shards=int(table_config.num_shards or 0),
+            initial_shards=int(initial_shards),
         )
+
+    @property
+    def filter_capacity(self) -> Optional[int]:
+        """The capacity of the table's admission filter, or None without one."""
+        return self._hash_filter.capacity if self._hash_filter is not None else None
 
     def _swap_core(self, core) -> None:
         self._core = core

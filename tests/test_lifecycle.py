@@ -607,6 +607,63 @@ def test_filter_generations_are_saved_and_restored(tmp_path):
         assert restored.stats()["filter_counts"] == t.stats()["filter_counts"]
 
 
+def test_a_restore_forgets_as_the_saved_table_would(tmp_path):
+    # The table splits its shards at a large batch (by the batch's size, not its entries);
+    # the filter's generations are per shard, so the restore starts with as many shards and
+    # keeps the counts as they are. The same writes then forget and admit the same ids.
+    make = lambda: table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=64))
+    t = make()
+    t.assign_add(np.arange(70_000, dtype=np.int64), np.ones((70_000, 1), F32))
+    t.save(str(tmp_path / "t"))
+    restored = make().restore(str(tmp_path / "t"))
+    for key in ("num_shards", "filter_counts"):
+        assert restored.stats()[key] == t.stats()[key], key
+    for k in range(0, 200, 10):
+        seen, fresh = 10**9 + 1000 * k, 10**9 + 1000 * k + 1 + np.arange(k, dtype=np.int64)
+        for table in (t, restored):
+            table.assign_add([seen], [[1]])
+            table.assign_add(fresh, np.ones((k, 1), F32))
+            table.assign_add([seen], [[1]])
+        assert restored.contains([seen]).tolist() == t.contains([seen]).tolist(), k
+        assert restored.stats()["filter_counts"] == t.stats()["filter_counts"], k
+
+
+def test_a_restore_into_a_smaller_filter_keeps_within_its_capacity(tmp_path):
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=100_000), num_shards=1)
+    t.assign_add(np.arange(50_000, dtype=np.int64), np.ones((50_000, 1), F32))
+    t.save(str(tmp_path / "t"))
+    small = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=100), num_shards=1)
+    small.restore(str(tmp_path / "t"))
+    stats = small.stats()
+    assert stats["filter_counts"] == 50 and stats["filter_forgotten"] == 50_000 - 50
+    assert stats["filter_bytes"] <= 64 * 100
+    # Into a filter of the same capacity, every count is kept.
+    same = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1, capacity=100_000), num_shards=1)
+    assert same.restore(str(tmp_path / "t")).stats()["filter_counts"] == 50_000
+
+
+def test_a_save_beside_writes_keeps_each_id_as_an_entry_or_a_count(tmp_path):
+    # Each shard's entries and filter counts are taken at one moment: an id that a write
+    # admits during the save is in the checkpoint either as its count or as its entry.
+    make = lambda: table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=1,
+                                                        slot_occurrence_thresholds={1: 0}), num_shards=1)
+    n = 100_000
+    counted = np.arange(n, dtype=np.int64)
+    for trial in range(3):
+        t = make()
+        bulk = slot_id(1) + np.arange(300_000, dtype=np.int64)  # slot 1: stored at once; a longer save
+        t.assign(bulk, np.ones((len(bulk), 1), F32))
+        t.assign_add(counted, np.ones((n, 1), F32))  # each counted once
+        writer = threading.Thread(target=lambda: [t.assign_add(counted[i:i + 50], np.ones((50, 1), F32))
+                                                  for i in range(0, n, 50)])
+        writer.start()
+        t.save(str(tmp_path / f"t{trial}"))
+        writer.join()
+        restored = make().restore(str(tmp_path / f"t{trial}"))
+        stored = restored.contains(counted)
+        assert int(stored.sum()) + restored.stats()["filter_counts"] == n, trial
+
+
 def test_checkpoint_of_format_1_restores(tmp_path):
     # Written before the filter had generations (data file version 1): two entries (5 and 6)
     # and two counts (7 seen twice, 8 once) of an Adagrad table of dim 2 with threshold 2,
@@ -1135,17 +1192,23 @@ def test_a_save_writes_one_file_per_half_million_entries(tmp_path):
 
 def test_a_restore_asks_for_no_shards_by_the_size_of_its_loads(tmp_path):
     # A write of 10,000 ids splits a table of one shard into four (2,500 ids a shard); a
-    # restore's loads, in chunks of their own size, say nothing of the batches to come.
-    t = table_of(dim=1)
+    # restore's loads, in chunks of their own size, say nothing of the batches to come: a
+    # table written in small batches restores with its one shard, and one that was split
+    # with its four (the shards it had: the filter's generations depend on them).
     ids = np.arange(10_000, dtype=np.int64)
-    t.assign(ids, np.ones([ids.size, 1], F32))
-    assert t.stats()["num_shards"] == 4
-    basename = str(tmp_path / "t")
-    t.save(basename)
-    restored = table_of(dim=1).restore(basename)
-    assert restored.stats()["num_shards"] == 1
-    assert restored.size() == ids.size and np.all(restored.lookup(ids) == 1.0)
-    restored.assign(ids, np.full([ids.size, 1], 2.0, F32))  # a write of as many ids does
+    small_batches = table_of(dim=1)
+    for part in np.split(ids, 10):
+        small_batches.assign(part, np.ones([part.size, 1], F32))
+    split = table_of(dim=1).assign(ids, np.ones([ids.size, 1], F32))
+    assert small_batches.stats()["num_shards"] == 1 and split.stats()["num_shards"] == 4
+    for t, shards in ((small_batches, 1), (split, 4)):
+        basename = str(tmp_path / f"t{shards}")
+        t.save(basename)
+        restored = table_of(dim=1).restore(basename)
+        assert restored.stats()["num_shards"] == shards
+        assert restored.size() == ids.size and np.all(restored.lookup(ids) == 1.0)
+    restored = table_of(dim=1).restore(str(tmp_path / "t1"))
+    restored.assign(ids, np.full([ids.size, 1], 2.0, F32))  # a write of as many ids splits it
     assert restored.stats()["num_shards"] == 4 and np.all(restored.lookup(ids) == 2.0)
 
 

@@ -291,7 +291,16 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
     // Records are assembled in a block and written (and checksummed) a block at a time.
     std::vector<char> block;
     block.reserve(size_t{1} << 20);
+    // The filter counts go after the entries, but are taken with each shard's entries (a
+    // write between the two would admit an id into neither): kept here until then, 16
+    // bytes a count (the filter itself takes 32 to 64).
+    std::vector<uint64_t> counts;
     for (size_t s = shard_begin; s < shard_end; ++s) {
+      const auto count = [&](int64_t id, uint64_t n, bool older) {
+        if (EmbeddingTable::part_of(id, parts) != part) return;
+        counts.push_back(static_cast<uint64_t>(id));
+        counts.push_back(n | (older ? detail::kOlderCount : 0));
+      };
       table.scan_shard(s, [&](int64_t id, int64_t ts, const float* data) {
         if (EmbeddingTable::part_of(id, parts) != part) return;
         if (apply_expiry && table.expired(id, ts, max_update_ts)) return;
@@ -305,17 +314,11 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
           w.write(block.data(), block.size());
           block.clear();
         }
-      });
+      }, count);
     }
     w.write(block.data(), block.size());
-    for (size_t s = shard_begin; s < shard_end; ++s) {
-      table.scan_counts(s, [&](int64_t id, uint64_t count, bool older) {
-        if (EmbeddingTable::part_of(id, parts) != part) return;
-        w.put(id);
-        w.put(count | (older ? detail::kOlderCount : 0));
-        ++info.filter_entries;
-      });
-    }
+    w.write(counts.data(), counts.size() * sizeof(uint64_t));  // (id, count) pairs, little-endian
+    info.filter_entries = counts.size() / 2;
     w.put(info.entries);
     w.put(info.filter_entries);
     info.checksum = w.checksum();
@@ -439,12 +442,17 @@ inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& tab
   return out;
 }
 
+// `fit_counts`: the checkpoint's filter counts were kept under other bounds (another filter
+// capacity or shard count): those past this table's bounds are forgotten
+// (AdmissionCounts::fit_bound). Under the same bounds they are kept as saved, so that the
+// restored table forgets what the saved one would have.
 inline std::vector<CheckpointFileInfo> load_checkpoint(EmbeddingTable& into, const std::vector<std::string>& paths,
-                                                       const std::string& layout) {
+                                                       const std::string& layout, bool fit_counts = true) {
   const detail::ForkGate::InCall in_call;
   std::vector<CheckpointFileInfo> out(paths.size());
   ThreadPool::global().parallel_for(paths.size(),
                                     [&](size_t i) { out[i] = load_checkpoint_file(into, paths[i], layout); });
+  if (fit_counts) into.fit_counts();
   return out;
 }
 

@@ -220,6 +220,21 @@ class AdmissionCounts {
     older_.reserve(std::max<uint64_t>(older_.size(), std::min(n, bound_)));
   }
 
+  // After counts were placed (a restore into a filter of a smaller capacity, say): each
+  // generation within the bound again. The older generation goes first, then the newer one's
+  // counts past the bound (in the order of its map: recency within a generation is not
+  // known), and the maps are made no larger than their counts need.
+  void fit_bound() {
+    if (current_.size() > bound_) {
+      forgotten_ += older_.size() + (current_.size() - bound_);
+      older_ = CountMap();
+      current_ = first_of(current_, bound_);
+    } else if (older_.size() > bound_) {
+      forgotten_ += older_.size() - bound_;
+      older_ = first_of(older_, bound_);
+    }
+  }
+
   // Room for ids to be placed: `older` and `current` of each generation.
   void reserve_placed(size_t older, size_t current) {
     older_.reserve(older);
@@ -246,6 +261,15 @@ class AdmissionCounts {
   }
 
  private:
+  static CountMap first_of(const CountMap& map, uint64_t n) {
+    CountMap kept;
+    kept.reserve(n);
+    map.for_each([&](int64_t id, uint64_t count) {
+      if (kept.size() < n) *kept.try_emplace(id, hash_id(id)).first = count;
+    });
+    return kept;
+  }
+
   CountMap current_, older_;
   uint64_t bound_ = kNoBound;
   uint64_t forgotten_ = 0;

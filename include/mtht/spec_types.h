@@ -74,6 +74,9 @@ struct TableSpec {
   // initial capacity calls for and splits them as it grows and as its write batches grow,
   // up to 64 (EmbeddingTable::maybe_split).
   int num_shards = 0;
+  // With an automatic count: the fewest shards to start with (a restore starts with the
+  // shards of the table it restores, on which the filter's generations depend).
+  uint64_t initial_shards = 0;
   // The index grows before more than this many thousandths of its slots are used, so its
   // load stays between half this and this (between 2/3 of it and it in a shard whose index
   // is over 2 MiB, which grows by half: detail::Shard::buckets_for).

@@ -1370,7 +1370,8 @@ class EmbeddingTable {
     fixed_shards_ = spec.num_shards != 0;
     max_shard_bits_ = bits_for(fixed_shards_ ? static_cast<uint64_t>(spec.num_shards) : kAutoMaxShards, 1);
     shard_bits_ = fixed_shards_ ? max_shard_bits_
-                                : std::min(max_shard_bits_, bits_for(spec.initial_capacity, kSplitEntriesPerShard));
+                                : std::min(max_shard_bits_, std::max(bits_for(spec.initial_capacity, kSplitEntriesPerShard),
+                                                                     bits_for(spec.initial_shards, 1)));
     if (spec.max_bytes) {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
       // lowest load the index runs at (half the max load): 64 / 4 / (max / 2) bytes. A
@@ -1801,11 +1802,18 @@ class EmbeddingTable {
   // reads), under the shard's read lock.
   template <class Fn>
   void scan_shard(size_t s, Fn&& fn) const {
+    scan_shard(s, fn, [](int64_t, uint64_t, bool) {});
+  }
+  // The same, then count_fn(id, count, older) for the shard's filter counts (as scan_counts),
+  // under the same hold of its lock: an id admitted meanwhile would be in neither.
+  template <class Fn, class CountFn>
+  void scan_shard(size_t s, Fn&& fn, CountFn&& count_fn) const {
     const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<detail::SharedMutex> lk(sh.mu);
     sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
+    sh.counts.for_each(count_fn);
   }
 
   // Part i of n of the table's entries, by hash (file i of a checkpoint in n files), so that
@@ -1857,6 +1865,16 @@ class EmbeddingTable {
     }, false, false, false, nullptr, far);
     drop_kept_victims();  // clocks and write counts moved back
     maybe_split();
+  }
+
+  // After load_counts: each shard's filter counts within the bound of its generations
+  // (AdmissionCounts::fit_bound).
+  void fit_counts() {
+    const LayoutHold hold(*this);
+    for (detail::Shard* sh : shards_) {
+      std::unique_lock<detail::SharedMutex> lk(sh->mu);
+      sh->counts.fit_bound();
+    }
   }
 
   // Puts admission filter counts into the generations they were saved in (older[i]).
