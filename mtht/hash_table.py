@@ -363,15 +363,16 @@ class HashTable(BaseHashTable):
         (their memory is part of ``index_bytes``). ``filter_counts``, ``filter_bytes`` and
         ``filter_forgotten``: the admission filter's counts, their memory (not part of
         ``bytes``) and the counts forgotten to stay within its capacity."""
-        st = self._core.stats(probe_lengths)
+        core = self._core  # once: a restore on another thread may swap it
+        st = core.stats(probe_lengths)
         st["row_bytes_reserved"] = st.pop("row_bytes")
         st["row_bytes"] = st["rows_in_use"] * st["row_stride"]
         st["load_factor"] = st["size"] / st["capacity"] if st["capacity"] else 0.0
         st["bytes"] = st["index_bytes"] + st["row_bytes"]
         st["bytes_per_entry"] = st["bytes"] / st["size"] if st["size"] else 0.0
         st["dim"] = self._dim
-        st["max_entries"] = self._core.max_entries
-        st["state_floats"] = self._core.state_dim
+        st["max_entries"] = core.max_entries
+        st["state_floats"] = core.state_dim
         return st
 
     def lookup_entry(self, ids) -> List[Optional[EntryDump]]:
@@ -464,17 +465,18 @@ class HashTable(BaseHashTable):
         missing id packs a row of zeros."""
         from mtht.serving import compress
         ids = as_ids(ids)
-        values, _, _, _ = self._core.lookup_entries(ids)
-        return compress(self._config.table_config, values, self._core.hashnet_scales())
+        core = self._core  # once: a restore on another thread may swap it
+        values, _, _, _ = core.lookup_entries(ids)
+        return compress(self._config.table_config, values, core.hashnet_scales())
 
     # -- lifecycle -------------------------------------------------------------------------
     def evict(self, max_update_time=None) -> int:
         """Remove the entries expired at ``max_update_time`` (default: the table's
         ``max_update_ts``): those with ``max_update_time - last_update_ts >= expire days of
         their slot * 86400``. Returns how many; their memory is reused by later inserts."""
-        now = self._core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time,
-                                                                                      "max_update_time")
-        return self._core.evict(now)
+        core = self._core  # once: a restore on another thread may swap it (and its max_update_ts)
+        now = core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time, "max_update_time")
+        return core.evict(now)
 
     def save(self, basename, format: str = "mtht") -> "HashTable":
         """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).

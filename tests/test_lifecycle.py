@@ -756,6 +756,45 @@ def test_feature_eviction_config_builds_a_working_table():
     assert t.lookup(ids_of(1)).tolist() == [[1]]
 
 
+def test_evict_judges_the_table_it_reads_the_time_of(tmp_path):
+    # evict() (what the background evictor calls) reads the table's max_update_ts, then
+    # evicts: a restore swapping the table's contents in between must not have the restored
+    # entries judged at the old table's time. The evicting thread is paused right there.
+    basename = str(tmp_path / "t")
+    table_of(expire_days=1).assign(np.arange(100, dtype=np.int64), np.ones([100, 1], F32), req_time=0).save(basename)
+    t = table_of(expire_days=1).assign(ids_of(10**6), [[1]], req_time=100 * DAY)
+    paused, resume = threading.Event(), threading.Event()
+    evict_code = mtht.HashTable.evict.__code__
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not evict_code:
+            return None
+
+        def on_line(frame, event, arg):
+            if event == "line" and "now" in frame.f_locals and not paused.is_set():
+                paused.set()
+                resume.wait()
+            return on_line
+        return on_line
+
+    evicted = []
+
+    def evictor():
+        sys.settrace(tracer)
+        try:
+            evicted.append(t.evict())
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=evictor)
+    thread.start()
+    assert paused.wait(10)
+    t.restore(basename)
+    resume.set()
+    thread.join()
+    assert t.size() == 100 and t.max_update_ts == 0
+
+
 # ----------------------------------------------------------------------------------------
 # 5. Capacity limits
 # ----------------------------------------------------------------------------------------
@@ -1059,6 +1098,33 @@ def test_merged_slots_share_one_capacity():
     # One physical table of 3 entries: the batch of slot b evicts id 1 (oldest, lowest id).
     got = merged.lookup({"a": ids_of(1, 2), "b": ids_of(3, 4)})
     assert got["a"].tolist() == [[0], [1]] and got["b"].tolist() == [[1], [1]]
+
+
+def test_a_save_beside_capacity_limited_writes_holds_at_most_max_entries(tmp_path):
+    # Each write evicts in some shards and inserts in others; a save read shard by shard
+    # could see a shard before an eviction and another after the insert, and hold more than
+    # max_entries: a checkpoint its own config refused to restore.
+    limit = 200_000
+    make = lambda: table_of(max_entries=limit)
+    t = make().assign(np.arange(limit, dtype=np.int64), np.ones([limit, 1], F32))
+    stop = threading.Event()
+
+    def writer():
+        start = limit
+        while not stop.is_set():
+            t.assign(np.arange(start, start + 20_000, dtype=np.int64), np.ones([20_000, 1], F32))
+            start += 20_000
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for k in range(100):
+            t.save(str(tmp_path / "t"))
+            assert manifest_of(str(tmp_path / "t"))["entries"] <= limit, k
+    finally:
+        stop.set()
+        thread.join()
+    assert make().restore(str(tmp_path / "t")).size() == limit
 
 
 # ----------------------------------------------------------------------------------------

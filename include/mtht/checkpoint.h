@@ -433,6 +433,10 @@ inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& tab
                                                        const std::string& layout) {
   const detail::ForkGate::InCall in_call;
   const EmbeddingTable::LayoutPin pin(table);  // the shards stay as they are through the save
+  // With max_entries, no write goes on through the save: one that evicts in a shard already
+  // saved and inserts in one not yet saved made a checkpoint past max_entries, which the
+  // table's own config then refused to restore. (Such writes wait for the save.)
+  const auto no_capacity_writes = table.lock_capacity();
   const size_t n = paths.size();
   if (n == 0) throw ValueError("a checkpoint has at least one data file");
   std::vector<CheckpointFileInfo> out(n);

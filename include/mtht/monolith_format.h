@@ -576,6 +576,7 @@ inline std::vector<uint64_t> save(const EmbeddingTable& table, const std::vector
   const mtht::detail::ForkGate::InCall in_call;
   check_format(table, format);
   const EmbeddingTable::LayoutPin pin(table);  // the shards stay as they are through the save
+  const auto no_capacity_writes = table.lock_capacity();  // as save_checkpoint
   const size_t n = paths.size();
   if (n == 0) throw ValueError("a checkpoint has at least one file");
   std::vector<uint64_t> out(n);
