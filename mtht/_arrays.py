@@ -41,6 +41,10 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
             a = np.ascontiguousarray(a, dtype=np.uint64).view(np.int64)
     elif a.size == 0 and kind in "fO":
         a = a.astype(np.int64)
+    elif kind == "f" and isinstance(ids, (list, tuple)):
+        # NumPy gives float64 for a list mixing ids past 2**63 - 1 with others (or NumPy
+        # int64 and uint64 scalars): each element is checked as an integer instead.
+        a = _object_ids(np.asarray(ids, dtype=object), name)
     elif kind == "f":
         raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
     elif kind == "O":

@@ -1616,7 +1616,9 @@ def _lr_fn_key(fn: Any) -> str:
     """Canonical text of one learning-rate fn for the merge key."""
     if isinstance(fn, LearningRateFunction):
         return fn.canonical_key()
-    if _is_real(fn) or isinstance(fn, np.ndarray):
+    if isinstance(fn, np.ndarray):  # may change after the merge, as a callable may: by identity
+        return f"array@{id(fn)}"
+    if _is_real(fn):
         return _key_float(fn)
     return f"callable@{id(fn)}"
 

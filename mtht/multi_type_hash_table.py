@@ -190,6 +190,10 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._merged_slot_to_config = {}
         for slots in groups.values():
             merged_name = _md5(slots)
+            if merged_name in self._merged_slot_to_config:  # slot names with commas: "a,b" alone and "a", "b"
+                other = [s for s, m in self._slot_mapping.items() if m == merged_name]
+                raise ValueError(f"slots {slots} and slots {other} have different configs but the same merged "
+                                 f"name md5({','.join(slots)!r}); rename a slot (no commas in slot names)")
             # A copy: the caller's config (and its extra_restore_names) stays as it was.
             merged_config = copy.copy(slot_to_config[slots[0]])
             old_name = _md5([s[3:] if _OLD_SLOT_NAME.match(s) else s for s in slots])

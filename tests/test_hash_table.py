@@ -351,8 +351,13 @@ def test_uint64_ids_are_reinterpreted_as_int64_bits():
     np.testing.assert_array_equal(t.lookup(signed), [[1], [2], [3], [4]])
     assert [d.id for d in t.lookup_entry(signed)] == [-1, INT64_MIN, INT64_MAX, 5]
     np.testing.assert_array_equal(t.lookup(u), [[1], [2], [3], [4]])
-    # a Python list of big unsigned values goes the same way
+    # a Python list of big unsigned values goes the same way, mixed with small ones too
+    # (for which NumPy alone would give float64), and NumPy int64 and uint64 scalars
     np.testing.assert_array_equal(t.lookup([2**64 - 1, 2**63]), [[1], [2]])
+    np.testing.assert_array_equal(t.lookup([2**64 - 1, 5]), [[1], [4]])
+    np.testing.assert_array_equal(t.lookup([np.int64(5), np.uint64(2**63)]), [[4], [2]])
+    with pytest.raises(TypeError, match="position 1"):
+        t.lookup([2**64 - 1, 5.0])
 
 
 def test_non_native_byte_order_ids_and_values():

@@ -1007,6 +1007,30 @@ def test_adagrad_parameters_are_part_of_the_key():
     assert _groups(slot_to_config) == [["a"], ["b"], ["c"]]
 
 
+def test_learning_rates_given_as_arrays_merge_by_identity():
+    # An array may be changed after the tables are built, as a callable may change what it
+    # returns: two arrays of one value do not merge (merged, b would train at a's rate).
+    rate_a, rate_b = np.array(0.1, np.float32), np.array(0.1, np.float32)
+    slot_to_config = {"a": generate_test_hash_table_config(1, learning_rate=rate_a),
+                      "b": generate_test_hash_table_config(1, learning_rate=rate_b),
+                      "c": generate_test_hash_table_config(1, learning_rate=rate_a)}
+    assert _groups(slot_to_config) == [["a", "c"], ["b"]]
+    merged = MergedMultiTypeHashTable(slot_to_config, multi_type_factory)
+    rate_b[...] = 1.0
+    merged.apply_gradients({"a": ([1], [1.0]), "b": ([2], [1.0])}, 0)
+    assert merged.lookup({"b": [2]})["b"].tolist() == [[-1.0]]
+
+
+def test_groups_that_would_share_a_merged_name_are_refused():
+    # The merged name is md5 of the slots joined by commas: slot "a,b" alone and slots "a"
+    # and "b" together would share one table (and "a" would train at "a,b"'s rate).
+    slot_to_config = {"a,b": generate_test_hash_table_config(1, learning_rate=1.0),
+                      "a": generate_test_hash_table_config(1, learning_rate=0.1),
+                      "b": generate_test_hash_table_config(1, learning_rate=0.1)}
+    with pytest.raises(ValueError, match="same merged name"):
+        MergedMultiTypeHashTable(slot_to_config, multi_type_factory)
+
+
 def test_distinct_callables_do_not_merge_but_one_callable_does():
     def fn(step):
         return 0.1
