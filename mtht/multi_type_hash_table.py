@@ -56,6 +56,13 @@ class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
         ...
 
 
+def _uses_core_paths(table) -> bool:
+    """Whether ``table`` is an mtht table whose reads and writes are those of HashTable."""
+    return isinstance(table, _hash_table.HashTable) and all(
+        getattr(type(table), m) is getattr(_hash_table.HashTable, m)
+        for m in ("lookup", "assign", "assign_add", "apply_gradients", "write_part"))
+
+
 def _unknown_slot(slot) -> KeyError:
     return KeyError(f"unknown slot {slot!r}")
 
@@ -91,12 +98,21 @@ def _naming_the_non_finite_slot(method: str, slot_rows: List[Tuple[str, np.ndarr
 
 
 class MultiTypeHashTable(BaseMultiTypeHashTable):
-    """One table per slot, built by ``hash_table_factory(slot, config)`` in sorted slot order."""
+    """One table per slot, built by ``hash_table_factory(slot, config)`` in sorted slot order.
+
+    With mtht's own tables a write changes every slot's table or (raising) none. A factory
+    may build other tables (any :class:`~mtht.hash_table.BaseHashTable`, or a subclass of
+    HashTable that overrides its reads or writes): their methods are then called slot by
+    slot, and a write that fails at one slot leaves the slots before it written."""
 
     def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable):
         self._slot_to_config = dict(slot_to_config)
         self._slots = sorted(self._slot_to_config)
         self._tables = {slot: hash_table_factory(slot, self._slot_to_config[slot]) for slot in self._slots}
+        # Tables of mtht's own are read and written through the core, all slots in one call
+        # (and a write to all of them or none); any other table, or one that overrides those
+        # methods, through its own methods, slot by slot.
+        self._through_core = all(_uses_core_paths(t) for t in self._tables.values())
 
     def _slot_table(self, slot):
         try:
@@ -107,9 +123,15 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
         tables = [self._slot_table(slot) for slot in slot_to_id]
+        if not self._through_core:
+            return {slot: table.lookup(ids) for slot, table, ids in zip(slot_to_id, tables, slot_to_id.values())}
         return dict(zip(slot_to_id, _hash_table.lookup_all(tables, list(slot_to_id.values()))))
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
+        if not self._through_core:  # the factory's tables, slot by slot
+            for slot, (ids, tensor) in slot_to_id_and_tensor.items():
+                getattr(self._slot_table(slot), method)(ids, tensor, *args, **kwargs)
+            return self
         # Every slot's table is written, or (on any error) none.
         arguments = _hash_table.write_arguments(method, *args, **kwargs)
         parts, checked = [], []

@@ -1007,6 +1007,58 @@ def test_adagrad_parameters_are_part_of_the_key():
     assert _groups(slot_to_config) == [["a"], ["b"], ["c"]]
 
 
+def test_tables_of_other_kinds_from_the_factory_are_called_slot_by_slot():
+    # The factory's tables are what the multi-type table reads and writes: a HashTable
+    # subclass that overrides its methods, or another BaseHashTable altogether.
+    calls = []
+
+    class LoggingTable(mtht.HashTable):
+        def apply_gradients(self, ids, grads, global_step, *args, **kwargs):
+            calls.append("apply_gradients")
+            return super().apply_gradients(ids, grads, global_step, *args, **kwargs)
+
+        def lookup(self, ids, *args, **kwargs):
+            calls.append("lookup")
+            return super().lookup(ids, *args, **kwargs)
+
+    logged = MultiTypeHashTable({"a": generate_test_hash_table_config(1)},
+                                lambda slot, config: LoggingTable(config, name="MonolithHashTable_" + slot))
+    logged.apply_gradients({"a": ([1], [1.0])}, 0)
+    assert logged.lookup({"a": [1]})["a"].tolist() == [[-1.0]]
+    assert calls == ["apply_gradients", "lookup"]
+
+    class DictTable(mtht.BaseHashTable):
+        def __init__(self):
+            self.rows = {}
+
+        dim_size = property(lambda self: 1)
+
+        def lookup(self, ids, use_multi_threads=False, enable_dedup=False, out=None):
+            return np.array([[self.rows.get(int(i), 0.0)] for i in ids], np.float32).reshape(-1, 1)
+
+        def assign(self, ids, values, req_time=None):
+            self.rows.update({int(i): float(v) for i, v in zip(ids, np.ravel(values))})
+            return self
+
+        def assign_add(self, ids, values, req_time=None):
+            for i, v in zip(ids, np.ravel(values)):
+                self.rows[int(i)] = self.rows.get(int(i), 0.0) + float(v)
+            return self
+
+        def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
+                            req_time=None):
+            return self.assign_add(ids, -np.ravel(grads))
+
+        def as_op(self):
+            return self
+
+    other = MultiTypeHashTable({"a": generate_test_hash_table_config(1), "b": generate_test_hash_table_config(1)},
+                               lambda slot, config: DictTable())
+    other.assign({"a": ([1], [2.0])}).assign_add({"a": ([1], [1.0]), "b": ([5], [4.0])})
+    other.apply_gradients({"b": ([5], [1.0])}, 0)
+    assert {k: v.tolist() for k, v in other.lookup({"a": [1], "b": [5]}).items()} == {"a": [[3.0]], "b": [[3.0]]}
+
+
 def test_learning_rates_given_as_arrays_merge_by_identity():
     # An array may be changed after the tables are built, as a callable may change what it
     # returns: two arrays of one value do not merge (merged, b would train at a's rate).
