@@ -529,11 +529,20 @@ def _counts(fused_slot_size) -> np.ndarray:
     return fss.astype(np.int32)
 
 
-def _check_equal(name: str, given, expected: np.ndarray) -> None:
+def _check_equal(name: str, given, expected: np.ndarray, source: str = "fused_slot_size") -> None:
     got = as_ids(given, name)  # int64, compared by value (no narrowing cast, no copy)
     if got.shape != expected.shape or not np.array_equal(got, expected):
-        raise ValueError(f"{name} does not match fused_slot_size: expected {expected.tolist()}, "
-                         f"got {got.tolist()}")
+        raise ValueError(f"{name} does not match {source}: expected {expected.tolist()}, got {got.tolist()}")
+
+
+def _check_shards(num_of_shards, num_tables: int, fss: np.ndarray) -> int:
+    """num_of_shards, checked against the blocks of fused_slot_size (in Python's integers:
+    a count past int64 is reported as it is)."""
+    shards = as_int64_scalar(num_of_shards, "num_of_shards")
+    if shards < 1 or num_tables * shards != fss.size:
+        raise ValueError(f"fused_slot_size must have num_tables * num_of_shards = {num_tables} * {shards} entries, "
+                         f"got {fss.size}")
+    return shards
 
 
 def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None):
@@ -549,8 +558,10 @@ def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None):
     ids = as_ids(ids)
     if req_time is not None:
         as_int64_scalar(req_time, "req_time")
+    core_tables = _core_tables(tables)
+    fss = _counts(fused_slot_size)
     embeddings, recv_splits, id_offsets, emb_offsets = _core.fused_lookup(
-        _core_tables(tables), ids, _counts(fused_slot_size), as_int64_scalar(num_of_shards, "num_of_shards"))
+        core_tables, ids, fss, _check_shards(num_of_shards, len(core_tables), fss))
     return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()
 
 
@@ -569,14 +580,37 @@ def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_off
     core_tables = _core_tables(tables)
     ids = as_ids(ids)
     fss = _counts(fused_slot_size)
-    shards = as_int64_scalar(num_of_shards, "num_of_shards")
+    shards = _check_shards(num_of_shards, len(core_tables), fss)
     _, expected_id_offsets, expected_emb_offsets = _core.fused_offsets(core_tables, fss, shards, ids.shape[0])
     _check_equal("id_offsets", id_offsets, expected_id_offsets)
     _check_equal("grad_offsets", grad_offsets, expected_emb_offsets)
-    _check_equal("indices", indices, ids)
+    _check_equal("indices", indices, ids, "ids")
     grads = as_numpy_floats(id_grads, "id_grads")
     lrs = as_numpy_floats(learning_rate_tensors, "learning_rate_tensors")
-    _core.fused_apply_gradient(core_tables, ids, fss, grads, lrs, shards,
-                               as_int64_scalar(global_step, "global_step"), _req_time(req_time),
-                               bool(enable_grad_accumulation))
+    try:
+        _core.fused_apply_gradient(core_tables, ids, fss, grads, lrs, shards,
+                                   as_int64_scalar(global_step, "global_step"), _req_time(req_time),
+                                   bool(enable_grad_accumulation))
+    except ValueError as e:
+        if "NaN or Inf" not in str(e):
+            raise
+        raise ValueError(_non_finite_block(tables, grads, expected_emb_offsets) or str(e)) from None
     return tables
+
+
+def _non_finite_block(tables, grads: np.ndarray, emb_offsets: np.ndarray) -> Optional[str]:
+    """Where the first NaN or Inf of a fused update's gradients is, among the blocks of the
+    tables that refuse them: the core reports a row of a block it does not name."""
+    k = len(tables)
+    flat = grads.reshape(-1)
+    for b in range(len(emb_offsets) - 1):
+        table = tables[b % k]
+        if table.config.table_config.allow_non_finite:
+            continue
+        block = flat[emb_offsets[b]:emb_offsets[b + 1]]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row = int(np.argmax(bad)) // table.dim_size
+            return (f"id_grads contain NaN or Inf in block {b} (shard {b // k}, table {b % k}: {table.name!r}), "
+                    f"row {row} of the block; set allow_non_finite=True in the table config to accept them")
+    return None

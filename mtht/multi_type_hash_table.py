@@ -56,6 +56,15 @@ class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
         ...
 
 
+def _pair(slot, value, method: str):
+    """A slot's ``(ids, values)`` (or ``(ids, grads)``) of a multi-slot write."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value
+    what = "grads" if method == "apply_gradients" else "values"
+    got = f"{len(value)} items" if isinstance(value, (tuple, list)) else type(value).__name__
+    raise ValueError(f"slot {slot!r}: expected a pair (ids, {what}), got {got}")
+
+
 def _uses_core_paths(table) -> bool:
     """Whether ``table`` is an mtht table whose reads and writes are those of HashTable."""
     return isinstance(table, _hash_table.HashTable) and all(
@@ -123,19 +132,25 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
         tables = [self._slot_table(slot) for slot in slot_to_id]
+        ids_list = []
+        for slot, ids in slot_to_id.items():
+            with _naming_the_slot(slot):
+                ids_list.append(as_ids(ids))
         if not self._through_core:
-            return {slot: table.lookup(ids) for slot, table, ids in zip(slot_to_id, tables, slot_to_id.values())}
-        return dict(zip(slot_to_id, _hash_table.lookup_all(tables, list(slot_to_id.values()))))
+            return {slot: table.lookup(ids) for slot, table, ids in zip(slot_to_id, tables, ids_list)}
+        return dict(zip(slot_to_id, _hash_table.lookup_all(tables, ids_list)))
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
         if not self._through_core:  # the factory's tables, slot by slot
-            for slot, (ids, tensor) in slot_to_id_and_tensor.items():
+            for slot, value in slot_to_id_and_tensor.items():
+                ids, tensor = _pair(slot, value, method)
                 getattr(self._slot_table(slot), method)(ids, tensor, *args, **kwargs)
             return self
         # Every slot's table is written, or (on any error) none.
         arguments = _hash_table.write_arguments(method, *args, **kwargs)
         parts, checked = [], []
-        for slot, (ids, tensor) in slot_to_id_and_tensor.items():
+        for slot, value in slot_to_id_and_tensor.items():
+            ids, tensor = _pair(slot, value, method)
             table = self._slot_table(slot)
             with _naming_the_slot(slot):
                 parts.append(table.write_part(method, ids, tensor, arguments))
@@ -173,9 +188,8 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
 
     def learning_rates(self, global_step) -> np.ndarray:
         """Every slot's per-segment learning rates, in sorted slot order (the fused update's)."""
-        return np.concatenate(
-            [self._slot_to_config[slot].call_learning_rate_fns(global_step) for slot in self._slots]
-        ).astype(np.float32)
+        rates = [self._slot_to_config[slot].call_learning_rate_fns(global_step) for slot in self._slots]
+        return np.concatenate(rates).astype(np.float32) if rates else np.zeros(0, np.float32)
 
     def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None):
         """:func:`mtht.hash_table.fused_lookup` over this table's slots in sorted order."""
@@ -300,8 +314,10 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         checked = []  # (slot, rows) of the slots whose table refuses NaN and Inf
         for slot in sorted(data):
             merged = self._merged_name(slot)
-            slot_ids = as_ids(data[slot][0], f"slot {slot!r} ids")
-            slot_rows = as_rows(data[slot][1], slot_ids.shape[0], self._dims[merged], f"slot {slot!r} values")
+            given_ids, given_rows = _pair(slot, data[slot], method)
+            slot_ids = as_ids(given_ids, f"slot {slot!r} ids")
+            slot_rows = as_rows(given_rows, slot_ids.shape[0], self._dims[merged],
+                                f"slot {slot!r} {'grads' if method == 'apply_gradients' else 'values'}")
             ids.setdefault(merged, []).append(slot_ids)
             rows.setdefault(merged, []).append(slot_rows)
             if not self._merged_slot_to_config[merged].table_config.allow_non_finite:

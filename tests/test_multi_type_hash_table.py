@@ -1059,6 +1059,33 @@ def test_tables_of_other_kinds_from_the_factory_are_called_slot_by_slot():
     assert {k: v.tolist() for k, v in other.lookup({"a": [1], "b": [5]}).items()} == {"a": [[3.0]], "b": [[3.0]]}
 
 
+def test_errors_of_multi_slot_and_fused_calls_say_what_and_where():
+    t = MultiTypeHashTable({"a": generate_test_hash_table_config(1), "b": generate_test_hash_table_config(2)},
+                           factory)
+    merged = MergedMultiTypeHashTable({"a": generate_test_hash_table_config(1),
+                                       "b": generate_test_hash_table_config(2)}, multi_type_factory)
+    ids, fss = [1, 2], [1, 1]
+    _, _, id_offsets, emb_offsets, indices = t.fused_lookup(ids, fss, 1)
+    cases = [
+        (lambda: t.fused_apply_gradient(ids, [2, 1], fss, [1, 1, 1], id_offsets, emb_offsets, 0, 0, 1),
+         "indices does not match ids"),
+        (lambda: t.fused_apply_gradient(ids, indices, fss, [1, 1, np.nan], id_offsets, emb_offsets, 0, 0, 1),
+         r"block 1 \(shard 0, table 1: 'MonolithHashTable_b'\), row 0"),
+        (lambda: t.lookup({"a": [1], "b": [[1, 2]]}), "slot 'b': ids must be a 1-D array"),
+        (lambda: merged.apply_gradients({"b": ([1], [1.0, 2.0, 3.0])}, 0), "slot 'b' grads must have shape"),
+        (lambda: MultiTypeHashTable({}, factory).fused_apply_gradient([], [], [], [], [0], [0], 0, 0, 1),
+         "at least one table"),
+        (lambda: t.fused_lookup(ids, fss, 2**62), "2 \\* 4611686018427387904 entries, got 2"),
+        (lambda: t.apply_gradients({"a": ([1], [1.0], "extra")}, 0), r"slot 'a': expected a pair \(ids, grads\)"),
+        (lambda: merged.apply_gradients({"a": ([1], [1.0], "extra")}, 0), r"slot 'a': expected a pair"),
+        (lambda: merged.assign({"a": [1]}), r"slot 'a': expected a pair \(ids, values\), got 1 items"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert t.lookup({"a": [1, 2]})["a"].tolist() == [[0], [0]]  # nothing changed
+
+
 def test_learning_rates_given_as_arrays_merge_by_identity():
     # An array may be changed after the tables are built, as a callable may change what it
     # returns: two arrays of one value do not merge (merged, b would train at a's rate).
