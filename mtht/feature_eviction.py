@@ -16,8 +16,10 @@ class FeatureEvictor:
     :meth:`stop` is called."""
 
     def __init__(self, table, period_seconds: float, poll_seconds: float = 10.0):
-        if period_seconds <= 0:
+        if not period_seconds > 0:
             raise ValueError(f"period_seconds must be > 0, got {period_seconds}")
+        if not poll_seconds > 0:  # 0 would spin the thread
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self._table = weakref.ref(table)
         self._period = float(period_seconds)
         self._poll = min(float(poll_seconds), self._period)

@@ -37,7 +37,7 @@ def _fake_quantize_steps(w: np.ndarray, r: float) -> np.ndarray:
     step = np.float32(r) / np.float32(128)
     half = step / np.float32(2)
     shifted = np.where(w >= 0, w + half, w - half).astype(np.float32)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # |w| near the float maximum: clamped below
         n = np.trunc(shifted / step)
     n = np.where(np.isnan(w), 0, np.clip(n, -128, 127))
     return n.astype(np.int8)

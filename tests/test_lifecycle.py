@@ -729,6 +729,9 @@ def test_feature_evictor_removes_expired_entries_on_its_own():
         evictor.stop()
     with pytest.raises(ValueError):
         FeatureEvictor(t, period_seconds=0)
+    for poll in (0, -1, float("nan")):  # would spin the thread
+        with pytest.raises(ValueError, match="poll_seconds"):
+            FeatureEvictor(t, period_seconds=1, poll_seconds=poll)
 
 
 def test_the_eviction_thread_of_a_dropped_table_ends_at_once():

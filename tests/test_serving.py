@@ -1,6 +1,8 @@
 """Compressors as serving storage formats (reference §7): Monolith's pinned numbers and
 round trips against independent numpy expectations."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,11 @@ def test_fixed_r8_stores_step_counts():
     packed = compress(cfg, v)
     assert packed.view(np.int8).tolist() == [[127, 0, 1, -1, 2, 0]]
     np.testing.assert_allclose(decompress(cfg, packed), [[127 * step, 0, step, -step, 2 * step, 0]], rtol=1e-7)
+    # Values near the float maximum clamp like any other, without a warning from NumPy.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        huge = np.array([[3.4e38, -3.4e38, np.inf, -np.inf, 0, 0]], np.float32)
+        assert compress(cfg, huge).view(np.int8).tolist() == [[127, -128, 127, -128, 0, 0]]
 
 
 def test_a_table_exports_its_rows_mixed_compressors():
