@@ -10,11 +10,16 @@ The core releases the GIL for every batch, so the background thread runs beside 
 
 from __future__ import annotations
 
+import array
 import atexit
 import collections
+import collections.abc
 import concurrent.futures
+import os
 import queue
+import sys
 import threading
+import traceback
 import weakref
 from typing import Any, Callable, Deque, Optional, Tuple
 
@@ -59,104 +64,143 @@ class _Stop:
 
 
 _STOP = _Stop()
+_RUNNING = threading.local()  # .state: the _PipelineState of the pipeline whose thread this is
 
 
-def _run(tasks: "queue.SimpleQueue", state: "_PipelineState") -> None:
+class _PipelineState:
+    """What the thread and the trainer share: the error of a failed write, and how many
+    writes were dropped after it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.failed_write: Optional[BaseException] = None
+        self.failed_where = ""  # its traceback on the thread, as text
+        self.dropped = 0
+
+
+def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
     """The background thread: runs tasks in order until told to stop. It holds the queue and
     the state, not the pipeline, so that a pipeline nobody holds is collected (and stops it)."""
+    _RUNNING.state = state
     while True:
         task = tasks.get()
         if task is _STOP:
             return
-        fn, future, is_write = task
+        fn, future, is_write, on_done = task
         try:
-            if state.failed_write is not None and is_write:
-                state.dropped += 1  # a write after a failed one: not applied (reported with the error)
+            with state.lock:
+                drop = is_write and state.failed_write is not None
+                if drop:
+                    state.dropped += 1  # a write after a failed one: not applied (reported with the error)
+            if drop:
                 future.cancel()
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the trainer, never swallowed
-                future.set_exception(e)
-                if is_write:
-                    state.failed_write = e
+            elif future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to the trainer, never swallowed
+                    future.set_exception(e)
+                    if is_write:
+                        # Kept as text: the traceback's frames hold the table (and the thread would
+                        # keep it alive until the error was taken).
+                        where = "".join(traceback.format_tb(e.__traceback__))
+                        with state.lock:
+                            state.failed_write, state.failed_where = e.with_traceback(None), where
         finally:
-            del task, fn, future  # the table they hold may be dropped while the thread waits
-            with state.idle:
-                state.pending -= 1
-                if state.pending == 0:
-                    state.idle.notify_all()
-
-
-class _PipelineState:
-    def __init__(self):
-        self.idle = threading.Condition()
-        self.pending = 0
-        self.failed_write: Optional[BaseException] = None
-        self.dropped = 0
+            if on_done is not None:
+                try:
+                    on_done()
+                except BaseException:  # noqa: BLE001 - the thread must go on with the queue
+                    traceback.print_exc()
+            del task, fn, future, on_done  # the table they hold may be dropped while the thread waits
 
 
 class _Pipeline:
-    """One table's background thread and its queue of calls."""
+    """The background thread of a table (and of the tables it wraps) and its queue of calls.
+
+    The thread is started, calls are queued and the thread is stopped under one lock: one
+    thread at a time takes the queue's calls (two would run them out of order), and no call
+    is queued behind the stop of the last thread. Waiting is a call of its own at the end of
+    the queue, not a count of calls: a count that an interrupt (Ctrl-C) cut between two
+    steps would never come back to zero."""
 
     def __init__(self, name: str):
         self._name = name
+        self._new_state()
+        # The thread ends with the pipeline; at exit, only after the queued calls (_finish_queued_writes).
+        weakref.finalize(self, _end_of, self._box).atexit = False
+        _PIPELINES.add(self)
+
+    def _new_state(self) -> None:
         self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
         self._state = _PipelineState()
         self._thread: Optional[threading.Thread] = None
-        self._start_lock = threading.Lock()
-        weakref.finalize(self, self._tasks.put, _STOP)  # the thread ends with the pipeline
-        _PIPELINES.add(self)
+        self._lock = threading.Lock()
+        self._box = getattr(self, "_box", [None, None, self._name])  # for the finalizer
+        self._box[:2] = [self._tasks, self._state]
+
+    def reset_in_child(self) -> None:
+        """After a fork: the child has no thread, and does not run the calls its parent queued
+        (the parent does)."""
+        self._new_state()
+
+    def _start_locked(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=_run, args=(self._tasks, self._state),
+                                            name=f"mtht-pipeline-{self._name}", daemon=True)
+            self._thread.start()
 
     def start(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=_run, args=(self._tasks, self._state),
-                                                name=f"mtht-pipeline-{self._name}", daemon=True)
-                self._thread.start()
+        with self._lock:
+            self._start_locked()
 
     def stop(self) -> None:
-        """Waits for the queued calls, then ends the thread (a later call starts another)."""
-        with self._start_lock:
+        """Waits for the queued calls, then ends the thread (a later call starts another). On
+        the thread itself, only asks it to end after the calls queued so far."""
+        with self._lock:
             thread, self._thread = self._thread, None
-        if thread is not None and thread.is_alive():
+            if thread is None:
+                return
             self._tasks.put(_STOP)
-            thread.join()
+            if not self.on_own_thread():
+                thread.join()
 
-    def submit(self, fn: Callable[[], Any], is_write: bool) -> concurrent.futures.Future:
-        self.start()
+    def submit(self, fn: Callable[[], Any], is_write: bool,
+               on_done: Optional[Callable[[], None]] = None) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._state.idle:
-            self._state.pending += 1
-        self._tasks.put((fn, future, is_write))
+        with self._lock:
+            self._start_locked()
+            self._tasks.put((fn, future, is_write, on_done))
         return future
 
     def on_own_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return getattr(_RUNNING, "state", None) is self._state
 
     def wait(self) -> None:
-        """Blocks until every queued call is done (at once on the pipeline's own thread: a
-        call it runs may ask for the table's writes to be done)."""
+        """Blocks until every call queued so far is done (at once on the pipeline's own
+        thread: a call it runs may ask for the table's writes to be done)."""
         if self.on_own_thread():
             return
-        with self._state.idle:
-            self._state.idle.wait_for(lambda: self._state.pending == 0)
+        with self._lock:
+            if self._thread is None:  # nothing queued
+                return
+        self.submit(lambda: None, is_write=False).result()
 
     def take_error(self) -> None:
         """Raises the error of a failed write, once, saying how many later writes were not
         applied because of it (all those queued before this call: it waits for them)."""
         state = self._state
-        with state.idle:
+        with state.lock:
             if state.failed_write is None:
                 return
-            if not self.on_own_thread():
-                state.idle.wait_for(lambda: state.pending == 0)
-            error, dropped = state.failed_write, state.dropped
-            state.failed_write, state.dropped = None, 0
+        self.wait()
+        with state.lock:
+            error, where, dropped = state.failed_write, state.failed_where, state.dropped
+            state.failed_write, state.failed_where, state.dropped = None, "", 0
+        if error is None:  # taken meanwhile by another thread
+            return
         note = (f"raised by a write queued on table {self._name!r}, on its background thread"
-                + (f"; the {dropped} write(s) queued after it were not applied" if dropped else ""))
+                + (f"; the {dropped} write(s) queued after it were not applied" if dropped else "")
+                + f"; where it was raised there:\n{where}")
         if hasattr(error, "add_note"):  # Python 3.11
             error.add_note(note)
         else:
@@ -164,31 +208,77 @@ class _Pipeline:
         raise error
 
 
+def _end_of(box: list) -> None:
+    """A pipeline nobody holds: its thread ends after the calls queued; the error of a
+    failed write that no call raised is printed rather than lost."""
+    tasks, state, name = box
+    tasks.put(_STOP)
+    if state.failed_write is not None:
+        print(f"mtht: a write queued on table {name!r} failed, and the table was dropped before a call raised "
+              f"the error:\n{state.failed_where}{type(state.failed_write).__name__}: {state.failed_write}",
+              file=sys.stderr)
+
+
 _PIPELINES: "weakref.WeakSet[_Pipeline]" = weakref.WeakSet()
+
+
+def _reset_in_child() -> None:
+    for pipeline in list(_PIPELINES):
+        pipeline.reset_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
 
 
 @atexit.register
 def _finish_queued_writes() -> None:
-    """Writes queued when the interpreter exits are applied, not lost with the thread."""
+    """Writes queued when the interpreter exits are applied, not lost with the thread; the
+    error of one that failed, which no call is left to raise, is printed."""
     for pipeline in list(_PIPELINES):
-        pipeline.wait()
+        try:
+            pipeline.wait()
+            pipeline.take_error()
+        except BaseException:  # noqa: BLE001 - reported here: the trainer has no call left
+            traceback.print_exc()
+
+
+def _wrapped_tables(table) -> list:
+    """The tables a multi-type table wraps, at every depth."""
+    inner = []
+    wrapped = getattr(table, "_table", None)
+    tables = getattr(table, "_tables", None)
+    for t in ([wrapped] if wrapped is not None else []) + (list(tables.values()) if isinstance(tables, dict) else []):
+        if isinstance(t, QueueHooks):
+            inner.append(t)
+            inner.extend(_wrapped_tables(t))
+    return inner
 
 
 def _pipeline_of(table) -> _Pipeline:
-    pipeline = getattr(table, "_mtht_pipeline", None)
-    if pipeline is None:
-        pipeline = _Pipeline(str(getattr(table, "name", type(table).__name__)))
-        table._mtht_pipeline = pipeline
+    """The pipeline of ``table``, shared with the tables it wraps: hooks on a merged table and
+    on one of its slot tables run their calls on one thread, in the trainer's order (on two,
+    the order between them was lost, and each thread could wait for the other)."""
+    family = [table] + _wrapped_tables(table)
+    found = {id(p): p for p in (getattr(t, "_mtht_pipeline", None) for t in family) if p is not None}
+    if len(found) > 1:
+        raise ValueError(f"tables wrapped by this {type(table).__name__} already have hooks running on separate "
+                         "threads: attach hooks to the outer table before those of the tables it wraps")
+    pipeline = next(iter(found.values())) if found else _Pipeline(str(getattr(table, "name", type(table).__name__)))
+    for t in family:
+        t._mtht_pipeline = pipeline
     return pipeline
 
 
 def _snapshot(value):
-    """A copy of the arrays in ``value`` (nested in dicts, lists and tuples), so that the
-    trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__``
-    (a NumPy array, a PyTorch, JAX or TensorFlow tensor) becomes a NumPy copy."""
+    """A copy of the arrays in ``value`` (nested in mappings, lists and tuples), so that the
+    trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__`` (a
+    NumPy array, a PyTorch, JAX or TensorFlow tensor) or a buffer (a memoryview, an
+    ``array.array``) becomes a NumPy copy."""
     if isinstance(value, np.ndarray) or (hasattr(value, "__array__") and not np.isscalar(value)):
         return np.array(value, copy=True)
-    if isinstance(value, dict):
+    if isinstance(value, (memoryview, array.array, bytearray)):
+        return np.array(value, copy=True)
+    if isinstance(value, collections.abc.Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_snapshot(v) for v in value]
@@ -244,6 +334,22 @@ class _TableHook:
             self._pipeline.stop()
 
 
+class _Slot:
+    """One of a push's slots, given back once however many paths give it back. The slots
+    are tokens in a SimpleQueue, whose get and put are single steps in C: an interrupt
+    (Ctrl-C) in a push cannot leave them half taken, as it could a threading.Semaphore's
+    lock, which the background thread then waited for for ever."""
+
+    def __init__(self, slots: "queue.SimpleQueue"):
+        self._slots = slots
+        self._token = slots.get()
+
+    def release(self) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            self._slots.put(token)
+
+
 class AsyncPush(_TableHook):
     """Applies a table's writes on a background thread: ``push.apply_gradients(...)`` takes
     the arguments of ``table.apply_gradients`` (likewise ``assign``, ``assign_add`` and
@@ -260,7 +366,9 @@ class AsyncPush(_TableHook):
 
     def __init__(self, table, capacity: int = 2):
         super().__init__(table, capacity)
-        self._slots = threading.BoundedSemaphore(capacity)
+        self._slots: "queue.SimpleQueue" = queue.SimpleQueue()
+        for token in range(capacity):
+            self._slots.put(token)
 
     def _push(self, method: str, args: Tuple, kwargs: dict) -> None:
         fn = getattr(self._table, method, None)
@@ -268,13 +376,12 @@ class AsyncPush(_TableHook):
             raise AttributeError(f"{type(self._table).__name__} has no {method}")
         self._pipeline.take_error()
         args, kwargs = _snapshot(args), _snapshot(kwargs)
-        self._slots.acquire()
-        try:
-            future = self._pipeline.submit(lambda: fn(*args, **kwargs), is_write=True)
-        except BaseException:
-            self._slots.release()
+        slot = _Slot(self._slots)  # blocks while `capacity` writes wait
+        try:  # the thread gives the slot back once the write is done (or dropped)
+            self._pipeline.submit(lambda: fn(*args, **kwargs), is_write=True, on_done=slot.release)
+        except BaseException:  # an interrupt (Ctrl-C) may come after the call was queued: once only
+            slot.release()
             raise
-        future.add_done_callback(lambda _: self._slots.release())
 
     def apply_gradients(self, *args, **kwargs) -> None:
         self._push("apply_gradients", args, kwargs)

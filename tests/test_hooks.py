@@ -4,6 +4,7 @@ one after another on a second table."""
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +34,15 @@ def table():
 
 def pipeline_threads():
     return [t for t in threading.enumerate() if t.name.startswith("mtht-pipeline")]
+
+
+def no_new_threads_after_collection(before: set, seconds: float = 10) -> bool:
+    """Whether, once garbage is collected, every pipeline thread not in ``before`` ends."""
+    gc.collect()
+    deadline = time.monotonic() + seconds
+    while set(pipeline_threads()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not set(pipeline_threads()) - before
 
 
 def batches(count, n=500, keys=2000, seed=0):
@@ -214,22 +224,160 @@ def test_end_and_with_blocks_stop_the_thread():
         mtht.AsyncPush(object())
 
 
+def test_pushes_from_threads_beside_end_are_all_applied():
+    # end() stops the thread while other threads push: every push still runs, once, on one
+    # thread at a time (a push queued behind the stop was never run, and two threads took
+    # the queue's calls).
+    t = table()
+    push = mtht.AsyncPush(t, capacity=4)
+
+    def pusher():
+        for _ in range(200):
+            push.assign_add([1], np.ones((1, 4), F32))
+
+    def ender():
+        for _ in range(50):
+            push.end()
+
+    threads = [threading.Thread(target=f) for f in (pusher, pusher, ender)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    waiter = threading.Thread(target=t.as_op)
+    waiter.start()
+    waiter.join(60)
+    assert not waiter.is_alive()
+    assert t.lookup([1]).tolist() == [[400] * 4]
+    push.end()
+    assert t._mtht_pipeline._thread is None
+
+
+def hold_back(t, method):
+    """Holds the table's ``method`` calls back until the returned event is set (a busy table)."""
+    release, original = threading.Event(), getattr(t, method)
+    setattr(t, method, lambda *a, **k: (release.wait(), original(*a, **k))[1])
+    return release
+
+
+def test_buffers_and_mappings_are_copied_too():
+    import array
+    import collections.abc
+
+    class Slots(collections.abc.Mapping):
+        def __init__(self, d):
+            self.d = d
+
+        def __getitem__(self, k):
+            return self.d[k]
+
+        def __iter__(self):
+            return iter(self.d)
+
+        def __len__(self):
+            return len(self.d)
+
+    t = table()
+    release = hold_back(t, "assign")
+    push = mtht.AsyncPush(t, capacity=4)
+    values = np.ones((3, 4), F32)
+    ids = array.array("q", [1, 2, 3])
+    push.assign(ids, memoryview(values))
+    values[:] = 7
+    ids[0] = 5
+    release.set()
+    assert t.as_op().lookup([1, 2, 3, 5])[:, 0].tolist() == [1, 1, 1, 0]
+    merged = MergedMultiTypeHashTable({"a": config()}, lambda m: MultiTypeHashTable(
+        m, lambda slot, c: hash_table_from_config(c, name_suffix=slot)))
+    release = hold_back(merged, "assign")
+    push = mtht.AsyncPush(merged)
+    values = np.ones((2, 4), F32)
+    push.assign(Slots({"a": (np.array([1, 2]), values)}))
+    values[:] = 7
+    release.set()
+    assert merged.as_op().lookup({"a": [1, 2]})["a"][:, 0].tolist() == [1, 1]
+    push.end()
+
+
+def test_a_merged_table_and_its_slot_tables_share_one_thread():
+    # Hooks on a merged table and on the slot table inside it run in the trainer's order
+    # (on two threads a later push to the slot table went first), and a learning-rate
+    # function that waits for the merged table's writes does not wait for itself.
+    make = lambda lr: MergedMultiTypeHashTable({"a": config(), "b": config()}, lambda m: MultiTypeHashTable(
+        m, lambda slot, c: hash_table_from_config(c if lr is None else entry.HashTableConfigInstance(
+            c.table_config, [lr]), name_suffix=slot)))
+    merged = make(None)
+    inner = list(merged._table._tables.values())[0]  # "a" and "b" share it
+    push_merged, push_inner = mtht.AsyncPush(merged), mtht.AsyncPush(inner)
+    release = hold_back(merged, "assign")
+    push_merged.assign({"a": ([0], np.full((1, 4), 1, F32))})
+    push_inner.assign([0], np.full((1, 4), 2, F32))
+    release.set()
+    assert inner.as_op().lookup([0]).tolist() == [[2] * 4]
+    holder = {}
+
+    def rate(step):
+        holder["table"].as_op()
+        return 0.1
+
+    holder["table"] = waiting = make(rate)
+    push = mtht.AsyncPush(waiting)
+    mtht.AsyncPush(list(waiting._table._tables.values())[0]).assign([1], np.ones((1, 4), F32))
+    for step in range(5):
+        push.apply_gradients({"a": (np.arange(10), np.ones((10, 4), F32))}, global_step=step)
+    done = threading.Thread(target=waiting.as_op)
+    done.start()
+    done.join(30)
+    assert not done.is_alive()
+    push.end()
+
+
+def test_a_forked_child_waits_for_nothing_its_parent_queued():
+    t = table()
+    release = hold_back(t, "assign_add")
+    push = mtht.AsyncPush(t)
+    push.assign_add([1], np.ones((1, 4), F32))
+    pid = os.fork()
+    if pid == 0:  # the child: no thread, and none of the parent's calls
+        signal.alarm(30)  # a hang ends the child (and fails the test)
+        try:
+            ok = t.as_op() is t and t.lookup([1]).tolist() == [[0] * 4]
+            del t.assign_add  # the child's own pushes are not held back
+            push.assign_add([1], np.ones((1, 4), F32))
+            ok = ok and t.as_op().lookup([1]).tolist() == [[1] * 4]
+        finally:
+            os._exit(0 if ok else 1)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert t.as_op().lookup([1]).tolist() == [[1] * 4]
+    push.end()
+
+
+def test_the_error_of_a_dropped_table_is_printed_and_its_thread_ends(capfd):
+    before = set(pipeline_threads())  # threads of earlier tests may still be ending
+    t = table()
+    push = mtht.AsyncPush(t)
+    push.apply_gradients([1], np.ones((1, 3), F32), global_step=0)  # fails; no call takes the error
+    t._mtht_pipeline.wait()
+    del t, push
+    assert no_new_threads_after_collection(before)
+    assert "dropped before a call raised the error" in capfd.readouterr().err
+
+
 def test_a_dropped_table_leaves_no_thread():
-    before = len(pipeline_threads())
+    before = set(pipeline_threads())  # threads of earlier tests may still be ending
     for _ in range(5):
         t = table()
         push = mtht.AsyncPush(t)
         push.assign([1], np.ones((1, 4), F32))
         t.as_op()
         del t, push
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while len(pipeline_threads()) > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(pipeline_threads()) == before
+    assert no_new_threads_after_collection(before)
 
 
-def test_writes_queued_when_the_interpreter_exits_are_applied(tmp_path):
+def test_writes_queued_when_the_interpreter_exits_are_applied_and_their_errors_printed(tmp_path):
     script = f"""
 import atexit, numpy as np
 def report():  # registered before mtht's own exit handler, so it runs after it
@@ -247,9 +395,11 @@ t.assign_add = lambda *a, **k: (release.wait(), original(*a, **k))[1]
 push = mtht.AsyncPush(t, capacity=8)
 for _ in range(5):
     push.assign_add([1], np.ones((1, 2), np.float32))
+push.assign_add([2], np.full((1, 2), np.nan, np.float32))  # fails with no call left to raise it
 release.set()
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                          cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[[5.0, 5.0]]"
+    assert "ValueError" in out.stderr and "NaN" in out.stderr  # printed, not swallowed
