@@ -15,6 +15,7 @@ import atexit
 import collections
 import collections.abc
 import concurrent.futures
+import numbers
 import os
 import queue
 import sys
@@ -292,8 +293,9 @@ class _TableHook:
     """A hook of one table: queues calls on the table's pipeline."""
 
     def __init__(self, table, capacity: int):
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        capacity = int(capacity)
         if not isinstance(table, QueueHooks):
             raise TypeError(f"a hook needs an mtht table, got {type(table).__name__}")
         self._table = table
@@ -397,9 +399,9 @@ class AsyncPush(_TableHook):
 
 
 def _same_ids(a, b) -> bool:
-    if isinstance(a, dict) or isinstance(b, dict):
-        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
-                and all(_same_ids(a[k], b[k]) for k in a))
+    mappings = isinstance(a, collections.abc.Mapping), isinstance(b, collections.abc.Mapping)
+    if any(mappings):
+        return all(mappings) and a.keys() == b.keys() and all(_same_ids(a[k], b[k]) for k in a)
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -220,6 +220,7 @@ def test_end_and_with_blocks_stop_the_thread():
     assert t.contains([6]).tolist() == [True]
     with pytest.raises(ValueError):
         mtht.AsyncPush(t, capacity=0)
+    mtht.AsyncPush(t, capacity=np.int64(3)).end()  # a NumPy integer is an integer
     with pytest.raises(TypeError):
         mtht.AsyncPush(object())
 
