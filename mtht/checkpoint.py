@@ -229,9 +229,11 @@ def _holds_what_a_save_writes(body) -> bool:
     return (count(body.get("dim"), 1) and count(body.get("generation"), 1) and isinstance(body.get("layout"), str)
             and count(body.get("entries")) and count(body.get("max_update_ts"), -(1 << 63))
             and isinstance(scales, list) and all(type(x) in (int, float) for x in scales)
-            and (count(body.get("num_shards", 1), 1) and body.get("num_shards", 1) <= MAX_SHARDS)
+            and count(body.get("num_shards", 1), 1) and body.get("num_shards", 1) <= MAX_SHARDS
+            and body.get("num_shards", 1) & (body.get("num_shards", 1) - 1) == 0  # a power of two
             and (body.get("filter_capacity") is None or count(body["filter_capacity"], 1))
-            and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files))
+            and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files)
+            and body["entries"] == sum(f["entries"] for f in files))
 
 
 # Entries per data file when ``saver_parallel`` is not set. The files are written and read in
@@ -438,8 +440,10 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     ``tables.json``, which names the generation of each: a killed save leaves every table's
     previous checkpoint or every table's new one. ``format="monolith"`` writes Monolith's
     files of each table instead, named as Monolith's checkpoint listener names them in a
-    ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`)."""
+    ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`).
+    Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
+    table._wait_for_hooks()
     if format == "monolith":
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
@@ -480,8 +484,10 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     ``extra_restore_names`` that is present (exact names). A table takes the later of the
     checkpoint ``tables.json`` names for it and its own. Every checkpoint is verified
     before any table changes. ``format="monolith"`` reads Monolith's files of each table,
-    found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`)."""
+    found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`).
+    Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
+    table._wait_for_hooks()
     if format == "monolith":
         from mtht.monolith_checkpoint import restore_monolith_tables
         restore_monolith_tables(list(_slot_tables(table).values()), directory)

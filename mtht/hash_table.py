@@ -480,9 +480,11 @@ class HashTable(BaseHashTable):
 
     def save(self, basename, format: str = "mtht") -> "HashTable":
         """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).
-        ``format="monolith"`` writes Monolith's single-table files instead."""
+        ``format="monolith"`` writes Monolith's single-table files instead. Writes queued by
+        hooks (:mod:`mtht.hooks`) are applied first."""
         from mtht.checkpoint import check_format, save_table
         check_format(format)
+        self._wait_for_hooks()
         if format == "monolith":
             from mtht.monolith_checkpoint import save_monolith
             save_monolith(self, basename)
@@ -492,9 +494,11 @@ class HashTable(BaseHashTable):
 
     def restore(self, basename, format: str = "mtht") -> "HashTable":
         """Replace the table's contents with the checkpoint at ``basename``. The checkpoint is
-        verified first; on any error the table is left exactly as it was."""
+        verified first; on any error the table is left exactly as it was. Writes queued by
+        hooks (:mod:`mtht.hooks`) are applied first (and so replaced)."""
         from mtht.checkpoint import check_format, restore_table
         check_format(format)
+        self._wait_for_hooks()
         if format == "monolith":
             from mtht.monolith_checkpoint import restore_monolith
             restore_monolith(self, basename)

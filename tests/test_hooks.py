@@ -367,6 +367,37 @@ def test_the_error_of_a_dropped_table_is_printed_and_its_thread_ends(capfd):
     assert "dropped before a call raised the error" in capfd.readouterr().err
 
 
+def test_save_and_restore_apply_the_queued_writes_first(tmp_path):
+    # A write pushed before a restore is replaced by it, and one pushed before a save is in
+    # the checkpoint, however late the thread applies it (here: held back, then let go).
+    basename = str(tmp_path / "t")
+    t = table()
+    t.assign([1], np.zeros((1, 4), F32))
+    t.save(basename)
+    push = mtht.AsyncPush(t)
+    for step in ("restore", "save"):
+        release = hold_back(t, "assign")
+        push.assign([1], np.full((1, 4), 5, F32))
+        threading.Timer(0.2, release.set).start()
+        if step == "restore":
+            t.restore(basename)
+            assert t.as_op().lookup([1]).tolist() == [[0] * 4]
+        else:
+            t.save(basename)
+            assert table().restore(basename).lookup([1]).tolist() == [[5] * 4]
+        del t.assign
+    slot_configs = {"a": config(), "b": config()}
+    model = MultiTypeHashTable(slot_configs, lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    mtht.checkpoint.save_multi_type(model, str(tmp_path / "model"))
+    push = mtht.AsyncPush(model)
+    release = hold_back(model, "assign")
+    push.assign({"a": ([1], np.ones((1, 4), F32)), "b": ([1], np.ones((1, 4), F32))})
+    threading.Timer(0.2, release.set).start()
+    mtht.checkpoint.restore_multi_type(model, str(tmp_path / "model"))
+    assert all(v.tolist() == [[0] * 4] for v in model.as_op().lookup({"a": [1], "b": [1]}).values())
+    push.end()
+
+
 def test_a_dropped_table_leaves_no_thread():
     before = set(pipeline_threads())  # threads of earlier tests may still be ending
     for _ in range(5):

@@ -664,6 +664,18 @@ def test_a_save_beside_writes_keeps_each_id_as_an_entry_or_a_count(tmp_path):
         assert int(stored.sum()) + restored.stats()["filter_counts"] == n, trial
 
 
+def test_a_table_without_a_filter_restores_no_counts(tmp_path):
+    # The counts of a filtered table's checkpoint would stay in a table without a filter for
+    # good (nothing admits or forgets them), and travel on through its own saves.
+    filtered = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=2))
+    filtered.assign_add(np.arange(800, dtype=np.int64), np.ones((800, 1), F32))
+    filtered.save(str(tmp_path / "t"))
+    plain = table_of().restore(str(tmp_path / "t"))
+    assert plain.stats()["filter_counts"] == 0 and plain.stats()["filter_bytes"] == 0
+    plain.save(str(tmp_path / "u"))
+    assert sum(f["filter_entries"] for f in manifest_of(str(tmp_path / "u"))["files"]) == 0
+
+
 def test_checkpoint_of_format_1_restores(tmp_path):
     # Written before the filter had generations (data file version 1): two entries (5 and 6)
     # and two counts (7 seen twice, 8 once) of an Adagrad table of dim 2 with threshold 2,
@@ -1497,8 +1509,14 @@ def test_corrupt_manifest(saved, damage):
     lambda m: m["files"][0].update(bytes=1.5),
     lambda m: m["files"][0].pop("checksum"),
     lambda m: m.pop("layout"),
+    lambda m: m.update(entries=m["entries"] + 1),
+    lambda m: m.update(entries=10**9),
+    lambda m: m.update(num_shards=3),
+    lambda m: m.update(num_shards=8192),
+    lambda m: m.update(filter_capacity=0),
 ], ids=["huge_entries", "negative_entries", "dim_text", "no_timestamp", "no_files", "files_text", "scale_text",
-        "file_outside", "file_dotdot", "bytes_float", "no_checksum", "no_layout"])
+        "file_outside", "file_dotdot", "bytes_float", "no_checksum", "no_layout", "entries_not_the_files",
+        "entries_past_memory", "shards_not_a_power_of_two", "too_many_shards", "filter_capacity_0"])
 def test_manifest_edited_with_its_digest_recomputed(saved, edit):
     # The digest matches, but the manifest does not hold what a save writes: refused as a
     # checkpoint error before anything is read.

@@ -1879,6 +1879,7 @@ class EmbeddingTable {
 
   // Puts admission filter counts into the generations they were saved in (older[i]).
   void load_counts(const int64_t* ids, const uint64_t* counts, const bool* older, size_t n) {
+    if (!has_filter_) return;  // a table without a filter keeps no counts (they would never go)
     const LayoutHold hold(*this);
     for (size_t i = 0; i < n; ++i) {
       const uint64_t h = hash_id(ids[i]);
