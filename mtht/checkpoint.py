@@ -226,11 +226,11 @@ def _holds_what_a_save_writes(body) -> bool:
 
     scales = body.get("hashnet_scales", [])
     files = body.get("files")
+    shards = body.get("num_shards", 1)  # absent from manifests written before it was recorded
     return (count(body.get("dim"), 1) and count(body.get("generation"), 1) and isinstance(body.get("layout"), str)
             and count(body.get("entries")) and count(body.get("max_update_ts"), -(1 << 63))
             and isinstance(scales, list) and all(type(x) in (int, float) for x in scales)
-            and count(body.get("num_shards", 1), 1) and body.get("num_shards", 1) <= MAX_SHARDS
-            and body.get("num_shards", 1) & (body.get("num_shards", 1) - 1) == 0  # a power of two
+            and count(shards, 1) and shards <= MAX_SHARDS and shards & (shards - 1) == 0  # a power of two
             and (body.get("filter_capacity") is None or count(body["filter_capacity"], 1))
             and isinstance(files, list) and len(files) > 0 and all(data_file(f) for f in files)
             and body["entries"] == sum(f["entries"] for f in files))

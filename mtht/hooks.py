@@ -39,24 +39,30 @@ class QueueHooks:
             self._local_queue_hooks = []
         self._local_queue_hooks.append(hook)
 
+    def _wrapped(self) -> list:
+        """The tables this one wraps directly (``_table``, ``_tables``)."""
+        inner = getattr(self, "_table", None)
+        tables = getattr(self, "_tables", None)
+        found = [inner] if inner is not None else []
+        if tables is not None:
+            found.extend(tables.values() if isinstance(tables, dict) else tables)
+        return [t for t in found if isinstance(t, QueueHooks)]
+
     def get_queue_hooks(self) -> list:
         """This table's hooks followed by those of the tables it wraps (``_table``, ``_tables``)."""
         hooks = list(getattr(self, "_local_queue_hooks", []))
-        inner = getattr(self, "_table", None)
-        if isinstance(inner, QueueHooks):
-            hooks.extend(inner.get_queue_hooks())
-        tables = getattr(self, "_tables", None)
-        if tables is not None:
-            for t in (tables.values() if isinstance(tables, dict) else tables):
-                if isinstance(t, QueueHooks):
-                    hooks.extend(t.get_queue_hooks())
+        for t in self._wrapped():
+            hooks.extend(t.get_queue_hooks())
         return hooks
 
     def _wait_for_hooks(self) -> None:
         """Every call queued by a hook of this table (or of a table it wraps) is done; the
-        first error among them is raised."""
+        first error among them is raised. (Once per thread: the hooks of a table and of the
+        tables it wraps share one.)"""
+        waited = set()
         for hook in self.get_queue_hooks():
-            if isinstance(hook, _TableHook):
+            if isinstance(hook, _TableHook) and id(hook._pipeline) not in waited:
+                waited.add(id(hook._pipeline))
                 hook.wait()
 
 
@@ -245,14 +251,7 @@ def _finish_queued_writes() -> None:
 
 def _wrapped_tables(table) -> list:
     """The tables a multi-type table wraps, at every depth."""
-    inner = []
-    wrapped = getattr(table, "_table", None)
-    tables = getattr(table, "_tables", None)
-    for t in ([wrapped] if wrapped is not None else []) + (list(tables.values()) if isinstance(tables, dict) else []):
-        if isinstance(t, QueueHooks):
-            inner.append(t)
-            inner.extend(_wrapped_tables(t))
-    return inner
+    return [t for inner in table._wrapped() for t in [inner] + _wrapped_tables(inner)]
 
 
 def _pipeline_of(table) -> _Pipeline:
@@ -275,9 +274,8 @@ def _snapshot(value):
     trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__`` (a
     NumPy array, a PyTorch, JAX or TensorFlow tensor) or a buffer (a memoryview, an
     ``array.array``) becomes a NumPy copy."""
-    if isinstance(value, np.ndarray) or (hasattr(value, "__array__") and not np.isscalar(value)):
-        return np.array(value, copy=True)
-    if isinstance(value, (memoryview, array.array, bytearray)):
+    if isinstance(value, (np.ndarray, memoryview, array.array, bytearray)) or (
+            hasattr(value, "__array__") and not np.isscalar(value)):
         return np.array(value, copy=True)
     if isinstance(value, collections.abc.Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
@@ -432,8 +430,7 @@ class Prefetch(_TableHook):
                 raise ValueError(f"{len(self._ahead)} batch(es) are prefetched already (capacity "
                                  f"{self._capacity}): look them up first")
             ids = _snapshot(ids)
-            lookup = self._table.lookup
-            self._ahead.append((ids, self._pipeline.submit(lambda: lookup(ids), is_write=False)))
+            self._ahead.append((ids, self._queue_lookup(ids)))
 
     def lookup(self, ids):
         self._pipeline.take_error()
@@ -443,9 +440,11 @@ class Prefetch(_TableHook):
             if _same_ids(ahead[0], ids):
                 return ahead[1].result()
             self.misses += 1
-        ids = _snapshot(ids)
+        return self._queue_lookup(_snapshot(ids)).result()
+
+    def _queue_lookup(self, ids) -> concurrent.futures.Future:
         lookup = self._table.lookup
-        return self._pipeline.submit(lambda: lookup(ids), is_write=False).result()
+        return self._pipeline.submit(lambda: lookup(ids), is_write=False)
 
     def end(self) -> None:
         """Drops the batches prefetched and not looked up, then as ``_TableHook.end``."""
