@@ -170,7 +170,7 @@ cdef extern from "mtht/fused.h" namespace "mtht" nogil:
     void c_fused_apply_gradients "mtht::fused_apply_gradients"(const vector[EmbeddingTable*]& tables, const FusedLayout& layout,
                                const int64_t* ids, const float* grads, size_t n_grads, const float* lrs,
                                size_t n_lrs, int64_t global_step, int64_t ts,
-                               bint accumulate) except +translate_exception
+                               const vector[uint8_t]& accumulate) except +translate_exception
 
 
 cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
@@ -183,8 +183,12 @@ cdef extern from "mtht/checkpoint.h" namespace "mtht" nogil:
     vector[CheckpointFileInfo] save_checkpoint(const EmbeddingTable& table, const vector[string]& paths,
                                                int64_t max_update_ts, cbool apply_expiry,
                                                const string& layout) except +translate_exception
+    cdef cppclass OwnedIds:
+        int64_t parts
+        int64_t part
     vector[CheckpointFileInfo] load_checkpoint(EmbeddingTable& into, const vector[string]& paths,
-                                               const string& layout, cbool fit_counts) except +translate_exception
+                                               const string& layout, cbool fit_counts,
+                                               const OwnedIds& owned) except +translate_exception
 
 
 cdef extern from "mtht/monolith_format.h" namespace "mtht::monolith" nogil:

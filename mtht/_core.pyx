@@ -19,7 +19,7 @@ from mtht._core cimport (
     EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
-    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, save_checkpoint, load_checkpoint,
+    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint, load_checkpoint,
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
 )
 from libcpp.string cimport string
@@ -291,14 +291,18 @@ cdef class Table:
             infos = save_checkpoint(self._t.get()[0], cpaths, max_update_ts, apply_expiry, clayout)
         return [_file_info(i) for i in infos]
 
-    def load_files(self, list paths, str layout, bint fit_counts=True):
+    def load_files(self, list paths, str layout, bint fit_counts=True, int64_t parts=1, int64_t part=0):
         """Read data files into this (fresh) table, verifying every byte; per-file summaries.
-        ``fit_counts``: the files' filter counts were kept under other bounds (load_checkpoint)."""
+        ``fit_counts``: the files' filter counts were kept under other bounds (load_checkpoint).
+        Only the ids with ``id mod parts == part`` are kept (all of them by default)."""
         cdef vector[string] cpaths = [os.fsencode(p) for p in paths]
         cdef string clayout = layout.encode()
         cdef vector[CheckpointFileInfo] infos
+        cdef OwnedIds owned
+        owned.parts = parts
+        owned.part = part
         with nogil:
-            infos = load_checkpoint(self._t.get()[0], cpaths, clayout, fit_counts)
+            infos = load_checkpoint(self._t.get()[0], cpaths, clayout, fit_counts, owned)
         return [_file_info(i) for i in infos]
 
     def save_monolith_files(self, list paths, int64_t now, list dumps, list members):
@@ -506,9 +510,11 @@ def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_s
 
 def fused_apply_gradient(list tables, const int64_t[::1] ids, const int32_t[::1] fused_slot_size,
                          const float[::1] id_grads, const float[::1] learning_rates, int64_t num_shards,
-                         int64_t global_step, int64_t ts, bint accumulate):
-    """One update per (shard, table) block; returns (recv_splits, id_offsets, emb_offsets)."""
+                         int64_t global_step, int64_t ts, list accumulate):
+    """One update per (shard, table) block, with duplicates of table k summed inside a
+    block when ``accumulate[k]``; returns (recv_splits, id_offsets, emb_offsets)."""
     cdef FusedLayout layout = _layout(tables, fused_slot_size, num_shards, ids.shape[0])
+    cdef vector[uint8_t] c_accumulate = [bool(a) for a in accumulate]
     cdef vector[EmbeddingTable*] ptrs
     cdef Table t
     for t in tables:
@@ -517,7 +523,7 @@ def fused_apply_gradient(list tables, const int64_t[::1] ids, const int32_t[::1]
     cdef Py_ssize_t n_lrs = learning_rates.shape[0]
     with nogil:
         c_fused_apply_gradients(ptrs, layout, &ids[0], &id_grads[0], n_grads, &learning_rates[0], n_lrs,
-                              global_step, ts, accumulate)
+                              global_step, ts, c_accumulate)
     return _offsets(layout)
 
 

@@ -336,41 +336,56 @@ def _load(table, basename: str, body: Optional[dict] = None) -> Tuple[object, di
     basename = os.fspath(basename)
     if body is None:
         body = read_manifest(basename)
-    if body["dim"] != table.dim_size or body["layout"] != table.layout:
-        raise ValueError(
-            f"checkpoint {basename!r} holds entries of dim {body['dim']} with layout {body['layout']!r}; "
-            f"table {table.name!r} has dim {table.dim_size} with layout {table.layout!r}")
-    directory = os.path.dirname(basename)
+    return _load_sources(table, [(basename, body)]), body
+
+
+def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: int = 0):
+    """A fresh core table holding the checkpoints ``sources`` (``(basename, manifest)``
+    pairs), verified: of their entries, those whose id is ``part`` modulo ``parts`` (all of
+    them by default). Several sources are the parts of a sharded job's table, each id in one
+    of them; ``max_update_ts`` is then the largest of theirs."""
     paths = []
-    for f in body["files"]:
-        path = os.path.join(directory, f["name"])
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {basename!r} is missing its data file {path}") from None
-        if size != f["bytes"]:
-            raise CheckpointError(f"checkpoint data file {path} has {size} bytes, the manifest says {f['bytes']} "
-                                  "(truncated or replaced)")
-        paths.append(path)
-    core = table._new_core(initial_capacity=max(int(body["entries"]), int(table.config.table_config.initial_capacity)),
-                           initial_shards=body.get("num_shards", 0))
+    for basename, body in sources:
+        if body["dim"] != table.dim_size or body["layout"] != table.layout:
+            raise ValueError(
+                f"checkpoint {basename!r} holds entries of dim {body['dim']} with layout {body['layout']!r}; "
+                f"table {table.name!r} has dim {table.dim_size} with layout {table.layout!r}")
+        directory = os.path.dirname(basename)
+        for f in body["files"]:
+            path = os.path.join(directory, f["name"])
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint {basename!r} is missing its data file {path}") from None
+            if size != f["bytes"]:
+                raise CheckpointError(f"checkpoint data file {path} has {size} bytes, the manifest says "
+                                      f"{f['bytes']} (truncated or replaced)")
+            paths.append((path, f))
+    whole = len(sources) == 1 and parts == 1
+    first = sources[0][1]
+    entries = sum(int(body["entries"]) for _, body in sources) // parts
+    # One checkpoint restored whole starts with its shard count; parts of several, with the
+    # count their entries ask for.
+    core = table._new_core(initial_capacity=max(entries, int(table.config.table_config.initial_capacity)),
+                           initial_shards=first.get("num_shards", 0) if whole else 0)
     try:
-        same_bounds = (body.get("filter_capacity") == table.filter_capacity
-                       and body.get("num_shards") == core.stats()["num_shards"])
-        infos = core.load_files(paths, body["layout"], not same_bounds)
+        same_bounds = whole and (first.get("filter_capacity") == table.filter_capacity
+                                 and first.get("num_shards") == core.stats()["num_shards"])
+        infos = core.load_files([p for p, _ in paths], first["layout"], not same_bounds, parts, part)
     except OSError as e:
         raise CheckpointError(str(e)) from None
-    for f, info in zip(body["files"], infos):
+    for (path, f), info in zip(paths, infos):
         if info["checksum"] != f["checksum"] or info["entries"] != f["entries"]:
-            raise CheckpointError(f"checkpoint data file {f['name']} does not match the manifest "
+            raise CheckpointError(f"checkpoint data file {path} does not match the manifest "
                                   "(it belongs to another save)")
     limit = core.max_entries
     if limit and core.size() > limit:
-        raise ValueError(f"checkpoint {basename!r} holds {core.size()} entries, more than the table's "
-                         f"max_entries = {limit}")
-    core.max_update_ts = body["max_update_ts"]
-    core.set_hashnet_scales(list(body.get("hashnet_scales", [])))
-    return core, body
+        held = f"checkpoint {sources[0][0]!r}" if len(sources) == 1 else \
+            f"part {part} of {parts} of the checkpoints {[b for b, _ in sources]}"
+        raise ValueError(f"{held} holds {core.size()} entries, more than the table's max_entries = {limit}")
+    core.max_update_ts = max(int(body["max_update_ts"]) for _, body in sources)
+    core.set_hashnet_scales(list(first.get("hashnet_scales", [])))
+    return core
 
 
 def restore_table(table, basename: str) -> dict:
@@ -444,6 +459,11 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
     table._wait_for_hooks()
+    sharded = _sharded_table(table)
+    if sharded is not None:
+        _refuse_monolith_format(format, sharded)
+        sharded.save(directory)
+        return
     if format == "monolith":
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
@@ -488,28 +508,63 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
     table._wait_for_hooks()
+    sharded = _sharded_table(table)
+    if sharded is not None:
+        _refuse_monolith_format(format, sharded)
+        sharded.restore(directory)
+        return
     if format == "monolith":
         from mtht.monolith_checkpoint import restore_monolith_tables
         restore_monolith_tables(list(_slot_tables(table).values()), directory)
         return
+    for t, core in load_multi_type(table, directory):
+        t._swap_core(core)
+
+
+def find_checkpoints(tables: Dict[str, object], directory: str) -> List[Tuple[object, str, dict]]:
+    """For each ``{key: table}``, ``(table, basename, manifest)`` of its checkpoint in
+    ``directory``: its key's, or else that of the first of its ``extra_restore_names`` that
+    is present (exact names), the later of the one ``tables.json`` names and its own."""
+    listed = _read_tables_file(directory) or {}
+    found = []
+    for key, t in tables.items():
+        candidates = [key] + list(t.extra_restore_names)
+        for name in candidates:
+            body = _later(listed.get(name), os.path.join(directory, name))
+            if body is not None:
+                found.append((t, os.path.join(directory, name), body))
+                break
+        else:
+            raise FileNotFoundError(f"no checkpoint for table {key!r} in {directory!r} (looked for {candidates})")
+    return found
+
+
+def load_multi_type(table, directory: str) -> List[Tuple[object, object]]:
+    """What :func:`restore_multi_type` puts in place, loaded and verified without changing
+    anything: ``(table, core)`` pairs, each of a table and its restored contents."""
     directory = os.fspath(directory)
     tables = _named_tables(table)
     names = {name for key, t in tables.items() for name in [key] + list(t.extra_restore_names)}
     with _turn(directory, *(os.path.join(directory, n) for n in names)):
-        listed = _read_tables_file(directory) or {}
-        found = []
-        for key, t in tables.items():
-            candidates = [key] + list(t.extra_restore_names)
-            for name in candidates:
-                body = _later(listed.get(name), os.path.join(directory, name))
-                if body is not None:
-                    found.append((t, os.path.join(directory, name), body))
-                    break
-            else:
-                raise FileNotFoundError(f"no checkpoint for table {key!r} in {directory!r} (looked for {candidates})")
+        found = find_checkpoints(tables, directory)
         loaded = _over_tables(_load, found)
-    for (t, _, _), (core, _) in zip(found, loaded):
-        t._swap_core(core)
+    return [(t, core) for (t, _, _), (core, _) in zip(found, loaded)]
+
+
+def _sharded_table(table):
+    """The table sharded over processes that a multi-type table is, or wraps (it saves and
+    restores itself, every process its part), or None."""
+    while table is not None:
+        if getattr(table, "saves_its_parts", False):
+            return table
+        table = getattr(table, "_table", None)
+    return None
+
+
+def _refuse_monolith_format(format: str, table) -> None:
+    if format != "mtht":
+        raise ValueError(f"a {type(table).__name__} saves and restores in mtht's format only, each process its "
+                         "part (format='monolith' writes one process's tables)")
 
 
 def _later(listed: Optional[dict], basename: str) -> Optional[dict]:

@@ -592,14 +592,22 @@ def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_off
     grads = as_numpy_floats(id_grads, "id_grads")
     lrs = as_numpy_floats(learning_rate_tensors, "learning_rate_tensors")
     try:
-        _core.fused_apply_gradient(core_tables, ids, fss, grads, lrs, shards,
-                                   as_int64_scalar(global_step, "global_step"), _req_time(req_time),
-                                   bool(enable_grad_accumulation))
+        fused_apply_checked(tables, ids, fss, grads, lrs, shards, as_int64_scalar(global_step, "global_step"),
+                            _req_time(req_time), [bool(enable_grad_accumulation)] * len(core_tables))
     except ValueError as e:
         if "NaN or Inf" not in str(e):
             raise
         raise ValueError(_non_finite_block(tables, grads, expected_emb_offsets) or str(e)) from None
     return tables
+
+
+def fused_apply_checked(tables, ids: np.ndarray, fused_slot_size, grads: np.ndarray, learning_rates: np.ndarray,
+                        num_of_shards: int, global_step: int, req_time: int, accumulate: List[bool]) -> None:
+    """The fused update with its arguments already converted (int64 ids, float32 grads and
+    learning rates, ints), ``accumulate`` one flag per table: duplicates of table k are
+    summed inside a block when ``accumulate[k]``."""
+    _core.fused_apply_gradient(_core_tables(tables), ids, _counts(fused_slot_size), grads, learning_rates,
+                               num_of_shards, global_step, req_time, list(accumulate))
 
 
 def _non_finite_block(tables, grads: np.ndarray, emb_offsets: np.ndarray) -> Optional[str]:

@@ -102,12 +102,17 @@ def _naming_the_non_finite_slot(method: str, slot_rows: List[Tuple[str, np.ndarr
         if "NaN or Inf" not in str(e):
             raise
         for slot, rows in slot_rows:
-            bad = ~np.isfinite(rows).all(axis=1)
-            if bad.any():
-                what = "gradients" if method == "apply_gradients" else "values"
-                raise ValueError(f"slot {slot!r}: {what} contain NaN or Inf (row {int(np.argmax(bad))}); set "
-                                 "allow_non_finite=True in the table config to accept them") from None
+            refuse_non_finite(slot, method, rows)
         raise
+
+
+def refuse_non_finite(slot, method: str, rows: np.ndarray) -> None:
+    """Raise ValueError naming the slot and the first row of ``rows`` holding NaN or Inf."""
+    bad = ~np.isfinite(rows).all(axis=1)
+    if bad.any():
+        what = "gradients" if method == "apply_gradients" else "values"
+        raise ValueError(f"slot {slot!r}: {what} contain NaN or Inf (row {int(np.argmax(bad))}); set "
+                         "allow_non_finite=True in the table config to accept them") from None
 
 
 class MultiTypeHashTable(BaseMultiTypeHashTable):

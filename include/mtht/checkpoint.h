@@ -333,9 +333,45 @@ inline CheckpointFileInfo save_checkpoint_file(const EmbeddingTable& table, cons
   return info;
 }
 
-// Reads one data file into `into` (a fresh table), verifying layout, size and checksum.
-// Throws IOError on any mismatch; the caller discards `into` then.
-inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::string& path, const std::string& layout) {
+// The ids a load keeps: those with `id mod parts == part` (the modulo non-negative), the
+// entries one process of `parts` owns when a checkpoint of a sharded job is read again for
+// another number of processes. The default keeps every id.
+struct OwnedIds {
+  int64_t parts = 1;
+  int64_t part = 0;
+  bool keeps(int64_t id) const {
+    if (parts == 1) return true;
+    int64_t r = id % parts;
+    return (r < 0 ? r + parts : r) == part;
+  }
+};
+
+namespace detail {
+// Keeps, in place, the records of `ids` (and of `raw`, `record` bytes each, and of the
+// arrays `more`) whose id `owned` keeps; returns how many.
+template <class... More>
+inline size_t keep_owned(const OwnedIds& owned, std::vector<int64_t>& ids, char* raw, size_t record, size_t n,
+                         More*... more) {
+  if (owned.parts == 1) return n;
+  size_t kept = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!owned.keeps(ids[i])) continue;
+    if (kept != i) {
+      ids[kept] = ids[i];
+      std::memmove(raw + kept * record, raw + i * record, record);
+      ((more[kept] = more[i]), ...);
+    }
+    ++kept;
+  }
+  return kept;
+}
+}  // namespace detail
+
+// Reads one data file into `into` (a fresh table, or one that `owned` parts of other files
+// go into), verifying layout, size and checksum. Throws IOError on any mismatch; the caller
+// discards `into` then.
+inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::string& path, const std::string& layout,
+                                               const OwnedIds& owned = {}) {
   detail::CheckedReader r(path);
   const std::string bad = "checkpoint file " + path + ": ";
   const size_t fixed = 8 + 4 * 4 + 8;
@@ -395,7 +431,8 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
       std::memcpy(&ids[i], rec, 8);
       std::memcpy(&ts[i], rec + 8, 8);
     }
-    into.load_entries(ids.data(), ts.data(), raw.data() + 16, record, n);  // the rows read in place
+    const size_t kept = detail::keep_owned(owned, ids, raw.data(), record, n, ts.data());
+    into.load_entries(ids.data(), ts.data(), raw.data() + 16, record, kept);  // the rows read in place
     done += n;
   }
   std::vector<uint64_t> counts;
@@ -413,7 +450,8 @@ inline CheckpointFileInfo load_checkpoint_file(EmbeddingTable& into, const std::
       older[i] = version >= 2 && (counts[i] & detail::kOlderCount);
       if (version >= 2) counts[i] &= ~detail::kOlderCount;
     }
-    into.load_counts(ids.data(), counts.data(), older.get(), n);
+    const size_t kept = detail::keep_owned(owned, ids, raw.data(), 16, n, counts.data(), older.get());
+    into.load_counts(ids.data(), counts.data(), older.get(), kept);
     done += n;
   }
   r.read(trailer, 16);
@@ -449,13 +487,17 @@ inline std::vector<CheckpointFileInfo> save_checkpoint(const EmbeddingTable& tab
 // `fit_counts`: the checkpoint's filter counts were kept under other bounds (another filter
 // capacity or shard count): those past this table's bounds are forgotten
 // (AdmissionCounts::fit_bound). Under the same bounds they are kept as saved, so that the
-// restored table forgets what the saved one would have.
+// restored table forgets what the saved one would have. `owned`: the ids kept (the files
+// may be those of several checkpoints, each id in one of them).
 inline std::vector<CheckpointFileInfo> load_checkpoint(EmbeddingTable& into, const std::vector<std::string>& paths,
-                                                       const std::string& layout, bool fit_counts = true) {
+                                                       const std::string& layout, bool fit_counts = true,
+                                                       const OwnedIds& owned = {}) {
   const detail::ForkGate::InCall in_call;
+  if (owned.parts < 1 || owned.part < 0 || owned.part >= owned.parts)
+    throw ValueError("part " + std::to_string(owned.part) + " of " + std::to_string(owned.parts) + " is out of range");
   std::vector<CheckpointFileInfo> out(paths.size());
   ThreadPool::global().parallel_for(paths.size(),
-                                    [&](size_t i) { out[i] = load_checkpoint_file(into, paths[i], layout); });
+                                    [&](size_t i) { out[i] = load_checkpoint_file(into, paths[i], layout, owned); });
   if (fit_counts) into.fit_counts();
   return out;
 }

@@ -131,12 +131,16 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
 // One BatchOptimize per (shard, table) block: grads laid out like the lookup's embeddings,
 // `lrs` the per-segment learning rates of every table concatenated in table order. The
 // blocks of one table are applied in shard order, so an id reached from several shards is
-// stepped in shard order whatever the thread count; with `accumulate`, duplicates are summed
-// inside a block only.
+// stepped in shard order whatever the thread count; with `accumulate[k]`, duplicates of
+// table k are summed inside a block only (one flag per table: a sharded job sends the ids
+// of a table with an admission filter as they occur, the others summed per id).
 inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                                   const float* grads, size_t n_grads, const float* lrs, size_t n_lrs,
-                                  int64_t global_step, int64_t ts, bool accumulate) {
+                                  int64_t global_step, int64_t ts, const std::vector<uint8_t>& accumulate) {
   const detail::ForkGate::InCall in_call;
+  if (accumulate.size() != tables.size())
+    throw ValueError("accumulate must have one flag per table (" + std::to_string(tables.size()) + "), got " +
+                     std::to_string(accumulate.size()));
   if (n_grads != static_cast<size_t>(L.emb_offsets.back()))
     throw ValueError("id_grads must have " + std::to_string(L.emb_offsets.back()) + " floats, got " +
                      std::to_string(n_grads));
@@ -186,14 +190,14 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
         const int64_t d = tables[k]->dim();
         for (size_t n = 0; n < L.num_shards; ++n)
           w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
-        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate, distinct, alone, ts));
-        if (accumulate) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
+        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone, ts));
+        if (accumulate[k]) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
       },
       [&](size_t k) {
         const TableWrite& w = writes[k];
         tables[k]->apply_gradient_rows(w.gathered.ids.data(), w.gathered.ids.size(), grad_rows(k),
-                                       lrs + lr_begin[k], global_step, ts, accumulate,
-                                       accumulate ? w.gathered.block.data() : nullptr, /*room_held=*/true,
+                                       lrs + lr_begin[k], global_step, ts, accumulate[k],
+                                       accumulate[k] ? w.gathered.block.data() : nullptr, /*room_held=*/true,
                                        &*w.planned);
       });
 }

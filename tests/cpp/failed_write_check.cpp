@@ -308,14 +308,16 @@ int main() {
     const std::vector<int32_t> fss(4, quarter);
     const mtht::FusedLayout layout = mtht::fused_layout({kDim, kDim}, fss.data(), fss.size(), 2, 4 * quarter);
     const std::vector<float> lrs(2, lr);
-    for (bool dedup : {true, false})
+    // Dedup in both tables, in neither, and in one only (a sharded job's update).
+    for (const std::vector<uint8_t>& dedup : {std::vector<uint8_t>{1, 1}, {0, 0}, {1, 0}})
       check(
           c, 2,
           [&](std::vector<mtht::EmbeddingTable*>& t) {
             mtht::fused_apply_gradients(t, layout, b.ids.data(), b.grads.data(), 4 * quarter * kDim, lrs.data(), 2, 1,
                                         7, dedup);
           },
-          (dedup ? "a fused update with dedup" : "a fused update") + limited + " failed and changed a table");
+          "a fused update with dedup " + std::to_string(dedup[0]) + std::to_string(dedup[1]) + limited +
+              " failed and changed a table");
     // A write to 2 tables (a multi-slot table's), each given half the batch.
     const size_t half = b.ids.size() / 2;
     auto two_parts = [&](std::vector<mtht::EmbeddingTable*>& t, mtht::WriteKind first, mtht::WriteKind second) {

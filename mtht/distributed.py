@@ -1,0 +1,422 @@
+"""A multi-type table sharded over the processes of an MPI job (``pip install mtht[mpi]``).
+
+Each process (rank) keeps, for every table, the entries of the ids it owns: those with
+``id mod world_size == rank`` (the modulo non-negative, so negative ids are owned too).
+Every call is collective: each rank makes the same calls in the same order, each with its
+own batch. A call exchanges the ids with ``Alltoallv`` laid out ``[rank][table]`` as the
+fused ops' ``fused_slot_size``, each owner serves them with one fused lookup or update,
+and the rows go back to the ranks that asked.
+
+What a call computes equals one process's :class:`~mtht.multi_type_hash_table.MultiTypeHashTable`
+given the ranks' batches one after another, in rank order (see
+:class:`DistributedMultiTypeHashTable`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mtht import checkpoint as _checkpoint
+from mtht import hash_table as _hash_table
+from mtht import sharded_checkpoint as _sharded
+from mtht._arrays import as_ids, as_rows
+from mtht.multi_type_hash_table import (BaseMultiTypeHashTable, MultiTypeHashTable, _pair, _rows_name,
+                                        _unknown_slot, refuse_non_finite)
+
+__all__ = ["DistributedMultiTypeHashTable", "DistributedError", "owner_of"]
+
+
+class DistributedError(RuntimeError):
+    """A collective call failed on another rank (that rank raised the error itself)."""
+
+
+def owner_of(ids, world_size: int) -> np.ndarray:
+    """The rank that owns each id: ``id mod world_size``, in ``[0, world_size)``."""
+    return np.remainder(as_ids(ids), world_size)
+
+
+def _world_comm():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ImportError("a DistributedMultiTypeHashTable needs mpi4py and an MPI library: "
+                          "pip install 'mtht[mpi]'") from None
+    return MPI.COMM_WORLD
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+class _Routed:
+    """One table's ids of a call as this rank sends them: grouped by owner (stable), each
+    id once (``dedup``) or as given. ``position[i]``: where given id i went."""
+
+    __slots__ = ("sent", "counts", "order", "position", "inverse", "first")
+
+    def __init__(self, ids: np.ndarray, world: int, dedup: bool):
+        if dedup:
+            unique, self.first, self.inverse = np.unique(ids, return_index=True, return_inverse=True)
+            self.inverse = self.inverse.reshape(-1)
+        else:
+            unique, self.first, self.inverse = ids, None, None
+        owner = np.remainder(unique, world)
+        self.order = np.argsort(owner, kind="stable")
+        self.sent = unique[self.order]
+        self.counts = np.bincount(owner, minlength=world)
+        where = np.empty(self.order.shape[0], dtype=np.int64)
+        where[self.order] = np.arange(self.order.shape[0])
+        self.position = where[self.inverse] if dedup else where
+
+    def rows_sent(self, rows: np.ndarray) -> np.ndarray:
+        """The rows to send with the ids: per sent id, the sum of its rows left to right in
+        the order given (the first occurrence's row, then the others added one by one), as
+        one process's deduplicated update sums them."""
+        if self.first is None:
+            return rows[self.order]
+        summed = rows[self.first]
+        rest = np.ones(rows.shape[0], dtype=bool)
+        rest[self.first] = False
+        if rest.any():
+            np.add.at(summed, self.inverse[rest], rows[rest])  # in input order, unbuffered
+        return summed[self.order]
+
+
+def _blocks(per_table: List[np.ndarray], counts: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """The rows (or ids, dims all 1) of each table, in blocks ``[rank][table]``, flat."""
+    world, k = counts.shape
+    starts = [np.concatenate(([0], np.cumsum(counts[:, t]))) for t in range(k)]
+    pieces = [per_table[t][starts[t][w]:starts[t][w + 1]].reshape(-1) for w in range(world) for t in range(k)]
+    dtype = per_table[0].dtype if per_table else np.int64
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+
+
+def _unblock(flat: np.ndarray, counts: np.ndarray, dims: Sequence[int]) -> List[np.ndarray]:
+    """The inverse of :func:`_blocks`: each table's rows ``[n, dim]``, ranks in order."""
+    world, k = counts.shape
+    sizes = (counts * np.asarray(dims, dtype=np.int64)[None, :]).reshape(-1)
+    ends = np.cumsum(sizes)
+    out = []
+    for t in range(k):
+        parts = [flat[ends[w * k + t] - sizes[w * k + t]:ends[w * k + t]] for w in range(world)]
+        out.append(np.concatenate(parts).reshape(-1, dims[t]) if parts else np.zeros((0, dims[t]), flat.dtype))
+    return out
+
+
+class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
+    """One table per slot (``hash_table_factory(slot, config)``, sorted slot order), each
+    sharded over the ranks of ``comm`` (default ``MPI.COMM_WORLD``; the table talks on its
+    own duplicate of it, so it never mixes with the trainer's messages).
+
+    Every method is collective: every rank calls it, in the same order, with its own batch
+    (the same slots' tables on every rank; a slot a rank has no ids for may be left out).
+    ``global_step`` and ``req_time`` must be the same on every rank.
+
+    * ``lookup({slot: ids})``: each rank's ids, looked up where they live; each id is asked
+      for once per rank (ids deduplicated per table).
+    * ``apply_gradients({slot: (ids, grads)}, global_step, enable_dedup=True, req_time=None)``:
+      each owner applies, per table, the batch of rank 0, then that of rank 1, and so on. So
+      the tables end as one process's would after
+      ``apply_gradients(batch_of_rank_r, global_step, enable_dedup=..., req_time=...)`` for
+      r = 0, 1, ...: with ``enable_dedup`` (the default here), one step per distinct id of a
+      rank, its gradients summed in the order given (a rank sends each id once, with its
+      summed gradient; for a table with an admission filter, whose counts are per
+      occurrence, it sends every occurrence and the owner sums them); without it, one step
+      per occurrence.
+    * ``assign`` / ``assign_add({slot: (ids, values)}, req_time=None)``: likewise, as one
+      process's writes of the ranks' batches in rank order (the last rank's duplicate wins
+      an assign).
+
+    Bad input (an unknown slot, a shape, NaN, ranks that disagree on ``global_step``) is
+    found before anything is sent: every rank raises (the others a :class:`DistributedError`
+    naming the rank) and no table changes. A write that fails where it is applied (memory,
+    ``max_entries``) changes nothing on that rank's tables and is raised on every rank; the
+    other ranks' parts of it are applied.
+
+    ``save(directory)`` / ``restore(directory)`` (also through
+    :func:`mtht.checkpoint.save_multi_type`): each rank saves its part;
+    :mod:`mtht.sharded_checkpoint` describes the files, and its ``reshard`` rewrites them for
+    another number of ranks.
+    """
+
+    saves_its_parts = True  # mtht.checkpoint hands save_multi_type and restore_multi_type here
+
+    def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable, comm=None):
+        comm = _world_comm() if comm is None else comm
+        self._rank, self._world = comm.Get_rank(), comm.Get_size()
+        self._comm = comm.Dup()
+        self._one_call = threading.Lock()
+        error, signature = None, None
+        try:
+            self._table = MultiTypeHashTable(slot_to_config, hash_table_factory)
+            if not self._table._through_core:
+                raise TypeError("a DistributedMultiTypeHashTable needs mtht's own tables (HashTable, not "
+                                "overriding its reads or writes) from its factory")
+            self._slots = list(self._table._slots)
+            self._slot_index = {slot: k for k, slot in enumerate(self._slots)}
+            tables = [self._table._tables[s] for s in self._slots]
+            self._dims = [t.dim_size for t in tables]
+            # Admission counts are per occurrence: such tables are sent every occurrence.
+            self._counts_occurrences = [bool(t._core.has_filter) for t in tables]
+            self._refuses_non_finite = [not t.config.table_config.allow_non_finite for t in tables]
+            signature = (self._slots, self._dims, [t.layout for t in tables])
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            error = e
+        self._settle(error, "building the table", signature)
+
+    # ---- collective plumbing ----------------------------------------------------------
+
+    def _turn(self):
+        """Held through each collective call. A call made directly while hooks
+        (:mod:`mtht.hooks`) have calls of this table queued on their thread first waits for
+        them: every rank then makes its collective calls in the order its trainer issued
+        them, whichever thread runs them (two orders would pair one rank's lookup with
+        another's update)."""
+        pipeline = getattr(self, "_mtht_pipeline", None)
+        if pipeline is not None and not pipeline.on_own_thread():
+            pipeline.wait()
+        return self._one_call
+
+    def _settle(self, error: Optional[BaseException], what: str, same=None) -> None:
+        """Every rank learns whether every rank got here without an error (and holds the
+        same ``same``); if not, every rank raises: its own error, or DistributedError."""
+        outcomes = self._comm.allgather((None if error is None else _describe(error), same))
+        if error is not None:
+            raise error
+        failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+        if failed:
+            r, message = failed[0]
+            raise DistributedError(f"{what} failed on rank {r}: {message}")
+        differ = [r for r, (_, theirs) in enumerate(outcomes) if theirs != outcomes[0][1]]
+        if differ:
+            raise ValueError(f"{what}: rank {differ[0]} differs from rank 0 ({outcomes[differ[0]][1]!r} against "
+                             f"{outcomes[0][1]!r}); every rank must make the same call")
+
+    def _exchange(self, send: np.ndarray, send_counts: np.ndarray, recv_counts: np.ndarray) -> np.ndarray:
+        """Alltoallv: ``send_counts[r]`` items to rank r, ``recv_counts[r]`` from it."""
+        recv = np.empty(int(recv_counts.sum()), dtype=send.dtype)
+        send_displs = np.concatenate(([0], np.cumsum(send_counts)[:-1]))
+        recv_displs = np.concatenate(([0], np.cumsum(recv_counts)[:-1]))
+        self._comm.Alltoallv([send, (send_counts.tolist(), send_displs.tolist())],
+                             [recv, (recv_counts.tolist(), recv_displs.tolist())])
+        return recv
+
+    def _route(self, what: str, prepare: Callable[[], Tuple[List[_Routed], Optional[list]]], same=None):
+        """Run ``prepare`` (checks and routing, this rank alone: the routed ids of each table
+        and the rows to send with them, if any), agree with every rank that it went well and
+        that they all hold the same ``same``, and send the ids to their owners: ``(routed per
+        table, rows to send, counts [rank][table] sent, counts [rank][table] received, the
+        ids received)``."""
+        error, routed, rows = None, None, None
+        try:
+            routed, rows = prepare()
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        self._settle(error, what, same)
+        k = len(self._slots)
+        send_counts = np.stack([r.counts for r in routed], axis=1) if k else np.zeros((self._world, 0), np.int64)
+        send_counts = np.ascontiguousarray(send_counts, dtype=np.int64)
+        recv_counts = np.empty_like(send_counts)
+        self._comm.Alltoall(send_counts, recv_counts)
+        ids = self._exchange(_blocks([r.sent for r in routed], send_counts, [1] * k),
+                             send_counts.sum(axis=1), recv_counts.sum(axis=1))
+        return routed, rows, send_counts, recv_counts, ids
+
+    def _float_counts(self, counts: np.ndarray) -> np.ndarray:
+        """Floats per rank of rows laid out ``[rank][table]``."""
+        return counts @ np.asarray(self._dims, dtype=np.int64) if self._dims else np.zeros(self._world, np.int64)
+
+    def _local_tables(self) -> list:
+        return [self._table._tables[s] for s in self._slots]
+
+    def _ids_of(self, slot_to_value: Mapping, method: Optional[str] = None):
+        """Per table, ``(ids, rows or None)`` of a call (empty for a slot left out)."""
+        per_table: List[Optional[tuple]] = [None] * len(self._slots)
+        for slot, value in slot_to_value.items():
+            k = self._slot_index.get(slot)
+            if k is None:
+                raise _unknown_slot(slot)
+            if method is None:
+                per_table[k] = (as_ids(value, f"slot {slot!r} ids"), None)
+                continue
+            given_ids, given_rows = _pair(slot, value, method)
+            ids = as_ids(given_ids, f"slot {slot!r} ids")
+            rows = as_rows(given_rows, ids.shape[0], self._dims[k], f"slot {slot!r} {_rows_name(method)}")
+            if self._refuses_non_finite[k]:
+                refuse_non_finite(slot, method, rows)
+            per_table[k] = (ids, rows)
+        empty_ids = np.zeros(0, np.int64)
+        return [p if p is not None else (empty_ids, None if method is None else np.zeros((0, d), np.float32))
+                for p, d in zip(per_table, self._dims)]
+
+    # ---- reads and writes -------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def local_table(self) -> MultiTypeHashTable:
+        """This rank's part: a MultiTypeHashTable holding the entries of the ids it owns."""
+        return self._table
+
+    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+        """``{slot: float32 [n, dim]}`` for this rank's ids; missing ids read as zeros."""
+        with self._turn():
+            return self._lookup(slot_to_id)
+
+    def _lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+        def prepare():
+            return [_Routed(ids, self._world, True) for ids, _ in self._ids_of(slot_to_id)], None
+
+        routed, _, send_counts, recv_counts, ids = self._route("lookup", prepare)
+        error, rows = None, None
+        try:
+            rows, recv_splits, _, _, _ = _hash_table.fused_lookup(self._local_tables(), ids,
+                                                                  recv_counts.reshape(-1), self._world)
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        self._settle(error, "lookup")
+        back = self._exchange(rows, recv_splits.astype(np.int64), self._float_counts(send_counts))
+        per_table = _unblock(back, send_counts, self._dims)
+        return {slot: per_table[self._slot_index[slot]][routed[self._slot_index[slot]].position]
+                for slot in slot_to_id}
+
+    def _write(self, method: str, data: Mapping, arguments: "_hash_table.WriteArguments") -> None:
+        with self._turn():
+            self._write_in_turn(method, data, arguments)
+
+    def _write_in_turn(self, method: str, data: Mapping, arguments: "_hash_table.WriteArguments") -> None:
+        dedup = method == "apply_gradients" and arguments.dedup
+        # Sent once per id: the tables whose ids are summed per id and counted once.
+        once = [dedup and not counts for counts in self._counts_occurrences]
+
+        def prepare():
+            per_table = self._ids_of(data, method)
+            routed = [_Routed(ids, self._world, o) for (ids, _), o in zip(per_table, once)]
+            return routed, [r.rows_sent(given) for r, (_, given) in zip(routed, per_table)]
+
+        _, sent_rows, send_counts, recv_counts, ids = self._route(method, prepare, (method, tuple(arguments)))
+        k = len(self._slots)
+        rows = self._exchange(_blocks(sent_rows, send_counts, self._dims) if k else np.zeros(0, np.float32),
+                              self._float_counts(send_counts), self._float_counts(recv_counts))
+        error = None
+        try:
+            if method == "apply_gradients":
+                self._apply_received(ids, recv_counts, rows, arguments, [dedup and not o for o in once])
+            else:
+                per_ids = _unblock(ids, recv_counts, [1] * k)
+                per_rows = _unblock(rows, recv_counts, self._dims)
+                self._table._update(method, {slot: (per_ids[t].reshape(-1), per_rows[t])
+                                             for t, slot in enumerate(self._slots) if per_ids[t].size},
+                                    req_time=arguments.req_time)
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        self._settle(error, method)
+
+    def _apply_received(self, ids, recv_counts, grads, arguments, accumulate: List[bool]) -> None:
+        """The fused update of the blocks ``[rank][table]`` received, ranks in order."""
+        _hash_table.fused_apply_checked(self._local_tables(), ids, recv_counts.reshape(-1), grads,
+                                        self._table.learning_rates(arguments.global_step), self._world,
+                                        arguments.global_step, arguments.req_time, accumulate)
+
+    def assign(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
+        """``{slot: (ids, values)}``: upsert (the last duplicate wins, ranks in order)."""
+        self._write("assign", slot_to_id_and_value, _hash_table.write_arguments("assign", req_time))
+        return self
+
+    def assign_add(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
+        """``{slot: (ids, values)}``: upsert and add (duplicates accumulate, ranks in order)."""
+        self._write("assign_add", slot_to_id_and_value, _hash_table.write_arguments("assign_add", req_time))
+        return self
+
+    def apply_gradients(self, slot_to_id_and_grad: Mapping, global_step, use_multi_threads=False,
+                        enable_dedup=True, req_time=None) -> "DistributedMultiTypeHashTable":
+        """``{slot: (ids, grads)}``: see the class. ``use_multi_threads`` is accepted for
+        Monolith's signature (the owners use ``mtht.set_num_threads`` threads)."""
+        arguments = _hash_table.write_arguments("apply_gradients", global_step, use_multi_threads, enable_dedup,
+                                                req_time)
+        self._write("apply_gradients", slot_to_id_and_grad, arguments)
+        return self
+
+    def reinitialize(self, slot: str, ids):
+        raise NotImplementedError("DistributedMultiTypeHashTable does not support reinitialize")
+
+    def as_op(self, name=None) -> "DistributedMultiTypeHashTable":
+        """Wait until every write issued to this rank's tables has been applied (not
+        collective)."""
+        self._wait_for_hooks()
+        self._table.as_op(name)
+        return self
+
+    def get_table_dim_sizes(self) -> List[int]:
+        return list(self._dims)
+
+    def size(self) -> int:
+        """Entries over every rank (collective)."""
+        with self._turn():
+            return int(self._comm.allreduce(sum(t.size() for t in self._local_tables())))
+
+    # ---- checkpoints ------------------------------------------------------------------
+
+    def save(self, directory: str) -> None:
+        """Save every rank's part under ``directory`` (collective; see
+        :mod:`mtht.sharded_checkpoint`): a job killed during the save leaves the previous
+        save whole, or the new one."""
+        self._wait_for_hooks()
+        with self._turn():
+            self._save(directory)
+
+    def _save(self, directory: str) -> None:
+        generation, error = None, None
+        if self._rank == 0:
+            try:
+                generation = _sharded.begin_save(directory)
+            except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+                error = e
+        self._settle(error, "save (preparing the directory)")
+        generation = self._comm.bcast(generation, root=0)
+        error = None
+        try:
+            _checkpoint.save_multi_type(self._table, _sharded.part_directory(directory, generation, self._rank,
+                                                                             self._world))
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        try:
+            self._settle(error, "save")
+        except BaseException:
+            if self._rank == 0:
+                _sharded.abandon_save(directory, generation)
+            raise
+        error = None
+        if self._rank == 0:
+            try:
+                _sharded.commit_save(directory, generation, self._world, list(self._slots))
+            except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+                error = e
+        self._settle(error, "save (naming the new checkpoint)")
+
+    def restore(self, directory: str) -> None:
+        """Restore every rank's part from ``directory`` (collective), saved by as many ranks.
+        Every rank's part is verified before any table of any rank changes."""
+        self._wait_for_hooks()
+        with self._turn():
+            self._restore(directory)
+
+    def _restore(self, directory: str) -> None:
+        loaded, error = None, None
+        try:
+            _, parts = _sharded.saved_parts(directory, self._world)
+            loaded = _checkpoint.load_multi_type(self._table, parts[self._rank])
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        self._settle(error, "restore")
+        for t, core in loaded:
+            t._swap_core(core)
