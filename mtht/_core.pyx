@@ -19,8 +19,10 @@ from mtht._core cimport (
     EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
-    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint, load_checkpoint,
+    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
+    load_checkpoint,
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
+    c_route_ids, c_sum_rows_to, c_gather_rows_from,
 )
 from libcpp.string cimport string
 from libcpp.pair cimport pair
@@ -32,7 +34,8 @@ cdef extern from *:
 
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
-           "fused_offsets", "fused_lookup", "fused_apply_gradient", "lookup_tables", "write_tables", "crc32c"]
+           "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "sum_rows", "gather_rows",
+           "lookup_tables", "write_tables", "crc32c"]
 
 
 def compiler():
@@ -485,6 +488,48 @@ cdef _offsets(FusedLayout& layout):
     return (np.asarray(layout.recv_splits, dtype=np.int32),
             np.asarray(layout.id_offsets, dtype=np.int32),
             np.asarray(layout.emb_offsets, dtype=np.int32))
+
+
+def route_ids(const int64_t[::1] ids, int64_t world, bint dedup):
+    """(sent, counts, position) of ids routed to ``world`` owners (route.h)."""
+    cdef Py_ssize_t n = ids.shape[0]
+    sent_array = np.empty(n, dtype=np.int64)
+    counts_array = np.empty(max(world, 0), dtype=np.int64)
+    position_array = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] sent = sent_array
+    cdef int64_t[::1] counts = counts_array
+    cdef int64_t[::1] position = position_array
+    cdef size_t m
+    with nogil:
+        m = c_route_ids(&ids[0] if n else NULL, n, world, dedup, &sent[0] if n else NULL,
+                        &counts[0] if world > 0 else NULL, &position[0] if n else NULL)
+    return sent_array[:m], counts_array, position_array
+
+
+def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m):
+    """[m, dim]: row p the sum of the rows i with position[i] == p, left to right (route.h)."""
+    cdef Py_ssize_t n = rows.shape[0], dim = rows.shape[1]
+    if position.shape[0] != n:
+        raise ValueError(f"position must have {n} values, got {position.shape[0]}")
+    out_array = np.empty((m, dim), dtype=np.float32)
+    cdef float[:, ::1] out = out_array
+    with nogil:
+        c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
+                      &out[0, 0] if m * dim else NULL)
+    return out_array
+
+
+def gather_rows(const float[::1] flat, Py_ssize_t dim, const int64_t[::1] row_at, const int64_t[::1] position):
+    """[n, dim]: row i the ``dim`` floats of ``flat`` at row_at[position[i]] (route.h)."""
+    cdef Py_ssize_t n = position.shape[0], m = row_at.shape[0], size = flat.shape[0]
+    out_array = np.empty((n, dim), dtype=np.float32)
+    cdef float[:, ::1] out = out_array
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    with nogil:
+        c_gather_rows_from(&flat[0] if size else NULL, size, dim, &row_at[0] if m else NULL, m,
+                           &position[0] if n else NULL, n, &out[0, 0] if n else NULL)
+    return out_array
 
 
 def fused_offsets(list tables, const int32_t[::1] fused_slot_size, int64_t num_shards, Py_ssize_t n_ids):

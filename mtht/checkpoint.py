@@ -77,10 +77,15 @@ def _generations_on_disk(basename: str) -> Dict[int, List[str]]:
 
 
 def _stale_manifest_temps(basename: str) -> List[str]:
-    """The temporaries of this basename's manifest left by killed saves (_write_verified's
-    names exactly: another table's files may start with the same characters)."""
-    directory = os.path.dirname(basename) or "."
-    pattern = re.compile(re.escape(os.path.basename(manifest_path(basename))) + r"\.tmp-\d+-[0-9a-f]{8}")
+    """The temporaries of this basename's manifest left by killed saves."""
+    return stale_temps(manifest_path(basename))
+
+
+def stale_temps(path: str) -> List[str]:
+    """The temporaries of the file at ``path`` left by killed saves (_write_verified's names
+    exactly: another table's files may start with the same characters)."""
+    directory = os.path.dirname(path) or "."
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.tmp-\d+-[0-9a-f]{8}")
     try:
         return [os.path.join(directory, n) for n in os.listdir(directory) if pattern.fullmatch(n)]
     except FileNotFoundError:
@@ -263,10 +268,11 @@ def save_table(table, basename: str) -> dict:
     return body
 
 
-def _write_generation(table, basename: str) -> Tuple[dict, List[str]]:
+def _write_generation(table, basename: str, apply_expiry: bool = True) -> Tuple[dict, List[str]]:
     """Write and sync the data files of a new generation of the checkpoint at ``basename``;
     returns the manifest naming them, and the data files of older generations, for the
-    caller to remove once the manifest is in place. On an error, what it wrote is removed."""
+    caller to remove once the manifest is in place. On an error, what it wrote is removed.
+    ``apply_expiry``: leave out the entries expired at the table's ``max_update_ts``."""
     directory = os.path.dirname(basename)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -281,7 +287,7 @@ def _write_generation(table, basename: str) -> Tuple[dict, List[str]]:
     core = table._core
     max_update_ts = core.max_update_ts
     try:
-        infos = core.save_files(paths, max_update_ts, True, table.layout)
+        infos = core.save_files(paths, max_update_ts, apply_expiry, table.layout)
         _fsync_dir(directory)
     except BaseException:
         _remove(paths)
@@ -468,11 +474,19 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
         return
+    write_multi_type(table, directory)
+
+
+def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
+    """:func:`save_multi_type` in mtht's format, the hooks' writes already applied.
+    ``apply_expiry=False`` keeps the entries expired at their table's ``max_update_ts``
+    (a checkpoint rewritten, whose entries were kept when it was saved)."""
     directory = os.fspath(directory)
     tables = _named_tables(table)
     bases = [os.path.join(directory, key) for key in tables]
     with _turn(directory, *bases):
-        written, failed = _over_tables_settled(_write_generation, list(zip(tables.values(), bases)))
+        written, failed = _over_tables_settled(lambda t, base: _write_generation(t, base, apply_expiry),
+                                               list(zip(tables.values(), bases)))
         news = [f for base, w in zip(bases, written) if w for f in _files_of(base, w[0])]
         try:
             if failed is not None:

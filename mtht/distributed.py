@@ -15,10 +15,11 @@ given the ranks' batches one after another, in rank order (see
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mtht import _core
 from mtht import checkpoint as _checkpoint
 from mtht import hash_table as _hash_table
 from mtht import sharded_checkpoint as _sharded
@@ -52,40 +53,23 @@ def _describe(error: BaseException) -> str:
 
 
 class _Routed:
-    """One table's ids of a call as this rank sends them: grouped by owner (stable), each
-    id once (``dedup``) or as given. ``position[i]``: where given id i went."""
+    """One table's ids of a call as this rank sends them (route.h): ``sent``, grouped by
+    owner, each id once (``dedup``) or as given; ``counts`` per owner; ``position[i]``:
+    where given id i went in ``sent``."""
 
-    __slots__ = ("sent", "counts", "order", "position", "inverse", "first")
+    __slots__ = ("sent", "counts", "position")
 
     def __init__(self, ids: np.ndarray, world: int, dedup: bool):
-        if dedup:
-            unique, self.first, self.inverse = np.unique(ids, return_index=True, return_inverse=True)
-            self.inverse = self.inverse.reshape(-1)
-        else:
-            unique, self.first, self.inverse = ids, None, None
-        owner = np.remainder(unique, world)
-        self.order = np.argsort(owner, kind="stable")
-        self.sent = unique[self.order]
-        self.counts = np.bincount(owner, minlength=world)
-        where = np.empty(self.order.shape[0], dtype=np.int64)
-        where[self.order] = np.arange(self.order.shape[0])
-        self.position = where[self.inverse] if dedup else where
+        self.sent, self.counts, self.position = _core.route_ids(ids, world, dedup)
 
     def rows_sent(self, rows: np.ndarray) -> np.ndarray:
         """The rows to send with the ids: per sent id, the sum of its rows left to right in
         the order given (the first occurrence's row, then the others added one by one), as
         one process's deduplicated update sums them."""
-        if self.first is None:
-            return rows[self.order]
-        summed = rows[self.first]
-        rest = np.ones(rows.shape[0], dtype=bool)
-        rest[self.first] = False
-        if rest.any():
-            np.add.at(summed, self.inverse[rest], rows[rest])  # in input order, unbuffered
-        return summed[self.order]
+        return _core.sum_rows(rows, self.position, self.sent.shape[0])
 
 
-def _blocks(per_table: List[np.ndarray], counts: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+def _blocks(per_table: List[np.ndarray], counts: np.ndarray) -> np.ndarray:
     """The rows (or ids, dims all 1) of each table, in blocks ``[rank][table]``, flat."""
     world, k = counts.shape
     starts = [np.concatenate(([0], np.cumsum(counts[:, t]))) for t in range(k)]
@@ -161,7 +145,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             self._dims = [t.dim_size for t in tables]
             # Admission counts are per occurrence: such tables are sent every occurrence.
             self._counts_occurrences = [bool(t._core.has_filter) for t in tables]
-            self._refuses_non_finite = [not t.config.table_config.allow_non_finite for t in tables]
+            self._core_tables = [t._core for t in tables]
             signature = (self._slots, self._dims, [t.layout for t in tables])
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
@@ -180,20 +164,22 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             pipeline.wait()
         return self._one_call
 
-    def _settle(self, error: Optional[BaseException], what: str, same=None) -> None:
+    def _settle(self, error: Optional[BaseException], what: str, same=None, info=None) -> list:
         """Every rank learns whether every rank got here without an error (and holds the
-        same ``same``); if not, every rank raises: its own error, or DistributedError."""
-        outcomes = self._comm.allgather((None if error is None else _describe(error), same))
+        same ``same``); if not, every rank raises: its own error, or DistributedError.
+        Returns every rank's ``info``."""
+        outcomes = self._comm.allgather((None if error is None else _describe(error), same, info))
         if error is not None:
             raise error
-        failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+        failed = [(r, message) for r, (message, _, _) in enumerate(outcomes) if message is not None]
         if failed:
             r, message = failed[0]
             raise DistributedError(f"{what} failed on rank {r}: {message}")
-        differ = [r for r, (_, theirs) in enumerate(outcomes) if theirs != outcomes[0][1]]
+        differ = [r for r, (_, theirs, _) in enumerate(outcomes) if theirs != outcomes[0][1]]
         if differ:
             raise ValueError(f"{what}: rank {differ[0]} differs from rank 0 ({outcomes[differ[0]][1]!r} against "
                              f"{outcomes[0][1]!r}); every rank must make the same call")
+        return [i for _, _, i in outcomes]
 
     def _exchange(self, send: np.ndarray, send_counts: np.ndarray, recv_counts: np.ndarray) -> np.ndarray:
         """Alltoallv: ``send_counts[r]`` items to rank r, ``recv_counts[r]`` from it."""
@@ -204,26 +190,31 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                              [recv, (recv_counts.tolist(), recv_displs.tolist())])
         return recv
 
-    def _route(self, what: str, prepare: Callable[[], Tuple[List[_Routed], Optional[list]]], same=None):
-        """Run ``prepare`` (checks and routing, this rank alone: the routed ids of each table
-        and the rows to send with them, if any), agree with every rank that it went well and
-        that they all hold the same ``same``, and send the ids to their owners: ``(routed per
-        table, rows to send, counts [rank][table] sent, counts [rank][table] received, the
-        ids received)``."""
-        error, routed, rows = None, None, None
+    def _route(self, what: str, data: Mapping, method: Optional[str], dedup: List[bool], same=None):
+        """Check and route this rank's ``data`` (``{slot: ids}``, or ``{slot: (ids, rows)}``
+        of ``method``): the ids of table k each once when ``dedup[k]``, with their rows
+        summed. Agree with every rank that this went well and that they all hold the same
+        ``same``, and send the ids to their owners. Returns ``(routed per table, rows to
+        send, counts [rank][table] sent, counts [rank][table] received, the ids received,
+        which tables any rank named)``."""
+        error, routed, rows, named = None, None, None, None
         try:
-            routed, rows = prepare()
+            per_table = self._ids_of(data, method)
+            routed = [_Routed(ids, self._world, d) for (ids, _), d in zip(per_table, dedup)]
+            if method is not None:
+                rows = [r.rows_sent(given) for r, (_, given) in zip(routed, per_table)]
+            named = tuple(slot in data for slot in self._slots)
         except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
             error = e
-        self._settle(error, what, same)
+        named_by_any = np.any(self._settle(error, what, same, named), axis=0)
         k = len(self._slots)
         send_counts = np.stack([r.counts for r in routed], axis=1) if k else np.zeros((self._world, 0), np.int64)
         send_counts = np.ascontiguousarray(send_counts, dtype=np.int64)
         recv_counts = np.empty_like(send_counts)
         self._comm.Alltoall(send_counts, recv_counts)
-        ids = self._exchange(_blocks([r.sent for r in routed], send_counts, [1] * k),
+        ids = self._exchange(_blocks([r.sent for r in routed], send_counts),
                              send_counts.sum(axis=1), recv_counts.sum(axis=1))
-        return routed, rows, send_counts, recv_counts, ids
+        return routed, rows, send_counts, recv_counts, ids, named_by_any
 
     def _float_counts(self, counts: np.ndarray) -> np.ndarray:
         """Floats per rank of rows laid out ``[rank][table]``."""
@@ -245,8 +236,11 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             given_ids, given_rows = _pair(slot, value, method)
             ids = as_ids(given_ids, f"slot {slot!r} ids")
             rows = as_rows(given_rows, ids.shape[0], self._dims[k], f"slot {slot!r} {_rows_name(method)}")
-            if self._refuses_non_finite[k]:
-                refuse_non_finite(slot, method, rows)
+            try:
+                self._core_tables[k].check_finite(rows, _rows_name(method))
+            except ValueError:
+                refuse_non_finite(slot, method, rows)  # names the slot and the row
+                raise
             per_table[k] = (ids, rows)
         empty_ids = np.zeros(0, np.int64)
         return [p if p is not None else (empty_ids, None if method is None else np.zeros((0, d), np.float32))
@@ -273,10 +267,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             return self._lookup(slot_to_id)
 
     def _lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
-        def prepare():
-            return [_Routed(ids, self._world, True) for ids, _ in self._ids_of(slot_to_id)], None
-
-        routed, _, send_counts, recv_counts, ids = self._route("lookup", prepare)
+        routed, _, send_counts, recv_counts, ids, _ = self._route("lookup", slot_to_id, None,
+                                                                   [True] * len(self._slots))
         error, rows = None, None
         try:
             rows, recv_splits, _, _, _ = _hash_table.fused_lookup(self._local_tables(), ids,
@@ -285,9 +277,19 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             error = e
         self._settle(error, "lookup")
         back = self._exchange(rows, recv_splits.astype(np.int64), self._float_counts(send_counts))
-        per_table = _unblock(back, send_counts, self._dims)
-        return {slot: per_table[self._slot_index[slot]][routed[self._slot_index[slot]].position]
-                for slot in slot_to_id}
+        # Block (owner w, table k) of `back` starts at float starts[w, k]; the rows of a
+        # table's sent ids are in its blocks, owners in order.
+        dims = np.asarray(self._dims, dtype=np.int64)
+        sizes = (send_counts * dims[None, :]).reshape(-1)
+        starts = (np.cumsum(sizes) - sizes).reshape(send_counts.shape)
+        result = {}
+        for slot in slot_to_id:
+            k = self._slot_index[slot]
+            counts, d = send_counts[:, k], int(dims[k])
+            first_sent = np.cumsum(counts) - counts  # the first sent id of each owner's block
+            row_at = np.repeat(starts[:, k] - first_sent * d, counts) + np.arange(int(counts.sum())) * d
+            result[slot] = _core.gather_rows(back, d, row_at, routed[k].position)
+        return result
 
     def _write(self, method: str, data: Mapping, arguments: "_hash_table.WriteArguments") -> None:
         with self._turn():
@@ -297,35 +299,38 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         dedup = method == "apply_gradients" and arguments.dedup
         # Sent once per id: the tables whose ids are summed per id and counted once.
         once = [dedup and not counts for counts in self._counts_occurrences]
-
-        def prepare():
-            per_table = self._ids_of(data, method)
-            routed = [_Routed(ids, self._world, o) for (ids, _), o in zip(per_table, once)]
-            return routed, [r.rows_sent(given) for r, (_, given) in zip(routed, per_table)]
-
-        _, sent_rows, send_counts, recv_counts, ids = self._route(method, prepare, (method, tuple(arguments)))
+        _, sent_rows, send_counts, recv_counts, ids, named = self._route(method, data, method, once,
+                                                                         (method, tuple(arguments)))
         k = len(self._slots)
-        rows = self._exchange(_blocks(sent_rows, send_counts, self._dims) if k else np.zeros(0, np.float32),
+        rows = self._exchange(_blocks(sent_rows, send_counts) if k else np.zeros(0, np.float32),
                               self._float_counts(send_counts), self._float_counts(recv_counts))
+        # Every rank writes the tables that any rank named (those with no ids too: as one
+        # process's write, it moves their max_update_ts, which expiry goes by).
+        written = [t for t in range(k) if named[t]]
         error = None
         try:
             if method == "apply_gradients":
-                self._apply_received(ids, recv_counts, rows, arguments, [dedup and not o for o in once])
+                self._apply_received(written, ids, recv_counts, rows, arguments, [dedup and not o for o in once])
             else:
                 per_ids = _unblock(ids, recv_counts, [1] * k)
                 per_rows = _unblock(rows, recv_counts, self._dims)
-                self._table._update(method, {slot: (per_ids[t].reshape(-1), per_rows[t])
-                                             for t, slot in enumerate(self._slots) if per_ids[t].size},
+                self._table._update(method, {self._slots[t]: (per_ids[t].reshape(-1), per_rows[t]) for t in written},
                                     req_time=arguments.req_time)
         except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
             error = e
         self._settle(error, method)
 
-    def _apply_received(self, ids, recv_counts, grads, arguments, accumulate: List[bool]) -> None:
-        """The fused update of the blocks ``[rank][table]`` received, ranks in order."""
-        _hash_table.fused_apply_checked(self._local_tables(), ids, recv_counts.reshape(-1), grads,
-                                        self._table.learning_rates(arguments.global_step), self._world,
-                                        arguments.global_step, arguments.req_time, accumulate)
+    def _apply_received(self, written: List[int], ids, recv_counts, grads, arguments,
+                        accumulate: List[bool]) -> None:
+        """The fused update of the tables ``written`` from the blocks ``[rank][table]``
+        received, ranks in order (the other tables received no ids)."""
+        if not written:
+            return
+        slots = [self._slots[t] for t in written]
+        _hash_table.fused_apply_checked([self._table._tables[s] for s in slots], ids,
+                                        recv_counts[:, written].reshape(-1), grads,
+                                        self._table.learning_rates(arguments.global_step, slots), self._world,
+                                        arguments.global_step, arguments.req_time, [accumulate[t] for t in written])
 
     def assign(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, values)}``: upsert (the last duplicate wins, ranks in order)."""

@@ -199,9 +199,11 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def get_table_dim_sizes(self) -> List[int]:
         return [self._tables[slot].dim_size for slot in self._slots]
 
-    def learning_rates(self, global_step) -> np.ndarray:
-        """Every slot's per-segment learning rates, in sorted slot order (the fused update's)."""
-        rates = [self._slot_to_config[slot].call_learning_rate_fns(global_step) for slot in self._slots]
+    def learning_rates(self, global_step, slots=None) -> np.ndarray:
+        """Every slot's per-segment learning rates, in sorted slot order (the fused update's),
+        or those of ``slots``, in their order."""
+        rates = [self._slot_to_config[slot].call_learning_rate_fns(global_step)
+                 for slot in (self._slots if slots is None else slots)]
         return np.concatenate(rates).astype(np.float32) if rates else np.zeros(0, np.float32)
 
     def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None):

@@ -56,6 +56,10 @@ def _current_generation(directory: str) -> Optional[int]:
         return None
 
 
+def _has_manifest(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, SHARDED_FILE))
+
+
 def _generations_on_disk(directory: str) -> List[int]:
     try:
         names = os.listdir(directory)
@@ -70,14 +74,17 @@ def _generation_path(directory: str, generation: int) -> str:
 
 def begin_save(directory: str) -> int:
     """The generation a new save in ``directory`` writes (one past any on disk), after
-    removing the generations a killed save left (those ``sharded.json`` does not name)."""
+    removing what a killed save left: the generations ``sharded.json`` does not name, and
+    its temporaries. (With a ``sharded.json`` that cannot be read, every generation stays.)"""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     current = _current_generation(directory)
     on_disk = _generations_on_disk(directory)
-    for g in on_disk:
-        if g != current:
-            shutil.rmtree(_generation_path(directory, g))
+    if current is not None or not _has_manifest(directory):
+        for g in on_disk:
+            if g != current:
+                shutil.rmtree(_generation_path(directory, g))
+    _checkpoint._remove(_checkpoint.stale_temps(os.path.join(directory, SHARDED_FILE)))
     return max(on_disk + [current or 0]) + 1
 
 
@@ -134,7 +141,7 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     if type(world_size) is not int or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     source, target = os.fspath(source), os.fspath(target)
-    if os.path.abspath(source) == os.path.abspath(target):
+    if os.path.realpath(source) == os.path.realpath(target):
         raise ValueError("reshard writes a new checkpoint: give a target other than the source")
     _, old_parts = saved_parts(source)
     generation = begin_save(target)
@@ -153,7 +160,10 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
                 [(tables[key], found[key]) for key in tables])
             for t, core in zip(tables.values(), loaded):
                 t._swap_core(core)
-            _checkpoint.save_multi_type(model, part_directory(target, generation, part, world_size))
+            # Every entry the source holds, kept: its parts left out what had expired when
+            # they were saved, and a part may now take a later max_update_ts than its own.
+            _checkpoint.write_multi_type(model, part_directory(target, generation, part, world_size),
+                                         apply_expiry=False)
             del model, loaded
         commit_save(target, generation, world_size, keys)
     except BaseException:

@@ -31,7 +31,7 @@ def build(tmp_path_factory):
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
-                    "monolith_format_check"],
+                    "monolith_format_check", "route_check"],
                    check=True, capture_output=True)
     return build
 
@@ -132,3 +132,9 @@ def test_the_entry_dump_codec_round_trips_and_refuses_damaged_records(build):
     # Entries encoded and decoded come back bit for bit (NaN payloads too); records with
     # bytes flipped, cut or inserted either decode or raise ValueError.
     check_passes(build, "monolith_format_check")
+
+
+def test_ids_are_routed_to_their_owners_and_their_rows_back(build):
+    # route_ids against a model (distinct ids in order of first occurrence, grouped by the
+    # non-negative modulo), rows summed per id left to right, and gathered back in order.
+    check_passes(build, "route_check")

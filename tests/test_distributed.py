@@ -3,6 +3,7 @@ and ``-n 4`` (each rank checks itself against one process's table given every ra
 batch in rank order), and the pieces that run in one process."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,27 @@ def test_ranks_equal_one_process(ranks, scenario, tmp_path):
         run_ranks(ranks, scenario, tmp_path, seed)
 
 
+def documented_program() -> str:
+    """The ```python mpi block of docs/distributed.md (run here under mpiexec; test_docs runs
+    the pages' plain python blocks in one process)."""
+    page = os.path.join(os.path.dirname(WORKER), os.pardir, "docs", "distributed.md")
+    if not os.path.exists(page):
+        pytest.skip("no docs directory beside the tests (e.g. tests run from an installed sdist)")
+    with open(page, encoding="utf-8") as f:
+        found = re.search(r"^```python mpi\n(.*?)^```", f.read(), re.MULTILINE | re.DOTALL)
+    assert found, "docs/distributed.md has no ```python mpi block"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_documented_program_runs(ranks, tmp_path):
+    program = tmp_path / "train.py"
+    program.write_text(documented_program())
+    done = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, str(program)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-6000:]
+
+
 def make_model():
     sys.path.insert(0, os.path.dirname(WORKER))
     try:
@@ -66,18 +88,15 @@ def test_checkpoints_restore_and_reshard(saved_by, tmp_path):
 def test_reshard_keeps_admission_counts(tmp_path):
     """Counts of ids not yet admitted go to their new owner: one more occurrence there
     admits an id seen threshold times before the reshard."""
-    saved = tmp_path / "two"
-    generation = sharded_checkpoint.begin_save(saved)
     ids = np.arange(-6, 6, dtype=np.int64)
-    for rank in range(2):
-        model = make_model()
+    parts = [make_model(), make_model()]
+    for rank, model in enumerate(parts):
         mine = ids[owner_of(ids, 2) == rank]
         for _ in range(3):  # threshold 3: counted, not admitted
             model.apply_gradients({"filtered": (mine, np.ones((mine.size, 2), np.float32))}, 1)
         assert not model._tables["filtered"].contains(mine).any()
-        mtht.checkpoint.save_multi_type(model, sharded_checkpoint.part_directory(saved, generation, rank, 2))
-    sharded_checkpoint.commit_save(saved, generation, 2, ["filtered"])
-    sharded_checkpoint.reshard(saved, tmp_path / "three", 3, make_model)
+    save_parts(tmp_path / "two", parts)
+    sharded_checkpoint.reshard(tmp_path / "two", tmp_path / "three", 3, make_model)
     _, parts = sharded_checkpoint.saved_parts(tmp_path / "three", 3)
     for rank, part in enumerate(parts):
         model = make_model()
@@ -88,6 +107,43 @@ def test_reshard_keeps_admission_counts(tmp_path):
         assert model._tables["filtered"].size() == mine.size
 
 
+def save_parts(directory, parts):
+    """A sharded save in ``directory`` of the models ``parts`` (one per rank)."""
+    generation = sharded_checkpoint.begin_save(directory)
+    for rank, model in enumerate(parts):
+        mtht.checkpoint.save_multi_type(model, sharded_checkpoint.part_directory(directory, generation, rank,
+                                                                                 len(parts)))
+    sharded_checkpoint.commit_save(directory, generation, len(parts), sorted(parts[0]._tables))
+
+
+def expiring_model():
+    segment = mtht.CombineAsSegment(2, mtht.ZerosInitializer(), mtht.SgdOptimizer(), mtht.Fp32Compressor())
+    table = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
+                                          slot_expire_time_config=mtht.SlotExpireTimeConfig(default_expire_time=1))
+    return MultiTypeHashTable({"a": mtht.HashTableConfigInstance(table, [1.0])},
+                              lambda slot, cfg: mtht.hash_table_from_config(cfg, name_suffix=slot))
+
+
+def test_reshard_keeps_every_entry_saved(tmp_path):
+    """Parts whose clocks differ (saved by another build, or written apart): every entry a
+    part holds is rewritten, although the new part's clock, the latest, would expire it."""
+    day = 86400
+    parts = [expiring_model(), expiring_model()]
+    parts[0].assign({"a": (np.array([0, 2, 4]), np.ones((3, 2), np.float32))}, req_time=1000)
+    parts[1].assign({"a": (np.array([1, 3]), np.ones((2, 2), np.float32))}, req_time=1000 + 2 * day)
+    save_parts(tmp_path / "two", parts)
+    for world in (1, 2):
+        sharded_checkpoint.reshard(tmp_path / "two", tmp_path / f"to{world}", world, expiring_model)
+        _, new_parts = sharded_checkpoint.saved_parts(tmp_path / f"to{world}", world)
+        held = []
+        for part in new_parts:
+            model = expiring_model()
+            mtht.checkpoint.restore_multi_type(model, part)
+            held += [int(i) for i in np.arange(5) if model._tables["a"].contains([i])[0]]
+            assert model._tables["a"]._core.max_update_ts == 1000 + 2 * day
+        assert sorted(held) == [0, 1, 2, 3, 4]
+
+
 def test_reshard_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sharded checkpoint"):
         sharded_checkpoint.reshard(tmp_path / "none", tmp_path / "out", 2, make_model)
@@ -95,6 +151,26 @@ def test_reshard_refuses_what_it_cannot_do(tmp_path):
         sharded_checkpoint.reshard(tmp_path / "x", tmp_path / "x", 2, make_model)
     with pytest.raises(ValueError, match="world_size"):
         sharded_checkpoint.reshard(tmp_path / "x", tmp_path / "y", 0, make_model)
+    # A target that is the source under another name (a link to it).
+    save_parts(tmp_path / "src", [expiring_model(), expiring_model()])
+    os.symlink(tmp_path / "src", tmp_path / "alias")
+    with pytest.raises(ValueError, match="target other than the source"):
+        sharded_checkpoint.reshard(tmp_path / "src", tmp_path / "alias", 3, expiring_model)
+    assert sharded_checkpoint.read_sharded_manifest(tmp_path / "src")["world_size"] == 2
+
+
+def test_a_save_beside_a_damaged_manifest_removes_no_generation(tmp_path):
+    """A sharded.json that cannot be read: the next save keeps every generation on disk (one
+    of them may be the only copy), and removes the temporaries killed saves left."""
+    save_parts(tmp_path, [expiring_model(), expiring_model()])
+    manifest = tmp_path / sharded_checkpoint.SHARDED_FILE
+    manifest.write_bytes(manifest.read_bytes().replace(b'"world_size": 2', b'"world_size": 3'))
+    (tmp_path / "sharded.json.tmp-12-0123abcd").write_text("left by a killed save")
+    (tmp_path / "sharded.json.tmp-keep").write_text("not a temporary of ours")
+    with pytest.raises(mtht.CheckpointError):
+        sharded_checkpoint.read_sharded_manifest(tmp_path)
+    assert sharded_checkpoint.begin_save(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == ["g000001", "sharded.json", "sharded.json.tmp-keep"]
 
 
 def test_owner_is_the_non_negative_modulo():
@@ -105,14 +181,14 @@ def test_owner_is_the_non_negative_modulo():
 
 def test_routed_sums_each_ids_rows_in_the_order_given():
     """A rank sends each id once with its rows summed left to right from the first
-    occurrence's (float32), grouped by owner in the order of the ids."""
+    occurrence's (float32), grouped by owner, in the order of first occurrence."""
     ids = np.array([5, -3, 5, 2, 5, -3], dtype=np.int64)
     rows = np.array([[1e8], [1.0], [1.0], [2.0], [-1e8], [-0.0]], dtype=np.float32)
     routed = _Routed(ids, 2, dedup=True)
-    assert routed.sent.tolist() == [2, -3, 5] and routed.counts.tolist() == [1, 2]
+    assert routed.sent.tolist() == [2, 5, -3] and routed.counts.tolist() == [1, 2]
     summed = routed.rows_sent(rows)
     # 5: (1e8 + 1) + -1e8 in float32 is 0 (1 is lost), not 1; -3: 1 + -0 is 1.
-    assert summed[:, 0].tolist() == [2.0, 1.0, 0.0]
+    assert summed[:, 0].tolist() == [2.0, 0.0, 1.0]
     assert routed.sent[routed.position].tolist() == ids.tolist()
     plain = _Routed(ids, 2, dedup=False)
     assert plain.sent.tolist() == [2, 5, -3, 5, 5, -3] and plain.rows_sent(rows)[:, 0].tolist()[:2] == [2.0, 1e8]

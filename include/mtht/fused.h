@@ -190,7 +190,8 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
         const int64_t d = tables[k]->dim();
         for (size_t n = 0; n < L.num_shards; ++n)
           w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
-        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone, ts));
+        w.planned.emplace(
+            detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone, ts));
         if (accumulate[k]) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
       },
       [&](size_t k) {

@@ -1,0 +1,117 @@
+// Checks route_ids, sum_rows_to and gather_rows_from (route.h) against a model built from
+// std::map over random batches: ids from small ranges (many duplicates), negative ones and
+// the extremes of int64, world sizes 1 to 5, with and without dedup. Prints one line per
+// failure and "ok" when there is none.
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <vector>
+
+#include "mtht/route.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, int round) {
+  if (ok) return;
+  ++failures;
+  if (failures < 20) std::printf("FAILED: %s (round %d)\n", what, round);
+}
+
+uint64_t next(uint64_t& x) {
+  x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+  return x >> 33;
+}
+
+void check_round(int round) {
+  uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(round + 1);
+  const int64_t world = 1 + static_cast<int64_t>(next(x) % 5);
+  const bool dedup = round % 2 == 0;
+  const size_t n = next(x) % 300;
+  std::vector<int64_t> ids(n);
+  for (auto& id : ids) {
+    const uint64_t pick = next(x) % 20;
+    if (pick == 0) id = std::numeric_limits<int64_t>::min();
+    else if (pick == 1) id = std::numeric_limits<int64_t>::max();
+    else id = static_cast<int64_t>(next(x) % 61) - 30;
+  }
+  std::vector<int64_t> sent(n), counts(static_cast<size_t>(world)), position(n);
+  const size_t m = mtht::route_ids(ids.data(), n, world, dedup, sent.data(), counts.data(), position.data());
+  sent.resize(m);
+  // The model: the ids (distinct ones in order of first occurrence with dedup), grouped by owner.
+  std::vector<int64_t> order;
+  std::map<int64_t, size_t> first;
+  for (int64_t id : ids)
+    if (!dedup || first.emplace(id, order.size()).second) order.push_back(id);
+  std::vector<int64_t> expected;
+  for (int64_t w = 0; w < world; ++w) {
+    int64_t count = 0;
+    for (int64_t id : order) {
+      const int64_t owner = ((id % world) + world) % world;
+      if (owner == w) expected.push_back(id), ++count;
+    }
+    expect(counts[static_cast<size_t>(w)] == count, "count per owner", round);
+  }
+  expect(sent == expected, "sent ids grouped by owner, in order", round);
+  std::vector<bool> used(m, false);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t p = static_cast<size_t>(position[i]);
+    expect(p < m && sent[p] == ids[i], "position points at the id", round);
+    if (!dedup) expect(p < m && !used[p], "without dedup each id has its own place", round);
+    if (p < m) used[p] = true;
+  }
+  // Rows: row i = i + 1 in each of 3 columns; sums left to right in float.
+  const size_t dim = 3;
+  std::vector<float> rows(n * dim), summed(m * dim);
+  for (size_t i = 0; i < n * dim; ++i) rows[i] = static_cast<float>(i / dim + 1) * (i % dim == 1 ? 0.1f : 1.0f);
+  if (m) mtht::sum_rows_to(rows.data(), n, dim, position.data(), m, summed.data());
+  std::vector<float> model(m * dim, 0.0f);
+  std::vector<bool> started(m, false);
+  for (size_t i = 0; i < n; ++i) {
+    const size_t p = static_cast<size_t>(position[i]);
+    for (size_t j = 0; j < dim; ++j)
+      model[p * dim + j] = started[p] ? model[p * dim + j] + rows[i * dim + j] : rows[i * dim + j];
+    started[p] = true;
+  }
+  expect(summed == model, "rows summed per id left to right", round);
+  // Gather back: the rows of `sent` stored in reverse order, each at row_at.
+  std::vector<int64_t> row_at(m);
+  std::vector<float> flat(m * dim);
+  for (size_t p = 0; p < m; ++p) {
+    row_at[p] = static_cast<int64_t>((m - 1 - p) * dim);
+    for (size_t j = 0; j < dim; ++j) flat[(m - 1 - p) * dim + j] = static_cast<float>(sent[p] % 1000) + j;
+  }
+  std::vector<float> out(n * dim);
+  if (n) mtht::gather_rows_from(flat.data(), flat.size(), dim, row_at.data(), m, position.data(), n, out.data());
+  bool same = true;
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < dim; ++j) same = same && out[i * dim + j] == static_cast<float>(ids[i] % 1000) + j;
+  expect(same, "rows gathered back in the order of the ids", round);
+}
+
+}  // namespace
+
+int main() {
+  for (int round = 0; round < 2000; ++round) check_round(round);
+  // Bad arguments throw instead of reading out of bounds.
+  int64_t id = 1, sent = 0, count = 0, position = 5;
+  bool threw = false;
+  try {
+    mtht::route_ids(&id, 1, 0, true, &sent, &count, &position);
+  } catch (const mtht::ValueError&) {
+    threw = true;
+  }
+  expect(threw, "world 0 refused", -1);
+  float row = 1, out = 0;
+  threw = false;
+  try {
+    mtht::sum_rows_to(&row, 1, 1, &position, 1, &out);
+  } catch (const mtht::ValueError&) {
+    threw = true;
+  }
+  expect(threw, "a position past the rows refused", -1);
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
