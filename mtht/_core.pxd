@@ -126,6 +126,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         cbool has_filter()
         float hashnet_scale_of(size_t segment)
         void set_hashnet_scale(size_t segment, float v)
+        void advance_hashnet_scales(int64_t global_step)
 
 
 cdef extern from "mtht/multi_table.h" namespace "mtht" nogil:

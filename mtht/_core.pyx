@@ -250,6 +250,10 @@ cdef class Table:
     def hashnet_scales(self):
         return [self._t.get().hashnet_scale_of(k) for k in range(self.num_segments)]
 
+    def advance_hashnet_scales(self, int64_t global_step):
+        """The HashNet scales a write at ``global_step`` sets (a write with no ids here)."""
+        self._t.get().advance_hashnet_scales(global_step)
+
     def set_hashnet_scales(self, list scales):
         for k, v in enumerate(scales[:self.num_segments]):
             self._t.get().set_hashnet_scale(k, v)

@@ -14,8 +14,10 @@ given the ranks' batches one after another, in rank order (see
 
 from __future__ import annotations
 
+import re
 import threading
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+import weakref
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -48,6 +50,40 @@ def _world_comm():
     return MPI.COMM_WORLD
 
 
+def _free(comm) -> None:
+    """Frees a table's communicator (MPI has a few thousand), unless MPI has ended."""
+    from mpi4py import MPI
+
+    if not MPI.Is_finalized():
+        comm.Free()
+
+
+def _config_text(config) -> str:
+    """A config's canonical text, but for the learning-rate functions, named there by their
+    address in this process."""
+    return re.sub(r"callable@[0-9]+", "callable", str(config))
+
+
+def _filter_settings(table) -> Optional[tuple]:
+    f = table._hash_filter
+    return None if f is None else (f.default_occurrence_threshold, sorted(f.slot_occurrence_thresholds.items()),
+                                   f.capacity)
+
+
+def _first_difference(ours: list, theirs: list) -> str:
+    """What differs first between two ranks' (slot, config text, filter) lists."""
+    if [slot for slot, _, _ in ours] != [slot for slot, _, _ in theirs]:
+        return f"slots {[slot for slot, _, _ in theirs]} against {[slot for slot, _, _ in ours]}"
+    for (slot, config, hash_filter), (_, their_config, their_filter) in zip(ours, theirs):
+        if config != their_config:
+            at = next(i for i, (a, b) in enumerate(zip(config + "\0", their_config + "\0")) if a != b)
+            return f"slot {slot!r} has config ...{their_config[max(0, at - 40):at + 40]}... against " \
+                   f"...{config[max(0, at - 40):at + 40]}..."
+        if hash_filter != their_filter:
+            return f"slot {slot!r} has filter {their_filter} against {hash_filter} (threshold, slot thresholds, capacity)"
+    return "?"
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -67,6 +103,31 @@ class _Routed:
         the order given (the first occurrence's row, then the others added one by one), as
         one process's deduplicated update sums them."""
         return _core.sum_rows(rows, self.position, self.sent.shape[0])
+
+
+class _Prepared(NamedTuple):
+    """A rank's arguments of a collective call, checked: per table ``(ids, rows or None)``
+    (empty for a slot left out), whether its ids go once each, what every rank must give
+    alike, and which slots the call named."""
+
+    per_table: List[tuple]
+    dedup: List[bool]
+    same: object
+    named: tuple
+
+
+class _Call:
+    """What the first half of a collective call (_route) leaves for the second: this rank's
+    routed ids and rows, the counts ``[rank][table]`` sent and received, the ids and rows
+    received, the buffer the rows looked up come back into, and per table whether any rank
+    named it, sent it ids, or left their sum to the owner."""
+
+    __slots__ = ("routed", "sent_rows", "send_counts", "recv_counts", "ids", "rows", "back", "named",
+                 "nonempty", "summed_by_owner")
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, None)
 
 
 def _blocks(per_table: List[np.ndarray], counts: np.ndarray) -> np.ndarray:
@@ -118,7 +179,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     found before anything is sent: every rank raises (the others a :class:`DistributedError`
     naming the rank) and no table changes. A write that fails where it is applied (memory,
     ``max_entries``) changes nothing on that rank's tables and is raised on every rank; the
-    other ranks' parts of it are applied.
+    other ranks' parts of it are applied. Every rank must build the tables alike (slots,
+    configs, filters); this is checked when they are built.
+
+    ``max_entries`` (capacity eviction) holds for each rank's part of a table: the table
+    keeps up to ``world_size`` times as many entries, and its evictions are those of each
+    part, not one process's.
 
     ``save(directory)`` / ``restore(directory)`` (also through
     :func:`mtht.checkpoint.save_multi_type`): each rank saves its part;
@@ -127,11 +193,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     """
 
     saves_its_parts = True  # mtht.checkpoint hands save_multi_type and restore_multi_type here
+    calls_are_collective = True  # mtht.hooks keeps every rank's calls alike
 
     def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable, comm=None):
         comm = _world_comm() if comm is None else comm
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._comm = comm.Dup()
+        weakref.finalize(self, _free, self._comm)
         self._one_call = threading.Lock()
         error, signature = None, None
         try:
@@ -146,10 +214,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             # Admission counts are per occurrence: such tables are sent every occurrence.
             self._counts_occurrences = [bool(t._core.has_filter) for t in tables]
             self._core_tables = [t._core for t in tables]
-            signature = (self._slots, self._dims, [t.layout for t in tables])
+            # What must be alike on every rank: each slot's config (optimizer settings,
+            # learning rates, expiry, ... as its canonical text) and admission filter.
+            signature = [(slot, _config_text(t.config), _filter_settings(t)) for slot, t in zip(self._slots, tables)]
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
-        self._settle(error, "building the table", signature)
+        signatures = self._settle(error, "building the table", info=signature)
+        for r, theirs in enumerate(signatures):
+            if theirs != signatures[0]:
+                raise ValueError(f"rank {r} built other tables than rank 0: {_first_difference(signatures[0], theirs)}; "
+                                 "every rank must build the same slots with the same configs and filters")
 
     # ---- collective plumbing ----------------------------------------------------------
 
@@ -181,40 +255,66 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                              f"{outcomes[0][1]!r}); every rank must make the same call")
         return [i for _, _, i in outcomes]
 
-    def _exchange(self, send: np.ndarray, send_counts: np.ndarray, recv_counts: np.ndarray) -> np.ndarray:
-        """Alltoallv: ``send_counts[r]`` items to rank r, ``recv_counts[r]`` from it."""
-        recv = np.empty(int(recv_counts.sum()), dtype=send.dtype)
-        send_displs = np.concatenate(([0], np.cumsum(send_counts)[:-1]))
-        recv_displs = np.concatenate(([0], np.cumsum(recv_counts)[:-1]))
+    def _exchange(self, send: np.ndarray, send_counts: np.ndarray, recv: np.ndarray,
+                  recv_counts: np.ndarray) -> np.ndarray:
+        """Alltoallv: ``send_counts[r]`` items to rank r, ``recv_counts[r]`` from it into
+        ``recv`` (allocated before every rank agreed to go on: an allocation that fails
+        there is raised on every rank instead of leaving the others waiting)."""
+        send_displs = np.cumsum(send_counts) - send_counts
+        recv_displs = np.cumsum(recv_counts) - recv_counts
         self._comm.Alltoallv([send, (send_counts.tolist(), send_displs.tolist())],
                              [recv, (recv_counts.tolist(), recv_displs.tolist())])
         return recv
 
-    def _route(self, what: str, data: Mapping, method: Optional[str], dedup: List[bool], same=None):
-        """Check and route this rank's ``data`` (``{slot: ids}``, or ``{slot: (ids, rows)}``
-        of ``method``): the ids of table k each once when ``dedup[k]``, with their rows
-        summed. Agree with every rank that this went well and that they all hold the same
-        ``same``, and send the ids to their owners. Returns ``(routed per table, rows to
-        send, counts [rank][table] sent, counts [rank][table] received, the ids received,
-        which tables any rank named)``."""
-        error, routed, rows, named = None, None, None, None
+    def _route(self, what: str, prepare: Callable[[], "_Prepared"], lookup: bool = False) -> "_Call":
+        """The first half of a collective call. ``prepare()`` checks this rank's arguments.
+        The ids of table k are routed to their owners, each once when ``dedup[k]``, with its
+        rows summed (or as given, when a sum would overflow to Inf: the owner sums them then,
+        as one process would). Every rank learns whether every rank got this far, and holds
+        the same ``same``; then the ids and rows are sent. ``lookup``: rows come back."""
+        k, world = len(self._slots), self._world
+        call = _Call()
+        error, same, info = None, None, None
+        send_counts = np.zeros((world, k), dtype=np.int64)
         try:
-            per_table = self._ids_of(data, method)
-            routed = [_Routed(ids, self._world, d) for (ids, _), d in zip(per_table, dedup)]
-            if method is not None:
-                rows = [r.rows_sent(given) for r, (_, given) in zip(routed, per_table)]
-            named = tuple(slot in data for slot in self._slots)
+            prepared = prepare()
+            same = prepared.same
+            call.routed = [_Routed(ids, world, d) for (ids, _), d in zip(prepared.per_table, prepared.dedup)]
+            summed_by_owner = [False] * k
+            if not lookup:
+                call.sent_rows = []
+                for t, ((ids, rows), d) in enumerate(zip(prepared.per_table, prepared.dedup)):
+                    sent = call.routed[t].rows_sent(rows)
+                    if d and not np.isfinite(sent).all():
+                        call.routed[t], summed_by_owner[t] = _Routed(ids, world, False), True
+                        sent = call.routed[t].rows_sent(rows)
+                    call.sent_rows.append(sent)
+            if k:
+                send_counts = np.ascontiguousarray(np.stack([r.counts for r in call.routed], axis=1), np.int64)
+            info = (prepared.named, tuple(bool(ids.size) for ids, _ in prepared.per_table), tuple(summed_by_owner))
         except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
             error = e
-        named_by_any = np.any(self._settle(error, what, same, named), axis=0)
-        k = len(self._slots)
-        send_counts = np.stack([r.counts for r in routed], axis=1) if k else np.zeros((self._world, 0), np.int64)
-        send_counts = np.ascontiguousarray(send_counts, dtype=np.int64)
         recv_counts = np.empty_like(send_counts)
         self._comm.Alltoall(send_counts, recv_counts)
-        ids = self._exchange(_blocks([r.sent for r in routed], send_counts),
-                             send_counts.sum(axis=1), recv_counts.sum(axis=1))
-        return routed, rows, send_counts, recv_counts, ids, named_by_any
+        try:
+            if error is None:
+                call.ids = np.empty(int(recv_counts.sum()), dtype=np.int64)
+                if lookup:
+                    call.back = np.empty(int(self._float_counts(send_counts).sum()), dtype=np.float32)
+                else:
+                    call.rows = np.empty(int(self._float_counts(recv_counts).sum()), dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            error = e
+        infos = self._settle(error, what, same, info)
+        call.send_counts, call.recv_counts = send_counts, recv_counts
+        call.named, call.nonempty, call.summed_by_owner = (
+            np.array([any(i[j][t] for i in infos) for t in range(k)], dtype=bool) for j in range(3))
+        self._exchange(_blocks([r.sent for r in call.routed], send_counts), send_counts.sum(axis=1), call.ids,
+                       recv_counts.sum(axis=1))
+        if not lookup:
+            self._exchange(_blocks(call.sent_rows, send_counts) if k else np.zeros(0, np.float32),
+                           self._float_counts(send_counts), call.rows, self._float_counts(recv_counts))
+        return call
 
     def _float_counts(self, counts: np.ndarray) -> np.ndarray:
         """Floats per rank of rows laid out ``[rank][table]``."""
@@ -267,88 +367,110 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             return self._lookup(slot_to_id)
 
     def _lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
-        routed, _, send_counts, recv_counts, ids, _ = self._route("lookup", slot_to_id, None,
-                                                                   [True] * len(self._slots))
-        error, rows = None, None
+        k = len(self._slots)
+
+        def prepare():
+            return _Prepared(self._ids_of(slot_to_id), [True] * k, None, tuple(s in slot_to_id for s in self._slots))
+
+        if not k:  # every rank has no table: nothing to exchange
+            prepare()
+            return {}
+        call = self._route("lookup", prepare, lookup=True)
+        error, rows, recv_splits = None, None, None
         try:
-            rows, recv_splits, _, _, _ = _hash_table.fused_lookup(self._local_tables(), ids,
-                                                                  recv_counts.reshape(-1), self._world)
+            rows, recv_splits, _, _, _ = _hash_table.fused_lookup(self._local_tables(), call.ids,
+                                                                  call.recv_counts.reshape(-1), self._world)
         except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
             error = e
         self._settle(error, "lookup")
-        back = self._exchange(rows, recv_splits.astype(np.int64), self._float_counts(send_counts))
-        # Block (owner w, table k) of `back` starts at float starts[w, k]; the rows of a
+        back = self._exchange(rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
+        # Block (owner w, table t) of `back` starts at float starts[w, t]; the rows of a
         # table's sent ids are in its blocks, owners in order.
         dims = np.asarray(self._dims, dtype=np.int64)
-        sizes = (send_counts * dims[None, :]).reshape(-1)
-        starts = (np.cumsum(sizes) - sizes).reshape(send_counts.shape)
+        sizes = (call.send_counts * dims[None, :]).reshape(-1)
+        starts = (np.cumsum(sizes) - sizes).reshape(call.send_counts.shape)
         result = {}
         for slot in slot_to_id:
-            k = self._slot_index[slot]
-            counts, d = send_counts[:, k], int(dims[k])
+            t = self._slot_index[slot]
+            counts, d = call.send_counts[:, t], int(dims[t])
             first_sent = np.cumsum(counts) - counts  # the first sent id of each owner's block
-            row_at = np.repeat(starts[:, k] - first_sent * d, counts) + np.arange(int(counts.sum())) * d
-            result[slot] = _core.gather_rows(back, d, row_at, routed[k].position)
+            row_at = np.repeat(starts[:, t] - first_sent * d, counts) + np.arange(int(counts.sum())) * d
+            result[slot] = _core.gather_rows(back, d, row_at, call.routed[t].position)
         return result
 
-    def _write(self, method: str, data: Mapping, arguments: "_hash_table.WriteArguments") -> None:
+    def _write(self, method: str, data: Mapping, convert: Callable[[], "_hash_table.WriteArguments"]) -> None:
+        """A collective write of ``data``, its arguments after the rows converted by
+        ``convert()`` (on every rank in the guarded part: a bad step raises everywhere)."""
         with self._turn():
-            self._write_in_turn(method, data, arguments)
+            self._write_in_turn(method, data, convert)
 
-    def _write_in_turn(self, method: str, data: Mapping, arguments: "_hash_table.WriteArguments") -> None:
-        dedup = method == "apply_gradients" and arguments.dedup
-        # Sent once per id: the tables whose ids are summed per id and counted once.
-        once = [dedup and not counts for counts in self._counts_occurrences]
-        _, sent_rows, send_counts, recv_counts, ids, named = self._route(method, data, method, once,
-                                                                         (method, tuple(arguments)))
+    def _write_in_turn(self, method: str, data: Mapping, convert: Callable[[], "_hash_table.WriteArguments"]):
         k = len(self._slots)
-        rows = self._exchange(_blocks(sent_rows, send_counts) if k else np.zeros(0, np.float32),
-                              self._float_counts(send_counts), self._float_counts(recv_counts))
+        arguments = None
+
+        def prepare():
+            nonlocal arguments
+            arguments = convert()
+            dedup = method == "apply_gradients" and arguments.dedup
+            # Sent once per id: the tables whose ids are summed per id and counted once.
+            once = [dedup and not counts for counts in self._counts_occurrences]
+            return _Prepared(self._ids_of(data, method), once, (method, tuple(arguments)),
+                             tuple(s in data for s in self._slots))
+
+        if not k:  # every rank has no table: nothing to write
+            prepare()
+            return
+        call = self._route(method, prepare)
+        dedup = method == "apply_gradients" and arguments.dedup
+        accumulate = [dedup and (counts or by_owner)
+                      for counts, by_owner in zip(self._counts_occurrences, call.summed_by_owner)]
         # Every rank writes the tables that any rank named (those with no ids too: as one
         # process's write, it moves their max_update_ts, which expiry goes by).
-        written = [t for t in range(k) if named[t]]
+        written = [t for t in range(k) if call.named[t]]
         error = None
         try:
             if method == "apply_gradients":
-                self._apply_received(written, ids, recv_counts, rows, arguments, [dedup and not o for o in once])
+                self._apply_received(written, call, arguments, accumulate)
             else:
-                per_ids = _unblock(ids, recv_counts, [1] * k)
-                per_rows = _unblock(rows, recv_counts, self._dims)
+                per_ids = _unblock(call.ids, call.recv_counts, [1] * k)
+                per_rows = _unblock(call.rows, call.recv_counts, self._dims)
                 self._table._update(method, {self._slots[t]: (per_ids[t].reshape(-1), per_rows[t]) for t in written},
                                     req_time=arguments.req_time)
         except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
             error = e
         self._settle(error, method)
 
-    def _apply_received(self, written: List[int], ids, recv_counts, grads, arguments,
-                        accumulate: List[bool]) -> None:
+    def _apply_received(self, written: List[int], call: "_Call", arguments, accumulate: List[bool]) -> None:
         """The fused update of the tables ``written`` from the blocks ``[rank][table]``
         received, ranks in order (the other tables received no ids)."""
         if not written:
             return
         slots = [self._slots[t] for t in written]
-        _hash_table.fused_apply_checked([self._table._tables[s] for s in slots], ids,
-                                        recv_counts[:, written].reshape(-1), grads,
+        tables = [self._table._tables[s] for s in slots]
+        _hash_table.fused_apply_checked(tables, call.ids, call.recv_counts[:, written].reshape(-1), call.rows,
                                         self._table.learning_rates(arguments.global_step, slots), self._world,
                                         arguments.global_step, arguments.req_time, [accumulate[t] for t in written])
+        for t, table in zip(written, tables):
+            if call.nonempty[t] and not call.recv_counts[:, t].any():  # written elsewhere only
+                table._core.advance_hashnet_scales(arguments.global_step)
 
     def assign(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, values)}``: upsert (the last duplicate wins, ranks in order)."""
-        self._write("assign", slot_to_id_and_value, _hash_table.write_arguments("assign", req_time))
+        self._write("assign", slot_to_id_and_value, lambda: _hash_table.write_arguments("assign", req_time))
         return self
 
     def assign_add(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, values)}``: upsert and add (duplicates accumulate, ranks in order)."""
-        self._write("assign_add", slot_to_id_and_value, _hash_table.write_arguments("assign_add", req_time))
+        self._write("assign_add", slot_to_id_and_value, lambda: _hash_table.write_arguments("assign_add", req_time))
         return self
 
     def apply_gradients(self, slot_to_id_and_grad: Mapping, global_step, use_multi_threads=False,
                         enable_dedup=True, req_time=None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, grads)}``: see the class. ``use_multi_threads`` is accepted for
         Monolith's signature (the owners use ``mtht.set_num_threads`` threads)."""
-        arguments = _hash_table.write_arguments("apply_gradients", global_step, use_multi_threads, enable_dedup,
-                                                req_time)
-        self._write("apply_gradients", slot_to_id_and_grad, arguments)
+        self._write("apply_gradients", slot_to_id_and_grad,
+                    lambda: _hash_table.write_arguments("apply_gradients", global_step, use_multi_threads,
+                                                        enable_dedup, req_time))
         return self
 
     def reinitialize(self, slot: str, ids):
@@ -363,6 +485,11 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     def get_table_dim_sizes(self) -> List[int]:
         return list(self._dims)
+
+    def all_ranks(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank (collective)."""
+        with self._turn():
+            return self._comm.allreduce(int(bool(flag))) == self._world
 
     def size(self) -> int:
         """Entries over every rank (collective)."""

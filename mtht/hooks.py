@@ -78,11 +78,14 @@ class _PipelineState:
     """What the thread and the trainer share: the error of a failed write, and how many
     writes were dropped after it."""
 
-    def __init__(self):
+    def __init__(self, collective: bool = False):
         self.lock = threading.Lock()
         self.failed_write: Optional[BaseException] = None
         self.failed_where = ""  # its traceback on the thread, as text
         self.dropped = 0
+        # The table's calls are collective over processes (mtht.distributed): each process
+        # must run the calls its trainer queued, all of them, whatever failed before.
+        self.collective = collective
 
 
 def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
@@ -96,7 +99,7 @@ def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
         fn, future, is_write, on_done = task
         try:
             with state.lock:
-                drop = is_write and state.failed_write is not None
+                drop = is_write and state.failed_write is not None and not state.collective
                 if drop:
                     state.dropped += 1  # a write after a failed one: not applied (reported with the error)
             if drop:
@@ -139,7 +142,7 @@ class _Pipeline:
 
     def _new_state(self) -> None:
         self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._state = _PipelineState()
+        self._state = _PipelineState(self._state.collective if hasattr(self, "_state") else False)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._box = getattr(self, "_box", [None, None, self._name])  # for the finalizer
@@ -191,6 +194,17 @@ class _Pipeline:
             if self._thread is None:  # nothing queued
                 return
         self.submit(lambda: None, is_write=False).result()
+
+    @property
+    def collective(self) -> bool:
+        return self._state.collective
+
+    def take_error_at_call(self) -> None:
+        """take_error, where a hook's call may raise an earlier write's error: not on a
+        table whose calls are collective, where every process must queue the same calls
+        (the error comes out of wait(), end() and as_op(), which every process reaches)."""
+        if not self._state.collective:
+            self.take_error()
 
     def take_error(self) -> None:
         """Raises the error of a failed write, once, saying how many later writes were not
@@ -264,9 +278,16 @@ def _pipeline_of(table) -> _Pipeline:
         raise ValueError(f"tables wrapped by this {type(table).__name__} already have hooks running on separate "
                          "threads: attach hooks to the outer table before those of the tables it wraps")
     pipeline = next(iter(found.values())) if found else _Pipeline(str(getattr(table, "name", type(table).__name__)))
+    if any(getattr(t, "calls_are_collective", False) for t in family):
+        pipeline._state.collective = True
     for t in family:
         t._mtht_pipeline = pipeline
     return pipeline
+
+
+def _collective_table(table):
+    """The table of ``table``'s family whose calls are collective over processes, or None."""
+    return next((t for t in [table] + _wrapped_tables(table) if getattr(t, "calls_are_collective", False)), None)
 
 
 def _snapshot(value):
@@ -307,7 +328,7 @@ class _TableHook:
 
     def begin(self) -> None:
         """Starts the table's background thread (the first queued call also does)."""
-        self._pipeline.take_error()
+        self._pipeline.take_error_at_call()
         self._pipeline.start()
 
     def wait(self) -> None:
@@ -361,7 +382,9 @@ class AsyncPush(_TableHook):
     ``as_op()`` return once they are. A write that fails (a NaN gradient, a wrong shape)
     changes nothing; its exception is raised again by the next call of a hook of the table
     (or ``as_op()``), with a note saying so, and the writes queued after it are not applied
-    (the note says how many).
+    (the note says how many). On a table sharded over processes (:mod:`mtht.distributed`),
+    whose writes every process must make alike, the writes after a failed one are applied,
+    and its error is raised by ``wait()``, ``end()`` or ``as_op()`` only.
     """
 
     def __init__(self, table, capacity: int = 2):
@@ -374,7 +397,7 @@ class AsyncPush(_TableHook):
         fn = getattr(self._table, method, None)
         if fn is None:
             raise AttributeError(f"{type(self._table).__name__} has no {method}")
-        self._pipeline.take_error()
+        self._pipeline.take_error_at_call()
         args, kwargs = _snapshot(args), _snapshot(kwargs)
         slot = _Slot(self._slots)  # blocks while `capacity` writes wait
         try:  # the thread gives the slot back once the write is done (or dropped)
@@ -414,7 +437,8 @@ class Prefetch(_TableHook):
     same table) reads the values from before that push, as in Monolith's pipelines. Up to
     ``capacity`` batches may be prefetched ahead; ``lookup(ids)`` of ids other than the
     oldest prefetched batch's drops that batch (counted by ``misses``) and looks up ``ids``
-    in order with the queued calls.
+    in order with the queued calls. On a table sharded over processes, every process takes
+    its prefetched batch only if no process missed; otherwise each looks its ids up again.
     """
 
     def __init__(self, table, capacity: int = 1):
@@ -424,7 +448,7 @@ class Prefetch(_TableHook):
         self.misses = 0
 
     def prefetch(self, ids) -> None:
-        self._pipeline.take_error()
+        self._pipeline.take_error_at_call()
         with self._lock:
             if len(self._ahead) >= self._capacity:
                 raise ValueError(f"{len(self._ahead)} batch(es) are prefetched already (capacity "
@@ -433,13 +457,21 @@ class Prefetch(_TableHook):
             self._ahead.append((ids, self._queue_lookup(ids)))
 
     def lookup(self, ids):
-        self._pipeline.take_error()
+        self._pipeline.take_error_at_call()
         with self._lock:
             ahead = self._ahead.popleft() if self._ahead else None
-        if ahead is not None:
-            if _same_ids(ahead[0], ids):
-                return ahead[1].result()
+        hit = ahead is not None and _same_ids(ahead[0], ids)
+        if ahead is not None and not hit:
             self.misses += 1
+        collective = _collective_table(self._table)
+        if collective is not None and ahead is not None:
+            # Every process takes its prefetched batch, or every one looks its ids up again:
+            # a lookup on some processes only would wait for ever for the others.
+            lookup, fresh = self._table.lookup, _snapshot(ids)
+            return self._pipeline.submit(lambda: ahead[1].result() if collective.all_ranks(hit) else lookup(fresh),
+                                         is_write=False).result()
+        if hit:
+            return ahead[1].result()
         return self._queue_lookup(_snapshot(ids)).result()
 
     def _queue_lookup(self, ids) -> concurrent.futures.Future:

@@ -91,7 +91,7 @@ def batch(rng, dims, with_rows=True):
 def same_lookups(got, expected, what):
     assert set(got) == set(expected), (what, set(got), set(expected))
     for slot in expected:
-        assert got[slot].dtype == F32 and np.array_equal(got[slot], expected[slot]), \
+        assert got[slot].dtype == F32 and np.array_equal(got[slot], expected[slot], equal_nan=True), \
             f"rank {RANK}: {what}: slot {slot} differs\n{got[slot]}\n{expected[slot]}"
 
 
@@ -230,6 +230,14 @@ def scenario_errors(seed, directory):
                        "different steps")
     assert "every rank must make the same call" in str(e), str(e)
     owned_entries_match(model, reference, seen, "different steps")
+    # Bad arguments after the rows (converted in the guarded part: they hung the others).
+    for what, call in [("a float step", lambda: model.apply_gradients(batch(rng, dims), 1.5 if RANK == bad_rank else 1)),
+                       ("a float req_time", lambda: model.assign(batch(rng, dims),
+                                                                 req_time=0.5 if RANK == bad_rank else 1)),
+                       ("an array for enable_dedup", lambda: model.apply_gradients(
+                           batch(rng, dims), 1, enable_dedup=np.ones(2) if RANK == bad_rank else True))]:
+        expect_failure(call, (TypeError, ValueError) if RANK == bad_rank else DistributedError, what)
+        owned_entries_match(model, reference, seen, what)
     # A bad lookup on one rank raises everywhere; the next call works.
     e = expect_failure(lambda: model.lookup({"sgd": np.array([1.5])} if RANK == bad_rank else {"sgd": [1]}),
                        TypeError if RANK == bad_rank else DistributedError, "float ids")
@@ -316,6 +324,92 @@ def scenario_hooks(seed, directory):
         model.as_op()
     asked = batch(rng, dims, with_rows=False)
     same_lookups(model.lookup(asked), reference.lookup(asked), "after pushes")
+
+
+def scenario_built_differently(seed, directory):
+    """A rank whose slot has another learning rate, or another filter: every rank refuses."""
+    for what, slots in [("learning rate", {"a": (2, lambda: mtht.AdagradOptimizer(), 0)}),
+                        ("filter", {"a": (2, lambda: mtht.AdagradOptimizer(), 3 if RANK == WORLD - 1 else 0)})]:
+        cfg = config(2, slots["a"][1])
+        if what == "learning rate" and RANK == WORLD - 1:
+            cfg = mtht.HashTableConfigInstance(cfg.table_config, [0.5])
+        threshold = slots["a"][2]
+
+        def made(slot, c):
+            return mtht.hash_table_from_config(c, hash_filter=mtht.HashFilter(threshold) if threshold else None)
+
+        e = expect_failure(lambda: DistributedMultiTypeHashTable({"a": cfg}, made), ValueError, what)
+        assert f"rank {WORLD - 1} built other tables" in str(e) and what.split()[-1] in str(e), str(e)
+    # Learning-rate functions are alike although each process names them by address.
+    DistributedMultiTypeHashTable({"a": mtht.HashTableConfigInstance(config(2, SLOTS["adam"][1]).table_config,
+                                                                      [lambda step: 0.1])}, factory)
+
+
+def scenario_edges(seed, directory):
+    """Sums that overflow to Inf (the owner sums them, as one process), the HashNet scale of
+    a part that gets no ids of a step, a model without tables, and many tables built and
+    dropped (each talks on its own communicator)."""
+    big = np.array([[3e38, 1.0], [3e38, 1.0]], F32)
+    model, reference = distributed(), single()
+    data = {"filtered": (np.array([5, 5]), big), "adagrad": (np.array([7, 7]), np.full((2, 4), 3e38, F32))} \
+        if RANK == 0 else {}
+    model.apply_gradients(data, 1)
+    for b in COMM.allgather(data):
+        reference.apply_gradients(b, 1, enable_dedup=True)
+    asked = {"filtered": np.array([5]), "adagrad": np.array([7])}
+    same_lookups(model.lookup(asked), reference.lookup(asked), "sums past the float range")
+    segment = mtht.CombineAsSegment(2, mtht.RandomUniformInitializer(-0.1, 0.1), mtht.SgdOptimizer(),
+                                    mtht.OneBitCompressor(step_size=1))
+    hashnet = {"h": mtht.HashTableConfigInstance(
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment])), [1.0])}
+    model = DistributedMultiTypeHashTable(hashnet, factory)
+    reference = MultiTypeHashTable(hashnet, factory)
+    for step, ids in [(1, [0, 1, 2, 3]), (1000, [0])]:  # the second step's id has one owner
+        data = {"h": (np.array(ids), np.full((len(ids), 2), 0.01, F32))} if RANK == 0 else {}
+        model.apply_gradients(data, step)
+        for b in COMM.allgather(data):
+            reference.apply_gradients(b, step, enable_dedup=True)
+    asked = {"h": np.arange(4)}
+    same_lookups(model.lookup(asked), reference.lookup(asked), "HashNet scales")
+    empty = DistributedMultiTypeHashTable({}, factory)
+    assert empty.lookup({}) == {} and empty.apply_gradients({}, 1) is empty and empty.size() == 0
+    for _ in range(2100):  # past the communicators MPI has when none is freed
+        DistributedMultiTypeHashTable({"sgd": config(1, SLOTS["sgd"][1])}, factory)
+
+
+def scenario_hook_errors(seed, directory):
+    """A push that fails on every rank while the ranks queue at different paces: every rank
+    applies every later push (a rank that dropped some would leave the others waiting), and
+    end() raises the error everywhere. A prefetched batch that one rank looks up with other
+    ids: every rank looks its ids up again."""
+    import time
+
+    model, reference = distributed(), single()
+    good = [{"sgd": (np.array([k, k + 1]), np.full((2, 1), float(k), F32))} for k in (10, 20, 30, 40)]
+    bad = {"sgd": (np.array([1]), np.array([[np.nan]], F32))} if RANK == WORLD - 1 else good[1]
+    with_error = None
+    push = mtht.AsyncPush(model, capacity=4)
+    for k, data in enumerate([good[0], bad, good[2], good[3]]):
+        if RANK == WORLD - 1:
+            time.sleep(0.2)
+        push.apply_gradients(data, 1)
+    try:
+        push.end()
+    except (ValueError, DistributedError) as e:
+        with_error = e
+    assert with_error is not None, "end() did not raise the failed push"
+    for data in (good[0], good[2], good[3]):
+        for b in COMM.allgather(data):
+            reference.apply_gradients(b, 1, enable_dedup=True)
+    asked = {"sgd": np.arange(9, 45)}
+    same_lookups(model.lookup(asked), reference.lookup(asked), "pushes after a failed one")
+    prefetch = mtht.Prefetch(model)
+    mine = {"sgd": np.array([10, 11, RANK])}
+    prefetch.prefetch(mine)
+    asked = {"sgd": np.array([30, 31])} if RANK == 0 else mine  # rank 0 misses
+    same_lookups(prefetch.lookup(asked), reference.lookup(asked), "a prefetch one rank misses")
+    assert prefetch.misses == (1 if RANK == 0 else 0)
+    prefetch.end()
 
 
 if __name__ == "__main__":

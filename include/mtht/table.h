@@ -1797,6 +1797,10 @@ class EmbeddingTable {
 
   float hashnet_scale_of(size_t segment) const { return hashnet_scale_[segment].load(); }
   void set_hashnet_scale(size_t segment, float v) { hashnet_scale_[segment].store(v); }
+  // The scales a write of ids at `global_step` sets: for a table that takes part in a write
+  // with none of its ids here (the part of a table sharded over processes, whose other
+  // parts are written).
+  void advance_hashnet_scales(int64_t global_step) { update_hashnet_scales(global_step); }
 
   // Calls fn(id, ts, values_then_state) for every entry of shard s, in row order (sequential
   // reads), under the shard's read lock.
