@@ -96,9 +96,18 @@ def write_tables(
     dedup: bool,
 ) -> None: ...
 def route_ids(
-    ids: npt.NDArray[np.int64], world: int, dedup: bool
+    ids: npt.NDArray[np.int64],
+    world: int,
+    dedup: bool,
+    sent_out: Optional[npt.NDArray[np.int64]] = None,
+    position_out: Optional[npt.NDArray[np.int64]] = None,
 ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
-def sum_rows(rows: npt.NDArray[np.float32], position: npt.NDArray[np.int64], m: int) -> npt.NDArray[np.float32]: ...
+def sum_rows(
+    rows: npt.NDArray[np.float32],
+    position: npt.NDArray[np.int64],
+    m: int,
+    out_rows: Optional[npt.NDArray[np.float32]] = None,
+) -> npt.NDArray[np.float32]: ...
 def gather_rows(
     flat: npt.NDArray[np.float32], dim: int, row_at: npt.NDArray[np.int64], position: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32]: ...
@@ -106,7 +115,11 @@ def fused_offsets(
     tables: List[Table], fused_slot_size: npt.NDArray[np.int32], num_shards: int, n_ids: int
 ) -> Tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 def fused_lookup(
-    tables: List[Table], ids: npt.NDArray[np.int64], fused_slot_size: npt.NDArray[np.int32], num_shards: int
+    tables: List[Table],
+    ids: npt.NDArray[np.int64],
+    fused_slot_size: npt.NDArray[np.int32],
+    num_shards: int,
+    out: Optional[npt.NDArray[np.float32]] = None,
 ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 def fused_apply_gradient(
     tables: List[Table],

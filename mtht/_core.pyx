@@ -494,15 +494,19 @@ cdef _offsets(FusedLayout& layout):
             np.asarray(layout.emb_offsets, dtype=np.int32))
 
 
-def route_ids(const int64_t[::1] ids, int64_t world, bint dedup):
-    """(sent, counts, position) of ids routed to ``world`` owners (route.h)."""
+def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, position_out=None):
+    """(sent, counts, position) of ids routed to ``world`` owners (route.h). ``sent_out`` and
+    ``position_out``: int64 arrays of len(ids) to write them into (a caller's reused memory:
+    fresh large arrays cost a page fault per 4 KiB)."""
     cdef Py_ssize_t n = ids.shape[0]
-    sent_array = np.empty(n, dtype=np.int64)
+    sent_array = np.empty(n, dtype=np.int64) if sent_out is None else sent_out
     counts_array = np.empty(max(world, 0), dtype=np.int64)
-    position_array = np.empty(n, dtype=np.int64)
+    position_array = np.empty(n, dtype=np.int64) if position_out is None else position_out
     cdef int64_t[::1] sent = sent_array
     cdef int64_t[::1] counts = counts_array
     cdef int64_t[::1] position = position_array
+    if sent.shape[0] != n or position.shape[0] != n:
+        raise ValueError(f"sent_out and position_out must have {n} values")
     cdef size_t m
     with nogil:
         m = c_route_ids(&ids[0] if n else NULL, n, world, dedup, &sent[0] if n else NULL,
@@ -510,13 +514,16 @@ def route_ids(const int64_t[::1] ids, int64_t world, bint dedup):
     return sent_array[:m], counts_array, position_array
 
 
-def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m):
-    """[m, dim]: row p the sum of the rows i with position[i] == p, left to right (route.h)."""
+def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m, out_rows=None):
+    """[m, dim]: row p the sum of the rows i with position[i] == p, left to right (route.h);
+    written into ``out_rows`` when given (float32 [m, dim])."""
     cdef Py_ssize_t n = rows.shape[0], dim = rows.shape[1]
     if position.shape[0] != n:
         raise ValueError(f"position must have {n} values, got {position.shape[0]}")
-    out_array = np.empty((m, dim), dtype=np.float32)
+    out_array = np.empty((m, dim), dtype=np.float32) if out_rows is None else out_rows
     cdef float[:, ::1] out = out_array
+    if out.shape[0] != m or out.shape[1] != dim:
+        raise ValueError(f"out_rows must have shape ({m}, {dim})")
     with nogil:
         c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
                       &out[0, 0] if m * dim else NULL)
@@ -542,15 +549,19 @@ def fused_offsets(list tables, const int32_t[::1] fused_slot_size, int64_t num_s
     return _offsets(layout)
 
 
-def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_slot_size, int64_t num_shards):
-    """Returns (embeddings, recv_splits, id_offsets, emb_offsets) over ``Table`` objects."""
+def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_slot_size, int64_t num_shards,
+                 out=None):
+    """Returns (embeddings, recv_splits, id_offsets, emb_offsets) over ``Table`` objects; the
+    embeddings written into ``out`` when given (float32, as many as they are)."""
     cdef FusedLayout layout = _layout(tables, fused_slot_size, num_shards, ids.shape[0])
     cdef vector[const EmbeddingTable*] ptrs
     cdef Table t
     for t in tables:
         ptrs.push_back(t._t.get())
-    embeddings = np.empty(layout.emb_offsets.back(), dtype=np.float32)
+    embeddings = np.empty(layout.emb_offsets.back(), dtype=np.float32) if out is None else out
     cdef float[::1] emb = embeddings
+    if emb.shape[0] != layout.emb_offsets.back():
+        raise ValueError(f"out must have {layout.emb_offsets.back()} floats, got {emb.shape[0]}")
     cdef float* ep = &emb[0] if emb.shape[0] > 0 else NULL
     with nogil:
         c_fused_lookup(ptrs, layout, &ids[0], ep)
