@@ -80,7 +80,8 @@ def _first_difference(ours: list, theirs: list) -> str:
             return f"slot {slot!r} has config ...{their_config[max(0, at - 40):at + 40]}... against " \
                    f"...{config[max(0, at - 40):at + 40]}..."
         if hash_filter != their_filter:
-            return f"slot {slot!r} has filter {their_filter} against {hash_filter} (threshold, slot thresholds, capacity)"
+            return (f"slot {slot!r} has filter {their_filter} against {hash_filter} (threshold, slot thresholds, "
+                    "capacity)")
     return "?"
 
 
@@ -97,12 +98,16 @@ class _Scratch:
         self._buffers: Dict[object, np.ndarray] = {}
 
     def take(self, key, dtype, *shape: int) -> np.ndarray:
-        """An array of ``shape`` for ``key`` (its contents are left over from earlier)."""
+        """An array of ``shape`` for ``key`` (its contents are left over from earlier). A
+        buffer grows by doubling; one over 64 MiB and 4 times what is asked is let go (a
+        single huge batch does not keep its memory for good)."""
         size = int(np.prod(shape))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.dtype != dtype or buffer.size < size:
             buffer = np.empty(max(size, 2 * buffer.size if buffer is not None else 0), dtype)
             self._buffers[key] = buffer
+        elif buffer.nbytes > 64 << 20 and buffer.size > 4 * size:
+            buffer = self._buffers[key] = np.empty(2 * size, dtype)
         return buffer[:size].reshape(shape)
 
 
@@ -245,8 +250,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         signatures = self._settle(error, "building the table", info=signature)
         for r, theirs in enumerate(signatures):
             if theirs != signatures[0]:
-                raise ValueError(f"rank {r} built other tables than rank 0: {_first_difference(signatures[0], theirs)}; "
-                                 "every rank must build the same slots with the same configs and filters")
+                raise ValueError(f"rank {r} built other tables than rank 0: "
+                                 f"{_first_difference(signatures[0], theirs)}; every rank must build the same slots "
+                                 "with the same configs and filters")
 
     # ---- collective plumbing ----------------------------------------------------------
 

@@ -231,7 +231,8 @@ def scenario_errors(seed, directory):
     assert "every rank must make the same call" in str(e), str(e)
     owned_entries_match(model, reference, seen, "different steps")
     # Bad arguments after the rows (converted in the guarded part: they hung the others).
-    for what, call in [("a float step", lambda: model.apply_gradients(batch(rng, dims), 1.5 if RANK == bad_rank else 1)),
+    for what, call in [("a float step",
+                        lambda: model.apply_gradients(batch(rng, dims), 1.5 if RANK == bad_rank else 1)),
                        ("a float req_time", lambda: model.assign(batch(rng, dims),
                                                                  req_time=0.5 if RANK == bad_rank else 1)),
                        ("an array for enable_dedup", lambda: model.apply_gradients(
