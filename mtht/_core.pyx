@@ -494,6 +494,16 @@ cdef _offsets(FusedLayout& layout):
             np.asarray(layout.emb_offsets, dtype=np.int32))
 
 
+def _refuse_overlap(**arrays):
+    """ValueError if two of ``arrays`` (an output among them) share memory: a kernel would
+    read what it has written."""
+    named = list(arrays.items())
+    for i, (a_name, a) in enumerate(named):
+        for b_name, b in named[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ValueError(f"{a_name} and {b_name} must not share memory")
+
+
 def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, position_out=None):
     """(sent, counts, position) of ids routed to ``world`` owners (route.h). ``sent_out`` and
     ``position_out``: int64 arrays of len(ids) to write them into (a caller's reused memory:
@@ -507,6 +517,7 @@ def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, 
     cdef int64_t[::1] position = position_array
     if sent.shape[0] != n or position.shape[0] != n:
         raise ValueError(f"sent_out and position_out must have {n} values")
+    _refuse_overlap(ids_array=np.asarray(ids), sent_out=sent_array, position_out=position_array)
     cdef size_t m
     with nogil:
         m = c_route_ids(&ids[0] if n else NULL, n, world, dedup, &sent[0] if n else NULL,
@@ -524,6 +535,7 @@ def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m
     cdef float[:, ::1] out = out_array
     if out.shape[0] != m or out.shape[1] != dim:
         raise ValueError(f"out_rows must have shape ({m}, {dim})")
+    _refuse_overlap(rows=np.asarray(rows), position=np.asarray(position), out_rows=out_array)
     with nogil:
         c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
                       &out[0, 0] if m * dim else NULL)

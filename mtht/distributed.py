@@ -228,7 +228,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._comm = comm.Dup()
         weakref.finalize(self, _free, self._comm)
-        self._one_call = threading.Lock()
+        # Reentrant: a learning-rate function may call the table (on every rank alike).
+        self._one_call = threading.RLock()
         self._scratch = _Scratch()  # used under _one_call
         error, signature = None, None
         try:
@@ -524,6 +525,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     def get_table_dim_sizes(self) -> List[int]:
         return list(self._dims)
 
+    def raise_on_every_rank(self, error: BaseException, what: str) -> None:
+        """Raise ``error`` here and DistributedError on the other ranks, which are making a
+        call of this table (``what``): for a wrapper that found its arguments bad before it
+        could call (the others would wait for ever)."""
+        def prepare():
+            raise error
+
+        with self._turn():
+            self._route(what, prepare)
+
     def all_ranks(self, flag: bool) -> bool:
         """Whether ``flag`` is true on every rank (collective)."""
         with self._turn():
@@ -561,17 +572,19 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             error = e
         try:
             self._settle(error, "save")
-        except BaseException:
+            error = None
             if self._rank == 0:
+                try:
+                    _sharded.commit_save(directory, generation, self._world, list(self._slots))
+                except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+                    error = e
+            self._settle(error, "save (naming the new checkpoint)")
+        except BaseException:
+            # Each rank removes what it sees of the new generation, unless sharded.json names
+            # it there (a directory that some ranks do not share has their part only).
+            if _sharded.current_generation(directory) != generation:
                 _sharded.abandon_save(directory, generation)
             raise
-        error = None
-        if self._rank == 0:
-            try:
-                _sharded.commit_save(directory, generation, self._world, list(self._slots))
-            except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
-                error = e
-        self._settle(error, "save (naming the new checkpoint)")
 
     def restore(self, directory: str) -> None:
         """Restore every rank's part from ``directory`` (collective), saved by as many ranks.

@@ -83,6 +83,7 @@ class _PipelineState:
         self.failed_write: Optional[BaseException] = None
         self.failed_where = ""  # its traceback on the thread, as text
         self.dropped = 0
+        self.failed_later = 0  # writes that failed after it (on a collective table, which goes on)
         # The table's calls are collective over processes (mtht.distributed): each process
         # must run the calls its trainer queued, all of them, whatever failed before.
         self.collective = collective
@@ -114,7 +115,10 @@ def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
                         # keep it alive until the error was taken).
                         where = "".join(traceback.format_tb(e.__traceback__))
                         with state.lock:
-                            state.failed_write, state.failed_where = e.with_traceback(None), where
+                            if state.failed_write is None:  # the first is raised (collective tables go on)
+                                state.failed_write, state.failed_where = e.with_traceback(None), where
+                            else:
+                                state.failed_later += 1
         finally:
             if on_done is not None:
                 try:
@@ -215,12 +219,13 @@ class _Pipeline:
                 return
         self.wait()
         with state.lock:
-            error, where, dropped = state.failed_write, state.failed_where, state.dropped
-            state.failed_write, state.failed_where, state.dropped = None, "", 0
+            error, where, dropped, later = state.failed_write, state.failed_where, state.dropped, state.failed_later
+            state.failed_write, state.failed_where, state.dropped, state.failed_later = None, "", 0, 0
         if error is None:  # taken meanwhile by another thread
             return
         note = (f"raised by a write queued on table {self._name!r}, on its background thread"
                 + (f"; the {dropped} write(s) queued after it were not applied" if dropped else "")
+                + (f"; {later} write(s) queued after it failed too" if later else "")
                 + f"; where it was raised there:\n{where}")
         if hasattr(error, "add_note"):  # Python 3.11
             error.add_note(note)
@@ -460,7 +465,10 @@ class Prefetch(_TableHook):
         self._pipeline.take_error_at_call()
         with self._lock:
             ahead = self._ahead.popleft() if self._ahead else None
-        hit = ahead is not None and _same_ids(ahead[0], ids)
+        try:
+            hit = ahead is not None and _same_ids(ahead[0], ids)
+        except Exception:  # noqa: BLE001 - ids NumPy cannot compare: the lookup of them raises
+            hit = False
         if ahead is not None and not hit:
             self.misses += 1
         collective = _collective_table(self._table)

@@ -296,13 +296,15 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         holds something after use (Monolith's convention)."""
         if auxiliary_bundle is None:
             auxiliary_bundle = {}
+        with self._on_every_rank("lookup"):
+            merged_ids, merged_sizes = (None, None) if early_reorder_indicies_res_pack else \
+                self._get_merged_to_indexed_tensor(slot_to_id, rows=False)
         if early_reorder_indicies_res_pack:
             merged_slot_to_sizes, res_pack = early_reorder_indicies_res_pack
             auxiliary_bundle["merged_slot_to_sizes"] = merged_slot_to_sizes
             merged_emb, auxiliary_bundle = self._table.lookup(
                 {m: None for m in merged_slot_to_sizes}, auxiliary_bundle, res_pack)
         else:
-            merged_ids, merged_sizes = self._get_merged_to_indexed_tensor(slot_to_id, rows=False)
             auxiliary_bundle["merged_slot_to_sizes"] = merged_sizes
             merged_emb = self._table.lookup(merged_ids)
         merged_to_slots: Dict[str, List[str]] = {}
@@ -318,25 +320,39 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             return result, auxiliary_bundle
         return result
 
+    @contextlib.contextmanager
+    def _on_every_rank(self, what: str):
+        """Arguments found bad here, before the inner table is called: on a table sharded
+        over processes (mtht.distributed), whose other processes are making the call, they
+        are raised on every process."""
+        try:
+            yield
+        except Exception as e:
+            if getattr(self._table, "calls_are_collective", False):
+                self._table.raise_on_every_rank(e, what)
+            raise
+
     def _update(self, method: str, data: Mapping, *args, **kwargs):
         if kwargs.pop("skip_merge_id", False):
-            merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
+            with self._on_every_rank(method):
+                merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
             getattr(self._table, method)(merged, *args, **kwargs)
             return self
         # Per merged table, in sorted slot order: the slots' ids, and their rows (as many as ids).
         ids: Dict[str, list] = {}
         rows: Dict[str, list] = {}
         checked = []  # (slot, rows) of the slots whose table refuses NaN and Inf
-        for slot in sorted(data):
-            merged = self._merged_name(slot)
-            given_ids, given_rows = _pair(slot, data[slot], method)
-            slot_ids = as_ids(given_ids, f"slot {slot!r} ids")
-            slot_rows = as_rows(given_rows, slot_ids.shape[0], self._dims[merged],
-                                f"slot {slot!r} {_rows_name(method)}")
-            ids.setdefault(merged, []).append(slot_ids)
-            rows.setdefault(merged, []).append(slot_rows)
-            if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
-                checked.append((slot, slot_rows))
+        with self._on_every_rank(method):
+            for slot in sorted(data):
+                merged = self._merged_name(slot)
+                given_ids, given_rows = _pair(slot, data[slot], method)
+                slot_ids = as_ids(given_ids, f"slot {slot!r} ids")
+                slot_rows = as_rows(given_rows, slot_ids.shape[0], self._dims[merged],
+                                    f"slot {slot!r} {_rows_name(method)}")
+                ids.setdefault(merged, []).append(slot_ids)
+                rows.setdefault(merged, []).append(slot_rows)
+                if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
+                    checked.append((slot, slot_rows))
         with _naming_the_non_finite_slot(method, checked):
             getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
                                          *args, **kwargs)

@@ -48,7 +48,7 @@ def read_sharded_manifest(directory: str) -> dict:
     return body
 
 
-def _current_generation(directory: str) -> Optional[int]:
+def current_generation(directory: str) -> Optional[int]:
     """The generation ``sharded.json`` names, or None when there is no readable one."""
     try:
         return read_sharded_manifest(directory)["generation"]
@@ -78,7 +78,7 @@ def begin_save(directory: str) -> int:
     its temporaries. (With a ``sharded.json`` that cannot be read, every generation stays.)"""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    current = _current_generation(directory)
+    current = current_generation(directory)
     on_disk = _generations_on_disk(directory)
     if current is not None or not _has_manifest(directory):
         for g in on_disk:
@@ -96,10 +96,16 @@ def commit_save(directory: str, generation: int, world_size: int, keys: List[str
     body = {"format": SHARDED_FORMAT, "version": _checkpoint.VERSION, "generation": generation,
             "world_size": world_size, "tables": sorted(keys)}
     try:
+        for part in range(world_size):
+            if not os.path.exists(os.path.join(part_directory(directory, generation, part, world_size),
+                                               _checkpoint.TABLES_FILE)):
+                raise _checkpoint.CheckpointError(
+                    f"part {part} of {world_size} of the save in {directory!r} is not there: every process must "
+                    "save into one directory that all of them see (one machine, or a shared file system)")
         _checkpoint._fsync_dir(_generation_path(directory, generation))
         _checkpoint._write_verified(os.path.join(directory, SHARDED_FILE), body)
     except BaseException:
-        if _current_generation(directory) != generation:
+        if current_generation(directory) != generation:
             abandon_save(directory, generation)
         raise
     for g in _generations_on_disk(directory):
@@ -167,6 +173,6 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
             del model, loaded
         commit_save(target, generation, world_size, keys)
     except BaseException:
-        if _current_generation(target) != generation:
+        if current_generation(target) != generation:
             abandon_save(target, generation)
         raise

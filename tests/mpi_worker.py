@@ -399,6 +399,7 @@ def scenario_hook_errors(seed, directory):
     except (ValueError, DistributedError) as e:
         with_error = e
     assert with_error is not None, "end() did not raise the failed push"
+    assert "NaN" in str(with_error) or isinstance(with_error, DistributedError), str(with_error)
     for data in (good[0], good[2], good[3]):
         for b in COMM.allgather(data):
             reference.apply_gradients(b, 1, enable_dedup=True)
@@ -411,6 +412,55 @@ def scenario_hook_errors(seed, directory):
     same_lookups(prefetch.lookup(asked), reference.lookup(asked), "a prefetch one rank misses")
     assert prefetch.misses == (1 if RANK == 0 else 0)
     prefetch.end()
+
+
+
+def scenario_wrapper_errors(seed, directory):
+    """Arguments the merged wrapper refuses before it calls the sharded table, on one rank:
+    every rank raises, and the next call works. A learning-rate function that looks the
+    table up, inside an update, works as in one process."""
+    rng = np.random.default_rng([seed, RANK])
+    model, reference = distributed(merged=True), single(merged=True)
+    dims = dims_of(merged_configs())
+    bad_rank = WORLD - 1
+    for what, bad in [("an unknown slot", {"nope": (np.array([1]), np.ones((1, 4), F32))}),
+                      ("2-D ids", {"user": (np.ones((2, 2), np.int64), np.ones((2, 4), F32))}),
+                      ("rows of another shape", {"user": (np.array([1, 2]), np.ones((2, 3), F32))})]:
+        calls = [lambda d: model.apply_gradients(d, 1)]
+        if what != "rows of another shape":
+            calls.append(lambda d: model.lookup({s: v[0] for s, v in d.items()}))
+        for call in calls:
+            data = bad if RANK == bad_rank else batch(rng, dims)
+            expect_failure(lambda: call(data), (KeyError, ValueError) if RANK == bad_rank else DistributedError, what)
+    asked = batch(rng, dims, with_rows=False)
+    same_lookups(model.lookup(asked), reference.lookup(asked), "after the wrapper's errors")
+    # A learning rate that reads the table: a lookup inside the update, on every rank.
+    holder = {}
+
+    def rate(step):
+        holder["table"].lookup({"sgd": np.array([0])})
+        return 0.5
+
+    cfg = config(1, SLOTS["sgd"][1])
+    cfg = {"sgd": mtht.HashTableConfigInstance(cfg.table_config, [rate])}
+    holder["table"] = model = DistributedMultiTypeHashTable(cfg, factory)
+    model.apply_gradients({"sgd": (np.array([RANK]), np.ones((1, 1), F32))}, 1)
+    holder["table"] = reference = MultiTypeHashTable(cfg, factory)
+    for r in range(WORLD):
+        reference.apply_gradients({"sgd": (np.array([r]), np.ones((1, 1), F32))}, 1, enable_dedup=True)
+    asked = {"sgd": np.arange(WORLD)}
+    holder["table"] = model
+    same_lookups(model.lookup(asked), reference.lookup(asked), "a learning rate that looks up")
+
+
+def scenario_separate_directories(seed, directory):
+    """Ranks that save into directories the others do not see: the save fails on every rank
+    and names no checkpoint."""
+    model = distributed()
+    mine = os.path.join(directory, f"rank{RANK}")
+    e = expect_failure(lambda: model.save(mine), mtht.CheckpointError if RANK == 0 else DistributedError, "save")
+    assert "one directory that all of them see" in str(e), str(e)
+    assert os.listdir(mine) == [], os.listdir(mine)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run_ranks(n: int, scenario: str, directory, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("scenario", ["train", "merged", "sgd_numpy", "errors", "hooks", "built_differently",
-                                      "edges", "hook_errors"])
+                                      "edges", "hook_errors", "wrapper_errors", "separate_directories"])
 def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for seed in (1, 2):
         run_ranks(ranks, scenario, tmp_path, seed)
@@ -193,3 +193,24 @@ def test_routed_sums_each_ids_rows_in_the_order_given():
     assert routed.sent[routed.position].tolist() == ids.tolist()
     plain = _Routed(ids, 2, dedup=False)
     assert plain.sent.tolist() == [2, 5, -3, 5, 5, -3] and plain.rows_sent(rows)[:, 0].tolist()[:2] == [2.0, 1e8]
+
+
+def test_routing_kernels_refuse_what_would_read_out_of_bounds():
+    from mtht import _core
+
+    ids = np.arange(8, dtype=np.int64)
+    shared = np.empty(8, np.int64)
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.route_ids(ids, 2, True, shared, shared)
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.route_ids(ids, 2, True, ids, np.empty(8, np.int64))
+    _, _, position = _core.route_ids(ids, 2, True)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.gather_rows(np.zeros(10, np.float32), 1, np.array([-1] * 8, np.int64), position)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.gather_rows(np.zeros(10, np.float32), 2, np.full(8, 9, np.int64), position)
+    rows = np.ones((8, 2), np.float32)
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.sum_rows(rows, position, 8, rows)
+    with pytest.raises(ValueError, match="out of range"):
+        _core.sum_rows(rows, np.full(8, -1, np.int64), 8)

@@ -94,8 +94,10 @@ inline void gather_rows_from(const float* flat, size_t flat_floats, size_t dim, 
   for (size_t i = 0; i < n; ++i) {
     const size_t p = static_cast<size_t>(position[i]);
     if (p >= m) throw ValueError("position " + std::to_string(p) + " out of range for " + std::to_string(m) + " rows");
-    const size_t at = static_cast<size_t>(row_at[p]);
-    if (at + dim > flat_floats) throw ValueError("row offset " + std::to_string(at) + " out of range");
+    const int64_t at = row_at[p];
+    if (at < 0 || static_cast<uint64_t>(at) + dim > flat_floats)
+      throw ValueError("row offset " + std::to_string(at) + " out of range for " + std::to_string(flat_floats) +
+                       " floats");
     std::memcpy(out + i * dim, flat + at, sizeof(float) * dim);
   }
 }

@@ -112,6 +112,17 @@ int main() {
     threw = true;
   }
   expect(threw, "a position past the rows refused", -1);
+  for (int64_t at : {int64_t{-1}, int64_t{-4194304}, int64_t{1}}) {  // before the rows, or past their end
+    const int64_t zero = 0;
+    float flat[1] = {0}, gathered = 0;
+    threw = false;
+    try {
+      mtht::gather_rows_from(flat, 1, 1, &at, 1, &zero, 1, &gathered);
+    } catch (const mtht::ValueError&) {
+      threw = true;
+    }
+    expect(threw, "a row offset outside the rows refused", -1);
+  }
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
