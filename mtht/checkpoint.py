@@ -464,12 +464,12 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`).
     Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
-    table._wait_for_hooks()
     sharded = _sharded_table(table)
-    if sharded is not None:
+    if sharded is not None:  # it waits for the hooks' calls itself, raising their errors on no rank alone
         _refuse_monolith_format(format, sharded)
         sharded.save(directory)
         return
+    table._wait_for_hooks()
     if format == "monolith":
         from mtht.monolith_checkpoint import save_monolith_tables
         save_monolith_tables(list(_slot_tables(table).values()), directory)
@@ -521,12 +521,12 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`).
     Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
-    table._wait_for_hooks()
     sharded = _sharded_table(table)
-    if sharded is not None:
+    if sharded is not None:  # it waits for the hooks' calls itself, raising their errors on no rank alone
         _refuse_monolith_format(format, sharded)
         sharded.restore(directory)
         return
+    table._wait_for_hooks()
     if format == "monolith":
         from mtht.monolith_checkpoint import restore_monolith_tables
         restore_monolith_tables(list(_slot_tables(table).values()), directory)

@@ -14,6 +14,7 @@ given the ranks' batches one after another, in rank order (see
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import weakref
@@ -227,10 +228,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         comm = _world_comm() if comm is None else comm
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._comm = comm.Dup()
-        weakref.finalize(self, _free, self._comm)
+        # Not at exit: the writes hooks left queued are applied then, on this communicator
+        # (MPI frees it when it ends).
+        weakref.finalize(self, _free, self._comm).atexit = False
         # Reentrant: a learning-rate function may call the table (on every rank alike).
         self._one_call = threading.RLock()
         self._scratch = _Scratch()  # used under _one_call
+        self._depth = 0  # calls under way on the thread holding _one_call
         error, signature = None, None
         try:
             self._table = MultiTypeHashTable(slot_to_config, hash_table_factory)
@@ -257,16 +261,39 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     # ---- collective plumbing ----------------------------------------------------------
 
+    @contextlib.contextmanager
     def _turn(self):
         """Held through each collective call. A call made directly while hooks
         (:mod:`mtht.hooks`) have calls of this table queued on their thread first waits for
         them: every rank then makes its collective calls in the order its trainer issued
         them, whichever thread runs them (two orders would pair one rank's lookup with
-        another's update)."""
+        another's update). A call made inside another (by a learning-rate function) takes
+        memory of its own: the outer call's is in use."""
         pipeline = getattr(self, "_mtht_pipeline", None)
         if pipeline is not None and not pipeline.on_own_thread():
             pipeline.wait()
-        return self._one_call
+        if threading.current_thread() is not threading.main_thread():
+            self._check_threads_allowed()
+        with self._one_call:
+            outer = self._scratch
+            if self._depth:
+                self._scratch = _Scratch()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                self._scratch = outer
+
+    def _check_threads_allowed(self) -> None:
+        """A call from a thread other than the main one (a hook's) needs an MPI library that
+        takes calls from several threads at once (the trainer's own may run meanwhile)."""
+        from mpi4py import MPI
+
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError("this table is called from a thread other than the main one (a hook's), and MPI "
+                               "was initialised without MPI_THREAD_MULTIPLE: leave mpi4py.rc.thread_level at its "
+                               "default, 'multiple'")
 
     def _settle(self, error: Optional[BaseException], what: str, same=None, info=None) -> list:
         """Every rank learns whether every rank got here without an error (and holds the
@@ -324,7 +351,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             if k:
                 send_counts = np.ascontiguousarray(np.stack([r.counts for r in call.routed], axis=1), np.int64)
             info = (prepared.named, tuple(bool(ids.size) for ids, _ in prepared.per_table), tuple(summed_by_owner))
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         recv_counts = np.empty_like(send_counts)
         self._comm.Alltoall(send_counts, recv_counts)
@@ -336,7 +363,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                     call.back = scratch.take("rows back", np.float32, int(self._float_counts(send_counts).sum()))
                 else:
                     call.rows = scratch.take("received rows", np.float32, int(self._float_counts(recv_counts).sum()))
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         infos = self._settle(error, what, same, info)
         call.send_counts, call.recv_counts = send_counts, recv_counts
@@ -419,7 +446,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             rows, recv_splits, _, _ = _core.fused_lookup(
                 cores, call.ids, fss, self._world,
                 self._scratch.take("rows looked up", np.float32, int(self._float_counts(call.recv_counts).sum())))
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         self._settle(error, "lookup")
         back = self._exchange(rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
@@ -475,7 +502,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                 per_rows = _unblock(call.rows, call.recv_counts, self._dims)
                 self._table._update(method, {self._slots[t]: (per_ids[t].reshape(-1), per_rows[t]) for t in written},
                                     req_time=arguments.req_time)
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         self._settle(error, method)
 
@@ -551,8 +578,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         """Save every rank's part under ``directory`` (collective; see
         :mod:`mtht.sharded_checkpoint`): a job killed during the save leaves the previous
         save whole, or the new one."""
-        self._wait_for_hooks()
-        with self._turn():
+        with self._turn():  # waits for the calls hooks queued (their errors stay for wait() or as_op())
             self._save(directory)
 
     def _save(self, directory: str) -> None:
@@ -560,7 +586,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         if self._rank == 0:
             try:
                 generation = _sharded.begin_save(directory)
-            except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+            except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
                 error = e
         self._settle(error, "save (preparing the directory)")
         generation = self._comm.bcast(generation, root=0)
@@ -568,7 +594,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         try:
             _checkpoint.save_multi_type(self._table, _sharded.part_directory(directory, generation, self._rank,
                                                                              self._world))
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         try:
             self._settle(error, "save")
@@ -576,7 +602,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             if self._rank == 0:
                 try:
                     _sharded.commit_save(directory, generation, self._world, list(self._slots))
-                except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+                except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
                     error = e
             self._settle(error, "save (naming the new checkpoint)")
         except BaseException:
@@ -589,8 +615,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     def restore(self, directory: str) -> None:
         """Restore every rank's part from ``directory`` (collective), saved by as many ranks.
         Every rank's part is verified before any table of any rank changes."""
-        self._wait_for_hooks()
-        with self._turn():
+        with self._turn():  # waits for the calls hooks queued (their errors stay for wait() or as_op())
             self._restore(directory)
 
     def _restore(self, directory: str) -> None:
@@ -598,7 +623,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         try:
             _, parts = _sharded.saved_parts(directory, self._world)
             loaded = _checkpoint.load_multi_type(self._table, parts[self._rank])
-        except Exception as e:  # noqa: BLE001 - raised on every rank by _settle
+        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         self._settle(error, "restore")
         for t, core in loaded:

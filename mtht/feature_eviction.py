@@ -20,6 +20,9 @@ class FeatureEvictor:
             raise ValueError(f"period_seconds must be > 0, got {period_seconds}")
         if not poll_seconds > 0:  # 0 would spin the thread
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        if not callable(getattr(table, "evict", None)):  # a multi-type table: one evictor per slot table
+            raise TypeError(f"a FeatureEvictor needs a table with evict(), got {type(table).__name__} (give it "
+                            "each slot's table)")
         self._table = weakref.ref(table)
         self._period = float(period_seconds)
         self._poll = min(float(poll_seconds), self._period)

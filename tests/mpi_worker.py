@@ -405,6 +405,20 @@ def scenario_hook_errors(seed, directory):
             reference.apply_gradients(b, 1, enable_dedup=True)
     asked = {"sgd": np.arange(9, 45)}
     same_lookups(model.lookup(asked), reference.lookup(asked), "pushes after a failed one")
+    # The error of a failed push taken on one rank only (as_op is not collective): a save on
+    # every rank then goes ahead (it raised on the others before the collective, which hung).
+    push = mtht.AsyncPush(model)
+    push.apply_gradients(bad, 1)
+    if RANK == 0:
+        try:
+            model.as_op()
+        except (ValueError, DistributedError):
+            pass
+    mtht.checkpoint.save_multi_type(model, os.path.join(directory, "after-a-failed-push"))
+    try:
+        push.end()
+    except (ValueError, DistributedError):
+        assert RANK != 0, "the error rank 0 took came back"
     prefetch = mtht.Prefetch(model)
     mine = {"sgd": np.array([10, 11, RANK])}
     prefetch.prefetch(mine)
@@ -434,23 +448,36 @@ def scenario_wrapper_errors(seed, directory):
             expect_failure(lambda: call(data), (KeyError, ValueError) if RANK == bad_rank else DistributedError, what)
     asked = batch(rng, dims, with_rows=False)
     same_lookups(model.lookup(asked), reference.lookup(asked), "after the wrapper's errors")
-    # A learning rate that reads the table: a lookup inside the update, on every rank.
+    # A learning rate that reads the table: a lookup inside the update, on every rank (of
+    # ids other than the update's: it once took the memory holding the update's ids).
     holder = {}
 
     def rate(step):
-        holder["table"].lookup({"sgd": np.array([0])})
+        holder["table"].lookup({"sgd": np.array([999])})
         return 0.5
 
     cfg = config(1, SLOTS["sgd"][1])
     cfg = {"sgd": mtht.HashTableConfigInstance(cfg.table_config, [rate])}
     holder["table"] = model = DistributedMultiTypeHashTable(cfg, factory)
-    model.apply_gradients({"sgd": (np.array([RANK]), np.ones((1, 1), F32))}, 1)
+    model.apply_gradients({"sgd": (np.array([10 + RANK]), np.ones((1, 1), F32))}, 1)
     holder["table"] = reference = MultiTypeHashTable(cfg, factory)
     for r in range(WORLD):
-        reference.apply_gradients({"sgd": (np.array([r]), np.ones((1, 1), F32))}, 1, enable_dedup=True)
-    asked = {"sgd": np.arange(WORLD)}
+        reference.apply_gradients({"sgd": (np.array([10 + r]), np.ones((1, 1), F32))}, 1, enable_dedup=True)
+    asked = {"sgd": np.array([999] + list(range(10, 10 + WORLD)))}
     holder["table"] = model
     same_lookups(model.lookup(asked), reference.lookup(asked), "a learning rate that looks up")
+    # Ctrl-C inside the update on one rank (its learning-rate function): every rank raises,
+    # and the ranks stay in step.
+    def interrupted(step):
+        if RANK == WORLD - 1:
+            raise KeyboardInterrupt
+        return 0.5
+
+    model = DistributedMultiTypeHashTable({"sgd": mtht.HashTableConfigInstance(cfg["sgd"].table_config,
+                                                                               [interrupted])}, factory)
+    expect_failure(lambda: model.apply_gradients({"sgd": (np.array([RANK]), np.ones((1, 1), F32))}, 1),
+                   KeyboardInterrupt if RANK == WORLD - 1 else DistributedError, "Ctrl-C")
+    assert model.lookup({"sgd": np.arange(WORLD)})["sgd"].shape == (WORLD, 1)
 
 
 def scenario_separate_directories(seed, directory):
@@ -461,6 +488,16 @@ def scenario_separate_directories(seed, directory):
     e = expect_failure(lambda: model.save(mine), mtht.CheckpointError if RANK == 0 else DistributedError, "save")
     assert "one directory that all of them see" in str(e), str(e)
     assert os.listdir(mine) == [], os.listdir(mine)
+
+
+
+def scenario_exit_with_pushes(seed, directory):
+    """Pushes still queued when the program ends are applied at exit on every rank (the
+    table's communicator, freed at exit first, made them fail and the other rank hang)."""
+    model = distributed()
+    push = mtht.AsyncPush(model, capacity=8)
+    for step in range(1, 6):
+        push.apply_gradients({"sgd": (np.array([step, RANK]), np.ones((2, 1), F32))}, step)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mtht
+import mtht.feature_eviction
 from mtht import sharded_checkpoint
 from mtht.distributed import _Routed, owner_of
 from mtht.multi_type_hash_table import MultiTypeHashTable
@@ -52,6 +53,18 @@ def documented_program() -> str:
         found = re.search(r"^```python mpi\n(.*?)^```", f.read(), re.MULTILINE | re.DOTALL)
     assert found, "docs/distributed.md has no ```python mpi block"
     return found.group(1)
+
+
+def test_pushes_queued_at_exit_are_applied_on_every_rank(tmp_path):
+    done = subprocess.run([mpiexec(), "-n", "2", sys.executable, WORKER, "exit_with_pushes", "0", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "exit_with_pushes: ok" in done.stdout, done.stderr[-4000:]
+    assert "Invalid communicator" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-4000:]
+
+
+def test_a_feature_evictor_needs_a_table_with_evict():
+    with pytest.raises(TypeError, match="evict"):
+        mtht.feature_eviction.FeatureEvictor(make_model(), 60)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
