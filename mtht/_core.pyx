@@ -574,6 +574,8 @@ def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_s
     cdef float[::1] emb = embeddings
     if emb.shape[0] != layout.emb_offsets.back():
         raise ValueError(f"out must have {layout.emb_offsets.back()} floats, got {emb.shape[0]}")
+    if out is not None:
+        _refuse_overlap(ids=np.asarray(ids), out=embeddings)
     cdef float* ep = &emb[0] if emb.shape[0] > 0 else NULL
     with nogil:
         c_fused_lookup(ptrs, layout, &ids[0], ep)

@@ -316,14 +316,16 @@ def _files_of(basename: str, body: dict) -> List[str]:
     return [os.path.join(os.path.dirname(basename), f["name"]) for f in body["files"]]
 
 
-def _commit(basename: str, body: dict, older: List[str]) -> None:
+def _commit(basename: str, body: dict, older: List[str], named_elsewhere: bool = False) -> None:
     """Put the manifest ``body`` in place at ``basename``, then remove ``older`` files. If
     that fails before the manifest is in place, the new data files are removed; once it is
-    in place (an interrupt may come just after), they are what it names, and stay."""
+    in place (an interrupt may come just after), they are what it names, and stay. With
+    ``named_elsewhere`` (a multi-type save's tables.json names them already) they stay
+    whatever happens."""
     try:
         _write_manifest(basename, body)
     except BaseException:
-        if not _names_generation(basename, body["generation"]):
+        if not named_elsewhere and not _names_generation(basename, body["generation"]):
             _remove(_files_of(basename, body))
         raise
     _remove(older)
@@ -485,6 +487,7 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
     tables = _named_tables(table)
     bases = [os.path.join(directory, key) for key in tables]
     with _turn(directory, *bases):
+        _remove(stale_temps(os.path.join(directory, TABLES_FILE)))  # left by a save that was killed
         written, failed = _over_tables_settled(lambda t, base: _write_generation(t, base, apply_expiry),
                                                list(zip(tables.values(), bases)))
         news = [f for base, w in zip(bases, written) if w for f in _files_of(base, w[0])]
@@ -499,9 +502,10 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
             if failed is not None or not _tables_file_names(directory, generations):
                 _remove(news)
             raise
-        # tables.json is in place: from here on every table restores from this save.
+        # tables.json is in place: from here on every table restores from this save, whose
+        # files stay even if a table's own manifest cannot be written.
         for base, (body, older) in zip(bases, written):
-            _commit(base, body, older)
+            _commit(base, body, older, named_elsewhere=True)
 
 
 def _tables_file_names(directory: str, generations: Dict[str, int]) -> bool:

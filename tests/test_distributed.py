@@ -227,3 +227,7 @@ def test_routing_kernels_refuse_what_would_read_out_of_bounds():
         _core.sum_rows(rows, position, 8, rows)
     with pytest.raises(ValueError, match="out of range"):
         _core.sum_rows(rows, np.full(8, -1, np.int64), 8)
+    table = make_model()._tables["sgd"]
+    space = np.zeros(16, np.int64)  # ids in the first half, the output over the second
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.fused_lookup([table._core], space[:8], np.array([8], np.int32), 1, space[4:].view(np.float32)[:8])

@@ -1785,11 +1785,12 @@ def _model_values(t):
     return {slot: rows.tolist() for slot, rows in t.lookup(QUERY).items()}
 
 
-@pytest.mark.parametrize("where", ["tables_json", "first_commit", "second_commit"])
+@pytest.mark.parametrize("where", ["tables_json", "first_commit", "second_commit", "second_commit_fails"])
 def test_an_interrupted_model_save_leaves_one_whole_save(tmp_path, monkeypatch, where):
     # Interrupted before tables.json is in place: every table restores the previous save,
     # and the new data files are gone. After: every table restores the new one, whichever
-    # of the tables' own manifests were replaced.
+    # of the tables' own manifests were replaced, or failed to be written (a disk full, or
+    # Ctrl-C inside the write: the table's new files, which tables.json names, were removed).
     t = _fill(_multi(_slot_configs()))
     save_multi_type(t, str(tmp_path))
     before, files_before = _model_values(t), sorted(os.listdir(tmp_path))
@@ -1799,6 +1800,16 @@ def test_an_interrupted_model_save_leaves_one_whole_save(tmp_path, monkeypatch, 
         real = mtht.checkpoint._write_verified
         monkeypatch.setattr(mtht.checkpoint, "_write_verified", lambda path, body: (
             (_ for _ in ()).throw(KeyboardInterrupt) if path.endswith("tables.json") else real(path, body)))
+    elif where == "second_commit_fails":
+        real_manifest, calls = mtht.checkpoint._write_manifest, []
+
+        def full_disk(basename, body):
+            calls.append(basename)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # before the manifest is in place
+            return real_manifest(basename, body)
+
+        monkeypatch.setattr(mtht.checkpoint, "_write_manifest", full_disk)
     else:
         _interrupt_on_call(monkeypatch, mtht.checkpoint, "_write_manifest", 1 if where == "first_commit" else 2)
     with pytest.raises(KeyboardInterrupt):
@@ -1811,6 +1822,15 @@ def test_an_interrupted_model_save_leaves_one_whole_save(tmp_path, monkeypatch, 
     assert _model_values(restored) == (before if where == "tables_json" else after)
     save_multi_type(t, str(tmp_path))  # the next save leaves one generation of each table
     assert len(data_files(tmp_path)) == len(_slot_configs())
+
+
+def test_a_model_save_removes_the_temporaries_killed_saves_left(tmp_path):
+    t = _fill(_multi(_slot_configs()))
+    (tmp_path / "tables.json.tmp-123-0123abcd").write_text("left by a killed save")
+    (tmp_path / "tables.json.tmp-other").write_text("not one of ours")
+    save_multi_type(t, str(tmp_path))
+    assert "tables.json.tmp-123-0123abcd" not in os.listdir(tmp_path)
+    assert "tables.json.tmp-other" in os.listdir(tmp_path)
 
 
 def test_a_table_saved_alone_after_its_model_restores_its_own_save(tmp_path):
