@@ -107,9 +107,13 @@ def sum_rows(
     position: npt.NDArray[np.int64],
     m: int,
     out_rows: Optional[npt.NDArray[np.float32]] = None,
-) -> npt.NDArray[np.float32]: ...
+) -> Tuple[npt.NDArray[np.float32], bool]: ...
 def gather_rows(
-    flat: npt.NDArray[np.float32], dim: int, row_at: npt.NDArray[np.int64], position: npt.NDArray[np.int64]
+    flat: npt.NDArray[np.float32],
+    dim: int,
+    block_start: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    position: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float32]: ...
 def fused_offsets(
     tables: List[Table], fused_slot_size: npt.NDArray[np.int32], num_shards: int, n_ids: int

@@ -526,8 +526,9 @@ def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, 
 
 
 def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m, out_rows=None):
-    """[m, dim]: row p the sum of the rows i with position[i] == p, left to right (route.h);
-    written into ``out_rows`` when given (float32 [m, dim])."""
+    """([m, dim], finite): row p the sum of the rows i with position[i] == p, left to right
+    (route.h), written into ``out_rows`` when given (float32 [m, dim]); whether every sum
+    is finite."""
     cdef Py_ssize_t n = rows.shape[0], dim = rows.shape[1]
     if position.shape[0] != n:
         raise ValueError(f"position must have {n} values, got {position.shape[0]}")
@@ -536,22 +537,28 @@ def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m
     if out.shape[0] != m or out.shape[1] != dim:
         raise ValueError(f"out_rows must have shape ({m}, {dim})")
     _refuse_overlap(rows=np.asarray(rows), position=np.asarray(position), out_rows=out_array)
+    cdef cbool finite
     with nogil:
-        c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
-                      &out[0, 0] if m * dim else NULL)
-    return out_array
+        finite = c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
+                               &out[0, 0] if m * dim else NULL)
+    return out_array, finite
 
 
-def gather_rows(const float[::1] flat, Py_ssize_t dim, const int64_t[::1] row_at, const int64_t[::1] position):
-    """[n, dim]: row i the ``dim`` floats of ``flat`` at row_at[position[i]] (route.h)."""
-    cdef Py_ssize_t n = position.shape[0], m = row_at.shape[0], size = flat.shape[0]
-    out_array = np.empty((n, dim), dtype=np.float32)
-    cdef float[:, ::1] out = out_array
+def gather_rows(const float[::1] flat, Py_ssize_t dim, const int64_t[::1] block_start, const int64_t[::1] counts,
+                const int64_t[::1] position):
+    """[n, dim]: row i the row of sent id position[i], the sent ids grouped by owner,
+    counts[w] of owner w, whose rows start at float block_start[w] of ``flat`` (route.h)."""
+    cdef Py_ssize_t n = position.shape[0], world = counts.shape[0], size = flat.shape[0]
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
+    if block_start.shape[0] != world:
+        raise ValueError(f"block_start must have {world} values, got {block_start.shape[0]}")
+    out_array = np.empty((n, dim), dtype=np.float32)
+    cdef float[:, ::1] out = out_array
     with nogil:
-        c_gather_rows_from(&flat[0] if size else NULL, size, dim, &row_at[0] if m else NULL, m,
-                           &position[0] if n else NULL, n, &out[0, 0] if n else NULL)
+        c_gather_rows_from(&flat[0] if size else NULL, size, dim, &block_start[0] if world else NULL,
+                           &counts[0] if world else NULL, world, &position[0] if n else NULL, n,
+                           &out[0, 0] if n else NULL)
     return out_array
 
 

@@ -15,10 +15,11 @@ given the ranks' batches one after another, in rank order (see
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import threading
 import weakref
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class _Scratch:
         """An array of ``shape`` for ``key`` (its contents are left over from earlier). A
         buffer grows by doubling; one over 64 MiB and 4 times what is asked is let go (a
         single huge batch does not keep its memory for good)."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.dtype != dtype or buffer.size < size:
             buffer = np.empty(max(size, 2 * buffer.size if buffer is not None else 0), dtype)
@@ -125,10 +126,10 @@ class _Routed:
             ids, world, dedup, *((scratch.take(("sent", t), np.int64, n), scratch.take(("position", t), np.int64, n))
                                  if scratch is not None else ()))
 
-    def rows_sent(self, rows: np.ndarray) -> np.ndarray:
+    def rows_sent(self, rows: np.ndarray) -> Tuple[np.ndarray, bool]:
         """The rows to send with the ids: per sent id, the sum of its rows left to right in
         the order given (the first occurrence's row, then the others added one by one), as
-        one process's deduplicated update sums them."""
+        one process's deduplicated update sums them; and whether every sum is finite."""
         m = self.sent.shape[0]
         out = self._scratch.take(("rows", self._t), np.float32, m, rows.shape[1]) if self._scratch else None
         return _core.sum_rows(rows, self.position, m, out)
@@ -163,8 +164,12 @@ def _blocks(per_table: List[np.ndarray], counts: np.ndarray, out: np.ndarray) ->
     """The rows (or ids, dims all 1) of each table, in blocks ``[rank][table]``, flat, into
     ``out``."""
     world, k = counts.shape
-    starts = [np.concatenate(([0], np.cumsum(counts[:, t]))) for t in range(k)]
-    pieces = [per_table[t][starts[t][w]:starts[t][w + 1]].reshape(-1) for w in range(world) for t in range(k)]
+    starts = np.zeros((world + 1, k), dtype=np.int64)
+    np.cumsum(counts, axis=0, out=starts[1:])
+    starts = starts.tolist()  # Python ints slice faster
+    flat = [rows.reshape(-1) for rows in per_table]
+    widths = [rows.shape[1] if rows.ndim == 2 else 1 for rows in per_table]
+    pieces = [flat[t][starts[w][t] * widths[t]:starts[w + 1][t] * widths[t]] for w in range(world) for t in range(k)]
     return np.concatenate(pieces, out=out) if pieces else out
 
 
@@ -343,10 +348,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             if not lookup:
                 call.sent_rows = []
                 for t, ((ids, rows), d) in enumerate(zip(prepared.per_table, prepared.dedup)):
-                    sent = call.routed[t].rows_sent(rows)
-                    if d and not np.isfinite(sent).all():
+                    sent, finite = call.routed[t].rows_sent(rows)
+                    if d and not finite:
                         call.routed[t], summed_by_owner[t] = _Routed(ids, world, False, scratch, t), True
-                        sent = call.routed[t].rows_sent(rows)
+                        sent, _ = call.routed[t].rows_sent(rows)
                     call.sent_rows.append(sent)
             if k:
                 send_counts = np.ascontiguousarray(np.stack([r.counts for r in call.routed], axis=1), np.int64)
@@ -367,8 +372,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             error = e
         infos = self._settle(error, what, same, info)
         call.send_counts, call.recv_counts = send_counts, recv_counts
-        call.named, call.nonempty, call.summed_by_owner = (
-            np.array([any(i[j][t] for i in infos) for t in range(k)], dtype=bool) for j in range(3))
+        # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
+        call.named, call.nonempty, call.summed_by_owner = np.array(infos, dtype=bool).reshape(-1, 3, k).any(axis=0)
         scratch = self._scratch
         self._exchange(_blocks([r.sent for r in call.routed], send_counts,
                                scratch.take("sent ids", np.int64, int(send_counts.sum()))),
@@ -452,16 +457,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         back = self._exchange(rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
         # Block (owner w, table t) of `back` starts at float starts[w, t]; the rows of a
         # table's sent ids are in its blocks, owners in order.
-        dims = np.asarray(self._dims, dtype=np.int64)
-        sizes = (call.send_counts * dims[None, :]).reshape(-1)
-        starts = (np.cumsum(sizes) - sizes).reshape(call.send_counts.shape)
+        sizes = (call.send_counts * np.asarray(self._dims, dtype=np.int64)[None, :]).reshape(-1)
+        starts = np.ascontiguousarray((np.cumsum(sizes) - sizes).reshape(call.send_counts.shape).T)
+        counts = np.ascontiguousarray(call.send_counts.T)
         result = {}
         for slot in slot_to_id:
             t = self._slot_index[slot]
-            counts, d = call.send_counts[:, t], int(dims[t])
-            first_sent = np.cumsum(counts) - counts  # the first sent id of each owner's block
-            row_at = np.repeat(starts[:, t] - first_sent * d, counts) + np.arange(int(counts.sum())) * d
-            result[slot] = _core.gather_rows(back, d, row_at, call.routed[t].position)
+            result[slot] = _core.gather_rows(back, self._dims[t], starts[t], counts[t], call.routed[t].position)
         return result
 
     def _write(self, method: str, data: Mapping, convert: Callable[[], "_hash_table.WriteArguments"]) -> None:

@@ -200,12 +200,16 @@ def test_routed_sums_each_ids_rows_in_the_order_given():
     rows = np.array([[1e8], [1.0], [1.0], [2.0], [-1e8], [-0.0]], dtype=np.float32)
     routed = _Routed(ids, 2, dedup=True)
     assert routed.sent.tolist() == [2, 5, -3] and routed.counts.tolist() == [1, 2]
-    summed = routed.rows_sent(rows)
+    summed, finite = routed.rows_sent(rows)
+    assert finite
     # 5: (1e8 + 1) + -1e8 in float32 is 0 (1 is lost), not 1; -3: 1 + -0 is 1.
     assert summed[:, 0].tolist() == [2.0, 0.0, 1.0]
     assert routed.sent[routed.position].tolist() == ids.tolist()
     plain = _Routed(ids, 2, dedup=False)
-    assert plain.sent.tolist() == [2, 5, -3, 5, 5, -3] and plain.rows_sent(rows)[:, 0].tolist()[:2] == [2.0, 1e8]
+    assert plain.sent.tolist() == [2, 5, -3, 5, 5, -3] and plain.rows_sent(rows)[0][:, 0].tolist()[:2] == [2.0, 1e8]
+    # A sum past the float range is reported (the rank then sends the rows as given).
+    huge = np.full((6, 1), 3e38, np.float32)
+    assert not routed.rows_sent(huge)[1] and plain.rows_sent(huge)[1]
 
 
 def test_routing_kernels_refuse_what_would_read_out_of_bounds():
@@ -217,11 +221,14 @@ def test_routing_kernels_refuse_what_would_read_out_of_bounds():
         _core.route_ids(ids, 2, True, shared, shared)
     with pytest.raises(ValueError, match="must not share memory"):
         _core.route_ids(ids, 2, True, ids, np.empty(8, np.int64))
-    _, _, position = _core.route_ids(ids, 2, True)
-    with pytest.raises(ValueError, match="out of range"):
-        _core.gather_rows(np.zeros(10, np.float32), 1, np.array([-1] * 8, np.int64), position)
-    with pytest.raises(ValueError, match="out of range"):
-        _core.gather_rows(np.zeros(10, np.float32), 2, np.full(8, 9, np.int64), position)
+    _, counts, position = _core.route_ids(ids, 2, True)
+    flat = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="out of range"):  # rows before the buffer
+        _core.gather_rows(flat, 1, np.array([-1, 4], np.int64), counts, position)
+    with pytest.raises(ValueError, match="out of range"):  # rows past its end
+        _core.gather_rows(flat, 2, np.array([0, 4], np.int64), counts, position)
+    with pytest.raises(ValueError, match="out of range"):  # a position past the rows
+        _core.gather_rows(flat, 1, np.array([0, 4], np.int64), counts, np.full(8, 8, np.int64))
     rows = np.ones((8, 2), np.float32)
     with pytest.raises(ValueError, match="must not share memory"):
         _core.sum_rows(rows, position, 8, rows)

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -69,7 +70,8 @@ inline size_t route_ids(const int64_t* ids, size_t n, int64_t world, bool dedup,
 
 // out[position[i]] (m rows of `dim`) = the sum of the rows i that go there, left to right
 // in the order of i, starting from the first one's row (as a deduplicated update sums them).
-inline void sum_rows_to(const float* rows, size_t n, size_t dim, const int64_t* position, size_t m, float* out) {
+// Returns whether every sum is finite (a sum of finite rows may overflow to Inf).
+inline bool sum_rows_to(const float* rows, size_t n, size_t dim, const int64_t* position, size_t m, float* out) {
   std::vector<uint8_t> seen(m, 0);
   for (size_t i = 0; i < n; ++i) {
     const size_t p = static_cast<size_t>(position[i]);
@@ -85,20 +87,29 @@ inline void sum_rows_to(const float* rows, size_t n, size_t dim, const int64_t* 
   }
   for (size_t p = 0; p < m; ++p)
     if (!seen[p]) throw ValueError("row " + std::to_string(p) + " has no id routed to it");
+  bool finite = true;
+  for (size_t j = 0; j < m * dim; ++j) finite = finite && std::isfinite(out[j]);
+  return finite;
 }
 
-// out[i] = the row at float offset row_at[position[i]] of `flat` (the rows that came back,
-// in blocks per owner), for i < n; `flat` holds `flat_floats` floats.
-inline void gather_rows_from(const float* flat, size_t flat_floats, size_t dim, const int64_t* row_at, size_t m,
-                             const int64_t* position, size_t n, float* out) {
+// out[i] (n rows of `dim`) = the row that came back for sent id position[i]. The sent ids
+// are grouped by owner, counts[w] of owner w (of `world`), and the rows of owner w's start
+// at float block_start[w] of `flat`, which holds `flat_floats` floats.
+inline void gather_rows_from(const float* flat, size_t flat_floats, size_t dim, const int64_t* block_start,
+                             const int64_t* counts, size_t world, const int64_t* position, size_t n, float* out) {
+  std::vector<size_t> row_at;  // the float offset of each sent id's row
+  for (size_t w = 0; w < world; ++w) {
+    const int64_t start = block_start[w], count = counts[w];
+    if (start < 0 || count < 0 || static_cast<uint64_t>(start) + static_cast<uint64_t>(count) * dim > flat_floats)
+      throw ValueError("the rows of owner " + std::to_string(w) + " (" + std::to_string(count) + " from float " +
+                       std::to_string(start) + ") are out of range for " + std::to_string(flat_floats) + " floats");
+    for (int64_t j = 0; j < count; ++j) row_at.push_back(static_cast<size_t>(start) + static_cast<size_t>(j) * dim);
+  }
+  const size_t m = row_at.size();
   for (size_t i = 0; i < n; ++i) {
     const size_t p = static_cast<size_t>(position[i]);
     if (p >= m) throw ValueError("position " + std::to_string(p) + " out of range for " + std::to_string(m) + " rows");
-    const int64_t at = row_at[p];
-    if (at < 0 || static_cast<uint64_t>(at) + dim > flat_floats)
-      throw ValueError("row offset " + std::to_string(at) + " out of range for " + std::to_string(flat_floats) +
-                       " floats");
-    std::memcpy(out + i * dim, flat + at, sizeof(float) * dim);
+    std::memcpy(out + i * dim, flat + row_at[p], sizeof(float) * dim);
   }
 }
 

@@ -66,7 +66,8 @@ void check_round(int round) {
   const size_t dim = 3;
   std::vector<float> rows(n * dim), summed(m * dim);
   for (size_t i = 0; i < n * dim; ++i) rows[i] = static_cast<float>(i / dim + 1) * (i % dim == 1 ? 0.1f : 1.0f);
-  if (m) mtht::sum_rows_to(rows.data(), n, dim, position.data(), m, summed.data());
+  const bool finite = m ? mtht::sum_rows_to(rows.data(), n, dim, position.data(), m, summed.data()) : true;
+  expect(finite, "small sums are finite", round);
   std::vector<float> model(m * dim, 0.0f);
   std::vector<bool> started(m, false);
   for (size_t i = 0; i < n; ++i) {
@@ -76,15 +77,22 @@ void check_round(int round) {
     started[p] = true;
   }
   expect(summed == model, "rows summed per id left to right", round);
-  // Gather back: the rows of `sent` stored in reverse order, each at row_at.
-  std::vector<int64_t> row_at(m);
-  std::vector<float> flat(m * dim);
-  for (size_t p = 0; p < m; ++p) {
-    row_at[p] = static_cast<int64_t>((m - 1 - p) * dim);
-    for (size_t j = 0; j < dim; ++j) flat[(m - 1 - p) * dim + j] = static_cast<float>(sent[p] % 1000) + j;
+  // Gather back: the rows of each owner's sent ids as a block, the blocks in reverse owner
+  // order with a gap of one row before each.
+  std::vector<int64_t> block_start(static_cast<size_t>(world));
+  std::vector<float> flat;
+  size_t owner_first = m;  // the first sent id of the owner being placed, counting down
+  for (int64_t w = world - 1; w >= 0; --w) {
+    owner_first -= static_cast<size_t>(counts[static_cast<size_t>(w)]);
+    flat.insert(flat.end(), dim, -1.0f);  // the gap
+    block_start[static_cast<size_t>(w)] = static_cast<int64_t>(flat.size());
+    for (int64_t j = 0; j < counts[static_cast<size_t>(w)]; ++j)
+      for (size_t c = 0; c < dim; ++c) flat.push_back(static_cast<float>(sent[owner_first + j] % 1000) + c);
   }
   std::vector<float> out(n * dim);
-  if (n) mtht::gather_rows_from(flat.data(), flat.size(), dim, row_at.data(), m, position.data(), n, out.data());
+  if (n)
+    mtht::gather_rows_from(flat.data(), flat.size(), dim, block_start.data(), counts.data(),
+                           static_cast<size_t>(world), position.data(), n, out.data());
   bool same = true;
   for (size_t i = 0; i < n; ++i)
     for (size_t j = 0; j < dim; ++j) same = same && out[i * dim + j] == static_cast<float>(ids[i] % 1000) + j;
@@ -113,16 +121,19 @@ int main() {
   }
   expect(threw, "a position past the rows refused", -1);
   for (int64_t at : {int64_t{-1}, int64_t{-4194304}, int64_t{1}}) {  // before the rows, or past their end
-    const int64_t zero = 0;
+    const int64_t zero = 0, one = 1;
     float flat[1] = {0}, gathered = 0;
     threw = false;
     try {
-      mtht::gather_rows_from(flat, 1, 1, &at, 1, &zero, 1, &gathered);
+      mtht::gather_rows_from(flat, 1, 1, &at, &one, 1, &zero, 1, &gathered);
     } catch (const mtht::ValueError&) {
       threw = true;
     }
-    expect(threw, "a row offset outside the rows refused", -1);
+    expect(threw, "a block outside the rows refused", -1);
   }
+  float big[2] = {3e38f, 3e38f}, sum = 0;
+  const int64_t twice[2] = {0, 0};
+  expect(!mtht::sum_rows_to(big, 2, 1, twice, 1, &sum), "a sum past the float range reported", -1);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
