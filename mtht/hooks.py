@@ -199,10 +199,6 @@ class _Pipeline:
                 return
         self.submit(lambda: None, is_write=False).result()
 
-    @property
-    def collective(self) -> bool:
-        return self._state.collective
-
     def take_error_at_call(self) -> None:
         """take_error, where a hook's call may raise an earlier write's error: not on a
         table whose calls are collective, where every process must queue the same calls
@@ -450,6 +446,7 @@ class Prefetch(_TableHook):
         super().__init__(table, capacity)
         self._ahead: Deque[Tuple[Any, concurrent.futures.Future]] = collections.deque()
         self._lock = threading.Lock()
+        self._collective = _collective_table(table)  # whose calls every process makes alike, or None
         self.misses = 0
 
     def prefetch(self, ids) -> None:
@@ -471,7 +468,7 @@ class Prefetch(_TableHook):
             hit = False
         if ahead is not None and not hit:
             self.misses += 1
-        collective = _collective_table(self._table)
+        collective = self._collective
         if collective is not None and ahead is not None:
             # Every process takes its prefetched batch, or every one looks its ids up again:
             # a lookup on some processes only would wait for ever for the others.
