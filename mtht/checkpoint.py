@@ -466,10 +466,7 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`).
     Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
-    sharded = _sharded_table(table)
-    if sharded is not None:  # it waits for the hooks' calls itself, raising their errors on no rank alone
-        _refuse_monolith_format(format, sharded)
-        sharded.save(directory)
+    if _handed_to_sharded(table, "save", directory, format):
         return
     table._wait_for_hooks()
     if format == "monolith":
@@ -525,10 +522,7 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`).
     Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
-    sharded = _sharded_table(table)
-    if sharded is not None:  # it waits for the hooks' calls itself, raising their errors on no rank alone
-        _refuse_monolith_format(format, sharded)
-        sharded.restore(directory)
+    if _handed_to_sharded(table, "restore", directory, format):
         return
     table._wait_for_hooks()
     if format == "monolith":
@@ -569,20 +563,19 @@ def load_multi_type(table, directory: str) -> List[Tuple[object, object]]:
     return [(t, core) for (t, _, _), (core, _) in zip(found, loaded)]
 
 
-def _sharded_table(table):
-    """The table sharded over processes that a multi-type table is, or wraps (it saves and
-    restores itself, every process its part), or None."""
-    while table is not None:
-        if getattr(table, "saves_its_parts", False):
-            return table
+def _handed_to_sharded(table, what: str, directory: str, format: str) -> bool:
+    """Whether ``table`` is, or wraps, a table sharded over processes, which saves and
+    restores itself (``what``), every process its part: then done here. It waits for the
+    hooks' calls itself, raising their errors on no process alone."""
+    while table is not None and not getattr(table, "saves_its_parts", False):
         table = getattr(table, "_table", None)
-    return None
-
-
-def _refuse_monolith_format(format: str, table) -> None:
+    if table is None:
+        return False
     if format != "mtht":
         raise ValueError(f"a {type(table).__name__} saves and restores in mtht's format only, each process its "
                          "part (format='monolith' writes one process's tables)")
+    getattr(table, what)(directory)
+    return True
 
 
 def _later(listed: Optional[dict], basename: str) -> Optional[dict]:

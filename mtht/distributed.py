@@ -87,6 +87,15 @@ def _first_difference(ours: list, theirs: list) -> str:
     return "?"
 
 
+def _attempt(fn: Callable[[], object]) -> tuple:
+    """``(fn(), None)``, or ``(None, the exception it raised)``: a rank's part of a collective
+    call, whose error _settle then raises on every rank (an interrupt too)."""
+    try:
+        return fn(), None
+    except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle
+        return None, e
+
+
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
@@ -335,13 +344,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         as one process would). Every rank learns whether every rank got this far, and holds
         the same ``same``; then the ids and rows are sent. ``lookup``: rows come back."""
         k, world = len(self._slots), self._world
-        call = _Call()
+        call, scratch = _Call(), self._scratch
         error, same, info = None, None, None
         send_counts = np.zeros((world, k), dtype=np.int64)
         try:
             prepared = prepare()
             same = prepared.same
-            scratch = self._scratch
             call.routed = [_Routed(ids, world, d, scratch, t)
                            for t, ((ids, _), d) in enumerate(zip(prepared.per_table, prepared.dedup))]
             summed_by_owner = [False] * k
@@ -362,7 +370,6 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._comm.Alltoall(send_counts, recv_counts)
         try:
             if error is None:
-                scratch = self._scratch
                 call.ids = scratch.take("received ids", np.int64, int(recv_counts.sum()))
                 if lookup:
                     call.back = scratch.take("rows back", np.float32, int(self._float_counts(send_counts).sum()))
@@ -374,7 +381,6 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         call.send_counts, call.recv_counts = send_counts, recv_counts
         # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
         call.named, call.nonempty, call.summed_by_owner = np.array(infos, dtype=bool).reshape(-1, 3, k).any(axis=0)
-        scratch = self._scratch
         self._exchange(_blocks([r.sent for r in call.routed], send_counts,
                                scratch.take("sent ids", np.int64, int(send_counts.sum()))),
                        send_counts.sum(axis=1), call.ids, recv_counts.sum(axis=1))
@@ -444,16 +450,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             prepare()
             return {}
         call = self._route("lookup", prepare, lookup=True)
-        error, rows, recv_splits = None, None, None
-        try:
-            # The cores as they are now: a restore swaps them.
-            cores, fss = [t._core for t in self._local_tables()], call.recv_counts.reshape(-1).astype(np.int32)
-            rows, recv_splits, _, _ = _core.fused_lookup(
-                cores, call.ids, fss, self._world,
-                self._scratch.take("rows looked up", np.float32, int(self._float_counts(call.recv_counts).sum())))
-        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-            error = e
+        # The cores as they are now: a restore swaps them.
+        looked_up, error = _attempt(lambda: _core.fused_lookup(
+            [t._core for t in self._local_tables()], call.ids, call.recv_counts.reshape(-1).astype(np.int32),
+            self._world, self._scratch.take("rows looked up", np.float32,
+                                            int(self._float_counts(call.recv_counts).sum()))))
         self._settle(error, "lookup")
+        rows, recv_splits = looked_up[0], looked_up[1]
         back = self._exchange(rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
         # Block (owner w, table t) of `back` starts at float starts[w, t]; the rows of a
         # table's sent ids are in its blocks, owners in order.
@@ -474,10 +477,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     def _write_in_turn(self, method: str, data: Mapping, convert: Callable[[], "_hash_table.WriteArguments"]):
         k = len(self._slots)
-        arguments = None
+        arguments, dedup = None, False
 
         def prepare():
-            nonlocal arguments
+            nonlocal arguments, dedup
             arguments = convert()
             dedup = method == "apply_gradients" and arguments.dedup
             # Sent once per id: the tables whose ids are summed per id and counted once.
@@ -489,24 +492,24 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             prepare()
             return
         call = self._route(method, prepare)
-        dedup = method == "apply_gradients" and arguments.dedup
         accumulate = [dedup and (counts or by_owner)
                       for counts, by_owner in zip(self._counts_occurrences, call.summed_by_owner)]
         # Every rank writes the tables that any rank named (those with no ids too: as one
         # process's write, it moves their max_update_ts, which expiry goes by).
         written = [t for t in range(k) if call.named[t]]
-        error = None
-        try:
-            if method == "apply_gradients":
-                self._apply_received(written, call, arguments, accumulate)
-            else:
-                per_ids = _unblock(call.ids, call.recv_counts, [1] * k)
-                per_rows = _unblock(call.rows, call.recv_counts, self._dims)
-                self._table._update(method, {self._slots[t]: (per_ids[t].reshape(-1), per_rows[t]) for t in written},
-                                    req_time=arguments.req_time)
-        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-            error = e
+        if method == "apply_gradients":
+            _, error = _attempt(lambda: self._apply_received(written, call, arguments, accumulate))
+        else:
+            _, error = _attempt(lambda: self._assign_received(method, written, call, arguments.req_time))
         self._settle(error, method)
+
+    def _assign_received(self, method: str, written: List[int], call: "_Call", req_time: int) -> None:
+        """``assign`` or ``assign_add`` of the tables ``written`` from the blocks received,
+        ranks in order."""
+        per_ids = _unblock(call.ids, call.recv_counts, [1] * len(self._slots))
+        per_rows = _unblock(call.rows, call.recv_counts, self._dims)
+        self._table._update(method, {self._slots[t]: (per_ids[t].reshape(-1), per_rows[t]) for t in written},
+                            req_time=req_time)
 
     def _apply_received(self, written: List[int], call: "_Call", arguments, accumulate: List[bool]) -> None:
         """The fused update of the tables ``written`` from the blocks ``[rank][table]``
@@ -584,28 +587,15 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             self._save(directory)
 
     def _save(self, directory: str) -> None:
-        generation, error = None, None
-        if self._rank == 0:
-            try:
-                generation = _sharded.begin_save(directory)
-            except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-                error = e
+        generation, error = _attempt(lambda: _sharded.begin_save(directory)) if self._rank == 0 else (None, None)
         self._settle(error, "save (preparing the directory)")
         generation = self._comm.bcast(generation, root=0)
-        error = None
-        try:
-            _checkpoint.save_multi_type(self._table, _sharded.part_directory(directory, generation, self._rank,
-                                                                             self._world))
-        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-            error = e
+        _, error = _attempt(lambda: _checkpoint.save_multi_type(
+            self._table, _sharded.part_directory(directory, generation, self._rank, self._world)))
         try:
             self._settle(error, "save")
-            error = None
-            if self._rank == 0:
-                try:
-                    _sharded.commit_save(directory, generation, self._world, list(self._slots))
-                except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-                    error = e
+            _, error = _attempt(lambda: _sharded.commit_save(directory, generation, self._world, list(self._slots))) \
+                if self._rank == 0 else (None, None)
             self._settle(error, "save (naming the new checkpoint)")
         except BaseException:
             # Each rank removes what it sees of the new generation, unless sharded.json names
@@ -621,12 +611,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             self._restore(directory)
 
     def _restore(self, directory: str) -> None:
-        loaded, error = None, None
-        try:
-            _, parts = _sharded.saved_parts(directory, self._world)
-            loaded = _checkpoint.load_multi_type(self._table, parts[self._rank])
-        except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
-            error = e
+        loaded, error = _attempt(lambda: _checkpoint.load_multi_type(
+            self._table, _sharded.saved_parts(directory, self._world)[1][self._rank]))
         self._settle(error, "restore")
         for t, core in loaded:
             t._swap_core(core)
