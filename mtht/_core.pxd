@@ -45,6 +45,7 @@ cdef extern from "mtht/spec.h" namespace "mtht" nogil:
         vector[SegmentSpec] segments
         uint64_t random_seed
         cbool allow_non_finite
+        int value_format
         uint64_t initial_capacity
         int num_shards
         uint64_t initial_shards

@@ -38,6 +38,7 @@ class Table:
         max_load_factor: float = 0.5,
         filter_capacity: int = 0,
         initial_shards: int = 0,
+        embedding_dtype: str = "float32",
     ) -> None: ...
     def size(self) -> int: ...
     @property

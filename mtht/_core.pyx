@@ -48,6 +48,9 @@ def compile_flags():
 
 MAX_NUM_THREADS = MAX_THREADS
 
+# EmbeddingHashTableConfig.embedding_dtype -> ValueFormat (spec_types.h)
+_VALUE_FORMATS = {"float32": 0, "float16": 1, "bfloat16": 2}
+
 
 def set_num_threads(n):
     """Set the number of threads batch calls may use (the calling thread included)."""
@@ -155,8 +158,9 @@ cdef class Table:
                   uint64_t initial_capacity=0, int num_shards=0, uint32_t default_expire_days=36500,
                   dict slot_expire_days=None, object occurrence_thresholds=None, uint64_t max_entries=0,
                   str eviction_policy="lru", uint64_t max_bytes=0, double max_load_factor=0.5,
-                  uint64_t filter_capacity=0, uint64_t initial_shards=0):
+                  uint64_t filter_capacity=0, uint64_t initial_shards=0, str embedding_dtype="float32"):
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold});
+        ``embedding_dtype``: how rows keep their values ("float32", "float16", "bfloat16");
         ``filter_capacity``: about the most counts the filter keeps (0: no bound);
         ``initial_shards``: with ``num_shards`` 0, the fewest shards to start with."""
         cdef TableSpec spec
@@ -191,6 +195,9 @@ cdef class Table:
             spec.segments.push_back(seg)
         spec.random_seed = random_seed
         spec.allow_non_finite = allow_non_finite
+        if embedding_dtype not in _VALUE_FORMATS:
+            raise ValueError(f"embedding_dtype must be one of {tuple(_VALUE_FORMATS)}, got {embedding_dtype!r}")
+        spec.value_format = _VALUE_FORMATS[embedding_dtype]
         spec.initial_capacity = initial_capacity
         spec.num_shards = num_shards
         spec.initial_shards = initial_shards

@@ -45,7 +45,7 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht.multi_type_hash_table import MultiTypeHashTable
 from mtht._spec import state_floats
-from mtht.entry import LOAD_FACTOR_RANGE, check_num_shards
+from mtht.entry import EMBEDDING_DTYPES, LOAD_FACTOR_RANGE, check_num_shards
 
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
@@ -104,6 +104,7 @@ class BenchConfig:
     checkpoint_format: str = "mtht"  # save, restore: format= of HashTable.save and restore
     max_load_factor: float = 0.5
     num_shards: Optional[int] = None
+    embedding_dtype: str = "float32"  # how the mtht tables keep their values
     capped_new: float = 0.1  # apply_gradients_capped: the share of each batch's ids that are new
     capped_policy: str = "lru"  # apply_gradients_capped: the table's eviction_policy
 
@@ -124,6 +125,8 @@ class BenchConfig:
         if not lo <= self.max_load_factor <= hi:
             raise ValueError(f"max_load_factor must be in [{lo}, {hi}], got {self.max_load_factor}")
         check_num_shards(self.num_shards)
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {self.embedding_dtype!r}")
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
@@ -374,11 +377,13 @@ def random_access_probe(buffer_bytes: int, thread_counts: Sequence[int], reads: 
     return result
 
 
-def lines_per_id(op: str, dim: int, state: int) -> int:
+def lines_per_id(op: str, dim: int, state: int, value_bytes: int = 4) -> int:
     """Cache lines an op must touch per id at the least: one index line, plus the lines of
     the embedding (lookups, assign_add) or of the embedding and its optimizer state (gradient
-    steps). The ceiling of an op is the probe's reads/s divided by this."""
-    row = 4 * dim if op in _READ_OPS + ("assign_add",) else 4 * (dim + state)
+    steps), of `value_bytes` a value. The ceiling of an op is the probe's reads/s divided by
+    this."""
+    values = value_bytes * dim
+    row = values if op in _READ_OPS + ("assign_add",) else values + 4 * state
     if op == "lookup_missing":
         return 1
     return 1 + (row + 63) // 64
@@ -401,7 +406,8 @@ def _table_config(config: BenchConfig, capacity: int):
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
                                                  initial_capacity=int(capacity),
                                                  max_load_factor=config.max_load_factor,
-                                                 num_shards=config.num_shards)
+                                                 num_shards=config.num_shards,
+                                                 embedding_dtype=config.embedding_dtype)
     return mtht.HashTableConfigInstance(table_config, learning_rate_fns=[config.learning_rate])
 
 
@@ -1095,7 +1101,8 @@ def _add_ratios(result: dict) -> None:
             r["pct_of_probe_per_thread"] = 100.0 * r["ids_per_s"] / threads / line_rate
             probe_rate = rates_by_threads.get(str(threads))
             if probe_rate:
-                lines = lines_per_id(r["op"], result["config"]["dim"], state)
+                value_bytes = 2 if result["config"].get("embedding_dtype", "float32") != "float32" else 4
+                lines = lines_per_id(r["op"], result["config"]["dim"], state, value_bytes)
                 r["lines_per_id"] = lines
                 r["ceiling_ids_per_s"] = probe_rate / lines
                 r["pct_of_ceiling"] = 100.0 * r["ids_per_s"] / r["ceiling_ids_per_s"]
@@ -1295,7 +1302,8 @@ def format_header(result: dict) -> str:
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
         f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
-        f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards') or 'auto'}",
+        f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards') or 'auto'}"
+        + (f"  embedding_dtype {c['embedding_dtype']}" if c.get("embedding_dtype", "float32") != "float32" else ""),
     ]
     return "\n".join(lines)
 
@@ -1428,6 +1436,8 @@ flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipp
 flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
 flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
 flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
+flags.DEFINE_enum("embedding_dtype", "float32", list(EMBEDDING_DTYPES),
+                  "How the mtht tables keep their values (float16 and bfloat16: 2 bytes a value).")
 flags.DEFINE_enum("checkpoint_format", "mtht", ["mtht", "monolith"],
                   "File format of the save/restore ops: mtht's own, or Monolith's TFRecord files.")
 
@@ -1472,7 +1482,7 @@ def config_from_flags() -> BenchConfig:
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, checkpoint_format=FLAGS.checkpoint_format,
-        max_load_factor=FLAGS.max_load_factor,
+        max_load_factor=FLAGS.max_load_factor, embedding_dtype=FLAGS.embedding_dtype,
         capped_new=FLAGS.capped_new, capped_policy=FLAGS.capped_policy,
         num_shards=FLAGS.num_shards, **values)
     try:

@@ -1341,6 +1341,9 @@ _EVICTION_POLICIES = ("lru", "lfu")
 LOAD_FACTOR_RANGE = (0.25, 0.9)
 # The most shards a table may have (the C++ core checks the same bound).
 MAX_SHARDS = 4096
+# How an entry may keep its values, and the widest entry kept in 16 bits (as the core).
+EMBEDDING_DTYPES = ("float32", "float16", "bfloat16")
+MAX_NARROW_DIM = 4096
 
 
 def check_num_shards(value: Any) -> Optional[int]:
@@ -1402,6 +1405,19 @@ class EmbeddingHashTableConfig:
         tables written in small batches (many small slots) are faster with few. An int, a
         power of two in [1, 4096], fixes the count. Performance only: results do not depend
         on it, and a checkpoint restores into any shard count.
+    embedding_dtype : {"float32", "float16", "bfloat16"}, default "float32"
+        How each entry keeps its values (the embedding). ``"float16"`` and ``"bfloat16"``
+        keep them in 2 bytes each, half the memory of the embedding; the optimizer state
+        stays float32. Lookups return them as float32 (exactly). An optimizer step works in
+        float32 and rounds its result stochastically, unbiased and reproducible: a function of
+        ``random_seed``, the id, ``global_step`` and the position in the entry, so that steps
+        smaller than the spacing of 16-bit values still move an embedding on average (it
+        wants ``global_step`` to advance). ``assign``, ``assign_add``, initializers and
+        restores round to nearest (ties to even). A finite value stays finite: a magnitude
+        past the largest 16-bit value (65504 for float16) saturates to it. float16 keeps 11
+        bits of precision over a narrow range, bfloat16 8 bits over float32's range.
+        Checkpoints hold float32 values, so a save restores into a table of either kind.
+        At most 4096 values an entry.
 
     Raises
     ------
@@ -1425,6 +1441,7 @@ class EmbeddingHashTableConfig:
     max_bytes: Optional[int] = None
     max_load_factor: float = 0.5
     num_shards: Optional[int] = None
+    embedding_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -1482,6 +1499,17 @@ class EmbeddingHashTableConfig:
             )
         self.max_load_factor = float(self.max_load_factor)
         self.num_shards = check_num_shards(self.num_shards)
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(
+                f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got "
+                f"{self.embedding_dtype!r}"
+            )
+        width = sum(int(s.dim_size) for s in self.segments)
+        if self.embedding_dtype != "float32" and width > MAX_NARROW_DIM:
+            raise ValueError(
+                f"an entry kept in {self.embedding_dtype} has at most {MAX_NARROW_DIM} "
+                f"values, got {width}"
+            )
 
     @property
     def segments(self) -> list:
@@ -1502,7 +1530,8 @@ class EmbeddingHashTableConfig:
             f"allow_non_finite={self.allow_non_finite}",
         ] + ([f"max_bytes={self.max_bytes}"] if self.max_bytes is not None else []) + (
             # It changes the entries max_bytes allows, so it is part of the key.
-            [f"max_load_factor={self.max_load_factor!r}"] if self.max_load_factor != 0.5 else [])
+            [f"max_load_factor={self.max_load_factor!r}"] if self.max_load_factor != 0.5 else []) + (
+            [f"embedding_dtype={self.embedding_dtype!r}"] if self.embedding_dtype != "float32" else [])
 
     def canonical_key(self) -> str:
         """Canonical text of every field that affects behaviour.

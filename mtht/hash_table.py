@@ -283,6 +283,7 @@ class HashTable(BaseHashTable):
             max_load_factor=float(table_config.max_load_factor),
             num_shards=int(table_config.num_shards or 0),
             initial_shards=int(initial_shards),
+            embedding_dtype=table_config.embedding_dtype,
         )
 
     @property

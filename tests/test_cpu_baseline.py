@@ -31,7 +31,7 @@ def build(tmp_path_factory):
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
-                    "monolith_format_check", "route_check"],
+                    "monolith_format_check", "route_check", "narrow_values_check"],
                    check=True, capture_output=True)
     return build
 
@@ -138,3 +138,10 @@ def test_ids_are_routed_to_their_owners_and_their_rows_back(build):
     # route_ids against a model (distinct ids in order of first occurrence, grouped by the
     # non-negative modulo), rows summed per id left to right, and gathered back in order.
     check_passes(build, "route_check")
+
+
+def test_16_bit_values_round_as_their_models(build):
+    # Widening every float16 and bfloat16 encoding, rounding to nearest over a sweep of
+    # float32 bit patterns and at every tie, and stochastic rounding whose mean over every
+    # noise value is exactly its input, against models in double precision.
+    check_passes(build, "narrow_values_check")

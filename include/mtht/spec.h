@@ -59,6 +59,11 @@ inline void validate(const TableSpec& spec) {
     total += s.dim;
   }
   if (total > (1 << 20)) throw ValueError("entry dim too large: " + std::to_string(total));
+  if (spec.value_format < 0 || spec.value_format > 2)
+    throw ValueError("unknown value format " + std::to_string(spec.value_format));
+  if (spec.value_format != 0 && total > kMaxNarrowDim)
+    throw ValueError("an entry kept in 16 bits a value has at most " + std::to_string(kMaxNarrowDim) +
+                     " dims, got " + std::to_string(total));
   for (const auto& e : spec.slot_expire_days)
     if (e.first > 0x7FFF) throw ValueError("expiry slot " + std::to_string(e.first) + " is not in 0..32767");
   for (const auto& e : spec.slot_occurrence_thresholds)

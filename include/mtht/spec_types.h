@@ -29,6 +29,12 @@ enum class OptKind : int {
 };
 constexpr int kNumOptKinds = 14;
 
+// How a row keeps its values (the embedding): float32, or 16 bits a value (half the
+// memory); optimizer state is float32 either way.
+enum class ValueFormat : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// The widest entry (sum of segment dims) kept in 16 bits: a step widens it on the stack.
+constexpr int kMaxNarrowDim = 4096;
+
 // What a lookup returns and how gradients flow back (Monolith's retrievers).
 enum class RetrieverKind : int { kRaw = 0, kFakeQuant = 1, kHashNet = 2 };
 
@@ -69,6 +75,7 @@ struct TableSpec {
   std::vector<SegmentSpec> segments;
   uint64_t random_seed = 0;
   bool allow_non_finite = false;
+  int value_format = 0;  // ValueFormat
   uint64_t initial_capacity = 0;
   // A power of two in [1, 4096], fixed; or 0: the table starts with as few shards as its
   // initial capacity calls for and splits them as it grows and as its write batches grow,

@@ -80,6 +80,7 @@
 #include "mtht/hash.h"
 #include "mtht/initializers.h"
 #include "mtht/kernels.h"
+#include "mtht/narrow_values.h"
 #include "mtht/quantizers.h"
 #include "mtht/radix_sort.h"
 #include "mtht/shared_mutex.h"
@@ -95,19 +96,28 @@ struct RowLayout {
   std::vector<int> state_offset;  // in floats, within state
   int dim = 0;
   int state_dim = 0;
+  ValueFormat value_format;
+  bool narrow = false;  // values in 16 bits
+  int value_words = 0;  // 32-bit words of values: dim, or dim / 2 rounded up; the state follows
   size_t stride = 0;     // bytes per row: values then state, padded (see row_stride)
   bool with_meta = false;  // capacity bookkeeping (write clock, write count) per row
 
   explicit RowLayout(const TableSpec& spec)
-      : segments(spec.segments), with_meta(spec.max_entries > 0 || spec.max_bytes > 0) {
+      : segments(spec.segments),
+        value_format(static_cast<ValueFormat>(spec.value_format)),
+        narrow(value_format != ValueFormat::kFloat32),
+        with_meta(spec.max_entries > 0 || spec.max_bytes > 0) {
     for (const auto& s : segments) {
       value_offset.push_back(dim);
       state_offset.push_back(state_dim);
       dim += s.dim;
       state_dim += state_floats(s);
     }
-    stride = row_stride(sizeof(float) * static_cast<size_t>(dim + state_dim));
+    value_words = narrow ? (dim + 1) / 2 : dim;
+    stride = row_stride(sizeof(float) * static_cast<size_t>(value_words + state_dim));
   }
+  // Bytes of a row's values.
+  size_t value_bytes() const { return narrow ? 2 * static_cast<size_t>(dim) : 4 * static_cast<size_t>(dim); }
 
   // Rows of at most 64 bytes take a power of two, so that no row straddles a cache line;
   // longer ones a multiple of 64 when that wastes at most 1/8, else a multiple of 16.
@@ -1404,12 +1414,13 @@ class EmbeddingTable {
     if (has_filter_)
       thresholds_ = detail::SlotValues<uint32_t>(spec.default_occurrence_threshold, spec.slot_occurrence_thresholds,
                                                  [](uint32_t threshold) { return threshold; });
-    read_bytes_ = sizeof(float) * static_cast<size_t>(layout_.dim);
+    read_bytes_ = layout_.value_bytes();
     fetches_ahead_ = fetches_ahead_from_env();
     // In half fetches: a bucket (2), the values a lookup reads; for a write the whole row, its
     // bookkeeping line (with a capacity limit) and the caller's row, as wide as the values.
     read_block_ = block_for(2 + half_fetches(read_bytes_));
-    write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) + half_fetches(read_bytes_));
+    write_block_ = block_for(2 + half_fetches(layout_.stride) + (layout_.with_meta ? 2 : 0) +
+                             half_fetches(sizeof(float) * static_cast<size_t>(layout_.dim)));
     const size_t shards = size_t{1} << shard_bits_;
     shards_.reserve(shards);
     try {
@@ -1609,8 +1620,9 @@ class EmbeddingTable {
   void lookup_spans(const IdSpan* spans, size_t count, float* const* outs, bool streamed) const {
     const size_t d = static_cast<size_t>(layout_.dim);
     const size_t bytes = sizeof(float) * d;
-    // Rows a compressor changes after the copy are written the usual way: they are read back.
-    streamed = streamed && raw_lookup_;
+    // Rows a compressor changes after the copy are written the usual way: they are read back;
+    // so are rows widened from 16 bits.
+    streamed = streamed && raw_lookup_ && !layout_.narrow;
     for (size_t s = 0; s < count; ++s) streamed = streamed && detail::can_stream(outs[s], bytes);
     read_spans(spans, count, [&](size_t span, size_t i, detail::Shard::Slot, const float* row) {
       float* dst = outs[span] + i * d;
@@ -1619,7 +1631,8 @@ class EmbeddingTable {
       } else if (streamed) {
         detail::copy_row_streamed(dst, row, bytes);
       } else {
-        detail::copy_row(dst, row, bytes);
+        if (layout_.narrow) widen_values(layout_.value_format, row, dst, d);
+        else detail::copy_row(dst, row, bytes);
         if (!raw_lookup_) retrieve(dst);
       }
     });
@@ -1664,8 +1677,8 @@ class EmbeddingTable {
     for_each_shard_read(ids, n, [&](size_t i, detail::Shard::Slot slot, const float* row) {
       found[i] = row != nullptr;
       if (row) {
-        std::memcpy(values + i * d, row, sizeof(float) * d);
-        std::memcpy(state + i * sd, row + d, sizeof(float) * sd);
+        read_values(row, values + i * d);
+        std::memcpy(state + i * sd, row + layout_.value_words, sizeof(float) * sd);
         ts[i] = shards_[shard_of(hash_id(ids[i]))]->ts_of(slot);
       } else {
         std::memset(values + i * d, 0, sizeof(float) * d);
@@ -1699,7 +1712,7 @@ class EmbeddingTable {
     for_each_shard_write(ids, n, ts, detail::BatchRows{values, bytes}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       const Found found = admit(sh, id, h, 1, known);
       if (!found.slot.bucket) return;
-      std::memcpy(found.entry.values, values + i * layout_.dim, bytes);
+      write_values(found.entry.values, values + i * layout_.dim);
       sh.stamp(found.slot, ts);
     }, true, true, planned != nullptr, planned, far_stamp(ts));
   }
@@ -1709,9 +1722,13 @@ class EmbeddingTable {
     for_each_shard_write(ids, n, ts, detail::BatchRows{values, sizeof(float) * d}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       const Found found = admit(sh, id, h, 1, known);
       if (!found.slot.bucket) return;
-      float* w = found.entry.values;
       const float* v = values + i * d;
-      for (int j = 0; j < d; ++j) w[j] += v[j];
+      if (layout_.narrow) {
+        add_narrow_row(found.entry.values, v);
+      } else {
+        float* w = found.entry.values;
+        for (int j = 0; j < d; ++j) w[j] += v[j];
+      }
       sh.stamp(found.slot, ts);
     }, true, true, planned != nullptr, planned, far_stamp(ts));
   }
@@ -1816,7 +1833,18 @@ class EmbeddingTable {
     const LayoutHold hold(*this);
     const detail::Shard& sh = *shards_[s];
     std::shared_lock<detail::SharedMutex> lk(sh.mu);
-    sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
+    if (!layout_.narrow) {
+      sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
+    } else {
+      // Values widened, the state after them: the entry as a float32 table keeps it.
+      std::vector<float> entry(static_cast<size_t>(layout_.dim + layout_.state_dim));
+      sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) {
+        const float* row = sh.entry(r).values;
+        read_values(row, entry.data());
+        std::memcpy(entry.data() + layout_.dim, row + layout_.value_words, sizeof(float) * layout_.state_dim);
+        fn(id, ts, static_cast<const float*>(entry.data()));
+      });
+    }
     sh.counts.for_each(count_fn);
   }
 
@@ -1863,7 +1891,13 @@ class EmbeddingTable {
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{rows, stride}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
-      std::memcpy(e.values, rows + i * stride, bytes);
+      if (layout_.narrow) {
+        const float* src = reinterpret_cast<const float*>(rows + i * stride);
+        write_values(e.values, src);
+        std::memcpy(e.values + layout_.value_words, src + layout_.dim, sizeof(float) * layout_.state_dim);
+      } else {
+        std::memcpy(e.values, rows + i * stride, bytes);
+      }
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       sh.stamp(slot, ts[i]);
     }, false, false, false, nullptr, far);
@@ -2135,11 +2169,55 @@ class EmbeddingTable {
   }
 
  private:
-  void init_row(float* w, int64_t id) const {
-    float* st = w + layout_.dim;
+  void init_row(float* row, int64_t id) const {
+    if (layout_.narrow) init_narrow_row(row, id);
+    else init_values(row, row + layout_.value_words, id);
+  }
+  void init_values(float* w, float* st, int64_t id) const {
     for (size_t k = 0; k < layout_.segments.size(); ++k)
       init_segment(layout_.segments[k], w + layout_.value_offset[k], st + layout_.state_offset[k], spec_.random_seed,
                    id, layout_.value_offset[k]);
+  }
+
+  // The paths of values kept in 16 bits, each widening them on its own stack frame (kept
+  // out of the float32 paths, which are inlined into the batch loops).
+  __attribute__((noinline)) void init_narrow_row(float* row, int64_t id) const {
+    float w[kMaxNarrowDim];
+    init_values(w, row + layout_.value_words, id);
+    narrow_values(layout_.value_format, w, row, static_cast<size_t>(layout_.dim));
+  }
+  // Rounded to nearest: an assign_add is not an optimizer step.
+  __attribute__((noinline)) void add_narrow_row(float* row, const float* v) const {
+    float w[kMaxNarrowDim];
+    const size_t d = static_cast<size_t>(layout_.dim);
+    widen_values(layout_.value_format, row, w, d);
+    for (size_t j = 0; j < d; ++j) w[j] += v[j];
+    narrow_values(layout_.value_format, w, row, d);
+  }
+  // (Entries of up to 64 values, the common ones, take a small frame: 1.0x-1.1x faster.)
+  void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
+    if (layout_.dim <= 64) step_narrow_row_within<64>(row, id, g, lrs, global_step);
+    else step_narrow_row_within<kMaxNarrowDim>(row, id, g, lrs, global_step);
+  }
+  template <size_t kMost>
+  __attribute__((noinline)) void step_narrow_row_within(float* row, int64_t id, const float* g, const float* lrs,
+                                                        int64_t global_step) const {
+    float w[kMost];
+    const size_t d = static_cast<size_t>(layout_.dim);
+    widen_values(layout_.value_format, row, w, d);
+    step_values(w, row + layout_.value_words, id, g, lrs, global_step);
+    narrow_values_stochastic(layout_.value_format, w, row, d, spec_.random_seed, id, global_step);
+  }
+
+  // A row's values as float32, into out[0, dim).
+  void read_values(const float* row, float* out) const {
+    if (layout_.narrow) widen_values(layout_.value_format, row, out, static_cast<size_t>(layout_.dim));
+    else std::memcpy(out, row, layout_.value_bytes());
+  }
+  // Sets a row's values to v[0, dim) (rounded to nearest when kept in 16 bits).
+  void write_values(float* row, const float* v) const {
+    if (layout_.narrow) narrow_values(layout_.value_format, v, row, static_cast<size_t>(layout_.dim));
+    else std::memcpy(row, v, layout_.value_bytes());
   }
 
   // The row of `id` for a write of `occurrences` occurrences, or null when the admission
@@ -2181,9 +2259,14 @@ class EmbeddingTable {
     return Found{slot, sh.entry(slot.row())};
   }
 
-  // Retriever backward (one_bit), the segment's optimizer, then stochastic rounding.
-  void step_row(float* w, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
-    float* st = w + layout_.dim;
+  // Retriever backward (one_bit), the segment's optimizer, then stochastic rounding. Values
+  // kept in 16 bits are stepped in float32 and rounded back stochastically.
+  void step_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
+    if (layout_.narrow) step_narrow_row(row, id, g, lrs, global_step);
+    else step_values(row, row + layout_.value_words, id, g, lrs, global_step);
+  }
+
+  void step_values(float* w, float* st, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
       const int off = layout_.value_offset[k];
