@@ -191,8 +191,9 @@ def test_small_steps_move_the_embedding_on_average(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rounding_is_reproducible(dtype):
-    """A function of (seed, id, step, position): two tables, one and two threads, agree;
+def test_rounding_is_reproducible(dtype, monkeypatch):
+    """A function of (seed, id, step, position): two tables, one and two threads, every
+    kernel set, agree;
     another step or seed draws again; the same value in every row rounds differently."""
     rng = np.random.default_rng(2)
     ids = np.arange(3000)
@@ -213,6 +214,10 @@ def test_rounding_is_reproducible(dtype):
 
     first = run(1, 10, 1)
     assert np.array_equal(bits(run(1, 10, 2)), bits(first))
+    for kernel in mtht._core.available_kernels():  # each kernel set's copy of the conversions
+        monkeypatch.setenv("MTHT_KERNEL", kernel)
+        assert np.array_equal(bits(run(1, 10, 1)), bits(first)), kernel
+    monkeypatch.delenv("MTHT_KERNEL")
     assert (run(1, 11, 1) != first).mean() > 0.1
     assert (run(2, 10, 1) != first).mean() > 0.1
     # From 1.0 half a spacing up: each value goes either way with probability 1/2, so the

@@ -10,11 +10,18 @@ namespace mtht {
 
 using OptStepFn = void (*)(const SegmentSpec& s, float* w, float* state, const float* g, float lr, int64_t step);
 using AllFiniteFn = bool (*)(const float* v, size_t n);
+// Values kept in 16 bits (narrow_values_impl.h): [0] float16, [1] bfloat16.
+using WidenFn = void (*)(const uint16_t* h, float* out, size_t n);
+using NarrowFn = void (*)(const float* v, uint16_t* h, size_t n);
+using NarrowStochasticFn = void (*)(const float* v, uint16_t* h, size_t n, uint32_t key);
 
 struct KernelSet {
   const char* name;
   OptStepFn step[kNumOptKinds];
   AllFiniteFn all_finite;  // whether none of v[0, n) is NaN or Inf
+  WidenFn widen[2];
+  NarrowFn narrow[2];
+  NarrowStochasticFn narrow_stochastic[2];
 };
 
 // Defined in the per-ISA translation units; a set is null where the build lacks it.

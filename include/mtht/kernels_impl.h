@@ -351,11 +351,19 @@ inline bool all_finite(const float* v, size_t n) {
   return bad == 0;
 }
 
+#include "mtht/narrow_values_impl.h"
+
 // The kernel table, indexed by OptKind.
 inline KernelSet make_kernel_set(const char* name) {
   KernelSet k{};
   k.name = name;
   k.all_finite = all_finite;
+  k.widen[0] = widen_float16;
+  k.widen[1] = widen_bfloat16;
+  k.narrow[0] = narrow_float16;
+  k.narrow[1] = narrow_bfloat16;
+  k.narrow_stochastic[0] = narrow_float16_stochastic;
+  k.narrow_stochastic[1] = narrow_bfloat16_stochastic;
   k.step[static_cast<int>(OptKind::kSgd)] = sgd_any;
   k.step[static_cast<int>(OptKind::kAdagrad)] = adagrad_any;
   k.step[static_cast<int>(OptKind::kDynamicWdAdagrad)] = dynamic_wd_adagrad_any;

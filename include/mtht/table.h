@@ -1631,7 +1631,7 @@ class EmbeddingTable {
       } else if (streamed) {
         detail::copy_row_streamed(dst, row, bytes);
       } else {
-        if (layout_.narrow) widen_values(layout_.value_format, row, dst, d);
+        if (layout_.narrow) read_values(row, dst);
         else detail::copy_row(dst, row, bytes);
         if (!raw_lookup_) retrieve(dst);
       }
@@ -1760,6 +1760,7 @@ class EmbeddingTable {
                            int64_t ts, bool dedup, const uint32_t* blocks, bool room_held,
                            const detail::PlannedWrite* planned = nullptr) {
     if (n > 0) update_hashnet_scales(global_step);
+    const uint64_t step_seed = stochastic_step_seed(spec_.random_seed, global_step);  // values in 16 bits
     const int d = layout_.dim;
     const size_t bytes = sizeof(float) * static_cast<size_t>(d);
     auto prefetch_grad = [&](size_t i) { detail::prefetch_lines(grad_row(i), bytes); };
@@ -1767,7 +1768,7 @@ class EmbeddingTable {
       for_each_shard_write(ids, n, ts, prefetch_grad, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
         const Found found = admit(sh, id, h, 1, known);
         if (!found.slot.bucket) return;
-        step_row(found.entry.values, id, grad_row(i), lrs, global_step);
+        step_row(found.entry.values, id, grad_row(i), lrs, global_step, step_seed);
         sh.stamp(found.slot, ts);
       }, true, true, room_held, planned, far_stamp(ts));
       return;
@@ -1777,7 +1778,7 @@ class EmbeddingTable {
                                   const Found& known) {
                                 const Found found = admit(sh, id, h, count, known);
                                 if (!found.slot.bucket) return;
-                                step_row(found.entry.values, id, g, lrs, global_step);
+                                step_row(found.entry.values, id, g, lrs, global_step, step_seed);
                                 sh.stamp(found.slot, ts);
                               },
                               room_held, planned);
@@ -2184,39 +2185,45 @@ class EmbeddingTable {
   __attribute__((noinline)) void init_narrow_row(float* row, int64_t id) const {
     float w[kMaxNarrowDim];
     init_values(w, row + layout_.value_words, id);
-    narrow_values(layout_.value_format, w, row, static_cast<size_t>(layout_.dim));
+    write_values(row, w);
   }
   // Rounded to nearest: an assign_add is not an optimizer step.
   __attribute__((noinline)) void add_narrow_row(float* row, const float* v) const {
     float w[kMaxNarrowDim];
     const size_t d = static_cast<size_t>(layout_.dim);
-    widen_values(layout_.value_format, row, w, d);
+    read_values(row, w);
     for (size_t j = 0; j < d; ++j) w[j] += v[j];
-    narrow_values(layout_.value_format, w, row, d);
+    write_values(row, w);
   }
   // (Entries of up to 64 values, the common ones, take a small frame: 1.0x-1.1x faster.)
-  void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
-    if (layout_.dim <= 64) step_narrow_row_within<64>(row, id, g, lrs, global_step);
-    else step_narrow_row_within<kMaxNarrowDim>(row, id, g, lrs, global_step);
+  void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step,
+                       uint64_t step_seed) const {
+    if (layout_.dim <= 64) step_narrow_row_within<64>(row, id, g, lrs, global_step, step_seed);
+    else step_narrow_row_within<kMaxNarrowDim>(row, id, g, lrs, global_step, step_seed);
   }
   template <size_t kMost>
   __attribute__((noinline)) void step_narrow_row_within(float* row, int64_t id, const float* g, const float* lrs,
-                                                        int64_t global_step) const {
+                                                        int64_t global_step, uint64_t step_seed) const {
     float w[kMost];
     const size_t d = static_cast<size_t>(layout_.dim);
-    widen_values(layout_.value_format, row, w, d);
+    read_values(row, w);
     step_values(w, row + layout_.value_words, id, g, lrs, global_step);
-    narrow_values_stochastic(layout_.value_format, w, row, d, spec_.random_seed, id, global_step);
+    kernels_->narrow_stochastic[narrow_index(layout_.value_format)](
+        w, reinterpret_cast<uint16_t*>(row), d, stochastic_key(step_seed, id));
   }
 
   // A row's values as float32, into out[0, dim).
   void read_values(const float* row, float* out) const {
-    if (layout_.narrow) widen_values(layout_.value_format, row, out, static_cast<size_t>(layout_.dim));
+    if (layout_.narrow)
+      kernels_->widen[narrow_index(layout_.value_format)](reinterpret_cast<const uint16_t*>(row), out,
+                                                          static_cast<size_t>(layout_.dim));
     else std::memcpy(out, row, layout_.value_bytes());
   }
   // Sets a row's values to v[0, dim) (rounded to nearest when kept in 16 bits).
   void write_values(float* row, const float* v) const {
-    if (layout_.narrow) narrow_values(layout_.value_format, v, row, static_cast<size_t>(layout_.dim));
+    if (layout_.narrow)
+      kernels_->narrow[narrow_index(layout_.value_format)](v, reinterpret_cast<uint16_t*>(row),
+                                                           static_cast<size_t>(layout_.dim));
     else std::memcpy(row, v, layout_.value_bytes());
   }
 
@@ -2261,8 +2268,10 @@ class EmbeddingTable {
 
   // Retriever backward (one_bit), the segment's optimizer, then stochastic rounding. Values
   // kept in 16 bits are stepped in float32 and rounded back stochastically.
-  void step_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
-    if (layout_.narrow) step_narrow_row(row, id, g, lrs, global_step);
+  // `step_seed`: stochastic_step_seed(random_seed, global_step).
+  void step_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step,
+                uint64_t step_seed) const {
+    if (layout_.narrow) step_narrow_row(row, id, g, lrs, global_step, step_seed);
     else step_values(row, row + layout_.value_words, id, g, lrs, global_step);
   }
 

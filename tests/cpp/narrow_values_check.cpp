@@ -4,7 +4,8 @@
 //   - rounding to nearest, ties to even, over a sweep of float32 bit patterns and at every
 //     float16 midpoint, with saturation, Inf and NaN;
 //   - stochastic rounding: over every value of the dropped bits' noise, the mean of the
-//     results is exactly the input (unbiased), and each result is one of its neighbours.
+//     results is exactly the input (unbiased), and each result is one of its neighbours;
+//   - every kernel set's copy of the row loops gives the bits of the reference copy.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,9 +15,11 @@
 #include <random>
 #include <vector>
 
+#include "mtht/kernels.h"
 #include "mtht/narrow_values.h"
 
 using namespace mtht;
+using namespace mtht::narrow16;
 
 namespace {
 
@@ -169,6 +172,13 @@ void check_stochastic() {
   }
 }
 
+void narrow_values_stochastic(ValueFormat fmt, const float* src, uint16_t* dst, size_t n, uint64_t seed, int64_t id,
+                              int64_t step) {
+  const uint32_t key = stochastic_key(stochastic_step_seed(seed, step), id);
+  if (fmt == ValueFormat::kBFloat16) narrow_bfloat16_stochastic(src, dst, n, key);
+  else narrow_float16_stochastic(src, dst, n, key);
+}
+
 // A row's stochastic rounding draws from (seed, id, step, position) alone.
 void check_rows() {
   std::vector<float> src(70);
@@ -192,10 +202,12 @@ void check_rows() {
       expect(g == std::floor(x / s) * s || g == std::floor(x / s) * s + s, "row value neighbour", static_cast<uint32_t>(i));
     }
     std::vector<float> back(70);
-    widen_values(fmt, a.data(), back.data(), 70);
-    for (size_t i = 0; i < 70; ++i) expect(back[i] == f.widen(a[i]), "widen_values", static_cast<uint32_t>(i));
-    narrow_values(fmt, src.data(), e.data(), 5);
-    for (size_t i = 0; i < 5; ++i) expect(e[i] == f.nearest(src[i]), "narrow_values", static_cast<uint32_t>(i));
+    if (fmt == ValueFormat::kBFloat16) widen_bfloat16(a.data(), back.data(), 70);
+    else widen_float16(a.data(), back.data(), 70);
+    for (size_t i = 0; i < 70; ++i) expect(back[i] == f.widen(a[i]), "widen a row", static_cast<uint32_t>(i));
+    if (fmt == ValueFormat::kBFloat16) narrow_bfloat16(src.data(), e.data(), 5);
+    else narrow_float16(src.data(), e.data(), 5);
+    for (size_t i = 0; i < 5; ++i) expect(e[i] == f.nearest(src[i]), "narrow a row", static_cast<uint32_t>(i));
   }
   // The values of a row draw independently, float16 subnormals too: 64 equal values half a
   // spacing past a float16 subnormal do not round alike within every group of 4.
@@ -207,6 +219,40 @@ void check_rows() {
   expect(mixed, "float16 subnormals draw apart", 0);
 }
 
+// Rows of every length up to 70 (the vector loops' bodies and remainders), of random bit
+// patterns (every class: subnormal, normal, past the range, Inf, NaN): every kernel set gives
+// the reference's bits.
+void check_kernel_sets() {
+  std::mt19937_64 rng(11);
+  for (const KernelSet* k : available_kernel_sets()) {
+    for (size_t n = 0; n <= 70; ++n) {
+      std::vector<float> v(n);
+      std::vector<uint16_t> h(n), want(n), got(n);
+      for (size_t i = 0; i < n; ++i) {
+        const uint32_t r = static_cast<uint32_t>(rng());
+        v[i] = (rng() % 4 == 0) ? from_bits(r) : from_bits((r & 0x80FFFFFFu) | ((96u + (r >> 24) % 64u) << 23));
+        h[i] = static_cast<uint16_t>(rng());
+      }
+      for (int fi = 0; fi < 2; ++fi) {
+        const uint32_t key = static_cast<uint32_t>(rng());
+        std::vector<float> w1(n), w2(n);
+        (fi ? widen_bfloat16 : widen_float16)(h.data(), w1.data(), n);
+        k->widen[fi](h.data(), w2.data(), n);
+        for (size_t i = 0; i < n; ++i) {
+          const bool same = to_bits(w1[i]) == to_bits(w2[i]) || (std::isnan(w1[i]) && std::isnan(w2[i]));
+          expect(same, k->name, static_cast<uint32_t>(i));
+        }
+        (fi ? narrow_bfloat16 : narrow_float16)(v.data(), want.data(), n);
+        k->narrow[fi](v.data(), got.data(), n);
+        expect(want == got, k->name, static_cast<uint32_t>(n));
+        (fi ? narrow_bfloat16_stochastic : narrow_float16_stochastic)(v.data(), want.data(), n, key);
+        k->narrow_stochastic[fi](v.data(), got.data(), n, key);
+        expect(want == got, k->name, static_cast<uint32_t>(n));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -214,6 +260,7 @@ int main() {
   check_nearest();
   check_stochastic();
   check_rows();
+  check_kernel_sets();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
