@@ -131,6 +131,23 @@ def _check_int(value: Any, name: str, lo: int, hi: Optional[int] = None) -> int:
     return value
 
 
+def _embedding_dtype_name(value) -> str:
+    """The name in EMBEDDING_DTYPES of a name or a numpy dtype (np.float16, np.dtype("float32"),
+    ml_dtypes' bfloat16), so that configs compare and merge by the name alone."""
+    name = None
+    if isinstance(value, str):
+        name = str(value)
+    elif isinstance(value, (np.dtype, type)):
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    if name not in EMBEDDING_DTYPES:
+        raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES} (a name or a numpy dtype), "
+                         f"got {value!r}")
+    return name
+
+
 def _check_bool(value: Any, name: str) -> bool:
     if not _is_bool(value):
         raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -1406,14 +1423,15 @@ class EmbeddingHashTableConfig:
         power of two in [1, 4096], fixes the count. Performance only: results do not depend
         on it, and a checkpoint restores into any shard count.
     embedding_dtype : {"float32", "float16", "bfloat16"}, default "float32"
-        How each entry keeps its values (the embedding). ``"float16"`` and ``"bfloat16"``
+        How each entry keeps its values (the embedding); a numpy dtype (``np.float16``)
+        is taken by its name. ``"float16"`` and ``"bfloat16"``
         keep them in 2 bytes each, half the memory of the embedding; the optimizer state
         stays float32. Lookups return them as float32 (exactly). An optimizer step works in
         float32 and rounds its result stochastically, unbiased and reproducible: a function of
         ``random_seed``, the id, ``global_step`` and the position in the entry, so that steps
         smaller than the spacing of 16-bit values still move an embedding on average (it
         wants ``global_step`` to advance). ``assign``, ``assign_add``, initializers and
-        restores round to nearest (ties to even). A finite value stays finite: a magnitude
+        restores round to nearest (ties to even). Rounding keeps a finite value finite: a magnitude
         past the largest 16-bit value (65504 for float16) saturates to it. float16 keeps 11
         bits of precision over a narrow range, bfloat16 8 bits over float32's range.
         Checkpoints hold float32 values, so a save restores into a table of either kind.
@@ -1499,11 +1517,7 @@ class EmbeddingHashTableConfig:
             )
         self.max_load_factor = float(self.max_load_factor)
         self.num_shards = check_num_shards(self.num_shards)
-        if self.embedding_dtype not in EMBEDDING_DTYPES:
-            raise ValueError(
-                f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got "
-                f"{self.embedding_dtype!r}"
-            )
+        self.embedding_dtype = _embedding_dtype_name(self.embedding_dtype)
         width = sum(int(s.dim_size) for s in self.segments)
         if self.embedding_dtype != "float32" and width > MAX_NARROW_DIM:
             raise ValueError(

@@ -450,6 +450,23 @@ def test_max_load_factor_reaches_the_tables():
         assert _results(runs[0.25], op, "mtht")[0]["checksum"] == _results(runs[0.9], op, "mtht")[0]["checksum"]
 
 
+def test_embedding_dtype_reaches_the_tables():
+    # 16-bit values: smaller rows, half the bytes per lookup, lookups that differ from the
+    # float32 table's by rounding alone, and no checksum compared with the float32 baselines.
+    runs = {d: bench.run_benchmark(_config(ops=("lookup", "apply_gradients"), threads=(1,), probe=False,
+                                           baseline=True, embedding_dtype=d)) for d in ("float32", "bfloat16")}
+    assert runs["bfloat16"]["table"]["row_stride"] < runs["float32"]["table"]["row_stride"]
+    wide, narrow = (_results(runs[d], "lookup", "mtht")[0] for d in ("float32", "bfloat16"))
+    assert narrow["bytes_per_id"] * 2 == wide["bytes_per_id"]
+    assert abs(narrow["checksum"] - wide["checksum"]) <= 0.01 * abs(wide["checksum"])
+    steps = [_results(runs[d], "apply_gradients", "mtht")[0]["checksum"] for d in ("float32", "bfloat16")]
+    assert steps[0] != steps[1]  # the steps' values are rounded to bfloat16
+    assert all("checksum_matches_numpy_dict" not in r for r in runs["bfloat16"]["results"])
+    report = bench.format_report(runs["bfloat16"])
+    assert "MISMATCH" not in report and "not compared with the baselines" in report
+    assert "embedding_dtype bfloat16" in report
+
+
 def test_num_shards_reaches_the_tables():
     # The same multi-slot workload with tables of 1 and 64 shards and with the shard count
     # left to the tables: each table has the shards asked for, and the checksums are equal.

@@ -353,7 +353,52 @@ def test_config_checks_and_merge_key():
     with pytest.raises(ValueError, match="at most 4096"):
         mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4000), segment(97)]),
                                       embedding_dtype="float16")
+    # A numpy dtype (or a str subclass) is taken by its name, so configs compare by it.
+    for given, name in ((np.float16, "float16"), (np.dtype("float32"), "float32"), (np.str_("bfloat16"), "bfloat16")):
+        c = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4)]), embedding_dtype=given)
+        assert type(c.embedding_dtype) is str and c.embedding_dtype == name
+        assert str(mtht.HashTableConfigInstance(c, [0.1])) == str(config(name, [segment(4)]))
+        mtht.hash_table_from_config(mtht.HashTableConfigInstance(c, [0.1]))
+    for bad in (np.int8, np.dtype("float64"), None, b"float16", 16):
+        with pytest.raises(ValueError, match="embedding_dtype must be one of"):
+            mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4)]), embedding_dtype=bad)
     wide = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4097)]))
     assert wide.embedding_dtype == "float32"
     with pytest.raises(ValueError, match="16 bits"):  # the core checks it too
         mtht._core.Table([{"dim": 4097, "init": 0, "opt": 0}], embedding_dtype="float16")
+
+
+SMALL_STACK = """
+import sys, threading
+import numpy as np
+import mtht
+dtype, dim, one_bit = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+threading.stack_size(32768)  # the least Python allows
+compressor = mtht.OneBitCompressor() if one_bit else mtht.Fp32Compressor()
+seg = mtht.CombineAsSegment(dim, mtht.ZerosInitializer(), mtht.AdagradOptimizer(), compressor)
+table = mtht.hash_table_from_config(mtht.HashTableConfigInstance(
+    mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), embedding_dtype=dtype), [0.1]))
+mtht.set_num_threads(1)  # the write runs on the small thread itself
+
+def train():
+    ids = np.arange(10)
+    table.assign_add(ids, np.ones((10, dim), np.float32))
+    table.apply_gradients(ids, np.ones((10, dim), np.float32), global_step=1)
+    table.reinitialize(ids[:2])
+
+thread = threading.Thread(target=train)
+thread.start()
+thread.join()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("dtype, dim, one_bit", [("bfloat16", 65, False), ("float16", 4096, False),
+                                                 ("float32", 4096, True), ("bfloat16", 600, True)])
+def test_writes_on_a_thread_with_a_small_stack(dtype, dim, one_bit):
+    """A write widens a row on the stack: on a thread of 32 KiB, the least Python lets one
+    have, it runs (in a process of its own, in case it does not)."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", SMALL_STACK, dtype, str(dim), "1" if one_bit else "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "done", (out.returncode, out.stderr[-2000:])

@@ -1833,12 +1833,13 @@ class EmbeddingTable {
     const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     const detail::Shard& sh = *shards_[s];
+    // With values in 16 bits: an entry's values widened, the state after them, as a float32
+    // table keeps it.
+    std::vector<float> entry(layout_.narrow ? static_cast<size_t>(layout_.dim + layout_.state_dim) : 0);
     std::shared_lock<detail::SharedMutex> lk(sh.mu);
     if (!layout_.narrow) {
       sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) { fn(id, ts, sh.entry(r).values); });
     } else {
-      // Values widened, the state after them: the entry as a float32 table keeps it.
-      std::vector<float> entry(static_cast<size_t>(layout_.dim + layout_.state_dim));
       sh.for_each_entry([&](int64_t id, int64_t ts, uint32_t r) {
         const float* row = sh.entry(r).values;
         read_values(row, entry.data());
@@ -2180,36 +2181,32 @@ class EmbeddingTable {
                    id, layout_.value_offset[k]);
   }
 
-  // The paths of values kept in 16 bits, each widening them on its own stack frame (kept
-  // out of the float32 paths, which are inlined into the batch loops).
-  __attribute__((noinline)) void init_narrow_row(float* row, int64_t id) const {
-    float w[kMaxNarrowDim];
-    init_values(w, row + layout_.value_words, id);
-    write_values(row, w);
+  // The paths of values kept in 16 bits: the values widened into a float32 copy on the
+  // stack (with_stack_floats), changed there, and rounded back.
+  void init_narrow_row(float* row, int64_t id) const {
+    with_stack_floats(static_cast<size_t>(layout_.dim), [&](float* w) {
+      init_values(w, row + layout_.value_words, id);
+      write_values(row, w);
+    });
   }
   // Rounded to nearest: an assign_add is not an optimizer step.
-  __attribute__((noinline)) void add_narrow_row(float* row, const float* v) const {
-    float w[kMaxNarrowDim];
+  void add_narrow_row(float* row, const float* v) const {
     const size_t d = static_cast<size_t>(layout_.dim);
-    read_values(row, w);
-    for (size_t j = 0; j < d; ++j) w[j] += v[j];
-    write_values(row, w);
+    with_stack_floats(d, [&](float* w) {
+      read_values(row, w);
+      for (size_t j = 0; j < d; ++j) w[j] += v[j];
+      write_values(row, w);
+    });
   }
-  // (Entries of up to 64 values, the common ones, take a small frame: 1.0x-1.1x faster.)
   void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step,
                        uint64_t step_seed) const {
-    if (layout_.dim <= 64) step_narrow_row_within<64>(row, id, g, lrs, global_step, step_seed);
-    else step_narrow_row_within<kMaxNarrowDim>(row, id, g, lrs, global_step, step_seed);
-  }
-  template <size_t kMost>
-  __attribute__((noinline)) void step_narrow_row_within(float* row, int64_t id, const float* g, const float* lrs,
-                                                        int64_t global_step, uint64_t step_seed) const {
-    float w[kMost];
     const size_t d = static_cast<size_t>(layout_.dim);
-    read_values(row, w);
-    step_values(w, row + layout_.value_words, id, g, lrs, global_step);
-    kernels_->narrow_stochastic[narrow_index(layout_.value_format)](
-        w, reinterpret_cast<uint16_t*>(row), d, stochastic_key(step_seed, id));
+    with_stack_floats(d, [&](float* w) {
+      read_values(row, w);
+      step_values(w, row + layout_.value_words, id, g, lrs, global_step);
+      kernels_->narrow_stochastic[narrow_index(layout_.value_format)](
+          w, reinterpret_cast<uint16_t*>(row), d, stochastic_key(step_seed, id));
+    });
   }
 
   // A row's values as float32, into out[0, dim).
@@ -2279,16 +2276,37 @@ class EmbeddingTable {
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
       const int off = layout_.value_offset[k];
-      const float* gk = g + off;
-      float scratch[kMaxHashNetDim];
+      float* wk = w + off;
+      float* sk = st + layout_.state_offset[k];
       if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet) {
-        const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
-        for (int i = 0; i < seg.dim; ++i) scratch[i] = hashnet_backward(w[off + i], gk[i], scale, seg.hashnet_amplitude);
-        gk = scratch;
+        // The gradient through HashNet's forward, on a frame of its own (kept out of the
+        // loops of the other segments, which inline this).
+        with_stack_floats(static_cast<size_t>(seg.dim), [&](float* scratch) {
+          const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
+          for (int i = 0; i < seg.dim; ++i) scratch[i] = hashnet_backward(wk[i], g[off + i], scale, seg.hashnet_amplitude);
+          steps_[k](seg, wk, sk, scratch, lrs[k], global_step);
+        });
+      } else {
+        steps_[k](seg, wk, sk, g + off, lrs[k], global_step);
       }
-      steps_[k](seg, w + off, st + layout_.state_offset[k], gk, lrs[k], global_step);
-      if (seg.stochastic_rounding_fp16) stochastic_round_segment(w + off, seg.dim, spec_.random_seed, id, global_step, off);
+      if (seg.stochastic_rounding_fp16) stochastic_round_segment(wk, seg.dim, spec_.random_seed, id, global_step, off);
     }
+  }
+
+  // fn(buffer) with a buffer of at least n (<= kMaxNarrowDim) floats on the stack, of one of
+  // a few sizes, each in a function of its own: the caller's frame holds none of them, and
+  // a thread with a small stack (Python lets one have 32 KiB) needs only what n takes.
+  template <class Fn>
+  static void with_stack_floats(size_t n, Fn&& fn) {
+    if (n <= 64) on_stack_floats<64>(fn);
+    else if (n <= 256) on_stack_floats<256>(fn);
+    else if (n <= 1024) on_stack_floats<1024>(fn);
+    else on_stack_floats<kMaxNarrowDim>(fn);
+  }
+  template <size_t N, class Fn>
+  __attribute__((noinline)) static void on_stack_floats(Fn& fn) {
+    float buffer[N];
+    fn(buffer);
   }
 
   // What a lookup returns for the retrievers that are not raw (in place on a copied row).
@@ -3552,7 +3570,8 @@ class EmbeddingTable {
     return true;
   }
 
-  static constexpr int kMaxHashNetDim = 4096;
+  // A one_bit segment has at most 4096 values (spec.h), which with_stack_floats holds.
+  static_assert(kMaxNarrowDim >= 4096, "with_stack_floats holds a one_bit segment");
   // An automatic shard count (TableSpec::num_shards = 0) goes up to kAutoMaxShards, so that
   // no shard holds more than kSplitEntriesPerShard entries (a shard's index grows alone, so
   // the pause and the memory of a growth stay small) and no write has more than
