@@ -27,17 +27,24 @@ SLOTS = {
     "adagrad": (4, lambda: mtht.AdagradOptimizer(initial_accumulator_value=0.1), 0),
     "adam": (3, lambda: mtht.AdamOptimizer(), 0),
     "filtered": (2, lambda: mtht.AdagradOptimizer(), 3),
+    "bfloat16": (3, lambda: mtht.AdagradOptimizer(), 0),
+    "float16": (2, lambda: mtht.MomentumOptimizer(), 2),
 }
+# Slots whose tables keep their values in 16 bits (stochastic rounding is a function of
+# the seed, id, step and position, so the sharded table still equals one process).
+EMBEDDING_DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
 
 
-def config(dim, optimizer):
+def config(dim, optimizer, embedding_dtype="float32"):
     segment = mtht.CombineAsSegment(dim, mtht.RandomUniformInitializer(-0.1, 0.1), optimizer(), mtht.Fp32Compressor())
-    table = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]))
+    table = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
+                                          embedding_dtype=embedding_dtype)
     return mtht.HashTableConfigInstance(table, [0.05] if dim != 1 else [1.0])
 
 
 def slot_to_config(slots=SLOTS):
-    return {slot: config(dim, optimizer) for slot, (dim, optimizer, _) in slots.items()}
+    return {slot: config(dim, optimizer, EMBEDDING_DTYPES.get(slot, "float32"))
+            for slot, (dim, optimizer, _) in slots.items()}
 
 
 def factory(slot, cfg):
