@@ -14,6 +14,10 @@ using AllFiniteFn = bool (*)(const float* v, size_t n);
 using WidenFn = void (*)(const uint16_t* h, float* out, size_t n);
 using NarrowFn = void (*)(const float* v, uint16_t* h, size_t n);
 using NarrowStochasticFn = void (*)(const float* v, uint16_t* h, size_t n, uint32_t key);
+// An optimizer step of a one-segment entry kept in 16 bits, rounded with the noise of `key`;
+// false (nothing done) for a dim it has no loop for.
+using NarrowStepFn = bool (*)(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr, int64_t step,
+                              uint32_t key);
 
 struct KernelSet {
   const char* name;
@@ -22,6 +26,7 @@ struct KernelSet {
   WidenFn widen[2];
   NarrowFn narrow[2];
   NarrowStochasticFn narrow_stochastic[2];
+  NarrowStepFn narrow_step[kNumOptKinds][2];  // null for batch_softmax (the general path)
 };
 
 // Defined in the per-ISA translation units; a set is null where the build lacks it.

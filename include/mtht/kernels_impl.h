@@ -353,6 +353,58 @@ inline bool all_finite(const float* v, size_t n) {
 
 #include "mtht/narrow_values_impl.h"
 
+// ---- A step of an entry of one segment whose values are kept in 16 bits (format F: 0
+//      float16, 1 bfloat16), for the common dims: widened into a float32 copy, stepped, and
+//      rounded back stochastically, in one function, so that a row of 16 values stays in
+//      registers and the optimizer is inlined. False for other dims (the table then takes
+//      its general path, which gives the same bits). ----
+template <int F>
+inline void widen_format(const uint16_t* h, float* w, size_t n) {
+  if (F) widen_bfloat16(h, w, n);
+  else widen_float16(h, w, n);
+}
+template <int F>
+inline void narrow_format_stochastic(const float* w, uint16_t* h, size_t n, uint32_t key) {
+  if (F) narrow_bfloat16_stochastic(w, h, n, key);
+  else narrow_float16_stochastic(w, h, n, key);
+}
+
+#define MTHT_NARROW_STEP(name)                                                                                \
+  template <int F, int D>                                                                                     \
+  inline void name##_narrow_at(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr,      \
+                               int64_t t, uint32_t key) {                                                    \
+    float w[D];                                                                                               \
+    widen_format<F>(h, w, D);                                                                                 \
+    name<D>(s, w, st, g, lr, t);                                                                              \
+    narrow_format_stochastic<F>(w, h, D, key);                                                                \
+  }                                                                                                           \
+  template <int F>                                                                                            \
+  bool name##_narrow(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr, int64_t t,     \
+                     uint32_t key) {                                                                          \
+    switch (s.dim) {                                                                                          \
+      case 8: name##_narrow_at<F, 8>(s, h, st, g, lr, t, key); return true;                                  \
+      case 16: name##_narrow_at<F, 16>(s, h, st, g, lr, t, key); return true;                                \
+      case 32: name##_narrow_at<F, 32>(s, h, st, g, lr, t, key); return true;                                \
+      case 64: name##_narrow_at<F, 64>(s, h, st, g, lr, t, key); return true;                                \
+      default: return false;                                                                                  \
+    }                                                                                                         \
+  }
+
+MTHT_NARROW_STEP(sgd)
+MTHT_NARROW_STEP(adagrad)
+MTHT_NARROW_STEP(dynamic_wd_adagrad)
+MTHT_NARROW_STEP(adadelta)
+MTHT_NARROW_STEP(adam)
+MTHT_NARROW_STEP(amsgrad)
+MTHT_NARROW_STEP(ftrl)
+MTHT_NARROW_STEP(group_ftrl)
+MTHT_NARROW_STEP(group_adagrad)
+MTHT_NARROW_STEP(momentum)
+MTHT_NARROW_STEP(moving_average)
+MTHT_NARROW_STEP(rmsprop)
+MTHT_NARROW_STEP(rmspropv2)
+#undef MTHT_NARROW_STEP
+
 // The kernel table, indexed by OptKind.
 inline KernelSet make_kernel_set(const char* name) {
   KernelSet k{};
@@ -364,6 +416,23 @@ inline KernelSet make_kernel_set(const char* name) {
   k.narrow[1] = narrow_bfloat16;
   k.narrow_stochastic[0] = narrow_float16_stochastic;
   k.narrow_stochastic[1] = narrow_bfloat16_stochastic;
+#define MTHT_SET_NARROW_STEP(kind, name)                                  \
+  k.narrow_step[static_cast<int>(OptKind::kind)][0] = name##_narrow<0>; \
+  k.narrow_step[static_cast<int>(OptKind::kind)][1] = name##_narrow<1>;
+  MTHT_SET_NARROW_STEP(kSgd, sgd)
+  MTHT_SET_NARROW_STEP(kAdagrad, adagrad)
+  MTHT_SET_NARROW_STEP(kDynamicWdAdagrad, dynamic_wd_adagrad)
+  MTHT_SET_NARROW_STEP(kAdadelta, adadelta)
+  MTHT_SET_NARROW_STEP(kAdam, adam)
+  MTHT_SET_NARROW_STEP(kAmsgrad, amsgrad)
+  MTHT_SET_NARROW_STEP(kFtrl, ftrl)
+  MTHT_SET_NARROW_STEP(kGroupFtrl, group_ftrl)
+  MTHT_SET_NARROW_STEP(kGroupAdagrad, group_adagrad)
+  MTHT_SET_NARROW_STEP(kMomentum, momentum)
+  MTHT_SET_NARROW_STEP(kMovingAverage, moving_average)
+  MTHT_SET_NARROW_STEP(kRmsprop, rmsprop)
+  MTHT_SET_NARROW_STEP(kRmspropV2, rmspropv2)
+#undef MTHT_SET_NARROW_STEP
   k.step[static_cast<int>(OptKind::kSgd)] = sgd_any;
   k.step[static_cast<int>(OptKind::kAdagrad)] = adagrad_any;
   k.step[static_cast<int>(OptKind::kDynamicWdAdagrad)] = dynamic_wd_adagrad_any;

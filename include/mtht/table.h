@@ -1408,6 +1408,12 @@ class EmbeddingTable {
       if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
       if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
     }
+    // A one-segment entry in 16 bits whose step is the optimizer alone: its kernel's fused
+    // step (narrow_step_).
+    const SegmentSpec& first = layout_.segments[0];
+    if (layout_.narrow && layout_.segments.size() == 1 && static_cast<RetrieverKind>(first.retriever) == RetrieverKind::kRaw &&
+        !first.stochastic_rounding_fp16)
+      narrow_step_ = kernels_->narrow_step[first.opt][narrow_index(layout_.value_format)];
     auto seconds = [](uint32_t days) { return int64_t{days} * 86400; };
     expire_seconds_ = detail::SlotValues<int64_t>(seconds(spec.default_expire_days), spec.slot_expire_days, seconds);
     has_filter_ = spec.has_filter;
@@ -2211,6 +2217,9 @@ class EmbeddingTable {
   }
   void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step,
                        uint64_t step_seed) const {
+    if (narrow_step_ && narrow_step_(layout_.segments[0], reinterpret_cast<uint16_t*>(row), row + layout_.value_words,
+                                     g, lrs[0], global_step, stochastic_key(step_seed, id)))
+      return;
     const size_t d = static_cast<size_t>(layout_.dim);
     with_stack_floats(d, [&](float* w) {
       read_values(row, w);
@@ -3602,6 +3611,7 @@ class EmbeddingTable {
   RowLayout layout_;
   const KernelSet* kernels_;
   std::vector<OptStepFn> steps_;
+  NarrowStepFn narrow_step_ = nullptr;  // see the constructor
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
   detail::SlotValues<int64_t> expire_seconds_;
   bool has_filter_ = false;

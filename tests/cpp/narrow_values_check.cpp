@@ -5,18 +5,20 @@
 //     float16 midpoint, with saturation, Inf and NaN;
 //   - stochastic rounding: over every value of the dropped bits' noise, the mean of the
 //     results is exactly the input (unbiased), and each result is one of its neighbours;
-//   - every kernel set's copy of the row loops gives the bits of the reference copy.
+//   - every kernel set's copy of the row loops gives the bits of the reference copy, and its
+//     fused step of a one-segment entry the bits of its general path.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <random>
 #include <vector>
 
 #include "mtht/kernels.h"
 #include "mtht/narrow_values.h"
+#include "mtht/spec.h"
 
 using namespace mtht;
 using namespace mtht::narrow16;
@@ -253,6 +255,52 @@ void check_kernel_sets() {
   }
 }
 
+// A kernel set's fused step of a one-segment 16-bit entry gives the bits of its general path
+// (widen, the optimizer's step, stochastic rounding), values and state; and declines the
+// dims it has no loop for, changing nothing.
+void check_fused_steps() {
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> unit(0.1f, 1.0f);
+  for (const KernelSet* k : available_kernel_sets()) {
+    for (int kind = 0; kind < kNumOptKinds; ++kind) {
+      for (int fi = 0; fi < 2; ++fi) {
+        const NarrowStepFn fused = k->narrow_step[kind][fi];
+        if (static_cast<OptKind>(kind) == OptKind::kBatchSoftmax) {
+          expect(fused == nullptr, "no fused batch_softmax step", 0);
+          continue;
+        }
+        for (int dim : {5, 8, 16, 32, 64}) {
+          SegmentSpec seg;
+          seg.dim = dim;
+          seg.opt = kind;
+          seg.opt_params.weight_decay_factor = 0.01f;
+          const size_t n = static_cast<size_t>(dim), states = static_cast<size_t>(state_floats(seg));
+          std::vector<uint16_t> h(n);
+          std::vector<float> st(states), g(n), w(n);
+          for (size_t i = 0; i < n; ++i) {
+            h[i] = fi ? bfloat16_nearest(unit(rng) - 0.5f) : float16_nearest(unit(rng) - 0.5f);
+            g[i] = unit(rng) - 0.55f;
+          }
+          for (float& v : st) v = unit(rng);
+          const uint32_t key = static_cast<uint32_t>(rng());
+          std::vector<uint16_t> h1 = h, h2 = h;
+          std::vector<float> st1 = st, st2 = st;
+          k->widen[fi](h1.data(), w.data(), n);
+          k->step[kind](seg, w.data(), st1.data(), g.data(), 0.05f, 7);
+          k->narrow_stochastic[fi](w.data(), h1.data(), n, key);
+          const bool done = fused(seg, h2.data(), st2.data(), g.data(), 0.05f, 7, key);
+          if (dim == 5) {
+            expect(!done && h2 == h && st2 == st, "fused step declines", static_cast<uint32_t>(kind));
+            continue;
+          }
+          expect(done && h1 == h2 && std::memcmp(st1.data(), st2.data(), states * sizeof(float)) == 0,
+                 "fused step as the general path", static_cast<uint32_t>(kind * 1000 + dim));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -261,6 +309,7 @@ int main() {
   check_stochastic();
   check_rows();
   check_kernel_sets();
+  check_fused_steps();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
