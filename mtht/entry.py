@@ -1431,11 +1431,13 @@ class EmbeddingHashTableConfig:
         ``random_seed``, the id, ``global_step`` and the position in the entry, so that steps
         smaller than the spacing of 16-bit values still move an embedding on average (it
         wants ``global_step`` to advance). ``assign``, ``assign_add``, initializers and
-        restores round to nearest (ties to even). Rounding keeps a finite value finite: a magnitude
+        restores round to nearest (ties to even); an id repeated in one ``assign_add`` is
+        added and rounded once per occurrence, as separate calls would. Rounding keeps a finite value finite: a magnitude
         past the largest 16-bit value (65504 for float16) saturates to it. float16 keeps 11
         bits of precision over a narrow range, bfloat16 8 bits over float32's range.
         Checkpoints hold float32 values, so a save restores into a table of either kind.
-        At most 4096 values an entry.
+        At most 4096 values an entry, the widest ``OneBitCompressor`` segment's counted
+        twice.
 
     Raises
     ------
@@ -1518,11 +1520,14 @@ class EmbeddingHashTableConfig:
         self.max_load_factor = float(self.max_load_factor)
         self.num_shards = check_num_shards(self.num_shards)
         self.embedding_dtype = _embedding_dtype_name(self.embedding_dtype)
+        # A step widens the row on the stack, the widest one_bit segment's gradient beside it.
         width = sum(int(s.dim_size) for s in self.segments)
-        if self.embedding_dtype != "float32" and width > MAX_NARROW_DIM:
+        one_bit = max((int(s.dim_size) for s in self.segments if s.compressor.kind == "one_bit"), default=0)
+        if self.embedding_dtype != "float32" and width + one_bit > MAX_NARROW_DIM:
             raise ValueError(
                 f"an entry kept in {self.embedding_dtype} has at most {MAX_NARROW_DIM} "
-                f"values, got {width}"
+                f"values, its widest one_bit segment's counted twice; got {width}"
+                + (f" + {one_bit}" if one_bit else "")
             )
 
     @property

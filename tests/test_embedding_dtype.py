@@ -138,11 +138,12 @@ def test_rounding_at_the_edges(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
-def test_a_step_lands_on_a_neighbour_of_the_float32_step(dtype, kind):
+@pytest.mark.parametrize("width", [7, 16])  # the general path, and a kernel set's fused step
+def test_a_step_lands_on_a_neighbour_of_the_float32_step(dtype, kind, width):
     """Every optimizer: the step is taken in float32 on the stored (widened) values, its
     state is exactly the float32 model's, and the new values are one of the two 16-bit
     neighbours of the float32 result."""
-    dim = 1 if kind == "batch_softmax" else 7
+    dim = 1 if kind == "batch_softmax" else width
     seg = segment(dim, OPTIMIZERS[kind](dim))
     t = table(dtype, [seg], [0.05], random_seed=3)
     model = model_segment(seg)
@@ -244,6 +245,26 @@ def test_assign_add_and_initializers_round_to_nearest(dtype):
     status = t.reinitialize(ids[:10])
     assert status.tolist() == [1] * 10
     assert np.array_equal(bits(t.lookup(ids[:10])), bits(nearest(wide.lookup(ids[:10]), dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_add_rounds_each_occurrence(dtype):
+    """Duplicates in one assign_add add one after another, each rounded, as separate calls:
+    100 additions of a tenth of the spacing leave the value where it was; ten of a spacing
+    and a half land where ten separate calls do."""
+    spacing = 2.0**-10 if dtype == "float16" else 2.0**-7
+    t = table(dtype, [segment(4, initializer=mtht.OnesInitializer())])
+    t.assign_add(np.zeros(100, np.int64), np.full((100, 4), spacing / 10, dtype=F32))
+    assert np.array_equal(t.lookup([0]), np.ones((1, 4), F32))
+    calls = table(dtype, [segment(4, initializer=mtht.OnesInitializer())])
+    t.assign_add(np.full(10, 5), np.full((10, 4), 1.5 * spacing, dtype=F32))
+    for _ in range(10):
+        calls.assign_add([5], np.full((1, 4), 1.5 * spacing, dtype=F32))
+    assert np.array_equal(bits(t.lookup([5])), bits(calls.lookup([5])))
+    want = F32(1.0)
+    for _ in range(10):
+        want = nearest(np.array([want + F32(1.5 * spacing)], F32), dtype)[0]
+    assert t.lookup([5])[0, 0] == want
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -362,6 +383,11 @@ def test_config_checks_and_merge_key():
     for bad in (np.int8, np.dtype("float64"), None, b"float16", 16):
         with pytest.raises(ValueError, match="embedding_dtype must be one of"):
             mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4)]), embedding_dtype=bad)
+    one_bit = mtht.CombineAsSegment(2049, mtht.ZerosInitializer(), mtht.SgdOptimizer(), mtht.OneBitCompressor())
+    with pytest.raises(ValueError, match="one_bit segment's counted twice; got 2049 \\+ 2049"):
+        mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[one_bit]), embedding_dtype="float16")
+    with pytest.raises(ValueError, match="counted twice"):  # the core checks it too
+        mtht._core.Table([{"dim": 2049, "init": 0, "opt": 0, "retriever": 2}], embedding_dtype="bfloat16")
     wide = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment(4097)]))
     assert wide.embedding_dtype == "float32"
     with pytest.raises(ValueError, match="16 bits"):  # the core checks it too
@@ -394,7 +420,8 @@ print("done")
 
 
 @pytest.mark.parametrize("dtype, dim, one_bit", [("bfloat16", 65, False), ("float16", 4096, False),
-                                                 ("float32", 4096, True), ("bfloat16", 600, True)])
+                                                 ("float32", 4096, True), ("bfloat16", 600, True),
+                                                 ("float16", 2048, True), ("bfloat16", 1025, True)])
 def test_writes_on_a_thread_with_a_small_stack(dtype, dim, one_bit):
     """A write widens a row on the stack: on a thread of 32 KiB, the least Python lets one
     have, it runs (in a process of its own, in case it does not)."""

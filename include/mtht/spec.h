@@ -2,6 +2,7 @@
 // Built by the Python configuration layer; validated here once, when a table is made.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -41,7 +42,9 @@ constexpr uint32_t kMinLoadPermille = 250, kMaxLoadPermille = 900;
 inline void validate(const TableSpec& spec) {
   if (spec.segments.empty()) throw ValueError("an entry needs at least one segment");
   long long total = 0;
+  int widest_one_bit = 0;
   for (const auto& s : spec.segments) {
+    if (static_cast<RetrieverKind>(s.retriever) == RetrieverKind::kHashNet) widest_one_bit = std::max(widest_one_bit, s.dim);
     if (s.dim < 1) throw ValueError("segment dim must be >= 1, got " + std::to_string(s.dim));
     if (s.init < 0 || s.init > 3) throw ValueError("unknown initializer kind " + std::to_string(s.init));
     if (s.opt < 0 || s.opt >= kNumOptKinds) throw ValueError("unknown optimizer kind " + std::to_string(s.opt));
@@ -61,9 +64,12 @@ inline void validate(const TableSpec& spec) {
   if (total > (1 << 20)) throw ValueError("entry dim too large: " + std::to_string(total));
   if (spec.value_format < 0 || spec.value_format > 2)
     throw ValueError("unknown value format " + std::to_string(spec.value_format));
-  if (spec.value_format != 0 && total > kMaxNarrowDim)
+  // A step widens the row on the stack, with HashNet's gradient beside it (EmbeddingTable::
+  // step_narrow_row): at most 16 KiB.
+  if (spec.value_format != 0 && total + widest_one_bit > kMaxNarrowDim)
     throw ValueError("an entry kept in 16 bits a value has at most " + std::to_string(kMaxNarrowDim) +
-                     " dims, got " + std::to_string(total));
+                     " values, its widest one_bit segment's counted twice; got " + std::to_string(total) +
+                     (widest_one_bit ? " + " + std::to_string(widest_one_bit) : std::string()));
   for (const auto& e : spec.slot_expire_days)
     if (e.first > 0x7FFF) throw ValueError("expiry slot " + std::to_string(e.first) + " is not in 0..32767");
   for (const auto& e : spec.slot_occurrence_thresholds)

@@ -32,7 +32,8 @@ constexpr int kNumOptKinds = 14;
 // How a row keeps its values (the embedding): float32, or 16 bits a value (half the
 // memory); optimizer state is float32 either way.
 enum class ValueFormat : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-// The widest entry (sum of segment dims) kept in 16 bits: a step widens it on the stack.
+// The widest entry (sum of segment dims, plus the widest one_bit segment's) kept in 16 bits:
+// a step widens it on the stack.
 constexpr int kMaxNarrowDim = 4096;
 
 // What a lookup returns and how gradients flow back (Monolith's retrievers).

@@ -1405,7 +1405,10 @@ class EmbeddingTable {
       hashnet_scale_[k].store(seg.hashnet_init_scale);
       const auto r = static_cast<RetrieverKind>(seg.retriever);
       if (r != RetrieverKind::kRaw) raw_lookup_ = false;
-      if (r == RetrieverKind::kHashNet) has_hashnet_ = true;
+      if (r == RetrieverKind::kHashNet) {
+        has_hashnet_ = true;
+        widest_one_bit_ = std::max(widest_one_bit_, static_cast<size_t>(seg.dim));
+      }
       if (static_cast<OptKind>(seg.opt) == OptKind::kBatchSoftmax) needs_step_ = true;
     }
     // A one-segment entry in 16 bits whose step is the optimizer alone: its kernel's fused
@@ -2215,15 +2218,17 @@ class EmbeddingTable {
       write_values(row, w);
     });
   }
+  // One buffer holds the widened values and, after them, HashNet's gradient (spec.h bounds
+  // the two together), so that a thread of 32 KiB runs it.
   void step_narrow_row(float* row, int64_t id, const float* g, const float* lrs, int64_t global_step,
                        uint64_t step_seed) const {
     if (narrow_step_ && narrow_step_(layout_.segments[0], reinterpret_cast<uint16_t*>(row), row + layout_.value_words,
                                      g, lrs[0], global_step, stochastic_key(step_seed, id)))
       return;
     const size_t d = static_cast<size_t>(layout_.dim);
-    with_stack_floats(d, [&](float* w) {
+    with_stack_floats(d + widest_one_bit_, [&](float* w) {
       read_values(row, w);
-      step_values(w, row + layout_.value_words, id, g, lrs, global_step);
+      step_values(w, row + layout_.value_words, id, g, lrs, global_step, w + d);
       kernels_->narrow_stochastic[narrow_index(layout_.value_format)](
           w, reinterpret_cast<uint16_t*>(row), d, stochastic_key(step_seed, id));
     });
@@ -2292,7 +2297,10 @@ class EmbeddingTable {
     else step_values(row, row + layout_.value_words, id, g, lrs, global_step);
   }
 
-  void step_values(float* w, float* st, int64_t id, const float* g, const float* lrs, int64_t global_step) const {
+  // `hashnet_scratch`: room for the widest one_bit segment's gradient, or null (then it
+  // takes a stack buffer of its own).
+  void step_values(float* w, float* st, int64_t id, const float* g, const float* lrs, int64_t global_step,
+                   float* hashnet_scratch = nullptr) const {
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
       const int off = layout_.value_offset[k];
@@ -2301,11 +2309,13 @@ class EmbeddingTable {
       if (static_cast<RetrieverKind>(seg.retriever) == RetrieverKind::kHashNet) {
         // The gradient through HashNet's forward, on a frame of its own (kept out of the
         // loops of the other segments, which inline this).
-        with_stack_floats(static_cast<size_t>(seg.dim), [&](float* scratch) {
+        auto step_through = [&](float* scratch) {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
           for (int i = 0; i < seg.dim; ++i) scratch[i] = hashnet_backward(wk[i], g[off + i], scale, seg.hashnet_amplitude);
           steps_[k](seg, wk, sk, scratch, lrs[k], global_step);
-        });
+        };
+        if (hashnet_scratch) step_through(hashnet_scratch);
+        else with_stack_floats(static_cast<size_t>(seg.dim), step_through);
       } else {
         steps_[k](seg, wk, sk, g + off, lrs[k], global_step);
       }
@@ -3612,6 +3622,7 @@ class EmbeddingTable {
   const KernelSet* kernels_;
   std::vector<OptStepFn> steps_;
   NarrowStepFn narrow_step_ = nullptr;  // see the constructor
+  size_t widest_one_bit_ = 0;           // the dim of the widest one_bit segment
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
   detail::SlotValues<int64_t> expire_seconds_;
   bool has_filter_ = false;
