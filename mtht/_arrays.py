@@ -66,6 +66,14 @@ def _object_ids(a: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
+def _is_number_dtype(dtype: np.dtype) -> bool:
+    """Integers and floats, and the float formats numpy has no kind for (ml_dtypes' bfloat16
+    and float8, as JAX arrays give them) when they convert to float32 exactly; not bools."""
+    if dtype.kind in "fiu":
+        return True
+    return dtype.kind == "V" and np.can_cast(dtype, np.float32, casting="safe")
+
+
 def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     """C-contiguous float32 ``[n, dim]``. Also accepted: ``[n]`` when dim == 1, and a scalar
     when n * dim == 1. Anything else, a transposed array included, is a ValueError."""
@@ -73,7 +81,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
             values.flags.c_contiguous:
         return values  # already what the core takes: the common case, checked first
     a = as_numpy(values)
-    if a.dtype.kind not in "fiub" or a.dtype.kind == "b":
+    if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
     if a.shape == (n, dim):
         pass
@@ -89,7 +97,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
 def as_numpy_floats(values, name: str) -> np.ndarray:
     """A flat C-contiguous float32 array (a scalar becomes one element)."""
     a = as_numpy(values)
-    if a.dtype.kind not in "fiu":
+    if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
     if a.ndim > 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")

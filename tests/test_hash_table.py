@@ -635,6 +635,25 @@ def test_dlpack_bad_values_still_rejected():
     assert snapshot(t, [1, 2]) == before
 
 
+def test_bfloat16_and_float8_values_as_jax_gives_them():
+    """JAX hands numpy arrays of ml_dtypes' bfloat16 (and float8): they convert to float32
+    exactly, as values, gradients and fused gradients; a raw void dtype is refused."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # a test dependency: present in CI
+    half = np.array([[1.5, -2.25], [3e38, 2.0**-133]], dtype=ml_dtypes.bfloat16)
+    wide = half.astype(np.float32)
+    t, u = sgd_table(2), sgd_table(2)
+    t.assign([1, 2], half)
+    u.assign([1, 2], wide)
+    assert np.array_equal(t.lookup([1, 2]).view(np.uint32), u.lookup([1, 2]).view(np.uint32))
+    t.apply_gradients([1], np.array([[0.5, 1.0]], dtype=ml_dtypes.float8_e4m3fn), global_step=0)
+    u.apply_gradients([1], np.array([[0.5, 1.0]], dtype=np.float32), global_step=0)
+    np.testing.assert_array_equal(t.lookup([1]), u.lookup([1]))
+    before = snapshot(t, [1, 2])
+    with pytest.raises(TypeError, match="must be numbers"):
+        t.assign([1, 2], np.zeros((2, 2), dtype="V4"))
+    assert snapshot(t, [1, 2]) == before
+
+
 def test_torch_tensors():
     torch = pytest.importorskip("torch")
     t = sgd_table(2)
