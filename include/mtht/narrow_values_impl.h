@@ -1,8 +1,9 @@
 // The 16-bit value conversions (ValueFormat::kFloat16, kBFloat16), as plain functions and
 // loops over a row: widening exactly, rounding to nearest (ties to even), and rounding
 // stochastically after an optimizer step (unbiased: E[round(x)] = x), so that steps smaller
-// than the spacing of the 16-bit values still move an embedding on average. Finite values
-// stay finite: a magnitude past the largest 16-bit value saturates to it. NaN and Inf pass.
+// than the spacing of the 16-bit values still move an embedding on average. Rounding keeps
+// finite values finite: a magnitude past the largest 16-bit value saturates to it. NaN and
+// Inf pass.
 //
 // Included inside a namespace by each per-ISA kernel unit (src/kernels_*.cpp), like
 // kernels_impl.h, and by narrow_values.h for the code compiled without ISA flags: it
@@ -123,9 +124,10 @@ inline uint16_t bfloat16_stochastic(float f, uint32_t noise) {
 }
 
 // The noise of a stochastic narrowing: 32 bits per value, from a key per (seed, id, step)
-// (stochastic_key, narrow_values.h) and the value's position, by murmur3's 32-bit finaliser (a bijection, so the values of a
-// row draw apart). 32-bit lanes, so that the loop that rounds a row vectorises with it (a
-// table of noise filled by 64-bit words and read back in vectors stalled on the stores).
+// (stochastic_key, narrow_values.h) and the value's position, by murmur3's 32-bit
+// finaliser (a bijection, so the values of a row draw apart). 32-bit lanes, so that the
+// loop that rounds a row vectorises with it (a table of noise filled by 64-bit words and
+// read back in vectors stalled on the stores).
 inline uint32_t stochastic_noise(uint32_t key, uint32_t position) {
   uint32_t x = key ^ (position * 0x9e3779b9u);
   x ^= x >> 16;
