@@ -31,6 +31,7 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 from mtht import _core
+from mtht import hash_table as _hash_table
 from mtht.entry import MAX_SHARDS
 
 __all__ = ["CheckpointError", "save_table", "restore_table", "save_multi_type", "restore_multi_type",
@@ -285,13 +286,16 @@ def _write_generation(table, basename: str, apply_expiry: bool = True) -> Tuple[
     count = file_count(table)
     paths = [os.path.join(directory, _data_name(prefix, generation, i, count)) for i in range(count)]
     core = table._core
-    max_update_ts = core.max_update_ts
+    max_update_ts = core.max_update_ts  # the clock expiry goes by
     try:
         infos = core.save_files(paths, max_update_ts, apply_expiry, table.layout)
         _fsync_dir(directory)
     except BaseException:
         _remove(paths)
         raise
+    # A write beside the save may be in the files: its req_time is in the clock by then (a
+    # write moves the clock before its rows), so the clock read now is as late as any entry.
+    max_update_ts = max(max_update_ts, core.max_update_ts)
     body = {
         "format": FORMAT,
         "version": VERSION,
@@ -528,9 +532,9 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     if format == "monolith":
         from mtht.monolith_checkpoint import restore_monolith_tables
         restore_monolith_tables(list(_slot_tables(table).values()), directory)
-        return
-    for t, core in load_multi_type(table, directory):
-        t._swap_core(core)
+    else:
+        _hash_table.swap_contents(load_multi_type(table, directory))
+    table._drop_prefetched()
 
 
 def find_checkpoints(tables: Dict[str, object], directory: str) -> List[Tuple[object, str, dict]]:

@@ -609,10 +609,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         Every rank's part is verified before any table of any rank changes."""
         with self._turn():  # waits for the calls hooks queued (their errors stay for wait() or as_op())
             self._restore(directory)
+        self._drop_prefetched()
 
     def _restore(self, directory: str) -> None:
         loaded, error = _attempt(lambda: _checkpoint.load_multi_type(
             self._table, _sharded.saved_parts(directory, self._world)[1][self._rank]))
         self._settle(error, "restore")
-        for t, core in loaded:
-            t._swap_core(core)
+        _hash_table.swap_contents(loaded)

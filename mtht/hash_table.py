@@ -10,6 +10,7 @@ import abc
 import dataclasses
 import numbers
 import os
+import threading
 import time
 from typing import Dict, List, NamedTuple, Optional
 
@@ -135,6 +136,26 @@ def _apply_one(core, method: str, ids, rows, learning_rates, global_step: int, r
         getattr(core, method)(ids, rows, req_time)
 
 
+# Held while the tables of a model take new contents together (a restore) and while a call
+# over several tables picks up theirs, so that such a call reaches every table as it was
+# before the restore, or every table as the restore left it (never some of each).
+_CONTENTS = threading.Lock()
+
+
+def swap_contents(pairs) -> None:
+    """Give each table of the ``(table, core)`` pairs its new contents, at once for the calls
+    over several tables."""
+    with _CONTENTS:
+        for table, core in pairs:
+            table._swap_core(core)
+
+
+def _contents_of(tables) -> list:
+    """The cores of ``tables``, all before or all after any swap_contents."""
+    with _CONTENTS:
+        return [t._core for t in tables]
+
+
 def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     """``table.lookup(ids)`` for each table and its ids, in one call of the core (the tables'
     lookups share the threads). The results are views of one array, each starting on a
@@ -143,7 +164,7 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
     ids_list = [as_ids(ids) for ids in ids_list]
     outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
-    _core.lookup_tables([(t._core, ids, out) for t, ids, out in zip(tables, ids_list, outs)])
+    _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
     return outs
 
 
@@ -188,6 +209,12 @@ def write_parts(parts: List[tuple], arguments: WriteArguments) -> None:
     tables of one multi-slot write): all of them, or (raising) none. :func:`write_all`
     without a :class:`TableWrite` per table, whose making cost as much as writing a few ids
     (100 slots of 10 ids: half the call was Python)."""
+    cores = [parts[0][0]._core] if len(parts) == 1 else _contents_of([p[0] for p in parts])
+    _write_cores([(core,) + tuple(p[1:]) for core, p in zip(cores, parts)], arguments)
+
+
+def _write_cores(parts: List[tuple], arguments: WriteArguments) -> None:
+    """write_parts with each table's core in place of the table."""
     if len(parts) == 1:
         core, method, ids, rows, learning_rates = parts[0]
         _apply_one(core, method, ids, rows, learning_rates, arguments.global_step, arguments.req_time,
@@ -208,8 +235,8 @@ def write_all(writes: List[TableWrite]) -> None:
         raise ValueError("writes applied together must share req_time, and gradient steps global_step "
                          "and dedup")
     step, dedup = (steps[0].global_step, steps[0].dedup) if steps else (0, False)
-    write_parts([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
-                WriteArguments(step, dedup, writes[0].req_time))
+    _write_cores([(w.core, w.method, w.ids, w.rows, w.learning_rates) for w in writes],
+                 WriteArguments(step, dedup, writes[0].req_time))
 
 
 # The most data files a save writes: file names hold their count in 5 digits.
@@ -401,22 +428,23 @@ class HashTable(BaseHashTable):
     def prepare_write_with(self, method: str, ids, tensor, arguments: WriteArguments) -> "TableWrite":
         """:meth:`prepare_write` with the arguments after the rows already converted
         (:func:`write_arguments`)."""
-        core, method, ids, rows, learning_rates = self.write_part(method, ids, tensor, arguments)
+        table, method, ids, rows, learning_rates = self.write_part(method, ids, tensor, arguments)
+        core = table._core
         if method == "apply_gradients":
             return TableWrite(core, method, ids, rows, learning_rates, arguments.global_step, arguments.req_time,
                               arguments.dedup)
         return TableWrite(core, method, ids, rows, None, 0, arguments.req_time, False)
 
     def write_part(self, method: str, ids, tensor, arguments: WriteArguments) -> tuple:
-        """``(core, method, ids, rows, learning_rates)``: a write's arguments converted, as
+        """``(table, method, ids, rows, learning_rates)``: a write's arguments converted, as
         :func:`write_parts` applies them (``learning_rates`` is None but for
         ``apply_gradients``)."""
         ids = as_ids(ids)
         if method == "apply_gradients":
-            return (self._core, method, ids, as_rows(tensor, ids.shape[0], self._dim, "grads"),
+            return (self, method, ids, as_rows(tensor, ids.shape[0], self._dim, "grads"),
                     self._config.learning_rates(arguments.global_step))
         if method in ("assign", "assign_add"):
-            return self._core, method, ids, as_rows(tensor, ids.shape[0], self._dim, "values"), None
+            return self, method, ids, as_rows(tensor, ids.shape[0], self._dim, "values"), None
         raise ValueError(f"unknown write {method!r}")
 
     def assign(self, ids, values, req_time=None) -> "HashTable":
@@ -505,6 +533,7 @@ class HashTable(BaseHashTable):
             restore_monolith(self, basename)
         else:
             restore_table(self, basename)
+        self._drop_prefetched()
         return self
 
 
@@ -524,7 +553,7 @@ def _core_tables(tables) -> list:
     for t in tables:
         if not isinstance(t, HashTable):
             raise TypeError(f"fused ops take HashTable objects, got {type(t).__name__}")
-    return [t._core for t in tables]
+    return _contents_of(tables)
 
 
 def _counts(fused_slot_size) -> np.ndarray:

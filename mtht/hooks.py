@@ -56,14 +56,29 @@ class QueueHooks:
         return hooks
 
     def _wait_for_hooks(self) -> None:
-        """Every call queued by a hook of this table (or of a table it wraps) is done; the
-        first error among them is raised. (Once per thread: the hooks of a table and of the
-        tables it wraps share one.)"""
-        waited = set()
+        """Every call queued by a hook of this table, of a table it wraps, or of a table that
+        wraps it (a slot table of a multi-type table with hooks) is done; the first error
+        among them is raised. (Once per thread: the hooks of a family share one.)"""
+        pipelines = {id(h._pipeline): h._pipeline for h in self.get_queue_hooks() if isinstance(h, _TableHook)}
+        for pipeline in pipelines.values():
+            pipeline.wait()
+            pipeline.take_error()
+        # The hooks of a table that wraps this one: their error is the trainer's to take
+        # where it takes that table's (on a table whose calls are collective, at wait(),
+        # end() or as_op(), which every process reaches).
+        shared = getattr(self, "_mtht_pipeline", None)  # set on every table of a family with hooks
+        if shared is not None and id(shared) not in pipelines:
+            shared.wait()
+            shared.take_error_at_call()
+
+
+    def _drop_prefetched(self) -> None:
+        """Drop the batches prefetched by the hooks of this table and of the tables it wraps:
+        a restore replaced what they read, so their lookups read the table again."""
         for hook in self.get_queue_hooks():
-            if isinstance(hook, _TableHook) and id(hook._pipeline) not in waited:
-                waited.add(id(hook._pipeline))
-                hook.wait()
+            if isinstance(hook, Prefetch):
+                with hook._lock:
+                    hook._ahead.clear()
 
 
 class _Stop:
@@ -435,7 +450,8 @@ class Prefetch(_TableHook):
 
     A prefetched lookup reads the table as the calls queued before it left it: a batch
     prefetched before the previous batch's gradients were pushed (with ``AsyncPush`` on the
-    same table) reads the values from before that push, as in Monolith's pipelines. Up to
+    same table) reads the values from before that push, as in Monolith's pipelines. A
+    restore of the table drops the batches prefetched before it. Up to
     ``capacity`` batches may be prefetched ahead; ``lookup(ids)`` of ids other than the
     oldest prefetched batch's drops that batch (counted by ``misses``) and looks up ``ids``
     in order with the queued calls. On a table sharded over processes, every process takes

@@ -18,6 +18,7 @@ import struct
 from typing import Dict, List, Tuple
 
 from mtht import _core
+from mtht import hash_table as _hash_table
 from mtht._spec import _STATE_LAYOUT
 from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count
 
@@ -362,5 +363,4 @@ def restore_monolith_tables(tables: list, directory: str) -> None:
                                         f"(looked for {', '.join(c + '-NNNNN-of-NNNNN' for c in candidates)})")
             found.append((table, os.path.join(directory, prefix)))
         cores = _over_tables(_load, found)
-    for (table, _), core in zip(found, cores):
-        table._swap_core(core)
+    _hash_table.swap_contents([(table, core) for (table, _), core in zip(found, cores)])

@@ -398,6 +398,58 @@ def test_save_and_restore_apply_the_queued_writes_first(tmp_path):
     push.end()
 
 
+def test_a_slot_table_waits_for_the_writes_pushed_on_its_model(tmp_path):
+    # Hooks on a multi-type table run its slot tables' writes: a slot table's own save,
+    # restore and as_op wait for them too (they looked only at hooks of the slot table).
+    slot_tables = {}
+
+    def factory(slot, c):
+        slot_tables[slot] = hash_table_from_config(c, name_suffix=slot)
+        return slot_tables[slot]
+
+    model = MultiTypeHashTable({"a": config(), "b": config()}, factory)
+    push = mtht.AsyncPush(model)
+    basename = str(tmp_path / "a")
+    for step in ("save", "as_op", "restore"):
+        release = hold_back(model, "assign")
+        push.assign({"a": ([7], np.full((1, 4), 3, F32))})
+        threading.Timer(0.2, release.set).start()
+        if step == "save":
+            slot_tables["a"].save(basename)
+            assert table().restore(basename).lookup([7]).tolist() == [[3] * 4]
+        elif step == "as_op":
+            assert slot_tables["a"].as_op().lookup([7]).tolist() == [[3] * 4]
+        else:
+            slot_tables["a"].restore(str(tmp_path / "empty"))  # saved below, before this step
+            assert slot_tables["a"].lookup([7]).tolist() == [[0] * 4]
+        del model.assign
+        if step == "as_op":
+            table().save(str(tmp_path / "empty"))
+    push.end()
+
+
+def test_a_restore_drops_the_batches_prefetched_before_it(tmp_path):
+    # A batch prefetched before a restore read the contents the restore replaced: its
+    # lookup after the restore reads the table again (of one table and of a model).
+    t = table()
+    t.assign([1], np.ones((1, 4), F32))
+    t.save(str(tmp_path / "t"))
+    t.assign([1], np.full((1, 4), 2, F32))
+    prefetch = mtht.Prefetch(t)
+    prefetch.prefetch([1])
+    t.restore(str(tmp_path / "t"))
+    assert prefetch.lookup([1]).tolist() == [[1] * 4] and prefetch.misses == 0
+    prefetch.end()
+    model = MultiTypeHashTable({"a": config(), "b": config()}, lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    mtht.checkpoint.save_multi_type(model, str(tmp_path / "model"))
+    model.assign({"a": ([1], np.ones((1, 4), F32))})
+    prefetch = mtht.Prefetch(model)
+    prefetch.prefetch({"a": [1]})
+    mtht.checkpoint.restore_multi_type(model, str(tmp_path / "model"))
+    assert prefetch.lookup({"a": [1]})["a"].tolist() == [[0] * 4]
+    prefetch.end()
+
+
 def test_a_dropped_table_leaves_no_thread():
     before = set(pipeline_threads())  # threads of earlier tests may still be ending
     for _ in range(5):

@@ -346,6 +346,66 @@ def test_timestamps_a_slot_cannot_hold_are_kept_apart_exactly(far):
     _check_timestamps(multi._tables["b"], dict.fromkeys(ids[5_000:9_000].tolist(), far))
 
 
+def test_a_save_beside_a_write_keeps_a_clock_as_late_as_its_entries(tmp_path):
+    # A write that lands while the files are written (here: just before the core scans the
+    # table) is in the checkpoint; the max_update_ts saved with it is no older than it.
+    t = table_of()
+    t.assign(ids_of(1), [[1]], req_time=5)
+    core = t._core
+
+    class WriteDuringSave:
+        def __getattr__(self, name):
+            return getattr(core, name)
+
+        def save_files(self, *args):
+            t._core = core
+            t.assign(ids_of(2), [[2]], req_time=100)
+            return core.save_files(*args)
+
+    t._core = WriteDuringSave()
+    t.save(str(tmp_path / "t"))
+    restored = table_of().restore(str(tmp_path / "t"))
+    assert restored.lookup_entry(ids_of(2))[0].last_update_ts == 100
+    assert restored.max_update_ts == 100
+
+
+def test_a_model_write_during_its_restore_reaches_every_slot_before_or_every_slot_after(tmp_path):
+    # A multi-slot write from another thread while restore_multi_type gives the slot tables
+    # their new contents (here: held up between the first slot and the second) waits for
+    # all of them: it lands in every slot's new contents, never in one slot's new and the
+    # other's discarded old ones. Likewise a lookup over the slots.
+    slot_tables = {}
+
+    def factory(slot, c):
+        slot_tables[slot] = hash_table_from_config(c, name_suffix=slot)
+        return slot_tables[slot]
+
+    model = MultiTypeHashTable({"a": config_of(), "b": config_of()}, factory)
+    save_multi_type(model, str(tmp_path))
+    swapped_first, results = threading.Event(), {}
+    original = slot_tables["a"]._swap_core
+
+    def swap_then_pause(core):
+        original(core)
+        swapped_first.set()
+        time.sleep(0.3)  # the write and the lookup below start meanwhile
+
+    slot_tables["a"]._swap_core = swap_then_pause
+
+    def write_and_look():
+        swapped_first.wait()
+        model.assign_add({"a": (ids_of(1), [[1.0]]), "b": (ids_of(1), [[1.0]])})
+        results["lookup"] = model.lookup({"a": ids_of(1), "b": ids_of(1)})
+
+    other = threading.Thread(target=write_and_look)
+    other.start()
+    restore_multi_type(model, str(tmp_path))
+    other.join()
+    after = model.lookup({"a": ids_of(1), "b": ids_of(1)})
+    assert after["a"].tolist() == after["b"].tolist() == [[1.0]]
+    assert results["lookup"]["a"].tolist() == results["lookup"]["b"].tolist() == [[1.0]]
+
+
 def test_max_update_ts_never_decreases_and_default_req_time_is_zero():
     t = table_of()
     assert t.max_update_ts == 0
