@@ -105,6 +105,8 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         int num_segments()
         int num_shards()
         void pin_layout()
+        void hold_writes() nogil
+        void release_writes() nogil
         pair[size_t, size_t] shards_of_part(size_t part, size_t parts)
         void unpin_layout()
         int64_t max_update_ts()

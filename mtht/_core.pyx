@@ -6,7 +6,7 @@ Arguments arrive already converted and shape-checked by :mod:`mtht.hash_table`; 
 only checks what it needs for memory safety (lengths against the table's dim).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libcpp.memory cimport unique_ptr
 from libcpp.vector cimport vector
 
@@ -450,6 +450,39 @@ def lookup_tables(list parts):
 
 _WRITE_KINDS = {"assign": WriteKind.kAssign, "assign_add": WriteKind.kAssignAdd,
                 "apply_gradients": WriteKind.kApplyGradients}
+
+
+def _by_address(list tables):
+    """The distinct tables of ``tables`` in the order of their cores' addresses: the order
+    writes to several tables take the tables' write gates in (HeldLayouts)."""
+    cdef Table t
+    found = {}
+    for table in tables:
+        t = table
+        found[<uintptr_t>t._t.get()] = t
+    return [found[k] for k in sorted(found)]
+
+
+def hold_writes(list tables):
+    """Wait for the writes under way on ``tables`` and hold off the next ones until
+    release_writes(tables) on this thread (a save: EmbeddingTable::hold_writes)."""
+    cdef Table t
+    held = []
+    try:
+        for t in _by_address(tables):
+            with nogil:
+                t._t.get().hold_writes()
+            held.append(t)
+    except BaseException:
+        release_writes(held)
+        raise
+
+
+def release_writes(list tables):
+    """Let the writes held off by hold_writes(tables) go on."""
+    cdef Table t
+    for t in reversed(_by_address(tables)):
+        t._t.get().release_writes()
 
 
 def write_tables(list parts, int64_t global_step, int64_t ts, bint dedup):

@@ -264,7 +264,8 @@ def save_table(table, basename: str) -> dict:
     """
     basename = os.fspath(basename)
     with _turn(basename):
-        body, older = _write_generation(table, basename)
+        with _hash_table.writes_held([table]):
+            body, older = _write_generation(table, basename)
         _commit(basename, body, older)
     return body
 
@@ -489,8 +490,9 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
     bases = [os.path.join(directory, key) for key in tables]
     with _turn(directory, *bases):
         _remove(stale_temps(os.path.join(directory, TABLES_FILE)))  # left by a save that was killed
-        written, failed = _over_tables_settled(lambda t, base: _write_generation(t, base, apply_expiry),
-                                               list(zip(tables.values(), bases)))
+        with _hash_table.writes_held(list(tables.values())):  # every table at one point
+            written, failed = _over_tables_settled(lambda t, base: _write_generation(t, base, apply_expiry),
+                                                   list(zip(tables.values(), bases)))
         news = [f for base, w in zip(bases, written) if w for f in _files_of(base, w[0])]
         try:
             if failed is not None:

@@ -7,6 +7,7 @@ Writes change the table in place and return it, so Monolith-style chains
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import numbers
 import os
@@ -154,6 +155,18 @@ def _contents_of(tables) -> list:
     """The cores of ``tables``, all before or all after any swap_contents."""
     with _CONTENTS:
         return [t._core for t in tables]
+
+
+@contextlib.contextmanager
+def writes_held(tables):
+    """Within: no write to any of ``tables`` is under way or starts (a save of them holds
+    each write whole or not at all). The writes wait; reads go on."""
+    cores = _contents_of(tables)
+    _core.hold_writes(cores)
+    try:
+        yield
+    finally:
+        _core.release_writes(cores)
 
 
 def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:

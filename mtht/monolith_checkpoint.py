@@ -210,7 +210,9 @@ def save_monolith(table, basename: str) -> None:
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
     with _turn(basename):
-        _publish(basename, _write_temporaries(table, basename))
+        with _hash_table.writes_held([table]):
+            moves = _write_temporaries(table, basename)
+        _publish(basename, moves)
 
 
 def _shard_pattern(basename: str):
@@ -332,7 +334,8 @@ def save_monolith_tables(tables: list, directory: str) -> None:
     basenames = [os.path.join(directory, p) for p in _prefixes(tables)]
     os.makedirs(directory, exist_ok=True)
     with _turn(directory, *basenames):
-        written, failed = _over_tables_settled(_write_temporaries, list(zip(tables, basenames)))
+        with _hash_table.writes_held(tables):  # every table at one point
+            written, failed = _over_tables_settled(_write_temporaries, list(zip(tables, basenames)))
         written = [moves or [] for moves in written]
         try:
             if failed is not None:

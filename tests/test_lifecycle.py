@@ -346,27 +346,66 @@ def test_timestamps_a_slot_cannot_hold_are_kept_apart_exactly(far):
     _check_timestamps(multi._tables["b"], dict.fromkeys(ids[5_000:9_000].tolist(), far))
 
 
-def test_a_save_beside_a_write_keeps_a_clock_as_late_as_its_entries(tmp_path):
-    # A write that lands while the files are written (here: just before the core scans the
-    # table) is in the checkpoint; the max_update_ts saved with it is no older than it.
+def test_a_write_beside_a_save_waits_for_it(tmp_path, monkeypatch):
+    # A write from another thread while a save writes its files (of a table, and of a model
+    # in either format) waits until they are written: the checkpoint holds none of it, and
+    # the table all of it afterwards. (Before, a save could hold part of a write, and a
+    # max_update_ts older than an entry it held.)
+    import mtht.checkpoint as checkpoint_module
+    import mtht.monolith_checkpoint as monolith_module
+
+    def with_a_write_held_off(module, name, write, written):
+        original = getattr(module, name)
+        once = threading.Lock()
+
+        def writing_meanwhile(*args, **kwargs):
+            if not once.acquire(blocking=False):  # the save's other tables, in parallel
+                return original(*args, **kwargs)
+            other = threading.Thread(target=write)
+            other.start()
+            other.join(0.3)
+            assert other.is_alive() and not written(), "the write did not wait for the save"
+            try:
+                return original(*args, **kwargs)
+            finally:
+                monkeypatch.setattr(module, name, original)
+                threads.append(other)
+
+        monkeypatch.setattr(module, name, writing_meanwhile)
+
+    threads = []
     t = table_of()
     t.assign(ids_of(1), [[1]], req_time=5)
-    core = t._core
-
-    class WriteDuringSave:
-        def __getattr__(self, name):
-            return getattr(core, name)
-
-        def save_files(self, *args):
-            t._core = core
-            t.assign(ids_of(2), [[2]], req_time=100)
-            return core.save_files(*args)
-
-    t._core = WriteDuringSave()
+    with_a_write_held_off(checkpoint_module, "_write_generation",
+                          lambda: t.assign(ids_of(2, 3), [[2], [3]], req_time=100),
+                          lambda: t.contains(ids_of(2)).any())
     t.save(str(tmp_path / "t"))
+    threads.pop().join()
     restored = table_of().restore(str(tmp_path / "t"))
-    assert restored.lookup_entry(ids_of(2))[0].last_update_ts == 100
-    assert restored.max_update_ts == 100
+    assert restored.size() == 1 and restored.max_update_ts == 5
+    assert t.size() == 3 and t.max_update_ts == 100
+
+    def slot_model():
+        return MultiTypeHashTable({"a": config_of(), "b": config_of()},
+                                  lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+
+    model = slot_model()
+    both = {"a": (ids_of(1), [[1.0]]), "b": (ids_of(1), [[1.0]])}
+    for module, name, form in ((checkpoint_module, "_write_generation", "mtht"),
+                               (monolith_module, "_write_temporaries", "monolith")):
+        if form == "monolith":
+            pytest.importorskip("google.protobuf")
+        with_a_write_held_off(module, name, lambda: model.assign_add(both),
+                              lambda: model.lookup({"a": ids_of(1)})["a"][0, 0] != before)
+        before = model.lookup({"a": ids_of(1)})["a"][0, 0]
+        save_multi_type(model, str(tmp_path / form), format=form)
+        threads.pop().join()
+        again = slot_model()
+        restore_multi_type(again, str(tmp_path / form), format=form)
+        saved = again.lookup({"a": ids_of(1), "b": ids_of(1)})
+        assert saved["a"].tolist() == saved["b"].tolist() == [[before]]
+        now = model.lookup({"a": ids_of(1), "b": ids_of(1)})
+        assert now["a"].tolist() == now["b"].tolist() == [[before + 1]]
 
 
 def test_a_model_write_during_its_restore_reaches_every_slot_before_or_every_slot_after(tmp_path):

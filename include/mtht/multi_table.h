@@ -75,6 +75,9 @@ class HeldLayouts {
   explicit HeldLayouts(const std::vector<EmbeddingTable*>& tables) : tables_(tables) {
     std::sort(tables_.begin(), tables_.end());
     tables_.erase(std::unique(tables_.begin(), tables_.end()), tables_.end());
+    // Every table's write gate first, in address order, as a save takes them (hold_writes):
+    // a model's save then holds the write on every table or on none.
+    for (EmbeddingTable* t : tables_) writes_.emplace_back(*t);
     for (EmbeddingTable* t : tables_) holds_.emplace_back(*t);
   }
   ~HeldLayouts() {
@@ -86,6 +89,7 @@ class HeldLayouts {
 
  private:
   std::vector<EmbeddingTable*> tables_;
+  std::vector<EmbeddingTable::WriteHold> writes_;  // released last (after the splits)
   std::vector<EmbeddingTable::LayoutHold> holds_;
 };
 

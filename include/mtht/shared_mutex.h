@@ -35,6 +35,10 @@ class SharedMutex {
     if (state_.exchange(0, std::memory_order_release) & kWaiting) wake();
   }
 
+  // Makes the lock free. Only for a lock that its holder can no longer give back: in the
+  // child of a fork, a lock the parent's other threads held.
+  void reset() { state_.store(0, std::memory_order_release); }
+
   void lock_shared() {
     if (!try_lock_shared()) wait_for([this] { return try_lock_shared(); });
   }

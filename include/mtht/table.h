@@ -67,6 +67,7 @@
 #include <mutex>
 #include <new>
 #include <optional>
+#include <set>
 #include <shared_mutex>
 #include <string>
 #include <thread>
@@ -978,6 +979,38 @@ class ScratchMemory {
   size_t kept_ = 0;
 };
 
+// The tables' write gates, which a fork's child frees: a save holds them between calls
+// (EmbeddingTable::hold_writes), and no thread of the child gives them back. In the child no
+// write holds one (a fork waits for the calls under way: ForkGate, whose handlers are
+// registered after these, so that its prepare runs first).
+class ForkFreedLocks {
+ public:
+  static ForkFreedLocks& global() {
+    static ForkFreedLocks* g = make();  // never destroyed: tables may outlive statics
+    return *g;
+  }
+  void add(SharedMutex* m) {
+    std::lock_guard<std::mutex> l(mu_);
+    locks_.insert(m);
+  }
+  void remove(SharedMutex* m) {
+    std::lock_guard<std::mutex> l(mu_);
+    locks_.erase(m);
+  }
+
+ private:
+  static ForkFreedLocks* make() {
+    auto* g = new ForkFreedLocks();
+    pthread_atfork([] { global().mu_.lock(); }, [] { global().mu_.unlock(); }, [] {
+      for (SharedMutex* m : global().locks_) m->reset();
+      global().mu_.unlock();
+    });
+    return g;
+  }
+  std::mutex mu_;
+  std::set<SharedMutex*> locks_;
+};
+
 // A fork while another thread is inside a call on a table would leave the locks that call
 // holds (a shard's, the layout, a capacity limit's) held in the child, which would then
 // wait on them forever at its first call on that table. Every call from outside the core
@@ -1015,6 +1048,7 @@ class ForkGate {
   static std::shared_mutex* make() {
     HugeBlockPool::global();
     ScratchMemory::global();
+    ForkFreedLocks::global();  // its prepare handler after this one's: calls may free tables
     auto* g = new std::shared_mutex();
     // In the child the gate is made anew rather than unlocked: a rwlock records its writer
     // by thread id, and the child's one thread has another.
@@ -1445,8 +1479,10 @@ class EmbeddingTable {
       for (auto* s : shards_) delete s;
       throw;
     }
+    detail::ForkFreedLocks::global().add(&writes_);
   }
   ~EmbeddingTable() {
+    detail::ForkFreedLocks::global().remove(&writes_);
     for (auto* s : shards_) delete s;
   }
   EmbeddingTable(const EmbeddingTable&) = delete;
@@ -1490,6 +1526,30 @@ class EmbeddingTable {
     pins_.fetch_sub(1, std::memory_order_relaxed);
     release_layout();
   }
+
+  // Every write holds the table's write gate shared for its whole call (a write to several
+  // tables holds each table's: detail::HeldLayouts), and a save holds it alone
+  // (hold_writes, for every table of a model at once), so that a save holds each write whole
+  // or not at all. Readers first (SharedMutex): a waiting save holds up no write.
+  // (A fork while a save holds it, between two calls, which ForkGate does not cover, would
+  // leave it held in the child, where no thread gives it back: the child frees it,
+  // detail::ForkFreedLocks.)
+  void hold_writes() const { writes_.lock(); }
+  void release_writes() const { writes_.unlock(); }
+  class WriteHold {
+   public:
+    explicit WriteHold(const EmbeddingTable& t) : t_(&t) { t.writes_.lock_shared(); }
+    ~WriteHold() {
+      if (t_) t_->writes_.unlock_shared();
+    }
+    WriteHold(WriteHold&& o) noexcept : t_(std::exchange(o.t_, nullptr)) {}
+    WriteHold(const WriteHold&) = delete;
+    WriteHold& operator=(const WriteHold&) = delete;
+    WriteHold& operator=(WriteHold&&) = delete;
+
+   private:
+    const EmbeddingTable* t_;
+  };
 
   // hold_layout() for its lifetime.
   class LayoutHold {
@@ -1711,6 +1771,7 @@ class EmbeddingTable {
   // Upsert rows; the last duplicate wins. New entries get their optimizer state initialised.
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     const detail::ForkGate::InCall in_call;
+    const WriteHold writing(*this);
     check_finite(values, n * layout_.dim, "values");
     assign_rows(ids, n, values, ts);
     maybe_split();
@@ -1719,6 +1780,7 @@ class EmbeddingTable {
   // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
     const detail::ForkGate::InCall in_call;
+    const WriteHold writing(*this);
     check_finite(values, n * layout_.dim, "values");
     add_rows(ids, n, values, ts);
     maybe_split();
@@ -1762,6 +1824,7 @@ class EmbeddingTable {
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
                        int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
     const detail::ForkGate::InCall in_call;
+    const WriteHold writing(*this);
     check_learning_rates(lrs, n_lrs);
     check_finite(grads, n * layout_.dim, "gradients");
     check_step(global_step);
@@ -1817,6 +1880,7 @@ class EmbeddingTable {
   // Removes every entry expired at `max_update_time`; returns how many. Their memory is reused.
   uint64_t evict(int64_t max_update_time) {
     const detail::ForkGate::InCall in_call;
+    const WriteHold writing(*this);
     const LayoutHold hold(*this);
     std::atomic<uint64_t> removed{0};
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
@@ -1952,6 +2016,7 @@ class EmbeddingTable {
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
     const detail::ForkGate::InCall in_call;
+    const WriteHold writing(*this);
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
@@ -3622,6 +3687,7 @@ class EmbeddingTable {
   const KernelSet* kernels_;
   std::vector<OptStepFn> steps_;
   NarrowStepFn narrow_step_ = nullptr;  // see the constructor
+  mutable detail::SharedMutex writes_;  // the write gate (WriteHold, hold_writes)
   size_t widest_one_bit_ = 0;           // the dim of the widest one_bit segment
   std::unique_ptr<std::atomic<float>[]> hashnet_scale_;
   detail::SlotValues<int64_t> expire_seconds_;
