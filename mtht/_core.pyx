@@ -35,7 +35,7 @@ cdef extern from *:
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "sum_rows", "gather_rows",
-           "lookup_tables", "write_tables", "crc32c"]
+           "lookup_tables", "write_tables", "hold_writes", "release_writes", "crc32c"]
 
 
 def compiler():
