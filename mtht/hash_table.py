@@ -222,8 +222,13 @@ def write_parts(parts: List[tuple], arguments: WriteArguments) -> None:
     tables of one multi-slot write): all of them, or (raising) none. :func:`write_all`
     without a :class:`TableWrite` per table, whose making cost as much as writing a few ids
     (100 slots of 10 ids: half the call was Python)."""
-    cores = [parts[0][0]._core] if len(parts) == 1 else _contents_of([p[0] for p in parts])
-    _write_cores([(core,) + tuple(p[1:]) for core, p in zip(cores, parts)], arguments)
+    if len(parts) == 1:
+        table, method, ids, rows, learning_rates = parts[0]
+        _write_cores([(table._core, method, ids, rows, learning_rates)], arguments)
+        return
+    with _CONTENTS:  # as _contents_of, without a list of the tables first
+        cores = [(p[0]._core, p[1], p[2], p[3], p[4]) for p in parts]
+    _write_cores(cores, arguments)
 
 
 def _write_cores(parts: List[tuple], arguments: WriteArguments) -> None:

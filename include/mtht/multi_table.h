@@ -77,6 +77,8 @@ class HeldLayouts {
     tables_.erase(std::unique(tables_.begin(), tables_.end()), tables_.end());
     // Every table's write gate first, in address order, as a save takes them (hold_writes):
     // a model's save then holds the write on every table or on none.
+    writes_.reserve(tables_.size());
+    holds_.reserve(tables_.size());
     for (EmbeddingTable* t : tables_) writes_.emplace_back(*t);
     for (EmbeddingTable* t : tables_) holds_.emplace_back(*t);
   }
