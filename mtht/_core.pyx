@@ -463,25 +463,23 @@ def _by_address(list tables):
     return [found[k] for k in sorted(found)]
 
 
-def hold_writes(list tables):
-    """Wait for the writes under way on ``tables`` and hold off the next ones until
-    release_writes(tables) on this thread (a save: EmbeddingTable::hold_writes)."""
+def hold_writes(list tables, list held):
+    """Wait for the writes under way on ``tables`` and hold off the next ones (a save:
+    EmbeddingTable::hold_writes), appending each table to ``held`` as it is held, with no
+    Python code in between: an interrupt after the call finds every held table there, for
+    release_writes(held)."""
     cdef Table t
-    held = []
-    try:
-        for t in _by_address(tables):
-            with nogil:
-                t._t.get().hold_writes()
-            held.append(t)
-    except BaseException:
-        release_writes(held)
-        raise
+    for t in _by_address(tables):
+        with nogil:
+            t._t.get().hold_writes()
+        held.append(t)
 
 
-def release_writes(list tables):
-    """Let the writes held off by hold_writes(tables) go on."""
+def release_writes(list held):
+    """Let the writes held off by hold_writes go on, emptying ``held``."""
     cdef Table t
-    for t in reversed(_by_address(tables)):
+    while held:
+        t = held.pop()
         t._t.get().release_writes()
 
 

@@ -143,12 +143,28 @@ def _apply_one(core, method: str, ids, rows, learning_rates, global_step: int, r
 _CONTENTS = threading.Lock()
 
 
+def _new_contents_lock() -> None:
+    # A forked child has none of its parent's other threads, which may have held it.
+    global _CONTENTS
+    _CONTENTS = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_contents_lock)
+
+
 def swap_contents(pairs) -> None:
     """Give each table of the ``(table, core)`` pairs its new contents, at once for the calls
-    over several tables."""
+    over several tables, once the writes under way and a save of the old contents are done
+    (writes_held)."""
+    pairs = list(pairs)
+    held = []
     with _CONTENTS:
-        for table, core in pairs:
-            table._swap_core(core)
+        try:
+            _core.hold_writes([table._core for table, _ in pairs], held)
+            for table, core in pairs:
+                table._swap_core(core)
+        finally:
+            _core.release_writes(held)
 
 
 def _contents_of(tables) -> list:
@@ -159,14 +175,21 @@ def _contents_of(tables) -> list:
 
 @contextlib.contextmanager
 def writes_held(tables):
-    """Within: no write to any of ``tables`` is under way or starts (a save of them holds
-    each write whole or not at all). The writes wait; reads go on."""
-    cores = _contents_of(tables)
-    _core.hold_writes(cores)
+    """Within: no write to any of ``tables`` is under way or starts, and their contents stay
+    (a save of them holds each write whole or not at all). The writes wait; reads go on."""
+    held = []
     try:
+        while True:
+            cores = _contents_of(tables)
+            _core.hold_writes(cores, held)
+            # A restore that swapped a table's contents before its gate was held: again, with
+            # the new ones (a swap waits for the gates held here: swap_contents).
+            if all(t._core is core for t, core in zip(tables, cores)):
+                break
+            _core.release_writes(held)
         yield
     finally:
-        _core.release_writes(cores)
+        _core.release_writes(held)
 
 
 def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:

@@ -73,12 +73,16 @@ class QueueHooks:
 
 
     def _drop_prefetched(self) -> None:
-        """Drop the batches prefetched by the hooks of this table and of the tables it wraps:
-        a restore replaced what they read, so their lookups read the table again."""
-        for hook in self.get_queue_hooks():
-            if isinstance(hook, Prefetch):
-                with hook._lock:
-                    hook._ahead.clear()
+        """Drop the batches prefetched by the hooks of this table, of the tables it wraps and
+        of those that wrap it (a slot table's model): a restore replaced what they read, so
+        their lookups read the table again."""
+        hooks = {id(h): h for h in self.get_queue_hooks() if isinstance(h, Prefetch)}
+        shared = getattr(self, "_mtht_pipeline", None)
+        if shared is not None:
+            hooks.update((id(h), h) for h in list(shared.prefetches))
+        for hook in hooks.values():
+            with hook._lock:
+                hook._ahead.clear()
 
 
 class _Stop:
@@ -154,6 +158,7 @@ class _Pipeline:
 
     def __init__(self, name: str):
         self._name = name
+        self.prefetches: "weakref.WeakSet" = weakref.WeakSet()  # the Prefetch hooks of the family
         self._new_state()
         # The thread ends with the pipeline; at exit, only after the queued calls (_finish_queued_writes).
         weakref.finalize(self, _end_of, self._box).atexit = False
@@ -464,6 +469,7 @@ class Prefetch(_TableHook):
         self._lock = threading.Lock()
         self._collective = _collective_table(table)  # whose calls every process makes alike, or None
         self.misses = 0
+        self._pipeline.prefetches.add(self)
 
     def prefetch(self, ids) -> None:
         self._pipeline.take_error_at_call()

@@ -564,6 +564,69 @@ def test_a_child_forked_while_a_thread_is_inside_a_call_uses_that_table(tmp_path
         busy.join()
 
 
+FORK_WHILE_A_WRITE_WAITS_FOR_A_SAVE = """
+import os, tempfile, threading, time
+import numpy as np
+import mtht.checkpoint as checkpoint
+from mtht.hash_table import hash_table_from_config
+from mtht.testing import generate_test_hash_table_config
+t = hash_table_from_config(generate_test_hash_table_config(4))
+t.assign(np.arange(10), np.ones((10, 4), np.float32))
+original, saving = checkpoint._write_generation, threading.Event()
+def slow(*args, **kwargs):
+    saving.set()
+    time.sleep(0.5)
+    return original(*args, **kwargs)
+checkpoint._write_generation = slow
+directory = tempfile.mkdtemp()
+saver = threading.Thread(target=lambda: t.save(directory + "/t"))
+saver.start()
+saving.wait()
+writer = threading.Thread(target=lambda: t.assign([1], np.zeros((1, 4), np.float32)))
+writer.start()
+time.sleep(0.1)  # the write waits for the save
+pid = os.fork()
+if pid == 0:
+    checkpoint._write_generation = original
+    t.assign([2], np.zeros((1, 4), np.float32))
+    t.save(directory + "/child")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+saver.join()
+writer.join()
+print("ok" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else "the child failed")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_a_write_waits_for_a_save():
+    # A save holds the write gate between its calls; a write of another thread waits for it.
+    # A fork then neither waits for the waiting write (whose thread held the fork gate, and
+    # the save needs the forking thread's interpreter lock to give the gate back: the parent
+    # hung) nor leaves the gate held in the child, which writes and saves.
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", FORK_WHILE_A_WRITE_WAITS_FOR_A_SAVE], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_restore_uses_the_model():
+    # The lock a model's restore holds while it swaps its tables' contents (and that a
+    # multi-slot call takes to pick them up) is new in a forked child.
+    import mtht.hash_table as hash_table_module
+    from mtht.multi_type_hash_table import MultiTypeHashTable
+    model = MultiTypeHashTable({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2)},
+                               lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    with hash_table_module._CONTENTS:  # as a restore's swap holds it
+        pid = os.fork()
+        if pid == 0:
+            code = 0 if model.lookup({"a": [1], "b": [1]})["a"].shape == (1, 2) else 3
+            os._exit(code)
+    status = _wait_for_child(pid, "the child's lookup hung on the lock a restore held at the fork")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("child", ["exit", "write", "threads"])
 def test_a_forked_child_uses_the_table_and_exits(restore_num_threads, child):

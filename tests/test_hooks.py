@@ -447,6 +447,13 @@ def test_a_restore_drops_the_batches_prefetched_before_it(tmp_path):
     prefetch.prefetch({"a": [1]})
     mtht.checkpoint.restore_multi_type(model, str(tmp_path / "model"))
     assert prefetch.lookup({"a": [1]})["a"].tolist() == [[0] * 4]
+    # A slot table restored alone drops its model's prefetched batches too.
+    model.assign({"a": ([1], np.ones((1, 4), F32))})
+    model._tables["a"].save(str(tmp_path / "a"))
+    model.assign({"a": ([1], np.full((1, 4), 2, F32))})
+    prefetch.prefetch({"a": [1]})
+    model._tables["a"].restore(str(tmp_path / "a"))
+    assert prefetch.lookup({"a": [1]})["a"].tolist() == [[1] * 4] and prefetch.misses == 0
     prefetch.end()
 
 

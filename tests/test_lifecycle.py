@@ -408,6 +408,71 @@ def test_a_write_beside_a_save_waits_for_it(tmp_path, monkeypatch):
         assert now["a"].tolist() == now["b"].tolist() == [[before + 1]]
 
 
+@pytest.mark.parametrize("where", ["in the save", "as the gates are taken"])
+def test_a_save_interrupted_lets_the_writes_go_on(tmp_path, monkeypatch, where):
+    # A KeyboardInterrupt in a save gives its write gates back, also one that arrives as
+    # soon as the call taking them returns (a signal is raised there): a write afterwards
+    # returns (it hung).
+    import mtht.checkpoint as checkpoint_module
+    from mtht import _core
+    t = table_of()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "in the save":
+        monkeypatch.setattr(checkpoint_module, "_write_generation", interrupted)
+    else:
+        hold = _core.hold_writes
+        monkeypatch.setattr(_core, "hold_writes", lambda *args: (hold(*args), interrupted()))
+    with pytest.raises(KeyboardInterrupt):
+        t.save(str(tmp_path / "t"))
+    monkeypatch.undo()
+    writer = threading.Thread(target=lambda: t.assign(ids_of(1), [[1]]))
+    writer.start()
+    writer.join(30)
+    assert not writer.is_alive(), "a write hung on the gate of an interrupted save"
+
+
+def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, restore_num_threads):
+    # A restore (and a write after it) from another thread while a model's save writes its
+    # tables waits for the save: the save holds every table at one point, not one table's
+    # old contents and another's restored ones.
+    import mtht.checkpoint as checkpoint_module
+
+    def slot_model():
+        return MultiTypeHashTable({"a": config_of(), "b": config_of()},
+                                  lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+
+    model = slot_model()
+    both = {"a": (ids_of(1), [[0.0]]), "b": (ids_of(1), [[0.0]])}
+    model.assign(both)
+    save_multi_type(model, str(tmp_path / "zeros"))
+    model.assign({"a": (ids_of(1), [[5.0]]), "b": (ids_of(1), [[5.0]])})
+    original, calls, other = checkpoint_module._write_generation, [], []
+
+    def between_the_tables(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            other.append(threading.Thread(target=lambda: (
+                restore_multi_type(model, str(tmp_path / "zeros")),
+                model.assign_add({"a": (ids_of(1), [[1.0]]), "b": (ids_of(1), [[1.0]])}))))
+            other[0].start()
+            other[0].join(0.5)
+            assert other[0].is_alive(), "the restore did not wait for the save"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "_write_generation", between_the_tables)
+    mtht.set_num_threads(1)  # the tables saved one after the other
+    save_multi_type(model, str(tmp_path / "fives"))
+    other[0].join()
+    saved = slot_model()
+    restore_multi_type(saved, str(tmp_path / "fives"))
+    assert saved.lookup({"a": ids_of(1)})["a"].tolist() == saved.lookup({"b": ids_of(1)})["b"].tolist() == [[5.0]]
+    now = model.lookup({"a": ids_of(1), "b": ids_of(1)})
+    assert now["a"].tolist() == now["b"].tolist() == [[1.0]]
+
+
 def test_a_model_write_during_its_restore_reaches_every_slot_before_or_every_slot_after(tmp_path):
     # A multi-slot write from another thread while restore_multi_type gives the slot tables
     # their new contents (here: held up between the first slot and the second) waits for

@@ -137,6 +137,7 @@ inline void fused_lookup(const std::vector<const EmbeddingTable*>& tables, const
 inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, const FusedLayout& L, const int64_t* ids,
                                   const float* grads, size_t n_grads, const float* lrs, size_t n_lrs,
                                   int64_t global_step, int64_t ts, const std::vector<uint8_t>& accumulate) {
+  const detail::HeldWrites writing(tables);  // before the fork gate (EmbeddingTable::WriteHold)
   const detail::ForkGate::InCall in_call;
   if (accumulate.size() != tables.size())
     throw ValueError("accumulate must have one flag per table (" + std::to_string(tables.size()) + "), got " +

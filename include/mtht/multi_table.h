@@ -67,19 +67,36 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
   for (size_t k : after) write(k);
 }
 
+// The distinct tables of `tables`, in address order.
+inline std::vector<EmbeddingTable*> by_address(std::vector<EmbeddingTable*> tables) {
+  std::sort(tables.begin(), tables.end());
+  tables.erase(std::unique(tables.begin(), tables.end()), tables.end());
+  return tables;
+}
+
+// The write gates of the tables of a write to several tables, held while it lives, taken in
+// address order as a save takes them (EmbeddingTable::hold_writes): a model's save holds the
+// write on every table or on none. Declared before the call's ForkGate::InCall (see
+// EmbeddingTable::WriteHold).
+class HeldWrites {
+ public:
+  explicit HeldWrites(const std::vector<EmbeddingTable*>& tables) {
+    const std::vector<EmbeddingTable*> ordered = by_address(tables);
+    writes_.reserve(ordered.size());
+    for (EmbeddingTable* t : ordered) writes_.emplace_back(*t);
+  }
+
+ private:
+  std::vector<EmbeddingTable::WriteHold> writes_;
+};
+
 // The layouts of the tables of a write to several tables, held while it lives: the write's
 // plans hold on to their tables' shards, so it must outlive them (be declared before them).
 // Once it lets go, each table splits its shards if the write asked it to.
 class HeldLayouts {
  public:
-  explicit HeldLayouts(const std::vector<EmbeddingTable*>& tables) : tables_(tables) {
-    std::sort(tables_.begin(), tables_.end());
-    tables_.erase(std::unique(tables_.begin(), tables_.end()), tables_.end());
-    // Every table's write gate first, in address order, as a save takes them (hold_writes):
-    // a model's save then holds the write on every table or on none.
-    writes_.reserve(tables_.size());
+  explicit HeldLayouts(const std::vector<EmbeddingTable*>& tables) : tables_(by_address(tables)) {
     holds_.reserve(tables_.size());
-    for (EmbeddingTable* t : tables_) writes_.emplace_back(*t);
     for (EmbeddingTable* t : tables_) holds_.emplace_back(*t);
   }
   ~HeldLayouts() {
@@ -91,7 +108,6 @@ class HeldLayouts {
 
  private:
   std::vector<EmbeddingTable*> tables_;
-  std::vector<EmbeddingTable::WriteHold> writes_;  // released last (after the splits)
   std::vector<EmbeddingTable::LayoutHold> holds_;
 };
 
@@ -148,8 +164,10 @@ struct TablePart {
 // (`dedup`) and has its evictions chosen before the first table changes. `global_step` and
 // `dedup` concern the kApplyGradients parts; `ts` is every part's timestamp.
 inline void write_tables(const std::vector<TablePart>& parts, int64_t global_step, int64_t ts, bool dedup) {
-  const detail::ForkGate::InCall in_call;
   std::vector<EmbeddingTable*> tables;
+  for (const TablePart& p : parts) tables.push_back(p.table);
+  const detail::HeldWrites writing(tables);  // before the fork gate
+  const detail::ForkGate::InCall in_call;
   size_t total_ids = 0;
   for (const TablePart& p : parts) {
     const bool applies = p.kind == WriteKind::kApplyGradients;
@@ -158,7 +176,6 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
       p.table->check_step(global_step);
     }
     p.table->check_finite(p.rows, p.n * static_cast<size_t>(p.table->dim()), applies ? "gradients" : "values");
-    tables.push_back(p.table);
     total_ids += p.n;
   }
   auto row_of = [](const TablePart& p) {

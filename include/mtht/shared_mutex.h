@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <new>
 
 namespace mtht::detail {
 
@@ -38,6 +39,15 @@ class SharedMutex {
   // Makes the lock free. Only for a lock that its holder can no longer give back: in the
   // child of a fork, a lock the parent's other threads held.
   void reset() { state_.store(0, std::memory_order_release); }
+  // In the child of a fork, where no thread waits: the places where threads wait made anew
+  // (a thread of the parent may have held a place's mutex at the fork).
+  static void reset_waiting() {
+    for (size_t k = 0; k < kPlaces; ++k) {
+      Place& p = places()[k];
+      new (&p.mu) std::mutex();
+      new (&p.cv) std::condition_variable();
+    }
+  }
 
   void lock_shared() {
     if (!try_lock_shared()) wait_for([this] { return try_lock_shared(); });
@@ -64,12 +74,13 @@ class SharedMutex {
     std::condition_variable cv;
   };
   static constexpr size_t kPlaces = 64;
-  Place& place() const {
+  static Place* places() {
     // Never destroyed: a thread may still wait on a lock while the process exits (a daemon
     // thread of the interpreter, in a call that released the GIL).
-    static Place* places = new Place[kPlaces];
-    return places[(reinterpret_cast<uintptr_t>(this) >> 6) % kPlaces];
+    static Place* all = new Place[kPlaces];
+    return all;
   }
+  Place& place() const { return places()[(reinterpret_cast<uintptr_t>(this) >> 6) % kPlaces]; }
 
   // Spins for a few microseconds (shards are held that long for most writes), then sleeps
   // until a holder gives the lock back. Lost wake-ups cannot happen: a thread sets kWaiting

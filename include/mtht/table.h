@@ -1003,6 +1003,7 @@ class ForkFreedLocks {
     auto* g = new ForkFreedLocks();
     pthread_atfork([] { global().mu_.lock(); }, [] { global().mu_.unlock(); }, [] {
       for (SharedMutex* m : global().locks_) m->reset();
+      SharedMutex::reset_waiting();  // a thread waiting on a gate may have held a place's mutex
       global().mu_.unlock();
     });
     return g;
@@ -1531,9 +1532,11 @@ class EmbeddingTable {
   // tables holds each table's: detail::HeldLayouts), and a save holds it alone
   // (hold_writes, for every table of a model at once), so that a save holds each write whole
   // or not at all. Readers first (SharedMutex): a waiting save holds up no write.
-  // (A fork while a save holds it, between two calls, which ForkGate does not cover, would
-  // leave it held in the child, where no thread gives it back: the child frees it,
-  // detail::ForkFreedLocks.)
+  // A write takes it before it enters the fork gate (ForkGate::InCall): a write waiting for
+  // a save must not hold up a fork, whose thread holds the interpreter's lock, which the
+  // save needs to give the gate back. A fork while a save holds it (between two calls,
+  // which ForkGate does not cover) leaves it held in the child, where no thread gives it
+  // back: the child frees it (detail::ForkFreedLocks).
   void hold_writes() const { writes_.lock(); }
   void release_writes() const { writes_.unlock(); }
   class WriteHold {
@@ -1770,8 +1773,8 @@ class EmbeddingTable {
 
   // Upsert rows; the last duplicate wins. New entries get their optimizer state initialised.
   void assign(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
-    const WriteHold writing(*this);
     check_finite(values, n * layout_.dim, "values");
     assign_rows(ids, n, values, ts);
     maybe_split();
@@ -1779,8 +1782,8 @@ class EmbeddingTable {
 
   // Upsert and add: a new entry is initialised, then the row is added; duplicates accumulate.
   void assign_add(const int64_t* ids, size_t n, const float* values, int64_t ts) {
+    const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
-    const WriteHold writing(*this);
     check_finite(values, n * layout_.dim, "values");
     add_rows(ids, n, values, ts);
     maybe_split();
@@ -1823,8 +1826,8 @@ class EmbeddingTable {
   // stepped in block order (the fused multi-shard update).
   void apply_gradients(const int64_t* ids, size_t n, const float* grads, const float* lrs, size_t n_lrs,
                        int64_t global_step, int64_t ts, bool dedup, const uint32_t* blocks = nullptr) {
+    const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
-    const WriteHold writing(*this);
     check_learning_rates(lrs, n_lrs);
     check_finite(grads, n * layout_.dim, "gradients");
     check_step(global_step);
@@ -1879,8 +1882,8 @@ class EmbeddingTable {
 
   // Removes every entry expired at `max_update_time`; returns how many. Their memory is reused.
   uint64_t evict(int64_t max_update_time) {
+    const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
-    const WriteHold writing(*this);
     const LayoutHold hold(*this);
     std::atomic<uint64_t> removed{0};
     ThreadPool::global().parallel_for(shards_.size(), [&](size_t s) {
@@ -2015,8 +2018,8 @@ class EmbeddingTable {
 
   // Re-initialise values and optimizer state (inserting if new); status 0 inserted, 1 existed.
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
+    const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
-    const WriteHold writing(*this);
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
