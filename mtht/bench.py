@@ -488,9 +488,9 @@ def _bytes_per_id(op: str, dim: int, state: int, value_bytes: int = 4) -> int:
     return 2 * (value_bytes * dim + 4 * state)
 
 
-def _value_bytes(config: "BenchConfig") -> int:
+def _value_bytes(embedding_dtype: str) -> int:
     """Bytes of a value in the mtht tables (the baselines keep float32)."""
-    return 4 if config.embedding_dtype == "float32" else 2
+    return 4 if embedding_dtype == "float32" else 2
 
 
 def _run_timed(batches: Sequence, warmup: int, step: Callable[[int, object], None],
@@ -565,7 +565,7 @@ class _MthtRunner:
         if op in _WRITE_OPS:
             _reset_mtht(t, keys, c.dim)
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
-                          _bytes_per_id(op, c.dim, self.state, _value_bytes(c)))
+                          _bytes_per_id(op, c.dim, self.state, _value_bytes(c.embedding_dtype)))
 
     # -- ops over several tables -------------------------------------------------------------
     def split_into(self, count: int) -> Optional[list]:
@@ -686,7 +686,7 @@ class _MthtRunner:
             _reset_mtht(one, all_keys, c.dim)
         n = [c.batch_size] * len(seconds)
         one_rate = float(np.median(np.asarray(n) / np.asarray(one_seconds)))
-        res = _summarise(op, "mtht", threads, n, seconds, split_sum, _bytes_per_id(op, c.dim, self.state, _value_bytes(c)),
+        res = _summarise(op, "mtht", threads, n, seconds, split_sum, _bytes_per_id(op, c.dim, self.state, _value_bytes(c.embedding_dtype)),
                          one_table_ids_per_s=one_rate, one_table_checksum=float(one_sum), **extra)
         res["vs_one_table"] = res["ids_per_s"] / one_rate
         return res
@@ -728,7 +728,7 @@ class _MthtRunner:
         finally:
             bar.close()
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
-                          _bytes_per_id(op, c.dim, self.state, _value_bytes(c)), evictions=int(table.stats()["evictions"]),
+                          _bytes_per_id(op, c.dim, self.state, _value_bytes(c.embedding_dtype)), evictions=int(table.stats()["evictions"]),
                           new_ids_per_batch=new)
 
     # -- checkpoint ops -----------------------------------------------------------------------
@@ -1106,8 +1106,8 @@ def _add_ratios(result: dict) -> None:
             r["pct_of_probe_per_thread"] = 100.0 * r["ids_per_s"] / threads / line_rate
             probe_rate = rates_by_threads.get(str(threads))
             if probe_rate:
-                value_bytes = 2 if result["config"].get("embedding_dtype", "float32") != "float32" else 4
-                lines = lines_per_id(r["op"], result["config"]["dim"], state, value_bytes)
+                lines = lines_per_id(r["op"], result["config"]["dim"], state,
+                                     _value_bytes(result["config"].get("embedding_dtype", "float32")))
                 r["lines_per_id"] = lines
                 r["ceiling_ids_per_s"] = probe_rate / lines
                 r["pct_of_ceiling"] = 100.0 * r["ids_per_s"] / r["ceiling_ids_per_s"]

@@ -287,16 +287,13 @@ def _write_generation(table, basename: str, apply_expiry: bool = True) -> Tuple[
     count = file_count(table)
     paths = [os.path.join(directory, _data_name(prefix, generation, i, count)) for i in range(count)]
     core = table._core
-    max_update_ts = core.max_update_ts  # the clock expiry goes by
+    max_update_ts = core.max_update_ts  # no write moves it meanwhile: the caller holds the writes
     try:
         infos = core.save_files(paths, max_update_ts, apply_expiry, table.layout)
         _fsync_dir(directory)
     except BaseException:
         _remove(paths)
         raise
-    # A write beside the save may be in the files: its req_time is in the clock by then (a
-    # write moves the clock before its rows), so the clock read now is as late as any entry.
-    max_update_ts = max(max_update_ts, core.max_update_ts)
     body = {
         "format": FORMAT,
         "version": VERSION,

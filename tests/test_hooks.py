@@ -401,13 +401,8 @@ def test_save_and_restore_apply_the_queued_writes_first(tmp_path):
 def test_a_slot_table_waits_for_the_writes_pushed_on_its_model(tmp_path):
     # Hooks on a multi-type table run its slot tables' writes: a slot table's own save,
     # restore and as_op wait for them too (they looked only at hooks of the slot table).
-    slot_tables = {}
-
-    def factory(slot, c):
-        slot_tables[slot] = hash_table_from_config(c, name_suffix=slot)
-        return slot_tables[slot]
-
-    model = MultiTypeHashTable({"a": config(), "b": config()}, factory)
+    model = MultiTypeHashTable({"a": config(), "b": config()}, lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    slot_tables = model._tables
     push = mtht.AsyncPush(model)
     basename = str(tmp_path / "a")
     for step in ("save", "as_op", "restore"):

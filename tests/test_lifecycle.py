@@ -73,6 +73,12 @@ def table_of(hash_filter=None, name_suffix="", saver_parallel=-1, **kwargs):
                                   name_suffix=name_suffix, saver_parallel=saver_parallel)
 
 
+def two_slot_model():
+    """A MultiTypeHashTable of slots "a" and "b", one SGD table each, named by their slot."""
+    return MultiTypeHashTable({"a": config_of(), "b": config_of()},
+                              lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+
+
 def ids_of(*values):
     return np.asarray(values, dtype=np.int64)
 
@@ -385,11 +391,7 @@ def test_a_write_beside_a_save_waits_for_it(tmp_path, monkeypatch):
     assert restored.size() == 1 and restored.max_update_ts == 5
     assert t.size() == 3 and t.max_update_ts == 100
 
-    def slot_model():
-        return MultiTypeHashTable({"a": config_of(), "b": config_of()},
-                                  lambda slot, c: hash_table_from_config(c, name_suffix=slot))
-
-    model = slot_model()
+    model = two_slot_model()
     both = {"a": (ids_of(1), [[1.0]]), "b": (ids_of(1), [[1.0]])}
     for module, name, form in ((checkpoint_module, "_write_generation", "mtht"),
                                (monolith_module, "_write_temporaries", "monolith")):
@@ -400,7 +402,7 @@ def test_a_write_beside_a_save_waits_for_it(tmp_path, monkeypatch):
         before = model.lookup({"a": ids_of(1)})["a"][0, 0]
         save_multi_type(model, str(tmp_path / form), format=form)
         threads.pop().join()
-        again = slot_model()
+        again = two_slot_model()
         restore_multi_type(again, str(tmp_path / form), format=form)
         saved = again.lookup({"a": ids_of(1), "b": ids_of(1)})
         assert saved["a"].tolist() == saved["b"].tolist() == [[before]]
@@ -440,11 +442,7 @@ def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, resto
     # old contents and another's restored ones.
     import mtht.checkpoint as checkpoint_module
 
-    def slot_model():
-        return MultiTypeHashTable({"a": config_of(), "b": config_of()},
-                                  lambda slot, c: hash_table_from_config(c, name_suffix=slot))
-
-    model = slot_model()
+    model = two_slot_model()
     both = {"a": (ids_of(1), [[0.0]]), "b": (ids_of(1), [[0.0]])}
     model.assign(both)
     save_multi_type(model, str(tmp_path / "zeros"))
@@ -466,7 +464,7 @@ def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, resto
     mtht.set_num_threads(1)  # the tables saved one after the other
     save_multi_type(model, str(tmp_path / "fives"))
     other[0].join()
-    saved = slot_model()
+    saved = two_slot_model()
     restore_multi_type(saved, str(tmp_path / "fives"))
     assert saved.lookup({"a": ids_of(1)})["a"].tolist() == saved.lookup({"b": ids_of(1)})["b"].tolist() == [[5.0]]
     now = model.lookup({"a": ids_of(1), "b": ids_of(1)})
@@ -478,13 +476,8 @@ def test_a_model_write_during_its_restore_reaches_every_slot_before_or_every_slo
     # their new contents (here: held up between the first slot and the second) waits for
     # all of them: it lands in every slot's new contents, never in one slot's new and the
     # other's discarded old ones. Likewise a lookup over the slots.
-    slot_tables = {}
-
-    def factory(slot, c):
-        slot_tables[slot] = hash_table_from_config(c, name_suffix=slot)
-        return slot_tables[slot]
-
-    model = MultiTypeHashTable({"a": config_of(), "b": config_of()}, factory)
+    model = two_slot_model()
+    slot_tables = model._tables
     save_multi_type(model, str(tmp_path))
     swapped_first, results = threading.Event(), {}
     original = slot_tables["a"]._swap_core

@@ -1,23 +1,18 @@
-// Values kept in 16 bits (ValueFormat::kFloat16, kBFloat16): the conversions of
-// narrow_values_impl.h compiled without ISA flags (the reference, and what code outside the
-// kernels calls), and the per-(seed, id, step) key of a stochastic rounding. A table calls
-// the copies of its kernel set (KernelSet::widen, narrow, narrow_stochastic).
+// Values kept in 16 bits (ValueFormat::kFloat16, kBFloat16): the per-(seed, id, step) key of
+// a stochastic rounding. The conversions are narrow_values_impl.h, compiled with each kernel
+// set; a table calls its set's copies (KernelSet::widen, narrow, narrow_stochastic).
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
 
 #include "mtht/hash.h"
 #include "mtht/spec_types.h"
 
 namespace mtht {
-namespace narrow16 {
-#include "mtht/narrow_values_impl.h"
-}  // namespace narrow16
 
 // The key of a stochastic rounding of the entry `id` at step `step`: the noise of its value
-// i is narrow16::stochastic_noise(key, i), key = stochastic_key(stochastic_step_seed(seed,
-// step), id) (the first part once per batch).
+// i is stochastic_noise(key, i) (narrow_values_impl.h), with
+// key = stochastic_key(stochastic_step_seed(seed, step), id) (the first part once per batch).
 inline uint64_t stochastic_step_seed(uint64_t seed, int64_t step) {
   return mix64(seed ^ mix64(static_cast<uint64_t>(step) + 0x3c6ef372fe94f82bULL));
 }

@@ -6,8 +6,8 @@
 // Inf pass.
 //
 // Included inside a namespace by each per-ISA kernel unit (src/kernels_*.cpp), like
-// kernels_impl.h, and by narrow_values.h for the code compiled without ISA flags: it
-// includes nothing and calls only compiler builtins. The conversions are selects rather
+// kernels_impl.h, and by the check of these conversions as its reference: it includes
+// nothing and calls only compiler builtins. The conversions are selects rather
 // than branches, so that the loops vectorise; every copy gives the same bits (integer
 // arithmetic, and float operations that are exact).
 

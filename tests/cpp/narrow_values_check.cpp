@@ -20,6 +20,10 @@
 #include "mtht/narrow_values.h"
 #include "mtht/spec.h"
 
+namespace mtht::narrow16 {  // the reference: a copy compiled without ISA flags
+#include "mtht/narrow_values_impl.h"
+}  // namespace mtht::narrow16
+
 using namespace mtht;
 using namespace mtht::narrow16;
 
