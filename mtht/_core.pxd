@@ -6,6 +6,11 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 
+cdef extern from "<chrono>" namespace "std::chrono" nogil:
+    cdef cppclass nanoseconds:
+        nanoseconds(int64_t)
+
+
 cdef extern from "_translate_errors.h":
     cdef void translate_exception()
 
@@ -106,6 +111,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         int num_shards()
         void pin_layout()
         void hold_writes() nogil
+        cbool try_hold_writes_for(nanoseconds) nogil
         void release_writes() nogil
         pair[size_t, size_t] shards_of_part(size_t part, size_t parts)
         void unpin_layout()

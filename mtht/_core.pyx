@@ -22,8 +22,9 @@ from mtht._core cimport (
     TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
     load_checkpoint,
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
-    c_route_ids, c_sum_rows_to, c_gather_rows_from,
+    c_route_ids, c_sum_rows_to, c_gather_rows_from, nanoseconds,
 )
+from cpython.exc cimport PyErr_CheckSignals
 from libcpp.string cimport string
 from libcpp.pair cimport pair
 
@@ -463,16 +464,26 @@ def _by_address(list tables):
     return [found[k] for k in sorted(found)]
 
 
+# How long a save waits for writes at a time before it looks for an interrupt (Ctrl-C).
+cdef int64_t _SIGNAL_CHECK_NS = 50 * 1000 * 1000
+
+
 def hold_writes(list tables, list held):
     """Wait for the writes under way on ``tables`` and hold off the next ones (a save:
     EmbeddingTable::hold_writes), appending each table to ``held`` as it is held, with no
     Python code in between: an interrupt after the call finds every held table there, for
-    release_writes(held)."""
+    release_writes(held). An interrupt while it waits raises (KeyboardInterrupt)."""
     cdef Table t
+    cdef cbool taken
     for t in _by_address(tables):
-        with nogil:
-            t._t.get().hold_writes()
-        held.append(t)
+        taken = False
+        while not taken:
+            with nogil:
+                taken = t._t.get().try_hold_writes_for(nanoseconds(_SIGNAL_CHECK_NS))
+            if taken:
+                held.append(t)
+            else:
+                PyErr_CheckSignals()
 
 
 def release_writes(list held):

@@ -436,6 +436,46 @@ def test_a_save_interrupted_lets_the_writes_go_on(tmp_path, monkeypatch, where):
     assert not writer.is_alive(), "a write hung on the gate of an interrupted save"
 
 
+def test_a_save_waiting_for_a_write_can_be_interrupted(tmp_path):
+    # Ctrl-C reaches a save that waits for a long write to end (here the gate is held by
+    # another thread, as a write would hold it): the save raises KeyboardInterrupt while the
+    # write still goes on, holds nothing (a write afterwards returns), and a save then works.
+    # (Before, the wait could not be interrupted.)
+    import signal
+
+    from mtht import _core
+    t = table_of()
+    t.assign(ids_of(1), [[1]])
+    holding, release = threading.Event(), threading.Event()
+    held_by_write = []
+
+    def long_write():
+        _core.hold_writes([t._core], held_by_write)
+        holding.set()
+        release.wait(30)
+        _core.release_writes(held_by_write)
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    assert holding.wait(30)
+    interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            t.save(str(tmp_path / "t"))
+        assert not release.is_set() and writer.is_alive(), "the save waited for the write to end"
+    finally:
+        interrupt.join()
+        release.set()
+        writer.join(30)
+    after = threading.Thread(target=lambda: t.assign(ids_of(2), [[2]]))
+    after.start()
+    after.join(30)
+    assert not after.is_alive(), "a write hung on the gate of an interrupted save"
+    t.save(str(tmp_path / "t"))
+    assert table_of().restore(str(tmp_path / "t")).size() == 2
+
+
 def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, restore_num_threads):
     # A restore (and a write after it) from another thread while a model's save writes its
     # tables waits for the save: the save holds every table at one point, not one table's

@@ -5,10 +5,12 @@
 // spins briefly, then sleeps on one of a fixed set of condition variables shared by all
 // locks (picked by the lock's address), until the holder gives the lock back. So a shard's
 // lock shares a cache line with the fields a batch reads next. Like glibc's default,
-// readers are never held back by waiting writers.
+// readers are never held back by waiting writers, except by one that asks for it
+// (lock_draining: a save, which readers that come one after another would never let in).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -36,6 +38,27 @@ class SharedMutex {
     if (state_.exchange(0, std::memory_order_release) & kWaiting) wake();
   }
 
+  // lock(), holding off new readers while it waits for those under way: several threads
+  // whose shared holds overlap would otherwise keep it out for as long as they go on.
+  void lock_draining() { try_lock_draining_until(std::chrono::steady_clock::time_point::max()); }
+  // lock_draining(), giving up at `deadline` (false: not taken, and new readers let in again).
+  bool try_lock_draining_until(std::chrono::steady_clock::time_point deadline) {
+    // Set again at each try: another writer's unlock (or a drainer giving up) clears it.
+    auto take = [this] {
+      state_.fetch_or(kDraining, std::memory_order_relaxed);
+      uint32_t s = state_.load(std::memory_order_relaxed);
+      while (!(s & (kWriter | kReaders)))
+        if (state_.compare_exchange_weak(s, (s & ~kDraining) | kWriter, std::memory_order_acquire,
+                                         std::memory_order_relaxed))
+          return true;
+      return false;
+    };
+    if (wait_until(take, deadline)) return true;
+    // The readers held off sleep (kWaiting): let them in.
+    if (state_.fetch_and(~kDraining, std::memory_order_relaxed) & kWaiting) wake();
+    return false;
+  }
+
   // Makes the lock free. Only for a lock that its holder can no longer give back: in the
   // child of a fork, a lock the parent's other threads held.
   void reset() { state_.store(0, std::memory_order_release); }
@@ -54,19 +77,21 @@ class SharedMutex {
   }
   bool try_lock_shared() {
     uint32_t s = state_.load(std::memory_order_relaxed);
-    while (!(s & kWriter))
+    while (!(s & (kWriter | kDraining)))
       if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acquire, std::memory_order_relaxed)) return true;
     return false;
   }
   void unlock_shared() {
     // The last reader out wakes the threads waiting (for a writer to get in).
-    if (state_.fetch_sub(1, std::memory_order_release) == (kWaiting | 1)) wake();
+    const uint32_t s = state_.fetch_sub(1, std::memory_order_release);
+    if ((s & kReaders) == 1 && (s & kWaiting)) wake();
   }
 
  private:
   static constexpr uint32_t kWriter = 1u << 31;
   static constexpr uint32_t kWaiting = 1u << 30;  // some thread sleeps (or is about to) on this lock
-  static constexpr uint32_t kReaders = kWaiting - 1;
+  static constexpr uint32_t kDraining = 1u << 29;  // a writer waits, and new readers wait for it
+  static constexpr uint32_t kReaders = kDraining - 1;
 
   // Where the threads waiting for a lock sleep: one of kPlaces, by the lock's address.
   struct Place {
@@ -89,16 +114,24 @@ class SharedMutex {
   // kWaiting (both change the one word) and takes the same mutex to notify.
   template <class TryTake>
   void wait_for(TryTake try_take) {
+    wait_until(try_take, std::chrono::steady_clock::time_point::max());
+  }
+  // wait_for, giving up at `deadline` (false).
+  template <class TryTake>
+  bool wait_until(TryTake try_take, std::chrono::steady_clock::time_point deadline) {
     for (int i = 0; i < kSpins; ++i) {
       pause();
-      if (try_take()) return;
+      if (try_take()) return true;
     }
     Place& p = place();
     std::unique_lock<std::mutex> lk(p.mu);
     for (;;) {
       state_.fetch_or(kWaiting, std::memory_order_relaxed);
-      if (try_take()) return;
-      p.cv.wait(lk);
+      if (try_take()) return true;
+      if (deadline == std::chrono::steady_clock::time_point::max())
+        p.cv.wait(lk);
+      else if (p.cv.wait_until(lk, deadline) == std::cv_status::timeout)
+        return try_take();
     }
   }
 
@@ -124,7 +157,7 @@ class SharedMutex {
 
   static constexpr int kSpins = 128;
 
-  std::atomic<uint32_t> state_{0};  // kWriter | kWaiting | number of readers
+  std::atomic<uint32_t> state_{0};  // kWriter | kWaiting | kDraining | number of readers
 };
 
 }  // namespace mtht::detail

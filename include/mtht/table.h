@@ -1531,13 +1531,19 @@ class EmbeddingTable {
   // Every write holds the table's write gate shared for its whole call (a write to several
   // tables holds each table's: detail::HeldLayouts), and a save holds it alone
   // (hold_writes, for every table of a model at once), so that a save holds each write whole
-  // or not at all. Readers first (SharedMutex): a waiting save holds up no write.
-  // A write takes it before it enters the fork gate (ForkGate::InCall): a write waiting for
+  // or not at all. A save waiting for the writes under way holds off the next ones
+  // (SharedMutex::lock_draining): writes from several threads overlap, and a save waiting
+  // for a gap between them could wait for as long as they go on. A write takes it before it enters the fork gate (ForkGate::InCall): a write waiting for
   // a save must not hold up a fork, whose thread holds the interpreter's lock, which the
   // save needs to give the gate back. A fork while a save holds it (between two calls,
   // which ForkGate does not cover) leaves it held in the child, where no thread gives it
   // back: the child frees it (detail::ForkFreedLocks).
-  void hold_writes() const { writes_.lock(); }
+  void hold_writes() const { writes_.lock_draining(); }
+  // hold_writes(), giving up after `wait` (false: not held), so that a caller can check for
+  // an interrupt between waits.
+  bool try_hold_writes_for(std::chrono::nanoseconds wait) const {
+    return writes_.try_lock_draining_until(std::chrono::steady_clock::now() + wait);
+  }
   void release_writes() const { writes_.unlock(); }
   class WriteHold {
    public:

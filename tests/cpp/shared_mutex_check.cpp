@@ -133,6 +133,65 @@ void check_sleepers() {
   }
 }
 
+// Waits up to a second for a thread's lock_draining to hold off new readers (a reader
+// could then not get in, where only readers hold the lock).
+bool draining_seen(mtht::detail::SharedMutex& mu) {
+  for (int i = 0; i < 1000; ++i) {
+    if (!mu.try_lock_shared()) return true;
+    mu.unlock_shared();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+// A writer that drains (a save) waits for the readers in, while new readers wait for it, so
+// that readers whose holds overlap cannot keep it out; one that gives up lets them in.
+void check_draining() {
+  using namespace std::chrono;
+  {
+    mtht::detail::SharedMutex mu;
+    std::atomic<int> order{0}, drained_at{0}, read_at{0};
+    mu.lock_shared();
+    std::thread drainer([&] {
+      mu.lock_draining();
+      drained_at = ++order;
+      std::this_thread::sleep_for(milliseconds(10));
+      mu.unlock();
+    });
+    expect(draining_seen(mu), "a draining writer holds off new readers", -1);
+    std::thread reader([&] {
+      std::shared_lock<mtht::detail::SharedMutex> lk(mu);
+      read_at = ++order;
+    });
+    std::this_thread::sleep_for(milliseconds(20));
+    expect(drained_at.load() == 0, "a draining writer waits for the reader in", -1);
+    expect(read_at.load() == 0, "a new reader waits for a draining writer", -1);
+    mu.unlock_shared();
+    drainer.join();
+    reader.join();
+    expect(drained_at.load() == 1 && read_at.load() == 2, "the draining writer goes before the reader it held off", -1);
+  }
+  {
+    mtht::detail::SharedMutex mu;
+    std::atomic<bool> gave_up{false}, read{false};
+    mu.lock_shared();
+    std::thread drainer([&] { gave_up = !mu.try_lock_draining_until(steady_clock::now() + milliseconds(100)); });
+    expect(draining_seen(mu), "a draining writer with a deadline holds off new readers", -1);
+    std::thread reader([&] {
+      std::shared_lock<mtht::detail::SharedMutex> lk(mu);
+      read = true;
+    });
+    drainer.join();
+    reader.join();  // returns only if the writer giving up let the reader in (the lock's reader stays)
+    expect(gave_up.load(), "a draining writer gives up at its deadline while a reader holds on", -1);
+    expect(read.load() && mu.try_lock_shared(), "readers get in once a draining writer gives up", -1);
+    mu.unlock_shared();
+    mu.unlock_shared();
+    expect(mu.try_lock_draining_until(steady_clock::now()), "a draining writer takes a free lock", -1);
+    mu.unlock();
+  }
+}
+
 // Locks side by side sleep their waiters in the same place: a thread woken for the other
 // lock must go back to sleep, and none may be left asleep. Four threads, two locks in one
 // cache line, each thread writing under one of them and holding it for 300 us.
@@ -176,6 +235,7 @@ int main() {
   }).detach();
 
   check_sleepers();
+  check_draining();
   check_neighbours();
   // Short holds: waiters mostly get the lock while spinning. Mostly reads, then mostly writes.
   check_round(4, 100000, 8, microseconds(0), false);
