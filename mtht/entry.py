@@ -1857,6 +1857,8 @@ class HashTableConfigInstance:
             else:
                 value = fn()
             try:
+                if value is None:  # numpy would make it NaN
+                    raise TypeError
                 with np.errstate(over="ignore"):
                     array = np.asarray(value, dtype=np.float32)
             except (TypeError, ValueError):

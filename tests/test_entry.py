@@ -499,9 +499,10 @@ def test_learning_rate_fn_validation():
         HashTableConfigInstance(tc, [lambda a, b: 0.1])
     with pytest.raises(TypeError):
         HashTableConfigInstance("config", [0.1])
-    for bad in (lambda: float("nan"), lambda step: [0.1, 0.2], lambda: "x"):
+    for bad, says in ((lambda: float("nan"), "not finite"), (lambda step: [0.1, 0.2], "scalar"),
+                      (lambda: "x", "not a number"), (lambda: None, "not a number: None")):
         config = HashTableConfigInstance(tc, [bad])
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=says):
             config.call_learning_rate_fns(0)
     with pytest.raises(TypeError):
         HashTableConfigInstance(tc, [0.1]).call_learning_rate_fns(1.5)
