@@ -1151,6 +1151,50 @@ def test_factory_called_in_sorted_slot_order():
     assert calls == ["a", "m", "z"]
 
 
+def test_a_merged_group_shares_what_its_table_keeps_for_all_entries(tmp_path):
+    # What a table keeps for all its entries is one per merged group (as in Monolith), so a
+    # slot that goes without ids follows its group's writes where a table of its own would
+    # not: HashNet's scale, and the clock by which a save drops expired entries.
+    from mtht.checkpoint import restore_multi_type, save_multi_type
+
+    def one_bit():
+        segment = entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(),
+                                         entry.OneBitCompressor(step_size=200, amplitude=0.1))
+        return entry.HashTableConfigInstance(
+            entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=[segment])), [1.0])
+
+    def expiring():
+        segment = entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+        return entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(
+            entry_config=entry.EntryConfig(segments=[segment]),
+            slot_expire_time_config=entry.SlotExpireTimeConfig(default_expire_time=1)), [1.0])
+
+    builds = {"merged": lambda slots: MergedMultiTypeHashTable(slots, multi_type_factory),
+              "per slot": lambda slots: MultiTypeHashTable(slots, factory)}
+    # HashNet: 0.1 * tanh(scale * 2), the scale sqrt(1 + 0.005 * 600) = 2 once a write at
+    # step 600 reached the table (slot b's in the merged group, by slot a's write).
+    expected_b = {"merged": 0.1 * math.tanh(2 * 2.0), "per slot": 0.1 * math.tanh(1 * 2.0)}
+    for how, build in builds.items():
+        model = build({"a": one_bit(), "b": one_bit()})
+        model.assign({"a": ([1], [[2.0]]), "b": ([2], [[2.0]])})
+        model.apply_gradients({"a": ([1], [[0.0]])}, global_step=600)
+        got = model.lookup({"a": [1], "b": [2]})
+        np.testing.assert_allclose(got["a"], [[0.1 * math.tanh(2 * 2.0)]], rtol=1e-6)
+        np.testing.assert_allclose(got["b"], [[expected_b[how]]], rtol=1e-6, err_msg=how)
+    # Expiry after a day: slot b's entry, last written at 100, expires by slot a's write at
+    # 10,000,000 in the merged group only.
+    for how, build in builds.items():
+        model = build({"a": expiring(), "b": expiring()})
+        model.assign({"a": ([1], [[1.0]])}, req_time=10_000_000)
+        model.assign({"b": ([2], [[2.0]])}, req_time=100)
+        save_multi_type(model, str(tmp_path / how))
+        restored = build({"a": expiring(), "b": expiring()})
+        restore_multi_type(restored, str(tmp_path / how))
+        kept = restored.lookup({"a": [1], "b": [2]})
+        assert kept["a"].tolist() == [[1.0]]
+        assert kept["b"].tolist() == ([[0.0]] if how == "merged" else [[2.0]]), how
+
+
 def test_merged_get_table_dim_sizes_in_merged_name_order():
     slot_to_config = {
         "slot0": generate_test_hash_table_config(1),
