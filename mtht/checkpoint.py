@@ -403,7 +403,7 @@ def restore_table(table, basename: str) -> dict:
     manifest. Nothing changes unless the whole checkpoint verified."""
     with _turn(basename):
         core, body = _load(table, basename)
-    table._swap_core(core)
+    _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
     return body
 
 

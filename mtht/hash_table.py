@@ -360,6 +360,7 @@ class HashTable(BaseHashTable):
         return self._hash_filter.capacity if self._hash_filter is not None else None
 
     def _swap_core(self, core) -> None:
+        """Only through swap_contents, which waits for a save of the old contents."""
         self._core = core
 
     @property

@@ -306,7 +306,7 @@ def restore_monolith(table, basename: str) -> None:
     left as it was."""
     with _turn(basename):
         core = _load(table, basename)
-    table._swap_core(core)
+    _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
 
 
 def asset_prefix(name: str) -> str:

@@ -22,6 +22,7 @@ import shutil
 from typing import Callable, Dict, List, Optional, Tuple
 
 from mtht import checkpoint as _checkpoint
+from mtht import hash_table as _hash_table
 
 __all__ = ["read_sharded_manifest", "part_directory", "reshard"]
 
@@ -164,8 +165,7 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
             loaded = _checkpoint._over_tables(
                 lambda t, sources: _checkpoint._load_sources(t, sources, world_size, part),
                 [(tables[key], found[key]) for key in tables])
-            for t, core in zip(tables.values(), loaded):
-                t._swap_core(core)
+            _hash_table.swap_contents(list(zip(tables.values(), loaded)))
             # Every entry the source holds, kept: its parts left out what had expired when
             # they were saved, and a part may now take a later max_update_ts than its own.
             _checkpoint.write_multi_type(model, part_directory(target, generation, part, world_size),

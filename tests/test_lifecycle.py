@@ -441,8 +441,6 @@ def test_a_save_waiting_for_a_write_can_be_interrupted(tmp_path):
     # another thread, as a write would hold it): the save raises KeyboardInterrupt while the
     # write still goes on, holds nothing (a write afterwards returns), and a save then works.
     # (Before, the wait could not be interrupted.)
-    import signal
-
     from mtht import _core
     t = table_of()
     t.assign(ids_of(1), [[1]])
@@ -509,6 +507,50 @@ def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, resto
     assert saved.lookup({"a": ids_of(1)})["a"].tolist() == saved.lookup({"b": ids_of(1)})["b"].tolist() == [[5.0]]
     now = model.lookup({"a": ids_of(1), "b": ids_of(1)})
     assert now["a"].tolist() == now["b"].tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("form", ["mtht", "monolith"])
+@pytest.mark.parametrize("saved", ["table", "model"])
+def test_a_table_restored_alone_beside_a_save_waits_for_it(tmp_path, monkeypatch, form, saved):
+    # A table's own restore (and a write after it) from another thread while a save of the
+    # table, or of its model, writes its files waits for the save: the save holds the
+    # contents it held off the writes of. (Before, the restore swapped them at once, and the
+    # save wrote the new contents while a write went on.)
+    import mtht.checkpoint as checkpoint_module
+    import mtht.monolith_checkpoint as monolith_module
+    if form == "monolith":
+        pytest.importorskip("google.protobuf")
+    model = two_slot_model()
+    t = model._tables["a"]
+    t.assign(ids_of(1), [[0.0]])
+    t.save(str(tmp_path / "zeros"), format=form)
+    t.assign(ids_of(1), [[5.0]])
+    module, name = (checkpoint_module, "_write_generation") if form == "mtht" else (monolith_module, "_write_temporaries")
+    original, other = getattr(module, name), []
+
+    def restore_meanwhile(table, *args, **kwargs):
+        if table is t and not other:
+            other.append(threading.Thread(target=lambda: (t.restore(str(tmp_path / "zeros"), format=form),
+                                                          t.assign_add(ids_of(1), [[1.0]]))))
+            other[0].start()
+            other[0].join(0.5)
+            assert other[0].is_alive(), "the restore did not wait for the save"
+        return original(table, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, restore_meanwhile)
+    if saved == "table":
+        t.save(str(tmp_path / "fives"), format=form)
+    else:
+        save_multi_type(model, str(tmp_path / "fives"), format=form)
+    other[0].join()
+    monkeypatch.undo()
+    again = two_slot_model()
+    if saved == "table":
+        again._tables["a"].restore(str(tmp_path / "fives"), format=form)
+    else:
+        restore_multi_type(again, str(tmp_path / "fives"), format=form)
+    assert again.lookup({"a": ids_of(1)})["a"].tolist() == [[5.0]]
+    assert t.lookup(ids_of(1)).tolist() == [[1.0]]
 
 
 def test_a_model_write_during_its_restore_reaches_every_slot_before_or_every_slot_after(tmp_path):
