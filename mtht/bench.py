@@ -1209,9 +1209,11 @@ def run_sweep(config: BenchConfig, sweep: str, values: Sequence[int], plot: Opti
         try:
             out["plot"] = plot_sweep(out, plot)
         except ImportError:
-            msg = "matplotlib is not installed (pip install 'mtht[bench]'): no plot written"
-            out["plot_note"] = msg
-            log(msg)
+            out["plot_note"] = "matplotlib is not installed (pip install 'mtht[bench]'): no plot written"
+        except (OSError, ValueError) as e:  # the sweep's results stand without their plot
+            out["plot_note"] = f"no plot written to {plot}: {e}"
+        if out.get("plot_note"):
+            log(out["plot_note"])
     return out
 
 
@@ -1514,6 +1516,19 @@ def _check_output_file(path: Optional[str], flag: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(directory):
         raise app.UsageError(f"--{flag}={path}: not a file in an existing directory")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise app.UsageError(f"--{flag}={path}: the file is not writable")
+    _check_writable_directory(directory, f"--{flag}={path}")
+
+
+def _check_writable_directory(directory: str, what: str) -> None:
+    """A file can be made in ``directory`` (tried: permissions alone miss read-only file
+    systems and root)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise app.UsageError(f"{what}: cannot write in {directory}: {e.strerror or e}") from None
 
 
 def _sweep_values() -> List[int]:
@@ -1529,11 +1544,15 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = config_from_flags()
     _check_output_file(FLAGS.json, "json")
-    if cfg.save_dir is not None and not os.path.isdir(cfg.save_dir):
-        raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
+    if cfg.save_dir is not None:
+        if not os.path.isdir(cfg.save_dir):
+            raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
+        _check_writable_directory(cfg.save_dir, f"--save_dir={cfg.save_dir}")
     if FLAGS.sweep != "none":
         values = _sweep_values()
         plot = FLAGS.plot or "mtht-bench-sweep.png"
+        if not plot.lower().endswith(".png"):
+            raise app.UsageError(f"--plot={plot}: the plot is a PNG file (name it *.png)")
         _check_output_file(plot, "plot")
         res = run_sweep(cfg, FLAGS.sweep, values, plot, log=_log)
         print(format_header(res["runs"][0]))
@@ -1544,8 +1563,12 @@ def main(argv: Sequence[str]) -> int:
         print()
         print(format_report(res, header=False))
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+        try:
+            with open(FLAGS.json, "w", encoding="utf-8") as f:
+                json.dump(res, f, indent=1)
+        except OSError as e:  # checked before the run, but the disk may fill or the file go
+            _log(f"error: the results (printed above) could not be written to --json={FLAGS.json}: {e}")
+            return 1
         print(f"results written to {FLAGS.json}")
     return 0
 

@@ -373,6 +373,11 @@ def test_cli_json(tmp_path):
     (["--sweep=size", "--sweep_sizes="], "--sweep_sizes must list values >= 1"),
     (["--sweep=dim", "--sweep_dims=0"], "--sweep_dims must list values >= 1"),
     (["--sweep=size", "--sweep_sizes=1000", "--plot=/nonexistent/d/p.png"], "--plot=/nonexistent/d/p.png"),
+    # Places no file can be made in (/proc takes none, even from root).
+    (["--json=/proc/mtht-bench.json"], "--json=/proc/mtht-bench.json: cannot write in /proc"),
+    (["--save_dir=/proc"], "--save_dir=/proc: cannot write in /proc"),
+    (["--sweep=size", "--sweep_sizes=1000", "--plot=/proc/p.png"], "--plot=/proc/p.png: cannot write in /proc"),
+    (["--sweep=size", "--sweep_sizes=1000", "--plot=p.txt"], "--plot=p.txt: the plot is a PNG file"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     # A usage error, before anything runs (no probe, no table): not a traceback at the end.
@@ -380,6 +385,27 @@ def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     assert proc.returncode != 0
     assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "probe: random 64-byte reads over" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_json_that_cannot_be_written_at_the_end(tmp_path):
+    # A --json file that passed the checks but cannot take the results (/dev/full: no room)
+    # is an error message and a failing exit, with the report printed: not a traceback.
+    proc = _cli("--quick", "--noprobe", "--ops=lookup", "--threads=1", "--noprogress", "--json=/dev/full",
+                cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "could not be written to --json=/dev/full" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "checksum" in proc.stdout
+
+
+def test_sweep_keeps_its_results_when_the_plot_cannot_be_written(monkeypatch, tmp_path):
+    def no_room(result, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "plot_sweep", no_room)
+    out = bench.run_sweep(_config(ops=("lookup",), threads=(1,), probe=False), "size", [5000],
+                          str(tmp_path / "p.png"))
+    assert [run["config"]["size"] for run in out["runs"]] == [5000]
+    assert out["plot"] is None and "No space left on device" in out["plot_note"]
 
 
 _ON_A_SMALL_MACHINE = """
