@@ -118,9 +118,11 @@ def as_out(out, n: int, dim: int) -> np.ndarray:
 
 
 def as_int64_scalar(x, name: str) -> int:
-    """An integer scalar (Python or numpy), e.g. req_time or global_step."""
+    """An integer scalar (Python, numpy, or a 0-d integer tensor), e.g. req_time or global_step."""
     if type(x) is int and -(1 << 63) <= x < (1 << 63):  # the common case, without the ABC check
         return x
+    if not isinstance(x, (numbers.Integral, np.ndarray)) and (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
+        x = as_numpy(x)  # a framework's 0-d tensor (torch, JAX)
     if isinstance(x, np.ndarray) and x.ndim == 0:
         x = x[()]
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):

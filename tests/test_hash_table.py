@@ -614,6 +614,21 @@ def test_dlpack_producers():
     assert [d.id for d in t.lookup_entry(DLPackOnly(np.array([4], dtype=np.int64)))] == [4]
 
 
+def test_step_and_time_as_0_d_tensors():
+    # A framework's 0-d integer tensor (a JAX or torch step counter) is an integer step or
+    # time; its bool or float tensors are not, and nothing changes then.
+    t = sgd_table(1)
+    t.assign([4], [[1.0]], req_time=DLPackOnly(np.array(7, dtype=np.int32)))
+    t.apply_gradients([4], [[1.0]], global_step=DLPackOnly(np.array(3, dtype=np.int64)),
+                      req_time=DLPackOnly(np.array(9, dtype=np.uint32)))
+    (dump,) = t.lookup_entry([4])
+    assert dump.last_update_ts == 9 and dump.values.tolist() == [0.0]
+    for bad in (np.array(True), np.array(3.0), np.array([3])):
+        with pytest.raises(TypeError):
+            t.apply_gradients([4], [[1.0]], global_step=DLPackOnly(bad))
+    assert t.lookup([4]).tolist() == [[0.0]]
+
+
 def test_dlpack_read_only_producer():
     t = sgd_table(1)
     a = np.array([1, 2], dtype=np.int64)
