@@ -579,6 +579,10 @@ class HashTable(BaseHashTable):
         return self
 
 
+# The name of a table built by hash_table_from_config: this, then its name_suffix.
+TABLE_NAME_PREFIX = "MonolithHashTable_"
+
+
 def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", saver_parallel: int = -1) -> HashTable:
     """Build a :class:`HashTable` from a ``HashTableConfigInstance``.
 
@@ -586,7 +590,7 @@ def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", save
     differs from the number of segments) and NotImplementedError for a feature this version
     cannot train with.
     """
-    return HashTable(config, name="MonolithHashTable_" + str(name_suffix), saver_parallel=saver_parallel,
+    return HashTable(config, name=TABLE_NAME_PREFIX + str(name_suffix), saver_parallel=saver_parallel,
                      hash_filter=hash_filter)
 
 

@@ -347,6 +347,20 @@ def save_monolith_tables(tables: list, directory: str) -> None:
             _remove([tmp for moves in written for tmp, _ in moves])
 
 
+def _restore_names(table) -> List[str]:
+    """The names a table's files may have: its own, then each of its extra_restore_names.
+    An old name that is a suffix (a merged table's md5) is also tried as the name of a
+    table built under it (``MonolithHashTable_<md5>``): that is how Monolith named the
+    files, while its restorer looked for the bare suffix only."""
+    names = [table.name]
+    own_suffix = table.name.startswith(_hash_table.TABLE_NAME_PREFIX)
+    for old in table.extra_restore_names:
+        names.append(old)
+        if own_suffix and not old.startswith(_hash_table.TABLE_NAME_PREFIX):
+            names.append(_hash_table.TABLE_NAME_PREFIX + old)
+    return names
+
+
 def restore_monolith_tables(tables: list, directory: str) -> None:
     """Restore each of ``tables`` from Monolith's files under ``directory`` (a checkpoint's
     ``.assets`` directory): from its name's files or, if there are none, from the first of
@@ -356,7 +370,7 @@ def restore_monolith_tables(tables: list, directory: str) -> None:
     _prefixes(tables)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no Monolith checkpoint directory {directory!r}")
-    names = [[asset_prefix(name) for name in [t.name] + list(t.extra_restore_names)] for t in tables]
+    names = [[asset_prefix(name) for name in _restore_names(t)] for t in tables]
     with _turn(directory, *(os.path.join(directory, n) for candidates in names for n in candidates)):
         found = []
         for table, candidates in zip(tables, names):

@@ -1647,6 +1647,23 @@ def test_a_renamed_merged_table_restores_from_its_old_name(tmp_path):
     assert new.lookup({"fc_slot_7": [5]})["fc_slot_7"].tolist() == [[0.5, 0.25]]
 
 
+def test_a_renamed_merged_table_restores_from_the_files_of_its_old_table(tmp_path):
+    # Monolith named the files of the merged table of slot_7 after the table,
+    # MonolithHashTable_<md5 of "slot_7">: the merged table of fc_slot_7 finds them by its
+    # old name too (Monolith's restorer looked for the bare md5 only, and never found them).
+    configs = {"fc_slot_7": slot_config(MODEL_SLOTS["fc_slot_7"])}
+    old = MergedMultiTypeHashTable({"slot_7": configs["fc_slot_7"]}, lambda c: MultiTypeHashTable(c, slot_factory))
+    old.assign({"slot_7": ([5], [[0.5, 0.25]])}, req_time=7)
+    save_multi_type(old, tmp_path, format="monolith")
+    (old_table,) = model_tables(old)
+    assert old_table.name.startswith("MonolithHashTable_") and os.path.exists(shard_names(tmp_path / old_table.name, 1)[0])
+    new = MergedMultiTypeHashTable(configs, lambda c: MultiTypeHashTable(c, slot_factory))
+    (table,) = model_tables(new)
+    assert table.extra_restore_names == [old_table.name[len("MonolithHashTable_"):]]
+    restore_multi_type(new, tmp_path, format="monolith")
+    assert new.lookup({"fc_slot_7": [5]})["fc_slot_7"].tolist() == [[0.5, 0.25]]
+
+
 def saved_model_and_another(directory):
     """Saves a trained model's tables at ``directory``; returns another model, trained
     otherwise, and its snapshot."""
