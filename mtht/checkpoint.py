@@ -50,7 +50,7 @@ class CheckpointError(OSError):
 
 
 def manifest_path(basename: str) -> str:
-    return os.fspath(basename) + ".manifest.json"
+    return os.fsdecode(basename) + ".manifest.json"
 
 
 def checkpoint_exists(basename: str) -> bool:
@@ -126,7 +126,7 @@ def _turn(*paths: str):
     """Holds the locks of ``paths`` (basenames or directories), taken in one order: two
     saves at one basename would write the same generation's files, and a restore could find
     its files removed by a save that replaced them."""
-    keys = sorted({os.path.realpath(os.fspath(p)) for p in paths})
+    keys = sorted({os.path.realpath(os.fsdecode(p)) for p in paths})
     with _LOCKS_GUARD:
         entries = [_LOCKS.setdefault(k, [threading.Lock(), 0]) for k in keys]
         for entry in entries:
@@ -186,7 +186,7 @@ def _read_verified(path: str, missing: str, form: str) -> dict:
         doc = json.loads(raw)
         body = doc["manifest"]
         ok = doc["sha256"] == _digest(body)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested too deep
         raise CheckpointError(f"checkpoint manifest {path} is truncated or corrupt") from None
     if not ok:
         raise CheckpointError(f"checkpoint manifest {path} is corrupt (checksum mismatch)")
@@ -262,7 +262,7 @@ def save_table(table, basename: str) -> dict:
     Entries expired at the table's ``max_update_ts`` (per-slot expiry of the config) are
     left out of the checkpoint but stay in memory, as in Monolith.
     """
-    basename = os.fspath(basename)
+    basename = os.fsdecode(basename)
     with _turn(basename):
         with _hash_table.writes_held([table]):
             body, older = _write_generation(table, basename)
@@ -270,17 +270,24 @@ def save_table(table, basename: str) -> dict:
     return body
 
 
+def file_prefix(basename: str) -> str:
+    """The prefix of the files of a checkpoint at ``basename``: its last part, which must not
+    be empty (a directory)."""
+    prefix = os.path.basename(basename)
+    if not prefix:
+        raise ValueError(f"checkpoint basename {basename!r} names a directory, not a file prefix")
+    return prefix
+
+
 def _write_generation(table, basename: str, apply_expiry: bool = True) -> Tuple[dict, List[str]]:
     """Write and sync the data files of a new generation of the checkpoint at ``basename``;
     returns the manifest naming them, and the data files of older generations, for the
     caller to remove once the manifest is in place. On an error, what it wrote is removed.
     ``apply_expiry``: leave out the entries expired at the table's ``max_update_ts``."""
+    prefix = file_prefix(basename)
     directory = os.path.dirname(basename)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    prefix = os.path.basename(basename)
-    if not prefix:
-        raise ValueError(f"checkpoint basename {basename!r} names a directory, not a file prefix")
     _remove(_stale_manifest_temps(basename))  # left by a save that was killed
     old = _generations_on_disk(basename)
     generation = max(old, default=0) + 1
@@ -343,7 +350,7 @@ def _names_generation(basename: str, generation: int) -> bool:
 def _load(table, basename: str, body: Optional[dict] = None) -> Tuple[object, dict]:
     """A fresh core table holding the checkpoint at ``basename``, verified, and its manifest
     (``body``, when given, instead of the one at ``basename``)."""
-    basename = os.fspath(basename)
+    basename = os.fsdecode(basename)
     if body is None:
         body = read_manifest(basename)
     return _load_sources(table, [(basename, body)]), body
@@ -482,7 +489,7 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
     """:func:`save_multi_type` in mtht's format, the hooks' writes already applied.
     ``apply_expiry=False`` keeps the entries expired at their table's ``max_update_ts``
     (a checkpoint rewritten, whose entries were kept when it was saved)."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     tables = _named_tables(table)
     bases = [os.path.join(directory, key) for key in tables]
     with _turn(directory, *bases):
@@ -557,7 +564,7 @@ def find_checkpoints(tables: Dict[str, object], directory: str) -> List[Tuple[ob
 def load_multi_type(table, directory: str) -> List[Tuple[object, object]]:
     """What :func:`restore_multi_type` puts in place, loaded and verified without changing
     anything: ``(table, core)`` pairs, each of a table and its restored contents."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     tables = _named_tables(table)
     names = {name for key, t in tables.items() for name in [key] + list(t.extra_restore_names)}
     with _turn(directory, *(os.path.join(directory, n) for n in names)):

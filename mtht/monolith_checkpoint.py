@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht._spec import _STATE_LAYOUT
-from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count
+from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count, file_prefix
 
 __all__ = ["save_monolith", "restore_monolith", "save_monolith_tables", "restore_monolith_tables", "asset_prefix",
            "entry_dump_class", "write_tfrecords", "read_tfrecords"]
@@ -206,7 +206,8 @@ def save_monolith(table, basename: str) -> None:
     """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
     expired at the table's max_update_ts are left out, as Monolith does). The files are
     written in parallel under temporary names and renamed into place."""
-    basename = os.fspath(basename)
+    basename = os.fsdecode(basename)
+    file_prefix(basename)
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
     with _turn(basename):
@@ -277,7 +278,7 @@ def _fewest_bytes_per_entry(dim: int, dumps) -> int:
 def _load(table, basename: str):
     """A fresh core for ``table`` holding Monolith's checkpoint files at ``basename``, every
     file parsed and checked (checksums, shard set, optimizer layout)."""
-    paths = _shard_files(os.fspath(basename))
+    paths = _shard_files(os.fsdecode(basename))
     dumps = _format(table)
     # Room for as many entries as the files can hold in records of Monolith's form (whose
     # timestamps take 5 bytes rather than 1: 2% more room than entries), so that the new
@@ -330,7 +331,7 @@ def save_monolith_tables(tables: list, directory: str) -> None:
     ``.assets`` directory), at ``directory/asset_prefix(table.name)``. All tables' files
     are written, in parallel, before the first is renamed into place: a save that fails
     leaves every table's previous files."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     basenames = [os.path.join(directory, p) for p in _prefixes(tables)]
     os.makedirs(directory, exist_ok=True)
     with _turn(directory, *basenames):
@@ -366,7 +367,7 @@ def restore_monolith_tables(tables: list, directory: str) -> None:
     ``.assets`` directory): from its name's files or, if there are none, from the first of
     its ``extra_restore_names`` that has files. The tables load in parallel, and every file
     is checked before the first table changes."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     _prefixes(tables)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no Monolith checkpoint directory {directory!r}")

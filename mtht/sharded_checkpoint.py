@@ -38,7 +38,7 @@ def part_directory(directory: str, generation: int, part: int, world_size: int) 
 
 def read_sharded_manifest(directory: str) -> dict:
     """``{"world_size", "generation", ...}`` of the sharded save in ``directory``, verified."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     body = _checkpoint._read_verified(os.path.join(directory, SHARDED_FILE),
                                       f"no sharded checkpoint in {directory!r} (missing {SHARDED_FILE})",
                                       SHARDED_FORMAT)
@@ -77,7 +77,7 @@ def begin_save(directory: str) -> int:
     """The generation a new save in ``directory`` writes (one past any on disk), after
     removing what a killed save left: the generations ``sharded.json`` does not name, and
     its temporaries. (With a ``sharded.json`` that cannot be read, every generation stays.)"""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     os.makedirs(directory, exist_ok=True)
     current = current_generation(directory)
     on_disk = _generations_on_disk(directory)
@@ -93,7 +93,7 @@ def commit_save(directory: str, generation: int, world_size: int, keys: List[str
     """Name ``generation`` in ``sharded.json`` (every part of it written and synced), then
     remove the older generations. If the manifest is not in place, the new generation is
     removed and the previous save stays."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     body = {"format": SHARDED_FORMAT, "version": _checkpoint.VERSION, "generation": generation,
             "world_size": world_size, "tables": sorted(keys)}
     try:
@@ -116,13 +116,13 @@ def commit_save(directory: str, generation: int, world_size: int, keys: List[str
 
 def abandon_save(directory: str, generation: int) -> None:
     """Remove what a save of ``generation`` wrote (it failed on some process)."""
-    shutil.rmtree(_generation_path(os.fspath(directory), generation), ignore_errors=True)
+    shutil.rmtree(_generation_path(os.fsdecode(directory), generation), ignore_errors=True)
 
 
 def saved_parts(directory: str, expected_world_size: Optional[int] = None) -> Tuple[dict, List[str]]:
     """The manifest of the sharded save in ``directory`` and the directory of each part.
     ``expected_world_size``: refuse a save of another number of processes."""
-    directory = os.fspath(directory)
+    directory = os.fsdecode(directory)
     body = read_sharded_manifest(directory)
     w = body["world_size"]
     if expected_world_size is not None and w != expected_world_size:
@@ -147,7 +147,7 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     """
     if type(world_size) is not int or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    source, target = os.fspath(source), os.fspath(target)
+    source, target = os.fsdecode(source), os.fsdecode(target)
     if os.path.realpath(source) == os.path.realpath(target):
         raise ValueError("reshard writes a new checkpoint: give a target other than the source")
     _, old_parts = saved_parts(source)

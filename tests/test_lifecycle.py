@@ -1710,7 +1710,7 @@ def test_missing_manifest(saved):
     _assert_restore_fails_unchanged(basename, FileNotFoundError)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "not_json", "version", "edited"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "not_json", "version", "edited", "nested"])
 def test_corrupt_manifest(saved, damage):
     basename, _, _ = saved
     path = basename + ".manifest.json"
@@ -1724,6 +1724,8 @@ def test_corrupt_manifest(saved, damage):
         raw = b""
     elif damage == "not_json":
         raw = b"\xff\xfe garbage"
+    elif damage == "nested":  # past what the JSON reader's recursion takes
+        raw = b"[" * 100_000 + b"]" * 100_000
     else:
         doc = json.loads(raw)
         if damage == "version":
@@ -1765,6 +1767,24 @@ def test_manifest_edited_with_its_digest_recomputed(saved, edit):
     edit(body)
     open(path, "w").write(json.dumps({"manifest": body, "sha256": mtht.checkpoint._digest(body)}))
     _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
+
+
+@pytest.mark.parametrize("form", ["mtht", "monolith"])
+def test_checkpoint_basenames_as_bytes_and_directories(tmp_path, form):
+    # A basename may be bytes, as os paths may; one that names a directory (no file prefix)
+    # is refused before anything is written, in either format.
+    if form == "monolith":
+        pytest.importorskip("google.protobuf")
+    t = table_of()
+    t.assign(ids_of(1, 2), [[1], [2]])
+    t.save(os.fsencode(str(tmp_path / "t")), format=form)
+    assert table_of().restore(os.fsencode(str(tmp_path / "t")), format=form).lookup(ids_of(1, 2)).tolist() == [[1], [2]]
+    for directory in ("", str(tmp_path / "d") + os.sep):
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(ValueError, match="names a directory"):
+            t.save(directory, format=form)
+        assert sorted(os.listdir(tmp_path)) == before
+        assert not [name for name in os.listdir(".") if name.startswith("-")]  # files of an empty prefix
 
 
 def test_layout_mismatch(tmp_path):
