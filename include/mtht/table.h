@@ -1533,9 +1533,10 @@ class EmbeddingTable {
   // (hold_writes, for every table of a model at once), so that a save holds each write whole
   // or not at all. A save waiting for the writes under way holds off the next ones
   // (SharedMutex::lock_draining): writes from several threads overlap, and a save waiting
-  // for a gap between them could wait for as long as they go on. A write takes it before it enters the fork gate (ForkGate::InCall): a write waiting for
-  // a save must not hold up a fork, whose thread holds the interpreter's lock, which the
-  // save needs to give the gate back. A fork while a save holds it (between two calls,
+  // for a gap between them could wait for as long as they go on. A write takes the gate
+  // before it enters the fork gate (ForkGate::InCall): a write waiting for a save must not
+  // hold up a fork, whose thread holds the interpreter's lock, which the save needs to give
+  // the gate back. A fork while a save holds it (between two calls,
   // which ForkGate does not cover) leaves it held in the child, where no thread gives it
   // back: the child frees it (detail::ForkFreedLocks).
   void hold_writes() const { writes_.lock_draining(); }
