@@ -543,14 +543,13 @@ cdef _offsets(FusedLayout& layout):
             np.asarray(layout.emb_offsets, dtype=np.int32))
 
 
-def _refuse_overlap(**arrays):
-    """ValueError if two of ``arrays`` (an output among them) share memory: a kernel would
-    read what it has written."""
-    named = list(arrays.items())
-    for i, (a_name, a) in enumerate(named):
-        for b_name, b in named[i + 1:]:
-            if np.may_share_memory(a, b):
-                raise ValueError(f"{a_name} and {b_name} must not share memory")
+cdef _refuse_overlap(str a_name, const void* a, size_t a_bytes, str b_name, const void* b, size_t b_bytes):
+    """ValueError if the bytes [a, a + a_bytes) and [b, b + b_bytes) (an output among them)
+    overlap: a kernel would read what it has written. (Compared as addresses: the arrays
+    are contiguous, and np.may_share_memory took more time than a small call's work.)"""
+    cdef uintptr_t x = <uintptr_t>a, y = <uintptr_t>b
+    if a_bytes and b_bytes and x < y + b_bytes and y < x + a_bytes:
+        raise ValueError(f"{a_name} and {b_name} must not share memory")
 
 
 def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, position_out=None):
@@ -566,7 +565,10 @@ def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, 
     cdef int64_t[::1] position = position_array
     if sent.shape[0] != n or position.shape[0] != n:
         raise ValueError(f"sent_out and position_out must have {n} values")
-    _refuse_overlap(ids_array=np.asarray(ids), sent_out=sent_array, position_out=position_array)
+    if n:
+        _refuse_overlap("ids", &ids[0], n * sizeof(int64_t), "sent_out", &sent[0], n * sizeof(int64_t))
+        _refuse_overlap("ids", &ids[0], n * sizeof(int64_t), "position_out", &position[0], n * sizeof(int64_t))
+        _refuse_overlap("sent_out", &sent[0], n * sizeof(int64_t), "position_out", &position[0], n * sizeof(int64_t))
     cdef size_t m
     with nogil:
         m = c_route_ids(&ids[0] if n else NULL, n, world, dedup, &sent[0] if n else NULL,
@@ -585,7 +587,9 @@ def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m
     cdef float[:, ::1] out = out_array
     if out.shape[0] != m or out.shape[1] != dim:
         raise ValueError(f"out_rows must have shape ({m}, {dim})")
-    _refuse_overlap(rows=np.asarray(rows), position=np.asarray(position), out_rows=out_array)
+    if n and m * dim:
+        _refuse_overlap("rows", &rows[0, 0], n * dim * sizeof(float), "out_rows", &out[0, 0], m * dim * sizeof(float))
+        _refuse_overlap("position", &position[0], n * sizeof(int64_t), "out_rows", &out[0, 0], m * dim * sizeof(float))
     cdef cbool finite
     with nogil:
         finite = c_sum_rows_to(&rows[0, 0] if n * dim else NULL, n, dim, &position[0] if n else NULL, m,
@@ -630,8 +634,8 @@ def fused_lookup(list tables, const int64_t[::1] ids, const int32_t[::1] fused_s
     cdef float[::1] emb = embeddings
     if emb.shape[0] != layout.emb_offsets.back():
         raise ValueError(f"out must have {layout.emb_offsets.back()} floats, got {emb.shape[0]}")
-    if out is not None:
-        _refuse_overlap(ids=np.asarray(ids), out=embeddings)
+    if out is not None and ids.shape[0] and emb.shape[0]:
+        _refuse_overlap("ids", &ids[0], ids.shape[0] * sizeof(int64_t), "out", &emb[0], emb.shape[0] * sizeof(float))
     cdef float* ep = &emb[0] if emb.shape[0] > 0 else NULL
     with nogil:
         c_fused_lookup(ptrs, layout, &ids[0], ep)

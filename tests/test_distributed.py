@@ -221,6 +221,11 @@ def test_routing_kernels_refuse_what_would_read_out_of_bounds():
         _core.route_ids(ids, 2, True, shared, shared)
     with pytest.raises(ValueError, match="must not share memory"):
         _core.route_ids(ids, 2, True, ids, np.empty(8, np.int64))
+    one = np.empty(16, np.int64)
+    with pytest.raises(ValueError, match="must not share memory"):  # half over each other
+        _core.route_ids(ids, 2, True, one[:8], one[4:12])
+    sent, _, position = _core.route_ids(ids, 2, True, one[:8], one[8:])  # side by side: apart
+    assert sorted(sent.tolist()) == ids.tolist() and sorted(position.tolist()) == list(range(8))
     _, counts, position = _core.route_ids(ids, 2, True)
     flat = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="out of range"):  # rows before the buffer
