@@ -15,6 +15,7 @@ given the ranks' batches one after another, in rank order (see
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import threading
@@ -125,22 +126,23 @@ class _Scratch:
 class _Routed:
     """One table's ids of a call as this rank sends them (route.h): ``sent``, grouped by
     owner, each id once (``dedup``) or as given; ``counts`` per owner; ``position[i]``:
-    where given id i went in ``sent``. Held in ``scratch`` under keys of table ``t``."""
+    where given id i went in ``sent``. ``sent`` and ``position`` are written into
+    ``sent_out`` and ``position_out`` when given (int64, as many as the ids), and the rows
+    of rows_sent into ``rows_out`` (float32, at least as many as the ids' rows)."""
 
-    __slots__ = ("sent", "counts", "position", "_scratch", "_t")
+    __slots__ = ("sent", "counts", "position", "_rows_out")
 
-    def __init__(self, ids: np.ndarray, world: int, dedup: bool, scratch: Optional[_Scratch] = None, t: int = 0):
-        self._scratch, self._t, n = scratch, t, ids.shape[0]
-        self.sent, self.counts, self.position = _core.route_ids(
-            ids, world, dedup, *((scratch.take(("sent", t), np.int64, n), scratch.take(("position", t), np.int64, n))
-                                 if scratch is not None else ()))
+    def __init__(self, ids: np.ndarray, world: int, dedup: bool, sent_out: Optional[np.ndarray] = None,
+                 position_out: Optional[np.ndarray] = None, rows_out: Optional[np.ndarray] = None):
+        self._rows_out = rows_out
+        self.sent, self.counts, self.position = _core.route_ids(ids, world, dedup, sent_out, position_out)
 
     def rows_sent(self, rows: np.ndarray) -> Tuple[np.ndarray, bool]:
         """The rows to send with the ids: per sent id, the sum of its rows left to right in
         the order given (the first occurrence's row, then the others added one by one), as
         one process's deduplicated update sums them; and whether every sum is finite."""
-        m = self.sent.shape[0]
-        out = self._scratch.take(("rows", self._t), np.float32, m, rows.shape[1]) if self._scratch else None
+        m, dim = self.sent.shape[0], rows.shape[1]
+        out = self._rows_out[:m * dim].reshape(m, dim) if self._rows_out is not None else None
         return _core.sum_rows(rows, self.position, m, out)
 
 
@@ -350,15 +352,28 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         try:
             prepared = prepare()
             same = prepared.same
-            call.routed = [_Routed(ids, world, d, scratch, t)
-                           for t, ((ids, _), d) in enumerate(zip(prepared.per_table, prepared.dedup))]
+            # Every table's arrays are pieces of one buffer each: a buffer per table cost
+            # more than routing a few ids.
+            sizes = [ids.shape[0] for ids, _ in prepared.per_table]
+            ends = list(itertools.accumulate(sizes))
+            sent_all = scratch.take("sent", np.int64, ends[-1])  # k > 0: the callers return early
+            position_all = scratch.take("position", np.int64, ends[-1])
+            row_ends = list(itertools.accumulate(n * dim for n, dim in zip(sizes, self._dims)))
+            rows_all = None if lookup else scratch.take("rows", np.float32, row_ends[-1])
+
+            def routed(t: int, dedup: bool) -> _Routed:
+                a, b = ends[t] - sizes[t], ends[t]
+                rows_out = None if lookup else rows_all[row_ends[t] - sizes[t] * self._dims[t]:row_ends[t]]
+                return _Routed(prepared.per_table[t][0], world, dedup, sent_all[a:b], position_all[a:b], rows_out)
+
+            call.routed = [routed(t, d) for t, d in enumerate(prepared.dedup)]
             summed_by_owner = [False] * k
             if not lookup:
                 call.sent_rows = []
                 for t, ((ids, rows), d) in enumerate(zip(prepared.per_table, prepared.dedup)):
                     sent, finite = call.routed[t].rows_sent(rows)
                     if d and not finite:
-                        call.routed[t], summed_by_owner[t] = _Routed(ids, world, False, scratch, t), True
+                        call.routed[t], summed_by_owner[t] = routed(t, False), True
                         sent, _ = call.routed[t].rows_sent(rows)
                     call.sent_rows.append(sent)
             if k:
