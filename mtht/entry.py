@@ -1400,9 +1400,11 @@ class EmbeddingHashTableConfig:
         Accept NaN/Inf in written values and gradients.
     max_bytes : int, optional
         Bound on the table's memory (>= 1 byte): turned into a number of entries from the
-        memory one entry may take at most (row, capacity bookkeeping and index: 86 bytes of
-        it at the default load bound, or 64 plus 2 MiB a shard when that allows more);
-        together with ``max_entries`` the smaller bound holds. None means unbounded.
+        memory one entry may take at most (row, 16 bytes of capacity bookkeeping and index:
+        64 bytes of it at the default load bound, or 48 plus 2 MiB a shard when that allows
+        more), less room for the rows evictions leave to their shards (none with one
+        shard; see docs/lifecycle.md); together with ``max_entries`` the smaller bound
+        holds. None means unbounded.
     max_load_factor : float, default 0.5
         The index grows before more than this fraction of its slots is used; in [0.25, 0.9].
         (A write whose new ids take it past that, by at most a quarter of the slots left

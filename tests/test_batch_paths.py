@@ -653,8 +653,9 @@ def test_results_do_not_depend_on_the_load_bound():
 def test_max_bytes_counts_the_index_at_the_lowest_load_of_the_bound():
     # An Adagrad dim-4 entry: a 32-byte row, 16 bytes of bookkeeping, and a quarter of a
     # 64-byte bucket at half the bound: 64 / 4 / 0.45 = 35.6 -> 36 bytes at 0.9, 64 at 0.5.
-    assert _table_with_load(0.9, max_bytes=96_000).stats()["max_entries"] == 96_000 // (32 + 16 + 36)
-    assert _table_with_load(0.5, max_bytes=96_000).stats()["max_entries"] == 96_000 // (32 + 16 + 64)
+    # (One shard: no rows are left to other shards by evictions.)
+    assert _table_with_load(0.9, max_bytes=96_000, num_shards=1).stats()["max_entries"] == 96_000 // (32 + 16 + 36)
+    assert _table_with_load(0.5, max_bytes=96_000, num_shards=1).stats()["max_entries"] == 96_000 // (32 + 16 + 64)
 
 
 def test_the_load_bound_is_part_of_the_config_key():

@@ -12,6 +12,7 @@ import collections
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -2214,19 +2215,31 @@ def test_merged_restore_from_the_old_fc_slot_name(tmp_path):
 
 # --- max_bytes: a memory bound turned into an entry bound ------------------------------------
 
-def _bytes_table(max_bytes, max_entries=None):
+def _bytes_table(max_bytes, max_entries=None, num_shards=None):
     seg = mtht.CombineAsSegment(16, mtht.ZerosInitializer(), mtht.AdagradOptimizer(), None)
     return mtht.hash_table_from_config(mtht.HashTableConfigInstance(
         mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=max_bytes,
-                                      max_entries=max_entries), [0.1]))
+                                      max_entries=max_entries, num_shards=num_shards), [0.1]))
+
+
+def _most_entries(budget, shards, row=128 + 16, index=64):
+    """The most dim-16 Adagrad entries a budget holds: each its row (128 bytes and 16 of
+    bookkeeping) and at most 64 bytes of index (64 / 4 bytes a slot at load 0.25), and
+    4 deviations of the shards' counts (at most the entries x other shards) of rows that
+    evictions leave to their shards."""
+    def fits(n):
+        return n * (row + index) + min(math.ceil(4 * math.sqrt(n * (shards - 1))), n * (shards - 1)) * row <= budget
+    n = 0
+    while fits(n + 1):
+        n += 1
+    return n
 
 
 def test_max_bytes_bounds_the_memory_of_a_table():
     budget = 20_000_000
     t = _bytes_table(budget)
-    # An Adagrad dim-16 entry: a 128-byte row, 16 bytes of bookkeeping, at most 64 of index
-    # (64 / 4 bytes a slot at load 0.25).
-    assert t.stats()["max_entries"] == budget // (128 + 16 + 64)
+    assert t.stats()["max_entries"] == _most_entries(budget, shards=64)  # as many as it may split into
+    assert _bytes_table(budget, num_shards=1).stats()["max_entries"] == budget // (128 + 16 + 64)
     for start in range(0, 400_000, 20_000):
         t.assign(np.arange(start, start + 20_000), np.ones((20_000, 16), np.float32))
     st = t.stats()
@@ -2253,9 +2266,27 @@ def test_max_bytes_of_a_large_table_counts_its_fuller_index():
     assert len(t) == most
 
 
+@pytest.mark.parametrize("shards", [8, 1024])
+def test_max_bytes_holds_while_evictions_leave_rows_to_their_shards(shards):
+    # A row freed by an eviction is reused by its own shard only, and the new ids land in
+    # any shard, so each shard keeps the most rows it ever held: the table leaves room for
+    # them. 40 turnovers of its entries stay within the budget. (Before, 4096 shards of a
+    # 20 MB table went 47% over.)
+    budget = 4_000_000
+    t = _bytes_table(budget, num_shards=shards)
+    most = t.stats()["max_entries"]
+    assert most == _most_entries(budget, shards)
+    rng = np.random.default_rng(shards)
+    batch = most // 8
+    for _ in range(40 * 8):
+        t.assign(rng.integers(0, 2**62, batch), np.ones((batch, 16), np.float32))
+        assert t.stats()["bytes"] <= budget
+    assert len(t) == most
+
+
 def test_max_bytes_and_max_entries_the_smaller_bound_holds():
     assert _bytes_table(10_000_000, max_entries=1000).stats()["max_entries"] == 1000
-    assert _bytes_table(208 * 10, max_entries=1000).stats()["max_entries"] == 10
+    assert _bytes_table(208 * 10, max_entries=1000, num_shards=1).stats()["max_entries"] == 10
 
 
 def test_max_bytes_too_small_for_one_entry_is_refused():

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -96,5 +97,17 @@ inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille) {
   return (24 * 1000 + max_load_permille - 1) / max_load_permille;
 }
 constexpr uint64_t kIndexSlackBytes = (uint64_t{2} << 20) + 4096;
+
+// Rows a capacity-limited table of `entries` over `shards` shards may hold besides its
+// entries'. A row freed by an eviction is reused by its own shard only, while the new ids
+// that take its place land in any shard, so each shard keeps as many rows as it ever held
+// entries. A shard holds entries / shards entries give or take sqrt(entries / shards x
+// (1 - 1 / shards)); the most one reaches over T full turnovers of the table is about
+// sqrt(2 ln T) such deviations above, under 4 for T up to about 3,000.
+// (A shard holds at most all the entries: no more than entries x (shards - 1) besides.)
+inline uint64_t stranded_rows(uint64_t entries, uint64_t shards) {
+  const double spread = std::sqrt(static_cast<double>(entries) * static_cast<double>(shards - 1));
+  return std::min(static_cast<uint64_t>(std::ceil(4.0 * spread)), entries * (shards - 1));
+}
 
 }  // namespace mtht

@@ -1421,16 +1421,27 @@ class EmbeddingTable {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
       // lowest load the index runs at (half the max load): 64 / 4 / (max / 2) bytes. A
       // table of millions of entries has large shards, whose indexes stay fuller but may
-      // take up to kIndexSlackBytes more each: the larger of the two limits holds.
-      const uint64_t per_entry = layout_.stride + 16 + max_index_bytes_per_entry(spec.max_load_permille);
-      uint64_t limit = spec.max_bytes / per_entry;
-      const uint64_t slack = (uint64_t{1} << max_shard_bits_) * kIndexSlackBytes;
-      if (spec.max_bytes > slack)
-        limit = std::max<uint64_t>(limit, (spec.max_bytes - slack) /
-                                              (layout_.stride + 16 + large_index_bytes_per_entry(spec.max_load_permille)));
+      // take up to kIndexSlackBytes more each: the larger of the two limits holds. Rows
+      // left to their shards by evictions (stranded_rows) come off the budget first.
+      const uint64_t row = layout_.stride + 16;
+      const uint64_t per_entry = row + max_index_bytes_per_entry(spec.max_load_permille);
+      const uint64_t per_large_entry = row + large_index_bytes_per_entry(spec.max_load_permille);
+      const uint64_t shards = uint64_t{1} << max_shard_bits_;
+      const uint64_t slack = shards * kIndexSlackBytes;
+      auto fits = [&](uint64_t entries) {
+        const uint64_t stranded = stranded_rows(entries, shards) * row;
+        if (stranded > spec.max_bytes) return false;
+        const uint64_t left = spec.max_bytes - stranded;
+        return entries <= left / per_entry || (left > slack && entries <= (left - slack) / per_large_entry);
+      };
+      uint64_t limit = 0;  // the most entries that fit: fits() holds up to it and not past it
+      for (uint64_t step = uint64_t{1} << 62; step; step >>= 1)
+        if (limit + step <= spec.max_bytes / row && fits(limit + step)) limit += step;
       if (limit == 0)
-        throw ValueError("max_bytes = " + std::to_string(spec.max_bytes) + " does not hold one entry of up to " +
-                         std::to_string(per_entry) + " bytes");
+        throw ValueError("max_bytes = " + std::to_string(spec.max_bytes) + " does not hold one entry: up to " +
+                         std::to_string(per_entry) + " bytes, and " + std::to_string(stranded_rows(1, shards) * row) +
+                         " for the rows its evictions may leave to the other of its " + std::to_string(shards) +
+                         " shards (num_shards=1 leaves none)");
       spec_.max_entries = spec_.max_entries ? std::min<uint64_t>(spec_.max_entries, limit) : limit;
     }
     hashnet_scale_.reset(new std::atomic<float>[layout_.segments.size()]);
