@@ -79,7 +79,7 @@ class QueueHooks:
         hooks = {id(h): h for h in self.get_queue_hooks() if isinstance(h, Prefetch)}
         shared = getattr(self, "_mtht_pipeline", None)
         if shared is not None:
-            hooks.update((id(h), h) for h in list(shared.prefetches))
+            hooks.update((id(h), h) for h in list(shared.hooks) if isinstance(h, Prefetch))
         for hook in hooks.values():
             with hook._lock:
                 hook._ahead.clear()
@@ -158,7 +158,7 @@ class _Pipeline:
 
     def __init__(self, name: str):
         self._name = name
-        self.prefetches: "weakref.WeakSet" = weakref.WeakSet()  # the Prefetch hooks of the family
+        self.hooks: "weakref.WeakSet" = weakref.WeakSet()  # the hooks of the family
         self._new_state()
         # The thread ends with the pipeline; at exit, only after the queued calls (_finish_queued_writes).
         weakref.finalize(self, _end_of, self._box).atexit = False
@@ -174,8 +174,10 @@ class _Pipeline:
 
     def reset_in_child(self) -> None:
         """After a fork: the child has no thread, and does not run the calls its parent queued
-        (the parent does)."""
+        (the parent does); nor do its hooks wait for them."""
         self._new_state()
+        for hook in list(self.hooks):
+            hook._reset_in_child()
 
     def _start_locked(self) -> None:
         if self._thread is None:
@@ -341,7 +343,11 @@ class _TableHook:
         self._table = table
         self._capacity = capacity
         self._pipeline = _pipeline_of(table)
+        self._pipeline.hooks.add(self)
         table.add_queue_hook(self)
+
+    def _reset_in_child(self) -> None:
+        """After a fork, in the child: forget the parent's calls under way."""
 
     @property
     def table(self):
@@ -410,8 +416,12 @@ class AsyncPush(_TableHook):
 
     def __init__(self, table, capacity: int = 2):
         super().__init__(table, capacity)
+        self._reset_in_child()
+
+    def _reset_in_child(self) -> None:
+        # Every slot free: the writes that held some are the parent's to apply.
         self._slots: "queue.SimpleQueue" = queue.SimpleQueue()
-        for token in range(capacity):
+        for token in range(self._capacity):
             self._slots.put(token)
 
     def _push(self, method: str, args: Tuple, kwargs: dict) -> None:
@@ -465,11 +475,15 @@ class Prefetch(_TableHook):
 
     def __init__(self, table, capacity: int = 1):
         super().__init__(table, capacity)
-        self._ahead: Deque[Tuple[Any, concurrent.futures.Future]] = collections.deque()
-        self._lock = threading.Lock()
+        self._reset_in_child()
         self._collective = _collective_table(table)  # whose calls every process makes alike, or None
         self.misses = 0
-        self._pipeline.prefetches.add(self)
+
+    def _reset_in_child(self) -> None:
+        # Nothing prefetched (the parent's thread completes those lookups), and a lock that
+        # no thread of the parent holds.
+        self._ahead: Deque[Tuple[Any, concurrent.futures.Future]] = collections.deque()
+        self._lock = threading.Lock()
 
     def prefetch(self, ids) -> None:
         self._pipeline.take_error_at_call()

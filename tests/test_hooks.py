@@ -335,24 +335,40 @@ def test_a_merged_table_and_its_slot_tables_share_one_thread():
 
 
 def test_a_forked_child_waits_for_nothing_its_parent_queued():
+    # Nor do its hooks: the push's one slot, taken by the parent's queued write, is free in
+    # the child; the batch prefetched behind it is not (the child looks it up itself); and
+    # the prefetch's lock, held by another thread of the parent at the fork, is not held.
+    # (Before, each of the three hung the child.)
     t = table()
     release = hold_back(t, "assign_add")
-    push = mtht.AsyncPush(t)
+    push = mtht.AsyncPush(t, capacity=1)
     push.assign_add([1], np.ones((1, 4), F32))
+    prefetch = mtht.Prefetch(t)
+    prefetch.prefetch([1])
+    locked, unlock = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: (prefetch._lock.acquire(), locked.set(), unlock.wait(30),
+                                              prefetch._lock.release()))
+    holder.start()
+    assert locked.wait(30)
     pid = os.fork()
     if pid == 0:  # the child: no thread, and none of the parent's calls
         signal.alarm(30)  # a hang ends the child (and fails the test)
         try:
             ok = t.as_op() is t and t.lookup([1]).tolist() == [[0] * 4]
+            ok = ok and prefetch.lookup([1]).tolist() == [[0] * 4]
             del t.assign_add  # the child's own pushes are not held back
             push.assign_add([1], np.ones((1, 4), F32))
             ok = ok and t.as_op().lookup([1]).tolist() == [[1] * 4]
         finally:
             os._exit(0 if ok else 1)
+    unlock.set()
+    holder.join()
     release.set()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    assert prefetch.lookup([1]).tolist() == [[1] * 4]  # prefetched behind the push
     assert t.as_op().lookup([1]).tolist() == [[1] * 4]
+    prefetch.end()
     push.end()
 
 
