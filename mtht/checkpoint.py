@@ -442,9 +442,33 @@ def _over_tables(fn, args: list) -> list:
     workers = min(len(args), _core.get_num_threads())
     if workers <= 1:
         return [fn(*a) for a in args]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(fn, *a) for a in args]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    futures = []
+    try:
+        for a in args:
+            futures.append(pool.submit(fn, *a))
+        concurrent.futures.wait(futures)
+    except BaseException:
+        # An interrupt (Ctrl-C): the calls not started are dropped, and those under way end
+        # before it is raised, so that none runs on past the caller's locks (a save's
+        # files written after the writes it held off went on).
+        for f in futures:
+            f.cancel()
+        _wait_through_interrupts(futures)
+        raise
+    finally:
+        pool.shutdown(wait=False)  # every call has ended or was dropped
     return [f.result() for f in futures]
+
+
+def _wait_through_interrupts(futures) -> None:
+    """Waits for ``futures``; an interrupt meanwhile does not cut the wait short."""
+    while True:
+        try:
+            concurrent.futures.wait(futures)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _over_tables_settled(fn, args: list) -> Tuple[list, Optional[BaseException]]:

@@ -475,6 +475,43 @@ def test_a_save_waiting_for_a_write_can_be_interrupted(tmp_path):
     assert table_of().restore(str(tmp_path / "t")).size() == 2
 
 
+def test_an_interrupted_model_save_ends_its_tables_saves_before_it_raises(tmp_path, monkeypatch,
+                                                                          restore_num_threads):
+    # Ctrl-C while a model's four tables are saved over two threads: the saves not started
+    # are dropped, and those under way end before KeyboardInterrupt comes out, so that none
+    # writes files once the writes it held off go on. (Before, the save's threads went on
+    # saving, and started the tables queued, beside the writes.)
+    import mtht.checkpoint as checkpoint_module
+    model = MultiTypeHashTable({slot: config_of() for slot in "abcd"},
+                               lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    original, started, running = checkpoint_module._write_generation, [], []
+
+    def slow(table, *args, **kwargs):
+        started.append(table)
+        running.append(table)
+        try:
+            time.sleep(0.6)
+            return original(table, *args, **kwargs)
+        finally:
+            running.remove(table)
+
+    monkeypatch.setattr(checkpoint_module, "_write_generation", slow)
+    mtht.set_num_threads(2)
+    interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_multi_type(model, str(tmp_path / "m"))
+        assert not running, "a table's save went on after the model's save was interrupted"
+    finally:
+        interrupt.join()
+    time.sleep(0.8)  # what a call started after the interrupt would take
+    assert len(started) == 2, "tables queued before the interrupt were saved after it"
+    monkeypatch.undo()
+    model.assign({"a": (ids_of(1), [[1.0]])})
+    save_multi_type(model, str(tmp_path / "m"))
+
+
 def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, restore_num_threads):
     # A restore (and a write after it) from another thread while a model's save writes its
     # tables waits for the save: the save holds every table at one point, not one table's
