@@ -26,6 +26,8 @@ from typing import Any, Callable, Deque, Optional, Tuple
 
 import numpy as np
 
+from mtht._arrays import as_numpy
+
 __all__ = ["QueueHooks", "AsyncPush", "Prefetch"]
 
 
@@ -34,10 +36,12 @@ class QueueHooks:
     for the calls they have queued."""
 
     def add_queue_hook(self, hook) -> None:
-        """Attach a pipelining hook to this table."""
-        if not hasattr(self, "_local_queue_hooks"):
-            self._local_queue_hooks = []
-        self._local_queue_hooks.append(hook)
+        """Attach a pipelining hook to this table. mtht's own hooks are held weakly: one the
+        trainer drops, say one per ``with`` block, is gone from the table too (they piled up,
+        and every wait went through them)."""
+        refs = [r for r in getattr(self, "_local_queue_hooks", []) if r() is not None]
+        refs.append(weakref.ref(hook) if isinstance(hook, _TableHook) else _Held(hook))
+        self._local_queue_hooks = refs
 
     def _wrapped(self) -> list:
         """The tables this one wraps directly (``_table``, ``_tables``)."""
@@ -50,7 +54,7 @@ class QueueHooks:
 
     def get_queue_hooks(self) -> list:
         """This table's hooks followed by those of the tables it wraps (``_table``, ``_tables``)."""
-        hooks = list(getattr(self, "_local_queue_hooks", []))
+        hooks = [h for h in (r() for r in getattr(self, "_local_queue_hooks", [])) if h is not None]
         for t in self._wrapped():
             hooks.extend(t.get_queue_hooks())
         return hooks
@@ -85,6 +89,18 @@ class QueueHooks:
                 hook._ahead.clear()
 
 
+class _Held:
+    """A hook held as given, called like a weak reference."""
+
+    __slots__ = ("_hook",)
+
+    def __init__(self, hook):
+        self._hook = hook
+
+    def __call__(self):
+        return self._hook
+
+
 class _Stop:
     pass
 
@@ -99,6 +115,7 @@ class _PipelineState:
 
     def __init__(self, collective: bool = False):
         self.lock = threading.Lock()
+        self.consumer = threading.Lock()  # held by the thread taking the queue's calls
         self.failed_write: Optional[BaseException] = None
         self.failed_where = ""  # its traceback on the thread, as text
         self.dropped = 0
@@ -110,7 +127,15 @@ class _PipelineState:
 
 def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
     """The background thread: runs tasks in order until told to stop. It holds the queue and
-    the state, not the pipeline, so that a pipeline nobody holds is collected (and stops it)."""
+    the state, not the pipeline, so that a pipeline nobody holds is collected (and stops it).
+    One thread at a time takes the queue's calls (state.consumer): a thread started while
+    the one told to stop still runs the calls queued before (a stop whose wait an interrupt
+    cut short) starts after it."""
+    with state.consumer:
+        _run_tasks(tasks, state)
+
+
+def _run_tasks(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
     _RUNNING.state = state
     while True:
         task = tasks.get()
@@ -135,7 +160,7 @@ def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
                         where = "".join(traceback.format_tb(e.__traceback__))
                         with state.lock:
                             if state.failed_write is None:  # the first is raised (collective tables go on)
-                                state.failed_write, state.failed_where = e.with_traceback(None), where
+                                state.failed_write, state.failed_where = _without_tracebacks(e), where
                             else:
                                 state.failed_later += 1
         finally:
@@ -145,6 +170,21 @@ def _run(tasks: "queue.SimpleQueue", state: _PipelineState) -> None:
                 except BaseException:  # noqa: BLE001 - the thread must go on with the queue
                     traceback.print_exc()
             del task, fn, future, on_done  # the table they hold may be dropped while the thread waits
+
+
+def _without_tracebacks(error: BaseException) -> BaseException:
+    """``error`` with no traceback on it or on the errors it was raised from or during
+    (``__cause__``, ``__context__``: ``raise ... from None`` keeps the latter): their
+    frames hold the table, which the thread would keep alive until the error was taken."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+    return error
 
 
 class _Pipeline:
@@ -217,7 +257,8 @@ class _Pipeline:
         if self.on_own_thread():
             return
         with self._lock:
-            if self._thread is None:  # nothing queued
+            # Nothing queued: no thread, not even one told to stop still running calls.
+            if self._thread is None and not self._state.consumer.locked():
                 return
         self.submit(lambda: None, is_write=False).result()
 
@@ -317,10 +358,12 @@ def _snapshot(value):
     """A copy of the arrays in ``value`` (nested in mappings, lists and tuples), so that the
     trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__`` (a
     NumPy array, a PyTorch, JAX or TensorFlow tensor) or a buffer (a memoryview, an
-    ``array.array``) becomes a NumPy copy."""
+    ``array.array``) or a DLPack producer becomes a NumPy copy."""
     if isinstance(value, (np.ndarray, memoryview, array.array, bytearray)) or (
             hasattr(value, "__array__") and not np.isscalar(value)):
         return np.array(value, copy=True)
+    if hasattr(value, "__dlpack__"):  # a DLPack producer without __array__
+        return np.array(as_numpy(value), copy=True)
     if isinstance(value, collections.abc.Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -390,12 +433,21 @@ class _Slot:
 
     def __init__(self, slots: "queue.SimpleQueue"):
         self._slots = slots
-        self._token = slots.get()
+        self._held: list = []  # the token, once taken
+
+    def take(self) -> None:
+        """Waits for a free slot and holds it. The token lands in ``_held`` within one call
+        in C (list.extend over a map that calls get): Python looks for an interrupt only
+        between its own steps, so a Ctrl-C cannot come between taking the token and keeping
+        it (it was lost there, and after as many interrupts as slots every push hung)."""
+        self._held.extend(map(queue.SimpleQueue.get, (self._slots,)))
 
     def release(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            self._slots.put(token)
+        try:
+            token = self._held.pop()  # one step: of two threads giving it back, one gets it
+        except IndexError:
+            return
+        self._slots.put(token)
 
 
 class AsyncPush(_TableHook):
@@ -430,8 +482,9 @@ class AsyncPush(_TableHook):
             raise AttributeError(f"{type(self._table).__name__} has no {method}")
         self._pipeline.take_error_at_call()
         args, kwargs = _snapshot(args), _snapshot(kwargs)
-        slot = _Slot(self._slots)  # blocks while `capacity` writes wait
+        slot = _Slot(self._slots)
         try:  # the thread gives the slot back once the write is done (or dropped)
+            slot.take()  # blocks while `capacity` writes wait
             self._pipeline.submit(lambda: fn(*args, **kwargs), is_write=True, on_done=slot.release)
         except BaseException:  # an interrupt (Ctrl-C) may come after the call was queued: once only
             slot.release()
@@ -524,3 +577,9 @@ class Prefetch(_TableHook):
         with self._lock:
             self._ahead.clear()
         super().end()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # as end() does: a block entered again starts with none
+            with self._lock:
+                self._ahead.clear()
+        super().__exit__(exc_type, exc, tb)

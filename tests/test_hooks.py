@@ -262,6 +262,17 @@ def hold_back(t, method):
     return release
 
 
+class DLPackOnly:
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
 def test_buffers_and_mappings_are_copied_too():
     import array
     import collections.abc
@@ -287,8 +298,11 @@ def test_buffers_and_mappings_are_copied_too():
     push.assign(ids, memoryview(values))
     values[:] = 7
     ids[0] = 5
+    dlpack_only = np.full((1, 4), 2, F32)  # a DLPack producer without __array__ too
+    push.assign([9], DLPackOnly(dlpack_only))
+    dlpack_only[:] = 7
     release.set()
-    assert t.as_op().lookup([1, 2, 3, 5])[:, 0].tolist() == [1, 1, 1, 0]
+    assert t.as_op().lookup([1, 2, 3, 5, 9])[:, 0].tolist() == [1, 1, 1, 0, 2]
     merged = MergedMultiTypeHashTable({"a": config()}, lambda m: MultiTypeHashTable(
         m, lambda slot, c: hash_table_from_config(c, name_suffix=slot)))
     release = hold_back(merged, "assign")
@@ -381,6 +395,114 @@ def test_the_error_of_a_dropped_table_is_printed_and_its_thread_ends(capfd):
     del t, push
     assert no_new_threads_after_collection(before)
     assert "dropped before a call raised the error" in capfd.readouterr().err
+
+
+def test_the_error_of_a_dropped_model_is_printed_and_its_thread_ends(capfd):
+    # A multi-type table's error is raised from another (``from None`` keeps it as the
+    # context), whose traceback held the table too: the model stayed alive, and its thread
+    # ran on, until the interpreter's exit.
+    before = set(pipeline_threads())
+    model = MultiTypeHashTable({"a": config()}, lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    push = mtht.AsyncPush(model)
+    push.apply_gradients({"zz": ([1], np.ones((1, 4), F32))}, global_step=0)  # an unknown slot: fails
+    model._mtht_pipeline.wait()
+    del model, push
+    assert no_new_threads_after_collection(before)
+    assert "dropped before a call raised the error" in capfd.readouterr().err
+
+
+class _InterruptWhenDropped(int):
+    """A req_time whose last reference goes on the background thread, once its write is
+    done and its slot given back: it then interrupts the main thread, which a push has left
+    waiting for that slot (the moment a Ctrl-C lost it)."""
+
+    main = threading.get_ident()
+    sent = threading.Event()
+
+    def __del__(self):
+        # Busy, holding the GIL: the main thread, woken with the slot, waits for it to
+        # return from the slot queue's get, and sees the interrupt as it does.
+        _spin(0.002)
+        signal.pthread_kill(self.main, signal.SIGINT)
+        self.sent.set()
+        _spin(0.05)
+
+
+def _spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_an_interrupt_as_a_push_gets_its_slot_loses_no_slot():
+    t = table()
+    push = mtht.AsyncPush(t, capacity=1)
+    ids, rows = np.arange(4), np.ones((4, 4), F32)
+    for step in range(3):
+        _InterruptWhenDropped.sent.clear()
+        push.assign_add(ids, rows, req_time=_InterruptWhenDropped(step))  # takes the one slot
+        try:
+            push.assign_add(ids, rows)  # waits for the slot, interrupted as it gets it (or after)
+            _InterruptWhenDropped.sent.wait(30)  # the interrupt comes by here at the latest
+            sum(range(10_000))
+        except KeyboardInterrupt:
+            pass
+        t.as_op()
+        assert push._slots.qsize() == 1, "an interrupted push kept its slot for good"
+    other = threading.Thread(target=lambda: push.assign_add(ids, rows))
+    other.start()
+    other.join(30)
+    assert not other.is_alive(), "a push waited for a slot no write holds"
+    push.end()
+
+
+def test_an_interrupted_end_starts_no_second_thread_on_the_queue():
+    # end() interrupted while it stops the thread (busy with a held-back write): a push
+    # afterwards waits for that thread's calls, and runs after them, on one thread at a
+    # time. (Before, it started a second thread on the same queue, which ran it at once.)
+    t = table()
+    release, original = threading.Event(), t.assign
+    t.assign = lambda ids, *a, **k: (release.wait() if list(ids) == [1] else None, original(ids, *a, **k))[1]
+    push = mtht.AsyncPush(t, capacity=4)
+    push.assign([1], np.full((1, 4), 1, F32))  # held back
+    push.assign([2], np.full((1, 4), 2, F32))  # queued behind it
+    interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        push._pipeline.stop()  # end()'s last step, once its wait is done: here the thread is busy
+    interrupt.join()
+    push.assign([3], np.full((1, 4), 3, F32))
+    time.sleep(0.3)
+    assert t.lookup([2, 3]).tolist() == [[0] * 4] * 2, "writes ran beside the one queued before them"
+    release.set()
+    push.wait()
+    assert t.lookup([1, 2, 3])[:, 0].tolist() == [1, 2, 3]
+    push.end()
+
+
+def test_a_prefetch_block_left_by_an_error_drops_its_batches():
+    t = table()
+    t.assign([1], np.full((1, 4), 7, F32))
+    prefetch = mtht.Prefetch(t)
+    with pytest.raises(RuntimeError):
+        with prefetch:
+            prefetch.prefetch([1])
+            raise RuntimeError("the trainer's step failed")
+    with prefetch:  # entered again: nothing left over (it refused the next prefetch)
+        prefetch.prefetch([1])
+        assert prefetch.lookup([1]).tolist() == [[7] * 4]
+
+
+def test_a_table_holds_its_hooks_weakly():
+    t = table()
+    for _ in range(3):
+        with mtht.AsyncPush(t) as push:
+            push.assign([1], np.ones((1, 4), F32))
+    del push
+    kept = mtht.Prefetch(t)
+    gc.collect()
+    assert t.get_queue_hooks() == [kept]
+    assert t.as_op().lookup([1]).tolist() == [[1] * 4]
 
 
 def test_save_and_restore_apply_the_queued_writes_first(tmp_path):
