@@ -21,6 +21,7 @@ from mtht.testing import generate_test_hash_table_config
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
 from observed import entry_rows  # noqa: E402
+from producers import DLPackOnly  # noqa: E402
 
 F32 = np.float32
 INT64_MIN = -(2**63)
@@ -584,19 +585,6 @@ def test_tables_cannot_be_copied_or_pickled(how):
     for obj in (t, multi):
         with pytest.raises(TypeError, match="cannot be copied or pickled"):
             {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": pickle.dumps}[how](obj)
-
-
-class DLPackOnly:
-    """A DLPack producer that is not a numpy array and has no __array__."""
-
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, **kwargs):
-        return self._array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
 
 
 def test_dlpack_producers():

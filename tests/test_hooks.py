@@ -18,6 +18,9 @@ from mtht import entry
 from mtht.hash_table import hash_table_from_config
 from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from producers import DLPackOnly  # noqa: E402
+
 F32 = np.float32
 
 
@@ -260,17 +263,6 @@ def hold_back(t, method):
     release, original = threading.Event(), getattr(t, method)
     setattr(t, method, lambda *a, **k: (release.wait(), original(*a, **k))[1])
     return release
-
-
-class DLPackOnly:
-    def __init__(self, array):
-        self._array = array
-
-    def __dlpack__(self, **kwargs):
-        return self._array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self._array.__dlpack_device__()
 
 
 def test_buffers_and_mappings_are_copied_too():
