@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import math
 import re
+import signal
 import threading
 import weakref
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -251,6 +252,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._one_call = threading.RLock()
         self._scratch = _Scratch()  # used under _one_call
         self._depth = 0  # calls under way on the thread holding _one_call
+        self._pending_interrupts: Optional[list] = None  # within a call: _interrupts_deferred
         error, signature = None, None
         try:
             self._table = MultiTypeHashTable(slot_to_config, hash_table_factory)
@@ -296,10 +298,34 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                 self._scratch = _Scratch()
             self._depth += 1
             try:
-                yield
+                if self._depth == 1:
+                    with self._interrupts_deferred():
+                        yield
+                else:
+                    yield
             finally:
                 self._depth -= 1
                 self._scratch = outer
+
+    @contextlib.contextmanager
+    def _interrupts_deferred(self):
+        """Within: a Ctrl-C (SIGINT) is not raised where it lands (inside an exchange with
+        the other ranks, it left this rank out of step with them) but at the call's next
+        _settle, on every rank, or once the call is done. Only on the main thread, which
+        alone receives signals, and only over Python's own handler or the trainer's."""
+        previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+        if not callable(previous):
+            yield
+            return
+        pending = self._pending_interrupts = []
+        signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self._pending_interrupts = None
+            if pending:  # after the call's last _settle: the call is done on every rank
+                previous(*pending[0])
 
     def _check_threads_allowed(self) -> None:
         """A call from a thread other than the main one (a hook's) needs an MPI library that
@@ -314,7 +340,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     def _settle(self, error: Optional[BaseException], what: str, same=None, info=None) -> list:
         """Every rank learns whether every rank got here without an error (and holds the
         same ``same``); if not, every rank raises: its own error, or DistributedError.
-        Returns every rank's ``info``."""
+        Returns every rank's ``info``. A Ctrl-C deferred since the last one is this rank's
+        error (_interrupts_deferred)."""
+        pending = self._pending_interrupts
+        if pending:
+            pending.clear()
+            if error is None:
+                error = KeyboardInterrupt()
         outcomes = self._comm.allgather((None if error is None else _describe(error), same, info))
         if error is not None:
             raise error
@@ -384,11 +416,15 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         recv_counts = np.empty_like(send_counts)
         self._comm.Alltoall(send_counts, recv_counts)
         try:
+            # Every buffer of the exchanges, before the ranks agree to go on: one that fails
+            # after would leave the others waiting in an exchange.
             if error is None:
+                sent_ids = scratch.take("sent ids", np.int64, int(send_counts.sum()))
                 call.ids = scratch.take("received ids", np.int64, int(recv_counts.sum()))
                 if lookup:
                     call.back = scratch.take("rows back", np.float32, int(self._float_counts(send_counts).sum()))
                 else:
+                    sent_rows = scratch.take("sent rows", np.float32, int(self._float_counts(send_counts).sum()))
                     call.rows = scratch.take("received rows", np.float32, int(self._float_counts(recv_counts).sum()))
         except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
@@ -396,12 +432,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         call.send_counts, call.recv_counts = send_counts, recv_counts
         # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
         call.named, call.nonempty, call.summed_by_owner = np.array(infos, dtype=bool).reshape(-1, 3, k).any(axis=0)
-        self._exchange(_blocks([r.sent for r in call.routed], send_counts,
-                               scratch.take("sent ids", np.int64, int(send_counts.sum()))),
+        self._exchange(_blocks([r.sent for r in call.routed], send_counts, sent_ids),
                        send_counts.sum(axis=1), call.ids, recv_counts.sum(axis=1))
         if not lookup:
-            self._exchange(_blocks(call.sent_rows, send_counts,
-                                   scratch.take("sent rows", np.float32, int(self._float_counts(send_counts).sum()))),
+            self._exchange(_blocks(call.sent_rows, send_counts, sent_rows),
                            self._float_counts(send_counts), call.rows, self._float_counts(recv_counts))
         return call
 

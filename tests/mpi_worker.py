@@ -8,12 +8,16 @@ from all ranks, and compares its own lookups and the entries it owns with it, bi
 """
 
 import os
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 from mpi4py import MPI
 
 import mtht
+import mtht.distributed
 from mtht.distributed import DistributedError, DistributedMultiTypeHashTable
 from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 
@@ -251,6 +255,52 @@ def scenario_errors(seed, directory):
                        TypeError if RANK == bad_rank else DistributedError, "float ids")
     asked = batch(rng, dims, with_rows=False)
     same_lookups(model.lookup(asked), reference.lookup(asked), "after the errors")
+
+
+def scenario_interrupts(seed, directory):
+    """A Ctrl-C that reaches one rank while it waits in an exchange for the others, and an
+    allocation that fails on one rank as the exchanges' buffers are taken: every rank
+    raises, no table changes, and the next call works. (Both left that rank out of step,
+    and the others waiting for ever.)"""
+    rng = np.random.default_rng([seed, RANK])
+    model, reference = distributed(), single()
+    dims = dims_of(SLOTS)
+    mine = batch(rng, dims)
+    batches = COMM.allgather(mine)
+    model.apply_gradients(mine, 1, req_time=7)
+    for b in batches:
+        reference.apply_gradients(b, 1, enable_dedup=True, req_time=7)
+    seen = all_ids(batches)
+    bad_rank = WORLD - 1
+    main = threading.main_thread().ident
+    for what, call in [("a lookup", lambda: model.lookup(batch(rng, dims, with_rows=False))),
+                       ("an update", lambda: model.apply_gradients(batch(rng, dims), 2))]:
+        interrupt = threading.Timer(0.2, lambda: signal.pthread_kill(main, signal.SIGINT))
+        if RANK == bad_rank:
+            interrupt.start()  # while it waits for rank 0, which comes late
+        elif RANK == 0:
+            time.sleep(0.6)
+        expect_failure(call, KeyboardInterrupt if RANK == bad_rank else DistributedError, f"Ctrl-C in {what}")
+        if RANK == bad_rank:
+            interrupt.join()
+        owned_entries_match(model, reference, seen, f"Ctrl-C in {what}")
+    take = mtht.distributed._Scratch.take
+
+    def no_room_for_rows(scratch, key, dtype, *shape):
+        if key == "sent rows":
+            raise MemoryError("no room for the rows to send")
+        return take(scratch, key, dtype, *shape)
+
+    if RANK == bad_rank:
+        mtht.distributed._Scratch.take = no_room_for_rows
+    try:
+        expect_failure(lambda: model.apply_gradients(batch(rng, dims), 2),
+                       MemoryError if RANK == bad_rank else DistributedError, "out of memory")
+    finally:
+        mtht.distributed._Scratch.take = take
+    owned_entries_match(model, reference, seen, "out of memory")
+    asked = batch(rng, dims, with_rows=False)
+    same_lookups(model.lookup(asked), reference.lookup(asked), "after the interrupts")
 
 
 def scenario_checkpoint(seed, directory):
