@@ -211,18 +211,23 @@ def expect_failure(call, own_error, what):
     raise AssertionError(f"rank {RANK}: {what} did not raise")
 
 
-def scenario_errors(seed, directory):
-    """Bad input on one rank: every rank raises and no table changes anywhere."""
+def trained_one_step(seed):
+    """(rng, model, reference, ids seen): a sharded model and one process's, after one step
+    of every rank's batch."""
     rng = np.random.default_rng([seed, RANK])
     model, reference = distributed(), single()
-    dims = dims_of(SLOTS)
-    mine = batch(rng, dims)
+    mine = batch(rng, dims_of(SLOTS))
     batches = COMM.allgather(mine)
     model.apply_gradients(mine, 1, req_time=7)
     for b in batches:
         reference.apply_gradients(b, 1, enable_dedup=True, req_time=7)
-    seen = all_ids(batches)
-    bad_rank = WORLD - 1
+    return rng, model, reference, all_ids(batches)
+
+
+def scenario_errors(seed, directory):
+    """Bad input on one rank: every rank raises and no table changes anywhere."""
+    rng, model, reference, seen = trained_one_step(seed)
+    dims, bad_rank = dims_of(SLOTS), WORLD - 1
     cases = [
         ("a NaN gradient", lambda: {"adagrad": (np.array([1, 2]), np.array([[0, 0, 0, np.nan], [1, 1, 1, 1]], F32))},
          ValueError, "NaN"),
@@ -262,16 +267,8 @@ def scenario_interrupts(seed, directory):
     allocation that fails on one rank as the exchanges' buffers are taken: every rank
     raises, no table changes, and the next call works. (Both left that rank out of step,
     and the others waiting for ever.)"""
-    rng = np.random.default_rng([seed, RANK])
-    model, reference = distributed(), single()
-    dims = dims_of(SLOTS)
-    mine = batch(rng, dims)
-    batches = COMM.allgather(mine)
-    model.apply_gradients(mine, 1, req_time=7)
-    for b in batches:
-        reference.apply_gradients(b, 1, enable_dedup=True, req_time=7)
-    seen = all_ids(batches)
-    bad_rank = WORLD - 1
+    rng, model, reference, seen = trained_one_step(seed)
+    dims, bad_rank = dims_of(SLOTS), WORLD - 1
     main = threading.main_thread().ident
     for what, call in [("a lookup", lambda: model.lookup(batch(rng, dims, with_rows=False))),
                        ("an update", lambda: model.apply_gradients(batch(rng, dims), 2))]:
