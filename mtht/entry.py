@@ -1120,6 +1120,8 @@ class FixedR8Compressor(Compressor):
 
     def __init__(self, fixed_range=1.0):
         self.r = _check_float(fixed_range, "fixed_range", _POSITIVE)
+        if not np.float32(self.r) / np.float32(128) > 0:  # the step: 0 would divide 0 by 0 (NaN)
+            raise ValueError(f"fixed_range must leave a step r / 128 above 0 in float32, got {fixed_range!r}")
 
     def params(self) -> dict[str, Union[float, int, bool]]:
         """Return ``{"r": fixed_range}``."""

@@ -297,7 +297,8 @@ def _load(table, basename: str):
     if limit and core.size() > limit:
         raise ValueError(f"Monolith checkpoint {basename!r} holds {core.size()} entries, more than the "
                          f"table's max_entries = {limit}")
-    core.max_update_ts = max((ts for entries, ts in files if entries), default=0)
+    # As a table's own clock: 0 until a write stamps a later time (negative ones do not move it).
+    core.max_update_ts = max([0] + [ts for entries, ts in files if entries])
     return core
 
 

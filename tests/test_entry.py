@@ -223,6 +223,9 @@ def test_compressors():
         assert eval(repr(builder), vars(entry)) == builder
     with pytest.raises(ValueError):
         FixedR8Compressor(0)
+    with pytest.raises(ValueError, match="step"):  # r / 128 is 0 in float32: lookups read 0 / 0
+        FixedR8Compressor(1e-45)
+    assert FixedR8Compressor(1e-30).r == 1e-30
     with pytest.raises(ValueError):
         OneBitCompressor(step_size=0)
     with pytest.raises(ValueError):

@@ -705,6 +705,22 @@ def test_filter_slot_thresholds():
     assert f2.default_occurrence_threshold == 5 and f2.slot_occurrence_thresholds == {3: 0}
 
 
+def test_reinitialize_drops_the_count_of_an_id_it_inserts():
+    # As an admission does: the entry stands for the id. (Its count stayed, was saved, and
+    # admitted the id again early once it was removed.)
+    t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3))
+    t.assign_add(ids_of(7, 7, 8), [[1], [1], [1]])
+    assert t.size() == 0 and t.stats()["filter_counts"] == 2
+    t.reinitialize(ids_of(7))
+    assert t.contains(ids_of(7)).tolist() == [True] and t.stats()["filter_counts"] == 1  # 8's only
+    t.evict(2**62)  # removed: 7 starts counting from 0
+    for k in range(3):
+        t.assign_add(ids_of(7), [[1]])
+        assert not t.contains(ids_of(7))[0], k
+    t.assign_add(ids_of(7), [[1]])
+    assert t.lookup(ids_of(7)).tolist() == [[1]]
+
+
 def test_filter_counts_are_exact_beyond_15():
     t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=20))
     for k in range(20):

@@ -23,6 +23,16 @@ def test_fp32_round_trips_exactly():
     assert np.array_equal(decompress(cfg, packed), v)
 
 
+def test_decompress_takes_bytes_only():
+    # Integers past a byte and floats were cast to uint8 (384 read as 128) without a word.
+    cfg = config((1, mtht.Fp16Compressor()))
+    packed = compress(cfg, np.array([[1.0]], np.float32))
+    assert decompress(cfg, packed.astype(np.int64)).tolist() == [[1.0]]  # bytes held in wider ints
+    for bad in (np.array([[0, 384]], np.int64), np.array([[0, -1]], np.int16), packed.astype(np.float32)):
+        with pytest.raises(TypeError, match="bytes"):
+            decompress(cfg, bad)
+
+
 def test_fp16_round_trips_within_monolith_tolerance_and_rounds_to_nearest_even():
     cfg = config((3, mtht.Fp16Compressor()))
     v = np.array([[0.1, 0.2, 10000.0]], np.float32)

@@ -2041,6 +2041,7 @@ class EmbeddingTable {
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
+      if (inserted && has_filter_) sh.counts.erase(id, h);  // in the table: its count goes, as admit's
       init_row(e.values, id);
       if (e.meta) e.meta[0] = e.meta[1] = 0;
       touch(e);
