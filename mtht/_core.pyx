@@ -163,7 +163,7 @@ cdef class Table:
         """``occurrence_thresholds``: None (no admission filter) or (default, {slot: threshold});
         ``embedding_dtype``: how rows keep their values ("float32", "float16", "bfloat16");
         ``filter_capacity``: about the most counts the filter keeps (0: no bound);
-        ``initial_shards``: with ``num_shards`` 0, the fewest shards to start with."""
+        ``initial_shards``: with ``num_shards`` 0, the shards to start with (0: as the capacity asks)."""
         cdef TableSpec spec
         cdef SegmentSpec seg
         for s in segments:

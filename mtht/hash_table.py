@@ -331,7 +331,7 @@ class HashTable(BaseHashTable):
     def _new_core(self, initial_capacity: Optional[int] = None, initial_shards: int = 0) -> "_core.Table":
         """An empty core table built from this table's config (and filter thresholds), with
         room for ``initial_capacity`` entries (default: the config's), and, with an automatic
-        shard count, at least ``initial_shards`` shards."""
+        shard count, ``initial_shards`` shards when given (else as many as the capacity asks)."""
         table_config = self._config.table_config
         expiry = table_config.slot_expire_time_config
         initial_capacity = int(table_config.initial_capacity if initial_capacity is None else initial_capacity)

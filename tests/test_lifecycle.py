@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -833,6 +834,36 @@ def test_filter_capacity_keeps_the_counts_of_recent_ids(threshold, capacity, wri
         stats = t.stats()
         assert stats["filter_counts"] == len(model.current) + len(model.older)
         assert stats["filter_forgotten"] == model.forgotten
+
+
+def test_a_restore_starts_with_the_shards_saved_even_before_a_due_split():
+    # Saved after the write that took its one shard past 16,384 entries (the split comes
+    # with its next write), a table restores into one shard, not the two its size asks for,
+    # so a bounded filter keeps the same counts in both. (The restored table forgot some.)
+    def make():
+        seg = mtht.CombineAsSegment(2, mtht.ZerosInitializer(), mtht.SgdOptimizer(), mtht.Fp32Compressor())
+        return mtht.hash_table_from_config(
+            mtht.HashTableConfigInstance(mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg])),
+                                         [1.0]),
+            hash_filter=mtht.HashFilter(default_occurrence_threshold=1, slot_occurrence_thresholds={5: 0},
+                                        capacity=3000))
+
+    saved = make()
+    pending = np.arange(10**6, 10**6 + 1499)  # counted once each, not admitted yet
+    saved.assign_add(pending, np.ones((pending.size, 2), F32))
+    filler = np.arange(16_500) | (5 << 48)  # slot 5: admitted at once, not counted
+    for s in range(0, filler.size, 2000):
+        saved.assign_add(filler[s:s + 2000], np.ones((min(2000, filler.size - s), 2), F32))
+    assert saved.stats()["num_shards"] == 1
+    with tempfile.TemporaryDirectory() as d:
+        saved.save(os.path.join(d, "t"))
+        restored = make().restore(os.path.join(d, "t"))
+    assert restored.stats()["num_shards"] == 1
+    assert restored.stats()["filter_counts"] == saved.stats()["filter_counts"] == 1499
+    for t in (saved, restored):
+        t.assign_add(pending, np.ones((pending.size, 2), F32))  # the second occurrence: admitted
+    assert int(restored.contains(pending).sum()) == int(saved.contains(pending).sum()) == 1499
+    assert restored.stats()["num_shards"] == saved.stats()["num_shards"] == 2
 
 
 def test_filter_counts_stay_within_capacity():

@@ -82,8 +82,10 @@ struct TableSpec {
   // initial capacity calls for and splits them as it grows and as its write batches grow,
   // up to 64 (EmbeddingTable::maybe_split).
   int num_shards = 0;
-  // With an automatic count: the fewest shards to start with (a restore starts with the
-  // shards of the table it restores, on which the filter's generations depend).
+  // With an automatic count: the shards to start with, whatever the initial capacity (a
+  // restore starts with the shards of the table it restores, on which the filter's
+  // generations depend; a table saved before a split it was due splits at its next write,
+  // and so does the restored one).
   uint64_t initial_shards = 0;
   // The index grows before more than this many thousandths of its slots are used, so its
   // load stays between half this and this (between 2/3 of it and it in a shard whose index

@@ -1414,9 +1414,9 @@ class EmbeddingTable {
       : spec_(spec), layout_((validate(spec), spec)), kernels_(&select_kernel_set()) {
     fixed_shards_ = spec.num_shards != 0;
     max_shard_bits_ = bits_for(fixed_shards_ ? static_cast<uint64_t>(spec.num_shards) : kAutoMaxShards, 1);
-    shard_bits_ = fixed_shards_ ? max_shard_bits_
-                                : std::min(max_shard_bits_, std::max(bits_for(spec.initial_capacity, kSplitEntriesPerShard),
-                                                                     bits_for(spec.initial_shards, 1)));
+    shard_bits_ = fixed_shards_         ? max_shard_bits_
+                  : spec.initial_shards ? std::min(max_shard_bits_, bits_for(spec.initial_shards, 1))
+                                        : std::min(max_shard_bits_, bits_for(spec.initial_capacity, kSplitEntriesPerShard));
     if (spec.max_bytes) {
       // The most one entry can take: its row and bookkeeping, and a bucket slot at the
       // lowest load the index runs at (half the max load): 64 / 4 / (max / 2) bytes. A
