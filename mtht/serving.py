@@ -74,9 +74,8 @@ def compress(table_config, values, hashnet_scales: Optional[Sequence[float]] = N
 def decompress(table_config, data) -> np.ndarray:
     """float32 ``[N, dim]`` from rows packed by :func:`compress`."""
     data = np.asarray(data)
-    if data.dtype != np.uint8 and not (data.dtype.kind in "iu" and data.size and data.min() >= 0 and data.max() <= 255):
-        raise TypeError(f"data must be bytes (uint8, or integers in 0..255), got {data.dtype}"
-                        + (f" values from {data.min()} to {data.max()}" if data.dtype.kind in "iu" and data.size else ""))
+    if data.dtype != np.uint8 and (data.dtype.kind not in "iu" or (data.size and not 0 <= data.min() <= data.max() <= 255)):
+        raise TypeError(f"data must be bytes (uint8, or integers in 0..255), got {data.dtype}")
     data = np.ascontiguousarray(data, dtype=np.uint8)
     width = row_bytes(table_config)
     if data.ndim != 2 or data.shape[1] != width:
