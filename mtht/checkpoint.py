@@ -64,7 +64,8 @@ def _data_name(prefix: str, generation: int, index: int, count: int) -> str:
 def _generations_on_disk(basename: str) -> Dict[int, List[str]]:
     directory = os.path.dirname(basename) or "."
     prefix = os.path.basename(basename)
-    pattern = re.compile(re.escape(prefix) + r"-g(\d{8})-\d{5}-of-\d{5}\.mtd$")
+    # Generations are written with at least 8 digits, and more past 99,999,999.
+    pattern = re.compile(re.escape(prefix) + r"-g(\d{8,})-\d{5}-of-\d{5}\.mtd$")
     found: Dict[int, List[str]] = {}
     try:
         names = os.listdir(directory)

@@ -1683,6 +1683,22 @@ def test_stray_files_beside_a_checkpoint_are_ignored(tmp_path):
     assert "t-00000-of-00001" in os.listdir(tmp_path)
 
 
+def test_generations_past_eight_digits_are_replaced_like_the_others(tmp_path):
+    # A file of generation 99,999,999 beside the checkpoint makes the next save's generation
+    # 100,000,000, whose name has nine digits; the save after must still find and remove it,
+    # and go on counting from it.
+    basename = str(tmp_path / "t")
+    t = table_of().assign(ids_of(1), [[1]])
+    t.save(basename)
+    (tmp_path / "t-g99999999-00000-of-00001.mtd").write_bytes(b"\x00garbage")
+    t.save(basename)
+    assert manifest_of(basename)["generation"] == 100_000_000
+    t.assign(ids_of(1), [[2]]).save(basename)
+    assert manifest_of(basename)["generation"] == 100_000_001
+    assert data_files(tmp_path) == sorted(manifest_files(basename))
+    assert table_of().restore(basename).lookup(ids_of(1)).tolist() == [[2]]
+
+
 def test_a_save_removes_its_own_stale_temporaries_only(tmp_path):
     # A killed save leaves its manifest's temporary; the next save removes it. Another
     # table's files may start with the same characters (a slot named
