@@ -5,20 +5,44 @@ clear error before anything changes."""
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import numpy as np
 
 
-def as_numpy(x) -> np.ndarray:
+def as_numpy(x, name: str = "the input") -> np.ndarray:
     """A numpy view of ``x`` without a copy where possible (DLPack first, then asarray)."""
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
-        try:
-            return np.from_dlpack(x)
-        except (TypeError, BufferError, RuntimeError, ValueError):
-            pass  # e.g. a tensor that needs grad, or on another device: fall back
-    return np.asarray(x)
+    if not hasattr(x, "__dlpack__") or isinstance(x, (list, tuple)):
+        return np.asarray(x)
+    x = _plain_tensor(x)
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, ValueError) as e:
+        exported = e  # e.g. a tensor on another device: asarray may still read it
+    try:
+        a = np.asarray(x)
+    except (TypeError, BufferError, RuntimeError, ValueError) as e:
+        raise TypeError(f"{name} cannot be read as an array: {e}") from e
+    if a.dtype == object and a.ndim == 0:  # asarray wrapped the object itself
+        raise TypeError(f"{name} cannot be read as an array: {exported}") from exported
+    return a
+
+
+def _plain_tensor(x):
+    """``x`` with what a DLPack export would lose or refuse of a PyTorch tensor resolved: a
+    tensor that needs grad is read through ``detach()`` (only its numbers are read); a lazy
+    negation or conjugation (``z.conj().imag``) is applied, since the export passes the
+    memory without it; bfloat16, which numpy has no type for, is widened to float32."""
+    if getattr(x, "requires_grad", False) is True:
+        x = x.detach()
+    for flag, resolve in (("is_neg", "resolve_neg"), ("is_conj", "resolve_conj")):
+        if callable(getattr(x, flag, None)) and getattr(x, flag)() is True:
+            x = getattr(x, resolve)()
+    if str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        x = x.float()
+    return x
 
 
 _INT64 = np.dtype(np.int64)
@@ -30,7 +54,7 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
     bits; smaller unsigned ints widen. Floats (unless empty) and bools are rejected."""
     if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
         return ids  # already what the core takes: the common case, checked first
-    a = as_numpy(ids)
+    a = as_numpy(ids, name)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
     kind = a.dtype.kind
@@ -80,7 +104,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     if type(values) is np.ndarray and values.dtype is _FLOAT32 and values.shape == (n, dim) and \
             values.flags.c_contiguous:
         return values  # already what the core takes: the common case, checked first
-    a = as_numpy(values)
+    a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
     if a.shape == (n, dim):
@@ -94,23 +118,32 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def as_numpy_floats(values, name: str) -> np.ndarray:
-    """A flat C-contiguous float32 array (a scalar becomes one element)."""
-    a = as_numpy(values)
+def as_float32(values, name: str) -> np.ndarray:
+    """A C-contiguous float32 array of the shape ``values`` has; numbers only."""
+    a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def as_numpy_floats(values, name: str) -> np.ndarray:
+    """A flat C-contiguous float32 array (a scalar becomes one element)."""
+    a = as_float32(values, name)
     if a.ndim > 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    return np.ascontiguousarray(a.reshape(-1), dtype=np.float32)
+    return a.reshape(-1)
 
 
-def as_out(out, n: int, dim: int) -> np.ndarray:
-    """Check a caller-provided output array: writeable C-contiguous float32 [n, dim]."""
+def as_out(out, *shape: Optional[int]) -> np.ndarray:
+    """Check a caller-provided output array: writeable C-contiguous float32 of ``shape`` (a
+    ``None`` in it, named L, takes any length there: the caller checks that one)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
-    if out.dtype != np.float32 or out.shape != (n, dim) or not out.flags.c_contiguous:
+    fits = out.ndim == len(shape) and all(want is None or want == got for want, got in zip(shape, out.shape))
+    if out.dtype != np.float32 or not fits or not out.flags.c_contiguous:
+        named = ", ".join("L" if want is None else str(want) for want in shape) + ("," if len(shape) == 1 else "")
         raise ValueError(
-            f"out must be a C-contiguous float32 array of shape ({n}, {dim}), "
+            f"out must be a C-contiguous float32 array of shape ({named}), "
             f"got {out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (not contiguous)'}")
     if not out.flags.writeable:
         raise ValueError("out must be writeable")
@@ -122,7 +155,7 @@ def as_int64_scalar(x, name: str) -> int:
     if type(x) is int and -(1 << 63) <= x < (1 << 63):  # the common case, without the ABC check
         return x
     if not isinstance(x, (numbers.Integral, np.ndarray)) and (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
-        x = as_numpy(x)  # a framework's 0-d tensor (torch, JAX)
+        x = as_numpy(x, name)  # a framework's 0-d tensor (torch, JAX)
     if isinstance(x, np.ndarray) and x.ndim == 0:
         x = x[()]
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):

@@ -625,7 +625,7 @@ def _check_shards(num_of_shards, num_tables: int, fss: np.ndarray) -> int:
     return shards
 
 
-def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None):
+def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None, out=None):
     """Look up K tables for N shards in one call (Monolith's fused lookup).
 
     ``fused_slot_size[n*K + k]`` ids of shard n belong to table k; ``ids`` holds these blocks
@@ -633,15 +633,18 @@ def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None):
     id_offsets int32[K*N+1], emb_offsets int32[K*N+1], indices int64[M])``: block (n, k) of
     the embeddings starts at ``emb_offsets[n*K + k]``; ``recv_splits[n]`` floats belong to
     shard n; ``indices`` is ``ids``. ``req_time`` is accepted and unused (lookups do not
-    touch timestamps).
+    touch timestamps). ``out``, a writeable C-contiguous float32 array of the L floats, takes
+    the embeddings in place (and is returned as them).
     """
     ids = as_ids(ids)
     if req_time is not None:
         as_int64_scalar(req_time, "req_time")
     core_tables = _core_tables(tables)
     fss = _counts(fused_slot_size)
+    if out is not None:  # its length is the layout's, which the core checks
+        out = as_out(out, None)
     embeddings, recv_splits, id_offsets, emb_offsets = _core.fused_lookup(
-        core_tables, ids, fss, _check_shards(num_of_shards, len(core_tables), fss))
+        core_tables, ids, fss, _check_shards(num_of_shards, len(core_tables), fss), out)
     return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()
 
 

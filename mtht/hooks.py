@@ -26,7 +26,7 @@ from typing import Any, Callable, Deque, Optional, Tuple
 
 import numpy as np
 
-from mtht._arrays import as_numpy
+from mtht._arrays import as_ids, as_numpy
 
 __all__ = ["QueueHooks", "AsyncPush", "Prefetch"]
 
@@ -38,8 +38,11 @@ class QueueHooks:
     def add_queue_hook(self, hook) -> None:
         """Attach a pipelining hook to this table. mtht's own hooks are held weakly: one the
         trainer drops, say one per ``with`` block, is gone from the table too (they piled up,
-        and every wait went through them)."""
+        and every wait went through them). A hook the table holds already is not added again
+        (mtht's hooks attach themselves to the table they are made for)."""
         refs = [r for r in getattr(self, "_local_queue_hooks", []) if r() is not None]
+        if any(r() is hook for r in refs):
+            return
         refs.append(weakref.ref(hook) if isinstance(hook, _TableHook) else _Held(hook))
         self._local_queue_hooks = refs
 
@@ -359,11 +362,10 @@ def _snapshot(value):
     trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__`` (a
     NumPy array, a PyTorch, JAX or TensorFlow tensor) or a buffer (a memoryview, an
     ``array.array``) or a DLPack producer becomes a NumPy copy."""
-    if isinstance(value, (np.ndarray, memoryview, array.array, bytearray)) or (
-            hasattr(value, "__array__") and not np.isscalar(value)):
+    if isinstance(value, (np.ndarray, memoryview, array.array, bytearray)):
         return np.array(value, copy=True)
-    if hasattr(value, "__dlpack__"):  # a DLPack producer without __array__
-        return np.array(as_numpy(value), copy=True)
+    if (hasattr(value, "__array__") or hasattr(value, "__dlpack__")) and not np.isscalar(value):
+        return np.array(as_numpy(value), copy=True)  # read as the table's own calls read it
     if isinstance(value, collections.abc.Mapping):
         return {k: _snapshot(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -507,7 +509,9 @@ def _same_ids(a, b) -> bool:
     mappings = isinstance(a, collections.abc.Mapping), isinstance(b, collections.abc.Mapping)
     if any(mappings):
         return all(mappings) and a.keys() == b.keys() and all(_same_ids(a[k], b[k]) for k in a)
-    return np.array_equal(np.asarray(a), np.asarray(b))
+    # As the table's lookup reads them: float or bool ids equal in value to the batch
+    # prefetched raise here (a miss), and so does their lookup then.
+    return np.array_equal(as_ids(a), as_ids(b))
 
 
 class Prefetch(_TableHook):

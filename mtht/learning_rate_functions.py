@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from mtht._arrays import as_numpy
+
 __all__ = [
     "LearningRateFunction",
     "PolynomialDecay",
@@ -76,7 +78,11 @@ def _check_bool(value: Any, name: str) -> None:
 
 def integer_step(global_step: Any) -> int:
     """A global step as a Python int: Python and numpy integers and integer arrays of size
-    one are accepted; anything else (bools, floats) raises TypeError."""
+    one are accepted, and so is a framework's integer tensor of one element (torch, JAX);
+    anything else (bools, floats) raises TypeError."""
+    if not isinstance(global_step, (numbers.Number, np.ndarray)) and (
+            hasattr(global_step, "__dlpack__") or hasattr(global_step, "__array__")):
+        global_step = as_numpy(global_step, "global_step")
     if isinstance(global_step, (bool, np.bool_)):
         raise TypeError(f"global_step must be an integer, got {global_step!r}")
     if isinstance(global_step, np.ndarray):

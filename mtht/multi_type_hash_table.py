@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import re
 from typing import Callable, Dict, List, Mapping, Tuple
@@ -211,10 +212,10 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
                  for slot in (self._slots if slots is None else slots)]
         return np.concatenate(rates).astype(np.float32) if rates else np.zeros(0, np.float32)
 
-    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None):
+    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None, out=None):
         """:func:`mtht.hash_table.fused_lookup` over this table's slots in sorted order."""
         return _hash_table.fused_lookup([self._tables[s] for s in self._slots], ids, fused_slot_size,
-                                        num_of_shards, req_time)
+                                        num_of_shards, req_time, out=out)
 
     def fused_apply_gradient(self, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
                              global_step, req_time, num_of_shards, enable_grad_accumulation=False):
@@ -224,6 +225,16 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
                                          id_grads, id_offsets, grad_offsets, self.learning_rates(global_step),
                                          req_time, global_step, num_of_shards, enable_grad_accumulation)
         return self
+
+
+@dataclasses.dataclass
+class _IndexedValues:
+    """Values merged from several slots, under Monolith's name: ``value[i]`` came from slot
+    ``slots[index[i]]`` (``index`` int64, each in ``[0, len(slots))``)."""
+
+    slots: List[str]
+    index: np.ndarray
+    value: np.ndarray
 
 
 def _md5(names: List[str]) -> str:
@@ -286,7 +297,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             merged = self._merged_name(slot)
             tensor = slot_to_tensor[slot]
             if rows:
-                a = as_numpy(tensor)
+                a = as_numpy(tensor, f"slot {slot!r} values")
                 n = slot_sizes[slot] if slot_sizes is not None else (a.shape[0] if a.ndim >= 1 else 1)
                 tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r} values")
             else:

@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mtht._arrays import as_float32
+
 __all__ = ["row_bytes", "compress", "decompress"]
 
 _BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "fixed_r8": 1, "one_bit": 1}
@@ -47,7 +49,7 @@ def compress(table_config, values, hashnet_scales: Optional[Sequence[float]] = N
     """uint8 ``[N, row_bytes]``: ``values`` (float32 ``[N, dim]``, the raw stored values)
     packed with each segment's compressor. ``hashnet_scales`` are the tables' one_bit scales
     per segment (default: each compressor's ``init_scale``)."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    values = as_float32(values, "values")
     segs = _segments(table_config)
     dim = sum(d for d, _, _ in segs)
     if values.ndim != 2 or values.shape[1] != dim:

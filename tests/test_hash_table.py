@@ -675,6 +675,49 @@ def test_torch_tensors():
         t.assign(torch.tensor([1, 2]), torch.zeros(2, 2).T.contiguous()[:, :1])
 
 
+def test_torch_tensors_are_read_as_the_numbers_they_hold():
+    # What DLPack alone would drop or refuse: a lazy negation (its export passes the memory
+    # without the sign), a tensor that needs grad, bfloat16 (numpy has no such type). The
+    # same through a push, which copies what it queues.
+    torch = pytest.importorskip("torch")
+    negated = torch.tensor([[1 + 2j, 3 + 4j]]).conj().imag  # -2, -4, as a view with the negative bit
+    assert negated.is_neg() and negated.tolist() == [[-2, -4]]
+    needs_grad = torch.tensor([[0.5, -1.5]], requires_grad=True)
+    bf16 = torch.tensor([[1.5, -0.25]], dtype=torch.bfloat16)  # exact in bfloat16
+    direct, pushed = sgd_table(2), sgd_table(2)
+    push = mtht.AsyncPush(pushed)
+    for target in (direct, push):
+        target.assign([1], negated)
+        target.assign([2], needs_grad)
+        target.assign([3], bf16)
+        target.apply_gradients([4], negated, global_step=0)
+        target.apply_gradients([5], needs_grad, global_step=0)
+        target.apply_gradients([6], bf16, global_step=0)
+    push.end()
+    want = [[-2, -4], [0.5, -1.5], [1.5, -0.25], [2, 4], [-0.5, 1.5], [-1.5, 0.25]]
+    for t in (direct, pushed):
+        np.testing.assert_array_equal(t.lookup(np.arange(1, 7)), want)
+    assert needs_grad.grad is None and negated.is_neg()  # the caller's tensors as they were
+
+
+def test_an_input_that_cannot_be_read_is_a_type_error_naming_it():
+    class OnAnotherDevice:
+        def __dlpack__(self, **kwargs):
+            raise BufferError("the data is on a device the CPU cannot read")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+    t = sgd_table(2)
+    with pytest.raises(TypeError, match="ids cannot be read as an array: the data is on a device"):
+        t.lookup(OnAnotherDevice())
+    with pytest.raises(TypeError, match="values cannot be read as an array"):
+        t.assign([1], OnAnotherDevice())
+    with pytest.raises(TypeError, match="grads cannot be read as an array"):
+        t.apply_gradients([1], OnAnotherDevice(), global_step=0)
+    assert t.size() == 0
+
+
 def test_vector_values_when_dim_is_one():
     t = sgd_table(1)
     t.assign([1, 2, 3], np.array([1.0, 2.0, 3.0], dtype=np.float32))

@@ -118,6 +118,23 @@ def test_a_lookup_of_other_ids_drops_the_prefetched_batch():
     assert prefetch.lookup([2, 3]).tolist() == [[1] * 4, [0] * 4]
     assert prefetch.misses == 1
     assert prefetch.lookup([1]).tolist() == [[1] * 4]  # nothing prefetched now: looked up in order
+
+
+def test_a_prefetched_batch_is_taken_for_ids_the_table_takes_only():
+    # Float or bool ids equal in value to the batch prefetched are refused as the table's
+    # lookup refuses them; int ids after float ones prefetched are looked up.
+    t = table()
+    t.assign([0, 1, 2], np.arange(12, dtype=F32).reshape(3, 4))
+    prefetch = mtht.Prefetch(t)
+    for bad in (np.array([1.0, 2.0]), np.array([True, False])):
+        prefetch.prefetch(np.array([1, 0]) if bad.dtype == bool else np.array([1, 2]))
+        with pytest.raises(TypeError, match="ids must be integers"):
+            prefetch.lookup(bad)
+    prefetch.prefetch(np.array([1.0, 2.0]))
+    assert prefetch.lookup(np.array([1, 2], np.int32)).tolist() == t.lookup([1, 2]).tolist()
+    assert prefetch.misses == 3
+    prefetch.prefetch(np.array([2, 1], np.uint8))  # other integer types are the same ids
+    assert prefetch.lookup([2, 1]).tolist() == t.lookup([2, 1]).tolist() and prefetch.misses == 3
     prefetch.end()
 
 
@@ -495,6 +512,17 @@ def test_a_table_holds_its_hooks_weakly():
     gc.collect()
     assert t.get_queue_hooks() == [kept]
     assert t.as_op().lookup([1]).tolist() == [[1] * 4]
+
+
+def test_a_hook_attached_again_is_listed_once():
+    # A hook attaches itself to its table; attaching it again the Monolith way must not list
+    # it twice (a trainer calling begin() and end() on each listed hook would call them twice).
+    t = table()
+    push, other = mtht.AsyncPush(t), object()
+    t.add_queue_hook(push)
+    t.add_queue_hook(other)
+    t.add_queue_hook(other)
+    assert t.get_queue_hooks() == [push, other]
 
 
 def test_save_and_restore_apply_the_queued_writes_first(tmp_path):

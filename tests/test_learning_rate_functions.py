@@ -331,3 +331,12 @@ def test_global_step_validation():
     with pytest.raises(TypeError):
         fn(np.array([1, 2]))
     assert fn(np.array(3)) == fn(3) == fn(np.uint32(3))
+
+
+def test_global_step_of_a_framework_tensor():
+    torch = pytest.importorskip("torch")
+    fn = PolynomialDecay(0.1, 10)
+    assert fn(torch.tensor(3)) == fn(3)
+    for bad in (torch.tensor(True), torch.tensor(1.0), torch.tensor([1, 2])):
+        with pytest.raises(TypeError, match="global_step must be an integer"):
+            fn(bad)

@@ -9,6 +9,7 @@ bad input raises before anything changes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -25,6 +26,7 @@ from mtht.multi_type_hash_table import (
     BaseMultiTypeHashTable,
     MergedMultiTypeHashTable,
     MultiTypeHashTable,
+    _IndexedValues,
 )
 from mtht.testing import generate_test_hash_table_config
 
@@ -210,6 +212,32 @@ def test_fused_lookup_multi_shards():
     np.testing.assert_array_equal(indices, [0, 2, 1, 3])
 
 
+
+def test_fused_lookup_writes_into_out():
+    hash_table = _assign_fused_state(three_slot_table())
+    tables = [hash_table._tables[s] for s in ("slot0", "slot1", "slot2")]
+    for call in (lambda out: hash_table.fused_lookup([0, 2, 1, 3], [1, 0, 1, 0, 1, 1], 2, out=out),
+                 lambda out: fused_lookup(tables, [0, 2, 1, 3], [1, 0, 1, 0, 1, 1], 2, out=out)):
+        out = np.full(7, 99, np.float32)
+        embeddings, recv_splits, *_ = call(out)
+        assert embeddings is out
+        np.testing.assert_array_equal(out, [1, 4, 4, 2, 2, 8, 8])
+        np.testing.assert_array_equal(recv_splits, [3, 4])
+        for bad, error in ((np.zeros(6, np.float32), "must have 7 floats, got 6"),
+                           (np.zeros(8, np.float32), "must have 7 floats, got 8"),
+                           (np.zeros(7, np.float64), r"float32 array of shape \(L,\), got float64"),
+                           (np.zeros((7, 1), np.float32), r"shape \(L,\), got float32 \(7, 1\)"),
+                           (np.zeros(14, np.float32)[::2], "not contiguous"),
+                           (np.zeros(7, np.float32).tolist(), "must be a numpy array")):
+            with pytest.raises((TypeError, ValueError), match=error):
+                call(bad)
+        read_only = np.zeros(7, np.float32)
+        read_only.flags.writeable = False
+        with pytest.raises(ValueError, match="writeable"):
+            call(read_only)
+    empty = np.zeros(0, np.float32)
+    assert hash_table.fused_lookup([], [0, 0, 0], 1, out=empty)[0] is empty
+
 def test_fused_apply_gradients():
     hash_table = two_slot_table()
     ids = [0, 1, 2]
@@ -304,6 +332,12 @@ def test_merged_basic():
     assert_dicts_equal(values, {"slot0": [[2]], "slot1": [[4, 4]]})
     values = hash_table.lookup({"slot2": [1]})
     assert_dicts_equal(values, {"slot2": [[4, 4]]})
+
+
+def test_indexed_values_has_monoliths_fields():
+    merged = _IndexedValues(slots=["slot1", "slot2"], index=np.array([0, 1, 1]), value=np.array([[2.0], [4.0], [8.0]]))
+    assert [f.name for f in dataclasses.fields(_IndexedValues)] == ["slots", "index", "value"]
+    assert merged.value[merged.index == 1].tolist() == [[4.0], [8.0]] and merged.slots[1] == "slot2"
 
 
 def test_merged_name_stability():

@@ -33,6 +33,15 @@ def test_decompress_takes_bytes_only():
             decompress(cfg, bad)
 
 
+def test_compress_takes_numbers_only():
+    # Bools, strings and complex values were cast to float32 (the imaginary part dropped).
+    cfg = config((2, mtht.Fp32Compressor()))
+    assert decompress(cfg, compress(cfg, np.array([[1, -2]], np.int16))).tolist() == [[1.0, -2.0]]
+    for bad in (np.array([[True, False]]), np.array([["1.5", "2"]]), np.array([[1 + 5j, 2 + 0j]])):
+        with pytest.raises(TypeError, match="values must be numbers"):
+            compress(cfg, bad)
+
+
 def test_fp16_round_trips_within_monolith_tolerance_and_rounds_to_nearest_even():
     cfg = config((3, mtht.Fp16Compressor()))
     v = np.array([[0.1, 0.2, 10000.0]], np.float32)
