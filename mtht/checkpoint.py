@@ -518,6 +518,7 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
     tables = _named_tables(table)
     bases = [os.path.join(directory, key) for key in tables]
     with _turn(directory, *bases):
+        os.makedirs(directory, exist_ok=True)  # a model of no tables has no table's save to make it
         _remove(stale_temps(os.path.join(directory, TABLES_FILE)))  # left by a save that was killed
         with _hash_table.writes_held(list(tables.values())):  # every table at one point
             written, failed = _over_tables_settled(lambda t, base: _write_generation(t, base, apply_expiry),

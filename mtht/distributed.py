@@ -639,8 +639,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         generation, error = _attempt(lambda: _sharded.begin_save(directory)) if self._rank == 0 else (None, None)
         self._settle(error, "save (preparing the directory)")
         generation = self._comm.bcast(generation, root=0)
-        _, error = _attempt(lambda: _checkpoint.save_multi_type(
-            self._table, _sharded.part_directory(directory, generation, self._rank, self._world)))
+        _, error = _attempt(lambda: _sharded.save_part(self._table, directory, generation, self._rank, self._world))
         try:
             self._settle(error, "save")
             _, error = _attempt(lambda: _sharded.commit_save(directory, generation, self._world, list(self._slots))) \

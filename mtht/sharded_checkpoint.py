@@ -89,6 +89,19 @@ def begin_save(directory: str) -> int:
     return max(on_disk + [current or 0]) + 1
 
 
+def save_part(model, directory: str, generation: int, part: int, world_size: int) -> None:
+    """Save process ``part``'s model as its part of ``generation``, into a part directory
+    that must be new: where it is there already, this process was given another directory
+    than process 0 (which chose the generation from its own), one that holds a save of that
+    generation, which must not be written over."""
+    path = part_directory(directory, generation, part, world_size)
+    if os.path.exists(path):
+        raise _checkpoint.CheckpointError(
+            f"{path} is there already: this process saves into another directory than process 0, and a save "
+            "there must not be written over (every process must save into one directory that all of them see)")
+    _checkpoint.save_multi_type(model, path)
+
+
 def commit_save(directory: str, generation: int, world_size: int, keys: List[str]) -> None:
     """Name ``generation`` in ``sharded.json`` (every part of it written and synced), then
     remove the older generations. If the manifest is not in place, the new generation is

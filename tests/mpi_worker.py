@@ -428,6 +428,8 @@ def scenario_edges(seed, directory):
     same_lookups(model.lookup(asked), reference.lookup(asked), "HashNet scales")
     empty = DistributedMultiTypeHashTable({}, factory)
     assert empty.lookup({}) == {} and empty.apply_gradients({}, 1) is empty and empty.size() == 0
+    empty.save(os.path.join(directory, "no tables"))  # its part directories are made all the same
+    empty.restore(os.path.join(directory, "no tables"))
     for _ in range(2100):  # past the communicators MPI has when none is freed
         DistributedMultiTypeHashTable({"sgd": config(1, SLOTS["sgd"][1])}, factory)
 
@@ -542,6 +544,20 @@ def scenario_separate_directories(seed, directory):
     e = expect_failure(lambda: model.save(mine), mtht.CheckpointError if RANK == 0 else DistributedError, "save")
     assert "one directory that all of them see" in str(e), str(e)
     assert os.listdir(mine) == [], os.listdir(mine)
+    # Other directories than rank 0's, holding a save of the generation rank 0 chose from its
+    # own: that save must not be written over (it was, and restored mixed).
+    ahead, behind = (os.path.join(directory, f"{name} {seed}") for name in ("ahead", "behind"))
+    model.assign({"sgd": (np.arange(8), np.full((8, 1), 1.0, F32))})
+    model.save(behind)
+    model.save(ahead)
+    model.save(ahead)  # its generation 2 is the one rank 0 takes next in "behind"
+    model.assign({"sgd": (np.arange(8), np.full((8, 1), 2.0, F32))})
+    expect_failure(lambda: model.save(behind if RANK == 0 else ahead),
+                   DistributedError if RANK == 0 else mtht.CheckpointError, "save")
+    for saved in (ahead, behind):
+        fresh = distributed()
+        fresh.restore(saved)
+        assert fresh.lookup({"sgd": np.arange(8)})["sgd"].tolist() == [[1.0]] * 8, saved
 
 
 

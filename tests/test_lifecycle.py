@@ -2141,6 +2141,13 @@ def test_multi_type_save_restore(tmp_path, build):
         np.testing.assert_array_equal(rows, want[slot])
 
 
+def test_a_model_of_no_tables_saves_into_a_new_directory(tmp_path):
+    directory = str(tmp_path / "new" / "model")
+    save_multi_type(_multi({}), directory)
+    assert os.listdir(directory) == ["tables.json"]
+    restore_multi_type(_multi({}), directory)
+
+
 def _model_values(t):
     return {slot: rows.tolist() for slot, rows in t.lookup(QUERY).items()}
 
