@@ -1340,6 +1340,56 @@ def test_capacity_simulates_the_filter():
     assert t.contains(ids_of(10, 11, 4)).tolist() == [False, False, True]
 
 
+def _fused_step(tables, blocks, accumulate):
+    """fused_apply_gradient over ``tables`` with ``blocks[n][k]`` the ids of shard n for
+    table k, every gradient 1."""
+    ids = np.array([i for shard in blocks for block in shard for i in block], np.int64)
+    fss = [len(block) for shard in blocks for block in shard]
+    offsets = np.concatenate([[0], np.cumsum(fss)])
+    mtht.hash_table.fused_apply_gradient(tables, ids, ids, fss, np.ones(ids.size, F32), offsets, offsets,
+                                         [1.0] * len(tables), 0, 0, len(blocks), enable_grad_accumulation=accumulate)
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_capacity_counts_the_admissions_of_every_block_of_a_fused_update(accumulate):
+    # Ids filtered in shard 0's block and admitted in shard 1's: a deduplicated update counted
+    # each id once for the whole call, and took a table of at most 2 entries to 4.
+    def capped(max_entries):
+        t = table_of(max_entries=max_entries, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+        return t.assign(ids_of(1, 1), [[5], [5]])
+    t = capped(2)
+    with pytest.raises(ValueError, match="at most 2 entries"):
+        _fused_step([t], [[[1, 10, 11, 12]], [[10, 11, 12]]], accumulate)
+    assert t.size() == 1 and t.lookup(ids_of(1)).tolist() == [[5]] and t.stats()["filter_counts"] == 0
+    # Room for them: as the blocks one after the other.
+    fused, blockwise = capped(4), capped(4)
+    _fused_step([fused], [[[1, 10, 11, 12, 12]], [[10, 11, 12]]], accumulate)
+    for block in ([1, 10, 11, 12, 12], [10, 11, 12]):
+        blockwise.apply_gradients(np.array(block), np.ones((len(block), 1), F32), 0, enable_dedup=accumulate)
+    universe = ids_of(1, 10, 11, 12)
+    assert fused.lookup(universe).tolist() == blockwise.lookup(universe).tolist()
+    assert fused.contains(universe).tolist() == [True] * 4
+
+
+def test_a_table_several_parts_write_is_checked_for_room_as_one_write():
+    # The second part admits the ids the first one counted: the call raised after the first
+    # part was written (id 1 stepped, three counts taken). Now it raises before.
+    t = table_of(max_entries=2, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+    t.assign(ids_of(1, 1), [[5], [5]])
+    with pytest.raises(ValueError, match="at most 2 entries"):
+        _fused_step([t, t], [[[1, 10, 11, 12], [10, 11, 12]]], False)
+    shared = MultiTypeHashTable({"a": config_of(), "b": config_of()}, lambda slot, c: t)
+    with pytest.raises(ValueError, match="at most 2 entries"):
+        shared.apply_gradients({"a": (ids_of(1, 10, 11, 12), np.ones((4, 1), F32)),
+                                "b": (ids_of(10, 11, 12), np.ones((3, 1), F32))}, 0, enable_dedup=True)
+    assert t.size() == 1 and t.lookup(ids_of(1)).tolist() == [[5]] and t.stats()["filter_counts"] == 0
+    # What fits is written part after part.
+    shared.apply_gradients({"a": (ids_of(1, 10), np.ones((2, 1), F32)), "b": (ids_of(10, 11), np.ones((2, 1), F32))},
+                           0, enable_dedup=True)
+    assert t.contains(ids_of(1, 10, 11)).tolist() == [True, True, False]
+    assert t.lookup(ids_of(1, 10)).tolist() == [[4], [-1]]
+
+
 def test_loaded_entries_go_first_even_after_earlier_evictions():
     # Entries loaded into a table (as a restore does) count as never written, including
     # entries that an earlier write, whose choice of victims is kept for the next writes,

@@ -191,8 +191,8 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
         const int64_t d = tables[k]->dim();
         for (size_t n = 0; n < L.num_shards; ++n)
           w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
-        w.planned.emplace(
-            detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone, ts));
+        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone,
+                                            ts, g.block.data()));
         if (accumulate[k]) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
       },
       [&](size_t k) {
@@ -201,6 +201,10 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
                                        lrs + lr_begin[k], global_step, ts, accumulate[k],
                                        accumulate[k] ? w.gathered.block.data() : nullptr, /*room_held=*/true,
                                        &*w.planned);
+      },
+      [&](size_t k) {
+        const detail::TableGather& g = writes[k].gathered;
+        return detail::PartIds{g.ids.data(), g.ids.size(), g.block.data(), static_cast<bool>(accumulate[k])};
       });
 }
 

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "mtht/errors.h"
@@ -19,18 +20,101 @@ namespace mtht {
 
 namespace detail {
 
+// The ids of one table's writes in one call (the blocks of a fused update, or the parts of
+// a table that several parts write), as its capacity check must count them when the table
+// has an admission filter. That check counts an id's occurrences before its last one
+// (runs = false), and a write admits an absent id once the occurrences seen before reach
+// its threshold: one by one without `runs`, and with `runs` (deduplicated) once per block,
+// each block's run adding all its occurrences. So every occurrence is kept but those after
+// the first in the id's last block of runs.
+class AdmissionCount {
+ public:
+  // The ids of one write, after those added before: `blocks` (nondecreasing, may be null:
+  // one block) splits a deduplicated write (`runs`) into runs of their own.
+  void add(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs) {
+    for (size_t i = 0; i < n; ++i) {
+      ids_.push_back(ids[i]);
+      block_.push_back(next_block_ + (!runs ? i : blocks ? blocks[i] : 0));
+    }
+    if (n) next_block_ += !runs ? n : blocks ? uint64_t{blocks[n - 1]} + 1 : 1;
+  }
+  // The ids to count occurrence by occurrence (in no particular order).
+  std::vector<int64_t> counted() const {
+    std::unordered_map<int64_t, uint64_t> last_block;
+    last_block.reserve(ids_.size());
+    std::vector<int64_t> kept;
+    kept.reserve(ids_.size());
+    for (size_t i = ids_.size(); i-- > 0;) {  // from the end: an id's first block seen is its last
+      const auto [at, first] = last_block.try_emplace(ids_[i], block_[i]);
+      if (first || block_[i] != at->second) kept.push_back(ids_[i]);
+    }
+    return kept;
+  }
+
+ private:
+  std::vector<int64_t> ids_;
+  std::vector<uint64_t> block_;
+  uint64_t next_block_ = 0;
+};
+
+// Whether a capacity check of `table` must count admissions with AdmissionCount rather than
+// by the write's own rule (which takes a deduplicated write as one block).
+inline bool counts_admissions(const EmbeddingTable& table) { return table.max_entries() && table.has_filter(); }
+
 // The plan of one table's part of a write to several tables, everything that can fail done:
 // the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
-// first write would change the choice; a table written twice chooses them when it writes),
-// room reserved for its new ids. `runs`: one admission per distinct id (a deduplicated write).
-// `ts`: the timestamp the write stamps its entries with. `alone`: the part is written by a
-// task of its own, on one thread.
+// first write would change the choice; a table written twice chooses them when it writes,
+// and is checked for room by check_shared_room), room reserved for its new ids. `runs`: one
+// admission per distinct id (a deduplicated write), per block when `blocks` splits it. `ts`:
+// the timestamp the write stamps its entries with. `alone`: the part is written by a task of
+// its own, on one thread.
 inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct,
-                              bool alone, int64_t ts) {
+                              bool alone, int64_t ts, const uint32_t* blocks = nullptr) {
   std::optional<Victims> victims;
-  if (distinct) victims = table.victims_for(ids, n, runs);
-  else table.check_room(ids, n, runs);
+  if (distinct && runs && blocks && counts_admissions(table)) {
+    AdmissionCount count;
+    count.add(ids, n, blocks, runs);
+    const std::vector<int64_t> counted = count.counted();
+    victims = table.victims_for(counted.data(), counted.size(), false);
+  } else if (distinct) {
+    victims = table.victims_for(ids, n, runs);
+  } else {
+    table.check_room(ids, n, runs);
+  }
   return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts), alone);
+}
+
+// One part's ids as its capacity check counts them (AdmissionCount::add).
+struct PartIds {
+  const int64_t* ids = nullptr;
+  size_t n = 0;
+  const uint32_t* blocks = nullptr;
+  bool runs = false;
+};
+
+// Throws, changing nothing, when a table that several of the parts write cannot hold what
+// they write one after the other: checked as one write of all of them, whose count of
+// admissions is the parts' together (a part's admissions change the counts the next one
+// finds). Their own checks (plan_part) find the table as it was before any of them. The
+// caller holds the tables' capacity locks.
+template <class IdsOf>
+void check_shared_room(const std::vector<EmbeddingTable*>& tables, IdsOf&& ids_of) {
+  for (size_t k = 0; k < tables.size(); ++k) {
+    EmbeddingTable& table = *tables[k];
+    if (!counts_admissions(table) || std::find(tables.begin(), tables.begin() + k, &table) != tables.begin() + k)
+      continue;  // no admissions to count, or done at its first part
+    AdmissionCount count;
+    size_t parts = 0;
+    for (size_t j = k; j < tables.size(); ++j) {
+      if (tables[j] != &table) continue;
+      const PartIds p = ids_of(j);
+      count.add(p.ids, p.n, p.blocks, p.runs);
+      ++parts;
+    }
+    if (parts < 2) continue;
+    const std::vector<int64_t> counted = count.counted();
+    table.check_room(counted.data(), counted.size(), false);
+  }
 }
 
 // Calls prepare(k, distinct, alone) for every part k (a task each on the pool), then write(k)
@@ -40,10 +124,11 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
 // nothing that can: a part that fails to prepare leaves every table as it was. The parts
 // for which pooled(k) holds are written a task each (each on one thread: `alone`), then the
 // others one after the other, each spread over the pool. A table that is written by two
-// parts is always written in order on the calling thread.
-template <class Pooled, class Prepare, class Write>
+// parts is always written in order on the calling thread, once check_shared_room found
+// room for all of them (`ids_of(k)`: part k's PartIds, once it is prepared).
+template <class Pooled, class Prepare, class Write, class IdsOf>
 void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, Pooled&& pooled,
-                       Prepare&& prepare, Write&& write) {
+                       Prepare&& prepare, Write&& write, IdsOf&& ids_of) {
   std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
   std::sort(sorted.begin(), sorted.end());
   const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
@@ -64,6 +149,7 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
         prepare(i, distinct, alone[i]);
       },
       EmbeddingTable::threads_for(total_ids));
+  if (!distinct) check_shared_room(tables, ids_of);  // no part is written yet: all are `after`
   for (size_t k : after) write(k);
 }
 
@@ -203,6 +289,10 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
             return p.table->apply_gradient_rows(p.ids, p.n, row_of(p), p.lrs, global_step, ts, dedup, nullptr,
                                                 /*room_held=*/true, &*planned[k]);
         }
+      },
+      [&](size_t k) {
+        const TablePart& p = parts[k];
+        return detail::PartIds{p.ids, p.n, nullptr, dedup && p.kind == WriteKind::kApplyGradients};
       });
 }
 
