@@ -71,7 +71,7 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
 
     cdef cppclass ThreadPool:
         @staticmethod
-        ThreadPool& global_ "global"()
+        ThreadPool& global_ "global"() except +translate_exception
         int num_threads()
         void set_num_threads(int n) except +translate_exception
 

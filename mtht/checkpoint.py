@@ -128,19 +128,32 @@ def _turn(*paths: str):
     saves at one basename would write the same generation's files, and a restore could find
     its files removed by a save that replaced them."""
     keys = sorted({os.path.realpath(os.fsdecode(p)) for p in paths})
-    with _LOCKS_GUARD:
-        entries = [_LOCKS.setdefault(k, [threading.Lock(), 0]) for k in keys]
-        for entry in entries:
-            entry[1] += 1
     guard = _LOCKS_GUARD
+    # An interrupt (Ctrl-C) may come between any two steps here. So an entry is listed once
+    # counted (one interrupted in between keeps its entry, which does no harm), and a lock
+    # once asked for: the locks are re-entrant, so releasing one this thread does not hold
+    # raises, which tells one not taken apart (it stayed held for good, and every later
+    # save at the path waited for ever).
+    counted: List[Tuple[str, list]] = []
+    asked: List[threading.RLock] = []
     try:
-        with contextlib.ExitStack() as stack:
-            for lock, _ in entries:
-                stack.enter_context(lock)
-            yield
-    finally:
         with guard:
-            for key, entry in zip(keys, entries):
+            for key in keys:
+                entry = _LOCKS.setdefault(key, [threading.RLock(), 0])
+                entry[1] += 1
+                counted.append((key, entry))
+        for _, (lock, _) in counted:
+            asked.append(lock)
+            lock.acquire()
+        yield
+    finally:
+        for lock in reversed(asked):
+            try:
+                lock.release()
+            except RuntimeError:  # interrupted before it was taken
+                pass
+        with guard:
+            for key, entry in counted:
                 entry[1] -= 1
                 if entry[1] == 0 and _LOCKS.get(key) is entry:
                     del _LOCKS[key]

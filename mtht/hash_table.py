@@ -619,7 +619,9 @@ def _check_shards(num_of_shards, num_tables: int, fss: np.ndarray) -> int:
     """num_of_shards, checked against the blocks of fused_slot_size (in Python's integers:
     a count past int64 is reported as it is)."""
     shards = as_int64_scalar(num_of_shards, "num_of_shards")
-    if shards < 1 or num_tables * shards != fss.size:
+    if shards < 1:
+        raise ValueError(f"num_of_shards must be at least 1, got {shards}")
+    if num_tables * shards != fss.size:
         raise ValueError(f"fused_slot_size must have num_tables * num_of_shards = {num_tables} * {shards} entries, "
                          f"got {fss.size}")
     return shards

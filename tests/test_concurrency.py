@@ -437,6 +437,41 @@ def test_set_num_threads_validation():
     assert mtht.get_num_threads() == 2
 
 
+_NO_THREADS_TO_GIVE = r"""
+import resource
+import numpy as np
+import mtht
+from mtht.testing import generate_test_hash_table_config
+
+t = mtht.hash_table_from_config(generate_test_hash_table_config(4))
+# Address space for no more thread stacks: the helpers cannot start.
+vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 4 * 2**20, resource.RLIM_INFINITY))
+t.assign(np.arange(10), np.ones((10, 4), np.float32))  # the first call builds the pool
+assert mtht.get_num_threads() == 1, mtht.get_num_threads()
+try:
+    mtht.set_num_threads(2)
+    raise AssertionError("set_num_threads(2) did not raise")
+except RuntimeError as e:
+    assert "could not start the threads for num_threads = 2" in str(e) and "go on with 1" in str(e), str(e)
+assert mtht.get_num_threads() == 1
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+mtht.set_num_threads(2)
+t.assign(np.arange(10_000), np.ones((10_000, 4), np.float32))
+assert mtht.get_num_threads() == 2 and (t.lookup(np.arange(10_000)) == 1).all()
+print("ok")
+"""
+
+
+def test_a_pool_whose_threads_cannot_start_runs_calls_on_the_calling_thread():
+    # When the first call could not start the helpers, every call raised and
+    # get_num_threads() aborted the interpreter. In a child, which owns its address space.
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", _NO_THREADS_TO_GIVE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
 def test_set_num_threads_while_other_threads_write():
     t = hash_table_from_config(generate_test_hash_table_config(2))
     ids = np.arange(8000, dtype=np.int64)

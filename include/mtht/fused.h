@@ -49,7 +49,10 @@ inline FusedLayout fused_layout(const std::vector<int>& dims, const int32_t* fss
       const int64_t floats = static_cast<int64_t>(fss[idx]) * dims[k];
       floats_total += floats;
       shard_floats += floats;
-      if (floats_total > INT32_MAX || ids_total > INT32_MAX) throw ValueError("fused batch too large for int32 offsets");
+      if (floats_total > INT32_MAX || ids_total > INT32_MAX)
+        throw ValueError("a fused call takes at most 2^31 - 1 ids and 2^31 - 1 floats of rows (its offsets are "
+                         "int32), and this one has more: split it (blocks so far: " + std::to_string(ids_total) +
+                         " ids, " + std::to_string(floats_total) + " floats)");
       L.id_offsets[idx + 1] = static_cast<int32_t>(ids_total);
       L.emb_offsets[idx + 1] = static_cast<int32_t>(floats_total);
     }

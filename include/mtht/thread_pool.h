@@ -18,6 +18,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -39,7 +40,15 @@ class ThreadPool {
     return n == 0 ? 1 : static_cast<int>(std::min(n, 64u));
   }
 
-  explicit ThreadPool(int n) { resize(n); }
+  // A pool whose helpers the system will not start (no more threads to give) runs calls
+  // with those it got, the calling thread at least; set_num_threads may ask again later.
+  explicit ThreadPool(int n) {
+    try {
+      resize(n);
+    } catch (const std::exception&) {
+      num_threads_.store(helpers_.load() + 1);
+    }
+  }
   ~ThreadPool() { stop_workers(); }
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -68,7 +77,12 @@ class ThreadPool {
       throw std::invalid_argument("num_threads must be from 1 to " + std::to_string(kMaxThreads) + ", got " +
                                   std::to_string(n));
     std::lock_guard<std::mutex> busy(busy_);  // wait until no call is running
-    resize(n);
+    try {
+      resize(n);
+    } catch (const std::system_error& e) {  // the bare text of errno said nothing of threads
+      throw std::runtime_error("could not start the threads for num_threads = " + std::to_string(n) + " (" +
+                               e.what() + "); calls go on with " + std::to_string(num_threads()));
+    }
   }
 
   // Runs fn(i) for i in [0, n_tasks) over at most `max_threads` threads (0 = all).
