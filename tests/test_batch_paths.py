@@ -157,6 +157,23 @@ def test_dedup_keeps_apart_ids_whose_hashes_share_the_grouping_slot():
     assert t.size() == 12
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deduplicated_steps_grouped_over_the_batch_or_by_shard_match_the_model(restore_num_threads, threads):
+    # A deduplicated batch under 4,096 ids groups its ids over the whole batch and writes the
+    # runs in input order; a larger one groups them shard by shard (its plan), on one thread
+    # or two. Batches of a few ids to tens of thousands, ids repeated a few times or very
+    # often, new and stored, an id alone in its batch, every id the same.
+    mtht.set_num_threads(threads)
+    t, ref = _table_and_reference()
+    rng = np.random.default_rng(threads)
+    seen = []
+    for step, n in enumerate([3, 40, 500, 4095, 4097, 30_000, 1]):
+        for ids in (rng.integers(0, 3 * n, n), (rng.zipf(1.3, n) - 1) % 50_000, np.full(n, 7)):
+            _step_both(t, ref, ids.astype(np.int64), rng, step, dedup=True)
+            seen.append(ids)
+    _assert_same(t, ref, np.unique(np.concatenate(seen + [np.arange(100_000, 100_010)])))
+
+
 @pytest.mark.parametrize("dedup", [False, True])
 def test_long_probe_chains(dedup):
     # 60 ids with one home bucket: a chain of 15 full buckets, so most ids lie far past home,

@@ -1204,6 +1204,8 @@ struct Runs {
   std::vector<uint32_t> sum_of;  // each run's row in `sums`, or kEnd if it occurs once
   std::vector<size_t> begin;     // the runs of shard s: [begin[s], begin[s + 1])
   std::vector<float> sums;       // the summed rows, `width` floats each
+  std::vector<int64_t> ids;      // group_in_order: each run's id
+  std::vector<uint64_t> hashes;  // group_in_order: each run's hash_id
 
   // The runs of each of `chunks` chunks of a write, kept by the calling thread from one
   // write to the next so that their memory is reused. A write groups every chunk before it
@@ -1225,7 +1227,10 @@ struct Runs {
     drop_if_large(count);
     drop_if_large(sum_of);
     drop_if_large(sums);
+    drop_if_large(ids);
+    drop_if_large(hashes);
     drop_if_large(slots_);
+    drop_if_large(position_hashes_);
     drop_if_large(repeats_);
   }
 
@@ -1313,7 +1318,7 @@ struct Runs {
     first.resize(runs);
     count.resize(runs);
     sum_of.resize(runs);
-    sum_repeats(order, n_repeats, width, row);
+    sum_repeats([order](uint32_t k) { return order[k]; }, n_repeats, width, row);
   }
 
   // Run r's row: the sum of its rows, or, for a run occurring once, row(its position).
@@ -1322,19 +1327,80 @@ struct Runs {
     return sum_of[r] == kEnd ? row(plan.order[first[r]]) : sums.data() + static_cast<size_t>(sum_of[r]) * width;
   }
 
- private:
-  // The second pass of group: for each of the `n` occurrences after a run's first, in plan
-  // order, its row added to the run's sum, which starts as the row of the first occurrence.
+  // The runs of ids [0, n) without a plan, for a write on one thread in input order: the
+  // runs in order of first occurrence, `first` holding input positions, `ids` and `hashes`
+  // each run's id and hash, `begin` unused. One hash table for the whole batch (half full
+  // at most), which lies in the L2 cache rather than the L1 (a shard's does), but spares the
+  // plan, whose order reaches the caller's rows at random (write_in_order).
   template <class Row>
-  void sum_repeats(const uint32_t* order, size_t n, size_t width, Row&& row) {
+  void group_in_order(const int64_t* in, size_t n, size_t width, Row&& row) {
+    first.resize(n);
+    count.resize(n);
+    sum_of.resize(n);
+    ids.resize(n);
+    hashes.resize(n);
+    repeats_.resize(n);
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    if (slots_.size() < cap) slots_.resize(cap);
+    Slot* slots = slots_.data();
+    std::memset(slots, 0xFF, sizeof(Slot) * cap);  // every run kEnd: empty
+    const size_t mask = cap - 1;
+    uint32_t runs = 0;
+    size_t n_repeats = 0;
+    if (position_hashes_.size() < n) position_hashes_.resize(n);
+    uint64_t* hashed = position_hashes_.data();
+    for (size_t k = 0; k < n; ++k) hashed[k] = hash_id(in[k]);
+    constexpr size_t kSlotsAhead = 16;  // the table is past the L1 cache: its slots are fetched ahead
+    for (size_t k = 0; k < std::min(n, kSlotsAhead); ++k) __builtin_prefetch(slots + (hashed[k] & mask), 1);
+    for (size_t k = 0; k < n; ++k) {
+      if (k + kSlotsAhead < n) __builtin_prefetch(slots + (hashed[k + kSlotsAhead] & mask), 1);
+      const int64_t id = in[k];
+      const uint64_t h = hashed[k];
+      const uint32_t tag = static_cast<uint32_t>(h >> 32);
+      for (size_t i = h & mask;; i = (i + 1) & mask) {
+        Slot& slot = slots[i];
+        if (slot.run == kEnd) {
+          slot = Slot{tag, runs};
+          first[runs] = static_cast<uint32_t>(k);
+          count[runs] = 1;
+          sum_of[runs] = kEnd;
+          ids[runs] = id;
+          hashes[runs++] = h;
+          break;
+        }
+        if (slot.tag != tag || ids[slot.run] != id) continue;
+        ++count[slot.run];
+        repeats_[n_repeats++] = Repeat{slot.run, static_cast<uint32_t>(k)};
+        break;
+      }
+    }
+    for (auto* v : {&first, &count, &sum_of}) v->resize(runs);
+    ids.resize(runs);
+    hashes.resize(runs);
+    sum_repeats([](uint32_t k) { return k; }, n_repeats, width, row);
+  }
+
+  // Run r's row after group_in_order.
+  template <class Row>
+  const float* row_in_order(size_t r, size_t width, Row&& row) const {
+    return sum_of[r] == kEnd ? row(first[r]) : sums.data() + static_cast<size_t>(sum_of[r]) * width;
+  }
+
+ private:
+  // The second pass of a grouping: for each of the `n` occurrences after a run's first, in
+  // the grouping's order, its row added to the run's sum, which starts as the row of the
+  // first occurrence. position(k): the input position of grouping position k.
+  template <class Position, class Row>
+  void sum_repeats(Position&& position, size_t n, size_t width, Row&& row) {
     const size_t bytes = sizeof(float) * width;
     const Repeat* repeats = repeats_.data();
     uint32_t summed = 0;
     for (size_t i = 0; i < n; ++i) {
       if (i + kAhead < n) {
         const Repeat& ahead = repeats[i + kAhead];
-        prefetch_lines(row(order[ahead.position]), bytes);
-        if (sum_of[ahead.run] == kEnd) prefetch_lines(row(order[first[ahead.run]]), bytes);
+        prefetch_lines(row(position(ahead.position)), bytes);
+        if (sum_of[ahead.run] == kEnd) prefetch_lines(row(position(first[ahead.run])), bytes);
       }
       const Repeat& rep = repeats[i];
       uint32_t& at = sum_of[rep.run];
@@ -1342,11 +1408,11 @@ struct Runs {
         at = summed++;
         if (sums.size() < static_cast<size_t>(summed) * width) sums.resize(2 * static_cast<size_t>(summed) * width);
         float* sum = sums.data() + static_cast<size_t>(at) * width;
-        const float* g = row(order[first[rep.run]]);
+        const float* g = row(position(first[rep.run]));
         for (size_t j = 0; j < width; ++j) sum[j] = g[j];
       }
       float* sum = sums.data() + static_cast<size_t>(at) * width;
-      const float* g = row(order[rep.position]);
+      const float* g = row(position(rep.position));
       for (size_t j = 0; j < width; ++j) sum[j] += g[j];
     }
   }
@@ -1358,6 +1424,7 @@ struct Runs {
     uint32_t run;  // kEnd: empty
   };
   std::vector<Slot> slots_;
+  std::vector<uint64_t> position_hashes_;  // group_in_order: hash_id of each input position
   struct Repeat {
     uint32_t run, position;  // an occurrence after the run's first, at a plan position
   };
@@ -2843,14 +2910,19 @@ class EmbeddingTable {
   void write_in_order(const int64_t* ids, size_t n, int64_t ts, bool gated, bool far_stamps, Fn&& fn) {
     const detail::ScratchBlock block(sizeof(uint64_t) * n);
     detail::ScratchArray<uint64_t> hashes(block.data());
+    for (size_t i = 0; i < n; ++i) hashes[i] = hash_id(ids[i]);
+    write_in_order(ids, hashes.data(), n, ts, gated, far_stamps, fn, [](size_t) {});
+  }
+  // The same with the ids' hashes given, and ahead(k) prefetching what fn will read of
+  // the batch's own data for id k, where that is not in order.
+  template <class Fn, class Ahead>
+  void write_in_order(const int64_t* ids, const uint64_t* hashes, size_t n, int64_t ts, bool gated, bool far_stamps,
+                      Fn&& fn, Ahead&& ahead) {
     std::vector<uint64_t> count(shards_.size(), 0);
-    for (size_t i = 0; i < n; ++i) {
-      hashes[i] = hash_id(ids[i]);
-      ++count[shard_of(hashes[i])];
-    }
+    for (size_t i = 0; i < n; ++i) ++count[shard_of(hashes[i])];
     detail::HeldRoom room(shards_.size());
-    reserve_in_order(ids, hashes.data(), n, count, room, gated, far_stamps);
-    write_held_in_order(ids, hashes.data(), n, ts, [&](size_t s) { return count[s] != 0; }, fn);
+    reserve_in_order(ids, hashes, n, count, room, gated, far_stamps);
+    write_held_in_order(ids, hashes, n, ts, [&](size_t s) { return count[s] != 0; }, fn, ahead);
   }
 
   // A planned write (reserve_ids: its room held, its plan made for one thread) in input
@@ -2859,17 +2931,19 @@ class EmbeddingTable {
   template <class Fn>
   void write_planned_in_order(const int64_t* ids, size_t n, int64_t ts, const detail::BatchPlan& plan, Fn&& fn) {
     const size_t* begin = plan.shard_begin.data();
-    write_held_in_order(ids, nullptr, n, ts, [begin](size_t s) { return begin[s + 1] != begin[s]; }, fn);
+    write_held_in_order(ids, nullptr, n, ts, [begin](size_t s) { return begin[s + 1] != begin[s]; }, fn,
+                        [](size_t) {});
   }
 
   // Writes ids [0, n) in input order (room held for them) under the write locks of the
   // shards touched(s) picks, every shard they fall in; hashes: theirs, or null to hash
   // them as they come. Allocates nothing. The batch's own rows, read in order too, are left
   // to the hardware to fetch: fetching them as the plan's order does cost 1.02x to 1.035x
-  // at dim 16, 1.02x at dim 64.
-  template <class Touched, class Fn>
+  // at dim 16, 1.02x at dim 64. ahead(k) fetches those that are not in order (the sums of
+  // a deduplicated write), in stage 2.
+  template <class Touched, class Fn, class Ahead>
   void write_held_in_order(const int64_t* ids, const uint64_t* hashes, size_t n, int64_t ts, Touched&& touched,
-                           Fn&& fn) {
+                           Fn&& fn, Ahead&& ahead) {
     {
       const ExclusiveShardLocks held(*this, touched);
       note_ts(ts);
@@ -2877,7 +2951,7 @@ class EmbeddingTable {
       write_stages(
           [&](size_t k) { return ids[k]; }, [&](size_t k) { return hash[k % kRing]; },
           [&](detail::Shard& sh, size_t k, const Found& known) { fn(sh, k, ids[k], hash[k % kRing], known); },
-          [](size_t) {},
+          ahead,
           [&](auto&&... stages) {
             visit_in_order(n, write_block_, [&](size_t k) {
               const uint64_t h = hashes ? hashes[k] : hash_id(ids[k]);
@@ -3080,6 +3154,25 @@ class EmbeddingTable {
     note_batch_size(n);
     const CapacityRoom capacity =
         spec_.max_entries ? capacity_room(ids, n, true, true, room_held, planned) : CapacityRoom{};
+    // A small batch (on one thread), with nothing to evict: the runs in input order
+    // (write_in_order), grouped over the batch (Runs::group_in_order).
+    if (!planned && !blocks && !capacity.victims()->total && !capacity.built_plan() && threads_for(n) == 1) {
+      detail::Runs& runs = detail::Runs::per_chunk(1)[0];
+      runs.group_in_order(ids, n, width, row);
+      const size_t bytes = sizeof(float) * width;
+      write_in_order(runs.ids.data(), runs.hashes.data(), runs.ids.size(), ts, true, far_stamp(ts),
+                     [&](detail::Shard& sh, size_t r, int64_t id, uint64_t h, const Found& known) {
+                       fn(sh, runs.row_in_order(r, width, row), runs.count[r], id, h, known);
+                     },
+                     [&](size_t r) {
+                       // A sum, and a row that occurs once when it spans several lines: the
+                       // rows are in order but with gaps, which the hardware does not follow.
+                       if (runs.sum_of[r] != detail::Runs::kEnd || bytes > 64)
+                         detail::prefetch_lines(runs.row_in_order(r, width, row), bytes);
+                     });
+      runs.trim();
+      return;
+    }
     // The runs of equal ids are visited as the ids of a plain write are, each prefetched at
     // its first occurrence (most ids occur once).
     const size_t chunks = write_chunks(n);
