@@ -1371,7 +1371,31 @@ def test_capacity_counts_the_admissions_of_every_block_of_a_fused_update(accumul
     assert fused.contains(universe).tolist() == [True] * 4
 
 
-def test_a_table_several_parts_write_is_checked_for_room_as_one_write():
+@pytest.mark.parametrize("listing", ["a b", "a b b", "a a"])
+def test_a_capped_filtered_table_stays_within_its_bound_beside_tables_listed_twice(listing):
+    # Shard 1's block admits id 1, counted once in shard 0's: its write must evict. With a
+    # table listed twice in the call, every part chose its evictions by the write's own rule
+    # (one admission per id for all its blocks), evicted nothing and took a to 3 entries.
+    a = table_of(max_entries=2, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+    a.assign(ids_of(10, 11, 10, 11), np.zeros((4, 1), F32))
+    b = table_of()
+    tables = {"a b": [a, b], "a b b": [a, b, b], "a a": [a, a]}[listing]
+    first, *others = [[1] if t is a and i == 0 else [5 + i] if t is b else [] for i, t in enumerate(tables)]
+    _fused_step(tables, [[first, *others], [[1]] + [[]] * (len(tables) - 1)], True)
+    assert a.size() == 2 and a.contains(ids_of(1, 10, 11)).tolist() == [True, False, True]
+
+
+def test_a_table_two_parts_write_is_checked_part_by_part():
+    # Each part fits by evicting what the one before wrote, as two writes one after the other
+    # do, filter or not (a check of both parts as one write refused it).
+    for hash_filter in (None, mtht.HashFilter(default_occurrence_threshold=0)):
+        t = table_of(max_entries=3, hash_filter=hash_filter)
+        shared = MultiTypeHashTable({"a": config_of(), "b": config_of()}, lambda slot, c: t)
+        shared.assign({"a": (ids_of(1, 2, 3), np.ones((3, 1), F32)), "b": (ids_of(4, 5, 6), np.ones((3, 1), F32))})
+        assert t.size() == 3 and t.contains(ids_of(4, 5, 6)).all()
+
+
+def test_a_table_several_parts_write_is_checked_for_room_before_any_is_written():
     # The second part admits the ids the first one counted: the call raised after the first
     # part was written (id 1 stepped, three counts taken). Now it raises before.
     t = table_of(max_entries=2, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))

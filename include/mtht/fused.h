@@ -188,14 +188,14 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   };
   detail::write_all_or_none(
       tables, static_cast<size_t>(L.id_offsets.back()), [](size_t) { return true; },
-      [&](size_t k, bool distinct, bool alone) {
+      [&](size_t k, bool only, bool alone) {
         TableWrite& w = writes[k];
         const detail::TableGather& g = w.gathered = detail::gather_table(L, ids, k);
         const int64_t d = tables[k]->dim();
         for (size_t n = 0; n < L.num_shards; ++n)
           w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
-        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], distinct, alone,
-                                            ts, g.block.data()));
+        w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], only, alone, ts,
+                                            g.block.data()));
         if (accumulate[k]) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
       },
       [&](size_t k) {

@@ -9,7 +9,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "mtht/errors.h"
@@ -19,47 +19,6 @@
 namespace mtht {
 
 namespace detail {
-
-// The ids of one table's writes in one call (the blocks of a fused update, or the parts of
-// a table that several parts write), as its capacity check must count them when the table
-// has an admission filter. That check counts an id's occurrences before its last one
-// (runs = false), and a write admits an absent id once the occurrences seen before reach
-// its threshold: one by one without `runs`, and with `runs` (deduplicated) once per block,
-// each block's run adding all its occurrences. So every occurrence is kept but those after
-// the first in the id's last block of runs.
-class AdmissionCount {
- public:
-  // The ids of one write, after those added before: `blocks` (nondecreasing, may be null:
-  // one block) splits a deduplicated write (`runs`) into runs of their own.
-  void add(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs) {
-    for (size_t i = 0; i < n; ++i) {
-      ids_.push_back(ids[i]);
-      block_.push_back(next_block_ + (!runs ? i : blocks ? blocks[i] : 0));
-    }
-    if (n) next_block_ += !runs ? n : blocks ? uint64_t{blocks[n - 1]} + 1 : 1;
-  }
-  // The ids to count occurrence by occurrence (in no particular order).
-  std::vector<int64_t> counted() const {
-    std::unordered_map<int64_t, uint64_t> last_block;
-    last_block.reserve(ids_.size());
-    std::vector<int64_t> kept;
-    kept.reserve(ids_.size());
-    for (size_t i = ids_.size(); i-- > 0;) {  // from the end: an id's first block seen is its last
-      const auto [at, first] = last_block.try_emplace(ids_[i], block_[i]);
-      if (first || block_[i] != at->second) kept.push_back(ids_[i]);
-    }
-    return kept;
-  }
-
- private:
-  std::vector<int64_t> ids_;
-  std::vector<uint64_t> block_;
-  uint64_t next_block_ = 0;
-};
-
-// Whether a capacity check of `table` must count admissions with AdmissionCount rather than
-// by the write's own rule (which takes a deduplicated write as one block).
-inline bool counts_admissions(const EmbeddingTable& table) { return table.max_entries() && table.has_filter(); }
 
 // The plan of one table's part of a write to several tables, everything that can fail done:
 // the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
@@ -71,7 +30,7 @@ inline bool counts_admissions(const EmbeddingTable& table) { return table.max_en
 inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct,
                               bool alone, int64_t ts, const uint32_t* blocks = nullptr) {
   std::optional<Victims> victims;
-  if (distinct && runs && blocks && counts_admissions(table)) {
+  if (distinct && runs && blocks && table.counts_admissions()) {
     AdmissionCount count;
     count.add(ids, n, blocks, runs);
     const std::vector<int64_t> counted = count.counted();
@@ -92,40 +51,46 @@ struct PartIds {
   bool runs = false;
 };
 
-// Throws, changing nothing, when a table that several of the parts write cannot hold what
-// they write one after the other: checked as one write of all of them, whose count of
-// admissions is the parts' together (a part's admissions change the counts the next one
-// finds). Their own checks (plan_part) find the table as it was before any of them. The
-// caller holds the tables' capacity locks.
+// Throws, changing nothing, when a part of a table that several of the parts write could
+// not fit when its turn comes: each part is checked as the write it is, its admissions
+// counting the occurrences of its ids in the parts before it (which their own checks,
+// plan_part, find the table without). An id of an earlier part that the part does not
+// write takes no room in its check, as the write may evict it. The caller holds the
+// tables' capacity locks.
 template <class IdsOf>
 void check_shared_room(const std::vector<EmbeddingTable*>& tables, IdsOf&& ids_of) {
   for (size_t k = 0; k < tables.size(); ++k) {
     EmbeddingTable& table = *tables[k];
-    if (!counts_admissions(table) || std::find(tables.begin(), tables.begin() + k, &table) != tables.begin() + k)
-      continue;  // no admissions to count, or done at its first part
-    AdmissionCount count;
-    size_t parts = 0;
-    for (size_t j = k; j < tables.size(); ++j) {
-      if (tables[j] != &table) continue;
-      const PartIds p = ids_of(j);
-      count.add(p.ids, p.n, p.blocks, p.runs);
-      ++parts;
+    if (!table.counts_admissions() || std::find(tables.begin(), tables.begin() + k, &table) != tables.begin() + k)
+      continue;  // no admissions to carry, or done at its first part
+    std::vector<size_t> parts;
+    for (size_t j = k; j < tables.size(); ++j)
+      if (tables[j] == &table) parts.push_back(j);
+    for (size_t p = 1; p < parts.size(); ++p) {  // the first part's own check holds
+      const PartIds part = ids_of(parts[p]);
+      const std::unordered_set<int64_t> written(part.ids, part.ids + part.n);
+      AdmissionCount count;
+      for (size_t q = 0; q < p; ++q) {
+        const PartIds before = ids_of(parts[q]);
+        count.add(before.ids, before.n, before.blocks, before.runs, [&](int64_t id) { return written.count(id) != 0; });
+      }
+      count.add(part.ids, part.n, part.blocks, part.runs);
+      const std::vector<int64_t> counted = count.counted();
+      table.check_room(counted.data(), counted.size(), false);
     }
-    if (parts < 2) continue;
-    const std::vector<int64_t> counted = count.counted();
-    table.check_room(counted.data(), counted.size(), false);
   }
 }
 
-// Calls prepare(k, distinct, alone) for every part k (a task each on the pool), then write(k)
-// for every part, holding the capacity lock of every capacity-limited table throughout (taken
-// in address order, as every write to several tables does). The caller holds the tables'
-// layouts (HeldLayouts). `prepare` does everything that can fail (plan_part) and `write`
-// nothing that can: a part that fails to prepare leaves every table as it was. The parts
-// for which pooled(k) holds are written a task each (each on one thread: `alone`), then the
-// others one after the other, each spread over the pool. A table that is written by two
-// parts is always written in order on the calling thread, once check_shared_room found
-// room for all of them (`ids_of(k)`: part k's PartIds, once it is prepared).
+// Calls prepare(k, only, alone) for every part k (a task each on the pool; `only`: no other
+// part writes its table), then write(k) for every part, holding the capacity lock of every
+// capacity-limited table throughout (taken in address order, as every write to several
+// tables does). The caller holds the tables' layouts (HeldLayouts). `prepare` does
+// everything that can fail (plan_part) and `write` nothing that can: a part that fails to
+// prepare leaves every table as it was. The parts for which pooled(k) holds are written a
+// task each (each on one thread: `alone`), then the others one after the other, each spread
+// over the pool. A table that is written by two parts is always written in order on the
+// calling thread, once check_shared_room found each part room for its turn (`ids_of(k)`:
+// part k's PartIds, once it is prepared).
 template <class Pooled, class Prepare, class Write, class IdsOf>
 void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_ids, Pooled&& pooled,
                        Prepare&& prepare, Write&& write, IdsOf&& ids_of) {
@@ -137,8 +102,9 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
   const size_t K = tables.size();
   std::vector<size_t> in_pool, after;
-  std::vector<bool> alone(K);
+  std::vector<bool> alone(K), only(K);  // only[k]: no other part writes part k's table
   for (size_t k = 0; k < K; ++k) {
+    only[k] = std::count(tables.begin(), tables.end(), tables[k]) == 1;
     alone[k] = distinct && K > 1 && pooled(k);
     (alone[k] ? in_pool : after).push_back(k);
   }
@@ -146,7 +112,7 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
       {K, in_pool.size()},
       [&](size_t phase, size_t i) {
         if (phase == 1) return write(in_pool[i]);
-        prepare(i, distinct, alone[i]);
+        prepare(i, only[i], alone[i]);
       },
       EmbeddingTable::threads_for(total_ids));
   if (!distinct) check_shared_room(tables, ids_of);  // no part is written yet: all are `after`
@@ -272,10 +238,10 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
   // A part small enough to be written on one thread anyway is written beside the others.
   detail::write_all_or_none(
       tables, total_ids, [&](size_t k) { return EmbeddingTable::threads_for(parts[k].n) == 1; },
-      [&](size_t k, bool distinct, bool alone) {
+      [&](size_t k, bool only, bool alone) {
         const TablePart& p = parts[k];
         const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
-        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, distinct, alone, ts));
+        planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, only, alone, ts));
         if (runs) p.table->group_runs(*planned[k], nullptr, row_of(p));
       },
       [&](size_t k) {

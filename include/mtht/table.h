@@ -72,6 +72,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -1458,6 +1459,49 @@ class HeldRoom {
   std::vector<Held> held_;
 };
 
+// The ids of one table's writes in one call (the blocks of a fused update, or the parts of
+// a table that several parts write), as its capacity check must count them when the table
+// has an admission filter. That check counts an id's occurrences before its last one
+// (runs = false), and a write admits an absent id once the occurrences seen before reach
+// its threshold: one by one without `runs`, and with `runs` (deduplicated) once per block,
+// each block's run adding all its occurrences. So every occurrence is kept but those after
+// the first in the id's last block of runs.
+class AdmissionCount {
+ public:
+  // The ids of one write, after those added before: `blocks` (nondecreasing, may be null:
+  // one block) splits a deduplicated write (`runs`) into runs of their own. Only the
+  // occurrences keep(id) holds are added (the others still take their blocks).
+  template <class Keep>
+  void add(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs, Keep&& keep) {
+    for (size_t i = 0; i < n; ++i) {
+      if (!keep(ids[i])) continue;
+      ids_.push_back(ids[i]);
+      block_.push_back(next_block_ + (!runs ? i : blocks ? blocks[i] : 0));
+    }
+    if (n) next_block_ += !runs ? n : blocks ? uint64_t{blocks[n - 1]} + 1 : 1;
+  }
+  void add(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs) {
+    add(ids, n, blocks, runs, [](int64_t) { return true; });
+  }
+  // The ids to count occurrence by occurrence (in no particular order).
+  std::vector<int64_t> counted() const {
+    std::unordered_map<int64_t, uint64_t> last_block;
+    last_block.reserve(ids_.size());
+    std::vector<int64_t> kept;
+    kept.reserve(ids_.size());
+    for (size_t i = ids_.size(); i-- > 0;) {  // from the end: an id's first block seen is its last
+      const auto [at, first] = last_block.try_emplace(ids_[i], block_[i]);
+      if (first || block_[i] != at->second) kept.push_back(ids_[i]);
+    }
+    return kept;
+  }
+
+ private:
+  std::vector<int64_t> ids_;
+  std::vector<uint64_t> block_;
+  uint64_t next_block_ = 0;
+};
+
 // The entries a write to a capacity-limited table evicts (EmbeddingTable::choose_victims).
 struct Victims {
   std::vector<std::vector<int64_t>> by_shard;  // the ids of each shard
@@ -1984,6 +2028,9 @@ class EmbeddingTable {
 
   void set_max_update_ts(int64_t ts) { max_update_ts_.store(ts); }
   bool has_filter() const { return has_filter_; }
+  // Whether a capacity check must count the admissions of a write's blocks or parts as they
+  // make them (detail::AdmissionCount), rather than by the write's own rule.
+  bool counts_admissions() const { return spec_.max_entries && has_filter_; }
 
   float hashnet_scale_of(size_t segment) const { return hashnet_scale_[segment].load(); }
   void set_hashnet_scale(size_t segment, float v) { hashnet_scale_[segment].store(v); }
@@ -3152,8 +3199,19 @@ class EmbeddingTable {
     }
     const LayoutHold hold(*this);
     note_batch_size(n);
-    const CapacityRoom capacity =
-        spec_.max_entries ? capacity_room(ids, n, true, true, room_held, planned) : CapacityRoom{};
+    // Blocks admit as they come (detail::AdmissionCount): room for the admissions of each
+    // block as its write will make them. (The plan of that count is not the write's.)
+    const bool by_blocks = blocks && counts_admissions() && !(planned && planned->victims);
+    std::vector<int64_t> counted;
+    if (by_blocks) {
+      detail::AdmissionCount count;
+      count.add(ids, n, blocks, true);
+      counted = count.counted();
+    }
+    CapacityRoom capacity = !spec_.max_entries ? CapacityRoom{}
+                            : by_blocks ? capacity_room(counted.data(), counted.size(), false, true, room_held, planned)
+                                        : capacity_room(ids, n, true, true, room_held, planned);
+    if (by_blocks) capacity.plan.reset();
     // A small batch (on one thread), with nothing to evict: the runs in input order
     // (write_in_order), grouped over the batch (Runs::group_in_order).
     if (!planned && !blocks && !capacity.victims()->total && !capacity.built_plan() && threads_for(n) == 1) {
