@@ -11,7 +11,8 @@ import numpy as np
 
 
 def as_numpy(x, name: str = "the input") -> np.ndarray:
-    """A numpy view of ``x`` without a copy where possible (DLPack first, then asarray)."""
+    """A numpy view of ``x`` without a copy where possible (DLPack first, then asarray);
+    ``name`` names it in the TypeError of an object that cannot be read."""
     if isinstance(x, np.ndarray):
         return x
     if not hasattr(x, "__dlpack__") or isinstance(x, (list, tuple)):

@@ -21,21 +21,21 @@ namespace mtht {
 namespace detail {
 
 // The plan of one table's part of a write to several tables, everything that can fail done:
-// the entries it evicts chosen (`distinct`: no other part writes to the same table, whose
-// first write would change the choice; a table written twice chooses them when it writes,
-// and is checked for room by check_shared_room), room reserved for its new ids. `runs`: one
+// the entries it evicts chosen (`only`: no other part writes to the same table, whose first
+// write would change the choice; a table written twice chooses them when it writes, and is
+// checked for room by check_shared_room), room reserved for its new ids. `runs`: one
 // admission per distinct id (a deduplicated write), per block when `blocks` splits it. `ts`:
 // the timestamp the write stamps its entries with. `alone`: the part is written by a task of
 // its own, on one thread.
-inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool distinct,
-                              bool alone, int64_t ts, const uint32_t* blocks = nullptr) {
+inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool only, bool alone,
+                              int64_t ts, const uint32_t* blocks = nullptr) {
   std::optional<Victims> victims;
-  if (distinct && runs && blocks && table.counts_admissions()) {
+  if (only && runs && blocks && table.counts_admissions()) {
     AdmissionCount count;
     count.add(ids, n, blocks, runs);
     const std::vector<int64_t> counted = count.counted();
     victims = table.victims_for(counted.data(), counted.size(), false);
-  } else if (distinct) {
+  } else if (only) {
     victims = table.victims_for(ids, n, runs);
   } else {
     table.check_room(ids, n, runs);
@@ -96,7 +96,10 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
                        Prepare&& prepare, Write&& write, IdsOf&& ids_of) {
   std::vector<EmbeddingTable*> sorted(tables.begin(), tables.end());
   std::sort(sorted.begin(), sorted.end());
-  const bool distinct = std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+  std::vector<EmbeddingTable*> repeated;  // the tables two parts or more write, in address order
+  for (size_t i = 1; i < sorted.size(); ++i)
+    if (sorted[i] == sorted[i - 1] && (repeated.empty() || repeated.back() != sorted[i])) repeated.push_back(sorted[i]);
+  const bool distinct = repeated.empty();
   sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
   std::vector<std::unique_lock<std::mutex>> capacity_locks;
   for (EmbeddingTable* t : sorted) capacity_locks.push_back(t->lock_capacity());
@@ -104,7 +107,7 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
   std::vector<size_t> in_pool, after;
   std::vector<bool> alone(K), only(K);  // only[k]: no other part writes part k's table
   for (size_t k = 0; k < K; ++k) {
-    only[k] = std::count(tables.begin(), tables.end(), tables[k]) == 1;
+    only[k] = !std::binary_search(repeated.begin(), repeated.end(), tables[k]);
     alone[k] = distinct && K > 1 && pooled(k);
     (alone[k] ? in_pool : after).push_back(k);
   }
