@@ -4,7 +4,7 @@ A C++17 open-addressing table from int64 feature id to a trainable entry (embedd
 optimizer state, timestamp) with Monolith's Python API, usable from any trainer.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
 try:
     from mtht import _core
@@ -51,7 +51,7 @@ from mtht.hooks import AsyncPush, Prefetch
 
 try:
     __version__ = _version("mtht")
-except PackageNotFoundError:  # running from a source tree without metadata
+except _PackageNotFoundError:  # running from a source tree without metadata
     __version__ = "0+unknown"
 
 
@@ -87,4 +87,47 @@ def build_info() -> dict:
     }
 
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+# Written out, so that type checkers take these names as the package's own (a computed
+# list also took the names of the modules imported and of PackageNotFoundError).
+__all__ = [
+    "AdadeltaOptimizer",
+    "AdaGradWithGroupLassoOptimizer",
+    "AdagradOptimizer",
+    "AdamOptimizer",
+    "AmsgradOptimizer",
+    "BatchSoftmaxInitializer",
+    "BatchSoftmaxOptimizer",
+    "CombineAsSegment",
+    "ConstantsInitializer",
+    "DynamicWdAdagradOptimizer",
+    "EmbeddingHashTableConfig",
+    "EntryConfig",
+    "FixedR8Compressor",
+    "Fp16Compressor",
+    "Fp32Compressor",
+    "FtrlOptimizer",
+    "FTRLWithGroupSparsityOptimizer",
+    "HashTableConfigInstance",
+    "MomentumOptimizer",
+    "MovingAverageOptimizer",
+    "OneBitCompressor",
+    "OnesInitializer",
+    "RandomUniformInitializer",
+    "RmspropOptimizer",
+    "RmspropV2Optimizer",
+    "SgdOptimizer",
+    "SlotExpireTimeConfig",
+    "StochasticRoundingFloat16OptimizerWrapper",
+    "ZerosInitializer",
+    "CheckpointError",
+    "HashFilter",
+    "BaseHashTable",
+    "EntryDump",
+    "HashTable",
+    "hash_table_from_config",
+    "AsyncPush",
+    "Prefetch",
+    "set_num_threads",
+    "get_num_threads",
+    "build_info",
+]

@@ -56,6 +56,8 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
     if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
         return ids  # already what the core takes: the common case, checked first
     a = as_numpy(ids, name)
+    if a.ndim == 0 and a.dtype.kind not in "iuf":  # a set, a generator, None, a string...
+        raise TypeError(f"{name} must be a 1-D array of integers, got {type(ids).__name__}")
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
     kind = a.dtype.kind
@@ -110,6 +112,8 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
     if a.shape == (n, dim):
         pass
+    elif n == 0 and a.shape == (0,):  # no ids, and no rows given as an empty list ([] of a slot)
+        a = a.reshape(0, dim)
     elif a.ndim == 1 and dim == 1 and a.shape[0] == n:
         a = a.reshape(n, 1)
     elif a.ndim == 0 and n * dim == 1:

@@ -439,6 +439,11 @@ def _slot_tables(table) -> Dict[str, object]:
     raise TypeError(f"cannot find the tables of {type(table).__name__}")
 
 
+def _check_model(table, what: str) -> None:
+    if not hasattr(table, "_wait_for_hooks"):  # QueueHooks: every multi-type table of mtht's
+        raise TypeError(f"{what} takes a MultiTypeHashTable or MergedMultiTypeHashTable, got {type(table).__name__}")
+
+
 def _named_tables(table) -> Dict[str, object]:
     """{key: HashTable} of a multi-type table, each key a checkpoint's name in one directory."""
     tables = _slot_tables(table)
@@ -513,6 +518,7 @@ def save_multi_type(table, directory: str, format: str = "mtht") -> None:
     ``.assets`` directory (see :func:`mtht.monolith_checkpoint.save_monolith_tables`).
     Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
+    _check_model(table, "save_multi_type")
     if _handed_to_sharded(table, "save", directory, format):
         return
     table._wait_for_hooks()
@@ -571,6 +577,7 @@ def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
     found by its name (see :func:`mtht.monolith_checkpoint.restore_monolith_tables`).
     Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
+    _check_model(table, "restore_multi_type")
     if _handed_to_sharded(table, "restore", directory, format):
         return
     table._wait_for_hooks()

@@ -101,14 +101,27 @@ def _apply_arguments(global_step, use_multi_threads=False, enable_dedup=False, r
     return WriteArguments(as_int64_scalar(global_step, "global_step"), bool(enable_dedup), _req_time(req_time))
 
 
+_WRITE_SIGNATURES = {
+    "assign": "(slot_to_id_and_value, req_time=None)",
+    "assign_add": "(slot_to_id_and_value, req_time=None)",
+    "apply_gradients": "(slot_to_id_and_grad, global_step, use_multi_threads=False, enable_dedup=False, "
+                       "req_time=None)",
+}
+
+
 def write_arguments(method: str, *args, **kwargs) -> WriteArguments:
     """The arguments of ``method`` (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``)
     after the ids and the rows, converted: once for all the tables of a multi-slot write."""
-    if method in ("assign", "assign_add"):
-        return _assign_arguments(*args, **kwargs)
-    if method == "apply_gradients":
-        return _apply_arguments(*args, **kwargs)
-    raise ValueError(f"unknown write {method!r}")
+    if method not in _WRITE_SIGNATURES:
+        raise ValueError(f"unknown write {method!r}")
+    convert = _apply_arguments if method == "apply_gradients" else _assign_arguments
+    try:
+        return convert(*args, **kwargs)
+    except TypeError as e:
+        if e.__traceback__.tb_next is None:  # the call's own arguments, missing or unknown
+            raise TypeError(f"{method}{_WRITE_SIGNATURES[method]}: "
+                            f"{str(e).split('() ', 1)[-1]}") from None
+        raise
 
 
 @dataclasses.dataclass

@@ -700,6 +700,15 @@ def test_torch_tensors_are_read_as_the_numbers_they_hold():
     assert needs_grad.grad is None and negated.is_neg()  # the caller's tensors as they were
 
 
+def test_the_package_exports_its_public_names_only():
+    import types
+    assert len(mtht.__all__) == len(set(mtht.__all__))
+    for name in mtht.__all__:
+        assert not name.startswith("_") and not isinstance(getattr(mtht, name), types.ModuleType), name
+    public = {n for n in dir(mtht) if not n.startswith("_") and not isinstance(getattr(mtht, n), types.ModuleType)}
+    assert public == set(mtht.__all__)
+
+
 def test_an_input_that_cannot_be_read_is_a_type_error_naming_it():
     class OnAnotherDevice:
         def __dlpack__(self, **kwargs):

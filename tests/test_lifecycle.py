@@ -1385,6 +1385,16 @@ def test_a_capped_filtered_table_stays_within_its_bound_beside_tables_listed_twi
     assert a.size() == 2 and a.contains(ids_of(1, 10, 11)).tolist() == [True, False, True]
 
 
+def test_a_fused_update_refused_for_a_later_table_changes_no_table_before_it():
+    # The first listing of a capped, filtered table that is listed twice was checked without
+    # its blocks: the refusal came when it was written, after the table before it.
+    a = table_of(max_entries=1, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
+    b = table_of()
+    with pytest.raises(ValueError, match="at most 1 entries"):
+        _fused_step([b, a, a], [[[7], [1, 2], []], [[], [1, 2], []]], True)
+    assert b.size() == 0 and a.size() == 0 and a.stats()["filter_counts"] == 0
+
+
 def test_a_table_two_parts_write_is_checked_part_by_part():
     # Each part fits by evicting what the one before wrote, as two writes one after the other
     # do, filter or not (a check of both parts as one write refused it).

@@ -1125,6 +1125,42 @@ def test_errors_of_multi_slot_and_fused_calls_say_what_and_where():
     assert t.lookup({"a": [1, 2]})["a"].tolist() == [[0], [0]]  # nothing changed
 
 
+def test_arguments_of_the_wrong_kind_are_type_errors_naming_them(tmp_path):
+    t = MultiTypeHashTable({"a": generate_test_hash_table_config(1)}, factory)
+    merged = MergedMultiTypeHashTable({"a": generate_test_hash_table_config(1)}, multi_type_factory)
+    cases = [
+        (lambda: t.lookup([1, 2]), "slot_to_id must be a mapping {slot: ids}, got list"),
+        (lambda: merged.lookup(["a"]), "slot_to_id must be a mapping"),
+        (lambda: t.assign(None), "slot_to_id_and_value must be a mapping"),
+        (lambda: merged.apply_gradients([([1], [1.0])], 0), "slot_to_id_and_grad must be a mapping"),
+        (lambda: t.apply_gradients({"a": ([1], [[1.0]])}), r"apply_gradients\(slot_to_id_and_grad, global_step, "
+                                                           r".*missing 1 required positional argument: 'global_step'"),
+        (lambda: t.assign({"a": ([1], [[1.0]])}, bogus=1), r"assign\(slot_to_id_and_value, req_time=None\): got an "
+                                                          "unexpected keyword argument 'bogus'"),
+        (lambda: MergedMultiTypeHashTable({"a": 5}, multi_type_factory), "config of slot 'a' must be a "
+                                                                         "HashTableConfigInstance, got int"),
+        (lambda: MultiTypeHashTable({"a": generate_test_hash_table_config(1)}, lambda s, c: None),
+         "hash_table_factory returned NoneType for slot 'a', not a table"),
+        (lambda: MultiTypeHashTable([("a", 1)], factory), "slot_to_config must be a mapping"),
+        (lambda: mtht.HashFilter(1, [1, 2]), "slot_occurrence_thresholds must be a mapping"),
+        (lambda: mtht.checkpoint.save_multi_type(None, str(tmp_path)), "save_multi_type takes a MultiTypeHashTable"),
+        (lambda: mtht.checkpoint.restore_multi_type([], str(tmp_path)), "restore_multi_type takes a MultiTypeHashTable"),
+        (lambda: t.lookup({"a": {1, 2}}), "slot 'a': ids must be a 1-D array of integers, got set"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert t.lookup({"a": [1]})["a"].tolist() == [[0]]
+
+
+def test_an_empty_batch_of_a_slot_may_come_as_empty_lists():
+    t = MultiTypeHashTable({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2)}, factory)
+    t.apply_gradients({"a": ([], []), "b": ([1], [[1.0, 1.0]])}, global_step=0)
+    with pytest.raises(ValueError, match=r"slot 'a': grads must have shape \(0, 2\)"):
+        t.apply_gradients({"a": ([], np.zeros((0, 3))), "b": ([1], [[1.0, 1.0]])}, global_step=0)
+    assert t.lookup({"a": [1], "b": [1]})["b"].tolist() == [[-1.0, -1.0]] and t._tables["a"].size() == 0
+
+
 def test_learning_rates_given_as_arrays_merge_by_identity():
     # An array may be changed after the tables are built, as a callable may change what it
     # returns: two arrays of one value do not merge (merged, b would train at a's rate).

@@ -30,11 +30,12 @@ namespace detail {
 inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t n, bool runs, bool only, bool alone,
                               int64_t ts, const uint32_t* blocks = nullptr) {
   std::optional<Victims> victims;
-  if (only && runs && blocks && table.counts_admissions()) {
+  if (runs && blocks && table.counts_admissions()) {  // its blocks admit as they come
     AdmissionCount count;
     count.add(ids, n, blocks, runs);
     const std::vector<int64_t> counted = count.counted();
-    victims = table.victims_for(counted.data(), counted.size(), false);
+    if (only) victims = table.victims_for(counted.data(), counted.size(), false);
+    else table.check_room(counted.data(), counted.size(), false);
   } else if (only) {
     victims = table.victims_for(ids, n, runs);
   } else {
