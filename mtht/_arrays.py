@@ -4,6 +4,7 @@ clear error before anything changes."""
 
 from __future__ import annotations
 
+import collections.abc
 import numbers
 from typing import Optional
 
@@ -153,6 +154,13 @@ def as_out(out, *shape: Optional[int]) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError("out must be writeable")
     return out
+
+
+def as_mapping(value, name: str, form: str):
+    """``value`` if it is a mapping (``form`` says of what), else a TypeError naming it."""
+    if isinstance(value, (dict, collections.abc.Mapping)):
+        return value
+    raise TypeError(f"{name} must be a mapping {form}, got {type(value).__name__}")
 
 
 def as_int64_scalar(x, name: str) -> int:

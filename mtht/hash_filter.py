@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import collections.abc
 import numbers
 import threading
 from typing import Dict, Mapping, Optional, Tuple
+
+from mtht._arrays import as_mapping
 
 __all__ = ["HashFilter", "MAX_SLOT", "DEFAULT_CAPACITY"]
 
@@ -47,11 +48,8 @@ class HashFilter:
         self._capacity = int(capacity)
         self._default = _threshold(default_occurrence_threshold, "default_occurrence_threshold")
         self._slots: Dict[int, int] = {}
-        slot_occurrence_thresholds = slot_occurrence_thresholds or {}
-        if not isinstance(slot_occurrence_thresholds, collections.abc.Mapping):
-            raise TypeError("slot_occurrence_thresholds must be a mapping {slot: threshold}, got "
-                            f"{type(slot_occurrence_thresholds).__name__}")
-        for slot, threshold in slot_occurrence_thresholds.items():
+        thresholds = as_mapping(slot_occurrence_thresholds or {}, "slot_occurrence_thresholds", "{slot: threshold}")
+        for slot, threshold in thresholds.items():
             if isinstance(slot, bool) or not isinstance(slot, numbers.Integral) or not 0 <= int(slot) <= MAX_SLOT:
                 raise ValueError(f"slot must be an integer in [0, {MAX_SLOT}], got {slot!r}")
             self._slots[int(slot)] = _threshold(threshold, f"threshold of slot {slot}")

@@ -8,7 +8,6 @@ Writes change the tables in place and return the multi-type table itself, so
 from __future__ import annotations
 
 import abc
-import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -19,7 +18,7 @@ from typing import Callable, Dict, List, Mapping, Tuple
 import numpy as np
 
 from mtht import hash_table as _hash_table
-from mtht._arrays import as_ids, as_numpy, as_rows
+from mtht._arrays import as_ids, as_mapping, as_numpy, as_rows
 from mtht.entry import HashTableConfigInstance
 from mtht.hash_table_utils import infer_dim_size
 from mtht.hooks import QueueHooks
@@ -79,15 +78,8 @@ def _uses_core_paths(table) -> bool:
         for m in ("lookup", "assign", "assign_add", "apply_gradients", "write_part"))
 
 
-def _mapping(value, name: str, form: str):
-    """``value`` if it is a mapping (``form`` says of what), else a TypeError naming it."""
-    if isinstance(value, (dict, collections.abc.Mapping)):
-        return value
-    raise TypeError(f"{name} must be a mapping {form}, got {type(value).__name__}")
-
-
 def _slot_data_name(method: str) -> str:
-    return "slot_to_id_and_grad" if method == "apply_gradients" else "slot_to_id_and_value"
+    return "slot_to_id_and_" + _rows_name(method)[:-1]  # Monolith's argument: slot_to_id_and_grad, ..._value
 
 
 def _unknown_slot(slot) -> KeyError:
@@ -138,7 +130,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     slot, and a write that fails at one slot leaves the slots before it written."""
 
     def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable):
-        self._slot_to_config = dict(_mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}"))
+        self._slot_to_config = dict(as_mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}"))
         self._slots = sorted(self._slot_to_config)
         self._tables = {slot: hash_table_factory(slot, self._slot_to_config[slot]) for slot in self._slots}
         for slot, table in self._tables.items():  # a table of the factory's own need only have the methods
@@ -157,7 +149,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
 
     def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
-        tables = [self._slot_table(slot) for slot in _mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
+        tables = [self._slot_table(slot) for slot in as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
         try:
             if not self._through_core:
                 return {slot: table.lookup(ids) for slot, table, ids in zip(slot_to_id, tables, slot_to_id.values())}
@@ -171,7 +163,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
             raise
 
     def _update(self, method: str, slot_to_id_and_tensor: Mapping, *args, **kwargs):
-        _mapping(slot_to_id_and_tensor, _slot_data_name(method), "{slot: (ids, rows)}")
+        as_mapping(slot_to_id_and_tensor, _slot_data_name(method), "{slot: (ids, rows)}")
         if not self._through_core:  # the factory's tables, slot by slot
             for slot, value in slot_to_id_and_tensor.items():
                 ids, tensor = _pair(slot, value, method)
@@ -267,7 +259,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
     ``factory(merged_slot_to_config)``. Ids of different slots in one group share entries."""
 
     def __init__(self, slot_to_config: Mapping, factory: Callable):
-        _mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}")
+        as_mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}")
         for slot, config in slot_to_config.items():
             if not isinstance(config, HashTableConfigInstance):
                 raise TypeError(f"the config of slot {slot!r} must be a HashTableConfigInstance, got "
@@ -334,7 +326,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         holds something after use (Monolith's convention)."""
         if auxiliary_bundle is None:
             auxiliary_bundle = {}
-        _mapping(slot_to_id, "slot_to_id", "{slot: ids}")
+        as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")
         with self._on_every_rank("lookup"):
             merged_ids, merged_sizes = (None, None) if early_reorder_indicies_res_pack else \
                 self._get_merged_to_indexed_tensor(slot_to_id, rows=False)
@@ -372,7 +364,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             raise
 
     def _update(self, method: str, data: Mapping, *args, **kwargs):
-        _mapping(data, _slot_data_name(method), "{slot: (ids, rows)}")
+        as_mapping(data, _slot_data_name(method), "{slot: (ids, rows)}")
         if kwargs.pop("skip_merge_id", False):
             with self._on_every_rank(method):
                 merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)

@@ -31,9 +31,7 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
                               int64_t ts, const uint32_t* blocks = nullptr) {
   std::optional<Victims> victims;
   if (runs && blocks && table.counts_admissions()) {  // its blocks admit as they come
-    AdmissionCount count;
-    count.add(ids, n, blocks, runs);
-    const std::vector<int64_t> counted = count.counted();
+    const std::vector<int64_t> counted = AdmissionCount::of(ids, n, blocks, runs);
     if (only) victims = table.victims_for(counted.data(), counted.size(), false);
     else table.check_room(counted.data(), counted.size(), false);
   } else if (only) {
@@ -59,14 +57,13 @@ struct PartIds {
 // write takes no room in its check, as the write may evict it. The caller holds the
 // tables' capacity locks.
 template <class IdsOf>
-void check_shared_room(const std::vector<EmbeddingTable*>& tables, IdsOf&& ids_of) {
-  for (size_t k = 0; k < tables.size(); ++k) {
-    EmbeddingTable& table = *tables[k];
-    if (!table.counts_admissions() || std::find(tables.begin(), tables.begin() + k, &table) != tables.begin() + k)
-      continue;  // no admissions to carry, or done at its first part
+void check_shared_room(const std::vector<EmbeddingTable*>& tables, const std::vector<EmbeddingTable*>& repeated,
+                       IdsOf&& ids_of) {
+  for (EmbeddingTable* table : repeated) {
+    if (!table->counts_admissions()) continue;  // no admissions to carry
     std::vector<size_t> parts;
-    for (size_t j = k; j < tables.size(); ++j)
-      if (tables[j] == &table) parts.push_back(j);
+    for (size_t k = 0; k < tables.size(); ++k)
+      if (tables[k] == table) parts.push_back(k);
     for (size_t p = 1; p < parts.size(); ++p) {  // the first part's own check holds
       const PartIds part = ids_of(parts[p]);
       const std::unordered_set<int64_t> written(part.ids, part.ids + part.n);
@@ -77,7 +74,7 @@ void check_shared_room(const std::vector<EmbeddingTable*>& tables, IdsOf&& ids_o
       }
       count.add(part.ids, part.n, part.blocks, part.runs);
       const std::vector<int64_t> counted = count.counted();
-      table.check_room(counted.data(), counted.size(), false);
+      table->check_room(counted.data(), counted.size(), false);
     }
   }
 }
@@ -119,7 +116,7 @@ void write_all_or_none(const std::vector<EmbeddingTable*>& tables, size_t total_
         prepare(i, only[i], alone[i]);
       },
       EmbeddingTable::threads_for(total_ids));
-  if (!distinct) check_shared_room(tables, ids_of);  // no part is written yet: all are `after`
+  if (!distinct) check_shared_room(tables, repeated, ids_of);  // no part is written yet: all are `after`
   for (size_t k : after) write(k);
 }
 

@@ -1483,6 +1483,12 @@ class AdmissionCount {
   void add(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs) {
     add(ids, n, blocks, runs, [](int64_t) { return true; });
   }
+  // counted() of one write.
+  static std::vector<int64_t> of(const int64_t* ids, size_t n, const uint32_t* blocks, bool runs) {
+    AdmissionCount count;
+    count.add(ids, n, blocks, runs);
+    return count.counted();
+  }
   // The ids to count occurrence by occurrence (in no particular order).
   std::vector<int64_t> counted() const {
     std::unordered_map<int64_t, uint64_t> last_block;
@@ -3202,12 +3208,8 @@ class EmbeddingTable {
     // Blocks admit as they come (detail::AdmissionCount): room for the admissions of each
     // block as its write will make them. (The plan of that count is not the write's.)
     const bool by_blocks = blocks && counts_admissions() && !(planned && planned->victims);
-    std::vector<int64_t> counted;
-    if (by_blocks) {
-      detail::AdmissionCount count;
-      count.add(ids, n, blocks, true);
-      counted = count.counted();
-    }
+    const std::vector<int64_t> counted = by_blocks ? detail::AdmissionCount::of(ids, n, blocks, true)
+                                                   : std::vector<int64_t>();
     CapacityRoom capacity = !spec_.max_entries ? CapacityRoom{}
                             : by_blocks ? capacity_room(counted.data(), counted.size(), false, true, room_held, planned)
                                         : capacity_room(ids, n, true, true, room_held, planned);
