@@ -177,3 +177,13 @@ def as_int64_scalar(x, name: str) -> int:
     if not -(1 << 63) <= x < (1 << 63):
         raise ValueError(f"{name} = {x} does not fit in int64")
     return x
+
+
+def as_flag(x, name: str) -> bool:
+    """A call's switch: a bool (Python or numpy), or the integer 0 or 1. Anything else, a
+    string such as ``"no"`` included, is a TypeError rather than read by its truth."""
+    if x is True or x is False:
+        return x
+    if isinstance(x, np.bool_) or (isinstance(x, numbers.Integral) and x in (0, 1)):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {x!r}")

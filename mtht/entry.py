@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 
 import numpy as np
 
+from mtht._arrays import as_numpy
 from mtht.learning_rate_functions import LearningRateFunction, integer_step
 
 __all__ = [
@@ -1631,10 +1632,11 @@ def _classify_lr_fn(index: int, fn: Any) -> str:
     """Return how to evaluate ``fn``; raise on unusable values."""
     if isinstance(fn, LearningRateFunction):
         return _WITH_STEP
+    value = as_numpy(fn, f"learning_rate_fns[{index}]") if _is_rate_array(fn) else fn
     if _is_real(fn) or (
-        isinstance(fn, np.ndarray) and fn.ndim == 0 and fn.dtype.kind in "iuf"
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
     ):
-        if not np.isfinite(_f32(fn)):
+        if not np.isfinite(_f32(value)):
             raise ValueError(
                 f"learning_rate_fns[{index}] must be finite in float32, "
                 f"got {fn!r}"
@@ -1664,11 +1666,17 @@ def _classify_lr_fn(index: int, fn: Any) -> str:
     )
 
 
+def _is_rate_array(fn: Any) -> bool:
+    """A numpy array or a framework's tensor (DLPack): a rate the trainer may change in
+    place between steps, as it may a variable's."""
+    return isinstance(fn, np.ndarray) or (hasattr(fn, "__dlpack__") and not callable(fn))
+
+
 def _lr_fn_key(fn: Any) -> str:
     """Canonical text of one learning-rate fn for the merge key."""
     if isinstance(fn, LearningRateFunction):
         return fn.canonical_key()
-    if isinstance(fn, np.ndarray):  # may change after the merge, as a callable may: by identity
+    if _is_rate_array(fn):  # may change after the merge, as a callable may: by identity
         return f"array@{id(fn)}"
     if _is_real(fn):
         return _key_float(fn)
@@ -1686,7 +1694,9 @@ class HashTableConfigInstance:
         One entry per segment, each a number, a
         :class:`~mtht.learning_rate_functions.LearningRateFunction`, or a
         callable taking the global step (a callable taking no argument, such
-        as ``lambda: 0.1``, is called without it).
+        as ``lambda: 0.1``, is called without it). A 0-d numpy array or
+        framework tensor (PyTorch, JAX) is read at every step, so the trainer
+        may change it in place.
     extra_restore_names : list of str, optional
         Additional names to restore the table from; copied into a list owned
         by the instance.
@@ -1864,7 +1874,7 @@ class HashTableConfigInstance:
                 if value is None:  # numpy would make it NaN
                     raise TypeError
                 with np.errstate(over="ignore"):
-                    array = np.asarray(value, dtype=np.float32)
+                    array = as_numpy(value).astype(np.float32)
             except (TypeError, ValueError):
                 raise ValueError(
                     f"learning rate {i} is not a number: {value!r}"
@@ -1881,7 +1891,7 @@ class HashTableConfigInstance:
                     f"{float(lr)}"
                 )
             out[i] = lr
-        if all(mode == _CONSTANT and not isinstance(fn, np.ndarray)  # an array may change
+        if all(mode == _CONSTANT and not _is_rate_array(fn)  # an array may change
                for fn, mode in zip(self._learning_rate_fns, self._modes)):
             self._constant_rates = out.copy()
             self._constant_rates.flags.writeable = False

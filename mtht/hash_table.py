@@ -18,7 +18,7 @@ from typing import Dict, List, NamedTuple, Optional
 import numpy as np
 
 from mtht import _core
-from mtht._arrays import as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
+from mtht._arrays import as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
 from mtht._spec import core_segments, split_state
 from mtht.entry import HashTableConfigInstance
 from mtht.feature_eviction import FeatureEvictor
@@ -98,7 +98,9 @@ def _assign_arguments(req_time=None) -> WriteArguments:
 
 
 def _apply_arguments(global_step, use_multi_threads=False, enable_dedup=False, req_time=None) -> WriteArguments:
-    return WriteArguments(as_int64_scalar(global_step, "global_step"), bool(enable_dedup), _req_time(req_time))
+    as_flag(use_multi_threads, "use_multi_threads")
+    return WriteArguments(as_int64_scalar(global_step, "global_step"), as_flag(enable_dedup, "enable_dedup"),
+                          _req_time(req_time))
 
 
 _WRITE_SIGNATURES = {
@@ -413,6 +415,8 @@ class HashTable(BaseHashTable):
         inserted. ``use_multi_threads`` and ``enable_dedup`` are accepted for Monolith
         compatibility; threading follows :func:`mtht.set_num_threads` and never changes
         results."""
+        as_flag(use_multi_threads, "use_multi_threads")
+        as_flag(enable_dedup, "enable_dedup")
         ids = as_ids(ids)
         n = ids.shape[0]
         if out is None:
@@ -685,9 +689,10 @@ def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_off
     _check_equal("indices", indices, ids, "ids")
     grads = as_numpy_floats(id_grads, "id_grads")
     lrs = as_numpy_floats(learning_rate_tensors, "learning_rate_tensors")
+    accumulate = as_flag(enable_grad_accumulation, "enable_grad_accumulation")
     try:
         fused_apply_checked(tables, ids, fss, grads, lrs, shards, as_int64_scalar(global_step, "global_step"),
-                            _req_time(req_time), [bool(enable_grad_accumulation)] * len(core_tables))
+                            _req_time(req_time), [accumulate] * len(core_tables))
     except ValueError as e:
         if "NaN or Inf" not in str(e):
             raise

@@ -485,6 +485,23 @@ def test_constant_learning_rates_are_evaluated_once_and_handed_out_as_copies():
     np.testing.assert_array_equal(config.learning_rates(3), [0.5, 0.5])
 
 
+def test_a_framework_tensor_rate_is_read_at_every_step_as_a_0d_array_is():
+    torch = pytest.importorskip("torch")
+    segments = [CombineAsSegment(1, ZerosInitializer(), SgdOptimizer()) for _ in range(3)]
+    rate = torch.tensor(0.125)
+    config = HashTableConfigInstance(
+        table(*segments), [rate, torch.tensor(0.5, dtype=torch.bfloat16), lambda: torch.tensor(2.0)])
+    np.testing.assert_array_equal(config.call_learning_rate_fns(0), [0.125, 0.5, 2.0])
+    rate.fill_(0.0625)  # as a trainer changes its variable between steps
+    np.testing.assert_array_equal(config.learning_rates(1), [0.0625, 0.5, 2.0])
+    assert "array@" in str(config)  # keyed by identity: it may change after a merge
+    for bad in (torch.tensor([0.1, 0.2]), torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"learning_rate_fns\[0\]"):
+            HashTableConfigInstance(table(segments[0]), [bad])
+    with pytest.raises(ValueError, match="finite"):
+        HashTableConfigInstance(table(segments[0]), [torch.tensor(float("inf"))])
+
+
 def test_learning_rate_fn_validation():
     tc = table()
     with pytest.raises(ValueError, match="must not be empty"):

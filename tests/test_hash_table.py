@@ -531,6 +531,36 @@ def test_table_arguments_of_the_wrong_kind():
     assert hash_table_from_config(config, saver_parallel=np.int64(3)).size() == 0
 
 
+def test_a_call_switch_is_a_bool_and_nothing_read_by_its_truth():
+    def adagrad():
+        return table_of([SegmentDesc(2, opt="adagrad", initial_accumulator_value=1.0)], [1.0])
+
+    table = adagrad()
+    ids, grads = np.array([7, 7], np.int64), np.ones((2, 2), np.float32)
+    for bad in ("no", "False", None, 2, 0.0, [True]):
+        for flag in ("enable_dedup", "use_multi_threads"):
+            with pytest.raises(TypeError, match=flag):
+                table.apply_gradients(ids, grads, global_step=1, **{flag: bad})
+            with pytest.raises(TypeError, match=flag):
+                table.lookup(ids, **{flag: bad})
+        with pytest.raises(TypeError, match="enable_grad_accumulation"):
+            mtht.hash_table.fused_apply_gradient(
+                [table], ids, ids, [2], grads.ravel(), [0, 2], [0, 4], [1.0], None, 1, 1,
+                enable_grad_accumulation=bad)
+    assert table.size() == 0  # every refusal came before any change
+    # 1 and numpy's True mean what True does: one Adagrad step of the summed gradient.
+    one_step, two_steps = adagrad(), adagrad()
+    one_step.apply_gradients(ids[:1], 2 * grads[:1], global_step=1)
+    two_steps.apply_gradients(ids, grads, global_step=1)
+    assert not np.array_equal(one_step.lookup(ids[:1]), two_steps.lookup(ids[:1]))
+    for on, off in ((1, 0), (np.bool_(True), np.bool_(False))):
+        deduplicated, stepped = adagrad(), adagrad()
+        deduplicated.apply_gradients(ids, grads, global_step=1, enable_dedup=on, use_multi_threads=off)
+        stepped.apply_gradients(ids, grads, global_step=1, enable_dedup=off, use_multi_threads=on)
+        np.testing.assert_array_equal(deduplicated.lookup(ids[:1]), one_step.lookup(ids[:1]))
+        np.testing.assert_array_equal(stepped.lookup(ids[:1]), two_steps.lookup(ids[:1]))
+
+
 def test_an_initial_capacity_past_the_machines_memory_is_refused():
     # Its index would be reserved at once and touched page by page by the inserts that
     # follow, until the process is killed: refused up front instead.
