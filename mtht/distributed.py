@@ -471,6 +471,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     # ---- reads and writes -------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self._rank}, world_size={self._world}, local_table={self._table!r})"
+
     @property
     def rank(self) -> int:
         return self._rank

@@ -81,6 +81,11 @@ class HashFilter:
                                  "give each table its own filter")
             self._owner = table_name
 
+    def __reduce__(self):
+        """A copy (copy, deepcopy, pickle) has the settings and serves no table yet: a filter
+        serves one table, and its counts live with that table."""
+        return type(self), (self._default, dict(self._slots), self._capacity)
+
     def __repr__(self) -> str:
         return (f"HashFilter(default_occurrence_threshold={self._default}, "
                 f"slot_occurrence_thresholds={self._slots}, capacity={self._capacity})")

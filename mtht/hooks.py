@@ -415,6 +415,9 @@ class _TableHook:
         self._pipeline.stop()
         self._pipeline.take_error()
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(table={self._table!r}, capacity={self._capacity})"
+
     def __enter__(self):
         self.begin()
         return self

@@ -141,6 +141,9 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         # methods, through its own methods, slot by slot.
         self._through_core = all(_uses_core_paths(t) for t in self._tables.values())
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._tables!r})"
+
     def _slot_table(self, slot):
         try:
             return self._tables[slot]
@@ -285,6 +288,9 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 self._slot_mapping[slot] = merged_name
         self._dims = {m: infer_dim_size(c.table_config) for m, c in self._merged_slot_to_config.items()}
         self._table = factory(self._merged_slot_to_config)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(slot_mapping={self._slot_mapping!r}, table={self._table!r})"
 
     @property
     def slot_mapping(self) -> Dict[str, str]:

@@ -53,6 +53,12 @@ def batches(count, n=500, keys=2000, seed=0):
     return [(rng.integers(0, keys, n), rng.standard_normal((n, 4)).astype(F32)) for _ in range(count)]
 
 
+def test_a_hook_shows_its_table_and_capacity():
+    t = table()
+    assert repr(mtht.hooks.AsyncPush(t, 3)) == f"AsyncPush(table={t!r}, capacity=3)"
+    assert repr(mtht.hooks.Prefetch(t)) == f"Prefetch(table={t!r}, capacity=1)"
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_pushed_writes_are_applied_in_order(threads):
     mtht.set_num_threads(threads)

@@ -762,6 +762,25 @@ def test_a_filter_serves_one_table():
         mtht.HashFilter(slot_occurrence_thresholds={0x8000: 1})
 
 
+def test_a_copied_filter_has_the_settings_and_serves_a_table_of_its_own():
+    import copy
+    import pickle
+
+    f = mtht.HashFilter(default_occurrence_threshold=2, slot_occurrence_thresholds={3: 1}, capacity=1000)
+    table_of(hash_filter=f)  # attached
+    for make in (copy.copy, copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+        g = make(f)
+        assert repr(g) == repr(f) and g is not f
+        t = table_of(hash_filter=g)  # not attached to f's table
+        ids = np.array([5, 5, 5], np.int64)  # slot 0: admitted at the third occurrence
+        t.apply_gradients(ids[:2], np.ones((2, 1), np.float32), global_step=0)
+        assert t.size() == 0
+        t.apply_gradients(ids[:1], np.ones((1, 1), np.float32), global_step=0)
+        assert t.size() == 1
+        with pytest.raises(ValueError, match="already serves"):
+            table_of(hash_filter=g)
+
+
 def test_filter_state_is_saved_and_restored(tmp_path):
     basename = str(tmp_path / "t")
     t = table_of(hash_filter=mtht.HashFilter(default_occurrence_threshold=3))

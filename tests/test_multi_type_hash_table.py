@@ -334,6 +334,19 @@ def test_merged_basic():
     assert_dicts_equal(values, {"slot2": [[4, 4]]})
 
 
+def test_reprs_show_the_slots_and_their_tables():
+    table = two_slot_table()
+    table.assign({"slot0": (np.array([1, 2]), np.ones((2, 1), np.float32))})
+    assert repr(table) == ("MultiTypeHashTable({'slot0': HashTable(name='MonolithHashTable_slot0', dim_size=1, "
+                           "size=2), 'slot1': HashTable(name='MonolithHashTable_slot1', dim_size=2, size=0)})")
+    merged = MergedMultiTypeHashTable({"x": generate_test_hash_table_config(2), "y": generate_test_hash_table_config(2)},
+                                      multi_type_factory)
+    name = md5("x,y")
+    assert repr(merged) == (f"MergedMultiTypeHashTable(slot_mapping={{'x': '{name}', 'y': '{name}'}}, "
+                            f"table=MultiTypeHashTable({{'{name}': HashTable(name='MonolithHashTable_{name}', "
+                            "dim_size=2, size=0)}))")
+
+
 def test_indexed_values_has_monoliths_fields():
     merged = _IndexedValues(slots=["slot1", "slot2"], index=np.array([0, 1, 1]), value=np.array([[2.0], [4.0], [8.0]]))
     assert [f.name for f in dataclasses.fields(_IndexedValues)] == ["slots", "index", "value"]
