@@ -121,7 +121,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
         a = a.reshape(1, 1)
     else:
         raise ValueError(f"{name} must have shape ({n}, {dim}) for {n} ids of dim {dim}, got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return _float32(a, name)
 
 
 def as_float32(values, name: str) -> np.ndarray:
@@ -129,7 +129,20 @@ def as_float32(values, name: str) -> np.ndarray:
     a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return _float32(a, name)
+
+
+def _float32(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` as C-contiguous float32. A finite number past float32's range (a float64 of
+    1e39) is a ValueError: cast, it would be an Inf that the table refuses as if given."""
+    if a.dtype.kind != "f" or a.dtype.itemsize <= 4:
+        return np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="raise"):
+        try:
+            return np.ascontiguousarray(a, dtype=np.float32)
+        except FloatingPointError:
+            raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
+                             f"the largest is {np.nanmax(np.abs(a[np.isfinite(a)])):.6g}") from None
 
 
 def as_numpy_floats(values, name: str) -> np.ndarray:

@@ -398,6 +398,22 @@ def test_value_dtypes_are_converted_to_float32():
     np.testing.assert_array_equal(t.lookup([1, 2, 3]), np.array([[0.1, 0.2], [3, 4], [0.5, 0.25]], dtype=F32))
 
 
+@pytest.mark.parametrize("allow_non_finite", [False, True])
+def test_a_finite_value_past_float32s_range_is_refused_not_made_inf(allow_non_finite):
+    config = generate_test_hash_table_config(2)
+    config.table_config.allow_non_finite = allow_non_finite
+    t = hash_table_from_config(config)
+    t.assign([1], [[1.0, 2.0]])
+    before = snapshot(t, [1, 2])
+    for write in (lambda v: t.assign([1, 2], v), lambda v: t.assign_add([1, 2], v),
+                  lambda v: t.apply_gradients([1, 2], v, global_step=1)):
+        with pytest.raises(ValueError, match=r"past float32's range.*1e\+39"):
+            write(np.array([[0.5, 0.5], [-1e39, 0.0]]))
+    assert snapshot(t, [1, 2]) == before
+    t.assign([2], np.array([[np.finfo(np.float32).max, -np.finfo(np.float32).max]], dtype=np.float64))
+    np.testing.assert_array_equal(t.lookup([2]), [[np.finfo(F32).max, -np.finfo(F32).max]])
+
+
 def test_non_contiguous_and_fortran_inputs():
     t = sgd_table(3)
     ids_full = np.array([10, -1, 11, -1, 12, -1], dtype=np.int64)
