@@ -33,8 +33,8 @@ import dataclasses
 import inspect
 import numbers
 import operator
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Optional, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 
 import numpy as np
 
@@ -372,7 +372,7 @@ class SgdOptimizer(Optimizer):
     )
     _ARGS = (("learning_rate", "learning_rate"),)
 
-    def __init__(self, learning_rate=None):
+    def __init__(self, learning_rate: Optional[float] = None) -> None:
         self._set(learning_rate=learning_rate)
 
 
@@ -410,9 +410,10 @@ class AdagradOptimizer(Optimizer):
         ("weight_decay_factor", "weight_decay_factor"),
     )
 
-    def __init__(self, learning_rate=None, initial_accumulator_value=None,
-                 hessian_compression_times=1, warmup_steps=0,
-                 weight_decay_factor=0.0):
+    def __init__(self, learning_rate: Optional[float] = None,
+                 initial_accumulator_value: Optional[float] = None,
+                 hessian_compression_times: int = 1, warmup_steps: int = 0,
+                 weight_decay_factor: float = 0.0) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -478,11 +479,12 @@ class DynamicWdAdagradOptimizer(Optimizer):
         ("dynamic_wd_temperature", "dynamic_wd_temperature"),
     )
 
-    def __init__(self, learning_rate=None, initial_accumulator_value=None,
-                 hessian_compression_times=1, warmup_steps=0,
-                 weight_decay_factor=0.0, decouple_weight_decay=True,
-                 enable_dynamic_wd=True, flip_direction=True,
-                 dynamic_wd_temperature=1.0):
+    def __init__(self, learning_rate: Optional[float] = None,
+                 initial_accumulator_value: Optional[float] = None,
+                 hessian_compression_times: int = 1, warmup_steps: int = 0,
+                 weight_decay_factor: float = 0.0, decouple_weight_decay: bool = True,
+                 enable_dynamic_wd: bool = True, flip_direction: bool = True,
+                 dynamic_wd_temperature: float = 1.0) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -530,8 +532,8 @@ class AdadeltaOptimizer(Optimizer):
         ("warmup_steps", "warmup_steps"),
     )
 
-    def __init__(self, learning_rate=None, weight_decay_factor=0.0,
-                 averaging_ratio=0.9, epsilon=0.01, warmup_steps=0):
+    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
+                 averaging_ratio: float = 0.9, epsilon: float = 0.01, warmup_steps: int = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -576,9 +578,9 @@ class AdamOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.99,
-                 use_beta1_warmup=False, weight_decay_factor=0.0,
-                 use_nesterov=False, epsilon=0.01, warmup_steps=0):
+    def __init__(self, learning_rate: Optional[float] = None, beta1: float = 0.9, beta2: float = 0.99,
+                 use_beta1_warmup: bool = False, weight_decay_factor: float = 0.0,
+                 use_nesterov: bool = False, epsilon: float = 0.01, warmup_steps: int = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta1=beta1,
@@ -623,9 +625,9 @@ class AmsgradOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate=None, beta1=0.9, beta2=0.99,
-                 weight_decay_factor=0.0, use_nesterov=False, epsilon=0.01,
-                 warmup_steps=0):
+    def __init__(self, learning_rate: Optional[float] = None, beta1: float = 0.9, beta2: float = 0.99,
+                 weight_decay_factor: float = 0.0, use_nesterov: bool = False, epsilon: float = 0.01,
+                 warmup_steps: int = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta1=beta1,
@@ -652,9 +654,11 @@ class _FtrlFamily(Optimizer):
 
     _ARGS = _FTRL_ARGS
 
-    def __init__(self, learning_rate=None, initial_accumulator_value=None,
-                 beta=None, warmup_steps=0, l1_regularization=None,
-                 l2_regularization=None):
+    def __init__(self, learning_rate: Optional[float] = None,
+                 initial_accumulator_value: Optional[float] = None,
+                 beta: Optional[float] = None, warmup_steps: int = 0,
+                 l1_regularization: Optional[float] = None,
+                 l2_regularization: Optional[float] = None) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -768,9 +772,9 @@ class AdaGradWithGroupLassoOptimizer(Optimizer):
         ("warmup_steps", "warmup_steps"),
     )
 
-    def __init__(self, learning_rate=None, beta=None,
-                 initial_accumulator_value=None, l2_regularization=None,
-                 weight_decay_factor=0.0, warmup_steps=0):
+    def __init__(self, learning_rate: Optional[float] = None, beta: Optional[float] = None,
+                 initial_accumulator_value: Optional[float] = None, l2_regularization: Optional[float] = None,
+                 weight_decay_factor: float = 0.0, warmup_steps: int = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta=beta,
@@ -808,8 +812,8 @@ class MomentumOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate=None, weight_decay_factor=0.0,
-                 use_nesterov=False, momentum=0.9, warmup_steps=0):
+    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
+                 use_nesterov: bool = False, momentum: float = 0.9, warmup_steps: int = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -832,7 +836,7 @@ class MovingAverageOptimizer(Optimizer):
     _FIELDS = (("momentum", _FLOAT, 0.9, _UNIT),)
     _ARGS = (("momentum", "momentum"),)
 
-    def __init__(self, momentum=0.9):
+    def __init__(self, momentum: float = 0.9) -> None:
         self._set(momentum=momentum)
 
 
@@ -846,8 +850,8 @@ class _RmspropBase(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate=None, weight_decay_factor=0.0,
-                 momentum=0.9):
+    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
+                 momentum: float = 0.9) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -906,7 +910,7 @@ class BatchSoftmaxOptimizer(Optimizer):
     _FIELDS = (("learning_rate", _FLOAT, 0.1, _ANY),)
     _ARGS = (("learning_rate", "learning_rate"),)
 
-    def __init__(self, learning_rate=None):
+    def __init__(self, learning_rate: Optional[float] = None) -> None:
         self._set(learning_rate=learning_rate)
 
 
@@ -930,7 +934,7 @@ class StochasticRoundingFloat16OptimizerWrapper(Optimizer):
 
     stochastic_rounding_float16 = True
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "optimizer must be an optimizer builder such as "
@@ -991,7 +995,7 @@ class ConstantsInitializer(Initializer):
 
     kind = "constants"
 
-    def __init__(self, constant):
+    def __init__(self, constant: float) -> None:
         self.constant = _check_float(constant, "constant")
 
     def params(self) -> dict[str, Union[float, int, bool]]:
@@ -1018,7 +1022,7 @@ class RandomUniformInitializer(Initializer):
 
     kind = "random_uniform"
 
-    def __init__(self, minval=-0.05, maxval=0.05):
+    def __init__(self, minval: Optional[float] = -0.05, maxval: Optional[float] = 0.05) -> None:
         self.minval = None if minval is None else _check_float(minval, "minval")
         self.maxval = None if maxval is None else _check_float(maxval, "maxval")
         params = self.params()
@@ -1059,7 +1063,7 @@ class BatchSoftmaxInitializer(ConstantsInitializer):
         If ``init_step_interval < 1``.
     """
 
-    def __init__(self, init_step_interval):
+    def __init__(self, init_step_interval: float) -> None:
         _check_float(init_step_interval, "init_step_interval")
         if init_step_interval < 1:
             raise ValueError(
@@ -1119,7 +1123,7 @@ class FixedR8Compressor(Compressor):
 
     kind = "fixed_r8"
 
-    def __init__(self, fixed_range=1.0):
+    def __init__(self, fixed_range: float = 1.0) -> None:
         self.r = _check_float(fixed_range, "fixed_range", _POSITIVE)
         if not np.float32(self.r) / np.float32(128) > 0:  # the step: 0 would divide 0 by 0 (NaN)
             raise ValueError(f"fixed_range must leave a step r / 128 above 0 in float32, got {fixed_range!r}")
@@ -1149,7 +1153,7 @@ class OneBitCompressor(Compressor):
 
     kind = "one_bit"
 
-    def __init__(self, step_size=200, amplitude=0.05):
+    def __init__(self, step_size: int = 200, amplitude: float = 0.05) -> None:
         self.step_size = _check_int(step_size, "step_size", 1, 2**63 - 1)
         self.amplitude = _check_float(amplitude, "amplitude", _POSITIVE)
 
@@ -1242,7 +1246,8 @@ class Segment:
         )
 
 
-def CombineAsSegment(dim_size, initializer, optimizer, compressor=None):
+def CombineAsSegment(dim_size: int, initializer: Initializer, optimizer: Optimizer,
+                     compressor: Optional[Compressor] = None) -> Segment:
     """Build a :class:`Segment` (Monolith's name and argument order).
 
     Parameters
@@ -1581,7 +1586,7 @@ class CuckooHashTableConfig:
         When > 0, enables feature eviction with this period.
     """
 
-    def __init__(self, initial_capacity=1, feature_evict_every_n_hours=0):
+    def __init__(self, initial_capacity: int = 1, feature_evict_every_n_hours: int = 0) -> None:
         self.initial_capacity = _check_int(initial_capacity,
                                            "initial_capacity", 0)
         self.feature_evict_every_n_hours = _check_int(
@@ -1620,7 +1625,13 @@ class CuckooHashTableConfig:
 # HashTableConfigInstance
 # ---------------------------------------------------------------------------
 
-LearningRateFn = Union[float, int, LearningRateFunction, Callable[..., Any]]
+class _Tensor(Protocol):
+    """A framework's tensor (PyTorch, JAX), as a learning rate: read through DLPack."""
+
+    def __dlpack__(self) -> Any: ...
+
+
+LearningRateFn = Union[float, int, LearningRateFunction, Callable[..., Any], "np.ndarray[Any, Any]", _Tensor]
 
 # How each learning-rate fn is evaluated.
 _CONSTANT = "constant"
@@ -1730,8 +1741,8 @@ class HashTableConfigInstance:
     True
     """
 
-    def __init__(self, table_config, learning_rate_fns,
-                 extra_restore_names=None):
+    def __init__(self, table_config: EmbeddingHashTableConfig, learning_rate_fns: Sequence[LearningRateFn],
+                 extra_restore_names: Optional[Iterable[str]] = None) -> None:
         if not isinstance(table_config, EmbeddingHashTableConfig):
             raise TypeError(
                 "table_config must be an EmbeddingHashTableConfig, got "

@@ -13,7 +13,7 @@ import numbers
 import os
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class BaseHashTable(NotCopyable, QueueHooks, abc.ABC):
         ...
 
     @abc.abstractmethod
-    def as_op(self):
+    def as_op(self) -> Any:
         ...
 
 
@@ -189,7 +189,7 @@ def _contents_of(tables) -> list:
 
 
 @contextlib.contextmanager
-def writes_held(tables):
+def writes_held(tables) -> Iterator[None]:
     """Within: no write to any of ``tables`` is under way or starts, and their contents stay
     (a save of them holds each write whole or not at all). The writes wait; reads go on."""
     held = []
@@ -398,7 +398,7 @@ class HashTable(BaseHashTable):
         return self._config.extra_restore_names
 
     @property
-    def config(self):
+    def config(self) -> HashTableConfigInstance:
         return self._config
 
     @property
@@ -644,7 +644,8 @@ def _check_shards(num_of_shards, num_tables: int, fss: np.ndarray) -> int:
     return shards
 
 
-def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None, out=None):
+def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None,
+                 out=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Look up K tables for N shards in one call (Monolith's fused lookup).
 
     ``fused_slot_size[n*K + k]`` ids of shard n belong to table k; ``ids`` holds these blocks
@@ -669,7 +670,7 @@ def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None, out
 
 def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
                          learning_rate_tensors, req_time, global_step, num_of_shards,
-                         enable_grad_accumulation=False):
+                         enable_grad_accumulation=False) -> List["HashTable"]:
     """Apply gradients to K tables for N shards in one call (Monolith's fused optimize).
 
     ``id_grads`` is laid out like the fused lookup's embeddings; ``learning_rate_tensors``

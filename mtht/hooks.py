@@ -395,7 +395,8 @@ class _TableHook:
         """After a fork, in the child: forget the parent's calls under way."""
 
     @property
-    def table(self):
+    def table(self) -> Any:
+        """The table the hook queues calls on."""
         return self._table
 
     def begin(self) -> None:
@@ -554,7 +555,9 @@ class Prefetch(_TableHook):
             ids = _snapshot(ids)
             self._ahead.append((ids, self._queue_lookup(ids)))
 
-    def lookup(self, ids):
+    def lookup(self, ids) -> Any:
+        """The rows of ``ids`` as the table's ``lookup`` returns them: the oldest prefetched
+        batch's if ``ids`` are its ids, else looked up in order with the queued calls."""
         self._pipeline.take_error_at_call()
         with self._lock:
             ahead = self._ahead.popleft() if self._ahead else None

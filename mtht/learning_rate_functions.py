@@ -31,7 +31,8 @@ import abc
 import math
 import numbers
 import operator
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -255,8 +256,9 @@ class PolynomialDecay(LearningRateFunction):
     'LearningRateFunction("PolynomialDecay",Params:cycle=False,decay_steps=10,end_learning_rate=1.1,initial_learning_rate=0.1,name=None,power=1.0)'
     """
 
-    def __init__(self, initial_learning_rate, decay_steps,
-                 end_learning_rate=0.0001, power=1.0, cycle=False, name=None):
+    def __init__(self, initial_learning_rate: float, decay_steps: float,
+                 end_learning_rate: float = 0.0001, power: float = 1.0, cycle: bool = False,
+                 name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
         _check_real(end_learning_rate, "end_learning_rate")
@@ -309,8 +311,8 @@ class ExponentialDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, initial_learning_rate, decay_steps, decay_rate,
-                 staircase=False, name=None):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float,
+                 staircase: bool = False, name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
         _check_real(decay_rate, "decay_rate", non_negative=True)
@@ -351,8 +353,8 @@ class CosineDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0,
-                 name=None):
+    def __init__(self, initial_learning_rate: float, decay_steps: float, alpha: float = 0.0,
+                 name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
         _check_real(alpha, "alpha")
@@ -388,7 +390,8 @@ class PiecewiseConstantDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, boundaries, values, name=None):
+    def __init__(self, boundaries: Sequence[float], values: Sequence[float],
+                 name: Optional[str] = None) -> None:
         boundaries = list(boundaries)
         values = list(values)
         if len(values) != len(boundaries) + 1:
@@ -453,8 +456,8 @@ class LinearWarmup(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, learning_rate, warmup_steps, initial_learning_rate=0.0,
-                 name=None):
+    def __init__(self, learning_rate: Union[float, LearningRateFunction], warmup_steps: int,
+                 initial_learning_rate: float = 0.0, name: Optional[str] = None) -> None:
         if not isinstance(learning_rate, LearningRateFunction):
             _check_real(learning_rate, "learning_rate")
         if isinstance(warmup_steps, (bool, np.bool_)) or not isinstance(

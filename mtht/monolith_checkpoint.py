@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import struct
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from mtht import _core
 from mtht import hash_table as _hash_table
@@ -55,7 +55,7 @@ def _require():
     return descriptor_pb2, descriptor_pool, message_factory
 
 
-def entry_dump_class():
+def entry_dump_class() -> Any:
     """The ``EntryDump`` message class (Monolith's field numbers)."""
     global _CLASSES
     if _CLASSES is None:

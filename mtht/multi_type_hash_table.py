@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import re
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
         ...
 
     @abc.abstractmethod
-    def as_op(self, name=None):
+    def as_op(self, name=None) -> Any:
         ...
 
     @abc.abstractmethod
@@ -224,13 +224,15 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
                  for slot in (self._slots if slots is None else slots)]
         return np.concatenate(rates).astype(np.float32) if rates else np.zeros(0, np.float32)
 
-    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None, out=None):
+    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None,
+                     out=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`mtht.hash_table.fused_lookup` over this table's slots in sorted order."""
         return _hash_table.fused_lookup([self._tables[s] for s in self._slots], ids, fused_slot_size,
                                         num_of_shards, req_time, out=out)
 
     def fused_apply_gradient(self, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
-                             global_step, req_time, num_of_shards, enable_grad_accumulation=False):
+                             global_step, req_time, num_of_shards,
+                             enable_grad_accumulation=False) -> "MultiTypeHashTable":
         """:func:`mtht.hash_table.fused_apply_gradient` with the learning rates of every slot
         at ``global_step`` (note Monolith's argument order: global_step before req_time)."""
         _hash_table.fused_apply_gradient([self._tables[s] for s in self._slots], ids, indices, fused_slot_size,

@@ -11,8 +11,9 @@ from mtht import entry
 __all__ = ["generate_test_hash_table_config"]
 
 
-def generate_test_hash_table_config(dim=2, use_float16=False,
-                                    learning_rate=1.0):
+def generate_test_hash_table_config(dim: int = 2, use_float16: bool = False,
+                                    learning_rate: entry.LearningRateFn = 1.0
+                                    ) -> entry.HashTableConfigInstance:
     """Build a one-segment SGD table config.
 
     Parameters

@@ -1,0 +1,99 @@
+"""mtht ships its type hints (py.typed): a trainer that type-checks its own code in mypy's
+strict mode must be able to call every public builder and table without errors."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("mypy")
+pytest.importorskip("torch")  # a tensor as a learning rate
+
+from test_docs import python_blocks  # noqa: E402
+
+_TRAINER = '''
+import numpy as np
+import numpy.typing as npt
+import torch
+
+import mtht
+from mtht import checkpoint, learning_rate_functions as lrf
+from mtht.hash_table import fused_apply_gradient, fused_lookup
+from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+
+def optimizers() -> list[mtht.entry.Optimizer]:
+    return [
+        mtht.SgdOptimizer(0.1), mtht.AdagradOptimizer(0.1, 0.1, 1, 0, 0.0),
+        mtht.DynamicWdAdagradOptimizer(0.1, decouple_weight_decay=False, dynamic_wd_temperature=2.0),
+        mtht.AdadeltaOptimizer(0.1, 0.0, 0.9, 0.01, 0), mtht.AdamOptimizer(0.1, 0.9, 0.99, False, 0.0, True),
+        mtht.AmsgradOptimizer(0.1), mtht.FtrlOptimizer(0.1, 0.1, 1.0, 0, 0.0, 0.0),
+        mtht.FTRLWithGroupSparsityOptimizer(0.1), mtht.AdaGradWithGroupLassoOptimizer(0.1, 1.0, 0.1, 0.0),
+        mtht.MomentumOptimizer(0.1, use_nesterov=True), mtht.MovingAverageOptimizer(0.9),
+        mtht.RmspropOptimizer(0.1), mtht.RmspropV2Optimizer(0.1, momentum=0.5), mtht.BatchSoftmaxOptimizer(0.1),
+        mtht.StochasticRoundingFloat16OptimizerWrapper(mtht.SgdOptimizer()),
+    ]
+
+
+def config(dim: int) -> mtht.HashTableConfigInstance:
+    initializers: list[mtht.entry.Initializer] = [
+        mtht.ZerosInitializer(), mtht.OnesInitializer(), mtht.ConstantsInitializer(0.5),
+        mtht.RandomUniformInitializer(-0.1, 0.1), mtht.BatchSoftmaxInitializer(1.0)]
+    compressors: list[mtht.entry.Compressor] = [
+        mtht.Fp32Compressor(), mtht.Fp16Compressor(), mtht.FixedR8Compressor(2.0), mtht.OneBitCompressor(100, 0.1)]
+    segments = [mtht.CombineAsSegment(dim, initializers[k % 5], opt, compressors[k % 4])
+                for k, opt in enumerate(optimizers())]
+    rates: list[mtht.entry.LearningRateFn] = [
+        0.1, lrf.PolynomialDecay(0.1, 100, 0.01, 1.0, False, "p"), lrf.ExponentialDecay(0.1, 10, 0.9, True),
+        lrf.CosineDecay(0.1, 100, 0.0), lrf.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.01]),
+        lrf.LinearWarmup(0.1, 10, 0.0), lambda step: 0.1, lambda: 0.1, np.array(0.1), torch.tensor(0.1)]
+    table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=segments))
+    mtht.entry.CuckooHashTableConfig(1000, 24).mutate_table(table_config)
+    return mtht.HashTableConfigInstance(table_config, [rates[k % len(rates)] for k in range(len(segments))],
+                                        extra_restore_names=["old"])
+
+
+def train(directory: str) -> float:
+    mtht.set_num_threads(2)
+    table = mtht.hash_table_from_config(config(1), hash_filter=mtht.HashFilter(1, {3: 2}), name_suffix="t",
+                                        saver_parallel=2)
+    ids: npt.NDArray[np.int64] = np.arange(100, dtype=np.int64)
+    rows = table.lookup(ids, out=np.empty((100, table.dim_size), np.float32))
+    table.apply_gradients(ids, rows, global_step=1, enable_dedup=True, req_time=1_700_000_000)
+    table.assign(ids[:2], rows[:2]).assign_add(ids[:2], rows[:2])
+
+    slots = {"a": generate_test_hash_table_config(4), "b": generate_test_hash_table_config(4)}
+    model = MultiTypeHashTable(slots, lambda slot, c: mtht.hash_table_from_config(c, name_suffix=slot))
+    merged = MergedMultiTypeHashTable(slots, lambda merged_slots: MultiTypeHashTable(
+        merged_slots, lambda slot, c: mtht.hash_table_from_config(c, name_suffix=slot)))
+    with mtht.AsyncPush(merged, 2) as push, mtht.Prefetch(model) as prefetch:
+        prefetch.prefetch({"a": ids})
+        grads = {"a": (ids, prefetch.lookup({"a": ids})["a"])}
+        push.apply_gradients(grads, 2)
+        model.apply_gradients(grads, 2, enable_dedup=True)
+    embeddings, _, id_offsets, emb_offsets, _ = fused_lookup([table], ids, [100], 1)
+    fused_apply_gradient([table], ids, ids, [100], embeddings, id_offsets, emb_offsets,
+                         table.config.call_learning_rate_fns(3), None, 3, 1)
+    checkpoint.save_multi_type(model, directory)
+    checkpoint.restore_multi_type(model, directory)
+    return float(table.lookup(ids).sum()) + len(table) + table.size() + mtht.get_num_threads()
+'''
+
+
+def test_a_trainer_type_checks_in_strict_mode(tmp_path):
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(_TRAINER, encoding="utf-8")
+    readme = tmp_path / "readme_usage.py"
+    readme_text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme.write_text("".join(code for _, code in python_blocks(readme_text)), encoding="utf-8")
+    # Run from tmp_path, so that the installed package is checked, not the checkout's.
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                             "--cache-dir", str(tmp_path / "cache"), trainer.name, readme.name],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The program runs as well as type-checks.
+    namespace: dict = {}
+    exec(compile(_TRAINER, str(trainer), "exec"), namespace)
+    assert namespace["train"](str(tmp_path / "ckpt")) > 0
