@@ -403,7 +403,8 @@ class HashTable(BaseHashTable):
 
     @property
     def max_update_ts(self) -> int:
-        """The largest ``req_time`` any write has used (0 before the first write)."""
+        """The largest ``req_time`` any write has used, or 0 if none was larger: the clock
+        starts at 0."""
         return self._core.max_update_ts
 
     def __repr__(self) -> str:

@@ -638,6 +638,8 @@ def test_hashnet_scale_is_per_segment_and_table_wide(monkeypatch, kernel):
     expect(ref.hashnet_scale(1, 10000, 140), ref.hashnet_scale(1, 10000, 147))
     t.apply_gradients([], np.zeros((0, 2), dtype=F32), global_step=200)  # an empty call changes nothing
     expect(ref.hashnet_scale(1, 10000, 140), ref.hashnet_scale(1, 10000, 147))
+    t.apply_gradients([1], [[0.0, 0.0]], global_step=-70)  # a negative step leaves it (docs: not negative)
+    expect(ref.hashnet_scale(1, 10000, 140), ref.hashnet_scale(1, 10000, 147))
     # The scale saturates at max_scale (10000): sqrt(1 + 0.005 t) * 1 reaches it at t ~ 2e10.
     assert ref.hashnet_scale(1, 10000, 10**12) == F32(10000)
 
