@@ -54,6 +54,8 @@ def manifest_path(basename: str) -> str:
 
 
 def checkpoint_exists(basename: str) -> bool:
+    """Whether a table's checkpoint in mtht's format was saved at ``basename`` (its manifest
+    is there; a save writes the manifest last)."""
     return os.path.exists(manifest_path(basename))
 
 
