@@ -463,10 +463,13 @@ def _over_tables(fn, args: list) -> list:
     workers = min(len(args), _core.get_num_threads())
     if workers <= 1:
         return [fn(*a) for a in args]
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    futures = []
     try:
-        for a in args:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+        futures = [pool.submit(fn, *args[0])]
+    except RuntimeError:  # at interpreter exit (a save in an atexit function) a pool cannot start
+        return [fn(*a) for a in args]
+    try:
+        for a in args[1:]:
             futures.append(pool.submit(fn, *a))
         concurrent.futures.wait(futures)
     except BaseException:
@@ -493,16 +496,28 @@ def _wait_through_interrupts(futures) -> None:
 
 
 def _over_tables_settled(fn, args: list) -> Tuple[list, Optional[BaseException]]:
-    """:func:`_over_tables` that lets every call end: (the results, None for a call that
-    failed; the first exception in the order of ``args``, or None)."""
-    def settled(*a):
-        try:
-            return fn(*a), None
-        except BaseException as error:  # kept until every call has ended
-            return None, error
+    """:func:`_over_tables` that lets every call end and says what each did: (the results,
+    None for a call that failed or was not made; the caller's interrupt if one came, else
+    the first exception in the order of ``args``, else None). After an interrupt the
+    results of the calls that ended are there, so that the caller can remove what they
+    wrote."""
+    outcomes: list = [(None, None)] * len(args)
 
-    outcomes = _over_tables(settled, args)
-    return [r for r, _ in outcomes], next((e for _, e in outcomes if e is not None), None)
+    def settled(k, *a):
+        try:
+            outcomes[k] = (fn(*a), None)
+        except BaseException as error:  # kept until every call has ended
+            outcomes[k] = (None, error)
+            if not isinstance(error, Exception):  # an interrupt on this thread: no more calls
+                raise
+
+    interrupt = None
+    try:
+        _over_tables(settled, [(k, *a) for k, a in enumerate(args)])
+    except BaseException as error:  # noqa: BLE001 - returned, raised by the caller after it cleans up
+        interrupt = error
+    first = next((e for _, e in outcomes if e is not None), None)
+    return [r for r, _ in outcomes], interrupt or first
 
 
 def check_format(format: str) -> None:

@@ -513,6 +513,82 @@ def test_an_interrupted_model_save_ends_its_tables_saves_before_it_raises(tmp_pa
     save_multi_type(model, str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("format", ["mtht", "monolith"])
+def test_an_interrupted_model_save_over_threads_removes_what_its_tables_wrote(tmp_path, monkeypatch,
+                                                                            restore_num_threads, format):
+    # Ctrl-C while the model's tables are saved over two threads comes to the thread that
+    # waits for them: the files the tables' saves wrote are removed, as a save on one
+    # thread removes them. (They were left, a whole generation of every table, until the
+    # next save.)
+    import mtht.checkpoint as checkpoint_module
+    import mtht.monolith_checkpoint as monolith_module
+    module, name = ((checkpoint_module, "_write_generation") if format == "mtht"
+                    else (monolith_module, "_write_temporaries"))
+    model = two_slot_model()
+    model.assign({"a": (ids_of(1, 2), [[1.0], [2.0]]), "b": (ids_of(3), [[3.0]])})
+    directory = str(tmp_path / "m")
+    save_multi_type(model, directory, format=format)
+    files_before = sorted(os.listdir(directory))
+    model.assign({"a": (ids_of(1, 2), [[5.0], [5.0]]), "b": (ids_of(3), [[5.0]])})
+    original = getattr(module, name)
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slow)
+    mtht.set_num_threads(2)
+    interrupt = threading.Timer(0.1, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_multi_type(model, directory, format=format)
+    finally:
+        interrupt.join()
+    monkeypatch.undo()
+    assert sorted(os.listdir(directory)) == files_before
+    restored = two_slot_model()
+    restore_multi_type(restored, directory, format=format)
+    assert restored.lookup({"a": ids_of(1, 2), "b": ids_of(3)})["a"].tolist() == [[1.0], [2.0]]
+
+
+_SAVE_AT_EXIT = """
+import atexit, sys
+import numpy as np
+import mtht
+from mtht.checkpoint import save_multi_type
+from mtht.hash_table import hash_table_from_config
+from mtht.multi_type_hash_table import MultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+mtht.set_num_threads(2)
+model = MultiTypeHashTable({"a": generate_test_hash_table_config(1), "b": generate_test_hash_table_config(1)},
+                           lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+model.assign({"a": ([1, 2], [[1.0], [2.0]]), "b": ([3], [[3.0]])})
+if sys.argv[2] == "saved-before":
+    save_multi_type(model, sys.argv[1], format=sys.argv[3])
+    model.assign({"a": ([1], [[7.0]])})
+atexit.register(save_multi_type, model, sys.argv[1], sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("format", ["mtht", "monolith"])
+@pytest.mark.parametrize("before", ["first-save", "saved-before"])
+def test_a_model_saved_at_interpreter_exit_is_saved(tmp_path, before, format):
+    # A save in an atexit function runs after Python has stopped its thread pools: the
+    # tables are saved on the calling thread. (It raised "cannot schedule new futures after
+    # interpreter shutdown", and the model was not saved.)
+    directory = str(tmp_path / "m")
+    result = subprocess.run([sys.executable, "-c", _SAVE_AT_EXIT, directory, before, format],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    restored = two_slot_model()
+    restore_multi_type(restored, directory, format=format)
+    rows = restored.lookup({"a": ids_of(1, 2), "b": ids_of(3)})
+    assert rows["a"].tolist() == [[7.0 if before == "saved-before" else 1.0], [2.0]]
+    assert rows["b"].tolist() == [[3.0]]
+
+
 def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, restore_num_threads):
     # A restore (and a write after it) from another thread while a model's save writes its
     # tables waits for the save: the save holds every table at one point, not one table's
