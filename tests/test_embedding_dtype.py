@@ -310,6 +310,33 @@ def test_odd_widths_keep_each_segment_apart(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_the_float16_wrapper_keeps_its_values_float16_values_in_16_bit_tables(dtype):
+    # The wrapper saturates at 65504, which bfloat16 does not hold: rounded to bfloat16 a
+    # value went to 65536 (7 times in 8), no float16 value, and a float16 export made it Inf.
+    # It is kept at 65280, the largest value of both formats; the other segment rounds as
+    # its table's values do.
+    wrapped = segment(8, mtht.StochasticRoundingFloat16OptimizerWrapper(mtht.SgdOptimizer()))
+    t = table(dtype, [wrapped, segment(8)], [1.0, 1.0])
+    ids = np.arange(64)
+    for sign in (1, -1):
+        t.assign(ids, np.full((64, 16), sign * 65000.0, F32))
+        t.apply_gradients(ids, np.full((64, 16), -sign * 1000.0, F32), global_step=1)  # 66000 -> 65504
+        got = t.lookup(ids)
+        biggest = 65280.0 if dtype == "bfloat16" else 65504.0
+        assert (got[:, :8] == sign * biggest).all()
+        assert (got[:, :8].astype(np.float16).astype(F32) == got[:, :8]).all()
+        with np.errstate(over="ignore"):  # float16's neighbour above 65504 is Inf
+            assert np.isin(got[:, 8:], neighbours(np.float32(sign * 66000.0), dtype)).all()
+    if dtype == "bfloat16":  # Inf passes the wrapper (allow_non_finite) and stays Inf
+        t = table(dtype, [wrapped, segment(8)], [1.0, 1.0], allow_non_finite=True)
+        t.apply_gradients(ids, np.full((64, 16), -np.inf, F32), global_step=1)
+        assert (t.lookup(ids) == np.inf).all()
+    t.assign(ids, np.full((64, 16), 1.0, F32))  # values below it keep the float16 wrapper's rounding
+    t.apply_gradients(ids, np.full((64, 16), 1e-3, F32), global_step=2)
+    assert (t.lookup(ids)[:, :8].astype(np.float16).astype(F32) == t.lookup(ids)[:, :8]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", ["mtht", "monolith"])
 def test_checkpoints_hold_float32_values(tmp_path, dtype, fmt):
     """A save holds the values widened: it restores unchanged into a table of the same

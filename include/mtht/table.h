@@ -1580,6 +1580,9 @@ class EmbeddingTable {
     if (layout_.narrow && layout_.segments.size() == 1 && static_cast<RetrieverKind>(first.retriever) == RetrieverKind::kRaw &&
         !first.stochastic_rounding_fp16)
       narrow_step_ = kernels_->narrow_step[first.opt][narrow_index(layout_.value_format)];
+    for (const SegmentSpec& seg : layout_.segments)
+      if (seg.stochastic_rounding_fp16 && layout_.value_format == ValueFormat::kBFloat16)
+        bfloat16_wrapped_ = true;
     auto seconds = [](uint32_t days) { return int64_t{days} * 86400; };
     expire_seconds_ = detail::SlotValues<int64_t>(seconds(spec.default_expire_days), spec.slot_expire_days, seconds);
     has_filter_ = spec.has_filter;
@@ -2439,6 +2442,22 @@ class EmbeddingTable {
       kernels_->narrow_stochastic[narrow_index(layout_.value_format)](
           w, reinterpret_cast<uint16_t*>(row), d, stochastic_key(step_seed, id));
     });
+    if (bfloat16_wrapped_) keep_float16_range(reinterpret_cast<uint16_t*>(row));
+  }
+  // The float16 wrapper saturates at 65504, which bfloat16 does not hold: its rounding may
+  // take the value to 65536, which float16 does not (a serving export made it Inf). Such a
+  // value is kept at 65280, the largest that both formats hold.
+  void keep_float16_range(uint16_t* row) const {
+    constexpr uint16_t kLargestInBoth = 0x477F, kInf = 0x7F80;  // bfloat16 bits of 65280 and Inf
+    for (size_t k = 0; k < layout_.segments.size(); ++k) {
+      if (!layout_.segments[k].stochastic_rounding_fp16) continue;
+      uint16_t* v = row + layout_.value_offset[k];
+      for (int j = 0; j < layout_.segments[k].dim; ++j) {
+        const uint16_t magnitude = v[j] & 0x7FFF;
+        if (magnitude > kLargestInBoth && magnitude < kInf)  // Inf and NaN pass, as the wrapper passes them
+          v[j] = static_cast<uint16_t>((v[j] & 0x8000) | kLargestInBoth);
+      }
+    }
   }
 
   // A row's values as float32, into out[0, dim).
@@ -3880,6 +3899,7 @@ class EmbeddingTable {
   size_t read_block_ = 0, write_block_ = 0;  // items per block of read_blocks, of write_blocks
   bool raw_lookup_ = true;
   bool has_hashnet_ = false;
+  bool bfloat16_wrapped_ = false;  // a float16 wrapper's segment in a bfloat16 table
   bool needs_step_ = false;
   // Shards: 2^shard_bits_ of them, picked by the top bits of an id's hash. The layout lock is
   // held shared by every batch (LayoutHold) and taken alone only to split the shards.
