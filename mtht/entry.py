@@ -1010,7 +1010,9 @@ class RandomUniformInitializer(Initializer):
     """Initialise with uniform random values in ``[minval, maxval)``.
 
     The values are a deterministic function of the table's ``random_seed``,
-    the id and the position in the row.
+    the id and the position in the row. A table of 16-bit values
+    (``embedding_dtype``) rounds them to nearest, so they may reach the
+    rounding of either bound.
 
     Parameters
     ----------

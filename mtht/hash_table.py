@@ -551,7 +551,8 @@ class HashTable(BaseHashTable):
     def export_serving(self, ids) -> np.ndarray:
         """The rows of ``ids`` in serving form: uint8 ``[N, row_bytes]``, each segment packed
         by its compressor (fp32, fp16, fixed_r8 or one_bit; see :mod:`mtht.serving`). A
-        missing id packs a row of zeros."""
+        missing id packs as a row of zeros does (one_bit keeps signs only, and packs 0 as -1,
+        which serving reads as ``-amplitude``)."""
         from mtht.serving import compress
         ids = as_ids(ids)
         core = self._core  # once: a restore on another thread may swap it
