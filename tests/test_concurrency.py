@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -421,6 +422,19 @@ def test_results_do_not_depend_on_thread_count():
     np.testing.assert_array_equal(base[0], np.stack([w.values for w in want]))
     np.testing.assert_array_equal(base[1], np.stack([np.concatenate([s["norm"] for s in w.state]) for w in want]))
     np.testing.assert_array_equal(base[2], [w.ts for w in want])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_default_thread_count_is_the_cores_the_process_may_run_on():
+    # Bound to one core (taskset, a container's cpuset, an MPI launcher's binding), a
+    # process that took all the machine's cores as its default ran two threads on one core.
+    cores = sorted(os.sched_getaffinity(0))
+    for allowed in ({cores[0]}, set(cores)):
+        script = ("import os, sys; os.sched_setaffinity(0, {%s}); import mtht; print(mtht.get_num_threads())"
+                  % ", ".join(map(str, allowed)))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout) == min(len(allowed), 64)
 
 
 def test_set_num_threads_validation():

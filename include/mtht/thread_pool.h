@@ -23,6 +23,9 @@
 #include <vector>
 
 #include <pthread.h>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 namespace mtht {
 
@@ -35,9 +38,17 @@ class ThreadPool {
     return pool;
   }
 
+  // The cores this process may run on (its CPU affinity: taskset, a container's cpuset, an
+  // MPI launcher's binding), not all the machine's: more threads than those would take
+  // turns on them. At most 64.
   static int default_threads() {
-    unsigned n = std::thread::hardware_concurrency();
-    return n == 0 ? 1 : static_cast<int>(std::min(n, 64u));
+    int n = 0;
+#ifdef __linux__
+    cpu_set_t cores;
+    if (sched_getaffinity(0, sizeof cores, &cores) == 0) n = CPU_COUNT(&cores);
+#endif
+    if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());  // elsewhere, or over 1024 cores
+    return n <= 0 ? 1 : std::min(n, 64);
   }
 
   // A pool whose helpers the system will not start (no more threads to give) runs calls
