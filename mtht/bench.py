@@ -136,8 +136,9 @@ class BenchConfig:
             raise ValueError("fused_tables, fused_shards and slots must be >= 1")
         if any(not 1 <= int(t) <= MAX_THREADS for t in self.threads):
             raise ValueError(f"thread counts must be from 1 to {MAX_THREADS}, got {list(self.threads)}")
-        if not math.isfinite(self.learning_rate):
-            raise ValueError(f"learning_rate must be finite, got {self.learning_rate}")
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.float32(self.learning_rate)):  # the tables keep it in float32
+                raise ValueError(f"learning_rate must be finite in float32, got {self.learning_rate}")
         if not (math.isfinite(self.max_memory_gb) and self.max_memory_gb > 0):
             raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb}")
         if self.seed < 0:
@@ -292,10 +293,7 @@ def machine_info() -> dict:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem_gb = 0.0
-    for line in _read_first("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            mem_gb = int(line.split()[1]) / 1024 ** 2
+    mem_gb = physical_memory_gb() or 0.0  # GB of 10^9 bytes, as --max_memory_gb counts them
     return {
         "cpu": cpu or platform.processor(),
         "cores_available": default_threads(),
@@ -695,8 +693,9 @@ class _MthtRunner:
         """Gradient steps on a table filled to its capacity (``max_entries`` = ``--size``):
         ``--capped_new`` of each batch's ids are new, and each new id evicts an entry (by
         ``--capped_policy``: the one written longest ago, or least often). A table of its
-        own, filled anew for each thread count. The checksum sums the rows of the new ids
-        after each batch (what an entry that came in holds)."""
+        own, filled anew for each thread count. The checksum sums the rows of the batch's ids
+        after each batch: the steps, and which entries the batch's new ids evicted (an evicted
+        id of the batch reads zeros)."""
         op, c = "apply_gradients_capped", self.c
         reason = _beside_main_table(c, "a second table")
         if c.batch_size > c.size:
@@ -714,13 +713,13 @@ class _MthtRunner:
         ids = [key_to_id(k) for k in keys]
         new = capped_new_ids(c)
         rows = self.rows
-        out = np.empty((new, c.dim), dtype=np.float32)
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
 
         def step(i, b):
             table.apply_gradients(b, rows, global_step=i + 1)
 
         def after(i, b):
-            return _checksum(table.lookup(b[c.batch_size - new:], out=out)) if new else 0.0
+            return _checksum(table.lookup(b, out=out))
 
         bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
         try:
@@ -1127,6 +1126,8 @@ def _add_ratios(result: dict) -> None:
 
 
 def _close(a: float, b: float, rel: float = 1e-5) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):  # diverged alike (NaN, or Inf of one sign), or not
+        return (math.isnan(a) and math.isnan(b)) or a == b
     return abs(a - b) <= rel * max(1.0, abs(a), abs(b))
 
 
@@ -1218,6 +1219,8 @@ def run_sweep(config: BenchConfig, sweep: str, values: Sequence[int], plot: Opti
 
 
 def plot_sweep(sweep_result: dict, path: str) -> str:
+    if not any(r["impl"] == "mtht" and r["status"] == "ok" for run in sweep_result["runs"] for r in run["results"]):
+        raise ValueError("no value of the sweep ran (see the notes above)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1401,6 +1404,7 @@ def format_sweep(sweep_result: dict) -> str:
                 pct = r.get("pct_of_ceiling")
                 lines.append(f"{v:>12,} {r['op']:<26} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
                              f"{(f'{pct:5.0f}%' if pct is not None else ''):>6}")
+        lines.extend(f"{v:>12,} {note}" for note in run.get("notes", []) if note.startswith("mtht:"))
     if sweep_result.get("plot"):
         lines.append(f"plot written to {sweep_result['plot']}")
     if sweep_result.get("plot_note"):
@@ -1445,7 +1449,8 @@ flags.DEFINE_enum("sweep", "none", ["none", "size", "dim"], "Run once per table 
 flags.DEFINE_list("sweep_sizes", ["1000000", "10000000", "50000000"], "Table sizes of --sweep=size.")
 flags.DEFINE_list("sweep_dims", ["8", "16", "32", "64", "128"], "Dims of --sweep=dim.")
 flags.DEFINE_string("plot", None, "PNG file of the sweep's plot (default mtht-bench-sweep.png; needs matplotlib).")
-flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped.")
+flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped (default 8, or three "
+                   "quarters of the machine's memory if less, or if more with --sweep=size).")
 flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
 flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
 flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
@@ -1466,7 +1471,7 @@ def _ints(values: Sequence[str], name: str) -> List[int]:
             continue
         try:
             x = int(float(v)) if "e" in v.lower() else int(v)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: 1e400 is an infinite float
             raise app.UsageError(f"--{name}: {v!r} is not an integer") from None
         out.append(x)
     return out
@@ -1485,6 +1490,10 @@ def config_from_flags() -> BenchConfig:
             raise app.UsageError(f"--max_memory_gb={max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
                                  "of memory")
         max_memory_gb = round(0.75 * memory_gb, 1)  # the default, on a smaller machine
+    elif memory_gb and FLAGS.sweep == "size" and not FLAGS["max_memory_gb"].present:
+        # The default sweep goes to a 50M-id table (about 10 GB at dim 16): it may take three
+        # quarters of the machine's memory.
+        max_memory_gb = max(max_memory_gb, round(0.75 * memory_gb, 1))
     baseline = FLAGS.baseline
     if FLAGS.quick and not FLAGS["baseline"].present:
         baseline = True
@@ -1531,11 +1540,18 @@ def _check_writable_directory(directory: str, what: str) -> None:
         raise app.UsageError(f"{what}: cannot write in {directory}: {e.strerror or e}") from None
 
 
-def _sweep_values() -> List[int]:
+def _sweep_values(cfg: BenchConfig) -> List[int]:
+    """The values of --sweep_sizes or --sweep_dims, each checked as the run's flags are,
+    before any runs: a bad one is refused before the ones before it have run."""
     name = "sweep_sizes" if FLAGS.sweep == "size" else "sweep_dims"
     values = _ints([v for v in FLAGS[name].value if str(v).strip()], name)
     if not values or min(values) < 1:
         raise app.UsageError(f"--{name} must list values >= 1, got {FLAGS[name].value}")
+    for v in values:
+        try:
+            dataclasses.replace(cfg, **{FLAGS.sweep: v}).validate()
+        except ValueError as e:
+            raise app.UsageError(f"--{name}: {v}: {e}") from None
     return values
 
 
@@ -1548,29 +1564,54 @@ def main(argv: Sequence[str]) -> int:
         if not os.path.isdir(cfg.save_dir):
             raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
         _check_writable_directory(cfg.save_dir, f"--save_dir={cfg.save_dir}")
+    log = _log if cfg.progress else (lambda s: None)
     if FLAGS.sweep != "none":
-        values = _sweep_values()
+        values = _sweep_values(cfg)
         plot = FLAGS.plot or "mtht-bench-sweep.png"
         if not plot.lower().endswith(".png"):
             raise app.UsageError(f"--plot={plot}: the plot is a PNG file (name it *.png)")
         _check_output_file(plot, "plot")
-        res = run_sweep(cfg, FLAGS.sweep, values, plot, log=_log)
-        print(format_header(res["runs"][0]))
-        print(format_sweep(res))
+        res = run_sweep(cfg, FLAGS.sweep, values, plot, log=log)
+        report = format_header(res["runs"][0]) + "\n" + format_sweep(res)
     else:
-        print(format_header(run_header_only(cfg)), flush=True)
-        res = run_benchmark(cfg, log=_log if cfg.progress else (lambda s: None))
-        print()
-        print(format_report(res, header=False))
-    if FLAGS.json:
+        if FLAGS.plot:
+            raise app.UsageError("--plot is the plot of a sweep: give --sweep=size or --sweep=dim with it")
+        _say(format_header(run_header_only(cfg)))
+        res = run_benchmark(cfg, log=log)
+        report = "\n" + format_report(res, header=False)
+    written = True
+    if FLAGS.json:  # before the report, which a closed pipe (| head) may cut short
         try:
             with open(FLAGS.json, "w", encoding="utf-8") as f:
-                json.dump(res, f, indent=1)
+                json.dump(json_ready(res), f, indent=1, allow_nan=False)
         except OSError as e:  # checked before the run, but the disk may fill or the file go
-            _log(f"error: the results (printed above) could not be written to --json={FLAGS.json}: {e}")
-            return 1
-        print(f"results written to {FLAGS.json}")
-    return 0
+            _log(f"error: the results (printed below) could not be written to --json={FLAGS.json}: {e}")
+            written = False
+    _say(report)
+    if FLAGS.json and written:
+        _say(f"results written to {FLAGS.json}")
+    return 0 if written else 1
+
+
+def _say(text: str) -> None:
+    """Print to stdout. A reader that went (``| head``) leaves the run going on quietly, so
+    that its --json is still written."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def json_ready(value):
+    """``value`` with every float that is not finite (a run whose numbers diverged) as None:
+    JSON has no NaN or Infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def run_header_only(cfg: BenchConfig) -> dict:
