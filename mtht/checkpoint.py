@@ -463,25 +463,32 @@ def _over_tables(fn, args: list) -> list:
     workers = min(len(args), _core.get_num_threads())
     if workers <= 1:
         return [fn(*a) for a in args]
+    pool, futures = None, []
     try:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-        futures = [pool.submit(fn, *args[0])]
-    except RuntimeError:  # at interpreter exit (a save in an atexit function) a pool cannot start
-        return [fn(*a) for a in args]
-    try:
-        for a in args[1:]:
+        for a in args:
             futures.append(pool.submit(fn, *a))
         concurrent.futures.wait(futures)
-    except BaseException:
-        # An interrupt (Ctrl-C): the calls not started are dropped, and those under way end
-        # before it is raised, so that none runs on past the caller's locks (a save's
-        # files written after the writes it held off went on).
-        for f in futures:
-            f.cancel()
-        _wait_through_interrupts(futures)
-        raise
+    except BaseException as error:
+        if isinstance(error, RuntimeError) and not futures:
+            # No pool thread can start: at interpreter exit (a save in an atexit function),
+            # or with no threads left to give. The calls run on this thread.
+            on_this_thread = True
+        else:
+            # An interrupt (Ctrl-C): the calls not started are dropped, and those under way
+            # end before it is raised, so that none runs on past the caller's locks (a save's
+            # files written after the writes it held off went on).
+            for f in futures:
+                f.cancel()
+            _wait_through_interrupts(futures)
+            raise
+    else:
+        on_this_thread = False
     finally:
-        pool.shutdown(wait=False)  # every call has ended or was dropped
+        if pool is not None:
+            pool.shutdown(wait=False)  # every call has ended or was dropped
+    if on_this_thread:
+        return [fn(*a) for a in args]
     return [f.result() for f in futures]
 
 
