@@ -183,9 +183,11 @@ def _write_verified(path: str, body: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:  # ENOSPC: name the file
+            raise type(error)(error.errno, error.strerror, path) from error
         raise
     _fsync_dir(os.path.dirname(path))
 

@@ -638,7 +638,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         with self._turn():  # waits for the calls hooks queued (their errors stay for wait() or as_op())
             self._save(directory)
 
+    def _directory_lock(self, directory: str, exclusive: bool):
+        """Process 0 holds the directory's lock between jobs (sharded_checkpoint.directory_lock)
+        for the whole of a save or a restore."""
+        return _sharded.directory_lock(directory, exclusive) if self._rank == 0 else contextlib.nullcontext()
+
     def _save(self, directory: str) -> None:
+        with self._directory_lock(directory, exclusive=True):
+            self._save_locked(directory)
+
+    def _save_locked(self, directory: str) -> None:
         generation, error = _attempt(lambda: _sharded.begin_save(directory)) if self._rank == 0 else (None, None)
         self._settle(error, "save (preparing the directory)")
         generation = self._comm.bcast(generation, root=0)
@@ -663,7 +672,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._drop_prefetched()
 
     def _restore(self, directory: str) -> None:
-        loaded, error = _attempt(lambda: _checkpoint.load_multi_type(
-            self._table, _sharded.saved_parts(directory, self._world)[1][self._rank]))
-        self._settle(error, "restore")
+        with self._directory_lock(directory, exclusive=False):
+            # Every rank reads sharded.json once process 0 holds the lock: a save of another
+            # job cannot name another generation between two ranks' reads.
+            self._settle(None, "restore")
+            saved, error = _attempt(lambda: _sharded.saved_parts(directory, self._world))
+            generations = self._settle(error, "restore", info=saved[0]["generation"] if saved else None)
+            if len(set(generations)) > 1:  # a job that saved without the lock (one on a file system without locks)
+                raise _checkpoint.CheckpointError(
+                    f"the processes read different saves in {directory!r} (generations {sorted(set(generations))}): "
+                    "another job saved there meanwhile; restore again")
+            loaded, error = _attempt(lambda: _checkpoint.load_multi_type(self._table, saved[1][self._rank]))
+            self._settle(error, "restore")
         _hash_table.swap_contents(loaded)

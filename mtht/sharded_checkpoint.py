@@ -10,16 +10,27 @@ renames ``sharded.json`` into place (atomic, synced), and only then is the previ
 generation removed. A job killed at any moment leaves the previous save of every part, or
 the new one of every part. A restore reads the generation ``sharded.json`` names.
 
+Jobs that save into or restore from one directory take turns (:func:`directory_lock`): a
+save holds the directory alone from choosing its generation to naming it, and a restore
+holds it shared while its processes read, so that an evaluation job restoring from the
+directory a training job saves into reads one whole save.
+
 :func:`reshard` rewrites a sharded save for another number of processes, in one process.
 The functions here touch files only; :mod:`mtht.distributed` runs them on the processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no lock between processes
+    fcntl = None  # type: ignore[assignment]
 
 from mtht import checkpoint as _checkpoint
 from mtht import hash_table as _hash_table
@@ -29,6 +40,37 @@ __all__ = ["read_sharded_manifest", "part_directory", "reshard"]
 SHARDED_FORMAT = "mtht-sharded-checkpoint"
 SHARDED_FILE = "sharded.json"
 _GENERATION = re.compile(r"^g([0-9]{6,})$")
+LOCK_FILE = ".mtht-lock"
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str, exclusive: bool) -> Iterator[None]:
+    """Within: this process holds the lock of ``directory`` between processes, alone
+    (``exclusive``: a save, from choosing its generation to naming it) or shared (a
+    restore's reads). An advisory ``flock`` on ``directory/.mtht-lock``, made if need be; it
+    waits for the holders. Where it cannot be taken (a read-only directory without the
+    file, a file system that takes no locks) nothing is held, as before locks were taken."""
+    directory = os.fsdecode(directory)
+    fd = None
+    if fcntl is not None:
+        if exclusive:
+            os.makedirs(directory, exist_ok=True)
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                fd = os.open(os.path.join(directory, LOCK_FILE), flags, 0o644)
+                break
+            except OSError:
+                continue
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError:  # ENOLCK, EOPNOTSUPP...: a file system without locks
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def part_directory(directory: str, generation: int, part: int, world_size: int) -> str:
@@ -163,6 +205,11 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     source, target = os.fsdecode(source), os.fsdecode(target)
     if os.path.realpath(source) == os.path.realpath(target):
         raise ValueError("reshard writes a new checkpoint: give a target other than the source")
+    with directory_lock(source, exclusive=False), directory_lock(target, exclusive=True):
+        _reshard(source, target, world_size, make_model)
+
+
+def _reshard(source: str, target: str, world_size: int, make_model: Callable[[], object]) -> None:
     _, old_parts = saved_parts(source)
     generation = begin_save(target)
     keys: List[str] = []

@@ -334,7 +334,7 @@ def scenario_checkpoint(seed, directory):
     finally:
         mtht.checkpoint.save_multi_type = real
     COMM.Barrier()
-    assert sorted(os.listdir(saved)) == ["g000001", "sharded.json"], os.listdir(saved)
+    assert sorted(os.listdir(saved)) == [".mtht-lock", "g000001", "sharded.json"], os.listdir(saved)
     mtht.checkpoint.restore_multi_type(model, saved)
     owned_entries_match(model, reference, seen, "after restore")
     asked = batch(rng, dims, with_rows=False)
@@ -342,7 +342,7 @@ def scenario_checkpoint(seed, directory):
     # A second save replaces the first.
     model.save(saved)
     COMM.Barrier()
-    assert sorted(os.listdir(saved)) == ["g000002", "sharded.json"], os.listdir(saved)
+    assert sorted(os.listdir(saved)) == [".mtht-lock", "g000002", "sharded.json"], os.listdir(saved)
 
 
 def scenario_restore_resharded(seed, directory):
@@ -543,7 +543,7 @@ def scenario_separate_directories(seed, directory):
     mine = os.path.join(directory, f"rank{RANK}")
     e = expect_failure(lambda: model.save(mine), mtht.CheckpointError if RANK == 0 else DistributedError, "save")
     assert "one directory that all of them see" in str(e), str(e)
-    assert os.listdir(mine) == [], os.listdir(mine)
+    assert os.listdir(mine) == ([".mtht-lock"] if RANK == 0 else []), os.listdir(mine)  # rank 0's lock file
     # Other directories than rank 0's, holding a save of the generation rank 0 chose from its
     # own: that save must not be written over (it was, and restored mixed).
     ahead, behind = (os.path.join(directory, f"{name} {seed}") for name in ("ahead", "behind"))
@@ -559,6 +559,45 @@ def scenario_separate_directories(seed, directory):
         fresh.restore(saved)
         assert fresh.lookup({"sgd": np.arange(8)})["sgd"].tolist() == [[1.0]] * 8, saved
 
+
+
+def _marked(value):
+    """A model whose every id holds ``value``, on every rank."""
+    model = distributed()
+    model.assign({"sgd": (np.arange(64), np.full((64, 1), float(value), F32))})
+    return model
+
+
+def scenario_save_again_and_again(seed, directory):
+    """Saves 1, 2, ... into ``directory/shared`` (every id holding the save's number) until
+    ``directory/stop`` is there: the job that test_distributed runs beside a restoring one."""
+    saved, k = os.path.join(directory, "shared"), 1
+    while True:
+        model = _marked(k)
+        model.save(saved)
+        if COMM.bcast(os.path.exists(os.path.join(directory, "stop")), root=0):
+            return
+        k += 1
+
+
+def scenario_restore_beside_saves(seed, directory):
+    """Restores from the directory another job keeps saving into, the ranks arriving up to
+    50 ms apart: every restore gives one save on every rank (the ranks read sharded.json
+    apart, and a save of the other job came between their reads: a rank held one save and
+    another the next, with no error)."""
+    saved = os.path.join(directory, "shared")
+    rng = np.random.default_rng([seed, RANK])
+    while not os.path.exists(os.path.join(saved, "sharded.json")):
+        time.sleep(0.01)
+    for _ in range(40):
+        model = distributed()
+        time.sleep(rng.uniform(0, 0.05))
+        model.restore(saved)
+        mine = set(model.lookup({"sgd": np.arange(64)})["sgd"].ravel().tolist())
+        every = COMM.allgather(mine)
+        assert all(len(m) == 1 for m in every) and len(set().union(*every)) == 1, every
+    if RANK == 0:
+        open(os.path.join(directory, "stop"), "w").close()
 
 
 def scenario_exit_with_pushes(seed, directory):

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -54,6 +56,56 @@ def documented_program() -> str:
         found = re.search(r"^```python mpi\n(.*?)^```", f.read(), re.MULTILINE | re.DOTALL)
     assert found, "docs/distributed.md has no ```python mpi block"
     return found.group(1)
+
+
+def test_a_restore_beside_another_jobs_saves_reads_one_whole_save(tmp_path):
+    # An evaluation job restoring from the directory a training job saves into: the saving
+    # job holds the directory's lock for each save, the restoring one shares it for each
+    # restore, and its ranks read sharded.json once its rank 0 holds it.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    saver = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, WORKER, "save_again_and_again", "0",
+                              str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        run_ranks(2, "restore_beside_saves", tmp_path)
+    finally:
+        (tmp_path / "stop").touch()
+        out, err = saver.communicate(timeout=300)
+    assert saver.returncode == 0 and "save_again_and_again: ok" in out, err[-4000:]
+
+
+_HOLD_THE_LOCK = """
+import os, sys, time
+from mtht.sharded_checkpoint import directory_lock
+directory, exclusive = sys.argv[1], sys.argv[2] == "exclusive"
+with directory_lock(directory, exclusive):
+    open(os.path.join(directory, "held"), "w").close()
+    while not os.path.exists(os.path.join(directory, "go")):
+        time.sleep(0.01)
+    open(os.path.join(directory, "released"), "w").close()
+"""
+
+
+@pytest.mark.parametrize("theirs, mine, waits", [("exclusive", True, True), ("exclusive", False, True),
+                                                 ("shared", True, True), ("shared", False, False)])
+def test_a_directory_lock_waits_for_the_other_processes_holders(tmp_path, theirs, mine, waits):
+    # Two saves exclude each other and a save and a restore do; restores share the lock.
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(tmp_path), theirs])
+    try:
+        while not (tmp_path / "held").exists():
+            assert holder.poll() is None, "the holder ended before it held the lock"
+            time.sleep(0.01)
+        if not waits:
+            with sharded_checkpoint.directory_lock(tmp_path, mine):
+                assert not (tmp_path / "released").exists()  # taken beside the holder's
+            (tmp_path / "go").touch()
+        else:
+            threading.Timer(0.3, (tmp_path / "go").touch).start()
+            with sharded_checkpoint.directory_lock(tmp_path, mine):
+                assert (tmp_path / "released").exists()  # taken only once the holder let go
+    finally:
+        (tmp_path / "go").touch()
+        holder.wait(timeout=60)
+    assert sorted(os.listdir(tmp_path)) == [".mtht-lock", "go", "held", "released"]
 
 
 def test_pushes_queued_at_exit_are_applied_on_every_rank(tmp_path):
