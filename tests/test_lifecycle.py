@@ -2412,6 +2412,26 @@ def test_an_interrupted_model_save_leaves_one_whole_save(tmp_path, monkeypatch, 
     assert len(data_files(tmp_path)) == len(_slot_configs())
 
 
+def test_a_manifest_that_cannot_be_written_for_want_of_room_names_its_file(tmp_path, monkeypatch):
+    # A full disk is a bare "[Errno 28] No space left on device" from the write: say which file.
+    t = table_of()
+    t.assign(ids_of(1), [[1.0]])
+    t.save(str(tmp_path / "t"))
+    real = os.fsync
+
+    def full(fd):  # the manifest's temporary file meets a full disk
+        if ".tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left") as raised:
+        t.save(str(tmp_path / "t"))
+    monkeypatch.undo()
+    assert raised.value.errno == 28 and raised.value.filename == str(tmp_path / "t") + ".manifest.json"
+    assert table_of().restore(str(tmp_path / "t")).lookup(ids_of(1)).tolist() == [[1.0]]
+
+
 def test_a_model_save_removes_the_temporaries_killed_saves_left(tmp_path):
     t = _fill(_multi(_slot_configs()))
     (tmp_path / "tables.json.tmp-123-0123abcd").write_text("left by a killed save")
