@@ -54,7 +54,8 @@ _FLOAT32 = np.dtype(np.float32)
 def as_ids(ids, name: str = "ids") -> np.ndarray:
     """1-D C-contiguous int64. Signed ints of any width; uint64 is reinterpreted as int64
     bits; smaller unsigned ints widen. Floats (unless empty) and bools are rejected."""
-    if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous:
+    if type(ids) is np.ndarray and ids.dtype is _INT64 and ids.ndim == 1 and ids.flags.c_contiguous and \
+            ids.flags.aligned:
         return ids  # already what the core takes: the common case, checked first
     a = as_numpy(ids, name)
     if a.ndim == 0 and a.dtype.kind not in "iuf":  # a set, a generator, None, a string...
@@ -79,7 +80,13 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
         a = _object_ids(a, name)
     else:
         raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return _for_the_core(a, np.int64)
+
+
+def _for_the_core(a, dtype) -> np.ndarray:
+    """``a`` as a C-contiguous, aligned array of ``dtype``: the core reads it through typed
+    pointers, which an array at an odd address (a view into a byte buffer) does not fit."""
+    return np.require(np.ascontiguousarray(a, dtype=dtype), requirements="A")
 
 
 def _object_ids(a: np.ndarray, name: str) -> np.ndarray:
@@ -106,7 +113,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     """C-contiguous float32 ``[n, dim]``. Also accepted: ``[n]`` when dim == 1, and a scalar
     when n * dim == 1. Anything else, a transposed array included, is a ValueError."""
     if type(values) is np.ndarray and values.dtype is _FLOAT32 and values.shape == (n, dim) and \
-            values.flags.c_contiguous:
+            values.flags.c_contiguous and values.flags.aligned:
         return values  # already what the core takes: the common case, checked first
     a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
@@ -136,10 +143,10 @@ def _float32(a: np.ndarray, name: str) -> np.ndarray:
     """``a`` as C-contiguous float32. A finite number past float32's range (a float64 of
     1e39) is a ValueError: cast, it would be an Inf that the table refuses as if given."""
     if a.dtype.kind != "f" or a.dtype.itemsize <= 4:
-        return np.ascontiguousarray(a, dtype=np.float32)
+        return _for_the_core(a, np.float32)
     with np.errstate(over="raise"):
         try:
-            return np.ascontiguousarray(a, dtype=np.float32)
+            return _for_the_core(a, np.float32)
         except FloatingPointError:
             raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
                              f"the largest is {np.nanmax(np.abs(a[np.isfinite(a)])):.6g}") from None

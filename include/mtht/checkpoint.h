@@ -44,6 +44,7 @@ class Checksum64 {
   static constexpr uint64_t P1 = 0x9E3779B185EBCA87ULL, P2 = 0xC2B2AE3D27D4EB4FULL, P3 = 0x165667B19E3779F9ULL;
 
   void update(const void* data, size_t n) {
+    if (n == 0) return;  // data may be null then (an empty vector's), which memcpy may not take
     const unsigned char* p = static_cast<const unsigned char*>(data);
     total_ += n;
     if (fill_) {

@@ -1899,11 +1899,12 @@ class EmbeddingTable {
       found[i] = row != nullptr;
       if (row) {
         read_values(row, values + i * d);
-        std::memcpy(state + i * sd, row + layout_.value_words, sizeof(float) * sd);
+        // state is null for an optimizer without state (SGD), which memcpy may not take
+        if (sd) std::memcpy(state + i * sd, row + layout_.value_words, sizeof(float) * sd);
         ts[i] = shards_[shard_of(hash_id(ids[i]))]->ts_of(slot);
       } else {
         std::memset(values + i * d, 0, sizeof(float) * d);
-        std::memset(state + i * sd, 0, sizeof(float) * sd);
+        if (sd) std::memset(state + i * sd, 0, sizeof(float) * sd);
         ts[i] = 0;
       }
     });
