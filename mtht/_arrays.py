@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
+
+# The numbers the builders and schedules take, in their type hints (Python's or numpy's;
+# bools are refused when they are checked).
+RealNumber = Union[float, "np.floating[Any]", "np.integer[Any]"]
+Integer = Union[int, "np.integer[Any]"]
 
 
 def as_numpy(x, name: str = "the input") -> np.ndarray:
@@ -148,8 +153,9 @@ def _float32(a: np.ndarray, name: str) -> np.ndarray:
         try:
             return _for_the_core(a, np.float32)
         except FloatingPointError:
+            largest = np.max(np.abs(a[np.isfinite(a)]))
             raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
-                             f"the largest is {np.nanmax(np.abs(a[np.isfinite(a)])):.6g}") from None
+                             f"{np.format_float_scientific(largest, unique=True, trim='-')}") from None
 
 
 def as_numpy_floats(values, name: str) -> np.ndarray:
@@ -200,10 +206,17 @@ def as_int64_scalar(x, name: str) -> int:
 
 
 def as_flag(x, name: str) -> bool:
-    """A call's switch: a bool (Python or numpy), or the integer 0 or 1. Anything else, a
-    string such as ``"no"`` included, is a TypeError rather than read by its truth."""
+    """A call's switch: a bool, or an integer 0 or 1 (Python's, numpy's, or a 0-d array or
+    framework tensor of either); None is False. Anything else, a string such as ``"no"``
+    included, is a TypeError rather than read by its truth."""
     if x is True or x is False:
         return x
-    if isinstance(x, np.bool_) or (isinstance(x, numbers.Integral) and x in (0, 1)):
+    if x is None:
+        return False
+    given = x
+    if not isinstance(x, (numbers.Integral, np.generic)) and (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
+        a = as_numpy(x, name)  # a 0-d array or tensor (torch, JAX)
+        x = a[()] if a.ndim == 0 else x
+    if isinstance(x, np.bool_) or (isinstance(x, (numbers.Integral, np.integer)) and x in (0, 1)):
         return bool(x)
-    raise TypeError(f"{name} must be a bool, got {x!r}")
+    raise TypeError(f"{name} must be a bool, got {given!r}")

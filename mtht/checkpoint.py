@@ -20,9 +20,9 @@ Saves and restores at one basename (or directory) from threads of one process ta
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -459,49 +459,70 @@ def _named_tables(table) -> Dict[str, object]:
 
 
 def _over_tables(fn, args: list) -> list:
-    """``[fn(*a) for a in args]``, the calls spread over ``mtht.get_num_threads()`` threads
-    (they spend their time in the core, without the GIL): the first exception, in the order
-    of ``args``, is raised once every call has ended."""
+    """``[fn(*a) for a in args]``, the calls spread over ``mtht.get_num_threads()`` threads,
+    the calling one among them (they spend their time in the core, without the GIL): the
+    first exception, in the order of ``args``, is raised once every call has ended. An
+    interrupt (Ctrl-C) drops the calls not started and is raised once those under way have
+    ended, so that none runs on past the caller's locks (a save's files written after the
+    writes it held off went on). Where no thread can start (at interpreter exit, in an
+    atexit function, or with no threads left to give), fewer threads make the calls, the
+    calling one at least."""
     workers = min(len(args), _core.get_num_threads())
     if workers <= 1:
         return [fn(*a) for a in args]
-    pool, futures = None, []
+    outcomes: list = [None] * len(args)  # (result, error) of each call made
+    turns, turns_lock, dropped = itertools.count(), threading.Lock(), threading.Event()
+
+    def make_calls() -> None:
+        while not dropped.is_set():
+            with turns_lock:
+                k = next(turns)
+            if k >= len(args):
+                return
+            try:
+                outcomes[k] = (fn(*args[k]), None)
+            except BaseException as error:  # an interrupt lands on the calling thread only
+                outcomes[k] = (None, error)
+                if not isinstance(error, Exception):
+                    raise
+
+    helpers: List[threading.Thread] = []
     try:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-        for a in args:
-            futures.append(pool.submit(fn, *a))
-        concurrent.futures.wait(futures)
-    except BaseException as error:
-        if isinstance(error, RuntimeError) and not futures:
-            # No pool thread can start: at interpreter exit (a save in an atexit function),
-            # or with no threads left to give. The calls run on this thread.
-            on_this_thread = True
-        else:
-            # An interrupt (Ctrl-C): the calls not started are dropped, and those under way
-            # end before it is raised, so that none runs on past the caller's locks (a save's
-            # files written after the writes it held off went on).
-            for f in futures:
-                f.cancel()
-            _wait_through_interrupts(futures)
-            raise
-    else:
-        on_this_thread = False
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False)  # every call has ended or was dropped
-    if on_this_thread:
-        return [fn(*a) for a in args]
-    return [f.result() for f in futures]
+        for _ in range(workers - 1):
+            helper = threading.Thread(target=make_calls, name="mtht-checkpoint", daemon=True)
+            try:
+                helper.start()
+            except RuntimeError:  # "can't start new thread", or the interpreter is exiting
+                break
+            helpers.append(helper)
+        make_calls()
+    except BaseException:
+        dropped.set()
+        _join_through_interrupts(helpers)
+        raise
+    interrupt = _join_through_interrupts(helpers, dropped)
+    if interrupt is not None:
+        raise interrupt
+    for outcome in outcomes:
+        if outcome[1] is not None:
+            raise outcome[1]
+    return [result for result, _ in outcomes]
 
 
-def _wait_through_interrupts(futures) -> None:
-    """Waits for ``futures``; an interrupt meanwhile does not cut the wait short."""
-    while True:
-        try:
-            concurrent.futures.wait(futures)
-            return
-        except KeyboardInterrupt:
-            continue
+def _join_through_interrupts(helpers: List[threading.Thread], dropped: Optional[threading.Event] = None):
+    """Waits for ``helpers`` to end; an interrupt meanwhile does not cut the wait short, but
+    sets ``dropped`` (no call starts after it) and is returned."""
+    interrupt = None
+    for helper in helpers:
+        while True:
+            try:
+                helper.join()
+                break
+            except KeyboardInterrupt as error:
+                interrupt = error
+                if dropped is not None:
+                    dropped.set()
+    return interrupt
 
 
 def _over_tables_settled(fn, args: list) -> Tuple[list, Optional[BaseException]]:

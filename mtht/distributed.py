@@ -65,7 +65,7 @@ def _free(comm) -> None:
 def _config_text(config) -> str:
     """A config's canonical text, but for the learning-rate functions, named there by their
     address in this process."""
-    return re.sub(r"callable@[0-9]+", "callable", str(config))
+    return re.sub(r"(callable|array)@[0-9]+", r"\1", str(config))
 
 
 def _filter_settings(table) -> Optional[tuple]:
@@ -638,13 +638,19 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         with self._turn():  # waits for the calls hooks queued (their errors stay for wait() or as_op())
             self._save(directory)
 
-    def _directory_lock(self, directory: str, exclusive: bool):
-        """Process 0 holds the directory's lock between jobs (sharded_checkpoint.directory_lock)
-        for the whole of a save or a restore."""
-        return _sharded.directory_lock(directory, exclusive) if self._rank == 0 else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _directory_lock(self, directory: str, exclusive: bool, what: str):
+        """Within: process 0 holds the directory's lock between jobs
+        (sharded_checkpoint.directory_lock), every rank knowing it does; a Ctrl-C while it
+        waits for another job ends the wait, and is raised on every rank."""
+        with contextlib.ExitStack() as held:
+            _, error = _attempt(lambda: held.enter_context(_sharded.directory_lock(
+                directory, exclusive, lambda: bool(self._pending_interrupts)))) if self._rank == 0 else (None, None)
+            self._settle(error, what)
+            yield
 
     def _save(self, directory: str) -> None:
-        with self._directory_lock(directory, exclusive=True):
+        with self._directory_lock(directory, True, "save (waiting for the directory's lock)"):
             self._save_locked(directory)
 
     def _save_locked(self, directory: str) -> None:
@@ -672,10 +678,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._drop_prefetched()
 
     def _restore(self, directory: str) -> None:
-        with self._directory_lock(directory, exclusive=False):
-            # Every rank reads sharded.json once process 0 holds the lock: a save of another
-            # job cannot name another generation between two ranks' reads.
-            self._settle(None, "restore")
+        # Every rank reads sharded.json once process 0 holds the lock: a save of another job
+        # cannot name another generation between two ranks' reads.
+        with self._directory_lock(directory, False, "restore (waiting for the directory's lock)"):
             saved, error = _attempt(lambda: _sharded.saved_parts(directory, self._world))
             generations = self._settle(error, "restore", info=saved[0]["generation"] if saved else None)
             if len(set(generations)) > 1:  # a job that saved without the lock (one on a file system without locks)

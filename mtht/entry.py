@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Union
 
 import numpy as np
 
-from mtht._arrays import as_numpy
+from mtht._arrays import Integer, RealNumber, as_numpy
 from mtht.learning_rate_functions import LearningRateFunction, integer_step
 
 __all__ = [
@@ -372,7 +372,7 @@ class SgdOptimizer(Optimizer):
     )
     _ARGS = (("learning_rate", "learning_rate"),)
 
-    def __init__(self, learning_rate: Optional[float] = None) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None) -> None:
         self._set(learning_rate=learning_rate)
 
 
@@ -410,10 +410,10 @@ class AdagradOptimizer(Optimizer):
         ("weight_decay_factor", "weight_decay_factor"),
     )
 
-    def __init__(self, learning_rate: Optional[float] = None,
-                 initial_accumulator_value: Optional[float] = None,
-                 hessian_compression_times: int = 1, warmup_steps: int = 0,
-                 weight_decay_factor: float = 0.0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None,
+                 initial_accumulator_value: Optional[RealNumber] = None,
+                 hessian_compression_times: Integer = 1, warmup_steps: Integer = 0,
+                 weight_decay_factor: RealNumber = 0.0) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -479,12 +479,12 @@ class DynamicWdAdagradOptimizer(Optimizer):
         ("dynamic_wd_temperature", "dynamic_wd_temperature"),
     )
 
-    def __init__(self, learning_rate: Optional[float] = None,
-                 initial_accumulator_value: Optional[float] = None,
-                 hessian_compression_times: int = 1, warmup_steps: int = 0,
-                 weight_decay_factor: float = 0.0, decouple_weight_decay: bool = True,
+    def __init__(self, learning_rate: Optional[RealNumber] = None,
+                 initial_accumulator_value: Optional[RealNumber] = None,
+                 hessian_compression_times: Integer = 1, warmup_steps: Integer = 0,
+                 weight_decay_factor: RealNumber = 0.0, decouple_weight_decay: bool = True,
                  enable_dynamic_wd: bool = True, flip_direction: bool = True,
-                 dynamic_wd_temperature: float = 1.0) -> None:
+                 dynamic_wd_temperature: RealNumber = 1.0) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -532,8 +532,9 @@ class AdadeltaOptimizer(Optimizer):
         ("warmup_steps", "warmup_steps"),
     )
 
-    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
-                 averaging_ratio: float = 0.9, epsilon: float = 0.01, warmup_steps: int = 0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, weight_decay_factor: RealNumber = 0.0,
+                 averaging_ratio: RealNumber = 0.9, epsilon: RealNumber = 0.01,
+                 warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -578,9 +579,10 @@ class AdamOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate: Optional[float] = None, beta1: float = 0.9, beta2: float = 0.99,
-                 use_beta1_warmup: bool = False, weight_decay_factor: float = 0.0,
-                 use_nesterov: bool = False, epsilon: float = 0.01, warmup_steps: int = 0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, beta1: RealNumber = 0.9,
+                 beta2: RealNumber = 0.99,
+                 use_beta1_warmup: bool = False, weight_decay_factor: RealNumber = 0.0,
+                 use_nesterov: bool = False, epsilon: RealNumber = 0.01, warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta1=beta1,
@@ -625,9 +627,10 @@ class AmsgradOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate: Optional[float] = None, beta1: float = 0.9, beta2: float = 0.99,
-                 weight_decay_factor: float = 0.0, use_nesterov: bool = False, epsilon: float = 0.01,
-                 warmup_steps: int = 0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, beta1: RealNumber = 0.9,
+                 beta2: RealNumber = 0.99,
+                 weight_decay_factor: RealNumber = 0.0, use_nesterov: bool = False, epsilon: RealNumber = 0.01,
+                 warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta1=beta1,
@@ -654,11 +657,11 @@ class _FtrlFamily(Optimizer):
 
     _ARGS = _FTRL_ARGS
 
-    def __init__(self, learning_rate: Optional[float] = None,
-                 initial_accumulator_value: Optional[float] = None,
-                 beta: Optional[float] = None, warmup_steps: int = 0,
-                 l1_regularization: Optional[float] = None,
-                 l2_regularization: Optional[float] = None) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None,
+                 initial_accumulator_value: Optional[RealNumber] = None,
+                 beta: Optional[RealNumber] = None, warmup_steps: Integer = 0,
+                 l1_regularization: Optional[RealNumber] = None,
+                 l2_regularization: Optional[RealNumber] = None) -> None:
         self._set(
             learning_rate=learning_rate,
             initial_accumulator_value=initial_accumulator_value,
@@ -772,9 +775,10 @@ class AdaGradWithGroupLassoOptimizer(Optimizer):
         ("warmup_steps", "warmup_steps"),
     )
 
-    def __init__(self, learning_rate: Optional[float] = None, beta: Optional[float] = None,
-                 initial_accumulator_value: Optional[float] = None, l2_regularization: Optional[float] = None,
-                 weight_decay_factor: float = 0.0, warmup_steps: int = 0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, beta: Optional[RealNumber] = None,
+                 initial_accumulator_value: Optional[RealNumber] = None,
+                 l2_regularization: Optional[RealNumber] = None,
+                 weight_decay_factor: RealNumber = 0.0, warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta=beta,
@@ -812,8 +816,8 @@ class MomentumOptimizer(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
-                 use_nesterov: bool = False, momentum: float = 0.9, warmup_steps: int = 0) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, weight_decay_factor: RealNumber = 0.0,
+                 use_nesterov: bool = False, momentum: RealNumber = 0.9, warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -836,7 +840,7 @@ class MovingAverageOptimizer(Optimizer):
     _FIELDS = (("momentum", _FLOAT, 0.9, _UNIT),)
     _ARGS = (("momentum", "momentum"),)
 
-    def __init__(self, momentum: float = 0.9) -> None:
+    def __init__(self, momentum: RealNumber = 0.9) -> None:
         self._set(momentum=momentum)
 
 
@@ -850,8 +854,8 @@ class _RmspropBase(Optimizer):
     )
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
-    def __init__(self, learning_rate: Optional[float] = None, weight_decay_factor: float = 0.0,
-                 momentum: float = 0.9) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None, weight_decay_factor: RealNumber = 0.0,
+                 momentum: RealNumber = 0.9) -> None:
         self._set(
             learning_rate=learning_rate,
             weight_decay_factor=weight_decay_factor,
@@ -910,7 +914,7 @@ class BatchSoftmaxOptimizer(Optimizer):
     _FIELDS = (("learning_rate", _FLOAT, 0.1, _ANY),)
     _ARGS = (("learning_rate", "learning_rate"),)
 
-    def __init__(self, learning_rate: Optional[float] = None) -> None:
+    def __init__(self, learning_rate: Optional[RealNumber] = None) -> None:
         self._set(learning_rate=learning_rate)
 
 
@@ -995,7 +999,7 @@ class ConstantsInitializer(Initializer):
 
     kind = "constants"
 
-    def __init__(self, constant: float) -> None:
+    def __init__(self, constant: RealNumber) -> None:
         self.constant = _check_float(constant, "constant")
 
     def params(self) -> dict[str, Union[float, int, bool]]:
@@ -1024,7 +1028,7 @@ class RandomUniformInitializer(Initializer):
 
     kind = "random_uniform"
 
-    def __init__(self, minval: Optional[float] = -0.05, maxval: Optional[float] = 0.05) -> None:
+    def __init__(self, minval: Optional[RealNumber] = -0.05, maxval: Optional[RealNumber] = 0.05) -> None:
         self.minval = None if minval is None else _check_float(minval, "minval")
         self.maxval = None if maxval is None else _check_float(maxval, "maxval")
         params = self.params()
@@ -1065,7 +1069,7 @@ class BatchSoftmaxInitializer(ConstantsInitializer):
         If ``init_step_interval < 1``.
     """
 
-    def __init__(self, init_step_interval: float) -> None:
+    def __init__(self, init_step_interval: RealNumber) -> None:
         _check_float(init_step_interval, "init_step_interval")
         if init_step_interval < 1:
             raise ValueError(
@@ -1125,7 +1129,7 @@ class FixedR8Compressor(Compressor):
 
     kind = "fixed_r8"
 
-    def __init__(self, fixed_range: float = 1.0) -> None:
+    def __init__(self, fixed_range: RealNumber = 1.0) -> None:
         self.r = _check_float(fixed_range, "fixed_range", _POSITIVE)
         if not np.float32(self.r) / np.float32(128) > 0:  # the step: 0 would divide 0 by 0 (NaN)
             raise ValueError(f"fixed_range must leave a step r / 128 above 0 in float32, got {fixed_range!r}")
@@ -1155,7 +1159,7 @@ class OneBitCompressor(Compressor):
 
     kind = "one_bit"
 
-    def __init__(self, step_size: int = 200, amplitude: float = 0.05) -> None:
+    def __init__(self, step_size: Integer = 200, amplitude: RealNumber = 0.05) -> None:
         self.step_size = _check_int(step_size, "step_size", 1, 2**63 - 1)
         self.amplitude = _check_float(amplitude, "amplitude", _POSITIVE)
 
@@ -1248,7 +1252,7 @@ class Segment:
         )
 
 
-def CombineAsSegment(dim_size: int, initializer: Initializer, optimizer: Optimizer,
+def CombineAsSegment(dim_size: Integer, initializer: Initializer, optimizer: Optimizer,
                      compressor: Optional[Compressor] = None) -> Segment:
     """Build a :class:`Segment` (Monolith's name and argument order).
 
@@ -1588,7 +1592,7 @@ class CuckooHashTableConfig:
         When > 0, enables feature eviction with this period.
     """
 
-    def __init__(self, initial_capacity: int = 1, feature_evict_every_n_hours: int = 0) -> None:
+    def __init__(self, initial_capacity: Integer = 1, feature_evict_every_n_hours: Integer = 0) -> None:
         self.initial_capacity = _check_int(initial_capacity,
                                            "initial_capacity", 0)
         self.feature_evict_every_n_hours = _check_int(
@@ -1633,7 +1637,7 @@ class _Tensor(Protocol):
     def __dlpack__(self) -> Any: ...
 
 
-LearningRateFn = Union[float, int, LearningRateFunction, Callable[..., Any], "np.ndarray[Any, Any]", _Tensor]
+LearningRateFn = Union[RealNumber, LearningRateFunction, Callable[..., Any], "np.ndarray[Any, Any]", _Tensor]
 
 # How each learning-rate fn is evaluated.
 _CONSTANT = "constant"

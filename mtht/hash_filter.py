@@ -6,7 +6,7 @@ import numbers
 import threading
 from typing import Dict, Mapping, Optional, Tuple
 
-from mtht._arrays import as_mapping
+from mtht._arrays import Integer, as_mapping
 
 __all__ = ["HashFilter", "MAX_SLOT", "DEFAULT_CAPACITY"]
 
@@ -38,9 +38,9 @@ class HashFilter:
     ``capacity`` have. ``stats()["filter_forgotten"]`` of the table says how many went.
     """
 
-    def __init__(self, default_occurrence_threshold: int = 0,
-                 slot_occurrence_thresholds: Optional[Mapping[int, int]] = None,
-                 capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, default_occurrence_threshold: Integer = 0,
+                 slot_occurrence_thresholds: Optional[Mapping[Integer, Integer]] = None,
+                 capacity: Integer = DEFAULT_CAPACITY) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
             raise TypeError(f"capacity must be an integer, got {type(capacity).__name__}")
         if not 1 <= int(capacity) <= _MAX_CAPACITY:

@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from mtht._arrays import as_numpy
+from mtht._arrays import Integer, RealNumber, as_numpy
 
 __all__ = [
     "LearningRateFunction",
@@ -256,8 +256,8 @@ class PolynomialDecay(LearningRateFunction):
     'LearningRateFunction("PolynomialDecay",Params:cycle=False,decay_steps=10,end_learning_rate=1.1,initial_learning_rate=0.1,name=None,power=1.0)'
     """
 
-    def __init__(self, initial_learning_rate: float, decay_steps: float,
-                 end_learning_rate: float = 0.0001, power: float = 1.0, cycle: bool = False,
+    def __init__(self, initial_learning_rate: RealNumber, decay_steps: RealNumber,
+                 end_learning_rate: RealNumber = 0.0001, power: RealNumber = 1.0, cycle: bool = False,
                  name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
@@ -311,7 +311,7 @@ class ExponentialDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float,
+    def __init__(self, initial_learning_rate: RealNumber, decay_steps: RealNumber, decay_rate: RealNumber,
                  staircase: bool = False, name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
@@ -353,7 +353,7 @@ class CosineDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, initial_learning_rate: float, decay_steps: float, alpha: float = 0.0,
+    def __init__(self, initial_learning_rate: RealNumber, decay_steps: RealNumber, alpha: RealNumber = 0.0,
                  name: Optional[str] = None) -> None:
         _check_real(initial_learning_rate, "initial_learning_rate")
         _check_real(decay_steps, "decay_steps", positive=True)
@@ -390,7 +390,7 @@ class PiecewiseConstantDecay(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, boundaries: Sequence[float], values: Sequence[float],
+    def __init__(self, boundaries: Sequence[RealNumber], values: Sequence[RealNumber],
                  name: Optional[str] = None) -> None:
         boundaries = list(boundaries)
         values = list(values)
@@ -456,8 +456,8 @@ class LinearWarmup(LearningRateFunction):
         A label; not part of the schedule's identity.
     """
 
-    def __init__(self, learning_rate: Union[float, LearningRateFunction], warmup_steps: int,
-                 initial_learning_rate: float = 0.0, name: Optional[str] = None) -> None:
+    def __init__(self, learning_rate: Union[RealNumber, LearningRateFunction], warmup_steps: Integer,
+                 initial_learning_rate: RealNumber = 0.0, name: Optional[str] = None) -> None:
         if not isinstance(learning_rate, LearningRateFunction):
             _check_real(learning_rate, "learning_rate")
         if isinstance(warmup_steps, (bool, np.bool_)) or not isinstance(

@@ -22,9 +22,11 @@ The functions here touch files only; :mod:`mtht.distributed` runs them on the pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
+import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 try:
@@ -41,36 +43,55 @@ SHARDED_FORMAT = "mtht-sharded-checkpoint"
 SHARDED_FILE = "sharded.json"
 _GENERATION = re.compile(r"^g([0-9]{6,})$")
 LOCK_FILE = ".mtht-lock"
+_log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str, exclusive: bool) -> Iterator[None]:
+def directory_lock(directory: str, exclusive: bool,
+                   interrupted: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """Within: this process holds the lock of ``directory`` between processes, alone
     (``exclusive``: a save, from choosing its generation to naming it) or shared (a
-    restore's reads). An advisory ``flock`` on ``directory/.mtht-lock``, made if need be; it
-    waits for the holders. Where it cannot be taken (a read-only directory without the
-    file, a file system that takes no locks) nothing is held, as before locks were taken."""
+    restore's reads). An advisory ``flock`` on ``directory/.mtht-lock``, which a save makes
+    (a restore only reads: a directory whose save made none is not locked). It waits for
+    the holders, a KeyboardInterrupt ending the wait (also one that ``interrupted()`` says
+    came, where Ctrl-C is held off), and says so once it has waited 5 seconds. Where it
+    cannot be taken (no directory, a file system without locks) nothing is held."""
     directory = os.fsdecode(directory)
+    path = os.path.join(directory, LOCK_FILE)
     fd = None
     if fcntl is not None:
-        if exclusive:
-            os.makedirs(directory, exist_ok=True)
-        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
-            try:
-                fd = os.open(os.path.join(directory, LOCK_FILE), flags, 0o644)
-                break
-            except OSError:
-                continue
+        try:
+            if exclusive:
+                os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+        except OSError:  # the save reports a directory it cannot make; the restore, what it cannot read
+            fd = None
     try:
         if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            except OSError:  # ENOLCK, EOPNOTSUPP...: a file system without locks
-                pass
+            _wait_for(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, path, interrupted)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) -> None:
+    waited, said = 0.0, False
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # ENOLCK, EOPNOTSUPP...: a file system without locks
+            return
+        if interrupted():
+            raise KeyboardInterrupt
+        if waited >= 5 and not said:
+            _log.warning("waiting for %s: another job saves into or restores from this directory", path)
+            said = True
+        time.sleep(0.05)
+        waited += 0.05
 
 
 def part_directory(directory: str, generation: int, part: int, world_size: int) -> str:
@@ -205,6 +226,7 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     source, target = os.fsdecode(source), os.fsdecode(target)
     if os.path.realpath(source) == os.path.realpath(target):
         raise ValueError("reshard writes a new checkpoint: give a target other than the source")
+    saved_parts(source)  # a source that is no save is refused before the target is made
     with directory_lock(source, exclusive=False), directory_lock(target, exclusive=True):
         _reshard(source, target, world_size, make_model)
 

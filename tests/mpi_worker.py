@@ -600,6 +600,56 @@ def scenario_restore_beside_saves(seed, directory):
         open(os.path.join(directory, "stop"), "w").close()
 
 
+_HOLD_THE_LOCK = """
+import os, sys, time
+from mtht.sharded_checkpoint import directory_lock
+with directory_lock(sys.argv[1], True):
+    open(sys.argv[2], "w").close()
+    time.sleep(60)
+"""
+
+
+def scenario_lock_edges(seed, directory):
+    """A save into a directory that cannot be made raises on every rank (rank 0 alone
+    raised, the others waited for ever); a Ctrl-C while rank 0 waits for another job's lock
+    ends the wait on every rank; a learning rate given as an array builds on every rank (its
+    key named its address, which differs between processes)."""
+    import subprocess
+
+    model = _marked(1)
+    a_file = os.path.join(directory, f"a file {seed}")
+    if RANK == 0:
+        open(a_file, "w").close()
+    COMM.Barrier()
+    expect_failure(lambda: model.save(os.path.join(a_file, "ckpt")), OSError if RANK == 0 else DistributedError,
+                   "save under a file")
+    locked = os.path.join(directory, f"locked {seed}")
+    model.save(locked)
+    holder = None
+    if RANK == 0:
+        held = os.path.join(directory, f"held {seed}")
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, locked, held])
+        while not os.path.exists(held):
+            time.sleep(0.01)
+        threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
+    COMM.Barrier()
+    began = time.monotonic()
+    expect_failure(lambda: model.save(locked), KeyboardInterrupt if RANK == 0 else DistributedError,
+                   "save waiting for another job's lock")
+    assert time.monotonic() - began < 20, time.monotonic() - began
+    if holder is not None:
+        holder.kill()
+        holder.wait()
+    COMM.Barrier()
+    model.save(locked)  # the lock is free again
+    configs = {"sgd": config(1, lambda: mtht.SgdOptimizer())}
+    configs["sgd"] = mtht.HashTableConfigInstance(configs["sgd"].table_config, [np.array(0.5)])
+    rated = DistributedMultiTypeHashTable(configs, factory)
+    rated.assign({"sgd": (np.arange(4), np.zeros((4, 1), F32))})
+    rated.apply_gradients({"sgd": (np.arange(4), np.ones((4, 1), F32))}, 1)
+    assert rated.lookup({"sgd": np.arange(4)})["sgd"].tolist() == [[-0.5 * WORLD]] * 4
+
+
 def scenario_exit_with_pushes(seed, directory):
     """Pushes still queued when the program ends are applied at exit on every rank (the
     table's communicator, freed at exit first, made them fail and the other rank hang)."""

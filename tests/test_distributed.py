@@ -40,7 +40,7 @@ def run_ranks(n: int, scenario: str, directory, seed: int = 0) -> None:
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("scenario", ["train", "merged", "sgd_numpy", "errors", "hooks", "built_differently",
                                       "edges", "hook_errors", "wrapper_errors", "separate_directories",
-                                      "interrupts"])
+                                      "interrupts", "lock_edges"])
 def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for seed in (1, 2):
         run_ranks(ranks, scenario, tmp_path, seed)
@@ -89,6 +89,8 @@ with directory_lock(directory, exclusive):
                                                  ("shared", True, True), ("shared", False, False)])
 def test_a_directory_lock_waits_for_the_other_processes_holders(tmp_path, theirs, mine, waits):
     # Two saves exclude each other and a save and a restore do; restores share the lock.
+    with sharded_checkpoint.directory_lock(tmp_path, True):  # as a save makes its file
+        pass
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(tmp_path), theirs])
     try:
         while not (tmp_path / "held").exists():
@@ -214,6 +216,7 @@ def test_reshard_keeps_every_entry_saved(tmp_path):
 def test_reshard_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sharded checkpoint"):
         sharded_checkpoint.reshard(tmp_path / "none", tmp_path / "out", 2, make_model)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()  # made nothing
     with pytest.raises(ValueError, match="target other than the source"):
         sharded_checkpoint.reshard(tmp_path / "x", tmp_path / "x", 2, make_model)
     with pytest.raises(ValueError, match="world_size"):
@@ -224,6 +227,8 @@ def test_reshard_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="target other than the source"):
         sharded_checkpoint.reshard(tmp_path / "src", tmp_path / "alias", 3, expiring_model)
     assert sharded_checkpoint.read_sharded_manifest(tmp_path / "src")["world_size"] == 2
+    sharded_checkpoint.reshard(tmp_path / "src", tmp_path / "out", 3, expiring_model)
+    assert ".mtht-lock" not in os.listdir(tmp_path / "src")  # the source is only read
 
 
 def test_a_save_beside_a_damaged_manifest_removes_no_generation(tmp_path):

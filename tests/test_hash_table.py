@@ -557,7 +557,7 @@ def test_a_call_switch_is_a_bool_and_nothing_read_by_its_truth():
 
     table = adagrad()
     ids, grads = np.array([7, 7], np.int64), np.ones((2, 2), np.float32)
-    for bad in ("no", "False", None, 2, 0.0, [True]):
+    for bad in ("no", "False", 2, 0.0, [True], np.array([True]), np.array(2)):
         for flag in ("enable_dedup", "use_multi_threads"):
             with pytest.raises(TypeError, match=flag):
                 table.apply_gradients(ids, grads, global_step=1, **{flag: bad})
@@ -573,7 +573,7 @@ def test_a_call_switch_is_a_bool_and_nothing_read_by_its_truth():
     one_step.apply_gradients(ids[:1], 2 * grads[:1], global_step=1)
     two_steps.apply_gradients(ids, grads, global_step=1)
     assert not np.array_equal(one_step.lookup(ids[:1]), two_steps.lookup(ids[:1]))
-    for on, off in ((1, 0), (np.bool_(True), np.bool_(False))):
+    for on, off in ((1, 0), (np.bool_(True), np.bool_(False)), (np.array(True), None), (np.array(1), np.array(0))):
         deduplicated, stepped = adagrad(), adagrad()
         deduplicated.apply_gradients(ids, grads, global_step=1, enable_dedup=on, use_multi_threads=off)
         stepped.apply_gradients(ids, grads, global_step=1, enable_dedup=off, use_multi_threads=on)

@@ -552,6 +552,39 @@ def test_an_interrupted_model_save_over_threads_removes_what_its_tables_wrote(tm
     assert restored.lookup({"a": ids_of(1, 2), "b": ids_of(3)})["a"].tolist() == [[1.0], [2.0]]
 
 
+@pytest.mark.parametrize("helpers_that_start", [0, 1])
+def test_a_model_save_whose_threads_cannot_all_start_saves_on_those_that_did(tmp_path, monkeypatch,
+                                                                             restore_num_threads,
+                                                                             helpers_that_start):
+    # No more threads to give: the saves are made on the threads that started, the calling
+    # one at least. (A save whose second thread could not start raised, and the table queued
+    # for that thread was saved after the call had returned: its files were left.)
+    model = MultiTypeHashTable({slot: config_of() for slot in "abc"},
+                               lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    model.assign({slot: (ids_of(1, 2), [[k + 1.0], [k + 2.0]]) for k, slot in enumerate("abc")})
+    real_start, started = threading.Thread.start, []
+
+    def start(thread):
+        if thread.name == "mtht-checkpoint":
+            if len(started) == helpers_that_start:
+                raise RuntimeError("can't start new thread")
+            started.append(thread)
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    mtht.set_num_threads(3)
+    save_multi_type(model, str(tmp_path))
+    monkeypatch.undo()
+    assert len(data_files(tmp_path)) == 3
+    time.sleep(0.2)  # nothing is written after the call
+    assert len(data_files(tmp_path)) == 3
+    restored = MultiTypeHashTable({slot: config_of() for slot in "abc"},
+                                  lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    restore_multi_type(restored, str(tmp_path))
+    assert {s: r.tolist() for s, r in restored.lookup({s: ids_of(1, 2) for s in "abc"}).items()} == \
+        {slot: [[k + 1.0], [k + 2.0]] for k, slot in enumerate("abc")}
+
+
 _SAVE_AT_EXIT = """
 import atexit, sys
 import numpy as np

@@ -34,6 +34,7 @@ def optimizers() -> list[mtht.entry.Optimizer]:
         mtht.MomentumOptimizer(0.1, use_nesterov=True), mtht.MovingAverageOptimizer(0.9),
         mtht.RmspropOptimizer(0.1), mtht.RmspropV2Optimizer(0.1, momentum=0.5), mtht.BatchSoftmaxOptimizer(0.1),
         mtht.StochasticRoundingFloat16OptimizerWrapper(mtht.SgdOptimizer()),
+        mtht.AdagradOptimizer(np.float32(0.1), np.float64(0.1), np.int64(1)),  # numpy's numbers too
     ]
 
 
@@ -43,12 +44,13 @@ def config(dim: int) -> mtht.HashTableConfigInstance:
         mtht.RandomUniformInitializer(-0.1, 0.1), mtht.BatchSoftmaxInitializer(1.0)]
     compressors: list[mtht.entry.Compressor] = [
         mtht.Fp32Compressor(), mtht.Fp16Compressor(), mtht.FixedR8Compressor(2.0), mtht.OneBitCompressor(100, 0.1)]
-    segments = [mtht.CombineAsSegment(dim, initializers[k % 5], opt, compressors[k % 4])
+    segments = [mtht.CombineAsSegment(np.int64(dim), initializers[k % 5], opt, compressors[k % 4])
                 for k, opt in enumerate(optimizers())]
     rates: list[mtht.entry.LearningRateFn] = [
         0.1, lrf.PolynomialDecay(0.1, 100, 0.01, 1.0, False, "p"), lrf.ExponentialDecay(0.1, 10, 0.9, True),
         lrf.CosineDecay(0.1, 100, 0.0), lrf.PiecewiseConstantDecay([10, 20], [0.1, 0.05, 0.01]),
-        lrf.LinearWarmup(0.1, 10, 0.0), lambda step: 0.1, lambda: 0.1, np.array(0.1), torch.tensor(0.1)]
+        lrf.LinearWarmup(0.1, 10, 0.0), lambda step: 0.1, lambda: 0.1, np.array(0.1), torch.tensor(0.1),
+        np.float32(0.1), lrf.PolynomialDecay(np.float32(0.1), np.int64(100))]
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=segments))
     mtht.entry.CuckooHashTableConfig(1000, 24).mutate_table(table_config)
     return mtht.HashTableConfigInstance(table_config, [rates[k % len(rates)] for k in range(len(segments))],
@@ -57,7 +59,7 @@ def config(dim: int) -> mtht.HashTableConfigInstance:
 
 def train(directory: str) -> float:
     mtht.set_num_threads(2)
-    table = mtht.hash_table_from_config(config(1), hash_filter=mtht.HashFilter(1, {3: 2}), name_suffix="t",
+    table = mtht.hash_table_from_config(config(1), hash_filter=mtht.HashFilter(np.int64(1), {3: 2}), name_suffix="t",
                                         saver_parallel=2)
     ids: npt.NDArray[np.int64] = np.arange(100, dtype=np.int64)
     rows = table.lookup(ids, out=np.empty((100, table.dim_size), np.float32))
