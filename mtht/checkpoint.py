@@ -15,7 +15,10 @@ renamed into place once every table's data files are written, and only then are 
 tables' own manifests replaced and their older generations removed. A killed save
 therefore leaves the previous save of every table, or the new one of every table.
 
-Saves and restores at one basename (or directory) from threads of one process take turns.
+Saves and restores at one basename (or directory) from threads of one process take turns,
+and so do a model's saves and restores of one directory from several processes
+(:func:`directory_lock`): a job that restores from the directory a training job saves
+into gets one whole save.
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import secrets
 import threading
-from typing import Dict, List, Optional, Tuple
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no lock between processes
+    fcntl = None  # type: ignore[assignment]
 
 from mtht import _core
 from mtht import hash_table as _hash_table
@@ -43,6 +53,9 @@ TABLES_FORMAT = "mtht-multi-type-checkpoint"
 # The file of a multi-type save's directory that names each table's generation. No slot's
 # files can have this name (theirs end in .manifest.json, .mtd or .manifest.json.tmp-...).
 TABLES_FILE = "tables.json"
+# The lock between processes of a directory of a model's save (directory_lock).
+LOCK_FILE = ".mtht-lock"
+_log = logging.getLogger(__name__)
 
 
 class CheckpointError(OSError):
@@ -122,6 +135,54 @@ def _forget_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_locks)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str, exclusive: bool,
+                   interrupted: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Within: this process holds the lock of ``directory`` between processes, alone
+    (``exclusive``: a save, from choosing its generation to naming it) or shared (a
+    restore's reads). An advisory ``flock`` on ``directory/.mtht-lock``, which a save makes
+    (a restore only reads: a directory whose save made none is not locked). It waits for
+    the holders, a KeyboardInterrupt ending the wait (also one that ``interrupted()`` says
+    came, where Ctrl-C is held off), and says so once it has waited 5 seconds. Where it
+    cannot be taken (no directory, a file system without locks) nothing is held."""
+    directory = os.fsdecode(directory)
+    path = os.path.join(directory, LOCK_FILE)
+    fd = None
+    if fcntl is not None:
+        try:
+            if exclusive:
+                os.makedirs(directory, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+        except OSError:  # the save reports a directory it cannot make; the restore, what it cannot read
+            fd = None
+    try:
+        if fd is not None:
+            _wait_for(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, path, interrupted)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) -> None:
+    waited, said = 0.0, False
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:  # ENOLCK, EOPNOTSUPP...: a file system without locks
+            return
+        if interrupted():
+            raise KeyboardInterrupt
+        if waited >= 5 and not said:
+            _log.warning("waiting for %s: another job saves into or restores from this directory", path)
+            said = True
+        time.sleep(0.05)
+        waited += 0.05
 
 
 @contextlib.contextmanager
@@ -583,7 +644,7 @@ def write_multi_type(table, directory: str, apply_expiry: bool = True) -> None:
     directory = os.fsdecode(directory)
     tables = _named_tables(table)
     bases = [os.path.join(directory, key) for key in tables]
-    with _turn(directory, *bases):
+    with _turn(directory, *bases), directory_lock(directory, exclusive=True):
         os.makedirs(directory, exist_ok=True)  # a model of no tables has no table's save to make it
         _remove(stale_temps(os.path.join(directory, TABLES_FILE)))  # left by a save that was killed
         with _hash_table.writes_held(list(tables.values())):  # every table at one point
@@ -660,7 +721,7 @@ def load_multi_type(table, directory: str) -> List[Tuple[object, object]]:
     directory = os.fsdecode(directory)
     tables = _named_tables(table)
     names = {name for key, t in tables.items() for name in [key] + list(t.extra_restore_names)}
-    with _turn(directory, *(os.path.join(directory, n) for n in names)):
+    with _turn(directory, *(os.path.join(directory, n) for n in names)), directory_lock(directory, exclusive=False):
         found = find_checkpoints(tables, directory)
         loaded = _over_tables(_load, found)
     return [(t, core) for (t, _, _), (core, _) in zip(found, loaded)]

@@ -641,10 +641,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     @contextlib.contextmanager
     def _directory_lock(self, directory: str, exclusive: bool, what: str):
         """Within: process 0 holds the directory's lock between jobs
-        (sharded_checkpoint.directory_lock), every rank knowing it does; a Ctrl-C while it
+        (checkpoint.directory_lock), every rank knowing it does; a Ctrl-C while it
         waits for another job ends the wait, and is raised on every rank."""
         with contextlib.ExitStack() as held:
-            _, error = _attempt(lambda: held.enter_context(_sharded.directory_lock(
+            _, error = _attempt(lambda: held.enter_context(_checkpoint.directory_lock(
                 directory, exclusive, lambda: bool(self._pending_interrupts)))) if self._rank == 0 else (None, None)
             self._settle(error, what)
             yield

@@ -10,7 +10,8 @@ renames ``sharded.json`` into place (atomic, synced), and only then is the previ
 generation removed. A job killed at any moment leaves the previous save of every part, or
 the new one of every part. A restore reads the generation ``sharded.json`` names.
 
-Jobs that save into or restore from one directory take turns (:func:`directory_lock`): a
+Jobs that save into or restore from one directory take turns
+(:func:`mtht.checkpoint.directory_lock`): a
 save holds the directory alone from choosing its generation to naming it, and a restore
 holds it shared while its processes read, so that an evaluation job restoring from the
 directory a training job saves into reads one whole save.
@@ -22,17 +23,11 @@ The functions here touch files only; :mod:`mtht.distributed` runs them on the pr
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
-import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: no lock between processes
-    fcntl = None  # type: ignore[assignment]
 
 from mtht import checkpoint as _checkpoint
 from mtht import hash_table as _hash_table
@@ -42,56 +37,6 @@ __all__ = ["read_sharded_manifest", "part_directory", "reshard"]
 SHARDED_FORMAT = "mtht-sharded-checkpoint"
 SHARDED_FILE = "sharded.json"
 _GENERATION = re.compile(r"^g([0-9]{6,})$")
-LOCK_FILE = ".mtht-lock"
-_log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def directory_lock(directory: str, exclusive: bool,
-                   interrupted: Callable[[], bool] = lambda: False) -> Iterator[None]:
-    """Within: this process holds the lock of ``directory`` between processes, alone
-    (``exclusive``: a save, from choosing its generation to naming it) or shared (a
-    restore's reads). An advisory ``flock`` on ``directory/.mtht-lock``, which a save makes
-    (a restore only reads: a directory whose save made none is not locked). It waits for
-    the holders, a KeyboardInterrupt ending the wait (also one that ``interrupted()`` says
-    came, where Ctrl-C is held off), and says so once it has waited 5 seconds. Where it
-    cannot be taken (no directory, a file system without locks) nothing is held."""
-    directory = os.fsdecode(directory)
-    path = os.path.join(directory, LOCK_FILE)
-    fd = None
-    if fcntl is not None:
-        try:
-            if exclusive:
-                os.makedirs(directory, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
-        except OSError:  # the save reports a directory it cannot make; the restore, what it cannot read
-            fd = None
-    try:
-        if fd is not None:
-            _wait_for(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, path, interrupted)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
-def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) -> None:
-    waited, said = 0.0, False
-    while True:
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            pass
-        except OSError:  # ENOLCK, EOPNOTSUPP...: a file system without locks
-            return
-        if interrupted():
-            raise KeyboardInterrupt
-        if waited >= 5 and not said:
-            _log.warning("waiting for %s: another job saves into or restores from this directory", path)
-            said = True
-        time.sleep(0.05)
-        waited += 0.05
 
 
 def part_directory(directory: str, generation: int, part: int, world_size: int) -> str:
@@ -227,7 +172,12 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     if os.path.realpath(source) == os.path.realpath(target):
         raise ValueError("reshard writes a new checkpoint: give a target other than the source")
     saved_parts(source)  # a source that is no save is refused before the target is made
-    with directory_lock(source, exclusive=False), directory_lock(target, exclusive=True):
+    # Taken in one order, so that reshards of A into B and of B into A wait for each other
+    # instead of each holding one lock and waiting for the other.
+    locks = sorted([(os.path.realpath(source), False), (os.path.realpath(target), True)])
+    with contextlib.ExitStack() as held:
+        for directory, exclusive in locks:
+            held.enter_context(_checkpoint.directory_lock(directory, exclusive))
         _reshard(source, target, world_size, make_model)
 
 

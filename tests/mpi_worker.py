@@ -602,7 +602,7 @@ def scenario_restore_beside_saves(seed, directory):
 
 _HOLD_THE_LOCK = """
 import os, sys, time
-from mtht.sharded_checkpoint import directory_lock
+from mtht.checkpoint import directory_lock
 with directory_lock(sys.argv[1], True):
     open(sys.argv[2], "w").close()
     time.sleep(60)

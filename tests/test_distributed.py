@@ -75,7 +75,7 @@ def test_a_restore_beside_another_jobs_saves_reads_one_whole_save(tmp_path):
 
 _HOLD_THE_LOCK = """
 import os, sys, time
-from mtht.sharded_checkpoint import directory_lock
+from mtht.checkpoint import directory_lock
 directory, exclusive = sys.argv[1], sys.argv[2] == "exclusive"
 with directory_lock(directory, exclusive):
     open(os.path.join(directory, "held"), "w").close()
@@ -89,7 +89,7 @@ with directory_lock(directory, exclusive):
                                                  ("shared", True, True), ("shared", False, False)])
 def test_a_directory_lock_waits_for_the_other_processes_holders(tmp_path, theirs, mine, waits):
     # Two saves exclude each other and a save and a restore do; restores share the lock.
-    with sharded_checkpoint.directory_lock(tmp_path, True):  # as a save makes its file
+    with mtht.checkpoint.directory_lock(tmp_path, True):  # as a save makes its file
         pass
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(tmp_path), theirs])
     try:
@@ -97,12 +97,12 @@ def test_a_directory_lock_waits_for_the_other_processes_holders(tmp_path, theirs
             assert holder.poll() is None, "the holder ended before it held the lock"
             time.sleep(0.01)
         if not waits:
-            with sharded_checkpoint.directory_lock(tmp_path, mine):
+            with mtht.checkpoint.directory_lock(tmp_path, mine):
                 assert not (tmp_path / "released").exists()  # taken beside the holder's
             (tmp_path / "go").touch()
         else:
             threading.Timer(0.3, (tmp_path / "go").touch).start()
-            with sharded_checkpoint.directory_lock(tmp_path, mine):
+            with mtht.checkpoint.directory_lock(tmp_path, mine):
                 assert (tmp_path / "released").exists()  # taken only once the holder let go
     finally:
         (tmp_path / "go").touch()
