@@ -145,3 +145,44 @@ def test_16_bit_values_round_as_their_models(build):
     # float32 bit patterns and at every tie, and stochastic rounding whose mean over every
     # noise value is exactly its input, against models in double precision.
     check_passes(build, "narrow_values_check")
+
+
+# The same core built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (-DMTHT_SANITIZE=address,undefined): any report (an access out of bounds or after free,
+# a load from an odd address, a null pointer given to memcpy...) ends the check with an
+# error. The checks that exercise the table and its kernels, each kernel set for the smoke.
+_SANITIZED_CHECKS = ("core_smoke", "narrow_values_check", "monolith_format_check", "room_check",
+                     "radix_sort_check", "route_check")
+
+
+def _sanitizers_available() -> bool:
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        return False
+    probe = subprocess.run([compiler, "-fsanitize=address,undefined", "-x", "c++", "-", "-o", os.devnull],
+                           input="int main() { return 0; }\n", capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def sanitized(tmp_path_factory):
+    if not _sanitizers_available():
+        pytest.skip("the C++ compiler has no AddressSanitizer/UndefinedBehaviorSanitizer runtime")
+    build = tmp_path_factory.mktemp("build-cpp-sanitized")
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DMTHT_PYTHON_MODULE=OFF", "-DMTHT_CPP_TESTS=ON",
+                    "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DMTHT_SANITIZE=address,undefined"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", *_SANITIZED_CHECKS],
+                   check=True, capture_output=True)
+    return build
+
+
+@pytest.mark.parametrize("name", _SANITIZED_CHECKS)
+def test_the_core_runs_clean_under_sanitizers(sanitized, name):
+    if name != "core_smoke":
+        check_passes(sanitized, name)
+        return
+    import mtht
+
+    checksums = {kernel: run([str(sanitized / name)], kernel)[1] for kernel in mtht._core.available_kernels()}
+    assert len(set(checksums.values())) == 1, checksums
