@@ -580,9 +580,9 @@ class AdamOptimizer(Optimizer):
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
     def __init__(self, learning_rate: Optional[RealNumber] = None, beta1: RealNumber = 0.9,
-                 beta2: RealNumber = 0.99,
-                 use_beta1_warmup: bool = False, weight_decay_factor: RealNumber = 0.0,
-                 use_nesterov: bool = False, epsilon: RealNumber = 0.01, warmup_steps: Integer = 0) -> None:
+                 beta2: RealNumber = 0.99, use_beta1_warmup: bool = False,
+                 weight_decay_factor: RealNumber = 0.0, use_nesterov: bool = False,
+                 epsilon: RealNumber = 0.01, warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,
             beta1=beta1,
@@ -628,8 +628,8 @@ class AmsgradOptimizer(Optimizer):
     _ARGS = tuple((name, name) for name, *_ in _FIELDS)
 
     def __init__(self, learning_rate: Optional[RealNumber] = None, beta1: RealNumber = 0.9,
-                 beta2: RealNumber = 0.99,
-                 weight_decay_factor: RealNumber = 0.0, use_nesterov: bool = False, epsilon: RealNumber = 0.01,
+                 beta2: RealNumber = 0.99, weight_decay_factor: RealNumber = 0.0,
+                 use_nesterov: bool = False, epsilon: RealNumber = 0.01,
                  warmup_steps: Integer = 0) -> None:
         self._set(
             learning_rate=learning_rate,

@@ -11,10 +11,10 @@ generation removed. A job killed at any moment leaves the previous save of every
 the new one of every part. A restore reads the generation ``sharded.json`` names.
 
 Jobs that save into or restore from one directory take turns
-(:func:`mtht.checkpoint.directory_lock`): a
-save holds the directory alone from choosing its generation to naming it, and a restore
-holds it shared while its processes read, so that an evaluation job restoring from the
-directory a training job saves into reads one whole save.
+(:func:`mtht.checkpoint.directory_lock`): a save holds the directory alone from choosing
+its generation to naming it, and a restore holds it shared while its processes read, so
+that an evaluation job restoring from the directory a training job saves into reads one
+whole save.
 
 :func:`reshard` rewrites a sharded save for another number of processes, in one process.
 The functions here touch files only; :mod:`mtht.distributed` runs them on the processes.
@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 from typing import Callable, Dict, List, Optional, Tuple
-
 
 from mtht import checkpoint as _checkpoint
 from mtht import hash_table as _hash_table

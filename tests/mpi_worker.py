@@ -631,8 +631,9 @@ def scenario_lock_edges(seed, directory):
         holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, locked, held])
         while not os.path.exists(held):
             time.sleep(0.01)
-        threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
     COMM.Barrier()
+    if RANK == 0:  # a Ctrl-C half a second into the save, while rank 0 waits for the lock
+        threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)).start()
     began = time.monotonic()
     expect_failure(lambda: model.save(locked), KeyboardInterrupt if RANK == 0 else DistributedError,
                    "save waiting for another job's lock")
