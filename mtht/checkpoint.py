@@ -167,7 +167,10 @@ def directory_lock(directory: str, exclusive: bool,
 
 
 def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) -> None:
-    waited, said = 0.0, False
+    # Polled, so that an interrupt held off (interrupted()) is seen: a blocking flock is
+    # tried again after a signal. From 1 ms to 50 ms apart, so that a process that saves
+    # again and again does not keep a restore out by taking the lock between its tries.
+    waited, said, pause = 0.0, False, 0.001
     while True:
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
@@ -181,8 +184,9 @@ def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) ->
         if waited >= 5 and not said:
             _log.warning("waiting for %s: another job saves into or restores from this directory", path)
             said = True
-        time.sleep(0.05)
-        waited += 0.05
+        time.sleep(pause)
+        waited += pause
+        pause = min(2 * pause, 0.05)
 
 
 @contextlib.contextmanager
