@@ -193,10 +193,7 @@ def as_int64_scalar(x, name: str) -> int:
     """An integer scalar (Python, numpy, or a 0-d integer tensor), e.g. req_time or global_step."""
     if type(x) is int and -(1 << 63) <= x < (1 << 63):  # the common case, without the ABC check
         return x
-    if not isinstance(x, (numbers.Integral, np.ndarray)) and (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
-        x = as_numpy(x, name)  # a framework's 0-d tensor (torch, JAX)
-    if isinstance(x, np.ndarray) and x.ndim == 0:
-        x = x[()]
+    x = _scalar_of(x, name)
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
     x = int(x)
@@ -213,10 +210,16 @@ def as_flag(x, name: str) -> bool:
         return x
     if x is None:
         return False
-    given = x
-    if not isinstance(x, (numbers.Integral, np.generic)) and (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
-        a = as_numpy(x, name)  # a 0-d array or tensor (torch, JAX)
-        x = a[()] if a.ndim == 0 else x
-    if isinstance(x, np.bool_) or (isinstance(x, (numbers.Integral, np.integer)) and x in (0, 1)):
-        return bool(x)
-    raise TypeError(f"{name} must be a bool, got {given!r}")
+    number = _scalar_of(x, name)
+    if isinstance(number, np.bool_) or (isinstance(number, numbers.Integral) and number in (0, 1)):
+        return bool(number)
+    raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
+def _scalar_of(x, name: str):
+    """``x``, or the number that ``x`` holds if it is a 0-d numpy array or framework tensor
+    (torch, JAX)."""
+    if isinstance(x, (numbers.Number, np.generic)) or not (hasattr(x, "__dlpack__") or hasattr(x, "__array__")):
+        return x
+    a = as_numpy(x, name)
+    return a[()] if a.ndim == 0 else x
