@@ -31,7 +31,7 @@ def build(tmp_path_factory):
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
-                    "monolith_format_check", "route_check", "narrow_values_check"],
+                    "monolith_format_check", "route_check", "narrow_values_check", "shard_limit_check"],
                    check=True, capture_output=True)
     return build
 
@@ -82,6 +82,12 @@ def test_a_write_keeps_the_room_it_reserved(build):
     # Write A reserves room, write B then inserts into the same shard, then A writes: B must
     # grow the index before it writes, and A's write must not grow it half-way through.
     check_passes(build, "room_check")
+
+
+def test_a_write_past_a_shards_limit_is_refused_before_it_changes_anything(build):
+    # The limit lowered to 1000 entries: 20 new ids into a shard of 990 are a ValueError and
+    # leave every table as it was, for each kind of write; 10 fit, given twice or not.
+    check_passes(build, "shard_limit_check")
 
 
 def test_a_write_that_fails_half_way_changes_nothing(build):

@@ -169,7 +169,14 @@ constexpr int kBucketSlots = 4;
 // the bucket's overflow count (4 bits from each of the 4 words).
 constexpr int kRowBits = 28;
 constexpr uint32_t kRowMask = (uint32_t{1} << kRowBits) - 1;
-constexpr uint64_t kMaxRowsPerShard = kRowMask - 1;  // row + 1 must fit in kRowBits
+// Entries (and rows) a shard holds at most: row + 1 must fit in kRowBits. A C++ check may
+// define MTHT_MAX_ROWS_PER_SHARD lower, to reach the limit with few entries.
+#ifdef MTHT_MAX_ROWS_PER_SHARD
+constexpr uint64_t kMaxRowsPerShard = MTHT_MAX_ROWS_PER_SHARD;
+static_assert(kMaxRowsPerShard <= kRowMask - 1, "a row number must fit in kRowBits");
+#else
+constexpr uint64_t kMaxRowsPerShard = kRowMask - 1;
+#endif
 // The most overflows a bucket counts. One that reaches it stays there (a probe then goes on
 // past it, which is only slower), until the index is rewritten.
 constexpr uint32_t kMaxOverflow = 0xFFFF;
@@ -520,16 +527,29 @@ class alignas(64) Shard {
   // for memory each time (assign_add of ids already stored, 1M ids, one thread, when a
   // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
   // M ids/s away from the bound, before).
-  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
+  // With `distinct`, an id absent more than once counts once (it sorts the absent ids: only
+  // for a write that would otherwise not fit, near kMaxRowsPerShard).
+  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n, bool distinct = false) const {
     constexpr size_t K = 16;
     uint64_t absent = 0;
+    std::vector<int64_t> absent_ids;
     for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
     for (size_t b = 0; b < n; b += K) {
       for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) absent += find(ids[k], hashes[k]).bucket == nullptr;
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) {
+        const bool missing = find(ids[k], hashes[k]).bucket == nullptr;
+        absent += missing;
+        if (distinct && missing) absent_ids.push_back(ids[k]);
+      }
     }
-    return absent;
+    if (!distinct) return absent;
+    std::sort(absent_ids.begin(), absent_ids.end());
+    return static_cast<uint64_t>(std::unique(absent_ids.begin(), absent_ids.end()) - absent_ids.begin());
   }
+
+  // Whether `extra` more entries fit in the shard beside those it holds and the room held
+  // by writes under way.
+  bool has_room_for(uint64_t extra) const { return size_ + held() + extra <= kMaxRowsPerShard; }
 
   // The slot of `id` if its home bucket (already in cache) holds it. Otherwise a null slot,
   // and when entries have overflowed past home (so `id` may lie further) the next bucket is
@@ -3084,8 +3104,8 @@ class EmbeddingTable {
       }
     size_t first = 0;
     for (size_t s : growing) {
-      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh) {
-        return sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s]);
+      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool distinct) {
+        return sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s], distinct);
       });
       first += count[s];
     }
@@ -3835,13 +3855,15 @@ class EmbeddingTable {
                      uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
-    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh) {
-      return sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
+    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool distinct) {
+      return sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b, distinct);
     });
   }
 
-  // The same for `ids` ids of shard s (ids > 0); count_absent(shard) counts the absent ones,
-  // or is null: then room that would grow the index is not held, and false is returned.
+  // The same for `ids` ids of shard s (ids > 0); count_absent(shard, distinct) counts the
+  // absent ones (Shard::count_absent), or is null: then room that would grow the index or
+  // reach the shard's limit is not held, and false is returned. A write whose new ids do
+  // not fit under kMaxRowsPerShard is a ValueError, before any entry changes.
   template <class CountAbsent>
   bool reserve_shard(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
                      CountAbsent&& count_absent) {
@@ -3851,9 +3873,18 @@ class EmbeddingTable {
     uint64_t extra = ids;
     if (can_split() && sh.size() > kSplitEntriesPerShard)
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
-    if (sh.reserve_grows_index(beyond_leaving(extra))) {
-      if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) return false;
-      else extra = count_absent(sh);
+    if (sh.reserve_grows_index(beyond_leaving(extra)) || !sh.has_room_for(beyond_leaving(extra))) {
+      if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) {
+        return false;
+      } else {
+        extra = count_absent(sh, false);
+        if (!sh.has_room_for(beyond_leaving(extra))) extra = count_absent(sh, true);
+        if (!sh.has_room_for(beyond_leaving(extra)))
+          throw ValueError("shard " + std::to_string(s) + " of the table holds " + std::to_string(sh.size()) +
+                           " entries and this write would add " + std::to_string(beyond_leaving(extra)) +
+                           " more: a shard holds at most " + std::to_string(detail::kMaxRowsPerShard) +
+                           " (give the table more shards: num_shards); the table was not changed");
+      }
     }
     if (gated && has_filter_) sh.counts.reserve_new(sh.held() + extra);
     room.hold(s, sh, beyond_leaving(extra), far_stamps ? ids : 0);
