@@ -6,14 +6,30 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
+import numpy.typing as npt
 
 # The numbers the builders and schedules take, in their type hints (Python's or numpy's;
 # bools are refused when they are checked).
 RealNumber = Union[float, "np.floating[Any]", "np.integer[Any]"]
 Integer = Union[int, "np.integer[Any]"]
+
+
+class Tensor(Protocol):
+    """A framework's tensor (PyTorch, JAX): read through DLPack."""
+
+    def __dlpack__(self) -> Any: ...
+
+
+# What the tables take as ids, values and gradients: numpy arrays, lists, buffer-protocol
+# and ``__array__`` objects, framework tensors.
+ArrayInput = Union[npt.ArrayLike, Tensor]
+# An integer argument such as global_step or req_time: a number, or a 0-d array or tensor.
+IntegerInput = Union[Integer, "np.ndarray[Any, Any]", Tensor]
+# A call's switch (as_flag): a bool, 0 or 1, a 0-d array or tensor of one; None is False.
+Switch = Union[bool, "np.bool_", Integer, "np.ndarray[Any, Any]", Tensor, None]
 
 
 def as_numpy(x, name: str = "the input") -> np.ndarray:

@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 try:
     import fcntl
@@ -43,6 +43,9 @@ except ImportError:  # not a POSIX system: no lock between processes
 from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht.entry import MAX_SHARDS
+
+if TYPE_CHECKING:
+    from mtht.multi_type_hash_table import BaseMultiTypeHashTable
 
 __all__ = ["CheckpointError", "save_table", "restore_table", "save_multi_type", "restore_multi_type",
            "checkpoint_exists"]
@@ -339,7 +342,7 @@ def file_count(table, entries_per_file: int = _ENTRIES_PER_FILE) -> int:
     return min(4, max(1, len(table) // entries_per_file))
 
 
-def save_table(table, basename: str) -> dict:
+def save_table(table: _hash_table.HashTable, basename: str) -> dict:
     """Save a :class:`~mtht.hash_table.HashTable` at ``basename``; returns the manifest.
 
     Entries expired at the table's ``max_update_ts`` (per-slot expiry of the config) are
@@ -488,7 +491,7 @@ def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: 
     return core
 
 
-def restore_table(table, basename: str) -> dict:
+def restore_table(table: _hash_table.HashTable, basename: str) -> dict:
     """Replace the contents of ``table`` with the checkpoint at ``basename``; returns the
     manifest. Nothing changes unless the whole checkpoint verified."""
     with _turn(basename):
@@ -621,7 +624,7 @@ def check_format(format: str) -> None:
         raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
 
 
-def save_multi_type(table, directory: str, format: str = "mtht") -> None:
+def save_multi_type(table: BaseMultiTypeHashTable, directory: str, format: str = "mtht") -> None:
     """Save every table of a MultiTypeHashTable / MergedMultiTypeHashTable under
     ``directory``, one checkpoint per slot key (the merged name for merged tables), and
     ``tables.json``, which names the generation of each: a killed save leaves every table's
@@ -681,7 +684,7 @@ def _tables_file_names(directory: str, generations: Dict[str, int]) -> bool:
     return {key: body["generation"] for key, body in listed.items()} == generations
 
 
-def restore_multi_type(table, directory: str, format: str = "mtht") -> None:
+def restore_multi_type(table: BaseMultiTypeHashTable, directory: str, format: str = "mtht") -> None:
     """Restore every table from ``directory``: from its key, or else from the first of its
     ``extra_restore_names`` that is present (exact names). A table takes the later of the
     checkpoint ``tables.json`` names for it and its own. Every checkpoint is verified

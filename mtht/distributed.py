@@ -21,7 +21,7 @@ import re
 import signal
 import threading
 import weakref
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,9 +29,10 @@ from mtht import _core
 from mtht import checkpoint as _checkpoint
 from mtht import hash_table as _hash_table
 from mtht import sharded_checkpoint as _sharded
-from mtht._arrays import as_ids, as_rows
-from mtht.multi_type_hash_table import (BaseMultiTypeHashTable, MultiTypeHashTable, _pair, _rows_name,
-                                        _unknown_slot, refuse_non_finite)
+from mtht._arrays import ArrayInput, IntegerInput, Switch, as_ids, as_rows
+from mtht.entry import HashTableConfigInstance
+from mtht.multi_type_hash_table import (BaseMultiTypeHashTable, MultiTypeHashTable, SlotIds, SlotRows, _pair,
+                                        _rows_name, _unknown_slot, refuse_non_finite)
 
 __all__ = ["DistributedMultiTypeHashTable", "DistributedError", "owner_of"]
 
@@ -40,7 +41,7 @@ class DistributedError(RuntimeError):
     """A collective call failed on another rank (that rank raised the error itself)."""
 
 
-def owner_of(ids, world_size: int) -> np.ndarray:
+def owner_of(ids: ArrayInput, world_size: int) -> np.ndarray:
     """The rank that owns each id: ``id mod world_size``, in ``[0, world_size)``."""
     return np.remainder(as_ids(ids), world_size)
 
@@ -241,7 +242,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     saves_its_parts = True  # mtht.checkpoint hands save_multi_type and restore_multi_type here
     calls_are_collective = True  # mtht.hooks keeps every rank's calls alike
 
-    def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable, comm=None):
+    def __init__(self, slot_to_config: Mapping[str, HashTableConfigInstance],
+                 hash_table_factory: Callable[[str, HashTableConfigInstance], Any], comm: Any = None) -> None:
         comm = _world_comm() if comm is None else comm
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._comm = comm.Dup()
@@ -487,7 +489,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         """This rank's part: a MultiTypeHashTable holding the entries of the ids it owns."""
         return self._table
 
-    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+    def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for this rank's ids; missing ids read as zeros."""
         with self._turn():
             return self._lookup(slot_to_id)
@@ -577,18 +579,21 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             if call.nonempty[t] and not call.recv_counts[:, t].any():  # written elsewhere only
                 table._core.advance_hashnet_scales(arguments.global_step)
 
-    def assign(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
+    def assign(self, slot_to_id_and_value: SlotRows,
+               req_time: Optional[IntegerInput] = None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, values)}``: upsert (the last duplicate wins, ranks in order)."""
         self._write("assign", slot_to_id_and_value, lambda: _hash_table.write_arguments("assign", req_time))
         return self
 
-    def assign_add(self, slot_to_id_and_value: Mapping, req_time=None) -> "DistributedMultiTypeHashTable":
+    def assign_add(self, slot_to_id_and_value: SlotRows,
+                   req_time: Optional[IntegerInput] = None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, values)}``: upsert and add (duplicates accumulate, ranks in order)."""
         self._write("assign_add", slot_to_id_and_value, lambda: _hash_table.write_arguments("assign_add", req_time))
         return self
 
-    def apply_gradients(self, slot_to_id_and_grad: Mapping, global_step, use_multi_threads=False,
-                        enable_dedup=True, req_time=None) -> "DistributedMultiTypeHashTable":
+    def apply_gradients(self, slot_to_id_and_grad: SlotRows, global_step: IntegerInput,
+                        use_multi_threads: Switch = False, enable_dedup: Switch = True,
+                        req_time: Optional[IntegerInput] = None) -> "DistributedMultiTypeHashTable":
         """``{slot: (ids, grads)}``: see the class. ``use_multi_threads`` is accepted for
         Monolith's signature (the owners use ``mtht.set_num_threads`` threads)."""
         self._write("apply_gradients", slot_to_id_and_grad,
@@ -596,10 +601,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                                                         enable_dedup, req_time))
         return self
 
-    def reinitialize(self, slot: str, ids):
+    def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
         raise NotImplementedError("DistributedMultiTypeHashTable does not support reinitialize")
 
-    def as_op(self, name=None) -> "DistributedMultiTypeHashTable":
+    def as_op(self, name: Optional[str] = None) -> "DistributedMultiTypeHashTable":
         """Wait until every write issued to this rank's tables has been applied (not
         collective)."""
         self._wait_for_hooks()

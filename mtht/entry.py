@@ -34,11 +34,11 @@ import inspect
 import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable, ClassVar, Optional, Protocol, Union
+from typing import Any, Callable, ClassVar, List, Optional, Union
 
 import numpy as np
 
-from mtht._arrays import Integer, RealNumber, as_numpy
+from mtht._arrays import Integer, IntegerInput, RealNumber, Tensor, as_numpy
 from mtht.learning_rate_functions import LearningRateFunction, integer_step
 
 __all__ = [
@@ -1631,13 +1631,7 @@ class CuckooHashTableConfig:
 # HashTableConfigInstance
 # ---------------------------------------------------------------------------
 
-class _Tensor(Protocol):
-    """A framework's tensor (PyTorch, JAX), as a learning rate: read through DLPack."""
-
-    def __dlpack__(self) -> Any: ...
-
-
-LearningRateFn = Union[RealNumber, LearningRateFunction, Callable[..., Any], "np.ndarray[Any, Any]", _Tensor]
+LearningRateFn = Union[RealNumber, LearningRateFunction, Callable[..., Any], "np.ndarray[Any, Any]", Tensor]
 
 # How each learning-rate fn is evaluated.
 _CONSTANT = "constant"
@@ -1829,7 +1823,7 @@ class HashTableConfigInstance:
                 "Size of learning_rate_fns and size of segments must be equal."
             )
 
-    def call_learning_rate_fns_fewer_ops(self, global_step=0) -> list:
+    def call_learning_rate_fns_fewer_ops(self, global_step: IntegerInput = 0) -> List[float]:
         """Evaluate the learning-rate fns as a list of Python floats.
 
         Parameters
@@ -1854,7 +1848,7 @@ class HashTableConfigInstance:
             return constant_rates
         return self.call_learning_rate_fns(global_step)
 
-    def call_learning_rate_fns(self, global_step=0) -> np.ndarray:
+    def call_learning_rate_fns(self, global_step: IntegerInput = 0) -> np.ndarray:
         """Evaluate the learning-rate fns at ``global_step``.
 
         Parameters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from typing import Any
 
 __all__ = ["FeatureEvictor"]
 
@@ -15,7 +16,7 @@ class FeatureEvictor:
     Monolith. The thread holds the table weakly and ends when the table is gone or
     :meth:`stop` is called."""
 
-    def __init__(self, table, period_seconds: float, poll_seconds: float = 10.0):
+    def __init__(self, table: Any, period_seconds: float, poll_seconds: float = 10.0) -> None:
         if not period_seconds > 0:
             raise ValueError(f"period_seconds must be > 0, got {period_seconds}")
         if not poll_seconds > 0:  # 0 would spin the thread

@@ -13,12 +13,13 @@ import numbers
 import os
 import threading
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from mtht import _core
-from mtht._arrays import as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out, as_rows
+from mtht._arrays import (ArrayInput, IntegerInput, Switch, as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out,
+                          as_rows)
 from mtht._spec import core_segments, split_state
 from mtht.entry import HashTableConfigInstance
 from mtht.feature_eviction import FeatureEvictor
@@ -55,15 +56,17 @@ class BaseHashTable(NotCopyable, QueueHooks, abc.ABC):
     """The interface every single table offers (Monolith's ``BaseHashTable``)."""
 
     @abc.abstractmethod
-    def assign(self, ids, values, req_time=None) -> "BaseHashTable":
+    def assign(self, ids: ArrayInput, values: ArrayInput, req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
         ...
 
     @abc.abstractmethod
-    def assign_add(self, ids, values, req_time=None) -> "BaseHashTable":
+    def assign_add(self, ids: ArrayInput, values: ArrayInput,
+                   req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
         ...
 
     @abc.abstractmethod
-    def lookup(self, ids, use_multi_threads=False, enable_dedup=False, out=None) -> np.ndarray:
+    def lookup(self, ids: ArrayInput, use_multi_threads: Switch = False, enable_dedup: Switch = False,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
         ...
 
     @property
@@ -72,8 +75,9 @@ class BaseHashTable(NotCopyable, QueueHooks, abc.ABC):
         ...
 
     @abc.abstractmethod
-    def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
-                        req_time=None) -> "BaseHashTable":
+    def apply_gradients(self, ids: ArrayInput, grads: ArrayInput, global_step: IntegerInput,
+                        use_multi_threads: Switch = False, enable_dedup: Switch = False,
+                        req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
         ...
 
     @abc.abstractmethod
@@ -111,7 +115,7 @@ _WRITE_SIGNATURES = {
 }
 
 
-def write_arguments(method: str, *args, **kwargs) -> WriteArguments:
+def write_arguments(method: str, *args: Any, **kwargs: Any) -> WriteArguments:
     """The arguments of ``method`` (``"assign"``, ``"assign_add"`` or ``"apply_gradients"``)
     after the ids and the rows, converted: once for all the tables of a multi-slot write."""
     if method not in _WRITE_SIGNATURES:
@@ -320,7 +324,8 @@ class HashTable(BaseHashTable):
     safe to call from many threads at once.
     """
 
-    def __init__(self, config, name: str, saver_parallel: int = -1, hash_filter=None):
+    def __init__(self, config: HashTableConfigInstance, name: str, saver_parallel: int = -1,
+                 hash_filter: Optional[HashFilter] = None) -> None:
         if not isinstance(config, HashTableConfigInstance):
             raise TypeError(f"config must be a HashTableConfigInstance, got {type(config).__name__}")
         if hash_filter is not None and not isinstance(hash_filter, HashFilter):
@@ -411,7 +416,8 @@ class HashTable(BaseHashTable):
         return f"HashTable(name={self._name!r}, dim_size={self._dim}, size={self.size()})"
 
     # -- reads -----------------------------------------------------------------------------
-    def lookup(self, ids, use_multi_threads=False, enable_dedup=False, out=None) -> np.ndarray:
+    def lookup(self, ids: ArrayInput, use_multi_threads: Switch = False, enable_dedup: Switch = False,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
         """float32 ``[N, dim]``: the stored values; a missing id reads as zeros and is not
         inserted. ``use_multi_threads`` and ``enable_dedup`` are accepted for Monolith
         compatibility; threading follows :func:`mtht.set_num_threads` and never changes
@@ -429,7 +435,7 @@ class HashTable(BaseHashTable):
         self._core.lookup(ids, out)
         return out
 
-    def contains(self, ids) -> np.ndarray:
+    def contains(self, ids: ArrayInput) -> np.ndarray:
         """bool ``[N]``: whether each id has an entry."""
         return self._core.contains(as_ids(ids))
 
@@ -440,7 +446,7 @@ class HashTable(BaseHashTable):
     def __len__(self) -> int:
         return self.size()
 
-    def stats(self, probe_lengths: bool = False) -> dict:
+    def stats(self, probe_lengths: bool = False) -> Dict[str, Any]:
         """Size, index capacity, memory and layout figures of the table, and the evictions
         made to respect ``max_entries``. ``bytes`` counts the index and the rows handed out
         (``row_bytes_reserved`` also counts address space reserved but never touched);
@@ -463,7 +469,7 @@ class HashTable(BaseHashTable):
         st["state_floats"] = core.state_dim
         return st
 
-    def lookup_entry(self, ids) -> List[Optional[EntryDump]]:
+    def lookup_entry(self, ids: ArrayInput) -> List[Optional[EntryDump]]:
         """Per id: an :class:`EntryDump` (raw values, optimizer state by segment, timestamp),
         or ``None`` when the id has no entry."""
         ids = as_ids(ids)
@@ -479,13 +485,15 @@ class HashTable(BaseHashTable):
     # Each write is split in two: prepare_write() converts its arguments into a TableWrite,
     # and write_all() applies one or several of them, so that a multi-slot write changes
     # every slot's table or none.
-    def prepare_write(self, method: str, ids, tensor, *args, **kwargs) -> "TableWrite":
+    def prepare_write(self, method: str, ids: ArrayInput, tensor: ArrayInput, *args: Any,
+                      **kwargs: Any) -> "TableWrite":
         """Convert the arguments of a write (``"assign"``, ``"assign_add"`` or
         ``"apply_gradients"``, with that method's arguments) without applying it; see
         :func:`write_all`."""
         return self.prepare_write_with(method, ids, tensor, write_arguments(method, *args, **kwargs))
 
-    def prepare_write_with(self, method: str, ids, tensor, arguments: WriteArguments) -> "TableWrite":
+    def prepare_write_with(self, method: str, ids: ArrayInput, tensor: ArrayInput,
+                           arguments: WriteArguments) -> "TableWrite":
         """:meth:`prepare_write` with the arguments after the rows already converted
         (:func:`write_arguments`)."""
         table, method, ids, rows, learning_rates = self.write_part(method, ids, tensor, arguments)
@@ -495,7 +503,7 @@ class HashTable(BaseHashTable):
                               arguments.dedup)
         return TableWrite(core, method, ids, rows, None, 0, arguments.req_time, False)
 
-    def write_part(self, method: str, ids, tensor, arguments: WriteArguments) -> tuple:
+    def write_part(self, method: str, ids: ArrayInput, tensor: ArrayInput, arguments: WriteArguments) -> tuple:
         """``(table, method, ids, rows, learning_rates)``: a write's arguments converted, as
         :func:`write_parts` applies them (``learning_rates`` is None but for
         ``apply_gradients``)."""
@@ -507,19 +515,20 @@ class HashTable(BaseHashTable):
             return self, method, ids, as_rows(tensor, ids.shape[0], self._dim, "values"), None
         raise ValueError(f"unknown write {method!r}")
 
-    def assign(self, ids, values, req_time=None) -> "HashTable":
+    def assign(self, ids: ArrayInput, values: ArrayInput, req_time: Optional[IntegerInput] = None) -> "HashTable":
         """Set rows (upsert; the last duplicate wins). Optimizer state is kept for existing
         ids and initialised for new ones. The timestamp becomes ``req_time`` (default 0)."""
         self._write("assign", ids, values, _assign_arguments(req_time))
         return self
 
-    def assign_add(self, ids, values, req_time=None) -> "HashTable":
+    def assign_add(self, ids: ArrayInput, values: ArrayInput, req_time: Optional[IntegerInput] = None) -> "HashTable":
         """Add rows (upsert; a new entry is initialised first; duplicates accumulate)."""
         self._write("assign_add", ids, values, _assign_arguments(req_time))
         return self
 
-    def apply_gradients(self, ids, grads, global_step, use_multi_threads=False, enable_dedup=False,
-                        req_time=None) -> "HashTable":
+    def apply_gradients(self, ids: ArrayInput, grads: ArrayInput, global_step: IntegerInput,
+                        use_multi_threads: Switch = False, enable_dedup: Switch = False,
+                        req_time: Optional[IntegerInput] = None) -> "HashTable":
         """One optimizer step per occurrence in input order, or with ``enable_dedup`` one
         step per unique id with its gradients summed left to right. Missing ids are created
         with the initializer, then stepped. Learning rates come from the config's
@@ -534,7 +543,7 @@ class HashTable(BaseHashTable):
         # in the core, and takes 2.8.
         write_parts([self.write_part(method, ids, tensor, arguments)], arguments)
 
-    def reinitialize(self, ids, req_time=None) -> np.ndarray:
+    def reinitialize(self, ids: ArrayInput, req_time: Optional[IntegerInput] = None) -> np.ndarray:
         """Reset values and optimizer state to their initial values (inserting new ids).
         Returns int32 status per id: 0 inserted, 1 existed. The timestamp becomes
         ``req_time``, or the wall clock when it is None."""
@@ -548,7 +557,7 @@ class HashTable(BaseHashTable):
         self._wait_for_hooks()
         return self
 
-    def export_serving(self, ids) -> np.ndarray:
+    def export_serving(self, ids: ArrayInput) -> np.ndarray:
         """The rows of ``ids`` in serving form: uint8 ``[N, row_bytes]``, each segment packed
         by its compressor (fp32, fp16, fixed_r8 or one_bit; see :mod:`mtht.serving`). A
         missing id packs as a row of zeros does (one_bit keeps signs only, and packs 0 as -1,
@@ -560,7 +569,7 @@ class HashTable(BaseHashTable):
         return compress(self._config.table_config, values, core.hashnet_scales())
 
     # -- lifecycle -------------------------------------------------------------------------
-    def evict(self, max_update_time=None) -> int:
+    def evict(self, max_update_time: Optional[IntegerInput] = None) -> int:
         """Remove the entries expired at ``max_update_time`` (default: the table's
         ``max_update_ts``): those with ``max_update_time - last_update_ts >= expire days of
         their slot * 86400``. Returns how many; their memory is reused by later inserts."""
@@ -568,7 +577,7 @@ class HashTable(BaseHashTable):
         now = core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time, "max_update_time")
         return core.evict(now)
 
-    def save(self, basename, format: str = "mtht") -> "HashTable":
+    def save(self, basename: str, format: str = "mtht") -> "HashTable":
         """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).
         ``format="monolith"`` writes Monolith's single-table files instead. Writes queued by
         hooks (:mod:`mtht.hooks`) are applied first."""
@@ -582,7 +591,7 @@ class HashTable(BaseHashTable):
             save_table(self, basename)
         return self
 
-    def restore(self, basename, format: str = "mtht") -> "HashTable":
+    def restore(self, basename: str, format: str = "mtht") -> "HashTable":
         """Replace the table's contents with the checkpoint at ``basename``. The checkpoint is
         verified first; on any error the table is left exactly as it was. Writes queued by
         hooks (:mod:`mtht.hooks`) are applied first (and so replaced)."""
@@ -602,7 +611,8 @@ class HashTable(BaseHashTable):
 TABLE_NAME_PREFIX = "MonolithHashTable_"
 
 
-def hash_table_from_config(config, hash_filter=None, name_suffix: str = "", saver_parallel: int = -1) -> HashTable:
+def hash_table_from_config(config: HashTableConfigInstance, hash_filter: Optional[HashFilter] = None,
+                           name_suffix: str = "", saver_parallel: int = -1) -> HashTable:
     """Build a :class:`HashTable` from a ``HashTableConfigInstance``.
 
     Raises ValueError for an invalid config (e.g. the number of learning-rate functions
@@ -646,8 +656,9 @@ def _check_shards(num_of_shards, num_tables: int, fss: np.ndarray) -> int:
     return shards
 
 
-def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None,
-                 out=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fused_lookup(tables: Iterable["HashTable"], ids: ArrayInput, fused_slot_size: ArrayInput,
+                 num_of_shards: IntegerInput, req_time: Optional[IntegerInput] = None,
+                 out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Look up K tables for N shards in one call (Monolith's fused lookup).
 
     ``fused_slot_size[n*K + k]`` ids of shard n belong to table k; ``ids`` holds these blocks
@@ -670,9 +681,11 @@ def fused_lookup(tables, ids, fused_slot_size, num_of_shards, req_time=None,
     return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()
 
 
-def fused_apply_gradient(tables, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
-                         learning_rate_tensors, req_time, global_step, num_of_shards,
-                         enable_grad_accumulation=False) -> List["HashTable"]:
+def fused_apply_gradient(tables: Iterable["HashTable"], ids: ArrayInput, indices: ArrayInput,
+                         fused_slot_size: ArrayInput, id_grads: ArrayInput, id_offsets: ArrayInput,
+                         grad_offsets: ArrayInput, learning_rate_tensors: ArrayInput,
+                         req_time: Optional[IntegerInput], global_step: IntegerInput, num_of_shards: IntegerInput,
+                         enable_grad_accumulation: Switch = False) -> List["HashTable"]:
     """Apply gradients to K tables for N shards in one call (Monolith's fused optimize).
 
     ``id_grads`` is laid out like the fused lookup's embeddings; ``learning_rate_tensors``

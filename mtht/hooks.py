@@ -22,11 +22,11 @@ import sys
 import threading
 import traceback
 import weakref
-from typing import Any, Callable, Deque, Optional, Tuple
+from typing import Any, Callable, Deque, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from mtht._arrays import as_ids, as_numpy
+from mtht._arrays import ArrayInput, as_ids, as_numpy
 
 __all__ = ["QueueHooks", "AsyncPush", "Prefetch"]
 
@@ -35,7 +35,7 @@ class QueueHooks:
     """What a table offers its hooks: ``add_queue_hook``, ``get_queue_hooks``, and a wait
     for the calls they have queued."""
 
-    def add_queue_hook(self, hook) -> None:
+    def add_queue_hook(self, hook: Any) -> None:
         """Attach a pipelining hook to this table. mtht's own hooks are held weakly: one the
         trainer drops, say one per ``with`` block, is gone from the table too (they piled up,
         and every wait went through them). A hook the table holds already is not added again
@@ -472,7 +472,7 @@ class AsyncPush(_TableHook):
     and its error is raised by ``wait()``, ``end()`` or ``as_op()`` only.
     """
 
-    def __init__(self, table, capacity: int = 2):
+    def __init__(self, table: Any, capacity: int = 2) -> None:
         super().__init__(table, capacity)
         self._reset_in_child()
 
@@ -496,16 +496,16 @@ class AsyncPush(_TableHook):
             slot.release()
             raise
 
-    def apply_gradients(self, *args, **kwargs) -> None:
+    def apply_gradients(self, *args: Any, **kwargs: Any) -> None:
         self._push("apply_gradients", args, kwargs)
 
-    def assign(self, *args, **kwargs) -> None:
+    def assign(self, *args: Any, **kwargs: Any) -> None:
         self._push("assign", args, kwargs)
 
-    def assign_add(self, *args, **kwargs) -> None:
+    def assign_add(self, *args: Any, **kwargs: Any) -> None:
         self._push("assign_add", args, kwargs)
 
-    def fused_apply_gradient(self, *args, **kwargs) -> None:
+    def fused_apply_gradient(self, *args: Any, **kwargs: Any) -> None:
         self._push("fused_apply_gradient", args, kwargs)
 
 
@@ -534,7 +534,7 @@ class Prefetch(_TableHook):
     its prefetched batch only if no process missed; otherwise each looks its ids up again.
     """
 
-    def __init__(self, table, capacity: int = 1):
+    def __init__(self, table: Any, capacity: int = 1) -> None:
         super().__init__(table, capacity)
         self._reset_in_child()
         self._collective = _collective_table(table)  # whose calls every process makes alike, or None
@@ -546,7 +546,7 @@ class Prefetch(_TableHook):
         self._ahead: Deque[Tuple[Any, concurrent.futures.Future]] = collections.deque()
         self._lock = threading.Lock()
 
-    def prefetch(self, ids) -> None:
+    def prefetch(self, ids: Union[ArrayInput, Mapping[str, ArrayInput]]) -> None:
         self._pipeline.take_error_at_call()
         with self._lock:
             if len(self._ahead) >= self._capacity:
@@ -555,7 +555,7 @@ class Prefetch(_TableHook):
             ids = _snapshot(ids)
             self._ahead.append((ids, self._queue_lookup(ids)))
 
-    def lookup(self, ids) -> Any:
+    def lookup(self, ids: Union[ArrayInput, Mapping[str, ArrayInput]]) -> Any:
         """The rows of ``ids`` as the table's ``lookup`` returns them: the oldest prefetched
         batch's if ``ids`` are its ids, else looked up in order with the queued calls."""
         self._pipeline.take_error_at_call()

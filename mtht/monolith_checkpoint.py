@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import struct
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 from mtht import _core
 from mtht import hash_table as _hash_table
@@ -95,7 +95,7 @@ def _masked_crc32c(data: bytes) -> int:
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def write_tfrecords(path: str, records) -> None:
+def write_tfrecords(path: str, records: Iterable[bytes]) -> None:
     """Write ``records`` (bytes) as a TFRecord file."""
     with open(path, "wb") as f:
         for data in records:
@@ -108,7 +108,7 @@ def write_tfrecords(path: str, records) -> None:
         os.fsync(f.fileno())
 
 
-def read_tfrecords(path: str):
+def read_tfrecords(path: str) -> Iterator[bytes]:
     """Yield the records of a TFRecord file, checking both checksums of each."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -202,7 +202,7 @@ def _publish(basename: str, moves: List[Tuple[str, str]]) -> None:
     _remove([other for other in _all_shard_files(basename) if not other.endswith("-of-%05d" % len(moves))])
 
 
-def save_monolith(table, basename: str) -> None:
+def save_monolith(table: _hash_table.HashTable, basename: str) -> None:
     """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
     expired at the table's max_update_ts are left out, as Monolith does). The files are
     written in parallel under temporary names and renamed into place."""
@@ -302,7 +302,7 @@ def _load(table, basename: str):
     return core
 
 
-def restore_monolith(table, basename: str) -> None:
+def restore_monolith(table: _hash_table.HashTable, basename: str) -> None:
     """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
     Everything is parsed and checked into a fresh table first; on any error the table is
     left as it was."""

@@ -13,44 +13,48 @@ import copy
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, overload
 
 import numpy as np
 
 from mtht import hash_table as _hash_table
-from mtht._arrays import as_ids, as_mapping, as_numpy, as_rows
+from mtht._arrays import ArrayInput, IntegerInput, Switch, as_ids, as_mapping, as_numpy, as_rows
 from mtht.entry import HashTableConfigInstance
 from mtht.hash_table_utils import infer_dim_size
 from mtht.hooks import QueueHooks
 
 __all__ = ["BaseMultiTypeHashTable", "MultiTypeHashTable", "MergedMultiTypeHashTable"]
 
+# The arguments of the multi-slot calls: ``{slot: ids}`` and ``{slot: (ids, rows)}``.
+SlotIds = Mapping[str, ArrayInput]
+SlotRows = Mapping[str, Tuple[ArrayInput, ArrayInput]]
+
 
 class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
     """Tables addressed by slot name; the interface of Monolith's multi-type tables."""
 
     @abc.abstractmethod
-    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+    def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         ...
 
     @abc.abstractmethod
-    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+    def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
         ...
 
     @abc.abstractmethod
-    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+    def assign_add(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
         ...
 
     @abc.abstractmethod
-    def reinitialize(self, slot: str, ids):
+    def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
         ...
 
     @abc.abstractmethod
-    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "BaseMultiTypeHashTable":
+    def apply_gradients(self, slot_to_id_and_grad: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
         ...
 
     @abc.abstractmethod
-    def as_op(self, name=None) -> Any:
+    def as_op(self, name: Optional[str] = None) -> Any:
         ...
 
     @abc.abstractmethod
@@ -129,7 +133,8 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     HashTable that overrides its reads or writes): their methods are then called slot by
     slot, and a write that fails at one slot leaves the slots before it written."""
 
-    def __init__(self, slot_to_config: Mapping, hash_table_factory: Callable):
+    def __init__(self, slot_to_config: Mapping[str, HashTableConfigInstance],
+                 hash_table_factory: Callable[[str, HashTableConfigInstance], Any]) -> None:
         self._slot_to_config = dict(as_mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}"))
         self._slots = sorted(self._slot_to_config)
         self._tables = {slot: hash_table_factory(slot, self._slot_to_config[slot]) for slot in self._slots}
@@ -150,7 +155,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         except KeyError:
             raise _unknown_slot(slot) from None
 
-    def lookup(self, slot_to_id: Mapping) -> Dict[str, np.ndarray]:
+    def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
         tables = [self._slot_table(slot) for slot in as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
         try:
@@ -191,22 +196,22 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
             _hash_table.write_parts(parts, arguments)
         return self
 
-    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+    def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MultiTypeHashTable":
         """``{slot: (ids, values)}``: per-slot :meth:`HashTable.assign`. Returns the table."""
         return self._update("assign", slot_to_id_and_value, *args, **kwargs)
 
-    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+    def assign_add(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MultiTypeHashTable":
         """``{slot: (ids, values)}``: per-slot :meth:`HashTable.assign_add`. Returns the table."""
         return self._update("assign_add", slot_to_id_and_value, *args, **kwargs)
 
-    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "MultiTypeHashTable":
+    def apply_gradients(self, slot_to_id_and_grad: SlotRows, *args: Any, **kwargs: Any) -> "MultiTypeHashTable":
         """``{slot: (ids, grads)}, global_step, ...``: per-slot :meth:`HashTable.apply_gradients`."""
         return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
 
-    def reinitialize(self, slot: str, ids):
+    def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
         raise NotImplementedError("MultiTypeHashTable does not support reinitialize")
 
-    def as_op(self, name=None) -> "MultiTypeHashTable":
+    def as_op(self, name: Optional[str] = None) -> "MultiTypeHashTable":
         """Wait until every write issued to any slot's table has been applied (those queued
         by hooks too: :mod:`mtht.hooks`)."""
         self._wait_for_hooks()
@@ -217,22 +222,24 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
     def get_table_dim_sizes(self) -> List[int]:
         return [self._tables[slot].dim_size for slot in self._slots]
 
-    def learning_rates(self, global_step, slots=None) -> np.ndarray:
+    def learning_rates(self, global_step: IntegerInput, slots: Optional[List[str]] = None) -> np.ndarray:
         """Every slot's per-segment learning rates, in sorted slot order (the fused update's),
         or those of ``slots``, in their order."""
         rates = [self._slot_to_config[slot].call_learning_rate_fns(global_step)
                  for slot in (self._slots if slots is None else slots)]
         return np.concatenate(rates).astype(np.float32) if rates else np.zeros(0, np.float32)
 
-    def fused_lookup(self, ids, fused_slot_size, num_of_shards, req_time=None,
-                     out=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def fused_lookup(self, ids: ArrayInput, fused_slot_size: ArrayInput, num_of_shards: IntegerInput,
+                     req_time: Optional[IntegerInput] = None, out: Optional[np.ndarray] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`mtht.hash_table.fused_lookup` over this table's slots in sorted order."""
         return _hash_table.fused_lookup([self._tables[s] for s in self._slots], ids, fused_slot_size,
                                         num_of_shards, req_time, out=out)
 
-    def fused_apply_gradient(self, ids, indices, fused_slot_size, id_grads, id_offsets, grad_offsets,
-                             global_step, req_time, num_of_shards,
-                             enable_grad_accumulation=False) -> "MultiTypeHashTable":
+    def fused_apply_gradient(self, ids: ArrayInput, indices: ArrayInput, fused_slot_size: ArrayInput,
+                             id_grads: ArrayInput, id_offsets: ArrayInput, grad_offsets: ArrayInput,
+                             global_step: IntegerInput, req_time: Optional[IntegerInput], num_of_shards: IntegerInput,
+                             enable_grad_accumulation: Switch = False) -> "MultiTypeHashTable":
         """:func:`mtht.hash_table.fused_apply_gradient` with the learning rates of every slot
         at ``global_step`` (note Monolith's argument order: global_step before req_time)."""
         _hash_table.fused_apply_gradient([self._tables[s] for s in self._slots], ids, indices, fused_slot_size,
@@ -263,7 +270,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
     ``md5(",".join(sorted slots))`` and builds the inner multi-type table with
     ``factory(merged_slot_to_config)``. Ids of different slots in one group share entries."""
 
-    def __init__(self, slot_to_config: Mapping, factory: Callable):
+    def __init__(self, slot_to_config: Mapping[str, HashTableConfigInstance],
+                 factory: Callable[[Dict[str, HashTableConfigInstance]], Any]) -> None:
         as_mapping(slot_to_config, "slot_to_config", "{slot: HashTableConfigInstance}")
         for slot, config in slot_to_config.items():
             if not isinstance(config, HashTableConfigInstance):
@@ -329,7 +337,17 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         return ({m: np.concatenate(p, axis=0) for m, p in parts.items()},
                 {m: np.asarray(s, dtype=np.int64) for m, s in sizes.items()})
 
-    def lookup(self, slot_to_id: Mapping, auxiliary_bundle=None, early_reorder_indicies_res_pack=None):
+    @overload
+    def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]: ...
+
+    @overload
+    def lookup(self, slot_to_id: Optional[SlotIds], auxiliary_bundle: Optional[Dict[str, Any]],
+               early_reorder_indicies_res_pack: Any = None
+               ) -> Union[Dict[str, np.ndarray], Tuple[Dict[str, np.ndarray], Dict[str, Any]]]: ...
+
+    def lookup(self, slot_to_id: Optional[SlotIds], auxiliary_bundle: Optional[Dict[str, Any]] = None,
+               early_reorder_indicies_res_pack: Any = None
+               ) -> Union[Dict[str, np.ndarray], Tuple[Dict[str, np.ndarray], Dict[str, Any]]]:
         """``{slot: float32 [n, dim]}``, or ``(that, auxiliary_bundle)`` when the bundle still
         holds something after use (Monolith's convention)."""
         if auxiliary_bundle is None:
@@ -398,19 +416,20 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                                          *args, **kwargs)
         return self
 
-    def assign(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+    def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
         return self._update("assign", slot_to_id_and_value, *args, **kwargs)
 
-    def assign_add(self, slot_to_id_and_value: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+    def assign_add(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
         return self._update("assign_add", slot_to_id_and_value, *args, **kwargs)
 
-    def apply_gradients(self, slot_to_id_and_grad: Mapping, *args, **kwargs) -> "MergedMultiTypeHashTable":
+    def apply_gradients(self, slot_to_id_and_grad: SlotRows, *args: Any,
+                        **kwargs: Any) -> "MergedMultiTypeHashTable":
         return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
 
-    def reinitialize(self, slot: str, ids):
+    def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
         raise NotImplementedError("MergedMultiTypeHashTable does not support reinitialize")
 
-    def as_op(self, name=None) -> "MergedMultiTypeHashTable":
+    def as_op(self, name: Optional[str] = None) -> "MergedMultiTypeHashTable":
         """Wait until every write has been applied (those queued by hooks too)."""
         self._wait_for_hooks()
         self._table.as_op(name)

@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
-from mtht._arrays import as_float32
+from mtht._arrays import ArrayInput, as_float32
+from mtht.entry import EmbeddingHashTableConfig
 
 __all__ = ["row_bytes", "compress", "decompress"]
 
@@ -29,7 +31,7 @@ def _segments(table_config) -> List[Tuple[int, str, dict]]:
     return out
 
 
-def row_bytes(table_config) -> int:
+def row_bytes(table_config: EmbeddingHashTableConfig) -> int:
     """Bytes of one compressed row."""
     return sum(dim * _BYTES_PER_VALUE[kind] for dim, kind, _ in _segments(table_config))
 
@@ -45,7 +47,8 @@ def _fake_quantize_steps(w: np.ndarray, r: float) -> np.ndarray:
     return n.astype(np.int8)
 
 
-def compress(table_config, values, hashnet_scales: Optional[Sequence[float]] = None) -> np.ndarray:
+def compress(table_config: EmbeddingHashTableConfig, values: ArrayInput,
+             hashnet_scales: Optional[Sequence[float]] = None) -> np.ndarray:
     """uint8 ``[N, row_bytes]``: ``values`` (float32 ``[N, dim]``, the raw stored values)
     packed with each segment's compressor. ``hashnet_scales`` are the tables' one_bit scales
     per segment (default: each compressor's ``init_scale``)."""
@@ -73,7 +76,7 @@ def compress(table_config, values, hashnet_scales: Optional[Sequence[float]] = N
     return np.ascontiguousarray(np.concatenate(parts, axis=1) if parts else np.empty((values.shape[0], 0), np.uint8))
 
 
-def decompress(table_config, data) -> np.ndarray:
+def decompress(table_config: EmbeddingHashTableConfig, data: npt.ArrayLike) -> np.ndarray:
     """float32 ``[N, dim]`` from rows packed by :func:`compress`."""
     data = np.asarray(data)
     if data.dtype != np.uint8 and (data.dtype.kind not in "iu" or (data.size and not 0 <= data.min() <= data.max() <= 255)):

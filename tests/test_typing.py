@@ -1,6 +1,8 @@
 """mtht ships its type hints (py.typed): a trainer that type-checks its own code in mypy's
 strict mode must be able to call every public builder and table without errors."""
 
+import importlib
+import inspect
 import pathlib
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import numpy.typing as npt
 import torch
 
 import mtht
-from mtht import checkpoint, learning_rate_functions as lrf
+from mtht import checkpoint, learning_rate_functions as lrf, serving
 from mtht.hash_table import fused_apply_gradient, fused_lookup
 from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 from mtht.testing import generate_test_hash_table_config
@@ -80,7 +82,43 @@ def train(directory: str) -> float:
                          table.config.call_learning_rate_fns(3), None, 3, 1)
     checkpoint.save_multi_type(model, directory)
     checkpoint.restore_multi_type(model, directory)
-    return float(table.lookup(ids).sum()) + len(table) + table.size() + mtht.get_num_threads()
+    merged_rows: dict[str, npt.NDArray[np.float32]] = merged.lookup({"a": ids, "b": torch.arange(3)})
+    fused_rows, _, id_offsets, emb_offsets, indices = model.fused_lookup(ids, [100, 0], 1)
+    model.fused_apply_gradient(indices, indices, [100, 0], fused_rows, id_offsets, emb_offsets, 4, None, 1)
+    with mtht.Prefetch(table) as one:
+        one.prefetch(torch.arange(5))
+        found = table.contains(one.lookup(torch.arange(5)).shape)
+    dumps = table.lookup_entry([1, 2]) + table.lookup_entry(np.array([3]))
+    status = table.reinitialize(ids[:1], req_time=np.int64(5))
+    packed = table.export_serving(ids[:4])
+    unpacked = serving.decompress(table.config.table_config, packed)
+    basename = directory + "/single"
+    table.save(basename).restore(basename)
+    table.assign(torch.arange(2), torch.zeros(2, table.dim_size), req_time=torch.tensor(7))
+    evicted = table.evict(np.int64(0)) + table.evict()
+    stats = table.stats()
+    return (float(table.lookup(ids).sum()) + len(table) + table.size() + mtht.get_num_threads()
+            + len(merged_rows) + int(found.sum()) + len(dumps) + int(status.sum()) + len(unpacked) + evicted
+            + int(stats["size"]) + len(model.learning_rates(np.int64(2), ["a"])))
+'''
+
+# Calls a type checker must refuse: a switch given as a string, a global step left out, a
+# multi-slot lookup given a list, a learning rate schedule given a string.
+_MISUSE = '''
+import numpy as np
+
+import mtht
+from mtht.multi_type_hash_table import MultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+table = mtht.hash_table_from_config(generate_test_hash_table_config(1))
+model = MultiTypeHashTable({"a": generate_test_hash_table_config(1)},
+                           lambda slot, c: mtht.hash_table_from_config(c, name_suffix=slot))
+table.lookup([1, 2], enable_dedup="no")
+table.apply_gradients([1], [[1.0]])
+model.lookup([1, 2])
+mtht.hash_table_from_config("config")
+table.evict("yesterday")
 '''
 
 
@@ -99,3 +137,59 @@ def test_a_trainer_type_checks_in_strict_mode(tmp_path):
     namespace: dict = {}
     exec(compile(_TRAINER, str(trainer), "exec"), namespace)
     assert namespace["train"](str(tmp_path / "ckpt")) > 0
+
+
+def test_a_type_checker_refuses_what_the_tables_refuse(tmp_path):
+    misuse = tmp_path / "misuse.py"
+    misuse.write_text(_MISUSE, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                             "--cache-dir", str(tmp_path / "cache"), misuse.name],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    flagged = {int(line.split(":")[1]) for line in result.stdout.splitlines() if ": error:" in line}
+    lines = _MISUSE.splitlines()
+    first_call = next(k for k, line in enumerate(lines, start=1) if line.startswith("table.lookup"))
+    assert flagged == set(range(first_call, len(lines) + 1)), result.stdout
+
+
+def _public_callables():
+    """(qualified name, function) of every public function and method of mtht's modules."""
+    seen = set()
+    for module_name in _PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]:
+            obj = getattr(module, name)
+            if not getattr(obj, "__module__", "").startswith("mtht") or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if inspect.isfunction(obj):
+                yield f"{module_name}.{name}", obj
+            elif inspect.isclass(obj):
+                for attr, value in vars(obj).items():
+                    if attr.startswith("_") and attr != "__init__":
+                        continue
+                    value = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                    if inspect.isfunction(value):
+                        yield f"{obj.__module__}.{obj.__qualname__}.{attr}", value
+
+
+_PUBLIC_MODULES = ["mtht", "mtht.checkpoint", "mtht.distributed", "mtht.entry", "mtht.feature_eviction",
+                   "mtht.hash_filter", "mtht.hash_table", "mtht.hash_table_utils", "mtht.hooks",
+                   "mtht.learning_rate_functions", "mtht.monolith_checkpoint", "mtht.multi_type_hash_table",
+                   "mtht.serving", "mtht.sharded_checkpoint", "mtht.testing"]
+
+
+def test_every_public_function_and_method_has_complete_type_hints():
+    """A parameter without a hint is Any to a type checker: a trainer's mistakes there go
+    unflagged (mypy checks a call of a partly annotated function against what it has)."""
+    incomplete = {}
+    callables = dict(_public_callables())
+    for name, fn in callables.items():
+        signature = inspect.signature(fn)
+        missing = [p.name for p in signature.parameters.values()
+                   if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty]
+        if signature.return_annotation is inspect.Signature.empty and fn.__name__ != "__init__":
+            missing.append("return")
+        if missing:
+            incomplete[name] = missing
+    assert len(callables) > 150  # the walk found the API
+    assert not incomplete, incomplete
