@@ -136,6 +136,8 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     if type(values) is np.ndarray and values.dtype is _FLOAT32 and values.shape == (n, dim) and \
             values.flags.c_contiguous and values.flags.aligned:
         return values  # already what the core takes: the common case, checked first
+    if values is None:  # e.g. the .grad of a tensor the loss did not use
+        raise TypeError(f"{name} must be an array of numbers, got None")
     a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
         raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, overload
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union, overload
 
 import numpy as np
 
@@ -411,10 +411,28 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 rows.setdefault(merged, []).append(slot_rows)
                 if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
                     checked.append((slot, slot_rows))
-        with _naming_the_non_finite_slot(method, checked):
+        with _naming_the_non_finite_slot(method, checked), self._naming_the_merged_slots():
             getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
                                          *args, **kwargs)
         return self
+
+    @contextlib.contextmanager
+    def _naming_the_merged_slots(self) -> Iterator[None]:
+        """An error the inner table raises names a merged table as its slot (``slot
+        'md5...'``): reported instead with the caller's slots that the merged table holds."""
+        try:
+            yield
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            if type(e) not in (ValueError, TypeError) or not message.startswith("slot '"):
+                raise
+            merged = message[len("slot '"):].split("'", 1)[0]
+            slots = sorted(s for s, m in self._slot_mapping.items() if m == merged)
+            if not slots:
+                raise
+            named = ", ".join(repr(s) for s in slots)
+            rest = message[len(f"slot {merged!r}"):]
+            raise type(e)(f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}){rest}") from None
 
     def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
         return self._update("assign", slot_to_id_and_value, *args, **kwargs)

@@ -1685,3 +1685,26 @@ def test_fused_empty_batch():
     np.testing.assert_array_equal(emb_offsets, [0] * 7)
     hash_table.fused_apply_gradient([], [], [0] * 6, np.zeros(0, F32), id_offsets, emb_offsets, 0, 0, 2)
     assert _multi_type_snapshot(hash_table) == before
+
+
+def test_an_error_of_a_merged_tables_inner_table_names_the_callers_slots():
+    """The inner table knows a merged table by its md5 name, which it calls a slot: the
+    caller is told which of its own slots the merged table holds."""
+    config = generate_test_hash_table_config(1, learning_rate=PolynomialDecay(0.1, 100))
+    merged = MergedMultiTypeHashTable({"user": config, "item": config, "other": generate_test_hash_table_config(2)},
+                                      multi_type_factory)
+    md5 = merged.slot_mapping["user"]
+    with pytest.raises(ValueError, match=rf"^slots 'item', 'user' \(merged table '{md5}'\): global_step must be "
+                                         r">= 0, got -1$"):
+        merged.apply_gradients({"user": ([1], [[1.0]])}, -1)
+    assert merged.lookup({"user": [1]})["user"].tolist() == [[0.0]]  # nothing changed
+
+
+def test_gradients_of_none_are_named_as_none():
+    """A framework tensor's .grad is None when the loss did not use it."""
+    t = MultiTypeHashTable({"a": generate_test_hash_table_config(2)}, factory)
+    with pytest.raises(TypeError, match=r"^slot 'a': grads must be an array of numbers, got None$"):
+        t.apply_gradients({"a": ([1], None)}, 0)
+    with pytest.raises(TypeError, match=r"^grads must be an array of numbers, got None$"):
+        hash_table_from_config(generate_test_hash_table_config(2)).apply_gradients([1], None, 0)
+    assert t.lookup({"a": [1]})["a"].tolist() == [[0.0, 0.0]]
