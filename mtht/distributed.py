@@ -489,6 +489,11 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         """This rank's part: a MultiTypeHashTable holding the entries of the ids it owns."""
         return self._table
 
+    def table_of(self, slot: str) -> Any:
+        """This rank's part of the table of ``slot``: the entries of the ids it owns (not
+        collective)."""
+        return self._table.table_of(slot)
+
     def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for this rank's ids; missing ids read as zeros."""
         with self._turn():

@@ -155,6 +155,12 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         except KeyError:
             raise _unknown_slot(slot) from None
 
+    def table_of(self, slot: str) -> Any:
+        """The table of ``slot`` (what the factory built for it): for what a slot's table
+        offers beyond the multi-slot calls, such as ``stats()``, ``export_serving`` or
+        ``evict``. A ``KeyError`` for a slot the table does not have."""
+        return self._slot_table(slot)
+
     def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
         tables = [self._slot_table(slot) for slot in as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
@@ -312,6 +318,16 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             return self._slot_mapping[slot]
         except KeyError:
             raise _unknown_slot(slot) from None
+
+    def table_of(self, slot: str) -> Any:
+        """The table that holds the entries of ``slot``: its group's, shared with the other
+        slots of the group (``slot_mapping``), from the inner table's ``table_of``. A
+        ``KeyError`` for a slot the table does not have."""
+        merged = self._merged_name(slot)
+        inner_table_of = getattr(self._table, "table_of", None)
+        if inner_table_of is None:
+            raise TypeError(f"the inner table, a {type(self._table).__name__}, has no table_of")
+        return inner_table_of(merged)
 
     def _dim(self, merged_name: str) -> int:
         return self._dims[merged_name]

@@ -115,6 +115,9 @@ def owned_entries_match(model, reference, ids_seen, what):
     """Each table of this rank holds exactly the reference's entries of the ids it owns:
     values, optimizer state and timestamp."""
     mine, theirs = local_tables(model), local_tables(reference)
+    # table_of names this rank's part of each table, by slot.
+    names = model.slot_mapping if isinstance(model, MergedMultiTypeHashTable) else {key: key for key in mine}
+    assert all(model.table_of(slot) is mine[key] for slot, key in names.items()), f"rank {RANK}: {what}: table_of"
     for key, table in mine.items():
         ids = np.array(sorted(ids_seen), dtype=np.int64)
         owned = ids[np.remainder(ids, WORLD) == RANK]

@@ -1708,3 +1708,24 @@ def test_gradients_of_none_are_named_as_none():
     with pytest.raises(TypeError, match=r"^grads must be an array of numbers, got None$"):
         hash_table_from_config(generate_test_hash_table_config(2)).apply_gradients([1], None, 0)
     assert t.lookup({"a": [1]})["a"].tolist() == [[0.0, 0.0]]
+
+
+def test_table_of_gives_the_table_that_holds_a_slots_entries():
+    t = MultiTypeHashTable({"a": generate_test_hash_table_config(1), "b": generate_test_hash_table_config(2)}, factory)
+    t.assign({"a": ([5], [[1.5]]), "b": ([6, 7], [[1, 2], [3, 4]])})
+    assert t.table_of("a").lookup([5]).tolist() == [[1.5]]
+    assert t.table_of("b").contains([5, 6, 7]).tolist() == [False, True, True]
+    assert t.table_of("a") is not t.table_of("b")
+    with pytest.raises(KeyError, match="unknown slot 'c'"):
+        t.table_of("c")
+
+    config = generate_test_hash_table_config(2)
+    merged = MergedMultiTypeHashTable({"user": config, "item": config, "other": generate_test_hash_table_config(1)},
+                                      multi_type_factory)
+    merged.assign({"user": ([1], [[1, 1]]), "item": ([2], [[2, 2]]), "other": ([1], [[9]])})
+    shared = merged.table_of("user")
+    assert shared is merged.table_of("item")  # one group: one table
+    assert shared.size() == 2 and shared.lookup([1, 2]).tolist() == [[1, 1], [2, 2]]
+    assert merged.table_of("other").lookup([1]).tolist() == [[9]]
+    with pytest.raises(KeyError, match="unknown slot 'c'"):
+        merged.table_of("c")
