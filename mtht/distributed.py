@@ -478,10 +478,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     @property
     def rank(self) -> int:
+        """This process's rank in the table's communicator."""
         return self._rank
 
     @property
     def world_size(self) -> int:
+        """How many processes the table is sharded over."""
         return self._world
 
     @property
@@ -607,6 +609,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         return self
 
     def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
+        """Not supported, as in Monolith's multi-type tables: raises NotImplementedError."""
         raise NotImplementedError("DistributedMultiTypeHashTable does not support reinitialize")
 
     def as_op(self, name: Optional[str] = None) -> "DistributedMultiTypeHashTable":
@@ -617,6 +620,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         return self
 
     def get_table_dim_sizes(self) -> List[int]:
+        """Dims of the slots' tables, in sorted slot order."""
         return list(self._dims)
 
     def raise_on_every_rank(self, error: BaseException, what: str) -> None:

@@ -49,5 +49,6 @@ class FeatureEvictor:
             del table
 
     def stop(self) -> None:
+        """End the thread, waiting for an eviction under way."""
         self._stop.set()
         self._thread.join()

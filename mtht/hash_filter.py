@@ -58,10 +58,13 @@ class HashFilter:
 
     @property
     def default_occurrence_threshold(self) -> int:
+        """Occurrences an absent id of a slot without its own threshold needs before it is
+        admitted (0: at once)."""
         return self._default
 
     @property
     def slot_occurrence_thresholds(self) -> Dict[int, int]:
+        """A new dict of the slots' own thresholds, ``{slot: occurrences}``."""
         return dict(self._slots)
 
     @property

@@ -57,32 +57,34 @@ class BaseHashTable(NotCopyable, QueueHooks, abc.ABC):
 
     @abc.abstractmethod
     def assign(self, ids: ArrayInput, values: ArrayInput, req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
-        ...
+        """Set the values of ``ids`` (inserting the absent ones); returns the table."""
 
     @abc.abstractmethod
     def assign_add(self, ids: ArrayInput, values: ArrayInput,
                    req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
-        ...
+        """Add ``values`` to the values of ``ids`` (inserting the absent ones); returns the
+        table."""
 
     @abc.abstractmethod
     def lookup(self, ids: ArrayInput, use_multi_threads: Switch = False, enable_dedup: Switch = False,
                out: Optional[np.ndarray] = None) -> np.ndarray:
-        ...
+        """float32 ``[len(ids), dim_size]``: the values of ``ids``, zeros for absent ones."""
 
     @property
     @abc.abstractmethod
     def dim_size(self) -> int:
-        ...
+        """Values per entry: the dims of all segments."""
 
     @abc.abstractmethod
     def apply_gradients(self, ids: ArrayInput, grads: ArrayInput, global_step: IntegerInput,
                         use_multi_threads: Switch = False, enable_dedup: Switch = False,
                         req_time: Optional[IntegerInput] = None) -> "BaseHashTable":
-        ...
+        """One optimizer step of ``ids`` with ``grads`` at ``global_step``; returns the
+        table."""
 
     @abc.abstractmethod
     def as_op(self) -> Any:
-        ...
+        """Wait until every write issued has been applied."""
 
 
 def _req_time(req_time=None) -> int:
@@ -145,6 +147,7 @@ class TableWrite:
     dedup: bool
 
     def apply(self) -> None:
+        """Make the write (its arguments checked already)."""
         _apply_one(self.core, self.method, self.ids, self.rows, self.learning_rates, self.global_step,
                    self.req_time, self.dedup)
 
@@ -392,18 +395,22 @@ class HashTable(BaseHashTable):
     # -- properties ------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The table's name: its checkpoints' basename within a model's directory."""
         return self._name
 
     @property
     def dim_size(self) -> int:
+        """Values per entry: the dims of all segments."""
         return self._dim
 
     @property
     def extra_restore_names(self) -> List[str]:
+        """Other names a restore may find the table's checkpoint under (the config's)."""
         return self._config.extra_restore_names
 
     @property
     def config(self) -> HashTableConfigInstance:
+        """The config the table was built from."""
         return self._config
 
     @property

@@ -497,15 +497,19 @@ class AsyncPush(_TableHook):
             raise
 
     def apply_gradients(self, *args: Any, **kwargs: Any) -> None:
+        """Queue ``table.apply_gradients(*args, **kwargs)``, its arrays copied."""
         self._push("apply_gradients", args, kwargs)
 
     def assign(self, *args: Any, **kwargs: Any) -> None:
+        """Queue ``table.assign(*args, **kwargs)``, its arrays copied."""
         self._push("assign", args, kwargs)
 
     def assign_add(self, *args: Any, **kwargs: Any) -> None:
+        """Queue ``table.assign_add(*args, **kwargs)``, its arrays copied."""
         self._push("assign_add", args, kwargs)
 
     def fused_apply_gradient(self, *args: Any, **kwargs: Any) -> None:
+        """Queue ``table.fused_apply_gradient(*args, **kwargs)``, its arrays copied."""
         self._push("fused_apply_gradient", args, kwargs)
 
 
@@ -547,6 +551,8 @@ class Prefetch(_TableHook):
         self._lock = threading.Lock()
 
     def prefetch(self, ids: Union[ArrayInput, Mapping[str, ArrayInput]]) -> None:
+        """Queue the lookup of ``ids`` (copied), for a later ``lookup(ids)`` to take. A
+        ``ValueError`` when ``capacity`` batches are prefetched already."""
         self._pipeline.take_error_at_call()
         with self._lock:
             if len(self._ahead) >= self._capacity:

@@ -35,31 +35,32 @@ class BaseMultiTypeHashTable(_hash_table.NotCopyable, QueueHooks, abc.ABC):
 
     @abc.abstractmethod
     def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
-        ...
+        """``{slot: float32 [n, dim]}`` for the given slots; absent ids read as zeros."""
 
     @abc.abstractmethod
     def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
-        ...
+        """``{slot: (ids, values)}``: set the values; returns the table."""
 
     @abc.abstractmethod
     def assign_add(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
-        ...
+        """``{slot: (ids, values)}``: add to the values; returns the table."""
 
     @abc.abstractmethod
     def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
-        ...
+        """Reset the entries of ``ids`` of ``slot`` (Monolith's multi-type tables refuse it)."""
 
     @abc.abstractmethod
     def apply_gradients(self, slot_to_id_and_grad: SlotRows, *args: Any, **kwargs: Any) -> "BaseMultiTypeHashTable":
-        ...
+        """``{slot: (ids, grads)}, global_step, ...``: one optimizer step per slot's table;
+        returns the table."""
 
     @abc.abstractmethod
     def as_op(self, name: Optional[str] = None) -> Any:
-        ...
+        """Wait until every write issued has been applied."""
 
     @abc.abstractmethod
     def get_table_dim_sizes(self) -> List[int]:
-        ...
+        """The dims of the tables, in the order of their fused calls."""
 
 
 def _rows_name(method: str) -> str:
@@ -215,6 +216,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
 
     def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
+        """Not supported, as in Monolith: raises NotImplementedError."""
         raise NotImplementedError("MultiTypeHashTable does not support reinitialize")
 
     def as_op(self, name: Optional[str] = None) -> "MultiTypeHashTable":
@@ -226,6 +228,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         return self
 
     def get_table_dim_sizes(self) -> List[int]:
+        """Dims of the slots' tables, in sorted slot order."""
         return [self._tables[slot].dim_size for slot in self._slots]
 
     def learning_rates(self, global_step: IntegerInput, slots: Optional[List[str]] = None) -> np.ndarray:
@@ -451,16 +454,21 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             raise type(e)(f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}){rest}") from None
 
     def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
+        """``{slot: (ids, values)}``, merged per group: the inner table's ``assign``."""
         return self._update("assign", slot_to_id_and_value, *args, **kwargs)
 
     def assign_add(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
+        """``{slot: (ids, values)}``, merged per group: the inner table's ``assign_add``."""
         return self._update("assign_add", slot_to_id_and_value, *args, **kwargs)
 
     def apply_gradients(self, slot_to_id_and_grad: SlotRows, *args: Any,
                         **kwargs: Any) -> "MergedMultiTypeHashTable":
+        """``{slot: (ids, grads)}, global_step, ...``, merged per group: the inner table's
+        ``apply_gradients``."""
         return self._update("apply_gradients", slot_to_id_and_grad, *args, **kwargs)
 
     def reinitialize(self, slot: str, ids: ArrayInput) -> np.ndarray:
+        """Not supported, as in Monolith: raises NotImplementedError."""
         raise NotImplementedError("MergedMultiTypeHashTable does not support reinitialize")
 
     def as_op(self, name: Optional[str] = None) -> "MergedMultiTypeHashTable":

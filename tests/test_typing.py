@@ -1,5 +1,7 @@
 """mtht ships its type hints (py.typed): a trainer that type-checks its own code in mypy's
-strict mode must be able to call every public builder and table without errors."""
+strict mode must be able to call every public builder and table without errors, and have
+its wrong arguments flagged. Every public function and method has its hints and a
+docstring."""
 
 import importlib
 import inspect
@@ -193,3 +195,10 @@ def test_every_public_function_and_method_has_complete_type_hints():
             incomplete[name] = missing
     assert len(callables) > 150  # the walk found the API
     assert not incomplete, incomplete
+
+
+def test_every_public_function_and_method_has_a_docstring():
+    """help() and an editor's hover show what a call does."""
+    undocumented = [name for name, fn in _public_callables() if not (fn.__doc__ or "").strip()
+                    and fn.__name__ != "__init__"]
+    assert not undocumented, undocumented
