@@ -41,6 +41,7 @@ def main() -> None:
     st = table.stats()
     print(f"memory: {st['bytes'] / st['size']:.0f} bytes/entry ({st['size']:,} entries, load {st['load_factor']:.2f})")
     entry = table.lookup_entry([int(ids[0])])[0]
+    assert entry is not None  # just written
     print(f"entry of id {entry.id}: first values {np.round(entry.values[:4], 4)}, "
           f"adagrad norm {np.round(entry.optimizer_state[0]['norm'][:2], 3)}, ts {entry.last_update_ts}")
 

@@ -35,7 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from absl import app, flags
@@ -366,7 +366,8 @@ def random_access_probe(buffer_bytes: int, thread_counts: Sequence[int], reads: 
     """The machine's random-access ceiling, measured by the core: independent random 64-byte
     reads over a buffer of ``buffer_bytes`` (huge pages where the OS grants them), for each
     thread count. Returns reads/s in total per thread count, and a checksum."""
-    result = {"buffer_bytes": int(buffer_bytes), "reads_per_thread": int(reads), "reads_per_s": {}, "checksum": 0}
+    result: Dict[str, Any] = {"buffer_bytes": int(buffer_bytes), "reads_per_thread": int(reads), "reads_per_s": {},
+                              "checksum": 0}
     for threads in sorted(set(int(t) for t in thread_counts) | {1}):
         rate, checksum = _core.probe_random_reads(int(buffer_bytes), int(reads), threads)
         result["reads_per_s"][str(threads)] = float(rate)
@@ -443,7 +444,7 @@ def _fill_tables(tables_and_keys, dim: int, desc: str, config: BenchConfig, chun
     return time.perf_counter() - start
 
 
-def _reset_mtht(table, keys: np.ndarray, dim: int) -> None:
+def _reset_mtht(table, keys: Union[np.ndarray, List[np.ndarray]], dim: int) -> None:
     """Put the rows of ``keys`` back to their filled state (values and optimizer state)."""
     uk = np.unique(np.concatenate(keys)) if isinstance(keys, list) else np.unique(keys)
     for s in range(0, len(uk), _FILL_CHUNK):
@@ -679,7 +680,7 @@ class _MthtRunner:
             bar.close()
         if writes:
             all_keys = np.concatenate([b[0] for b in batches])
-            for k, table in enumerate(self.split_tables):
+            for k, table in enumerate(self.split_tables or []):
                 _reset_mtht(table, all_keys[all_keys % count == k], c.dim)
             _reset_mtht(one, all_keys, c.dim)
         n = [c.batch_size] * len(seconds)
@@ -910,7 +911,7 @@ class _BaselineRunner:
         bar.update(n)
         bar.close()
         ids = key_to_id(np.arange(n, dtype=np.int64))
-        self.indexes = []
+        self.indexes: List[Union[_DictIndex, _KhashIndex]] = []
         t0 = time.perf_counter()
         self.indexes.append(_DictIndex(ids))
         self.fill_seconds = {"numpy+dict": time.perf_counter() - t0}
@@ -984,7 +985,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
     notes: List[str] = []
     threads_list = c.thread_counts()
     state = _state_floats(c.optimizer, c.dim)
-    result = {
+    result: Dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "build_info": _build_info(),
         "machine": machine_info(),
@@ -1199,12 +1200,12 @@ def run_sweep(config: BenchConfig, sweep: str, values: Sequence[int], plot: Opti
         raise ValueError(f"sweep must be 'size' or 'dim', got {sweep!r}")
     runs = []
     for v in values:
-        cfg = dataclasses.replace(config, **{sweep: int(v)})
+        cfg = dataclasses.replace(config, **{sweep: int(v)})  # type: ignore[arg-type]
         log(f"=== {sweep} = {int(v):,} ===")
         res = run_benchmark(cfg, log)
         runs.append(res)
         log(format_report(res, header=False))
-    out = {"schema": SCHEMA_VERSION, "sweep": sweep, "values": [int(v) for v in values], "runs": runs,
+    out: Dict[str, Any] = {"schema": SCHEMA_VERSION, "sweep": sweep, "values": [int(v) for v in values], "runs": runs,
            "build_info": _build_info(), "machine": machine_info(), "plot": None}
     if plot:
         try:
@@ -1478,7 +1479,7 @@ def _ints(values: Sequence[str], name: str) -> List[int]:
 
 
 def config_from_flags() -> BenchConfig:
-    values = {name: FLAGS[name].value for name in ("size", "dim", "batch_size", "iterations", "warmup")}
+    values: Dict[str, Any] = {name: FLAGS[name].value for name in ("size", "dim", "batch_size", "iterations", "warmup")}
     if FLAGS.quick:
         for name, v in _QUICK.items():
             if not FLAGS[name].present:
@@ -1544,12 +1545,12 @@ def _sweep_values(cfg: BenchConfig) -> List[int]:
     """The values of --sweep_sizes or --sweep_dims, each checked as the run's flags are,
     before any runs: a bad one is refused before the ones before it have run."""
     name = "sweep_sizes" if FLAGS.sweep == "size" else "sweep_dims"
-    values = _ints([v for v in FLAGS[name].value if str(v).strip()], name)
+    values = _ints([v for v in FLAGS[name].value or [] if str(v).strip()], name)
     if not values or min(values) < 1:
         raise app.UsageError(f"--{name} must list values >= 1, got {FLAGS[name].value}")
     for v in values:
         try:
-            dataclasses.replace(cfg, **{FLAGS.sweep: v}).validate()
+            dataclasses.replace(cfg, **{FLAGS.sweep: v}).validate()  # type: ignore[arg-type]
         except ValueError as e:
             raise app.UsageError(f"--{name}: {v}: {e}") from None
     return values

@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 try:
     import fcntl
@@ -500,7 +500,7 @@ def restore_table(table: _hash_table.HashTable, basename: str) -> dict:
     return body
 
 
-def _slot_tables(table) -> Dict[str, object]:
+def _slot_tables(table) -> Dict[str, Any]:
     """{key: HashTable} of a multi-type table: slot names, or merged names for a merged one."""
     inner = getattr(table, "_table", None)
     if inner is not None and not callable(inner):
@@ -516,7 +516,7 @@ def _check_model(table, what: str) -> None:
         raise TypeError(f"{what} takes a MultiTypeHashTable or MergedMultiTypeHashTable, got {type(table).__name__}")
 
 
-def _named_tables(table) -> Dict[str, object]:
+def _named_tables(table) -> Dict[str, Any]:
     """{key: HashTable} of a multi-type table, each key a checkpoint's name in one directory."""
     tables = _slot_tables(table)
     for key in tables:
@@ -704,7 +704,7 @@ def restore_multi_type(table: BaseMultiTypeHashTable, directory: str, format: st
     table._drop_prefetched()
 
 
-def find_checkpoints(tables: Dict[str, object], directory: str) -> List[Tuple[object, str, dict]]:
+def find_checkpoints(tables: Dict[str, Any], directory: str) -> List[Tuple[Any, str, dict]]:
     """For each ``{key: table}``, ``(table, basename, manifest)`` of its checkpoint in
     ``directory``: its key's, or else that of the first of its ``extra_restore_names`` that
     is present (exact names), the later of the one ``tables.json`` names and its own."""
@@ -722,7 +722,7 @@ def find_checkpoints(tables: Dict[str, object], directory: str) -> List[Tuple[ob
     return found
 
 
-def load_multi_type(table, directory: str) -> List[Tuple[object, object]]:
+def load_multi_type(table, directory: str) -> List[Tuple[Any, Any]]:
     """What :func:`restore_multi_type` puts in place, loaded and verified without changing
     anything: ``(table, core)`` pairs, each of a table and its restored contents."""
     directory = os.fsdecode(directory)

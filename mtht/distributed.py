@@ -21,7 +21,7 @@ import re
 import signal
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class _Scratch:
     fresh large array takes a page fault per 4 KiB where it is first written: that was half
     the time of a lookup of 65,536 ids on two ranks."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: Dict[object, np.ndarray] = {}
 
     def take(self, key, dtype, *shape: int) -> np.ndarray:
@@ -167,8 +167,18 @@ class _Call:
 
     __slots__ = ("routed", "sent_rows", "send_counts", "recv_counts", "ids", "rows", "back", "named",
                  "nonempty", "summed_by_owner")
+    routed: List[_Routed]
+    sent_rows: List[np.ndarray]
+    send_counts: np.ndarray  # [rank][table]
+    recv_counts: np.ndarray
+    ids: np.ndarray
+    rows: np.ndarray  # writes only
+    back: np.ndarray  # lookups only
+    named: np.ndarray  # per table: bool
+    nonempty: np.ndarray
+    summed_by_owner: np.ndarray
 
-    def __init__(self):
+    def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, None)
 
@@ -397,7 +407,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
             def routed(t: int, dedup: bool) -> _Routed:
                 a, b = ends[t] - sizes[t], ends[t]
-                rows_out = None if lookup else rows_all[row_ends[t] - sizes[t] * self._dims[t]:row_ends[t]]
+                rows_out = None if rows_all is None else rows_all[row_ends[t] - sizes[t] * self._dims[t]:row_ends[t]]
                 return _Routed(prepared.per_table[t][0], world, dedup, sent_all[a:b], position_all[a:b], rows_out)
 
             call.routed = [routed(t, d) for t, d in enumerate(prepared.dedup)]
@@ -433,7 +443,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         infos = self._settle(error, what, same, info)
         call.send_counts, call.recv_counts = send_counts, recv_counts
         # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
-        call.named, call.nonempty, call.summed_by_owner = np.array(infos, dtype=bool).reshape(-1, 3, k).any(axis=0)
+        flags = np.logical_or.reduce(np.array(infos, dtype=bool).reshape(-1, 3, k), axis=0)
+        call.named, call.nonempty, call.summed_by_owner = flags[0], flags[1], flags[2]
         self._exchange(_blocks([r.sent for r in call.routed], send_counts, sent_ids),
                        send_counts.sum(axis=1), call.ids, recv_counts.sum(axis=1))
         if not lookup:
@@ -558,10 +569,11 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         # Every rank writes the tables that any rank named (those with no ids too: as one
         # process's write, it moves their max_update_ts, which expiry goes by).
         written = [t for t in range(k) if call.named[t]]
+        converted = cast(_hash_table.WriteArguments, arguments)  # by prepare, which _route called
         if method == "apply_gradients":
-            _, error = _attempt(lambda: self._apply_received(written, call, arguments, accumulate))
+            _, error = _attempt(lambda: self._apply_received(written, call, converted, accumulate))
         else:
-            _, error = _attempt(lambda: self._assign_received(method, written, call, arguments.req_time))
+            _, error = _attempt(lambda: self._assign_received(method, written, call, converted.req_time))
         self._settle(error, method)
 
     def _assign_received(self, method: str, written: List[int], call: "_Call", req_time: int) -> None:

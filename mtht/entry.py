@@ -34,7 +34,7 @@ import inspect
 import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable, ClassVar, List, Optional, Union
+from typing import Any, Callable, ClassVar, List, Optional, Union, cast
 
 import numpy as np
 
@@ -946,7 +946,7 @@ class StochasticRoundingFloat16OptimizerWrapper(Optimizer):
             )
         if isinstance(optimizer, StochasticRoundingFloat16OptimizerWrapper):
             optimizer = optimizer.optimizer
-        self.optimizer = optimizer
+        self.optimizer: Optimizer = optimizer
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -1248,7 +1248,7 @@ class Segment:
             f"Segment(dim_size={self.dim_size}, "
             f"initializer={self.initializer.canonical_key()}, "
             f"optimizer={self.optimizer.canonical_key()}, "
-            f"compressor={self.compressor.canonical_key()})"
+            f"compressor={cast(Compressor, self.compressor).canonical_key()})"
         )
 
 
@@ -1271,7 +1271,7 @@ def CombineAsSegment(dim_size: Integer, initializer: Initializer, optimizer: Opt
     -------
     Segment
     """
-    return Segment(dim_size, initializer, optimizer, compressor)
+    return Segment(cast(int, dim_size), initializer, optimizer, compressor)  # checked as an integer there
 
 
 @dataclasses.dataclass
@@ -1332,7 +1332,7 @@ class SlotExpireTimeConfig:
         self.default_expire_time = _check_int(
             self.default_expire_time, "default_expire_time", 0, _UINT32_MAX
         )
-        items = self.slot_expire_times
+        items: Iterable[Any] = self.slot_expire_times
         if isinstance(items, Mapping):
             items = items.items()
         normalised: dict[int, int] = {}
@@ -1763,7 +1763,7 @@ class HashTableConfigInstance:
         self._learning_rate_fns = fns
         # Constant learning rates, once evaluated: a small batch's step is a few
         # microseconds, and evaluating them took half of the Python side of it.
-        self._constant_rates = None
+        self._constant_rates: Optional[np.ndarray] = None
         self._extra_restore_names = self._check_names(extra_restore_names)
 
     @staticmethod
@@ -1878,9 +1878,9 @@ class HashTableConfigInstance:
             if mode == _CONSTANT:
                 value = fn
             elif mode == _WITH_STEP:
-                value = fn(step)
+                value = cast(Callable[[int], Any], fn)(step)
             else:
-                value = fn()
+                value = cast(Callable[[], Any], fn)()
             try:
                 if value is None:  # numpy would make it NaN
                     raise TypeError
@@ -1904,8 +1904,9 @@ class HashTableConfigInstance:
             out[i] = lr
         if all(mode == _CONSTANT and not _is_rate_array(fn)  # an array may change
                for fn, mode in zip(self._learning_rate_fns, self._modes)):
-            self._constant_rates = out.copy()
-            self._constant_rates.flags.writeable = False
+            constant_rates = out.copy()
+            constant_rates.flags.writeable = False
+            self._constant_rates = constant_rates
         return out
 
     def __str__(self) -> str:

@@ -45,8 +45,8 @@ class HashFilter:
             raise TypeError(f"capacity must be an integer, got {type(capacity).__name__}")
         if not 1 <= int(capacity) <= _MAX_CAPACITY:
             raise ValueError(f"capacity must be in [1, 2^62], got {capacity!r}")
-        self._capacity = int(capacity)
-        self._default = _threshold(default_occurrence_threshold, "default_occurrence_threshold")
+        self._capacity: int = int(capacity)
+        self._default: int = _threshold(default_occurrence_threshold, "default_occurrence_threshold")
         self._slots: Dict[int, int] = {}
         thresholds = as_mapping(slot_occurrence_thresholds or {}, "slot_occurrence_thresholds", "{slot: threshold}")
         for slot, threshold in thresholds.items():
@@ -54,7 +54,7 @@ class HashFilter:
                 raise ValueError(f"slot must be an integer in [0, {MAX_SLOT}], got {slot!r}")
             self._slots[int(slot)] = _threshold(threshold, f"threshold of slot {slot}")
         self._owner: Optional[str] = None
-        self._lock = threading.Lock()
+        self._lock: threading.Lock = threading.Lock()
 
     @property
     def default_occurrence_threshold(self) -> int:

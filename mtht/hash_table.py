@@ -126,7 +126,7 @@ def write_arguments(method: str, *args: Any, **kwargs: Any) -> WriteArguments:
     try:
         return convert(*args, **kwargs)
     except TypeError as e:
-        if e.__traceback__.tb_next is None:  # the call's own arguments, missing or unknown
+        if e.__traceback__ is not None and e.__traceback__.tb_next is None:  # the call's own arguments
             raise TypeError(f"{method}{_WRITE_SIGNATURES[method]}: "
                             f"{str(e).split('() ', 1)[-1]}") from None
         raise
@@ -179,7 +179,7 @@ def swap_contents(pairs) -> None:
     over several tables, once the writes under way and a save of the old contents are done
     (writes_held)."""
     pairs = list(pairs)
-    held = []
+    held: List[Any] = []
     with _CONTENTS:
         try:
             _core.hold_writes([table._core for table, _ in pairs], held)
@@ -199,7 +199,7 @@ def _contents_of(tables) -> list:
 def writes_held(tables) -> Iterator[None]:
     """Within: no write to any of ``tables`` is under way or starts, and their contents stay
     (a save of them holds each write whole or not at all). The writes wait; reads go on."""
-    held = []
+    held: List[Any] = []
     try:
         while True:
             cores = _contents_of(tables)
@@ -338,14 +338,14 @@ class HashTable(BaseHashTable):
         if saver_parallel > _MAX_FILES:  # a file name holds the count in 5 digits
             raise ValueError(f"saver_parallel must be at most {_MAX_FILES}, got {saver_parallel}")
         config.validate()
-        self._config = config
-        self._name = name
-        self._saver_parallel = int(saver_parallel)
-        self._hash_filter = hash_filter
-        self._core = self._new_core()
+        self._config: HashTableConfigInstance = config
+        self._name: str = name
+        self._saver_parallel: int = int(saver_parallel)
+        self._hash_filter: Optional[HashFilter] = hash_filter
+        self._core: _core.Table = self._new_core()
         if hash_filter is not None:
             hash_filter.attach(name)
-        self._dim = self._core.dim
+        self._dim: int = self._core.dim
         table_config = config.table_config
         self._evictor = None
         if table_config.enable_feature_eviction:
@@ -465,7 +465,7 @@ class HashTable(BaseHashTable):
         ``filter_forgotten``: the admission filter's counts, their memory (not part of
         ``bytes``) and the counts forgotten to stay within its capacity."""
         core = self._core  # once: a restore on another thread may swap it
-        st = core.stats(probe_lengths)
+        st: Dict[str, Any] = core.stats(probe_lengths)
         st["row_bytes_reserved"] = st.pop("row_bytes")
         st["row_bytes"] = st["rows_in_use"] * st["row_stride"]
         st["load_factor"] = st["size"] / st["capacity"] if st["capacity"] else 0.0
@@ -503,23 +503,24 @@ class HashTable(BaseHashTable):
                            arguments: WriteArguments) -> "TableWrite":
         """:meth:`prepare_write` with the arguments after the rows already converted
         (:func:`write_arguments`)."""
-        table, method, ids, rows, learning_rates = self.write_part(method, ids, tensor, arguments)
+        table, method, id_array, rows, learning_rates = self.write_part(method, ids, tensor, arguments)
         core = table._core
         if method == "apply_gradients":
-            return TableWrite(core, method, ids, rows, learning_rates, arguments.global_step, arguments.req_time,
+            return TableWrite(core, method, id_array, rows, learning_rates, arguments.global_step, arguments.req_time,
                               arguments.dedup)
-        return TableWrite(core, method, ids, rows, None, 0, arguments.req_time, False)
+        return TableWrite(core, method, id_array, rows, None, 0, arguments.req_time, False)
 
-    def write_part(self, method: str, ids: ArrayInput, tensor: ArrayInput, arguments: WriteArguments) -> tuple:
+    def write_part(self, method: str, ids: ArrayInput, tensor: ArrayInput,
+                   arguments: WriteArguments) -> Tuple["HashTable", str, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(table, method, ids, rows, learning_rates)``: a write's arguments converted, as
         :func:`write_parts` applies them (``learning_rates`` is None but for
         ``apply_gradients``)."""
-        ids = as_ids(ids)
+        id_array = as_ids(ids)
         if method == "apply_gradients":
-            return (self, method, ids, as_rows(tensor, ids.shape[0], self._dim, "grads"),
+            return (self, method, id_array, as_rows(tensor, id_array.shape[0], self._dim, "grads"),
                     self._config.learning_rates(arguments.global_step))
         if method in ("assign", "assign_add"):
-            return self, method, ids, as_rows(tensor, ids.shape[0], self._dim, "values"), None
+            return self, method, id_array, as_rows(tensor, id_array.shape[0], self._dim, "values"), None
         raise ValueError(f"unknown write {method!r}")
 
     def assign(self, ids: ArrayInput, values: ArrayInput, req_time: Optional[IntegerInput] = None) -> "HashTable":

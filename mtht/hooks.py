@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 import weakref
-from typing import Any, Callable, Deque, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -179,7 +179,8 @@ def _without_tracebacks(error: BaseException) -> BaseException:
     """``error`` with no traceback on it or on the errors it was raised from or during
     (``__cause__``, ``__context__``: ``raise ... from None`` keeps the latter): their
     frames hold the table, which the thread would keep alive until the error was taken."""
-    seen, todo = set(), [error]
+    seen: set = set()
+    todo: List[Optional[BaseException]] = [error]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -209,10 +210,10 @@ class _Pipeline:
 
     def _new_state(self) -> None:
         self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._state = _PipelineState(self._state.collective if hasattr(self, "_state") else False)
+        self._state: _PipelineState = _PipelineState(self._state.collective if hasattr(self, "_state") else False)
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self._box = getattr(self, "_box", [None, None, self._name])  # for the finalizer
+        self._box: List[Any] = getattr(self, "_box", [None, None, self._name])  # for the finalizer
         self._box[:2] = [self._tasks, self._state]
 
     def reset_in_child(self) -> None:
@@ -385,9 +386,9 @@ class _TableHook:
         capacity = int(capacity)
         if not isinstance(table, QueueHooks):
             raise TypeError(f"a hook needs an mtht table, got {type(table).__name__}")
-        self._table = table
-        self._capacity = capacity
-        self._pipeline = _pipeline_of(table)
+        self._table: Any = table
+        self._capacity: int = capacity
+        self._pipeline: _Pipeline = _pipeline_of(table)
         self._pipeline.hooks.add(self)
         table.add_queue_hook(self)
 
@@ -578,9 +579,10 @@ class Prefetch(_TableHook):
             # Every process takes its prefetched batch, or every one looks its ids up again:
             # a lookup on some processes only would wait for ever for the others.
             lookup, fresh = self._table.lookup, _snapshot(ids)
-            return self._pipeline.submit(lambda: ahead[1].result() if collective.all_ranks(hit) else lookup(fresh),
+            taken = ahead[1]
+            return self._pipeline.submit(lambda: taken.result() if collective.all_ranks(hit) else lookup(fresh),
                                          is_write=False).result()
-        if hit:
+        if hit and ahead is not None:
             return ahead[1].result()
         return self._queue_lookup(_snapshot(ids)).result()
 

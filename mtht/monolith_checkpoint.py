@@ -49,7 +49,7 @@ _CLASSES = None
 
 def _require():
     try:
-        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # type: ignore[import-untyped]
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError("entry_dump_class needs protobuf: pip install 'mtht[monolith]'") from e
     return descriptor_pb2, descriptor_pool, message_factory
@@ -253,7 +253,7 @@ def _latest_whole_set(basename: str, found: Dict[int, Dict[int, str]]) -> List[s
     tells when it was written, as a rename keeps the time a file was written."""
     whole = {count: [files[i] for i in range(count)] for count, files in found.items() if len(files) == count}
     written = {count: min(os.stat(p).st_mtime_ns for p in paths) for count, paths in whole.items()}
-    latest = sorted(written, key=written.get)[-2:]
+    latest = sorted(written, key=lambda count: written[count])[-2:]
     if not whole or (len(latest) == 2 and written[latest[0]] == written[latest[1]]):
         raise ValueError(f"Monolith checkpoint {basename!r} mixes shard counts {sorted(found)}, and no one set "
                          "of them is whole and the latest")

@@ -290,7 +290,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         for slot in sorted(slot_to_config):
             groups.setdefault(str(slot_to_config[slot]), []).append(slot)
         self._slot_mapping: Dict[str, str] = {}
-        self._merged_slot_to_config = {}
+        self._merged_slot_to_config: Dict[str, HashTableConfigInstance] = {}
         for slots in groups.values():
             merged_name = _md5(slots)
             if merged_name in self._merged_slot_to_config:  # slot names with commas: "a,b" alone and "a", "b"
@@ -336,7 +336,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         return self._dims[merged_name]
 
     def _get_merged_to_indexed_tensor(self, slot_to_tensor: Mapping, rows: bool,
-                                      slot_sizes: Mapping = None) -> Tuple[dict, dict]:
+                                      slot_sizes: Optional[Mapping] = None) -> Tuple[dict, dict]:
         """Concatenate per merged table, in sorted slot order: ``({merged: array},
         {merged: sizes})``. ``rows`` converts each tensor to ``[n, dim]`` float32, with n the
         slot's id count from ``slot_sizes`` when given; otherwise the tensors are ids."""
@@ -360,11 +360,11 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
     def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]: ...
 
     @overload
-    def lookup(self, slot_to_id: Optional[SlotIds], auxiliary_bundle: Optional[Dict[str, Any]],
+    def lookup(self, slot_to_id: SlotIds, auxiliary_bundle: Optional[Dict[str, Any]],
                early_reorder_indicies_res_pack: Any = None
                ) -> Union[Dict[str, np.ndarray], Tuple[Dict[str, np.ndarray], Dict[str, Any]]]: ...
 
-    def lookup(self, slot_to_id: Optional[SlotIds], auxiliary_bundle: Optional[Dict[str, Any]] = None,
+    def lookup(self, slot_to_id: SlotIds, auxiliary_bundle: Optional[Dict[str, Any]] = None,
                early_reorder_indicies_res_pack: Any = None
                ) -> Union[Dict[str, np.ndarray], Tuple[Dict[str, np.ndarray], Dict[str, Any]]]:
         """``{slot: float32 [n, dim]}``, or ``(that, auxiliary_bundle)`` when the bundle still
@@ -388,7 +388,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             if slot in slot_to_id:
                 merged_to_slots.setdefault(self._slot_mapping[slot], []).append(slot)
         sizes = auxiliary_bundle.pop("merged_slot_to_sizes")
-        result = {}
+        result: Dict[str, np.ndarray] = {}
         for merged, emb in merged_emb.items():
             ends = np.cumsum(sizes[merged]).tolist()
             result.update(zip(merged_to_slots[merged], (emb[b:e] for b, e in zip([0] + ends[:-1], ends))))
@@ -412,8 +412,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         as_mapping(data, _slot_data_name(method), "{slot: (ids, rows)}")
         if kwargs.pop("skip_merge_id", False):
             with self._on_every_rank(method):
-                merged, _ = self._get_merged_to_indexed_tensor(data, rows=True)
-            getattr(self._table, method)(merged, *args, **kwargs)
+                merged_rows, _ = self._get_merged_to_indexed_tensor(data, rows=True)
+            getattr(self._table, method)(merged_rows, *args, **kwargs)
             return self
         # Per merged table, in sorted slot order: the slots' ids, and their rows (as many as ids).
         ids: Dict[str, list] = {}

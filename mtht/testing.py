@@ -40,7 +40,7 @@ def generate_test_hash_table_config(dim: int = 2, use_float16: bool = False,
     >>> config.call_learning_rate_fns(0)
     array([1.], dtype=float32)
     """
-    optimizer = entry.SgdOptimizer()
+    optimizer: entry.Optimizer = entry.SgdOptimizer()
     if use_float16:
         optimizer = entry.StochasticRoundingFloat16OptimizerWrapper(optimizer)
     segment = entry.CombineAsSegment(

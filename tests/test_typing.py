@@ -202,3 +202,12 @@ def test_every_public_function_and_method_has_a_docstring():
     undocumented = [name for name, fn in _public_callables() if not (fn.__doc__ or "").strip()
                     and fn.__name__ != "__init__"]
     assert not undocumented, undocumented
+
+
+def test_the_package_agrees_with_its_own_hints(tmp_path):
+    """mypy over the installed package: the hints a trainer is checked against agree with the
+    code behind them (its optional imports, tqdm or protobuf, may be missing)."""
+    result = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--no-incremental",
+                             "--cache-dir", str(tmp_path / "cache"), "-p", "mtht"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
