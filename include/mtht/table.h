@@ -3530,12 +3530,15 @@ class EmbeddingTable {
   // tell). Only the entries up to the bound are gathered and ordered, and only they are
   // looked up among the batch's ids (1M entries, steps of 65,536 ids of which a tenth new:
   // 48x slower than without a limit when every entry was gathered, ordered and looked up).
-  // The first of them are kept in order for the next writes (VictimPool): eight times as
-  // many as this write needs, but no more than an eighth of the table (3 bytes an entry).
+  // The first of them are kept in order for the next writes (VictimPool): an eighth of the
+  // table (3 bytes an entry), or what this write needs if that is more. A scan costs time in
+  // proportion to the table, so it must serve evictions in proportion to the table too: when
+  // it kept eight times what the write needed, a table of 1M entries at its limit, written
+  // 256 new ids at a time, scanned every 24 writes, at 20 times the time per id of a table
+  // without a limit (46 times at 4M).
   void choose_by_scan(const Room& room, uint64_t excess, uint64_t current, detail::Victims& victims) {
     const uint64_t wanted = std::min(current, excess + room.present);
-    const uint64_t most_kept = std::max<uint64_t>(current / 8, 4096);
-    const uint64_t kept = std::min(current, std::max(wanted, std::min(8 * wanted + 4096, most_kept)));
+    const uint64_t kept = std::min(current, std::max(wanted, std::max<uint64_t>(current / 8, 4096)));
     std::vector<Candidate> gathered = candidates_up_to(key_bound(kept, current));
     if (gathered.size() < kept) gathered = candidates_up_to(Candidate{UINT64_MAX, UINT64_MAX, INT64_MAX});
     if (gathered.size() > 2 * kept)  // all of them were gathered, or many share the bound's keys
