@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
+import warnings
 from typing import Any, Optional, Protocol, Union
 
 import numpy as np
@@ -37,7 +38,9 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     ``name`` names it in the TypeError of an object that cannot be read."""
     if isinstance(x, np.ndarray):
         return x
-    if not hasattr(x, "__dlpack__") or isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple)):
+        return _from_sequence(x)
+    if not hasattr(x, "__dlpack__"):
         return np.asarray(x)
     x = _plain_tensor(x)
     try:
@@ -51,6 +54,23 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     if a.dtype == object and a.ndim == 0:  # asarray wrapped the object itself
         raise TypeError(f"{name} cannot be read as an array: {exported}") from exported
     return a
+
+
+# numpy before 1.24 makes a ragged nested list an object array, with this warning; later
+# versions raise the ValueError that a ragged list is.
+_RAGGED_WARNING = (getattr(np, "VisibleDeprecationWarning", None)
+                   if np.lib.NumpyVersion(np.__version__) < "1.24.0" else None)
+
+
+def _from_sequence(x: Any) -> np.ndarray:
+    if _RAGGED_WARNING is None:
+        return np.asarray(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _RAGGED_WARNING)
+        try:
+            return np.asarray(x)
+        except _RAGGED_WARNING as e:
+            raise ValueError(f"setting an array element with a sequence: {e}") from None
 
 
 def _plain_tensor(x):
@@ -167,13 +187,16 @@ def _float32(a: np.ndarray, name: str) -> np.ndarray:
     1e39) is a ValueError: cast, it would be an Inf that the table refuses as if given."""
     if a.dtype.kind != "f" or a.dtype.itemsize <= 4:
         return _for_the_core(a, np.float32)
-    with np.errstate(over="raise"):
-        try:
-            return _for_the_core(a, np.float32)
-        except FloatingPointError:
-            largest = np.max(np.abs(a[np.isfinite(a)]))
+    # Found after the cast, not by numpy's overflow error, which numpy before 1.24 never raised.
+    with np.errstate(over="ignore"):
+        out = _for_the_core(a, np.float32)
+    if not np.isfinite(out).all():
+        made_inf = np.isinf(out) & np.isfinite(a)
+        if made_inf.any():
+            largest = np.max(np.abs(a[made_inf]))
             raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
-                             f"{np.format_float_scientific(largest, unique=True, trim='-')}") from None
+                             f"{np.format_float_scientific(largest, unique=True, trim='-')}")
+    return out
 
 
 def as_numpy_floats(values, name: str) -> np.ndarray:

@@ -86,7 +86,11 @@ def entry_dump_class() -> Any:
         entry.field.add(name="last_update_ts_sec", number=4, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
         pool = descriptor_pool.DescriptorPool()
         pool.Add(fdp)
-        _CLASSES = message_factory.GetMessageClass(pool.FindMessageTypeByName("mtht.monolith.EntryDump"))
+        descriptor = pool.FindMessageTypeByName("mtht.monolith.EntryDump")
+        if hasattr(message_factory, "GetMessageClass"):
+            _CLASSES = message_factory.GetMessageClass(descriptor)
+        else:  # protobuf before 4.22
+            _CLASSES = message_factory.MessageFactory(pool).GetPrototype(descriptor)
     return _CLASSES
 
 
