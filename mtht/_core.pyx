@@ -8,6 +8,7 @@ only checks what it needs for memory safety (lengths against the table's dim).
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libcpp.memory cimport unique_ptr
+from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 import operator
@@ -237,6 +238,17 @@ cdef class Table:
         with nogil:
             n = self._t.get().size()
         return n
+
+    def stored_ids(self):
+        """int64 array of every id the table holds (see EmbeddingTable::stored_ids)."""
+        cdef vector[int64_t] ids
+        with nogil:
+            ids = self._t.get().stored_ids()
+        out = np.empty(ids.size(), dtype=np.int64)
+        cdef int64_t[::1] view = out
+        if ids.size():
+            memcpy(&view[0], ids.data(), ids.size() * sizeof(int64_t))
+        return out
 
     @property
     def max_update_ts(self):

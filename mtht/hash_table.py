@@ -446,6 +446,15 @@ class HashTable(BaseHashTable):
         """bool ``[N]``: whether each id has an entry."""
         return self._core.contains(as_ids(ids))
 
+    def ids(self) -> np.ndarray:
+        """int64 array of every id the table holds, in no order to rely on: those of one
+        moment, as a save sees them (writes wait meanwhile, so a write of another thread is
+        in it whole or not at all). Entries expired but not yet evicted are among them. With
+        :meth:`export_serving` it exports the whole table; with :meth:`lookup_entry`, every
+        entry."""
+        with writes_held([self]):
+            return self._core.stored_ids()
+
     def size(self) -> int:
         """Number of entries."""
         return self._core.size()

@@ -2725,3 +2725,68 @@ def test_max_bytes_is_part_of_the_merge_key():
         mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[seg]), **kw), [1.0]))
     assert key() == key(max_bytes=None)
     assert key(max_bytes=10**6) != key() and key(max_bytes=10**6) == key(max_bytes=10**6)
+
+
+# ----------------------------------------------------------------------------------------
+# ids(): every id a table holds
+# ----------------------------------------------------------------------------------------
+
+def test_ids_lists_what_writes_capacity_evictions_and_expiry_leave():
+    """ids() against a model: batches of 100 new ids (half of slot 1, which expires after a
+    day) into a table of at most 300 entries (LRU), so each write past the third evicts the
+    batch written least recently, whole."""
+    t = table_of(max_entries=300, slot_expire_days={1: 1}, num_shards=4)
+    assert t.ids().dtype == np.int64 and t.ids().shape == (0,)
+    start = 1_700_000_000
+    batches = []  # (ids, time of their last write), least recent first
+    for k in range(6):
+        ids = np.arange(100 * k, 100 * k + 100, dtype=np.int64)
+        ids[::2] |= 1 << 48  # slot 1
+        when = start + 3600 * k
+        t.assign(ids, np.ones((100, 1), np.float32), req_time=when)
+        batches = (batches + [(ids, when)])[-3:]
+        if k == 3:  # the oldest batch written again: the next write evicts the one after it
+            t.assign(batches[0][0], np.ones((100, 1), np.float32), req_time=when)
+            batches = batches[1:] + [(batches[0][0], when)]
+        assert sorted(t.ids().tolist()) == sorted(np.concatenate([b for b, _ in batches]).tolist()), k
+    now = start + 3600 * 5 + 86400 + 1800  # the slot-1 ids of batches written 1.5 days before or more
+    removed = t.evict(now)
+    kept = [i for b, when in batches for i in b.tolist() if not (i >> 48 == 1 and now - when >= 86400)]
+    assert removed == 300 - len(kept) > 0
+    assert sorted(t.ids().tolist()) == sorted(kept)
+
+
+def test_ids_of_a_large_sharded_table_in_16_bits():
+    rng = np.random.default_rng(11)
+    ids = np.unique(rng.integers(-2**63, 2**63 - 1, 200_000, dtype=np.int64))
+    config = config_of(dim=4)
+    config.table_config.embedding_dtype = "bfloat16"
+    t = hash_table_from_config(config)
+    t.assign(ids, np.ones((ids.size, 4), np.float32))
+    got = t.ids()
+    assert got.size == ids.size and np.array_equal(np.sort(got), ids)
+    assert t.stats()["num_shards"] > 1
+
+
+def test_ids_sees_a_write_of_another_thread_whole_or_not_at_all():
+    """A writer thread writes batches of 20,000 new ids (over every shard) one after another
+    while the trainer's thread lists the ids: each list is the first m batches, whole."""
+    t = table_of(dim=1, num_shards=64)
+    batch, count = 100_000, 20
+    done = threading.Event()
+
+    def write():
+        for k in range(count):
+            t.assign(np.arange(k * batch, (k + 1) * batch, dtype=np.int64), np.ones((batch, 1), np.float32))
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    lists = 0
+    while not done.is_set():
+        listed = np.sort(t.ids())
+        m = listed.size // batch
+        assert listed.size == m * batch and np.array_equal(listed, np.arange(m * batch)), listed.size
+        lists += 1
+    writer.join()
+    assert np.array_equal(np.sort(t.ids()), np.arange(batch * count)) and lists > 0

@@ -1792,6 +1792,23 @@ class EmbeddingTable {
     return n;
   }
 
+  // Every id the table holds, shard by shard in index order (an order not to rely on): the
+  // entries of one moment, every shard read under one hold of their locks, as size().
+  std::vector<int64_t> stored_ids() const {
+    const detail::ForkGate::InCall in_call;
+    const LayoutHold hold(*this);
+    const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);
+    size_t n = 0;
+    for (auto* s : shards_) n += s->size();
+    std::vector<int64_t> ids;
+    ids.reserve(n);
+    for (auto* s : shards_)
+      s->for_each_run([&](const detail::Shard::Copied* entries, size_t count) {
+        for (size_t i = 0; i < count; ++i) ids.push_back(entries[i].key);
+      });
+    return ids;
+  }
+
   TableStats stats(bool probe_lengths = false) const {
     const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
