@@ -171,6 +171,11 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
   // id with their gradients summed (a task per table; this is where the update allocates),
   // then the tables are updated, a task each (each table's own blocks stay in shard order).
   const size_t K = L.num_tables;
+  for (size_t k = 0; k < K; ++k) {
+    size_t ids_of_table = 0;
+    for (size_t n = 0; n < L.num_shards; ++n) ids_of_table += detail::block_ids(L, n, k);
+    tables[k]->split_for_batch(ids_of_table);
+  }
   const detail::HeldLayouts held(tables);  // before the plans: it outlives them
   struct TableWrite {
     detail::TableGather gathered;

@@ -234,6 +234,7 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
   auto row_of = [](const TablePart& p) {
     return [rows = p.rows, d = static_cast<size_t>(p.table->dim())](size_t i) { return rows + i * d; };
   };
+  for (const TablePart& p : parts) p.table->split_for_batch(p.n);
   const detail::HeldLayouts held(tables);  // before the plans: it outlives them
   std::vector<std::optional<detail::PlannedWrite>> planned(parts.size());
   // A part small enough to be written on one thread anyway is written beside the others.
