@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections.abc
 import numbers
-import warnings
+import os
 from typing import Any, Optional, Protocol, Union
 
 import numpy as np
@@ -31,6 +31,8 @@ ArrayInput = Union[npt.ArrayLike, Tensor]
 IntegerInput = Union[Integer, "np.ndarray[Any, Any]", Tensor]
 # A call's switch (as_flag): a bool, 0 or 1, a 0-d array or tensor of one; None is False.
 Switch = Union[bool, "np.bool_", Integer, "np.ndarray[Any, Any]", Tensor, None]
+# A checkpoint's path: a string or a path object (pathlib).
+StrPath = Union[str, "os.PathLike[str]"]
 
 
 def as_numpy(x, name: str = "the input") -> np.ndarray:
@@ -56,21 +58,18 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     return a
 
 
-# numpy before 1.24 makes a ragged nested list an object array, with this warning; later
-# versions raise the ValueError that a ragged list is.
-_RAGGED_WARNING = (getattr(np, "VisibleDeprecationWarning", None)
-                   if np.lib.NumpyVersion(np.__version__) < "1.24.0" else None)
+# numpy before 1.24 makes a ragged nested list an object array (with a warning) and casts a
+# finite float64 past float32's range to Inf without an error; later versions raise both.
+_NUMPY_BEFORE_1_24 = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 
 
 def _from_sequence(x: Any) -> np.ndarray:
-    if _RAGGED_WARNING is None:
-        return np.asarray(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", _RAGGED_WARNING)
-        try:
-            return np.asarray(x)
-        except _RAGGED_WARNING as e:
-            raise ValueError(f"setting an array element with a sequence: {e}") from None
+    a = np.asarray(x)
+    if _NUMPY_BEFORE_1_24 and a.dtype == object and a.ndim > 0 and \
+            any(isinstance(item, (list, tuple, np.ndarray)) for item in a.flat):
+        raise ValueError("setting an array element with a sequence: the nested sequences have different "
+                         "lengths (a ragged list)")
+    return a
 
 
 def _plain_tensor(x):
@@ -187,16 +186,20 @@ def _float32(a: np.ndarray, name: str) -> np.ndarray:
     1e39) is a ValueError: cast, it would be an Inf that the table refuses as if given."""
     if a.dtype.kind != "f" or a.dtype.itemsize <= 4:
         return _for_the_core(a, np.float32)
-    # Found after the cast, not by numpy's overflow error, which numpy before 1.24 never raised.
-    with np.errstate(over="ignore"):
-        out = _for_the_core(a, np.float32)
-    if not np.isfinite(out).all():
-        made_inf = np.isinf(out) & np.isfinite(a)
-        if made_inf.any():
-            largest = np.max(np.abs(a[made_inf]))
-            raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
-                             f"{np.format_float_scientific(largest, unique=True, trim='-')}")
-    return out
+    if not _NUMPY_BEFORE_1_24:
+        with np.errstate(over="raise"):
+            try:
+                return _for_the_core(a, np.float32)
+            except FloatingPointError:
+                pass
+    else:  # found after the cast: an extra pass over the rows
+        with np.errstate(over="ignore"):
+            out = _for_the_core(a, np.float32)
+        if np.isfinite(out).all() or not (np.isinf(out) & np.isfinite(a)).any():
+            return out
+    largest = np.max(np.abs(a[np.isfinite(a)]))
+    raise ValueError(f"{name} hold a finite number past float32's range (about 3.4e38): "
+                     f"{np.format_float_scientific(largest, unique=True, trim='-')}")
 
 
 def as_numpy_floats(values, name: str) -> np.ndarray:

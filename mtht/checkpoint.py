@@ -42,6 +42,7 @@ except ImportError:  # not a POSIX system: no lock between processes
 
 from mtht import _core
 from mtht import hash_table as _hash_table
+from mtht._arrays import StrPath
 from mtht.entry import MAX_SHARDS
 
 if TYPE_CHECKING:
@@ -69,10 +70,10 @@ def manifest_path(basename: str) -> str:
     return os.fsdecode(basename) + ".manifest.json"
 
 
-def checkpoint_exists(basename: str) -> bool:
+def checkpoint_exists(basename: StrPath) -> bool:
     """Whether a table's checkpoint in mtht's format was saved at ``basename`` (its manifest
     is there; a save writes the manifest last)."""
-    return os.path.exists(manifest_path(basename))
+    return os.path.exists(manifest_path(os.fsdecode(basename)))
 
 
 def _data_name(prefix: str, generation: int, index: int, count: int) -> str:
@@ -342,7 +343,7 @@ def file_count(table, entries_per_file: int = _ENTRIES_PER_FILE) -> int:
     return min(4, max(1, len(table) // entries_per_file))
 
 
-def save_table(table: _hash_table.HashTable, basename: str) -> dict:
+def save_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
     """Save a :class:`~mtht.hash_table.HashTable` at ``basename``; returns the manifest.
 
     Entries expired at the table's ``max_update_ts`` (per-slot expiry of the config) are
@@ -491,9 +492,10 @@ def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: 
     return core
 
 
-def restore_table(table: _hash_table.HashTable, basename: str) -> dict:
+def restore_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
     """Replace the contents of ``table`` with the checkpoint at ``basename``; returns the
     manifest. Nothing changes unless the whole checkpoint verified."""
+    basename = os.fsdecode(basename)
     with _turn(basename):
         core, body = _load(table, basename)
     _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
@@ -624,7 +626,7 @@ def check_format(format: str) -> None:
         raise ValueError(f"unknown checkpoint format {format!r} (use 'mtht' or 'monolith')")
 
 
-def save_multi_type(table: BaseMultiTypeHashTable, directory: str, format: str = "mtht") -> None:
+def save_multi_type(table: BaseMultiTypeHashTable, directory: StrPath, format: str = "mtht") -> None:
     """Save every table of a MultiTypeHashTable / MergedMultiTypeHashTable under
     ``directory``, one checkpoint per slot key (the merged name for merged tables), and
     ``tables.json``, which names the generation of each: a killed save leaves every table's
@@ -634,6 +636,7 @@ def save_multi_type(table: BaseMultiTypeHashTable, directory: str, format: str =
     Writes queued by hooks (:mod:`mtht.hooks`) are applied first."""
     check_format(format)
     _check_model(table, "save_multi_type")
+    directory = os.fsdecode(directory)
     if _handed_to_sharded(table, "save", directory, format):
         return
     table._wait_for_hooks()
@@ -684,7 +687,7 @@ def _tables_file_names(directory: str, generations: Dict[str, int]) -> bool:
     return {key: body["generation"] for key, body in listed.items()} == generations
 
 
-def restore_multi_type(table: BaseMultiTypeHashTable, directory: str, format: str = "mtht") -> None:
+def restore_multi_type(table: BaseMultiTypeHashTable, directory: StrPath, format: str = "mtht") -> None:
     """Restore every table from ``directory``: from its key, or else from the first of its
     ``extra_restore_names`` that is present (exact names). A table takes the later of the
     checkpoint ``tables.json`` names for it and its own. Every checkpoint is verified
@@ -693,6 +696,7 @@ def restore_multi_type(table: BaseMultiTypeHashTable, directory: str, format: st
     Writes queued by hooks are applied first (and so replaced)."""
     check_format(format)
     _check_model(table, "restore_multi_type")
+    directory = os.fsdecode(directory)
     if _handed_to_sharded(table, "restore", directory, format):
         return
     table._wait_for_hooks()

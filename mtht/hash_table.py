@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 import numpy as np
 
 from mtht import _core
-from mtht._arrays import (ArrayInput, IntegerInput, Switch, as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out,
+from mtht._arrays import (ArrayInput, IntegerInput, StrPath, Switch, as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out,
                           as_rows)
 from mtht._spec import core_segments, split_state
 from mtht.entry import HashTableConfigInstance
@@ -594,7 +594,7 @@ class HashTable(BaseHashTable):
         now = core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time, "max_update_time")
         return core.evict(now)
 
-    def save(self, basename: str, format: str = "mtht") -> "HashTable":
+    def save(self, basename: StrPath, format: str = "mtht") -> "HashTable":
         """Write a checkpoint at ``basename`` (crash-safe; see :mod:`mtht.checkpoint`).
         ``format="monolith"`` writes Monolith's single-table files instead. Writes queued by
         hooks (:mod:`mtht.hooks`) are applied first."""
@@ -608,7 +608,7 @@ class HashTable(BaseHashTable):
             save_table(self, basename)
         return self
 
-    def restore(self, basename: str, format: str = "mtht") -> "HashTable":
+    def restore(self, basename: StrPath, format: str = "mtht") -> "HashTable":
         """Replace the table's contents with the checkpoint at ``basename``. The checkpoint is
         verified first; on any error the table is left exactly as it was. Writes queued by
         hooks (:mod:`mtht.hooks`) are applied first (and so replaced)."""

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 from mtht import _core
 from mtht import hash_table as _hash_table
+from mtht._arrays import StrPath
 from mtht._spec import _STATE_LAYOUT
 from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count, file_prefix
 
@@ -206,7 +207,7 @@ def _publish(basename: str, moves: List[Tuple[str, str]]) -> None:
     _remove([other for other in _all_shard_files(basename) if not other.endswith("-of-%05d" % len(moves))])
 
 
-def save_monolith(table: _hash_table.HashTable, basename: str) -> None:
+def save_monolith(table: _hash_table.HashTable, basename: StrPath) -> None:
     """Write ``table`` as Monolith's ``<basename>-%05d-of-%05d`` TFRecord files (entries
     expired at the table's max_update_ts are left out, as Monolith does). The files are
     written in parallel under temporary names and renamed into place."""
@@ -306,10 +307,11 @@ def _load(table, basename: str):
     return core
 
 
-def restore_monolith(table: _hash_table.HashTable, basename: str) -> None:
+def restore_monolith(table: _hash_table.HashTable, basename: StrPath) -> None:
     """Replace the contents of ``table`` with Monolith's checkpoint files at ``basename``.
     Everything is parsed and checked into a fresh table first; on any error the table is
     left as it was."""
+    basename = os.fsdecode(basename)
     with _turn(basename):
         core = _load(table, basename)
     _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union, overload
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -231,7 +231,7 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
         """Dims of the slots' tables, in sorted slot order."""
         return [self._tables[slot].dim_size for slot in self._slots]
 
-    def learning_rates(self, global_step: IntegerInput, slots: Optional[List[str]] = None) -> np.ndarray:
+    def learning_rates(self, global_step: IntegerInput, slots: Optional[Sequence[str]] = None) -> np.ndarray:
         """Every slot's per-segment learning rates, in sorted slot order (the fused update's),
         or those of ``slots``, in their order."""
         rates = [self._slot_to_config[slot].call_learning_rate_fns(global_step)
@@ -357,7 +357,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 {m: np.asarray(s, dtype=np.int64) for m, s in sizes.items()})
 
     @overload
-    def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]: ...
+    def lookup(self, slot_to_id: SlotIds, auxiliary_bundle: None = None,
+               early_reorder_indicies_res_pack: None = None) -> Dict[str, np.ndarray]: ...
 
     @overload
     def lookup(self, slot_to_id: SlotIds, auxiliary_bundle: Optional[Dict[str, Any]],
@@ -430,15 +431,16 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 rows.setdefault(merged, []).append(slot_rows)
                 if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
                     checked.append((slot, slot_rows))
-        with _naming_the_non_finite_slot(method, checked), self._naming_the_merged_slots():
+        with _naming_the_non_finite_slot(method, checked), self._naming_the_merged_slots(data):
             getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
                                          *args, **kwargs)
         return self
 
     @contextlib.contextmanager
-    def _naming_the_merged_slots(self) -> Iterator[None]:
+    def _naming_the_merged_slots(self, given: Mapping) -> Iterator[None]:
         """An error the inner table raises names a merged table as its slot (``slot
-        'md5...'``): reported instead with the caller's slots that the merged table holds."""
+        'md5...'``): reported instead with the slots of ``given`` (the call's) that the
+        merged table holds."""
         try:
             yield
         except (ValueError, TypeError) as e:
@@ -446,7 +448,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             if type(e) not in (ValueError, TypeError) or not message.startswith("slot '"):
                 raise
             merged = message[len("slot '"):].split("'", 1)[0]
-            slots = sorted(s for s, m in self._slot_mapping.items() if m == merged)
+            slots = sorted(s for s in given if self._slot_mapping.get(s) == merged)
             if not slots:
                 raise
             named = ", ".join(repr(s) for s in slots)

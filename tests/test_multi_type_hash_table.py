@@ -1696,7 +1696,9 @@ def test_an_error_of_a_merged_tables_inner_table_names_the_callers_slots():
     md5 = merged.slot_mapping["user"]
     with pytest.raises(ValueError, match=rf"^slots 'item', 'user' \(merged table '{md5}'\): global_step must be "
                                          r">= 0, got -1$"):
-        merged.apply_gradients({"user": ([1], [[1.0]])}, -1)
+        merged.apply_gradients({"user": ([1], [[1.0]]), "item": ([2], [[1.0]])}, -1)
+    with pytest.raises(ValueError, match=rf"^slot 'user' \(merged table '{md5}'\): global_step must be >= 0"):
+        merged.apply_gradients({"user": ([1], [[1.0]]), "other": ([2], [[1.0, 1.0]])}, -1)  # the call's slots
     assert merged.lookup({"user": [1]})["user"].tolist() == [[0.0]]  # nothing changed
 
 

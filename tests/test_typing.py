@@ -17,6 +17,8 @@ pytest.importorskip("torch")  # a tensor as a learning rate
 from test_docs import python_blocks  # noqa: E402
 
 _TRAINER = '''
+import pathlib
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -94,14 +96,16 @@ def train(directory: str) -> float:
     status = table.reinitialize(ids[:1], req_time=np.int64(5))
     packed = table.export_serving(ids[:4])
     unpacked = serving.decompress(table.config.table_config, packed)
-    basename = directory + "/single"
-    table.save(basename).restore(basename)
+    basename = pathlib.Path(directory) / "single"
+    table.save(basename).restore(str(basename))
+    checkpoint.save_multi_type(model, pathlib.Path(directory) / "model")
+    unmerged: dict[str, npt.NDArray[np.float32]] = merged.lookup({"a": ids}, None)
     table.assign(torch.arange(2), torch.zeros(2, table.dim_size), req_time=torch.tensor(7))
     evicted = table.evict(np.int64(0)) + table.evict()
     stats = table.stats()
     return (float(table.lookup(ids).sum()) + len(table) + table.size() + mtht.get_num_threads()
             + len(merged_rows) + int(found.sum()) + len(dumps) + int(status.sum()) + len(unpacked) + evicted
-            + int(stats["size"]) + len(model.learning_rates(np.int64(2), ["a"])))
+            + int(stats["size"]) + len(model.learning_rates(np.int64(2), ("a",))) + len(unmerged))
 '''
 
 # Calls a type checker must refuse: a switch given as a string, a global step left out, a

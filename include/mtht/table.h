@@ -527,24 +527,26 @@ class alignas(64) Shard {
   // for memory each time (assign_add of ids already stored, 1M ids, one thread, when a
   // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
   // M ids/s away from the bound, before).
-  // With `distinct`, an id absent more than once counts once (it sorts the absent ids: only
-  // for a write that would otherwise not fit, near kMaxRowsPerShard).
-  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n, bool distinct = false) const {
-    constexpr size_t K = 16;
+  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
     uint64_t absent = 0;
-    std::vector<int64_t> absent_ids;
+    for_each_absent(ids, hashes, n, [&](int64_t) { ++absent; });
+    return absent;
+  }
+  // The ids of ids[0, n) that are not stored, an id as often as it occurs.
+  std::vector<int64_t> absent_ids(const int64_t* ids, const uint64_t* hashes, size_t n) const {
+    std::vector<int64_t> absent;
+    for_each_absent(ids, hashes, n, [&](int64_t id) { absent.push_back(id); });
+    return absent;
+  }
+  template <class Fn>
+  void for_each_absent(const int64_t* ids, const uint64_t* hashes, size_t n, Fn&& fn) const {
+    constexpr size_t K = 16;
     for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
     for (size_t b = 0; b < n; b += K) {
       for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) {
-        const bool missing = find(ids[k], hashes[k]).bucket == nullptr;
-        absent += missing;
-        if (distinct && missing) absent_ids.push_back(ids[k]);
-      }
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k)
+        if (find(ids[k], hashes[k]).bucket == nullptr) fn(ids[k]);
     }
-    if (!distinct) return absent;
-    std::sort(absent_ids.begin(), absent_ids.end());
-    return static_cast<uint64_t>(std::unique(absent_ids.begin(), absent_ids.end()) - absent_ids.begin());
   }
 
   // Whether `extra` more entries fit in the shard beside those it holds and the room held
@@ -3140,8 +3142,9 @@ class EmbeddingTable {
       }
     size_t first = 0;
     for (size_t s : growing) {
-      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool distinct) {
-        return sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s], distinct);
+      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool exact) {
+        return exact ? new_entries(sh, sh.absent_ids(keys.data() + first, key_hashes.data() + first, count[s]), gated)
+                     : sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s]);
       });
       first += count[s];
     }
@@ -3894,40 +3897,69 @@ class EmbeddingTable {
                      uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
-    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool distinct) {
-      return sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b, distinct);
+    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool exact) {
+      return exact ? new_entries(sh, sh.absent_ids(plan.keys.data() + b, plan.hashes.data() + b, e - b), gated)
+                   : sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
     });
   }
 
-  // The same for `ids` ids of shard s (ids > 0); count_absent(shard, distinct) counts the
-  // absent ones (Shard::count_absent), or is null: then room that would grow the index or
-  // reach the shard's limit is not held, and false is returned. A write whose new ids do
-  // not fit under kMaxRowsPerShard is a ValueError, before any entry changes.
+  // The entries that `absent` (the absent ids of a write to shard sh, as often as they occur)
+  // can add: each id once, and with an admission filter (`gated`) only the ids the filter
+  // may admit in this write, counted as a write that admits one occurrence at a time (a
+  // deduplicated one admits no more). The caller holds sh's lock.
+  uint64_t new_entries(const detail::Shard& sh, std::vector<int64_t> absent, bool gated) const {
+    std::sort(absent.begin(), absent.end());
+    uint64_t entries = 0;
+    for (size_t i = 0, j; i < absent.size(); i = j) {
+      for (j = i + 1; j < absent.size() && absent[j] == absent[i];) ++j;
+      if (gated && has_filter_) {
+        const uint32_t threshold = thresholds_.of(absent[i]);
+        const uint64_t* count = sh.counts.find(absent[i], hash_id(absent[i]));
+        if (threshold > 0 && (count ? *count : 0) + (j - i) - 1 < threshold) continue;  // stays filtered
+      }
+      ++entries;
+    }
+    return entries;
+  }
+
+  // The same for `ids` ids of shard s (ids > 0); count_absent(shard, exact) counts the
+  // absent ones, or with `exact` the entries they can add (new_entries), or is null: then
+  // room that would grow the index or reach the shard's limit is not held, and false is
+  // returned. A write whose new entries do not fit under kMaxRowsPerShard is a ValueError,
+  // before any entry changes.
   template <class CountAbsent>
   bool reserve_shard(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
                      CountAbsent&& count_absent) {
     detail::Shard& sh = *shards_[s];
     std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
-    uint64_t extra = ids;
+    uint64_t extra = ids;    // absent ids at most: the filter's counts get room for them
+    uint64_t entries = ids;  // new entries at most: the index and the rows get room for them
     if (can_split() && sh.size() > kSplitEntriesPerShard)
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
     if (sh.reserve_grows_index(beyond_leaving(extra)) || !sh.has_room_for(beyond_leaving(extra))) {
       if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) {
         return false;
       } else {
-        extra = count_absent(sh, false);
-        if (!sh.has_room_for(beyond_leaving(extra))) extra = count_absent(sh, true);
-        if (!sh.has_room_for(beyond_leaving(extra)))
-          throw ValueError("shard " + std::to_string(s) + " of the table holds " + std::to_string(sh.size()) +
-                           " entries and this write would add " + std::to_string(beyond_leaving(extra)) +
-                           " more: a shard holds at most " + std::to_string(detail::kMaxRowsPerShard) +
-                           " (give the table more shards: num_shards); the table was not changed");
+        entries = extra = count_absent(sh, false);
+        if (!sh.has_room_for(beyond_leaving(entries))) entries = count_absent(sh, true);
+        if (beyond_leaving(entries) > 0 && !sh.has_room_for(beyond_leaving(entries)))
+          throw ValueError(shard_full(s, sh, beyond_leaving(entries)));
       }
     }
     if (gated && has_filter_) sh.counts.reserve_new(sh.held() + extra);
-    room.hold(s, sh, beyond_leaving(extra), far_stamps ? ids : 0);
+    room.hold(s, sh, beyond_leaving(entries), far_stamps ? ids : 0);
     return true;
+  }
+
+  // Why a write of `adding` new entries to shard s does not fit (reserve_shard).
+  static std::string shard_full(size_t s, const detail::Shard& sh, uint64_t adding) {
+    std::string why = "shard " + std::to_string(s) + " of the table holds " + std::to_string(sh.size()) +
+                      " entries and this write would add " + std::to_string(adding) + " more";
+    if (sh.held() > 0)  // room of other writes: for their new entries, or for ids they find stored
+      why += " beside room for up to " + std::to_string(sh.held()) + " that writes under way on other threads hold";
+    return why + ": a shard holds at most " + std::to_string(detail::kMaxRowsPerShard) +
+           " (give the table more shards: num_shards); the table was not changed";
   }
 
   // A one_bit segment has at most 4096 values (spec.h), which with_stack_floats holds.

@@ -5,7 +5,9 @@
 // ValueError for every kind of write (assign, assign_add, apply_gradients with and without
 // dedup, on one thread and on two; a write to two tables and the fused update, which leave
 // the other table unwritten too; a checkpoint's load); 10 new ids fill the shard; so do
-// 10 new ids each given twice, and a batch of 990 stored ids beside them.
+// 10 new ids each given twice, and a batch of 990 stored ids beside them. A full shard
+// takes writes of its stored ids, from two threads at once too. With an admission filter,
+// only the ids it admits count: 20 new ids seen too few times to be admitted fit.
 #define MTHT_MAX_ROWS_PER_SHARD 1000
 
 #include <cstdint>
@@ -13,6 +15,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "mtht/errors.h"
@@ -33,18 +36,20 @@ void expect(bool ok, const char* what, const char* write) {
   std::printf("FAILED (%s): %s\n", write, what);
 }
 
-std::unique_ptr<mtht::EmbeddingTable> filled_table() {
+std::unique_ptr<mtht::EmbeddingTable> filled_table(uint32_t threshold = 0) {
   mtht::TableSpec spec;
   mtht::SegmentSpec seg;
   seg.dim = 1;
   seg.opt = static_cast<int>(mtht::OptKind::kSgd);
   spec.segments.push_back(seg);
   spec.num_shards = 1;
+  spec.has_filter = threshold > 0;
+  spec.default_occurrence_threshold = threshold;
   auto t = std::make_unique<mtht::EmbeddingTable>(spec);
   std::vector<int64_t> ids(kStored);
   for (int64_t i = 0; i < kStored; ++i) ids[i] = i;
   const std::vector<float> ones(kStored, 1.0f);
-  t->assign(ids.data(), ids.size(), ones.data(), 5);
+  for (uint32_t k = 0; k <= threshold; ++k) t->assign(ids.data(), ids.size(), ones.data(), 5);  // admitted at last
   return t;
 }
 
@@ -151,10 +156,60 @@ void check_writes(int threads) {
   }
 }
 
+// A full shard takes writes of the ids it holds, from two threads at once.
+void check_full_shard() {
+  auto t = filled_table();
+  const std::vector<int64_t> ten = new_ids(10);
+  const std::vector<float> ones(kStored, 1.0f);
+  t->assign(ten.data(), ten.size(), ones.data(), 6);
+  std::vector<int64_t> stored(kStored);
+  for (int64_t i = 0; i < kStored; ++i) stored[i] = i;
+  int refused = 0;
+  auto write_stored = [&] {
+    const float lr = 0.5f;
+    for (int k = 0; k < 200; ++k) {
+      try {
+        t->apply_gradients(stored.data() + k % 2, 10, ones.data(), &lr, 1, 1, 6, k % 3 == 0);
+      } catch (const std::exception&) {
+        ++refused;
+      }
+    }
+  };
+  std::thread other(write_stored);
+  write_stored();
+  other.join();
+  expect(refused == 0 && t->size() == 1000, "a full shard takes writes of the ids it holds", "two threads");
+}
+
+// With an admission filter (an id admitted once 5 occurrences were seen before): only the
+// ids that the write admits count against the limit.
+void check_filter() {
+  const float lr = 0.5f;
+  auto write = [&](mtht::EmbeddingTable& t, const std::vector<int64_t>& ids) {
+    const std::vector<float> grads(ids.size(), 1.0f);
+    t.apply_gradients(ids.data(), ids.size(), grads.data(), &lr, 1, 1, 6, false);
+  };
+  auto t = filled_table(5);
+  write(*t, new_ids(20, 1));  // seen once each: none admitted
+  write(*t, new_ids(20, 4));  // 5 times each in all: still none (admitted at the 6th)
+  expect(t->size() == kStored, "ids the filter keeps out take no entry", "filter");
+  bool refused = false;
+  try {
+    write(*t, new_ids(20, 1));  // the 6th occurrence of each: 20 admitted
+  } catch (const mtht::ValueError&) {
+    refused = true;
+  }
+  expect(refused && t->size() == kStored, "20 admitted ids past the limit are a ValueError", "filter");
+  write(*t, new_ids(10, 1));
+  expect(t->size() == 1000, "10 admitted ids fill the shard", "filter");
+}
+
 }  // namespace
 
 int main() {
   for (int threads : {1, 2}) check_writes(threads);
+  check_full_shard();
+  check_filter();
   if (failures) return 1;
   std::printf("ok\n");
   return 0;
