@@ -1790,6 +1790,7 @@ class EmbeddingTable {
   // times the memory of the same write to 64 shards.) As maybe_split, from a thread that
   // holds no layout.
   void split_for_batch(size_t n) noexcept {
+    if (fixed_shards_ || n <= kSplitIdsPerShard) return;  // never over the bound: no hold taken
     {
       const LayoutHold hold(*this);
       if (!can_split() || n <= (kSplitIdsPerShard << shard_bits_)) return;
