@@ -64,12 +64,25 @@ _NUMPY_BEFORE_1_24 = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 
 
 def _from_sequence(x: Any) -> np.ndarray:
-    a = np.asarray(x)
-    if _NUMPY_BEFORE_1_24 and a.dtype == object and a.ndim > 0 and \
-            any(isinstance(item, (list, tuple, np.ndarray)) for item in a.flat):
+    if _NUMPY_BEFORE_1_24 and _ragged(x):  # found before numpy warns of it
         raise ValueError("setting an array element with a sequence: the nested sequences have different "
                          "lengths (a ragged list)")
-    return a
+    return np.asarray(x)
+
+
+def _ragged(x: Any) -> bool:
+    """Whether the nested sequences of ``x`` have different lengths at some depth."""
+    level = [x]
+    while level:
+        nested = [item for item in level if (isinstance(item, collections.abc.Sequence) and
+                                             not isinstance(item, (str, bytes)))
+                  or (isinstance(item, np.ndarray) and item.ndim > 0)]
+        if not nested:
+            return False
+        if len(nested) != len(level) or len({len(item) for item in nested}) > 1:
+            return True
+        level = [sub for item in nested for sub in item]
+    return False
 
 
 def _plain_tensor(x):

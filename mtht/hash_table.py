@@ -448,10 +448,11 @@ class HashTable(BaseHashTable):
 
     def ids(self) -> np.ndarray:
         """int64 array of every id the table holds, in no order to rely on: those of one
-        moment, as a save sees them (writes wait meanwhile, so a write of another thread is
-        in it whole or not at all). Entries expired but not yet evicted are among them. With
-        :meth:`export_serving` it exports the whole table; with :meth:`lookup_entry`, every
-        entry."""
+        moment, as a save sees them (writes queued by hooks are applied first, and writes wait
+        meanwhile, so a write of another thread is in it whole or not at all). Entries expired
+        but not yet evicted are among them. With :meth:`export_serving` it exports the whole
+        table; with :meth:`lookup_entry`, every entry."""
+        self._wait_for_hooks()
         with writes_held([self]):
             return self._core.stored_ids()
 

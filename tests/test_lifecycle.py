@@ -2790,3 +2790,13 @@ def test_ids_sees_a_write_of_another_thread_whole_or_not_at_all():
         lists += 1
     writer.join()
     assert np.array_equal(np.sort(t.ids()), np.arange(batch * count)) and lists > 0
+
+
+def test_ids_applies_the_writes_hooks_queued_first():
+    """As a save: the ids of the writes an AsyncPush queued are listed, though the table's
+    background thread is still busy with a lookup queued before them."""
+    t = table_of(dim=1)
+    with mtht.Prefetch(t) as prefetch, mtht.AsyncPush(t) as push:
+        prefetch.prefetch(np.arange(4_000_000, 8_000_000))  # absent ids: a lookup of a while
+        push.assign(np.arange(1000), np.ones((1000, 1), np.float32))
+        assert np.array_equal(np.sort(t.ids()), np.arange(1000))

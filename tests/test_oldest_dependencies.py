@@ -22,7 +22,8 @@ for name in ("torch", "jax", "ml_dtypes"):
     sys.modules[name] = None  # built against numpy 2: their tests skip
 import google.protobuf, numpy, pytest
 print("versions", numpy.__version__, google.protobuf.__version__, flush=True)
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
+# A ragged list is refused before numpy would warn of it (and make an object array of it).
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-W", "error::numpy.VisibleDeprecationWarning", *sys.argv[1:]]))
 """
 
 

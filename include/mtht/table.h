@@ -2221,6 +2221,7 @@ class EmbeddingTable {
   void reinitialize(const int64_t* ids, size_t n, int64_t ts, int32_t* status) {
     const WriteHold writing(*this);  // before the fork gate: see WriteHold
     const detail::ForkGate::InCall in_call;
+    split_for_batch(n);
     for_each_shard_write(ids, n, kNoTimestamp, detail::BatchRows{}, [&](detail::Shard& sh, size_t i, int64_t id, uint64_t h, const Found& known) {
       bool inserted;
       const auto [slot, e] = reach(sh, id, h, known, &inserted);
@@ -3144,7 +3145,7 @@ class EmbeddingTable {
     size_t first = 0;
     for (size_t s : growing) {
       reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool exact) {
-        return exact ? new_entries(sh, sh.absent_ids(keys.data() + first, key_hashes.data() + first, count[s]), gated)
+        return exact ? new_entries(sh.absent_ids(keys.data() + first, key_hashes.data() + first, count[s]))
                      : sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s]);
       });
       first += count[s];
@@ -3899,28 +3900,18 @@ class EmbeddingTable {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
     reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool exact) {
-      return exact ? new_entries(sh, sh.absent_ids(plan.keys.data() + b, plan.hashes.data() + b, e - b), gated)
+      return exact ? new_entries(sh.absent_ids(plan.keys.data() + b, plan.hashes.data() + b, e - b))
                    : sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
     });
   }
 
-  // The entries that `absent` (the absent ids of a write to shard sh, as often as they occur)
-  // can add: each id once, and with an admission filter (`gated`) only the ids the filter
-  // may admit in this write, counted as a write that admits one occurrence at a time (a
-  // deduplicated one admits no more). The caller holds sh's lock.
-  uint64_t new_entries(const detail::Shard& sh, std::vector<int64_t> absent, bool gated) const {
+  // The entries that `absent` (the absent ids of a write, as often as they occur) can add:
+  // each id once. With an admission filter, every one of them: what the filter admits
+  // depends on counts that the parts of a call before this one, or a write on another
+  // thread, may still raise before this write admits.
+  static uint64_t new_entries(std::vector<int64_t> absent) {
     std::sort(absent.begin(), absent.end());
-    uint64_t entries = 0;
-    for (size_t i = 0, j; i < absent.size(); i = j) {
-      for (j = i + 1; j < absent.size() && absent[j] == absent[i];) ++j;
-      if (gated && has_filter_) {
-        const uint32_t threshold = thresholds_.of(absent[i]);
-        const uint64_t* count = sh.counts.find(absent[i], hash_id(absent[i]));
-        if (threshold > 0 && (count ? *count : 0) + (j - i) - 1 < threshold) continue;  // stays filtered
-      }
-      ++entries;
-    }
-    return entries;
+    return static_cast<uint64_t>(std::unique(absent.begin(), absent.end()) - absent.begin());
   }
 
   // The same for `ids` ids of shard s (ids > 0); count_absent(shard, exact) counts the

@@ -7,7 +7,7 @@
 // the other table unwritten too; a checkpoint's load); 10 new ids fill the shard; so do
 // 10 new ids each given twice, and a batch of 990 stored ids beside them. A full shard
 // takes writes of its stored ids, from two threads at once too. With an admission filter,
-// only the ids it admits count: 20 new ids seen too few times to be admitted fit.
+// every absent id counts, admitted or not.
 #define MTHT_MAX_ROWS_PER_SHARD 1000
 
 #include <cstdint>
@@ -181,8 +181,11 @@ void check_full_shard() {
   expect(refused == 0 && t->size() == 1000, "a full shard takes writes of the ids it holds", "two threads");
 }
 
-// With an admission filter (an id admitted once 5 occurrences were seen before): only the
-// ids that the write admits count against the limit.
+// With an admission filter (an id admitted once 5 occurrences were seen before), every
+// absent id counts, admitted or not: an earlier part of the same call, or a write on another
+// thread, may raise its count before this write admits it. So a shard one entry short of
+// the limit refuses a write of one id twice then once in one call (counts 0 -> 2, admitted
+// at its third occurrence with a threshold of 2), which it would otherwise half apply.
 void check_filter() {
   const float lr = 0.5f;
   auto write = [&](mtht::EmbeddingTable& t, const std::vector<int64_t>& ids) {
@@ -190,18 +193,36 @@ void check_filter() {
     t.apply_gradients(ids.data(), ids.size(), grads.data(), &lr, 1, 1, 6, false);
   };
   auto t = filled_table(5);
-  write(*t, new_ids(20, 1));  // seen once each: none admitted
-  write(*t, new_ids(20, 4));  // 5 times each in all: still none (admitted at the 6th)
+  write(*t, new_ids(10, 1));  // 10 absent ids fit, admitted or not
   expect(t->size() == kStored, "ids the filter keeps out take no entry", "filter");
   bool refused = false;
   try {
-    write(*t, new_ids(20, 1));  // the 6th occurrence of each: 20 admitted
+    write(*t, new_ids(20, 1));
   } catch (const mtht::ValueError&) {
     refused = true;
   }
-  expect(refused && t->size() == kStored, "20 admitted ids past the limit are a ValueError", "filter");
-  write(*t, new_ids(10, 1));
-  expect(t->size() == 1000, "10 admitted ids fill the shard", "filter");
+  expect(refused && t->size() == kStored, "20 absent ids past the limit are a ValueError", "filter");
+
+  auto two = filled_table(2);
+  const std::vector<int64_t> nine = new_ids(9);
+  const std::vector<float> ones(kStored, 1.0f);
+  for (int k = 0; k < 3; ++k) two->assign(nine.data(), nine.size(), ones.data(), 5);  // admitted at the 3rd
+  const int64_t before_ts = two->max_update_ts();
+  const int64_t id = 5000;
+  const int64_t twice[2] = {id, id};
+  std::vector<mtht::TablePart> parts(2);
+  parts[0] = {two.get(), mtht::WriteKind::kAssign, twice, 2, ones.data(), nullptr, 0};
+  parts[1] = {two.get(), mtht::WriteKind::kAssign, &id, 1, ones.data(), nullptr, 0};
+  refused = false;
+  try {
+    mtht::write_tables(parts, 0, 7, false);
+  } catch (const mtht::ValueError&) {
+    refused = true;
+  } catch (const std::exception& e) {
+    std::printf("(filter, two parts) threw: %s\n", e.what());
+  }
+  expect(refused && two->size() == 999 && two->max_update_ts() == before_ts,
+         "a call whose parts admit an id past the limit is refused whole", "filter, two parts");
 }
 
 }  // namespace
