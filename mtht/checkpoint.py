@@ -66,14 +66,14 @@ class CheckpointError(OSError):
     """A checkpoint is missing, truncated, corrupt or inconsistent."""
 
 
-def manifest_path(basename: str) -> str:
+def manifest_path(basename: StrPath) -> str:
     return os.fsdecode(basename) + ".manifest.json"
 
 
 def checkpoint_exists(basename: StrPath) -> bool:
     """Whether a table's checkpoint in mtht's format was saved at ``basename`` (its manifest
     is there; a save writes the manifest last)."""
-    return os.path.exists(manifest_path(os.fsdecode(basename)))
+    return os.path.exists(manifest_path(basename))
 
 
 def _data_name(prefix: str, generation: int, index: int, count: int) -> str:

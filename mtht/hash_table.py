@@ -18,8 +18,8 @@ from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tu
 import numpy as np
 
 from mtht import _core
-from mtht._arrays import (ArrayInput, IntegerInput, StrPath, Switch, as_flag, as_ids, as_int64_scalar, as_numpy_floats, as_out,
-                          as_rows)
+from mtht._arrays import (ArrayInput, IntegerInput, StrPath, Switch, as_flag, as_ids, as_int64_scalar,
+                          as_numpy_floats, as_out, as_rows)
 from mtht._spec import core_segments, split_state
 from mtht.entry import HashTableConfigInstance
 from mtht.feature_eviction import FeatureEvictor

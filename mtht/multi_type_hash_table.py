@@ -93,13 +93,16 @@ def _unknown_slot(slot) -> KeyError:
 
 @contextlib.contextmanager
 def _naming_the_slot(slot):
-    """A bad argument of one slot's write is reported with the slot's name."""
+    """A bad argument of one slot's write is reported with the slot's name (and the error
+    keeps the slot and the reason apart: ``slot``, ``reason``)."""
     try:
         yield
     except (ValueError, TypeError) as e:
         if type(e) not in (ValueError, TypeError):  # another class may not take a message alone
             raise
-        raise type(e)(f"slot {slot!r}: {e}") from None
+        named = type(e)(f"slot {slot!r}: {e}")
+        named.slot, named.reason = slot, str(e)  # type: ignore[attr-defined]
+        raise named from None
 
 
 @contextlib.contextmanager
@@ -438,22 +441,18 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     @contextlib.contextmanager
     def _naming_the_merged_slots(self, given: Mapping) -> Iterator[None]:
-        """An error the inner table raises names a merged table as its slot (``slot
-        'md5...'``): reported instead with the slots of ``given`` (the call's) that the
+        """An error the inner table raises names a merged table as its slot
+        (_naming_the_slot): reported instead with the slots of ``given`` (the call's) that the
         merged table holds."""
         try:
             yield
         except (ValueError, TypeError) as e:
-            message = str(e)
-            if type(e) not in (ValueError, TypeError) or not message.startswith("slot '"):
-                raise
-            merged = message[len("slot '"):].split("'", 1)[0]
+            merged, reason = getattr(e, "slot", None), getattr(e, "reason", None)
             slots = sorted(s for s in given if self._slot_mapping.get(s) == merged)
-            if not slots:
+            if not slots or reason is None:
                 raise
             named = ", ".join(repr(s) for s in slots)
-            rest = message[len(f"slot {merged!r}"):]
-            raise type(e)(f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}){rest}") from None
+            raise type(e)(f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}): {reason}") from None
 
     def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
         """``{slot: (ids, values)}``, merged per group: the inner table's ``assign``."""

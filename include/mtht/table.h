@@ -527,26 +527,24 @@ class alignas(64) Shard {
   // for memory each time (assign_add of ids already stored, 1M ids, one thread, when a
   // batch's ids would take the index past its bound and must be counted: 16.0 against 36.7
   // M ids/s away from the bound, before).
-  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n) const {
-    uint64_t absent = 0;
-    for_each_absent(ids, hashes, n, [&](int64_t) { ++absent; });
-    return absent;
-  }
-  // The ids of ids[0, n) that are not stored, an id as often as it occurs.
-  std::vector<int64_t> absent_ids(const int64_t* ids, const uint64_t* hashes, size_t n) const {
-    std::vector<int64_t> absent;
-    for_each_absent(ids, hashes, n, [&](int64_t id) { absent.push_back(id); });
-    return absent;
-  }
-  template <class Fn>
-  void for_each_absent(const int64_t* ids, const uint64_t* hashes, size_t n, Fn&& fn) const {
+  // With `distinct`, an id absent more than once counts once (it sorts the absent ids: only
+  // near kMaxRowsPerShard, for a write that would not fit otherwise).
+  uint64_t count_absent(const int64_t* ids, const uint64_t* hashes, size_t n, bool distinct = false) const {
     constexpr size_t K = 16;
+    uint64_t absent = 0;
+    std::vector<int64_t> absent_ids;
     for (size_t k = 0; k < std::min(n, K); ++k) prefetch_group(hashes[k]);
     for (size_t b = 0; b < n; b += K) {
       for (size_t k = b + K, e = std::min(n, b + 2 * K); k < e; ++k) prefetch_group(hashes[k]);
-      for (size_t k = b, e = std::min(n, b + K); k < e; ++k)
-        if (find(ids[k], hashes[k]).bucket == nullptr) fn(ids[k]);
+      for (size_t k = b, e = std::min(n, b + K); k < e; ++k) {
+        const bool missing = find(ids[k], hashes[k]).bucket == nullptr;
+        absent += missing;
+        if (distinct && missing) absent_ids.push_back(ids[k]);
+      }
     }
+    if (!distinct) return absent;
+    std::sort(absent_ids.begin(), absent_ids.end());
+    return static_cast<uint64_t>(std::unique(absent_ids.begin(), absent_ids.end()) - absent_ids.begin());
   }
 
   // Whether `extra` more entries fit in the shard beside those it holds and the room held
@@ -3144,9 +3142,8 @@ class EmbeddingTable {
       }
     size_t first = 0;
     for (size_t s : growing) {
-      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool exact) {
-        return exact ? new_entries(sh.absent_ids(keys.data() + first, key_hashes.data() + first, count[s]))
-                     : sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s]);
+      reserve_shard(s, count[s], room, gated, 0, far_stamps, [&](const detail::Shard& sh, bool distinct) {
+        return sh.count_absent(keys.data() + first, key_hashes.data() + first, count[s], distinct);
       });
       first += count[s];
     }
@@ -3899,48 +3896,38 @@ class EmbeddingTable {
                      uint64_t leaving = 0, bool far_stamps = false) {
     const size_t b = plan.shard_begin[s], e = plan.shard_begin[s + 1];
     if (b == e) return;
-    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool exact) {
-      return exact ? new_entries(sh.absent_ids(plan.keys.data() + b, plan.hashes.data() + b, e - b))
-                   : sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b);
+    reserve_shard(s, e - b, room, gated, leaving, far_stamps, [&](const detail::Shard& sh, bool distinct) {
+      return sh.count_absent(plan.keys.data() + b, plan.hashes.data() + b, e - b, distinct);
     });
   }
 
-  // The entries that `absent` (the absent ids of a write, as often as they occur) can add:
-  // each id once. With an admission filter, every one of them: what the filter admits
-  // depends on counts that the parts of a call before this one, or a write on another
-  // thread, may still raise before this write admits.
-  static uint64_t new_entries(std::vector<int64_t> absent) {
-    std::sort(absent.begin(), absent.end());
-    return static_cast<uint64_t>(std::unique(absent.begin(), absent.end()) - absent.begin());
-  }
-
-  // The same for `ids` ids of shard s (ids > 0); count_absent(shard, exact) counts the
-  // absent ones, or with `exact` the entries they can add (new_entries), or is null: then
-  // room that would grow the index or reach the shard's limit is not held, and false is
-  // returned. A write whose new entries do not fit under kMaxRowsPerShard is a ValueError,
-  // before any entry changes.
+  // The same for `ids` ids of shard s (ids > 0); count_absent(shard, distinct) counts the
+  // absent ones (Shard::count_absent; near the limit each id once, and with an admission
+  // filter whether it will admit them or not: an earlier part of the same call, or a write
+  // on another thread, may raise a count first), or is null: then room that would grow the
+  // index or reach the shard's limit is not held, and false is returned. A write whose new
+  // entries do not fit under kMaxRowsPerShard is a ValueError, before any entry changes.
   template <class CountAbsent>
   bool reserve_shard(size_t s, uint64_t ids, detail::HeldRoom& room, bool gated, uint64_t leaving, bool far_stamps,
                      CountAbsent&& count_absent) {
     detail::Shard& sh = *shards_[s];
     std::unique_lock<detail::SharedMutex> lk(sh.mu);
     auto beyond_leaving = [leaving](uint64_t entries) { return entries > leaving ? entries - leaving : 0; };
-    uint64_t extra = ids;    // absent ids at most: the filter's counts get room for them
-    uint64_t entries = ids;  // new entries at most: the index and the rows get room for them
+    uint64_t extra = ids;
     if (can_split() && sh.size() > kSplitEntriesPerShard)
       split_wanted_.store(true, std::memory_order_relaxed);  // an earlier write took it over
     if (sh.reserve_grows_index(beyond_leaving(extra)) || !sh.has_room_for(beyond_leaving(extra))) {
       if constexpr (std::is_same_v<std::decay_t<CountAbsent>, std::nullptr_t>) {
         return false;
       } else {
-        entries = extra = count_absent(sh, false);
-        if (!sh.has_room_for(beyond_leaving(entries))) entries = count_absent(sh, true);
-        if (beyond_leaving(entries) > 0 && !sh.has_room_for(beyond_leaving(entries)))
-          throw ValueError(shard_full(s, sh, beyond_leaving(entries)));
+        extra = count_absent(sh, false);
+        if (!sh.has_room_for(beyond_leaving(extra))) extra = count_absent(sh, true);
+        if (beyond_leaving(extra) > 0 && !sh.has_room_for(beyond_leaving(extra)))
+          throw ValueError(shard_full(s, sh, beyond_leaving(extra)));
       }
     }
     if (gated && has_filter_) sh.counts.reserve_new(sh.held() + extra);
-    room.hold(s, sh, beyond_leaving(entries), far_stamps ? ids : 0);
+    room.hold(s, sh, beyond_leaving(extra), far_stamps ? ids : 0);
     return true;
   }
 
