@@ -431,15 +431,15 @@ class HashTable(BaseHashTable):
         results."""
         as_flag(use_multi_threads, "use_multi_threads")
         as_flag(enable_dedup, "enable_dedup")
-        ids = as_ids(ids)
-        n = ids.shape[0]
+        id_array = as_ids(ids)
+        n = id_array.shape[0]
         if out is None:
             out = np.empty((n, self._dim), dtype=np.float32)
         else:
             out = as_out(out, n, self._dim)
-            if np.may_share_memory(ids, out):  # the core reads ids while it writes rows
-                ids = ids.copy()
-        self._core.lookup(ids, out)
+            if np.may_share_memory(id_array, out):  # the core reads ids while it writes rows
+                id_array = id_array.copy()
+        self._core.lookup(id_array, out)
         return out
 
     def contains(self, ids: ArrayInput) -> np.ndarray:

@@ -208,10 +208,13 @@ def test_every_public_function_and_method_has_a_docstring():
     assert not undocumented, undocumented
 
 
-def test_the_package_agrees_with_its_own_hints(tmp_path):
+@pytest.mark.parametrize("python_version", ["3.10", None])
+def test_the_package_agrees_with_its_own_hints(tmp_path, python_version):
     """mypy over the installed package: the hints a trainer is checked against agree with the
-    code behind them (its optional imports, tqdm or protobuf, may be missing)."""
+    code behind them (its optional imports, tqdm or protobuf, may be missing), also as the
+    oldest Python the package declares reads them (None: this interpreter's version)."""
+    target = ["--python-version", python_version] if python_version else []
     result = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--no-incremental",
-                             "--cache-dir", str(tmp_path / "cache"), "-p", "mtht"],
+                             *target, "--cache-dir", str(tmp_path / "cache"), "-p", "mtht"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
