@@ -45,17 +45,24 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     if not hasattr(x, "__dlpack__"):
         return np.asarray(x)
     x = _plain_tensor(x)
-    try:
-        return np.from_dlpack(x)
-    except (TypeError, BufferError, RuntimeError, ValueError) as e:
-        exported = e  # e.g. a tensor on another device: asarray may still read it
+    exported: Optional[Exception] = None
+    if getattr(getattr(x, "dtype", None), "name", None) not in _NOT_NUMBERS:
+        try:
+            return np.from_dlpack(x)
+        except Exception as e:  # a framework's own error too (TensorFlow's, for float8)
+            exported = e  # e.g. a tensor on another device: asarray may still read it
     try:
         a = np.asarray(x)
-    except (TypeError, BufferError, RuntimeError, ValueError) as e:
+    except Exception as e:
         raise TypeError(f"{name} cannot be read as an array: {e}") from e
-    if a.dtype == object and a.ndim == 0:  # asarray wrapped the object itself
+    if a.dtype == object and a.ndim == 0 and exported is not None:  # asarray wrapped the object itself
         raise TypeError(f"{name} cannot be read as an array: {exported}") from exported
     return a
+
+
+# Tensor types that hold no numbers. TensorFlow ends the process (a failed CHECK) when a
+# tensor of one is exported through DLPack, so such tensors are read by asarray alone.
+_NOT_NUMBERS = frozenset({"string", "resource", "variant"})
 
 
 # numpy before 1.24 makes a ragged nested list an object array (with a warning) and casts a
@@ -172,7 +179,7 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array of numbers, got None")
     a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
-        raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+        raise TypeError(_not_numbers(values, a, name))
     if a.shape == (n, dim):
         pass
     elif n == 0 and a.shape == (0,):  # no ids, and no rows given as an empty list ([] of a slot)
@@ -190,8 +197,15 @@ def as_float32(values, name: str) -> np.ndarray:
     """A C-contiguous float32 array of the shape ``values`` has; numbers only."""
     a = as_numpy(values, name)
     if not _is_number_dtype(a.dtype):
-        raise TypeError(f"{name} must be numbers, got dtype {a.dtype}")
+        raise TypeError(_not_numbers(values, a, name))
     return _float32(a, name)
+
+
+def _not_numbers(values: Any, a: np.ndarray, name: str) -> str:
+    """The message for ``values`` read as ``a``, which holds no numbers."""
+    if a.dtype == object and a.ndim == 0:  # asarray wrapped the object itself (e.g. IndexedSlices)
+        return f"{name} must be an array of numbers, got {type(values).__name__}"
+    return f"{name} must be numbers, got dtype {a.dtype}"
 
 
 def _float32(a: np.ndarray, name: str) -> np.ndarray:
@@ -252,7 +266,9 @@ def as_int64_scalar(x, name: str) -> int:
         return x
     x = _scalar_of(x, name)
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(x).__name__}")
+        shape = getattr(x, "shape", None)  # an array or tensor of one number is not 0-d
+        got = f"{type(x).__name__} of shape {tuple(shape)}" if shape else type(x).__name__
+        raise TypeError(f"{name} must be an integer, got {got}")
     x = int(x)
     if not -(1 << 63) <= x < (1 << 63):
         raise ValueError(f"{name} = {x} does not fit in int64")

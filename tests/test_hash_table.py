@@ -779,6 +779,102 @@ def test_an_input_that_cannot_be_read_is_a_type_error_naming_it():
     assert t.size() == 0
 
 
+class _TensorOfStrings:
+    """As TensorFlow's string tensors: a DLPack export of one ends the process, and asarray
+    reads its strings."""
+
+    dtype = type("DType", (), {"name": "string"})()
+
+    def __init__(self, strings):
+        self._strings = np.array(strings, dtype=object)
+        self.exported = False
+
+    def __dlpack__(self, **kwargs):
+        self.exported = True
+        raise AssertionError("exported a tensor of strings")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._strings
+
+
+class _FrameworkError(Exception):
+    """A framework's own error type, derived from none of Python's TypeError, ValueError..."""
+
+
+class _Float16Exported:
+    """As TensorFlow's float8 tensors: DLPack refuses the type with the framework's own
+    error, and asarray reads it (here as float16)."""
+
+    def __init__(self, array):
+        self._array = np.asarray(array, dtype=np.float16)
+
+    def __dlpack__(self, **kwargs):
+        raise _FrameworkError("this type is not supported by dlpack")
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array
+
+
+class _Unreadable(_Float16Exported):
+    def __array__(self, dtype=None, copy=None):
+        raise _FrameworkError("cannot convert a tensor of this type to a NumPy array")
+
+
+def test_a_tensor_of_strings_is_never_exported_and_is_a_type_error():
+    t = sgd_table(2)
+    for call, message in [(lambda x: t.lookup(x), "ids must be integers, got bytes"),
+                          (lambda x: t.contains(x), "ids must be integers, got bytes"),
+                          (lambda x: t.assign([1], x), "values must be numbers, got dtype object"),
+                          (lambda x: t.apply_gradients([1], np.ones((1, 2)), global_step=x),
+                           "global_step must be an integer, got bytes")]:
+        strings = _TensorOfStrings([b"1001", b"1002"] if "ids" in message else
+                                   [[b"a", b"b"]] if "values" in message else b"3")
+        with pytest.raises(TypeError, match=message):
+            call(strings)
+        assert not strings.exported
+    assert t.size() == 0
+
+
+def test_a_framework_error_of_dlpack_falls_back_to_asarray():
+    t = sgd_table(2)
+    t.assign([1], _Float16Exported([[1.5, -2.0]]))
+    t.apply_gradients([1], _Float16Exported([[0.5, 0.25]]), global_step=0)
+    np.testing.assert_array_equal(t.lookup([1]), [[1.0, -2.25]])
+    for call, name in [(lambda x: t.lookup(x), "ids"), (lambda x: t.assign([1], x), "values"),
+                       (lambda x: t.apply_gradients([1], x, global_step=0), "grads")]:
+        with pytest.raises(TypeError, match=f"{name} cannot be read as an array: cannot convert"):
+            call(_Unreadable([[1.0, 2.0]]))
+    np.testing.assert_array_equal(t.lookup([1]), [[1.0, -2.25]])
+
+
+def test_rows_of_an_object_that_is_no_array_name_its_type():
+    class IndexedSlices:  # what a framework's gradient of a gather is: indices and values
+        indices, values, dense_shape = np.array([0]), np.ones((1, 2)), np.array([2, 2])
+
+    t = sgd_table(2)
+    with pytest.raises(TypeError, match="grads must be an array of numbers, got IndexedSlices"):
+        t.apply_gradients([1, 2], IndexedSlices(), global_step=0)
+    from mtht.multi_type_hash_table import MultiTypeHashTable
+    multi = MultiTypeHashTable({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2)},
+                               lambda slot, c: hash_table_from_config(c, name_suffix=slot))
+    with pytest.raises(TypeError, match="slot 'b'.*got IndexedSlices"):
+        multi.apply_gradients({"a": ([1], np.ones((1, 2))), "b": ([2], IndexedSlices())}, global_step=0)
+    assert multi.lookup({"a": [1]})["a"].tolist() == [[0.0, 0.0]] and t.size() == 0
+
+
+def test_a_step_of_shape_one_is_refused_with_its_shape():
+    t = sgd_table(2)
+    with pytest.raises(TypeError, match=r"global_step must be an integer, got ndarray of shape \(1,\)"):
+        t.apply_gradients([1], np.ones((1, 2)), global_step=np.array([3]))
+    assert t.size() == 0
+
+
 def test_vector_values_when_dim_is_one():
     t = sgd_table(1)
     t.assign([1, 2, 3], np.array([1.0, 2.0, 3.0], dtype=np.float32))
