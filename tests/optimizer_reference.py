@@ -10,11 +10,12 @@ double precision inside, are mirrored in float64 here (Adam's bias-corrected lea
 rate, RMSProp v1). Sums over the elements of a row (the group optimizers) are done left to
 right, as the C++ loop does them, never with numpy's pairwise ``sum``.
 
-The one operation numpy cannot reproduce bit for bit is ``tanh`` (HashNet): the library
-calls the C library's ``tanhf``, which is not correctly rounded (glibc's is off by up to
-2 ulp for a few percent of inputs). So ``tanh32`` calls that same ``tanhf`` through ctypes
-when the C math library can be loaded (``TANH_FROM_LIBM``); otherwise it falls back to
-float64 ``tanh`` rounded to float32, and HashNet results then agree only within a few ulp.
+The one operation numpy may not reproduce bit for bit is ``tanh`` (HashNet): the library
+rounds the C library's double ``tanh`` to float32, and numpy's float64 ``tanh`` may be its
+own (a SIMD version on some CPUs) that differs in the last bit of a double, which now and
+then changes the float32. So ``tanh32`` calls that same C ``tanh`` through ctypes when the
+C math library can be loaded (``TANH_FROM_LIBM``); otherwise it falls back to numpy's, and
+HashNet results then agree only within a few ulp.
 
 State is a dict of named arrays per optimizer, with the names and shapes
 ``HashTable.lookup_entry`` uses: per-dim arrays are ``[rows, dim]``, scalars per entry are
@@ -303,31 +304,31 @@ def fake_quantize(x, r) -> np.ndarray:
     return np.where(np.isnan(x), F32(0), out).astype(F32)
 
 
-def _load_tanhf():
+def _load_tanh():
     try:
         name = ctypes.util.find_library("m")
         lib = ctypes.CDLL(name) if name else None
-        fn = lib.tanhf if lib is not None else None
+        fn = lib.tanh if lib is not None else None
     except (OSError, AttributeError):
         return None
     if fn is None:
         return None
-    fn.restype = ctypes.c_float
-    fn.argtypes = [ctypes.c_float]
+    fn.restype = ctypes.c_double
+    fn.argtypes = [ctypes.c_double]
     return fn
 
 
-_TANHF = _load_tanhf()
-TANH_FROM_LIBM = _TANHF is not None
+_TANH = _load_tanh()
+TANH_FROM_LIBM = _TANH is not None
 
 
 def tanh32(x) -> np.ndarray:
-    """float32 tanh: the C library's tanhf (what the extension calls) when available, else
-    float64 tanh rounded once to float32."""
+    """float32 tanh: the C library's double tanh (what the extension calls) rounded once to
+    float32, or numpy's float64 tanh rounded once where the C library cannot be loaded."""
     x = np.asarray(x, dtype=F32)
-    if _TANHF is None:
+    if _TANH is None:
         return np.tanh(x.astype(F64)).astype(F32)
-    flat = [F32(_TANHF(float(v))) for v in x.ravel()]
+    flat = [F32(_TANH(float(v))) for v in x.ravel()]
     return np.array(flat, dtype=F32).reshape(x.shape)
 
 

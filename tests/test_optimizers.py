@@ -8,9 +8,9 @@
   kernels are compiled with -ffp-contract=off and the model performs the same float32
   operations in the same order, so the comparison is exact, bit for bit, for every
   optimizer; so is the comparison of every kernel path with the scalar one. HashNet's tanh
-  is the one function numpy does not have bit for bit: the model calls the C library's
-  tanhf (the function the extension calls) and is then exact too; without it, HashNet
-  results are compared within a few ulp.
+  is the one function numpy may not have bit for bit: the model calls the C library's
+  double tanh (the function the extension calls) and is then exact too; without it,
+  HashNet results are compared within a few ulp.
 * Multi-segment entries, stochastic rounding, the named optimizer state, Monolith's
   batch-softmax test, and configurations that must be refused.
 """
@@ -39,7 +39,7 @@ DIMS = (1, 2, 3, 4, 7, 8, 16, 17, 32, 33, 64, 100, 128)
 STEPS = 20
 
 # Tolerance (in ulp) for comparisons whose result went through HashNet's tanh: 0 when the
-# model uses the C library's tanhf, like the extension; a few ulp otherwise, growing with
+# model uses the C library's tanh, like the extension; a few ulp otherwise, growing with
 # the number of steps the difference can propagate through.
 TANH_ULPS = 0 if ref.TANH_FROM_LIBM else 64
 

@@ -23,8 +23,13 @@ inline float fake_quantize(float f, float r) {
   return n * step;
 }
 
+// tanh of a float, rounded once from double: the C library's tanhf is not correctly
+// rounded and differs by an ulp between its builds (x86-64 and aarch64 glibc), its tanh
+// rounded to float almost never does.
+inline float tanh_f32(float x) { return static_cast<float>(std::tanh(static_cast<double>(x))); }
+
 // one_bit (HashNet) forward: amplitude * tanh(scale * w).
-inline float hashnet_forward(float w, float scale, float amplitude) { return amplitude * std::tanh(scale * w); }
+inline float hashnet_forward(float w, float scale, float amplitude) { return amplitude * tanh_f32(scale * w); }
 
 // The scale HashNet uses from step t on, when t is a multiple of its step size.
 inline float hashnet_scale(float init_scale, float max_scale, int64_t t) {
@@ -35,7 +40,7 @@ inline float hashnet_scale(float init_scale, float max_scale, int64_t t) {
 // one_bit backward: grad *= amplitude * scale * (1 - y^2), y = tanh(scale * w); 1 - y^2 is
 // one fused multiply-add, as in Monolith's build.
 inline float hashnet_backward(float w, float grad, float scale, float amplitude) {
-  const float y = std::tanh(scale * w);
+  const float y = tanh_f32(scale * w);
   return grad * (amplitude * scale * std::fma(-y, y, 1.f));
 }
 
