@@ -9,6 +9,7 @@
 
 #include <pthread.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -27,7 +28,17 @@ namespace detail {
 
 constexpr size_t kHugePageBytes = size_t{2} << 20;
 
-// Maps `bytes` (a multiple of 4 KiB) at a 2 MiB boundary and asks for huge pages.
+// The system's page size (4 KiB on x86-64; 16 or 64 KiB on some aarch64 kernels): a mapping
+// is unmapped in whole pages, so its length is rounded to them.
+inline size_t mapped_length(size_t bytes) {
+  static const size_t page = [] {
+    const long size = sysconf(_SC_PAGESIZE);
+    return size > 0 ? static_cast<size_t>(size) : size_t{4096};
+  }();
+  return (bytes + page - 1) / page * page;
+}
+
+// Maps `bytes` (a multiple of the page size) at a 2 MiB boundary and asks for huge pages.
 inline void* map_huge_aligned(size_t bytes) {
   const size_t span = bytes + kHugePageBytes;
   void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -150,7 +161,7 @@ class Buffer {
   explicit Buffer(size_t bytes) : bytes_(bytes) {
     if (bytes == 0) return;
     if (bytes > kHugePage) {
-      data_ = detail::map_huge_aligned((bytes + 4095) / 4096 * 4096);
+      data_ = detail::map_huge_aligned(detail::mapped_length(bytes));
       kind_ = Kind::kMapped;
     } else if (bytes >= kPooledMin) {
       data_ = detail::HugeBlockPool::global().allocate(bytes);
@@ -190,7 +201,7 @@ class Buffer {
   void release() noexcept {
     if (data_ == nullptr) return;
     switch (kind_) {
-      case Kind::kMapped: munmap(data_, (bytes_ + 4095) / 4096 * 4096); break;
+      case Kind::kMapped: munmap(data_, detail::mapped_length(bytes_)); break;
       case Kind::kPooled: detail::HugeBlockPool::global().release(data_, bytes_); break;
       case Kind::kHeap: std::free(data_); break;
     }

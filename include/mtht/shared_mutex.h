@@ -16,6 +16,8 @@
 #include <mutex>
 #include <new>
 
+#include "mtht/spin_pause.h"
+
 namespace mtht::detail {
 
 class SharedMutex {
@@ -120,7 +122,7 @@ class SharedMutex {
   template <class TryTake>
   bool wait_until(TryTake try_take, std::chrono::steady_clock::time_point deadline) {
     for (int i = 0; i < kSpins; ++i) {
-      pause();
+      spin_pause();
       if (try_take()) return true;
     }
     Place& p = place();
@@ -145,14 +147,6 @@ class SharedMutex {
     std::lock_guard<std::mutex> lk(p.mu);
     state_.fetch_and(~kWaiting, std::memory_order_relaxed);
     p.cv.notify_all();
-  }
-
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
   }
 
   static constexpr int kSpins = 128;

@@ -27,6 +27,8 @@
 #include <sched.h>
 #endif
 
+#include "mtht/spin_pause.h"
+
 namespace mtht {
 
 class ThreadPool {
@@ -190,12 +192,6 @@ class ThreadPool {
     if (job.error) std::rethrow_exception(job.error);
   }
 
-  static void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-
   // Spins (for at most about 50 us) until done() holds; returns whether it does.
   template <class Done>
   static bool spin_until(Done&& done) {
@@ -203,7 +199,7 @@ class ThreadPool {
     for (;;) {
       for (int i = 0; i < 64; ++i) {
         if (done()) return true;
-        cpu_relax();
+        spin_pause();
       }
       if (std::chrono::steady_clock::now() > deadline) return false;
     }
@@ -235,7 +231,7 @@ class ThreadPool {
       while (task >= job.starts[phase + 1]) ++phase;
       // Tasks are taken in order, so every task of the earlier phases has been taken.
       for (unsigned spins = 0; job.finished.load(std::memory_order_acquire) < job.starts[phase]; ++spins) {
-        if (spins < 4096) cpu_relax();
+        if (spins < 4096) spin_pause();
         else std::this_thread::yield();
       }
       if (!(job.skip_after_error && job.failed.load())) {
