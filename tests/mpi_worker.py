@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -665,7 +666,14 @@ def scenario_exit_with_pushes(seed, directory):
 
 if __name__ == "__main__":
     name, seed, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    globals()[f"scenario_{name}"](seed, directory)
+    try:
+        globals()[f"scenario_{name}"](seed, directory)
+    except BaseException:
+        # A check failed on this rank: the others may be waiting for it in a collective call,
+        # so the job ends now, with this rank's traceback, instead of at the test's timeout.
+        traceback.print_exc()
+        sys.stderr.flush()
+        COMM.Abort(1)
     COMM.Barrier()
     if RANK == 0:
         print(f"{name}: ok on {WORLD} ranks")

@@ -126,6 +126,29 @@ def test_a_lookup_of_other_ids_drops_the_prefetched_batch():
     assert prefetch.lookup([1]).tolist() == [[1] * 4]  # nothing prefetched now: looked up in order
 
 
+def test_a_batch_of_the_same_length_but_other_ids_is_looked_up_afresh():
+    # Training batches have one size: only the same ids in the same order may take the
+    # prefetched rows, whatever the length.
+    t = table()
+    t.assign([1, 2, 5, 6], np.arange(16, dtype=F32).reshape(4, 4))
+    prefetch = mtht.Prefetch(t)
+    for other, misses in (([2, 1], 1), ([5, 6], 2), ([1, 2], 2)):
+        prefetch.prefetch(np.array([1, 2]))
+        assert prefetch.lookup(other).tolist() == t.lookup(other).tolist(), other
+        assert prefetch.misses == misses, other
+    prefetch.end()
+    slot_configs = {"a": config(), "b": config()}
+    multi = MultiTypeHashTable(slot_configs, lambda slot, cfg: hash_table_from_config(cfg, name_suffix=slot))
+    multi.assign({"a": ([1, 2], np.ones((2, 4), F32)), "b": ([1, 2], np.full((2, 4), 2, F32))})
+    prefetch = mtht.Prefetch(multi)
+    prefetch.prefetch({"a": [1, 2], "b": [1, 2]})
+    other = {"a": [1, 2], "b": [2, 7]}
+    got = prefetch.lookup(other)
+    assert {s: got[s].tolist() for s in got} == {s: multi.lookup(other)[s].tolist() for s in other}
+    assert prefetch.misses == 1
+    prefetch.end()
+
+
 def test_a_prefetched_batch_is_taken_for_ids_the_table_takes_only():
     # Float or bool ids equal in value to the batch prefetched are refused as the table's
     # lookup refuses them; int ids after float ones prefetched are looked up.

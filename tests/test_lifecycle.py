@@ -1214,11 +1214,20 @@ def test_the_eviction_thread_of_a_dropped_table_ends_at_once():
     assert threading.active_count() == before
 
 
-def test_feature_eviction_config_builds_a_working_table():
+def test_feature_eviction_config_builds_a_working_table(monkeypatch):
+    periods = []
+
+    class Recorded(FeatureEvictor):
+        def __init__(self, table, period_seconds, **kwargs):
+            periods.append(period_seconds)
+            super().__init__(table, period_seconds, **kwargs)
+
+    monkeypatch.setattr(mtht.hash_table, "FeatureEvictor", Recorded)
     cfg = config_of()
     cfg.table_config.enable_feature_eviction = True
-    cfg.table_config.feature_evict_every_n_hours = 1
+    cfg.table_config.feature_evict_every_n_hours = 3
     t = hash_table_from_config(cfg)
+    assert periods == [3 * 3600]   # Monolith's period is in hours
     t.assign(ids_of(1), [[1]], req_time=5)
     assert t.lookup(ids_of(1)).tolist() == [[1]]
 

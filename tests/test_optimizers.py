@@ -353,6 +353,12 @@ def test_fake_quant(monkeypatch, kernel):
     assert q[7] == 0  # NaN
     assert q[8] == -128 * step
     assert_bits_equal(q, ref.fake_quantize(raw, r))
+    # Ties between two steps go away from zero (Monolith's FakeQuant), the sign of zero kept.
+    ties = np.array([0.5, -0.5, 2.5, -2.5, 126.5, -127.5, 0.0, -0.0, 0.25, -0.25], dtype=F32) * step
+    t.assign([2], ties[None, :])
+    tied = t.lookup([2])[0]
+    np.testing.assert_array_equal(tied[:6] / step, [1, -1, 3, -3, 127, -128])
+    assert_bits_equal(tied, ref.fake_quantize(ties, r))
     # The stored floats stay as assigned.
     assert_bits_equal(t.lookup_entry([1])[0].values, raw)
     # Gradients pass straight through: a step moves the stored float, not the quantised one.

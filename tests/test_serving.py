@@ -79,6 +79,22 @@ def test_fixed_r8_stores_step_counts():
         assert compress(cfg, huge).view(np.int8).tolist() == [[127, -128, 127, -128, 0, 0]]
 
 
+def test_fixed_r8_rounds_ties_away_from_zero_as_the_table_reads_them():
+    # Serving must read what training read: the table's fake-quantised lookup rounds a value
+    # half way between two steps away from zero (as Monolith's FakeQuant), and so must the
+    # export, at the tie exactly.
+    import optimizer_reference as ref
+    r = 5.0
+    step = np.float32(r) / np.float32(128)
+    ties = np.array([[0.5, -0.5, 2.5, -2.5, 126.5, -127.5]], np.float32) * step
+    cfg = config((6, mtht.FixedR8Compressor(fixed_range=r)))
+    assert compress(cfg, ties).view(np.int8).tolist() == [[1, -1, 3, -3, 127, -128]]
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(cfg, [1.0]))
+    t.assign([1], ties)
+    np.testing.assert_array_equal(decompress(cfg, t.export_serving([1])), t.lookup([1]))
+    np.testing.assert_array_equal(t.lookup([1]), ref.fake_quantize(ties, r))
+
+
 def test_a_table_exports_its_rows_mixed_compressors():
     cfg = config((2, mtht.Fp32Compressor()), (2, mtht.Fp16Compressor()), (2, mtht.FixedR8Compressor()))
     t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(cfg, [1.0, 1.0, 1.0]))
