@@ -2633,11 +2633,11 @@ class EmbeddingTable {
         case RetrieverKind::kRaw:
           break;
         case RetrieverKind::kFakeQuant:
-          for (int i = 0; i < seg.dim; ++i) v[i] = fake_quantize(v[i], seg.fake_quant_range);
+          fake_quantize_row(v, seg.dim, seg.fake_quant_range);
           break;
         case RetrieverKind::kHashNet: {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
-          for (int i = 0; i < seg.dim; ++i) v[i] = hashnet_forward(v[i], scale, seg.hashnet_amplitude);
+          hashnet_forward_row(v, seg.dim, scale, seg.hashnet_amplitude);
           break;
         }
       }
