@@ -41,9 +41,9 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if isinstance(x, (list, tuple)):
-        return _from_sequence(x)
+        return _from_sequence(x, name)
     if not hasattr(x, "__dlpack__"):
-        return np.asarray(x)
+        return _asarray(x, name)
     x = _plain_tensor(x)
     exported: Optional[Exception] = None
     if getattr(getattr(x, "dtype", None), "name", None) not in _NOT_NUMBERS:
@@ -70,11 +70,23 @@ _NOT_NUMBERS = frozenset({"string", "resource", "variant"})
 _NUMPY_BEFORE_1_24 = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 
 
-def _from_sequence(x: Any) -> np.ndarray:
+def _from_sequence(x: Any, name: str) -> np.ndarray:
     if _NUMPY_BEFORE_1_24 and _ragged(x):  # found before numpy warns of it
         raise ValueError("setting an array element with a sequence: the nested sequences have different "
                          "lengths (a ragged list)")
-    return np.asarray(x)
+    return _asarray(x, name)
+
+
+def _asarray(x: Any, name: str) -> np.ndarray:
+    """``np.asarray(x)``; an error other than a ValueError (a ragged list's, a shape's) is a
+    TypeError naming ``name``: e.g. the one a framework raises for an array it will not
+    convert (JAX's typed PRNG keys)."""
+    try:
+        return np.asarray(x)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise TypeError(f"{name} cannot be read as an array: {e}") from e
 
 
 def _ragged(x: Any) -> bool:
@@ -125,6 +137,8 @@ def as_ids(ids, name: str = "ids") -> np.ndarray:
     kind = a.dtype.kind
     if kind == "i":
         pass
+    elif kind == "V" and np.can_cast(a.dtype, np.int64, casting="safe"):  # ml_dtypes' int4, uint4, int2...
+        a = a.astype(np.int64)
     elif kind == "u":
         if a.dtype.itemsize == 8:  # reinterpret the bits (in native byte order)
             a = np.ascontiguousarray(a, dtype=np.uint64).view(np.int64)

@@ -15,6 +15,7 @@ import atexit
 import collections
 import collections.abc
 import concurrent.futures
+import inspect
 import numbers
 import os
 import queue
@@ -22,7 +23,7 @@ import sys
 import threading
 import traceback
 import weakref
-from typing import Any, Callable, Deque, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -358,23 +359,48 @@ def _collective_table(table):
     return next((t for t in [table] + _wrapped_tables(table) if getattr(t, "calls_are_collective", False)), None)
 
 
-def _snapshot(value):
+def _snapshot(value, name: str):
     """A copy of the arrays in ``value`` (nested in mappings, lists and tuples), so that the
     trainer may reuse its buffers as soon as a call is queued. Anything with ``__array__`` (a
     NumPy array, a PyTorch, JAX or TensorFlow tensor) or a buffer (a memoryview, an
-    ``array.array``) or a DLPack producer becomes a NumPy copy."""
+    ``array.array``) or a DLPack producer becomes a NumPy copy. ``name`` names the argument
+    in the TypeError of one that cannot be read (``grads``, ``slot_to_id['a'][0]``)."""
     if isinstance(value, (np.ndarray, memoryview, array.array, bytearray)):
         return np.array(value, copy=True)
     if (hasattr(value, "__array__") or hasattr(value, "__dlpack__")) and not np.isscalar(value):
-        return np.array(as_numpy(value), copy=True)  # read as the table's own calls read it
+        return np.array(as_numpy(value, name), copy=True)  # read as the table's own calls read it
     if isinstance(value, collections.abc.Mapping):
-        return {k: _snapshot(v) for k, v in value.items()}
+        return {k: _snapshot(v, f"{name}[{k!r}]") for k, v in value.items()}
     if isinstance(value, list):
-        return [_snapshot(v) for v in value]
+        return [_snapshot(v, f"{name}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, tuple):
-        items = [_snapshot(v) for v in value]
+        items = [_snapshot(v, f"{name}[{i}]") for i, v in enumerate(value)]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a named tuple keeps its type
     return value
+
+
+_POSITIONAL_NAMES: Dict[Tuple[type, str], Tuple[str, ...]] = {}
+
+
+def _positional_names(table_type: type, method: str) -> Tuple[str, ...]:
+    """The names of the positional parameters of ``table_type.method`` (self left out),
+    worked out once per class and method."""
+    names = _POSITIONAL_NAMES.get((table_type, method))
+    if names is None:
+        try:
+            parameters = list(inspect.signature(getattr(table_type, method)).parameters.values())
+        except (TypeError, ValueError):
+            parameters = []
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = _POSITIONAL_NAMES[(table_type, method)] = tuple(p.name for p in parameters if p.kind in positional)[1:]
+    return names
+
+
+def _snapshot_call(table: Any, method: str, args: Tuple, kwargs: dict) -> Tuple[Tuple, dict]:
+    """``_snapshot`` of a call's arguments, each named as the table's method names it."""
+    names = _positional_names(type(table), method)
+    return (tuple(_snapshot(a, names[i] if i < len(names) else f"argument {i + 1}") for i, a in enumerate(args)),
+            {k: _snapshot(v, k) for k, v in kwargs.items()})
 
 
 class _TableHook:
@@ -488,7 +514,7 @@ class AsyncPush(_TableHook):
         if fn is None:
             raise AttributeError(f"{type(self._table).__name__} has no {method}")
         self._pipeline.take_error_at_call()
-        args, kwargs = _snapshot(args), _snapshot(kwargs)
+        args, kwargs = _snapshot_call(self._table, method, args, kwargs)
         slot = _Slot(self._slots)
         try:  # the thread gives the slot back once the write is done (or dropped)
             slot.take()  # blocks while `capacity` writes wait
@@ -559,7 +585,7 @@ class Prefetch(_TableHook):
             if len(self._ahead) >= self._capacity:
                 raise ValueError(f"{len(self._ahead)} batch(es) are prefetched already (capacity "
                                  f"{self._capacity}): look them up first")
-            ids = _snapshot(ids)
+            ids = _snapshot(ids, "ids")
             self._ahead.append((ids, self._queue_lookup(ids)))
 
     def lookup(self, ids: Union[ArrayInput, Mapping[str, ArrayInput]]) -> Any:
@@ -578,13 +604,13 @@ class Prefetch(_TableHook):
         if collective is not None and ahead is not None:
             # Every process takes its prefetched batch, or every one looks its ids up again:
             # a lookup on some processes only would wait for ever for the others.
-            lookup, fresh = self._table.lookup, _snapshot(ids)
+            lookup, fresh = self._table.lookup, _snapshot(ids, "ids")
             taken = ahead[1]
             return self._pipeline.submit(lambda: taken.result() if collective.all_ranks(hit) else lookup(fresh),
                                          is_write=False).result()
         if hit and ahead is not None:
             return ahead[1].result()
-        return self._queue_lookup(_snapshot(ids)).result()
+        return self._queue_lookup(_snapshot(ids, "ids")).result()
 
     def _queue_lookup(self, ids) -> concurrent.futures.Future:
         lookup = self._table.lookup

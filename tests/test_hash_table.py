@@ -853,6 +853,42 @@ def test_a_framework_error_of_dlpack_falls_back_to_asarray():
     np.testing.assert_array_equal(t.lookup([1]), [[1.0, -2.25]])
 
 
+class _Unconvertible:
+    """As JAX's typed PRNG keys: no DLPack, and an __array__ that raises the framework's own
+    error."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise _FrameworkError("an array of keys cannot be converted to a NumPy array")
+
+
+def test_an_array_that_refuses_numpy_is_a_type_error_naming_the_argument():
+    t = sgd_table(2)
+    for call, name in [(lambda x: t.lookup(x), "ids"), (lambda x: t.lookup([x, x]), "ids"),
+                       (lambda x: t.assign([1], x), "values"),
+                       (lambda x: t.apply_gradients([1], np.ones((1, 2)), global_step=x), "global_step")]:
+        with pytest.raises(TypeError, match=f"^{name} cannot be read as an array: an array of keys"):
+            call(_Unconvertible())
+    from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
+    merged = MergedMultiTypeHashTable({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2)},
+                                      lambda c: MultiTypeHashTable(c, lambda slot, cc: hash_table_from_config(
+                                          cc, name_suffix=slot)))
+    with pytest.raises(TypeError, match="slot 'b' ids cannot be read as an array"):
+        merged.lookup({"a": [1], "b": _Unconvertible()})
+    assert t.size() == 0
+
+
+def test_ids_of_narrow_integer_types_widen():
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # a test dependency: present in CI
+    t = sgd_table(2)
+    t.assign([1, -1, 7, 0], [[1, 1], [2, 2], [3, 3], [4, 4]])
+    for dtype, ids, want in [(ml_dtypes.int4, [1, -1, 7], [[1, 1], [2, 2], [3, 3]]),
+                             (ml_dtypes.uint4, [7, 0], [[3, 3], [4, 4]]),
+                             (ml_dtypes.int2, [1, -1], [[1, 1], [2, 2]])]:
+        assert t.lookup(np.array(ids, dtype=dtype)).tolist() == want, dtype
+    with pytest.raises(TypeError, match="ids must be integers, got dtype bfloat16"):
+        t.lookup(np.array([1, 2], dtype=ml_dtypes.bfloat16))
+
+
 def test_rows_of_an_object_that_is_no_array_name_its_type():
     class IndexedSlices:  # what a framework's gradient of a gather is: indices and values
         indices, values, dense_shape = np.array([0]), np.ones((1, 2)), np.array([2, 2])

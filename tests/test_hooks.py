@@ -149,6 +149,32 @@ def test_a_batch_of_the_same_length_but_other_ids_is_looked_up_afresh():
     prefetch.end()
 
 
+def test_an_argument_a_hook_cannot_read_is_named_as_the_table_names_it():
+    class Unreadable:
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("this array was deleted")
+
+    t = table()
+    push, prefetch = mtht.AsyncPush(t), mtht.Prefetch(t)
+    for call, name in [(lambda x: push.apply_gradients([1], x, global_step=0), "grads"),
+                       (lambda x: push.apply_gradients([1], np.ones((1, 4), F32), x), "global_step"),
+                       (lambda x: push.assign(x, np.ones((1, 4), F32)), "ids"),
+                       (lambda x: push.assign_add([1], values=x), "values"),
+                       (lambda x: prefetch.prefetch(x), "ids"),
+                       (lambda x: prefetch.lookup(x), "ids")]:
+        with pytest.raises(TypeError, match=rf"^{name} cannot be read as an array: this array was deleted"):
+            call(Unreadable())
+    push.end()
+    prefetch.end()
+    multi = MultiTypeHashTable({"a": config(), "b": config()},
+                               lambda slot, cfg: hash_table_from_config(cfg, name_suffix=slot))
+    push = mtht.AsyncPush(multi)
+    with pytest.raises(TypeError, match=r"^slot_to_id_and_grad\['b'\]\[1\] cannot be read as an array"):
+        push.apply_gradients({"a": ([1], np.ones((1, 4), F32)), "b": ([2], Unreadable())}, global_step=0)
+    push.end()
+    assert t.size() == 0 and multi.lookup({"a": [1]})["a"].tolist() == [[0] * 4]
+
+
 def test_a_prefetched_batch_is_taken_for_ids_the_table_takes_only():
     # Float or bool ids equal in value to the batch prefetched are refused as the table's
     # lookup refuses them; int ids after float ones prefetched are looked up.
