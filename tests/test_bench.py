@@ -198,8 +198,9 @@ def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
         if mtht_ok:
             one, two = _results(result, op, "mtht")
             assert one["checksum"] == two["checksum"]  # results never depend on the thread count
-            assert two["vs_one_thread"] > 0
-            assert two["vs_numpy_dict"] > 0
+            baseline = _results(result, op, "numpy+dict")[0]
+            assert two["vs_one_thread"] == pytest.approx(two["ids_per_s"] / one["ids_per_s"])
+            assert two["vs_numpy_dict"] == pytest.approx(two["ids_per_s"] / baseline["ids_per_s"])
             assert two["checksum_matches_numpy_dict"] is True
     if not mtht_ok:
         note = _results(result, "lookup", "mtht")[0]["note"]

@@ -146,6 +146,11 @@ def test_a_batch_of_the_same_length_but_other_ids_is_looked_up_afresh():
     got = prefetch.lookup(other)
     assert {s: got[s].tolist() for s in got} == {s: multi.lookup(other)[s].tolist() for s in other}
     assert prefetch.misses == 1
+    prefetch.prefetch({"a": [1, 2]})  # a lookup of more slots than prefetched: every slot, a miss
+    more = {"a": [1, 2], "b": [1]}
+    got = prefetch.lookup(more)
+    assert {s: got[s].tolist() for s in got} == {s: multi.lookup(more)[s].tolist() for s in more}
+    assert prefetch.misses == 2
     prefetch.end()
 
 
@@ -270,13 +275,15 @@ def test_a_push_beyond_capacity_waits_for_the_oldest():
     release = threading.Event()
     original = t.assign_add
     t.assign_add = lambda *a, **k: (release.wait(), original(*a, **k))[1]
-    push.assign_add([1], np.ones((1, 4), F32))
-    push.assign_add([1], np.ones((1, 4), F32))
-    third = threading.Thread(target=push.assign_add, args=([1], np.ones((1, 4), F32)))
-    third.start()
-    third.join(0.5)
-    assert third.is_alive()  # two writes wait: the third push blocks
-    release.set()
+    try:
+        push.assign_add([1], np.ones((1, 4), F32))
+        push.assign_add([1], np.ones((1, 4), F32))
+        third = threading.Thread(target=push.assign_add, args=([1], np.ones((1, 4), F32)))
+        third.start()
+        third.join(0.5)
+        assert third.is_alive()  # two writes wait: the third push blocks
+    finally:  # a failed check must not leave the writes waiting for ever
+        release.set()
     third.join(10)
     assert not third.is_alive()
     assert t.as_op().lookup([1]).tolist() == [[3] * 4]

@@ -2805,7 +2805,19 @@ def test_ids_applies_the_writes_hooks_queued_first():
     """As a save: the ids of the writes an AsyncPush queued are listed, though the table's
     background thread is still busy with a lookup queued before them."""
     t = table_of(dim=1)
+    release = threading.Event()
+    original = t.lookup
+    t.lookup = lambda *a, **k: (release.wait(), original(*a, **k))[1]
+    listed = []
     with mtht.Prefetch(t) as prefetch, mtht.AsyncPush(t) as push:
-        prefetch.prefetch(np.arange(4_000_000, 8_000_000))  # absent ids: a lookup of a while
-        push.assign(np.arange(1000), np.ones((1000, 1), np.float32))
-        assert np.array_equal(np.sort(t.ids()), np.arange(1000))
+        try:
+            prefetch.prefetch(np.arange(10))  # the background thread waits in this lookup
+            push.assign(np.arange(1000), np.ones((1000, 1), np.float32))
+            lister = threading.Thread(target=lambda: listed.append(t.ids()))
+            lister.start()
+            lister.join(0.5)
+            assert lister.is_alive()  # it waits for the write queued behind the lookup
+        finally:
+            release.set()
+        lister.join(10)
+    assert np.array_equal(np.sort(listed[0]), np.arange(1000))

@@ -1131,6 +1131,11 @@ def test_errors_of_multi_slot_and_fused_calls_say_what_and_where():
         (lambda: t.apply_gradients({"a": ([1], [1.0], "extra")}, 0), r"slot 'a': expected a pair \(ids, grads\)"),
         (lambda: merged.apply_gradients({"a": ([1], [1.0], "extra")}, 0), r"slot 'a': expected a pair"),
         (lambda: merged.assign({"a": [1]}), r"slot 'a': expected a pair \(ids, values\), got 1 items"),
+        # a vector of values is a column only for a slot of dim 1
+        (lambda: t.assign({"a": ([1], [1.0]), "b": ([1, 2], np.array([1.0, 2.0]))}),
+         r"slot 'b': values must have shape \(2, 2\) for 2 ids of dim 2, got shape \(2,\)"),
+        (lambda: merged.assign({"a": ([1], [1.0]), "b": ([1, 2], np.array([1.0, 2.0]))}),
+         r"slot 'b' values must have shape \(2, 2\)"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

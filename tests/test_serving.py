@@ -64,6 +64,12 @@ def test_one_bit_encodes_the_sign_of_its_forward_value():
     assert decompress(cfg, compress(cfg, v)).tolist() == [[1, 1, 1, -1, -1, -1, -1]]
 
 
+def test_one_bit_decodes_to_plus_or_minus_its_amplitude():
+    cfg = config((3, mtht.OneBitCompressor(amplitude=0.05)))
+    v = np.array([[1.0, -1.0, 0.0]], np.float32)
+    np.testing.assert_array_equal(decompress(cfg, compress(cfg, v)), np.float32([[0.05, -0.05, -0.05]]))
+
+
 def test_fixed_r8_stores_step_counts():
     r = 5.0
     step = r / 128
