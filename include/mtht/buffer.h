@@ -168,8 +168,8 @@ class Buffer {
       kind_ = Kind::kPooled;
     } else {
       size_t rounded = (bytes + 63) / 64 * 64;
-      void* p = std::aligned_alloc(64, rounded);
-      if (p == nullptr) throw std::bad_alloc();
+      void* p = nullptr;  // posix_memalign: aligned_alloc came to macOS only in 10.15
+      if (posix_memalign(&p, 64, rounded) != 0) throw std::bad_alloc();
       std::memset(p, 0, rounded);
       data_ = p;
       kind_ = Kind::kHeap;

@@ -36,6 +36,14 @@
 #endif
 
 namespace mtht {
+namespace detail {
+// The most bytes one read or write call is asked for: macOS refuses (EINVAL) a call of more
+// than INT_MAX bytes, where Linux transfers part; the loops around the calls go on.
+constexpr size_t kMaxTransfer = size_t{1} << 30;
+}  // namespace detail
+}  // namespace mtht
+
+namespace mtht {
 
 // A streaming 64-bit checksum: four independent multiply-rotate lanes over 32-byte blocks
 // (fast enough to run at memory speed), folded with the length at the end.
@@ -153,7 +161,7 @@ class FileWriter {
   }
   void raw_write(const char* p, size_t n) {
     while (n > 0) {
-      const ssize_t w = ::write(fd_, p, n);
+      const ssize_t w = ::write(fd_, p, std::min(n, detail::kMaxTransfer));
       if (w < 0) {
         if (errno == EINTR) continue;
         throw IOError(errno_text("cannot write", path_));
@@ -213,7 +221,7 @@ class FileReader {
   void read(void* p, size_t n) {
     char* c = static_cast<char*>(p);
     while (n > 0) {
-      const ssize_t r = ::pread(fd_, c, n, static_cast<off_t>(pos_));
+      const ssize_t r = ::pread(fd_, c, std::min(n, detail::kMaxTransfer), static_cast<off_t>(pos_));
       if (r < 0) {
         if (errno == EINTR) continue;
         throw IOError(errno_text("cannot read", path_));
