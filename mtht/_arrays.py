@@ -49,10 +49,14 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
     if getattr(getattr(x, "dtype", None), "name", None) not in _NOT_NUMBERS:
         try:
             return np.from_dlpack(x)
+        except MemoryError:
+            raise
         except Exception as e:  # a framework's own error too (TensorFlow's, for float8)
             exported = e  # e.g. a tensor on another device: asarray may still read it
     try:
         a = np.asarray(x)
+    except MemoryError:
+        raise
     except Exception as e:
         raise TypeError(f"{name} cannot be read as an array: {e}") from e
     if a.dtype == object and a.ndim == 0 and exported is not None:  # asarray wrapped the object itself
@@ -78,12 +82,12 @@ def _from_sequence(x: Any, name: str) -> np.ndarray:
 
 
 def _asarray(x: Any, name: str) -> np.ndarray:
-    """``np.asarray(x)``; an error other than a ValueError (a ragged list's, a shape's) is a
-    TypeError naming ``name``: e.g. the one a framework raises for an array it will not
-    convert (JAX's typed PRNG keys)."""
+    """``np.asarray(x)``; an error other than a ValueError (a ragged list's, a shape's) or a
+    MemoryError is a TypeError naming ``name``: e.g. the one a framework raises for an array
+    it will not convert (JAX's typed PRNG keys)."""
     try:
         return np.asarray(x)
-    except ValueError:
+    except (ValueError, MemoryError):
         raise
     except Exception as e:
         raise TypeError(f"{name} cannot be read as an array: {e}") from e

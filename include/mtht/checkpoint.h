@@ -36,14 +36,12 @@
 #endif
 
 namespace mtht {
+
 namespace detail {
 // The most bytes one read or write call is asked for: macOS refuses (EINVAL) a call of more
 // than INT_MAX bytes, where Linux transfers part; the loops around the calls go on.
 constexpr size_t kMaxTransfer = size_t{1} << 30;
 }  // namespace detail
-}  // namespace mtht
-
-namespace mtht {
 
 // A streaming 64-bit checksum: four independent multiply-rotate lanes over 32-byte blocks
 // (fast enough to run at memory speed), folded with the length at the end.
