@@ -779,46 +779,47 @@ def test_an_input_that_cannot_be_read_is_a_type_error_naming_it():
     assert t.size() == 0
 
 
-class _TensorOfStrings:
-    """As TensorFlow's string tensors: a DLPack export of one ends the process, and asarray
-    reads its strings."""
-
-    dtype = type("DType", (), {"name": "string"})()
-
-    def __init__(self, strings):
-        self._strings = np.array(strings, dtype=object)
-        self.exported = False
-
-    def __dlpack__(self, **kwargs):
-        self.exported = True
-        raise AssertionError("exported a tensor of strings")
-
-    def __dlpack_device__(self):
-        return (1, 0)
-
-    def __array__(self, dtype=None, copy=None):
-        return self._strings
-
-
-class _FrameworkError(Exception):
-    """A framework's own error type, derived from none of Python's TypeError, ValueError..."""
-
-
-class _Float16Exported:
-    """As TensorFlow's float8 tensors: DLPack refuses the type with the framework's own
-    error, and asarray reads it (here as float16)."""
+class _CpuTensor:
+    """A framework's CPU tensor: asarray reads its array; DLPack is each subclass's own."""
 
     def __init__(self, array):
-        self._array = np.asarray(array, dtype=np.float16)
-
-    def __dlpack__(self, **kwargs):
-        raise _FrameworkError("this type is not supported by dlpack")
+        self._array = array
 
     def __dlpack_device__(self):
         return (1, 0)
 
     def __array__(self, dtype=None, copy=None):
         return self._array
+
+
+class _TensorOfStrings(_CpuTensor):
+    """As TensorFlow's string tensors: a DLPack export of one ends the process, and asarray
+    reads its strings."""
+
+    dtype = type("DType", (), {"name": "string"})()
+
+    def __init__(self, strings):
+        super().__init__(np.array(strings, dtype=object))
+        self.exported = False
+
+    def __dlpack__(self, **kwargs):
+        self.exported = True
+        raise AssertionError("exported a tensor of strings")
+
+
+class _FrameworkError(Exception):
+    """A framework's own error type, derived from none of Python's TypeError, ValueError..."""
+
+
+class _Float16Exported(_CpuTensor):
+    """As TensorFlow's float8 tensors: DLPack refuses the type with the framework's own
+    error, and asarray reads it (here as float16)."""
+
+    def __init__(self, array):
+        super().__init__(np.asarray(array, dtype=np.float16))
+
+    def __dlpack__(self, **kwargs):
+        raise _FrameworkError("this type is not supported by dlpack")
 
 
 class _Unreadable(_Float16Exported):
