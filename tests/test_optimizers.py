@@ -23,6 +23,9 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import mtht
 from mtht.learning_rate_functions import LinearWarmup
@@ -365,6 +368,27 @@ def test_fake_quant(monkeypatch, kernel):
     t.apply_gradients([1], np.ones((1, 10), dtype=F32), global_step=0)
     stored = t.lookup_entry([1])[0].values
     assert_bits_equal(stored[:7], raw[:7] - F32(0.1))
+
+
+_ANY_FLOAT32 = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.floats(min_value=0.0009765625, max_value=16384.0, width=32), data=st.data())
+def test_fake_quant_of_any_floats_matches_the_model_on_every_kernel(r, data):
+    """Rows of any length (vector bodies and their tails) and any floats (ties, NaN, Inf,
+    subnormals, values past the clamp) read as the model's fixed_r8 on every kernel path."""
+    step = F32(r) / F32(128)
+    dim = data.draw(st.integers(1, 40), label="dim")
+    ties = st.integers(-300, 300).map(lambda n: F32(n) * (step / F32(2)))
+    rows = data.draw(hnp.arrays(F32, (3, dim), elements=st.one_of(_ANY_FLOAT32, ties)), label="rows")
+    want = ref.fake_quantize(rows, r)
+    with pytest.MonkeyPatch.context() as mp:
+        for kernel in KERNELS:
+            t = build(mp, kernel, [segment(dim, mtht.SgdOptimizer(), mtht.FixedR8Compressor(r))], [0.1],
+                      allow_non_finite=True)
+            t.assign([1, 2, 3], rows)
+            assert_bits_equal(t.lookup([1, 2, 3]), want, f"kernel {kernel}")
 
 
 def test_fp16_round_trip(monkeypatch, kernel):

@@ -19,6 +19,9 @@ using NarrowStochasticFn = void (*)(const float* v, uint16_t* h, size_t n, uint3
 using NarrowStepFn = bool (*)(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr, int64_t step,
                               uint32_t key);
 
+// fixed_r8's retriever of a row in place: v[0, n) to multiples of r / 128.
+using FakeQuantizeRowFn = void (*)(float* v, int n, float r);
+
 struct KernelSet {
   const char* name;
   OptStepFn step[kNumOptKinds];
@@ -26,6 +29,7 @@ struct KernelSet {
   WidenFn widen[2];
   NarrowFn narrow[2];
   NarrowStochasticFn narrow_stochastic[2];
+  FakeQuantizeRowFn fake_quantize_row;
   NarrowStepFn narrow_step[kNumOptKinds][2];  // null for batch_softmax (the general path)
 };
 

@@ -1,4 +1,5 @@
-// Optimizer kernels: the formulas of every optimizer, written once as plain loops.
+// Optimizer kernels: the formulas of every optimizer (and fixed_r8's retriever), written
+// once as plain loops.
 //
 // This file is included by each per-ISA translation unit (src/kernels_*.cpp) inside its own
 // namespace, so every ISA gets its own copy of every function (no ODR clash). The scalar
@@ -369,6 +370,31 @@ inline void narrow_format_stochastic(const float* w, uint16_t* h, size_t n, uint
   else narrow_float16_stochastic(w, h, n, key);
 }
 
+// ---- fixed_r8 retriever: round half away from zero to a multiple of r/128, clamped to
+//      [-128, 127] steps; NaN -> 0 ----
+// Without a branch, so that it vectorises (and random signs mispredict none): the half step
+// takes the value's sign; the count is clamped before it is truncated (the same, for whole
+// bounds) and truncated by a conversion to int32 (exact within the bounds), whose zero takes
+// the sign trunc would give it. Bit for bit the form with branches (`f >= 0 ? f + half :
+// f - half`, then trunc and clamp) for every float: all 2^32 checked at r = 5 and r = 0.3.
+inline float fake_quantize(float f, float step, float half) {
+  const float unsigned_zero = f + 0.f;  // -0 as +0: it rounds as +0 does, up, to a +0 count
+  const float shifted = unsigned_zero + __builtin_copysignf(half, unsigned_zero);
+  const float q = shifted / step;
+  const float above = q > -128.f ? q : -128.f;  // NaN too: its conversion would be undefined
+  const float count = above < 127.f ? above : 127.f;
+  const float n = __builtin_copysignf(static_cast<float>(static_cast<int32_t>(count)), count);
+  const float value = n * step;
+  return __builtin_isnan(f) ? 0.f : value;  // NaN reads as 0
+}
+
+// fake_quantize of v[0, n) in place, for the range r; the step is worked out once a row.
+void fake_quantize_row(float* __restrict v, int n, float r) {
+  const float step = r / 128.f;
+  const float half = step / 2.f;
+  for (int i = 0; i < n; ++i) v[i] = fake_quantize(v[i], step, half);
+}
+
 #define MTHT_NARROW_STEP(name)                                                                                \
   template <int F, int D>                                                                                     \
   inline void name##_narrow_at(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr,      \
@@ -416,6 +442,7 @@ inline KernelSet make_kernel_set(const char* name) {
   k.narrow[1] = narrow_bfloat16;
   k.narrow_stochastic[0] = narrow_float16_stochastic;
   k.narrow_stochastic[1] = narrow_bfloat16_stochastic;
+  k.fake_quantize_row = fake_quantize_row;
 #define MTHT_SET_NARROW_STEP(kind, name)                                  \
   k.narrow_step[static_cast<int>(OptKind::kind)][0] = name##_narrow<0>; \
   k.narrow_step[static_cast<int>(OptKind::kind)][1] = name##_narrow<1>;

@@ -1,5 +1,5 @@
-// Value transforms around the optimizer: Monolith's fake quantization (fixed_r8) and HashNet
-// (one_bit) retrievers, and unbiased stochastic rounding to float16 values.
+// Value transforms around the optimizer: Monolith's HashNet (one_bit) retriever and unbiased
+// stochastic rounding to float16 values. (fixed_r8's retriever is a kernel: kernels_impl.h.)
 #pragma once
 
 #include <cmath>
@@ -9,33 +9,6 @@
 #include "mtht/hash.h"
 
 namespace mtht {
-
-// fixed_r8: round half away from zero to a multiple of r/128, clamped to [-128, 127] steps;
-// NaN -> 0. `step` is r / 128 and `half` step / 2, worked out once for a row.
-//
-// Without a branch on the sign, which a row's random signs would mispredict half the time:
-// the half step takes the value's sign. The count is clamped before it is truncated (the
-// same, for whole bounds) and truncated by a conversion to int32 (exact within the bounds),
-// whose zero takes the sign trunc would give it. Bit for bit the form with branches
-// (`f >= 0 ? f + half : f - half`, then trunc and clamp) for every float: all 2^32 checked
-// at r = 5 and r = 0.3.
-inline float fake_quantize(float f, float step, float half) {
-  const float unsigned_zero = f + 0.f;  // -0 as +0: it rounds as +0 does, up, to a +0 count
-  const float shifted = unsigned_zero + std::copysign(half, unsigned_zero);
-  const float q = shifted / step;
-  const float above = q > -128.f ? q : -128.f;  // NaN too: its conversion would be undefined
-  const float count = above < 127.f ? above : 127.f;
-  const float n = std::copysign(static_cast<float>(static_cast<int32_t>(count)), count);
-  const float value = n * step;
-  return std::isnan(f) ? 0.f : value;  // NaN reads as 0
-}
-
-// fake_quantize of v[0, dim) in place, for the range r.
-inline void fake_quantize_row(float* __restrict v, int dim, float r) {
-  const float step = r / 128.f;
-  const float half = step / 2.f;
-  for (int i = 0; i < dim; ++i) v[i] = fake_quantize(v[i], step, half);
-}
 
 // tanh of a float, rounded once from double: the C library's tanhf is not correctly
 // rounded and differs by an ulp between its builds (x86-64 and aarch64 glibc), its tanh

@@ -2633,7 +2633,7 @@ class EmbeddingTable {
         case RetrieverKind::kRaw:
           break;
         case RetrieverKind::kFakeQuant:
-          fake_quantize_row(v, seg.dim, seg.fake_quant_range);
+          kernels_->fake_quantize_row(v, seg.dim, seg.fake_quant_range);
           break;
         case RetrieverKind::kHashNet: {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
