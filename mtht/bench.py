@@ -45,7 +45,7 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht.multi_type_hash_table import MultiTypeHashTable
 from mtht._spec import state_floats
-from mtht.entry import EMBEDDING_DTYPES, LOAD_FACTOR_RANGE, check_num_shards
+from mtht.entry import EMBEDDING_DTYPES, LOAD_FACTOR_RANGE, Compressor, check_num_shards
 
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
@@ -64,6 +64,9 @@ _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_a
 _READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup")
 _OP_CODE = {op: code for code, op in enumerate(ALL_OPS, start=1)}
 OPTIMIZERS = ("sgd", "adagrad", "adam")
+# What the mtht tables' lookups return (Monolith's compressors): the values, fixed_r8's
+# 8-bit steps of them, or HashNet's amplitude * tanh(scale * value).
+COMPRESSORS = ("fp32", "fixed_r8", "one_bit")
 DISTRIBUTIONS = ("uniform", "zipf")
 
 _ADAGRAD_INIT = 0.1
@@ -105,6 +108,7 @@ class BenchConfig:
     max_load_factor: float = 0.5
     num_shards: Optional[int] = None
     embedding_dtype: str = "float32"  # how the mtht tables keep their values
+    compressor: str = "fp32"  # what the mtht tables' lookups return (COMPRESSORS)
     capped_new: float = 0.1  # apply_gradients_capped: the share of each batch's ids that are new
     capped_policy: str = "lru"  # apply_gradients_capped: the table's eviction_policy
 
@@ -127,6 +131,8 @@ class BenchConfig:
         check_num_shards(self.num_shards)
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {self.embedding_dtype!r}")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
         unknown = [op for op in self.ops if op not in ALL_OPS]
         if unknown:
             raise ValueError(f"unknown ops {unknown}; known: {', '.join(ALL_OPS)}")
@@ -399,9 +405,17 @@ def _optimizer_builder(name: str):
     return mtht.AdamOptimizer(beta1=_ADAM_BETA1, beta2=_ADAM_BETA2, epsilon=_ADAM_EPS)
 
 
+def _compressor(name: str) -> Compressor:
+    if name == "fixed_r8":
+        return mtht.FixedR8Compressor()
+    if name == "one_bit":
+        return mtht.OneBitCompressor()
+    return mtht.Fp32Compressor()
+
+
 def _table_config(config: BenchConfig, capacity: int):
     segment = mtht.CombineAsSegment(config.dim, mtht.ZerosInitializer(), _optimizer_builder(config.optimizer),
-                                    mtht.Fp32Compressor())
+                                    _compressor(config.compressor))
     table_config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]),
                                                  initial_capacity=int(capacity),
                                                  max_load_factor=config.max_load_factor,
@@ -1117,13 +1131,22 @@ def _add_ratios(result: dict) -> None:
             b = _find(results, r["op"], impl)
             if b is not None:
                 r[key] = r["ids_per_s"] / b["ids_per_s"]
-                # The baselines keep float32 values: mtht's 16-bit values give other sums.
-                if (b.get("table_size") == result["config"]["size"]
-                        and result["config"].get("embedding_dtype", "float32") == "float32"):
+                if b.get("table_size") == result["config"]["size"] and not _unlike_the_baselines(result["config"]):
                     r[key.replace("vs_", "checksum_matches_")] = _close(r["checksum"], b["checksum"])
         base = one_thread.get(r["op"])
         if base is not None and threads > 1:
             r["vs_one_thread"] = r["ids_per_s"] / base["ids_per_s"]
+
+
+def _unlike_the_baselines(config: dict) -> str:
+    """Why the mtht tables' sums differ from the baselines' (which keep float32 values and
+    return them as they are), or "" where they should agree."""
+    dtype, compressor = config.get("embedding_dtype", "float32"), config.get("compressor", "fp32")
+    if dtype != "float32":
+        return f"{dtype} values in mtht, float32 in the baselines"
+    if compressor != "fp32":
+        return f"{compressor} lookups and steps in mtht, raw values in the baselines"
+    return ""
 
 
 def _close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -1316,7 +1339,8 @@ def format_header(result: dict) -> str:
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
         f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
         f"  max_load_factor {c.get('max_load_factor', 0.5):g}  num_shards {c.get('num_shards') or 'auto'}"
-        + (f"  embedding_dtype {c['embedding_dtype']}" if c.get("embedding_dtype", "float32") != "float32" else ""),
+        + (f"  embedding_dtype {c['embedding_dtype']}" if c.get("embedding_dtype", "float32") != "float32" else "")
+        + (f"  compressor {c['compressor']}" if c.get("compressor", "fp32") != "fp32" else ""),
     ]
     return "\n".join(lines)
 
@@ -1367,10 +1391,8 @@ def format_report(result: dict, header: bool = True) -> str:
             if r.get(key) is False]
     if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
         lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
-    elif (result["config"].get("embedding_dtype", "float32") != "float32"
-          and any("vs_numpy_dict" in r for r in result["results"])):
-        lines.append(f"checksums: not compared with the baselines ({result['config']['embedding_dtype']} values in "
-                     f"mtht, float32 in the baselines)")
+    elif _unlike_the_baselines(result["config"]) and any("vs_numpy_dict" in r for r in result["results"]):
+        lines.append(f"checksums: not compared with the baselines ({_unlike_the_baselines(result['config'])})")
     lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
                  "for gradient steps) read and written for updates. %ceil: ids/s against the probe's reads/s at the same "
                  "thread count divided by the lines an op must touch per id (one index line + the row's). "
@@ -1457,6 +1479,9 @@ flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
 flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
 flags.DEFINE_enum("embedding_dtype", "float32", list(EMBEDDING_DTYPES),
                   "How the mtht tables keep their values (float16 and bfloat16: 2 bytes a value).")
+flags.DEFINE_enum("compressor", "fp32", list(COMPRESSORS),
+                  "What the mtht tables' lookups return: the values (fp32), fixed_r8's 8-bit steps of them, or "
+                  "HashNet's (one_bit) amplitude * tanh(scale * value), with its gradient on steps.")
 flags.DEFINE_enum("checkpoint_format", "mtht", ["mtht", "monolith"],
                   "File format of the save/restore ops: mtht's own, or Monolith's TFRecord files.")
 
@@ -1505,7 +1530,7 @@ def config_from_flags() -> BenchConfig:
         threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, checkpoint_format=FLAGS.checkpoint_format,
-        max_load_factor=FLAGS.max_load_factor, embedding_dtype=FLAGS.embedding_dtype,
+        max_load_factor=FLAGS.max_load_factor, embedding_dtype=FLAGS.embedding_dtype, compressor=FLAGS.compressor,
         capped_new=FLAGS.capped_new, capped_policy=FLAGS.capped_policy,
         num_shards=FLAGS.num_shards, **values)
     try:

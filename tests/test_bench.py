@@ -7,6 +7,7 @@ model of the table, written independently of the benchmark's numpy baseline.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -19,6 +20,9 @@ import pytest
 
 import mtht
 from mtht import bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import optimizer_reference as ref  # noqa: E402
 
 SMALL = dict(size=20_000, batch_size=1024, iterations=2, warmup=1, progress=False)
 
@@ -37,8 +41,9 @@ def _value(key: int, dim: int) -> np.ndarray:
 class _Model:
     """A table as a dict of float32 rows with the optimizer rules written out per element."""
 
-    def __init__(self, optimizer: str, dim: int, lr: float):
+    def __init__(self, optimizer: str, dim: int, lr: float, retrieve=None):
         self.opt, self.dim, self.lr = optimizer, dim, np.float32(lr)
+        self.retrieve = retrieve or (lambda w: w)  # what a lookup returns of the values
         self.rows = {}
 
     def row(self, key: int, fresh: bool = False) -> dict:
@@ -72,16 +77,16 @@ class _Model:
             r["b2p"] = np.float32(r["b2p"] * b2)
 
     def checksum(self, keys) -> float:
-        return sum(float(np.sum(self.row(int(k))["w"], dtype=np.float64)) for k in keys)
+        return sum(float(np.sum(self.retrieve(self.row(int(k))["w"]), dtype=np.float64)) for k in keys)
 
 
-def expected_checksum(config: bench.BenchConfig, op: str) -> float:
+def expected_checksum(config: bench.BenchConfig, op: str, retrieve=None) -> float:
     """What the op's checksum must be: the float64 sum of the rows of every batch's ids, read
-    right after that batch."""
+    right after that batch (through ``retrieve``, what lookups return of the values)."""
     batches = bench.op_keys(config, op)
     if op == "lookup_missing":
         return 0.0
-    model = _Model(config.optimizer, config.dim, config.learning_rate)
+    model = _Model(config.optimizer, config.dim, config.learning_rate, retrieve)
     rows = bench.update_rows(config.batch_size, config.dim, config.seed)
     total = 0.0
     if op == "apply_gradients_capped":
@@ -541,6 +546,32 @@ def test_embedding_dtype_reaches_the_tables():
     report = bench.format_report(runs["bfloat16"])
     assert "MISMATCH" not in report and "not compared with the baselines" in report
     assert "embedding_dtype bfloat16" in report
+
+
+def test_compressor_reaches_the_tables():
+    # Lookups return what the compressor makes of the values: fixed_r8's steps of r / 128
+    # (r = 1) once gradient steps have moved the values off that grid (the filled values
+    # are on it), HashNet's 0.05 * tanh(value) (its first scale, 1). Gradients pass straight
+    # through fixed_r8. The sums are not compared with the baselines', which return the values.
+    ops = ("lookup", "apply_gradients")
+    runs = {name: bench.run_benchmark(_config(ops=ops, threads=(1,), probe=False, baseline=True, compressor=name))
+            for name in ("fixed_r8", "one_bit")}
+    config = _config(ops=ops)
+    fixed_r8 = functools.partial(ref.fake_quantize, r=1.0)
+    for op in ops:
+        assert _results(runs["fixed_r8"], op, "mtht")[0]["checksum"] == pytest.approx(
+            expected_checksum(config, op, fixed_r8), rel=1e-9)
+    hashnet = functools.partial(ref.hashnet_forward, scale=1.0, amplitude=0.05)
+    assert _results(runs["one_bit"], "lookup", "mtht")[0]["checksum"] == pytest.approx(
+        expected_checksum(config, "lookup", hashnet), rel=1e-9)
+    for name, result in runs.items():
+        assert result["config"]["compressor"] == name
+        assert all("checksum_matches_numpy_dict" not in r for r in result["results"])
+        report = bench.format_report(result)
+        assert f"compressor {name}" in report and "MISMATCH" not in report
+        assert f"not compared with the baselines ({name} lookups" in report
+    with pytest.raises(ValueError, match="compressor must be one of"):
+        bench.run_benchmark(_config(compressor="fp16"))
 
 
 def test_num_shards_reaches_the_tables():
