@@ -323,8 +323,9 @@ TANH_FROM_LIBM = _TANH is not None
 
 
 def tanh32(x) -> np.ndarray:
-    """float32 tanh: the C library's double tanh (what the extension calls) rounded once to
-    float32, or numpy's float64 tanh rounded once where the C library cannot be loaded."""
+    """float32 tanh: the C library's double tanh rounded once to float32 (which the table's
+    own tanh gives for every float), or numpy's float64 tanh rounded once where the C library
+    cannot be loaded."""
     x = np.asarray(x, dtype=F32)
     if _TANH is None:
         return np.tanh(x.astype(F64)).astype(F32)

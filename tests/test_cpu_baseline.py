@@ -32,7 +32,8 @@ def build(tmp_path_factory):
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke", "thread_pool_check",
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
-                    "monolith_format_check", "route_check", "narrow_values_check", "shard_limit_check"],
+                    "monolith_format_check", "route_check", "narrow_values_check", "shard_limit_check",
+                    "retriever_check"],
                    check=True, capture_output=True)
     return build
 
@@ -94,18 +95,20 @@ def test_an_aarch64_build_compiles_cleanly_and_gives_the_same_numbers(smoke, tmp
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
                     "-DMTHT_PYTHON_MODULE=OFF", "-DMTHT_CPP_TESTS=ON", "-DCMAKE_BUILD_TYPE=Release"],
                    check=True, capture_output=True)
-    made = subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke"],
-                          check=True, capture_output=True, text=True)
+    made = subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke",
+                           "retriever_check"], check=True, capture_output=True, text=True)
     assert "warning:" not in made.stdout + made.stderr, made.stdout + made.stderr
-    emulated = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(build / "core_smoke")]
+    qemu = ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu")
     want = run([str(smoke)], "scalar")[1]
-    assert run(emulated) == ("neon", want)
-    assert run(emulated, "scalar") == ("scalar", want)
+    assert run([*qemu, str(build / "core_smoke")]) == ("neon", want)
+    assert run([*qemu, str(build / "core_smoke")], "scalar") == ("scalar", want)
+    # The retrievers' NEON kernels against the C library's models, over every 977th float.
+    check_passes(build, "retriever_check", "977", emulator=qemu)
 
 
-def check_passes(build, name):
+def check_passes(build, name, *args, emulator=()):
     """Runs the C++ check `name`, which prints "ok" when every expectation holds."""
-    out = subprocess.run([str(build / name)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*emulator, str(build / name), *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout
 
 
@@ -181,6 +184,13 @@ def test_ids_are_routed_to_their_owners_and_their_rows_back(build):
     # route_ids against a model (distinct ids in order of first occurrence, grouped by the
     # non-negative modulo), rows summed per id left to right, and gathered back in order.
     check_passes(build, "route_check")
+
+
+def test_the_retrievers_kernels_agree_with_their_models(build):
+    # fixed_r8 and HashNet (forward and backward) of every kernel set, over every 61st float
+    # bit pattern in rows of 19 values, against models written with the C library: the
+    # branching form of fixed_r8's rounding, the C library's double tanh rounded once, fma.
+    check_passes(build, "retriever_check")
 
 
 def test_16_bit_values_round_as_their_models(build):

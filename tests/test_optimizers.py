@@ -391,6 +391,34 @@ def test_fake_quant_of_any_floats_matches_the_model_on_every_kernel(r, data):
             assert_bits_equal(t.lookup([1, 2, 3]), want, f"kernel {kernel}")
 
 
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(0, 10**7), amplitude=st.floats(min_value=0.0009765625, max_value=16.0, width=32),
+       data=st.data())
+def test_hashnet_of_any_floats_matches_the_model_on_every_kernel(t, amplitude, data):
+    """HashNet lookups and steps through it, for rows of any length (vector bodies and their
+    tails) and any floats, on every kernel path: the model's bits (its tanh is the C
+    library's double tanh rounded once), and lookups within an ulp of numpy's tanh."""
+    dim = data.draw(st.integers(1, 40), label="dim")
+    rows = data.draw(hnp.arrays(F32, (3, dim), elements=st.floats(width=32, allow_nan=False)), label="rows")
+    grads = data.draw(hnp.arrays(F32, (3, dim), elements=st.floats(-1e3, 1e3, width=32)), label="grads")
+    scale = ref.hashnet_scale(1.0, 10000.0, t)
+    want_lookup = ref.hashnet_forward(rows, scale, amplitude)
+    with np.errstate(invalid="ignore", over="ignore"):
+        numpy_tanh = np.tanh((scale * rows).astype(np.float64)).astype(F32)
+    assert_ulps(want_lookup, F32(amplitude) * numpy_tanh, 1, "the model against numpy")
+    want_values = rows - ref.hashnet_backward(rows, grads, scale, amplitude)  # SGD, learning rate 1
+    compressor = mtht.OneBitCompressor(step_size=1, amplitude=amplitude)
+    with pytest.MonkeyPatch.context() as mp:
+        for kernel in KERNELS:
+            table = build(mp, kernel, [segment(dim, mtht.SgdOptimizer(), compressor)], [1.0], allow_non_finite=True)
+            table.assign([1, 2, 3], rows)
+            table.apply_gradients([9], np.zeros((1, dim), F32), global_step=t)  # the scale of step t, for all
+            assert_ulps(table.lookup([1, 2, 3]), want_lookup, TANH_ULPS, f"kernel {kernel}: lookup")
+            table.apply_gradients([1, 2, 3], grads, global_step=t)
+            values = np.stack([e.values for e in table.lookup_entry([1, 2, 3])])
+            assert_ulps(values, want_values, TANH_ULPS, f"kernel {kernel}: step")
+
+
 def test_fp16_round_trip(monkeypatch, kernel):
     # Training tables store float32 whatever the compressor: fp16/fp32 only describe an
     # export format, so lookups return the stored values unchanged.

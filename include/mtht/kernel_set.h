@@ -19,8 +19,12 @@ using NarrowStochasticFn = void (*)(const float* v, uint16_t* h, size_t n, uint3
 using NarrowStepFn = bool (*)(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr, int64_t step,
                               uint32_t key);
 
-// fixed_r8's retriever of a row in place: v[0, n) to multiples of r / 128.
+// Retrievers of a row: fixed_r8 in place (v[0, n) to multiples of r / 128); HashNet in place
+// (amplitude * tanh(scale * v)) and its gradient (out = g * d/dw of that).
 using FakeQuantizeRowFn = void (*)(float* v, int n, float r);
+using HashnetForwardRowFn = void (*)(float* v, int n, float scale, float amplitude);
+using HashnetBackwardRowFn = void (*)(const float* w, const float* g, float* out, int n, float scale,
+                                      float amplitude);
 
 struct KernelSet {
   const char* name;
@@ -30,6 +34,8 @@ struct KernelSet {
   NarrowFn narrow[2];
   NarrowStochasticFn narrow_stochastic[2];
   FakeQuantizeRowFn fake_quantize_row;
+  HashnetForwardRowFn hashnet_forward_row;
+  HashnetBackwardRowFn hashnet_backward_row;
   NarrowStepFn narrow_step[kNumOptKinds][2];  // null for batch_softmax (the general path)
 };
 

@@ -1,13 +1,12 @@
-// Optimizer kernels: the formulas of every optimizer (and fixed_r8's retriever), written
-// once as plain loops.
+// Optimizer kernels: the formulas of every optimizer (and of the fixed_r8 and HashNet
+// retrievers), written once as plain loops.
 //
 // This file is included by each per-ISA translation unit (src/kernels_*.cpp) inside its own
 // namespace, so every ISA gets its own copy of every function (no ODR clash). The scalar
 // unit is compiled without vectorisation and is the reference; the others are the same
 // loops vectorised by the compiler for SSE2/NEON, AVX2 or AVX-512. Every unit is compiled
 // with -ffp-contract=off, so no multiply-add is fused behind our back and all paths give
-// bit-identical results (the one explicit fma, in the one-bit retriever, is exact on every
-// path). Per-dim instantiations (D = 1, 2, 4, ..., 128, picked by a switch per call) let the
+// bit-identical results. Per-dim instantiations (D = 1, 2, 4, ..., 128, picked by a switch per call) let the
 // compiler fully unroll common dims; D = 0 is the generic loop.
 //
 // Included inside a namespace nested in mtht, after mtht/kernel_set.h. It calls no library
@@ -395,6 +394,66 @@ void fake_quantize_row(float* __restrict v, int n, float r) {
   for (int i = 0; i < n; ++i) v[i] = fake_quantize(v[i], step, half);
 }
 
+// ---- HashNet (one_bit) retriever: amplitude * tanh(scale * w), and its gradient ----
+// tanh of a float from basic double operations alone, so that every path and platform
+// gives the same float (the C library's tanhf differs by an ulp between builds): tanh(a) =
+// e / (e + 2) with e = expm1(2a) = 2^k (1 + p) - 1, where 2a = k ln2 + r, |r| <= ln2 / 2,
+// and p = expm1(r) is its Taylor polynomial to r^13 (the next term is under 2^-56 of p).
+// For every float it is the C library's double tanh rounded to float (all 2^32 checked
+// against glibc's): the double result is within a few ulps of tanh, far inside a float's.
+inline float tanh_f32(float x) {
+  const double a_in = __builtin_fabs(static_cast<double>(x));
+  const double a = a_in < 9.5 ? a_in : 9.5;  // tanh rounds to 1 from 9.02 on (NaN: below)
+  const double two_a = a + a;
+  // k = round(2a / ln2), by adding 1.5 * 2^52: the sum's low bits are k as an integer.
+  const double shifter = 0x1.8p52;
+  const double k_shifted = two_a * 0x1.71547652b82fep0 + shifter;
+  const double k = k_shifted - shifter;
+  int64_t k_bits;
+  __builtin_memcpy(&k_bits, &k_shifted, sizeof k_bits);
+  const int64_t two_to_k_bits = (k_bits - 0x4338000000000000LL + 1023) << 52;  // 2^k, 0 <= k <= 28
+  double two_to_k;
+  __builtin_memcpy(&two_to_k, &two_to_k_bits, sizeof two_to_k);
+  // r = 2a - k ln2, with ln2 in two parts (the first has 21 trailing zero bits: k times it is exact).
+  const double r = (two_a - k * 0x1.62e42fee00000p-1) - k * 0x1.a39ef35793c76p-33;
+  double p = 1.0 / 6227020800.0;  // 1 / 13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r;
+  const double e = two_to_k * p + (two_to_k - 1.0);
+  const float t = static_cast<float>(e / (e + 2.0));
+  const float signed_t = __builtin_copysignf(t, x);
+  return __builtin_isnan(x) ? x : signed_t;
+}
+
+// v[0, n) in place: amplitude * tanh(scale * w).
+void hashnet_forward_row(float* __restrict v, int n, float scale, float amplitude) {
+  for (int i = 0; i < n; ++i) v[i] = amplitude * tanh_f32(scale * v[i]);
+}
+
+// out[0, n) = g * (amplitude * scale * (1 - y^2)), y = tanh(scale * w). 1 - y^2 is rounded
+// once, as Monolith's fused multiply-add rounds it: y^2 is exact in double, and for |y| <= 1
+// 1 - y^2 rounded from double is the fused result (checked for every float in [-1, 1]).
+void hashnet_backward_row(const float* __restrict w, const float* __restrict g, float* __restrict out, int n,
+                          float scale, float amplitude) {
+  const float factor = amplitude * scale;
+  for (int i = 0; i < n; ++i) {
+    const double y = tanh_f32(scale * w[i]);
+    const float one_minus_square = static_cast<float>(1.0 - y * y);
+    out[i] = g[i] * (factor * one_minus_square);
+  }
+}
+
 #define MTHT_NARROW_STEP(name)                                                                                \
   template <int F, int D>                                                                                     \
   inline void name##_narrow_at(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr,      \
@@ -443,6 +502,8 @@ inline KernelSet make_kernel_set(const char* name) {
   k.narrow_stochastic[0] = narrow_float16_stochastic;
   k.narrow_stochastic[1] = narrow_bfloat16_stochastic;
   k.fake_quantize_row = fake_quantize_row;
+  k.hashnet_forward_row = hashnet_forward_row;
+  k.hashnet_backward_row = hashnet_backward_row;
 #define MTHT_SET_NARROW_STEP(kind, name)                                  \
   k.narrow_step[static_cast<int>(OptKind::kind)][0] = name##_narrow<0>; \
   k.narrow_step[static_cast<int>(OptKind::kind)][1] = name##_narrow<1>;

@@ -1,5 +1,6 @@
-// Value transforms around the optimizer: Monolith's HashNet (one_bit) retriever and unbiased
-// stochastic rounding to float16 values. (fixed_r8's retriever is a kernel: kernels_impl.h.)
+// Value transforms around the optimizer: the scale of Monolith's HashNet (one_bit) retriever
+// and unbiased stochastic rounding to float16 values. (The retrievers' per-value transforms
+// are kernels: kernels_impl.h.)
 #pragma once
 
 #include <cmath>
@@ -10,30 +11,10 @@
 
 namespace mtht {
 
-// tanh of a float, rounded once from double: the C library's tanhf is not correctly
-// rounded and differs by an ulp between its builds (x86-64 and aarch64 glibc), its tanh
-// rounded to float almost never does.
-inline float tanh_f32(float x) { return static_cast<float>(std::tanh(static_cast<double>(x))); }
-
-// one_bit (HashNet) forward: amplitude * tanh(scale * w).
-inline float hashnet_forward(float w, float scale, float amplitude) { return amplitude * tanh_f32(scale * w); }
-
-// hashnet_forward of v[0, dim) in place.
-inline void hashnet_forward_row(float* __restrict v, int dim, float scale, float amplitude) {
-  for (int i = 0; i < dim; ++i) v[i] = hashnet_forward(v[i], scale, amplitude);
-}
-
 // The scale HashNet uses from step t on, when t is a multiple of its step size.
 inline float hashnet_scale(float init_scale, float max_scale, int64_t t) {
   const float s = init_scale * std::sqrt(1.f + 0.005f * static_cast<float>(t));
   return s < max_scale ? s : max_scale;
-}
-
-// one_bit backward: grad *= amplitude * scale * (1 - y^2), y = tanh(scale * w); 1 - y^2 is
-// one fused multiply-add, as in Monolith's build.
-inline float hashnet_backward(float w, float grad, float scale, float amplitude) {
-  const float y = tanh_f32(scale * w);
-  return grad * (amplitude * scale * std::fma(-y, y, 1.f));
 }
 
 namespace detail {

@@ -2596,7 +2596,7 @@ class EmbeddingTable {
         // loops of the other segments, which inline this).
         auto step_through = [&](float* scratch) {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
-          for (int i = 0; i < seg.dim; ++i) scratch[i] = hashnet_backward(wk[i], g[off + i], scale, seg.hashnet_amplitude);
+          kernels_->hashnet_backward_row(wk, g + off, scratch, seg.dim, scale, seg.hashnet_amplitude);
           steps_[k](seg, wk, sk, scratch, lrs[k], global_step);
         };
         if (hashnet_scratch) step_through(hashnet_scratch);
@@ -2637,7 +2637,7 @@ class EmbeddingTable {
           break;
         case RetrieverKind::kHashNet: {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
-          hashnet_forward_row(v, seg.dim, scale, seg.hashnet_amplitude);
+          kernels_->hashnet_forward_row(v, seg.dim, scale, seg.hashnet_amplitude);
           break;
         }
       }
