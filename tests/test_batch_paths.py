@@ -27,6 +27,7 @@ import pytest
 import mtht
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import optimizer_reference as ref  # noqa: E402
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
 
 SEG = SegmentDesc(4, init="constants", constant=0.25, opt="adagrad", initial_accumulator_value=0.1)
@@ -399,6 +400,34 @@ def test_lookups_with_a_large_output_return_the_same_rows(restore_num_threads, d
         got = np.empty(n * dim + out_offset, np.float32)[out_offset:].reshape(n, dim)
         assert t.lookup(ids, out=got) is got
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(t.lookup(ids[:1000]), want[:1000])  # and below the size
+
+
+@pytest.mark.parametrize("compressor", ["fixed_r8", "one_bit"])
+@pytest.mark.parametrize("dim", [6, 64, 260])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compressed_lookups_with_a_large_output_return_the_compressed_rows(restore_num_threads, compressor, dim,
+                                                                          threads):
+    # A compressor's rows in an output of STREAMED_OUTPUT_BYTES or more: changed in a buffer
+    # on the stack, then streamed (rows of 64 floats), or written the usual way (rows of 6
+    # floats, not a multiple of 16 bytes, and of 260, wider than the buffer).
+    mtht.set_num_threads(threads)
+    comp = mtht.FixedR8Compressor(2.0) if compressor == "fixed_r8" else mtht.OneBitCompressor(amplitude=0.5)
+    segment = mtht.CombineAsSegment(dim, mtht.ZerosInitializer(), mtht.SgdOptimizer(), comp)
+    config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]))
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(config, [LR]))
+    rng = np.random.default_rng(dim)
+    stored = rng.permutation(max(400, 120_000 // dim)).astype(np.int64)
+    values = (rng.standard_normal((stored.size, dim)) * 2).astype(np.float32)
+    t.assign(stored, values)
+    rows = ref.fake_quantize(values, 2.0) if compressor == "fixed_r8" else ref.hashnet_forward(values, 1.0, 0.5)
+    n = STREAMED_OUTPUT_BYTES // (4 * dim) + 1001
+    pick = rng.integers(0, stored.size + stored.size // 10, size=n)  # about 9% missing
+    found = pick < stored.size
+    ids = np.where(found, stored[np.minimum(pick, stored.size - 1)], 10**9 + pick)
+    want = np.zeros((n, dim), np.float32)
+    want[found] = rows[pick[found]]
+    np.testing.assert_array_equal(t.lookup(ids), want)
     np.testing.assert_array_equal(t.lookup(ids[:1000]), want[:1000])  # and below the size
 
 
