@@ -1885,8 +1885,8 @@ class EmbeddingTable {
     const size_t d = static_cast<size_t>(layout_.dim);
     const size_t bytes = sizeof(float) * d;
     // A row a compressor changes is changed in a buffer on the stack, then streamed like the
-    // others, where it fits the buffer (fixed_r8 lookups at dim 64: about 1.1x); wider ones, and rows
-    // widened from 16 bits, are written the usual way.
+    // others, where it fits the buffer (fixed_r8 lookups at dim 64: about 1.1x); wider ones,
+    // and rows widened from 16 bits, are written the usual way.
     alignas(64) float retrieved[kRetrieveBufferFloats];
     streamed = streamed && (raw_lookup_ || d <= kRetrieveBufferFloats) && !layout_.narrow;
     for (size_t s = 0; s < count; ++s) streamed = streamed && detail::can_stream(outs[s], bytes);
