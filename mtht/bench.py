@@ -409,7 +409,9 @@ def _compressor(name: str) -> Compressor:
     if name == "fixed_r8":
         return mtht.FixedR8Compressor()
     if name == "one_bit":
-        return mtht.OneBitCompressor()
+        # Its table-wide scale held at 1: a scale moved by one op's steps would stay for the
+        # ops after it, whose checksums would then depend on which ops ran before them.
+        return mtht.OneBitCompressor(step_size=2**63 - 1)
     return mtht.Fp32Compressor()
 
 
@@ -1481,7 +1483,8 @@ flags.DEFINE_enum("embedding_dtype", "float32", list(EMBEDDING_DTYPES),
                   "How the mtht tables keep their values (float16 and bfloat16: 2 bytes a value).")
 flags.DEFINE_enum("compressor", "fp32", list(COMPRESSORS),
                   "What the mtht tables' lookups return: the values (fp32), fixed_r8's 8-bit steps of them, or "
-                  "HashNet's (one_bit) amplitude * tanh(scale * value), with its gradient on steps.")
+                  "HashNet's (one_bit) amplitude * tanh(value) (its scale held at 1), with its gradient on "
+                  "steps.")
 flags.DEFINE_enum("checkpoint_format", "mtht", ["mtht", "monolith"],
                   "File format of the save/restore ops: mtht's own, or Monolith's TFRecord files.")
 

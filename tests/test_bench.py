@@ -574,6 +574,16 @@ def test_compressor_reaches_the_tables():
         bench.run_benchmark(_config(compressor="fp16"))
 
 
+def test_one_bit_checksums_do_not_depend_on_the_ops_run_before():
+    # HashNet's scale is one value for the whole table: were it moved by apply_gradients'
+    # 200th step (the default step_size), the lookups after would read other values.
+    config = dict(threads=(1,), probe=False, compressor="one_bit", iterations=210, warmup=0, batch_size=64)
+    alone = bench.run_benchmark(_config(ops=("lookup",), **config))
+    after_steps = bench.run_benchmark(_config(ops=("apply_gradients", "lookup"), **config))
+    assert (_results(alone, "lookup", "mtht")[0]["checksum"]
+            == _results(after_steps, "lookup", "mtht")[0]["checksum"])
+
+
 def test_num_shards_reaches_the_tables():
     # The same multi-slot workload with tables of 1 and 64 shards and with the shard count
     # left to the tables: each table has the shards asked for, and the checksums are equal.
