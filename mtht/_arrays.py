@@ -76,9 +76,18 @@ _NUMPY_BEFORE_1_24 = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 
 def _from_sequence(x: Any, name: str) -> np.ndarray:
     if _NUMPY_BEFORE_1_24 and _ragged(x):  # found before numpy warns of it
-        raise ValueError("setting an array element with a sequence: the nested sequences have different "
-                         "lengths (a ragged list)")
-    return _asarray(x, name)
+        raise ValueError(_ragged_message(name))
+    try:
+        return _asarray(x, name)
+    except ValueError as e:
+        if _ragged(x):  # numpy's own message names neither the argument nor the lengths
+            raise ValueError(_ragged_message(name)) from e
+        raise
+
+
+def _ragged_message(name: str) -> str:
+    return (f"{name} is ragged: its nested sequences have different lengths (a list of rows or "
+            f"arrays must give one rectangular array)")
 
 
 def _asarray(x: Any, name: str) -> np.ndarray:

@@ -1068,6 +1068,22 @@ def test_shape_error_names_expected_and_received_shapes():
     assert "(2, 4)" in msg and "(2, 5)" in msg
 
 
+def test_a_ragged_list_is_named_in_its_error():
+    # numpy's own error for a ragged list names neither the argument nor what is wrong.
+    t = sgd_table(2)
+    calls = {"values": lambda: t.assign([1, 2], [[1.0, 2.0], [3.0]]),
+             "grads": lambda: t.apply_gradients([1, 2], [[1.0, 2.0], [3.0]], global_step=0),
+             "ids": lambda: t.lookup([[1], [2, 3]]),
+             "learning_rate_tensors": lambda: mtht.hash_table.fused_apply_gradient(
+                 [t], ids=[1], indices=[1], fused_slot_size=[1], id_grads=[1.0, 1.0], id_offsets=[0, 1],
+                 grad_offsets=[0, 2], learning_rate_tensors=[np.array([0.1]), np.array([0.2, 0.3])],
+                 req_time=0, global_step=0, num_of_shards=1)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name} is ragged: its nested sequences have different lengths"):
+            call()
+    assert t.size() == 0
+
+
 def test_transposed_square_is_indistinguishable_but_non_square_is_caught():
     # [D, N] with D == N has the right shape; with D != N it must be rejected.
     t = sgd_table(3)
