@@ -781,6 +781,40 @@ def test_a_monolith_restore_keeps_the_clock_at_0_or_later(tmp_path):
     assert restored.max_update_ts == 0 and restored.lookup_entry([1])[0].last_update_ts == -5
 
 
+def test_a_monolith_restore_starts_one_bit_scales_from_1(tmp_path):
+    # The files hold no HashNet scale: a restore from them starts each one_bit segment's
+    # scale from 1, as a Monolith process that loads them does, whatever the restoring
+    # table's scale was; the next call at a multiple of step_size moves it. The mtht format
+    # restores the saved scale.
+    def one_bit_table():
+        segment = mtht.CombineAsSegment(1, mtht.ZerosInitializer(), mtht.SgdOptimizer(),
+                                        mtht.OneBitCompressor(step_size=10, amplitude=1.0))
+        config = mtht.EmbeddingHashTableConfig(entry_config=mtht.EntryConfig(segments=[segment]))
+        return mtht.hash_table_from_config(mtht.HashTableConfigInstance(config, [1.0]))
+
+    def scale_at(t):
+        return float(np.sqrt(F32(1) + F32(0.005) * F32(t)))
+
+    def read_scale(table):  # lookups give tanh(scale * 0.5)
+        return float(np.arctanh(np.float64(table.lookup([1])[0, 0]))) / 0.5
+
+    saved = one_bit_table()
+    saved.apply_gradients([2], [[0.0]], global_step=100)
+    saved.assign([1], [[0.5]])
+    saved.save(tmp_path / "monolith", format="monolith")
+    saved.save(tmp_path / "mtht")
+    restored = one_bit_table()
+    restored.assign([1], [[0.5]])
+    restored.apply_gradients([3], [[0.0]], global_step=40)
+    assert read_scale(restored) == pytest.approx(scale_at(40), rel=1e-5)
+    restored.restore(tmp_path / "monolith", format="monolith")
+    assert read_scale(restored) == pytest.approx(1.0, rel=1e-5)
+    restored.apply_gradients([3], [[0.0]], global_step=20)
+    assert read_scale(restored) == pytest.approx(scale_at(20), rel=1e-5)
+    restored.restore(tmp_path / "mtht")
+    assert read_scale(restored) == pytest.approx(scale_at(100), rel=1e-5)
+
+
 def test_restore_discards_later_updates(tmp_path):
     # Monolith's test_save_restore_with_hash_table_clear_logic and test_restore_after_save.
     table = sgd_table(1)
