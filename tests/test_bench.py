@@ -484,6 +484,23 @@ def test_the_memory_budget_on_a_machine_smaller_than_its_default(tmp_path, args,
     assert proc.stdout.startswith(printed), proc.stdout + proc.stderr
 
 
+_CONFIG_OF_FLAGS = """
+import dataclasses, json, sys
+from mtht import bench
+bench.FLAGS(["mtht-bench"] + sys.argv[1:])
+print(json.dumps(dataclasses.asdict(bench.config_from_flags())))
+"""
+
+
+def test_the_table_flags_reach_the_config(tmp_path):
+    flags = {"compressor": "one_bit", "embedding_dtype": "bfloat16", "checkpoint_format": "monolith",
+             "capped_policy": "lfu", "max_load_factor": 0.8, "num_shards": 4, "optimizer": "adam", "dist": "zipf"}
+    proc = subprocess.run([sys.executable, "-c", _CONFIG_OF_FLAGS, *(f"--{k}={v}" for k, v in flags.items())],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    config = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {k: config[k] for k in flags} == flags
+
+
 def test_console_script_help_lists_the_flags(tmp_path):
     # Under the console script sys.argv[0] is the script, not mtht/bench.py: absl's --help
     # must still list the benchmark's flags.

@@ -6,8 +6,8 @@
 // unit is compiled without vectorisation and is the reference; the others are the same
 // loops vectorised by the compiler for SSE2/NEON, AVX2 or AVX-512. Every unit is compiled
 // with -ffp-contract=off, so no multiply-add is fused behind our back and all paths give
-// bit-identical results. Per-dim instantiations (D = 1, 2, 4, ..., 128, picked by a switch per call) let the
-// compiler fully unroll common dims; D = 0 is the generic loop.
+// bit-identical results. Per-dim instantiations (D = 1, 2, 4, ..., 128, picked by a switch
+// per call) let the compiler fully unroll common dims; D = 0 is the generic loop.
 //
 // Included inside a namespace nested in mtht, after mtht/kernel_set.h. It calls no library
 // function that could be inline (only compiler builtins), so that nothing compiled with one

@@ -5,7 +5,12 @@
 //   - fixed_r8: the form with branches (f >= 0 ? f + half : f - half, truncate, clamp to
 //     [-128, 127] steps, NaN reads as 0), at r = 5 and r = 0.3;
 //   - HashNet forward: amplitude * the C library's double tanh rounded once to float;
-//   - HashNet backward: g * (amplitude * scale * fma(-y, y, 1)), y that tanh.
+//   - HashNet backward: g * (amplitude * scale * fma(-y, y, 1)), y that tanh;
+// each chunk also holds the edges: +-0, fixed_r8's ties and clamp bounds, Inf, NaN. Then a
+// table's lookups of 16 MB or more through each retriever (streamed through a buffer on the
+// stack where a row fits it) give each stored row as the kernel returns it, for rows of
+// either side of the buffer's width.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -14,6 +19,7 @@
 #include <vector>
 
 #include "mtht/kernels.h"
+#include "mtht/table.h"
 
 using namespace mtht;
 
@@ -54,6 +60,62 @@ std::vector<float> by_rows(const std::vector<float>& in, RowFn fn) {
   return out;
 }
 
+float from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Values every chunk holds besides its sweep: signed zeros, fixed_r8's ties and clamp bounds
+// (for r), infinities, NaN, the extremes.
+std::vector<float> edges(float r) {
+  const float step = r / 128.f;
+  std::vector<float> out{0.f, -0.f, INFINITY, -INFINITY, NAN, 3.4028235e38f, -3.4028235e38f, from_bits(1),
+                         from_bits(0x80000001u)};
+  for (float n : {0.5f, 1.5f, 2.5f, 126.5f, 127.f, 127.5f, 128.f, 128.5f}) {
+    out.push_back(n * step);
+    out.push_back(-n * step);
+  }
+  return out;
+}
+
+// A table of one segment of `dim` values with `retriever`: a lookup of 16 MB or more of
+// stored ids (and some absent) gives each stored row as the scalar kernel returns it.
+void check_large_lookup(int retriever, int dim, float r, float amplitude) {
+  TableSpec spec;
+  SegmentSpec seg;
+  seg.dim = dim;
+  seg.opt = static_cast<int>(OptKind::kSgd);
+  seg.retriever = retriever;
+  if (retriever == static_cast<int>(RetrieverKind::kFakeQuant)) seg.fake_quant_range = r;
+  else seg.hashnet_amplitude = amplitude;
+  spec.segments.push_back(seg);
+  EmbeddingTable table(spec);
+  const size_t stored = 300, d = static_cast<size_t>(dim);
+  std::vector<int64_t> ids(stored);
+  std::vector<float> values(stored * d);
+  for (size_t i = 0; i < stored; ++i) ids[i] = static_cast<int64_t>(i * 7 + 1);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(static_cast<int>(i % 41) - 20) * 0.0173f;
+  table.assign(ids.data(), stored, values.data(), 0);
+  const size_t n = (size_t{16} << 20) / (sizeof(float) * d) + 100;
+  std::vector<int64_t> wanted(n);
+  for (size_t i = 0; i < n; ++i) wanted[i] = static_cast<int64_t>((i * 2654435761u) % (stored + 20) * 7 + 1);
+  std::vector<float> out(n * d), want(d), zeros(d, 0.f);
+  table.lookup(wanted.data(), n, out.data());
+  const KernelSet* scalar = scalar_kernel_set();
+  for (size_t i = 0; i < n; ++i) {
+    const size_t k = static_cast<size_t>(wanted[i] - 1) / 7;
+    if (k < stored) {
+      std::memcpy(want.data(), values.data() + k * d, sizeof(float) * d);
+      if (retriever == static_cast<int>(RetrieverKind::kFakeQuant)) scalar->fake_quantize_row(want.data(), dim, r);
+      else scalar->hashnet_forward_row(want.data(), dim, 1.f, amplitude);
+    }
+    const std::vector<float> got(out.begin() + static_cast<std::ptrdiff_t>(i * d),
+                                 out.begin() + static_cast<std::ptrdiff_t>((i + 1) * d));
+    expect_same(got, k < stored ? want : zeros, k < stored ? want : zeros, table.kernel_name(), "a large lookup");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -68,6 +130,8 @@ int main(int argc, char** argv) {
       std::memcpy(&in[i], &bits, sizeof bits);
       g[i] = static_cast<float>(static_cast<int>(i % 23) - 11) * 0.375f;
     }
+    const std::vector<float> edge_values = edges(0.3f);
+    std::copy(edge_values.begin(), edge_values.end(), in.begin());
     checked += chunk;
     for (float r : {5.f, 0.3f}) {
       for (size_t i = 0; i < chunk; ++i) want[i] = fake_quantize_model(in[i], r);
@@ -75,7 +139,7 @@ int main(int argc, char** argv) {
         expect_same(by_rows(in, [&](float* v, int n, size_t) { k->fake_quantize_row(v, n, r); }), want, in, k->name,
                     "fixed_r8");
     }
-    const float scale = 2.5f, amplitude = 0.05f;
+    const float scale = 2.5f, amplitude = 0.07f;  // their product not a power of two: the order of products shows
     for (size_t i = 0; i < chunk; ++i) want[i] = amplitude * tanh_model(scale * in[i]);
     for (const KernelSet* k : available_kernel_sets())
       expect_same(by_rows(in, [&](float* v, int n, size_t) { k->hashnet_forward_row(v, n, scale, amplitude); }), want,
@@ -90,6 +154,10 @@ int main(int argc, char** argv) {
       };
       expect_same(by_rows(in, backward), want, in, k->name, "hashnet backward");
     }
+  }
+  for (int dim : {64, 256, 257, 260}) {  // streamed, streamed, and (wider than the buffer) not
+    check_large_lookup(static_cast<int>(RetrieverKind::kFakeQuant), dim, 0.3f, 0.05f);
+    check_large_lookup(static_cast<int>(RetrieverKind::kHashNet), dim, 1.f, 0.07f);
   }
   if (failures) std::printf("%d failures in %zu floats\n", failures, checked);
   else std::printf("ok\n");
