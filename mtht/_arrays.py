@@ -53,12 +53,7 @@ def as_numpy(x, name: str = "the input") -> np.ndarray:
             raise
         except Exception as e:  # a framework's own error too (TensorFlow's, for float8)
             exported = e  # e.g. a tensor on another device: asarray may still read it
-    try:
-        a = np.asarray(x)
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise TypeError(f"{name} cannot be read as an array: {e}") from e
+    a = _asarray(x, name, keep_value_errors=False)
     if a.dtype == object and a.ndim == 0 and exported is not None:  # asarray wrapped the object itself
         raise TypeError(f"{name} cannot be read as an array: {exported}") from exported
     return a
@@ -90,15 +85,17 @@ def _ragged_message(name: str) -> str:
             f"arrays must give one rectangular array)")
 
 
-def _asarray(x: Any, name: str) -> np.ndarray:
-    """``np.asarray(x)``; an error other than a ValueError (a ragged list's, a shape's) or a
-    MemoryError is a TypeError naming ``name``: e.g. the one a framework raises for an array
-    it will not convert (JAX's typed PRNG keys)."""
+def _asarray(x: Any, name: str, keep_value_errors: bool = True) -> np.ndarray:
+    """``np.asarray(x)``; an error other than a MemoryError, or a ValueError (a ragged list's,
+    a shape's) where ``keep_value_errors``, is a TypeError naming ``name``: e.g. the one a
+    framework raises for an array it will not convert (JAX's typed PRNG keys)."""
     try:
         return np.asarray(x)
-    except (ValueError, MemoryError):
+    except MemoryError:
         raise
     except Exception as e:
+        if keep_value_errors and isinstance(e, ValueError):
+            raise
         raise TypeError(f"{name} cannot be read as an array: {e}") from e
 
 

@@ -1393,8 +1393,9 @@ def format_report(result: dict, header: bool = True) -> str:
             if r.get(key) is False]
     if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
         lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
-    elif _unlike_the_baselines(result["config"]) and any("vs_numpy_dict" in r for r in result["results"]):
-        lines.append(f"checksums: not compared with the baselines ({_unlike_the_baselines(result['config'])})")
+    elif ((unlike := _unlike_the_baselines(result["config"]))
+          and any("vs_numpy_dict" in r for r in result["results"])):
+        lines.append(f"checksums: not compared with the baselines ({unlike})")
     lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
                  "for gradient steps) read and written for updates. %ceil: ids/s against the probe's reads/s at the same "
                  "thread count divided by the lines an op must touch per id (one index line + the row's). "
