@@ -117,7 +117,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         void unpin_layout()
         int64_t max_update_ts()
         uint64_t size() except +translate_exception
-        vector[int64_t] stored_ids() except +translate_exception
+        size_t stored_ids(int64_t* out, size_t capacity) except +translate_exception
         TableStats stats(cbool probe_lengths) except +translate_exception
         void lookup(const int64_t* ids, size_t n, float* out) except +translate_exception
         void contains(const int64_t* ids, size_t n, uint8_t* out) except +translate_exception

@@ -240,15 +240,19 @@ cdef class Table:
         return n
 
     def stored_ids(self):
-        """int64 array of every id the table holds (see EmbeddingTable::stored_ids)."""
-        cdef vector[int64_t] ids
-        with nogil:
-            ids = self._t.get().stored_ids()
-        out = np.empty(ids.size(), dtype=np.int64)
-        cdef int64_t[::1] view = out
-        if ids.size():
-            memcpy(&view[0], ids.data(), ids.size() * sizeof(int64_t))
-        return out
+        """int64 array of every id the table holds (see EmbeddingTable::stored_ids), listed
+        straight into the array returned."""
+        cdef size_t room = self._t.get().size()
+        cdef size_t held
+        cdef int64_t[::1] view
+        while True:
+            out = np.empty(room, dtype=np.int64)
+            view = out
+            with nogil:
+                held = self._t.get().stored_ids(&view[0] if room else NULL, room)
+            if held <= room:
+                return out if held == room else out[:held].copy()
+            room = held
 
     @property
     def max_update_ts(self):

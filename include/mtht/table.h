@@ -1811,19 +1811,23 @@ class EmbeddingTable {
 
   // Every id the table holds, shard by shard in index order (an order not to rely on): the
   // entries of one moment, every shard read under one hold of their locks, as size().
-  std::vector<int64_t> stored_ids() const {
+  // Writes them to out, which has room for `capacity` ids, straight into the caller's buffer
+  // (a table of a billion ids lists 8 GB of them). Returns how many the table holds; when
+  // that is more than `capacity` (a write came between the caller's size() and this call)
+  // it writes none, and the caller asks again with room for them.
+  size_t stored_ids(int64_t* out, size_t capacity) const {
     const detail::ForkGate::InCall in_call;
     const LayoutHold hold(*this);
     const SharedShardLocks locks(*this, nullptr, 0, SIZE_MAX);
     size_t n = 0;
     for (auto* s : shards_) n += s->size();
-    std::vector<int64_t> ids;
-    ids.reserve(n);
+    if (n > capacity) return n;
+    size_t written = 0;
     for (auto* s : shards_)
       s->for_each_run([&](const detail::Shard::Copied* entries, size_t count) {
-        for (size_t i = 0; i < count; ++i) ids.push_back(entries[i].key);
+        for (size_t i = 0; i < count; ++i) out[written++] = entries[i].key;
       });
-    return ids;
+    return n;
   }
 
   TableStats stats(bool probe_lengths = false) const {
