@@ -29,6 +29,7 @@ tables with the same key may share one physical table.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import numbers
@@ -247,6 +248,22 @@ class _Builder:
         """
         return f"{self.kind}({_fmt_params(self.params())})"
 
+    # (constructor argument name, attribute name), in constructor order
+    _ARGS: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def validate(self) -> None:
+        """Check the builder's settings as its constructor does.
+
+        They are plain attributes, which a caller may have changed since; a table is built
+        only from builders that pass (see :meth:`Segment.validate`).
+
+        Raises
+        ------
+        ValueError, TypeError
+            As the constructor would for these settings.
+        """
+        type(self)(**{arg: getattr(self, attr) for arg, attr in self._ARGS})
+
     def _family(self) -> type:
         raise NotImplementedError
 
@@ -287,8 +304,6 @@ class Optimizer(_Builder):
 
     # (proto field name, type, proto default, range constraint for floats)
     _FIELDS: ClassVar[tuple[tuple[str, str, Any, str], ...]] = ()
-    # (constructor argument name, attribute name), in constructor order
-    _ARGS: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def _family(self) -> type:
         return Optimizer
@@ -937,6 +952,7 @@ class StochasticRoundingFloat16OptimizerWrapper(Optimizer):
     """
 
     stochastic_rounding_float16 = True
+    _ARGS = (("optimizer", "optimizer"),)
 
     def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -947,6 +963,11 @@ class StochasticRoundingFloat16OptimizerWrapper(Optimizer):
         if isinstance(optimizer, StochasticRoundingFloat16OptimizerWrapper):
             optimizer = optimizer.optimizer
         self.optimizer: Optimizer = optimizer
+
+    def validate(self) -> None:
+        """Check the wrapper and the wrapped optimizer (see :meth:`Optimizer.validate`)."""
+        super().validate()
+        self.optimizer.validate()
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -998,6 +1019,7 @@ class ConstantsInitializer(Initializer):
     """
 
     kind = "constants"
+    _ARGS = (("constant", "constant"),)
 
     def __init__(self, constant: RealNumber) -> None:
         self.constant = _check_float(constant, "constant")
@@ -1027,6 +1049,7 @@ class RandomUniformInitializer(Initializer):
     """
 
     kind = "random_uniform"
+    _ARGS = (("minval", "minval"), ("maxval", "maxval"))
 
     def __init__(self, minval: Optional[RealNumber] = -0.05, maxval: Optional[RealNumber] = 0.05) -> None:
         self.minval = None if minval is None else _check_float(minval, "minval")
@@ -1068,6 +1091,8 @@ class BatchSoftmaxInitializer(ConstantsInitializer):
     ValueError
         If ``init_step_interval < 1``.
     """
+
+    _ARGS = (("init_step_interval", "constant"),)  # the constant is what entries start from
 
     def __init__(self, init_step_interval: RealNumber) -> None:
         _check_float(init_step_interval, "init_step_interval")
@@ -1128,6 +1153,7 @@ class FixedR8Compressor(Compressor):
     """
 
     kind = "fixed_r8"
+    _ARGS = (("fixed_range", "r"),)
 
     def __init__(self, fixed_range: RealNumber = 1.0) -> None:
         self.r = _check_float(fixed_range, "fixed_range", _POSITIVE)
@@ -1158,6 +1184,7 @@ class OneBitCompressor(Compressor):
     """
 
     kind = "one_bit"
+    _ARGS = (("step_size", "step_size"), ("amplitude", "amplitude"))
 
     def __init__(self, step_size: Integer = 200, amplitude: RealNumber = 0.05) -> None:
         self.step_size = _check_int(step_size, "step_size", 1, 2**63 - 1)
@@ -1236,6 +1263,8 @@ class Segment:
                 "compressor must be a compressor builder such as "
                 f"Fp32Compressor(), got {self.compressor!r}"
             )
+        for builder in (self.initializer, self.optimizer, self.compressor):
+            builder.validate()  # settings changed since it was made are checked too
         if self.optimizer.kind == "batch_softmax" and self.dim_size != 1:
             raise ValueError(
                 "a batch_softmax segment must have dim_size 1, got "
@@ -1930,4 +1959,13 @@ class HashTableConfigInstance:
         new._learning_rate_fns = list(self._learning_rate_fns)
         new._modes = list(self._modes)
         new._extra_restore_names = list(self._extra_restore_names)
+        return new
+
+    def _copy_for_a_table(self) -> "HashTableConfigInstance":
+        """A copy whose table config is its own, copied whole, for a table built from it: a
+        caller may change its config objects after (a segment reused as a template for the
+        next slot) without changing a table built before. The learning-rate fns themselves
+        are shared, so a rate array the trainer changes in place reaches the table."""
+        new = copy.copy(self)
+        new._table_config = copy.deepcopy(self._table_config)
         return new

@@ -338,7 +338,9 @@ class HashTable(BaseHashTable):
         if saver_parallel > _MAX_FILES:  # a file name holds the count in 5 digits
             raise ValueError(f"saver_parallel must be at most {_MAX_FILES}, got {saver_parallel}")
         config.validate()
-        self._config: HashTableConfigInstance = config
+        # The table's own copy of what it is built from: its core keeps the layout of the
+        # config of this moment, and so must its saves, exports and restores.
+        self._config: HashTableConfigInstance = config._copy_for_a_table()
         self._name: str = name
         self._saver_parallel: int = int(saver_parallel)
         self._hash_filter: Optional[HashFilter] = hash_filter
@@ -346,7 +348,7 @@ class HashTable(BaseHashTable):
         if hash_filter is not None:
             hash_filter.attach(name)
         self._dim: int = self._core.dim
-        table_config = config.table_config
+        table_config = self._config.table_config
         self._evictor = None
         if table_config.enable_feature_eviction:
             self._evictor = FeatureEvictor(self, table_config.feature_evict_every_n_hours * 3600.0)
@@ -410,7 +412,9 @@ class HashTable(BaseHashTable):
 
     @property
     def config(self) -> HashTableConfigInstance:
-        """The config the table was built from."""
+        """The config the table was built from: its own copy, made when it was built (the
+        table config copied whole, the learning-rate fns shared). Changes to the caller's
+        config objects after that do not reach the table."""
         return self._config
 
     @property

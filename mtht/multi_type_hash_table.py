@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import re
@@ -300,8 +299,9 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 other = [s for s, m in self._slot_mapping.items() if m == merged_name]
                 raise ValueError(f"slots {slots} and slots {other} have different configs but the same merged "
                                  f"name md5({','.join(slots)!r}); rename a slot (no commas in slot names)")
-            # A copy: the caller's config (and its extra_restore_names) stays as it was.
-            merged_config = copy.copy(slot_to_config[slots[0]])
+            # A copy: the caller's config (and its extra_restore_names) stays as it was, and
+            # later changes to it do not reach the merged table (as they do not reach a table).
+            merged_config = slot_to_config[slots[0]]._copy_for_a_table()
             old_name = _md5([s[3:] if _OLD_SLOT_NAME.match(s) else s for s in slots])
             if old_name != merged_name:
                 merged_config.extra_restore_names.append(old_name)

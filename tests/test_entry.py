@@ -1,6 +1,7 @@
 """Tests of the configuration builders and the merge key (mtht.entry)."""
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -272,6 +273,52 @@ def test_builders_of_different_families_are_not_equal():
 def test_optimizer_validation(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("make, change", [
+    (AdagradOptimizer, lambda b: setattr(b, "initial_accumulator_value", 0.0)),  # 0 / 0 on a zero gradient
+    (AdamOptimizer, lambda b: setattr(b, "beta1", 1.0)),
+    (FtrlOptimizer, lambda b: setattr(b, "l1_regularization_strength", -1.0)),
+    (SgdOptimizer, lambda b: setattr(b, "learning_rate", float("nan"))),
+    (lambda: StochasticRoundingFloat16OptimizerWrapper(AdamOptimizer()), lambda b: setattr(b.optimizer, "epsilon", 0.0)),
+    (RandomUniformInitializer, lambda b: setattr(b, "minval", 1.0)),  # above maxval
+    (lambda: BatchSoftmaxInitializer(2.0), lambda b: setattr(b, "constant", 0.5)),
+    (FixedR8Compressor, lambda b: setattr(b, "r", 0.0)),
+    (OneBitCompressor, lambda b: setattr(b, "step_size", 0)),
+])
+def test_a_setting_changed_after_a_builder_was_made_is_checked_with_the_config(make, change):
+    builder = make()
+    segment = CombineAsSegment(1, ZerosInitializer(), SgdOptimizer(), Fp32Compressor())
+    field = {entry.Optimizer: "optimizer", entry.Initializer: "initializer", entry.Compressor: "compressor"}
+    setattr(segment, next(name for base, name in field.items() if isinstance(builder, base)), builder)
+    config = HashTableConfigInstance(table(segment), [0.1])
+    config.validate()
+    change(builder)
+    with pytest.raises(ValueError):
+        builder.validate()
+    with pytest.raises(ValueError):
+        config.validate()  # as a table built from it does
+
+
+def test_every_builder_checks_every_constructor_argument_again():
+    """``validate`` rebuilds a builder from its ``_ARGS``: they must name every argument of its
+    constructor, and the rebuilt builder must equal it."""
+    builders = [cls for cls in vars(entry).values()
+                if isinstance(cls, type) and issubclass(cls, entry._Builder) and not cls.__name__.startswith("_")
+                and cls not in (entry.Optimizer, entry.Initializer, entry.Compressor)]
+    assert len(builders) >= 24
+    for cls in builders:
+        init = cls.__init__
+        params = [] if init is object.__init__ else [p for p in inspect.signature(init).parameters if p != "self"]
+        assert [arg for arg, _ in cls._ARGS] == params, cls.__name__
+        if cls is StochasticRoundingFloat16OptimizerWrapper:
+            made = cls(AdagradOptimizer(initial_accumulator_value=0.5))
+        elif cls in (ConstantsInitializer, BatchSoftmaxInitializer):
+            made = cls(3.0)
+        else:
+            made = cls()
+        made.validate()
+        assert type(made)(**{arg: getattr(made, attr) for arg, attr in cls._ARGS}) == made, cls.__name__
 
 
 # --------------------------------------------------------------------------

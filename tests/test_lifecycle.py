@@ -218,6 +218,37 @@ def test_save_restore(tmp_path):
     assert restored.lookup(ids_of(-1, 1)).tolist() == [[1], [2]]
 
 
+def test_a_table_keeps_the_config_it_was_built_from(tmp_path):
+    """A segment reused as a template for the next slot's table, changed after a table was
+    built from it, must not change that table: its layout, exports, saves and restores
+    used to follow the changed config, and its checkpoint could be restored into no table."""
+    segment = entry.CombineAsSegment(4, entry.ZerosInitializer(), entry.AdagradOptimizer(), entry.Fp32Compressor())
+    table_config = entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(segments=[segment]))
+    config = entry.HashTableConfigInstance(table_config, [0.1])
+    table = hash_table_from_config(config, name_suffix="a")
+    merged = _merged({"s": config})
+    table.apply_gradients([1, 2], np.ones((2, 4)), global_step=0, req_time=1)
+    merged.apply_gradients({"s": ([1, 2], np.ones((2, 4)))}, global_step=0, req_time=1)
+    rows = table.lookup([1, 2])
+    segment.dim_size = 8
+    segment.optimizer = entry.SgdOptimizer()
+    table_config.allow_non_finite = True
+    assert hash_table_from_config(config, name_suffix="b").layout == "sgd/8"  # the next table takes the change
+    for t in (table, merged.table_of("s")):
+        assert (t.layout, t.dim_size, t.config.table_config.entry_config.segments[0].dim_size) == ("adagrad/4", 4, 4)
+        assert t.export_serving([1]).shape == (1, 16)
+        with pytest.raises(ValueError, match="NaN"):
+            t.assign([3], [[np.nan] * 4])
+    table.save(str(tmp_path / "a"))
+    table.apply_gradients([1], np.ones((1, 4)), global_step=1, req_time=2)
+    table.restore(str(tmp_path / "a"))
+    assert np.array_equal(table.lookup([1, 2]), rows)
+    assert merged.lookup({"s": [1, 2]})["s"].tolist() == rows.tolist()
+    save_multi_type(merged, str(tmp_path / "merged"))
+    restore_multi_type(merged, str(tmp_path / "merged"))
+    assert merged.lookup({"s": [1, 2]})["s"].tolist() == rows.tolist()
+
+
 def test_restore_after_save(tmp_path):
     basename = str(tmp_path / "table")
     t = table_of()
