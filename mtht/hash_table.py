@@ -698,6 +698,8 @@ def fused_lookup(tables: Iterable["HashTable"], ids: ArrayInput, fused_slot_size
     fss = _counts(fused_slot_size)
     if out is not None:  # its length is the layout's, which the core checks
         out = as_out(out, None)
+        if np.may_share_memory(ids, out):  # the core reads ids while it writes rows (as lookup)
+            ids = ids.copy()
     embeddings, recv_splits, id_offsets, emb_offsets = _core.fused_lookup(
         core_tables, ids, fss, _check_shards(num_of_shards, len(core_tables), fss), out)
     return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()

@@ -237,6 +237,14 @@ def test_fused_lookup_writes_into_out():
             call(read_only)
     empty = np.zeros(0, np.float32)
     assert hash_table.fused_lookup([], [0, 0, 0], 1, out=empty)[0] is empty
+    for call in (lambda ids, out: hash_table.fused_lookup(ids, [1, 0, 1, 0, 1, 1], 2, out=out),
+                 lambda ids, out: fused_lookup(tables, ids, [1, 0, 1, 0, 1, 1], 2, out=out)):
+        shared = np.zeros(8, np.float32)  # the ids in out's memory, as lookup(out=) takes them
+        ids = shared.view(np.int64)
+        ids[:] = [0, 2, 1, 3]
+        embeddings, _, _, _, indices = call(ids, shared[:7])
+        np.testing.assert_array_equal(shared[:7], [1, 4, 4, 2, 2, 8, 8])
+        np.testing.assert_array_equal(indices, [0, 2, 1, 3])
 
 def test_fused_apply_gradients():
     hash_table = two_slot_table()
