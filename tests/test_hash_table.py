@@ -1125,6 +1125,17 @@ def test_values_that_overflow_float32_are_non_finite():
     assert snapshot(t, KNOWN_IDS) == before
 
 
+def test_a_step_whose_float32_arithmetic_overflows_stores_what_it_gives():
+    # The non-finite check is of a write's inputs (docs: Errors): finite inputs whose sum or
+    # step passes float32's largest value give Inf, as IEEE arithmetic (and Monolith) does.
+    big = np.full((2, 2), 3e38, np.float32)
+    t = sgd_table(2)
+    t.assign_add([1, 1], big)
+    t.apply_gradients([2], big[:1], global_step=0)  # learning rate 1: 0 - 3e38 stays finite
+    t.apply_gradients([2], big[:1], global_step=0)  # -3e38 - 3e38
+    np.testing.assert_array_equal(t.lookup([1, 2]), [[np.inf, np.inf], [-np.inf, -np.inf]])
+
+
 def test_nan_in_one_row_of_a_big_batch_changes_nothing():
     t = populated_adagrad_table(4)
     ids = np.arange(100, 10100, dtype=np.int64)

@@ -776,6 +776,10 @@ def test_max_update_ts_never_decreases_and_default_req_time_is_zero():
     t.assign_add(ids_of(1), [[1]])                      # no req_time: stamped 0
     assert t.lookup_entry(ids_of(1))[0].last_update_ts == 0
     assert t.max_update_ts == 500
+    for write in (t.assign, t.assign_add):              # a write of no ids moves the clock too,
+        write(ids_of(), np.zeros((0, 1)), req_time=700)  # as the call's in Monolith
+    t.apply_gradients(ids_of(), np.zeros((0, 1)), global_step=0, req_time=900)
+    assert t.max_update_ts == 900 and t.size() == 1
 
 
 def test_req_time_default_zero_makes_an_entry_look_old():
