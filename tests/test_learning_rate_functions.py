@@ -1,4 +1,5 @@
-"""Tests of mtht.learning_rate_functions against independent float64 math."""
+"""Tests of mtht.learning_rate_functions against independent float64 math, and against
+TensorFlow's float32 order of operations."""
 
 import bisect
 import math
@@ -223,6 +224,49 @@ def test_cosine_decay_matches_formula(initial, decay, alpha, step):
     got = CosineDecay(initial, decay, alpha=alpha)(step)
     assert is_float32(got)
     assert got == pytest.approx(expected, abs=1e-5 * abs(initial) + 1e-12)
+
+
+# TensorFlow computes these schedules in float32, op by op, in this order (its
+# polynomial_decay, exponential_decay and CosineDecay); a float64 step anywhere moves the
+# result by an ulp in about half the cases.
+F = np.float32
+
+
+def tf_float32_polynomial(initial, decay, end, power, cycle, step):
+    s, d = F(step), F(decay)
+    if cycle:
+        d = d * (F(1) if step == 0 else np.ceil(s / d))
+    else:
+        s = np.minimum(s, d)
+    return (F(initial) - F(end)) * np.power(F(1) - s / d, F(power)) + F(end)
+
+
+def tf_float32_exponential(initial, decay, rate, staircase, step):
+    p = F(step) / F(decay)
+    return F(initial) * np.power(F(rate), np.floor(p) if staircase else p)
+
+
+def tf_float32_cosine(initial, decay, alpha, step):
+    p = np.minimum(F(step), F(decay)) / F(decay)
+    cosine = F(0.5) * (F(1) + np.cos(F(math.pi) * p))
+    return F(initial) * ((F(1) - F(alpha)) * cosine + F(alpha))
+
+
+def test_schedules_compute_in_float32_as_tensorflow_pinned():
+    assert PolynomialDecay(0.01, 3, 0.11)(1) == 0.04333333671092987  # float64 math: 0.04333333298563957
+    assert PolynomialDecay(0.01, 3, 0.11)(1) == tf_float32_polynomial(0.01, 3, 0.11, 1.0, False, 1)
+
+
+@FAST
+@given(initial=rates, end=rates, decay=decay_steps, power=st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+       cycle=st.booleans(), rate=st.floats(min_value=0.1, max_value=1.0), staircase=st.booleans(),
+       alpha=st.floats(min_value=0.0, max_value=1.0), step=steps)
+def test_schedules_compute_in_float32_as_tensorflow(initial, end, decay, power, cycle, rate, staircase, alpha, step):
+    assert PolynomialDecay(initial, decay, end, power=power, cycle=cycle)(step) == float(
+        tf_float32_polynomial(initial, decay, end, power, cycle, step))
+    assert ExponentialDecay(abs(initial), decay, rate, staircase=staircase)(step) == float(
+        tf_float32_exponential(abs(initial), decay, rate, staircase, step))
+    assert CosineDecay(initial, decay, alpha=alpha)(step) == float(tf_float32_cosine(initial, decay, alpha, step))
 
 
 @FAST

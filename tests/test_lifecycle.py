@@ -904,6 +904,11 @@ def test_a_filter_serves_one_table():
         mtht.HashFilter(default_occurrence_threshold=-1)
     with pytest.raises(ValueError):
         mtht.HashFilter(slot_occurrence_thresholds={0x8000: 1})
+    # The last slot, 0x7FFF, is one of them.
+    t = table_of(hash_filter=mtht.HashFilter(slot_occurrence_thresholds={0x7FFF: 1}))
+    for _ in range(2):
+        t.assign_add(ids_of(slot_id(0x7FFF, 1), slot_id(0x7FFE, 1)), [[1], [1]])
+    assert t.lookup(ids_of(slot_id(0x7FFF, 1), slot_id(0x7FFE, 1))).tolist() == [[1], [2]]
 
 
 def test_a_copied_filter_has_the_settings_and_serves_a_table_of_its_own():
@@ -1231,6 +1236,38 @@ def test_feature_evictor_removes_expired_entries_on_its_own():
     for poll in (0, -1, float("nan")):  # would spin the thread
         with pytest.raises(ValueError, match="poll_seconds"):
             FeatureEvictor(t, period_seconds=1, poll_seconds=poll)
+
+
+def test_the_feature_evictor_runs_once_a_period(monkeypatch):
+    # On a clock the test moves: no run before the first period has passed, one when it has,
+    # and none more on the polls after it until the next period has passed too.
+    class Clock:
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(mtht.feature_eviction, "time", clock)
+    table = table_of()  # held: the evictor holds it weakly
+    evictor = FeatureEvictor(table, period_seconds=100, poll_seconds=0.01)
+
+    def runs_after_polls(now, until=None):
+        clock.now = now
+        deadline = time.monotonic() + 10
+        while until is not None and evictor.runs < until and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # about 20 polls more
+        return evictor.runs
+
+    try:
+        assert runs_after_polls(0.0) == 0  # the thread has read its start on the clock
+        assert runs_after_polls(99.0) == 0
+        assert runs_after_polls(100.0, until=1) == 1
+        assert runs_after_polls(199.0) == 1
+        assert runs_after_polls(200.0, until=2) == 2
+    finally:
+        evictor.stop()
 
 
 def test_the_eviction_thread_of_a_dropped_table_ends_at_once():
@@ -1582,8 +1619,10 @@ def test_a_table_several_parts_write_is_checked_for_room_before_any_is_written()
     # part was written (id 1 stepped, three counts taken). Now it raises before.
     t = table_of(max_entries=2, hash_filter=mtht.HashFilter(default_occurrence_threshold=1))
     t.assign(ids_of(1, 1), [[5], [5]])
-    with pytest.raises(ValueError, match="at most 2 entries"):
-        _fused_step([t, t], [[[1, 10, 11, 12], [10, 11, 12]]], False)
+    for accumulate in (False, True):  # each part's admissions counted apart, deduplicated or not
+        with pytest.raises(ValueError, match="at most 2 entries"):
+            _fused_step([t, t], [[[1, 10, 11, 12], [10, 11, 12]]], accumulate)
+        assert t.size() == 1 and t.stats()["filter_counts"] == 0
     shared = MultiTypeHashTable({"a": config_of(), "b": config_of()}, lambda slot, c: t)
     with pytest.raises(ValueError, match="at most 2 entries"):
         shared.apply_gradients({"a": (ids_of(1, 10, 11, 12), np.ones((4, 1), F32)),

@@ -550,6 +550,29 @@ def _merge_scenarios(draw):
     return names, spec_of_slot, ops
 
 
+def test_a_merged_write_of_one_id_in_two_slots_goes_in_sorted_slot_order():
+    # Slots "a" and "b" share a table: whatever order the caller's mapping has, "a"'s rows
+    # are written before "b"'s, so the last write of an id is "b"'s.
+    table = MergedMultiTypeHashTable({"b": generate_test_hash_table_config(1), "a": generate_test_hash_table_config(1)},
+                                     multi_type_factory)
+    table.assign({"b": ([7], [[2.0]]), "a": ([7, 8], [[1.0], [3.0]])})
+    assert table.lookup({"a": [7, 8]})["a"].tolist() == [[2.0], [3.0]]
+    # Adagrad steps without dedup, one after another: their order shows in the result.
+    adagrad = entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(entry_config=entry.EntryConfig(
+        segments=[entry.CombineAsSegment(1, entry.ZerosInitializer(), entry.AdagradOptimizer(), None)])), [0.1])
+    table = MergedMultiTypeHashTable({"b": adagrad, "a": adagrad}, multi_type_factory)
+    grads = {"b": ([7], [[4.0]]), "a": ([7, 7], [[1.0], [-2.0]])}
+    table.apply_gradients(grads, global_step=0)
+    in_order = {}
+    for order in (("a", "b"), ("b", "a")):
+        one = hash_table_from_config(adagrad)
+        for slot in order:
+            one.apply_gradients(*grads[slot], global_step=0)
+        in_order[order] = one.lookup([7]).tolist()
+    assert in_order[("a", "b")] != in_order[("b", "a")]
+    assert table.lookup({"b": [7]})["b"].tolist() == in_order[("a", "b")]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_merge_scenarios())
 def test_merged_equals_one_table_per_slot(scenario):
