@@ -434,20 +434,23 @@ def _names_generation(basename: str, generation: int) -> bool:
         return False
 
 
-def _load(table, basename: str, body: Optional[dict] = None) -> Tuple[object, dict]:
+def _load(table, basename: str, body: Optional[dict] = None, parts: int = 1, part: int = 0) -> Tuple[object, dict]:
     """A fresh core table holding the checkpoint at ``basename``, verified, and its manifest
-    (``body``, when given, instead of the one at ``basename``)."""
+    (``body``, when given, instead of the one at ``basename``). With ``parts`` > 1 it is part
+    ``part`` of a sharded save, every id of which must be ``part`` modulo ``parts``."""
     basename = os.fsdecode(basename)
     if body is None:
         body = read_manifest(basename)
-    return _load_sources(table, [(basename, body)]), body
+    return _load_sources(table, [(basename, body)], parts, part, every_entry_owned=parts > 1), body
 
 
-def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: int = 0):
+def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: int = 0,
+                  every_entry_owned: bool = False):
     """A fresh core table holding the checkpoints ``sources`` (``(basename, manifest)``
     pairs), verified: of their entries, those whose id is ``part`` modulo ``parts`` (all of
     them by default). Several sources are the parts of a sharded job's table, each id in one
-    of them; ``max_update_ts`` is then the largest of theirs."""
+    of them; ``max_update_ts`` is then the largest of theirs. ``every_entry_owned``: an
+    entry of another part is an error (the files of a part put in another's place)."""
     paths = []
     for basename, body in sources:
         if body["dim"] != table.dim_size or body["layout"] != table.layout:
@@ -482,6 +485,11 @@ def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: 
         if info["checksum"] != f["checksum"] or info["entries"] != f["entries"]:
             raise CheckpointError(f"checkpoint data file {path} does not match the manifest "
                                   "(it belongs to another save)")
+    held = sum(int(info["entries"]) for info in infos)
+    if every_entry_owned and core.size() != held:
+        raise CheckpointError(f"checkpoint {sources[0][0]!r} holds {held - core.size()} of its {held} entries with "
+                              f"ids of another part than {part} of {parts} (id mod {parts} != {part}): its files "
+                              "are another part's (part directories moved or copied into each other's place?)")
     limit = core.max_entries
     if limit and core.size() > limit:
         held = f"checkpoint {sources[0][0]!r}" if len(sources) == 1 else \
@@ -726,15 +734,17 @@ def find_checkpoints(tables: Dict[str, Any], directory: str) -> List[Tuple[Any, 
     return found
 
 
-def load_multi_type(table, directory: str) -> List[Tuple[Any, Any]]:
+def load_multi_type(table, directory: str, parts: int = 1, part: int = 0) -> List[Tuple[Any, Any]]:
     """What :func:`restore_multi_type` puts in place, loaded and verified without changing
-    anything: ``(table, core)`` pairs, each of a table and its restored contents."""
+    anything: ``(table, core)`` pairs, each of a table and its restored contents. With
+    ``parts`` > 1, ``directory`` is part ``part`` of a sharded save, whose ids must all be
+    ``part`` modulo ``parts``."""
     directory = os.fsdecode(directory)
     tables = _named_tables(table)
     names = {name for key, t in tables.items() for name in [key] + list(t.extra_restore_names)}
     with _turn(directory, *(os.path.join(directory, n) for n in names)), directory_lock(directory, exclusive=False):
         found = find_checkpoints(tables, directory)
-        loaded = _over_tables(_load, found)
+        loaded = _over_tables(lambda t, basename, body: _load(t, basename, body, parts, part), found)
     return [(t, core) for (t, _, _), (core, _) in zip(found, loaded)]
 
 

@@ -713,6 +713,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                 raise _checkpoint.CheckpointError(
                     f"the processes read different saves in {directory!r} (generations {sorted(set(generations))}): "
                     "another job saved there meanwhile; restore again")
-            loaded, error = _attempt(lambda: _checkpoint.load_multi_type(self._table, saved[1][self._rank]))
+            loaded, error = _attempt(lambda: _checkpoint.load_multi_type(self._table, saved[1][self._rank],
+                                                                         self._world, self._rank))
             self._settle(error, "restore")
         _hash_table.swap_contents(loaded)

@@ -361,6 +361,16 @@ def scenario_restore_resharded(seed, directory):
     assert model.size() == sum(t.size() for t in reference._tables.values())
 
 
+def scenario_swapped_parts(seed, directory):
+    """A save whose part directories 0 and 1 were swapped: the ranks whose part holds
+    another's ids refuse it, every rank raises, and no table changes on any rank."""
+    rng, model, reference, seen = trained_one_step(seed)
+    own = mtht.checkpoint.CheckpointError if RANK < 2 else DistributedError
+    e = expect_failure(lambda: model.restore(os.path.join(directory, "swapped")), own, "swapped parts")
+    assert RANK >= 2 or "another part" in str(e), str(e)
+    owned_entries_match(model, reference, seen, "after a refused restore")
+
+
 def scenario_wrong_world(seed, directory):
     model = distributed()
     e = expect_failure(lambda: model.restore(os.path.join(directory, "sharded")), ValueError, "another world size")

@@ -152,6 +152,14 @@ def test_checkpoints_restore_and_reshard(saved_by, tmp_path):
         body, parts = sharded_checkpoint.saved_parts(tmp_path / f"resharded-{world}", world)
         assert body["world_size"] == world and all(os.path.isdir(p) for p in parts)
         run_ranks(world, "restore_resharded", tmp_path)
+    # Its part directories 0 and 1 swapped (a copy gone wrong): refused, not restored as
+    # tables whose every id is on a rank that does not own it.
+    shutil.copytree(tmp_path / "sharded", tmp_path / "swapped")
+    (_, parts) = sharded_checkpoint.saved_parts(tmp_path / "swapped")
+    os.rename(parts[0], parts[0] + ".x")
+    os.rename(parts[1], parts[0])
+    os.rename(parts[0] + ".x", parts[1])
+    run_ranks(saved_by, "swapped_parts", tmp_path)
 
 
 def test_reshard_keeps_admission_counts(tmp_path):
