@@ -38,7 +38,19 @@ __all__ = ["DistributedMultiTypeHashTable", "DistributedError", "owner_of"]
 
 
 class DistributedError(RuntimeError):
-    """A collective call failed on another rank (that rank raised the error itself)."""
+    """A collective call failed on another rank (that rank raised the error itself).
+    ``slot`` and ``reason``: those of that rank's error where it named the slot of its
+    arguments that was bad, else None."""
+
+    def __init__(self, message: str, slot: Optional[str] = None, reason: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.slot, self.reason = slot, reason
+        self._slot_text = f"slot {slot!r}: {reason}"
+
+    def naming_the_slot_as(self, text: str) -> "DistributedError":
+        """The same error with the text that named its slot (``slot 'x': reason``) replaced
+        by ``text``: a wrapper's own name for what it gave this table as that slot."""
+        return DistributedError(str(self).replace(self._slot_text, text, 1), self.slot, self.reason)
 
 
 def owner_of(ids: ArrayInput, world_size: int) -> np.ndarray:
@@ -99,8 +111,10 @@ def _attempt(fn: Callable[[], object]) -> tuple:
         return None, e
 
 
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+def _describe(error: BaseException) -> Tuple[str, Optional[str], Optional[str]]:
+    """What the other ranks are told of ``error``: its text, and the slot and reason it
+    names (_naming_the_slot), if it does."""
+    return f"{type(error).__name__}: {error}", getattr(error, "slot", None), getattr(error, "reason", None)
 
 
 class _Scratch:
@@ -362,10 +376,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         outcomes = self._comm.allgather((None if error is None else _describe(error), same, info))
         if error is not None:
             raise error
-        failed = [(r, message) for r, (message, _, _) in enumerate(outcomes) if message is not None]
+        failed = [(r, described) for r, (described, _, _) in enumerate(outcomes) if described is not None]
         if failed:
-            r, message = failed[0]
-            raise DistributedError(f"{what} failed on rank {r}: {message}")
+            r, (message, slot, reason) = failed[0]
+            raise DistributedError(f"{what} failed on rank {r}: {message}", slot, reason)
         differ = [r for r, (_, theirs, _) in enumerate(outcomes) if theirs != outcomes[0][1]]
         if differ:
             raise ValueError(f"{what}: rank {differ[0]} differs from rank 0 ({outcomes[differ[0]][1]!r} against "

@@ -99,9 +99,15 @@ def _naming_the_slot(slot):
     except (ValueError, TypeError) as e:
         if type(e) not in (ValueError, TypeError):  # another class may not take a message alone
             raise
-        named = type(e)(f"slot {slot!r}: {e}")
-        named.slot, named.reason = slot, str(e)  # type: ignore[attr-defined]
-        raise named from None
+        raise _slot_error(type(e), slot, str(e)) from None
+
+
+def _slot_error(cls: type, slot, reason: str) -> Exception:
+    """``cls("slot 'x': reason")``, keeping the slot and the reason apart (``slot``,
+    ``reason``), for a wrapper to name the slot its own way (a merged table's slots)."""
+    error = cls(f"slot {slot!r}: {reason}")
+    error.slot, error.reason = slot, reason
+    return error
 
 
 @contextlib.contextmanager
@@ -124,8 +130,8 @@ def refuse_non_finite(slot, method: str, rows: np.ndarray) -> None:
     bad = ~np.isfinite(rows).all(axis=1)
     if bad.any():
         what = "gradients" if method == "apply_gradients" else "values"
-        raise ValueError(f"slot {slot!r}: {what} contain NaN or Inf (row {int(np.argmax(bad))}); set "
-                         "allow_non_finite=True in the table config to accept them") from None
+        raise _slot_error(ValueError, slot, f"{what} contain NaN or Inf (row {int(np.argmax(bad))}); set "
+                          "allow_non_finite=True in the table config to accept them") from None
 
 
 class MultiTypeHashTable(BaseMultiTypeHashTable):
@@ -446,13 +452,19 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         merged table holds."""
         try:
             yield
-        except (ValueError, TypeError) as e:
+        except Exception as e:
             merged, reason = getattr(e, "slot", None), getattr(e, "reason", None)
             slots = sorted(s for s in given if self._slot_mapping.get(s) == merged)
             if not slots or reason is None:
                 raise
             named = ", ".join(repr(s) for s in slots)
-            raise type(e)(f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}): {reason}") from None
+            text = f"slot{'s' if len(slots) > 1 else ''} {named} (merged table {merged!r}): {reason}"
+            if type(e) in (ValueError, TypeError):
+                raise type(e)(text) from None
+            rename = getattr(e, "naming_the_slot_as", None)  # another rank's error (mtht.distributed)
+            if rename is None:
+                raise
+            raise rename(text) from None
 
     def assign(self, slot_to_id_and_value: SlotRows, *args: Any, **kwargs: Any) -> "MergedMultiTypeHashTable":
         """``{slot: (ids, values)}``, merged per group: the inner table's ``assign``."""

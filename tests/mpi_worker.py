@@ -516,6 +516,12 @@ def scenario_wrapper_errors(seed, directory):
         for call in calls:
             data = bad if RANK == bad_rank else batch(rng, dims)
             expect_failure(lambda: call(data), (KeyError, ValueError) if RANK == bad_rank else DistributedError, what)
+    # What the sharded table refuses on one rank names the wrapper's slot on every rank (the
+    # others' DistributedError named the merged table's md5 alone).
+    rows = np.full((1, 4), np.nan if RANK == bad_rank else 1.0, F32)
+    e = expect_failure(lambda: model.apply_gradients({"user": (np.array([5]), rows)}, 1),
+                       ValueError if RANK == bad_rank else DistributedError, "NaN in one rank's slot")
+    assert "slot 'user'" in str(e) and "NaN" in str(e), str(e)
     asked = batch(rng, dims, with_rows=False)
     same_lookups(model.lookup(asked), reference.lookup(asked), "after the wrapper's errors")
     # A learning rate that reads the table: a lookup inside the update, on every rank (of
