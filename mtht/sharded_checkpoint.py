@@ -159,7 +159,8 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     :class:`~mtht.multi_type_hash_table.MultiTypeHashTable` (or the
     :class:`~mtht.multi_type_hash_table.MergedMultiTypeHashTable` over one) that each process's
     :class:`~mtht.distributed.DistributedMultiTypeHashTable` holds, built from the same
-    configs. One model is in memory at a time: the entries of one new part, each of whose
+    configs, every table of the save among its tables (a model that leaves one out is
+    refused: the new save would lack it). One model is in memory at a time: the entries of one new part, each of whose
     tables is read from every old part's files, keeping the ids the new part owns
     (``id mod world_size``), with their optimizer state, timestamps and admission counts.
     ``target`` gets a save that a job of ``world_size`` processes restores (a new generation
@@ -181,7 +182,7 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
 
 
 def _reshard(source: str, target: str, world_size: int, make_model: Callable[[], object]) -> None:
-    _, old_parts = saved_parts(source)
+    saved, old_parts = saved_parts(source)
     generation = begin_save(target)
     keys: List[str] = []
     try:
@@ -189,6 +190,10 @@ def _reshard(source: str, target: str, world_size: int, make_model: Callable[[],
             model = make_model()
             tables = _checkpoint._named_tables(model)
             keys = list(tables)
+            left_out = sorted(set(saved.get("tables", [])) - set(keys))
+            if left_out:  # the new save would lack them, silently, where it replaces the old one
+                raise ValueError(f"the save in {source!r} holds tables {left_out} that make_model() does not build "
+                                 f"(it builds {sorted(keys)}): give reshard a model of every table saved")
             found: Dict[str, List[Tuple[str, dict]]] = {key: [] for key in tables}
             for old in old_parts:
                 for key, (_, basename, body) in zip(tables, _checkpoint.find_checkpoints(tables, old)):

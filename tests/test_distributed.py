@@ -237,6 +237,16 @@ def test_reshard_refuses_what_it_cannot_do(tmp_path):
     assert sharded_checkpoint.read_sharded_manifest(tmp_path / "src")["world_size"] == 2
     sharded_checkpoint.reshard(tmp_path / "src", tmp_path / "out", 3, expiring_model)
     assert ".mtht-lock" not in os.listdir(tmp_path / "src")  # the source is only read
+    # A model without one of the tables saved: the new save would lack it.
+    def two_tables():
+        model = expiring_model()
+        return MultiTypeHashTable({"a": model._tables["a"].config, "b": model._tables["a"].config},
+                                  lambda slot, cfg: mtht.hash_table_from_config(cfg, name_suffix=slot))
+    save_parts(tmp_path / "ab", [two_tables(), two_tables()])
+    with pytest.raises(ValueError, match=r"holds tables \['b'\] that make_model\(\) does not build"):
+        sharded_checkpoint.reshard(tmp_path / "ab", tmp_path / "a-only", 3, expiring_model)
+    assert sharded_checkpoint.current_generation(tmp_path / "a-only") is None  # nothing named
+    sharded_checkpoint.reshard(tmp_path / "ab", tmp_path / "a-and-b", 3, two_tables)
 
 
 def test_a_save_beside_a_damaged_manifest_removes_no_generation(tmp_path):
