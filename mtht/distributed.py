@@ -481,11 +481,11 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             if k is None:
                 raise _unknown_slot(slot)
             if method is None:
-                per_table[k] = (as_ids(value, f"slot {slot!r} ids"), None)
+                per_table[k] = (as_ids(value, f"slot {slot!r}: ids"), None)
                 continue
             given_ids, given_rows = _pair(slot, value, method)
-            ids = as_ids(given_ids, f"slot {slot!r} ids")
-            rows = as_rows(given_rows, ids.shape[0], self._dims[k], f"slot {slot!r} {_rows_name(method)}")
+            ids = as_ids(given_ids, f"slot {slot!r}: ids")
+            rows = as_rows(given_rows, ids.shape[0], self._dims[k], f"slot {slot!r}: {_rows_name(method)}")
             try:
                 self._table._tables[slot]._core.check_finite(rows, _rows_name(method))
             except ValueError:

@@ -355,11 +355,11 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             merged = self._merged_name(slot)
             tensor = slot_to_tensor[slot]
             if rows:
-                a = as_numpy(tensor, f"slot {slot!r} values")
+                a = as_numpy(tensor, f"slot {slot!r}: values")
                 n = slot_sizes[slot] if slot_sizes is not None else (a.shape[0] if a.ndim >= 1 else 1)
-                tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r} values")
+                tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r}: values")
             else:
-                tensor = as_ids(tensor, f"slot {slot!r} ids")
+                tensor = as_ids(tensor, f"slot {slot!r}: ids")
             parts.setdefault(merged, []).append(tensor)
             sizes.setdefault(merged, []).append(tensor.shape[0])
         return ({m: np.concatenate(p, axis=0) for m, p in parts.items()},
@@ -433,9 +433,9 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             for slot in sorted(data):
                 merged = self._merged_name(slot)
                 given_ids, given_rows = _pair(slot, data[slot], method)
-                slot_ids = as_ids(given_ids, f"slot {slot!r} ids")
+                slot_ids = as_ids(given_ids, f"slot {slot!r}: ids")
                 slot_rows = as_rows(given_rows, slot_ids.shape[0], self._dims[merged],
-                                    f"slot {slot!r} {_rows_name(method)}")
+                                    f"slot {slot!r}: {_rows_name(method)}")
                 ids.setdefault(merged, []).append(slot_ids)
                 rows.setdefault(merged, []).append(slot_rows)
                 if not self._merged_slot_to_config[merged].table_config.allow_non_finite:

@@ -873,7 +873,7 @@ def test_an_array_that_refuses_numpy_is_a_type_error_naming_the_argument():
     merged = MergedMultiTypeHashTable({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2)},
                                       lambda c: MultiTypeHashTable(c, lambda slot, cc: hash_table_from_config(
                                           cc, name_suffix=slot)))
-    with pytest.raises(TypeError, match="slot 'b' ids cannot be read as an array"):
+    with pytest.raises(TypeError, match="slot 'b': ids cannot be read as an array"):
         merged.lookup({"a": [1], "b": _Unconvertible()})
     assert t.size() == 0
 

@@ -1150,7 +1150,7 @@ def test_errors_of_multi_slot_and_fused_calls_say_what_and_where():
         (lambda: t.fused_apply_gradient(ids, indices, fss, [1, 1, np.nan], id_offsets, emb_offsets, 0, 0, 1),
          r"block 1 \(shard 0, table 1: 'MonolithHashTable_b'\), row 0"),
         (lambda: t.lookup({"a": [1], "b": [[1, 2]]}), "slot 'b': ids must be a 1-D array"),
-        (lambda: merged.apply_gradients({"b": ([1], [1.0, 2.0, 3.0])}, 0), "slot 'b' grads must have shape"),
+        (lambda: merged.apply_gradients({"b": ([1], [1.0, 2.0, 3.0])}, 0), "slot 'b': grads must have shape"),
         (lambda: MultiTypeHashTable({}, factory).fused_apply_gradient([], [], [], [], [0], [0], 0, 0, 1),
          "at least one table"),
         (lambda: t.fused_lookup(ids, fss, 2**62), "2 \\* 4611686018427387904 entries, got 2"),
@@ -1166,7 +1166,7 @@ def test_errors_of_multi_slot_and_fused_calls_say_what_and_where():
         (lambda: t.assign({"a": ([1], [1.0]), "b": ([1, 2], np.array([1.0, 2.0]))}),
          r"slot 'b': values must have shape \(2, 2\) for 2 ids of dim 2, got shape \(2,\)"),
         (lambda: merged.assign({"a": ([1], [1.0]), "b": ([1, 2], np.array([1.0, 2.0]))}),
-         r"slot 'b' values must have shape \(2, 2\)"),
+         r"slot 'b': values must have shape \(2, 2\)"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
