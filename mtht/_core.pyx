@@ -8,7 +8,6 @@ only checks what it needs for memory safety (lengths against the table's dim).
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libcpp.memory cimport unique_ptr
-from libc.string cimport memcpy
 from libcpp.vector cimport vector
 
 import operator

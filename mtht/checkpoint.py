@@ -485,11 +485,12 @@ def _load_sources(table, sources: List[Tuple[str, dict]], parts: int = 1, part: 
         if info["checksum"] != f["checksum"] or info["entries"] != f["entries"]:
             raise CheckpointError(f"checkpoint data file {path} does not match the manifest "
                                   "(it belongs to another save)")
-    held = sum(int(info["entries"]) for info in infos)
-    if every_entry_owned and core.size() != held:
-        raise CheckpointError(f"checkpoint {sources[0][0]!r} holds {held - core.size()} of its {held} entries with "
-                              f"ids of another part than {part} of {parts} (id mod {parts} != {part}): its files "
-                              "are another part's (part directories moved or copied into each other's place?)")
+    in_files = sum(int(info["entries"]) for info in infos)
+    if every_entry_owned and core.size() != in_files:
+        raise CheckpointError(f"checkpoint {sources[0][0]!r} holds {in_files - core.size()} of its {in_files} "
+                              f"entries with ids of another part than {part} of {parts} (id mod {parts} != {part}): "
+                              "its files are another part's (part directories moved or copied into each other's "
+                              "place?)")
     limit = core.max_entries
     if limit and core.size() > limit:
         held = f"checkpoint {sources[0][0]!r}" if len(sources) == 1 else \
