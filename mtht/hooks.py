@@ -41,11 +41,12 @@ class QueueHooks:
         trainer drops, say one per ``with`` block, is gone from the table too (they piled up,
         and every wait went through them). A hook the table holds already is not added again
         (mtht's hooks attach themselves to the table they are made for)."""
-        refs = [r for r in getattr(self, "_local_queue_hooks", []) if r() is not None]
-        if any(r() is hook for r in refs):
-            return
-        refs.append(weakref.ref(hook) if isinstance(hook, _TableHook) else _Held(hook))
-        self._local_queue_hooks = refs
+        with _ATTACHING:
+            refs = [r for r in getattr(self, "_local_queue_hooks", []) if r() is not None]
+            if any(r() is hook for r in refs):
+                return
+            refs.append(weakref.ref(hook) if isinstance(hook, _TableHook) else _Held(hook))
+            self._local_queue_hooks = refs
 
     def _wrapped(self) -> list:
         """The tables this one wraps directly (``_table``, ``_tables``)."""
@@ -310,9 +311,15 @@ def _end_of(box: list) -> None:
 
 
 _PIPELINES: "weakref.WeakSet[_Pipeline]" = weakref.WeakSet()
+# Held while a hook finds or makes its table's pipeline and joins the table's hooks: hooks
+# made on one table by two threads at once each made a pipeline, whose threads then ran
+# their writes in no order, and one could miss the table's list of hooks.
+_ATTACHING = threading.RLock()
 
 
 def _reset_in_child() -> None:
+    global _ATTACHING
+    _ATTACHING = threading.RLock()  # a thread of the parent may have held it at the fork
     for pipeline in list(_PIPELINES):
         pipeline.reset_in_child()
 
@@ -414,9 +421,10 @@ class _TableHook:
             raise TypeError(f"a hook needs an mtht table, got {type(table).__name__}")
         self._table: Any = table
         self._capacity: int = capacity
-        self._pipeline: _Pipeline = _pipeline_of(table)
-        self._pipeline.hooks.add(self)
-        table.add_queue_hook(self)
+        with _ATTACHING:
+            self._pipeline: _Pipeline = _pipeline_of(table)
+            self._pipeline.hooks.add(self)
+            table.add_queue_hook(self)
 
     def _reset_in_child(self) -> None:
         """After a fork, in the child: forget the parent's calls under way."""

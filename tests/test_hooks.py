@@ -709,3 +709,30 @@ release.set()
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[[5.0, 5.0]]"
     assert "ValueError" in out.stderr and "NaN" in out.stderr  # printed, not swallowed
+
+
+def test_hooks_made_on_one_table_by_threads_at_once_share_its_one_thread():
+    # Made at once without a lock, two hooks could each make a background thread for the
+    # table (their writes then ran in no order) or miss its list of hooks.
+    interval = sys.getswitchinterval()
+    try:
+        for _ in range(100):
+            t = table()
+            hooks = []
+            start = threading.Barrier(4)
+
+            def make(kind):
+                start.wait()
+                hooks.append(kind(t))
+
+            threads = [threading.Thread(target=make, args=(kind,)) for kind in [mtht.AsyncPush, mtht.Prefetch] * 2]
+            sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            sys.setswitchinterval(interval)
+            assert len({id(h._pipeline) for h in hooks}) == 1
+            assert sorted(map(id, t.get_queue_hooks())) == sorted(map(id, hooks))
+    finally:
+        sys.setswitchinterval(interval)
