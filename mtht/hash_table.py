@@ -691,18 +691,18 @@ def fused_lookup(tables: Iterable["HashTable"], ids: ArrayInput, fused_slot_size
     touch timestamps). ``out``, a writeable C-contiguous float32 array of the L floats, takes
     the embeddings in place (and is returned as them).
     """
-    ids = as_ids(ids)
+    id_array = as_ids(ids)
     if req_time is not None:
         as_int64_scalar(req_time, "req_time")
     core_tables = _core_tables(tables)
     fss = _counts(fused_slot_size)
     if out is not None:  # its length is the layout's, which the core checks
         out = as_out(out, None)
-        if np.may_share_memory(ids, out):  # the core reads ids while it writes rows (as lookup)
-            ids = ids.copy()
+        if np.may_share_memory(id_array, out):  # the core reads ids while it writes rows (as lookup)
+            id_array = id_array.copy()
     embeddings, recv_splits, id_offsets, emb_offsets = _core.fused_lookup(
-        core_tables, ids, fss, _check_shards(num_of_shards, len(core_tables), fss), out)
-    return embeddings, recv_splits, id_offsets, emb_offsets, ids.copy()
+        core_tables, id_array, fss, _check_shards(num_of_shards, len(core_tables), fss), out)
+    return embeddings, recv_splits, id_offsets, emb_offsets, id_array.copy()
 
 
 def fused_apply_gradient(tables: Iterable["HashTable"], ids: ArrayInput, indices: ArrayInput,
