@@ -146,7 +146,7 @@ cdef extern from "mtht/multi_table.h" namespace "mtht" nogil:
         size_t n
         float* out
 
-    void lookup_tables(const vector[TableRead]& parts) except +translate_exception
+    void c_lookup_tables "mtht::lookup_tables"(const vector[TableRead]& parts) except +translate_exception
 
     cdef enum class WriteKind "mtht::WriteKind":
         kAssign
@@ -162,8 +162,8 @@ cdef extern from "mtht/multi_table.h" namespace "mtht" nogil:
         const float* lrs
         size_t n_lrs
 
-    void write_tables(const vector[TablePart]& parts, int64_t global_step, int64_t ts,
-                      cbool dedup) except +translate_exception
+    void c_write_tables "mtht::write_tables"(const vector[TablePart]& parts, int64_t global_step, int64_t ts,
+                                             cbool dedup) except +translate_exception
 
 
 cdef extern from "mtht/route.h" namespace "mtht" nogil:

@@ -18,8 +18,8 @@ import numpy as np
 from mtht._core cimport (
     EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
     kernel_names,
-    c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, write_tables as c_write_tables,
-    TableRead, lookup_tables as c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
+    c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, c_write_tables,
+    TableRead, c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
     load_checkpoint,
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
     c_route_ids, c_sum_rows_to, c_gather_rows_from, nanoseconds,

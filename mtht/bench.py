@@ -31,7 +31,9 @@ import json
 import math
 import os
 import platform
+import importlib.util
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -149,11 +151,16 @@ class BenchConfig:
             raise ValueError(f"max_memory_gb must be a positive number, got {self.max_memory_gb}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.size > MAX_SIZE:  # its ids, and the absent ones past them, are int64
+            raise ValueError(f"size must be at most {MAX_SIZE:,}, got {self.size:,}")
         memory_gb = physical_memory_gb()
-        batch_gb = 4 * self.batch_size * self.dim * 4 / 1e9  # a batch's rows, gradients and outputs
-        if memory_gb and batch_gb > memory_gb:
+        batch_gb = self.batch_arrays_bytes() / 1e9
+        limit, limit_is = self.max_memory_gb, f"the memory budget of {self.max_memory_gb:g} GB (--max_memory_gb)"
+        if memory_gb and memory_gb < limit:
+            limit, limit_is = memory_gb, f"this machine's {memory_gb:.1f} GB of memory"
+        if batch_gb > limit:
             raise ValueError(f"a batch of {self.batch_size:,} rows of dim {self.dim} takes about {batch_gb:.1f} GB "
-                             f"of arrays, more than this machine's {memory_gb:.1f} GB of memory")
+                             f"of arrays, more than {limit_is}")
         if not 0.0 <= self.capped_new <= 1.0:
             raise ValueError(f"capped_new must be in [0, 1], got {self.capped_new}")
         if self.capped_policy not in ("lru", "lfu"):
@@ -164,8 +171,17 @@ class BenchConfig:
     def thread_counts(self) -> List[int]:
         return [int(t) for t in self.threads] or [default_threads()]
 
+    def batch_arrays_bytes(self) -> int:
+        """About what a batch's arrays take: its rows, gradients and outputs."""
+        return 4 * self.batch_size * self.dim * 4
+
+    def table_budget_bytes(self) -> float:
+        """The memory budget left for tables (and the probe's buffer) beside a batch's arrays."""
+        return self.max_memory_gb * 1e9 - self.batch_arrays_bytes()
+
 
 MAX_THREADS = _core.MAX_NUM_THREADS  # the most mtht.set_num_threads takes
+MAX_SIZE = 2**62
 
 
 def physical_memory_gb() -> Optional[float]:
@@ -430,7 +446,7 @@ def _beside_main_table(config: BenchConfig, what: str) -> str:
     """Why ``what``, as many ids as the main table, does not fit beside it in the memory
     budget; empty if it does."""
     need = _mtht_bytes_estimate(config, config.size) * 2
-    if need <= config.max_memory_gb * 1e9:
+    if need <= config.table_budget_bytes():
         return ""
     return (f"skipped: {what} beside the main one would need about {need / 1e9:.1f} GB "
             f"(> --max_memory_gb={config.max_memory_gb:g})")
@@ -753,7 +769,7 @@ class _MthtRunner:
         if not (hasattr(t, "save") and hasattr(t, "restore")):
             return _unavailable(op, "mtht", threads, "this version of mtht has no save/restore")
         table_bytes = int(t.stats()["bytes"])
-        if 2 * table_bytes > c.max_memory_gb * 1e9:
+        if 2 * table_bytes > c.table_budget_bytes():
             # restore verifies into a second table before swapping it in
             return _unavailable(op, "mtht", threads, f"skipped: restoring needs about {2 * table_bytes / 1e9:.1f} GB "
                                                      f"(> --max_memory_gb={c.max_memory_gb:g})")
@@ -1010,7 +1026,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
         "notes": notes,
     }
     result["config"]["threads"] = threads_list
-    budget = c.max_memory_gb * 1e9
+    budget = c.table_budget_bytes()
     table_bytes = _mtht_bytes_estimate(c, c.size)
 
     # 1. The probe, alone in memory, over a buffer the size of the table.
@@ -1388,14 +1404,9 @@ def format_report(result: dict, header: bool = True) -> str:
             lines.append(f"{r['op']:<26} {'all batches':<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s_overall'])}  "
                          f"(total ids / total time: the median above leaves out the batches that scan the "
                          f"table for victims)")
-    mism = [f"{r['op']} ({r['threads']} thr) vs {impl}" for r in result["results"]
-            for key, impl in (("checksum_matches_numpy_dict", "numpy+dict"), ("checksum_matches_pandas_numpy", "pandas+numpy"))
-            if r.get(key) is False]
-    if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
-        lines.append("checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism)))
-    elif ((unlike := _unlike_the_baselines(result["config"]))
-          and any("vs_numpy_dict" in r for r in result["results"])):
-        lines.append(f"checksums: not compared with the baselines ({unlike})")
+    verdict = _checksum_verdict(result)
+    if verdict:
+        lines.append(verdict)
     lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
                  "for gradient steps) read and written for updates. %ceil: ids/s against the probe's reads/s at the same "
                  "thread count divided by the lines an op must touch per id (one index line + the row's). "
@@ -1421,6 +1432,18 @@ def format_report(result: dict, header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _checksum_verdict(result: dict) -> str:
+    """The report's line on the checksums of mtht against the baselines ('' without them)."""
+    mism = [f"{r['op']} ({r['threads']} thr) vs {impl}" for r in result["results"]
+            for key, impl in (("checksum_matches_numpy_dict", "numpy+dict"), ("checksum_matches_pandas_numpy", "pandas+numpy"))
+            if r.get(key) is False]
+    if any(k in r for r in result["results"] for k in ("checksum_matches_numpy_dict", "checksum_matches_pandas_numpy")):
+        return "checksums: " + ("mtht and the baselines agree" if not mism else "MISMATCH: " + "; ".join(mism))
+    if (unlike := _unlike_the_baselines(result["config"])) and any("vs_numpy_dict" in r for r in result["results"]):
+        return f"checksums: not compared with the baselines ({unlike})"
+    return ""
+
+
 def format_sweep(sweep_result: dict) -> str:
     lines = [f"sweep over {sweep_result['sweep']}:",
              f"{'value':>12} {'op':<26} {'thr':>3} {'M ids/s':>8} {'%ceil':>6}"]
@@ -1431,6 +1454,9 @@ def format_sweep(sweep_result: dict) -> str:
                 lines.append(f"{v:>12,} {r['op']:<26} {r['threads']:>3} {_fmt_rate(r['ids_per_s'])} "
                              f"{(f'{pct:5.0f}%' if pct is not None else ''):>6}")
         lines.extend(f"{v:>12,} {note}" for note in run.get("notes", []) if note.startswith("mtht:"))
+        verdict = _checksum_verdict(run)
+        if verdict:
+            lines.append(f"{v:>12,} {verdict}")
     if sweep_result.get("plot"):
         lines.append(f"plot written to {sweep_result['plot']}")
     if sweep_result.get("plot_note"):
@@ -1528,10 +1554,17 @@ def config_from_flags() -> BenchConfig:
     if FLAGS.quick and not FLAGS["baseline"].present:
         baseline = True
     ops = [op.strip() for op in FLAGS.ops if op.strip()] or list(ALL_OPS)
+    threads = _ints(FLAGS.threads, "threads")
+    for name, listed in (("ops", ops), ("threads", threads)):
+        twice = sorted({v for v in listed if listed.count(v) > 1}, key=str)
+        if twice:
+            raise app.UsageError(f"--{name} lists {', '.join(map(str, twice))} more than once")
+    if FLAGS.sweep != "none" and FLAGS[FLAGS.sweep].present:
+        _log(f"note: --{FLAGS.sweep} is not used: --sweep={FLAGS.sweep} runs the values of --sweep_{FLAGS.sweep}s")
     cfg = BenchConfig(
         dist=FLAGS.dist, zipf_a=FLAGS.zipf_a, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
         ops=ops, fused_tables=FLAGS.fused_tables, fused_shards=FLAGS.fused_shards, slots=FLAGS.slots,
-        threads=_ints(FLAGS.threads, "threads"), seed=FLAGS.seed, baseline=baseline,
+        threads=threads, seed=FLAGS.seed, baseline=baseline,
         baseline_max_size=FLAGS.baseline_max_size, max_memory_gb=max_memory_gb, probe=FLAGS.probe,
         progress=FLAGS.progress, save_dir=FLAGS.save_dir, checkpoint_format=FLAGS.checkpoint_format,
         max_load_factor=FLAGS.max_load_factor, embedding_dtype=FLAGS.embedding_dtype, compressor=FLAGS.compressor,
@@ -1586,6 +1619,20 @@ def _sweep_values(cfg: BenchConfig) -> List[int]:
 
 
 def main(argv: Sequence[str]) -> int:
+    """The run of ``mtht-bench``: a flag refused is one line (the flags' listing, which absl
+    prints before a usage error, buried it), an interrupt a line too, after the run's
+    temporary files are removed."""
+    try:
+        return _main(argv)
+    except app.UsageError as e:
+        _log(f"mtht-bench: {e}\n(mtht-bench --help lists the flags)")
+        return 1
+    except KeyboardInterrupt:
+        _log("mtht-bench: interrupted")
+        return 130
+
+
+def _main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = config_from_flags()
@@ -1601,12 +1648,18 @@ def main(argv: Sequence[str]) -> int:
         if not plot.lower().endswith(".png"):
             raise app.UsageError(f"--plot={plot}: the plot is a PNG file (name it *.png)")
         _check_output_file(plot, "plot")
+        if FLAGS.json and os.path.realpath(FLAGS.json) == os.path.realpath(plot):
+            raise app.UsageError(f"--json and --plot name one file, {plot}")
+        if FLAGS.plot and importlib.util.find_spec("matplotlib") is None:
+            raise app.UsageError(f"--plot={FLAGS.plot} needs matplotlib: pip install 'mtht[bench]'")
+        _note_threads_beyond_the_cores(cfg)
         res = run_sweep(cfg, FLAGS.sweep, values, plot, log=log)
         report = format_header(res["runs"][0]) + "\n" + format_sweep(res)
     else:
         if FLAGS.plot:
             raise app.UsageError("--plot is the plot of a sweep: give --sweep=size or --sweep=dim with it")
         _say(format_header(run_header_only(cfg)))
+        _note_threads_beyond_the_cores(cfg)
         res = run_benchmark(cfg, log=log)
         report = "\n" + format_report(res, header=False)
     written = True
@@ -1620,7 +1673,19 @@ def main(argv: Sequence[str]) -> int:
     _say(report)
     if FLAGS.json and written:
         _say(f"results written to {FLAGS.json}")
+    runs = res["runs"] if FLAGS.sweep != "none" else [res]
+    if not any(r["impl"] == "mtht" and r["status"] == "ok" for run in runs for r in run["results"]):
+        _log("mtht-bench: no op of mtht ran (the notes above say why)")
+        return 1
     return 0 if written else 1
+
+
+def _note_threads_beyond_the_cores(cfg: BenchConfig) -> None:
+    cores = os.cpu_count() or 1
+    most = max(cfg.thread_counts())
+    if most > cores:
+        _log(f"note: {most} threads on {cores} cores take turns on them (the probe alone makes "
+             f"{most} x 20M reads): expect a long run, and rates of the cores, not of the threads")
 
 
 def _say(text: str) -> None:
@@ -1653,11 +1718,22 @@ def run_header_only(cfg: BenchConfig) -> dict:
 
 def run() -> None:
     """Console entry point of ``mtht-bench``."""
-    # absl's --help lists the flags of the module sys.argv[0] names: under the console
-    # script that is the script, not this module.
+    # absl's --help lists the flags of the module sys.argv[0] names, under the text of the
+    # __main__ module: under the console script those are the script's, not this module's.
     for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__]):
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    script = sys.modules.get("__main__")
+    if script is not None and not script.__doc__:
+        script.__doc__ = __doc__
+    sys.argv = [("--help" if a == "-h" else a) for a in sys.argv]
+    # A kill (a job's timeout) ends the run as Ctrl-C does: through the cleanups of the
+    # checkpoints it writes, which an unhandled SIGTERM left behind (GBs in the temp dir).
+    signal.signal(signal.SIGTERM, _terminated)
     app.run(main)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -312,9 +314,12 @@ def test_unavailable_optimizer_is_reported_not_raised(monkeypatch):
 
 
 def test_memory_budget_skips_instead_of_failing():
-    result = bench.run_benchmark(_config(ops=("lookup",), max_memory_gb=1e-4, threads=(1,), probe=False))
+    # 1 MB: a batch's arrays (0.26 MB) fit, a table of 20,000 ids (about 4 MB) does not.
+    result = bench.run_benchmark(_config(ops=("lookup",), max_memory_gb=1e-3, threads=(1,), probe=False))
     (r,) = _results(result, "lookup", "mtht")
     assert r["status"] == "unavailable" and "max_memory_gb" in r["note"]
+    with pytest.raises(ValueError, match=r"0.0 GB of arrays, more than the memory budget of 0.0001 GB"):
+        bench.run_benchmark(_config(ops=("lookup",), max_memory_gb=1e-4, threads=(1,), probe=False))
 
 
 def test_baseline_is_capped():
@@ -404,6 +409,11 @@ def test_cli_json(tmp_path):
     (["--save_dir=/proc"], "--save_dir=/proc: cannot write in /proc"),
     (["--sweep=size", "--sweep_sizes=1000", "--plot=/proc/p.png"], "--plot=/proc/p.png: cannot write in /proc"),
     (["--sweep=size", "--sweep_sizes=1000", "--plot=p.txt"], "--plot=p.txt: the plot is a PNG file"),
+    (["--ops=lookup,save,lookup"], "--ops lists lookup more than once"),
+    (["--threads=2,1,2"], "--threads lists 2 more than once"),
+    (["--sweep=size", "--sweep_sizes=1000", "--json=x.png", "--plot=x.png"], "--json and --plot name one file"),
+    (["--size=99999999999999999999"], "size must be at most"),
+    (["--dim=40000", "--batch_size=16384"], "more than the memory budget of 8 GB"),  # 10.5 GB of batches
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     # A usage error, before anything runs (no probe, no table): not a traceback at the end.
@@ -411,6 +421,50 @@ def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     assert proc.returncode != 0
     assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "probe: random 64-byte reads over" not in proc.stderr and proc.stdout == ""
+    # The message alone, not under the listing of every flag.
+    assert len(proc.stderr.splitlines()) <= 3 and "--baseline_max_size" not in proc.stderr, proc.stderr
+
+
+def test_cli_fails_when_no_op_of_mtht_ran(tmp_path):
+    # A table past the memory budget is skipped, and a script must be able to tell.
+    proc = _cli("--size=20000", "--batch_size=1024", "--max_memory_gb=0.001", "--ops=lookup", "--threads=1",
+                "--noprobe", "--nobaseline", "--noprogress", cwd=tmp_path)
+    assert proc.returncode == 1 and "no op of mtht ran" in proc.stderr, proc.stderr
+    assert "skipped" in proc.stdout
+
+
+def test_cli_sweep_says_what_it_leaves_out_and_how_each_value_checked(tmp_path):
+    proc = _cli("--sweep=dim", "--sweep_dims=4,8", "--dim=16", "--size=2000", "--batch_size=256", "--iterations=2",
+                "--ops=lookup", "--threads=1", "--noprobe", "--baseline", "--noprogress", f"--plot={tmp_path / 'p.png'}",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: --dim is not used: --sweep=dim runs the values of --sweep_dims" in proc.stderr
+    summary = proc.stdout[proc.stdout.index("sweep over dim:"):]
+    for dim in (4, 8):
+        assert f"{dim:>12,} checksums: mtht and the baselines agree" in summary, summary
+
+
+@pytest.mark.parametrize("signum, code, says", [(signal.SIGINT, 130, "mtht-bench: interrupted"),
+                                                (signal.SIGTERM, 128 + signal.SIGTERM, "")])
+def test_an_interrupted_or_killed_run_removes_its_checkpoints(tmp_path, signum, code, says):
+    # Ctrl-C was a traceback; a kill (a job's timeout) left GBs of checkpoints in the temp dir.
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    saves = tmp_path / "saves"
+    saves.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mtht.bench", "--size=2000000", "--ops=save,restore",
+                             "--threads=1", "--iterations=200", "--noprobe", "--nobaseline", "--noprogress",
+                             f"--save_dir={saves}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not os.listdir(saves) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the saves
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (proc.returncode, err)
+    assert says in err and "Traceback" not in err, err
+    assert os.listdir(saves) == []
 
 
 def test_cli_json_is_written_when_the_reader_of_the_output_goes(tmp_path):
