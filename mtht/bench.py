@@ -26,12 +26,12 @@ result as a dict (the same dict ``--json`` writes).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
 import os
 import platform
-import importlib.util
 import shutil
 import signal
 import sys

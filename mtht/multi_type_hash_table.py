@@ -448,8 +448,9 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
     @contextlib.contextmanager
     def _naming_the_merged_slots(self, given: Mapping) -> Iterator[None]:
         """An error the inner table raises names a merged table as its slot
-        (_naming_the_slot): reported instead with the slots of ``given`` (the call's) that the
-        merged table holds."""
+        (_naming_the_slot), and so does another rank's (a DistributedError of a sharded inner
+        table): reported instead with the slots of ``given`` (the call's) that the merged
+        table holds."""
         try:
             yield
         except Exception as e:

@@ -160,9 +160,10 @@ def reshard(source: str, target: str, world_size: int, make_model: Callable[[], 
     :class:`~mtht.multi_type_hash_table.MergedMultiTypeHashTable` over one) that each process's
     :class:`~mtht.distributed.DistributedMultiTypeHashTable` holds, built from the same
     configs, every table of the save among its tables (a model that leaves one out is
-    refused: the new save would lack it). One model is in memory at a time: the entries of one new part, each of whose
-    tables is read from every old part's files, keeping the ids the new part owns
-    (``id mod world_size``), with their optimizer state, timestamps and admission counts.
+    refused: the new save would lack it). One model is in memory at a time: the entries of
+    one new part, each of whose tables is read from every old part's files, keeping the ids
+    the new part owns (``id mod world_size``), with their optimizer state, timestamps and
+    admission counts.
     ``target`` gets a save that a job of ``world_size`` processes restores (a new generation
     if it holds one already); ``source`` is only read.
     """
