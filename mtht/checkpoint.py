@@ -340,7 +340,8 @@ def file_count(table, entries_per_file: int = _ENTRIES_PER_FILE) -> int:
     one per ``entries_per_file`` entries, from 1 to 4."""
     if table._saver_parallel and table._saver_parallel > 0:
         return table._saver_parallel
-    return min(4, max(1, len(table) // entries_per_file))
+    # The core's size: the caller may hold the table's writes, which a queued call waits for.
+    return min(4, max(1, table._core.size() // entries_per_file))
 
 
 def save_table(table: _hash_table.HashTable, basename: StrPath) -> dict:

@@ -313,9 +313,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         them, whichever thread runs them (two orders would pair one rank's lookup with
         another's update). A call made inside another (by a learning-rate function) takes
         memory of its own: the outer call's is in use."""
-        pipeline = getattr(self, "_mtht_pipeline", None)
-        if pipeline is not None and not pipeline.on_own_thread():
-            pipeline.wait()
+        self._after_queued_calls()
         if threading.current_thread() is not threading.main_thread():
             self._check_threads_allowed()
         with self._one_call:

@@ -220,6 +220,8 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     64-byte boundary."""
     if len(tables) != len(ids_list):
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
+    for table in tables:
+        table._after_queued_calls()
     ids_list = [as_ids(ids) for ids in ids_list]
     outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
     _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
@@ -424,7 +426,8 @@ class HashTable(BaseHashTable):
         return self._core.max_update_ts
 
     def __repr__(self) -> str:
-        return f"HashTable(name={self._name!r}, dim_size={self._dim}, size={self.size()})"
+        # The size of this moment: a repr (a debugger's) does not wait for the hooks' calls.
+        return f"HashTable(name={self._name!r}, dim_size={self._dim}, size={self._core.size()})"
 
     # -- reads -----------------------------------------------------------------------------
     def lookup(self, ids: ArrayInput, use_multi_threads: Switch = False, enable_dedup: Switch = False,
@@ -433,6 +436,7 @@ class HashTable(BaseHashTable):
         inserted. ``use_multi_threads`` and ``enable_dedup`` are accepted for Monolith
         compatibility; threading follows :func:`mtht.set_num_threads` and never changes
         results."""
+        self._after_queued_calls()
         as_flag(use_multi_threads, "use_multi_threads")
         as_flag(enable_dedup, "enable_dedup")
         id_array = as_ids(ids)
@@ -448,6 +452,7 @@ class HashTable(BaseHashTable):
 
     def contains(self, ids: ArrayInput) -> np.ndarray:
         """bool ``[N]``: whether each id has an entry."""
+        self._after_queued_calls()
         return self._core.contains(as_ids(ids))
 
     def ids(self) -> np.ndarray:
@@ -462,6 +467,7 @@ class HashTable(BaseHashTable):
 
     def size(self) -> int:
         """Number of entries."""
+        self._after_queued_calls()
         return self._core.size()
 
     def __len__(self) -> int:
@@ -478,6 +484,7 @@ class HashTable(BaseHashTable):
         (their memory is part of ``index_bytes``). ``filter_counts``, ``filter_bytes`` and
         ``filter_forgotten``: the admission filter's counts, their memory (not part of
         ``bytes``) and the counts forgotten to stay within its capacity."""
+        self._after_queued_calls()
         core = self._core  # once: a restore on another thread may swap it
         st: Dict[str, Any] = core.stats(probe_lengths)
         st["row_bytes_reserved"] = st.pop("row_bytes")
@@ -493,6 +500,7 @@ class HashTable(BaseHashTable):
     def lookup_entry(self, ids: ArrayInput) -> List[Optional[EntryDump]]:
         """Per id: an :class:`EntryDump` (raw values, optimizer state by segment, timestamp),
         or ``None`` when the id has no entry."""
+        self._after_queued_calls()
         ids = as_ids(ids)
         values, state, ts, found = self._core.lookup_entries(ids)
         table_config = self._config.table_config
@@ -529,6 +537,7 @@ class HashTable(BaseHashTable):
         """``(table, method, ids, rows, learning_rates)``: a write's arguments converted, as
         :func:`write_parts` applies them (``learning_rates`` is None but for
         ``apply_gradients``)."""
+        self._after_queued_calls()
         id_array = as_ids(ids)
         if method == "apply_gradients":
             return (self, method, id_array, as_rows(tensor, id_array.shape[0], self._dim, "grads"),
@@ -569,6 +578,7 @@ class HashTable(BaseHashTable):
         """Reset values and optimizer state to their initial values (inserting new ids).
         Returns int32 status per id: 0 inserted, 1 existed. The timestamp becomes
         ``req_time``, or the wall clock when it is None."""
+        self._after_queued_calls()
         ids = as_ids(ids)
         ts = int(time.time()) if req_time is None else as_int64_scalar(req_time, "req_time")
         return self._core.reinitialize(ids, ts)
@@ -585,6 +595,7 @@ class HashTable(BaseHashTable):
         missing id packs as a row of zeros does (one_bit keeps signs only, and packs 0 as -1,
         which serving reads as ``-amplitude``)."""
         from mtht.serving import compress
+        self._after_queued_calls()
         ids = as_ids(ids)
         core = self._core  # once: a restore on another thread may swap it
         values, _, _, _ = core.lookup_entries(ids)
@@ -595,6 +606,7 @@ class HashTable(BaseHashTable):
         """Remove the entries expired at ``max_update_time`` (default: the table's
         ``max_update_ts``): those with ``max_update_time - last_update_ts >= expire days of
         their slot * 86400``. Returns how many; their memory is reused by later inserts."""
+        self._after_queued_calls()
         core = self._core  # once: a restore on another thread may swap it (and its max_update_ts)
         now = core.max_update_ts if max_update_time is None else as_int64_scalar(max_update_time, "max_update_time")
         return core.evict(now)
@@ -650,6 +662,7 @@ def _core_tables(tables) -> list:
     for t in tables:
         if not isinstance(t, HashTable):
             raise TypeError(f"fused ops take HashTable objects, got {type(t).__name__}")
+        t._after_queued_calls()
     return _contents_of(tables)
 
 

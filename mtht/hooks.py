@@ -64,6 +64,16 @@ class QueueHooks:
             hooks.extend(t.get_queue_hooks())
         return hooks
 
+    _mtht_pipeline: Optional["_Pipeline"] = None  # of the family, once a hook is made (_pipeline_of)
+
+    def _after_queued_calls(self) -> None:
+        """A call made on the table directly (not through a hook) first waits for the calls
+        that hooks queued before it, so that it reads and writes the table in the trainer's
+        order. The error of a failed one stays for the hooks' next call, wait() or as_op()."""
+        pipeline = self._mtht_pipeline
+        if pipeline is not None:
+            pipeline.wait_for_queued()
+
     def _wait_for_hooks(self) -> None:
         """Every call queued by a hook of this table, of a table it wraps, or of a table that
         wraps it (a slot table of a multi-type table with hooks) is done; the first error
@@ -214,6 +224,7 @@ class _Pipeline:
         self._tasks: "queue.SimpleQueue" = queue.SimpleQueue()
         self._state: _PipelineState = _PipelineState(self._state.collective if hasattr(self, "_state") else False)
         self._thread: Optional[threading.Thread] = None
+        self._last: Optional[concurrent.futures.Future] = None  # of the call queued last
         self._lock = threading.Lock()
         self._box: List[Any] = getattr(self, "_box", [None, None, self._name])  # for the finalizer
         self._box[:2] = [self._tasks, self._state]
@@ -251,6 +262,7 @@ class _Pipeline:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._start_locked()
+            self._last = future
             self._tasks.put((fn, future, is_write, on_done))
         return future
 
@@ -267,6 +279,17 @@ class _Pipeline:
             if self._thread is None and not self._state.consumer.locked():
                 return
         self.submit(lambda: None, is_write=False).result()
+
+    def wait_for_queued(self) -> None:
+        """wait(), for a call made on a table directly: at no cost once the call queued last
+        is done, and at once on the thread of any pipeline (a call it runs takes its place in
+        that queue's order; waiting there for another queue could wait for ever). It waits
+        through wait(), not for that call: an interrupt may have cut the call's submit short
+        after it became the last, and it never runs."""
+        last = self._last
+        if last is None or last.done() or getattr(_RUNNING, "state", None) is not None:
+            return
+        self.wait()
 
     def take_error_at_call(self) -> None:
         """take_error, where a hook's call may raise an earlier write's error: not on a
@@ -499,7 +522,8 @@ class AsyncPush(_TableHook):
     writes wait at a time: a push beyond them blocks until the oldest is applied.
 
     Writes are applied in the order they were pushed. ``wait()``, ``end()`` and the table's
-    ``as_op()`` return once they are. A write that fails (a NaN gradient, a wrong shape)
+    ``as_op()`` return once they are; any other call made on the table directly waits for
+    the writes pushed before it. A write that fails (a NaN gradient, a wrong shape)
     changes nothing; its exception is raised again by the next call of a hook of the table
     (or ``as_op()``), with a note saying so, and the writes queued after it are not applied
     (the note says how many). On a table sharded over processes (:mod:`mtht.distributed`),

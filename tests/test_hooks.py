@@ -222,6 +222,78 @@ def test_multi_type_tables_take_hooks_and_wait_for_them():
     push.end()
 
 
+def held_back(t, method):
+    """Makes ``t``'s ``method`` wait on the event returned, set 0.2 s later: a write pushed
+    now is still queued when the test's next call comes."""
+    release = threading.Event()
+    original = getattr(t, method)
+    setattr(t, method, lambda *a, **k: (release.wait(), original(*a, **k))[1])
+    threading.Timer(0.2, release.set).start()
+    return release
+
+
+ONES = np.ones((1, 4), F32)
+DIRECT_CALLS = {  # a call made on the table itself, and whether it saw the pushed assign of id 1
+    "lookup": lambda t: t.lookup([1]).tolist() == ONES.tolist(),
+    "contains": lambda t: t.contains([1]).tolist() == [True],
+    "len": lambda t: len(t) == 1,
+    "stats": lambda t: t.stats()["size"] == 1,
+    "lookup_entry": lambda t: t.lookup_entry([1])[0] is not None,
+    "export_serving": lambda t: t.export_serving([1]).view(F32).tolist() == ONES.tolist(),
+    "evict": lambda t: t.evict(10**12) == 1,
+    "reinitialize": lambda t: t.reinitialize([1], req_time=0).tolist() == [1],  # 1: it existed
+    "fused_lookup": lambda t: mtht.hash_table.fused_lookup([t], [1], [1], 1)[0].tolist() == [1.0] * 4,
+    # a write: after the pushed assign, not before it (which would leave 1, not 2)
+    "assign_add": lambda t: t.assign_add([1], ONES).as_op().lookup([1]).tolist() == (2 * ONES).tolist(),
+}
+
+
+@pytest.mark.parametrize("call", DIRECT_CALLS)
+def test_a_call_made_on_the_table_directly_comes_after_the_calls_queued_before_it(call):
+    seg = entry.CombineAsSegment(4, entry.ZerosInitializer(), entry.SgdOptimizer(), entry.Fp32Compressor())
+    t = hash_table_from_config(entry.HashTableConfigInstance(entry.EmbeddingHashTableConfig(
+        entry_config=entry.EntryConfig(segments=[seg]),
+        slot_expire_time_config=entry.SlotExpireTimeConfig(default_expire_time=1)), [0.1]))
+    push = mtht.AsyncPush(t)
+    release = held_back(t, "assign")
+    push.assign([1], ONES, req_time=0)
+    assert DIRECT_CALLS[call](t)
+    assert release.is_set()
+    push.end()
+
+
+def test_calls_made_on_a_model_or_its_slot_tables_directly_come_after_the_queued_ones():
+    # Hooks on the model: a slot table's own lookup waits; hooks on a slot table only: the
+    # model's write waits (it goes through the slot table's write).
+    for hooked in ("model", "slot table"):
+        model = MultiTypeHashTable({"a": config(), "b": config()},
+                                   lambda slot, cfg: hash_table_from_config(cfg, name_suffix=slot))
+        a = model.table_of("a")
+        push = mtht.AsyncPush(model if hooked == "model" else a)
+        if hooked == "model":
+            held_back(model, "assign")
+            push.assign({"a": ([1], ONES)})
+            assert a.lookup([1]).tolist() == ONES.tolist(), hooked
+        else:
+            held_back(a, "assign")
+            push.assign([1], ONES)
+            model.assign_add({"a": ([1], ONES), "b": ([1], ONES)})
+            assert model.as_op().lookup({"a": [1]})["a"].tolist() == (2 * ONES).tolist(), hooked
+        push.end()
+
+
+def test_a_direct_call_after_a_failed_write_leaves_its_error_to_the_hook():
+    t = table()
+    push = mtht.AsyncPush(t)
+    held_back(t, "apply_gradients")
+    push.apply_gradients([1], np.full((1, 4), np.nan, F32), global_step=0)
+    push.assign([2], ONES)  # dropped: queued after the failed write
+    assert t.lookup([1, 2]).tolist() == [[0.0] * 4] * 2
+    with pytest.raises(ValueError, match="NaN"):
+        push.wait()
+    push.end()
+
+
 def test_a_failed_write_is_raised_by_the_next_call_and_the_writes_after_it_are_not_applied():
     t = table()
     push = mtht.AsyncPush(t, capacity=4)
@@ -544,7 +616,9 @@ def test_an_interrupted_end_starts_no_second_thread_on_the_queue():
     interrupt.join()
     push.assign([3], np.full((1, 4), 3, F32))
     time.sleep(0.3)
-    assert t.lookup([2, 3]).tolist() == [[0] * 4] * 2, "writes ran beside the one queued before them"
+    # Read from the core: the table's own lookup would wait for the queued writes.
+    assert t._core.contains(np.array([2, 3])).tolist() == [False, False], \
+        "writes ran beside the one queued before them"
     release.set()
     push.wait()
     assert t.lookup([1, 2, 3])[:, 0].tolist() == [1, 2, 3]
