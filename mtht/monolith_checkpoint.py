@@ -21,7 +21,7 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht._arrays import StrPath
 from mtht._spec import _STATE_LAYOUT
-from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, file_count, file_prefix
+from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, directory_lock, file_count, file_prefix
 
 __all__ = ["save_monolith", "restore_monolith", "save_monolith_tables", "restore_monolith_tables", "asset_prefix",
            "entry_dump_class", "write_tfrecords", "read_tfrecords"]
@@ -337,11 +337,13 @@ def save_monolith_tables(tables: list, directory: str) -> None:
     """Save each of ``tables`` in Monolith's files under ``directory`` (a checkpoint's
     ``.assets`` directory), at ``directory/asset_prefix(table.name)``. All tables' files
     are written, in parallel, before the first is renamed into place: a save that fails
-    leaves every table's previous files."""
+    leaves every table's previous files. It holds the directory's lock between processes
+    alone, as a save in mtht's format does, so that a restore in another process reads one
+    whole save."""
     directory = os.fsdecode(directory)
     basenames = [os.path.join(directory, p) for p in _prefixes(tables)]
     os.makedirs(directory, exist_ok=True)
-    with _turn(directory, *basenames):
+    with _turn(directory, *basenames), directory_lock(directory, exclusive=True):
         with _hash_table.writes_held(tables):  # every table at one point
             written, failed = _over_tables_settled(_write_temporaries, list(zip(tables, basenames)))
         written = [moves or [] for moves in written]
@@ -373,13 +375,15 @@ def restore_monolith_tables(tables: list, directory: str) -> None:
     """Restore each of ``tables`` from Monolith's files under ``directory`` (a checkpoint's
     ``.assets`` directory): from its name's files or, if there are none, from the first of
     its ``extra_restore_names`` that has files. The tables load in parallel, and every file
-    is checked before the first table changes."""
+    is checked before the first table changes. It holds the directory's lock shared (a
+    save holds it alone)."""
     directory = os.fsdecode(directory)
     _prefixes(tables)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no Monolith checkpoint directory {directory!r}")
     names = [[asset_prefix(name) for name in _restore_names(t)] for t in tables]
-    with _turn(directory, *(os.path.join(directory, n) for candidates in names for n in candidates)):
+    with (_turn(directory, *(os.path.join(directory, n) for candidates in names for n in candidates)),
+          directory_lock(directory, exclusive=False)):
         found = []
         for table, candidates in zip(tables, names):
             prefix = next((c for c in candidates if _all_shard_files(os.path.join(directory, c))), None)

@@ -1661,7 +1661,7 @@ def test_a_model_saves_each_table_as_its_own_monolith_save(tmp_path, restore_num
         assert sorted(names) == sorted(f"MonolithHashTable_{n}" for n in trained.slot_mapping.values())
     else:
         assert sorted(names) == sorted(f"MonolithHashTable_{slot}" for slot in MODEL_SLOTS)
-    assert sorted(os.listdir(tmp_path / "assets")) == sorted(f"{n}-00000-of-00001" for n in names)
+    assert sorted(os.listdir(tmp_path / "assets")) == [".mtht-lock"] + sorted(f"{n}-00000-of-00001" for n in names)
     for table in tables:
         table.save(tmp_path / "single" / table.name, format="monolith")
         own = pathlib.Path(shard_names(tmp_path / "single" / table.name, 1)[0]).read_bytes()
