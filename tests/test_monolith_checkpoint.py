@@ -417,14 +417,14 @@ def test_restore_hand_built_int64_state(tmp_path):
     step = 2**40 + 3
     write_file(shard_names(base, 1)[0], [
         entry_dump(11, [0.5], [dump("batch_softmax", global_step=step)], ts=1),
-        entry_dump(12, [1.5], [dump("batch_softmax", global_step=-5)], ts=2),
+        entry_dump(12, [1.5], [dump("batch_softmax", global_step=0)], ts=2),
     ])
     table = make_table([(1, mtht.BatchSoftmaxOptimizer())])
     table.restore(base, format="monolith")
     a, b = table.lookup_entry([11, 12])
     assert a.optimizer_state[0]["global_step"].dtype == np.int64
     assert a.optimizer_state[0]["global_step"].tolist() == [step]
-    assert b.optimizer_state[0]["global_step"].tolist() == [-5]
+    assert b.optimizer_state[0]["global_step"].tolist() == [0]
 
     base = tmp_path / "dynamic_wd"
     write_file(shard_names(base, 1)[0], [
@@ -435,6 +435,25 @@ def test_restore_hand_built_int64_state(tmp_path):
     (e,) = table.lookup_entry([3])
     np.testing.assert_array_equal(e.optimizer_state[0]["norm"], np.array([0.5, 0.75], dtype=F32))
     assert e.optimizer_state[0]["last_update_step"].tolist() == [step]
+
+
+@pytest.mark.parametrize("kind, field, optimizer, dim", [
+    ("batch_softmax", "global_step", mtht.BatchSoftmaxOptimizer(), 1),
+    ("dynamic_wd_adagrad", "last_update_step", mtht.DynamicWdAdagradOptimizer(), 2)])
+@pytest.mark.parametrize("step", [-5, -2**63])
+def test_a_step_counter_below_0_is_refused_and_leaves_the_table(tmp_path, kind, field, optimizer, dim, step):
+    # Training takes no step below 0; a counter below it would be subtracted from the next
+    # step (past the int64 range for -2**63). Its 10-byte varint is read as the number given.
+    base = tmp_path / kind
+    norm = {"norm": [0.5] * dim} if kind == "dynamic_wd_adagrad" else {}
+    write_file(shard_names(base, 1)[0], [entry_dump(4, [1.0] * dim, [dump(kind, **norm)], ts=1),
+                                         entry_dump(5, [1.0] * dim, [dump(kind, **norm, **{field: step})], ts=1)])
+    table = make_table([(dim, optimizer)])
+    table.assign([4], np.full((1, dim), 3.0, F32), req_time=9)
+    before = snapshot(table, [4, 5])
+    with pytest.raises(ValueError, match=f"entry 5: {kind}.{field} is {step}, a step counter below 0"):
+        table.restore(base, format="monolith")
+    assert snapshot(table, [4, 5]) == before
 
 
 def test_restore_hand_built_multi_segment_with_moving_average(tmp_path):
@@ -1413,6 +1432,7 @@ def protobuf_entry(layout, id_, ts, values, state_values):
 
 finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 int64s = st.integers(-(2**63), 2**63 - 1)
+steps = st.integers(0, 2**63 - 1)  # the step counters of optimizer state (below 0 is refused)
 
 
 @st.composite
@@ -1429,7 +1449,7 @@ def layout_and_entry(draw, names=st.sampled_from(sorted(LAYOUTS))):
             elif form == "float":
                 state_values[(kind, field)] = draw(finite_f32)
             else:
-                state_values[(kind, field)] = draw(int64s)
+                state_values[(kind, field)] = draw(steps)
     values = draw(st.lists(finite_f32, min_size=dim, max_size=dim))
     return protobuf_entry(layout, draw(int64s), draw(int64s), values, state_values)
 
@@ -1542,7 +1562,7 @@ def oneof_members(draw, name):
                 elif form == "float":
                     state[field] = draw(finite_f32)
                 else:
-                    state[field] = draw(int64s)
+                    state[field] = draw(steps)
                 if draw(st.integers(0, 4)) == 0:
                     del state[field]
             members.append(dump(member, packed=draw(st.booleans()), **state))

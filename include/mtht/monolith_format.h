@@ -458,6 +458,13 @@ class EntryDecoder {
         if (field.type == kFloats && got != field.words)
           throw ValueError(entry() + ": " + kind + "." + field.name + " has " + std::to_string(got) +
                            " values, expected " + std::to_string(field.words));
+        if (field.type == kInt64) {  // a step counter, which training keeps at 0 or more
+          int64_t step;
+          std::memcpy(&step, row_ + dumps_[d].offsets[k], sizeof step);
+          if (step < 0)
+            throw ValueError(entry() + ": " + kind + "." + field.name + " is " + std::to_string(step) +
+                             ", a step counter below 0");
+        }
       }
     }
   }

@@ -48,6 +48,7 @@ int main() {
   for (int round = 0; round < 2000; ++round) {
     std::vector<uint32_t> words(width);
     for (uint32_t& w : words) w = static_cast<uint32_t>(next());  // any bits: NaNs too
+    words[width - 1] &= 0x7FFFFFFFu;  // the step counter's high word: a step below 0 is refused
     std::vector<float> row(width);
     std::memcpy(row.data(), words.data(), 4 * width);
     const int64_t id = static_cast<int64_t>(next()), ts = static_cast<int64_t>(next() >> (next() % 64));
