@@ -304,6 +304,9 @@ def write_all(writes: List[TableWrite]) -> None:
                  WriteArguments(step, dedup, writes[0].req_time))
 
 
+# The ids export_serving packs at a time.
+_EXPORT_BLOCK = 65_536
+
 # The most data files a save writes: file names hold their count in 5 digits.
 _MAX_FILES = 99_999
 
@@ -594,12 +597,18 @@ class HashTable(BaseHashTable):
         by its compressor (fp32, fp16, fixed_r8 or one_bit; see :mod:`mtht.serving`). A
         missing id packs as a row of zeros does (one_bit keeps signs only, and packs 0 as -1,
         which serving reads as ``-amplitude``)."""
-        from mtht.serving import compress
+        from mtht.serving import compress, row_bytes
         self._after_queued_calls()
         ids = as_ids(ids)
         core = self._core  # once: a restore on another thread may swap it
-        values, _, _, _ = core.lookup_entries(ids)
-        return compress(self._config.table_config, values, core.hashnet_scales())
+        table_config, scales = self._config.table_config, core.hashnet_scales()
+        out = np.empty((ids.shape[0], row_bytes(table_config)), dtype=np.uint8)
+        # A block at a time: the entries' state and the compressor's copies of a whole
+        # table's values took twice the rows returned on top of them.
+        for start in range(0, ids.shape[0], _EXPORT_BLOCK):
+            values, _, _, _ = core.lookup_entries(ids[start:start + _EXPORT_BLOCK])
+            out[start:start + values.shape[0]] = compress(table_config, values, scales)
+        return out
 
     # -- lifecycle -------------------------------------------------------------------------
     def evict(self, max_update_time: Optional[IntegerInput] = None) -> int:

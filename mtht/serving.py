@@ -9,20 +9,29 @@ segment after segment, little-endian; :func:`decompress` reads them back.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from mtht._arrays import ArrayInput, as_float32
-from mtht.entry import EmbeddingHashTableConfig
+from mtht.entry import EmbeddingHashTableConfig, HashTableConfigInstance
 
 __all__ = ["row_bytes", "compress", "decompress"]
+
+# A table's EmbeddingHashTableConfig, or the HashTableConfigInstance holding it (table.config).
+AnyTableConfig = Union[EmbeddingHashTableConfig, HashTableConfigInstance]
 
 _BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "fixed_r8": 1, "one_bit": 1}
 
 
-def _segments(table_config) -> List[Tuple[int, str, dict]]:
+def _segments(config) -> List[Tuple[int, str, dict]]:
+    """(dim, compressor kind, its params) of each segment of ``config``: an
+    EmbeddingHashTableConfig, or the HashTableConfigInstance holding one (``table.config``)."""
+    table_config = getattr(config, "table_config", config)
+    if not hasattr(table_config, "entry_config"):
+        raise TypeError("expected an EmbeddingHashTableConfig or a HashTableConfigInstance (a table's config), "
+                        f"got {type(config).__name__}")
     out = []
     for seg in table_config.entry_config.segments:
         comp = seg.compressor
@@ -31,7 +40,7 @@ def _segments(table_config) -> List[Tuple[int, str, dict]]:
     return out
 
 
-def row_bytes(table_config: EmbeddingHashTableConfig) -> int:
+def row_bytes(table_config: AnyTableConfig) -> int:
     """Bytes of one compressed row."""
     return sum(dim * _BYTES_PER_VALUE[kind] for dim, kind, _ in _segments(table_config))
 
@@ -47,7 +56,7 @@ def _fake_quantize_steps(w: np.ndarray, r: float) -> np.ndarray:
     return n.astype(np.int8)
 
 
-def compress(table_config: EmbeddingHashTableConfig, values: ArrayInput,
+def compress(table_config: AnyTableConfig, values: ArrayInput,
              hashnet_scales: Optional[Sequence[float]] = None) -> np.ndarray:
     """uint8 ``[N, row_bytes]``: ``values`` (float32 ``[N, dim]``, the raw stored values)
     packed with each segment's compressor. ``hashnet_scales`` are the tables' one_bit scales
@@ -57,6 +66,8 @@ def compress(table_config: EmbeddingHashTableConfig, values: ArrayInput,
     dim = sum(d for d, _, _ in segs)
     if values.ndim != 2 or values.shape[1] != dim:
         raise ValueError(f"values must have shape (N, {dim}), got {values.shape}")
+    if hashnet_scales is not None and len(hashnet_scales) != len(segs):
+        raise ValueError(f"hashnet_scales needs one scale per segment ({len(segs)}), got {len(hashnet_scales)}")
     parts = []
     offset = 0
     for k, (d, kind, params) in enumerate(segs):
@@ -76,7 +87,7 @@ def compress(table_config: EmbeddingHashTableConfig, values: ArrayInput,
     return np.ascontiguousarray(np.concatenate(parts, axis=1) if parts else np.empty((values.shape[0], 0), np.uint8))
 
 
-def decompress(table_config: EmbeddingHashTableConfig, data: npt.ArrayLike) -> np.ndarray:
+def decompress(table_config: AnyTableConfig, data: npt.ArrayLike) -> np.ndarray:
     """float32 ``[N, dim]`` from rows packed by :func:`compress`."""
     data = np.asarray(data)
     if data.dtype != np.uint8 and (data.dtype.kind not in "iu" or (data.size and not 0 <= data.min() <= data.max() <= 255)):

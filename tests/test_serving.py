@@ -121,3 +121,37 @@ def test_bad_shapes_raise():
         compress(cfg, np.zeros((1, 2), np.float32))
     with pytest.raises(ValueError, match="shape"):
         decompress(cfg, np.zeros((1, 5), np.uint8))
+
+
+def test_an_export_of_many_blocks_packs_every_row_as_one_call_of_compress():
+    # The table packs 65,536 ids at a time: rows on both sides of each block's edge, ids
+    # absent, and the last block short, against the assigned values packed at once.
+    cfg = config((3, mtht.Fp32Compressor()), (2, mtht.Fp16Compressor()), (4, mtht.FixedR8Compressor()),
+                 (2, mtht.OneBitCompressor()))
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(cfg, [1.0] * 4))
+    rng = np.random.default_rng(5)
+    stored = np.arange(150_000) * 3
+    values = rng.uniform(-2, 2, (stored.size, 11)).astype(np.float32)
+    t.assign(stored, values)
+    ids = np.concatenate([stored, stored[:20_000] + 1])[rng.permutation(170_000)]
+    expected_values = np.zeros((ids.size, 11), np.float32)
+    present = ids % 3 == 0
+    expected_values[present] = values[ids[present] // 3]
+    assert np.array_equal(t.export_serving(ids), compress(cfg, expected_values))
+    assert t.export_serving(ids[:0]).shape == (0, row_bytes(cfg))
+
+
+def test_the_helpers_take_a_tables_config_as_it_holds_it():
+    cfg = config((2, mtht.FixedR8Compressor()), (2, mtht.OneBitCompressor()))
+    t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(cfg, [0.1, 0.1]))
+    t.assign([1], [[0.5, -0.25, 1.0, -1.0]])
+    packed = t.export_serving([1])
+    assert row_bytes(t.config) == row_bytes(cfg) == 4
+    amplitude = np.float32(mtht.OneBitCompressor().amplitude)
+    assert decompress(t.config, packed).tolist() == decompress(cfg, packed).tolist() == [
+        [0.5, -0.25, amplitude, -amplitude]]
+    assert np.array_equal(compress(t.config, [[0.5, -0.25, 1.0, -1.0]]), packed)
+    with pytest.raises(TypeError, match="HashTableConfigInstance"):
+        row_bytes(cfg.entry_config)
+    with pytest.raises(ValueError, match="one scale per segment"):
+        compress(cfg, np.ones((1, 4), np.float32), hashnet_scales=[2.0])
