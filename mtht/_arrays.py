@@ -70,6 +70,10 @@ _NUMPY_BEFORE_1_24 = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 
 
 def _from_sequence(x: Any, name: str) -> np.ndarray:
+    if x and hasattr(x[0], "__dlpack__") and not isinstance(x[0], np.ndarray):
+        # A list of tensors (rows): each read as one tensor is (a PyTorch tensor that needs
+        # grad, or of bfloat16, which numpy's asarray of the list refuses).
+        x = [as_numpy(item, name) for item in x]
     if _NUMPY_BEFORE_1_24 and _ragged(x):  # found before numpy warns of it
         raise ValueError(_ragged_message(name))
     try:

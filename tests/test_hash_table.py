@@ -729,8 +729,8 @@ def test_torch_tensors():
 
 def test_torch_tensors_are_read_as_the_numbers_they_hold():
     # What DLPack alone would drop or refuse: a lazy negation (its export passes the memory
-    # without the sign), a tensor that needs grad, bfloat16 (numpy has no such type). The
-    # same through a push, which copies what it queues.
+    # without the sign), a tensor that needs grad, bfloat16 (numpy has no such type), also
+    # as the rows of a list. The same through a push, which copies what it queues.
     torch = pytest.importorskip("torch")
     negated = torch.tensor([[1 + 2j, 3 + 4j]]).conj().imag  # -2, -4, as a view with the negative bit
     assert negated.is_neg() and negated.tolist() == [[-2, -4]]
@@ -745,10 +745,12 @@ def test_torch_tensors_are_read_as_the_numbers_they_hold():
         target.apply_gradients([4], negated, global_step=0)
         target.apply_gradients([5], needs_grad, global_step=0)
         target.apply_gradients([6], bf16, global_step=0)
+        target.assign([7, 8, 9], [needs_grad[0], bf16[0], negated[0]])  # rows given as a list of tensors
     push.end()
-    want = [[-2, -4], [0.5, -1.5], [1.5, -0.25], [2, 4], [-0.5, 1.5], [-1.5, 0.25]]
+    want = [[-2, -4], [0.5, -1.5], [1.5, -0.25], [2, 4], [-0.5, 1.5], [-1.5, 0.25], [0.5, -1.5], [1.5, -0.25],
+            [-2, -4]]
     for t in (direct, pushed):
-        np.testing.assert_array_equal(t.lookup(np.arange(1, 7)), want)
+        np.testing.assert_array_equal(t.lookup(np.arange(1, 10)), want)
     assert needs_grad.grad is None and negated.is_neg()  # the caller's tensors as they were
 
 
