@@ -507,9 +507,29 @@ def restore_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
     manifest. Nothing changes unless the whole checkpoint verified."""
     basename = os.fsdecode(basename)
     with _turn(basename):
-        core, body = _load(table, basename)
+        core, body = _load_whole_save(table, basename)
     _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
     return body
+
+
+def _load_whole_save(table, basename: str, attempts: int = 100) -> Tuple[object, dict]:
+    """_load, read again from the new manifest when a save of another process replaced the
+    checkpoint meanwhile (a save removes the files of the one before, which the load may not
+    have opened yet): a job restoring a table that another job keeps saving gets one whole
+    save, not an error that calls the checkpoint damaged (about 1 in 70 restores did)."""
+    attempt = 1
+    while True:
+        body = read_manifest(basename)
+        try:
+            return _load(table, basename, body)
+        except OSError:  # CheckpointError too
+            try:
+                replaced = read_manifest(basename)["generation"] != body["generation"]
+            except OSError:
+                replaced = False
+            if not replaced or attempt == attempts:
+                raise
+        attempt += 1
 
 
 def _slot_tables(table) -> Dict[str, Any]:
