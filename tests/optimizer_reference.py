@@ -134,11 +134,12 @@ def adadelta(p, w, st, g, lr, t):
 
 
 def adam_lr(lr, beta1_power, beta2_power) -> np.ndarray:
-    """lr * sqrt(1 - beta2_power) / (1 - beta1_power) in float64, rounded to float32."""
+    """lr * sqrt(1 - beta2_power) / (1 - beta1_power): the differences in float32, the rest
+    in float64, rounded to float32."""
     lr64 = F64(lr)
-    b1 = np.asarray(beta1_power, dtype=F64)
-    b2 = np.asarray(beta2_power, dtype=F64)
-    return (lr64 * np.sqrt(1.0 - b2) / (1.0 - b1)).astype(F32)
+    one_minus_b1 = (F32(1) - np.asarray(beta1_power, dtype=F32)).astype(F64)
+    one_minus_b2 = (F32(1) - np.asarray(beta2_power, dtype=F32)).astype(F64)
+    return (lr64 * np.sqrt(one_minus_b2) / one_minus_b1).astype(F32)
 
 
 def _adam_like(p, w, st, g, lr, amsgrad_max):
@@ -158,7 +159,8 @@ def _adam_like(p, w, st, g, lr, amsgrad_max):
         st["vhat"] = vh
         denom_v = vh
     num = (cg * c1 + b1 * m) if p.get("use_nesterov", False) else m
-    w = w - (num * lr_t) / (np.sqrt(denom_v) + eps)
+    # The float32 product over sqrt(v) + epsilon in float64, as Monolith's C sqrt takes it.
+    w = (w.astype(F64) - (num * lr_t).astype(F64) / (np.sqrt(denom_v.astype(F64)) + F64(eps))).astype(F32)
     st["beta1_power"] = st["beta1_power"] * b1
     st["beta2_power"] = st["beta2_power"] * b2
     return w
@@ -177,7 +179,7 @@ def _ftrl_accumulate(st, w, g, lr):
     norm = st["norm"]
     n_new = norm + g * g
     sigma = (np.sqrt(n_new) - np.sqrt(norm)) / lr
-    z = st["zero"] + g - sigma * w
+    z = st["zero"] + (g - sigma * w)  # Monolith: zero += (g - sigma * w)
     st["zero"], st["norm"] = z, n_new
     return z, n_new
 
@@ -240,24 +242,24 @@ def moving_average(p, w, st, g, lr, t):
     return mu * w + (F32(1) - mu) * g
 
 
-def rmsprop(p, w, st, g, lr, t):
-    """RMSProp v1, in float64 inside; steps with the segment's learning rate."""
+def _rmsprop(p, w, st, g, lr, one_minus_mu):
+    """dx and the new n in float64, n stored as float32, sqrt(n) + 1 in float32 from it,
+    eta and the step in float64 (v1 steps with the segment's learning rate)."""
     mu = F64(_p(p, "momentum", 0.9))
     wd = F64(_p(p, "weight_decay_factor", 0.0))
     dx = g.astype(F64) + wd * w.astype(F64)
-    v = mu * st["n"].astype(F64) + (1.0 - mu) * dx * dx
-    st["n"] = v.astype(F32)
-    eta = F64(lr) / (np.sqrt(v) + 1.0)
+    n = mu * st["n"].astype(F64) + ((1.0 - mu) * dx * dx if one_minus_mu else dx * dx)
+    st["n"] = n.astype(F32)
+    eta = F64(lr) / (np.sqrt(st["n"]) + F32(1)).astype(F64)
     return (w.astype(F64) - eta * dx).astype(F32)
 
 
+def rmsprop(p, w, st, g, lr, t):
+    return _rmsprop(p, w, st, g, lr, one_minus_mu=True)
+
+
 def rmspropv2(p, w, st, g, lr, t):
-    mu = _p(p, "momentum", 0.9)
-    wd = _p(p, "weight_decay_factor", 0.0)
-    dx = g + wd * w
-    v = mu * st["n"] + dx * dx
-    st["n"] = v
-    return w - lr / (np.sqrt(v) + F32(1)) * dx
+    return _rmsprop(p, w, st, g, lr, one_minus_mu=False)
 
 
 def batch_softmax(p, w, st, g, lr, t):

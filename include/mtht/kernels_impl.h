@@ -82,10 +82,20 @@ void adadelta(const SegmentSpec& s, float* w, float* st, const float* g, float l
   }
 }
 
-// lr * sqrt(1 - beta2_power) / (1 - beta1_power), evaluated in double, stored as float.
+// lr * sqrt(1 - beta2_power) / (1 - beta1_power), stored as float: the two differences in
+// float, as Monolith writes them (1 - a float), the rest in double (its unqualified sqrt of
+// a float is C's double sqrt). A difference is inexact once a power is below 1/2.
 inline float adam_lr(float lr, float b1p, float b2p) {
-  return static_cast<float>(static_cast<double>(lr) * __builtin_sqrt(1.0 - static_cast<double>(b2p)) /
-                            (1.0 - static_cast<double>(b1p)));
+  const float one_minus_b1p = 1.f - b1p, one_minus_b2p = 1.f - b2p;
+  return static_cast<float>(static_cast<double>(lr) * __builtin_sqrt(static_cast<double>(one_minus_b2p)) /
+                            static_cast<double>(one_minus_b1p));
+}
+
+// w - step / (sqrt(v) + eps): the float step over a double denominator, as Monolith's
+// unqualified sqrt of a float (C's double sqrt) makes it, the result stored as float.
+inline float adam_step(float w, float step, float v, float eps) {
+  return static_cast<float>(static_cast<double>(w) -
+                            static_cast<double>(step) / (__builtin_sqrt(static_cast<double>(v)) + eps));
 }
 
 // ---- Adam: state m[D], v[D], beta1_power, beta2_power (start at beta1, beta2) ----
@@ -106,7 +116,7 @@ void adam(const SegmentSpec& s, float* w, float* st, const float* g, float lr, i
       const float vi = v[i] + (cg * cg - v[i]) * c2;
       m[i] = mi;
       v[i] = vi;
-      w[i] -= ((cg * c1 + b1 * mi) * lr_t) / (__builtin_sqrtf(vi) + eps);
+      w[i] = adam_step(w[i], (cg * c1 + b1 * mi) * lr_t, vi, eps);
     }
   } else {
     for (int i = 0; i < n; ++i) {
@@ -115,7 +125,7 @@ void adam(const SegmentSpec& s, float* w, float* st, const float* g, float lr, i
       const float vi = v[i] + (cg * cg - v[i]) * c2;
       m[i] = mi;
       v[i] = vi;
-      w[i] -= (mi * lr_t) / (__builtin_sqrtf(vi) + eps);
+      w[i] = adam_step(w[i], mi * lr_t, vi, eps);
     }
   }
   powers[0] *= b1;
@@ -144,7 +154,7 @@ void amsgrad(const SegmentSpec& s, float* w, float* st, const float* g, float lr
     v[i] = vi;
     vhat[i] = vh;
     const float num = nesterov ? (cg * c1 + b1 * mi) : mi;
-    w[i] -= (num * lr_t) / (__builtin_sqrtf(vh) + eps);
+    w[i] = adam_step(w[i], num * lr_t, vh, eps);
   }
   powers[0] *= b1;
   powers[1] *= b2;
@@ -165,7 +175,7 @@ void ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float lr, i
   for (int i = 0; i < n; ++i) {
     const float n_new = norm[i] + g[i] * g[i];
     const float sigma = (__builtin_sqrtf(n_new) - __builtin_sqrtf(norm[i])) / lr;
-    const float zi = z[i] + g[i] - sigma * w[i];
+    const float zi = z[i] + (g[i] - sigma * w[i]);  // Monolith's zero += (g - sigma * w)
     z[i] = zi;
     norm[i] = n_new;
     const float sign = zi < 0.f ? -1.f : 1.f;
@@ -188,7 +198,7 @@ void group_ftrl(const SegmentSpec& s, float* w, float* st, const float* g, float
   for (int i = 0; i < n; ++i) {
     const float n_new = norm[i] + g[i] * g[i];
     const float sigma = (__builtin_sqrtf(n_new) - __builtin_sqrtf(norm[i])) / lr;
-    const float zi = z[i] + g[i] - sigma * w[i];
+    const float zi = z[i] + (g[i] - sigma * w[i]);  // Monolith's zero += (g - sigma * w)
     z[i] = zi;
     norm[i] = n_new;
     zz += zi * zi;
@@ -268,31 +278,32 @@ void moving_average(const SegmentSpec& s, float* w, float*, const float* g, floa
   for (int i = 0; i < n; ++i) w[i] = mu * w[i] + c * g[i];
 }
 
-// ---- RMSProp v1 (double inside, +1 outside the sqrt), with the learning-rate schedule ----
-template <int D>
-void rmsprop(const SegmentSpec& s, float* w, float* ms, const float* g, float lr, int64_t) {
+// ---- RMSProp v1 and v2, as Monolith computes them: dx and the new n in double, n stored
+//      as float, and sqrt(n) + 1 in float from the stored n (Monolith keeps n in a float
+//      variable); eta = lr / that and the step in double. v1: n = mu*n + (1-mu)*dx^2 (with
+//      the learning-rate schedule); v2: n = mu*n + dx^2. ----
+template <int D, bool kOneMinusMu>
+void rmsprop_step(const SegmentSpec& s, float* w, float* ms, const float* g, float lr) {
   const int n = dim_of<D>(s.dim);
   const double mu = s.opt_params.momentum, wd = s.opt_params.weight_decay_factor, lrd = lr;
   for (int i = 0; i < n; ++i) {
     const double dx = static_cast<double>(g[i]) + wd * static_cast<double>(w[i]);
-    const double v = mu * static_cast<double>(ms[i]) + (1.0 - mu) * dx * dx;
-    ms[i] = static_cast<float>(v);
-    const double eta = lrd / (__builtin_sqrt(v) + 1.0);
+    const float v = static_cast<float>(kOneMinusMu ? mu * static_cast<double>(ms[i]) + (1.0 - mu) * dx * dx
+                                                   : mu * static_cast<double>(ms[i]) + dx * dx);
+    ms[i] = v;
+    const double eta = lrd / static_cast<double>(__builtin_sqrtf(v) + 1.f);
     w[i] = static_cast<float>(static_cast<double>(w[i]) - eta * dx);
   }
 }
 
-// ---- RMSProp v2: n = mu*n + dx^2 (no 1-mu); w -= lr/(sqrt(n)+1)*dx ----
+template <int D>
+void rmsprop(const SegmentSpec& s, float* w, float* ms, const float* g, float lr, int64_t) {
+  rmsprop_step<D, true>(s, w, ms, g, lr);
+}
+
 template <int D>
 void rmspropv2(const SegmentSpec& s, float* w, float* ms, const float* g, float lr, int64_t) {
-  const int n = dim_of<D>(s.dim);
-  const float mu = s.opt_params.momentum, wd = s.opt_params.weight_decay_factor;
-  for (int i = 0; i < n; ++i) {
-    const float dx = g[i] + wd * w[i];
-    const float v = mu * ms[i] + dx * dx;
-    ms[i] = v;
-    w[i] -= lr / (__builtin_sqrtf(v) + 1.f) * dx;
-  }
+  rmsprop_step<D, false>(s, w, ms, g, lr);
 }
 
 // ---- Batch softmax: w[0] estimates the steps between occurrences; state: last step (int64) ----
