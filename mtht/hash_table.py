@@ -655,13 +655,18 @@ TABLE_NAME_PREFIX = "MonolithHashTable_"
 
 
 def hash_table_from_config(config: HashTableConfigInstance, hash_filter: Optional[HashFilter] = None,
-                           name_suffix: str = "", saver_parallel: int = -1) -> HashTable:
-    """Build a :class:`HashTable` from a ``HashTableConfigInstance``.
+                           name_suffix: str = "", sync_client: None = None, saver_parallel: int = -1) -> HashTable:
+    """Build a :class:`HashTable` from a ``HashTableConfigInstance``, with Monolith's
+    arguments in Monolith's order. ``sync_client`` must be None: Monolith's client that
+    pushes updates to serving parameter servers has no counterpart here.
 
     Raises ValueError for an invalid config (e.g. the number of learning-rate functions
     differs from the number of segments) and NotImplementedError for a feature this version
     cannot train with.
     """
+    if sync_client is not None:
+        raise NotImplementedError("sync_client is not supported: mtht has no client that pushes updates to "
+                                  "serving parameter servers; pass None (export rows with export_serving instead)")
     return HashTable(config, name=TABLE_NAME_PREFIX + str(name_suffix), saver_parallel=saver_parallel,
                      hash_filter=hash_filter)
 

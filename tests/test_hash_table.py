@@ -551,6 +551,15 @@ def test_table_arguments_of_the_wrong_kind():
     assert hash_table_from_config(config, saver_parallel=np.int64(3)).size() == 0
 
 
+def test_the_builder_takes_monolith_s_arguments_in_monolith_s_order():
+    # (config, hash_filter, name_suffix, sync_client, saver_parallel), as Monolith's.
+    config = generate_test_hash_table_config(2)
+    t = hash_table_from_config(config, None, "user", None, 3)
+    assert t.name == "MonolithHashTable_user" and t._saver_parallel == 3
+    with pytest.raises(NotImplementedError, match="sync_client"):
+        hash_table_from_config(config, sync_client=object())
+
+
 def test_a_call_switch_is_a_bool_and_nothing_read_by_its_truth():
     def adagrad():
         return table_of([SegmentDesc(2, opt="adagrad", initial_accumulator_value=1.0)], [1.0])
