@@ -730,12 +730,31 @@ def restore_multi_type(table: BaseMultiTypeHashTable, directory: StrPath, format
     if _handed_to_sharded(table, "restore", directory, format):
         return
     table._wait_for_hooks()
-    if format == "monolith":
-        from mtht.monolith_checkpoint import restore_monolith_tables
-        restore_monolith_tables(list(_slot_tables(table).values()), directory)
-    else:
-        _hash_table.swap_contents(load_multi_type(table, directory))
+    with _naming_the_slots_of_merged_tables(table):
+        if format == "monolith":
+            from mtht.monolith_checkpoint import restore_monolith_tables
+            restore_monolith_tables(list(_slot_tables(table).values()), directory)
+        else:
+            _hash_table.swap_contents(load_multi_type(table, directory))
     table._drop_prefetched()
+
+
+@contextlib.contextmanager
+def _naming_the_slots_of_merged_tables(table) -> Iterator[None]:
+    """An error that names a table a MergedMultiTypeHashTable built for several slots (by the
+    md5 of their names) says which slots it holds: the md5 alone tells the trainer nothing."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        merged: Dict[str, List[str]] = {}
+        for slot, name in (getattr(table, "slot_mapping", None) or {}).items():
+            merged.setdefault(name, []).append(slot)
+        text = str(e)
+        named = [f"{name!r} holds slot{'s' if len(slots) > 1 else ''} {', '.join(map(repr, sorted(slots)))}"
+                 for name, slots in sorted(merged.items()) if name in text]
+        if not named or type(e) not in (ValueError, FileNotFoundError, CheckpointError):
+            raise
+        raise type(e)(f"{text} (merged table {'; '.join(named)})") from None
 
 
 def find_checkpoints(tables: Dict[str, Any], directory: str) -> List[Tuple[Any, str, dict]]:

@@ -1767,3 +1767,20 @@ def test_table_of_gives_the_table_that_holds_a_slots_entries():
     assert merged.table_of("other").lookup([1]).tolist() == [[9]]
     with pytest.raises(KeyError, match="unknown slot 'c'"):
         merged.table_of("c")
+
+
+@pytest.mark.parametrize("format", ["mtht", "monolith"])
+def test_a_missing_merged_table_is_named_with_its_slots(tmp_path, format):
+    # A merged table is named by the md5 of its slots; the error says which slots it holds.
+    from mtht.checkpoint import restore_multi_type, save_multi_type
+
+    def merged(configs):
+        return MergedMultiTypeHashTable(configs, lambda group: MultiTypeHashTable(
+            group, lambda name, cfg: hash_table_from_config(cfg, name_suffix=name)))
+
+    save_multi_type(merged({"c": generate_test_hash_table_config(3)}), tmp_path, format=format)
+    model = merged({"a": generate_test_hash_table_config(2), "b": generate_test_hash_table_config(2),
+                    "c": generate_test_hash_table_config(3)})
+    missing = model.slot_mapping["a"]
+    with pytest.raises(FileNotFoundError, match=rf"merged table '{missing}' holds slots 'a', 'b'\)"):
+        restore_multi_type(model, tmp_path, format=format)
