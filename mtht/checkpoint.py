@@ -360,9 +360,9 @@ def save_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
 
 def file_prefix(basename: str) -> str:
     """The prefix of the files of a checkpoint at ``basename``: its last part, which must not
-    be empty (a directory)."""
+    be empty, ``.`` or ``..`` (a directory)."""
     prefix = os.path.basename(basename)
-    if not prefix:
+    if prefix in ("", ".", ".."):
         raise ValueError(f"checkpoint basename {basename!r} names a directory, not a file prefix")
     return prefix
 

@@ -2175,7 +2175,7 @@ def test_checkpoint_basenames_as_bytes_and_directories(tmp_path, form):
     t.assign(ids_of(1, 2), [[1], [2]])
     t.save(os.fsencode(str(tmp_path / "t")), format=form)
     assert table_of().restore(os.fsencode(str(tmp_path / "t")), format=form).lookup(ids_of(1, 2)).tolist() == [[1], [2]]
-    for directory in ("", str(tmp_path / "d") + os.sep):
+    for directory in ("", str(tmp_path / "d") + os.sep, str(tmp_path) + "/.", str(tmp_path) + "/.."):
         before = sorted(os.listdir(tmp_path))
         with pytest.raises(ValueError, match="names a directory"):
             t.save(directory, format=form)
