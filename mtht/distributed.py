@@ -31,6 +31,7 @@ from mtht import hash_table as _hash_table
 from mtht import sharded_checkpoint as _sharded
 from mtht._arrays import ArrayInput, IntegerInput, Switch, as_ids, as_rows
 from mtht.entry import HashTableConfigInstance
+from mtht.hooks import turn_taken
 from mtht.multi_type_hash_table import (BaseMultiTypeHashTable, MultiTypeHashTable, SlotIds, SlotRows, _pair,
                                         _rows_name, _unknown_slot, refuse_non_finite)
 
@@ -311,12 +312,14 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         (:mod:`mtht.hooks`) have calls of this table queued on their thread first waits for
         them: every rank then makes its collective calls in the order its trainer issued
         them, whichever thread runs them (two orders would pair one rank's lookup with
-        another's update). A call made inside another (by a learning-rate function) takes
-        memory of its own: the outer call's is in use."""
+        another's update). Within it the calls on the local tables do not wait again (a
+        call queued meanwhile by another thread waits for this one's lock). A call made
+        inside another (by a learning-rate function) takes memory of its own: the outer
+        call's is in use."""
         self._after_queued_calls()
         if threading.current_thread() is not threading.main_thread():
             self._check_threads_allowed()
-        with self._one_call:
+        with self._one_call, turn_taken():
             outer = self._scratch
             if self._depth:
                 self._scratch = _Scratch()

@@ -220,8 +220,11 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     64-byte boundary."""
     if len(tables) != len(ids_list):
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
-    for table in tables:
-        table._after_queued_calls()
+    checked = None
+    for table in tables:  # the slot tables of a model share one pipeline: checked once in a row
+        if table._mtht_pipeline is not checked:
+            table._after_queued_calls()
+            checked = table._mtht_pipeline
     ids_list = [as_ids(ids) for ids in ids_list]
     outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
     _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
@@ -426,6 +429,7 @@ class HashTable(BaseHashTable):
     def max_update_ts(self) -> int:
         """The largest ``req_time`` any write has used, or 0 if none was larger: the clock
         starts at 0."""
+        self._after_queued_calls()
         return self._core.max_update_ts
 
     def __repr__(self) -> str:

@@ -73,6 +73,40 @@ def test_a_restore_beside_another_jobs_saves_reads_one_whole_save(tmp_path):
     assert saver.returncode == 0 and "save_again_and_again: ok" in out, err[-4000:]
 
 
+_DIRECT_CALLS_BESIDE_PUSHES = """
+import sys, threading
+import numpy as np
+import mtht
+from mtht.distributed import DistributedMultiTypeHashTable
+from mtht.testing import generate_test_hash_table_config
+
+dist = DistributedMultiTypeHashTable({s: generate_test_hash_table_config(4) for s in "ab"},
+                                     lambda s, c: mtht.hash_table_from_config(c, name_suffix=s))
+push = mtht.AsyncPush(dist)
+def direct_calls():
+    for i in range(200):
+        dist.size() if sys.argv[1] == "size" else dist.assign({"b": ([i], np.ones((1, 4), np.float32))})
+thread = threading.Thread(target=direct_calls)
+thread.start()
+for i in range(2000):
+    push.assign({"a": ([i], np.ones((1, 4), np.float32))})
+thread.join()
+push.end()
+assert dist.size() == 2000 + (200 if sys.argv[1] == "assign" else 0)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("call", ["size", "assign"])
+def test_direct_calls_of_another_thread_beside_pushes_do_not_wait_inside_their_turn(call):
+    # A direct call waits for the queued calls, then holds the table's turn; the calls it
+    # makes on the local tables inside must not wait again for a push queued meanwhile,
+    # whose own call waits for that turn. (They did: the process hung every time.)
+    done = subprocess.run([sys.executable, "-c", _DIRECT_CALLS_BESIDE_PUSHES, call], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]
+
+
 _HOLD_THE_LOCK = """
 import os, sys, time
 from mtht.checkpoint import directory_lock

@@ -241,6 +241,7 @@ DIRECT_CALLS = {  # a call made on the table itself, and whether it saw the push
     "lookup_entry": lambda t: t.lookup_entry([1])[0] is not None,
     "export_serving": lambda t: t.export_serving([1]).view(F32).tolist() == ONES.tolist(),
     "evict": lambda t: t.evict(10**12) == 1,
+    "max_update_ts": lambda t: t.max_update_ts == 5,
     "reinitialize": lambda t: t.reinitialize([1], req_time=0).tolist() == [1],  # 1: it existed
     "fused_lookup": lambda t: mtht.hash_table.fused_lookup([t], [1], [1], 1)[0].tolist() == [1.0] * 4,
     # a write: after the pushed assign, not before it (which would leave 1, not 2)
@@ -256,7 +257,7 @@ def test_a_call_made_on_the_table_directly_comes_after_the_calls_queued_before_i
         slot_expire_time_config=entry.SlotExpireTimeConfig(default_expire_time=1)), [0.1]))
     push = mtht.AsyncPush(t)
     release = held_back(t, "assign")
-    push.assign([1], ONES, req_time=0)
+    push.assign([1], ONES, req_time=5)
     assert DIRECT_CALLS[call](t)
     assert release.is_set()
     push.end()
@@ -280,6 +281,23 @@ def test_calls_made_on_a_model_or_its_slot_tables_directly_come_after_the_queued
             model.assign_add({"a": ([1], ONES), "b": ([1], ONES)})
             assert model.as_op().lookup({"a": [1]})["a"].tolist() == (2 * ONES).tolist(), hooked
         push.end()
+
+
+def test_a_call_from_another_tables_thread_comes_after_the_calls_queued_before_it():
+    # A learning-rate function of one table's queued step reads another table that has a
+    # push queued: the read comes after that push, as on the trainer's thread.
+    source = table()
+    seen = []
+    stepped = hash_table_from_config(entry.HashTableConfigInstance(
+        config().table_config, [lambda: seen.append(source.lookup([1])[0, 0]) or 0.1]))
+    source_push, stepped_push = mtht.AsyncPush(source), mtht.AsyncPush(stepped)
+    held_back(source, "assign")
+    source_push.assign([1], ONES)
+    stepped_push.apply_gradients([5], ONES, global_step=0)
+    stepped_push.wait()
+    assert seen == [1.0]
+    source_push.end()
+    stepped_push.end()
 
 
 def test_a_direct_call_after_a_failed_write_leaves_its_error_to_the_hook():
