@@ -220,15 +220,21 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
     64-byte boundary."""
     if len(tables) != len(ids_list):
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
-    checked = None
-    for table in tables:  # the slot tables of a model share one pipeline: checked once in a row
-        if table._mtht_pipeline is not checked:
-            table._after_queued_calls()
-            checked = table._mtht_pipeline
+    _after_queued_calls_of(tables)
     ids_list = [as_ids(ids) for ids in ids_list]
     outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
     _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
     return outs
+
+
+def _after_queued_calls_of(tables) -> None:
+    """Each table's _after_queued_calls, once for a run of tables that share a pipeline (the
+    slot tables of a model)."""
+    checked = None
+    for table in tables:
+        if table._mtht_pipeline is not checked:
+            table._after_queued_calls()
+            checked = table._mtht_pipeline
 
 
 def _rows_in_one_array(shapes) -> List[np.ndarray]:
@@ -680,7 +686,7 @@ def _core_tables(tables) -> list:
     for t in tables:
         if not isinstance(t, HashTable):
             raise TypeError(f"fused ops take HashTable objects, got {type(t).__name__}")
-        t._after_queued_calls()
+    _after_queued_calls_of(tables)
     return _contents_of(tables)
 
 

@@ -86,7 +86,7 @@ class QueueHooks:
         # The hooks of a table that wraps this one: their error is the trainer's to take
         # where it takes that table's (on a table whose calls are collective, at wait(),
         # end() or as_op(), which every process reaches).
-        shared = getattr(self, "_mtht_pipeline", None)  # set on every table of a family with hooks
+        shared = self._mtht_pipeline  # set on every table of a family with hooks
         if shared is not None and id(shared) not in pipelines:
             shared.wait()
             shared.take_error_at_call()
@@ -97,7 +97,7 @@ class QueueHooks:
         of those that wrap it (a slot table's model): a restore replaced what they read, so
         their lookups read the table again."""
         hooks = {id(h): h for h in self.get_queue_hooks() if isinstance(h, Prefetch)}
-        shared = getattr(self, "_mtht_pipeline", None)
+        shared = self._mtht_pipeline
         if shared is not None:
             hooks.update((id(h), h) for h in list(shared.hooks) if isinstance(h, Prefetch))
         for hook in hooks.values():
