@@ -54,7 +54,8 @@ __all__ = [
     "key_to_id", "fill_values", "update_rows", "op_keys", "fused_layout", "main", "run",
 ]
 
-SCHEMA_VERSION = 1
+# 2: restore's ratio to np.load is vs_numpy_load (it was under vs_numpy_save).
+SCHEMA_VERSION = 2
 
 ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
            "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients", "save", "restore",
@@ -64,7 +65,13 @@ BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "ap
 _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
               "multi_slot_apply_gradients")
 _READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup")
-_OP_CODE = {op: code for code, op in enumerate(ALL_OPS, start=1)}
+# Each op draws its ids from a stream seeded by (seed, its code). The codes are fixed per name,
+# not by position, so adding an op leaves every other op's ids and checksum as they were.
+_OP_CODE = {"lookup": 1, "lookup_missing": 2, "assign_add": 3, "apply_gradients": 4,
+            "apply_gradients_dedup": 5, "fused": 6, "fused_apply_gradient": 7,
+            "multi_slot_lookup": 8, "multi_slot_apply_gradients": 9, "save": 10, "restore": 11,
+            "apply_gradients_capped": 12}
+assert set(_OP_CODE) == set(ALL_OPS) and len(set(_OP_CODE.values())) == len(ALL_OPS)
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 # What the mtht tables' lookups return (Monolith's compressors): the values, fixed_r8's
 # 8-bit steps of them, or HashNet's amplitude * tanh(scale * value).
@@ -511,7 +518,10 @@ def _unavailable(op: str, impl: str, threads: Optional[int], reason: str) -> dic
 
 def _bytes_per_id(op: str, dim: int, state: int, value_bytes: int = 4) -> int:
     """Bytes of table rows touched per id: the embedding (`value_bytes` a value) for reads;
-    embedding (and optimizer state for gradient steps) read and written for updates."""
+    embedding (and optimizer state for gradient steps) read and written for updates; none
+    for a lookup of missing ids, which reads only the index."""
+    if op == "lookup_missing":
+        return 0
     if op in _READ_OPS:
         return value_bytes * dim
     if op == "assign_add":
@@ -809,7 +819,7 @@ class _MthtRunner:
             res = _summarise(op, "mtht", threads, [n] * len(seconds), seconds, checksum,
                              max(1, disk // max(1, n)), checkpoint_bytes=int(disk))
             res["numpy_gb_per_s"] = disk / np_s / 1e9
-            res["vs_numpy_save"] = res["gb_per_s"] / res["numpy_gb_per_s"]
+            res["vs_numpy_save" if op == "save" else "vs_numpy_load"] = res["gb_per_s"] / res["numpy_gb_per_s"]
             return res
         except Exception as e:  # noqa: BLE001 - report, do not abort the whole run
             return _unavailable(op, "mtht", threads, f"failed: {type(e).__name__}: {e}")
@@ -1389,7 +1399,9 @@ def format_report(result: dict, header: bool = True) -> str:
         if "vs_one_table" in r:
             other = f"{r['vs_one_table']:.2f}x 1-table"
         elif "vs_numpy_save" in r:
-            other = f"{r['vs_numpy_save']:.2f}x np.save" if r["op"] == "save" else f"{r['vs_numpy_save']:.2f}x np.load"
+            other = f"{r['vs_numpy_save']:.2f}x np.save"
+        elif "vs_numpy_load" in r:
+            other = f"{r['vs_numpy_load']:.2f}x np.load"
         elif "vs_one_thread" in r:
             other = f"{r['vs_one_thread']:.2f}x 1-thr"
         spread = f"[{r['ids_per_s_min'] / 1e6:.2f} .. {r['ids_per_s_max'] / 1e6:.2f}]"
@@ -1496,15 +1508,17 @@ flags.DEFINE_bool("baseline", False, "Also run the ops on numpy tables indexed b
 flags.DEFINE_integer("baseline_max_size", 10_000_000, "Largest baseline table (bigger ones take long to fill).",
                      lower_bound=1)
 flags.DEFINE_bool("quick", False, "A small, fast run (a few seconds): size 200,000, batch 16,384, "
-                  "5 iterations, with --baseline; flags given explicitly still win.")
+                  "5 iterations after 1 warm-up batch, with --baseline (with --sweep=size: sizes "
+                  "50,000, 200,000 and 1,000,000); flags given explicitly still win.")
 flags.DEFINE_enum("sweep", "none", ["none", "size", "dim"], "Run once per table size or per dim.")
 flags.DEFINE_list("sweep_sizes", ["1000000", "10000000", "50000000"], "Table sizes of --sweep=size.")
 flags.DEFINE_list("sweep_dims", ["8", "16", "32", "64", "128"], "Dims of --sweep=dim.")
 flags.DEFINE_string("plot", None, "PNG file of the sweep's plot (default mtht-bench-sweep.png; needs matplotlib).")
 flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped (default 8, or three "
-                   "quarters of the machine's memory if less, or if more with --sweep=size).")
+                   "quarters of the machine's memory if less, or if more with --sweep=size but not --quick).")
 flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
-flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed).")
+flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed) and the steps of the run (probe, "
+                  "fill, each sweep value's report) on stderr; --noprogress prints the report alone.")
 flags.DEFINE_string("save_dir", None, "Directory for the save/restore ops (default: the system temp dir).")
 flags.DEFINE_enum("embedding_dtype", "float32", list(EMBEDDING_DTYPES),
                   "How the mtht tables keep their values (float16 and bfloat16: 2 bytes a value).")
@@ -1516,6 +1530,8 @@ flags.DEFINE_enum("checkpoint_format", "mtht", ["mtht", "monolith"],
                   "File format of the save/restore ops: mtht's own, or Monolith's TFRecord files.")
 
 _QUICK = {"size": 200_000, "batch_size": 16384, "iterations": 5, "warmup": 1}
+# --quick --sweep=size: table sizes that keep the sweep to a few seconds a value.
+_QUICK_SWEEP_SIZES = (50_000, 200_000, 1_000_000)
 
 
 def _ints(values: Sequence[str], name: str) -> List[int]:
@@ -1541,15 +1557,17 @@ def config_from_flags() -> BenchConfig:
                 values[name] = v
     memory_gb = physical_memory_gb()
     max_memory_gb = FLAGS.max_memory_gb
-    if memory_gb and max_memory_gb > memory_gb:
-        if FLAGS["max_memory_gb"].present:
+    if FLAGS["max_memory_gb"].present:
+        if memory_gb and max_memory_gb > memory_gb:
             raise app.UsageError(f"--max_memory_gb={max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
                                  "of memory")
-        max_memory_gb = round(0.75 * memory_gb, 1)  # the default, on a smaller machine
-    elif memory_gb and FLAGS.sweep == "size" and not FLAGS["max_memory_gb"].present:
-        # The default sweep goes to a 50M-id table (about 10 GB at dim 16): it may take three
-        # quarters of the machine's memory.
-        max_memory_gb = max(max_memory_gb, round(0.75 * memory_gb, 1))
+    elif memory_gb:
+        # The default: 8 GB, or three quarters of the machine's memory if that is less. A
+        # size sweep (the default one goes to a 50M-id table, about 9 GB at dim 16) may take
+        # three quarters of a larger machine's memory too.
+        three_quarters = round(0.75 * memory_gb, 1)
+        sweeps_sizes = FLAGS.sweep == "size" and not FLAGS.quick
+        max_memory_gb = three_quarters if sweeps_sizes else min(max_memory_gb, three_quarters)
     baseline = FLAGS.baseline
     if FLAGS.quick and not FLAGS["baseline"].present:
         baseline = True
@@ -1581,16 +1599,17 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _check_output_file(path: Optional[str], flag: str) -> None:
-    """A file the run writes at its end must be writable before the run starts."""
+def _check_output_file(path: Optional[str], what: str) -> None:
+    """A file the run writes at its end must be writable before the run starts. ``what``
+    names it in a refusal: the flag that gave it, or where its default came from."""
     if path is None:
         return
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(directory):
-        raise app.UsageError(f"--{flag}={path}: not a file in an existing directory")
+        raise app.UsageError(f"{what}: not a file in an existing directory")
     if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise app.UsageError(f"--{flag}={path}: the file is not writable")
-    _check_writable_directory(directory, f"--{flag}={path}")
+        raise app.UsageError(f"{what}: the file is not writable")
+    _check_writable_directory(directory, what)
 
 
 def _check_writable_directory(directory: str, what: str) -> None:
@@ -1608,6 +1627,8 @@ def _sweep_values(cfg: BenchConfig) -> List[int]:
     before any runs: a bad one is refused before the ones before it have run."""
     name = "sweep_sizes" if FLAGS.sweep == "size" else "sweep_dims"
     values = _ints([v for v in FLAGS[name].value or [] if str(v).strip()], name)
+    if name == "sweep_sizes" and FLAGS.quick and not FLAGS[name].present:
+        values = list(_QUICK_SWEEP_SIZES)
     if not values or min(values) < 1:
         raise app.UsageError(f"--{name} must list values >= 1, got {FLAGS[name].value}")
     for v in values:
@@ -1619,9 +1640,9 @@ def _sweep_values(cfg: BenchConfig) -> List[int]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """The run of ``mtht-bench``: a flag refused is one line (the flags' listing, which absl
-    prints before a usage error, buried it), an interrupt a line too, after the run's
-    temporary files are removed."""
+    """The run of ``mtht-bench``: a flag refused is a line saying why and one pointing to
+    --help (the flags' listing, which absl prints before a usage error, buried it), an
+    interrupt a line, after the run's temporary files are removed."""
     try:
         return _main(argv)
     except app.UsageError as e:
@@ -1636,7 +1657,7 @@ def _main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cfg = config_from_flags()
-    _check_output_file(FLAGS.json, "json")
+    _check_output_file(FLAGS.json, f"--json={FLAGS.json}")
     if cfg.save_dir is not None:
         if not os.path.isdir(cfg.save_dir):
             raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
@@ -1647,7 +1668,8 @@ def _main(argv: Sequence[str]) -> int:
         plot = FLAGS.plot or "mtht-bench-sweep.png"
         if not plot.lower().endswith(".png"):
             raise app.UsageError(f"--plot={plot}: the plot is a PNG file (name it *.png)")
-        _check_output_file(plot, "plot")
+        _check_output_file(plot, f"--plot={plot}" if FLAGS.plot else
+                           f"the sweep's plot, {plot} in the current directory (--plot=FILE puts it elsewhere)")
         if FLAGS.json and os.path.realpath(FLAGS.json) == os.path.realpath(plot):
             raise app.UsageError(f"--json and --plot name one file, {plot}")
         if FLAGS.plot and importlib.util.find_spec("matplotlib") is None:
@@ -1684,8 +1706,9 @@ def _note_threads_beyond_the_cores(cfg: BenchConfig) -> None:
     cores = os.cpu_count() or 1
     most = max(cfg.thread_counts())
     if most > cores:
-        _log(f"note: {most} threads on {cores} cores take turns on them (the probe alone makes "
-             f"{most} x 20M reads): expect a long run, and rates of the cores, not of the threads")
+        probe = f" (the probe alone makes {most} x 20M reads)" if cfg.probe else ""
+        _log(f"note: {most} threads on {cores} cores take turns on them{probe}: expect a long run, and rates "
+             f"of the cores, not of the threads")
 
 
 def _say(text: str) -> None:
@@ -1729,7 +1752,17 @@ def run() -> None:
     # A kill (a job's timeout) ends the run as Ctrl-C does: through the cleanups of the
     # checkpoints it writes, which an unhandled SIGTERM left behind (GBs in the temp dir).
     signal.signal(signal.SIGTERM, _terminated)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: List[str]) -> List[str]:
+    """absl's parse, with a flag it refuses (out of its range, not one of its choices)
+    reported as the run's own refusals are, rather than as absl's FATAL lines."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _log(f"mtht-bench: {e}\n(mtht-bench --help lists the flags)")
+        sys.exit(1)
 
 
 def _terminated(signum, frame) -> None:

@@ -275,6 +275,10 @@ def test_save_and_restore_in_either_checkpoint_format(tmp_path):
             for r in rows:
                 _check_ok_row(r)
                 assert r["checksum"] == pytest.approx(want(config, op), rel=1e-12)
+                # Each op's ratio to numpy's of the same bytes: save to np.save, restore to np.load.
+                ratio = "vs_numpy_save" if op == "save" else "vs_numpy_load"
+                assert r[ratio] == pytest.approx(r["gb_per_s"] / r["numpy_gb_per_s"])
+                assert {"vs_numpy_save", "vs_numpy_load"} - {ratio} & set(r) == set()
         sizes[fmt] = _results(result, "save", "mtht")[0]["checkpoint_bytes"]
         assert os.listdir(tmp_path) == []  # cleaned up
     # Monolith's records carry a tag per float: more bytes than mtht's own files.
@@ -414,6 +418,14 @@ def test_cli_json(tmp_path):
     (["--sweep=size", "--sweep_sizes=1000", "--json=x.png", "--plot=x.png"], "--json and --plot name one file"),
     (["--size=99999999999999999999"], "size must be at most"),
     (["--dim=40000", "--batch_size=16384"], "more than the memory budget of 8 GB"),  # 10.5 GB of batches
+    # Refused by the flags' own bounds and choices, before the run's checks.
+    (["--size=0"], "--size"),
+    (["--dim=-1"], "--dim"),
+    (["--warmup=-1"], "--warmup"),
+    (["--capped_new=2"], "--capped_new"),
+    (["--fused_tables=0"], "--fused_tables"),
+    (["--dist=foo"], "--dist"),
+    (["--embedding_dtype=int8"], "--embedding_dtype"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     # A usage error, before anything runs (no probe, no table): not a traceback at the end.
@@ -421,8 +433,40 @@ def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     assert proc.returncode != 0
     assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "probe: random 64-byte reads over" not in proc.stderr and proc.stdout == ""
-    # The message alone, not under the listing of every flag.
+    # The message alone, in the run's own words, not under the listing of every flag.
     assert len(proc.stderr.splitlines()) <= 3 and "--baseline_max_size" not in proc.stderr, proc.stderr
+    assert "FATAL" not in proc.stderr, proc.stderr
+    assert any(line.startswith("mtht-bench: ") and says in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_a_sweep_refuses_a_current_directory_it_cannot_write_its_default_plot_to():
+    # No --plot: the plot goes to the current directory (here /proc, which takes no file even
+    # from root), and the refusal says so rather than naming a flag that was not given.
+    proc = _cli("--sweep=size", "--sweep_sizes=1000", "--noprogress", cwd="/proc")
+    assert proc.returncode == 1 and proc.stdout == ""
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("mtht-bench: the sweep's plot, mtht-bench-sweep.png in the current directory"), first
+    assert "cannot write in /proc" in first
+
+
+_SWEEP_VALUES = """
+import sys
+from mtht import bench
+bench.FLAGS(["mtht-bench"] + sys.argv[1:])
+print(bench._sweep_values(bench.config_from_flags()))
+"""
+
+
+@pytest.mark.parametrize("args, values", [
+    (["--sweep=size"], [1_000_000, 10_000_000, 50_000_000]),
+    (["--sweep=size", "--quick"], [50_000, 200_000, 1_000_000]),  # a few seconds a value, as --quick promises
+    (["--sweep=size", "--quick", "--sweep_sizes=3000,4000"], [3000, 4000]),  # given explicitly: it wins
+    (["--sweep=dim", "--quick"], [8, 16, 32, 64, 128]),
+])
+def test_the_values_of_a_sweep(tmp_path, args, values):
+    proc = subprocess.run([sys.executable, "-c", _SWEEP_VALUES, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == str(values), proc.stdout + proc.stderr
 
 
 def test_cli_fails_when_no_op_of_mtht_ran(tmp_path):
@@ -517,12 +561,12 @@ def test_sweep_keeps_its_results_when_the_plot_cannot_be_written(monkeypatch, tm
     assert out["plot"] is None and "No space left on device" in out["plot_note"]
 
 
-_ON_A_SMALL_MACHINE = """
+_ON_A_MACHINE = """
 import sys
 from absl import app
 from mtht import bench
-bench.physical_memory_gb = lambda: 4.0
-bench.FLAGS(["mtht-bench"] + sys.argv[1:])
+bench.physical_memory_gb = lambda: float(sys.argv[1])
+bench.FLAGS(["mtht-bench"] + sys.argv[2:])
 try:
     print(bench.config_from_flags().max_memory_gb)
 except app.UsageError as e:
@@ -530,11 +574,17 @@ except app.UsageError as e:
 """
 
 
-@pytest.mark.parametrize("args, printed", [([], "3.0"), (["--max_memory_gb=2"], "2.0"),
-                                           (["--max_memory_gb=5"], "usage error: --max_memory_gb=5 is more")])
-def test_the_memory_budget_on_a_machine_smaller_than_its_default(tmp_path, args, printed):
-    proc = subprocess.run([sys.executable, "-c", _ON_A_SMALL_MACHINE, *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("memory_gb, args, printed", [
+    # 8 GB, or three quarters of the machine's memory if that is less.
+    (4, [], "3.0"), (4, ["--max_memory_gb=2"], "2.0"), (4, ["--max_memory_gb=5"], "usage error: --max_memory_gb=5 is more"),
+    (10, [], "7.5"), (24, [], "8.0"), (24, ["--max_memory_gb=12"], "12.0"),
+    # A size sweep takes three quarters of a larger machine too; a quick one, whose tables are small, does not.
+    (24, ["--sweep=size"], "18.0"), (4, ["--sweep=size"], "3.0"), (24, ["--sweep=size", "--quick"], "8.0"),
+    (24, ["--sweep=dim"], "8.0"),
+])
+def test_the_default_memory_budget(tmp_path, memory_gb, args, printed):
+    proc = subprocess.run([sys.executable, "-c", _ON_A_MACHINE, str(memory_gb), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith(printed), proc.stdout + proc.stderr
 
 
@@ -600,6 +650,21 @@ def test_max_load_factor_reaches_the_tables():
     assert runs[0.25]["table"]["load_factor"] < runs[0.9]["table"]["load_factor"]
     for op in ("lookup", "apply_gradients"):
         assert _results(runs[0.25], op, "mtht")[0]["checksum"] == _results(runs[0.9], op, "mtht")[0]["checksum"]
+
+
+@pytest.mark.parametrize("optimizer, state", [("sgd", 0), ("adagrad", 16), ("adam", 34)])
+def test_gb_per_s_counts_the_row_bytes_each_op_touches(optimizer, state):
+    # docs/benchmarks.md: 4 * dim for a lookup, none for a missing id (it reads the index
+    # alone), the row read and written for assign_add, values and state for a step.
+    dim = 16
+    result = bench.run_benchmark(_config(ops=("lookup", "lookup_missing", "assign_add", "apply_gradients"),
+                                         dim=dim, optimizer=optimizer, threads=(1,), probe=False))
+    expected = {"lookup": 4 * dim, "lookup_missing": 0, "assign_add": 2 * 4 * dim,
+                "apply_gradients": 2 * 4 * (dim + state)}
+    for op, nbytes in expected.items():
+        r = _results(result, op, "mtht")[0]
+        assert r["bytes_per_id"] == nbytes, op
+        assert r["gb_per_s"] == pytest.approx(r["ids_per_s"] * nbytes / 1e9), op
 
 
 def test_embedding_dtype_reaches_the_tables():
