@@ -19,10 +19,11 @@ using NarrowStochasticFn = void (*)(const float* v, uint16_t* h, size_t n, uint3
 using NarrowStepFn = bool (*)(const SegmentSpec& s, uint16_t* h, float* st, const float* g, float lr, int64_t step,
                               uint32_t key);
 
-// Retrievers of a row: fixed_r8 in place (v[0, n) to multiples of r / 128); HashNet in place
-// (amplitude * tanh(scale * v)) and its gradient (out = g * d/dw of that).
-using FakeQuantizeRowFn = void (*)(float* v, int n, float r);
-using HashnetForwardRowFn = void (*)(float* v, int n, float scale, float amplitude);
+// Retrievers of a row, from src[0, n) to dst[0, n) (the same array, or two that do not
+// overlap): fixed_r8 (to multiples of r / 128); HashNet (amplitude * tanh(scale * v)) and
+// its gradient (out = g * d/dw of that).
+using FakeQuantizeRowFn = void (*)(const float* src, float* dst, int n, float r);
+using HashnetForwardRowFn = void (*)(const float* src, float* dst, int n, float scale, float amplitude);
 using HashnetBackwardRowFn = void (*)(const float* w, const float* g, float* out, int n, float scale,
                                       float amplitude);
 

@@ -398,11 +398,26 @@ inline float fake_quantize(float f, float step, float half) {
   return __builtin_isnan(f) ? 0.f : value;  // NaN reads as 0
 }
 
-// fake_quantize of v[0, n) in place, for the range r; the step is worked out once a row.
-void fake_quantize_row(float* __restrict v, int n, float r) {
+// The retrievers' loops read src[i] and write dst[i] alone, so src == dst (a row changed in
+// place) is as safe as two arrays apart: the compiler may vectorise them without a check.
+#if defined(__clang__)
+#define MTHT_NO_LOOP_CARRIED_DEPENDENCE _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define MTHT_NO_LOOP_CARRIED_DEPENDENCE _Pragma("GCC ivdep")
+#else
+#define MTHT_NO_LOOP_CARRIED_DEPENDENCE
+#endif
+
+// fake_quantize of src[0, n) into dst, for the range r; the step is worked out once a row.
+// A lookup quantizes a table's row straight into its output: a copy of the row first, then
+// a quantize of the copy in place, made each row's vector loads wait for the copy's
+// narrower stores (which cannot be forwarded to a wider load): fixed_r8 lookups of dim 16
+// ran at 0.83x of float32 ones that way, at 0.94x now.
+void fake_quantize_row(const float* src, float* dst, int n, float r) {
   const float step = r / 128.f;
   const float half = step / 2.f;
-  for (int i = 0; i < n; ++i) v[i] = fake_quantize(v[i], step, half);
+  MTHT_NO_LOOP_CARRIED_DEPENDENCE
+  for (int i = 0; i < n; ++i) dst[i] = fake_quantize(src[i], step, half);
 }
 
 // ---- HashNet (one_bit) retriever: amplitude * tanh(scale * w), and its gradient ----
@@ -446,10 +461,13 @@ inline float tanh_f32(float x) {
   return __builtin_isnan(x) ? x : signed_t;
 }
 
-// v[0, n) in place: amplitude * tanh(scale * w).
-void hashnet_forward_row(float* __restrict v, int n, float scale, float amplitude) {
-  for (int i = 0; i < n; ++i) v[i] = amplitude * tanh_f32(scale * v[i]);
+// dst[0, n) = amplitude * tanh(scale * src), as fake_quantize_row: read straight from a row
+// (one_bit lookups of dim 16: 0.53x of float32 ones, now 0.66x).
+void hashnet_forward_row(const float* src, float* dst, int n, float scale, float amplitude) {
+  MTHT_NO_LOOP_CARRIED_DEPENDENCE
+  for (int i = 0; i < n; ++i) dst[i] = amplitude * tanh_f32(scale * src[i]);
 }
+#undef MTHT_NO_LOOP_CARRIED_DEPENDENCE
 
 // out[0, n) = g * (amplitude * scale * (1 - y^2)), y = tanh(scale * w). 1 - y^2 is rounded
 // once, as Monolith's fused multiply-add rounds it: y^2 is exact in double, and for |y| <= 1

@@ -1888,9 +1888,9 @@ class EmbeddingTable {
   void lookup_spans(const IdSpan* spans, size_t count, float* const* outs, bool streamed) const {
     const size_t d = static_cast<size_t>(layout_.dim);
     const size_t bytes = sizeof(float) * d;
-    // A row a compressor changes is changed in a buffer on the stack, then streamed like the
-    // others, where it fits the buffer (fixed_r8 lookups at dim 64: about 1.1x); wider ones,
-    // and rows widened from 16 bits, are written the usual way.
+    // A row a compressor changes goes from the table through the compressor into a buffer on
+    // the stack, then is streamed like the others, where it fits the buffer (fixed_r8 lookups
+    // at dim 64: about 1.1x); wider ones, and rows widened from 16 bits, are written the usual way.
     alignas(64) float retrieved[kRetrieveBufferFloats];
     streamed = streamed && (raw_lookup_ || d <= kRetrieveBufferFloats) && !layout_.narrow;
     for (size_t s = 0; s < count; ++s) streamed = streamed && detail::can_stream(outs[s], bytes);
@@ -1901,7 +1901,7 @@ class EmbeddingTable {
           std::memset(dst, 0, bytes);
         } else {
           read_values(row, dst);
-          if (!raw_lookup_) retrieve(dst);
+          if (!raw_lookup_) retrieve(dst, dst);
         }
       });
       return;
@@ -1913,12 +1913,12 @@ class EmbeddingTable {
       } else if (streamed && raw_lookup_) {
         detail::copy_row_streamed(dst, row, bytes);
       } else if (streamed) {
-        detail::copy_row(retrieved, row, bytes);
-        retrieve(retrieved);
+        retrieve(row, retrieved);
         detail::copy_row_streamed(dst, retrieved, bytes);
-      } else {
+      } else if (raw_lookup_) {
         detail::copy_row(dst, row, bytes);
-        if (!raw_lookup_) retrieve(dst);
+      } else {
+        retrieve(row, dst);
       }
     });
     if (streamed) detail::end_streaming();
@@ -2634,20 +2634,23 @@ class EmbeddingTable {
     fn(buffer);
   }
 
-  // What a lookup returns for the retrievers that are not raw (in place on a copied row).
-  void retrieve(float* out) const {
+  // What a lookup returns, for a table with a retriever that is not raw: the values of
+  // `values` (a row's, or already in `out`), each segment through its retriever, to `out`.
+  void retrieve(const float* values, float* out) const {
     for (size_t k = 0; k < layout_.segments.size(); ++k) {
       const SegmentSpec& seg = layout_.segments[k];
-      float* v = out + layout_.value_offset[k];
+      const float* src = values + layout_.value_offset[k];
+      float* dst = out + layout_.value_offset[k];
       switch (static_cast<RetrieverKind>(seg.retriever)) {
         case RetrieverKind::kRaw:
+          if (src != dst) std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(seg.dim));
           break;
         case RetrieverKind::kFakeQuant:
-          kernels_->fake_quantize_row(v, seg.dim, seg.fake_quant_range);
+          kernels_->fake_quantize_row(src, dst, seg.dim, seg.fake_quant_range);
           break;
         case RetrieverKind::kHashNet: {
           const float scale = hashnet_scale_[k].load(std::memory_order_relaxed);
-          kernels_->hashnet_forward_row(v, seg.dim, scale, seg.hashnet_amplitude);
+          kernels_->hashnet_forward_row(src, dst, seg.dim, scale, seg.hashnet_amplitude);
           break;
         }
       }

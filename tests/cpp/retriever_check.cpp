@@ -3,7 +3,7 @@
 // argv[1]-th: subnormals, normals, Inf, NaN, both signs) in rows of 19 values (vector bodies
 // and their tails):
 //   - fixed_r8: the form with branches (f >= 0 ? f + half : f - half, truncate, clamp to
-//     [-128, 127] steps, NaN reads as 0), at r = 5 and r = 0.3;
+//     [-128, 127] steps, NaN reads as 0), at r = 5, 0.3 and 1 (the default);
 //   - HashNet forward: amplitude * the C library's double tanh rounded once to float;
 //   - HashNet backward: g * (amplitude * scale * fma(-y, y, 1)), y that tanh;
 // each chunk also holds the edges: +-0, fixed_r8's ties and clamp bounds, Inf, NaN. Then a
@@ -60,6 +60,25 @@ std::vector<float> by_rows(const std::vector<float>& in, RowFn fn) {
   return out;
 }
 
+// Applies a retriever fn(src, dst, n) to `in` in rows of 19 values, every other row in place
+// (src == dst, as a lookup of 16-bit values calls it) and the others from `in` to a separate
+// output (as a lookup of float32 values does).
+template <class RetrieverFn>
+std::vector<float> by_rows_in_and_out_of_place(const std::vector<float>& in, RetrieverFn fn) {
+  std::vector<float> out(in.size(), -1.f);
+  for (size_t start = 0, row = 0; start < out.size(); start += 19, ++row) {
+    const int n = static_cast<int>(std::min<size_t>(19, out.size() - start));
+    if (row % 2 == 0) {
+      std::copy(in.begin() + static_cast<std::ptrdiff_t>(start), in.begin() + static_cast<std::ptrdiff_t>(start) + n,
+                out.begin() + static_cast<std::ptrdiff_t>(start));
+      fn(out.data() + start, out.data() + start, n);
+    } else {
+      fn(in.data() + start, out.data() + start, n);
+    }
+  }
+  return out;
+}
+
 float from_bits(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
@@ -107,8 +126,10 @@ void check_large_lookup(int retriever, int dim, float r, float amplitude) {
     const size_t k = static_cast<size_t>(wanted[i] - 1) / 7;
     if (k < stored) {
       std::memcpy(want.data(), values.data() + k * d, sizeof(float) * d);
-      if (retriever == static_cast<int>(RetrieverKind::kFakeQuant)) scalar->fake_quantize_row(want.data(), dim, r);
-      else scalar->hashnet_forward_row(want.data(), dim, 1.f, amplitude);
+      if (retriever == static_cast<int>(RetrieverKind::kFakeQuant))
+        scalar->fake_quantize_row(want.data(), want.data(), dim, r);
+      else
+        scalar->hashnet_forward_row(want.data(), want.data(), dim, 1.f, amplitude);
     }
     const std::vector<float> got(out.begin() + static_cast<std::ptrdiff_t>(i * d),
                                  out.begin() + static_cast<std::ptrdiff_t>((i + 1) * d));
@@ -133,17 +154,23 @@ int main(int argc, char** argv) {
     const std::vector<float> edge_values = edges(0.3f);
     std::copy(edge_values.begin(), edge_values.end(), in.begin());
     checked += chunk;
-    for (float r : {5.f, 0.3f}) {
-      for (size_t i = 0; i < chunk; ++i) want[i] = fake_quantize_model(in[i], r);
+    for (float r : {5.f, 0.3f, 1.f}) {  // 1: the default range
+      std::vector<float> in_r = in;
+      const std::vector<float> edges_r = edges(r);
+      std::copy(edges_r.begin(), edges_r.end(), in_r.begin() + static_cast<std::ptrdiff_t>(edge_values.size()));
+      for (size_t i = 0; i < chunk; ++i) want[i] = fake_quantize_model(in_r[i], r);
       for (const KernelSet* k : available_kernel_sets())
-        expect_same(by_rows(in, [&](float* v, int n, size_t) { k->fake_quantize_row(v, n, r); }), want, in, k->name,
-                    "fixed_r8");
+        expect_same(by_rows_in_and_out_of_place(
+                        in_r, [&](const float* src, float* dst, int n) { k->fake_quantize_row(src, dst, n, r); }),
+                    want, in_r, k->name, "fixed_r8");
     }
     const float scale = 2.5f, amplitude = 0.07f;  // their product not a power of two: the order of products shows
     for (size_t i = 0; i < chunk; ++i) want[i] = amplitude * tanh_model(scale * in[i]);
     for (const KernelSet* k : available_kernel_sets())
-      expect_same(by_rows(in, [&](float* v, int n, size_t) { k->hashnet_forward_row(v, n, scale, amplitude); }), want,
-                  in, k->name, "hashnet forward");
+      expect_same(by_rows_in_and_out_of_place(in, [&](const float* src, float* dst, int n) {
+                    k->hashnet_forward_row(src, dst, n, scale, amplitude);
+                  }),
+                  want, in, k->name, "hashnet forward");
     for (size_t i = 0; i < chunk; ++i) {
       const float y = tanh_model(scale * in[i]);
       want[i] = g[i] * (amplitude * scale * std::fma(-y, y, 1.f));
@@ -157,6 +184,7 @@ int main(int argc, char** argv) {
   }
   for (int dim : {64, 256, 257, 260}) {  // streamed, streamed, and (wider than the buffer) not
     check_large_lookup(static_cast<int>(RetrieverKind::kFakeQuant), dim, 0.3f, 0.05f);
+    check_large_lookup(static_cast<int>(RetrieverKind::kFakeQuant), dim, 1.f, 0.05f);
     check_large_lookup(static_cast<int>(RetrieverKind::kHashNet), dim, 1.f, 0.07f);
   }
   if (failures) std::printf("%d failures in %zu floats\n", failures, checked);
