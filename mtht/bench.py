@@ -1419,9 +1419,10 @@ def format_report(result: dict, header: bool = True) -> str:
     verdict = _checksum_verdict(result)
     if verdict:
         lines.append(verdict)
-    lines.append("GB/s counts table rows touched per id: the embedding for lookups, embedding (+ optimizer state "
-                 "for gradient steps) read and written for updates. %ceil: ids/s against the probe's reads/s at the same "
-                 "thread count divided by the lines an op must touch per id (one index line + the row's). "
+    lines.append("GB/s counts table rows touched per id: the embedding for lookups (none for missing ids), embedding "
+                 "(+ optimizer state for gradient steps) read and written for updates. %ceil: ids/s against the probe's "
+                 "reads/s at the same thread count divided by the lines an op must touch per id (one index line + the "
+                 "row's). "
                  "busy: cores other processes kept busy during the op (noise).")
     if result.get("load_average_after"):
         lines.append(f"load average at the end: {' '.join(result['load_average_after'])} "
@@ -1755,14 +1756,22 @@ def run() -> None:
     app.run(main, flags_parser=_parse_flags)
 
 
+_HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: List[str]) -> List[str]:
     """absl's parse, with a flag it refuses (out of its range, not one of its choices)
-    reported as the run's own refusals are, rather than as absl's FATAL lines."""
+    reported as the run's own refusals are, rather than as absl's FATAL lines, and a help
+    asked for ending with status 0 (absl ends it with 1, as if it had failed)."""
     try:
         return FLAGS(argv)
     except flags.Error as e:
         _log(f"mtht-bench: {e}\n(mtht-bench --help lists the flags)")
         sys.exit(1)
+    except SystemExit as e:
+        if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def _terminated(signum, frame) -> None:

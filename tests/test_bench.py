@@ -613,6 +613,13 @@ def test_console_script_help_lists_the_flags(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     for flag in ("--size", "--ops", "--threads", "--checkpoint_format", "--sweep"):
         assert flag in proc.stdout, proc.stdout
+    assert proc.returncode == 0, proc.stderr  # help asked for is no failure
+
+
+@pytest.mark.parametrize("flag", ["-h", "--helpshort", "--helpfull"])
+def test_every_help_flag_lists_the_flags_and_succeeds(tmp_path, flag):
+    proc = _cli(flag, cwd=tmp_path)
+    assert proc.returncode == 0 and "--size" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_capped_op_with_batches_larger_than_the_table_is_skipped():
