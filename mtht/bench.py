@@ -1352,17 +1352,25 @@ def _one_line(r: dict) -> str:
             f"checksum {r['checksum']:.6e}")
 
 
-def format_header(result: dict) -> str:
+def format_header(result: dict, swept: Optional[str] = None, values: Sequence[int] = ()) -> str:
+    """The build, machine and config lines; for a sweep (``swept``: "size" or "dim"), the
+    config line lists the swept values in place of one run's."""
     info = result["build_info"]
     m = result["machine"]
     c = result["config"]
+    size = f"{c['size']:,}"
+    dim = f"{c['dim']}"
+    if swept == "size":
+        size = f"swept over {', '.join(f'{v:,}' for v in values)}"
+    elif swept == "dim":
+        dim = f"swept over {', '.join(str(v) for v in values)}"
     lines = [
         f"mtht {info.get('version', '?')}  compiler: {info.get('compiler', '?')}  flags: {info.get('compile_flags', '?')}",
         f"active kernel: {info.get('active_kernel', '?')}  cpu ISAs: {','.join(info.get('cpu_isas', []))}  "
         f"default threads: {info.get('num_threads', '?')}" + (f"  MTHT_KERNEL={m['MTHT_KERNEL']}" if m.get("MTHT_KERNEL") else ""),
         f"machine: {m['cpu']}, {m['cores_available']} cores, {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
         f"python {m['python']}, numpy {m['numpy']}, load average {' '.join(m.get('load_average') or ['?'])}",
-        f"config: size {c['size']:,}  dim {c['dim']}  batch {c['batch_size']:,}  dist {c['dist']}"
+        f"config: size {size}  dim {dim}  batch {c['batch_size']:,}  dist {c['dist']}"
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
         + f"  optimizer {c['optimizer']} (lr {c['learning_rate']:g})  iterations {c['iterations']} (+{c['warmup']} warm-up)"
         f"  threads {','.join(str(t) for t in c['threads'])}  seed {c['seed']}"
@@ -1677,7 +1685,7 @@ def _main(argv: Sequence[str]) -> int:
             raise app.UsageError(f"--plot={FLAGS.plot} needs matplotlib: pip install 'mtht[bench]'")
         _note_threads_beyond_the_cores(cfg)
         res = run_sweep(cfg, FLAGS.sweep, values, plot, log=log)
-        report = format_header(res["runs"][0]) + "\n" + format_sweep(res)
+        report = format_header(res["runs"][0], FLAGS.sweep, values) + "\n" + format_sweep(res)
     else:
         if FLAGS.plot:
             raise app.UsageError("--plot is the plot of a sweep: give --sweep=size or --sweep=dim with it")

@@ -483,6 +483,8 @@ def test_cli_sweep_says_what_it_leaves_out_and_how_each_value_checked(tmp_path):
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "note: --dim is not used: --sweep=dim runs the values of --sweep_dims" in proc.stderr
+    # The header names the values swept, not the first run's alone.
+    assert "dim swept over 4, 8  batch 256" in proc.stdout and "size 2,000" in proc.stdout, proc.stdout
     summary = proc.stdout[proc.stdout.index("sweep over dim:"):]
     for dim in (4, 8):
         assert f"{dim:>12,} checksums: mtht and the baselines agree" in summary, summary
