@@ -16,9 +16,10 @@ tables' own manifests replaced and their older generations removed. A killed sav
 therefore leaves the previous save of every table, or the new one of every table.
 
 Saves and restores at one basename (or directory) from threads of one process take turns,
-and so do a model's saves and restores of one directory from several processes
-(:func:`directory_lock`): a job that restores from the directory a training job saves
-into gets one whole save.
+and so do a table's or a model's saves and restores of one directory from several
+processes (:func:`directory_lock`): two processes saving at one basename write one
+generation after the other, and a job that restores from the directory a training job
+saves into gets one whole save.
 """
 
 from __future__ import annotations
@@ -351,11 +352,19 @@ def save_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
     left out of the checkpoint but stay in memory, as in Monolith.
     """
     basename = os.fsdecode(basename)
-    with _turn(basename):
+    file_prefix(basename)  # a basename refused before the directory and its lock are made
+    with _turn(basename), directory_lock(_directory_of(basename), exclusive=True):
         with _hash_table.writes_held([table]):
             body, older = _write_generation(table, basename)
         _commit(basename, body, older)
     return body
+
+
+def _directory_of(basename: str) -> str:
+    """The directory whose lock (directory_lock) a single table's save at ``basename`` holds
+    alone and its restore shared: saves at one basename from two processes would choose the
+    same generation and write its files over each other."""
+    return os.path.dirname(basename) or "."
 
 
 def file_prefix(basename: str) -> str:
@@ -506,7 +515,7 @@ def restore_table(table: _hash_table.HashTable, basename: StrPath) -> dict:
     """Replace the contents of ``table`` with the checkpoint at ``basename``; returns the
     manifest. Nothing changes unless the whole checkpoint verified."""
     basename = os.fsdecode(basename)
-    with _turn(basename):
+    with _turn(basename), directory_lock(_directory_of(basename), exclusive=False):
         core, body = _load_whole_save(table, basename)
     _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
     return body

@@ -21,7 +21,8 @@ from mtht import _core
 from mtht import hash_table as _hash_table
 from mtht._arrays import StrPath
 from mtht._spec import _STATE_LAYOUT
-from mtht.checkpoint import _over_tables, _over_tables_settled, _remove, _turn, directory_lock, file_count, file_prefix
+from mtht.checkpoint import (_directory_of, _over_tables, _over_tables_settled, _remove, _turn, directory_lock, file_count,
+                             file_prefix)
 
 __all__ = ["save_monolith", "restore_monolith", "save_monolith_tables", "restore_monolith_tables", "asset_prefix",
            "entry_dump_class", "write_tfrecords", "read_tfrecords"]
@@ -215,7 +216,7 @@ def save_monolith(table: _hash_table.HashTable, basename: StrPath) -> None:
     file_prefix(basename)
     if os.path.dirname(basename):
         os.makedirs(os.path.dirname(basename), exist_ok=True)
-    with _turn(basename):
+    with _turn(basename), directory_lock(_directory_of(basename), exclusive=True):
         with _hash_table.writes_held([table]):
             moves = _write_temporaries(table, basename)
         _publish(basename, moves)
@@ -312,7 +313,7 @@ def restore_monolith(table: _hash_table.HashTable, basename: StrPath) -> None:
     Everything is parsed and checked into a fresh table first; on any error the table is
     left as it was."""
     basename = os.fsdecode(basename)
-    with _turn(basename):
+    with _turn(basename), directory_lock(_directory_of(basename), exclusive=False):
         core = _load(table, basename)
     _hash_table.swap_contents([(table, core)])  # after a save of the old contents under way
 

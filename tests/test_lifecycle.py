@@ -653,6 +653,50 @@ def test_a_model_saved_at_interpreter_exit_is_saved(tmp_path, before, format):
     assert rows["b"].tolist() == [[3.0]]
 
 
+_SAVE_ONE_TABLE_AGAIN_AND_AGAIN = """
+import sys
+import numpy as np
+import mtht
+from mtht.hash_table import hash_table_from_config
+from mtht.testing import generate_test_hash_table_config
+
+basename, value, format, saves = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+table = hash_table_from_config(generate_test_hash_table_config(4), saver_parallel=2)
+table.assign(np.arange(3000, dtype=np.int64), np.full((3000, 4), value, dtype=np.float32))
+for _ in range(saves):
+    table.save(basename, format=format)
+"""
+
+
+@pytest.mark.parametrize("format", ["mtht", "monolith"])
+def test_two_processes_saving_at_one_basename_take_turns(tmp_path, format):
+    # Two jobs saving one table at one basename (each its own contents) take turns through
+    # the directory's lock: every save succeeds, and every restore, during the saves and
+    # after them, gives one whole save, all of one job's values. (Without the lock, one job's
+    # save failed within the 100, in either format: the two wrote the same files at once.)
+    basename = str(tmp_path / "ckpt" / "table")
+    script = _SAVE_ONE_TABLE_AGAIN_AND_AGAIN
+    jobs = [subprocess.Popen([sys.executable, "-c", script, basename, str(value), format, "100"], cwd=tmp_path,
+                             stderr=subprocess.PIPE, text=True) for value in (1.0, 2.0)]
+    restored = hash_table_from_config(generate_test_hash_table_config(4))
+    seen = set()
+    try:
+        while any(job.poll() is None for job in jobs):
+            try:
+                restored.restore(basename, format=format)
+            except FileNotFoundError:  # before the first save
+                continue
+            values = np.unique(restored.lookup(np.arange(3000, dtype=np.int64)))
+            assert len(values) == 1 and len(restored) == 3000, values
+            seen.add(float(values[0]))
+    finally:
+        errors = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], errors
+    restored.restore(basename, format=format)
+    values = np.unique(restored.lookup(np.arange(3000, dtype=np.int64)))
+    assert len(values) == 1 and float(values[0]) in (1.0, 2.0)
+
+
 def test_a_restore_beside_a_model_save_waits_for_it(tmp_path, monkeypatch, restore_num_threads):
     # A restore (and a write after it) from another thread while a model's save writes its
     # tables waits for the save: the save holds every table at one point, not one table's
@@ -1959,7 +2003,7 @@ def test_generations_replace_the_previous_files(tmp_path):
     assert data_files(tmp_path) == sorted(second)
     assert manifest_of(basename)["generation"] == 2
     assert table_of().restore(basename).lookup(ids_of(1)).tolist() == [[5]]
-    assert sorted(os.listdir(tmp_path)) == sorted(second + ["t.manifest.json"])
+    assert sorted(os.listdir(tmp_path)) == sorted(second + ["t.manifest.json", ".mtht-lock"])
 
 
 def test_stray_files_beside_a_checkpoint_are_ignored(tmp_path):

@@ -548,7 +548,7 @@ def test_saved_sgd_file_decodes_by_hand(tmp_path):
     base = tmp_path / "out" / "sgd"
     table.save(base, format="monolith")
 
-    assert sorted(os.listdir(tmp_path / "out")) == ["sgd-00000-of-00001"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".mtht-lock", "sgd-00000-of-00001"]
     decoded = read_checkpoint(base, 1)
     assert sorted(decoded) == sorted(ids)
     for k, i in enumerate(ids):
@@ -646,7 +646,7 @@ def test_round_trip_every_optimizer(tmp_path, name, optimizer):
     base = tmp_path / "ckpt" / name
     table.save(base, format="monolith")
     assert snapshot(table, ids) == before  # saving changes nothing
-    assert sorted(os.listdir(base.parent)) == [f"{name}-00000-of-00001"]  # no temporary file left
+    assert sorted(os.listdir(base.parent)) == [".mtht-lock", f"{name}-00000-of-00001"]  # no temporary file left
 
     decoded = read_checkpoint(base, 1)
     present = [e for e in table.lookup_entry(ids) if e is not None]
@@ -866,7 +866,7 @@ def test_several_files_with_saver_parallel(tmp_path):
     base = tmp_path / "dir" / "adagrad"
     table.save(base, format="monolith")
 
-    assert sorted(os.listdir(base.parent)) == [os.path.basename(p) for p in shard_names(base, 3)]
+    assert sorted(os.listdir(base.parent)) == [".mtht-lock"] + [os.path.basename(p) for p in shard_names(base, 3)]
     seen = []
     for path in shard_names(base, 3):
         file_ids = [decode_entry(r)["id"] for r in read_frames(path)]
@@ -883,7 +883,7 @@ def test_one_file_by_default_for_a_small_table(tmp_path):
     table = sgd_table(1)
     table.assign(np.arange(100), np.ones((100, 1), dtype=F32))
     table.save(tmp_path / "small", format="monolith")
-    assert sorted(os.listdir(tmp_path)) == ["small-00000-of-00001"]
+    assert sorted(os.listdir(tmp_path)) == [".mtht-lock", "small-00000-of-00001"]
 
 
 def test_files_by_monolith_default_one_per_million_entries(tmp_path):
@@ -892,7 +892,7 @@ def test_files_by_monolith_default_one_per_million_entries(tmp_path):
     table = sgd_table(1)
     table.assign(np.arange(1_000_000), np.ones((1_000_000, 1), dtype=F32))
     table.save(tmp_path / "one", format="monolith")
-    assert sorted(os.listdir(tmp_path)) == ["one-00000-of-00001"]
+    assert sorted(os.listdir(tmp_path)) == [".mtht-lock", "one-00000-of-00001"]
     table.assign(np.arange(1_000_000, 2_000_000), np.ones((1_000_000, 1), dtype=F32))
     table.save(tmp_path / "two", format="monolith")
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("two")) == shard_names("two", 2)
@@ -914,7 +914,7 @@ def test_save_over_an_existing_checkpoint(tmp_path):
     table.save(tmp_path / "t", format="monolith")
     table.assign([1, 2], [[5.0], [6.0]])
     table.save(tmp_path / "t", format="monolith")
-    assert sorted(os.listdir(tmp_path)) == ["t-00000-of-00001"]
+    assert sorted(os.listdir(tmp_path)) == [".mtht-lock", "t-00000-of-00001"]
     restored = sgd_table(1)
     restored.restore(tmp_path / "t", format="monolith")
     assert restored.lookup([1, 2]).tolist() == [[5.0], [6.0]]
@@ -940,7 +940,7 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
     unwritable_temporaries(monkeypatch, "t-00001-of-00002")
     with pytest.raises(OSError):
         table.save(base, format="monolith")
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in before)
+    assert sorted(os.listdir(tmp_path)) == [".mtht-lock"] + sorted(os.path.basename(p) for p in before)
     assert {p: pathlib.Path(p).read_bytes() for p in before} == before
     restored = sgd_table(1)
     restored.restore(base, format="monolith")
@@ -1795,7 +1795,8 @@ def test_temporaries_of_a_killed_save_are_removed_by_the_next(tmp_path):
     for name in left + [str(tmp_path / o) for o in others]:
         pathlib.Path(name).write_bytes(b"x" * 100)
     table.save(base, format="monolith")
-    assert sorted(os.listdir(tmp_path)) == sorted(others + [os.path.basename(p) for p in shard_names(base, 2)])
+    assert sorted(os.listdir(tmp_path)) == sorted(others + [os.path.basename(p) for p in shard_names(base, 2)]
+                                                  + [".mtht-lock"])
 
 
 def test_tables_that_would_share_files_are_refused(tmp_path):
