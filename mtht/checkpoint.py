@@ -132,14 +132,29 @@ _LOCKS: Dict[str, list] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
+# The files open for directory_lock. A flock belongs to the open file, which a forked child
+# shares: a child that kept its copy would hold the parent's lock for as long as it lives,
+# and its own save in the directory would wait for it for ever. The guard is held across
+# fork, so that no file is opened or closed half-way through one.
+_LOCK_FDS: set = set()
+_LOCK_FDS_GUARD = threading.Lock()
+
+
 def _forget_locks() -> None:
     # A forked child has none of its parent's other threads: the locks they held would
     # never be released there.
-    global _LOCKS, _LOCKS_GUARD
+    global _LOCKS, _LOCKS_GUARD, _LOCK_FDS, _LOCK_FDS_GUARD
     _LOCKS, _LOCKS_GUARD = {}, threading.Lock()
+    for fd in _LOCK_FDS:
+        try:
+            os.close(fd)  # the child's copy: the parent's lock stays the parent's
+        except OSError:
+            pass
+    _LOCK_FDS, _LOCK_FDS_GUARD = set(), threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_locks)
+os.register_at_fork(before=lambda: _LOCK_FDS_GUARD.acquire(), after_in_parent=lambda: _LOCK_FDS_GUARD.release(),
+                    after_in_child=_forget_locks)
 
 
 @contextlib.contextmanager
@@ -159,7 +174,9 @@ def directory_lock(directory: str, exclusive: bool,
         try:
             if exclusive:
                 os.makedirs(directory, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+            with _LOCK_FDS_GUARD:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY, 0o644)
+                _LOCK_FDS.add(fd)
         except OSError:  # the save reports a directory it cannot make; the restore, what it cannot read
             fd = None
     try:
@@ -168,7 +185,9 @@ def directory_lock(directory: str, exclusive: bool,
         yield
     finally:
         if fd is not None:
-            os.close(fd)  # releases the lock
+            with _LOCK_FDS_GUARD:
+                _LOCK_FDS.discard(fd)
+                os.close(fd)  # releases the lock
 
 
 def _wait_for(fd: int, kind: int, path: str, interrupted: Callable[[], bool]) -> None:
