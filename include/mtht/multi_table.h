@@ -39,7 +39,7 @@ inline PlannedWrite plan_part(EmbeddingTable& table, const int64_t* ids, size_t 
   } else {
     table.check_room(ids, n, runs);
   }
-  return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts), alone);
+  return table.reserve_ids(ids, n, std::move(victims), EmbeddingTable::far_stamp(ts), alone, runs);
 }
 
 // One part's ids as its capacity check counts them (AdmissionCount::add).

@@ -1145,6 +1145,20 @@ struct BatchPlan {
         ids_(ids), n_(n), ranges_(ranges), shard_bits_(shard_bits),
         counts_(ranges << shard_bits, 0) {}
 
+  // A plan that holds only where each shard's ids would start (shard_begin; count[s] ids
+  // in shard s), no ids: for a write on one thread in input order, which reads nothing else
+  // of it (EmbeddingTable::write_planned_in_order). Sorting a small table's part of a
+  // multi-table write by shard took about a tenth of the write (perf: fused steps of 8
+  // tables of 25,000 entries, 2,048 ids each, one thread).
+  explicit BatchPlan(const std::vector<uint64_t>& count)
+      : block_(0), keys(nullptr), hashes(nullptr), order(nullptr), ids_(nullptr), n_(0), ranges_(0), shard_bits_(0) {
+    shard_begin.assign(count.size() + 1, 0);
+    for (size_t s = 0; s < count.size(); ++s) shard_begin[s + 1] = shard_begin[s] + count[s];
+  }
+
+  // Whether the plan holds its ids in shard order (not a plan of counts alone).
+  bool ordered() const { return ranges_ != 0; }
+
   size_t num_ranges() const { return ranges_; }
 
   // Counts the ids of range r in each shard, and zeroes range r's share of the arrays.
@@ -2396,11 +2410,24 @@ class EmbeddingTable {
   // room they leave counts as room for the write's new entries. The write goes through the
   // admission filter. `one_thread`: the caller writes it on the calling thread alone (a task
   // of its own), so that it is planned as a write on one thread is.
+  // `runs`: the write is deduplicated (group_runs will group it by the plan).
   detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {},
-                                   bool far_stamps = false, bool one_thread = false) {
+                                   bool far_stamps = false, bool one_thread = false, bool runs = false) {
     const LayoutHold hold(*this);
-    detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()),
-                                 one_thread ? 1 : write_chunks(n), {}, std::move(victims)};
+    const size_t chunks = one_thread ? 1 : write_chunks(n);
+    if (chunks == 1 && !runs && !spec_.max_entries) {
+      // Written in input order (for_each_shard_write: one chunk, and no capacity limit, so
+      // no victims), which needs of the plan only the shards the ids fall in.
+      const detail::ScratchBlock block(sizeof(uint64_t) * n);
+      detail::ScratchArray<uint64_t> hashes(block.data());
+      std::vector<uint64_t> count(shards_.size(), 0);
+      for (size_t i = 0; i < n; ++i) ++count[shard_of(hashes[i] = hash_id(ids[i]))];
+      detail::PlannedWrite planned{detail::BatchPlan(count), detail::HeldRoom(shards_.size()), 1, {}, std::move(victims)};
+      reserve_in_order(ids, hashes.data(), n, count, planned.room, true, far_stamps);
+      return planned;
+    }
+    detail::PlannedWrite planned{detail::BatchPlan(ids, n, shard_bits_), detail::HeldRoom(shards_.size()), chunks, {},
+                                 std::move(victims)};
     for (size_t s = 0; s < shards_.size(); ++s)
       reserve_shard(planned.plan, s, planned.room, true, planned.victims ? planned.victims->by_shard[s].size() : 0,
                     far_stamps);
@@ -2423,6 +2450,7 @@ class EmbeddingTable {
   template <class Row>
   void group_runs(detail::PlannedWrite& planned, const uint32_t* blocks, Row&& row) const {
     const LayoutHold hold(*this);
+    if (!planned.plan.ordered()) throw std::logic_error("a deduplicated write was planned without its ids");
     planned.runs.resize(planned.chunks);
     for (size_t i = 0; i < planned.chunks; ++i) {
       const auto [first, last] = chunk_shards(i, planned.chunks);
@@ -3222,6 +3250,7 @@ class EmbeddingTable {
     std::optional<detail::BatchPlan> own;
     if (!planned && !built_plan) own.emplace(ids, n, shard_bits_, batch_ranges(n));
     const detail::BatchPlan& plan = planned ? planned->plan : built_plan ? *built_plan : *own;
+    if (!plan.ordered()) throw std::logic_error("a write by shards was given a plan of counts alone");
     const size_t ranges = own ? own->num_ranges() : 0;
     const size_t shards = planned ? 0 : shards_.size();
     if (planned) chunks = planned->chunks;
