@@ -69,22 +69,26 @@ uint64_t size_at_growth(mtht::EmbeddingTable& t, int64_t next) {
   return t.stats().size;
 }
 
-void check_interleaved_writes() {
+// `dedup`: A is a deduplicated write, planned in shard order with its ids (a plain one on
+// one thread is planned as counts by shard alone).
+void check_interleaved_writes(bool dedup) {
   mtht::EmbeddingTable t(one_shard_sgd());
   assign(t, range(0, 1000), 1.f);
   const uint64_t room = slack(t) - t.stats().size;  // new entries that fit before growth
   const std::vector<int64_t> a = range(1'000'000, room);
   const std::vector<int64_t> b = range(2'000'000, 1);
   {
-    const auto planned = t.reserve_ids(a.data(), a.size());
+    const std::vector<float> grads(a.size() * 4, 1.f);
+    auto grad_row = [&](size_t i) { return grads.data() + 4 * i; };
+    auto planned = t.reserve_ids(a.data(), a.size(), {}, false, /*one_thread=*/true, /*runs=*/dedup);
+    expect(planned.plan.ordered() == dedup, "A's plan holds its ids in shard order only when deduplicated");
+    if (dedup) t.group_runs(planned, nullptr, grad_row);
     const uint64_t before = t.stats().capacity;
     assign(t, b, 2.f);  // B: room only beside A's
     const uint64_t capacity = t.stats().capacity;
     expect(capacity > before, "B's write grew the index (A's room is taken)");
-    const std::vector<float> grads(a.size() * 4, 1.f);
     const float lr = 0.5f;
-    t.apply_gradient_rows(a.data(), a.size(), [&](size_t i) { return grads.data() + 4 * i; }, &lr, 0, 7, false,
-                          nullptr, false, &planned);
+    t.apply_gradient_rows(a.data(), a.size(), grad_row, &lr, 0, 7, dedup, nullptr, false, &planned);
     expect(t.stats().capacity == capacity, "A's write grew the index (its room was taken)");
     expect(values_are(t, a, -0.5f), "A's entries hold one SGD step from zero");
     expect(values_are(t, b, 2.f), "B's entry holds its row");
@@ -127,7 +131,8 @@ void check_dropped_reservation() {
 }  // namespace
 
 int main() {
-  check_interleaved_writes();
+  check_interleaved_writes(false);
+  check_interleaved_writes(true);
   check_growth_after_a_write();
   check_dropped_reservation();
   if (failures == 0) std::printf("ok\n");
