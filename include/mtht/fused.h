@@ -201,7 +201,7 @@ inline void fused_apply_gradients(const std::vector<EmbeddingTable*>& tables, co
           w.shift.push_back(L.emb_offsets[n * K + k] - static_cast<int64_t>(g.begin[n]) * d);
         w.planned.emplace(detail::plan_part(*tables[k], g.ids.data(), g.ids.size(), accumulate[k], only, alone, ts,
                                             g.block.data()));
-        if (accumulate[k]) tables[k]->group_runs(*w.planned, g.block.data(), grad_rows(k));
+        if (accumulate[k]) tables[k]->group_runs(*w.planned, g.ids.data(), g.block.data(), grad_rows(k));
       },
       [&](size_t k) {
         const TableWrite& w = writes[k];

@@ -244,7 +244,7 @@ inline void write_tables(const std::vector<TablePart>& parts, int64_t global_ste
         const TablePart& p = parts[k];
         const bool runs = dedup && p.kind == WriteKind::kApplyGradients;
         planned[k].emplace(detail::plan_part(*p.table, p.ids, p.n, runs, only, alone, ts));
-        if (runs) p.table->group_runs(*planned[k], nullptr, row_of(p));
+        if (runs) p.table->group_runs(*planned[k], p.ids, nullptr, row_of(p));
       },
       [&](size_t k) {
         const TablePart& p = parts[k];

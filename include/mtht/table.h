@@ -1147,7 +1147,8 @@ struct BatchPlan {
 
   // A plan that holds only where each shard's ids would start (shard_begin; count[s] ids
   // in shard s), no ids: for a write on one thread in input order, which reads nothing else
-  // of it (EmbeddingTable::write_planned_in_order). Sorting a small table's part of a
+  // of it (EmbeddingTable::write_planned_in_order; deduplicated, its runs grouped in input
+  // order: EmbeddingTable::group_runs). Sorting a small table's part of a
   // multi-table write by shard took about a tenth of the write (perf: fused steps of 8
   // tables of 25,000 entries, 2,048 ids each, one thread).
   explicit BatchPlan(const std::vector<uint64_t>& count)
@@ -1366,9 +1367,11 @@ struct Runs {
   // runs in order of first occurrence, `first` holding input positions, `ids` and `hashes`
   // each run's id and hash, `begin` unused. One hash table for the whole batch (half full
   // at most), which lies in the L2 cache rather than the L1 (a shard's does), but spares the
-  // plan, whose order reaches the caller's rows at random (write_in_order).
+  // plan, whose order reaches the caller's rows at random (write_in_order). `blocks` (may
+  // be null), nondecreasing, splits the batch as for group: an id's occurrences in two
+  // blocks are two runs, in block order.
   template <class Row>
-  void group_in_order(const int64_t* in, size_t n, size_t width, Row&& row) {
+  void group_in_order(const int64_t* in, size_t n, size_t width, Row&& row, const uint32_t* blocks = nullptr) {
     first.resize(n);
     count.resize(n);
     sum_of.resize(n);
@@ -1404,7 +1407,7 @@ struct Runs {
           hashes[runs++] = h;
           break;
         }
-        if (slot.tag != tag || ids[slot.run] != id) continue;
+        if (slot.tag != tag || ids[slot.run] != id || (blocks && blocks[first[slot.run]] != blocks[k])) continue;
         ++count[slot.run];
         repeats_[n_repeats++] = Repeat{slot.run, static_cast<uint32_t>(k)};
         break;
@@ -2410,14 +2413,15 @@ class EmbeddingTable {
   // room they leave counts as room for the write's new entries. The write goes through the
   // admission filter. `one_thread`: the caller writes it on the calling thread alone (a task
   // of its own), so that it is planned as a write on one thread is.
-  // `runs`: the write is deduplicated (group_runs will group it by the plan).
+  // `runs`: the write is deduplicated (group_runs groups it).
   detail::PlannedWrite reserve_ids(const int64_t* ids, size_t n, std::optional<detail::Victims> victims = {},
                                    bool far_stamps = false, bool one_thread = false, bool runs = false) {
     const LayoutHold hold(*this);
     const size_t chunks = one_thread ? 1 : write_chunks(n);
-    if (chunks == 1 && !runs && !spec_.max_entries) {
+    if (chunks == 1 && !spec_.max_entries && (!runs || threads_for(n) == 1)) {
       // Written in input order (for_each_shard_write: one chunk, and no capacity limit, so
-      // no victims), which needs of the plan only the shards the ids fall in.
+      // no victims; deduplicated, a batch small enough to be grouped in input order, as a
+      // write to one table is), which needs of the plan only the shards the ids fall in.
       const detail::ScratchBlock block(sizeof(uint64_t) * n);
       detail::ScratchArray<uint64_t> hashes(block.data());
       std::vector<uint64_t> count(shards_.size(), 0);
@@ -2446,11 +2450,18 @@ class EmbeddingTable {
   }
 
   // Groups the ids of a planned deduplicated write and sums their rows (see detail::Runs),
-  // so that the write itself allocates nothing: row(position) as for apply_gradient_rows.
+  // so that the write itself allocates nothing: `ids` those given to reserve_ids,
+  // row(position) as for apply_gradient_rows. A plan of counts alone is grouped in input
+  // order (Runs::group_in_order).
   template <class Row>
-  void group_runs(detail::PlannedWrite& planned, const uint32_t* blocks, Row&& row) const {
+  void group_runs(detail::PlannedWrite& planned, const int64_t* ids, const uint32_t* blocks, Row&& row) const {
     const LayoutHold hold(*this);
-    if (!planned.plan.ordered()) throw std::logic_error("a deduplicated write was planned without its ids");
+    if (!planned.plan.ordered()) {
+      planned.runs.resize(1);
+      planned.runs[0].group_in_order(ids, planned.plan.shard_begin.back(), static_cast<size_t>(layout_.dim), row,
+                                     blocks);
+      return;
+    }
     planned.runs.resize(planned.chunks);
     for (size_t i = 0; i < planned.chunks; ++i) {
       const auto [first, last] = chunk_shards(i, planned.chunks);
@@ -3335,21 +3346,36 @@ class EmbeddingTable {
                                         : capacity_room(ids, n, true, true, room_held, planned);
     if (by_blocks) capacity.plan.reset();
     // A small batch (on one thread), with nothing to evict: the runs in input order
-    // (write_in_order), grouped over the batch (Runs::group_in_order).
+    // (write_in_order), grouped over the batch (Runs::group_in_order); a planned one was
+    // grouped so by group_runs, its room held by its plan of counts.
+    const size_t bytes = sizeof(float) * width;
+    auto run_in_order = [&fn, &row, width](const detail::Runs& runs) {
+      return [&fn, &row, width, &runs](detail::Shard& sh, size_t r, int64_t id, uint64_t h, const Found& known) {
+        fn(sh, runs.row_in_order(r, width, row), runs.count[r], id, h, known);
+      };
+    };
+    auto ahead_in_order = [&row, width, bytes](const detail::Runs& runs) {
+      return [&row, width, bytes, &runs](size_t r) {
+        // A sum, and a row that occurs once when it spans several lines: the rows are in
+        // order but with gaps, which the hardware does not follow.
+        if (runs.sum_of[r] != detail::Runs::kEnd || bytes > 64)
+          detail::prefetch_lines(runs.row_in_order(r, width, row), bytes);
+      };
+    };
+    if (planned && !planned->plan.ordered()) {
+      if (planned->runs.size() != 1) throw std::logic_error("a planned write was not grouped");
+      const detail::Runs& runs = planned->runs[0];
+      const size_t* begin = planned->plan.shard_begin.data();
+      write_held_in_order(runs.ids.data(), runs.hashes.data(), runs.ids.size(), ts,
+                          [begin](size_t s) { return begin[s + 1] != begin[s]; }, run_in_order(runs),
+                          ahead_in_order(runs));
+      return;
+    }
     if (!planned && !blocks && !capacity.victims()->total && !capacity.built_plan() && threads_for(n) == 1) {
       detail::Runs& runs = detail::Runs::per_chunk(1)[0];
       runs.group_in_order(ids, n, width, row);
-      const size_t bytes = sizeof(float) * width;
-      write_in_order(runs.ids.data(), runs.hashes.data(), runs.ids.size(), ts, true, far_stamp(ts),
-                     [&](detail::Shard& sh, size_t r, int64_t id, uint64_t h, const Found& known) {
-                       fn(sh, runs.row_in_order(r, width, row), runs.count[r], id, h, known);
-                     },
-                     [&](size_t r) {
-                       // A sum, and a row that occurs once when it spans several lines: the
-                       // rows are in order but with gaps, which the hardware does not follow.
-                       if (runs.sum_of[r] != detail::Runs::kEnd || bytes > 64)
-                         detail::prefetch_lines(runs.row_in_order(r, width, row), bytes);
-                     });
+      write_in_order(runs.ids.data(), runs.hashes.data(), runs.ids.size(), ts, true, far_stamp(ts), run_in_order(runs),
+                     ahead_in_order(runs));
       runs.trim();
       return;
     }

@@ -69,11 +69,13 @@ uint64_t size_at_growth(mtht::EmbeddingTable& t, int64_t next) {
   return t.stats().size;
 }
 
-// `dedup`: A is a deduplicated write, planned in shard order with its ids (a plain one on
-// one thread is planned as counts by shard alone).
-void check_interleaved_writes(bool dedup) {
+// `dedup`: A is a deduplicated write. Planned for one thread, a plain write or a
+// deduplicated one under 4,096 ids is planned as counts by shard alone (and the latter
+// grouped in input order); a larger deduplicated one in shard order, with its ids.
+// `stored`: the entries the table holds first (the more, the more new ids A can take).
+void check_interleaved_writes(bool dedup, int64_t stored) {
   mtht::EmbeddingTable t(one_shard_sgd());
-  assign(t, range(0, 1000), 1.f);
+  assign(t, range(0, stored), 1.f);
   const uint64_t room = slack(t) - t.stats().size;  // new entries that fit before growth
   const std::vector<int64_t> a = range(1'000'000, room);
   const std::vector<int64_t> b = range(2'000'000, 1);
@@ -81,8 +83,9 @@ void check_interleaved_writes(bool dedup) {
     const std::vector<float> grads(a.size() * 4, 1.f);
     auto grad_row = [&](size_t i) { return grads.data() + 4 * i; };
     auto planned = t.reserve_ids(a.data(), a.size(), {}, false, /*one_thread=*/true, /*runs=*/dedup);
-    expect(planned.plan.ordered() == dedup, "A's plan holds its ids in shard order only when deduplicated");
-    if (dedup) t.group_runs(planned, nullptr, grad_row);
+    expect(planned.plan.ordered() == (dedup && a.size() >= 4096),
+           "A's plan holds its ids in shard order only when deduplicated and large");
+    if (dedup) t.group_runs(planned, a.data(), nullptr, grad_row);
     const uint64_t before = t.stats().capacity;
     assign(t, b, 2.f);  // B: room only beside A's
     const uint64_t capacity = t.stats().capacity;
@@ -92,7 +95,7 @@ void check_interleaved_writes(bool dedup) {
     expect(t.stats().capacity == capacity, "A's write grew the index (its room was taken)");
     expect(values_are(t, a, -0.5f), "A's entries hold one SGD step from zero");
     expect(values_are(t, b, 2.f), "B's entry holds its row");
-    expect(values_are(t, range(0, 1000), 1.f), "the first entries are unchanged");
+    expect(values_are(t, range(0, stored), 1.f), "the first entries are unchanged");
   }
   // Both writes are done: nothing is held, so the index grows just past its bound.
   const uint64_t limit = bound(t);
@@ -131,8 +134,10 @@ void check_dropped_reservation() {
 }  // namespace
 
 int main() {
-  check_interleaved_writes(false);
-  check_interleaved_writes(true);
+  for (const int64_t stored : {1000, 10000}) {
+    check_interleaved_writes(false, stored);
+    check_interleaved_writes(true, stored);
+  }
   check_growth_after_a_write();
   check_dropped_reservation();
   if (failures == 0) std::printf("ok\n");
