@@ -52,6 +52,7 @@ from mtht.entry import EMBEDDING_DTYPES, LOAD_FACTOR_RANGE, Compressor, check_nu
 __all__ = [
     "ALL_OPS", "BASELINE_OPS", "BenchConfig", "run_benchmark", "run_sweep", "format_report",
     "key_to_id", "fill_values", "update_rows", "op_keys", "fused_layout", "main", "run",
+    "FETCH_OPS", "check_fetches_ahead", "run_fetches_ahead", "format_fetches_ahead", "fetches_ahead_agree",
 ]
 
 # 2: restore's ratio to np.load is vs_numpy_load (it was under vs_numpy_save).
@@ -1243,6 +1244,157 @@ def _goal(name: str, value: float, need: float, unit: str = "x") -> dict:
 # ---------------------------------------------------------------------------------------------
 # Sweeps and the plot
 # ---------------------------------------------------------------------------------------------
+FETCH_OPS = BASELINE_OPS  # the ops of one table, which --fetches_ahead compares
+FETCHES_AHEAD_RANGE = (1, 256)  # what MTHT_FETCHES_AHEAD takes
+
+
+def check_fetches_ahead(config: BenchConfig, values: Sequence[int]) -> None:
+    """ValueError unless :func:`run_fetches_ahead` can run: two or more distinct values that
+    MTHT_FETCHES_AHEAD takes, an op of one table, and a table per value within the budget."""
+    config.validate()
+    lo, hi = FETCHES_AHEAD_RANGE
+    if len(values) < 2 or len(set(values)) != len(values) or not all(lo <= int(v) <= hi for v in values):
+        raise ValueError(f"fetches_ahead needs two or more distinct values from {lo} to {hi}, got {list(values)}")
+    if not any(op in FETCH_OPS for op in config.ops):
+        raise ValueError(f"fetches_ahead compares the ops of one table ({', '.join(FETCH_OPS)}); none was asked for")
+    need = _mtht_bytes_estimate(config, config.size) * len(values)
+    if need > config.table_budget_bytes():
+        raise ValueError(f"{len(values)} tables of {config.size:,} ids need about {need / 1e9:.1f} GB "
+                         f"(> --max_memory_gb={config.max_memory_gb:g})")
+
+
+def run_fetches_ahead(config: BenchConfig, values: Sequence[int], log: Callable[[str], None] = lambda s: None) -> dict:
+    """Compare ``MTHT_FETCHES_AHEAD`` values side by side: a table built under each (a table
+    reads the variable when it is built) and filled alike, then each op's batches taken by
+    every table in turn, the order rotating from batch to batch, so that the machine's swings
+    fall on all of them alike. Per op and thread count, each table's result as
+    :func:`run_benchmark` gives it, with ``fetches_ahead`` and ``vs_first``: the median of
+    its per-batch rates over those of the first value's table. The ops are those of
+    ``config.ops`` in :data:`FETCH_OPS`."""
+    check_fetches_ahead(config, values)
+    c = config
+    values = [int(v) for v in values]
+    ops = [op for op in c.ops if op in FETCH_OPS]
+    threads_list = c.thread_counts()
+    result: Dict[str, Any] = {
+        "schema": SCHEMA_VERSION, "compare": "fetches_ahead", "values": values,
+        "build_info": _build_info(), "machine": machine_info(),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
+        "tables": [], "results": [],
+    }
+    result["config"]["threads"] = threads_list
+    keys = np.arange(c.size, dtype=np.int64)
+    tables = []
+    saved = os.environ.get("MTHT_FETCHES_AHEAD")
+    try:
+        for v in values:
+            os.environ["MTHT_FETCHES_AHEAD"] = str(v)
+            table = _make_table(c, c.size)
+            _fill_table(table, keys, c.dim, f"fill the table of {v} fetches ahead", c)
+            st = table.stats()
+            result["tables"].append({"fetches_ahead": v, "read_block": int(st["read_block"]),
+                                     "write_block": int(st["write_block"])})
+            tables.append(table)
+    finally:
+        if saved is None:
+            os.environ.pop("MTHT_FETCHES_AHEAD", None)
+        else:
+            os.environ["MTHT_FETCHES_AHEAD"] = saved
+    rows = update_rows(c.batch_size, c.dim, c.seed)
+    out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+    state = _state_floats(c.optimizer, c.dim)
+    default_threads_now = mtht.get_num_threads()
+    try:
+        for op in ops:
+            op_key_list = op_keys(c, op)
+            batches = [key_to_id(k) for k in op_key_list]
+            for threads in threads_list:
+                mtht.set_num_threads(threads)
+                seconds: List[List[float]] = [[] for _ in tables]
+                checksums = [0.0] * len(tables)
+                bar = _progress(len(batches), f"{op} ({threads} thr), {len(tables)} tables in turn", c,
+                                unit="batch", long_phase=False)
+                try:
+                    for i, b in enumerate(batches):
+                        for j in itertools.islice(itertools.cycle(range(len(tables))), i % len(tables),
+                                                  i % len(tables) + len(tables)):
+                            t = tables[j]
+                            t0 = time.perf_counter()
+                            if op in ("lookup", "lookup_missing"):
+                                t.lookup(b, out=out)
+                            elif op == "assign_add":
+                                t.assign_add(b, rows)
+                            else:
+                                t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=op == "apply_gradients_dedup")
+                            dt = time.perf_counter() - t0
+                            if i >= c.warmup:
+                                seconds[j].append(dt)
+                            checksums[j] += _checksum(out if op in _READ_OPS else t.lookup(b, out=out))
+                        bar.update(1)
+                finally:
+                    bar.close()
+                if op in _WRITE_OPS:
+                    for t in tables:
+                        _reset_mtht(t, op_key_list, c.dim)
+                first = np.asarray(seconds[0])
+                for v, secs, checksum in zip(values, seconds, checksums):
+                    res = _summarise(op, "mtht", threads, [c.batch_size] * len(secs), secs, checksum,
+                                     _bytes_per_id(op, c.dim, state, _value_bytes(c.embedding_dtype)),
+                                     fetches_ahead=v, vs_first=float(np.median(first / np.asarray(secs))))
+                    result["results"].append(res)
+                    log(_one_line(res) + f"  ({v} fetches ahead)")
+    finally:
+        mtht.set_num_threads(default_threads_now)
+    return result
+
+
+def _same_checksum(a: float, b: float) -> bool:
+    """Equal to the bit, or both NaN: tables that differ only in their block length hold the
+    same values."""
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def fetches_ahead_agree(result: dict) -> bool:
+    """Whether every table of :func:`run_fetches_ahead` gave the first one's checksums."""
+    first = {(r["op"], r["threads"]): r["checksum"] for r in result["results"]
+             if r["fetches_ahead"] == result["values"][0]}
+    return all(_same_checksum(r["checksum"], first[r["op"], r["threads"]]) for r in result["results"])
+
+
+def format_fetches_ahead(result: dict) -> str:
+    """The report of :func:`run_fetches_ahead`: per op and thread count, each value's rate and
+    its ratio to the first value's; whether the tables' checksums agree; the fastest value."""
+    values = result["values"]
+    lines = ["fetches ahead side by side (MTHT_FETCHES_AHEAD): a table built under each value, "
+             "each batch taken by every table in turn",
+             "value  ids per block: reads, writes"]
+    lines += [f"{t['fetches_ahead']:>5}  {t['read_block']}, {t['write_block']}" for t in result["tables"]]
+    head = f"{'op':<22} {'thr':>3}" + "".join(f"  {str(v) + ': M ids/s':>16} {'x' + str(values[0]):>7}" for v in values)
+    lines += ["", head, "-" * len(head)]
+    rows: Dict[tuple, Dict[int, dict]] = {}
+    for r in result["results"]:
+        rows.setdefault((r["op"], r["threads"]), {})[r["fetches_ahead"]] = r
+    log_ratios: Dict[int, List[float]] = {v: [] for v in values}
+    for (op, threads), by_value in rows.items():
+        line = f"{op:<22} {threads:>3}"
+        for v in values:
+            r = by_value[v]
+            line += f"  {r['ids_per_s'] / 1e6:>16.2f} {r['vs_first']:>6.2f}x"
+            log_ratios[v].append(math.log(r["vs_first"]))
+        lines.append(line)
+    lines.append("")
+    lines.append("checksums: the tables agree" if fetches_ahead_agree(result) else
+                 "checksums: the tables DIFFER (the block length must not change results: please report this)")
+    mean = {v: math.exp(sum(x) / len(x)) for v, x in log_ratios.items() if x}
+    best = max(mean, key=lambda v: mean[v])
+    lines.append(f"against {values[0]}, the geometric mean of each value's ratios above: " +
+                 ", ".join(f"{v} {m:.2f}x" for v, m in mean.items()))
+    lines.append(f"fastest: {best} fetches ahead" +
+                 (f"; MTHT_FETCHES_AHEAD={best} in the environment of a process makes the tables it builds use it"
+                  if best != values[0] else ""))
+    return "\n".join(lines)
+
+
 def run_sweep(config: BenchConfig, sweep: str, values: Sequence[int], plot: Optional[str],
               log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark once per table size (``sweep="size"``) or dim (``"dim"``); plot
@@ -1525,6 +1677,9 @@ flags.DEFINE_list("sweep_dims", ["8", "16", "32", "64", "128"], "Dims of --sweep
 flags.DEFINE_string("plot", None, "PNG file of the sweep's plot (default mtht-bench-sweep.png; needs matplotlib).")
 flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped (default 8, or three "
                    "quarters of the machine's memory if less, or if more with --sweep=size but not --quick).")
+flags.DEFINE_list("fetches_ahead", [], "Compare values of MTHT_FETCHES_AHEAD (how many lines the batch loops fetch "
+                  "ahead) side by side, e.g. 8,16,32: a table built under each, every batch of the ops of one table "
+                  "taken by each in turn; prints each value's rates, their ratios to the first's and the fastest.")
 flags.DEFINE_bool("probe", True, "Measure the random-access probe.")
 flags.DEFINE_bool("progress", True, "Show progress bars (tqdm when installed) and the steps of the run (probe, "
                   "fill, each sweep value's report) on stderr; --noprogress prints the report alone.")
@@ -1672,6 +1827,8 @@ def _main(argv: Sequence[str]) -> int:
             raise app.UsageError(f"--save_dir={cfg.save_dir}: not an existing directory")
         _check_writable_directory(cfg.save_dir, f"--save_dir={cfg.save_dir}")
     log = _log if cfg.progress else (lambda s: None)
+    if FLAGS.fetches_ahead:
+        return _compare_fetches_ahead(cfg, log)
     if FLAGS.sweep != "none":
         values = _sweep_values(cfg)
         plot = FLAGS.plot or "mtht-bench-sweep.png"
@@ -1693,14 +1850,7 @@ def _main(argv: Sequence[str]) -> int:
         _note_threads_beyond_the_cores(cfg)
         res = run_benchmark(cfg, log=log)
         report = "\n" + format_report(res, header=False)
-    written = True
-    if FLAGS.json:  # before the report, which a closed pipe (| head) may cut short
-        try:
-            with open(FLAGS.json, "w", encoding="utf-8") as f:
-                json.dump(json_ready(res), f, indent=1, allow_nan=False)
-        except OSError as e:  # checked before the run, but the disk may fill or the file go
-            _log(f"error: the results (printed below) could not be written to --json={FLAGS.json}: {e}")
-            written = False
+    written = _write_json(res)  # before the report, which a closed pipe (| head) may cut short
     _say(report)
     if FLAGS.json and written:
         _say(f"results written to {FLAGS.json}")
@@ -1709,6 +1859,49 @@ def _main(argv: Sequence[str]) -> int:
         _log("mtht-bench: no op of mtht ran (the notes above say why)")
         return 1
     return 0 if written else 1
+
+
+def _compare_fetches_ahead(cfg: BenchConfig, log: Callable[[str], None]) -> int:
+    """The run of ``--fetches_ahead``: its flags checked, then run_fetches_ahead, its report and
+    --json. Exit status 1 if the tables' checksums differ."""
+    values = _ints([v for v in FLAGS.fetches_ahead if str(v).strip()], "fetches_ahead")
+    for flag, given in (("sweep", FLAGS.sweep != "none"), ("baseline", FLAGS["baseline"].present and FLAGS.baseline),
+                        ("plot", FLAGS.plot is not None)):
+        if given:
+            raise app.UsageError(f"--{flag} does not go with --fetches_ahead, which compares mtht tables alone")
+    if FLAGS["ops"].present:
+        others = [op for op in cfg.ops if op not in FETCH_OPS]
+        if others:
+            raise app.UsageError(f"--fetches_ahead compares the ops of one table ({', '.join(FETCH_OPS)}), "
+                                 f"not {', '.join(others)}")
+    cfg = dataclasses.replace(cfg, ops=[op for op in cfg.ops if op in FETCH_OPS], baseline=False)
+    try:
+        check_fetches_ahead(cfg, values)
+    except ValueError as e:
+        raise app.UsageError(f"--fetches_ahead: {e}") from None
+    _say(format_header(run_header_only(cfg)))
+    res = run_fetches_ahead(cfg, values, log=log)
+    written = _write_json(res)
+    _say("\n" + format_fetches_ahead(res))
+    if FLAGS.json and written:
+        _say(f"results written to {FLAGS.json}")
+    if not fetches_ahead_agree(res):
+        _log("mtht-bench: the tables of different fetch distances gave different results")
+        return 1
+    return 0 if written else 1
+
+
+def _write_json(res: dict) -> bool:
+    """Write ``res`` to --json, if given; False if that failed (said on stderr)."""
+    if not FLAGS.json:
+        return True
+    try:
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(json_ready(res), f, indent=1, allow_nan=False)
+    except OSError as e:  # checked before the run, but the disk may fill or the file go
+        _log(f"error: the results (printed below) could not be written to --json={FLAGS.json}: {e}")
+        return False
+    return True
 
 
 def _note_threads_beyond_the_cores(cfg: BenchConfig) -> None:

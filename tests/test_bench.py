@@ -366,6 +366,54 @@ def test_sweep_plot(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("optimizer,dist", [("adagrad", "uniform"), ("adam", "zipf")])
+def test_fetch_distances_side_by_side_give_the_model_checksums(monkeypatch, optimizer, dist):
+    # Tables built under different MTHT_FETCHES_AHEAD (blocks of 2 to 16 ids) take the same
+    # batches in turn: each gives the model's checksums, the first's ratio to itself is 1,
+    # and the caller's own setting is back in place afterwards.
+    monkeypatch.setenv("MTHT_FETCHES_AHEAD", "7")
+    config = _config(optimizer=optimizer, dist=dist, threads=(1, 2))
+    result = bench.run_fetches_ahead(config, [16, 1, 256])
+    json.dumps(result)
+    assert os.environ["MTHT_FETCHES_AHEAD"] == "7"
+    assert result["compare"] == "fetches_ahead" and result["values"] == [16, 1, 256]
+    blocks = {t["fetches_ahead"]: (t["read_block"], t["write_block"]) for t in result["tables"]}
+    assert blocks[1] == (2, 2) and blocks[256] == (16, 16) and blocks[16][0] == 8
+    assert len(result["results"]) == len(bench.FETCH_OPS) * 2 * 3
+    for op in bench.FETCH_OPS:
+        want = expected_checksum(config, op)
+        rows = [r for r in result["results"] if r["op"] == op]
+        assert sorted((r["threads"], r["fetches_ahead"]) for r in rows) == [
+            (t, v) for t in (1, 2) for v in (1, 16, 256)]
+        for r in rows:
+            _check_ok_row(r)
+            assert r["checksum"] == pytest.approx(want, rel=1e-6, abs=1e-6), (op, r["fetches_ahead"])
+            assert r["checksum"] == rows[0]["checksum"]  # to the bit
+            assert r["vs_first"] > 0 and (r["fetches_ahead"] != 16 or r["vs_first"] == 1.0)
+    assert bench.fetches_ahead_agree(result)
+    text = bench.format_fetches_ahead(result)
+    assert "checksums: the tables agree" in text and "fastest: " in text
+    assert sum(line.startswith("apply_gradients ") for line in text.splitlines()) == 2
+    differing = dict(result, results=[dict(r, checksum=r["checksum"] + (r["fetches_ahead"] == 1))
+                                      for r in result["results"]])
+    assert not bench.fetches_ahead_agree(differing) and "DIFFER" in bench.format_fetches_ahead(differing)
+
+
+def test_cli_fetches_ahead(tmp_path):
+    path = tmp_path / "out.json"
+    proc = _cli("--size=20000", "--batch_size=1024", "--iterations=2", "--warmup=1", "--threads=1",
+                "--ops=lookup,apply_gradients", "--fetches_ahead=4,32", "--noprogress", f"--json={path}",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "fetches ahead side by side" in proc.stdout and "checksums: the tables agree" in proc.stdout
+    result = json.loads(path.read_text())
+    assert {(r["op"], r["fetches_ahead"]) for r in result["results"]} == {
+        (op, v) for op in ("lookup", "apply_gradients") for v in (4, 32)}
+    config = _config()
+    for r in result["results"]:
+        assert r["checksum"] == pytest.approx(expected_checksum(config, r["op"]), rel=1e-6, abs=1e-6)
+
+
 def _cli(*args, cwd) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
@@ -426,6 +474,14 @@ def test_cli_json(tmp_path):
     (["--fused_tables=0"], "--fused_tables"),
     (["--dist=foo"], "--dist"),
     (["--embedding_dtype=int8"], "--embedding_dtype"),
+    (["--fetches_ahead=16"], "two or more distinct values from 1 to 256"),
+    (["--fetches_ahead=16,16"], "two or more distinct values from 1 to 256"),
+    (["--fetches_ahead=8,300"], "two or more distinct values from 1 to 256"),
+    (["--fetches_ahead=8,x"], "--fetches_ahead: 'x' is not an integer"),
+    (["--fetches_ahead=8,16", "--baseline"], "--baseline does not go with --fetches_ahead"),
+    (["--fetches_ahead=8,16", "--sweep=dim"], "--sweep does not go with --fetches_ahead"),
+    (["--fetches_ahead=8,16", "--ops=lookup,fused"], "compares the ops of one table"),
+    (["--fetches_ahead=8,16", "--size=1000000000"], "tables of 1,000,000,000 ids need about"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_cli_rejects_bad_flags_before_it_runs(tmp_path, args, says):
     # A usage error, before anything runs (no probe, no table): not a traceback at the end.
