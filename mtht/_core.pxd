@@ -95,6 +95,7 @@ cdef extern from "mtht/table.h" namespace "mtht" nogil:
         uint64_t evictions
         uint64_t rows_in_use
         uint64_t read_block
+        uint64_t fetches_ahead
         uint64_t write_block
         uint64_t timestamps_apart
         uint64_t filter_counts

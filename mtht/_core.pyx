@@ -374,6 +374,7 @@ cdef class Table:
             "rows_in_use": st.rows_in_use,
             "read_block": st.read_block,
             "write_block": st.write_block,
+            "fetches_ahead": st.fetches_ahead,
             "timestamps_apart": st.timestamps_apart,
             "filter_counts": st.filter_counts,
             "filter_bytes": st.filter_bytes,

@@ -1270,7 +1270,8 @@ def run_fetches_ahead(config: BenchConfig, values: Sequence[int], log: Callable[
     fall on all of them alike. Per op and thread count, each table's result as
     :func:`run_benchmark` gives it, with ``fetches_ahead`` and ``vs_first``: the median of
     its per-batch rates over those of the first value's table. The ops are those of
-    ``config.ops`` in :data:`FETCH_OPS`."""
+    ``config.ops`` in :data:`FETCH_OPS`; ``default`` is the distance of a table built without
+    the variable."""
     check_fetches_ahead(config, values)
     c = config
     values = [int(v) for v in values]
@@ -1285,14 +1286,15 @@ def run_fetches_ahead(config: BenchConfig, values: Sequence[int], log: Callable[
     result["config"]["threads"] = threads_list
     keys = np.arange(c.size, dtype=np.int64)
     tables = []
-    saved = os.environ.get("MTHT_FETCHES_AHEAD")
+    saved = os.environ.pop("MTHT_FETCHES_AHEAD", None)
     try:
+        result["default"] = int(_make_table(c, 1).stats()["fetches_ahead"])  # a table's without the variable
         for v in values:
             os.environ["MTHT_FETCHES_AHEAD"] = str(v)
             table = _make_table(c, c.size)
             _fill_table(table, keys, c.dim, f"fill the table of {v} fetches ahead", c)
             st = table.stats()
-            result["tables"].append({"fetches_ahead": v, "read_block": int(st["read_block"]),
+            result["tables"].append({"fetches_ahead": int(st["fetches_ahead"]), "read_block": int(st["read_block"]),
                                      "write_block": int(st["write_block"])})
             tables.append(table)
     finally:
@@ -1367,7 +1369,9 @@ def format_fetches_ahead(result: dict) -> str:
     lines = ["fetches ahead side by side (MTHT_FETCHES_AHEAD): a table built under each value, "
              "each batch taken by every table in turn",
              "value  ids per block: reads, writes"]
-    lines += [f"{t['fetches_ahead']:>5}  {t['read_block']}, {t['write_block']}" for t in result["tables"]]
+    default = result.get("default")
+    lines += [f"{t['fetches_ahead']:>5}  {t['read_block']}, {t['write_block']}" +
+              ("  (the default)" if t["fetches_ahead"] == default else "") for t in result["tables"]]
     head = f"{'op':<22} {'thr':>3}" + "".join(f"  {str(v) + ': M ids/s':>16} {'x' + str(values[0]):>7}" for v in values)
     lines += ["", head, "-" * len(head)]
     rows: Dict[tuple, Dict[int, dict]] = {}
@@ -1389,8 +1393,8 @@ def format_fetches_ahead(result: dict) -> str:
     lines.append(f"against {values[0]}, the geometric mean of each value's ratios above: " +
                  ", ".join(f"{v} {m:.2f}x" for v, m in mean.items()))
     lines.append(f"fastest: {best} fetches ahead" +
-                 (f"; MTHT_FETCHES_AHEAD={best} in the environment of a process makes the tables it builds use it"
-                  if best != values[0] else ""))
+                 (", the default" if best == default else
+                  f"; MTHT_FETCHES_AHEAD={best} in the environment of a process makes the tables it builds use it"))
     return "\n".join(lines)
 
 

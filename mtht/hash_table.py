@@ -492,7 +492,8 @@ class HashTable(BaseHashTable):
         (``row_bytes_reserved`` also counts address space reserved but never touched);
         ``probe_lengths=True`` also scans the index for the longest probe sequence (in
         buckets of 4 slots). ``read_block`` and ``write_block`` are the ids per block of the
-        batch loops (see "How long a block" in docs/design.md). ``timestamps_apart`` counts
+        batch loops, ``fetches_ahead`` the fetches a block holds, which sets them (see "How long
+        a block" in docs/design.md). ``timestamps_apart`` counts
         the entries whose timestamp is outside [0, 2**32 - 1), which the index keeps apart
         (their memory is part of ``index_bytes``). ``filter_counts``, ``filter_bytes`` and
         ``filter_forgotten``: the admission filter's counts, their memory (not part of

@@ -321,17 +321,27 @@ def _blocks_of(dim, opt):
     return st["read_block"], st["write_block"]
 
 
+def _fetches_ahead():
+    """stats()["fetches_ahead"] of a table built now: the variable's value, read when it is built."""
+    return mtht.hash_table_from_config(make_config([SegmentDesc(16, init="zeros", opt="sgd")], [LR])).stats()[
+        "fetches_ahead"]
+
+
 def test_blocks_hold_about_sixteen_fetches(monkeypatch):
     # A block holds about 16 fetches: a bucket and a row per id (a row of n lines counts
     # (n + 1) / 2), and for a write the caller's row too; from 2 to 16 ids.
+    monkeypatch.delenv("MTHT_FETCHES_AHEAD", raising=False)
     assert _blocks_of(16, "adagrad") == (8, 5)    # bucket + 64-B values; + 128-B row + 64-B gradient
     assert _blocks_of(64, "adagrad") == (5, 2)    # bucket + 256-B values; + 512-B row + 256-B gradient
     assert _blocks_of(1, "sgd") == (8, 5)
     assert _blocks_of(128, "sgd") == (3, 2)       # bucket + 512-B values; + 512-B row + 512-B values
+    assert _fetches_ahead() == 16
     monkeypatch.setenv("MTHT_FETCHES_AHEAD", "64")
     assert _blocks_of(16, "adagrad") == (16, 16)  # at most 16
+    assert _fetches_ahead() == 64
     monkeypatch.setenv("MTHT_FETCHES_AHEAD", "1")
     assert _blocks_of(16, "adagrad") == (2, 2)    # at least 2
+    assert _fetches_ahead() == 1
 
 
 @pytest.mark.parametrize("bad", ["0", "257", "-3", "8x", "many"])

@@ -379,6 +379,7 @@ def test_fetch_distances_side_by_side_give_the_model_checksums(monkeypatch, opti
     assert result["compare"] == "fetches_ahead" and result["values"] == [16, 1, 256]
     blocks = {t["fetches_ahead"]: (t["read_block"], t["write_block"]) for t in result["tables"]}
     assert blocks[1] == (2, 2) and blocks[256] == (16, 16) and blocks[16][0] == 8
+    assert result["default"] == 16  # the distance of a table built without the variable (not its 7)
     assert len(result["results"]) == len(bench.FETCH_OPS) * 2 * 3
     for op in bench.FETCH_OPS:
         want = expected_checksum(config, op)
@@ -393,6 +394,7 @@ def test_fetch_distances_side_by_side_give_the_model_checksums(monkeypatch, opti
     assert bench.fetches_ahead_agree(result)
     text = bench.format_fetches_ahead(result)
     assert "checksums: the tables agree" in text and "fastest: " in text
+    assert [line.endswith("(the default)") for line in text.splitlines()[2:5]] == [True, False, False]
     assert sum(line.startswith("apply_gradients ") for line in text.splitlines()) == 2
     differing = dict(result, results=[dict(r, checksum=r["checksum"] + (r["fetches_ahead"] == 1))
                                       for r in result["results"]])

@@ -148,6 +148,7 @@ struct TableStats {
   uint64_t rows_in_use = 0;       // rows handed out (live or free for reuse)
   uint64_t read_block = 0;        // ids per block of a lookup's loop (when all are stored)
   uint64_t write_block = 0;       // ids per block of a write's loop
+  uint64_t fetches_ahead = 0;     // the fetches a block holds (MTHT_FETCHES_AHEAD, or the default)
   uint64_t timestamps_apart = 0;  // entries whose timestamp a slot cannot hold (Shard::stamp)
   uint64_t filter_counts = 0;     // ids the admission filter counts
   uint64_t filter_bytes = 0;      // memory of those counts
@@ -1855,6 +1856,7 @@ class EmbeddingTable {
     st.row_stride = layout_.stride + (layout_.with_meta ? 16 : 0);
     st.read_block = read_block_;
     st.write_block = write_block_;
+    st.fetches_ahead = fetches_ahead_;
     st.evictions = evictions_.load();
     st.filter_forgotten = counts_forgotten_before_;
     {
