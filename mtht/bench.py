@@ -549,6 +549,29 @@ def _run_timed(batches: Sequence, warmup: int, step: Callable[[int, object], Non
     return seconds, checksum
 
 
+def _table_step(table, op: str, rows: np.ndarray, out: np.ndarray) -> tuple:
+    """``(step, after)`` for one batch ``b`` (the ``i``-th) of a one-table op: ``step(i, b)``
+    runs the op (a lookup writes into ``out``; ``rows`` are the updates; a gradient step is
+    ``global_step`` i + 1); ``after(i, b)`` returns the checksum of what the batch gave: the
+    rows looked up, or, for a write, the batch's rows after it."""
+    reads = op in ("lookup", "lookup_missing")
+    if reads:
+        def step(i, b):
+            table.lookup(b, out=out)
+    elif op == "assign_add":
+        def step(i, b):
+            table.assign_add(b, rows)
+    else:
+        dedup = op == "apply_gradients_dedup"
+
+        def step(i, b):
+            table.apply_gradients(b, rows, global_step=i + 1, enable_dedup=dedup)
+
+    def after(i, b):
+        return _checksum(out if reads else table.lookup(b, out=out))
+    return step, after
+
+
 class _MthtRunner:
     """Runs the ops on one filled mtht table (and, for the fused ops, K smaller tables)."""
 
@@ -579,33 +602,14 @@ class _MthtRunner:
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
         out = np.empty((c.batch_size, c.dim), dtype=np.float32)
-        t = self.table
-        if op in ("lookup", "lookup_missing"):
-            def step(i, b):
-                t.lookup(b, out=out)
-
-            def after(i, b):
-                return _checksum(out)
-        else:
-            rows = self.rows
-            if op == "assign_add":
-                def step(i, b):
-                    t.assign_add(b, rows)
-            else:
-                dedup = op == "apply_gradients_dedup"
-
-                def step(i, b):
-                    t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=dedup)
-
-            def after(i, b):
-                return _checksum(t.lookup(b, out=out))
+        step, after = _table_step(self.table, op, self.rows, out)
         bar = _progress(len(ids), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
         try:
             seconds, checksum = _run_timed(ids, c.warmup, step, after, bar)
         finally:
             bar.close()
         if op in _WRITE_OPS:
-            _reset_mtht(t, keys, c.dim)
+            _reset_mtht(self.table, keys, c.dim)
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
                           _bytes_per_id(op, c.dim, self.state, _value_bytes(c.embedding_dtype)))
 
@@ -1019,6 +1023,20 @@ def _build_info() -> dict:
         return {"version": getattr(mtht, "__version__", "?"), "error": str(e)}
 
 
+def _result_head(config: BenchConfig) -> Dict[str, Any]:
+    """What every result dict starts with: the schema, build, machine and config (with the
+    thread counts it runs), and an empty list of results."""
+    head: Dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "build_info": _build_info(),
+        "machine": machine_info(),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
+        "results": [],
+    }
+    head["config"]["threads"] = config.thread_counts()
+    return head
+
+
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the benchmark described by ``config``; return the result dict (``--json``'s content).
 
@@ -1028,15 +1046,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = lambda s: No
     notes: List[str] = []
     threads_list = c.thread_counts()
     state = _state_floats(c.optimizer, c.dim)
-    result: Dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "build_info": _build_info(),
-        "machine": machine_info(),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
-        "results": [],
-        "notes": notes,
-    }
-    result["config"]["threads"] = threads_list
+    result = _result_head(c)
+    result["notes"] = notes
     budget = c.table_budget_bytes()
     table_bytes = _mtht_bytes_estimate(c, c.size)
 
@@ -1277,13 +1288,8 @@ def run_fetches_ahead(config: BenchConfig, values: Sequence[int], log: Callable[
     values = [int(v) for v in values]
     ops = [op for op in c.ops if op in FETCH_OPS]
     threads_list = c.thread_counts()
-    result: Dict[str, Any] = {
-        "schema": SCHEMA_VERSION, "compare": "fetches_ahead", "values": values,
-        "build_info": _build_info(), "machine": machine_info(),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()},
-        "tables": [], "results": [],
-    }
-    result["config"]["threads"] = threads_list
+    result = _result_head(c)
+    result.update(compare="fetches_ahead", values=values, tables=[])
     keys = np.arange(c.size, dtype=np.int64)
     tables = []
     saved = os.environ.pop("MTHT_FETCHES_AHEAD", None)
@@ -1316,21 +1322,17 @@ def run_fetches_ahead(config: BenchConfig, values: Sequence[int], log: Callable[
                 checksums = [0.0] * len(tables)
                 bar = _progress(len(batches), f"{op} ({threads} thr), {len(tables)} tables in turn", c,
                                 unit="batch", long_phase=False)
+                steps = [_table_step(t, op, rows, out) for t in tables]
                 try:
                     for i, b in enumerate(batches):
                         for j in [(i + k) % len(tables) for k in range(len(tables))]:  # batch i: table i first
-                            t = tables[j]
+                            step, after = steps[j]
                             t0 = time.perf_counter()
-                            if op in ("lookup", "lookup_missing"):
-                                t.lookup(b, out=out)
-                            elif op == "assign_add":
-                                t.assign_add(b, rows)
-                            else:
-                                t.apply_gradients(b, rows, global_step=i + 1, enable_dedup=op == "apply_gradients_dedup")
+                            step(i, b)
                             dt = time.perf_counter() - t0
                             if i >= c.warmup:
                                 seconds[j].append(dt)
-                            checksums[j] += _checksum(out if op in _READ_OPS else t.lookup(b, out=out))
+                            checksums[j] += after(i, b)
                         bar.update(1)
                 finally:
                     bar.close()
