@@ -17,9 +17,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import numbers
+import os
+import pickle
 import re
 import signal
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, cast
 
@@ -74,6 +78,22 @@ def _free(comm) -> None:
 
     if not MPI.Is_finalized():
         comm.Free()
+
+
+# Collectives given up on (a timeout, or a second Ctrl-C) with their buffers: MPI may still
+# write into those when the ranks that did not come arrive, so they live as long as the process.
+_ABANDONED: list = []
+
+
+def _checked_timeout(timeout) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    seconds = float(timeout)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a positive, finite number of seconds or None, got {timeout!r}")
+    return seconds
 
 
 def _config_text(config) -> str:
@@ -254,6 +274,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     other ranks' parts of it are applied. Every rank must build the tables alike (slots,
     configs, filters); this is checked when they are built.
 
+    ``timeout`` (seconds, or None to wait for ever as MPI does; also the ``timeout``
+    property): how long each exchange of a call waits for every rank to take part. Past
+    it, or at a second Ctrl-C while it waits, the call raises (DistributedError, or
+    KeyboardInterrupt), and the ranks are out of step for good: every later call raises
+    DistributedError; end the job.
+
     ``max_entries`` (capacity eviction) holds for each rank's part of a table: the table
     keeps up to ``world_size`` times as many entries, and its evictions are those of each
     part, not one process's.
@@ -268,10 +294,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     calls_are_collective = True  # mtht.hooks keeps every rank's calls alike
 
     def __init__(self, slot_to_config: Mapping[str, HashTableConfigInstance],
-                 hash_table_factory: Callable[[str, HashTableConfigInstance], Any], comm: Any = None) -> None:
+                 hash_table_factory: Callable[[str, HashTableConfigInstance], Any], comm: Any = None,
+                 timeout: Optional[float] = None) -> None:
         comm = _world_comm() if comm is None else comm
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
-        self._comm = comm.Dup()
+        self._pending_interrupts: Optional[list] = None  # within a call: _interrupts_deferred
+        self._out_of_step: Optional[str] = None  # why, once a collective was given up on
+        # A bad timeout is raised on every rank, with the other errors of building, below.
+        self._timeout, timeout_error = _attempt(lambda: _checked_timeout(timeout))
+        self._comm, request = comm.Idup()
+        self._wait(request, "building the table (duplicating its communicator)", ())
         # Not at exit: the writes hooks left queued are applied then, on this communicator
         # (MPI frees it when it ends).
         weakref.finalize(self, _free, self._comm).atexit = False
@@ -279,9 +311,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._one_call = threading.RLock()
         self._scratch = _Scratch()  # used under _one_call
         self._depth = 0  # calls under way on the thread holding _one_call
-        self._pending_interrupts: Optional[list] = None  # within a call: _interrupts_deferred
-        error, signature = None, None
+        error, signature = timeout_error, None
         try:
+            if error is not None:
+                raise error
             self._table = MultiTypeHashTable(slot_to_config, hash_table_factory)
             if not self._table._through_core:
                 raise TypeError("a DistributedMultiTypeHashTable needs mtht's own tables (HashTable, not "
@@ -316,6 +349,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         call queued meanwhile by another thread waits for this one's lock). A call made
         inside another (by a learning-rate function) takes memory of its own: the outer
         call's is in use."""
+        if self._out_of_step is not None:
+            raise DistributedError(f"this table's ranks are out of step ({self._out_of_step}): end the job; the "
+                                   "last checkpoint on disk is whole")
         self._after_queued_calls()
         if threading.current_thread() is not threading.main_thread():
             self._check_threads_allowed()
@@ -374,7 +410,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             pending.clear()
             if error is None:
                 error = KeyboardInterrupt()
-        outcomes = self._comm.allgather((None if error is None else _describe(error), same, info))
+        outcomes = self._allgather((None if error is None else _describe(error), same, info), what)
         if error is not None:
             raise error
         failed = [(r, described) for r, (described, _, _) in enumerate(outcomes) if described is not None]
@@ -387,16 +423,68 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                              f"{outcomes[0][1]!r}); every rank must make the same call")
         return [i for _, _, i in outcomes]
 
-    def _exchange(self, send: np.ndarray, send_counts: np.ndarray, recv: np.ndarray,
+    def _exchange(self, what: str, send: np.ndarray, send_counts: np.ndarray, recv: np.ndarray,
                   recv_counts: np.ndarray) -> np.ndarray:
         """Alltoallv: ``send_counts[r]`` items to rank r, ``recv_counts[r]`` from it into
         ``recv`` (allocated before every rank agreed to go on: an allocation that fails
         there is raised on every rank instead of leaving the others waiting)."""
         send_displs = np.cumsum(send_counts) - send_counts
         recv_displs = np.cumsum(recv_counts) - recv_counts
-        self._comm.Alltoallv([send, (send_counts.tolist(), send_displs.tolist())],
-                             [recv, (recv_counts.tolist(), recv_displs.tolist())])
+        self._wait(self._comm.Ialltoallv([send, (send_counts.tolist(), send_displs.tolist())],
+                                         [recv, (recv_counts.tolist(), recv_displs.tolist())]),
+                   what, (send, recv))
         return recv
+
+    def _allgather(self, value: Any, what: str) -> list:
+        """Every rank's ``value`` (picklable), in rank order."""
+        mine = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+        size, sizes = np.array([mine.size], np.int64), np.empty(self._world, np.int64)
+        self._wait(self._comm.Iallgather(size, sizes), what, (size, sizes))
+        everything = np.empty(int(sizes.sum()), np.uint8)
+        starts = np.cumsum(sizes) - sizes
+        self._wait(self._comm.Iallgatherv(mine, [everything, (sizes.tolist(), starts.tolist())]), what,
+                   (mine, everything))
+        return [pickle.loads(everything[a:a + n].tobytes()) for a, n in zip(starts.tolist(), sizes.tolist())]
+
+    def _sum(self, value: int, what: str) -> int:
+        """The sum of every rank's ``value``."""
+        mine, total = np.array([value], np.int64), np.empty(1, np.int64)
+        self._wait(self._comm.Iallreduce(mine, total), what, (mine, total))
+        return int(total[0])
+
+    def _wait(self, request: Any, what: str, buffers: tuple) -> None:
+        """Wait for a collective started on ``buffers`` until every rank has taken part.
+
+        Without a timeout, as MPI waits: for ever if a rank never comes. With one, it polls,
+        and gives the collective up past ``timeout`` or at a second Ctrl-C while it waits
+        (the first is raised on every rank at the call's next _settle, if the others come).
+        The ranks are then out of step for good (the others are in another collective of
+        this communicator, or in none): this table raises from then on. Polling costs: calls
+        took 0% to 8% longer than with MPI's own wait (docs/distributed.md)."""
+        timeout = self._timeout
+        if timeout is None:
+            request.Wait()
+            return
+        # Spun, as MPI's own wait spins: each test moves the exchange on (a large one is sent
+        # in pieces; sleeping between tests slowed 65,536-id calls 4x), yielding the core
+        # between tests to ranks that share it (spinning alone slowed 4 ranks on 2 cores 2.7x).
+        start = time.monotonic()
+        while not request.Test():
+            os.sched_yield()
+            if time.monotonic() - start > timeout:
+                self._give_up(request, buffers, f"{what} waited more than {timeout:g} s for the other ranks")
+                raise DistributedError(f"{what}: not every rank took part within {timeout:g} s (one has "
+                                       "left the job, hangs, or makes other calls of this table); the ranks are "
+                                       "out of step: end the job; the last checkpoint on disk is whole")
+            pending = self._pending_interrupts
+            if pending is not None and len(pending) > 1:
+                self._give_up(request, buffers, f"a second Ctrl-C while {what} waited for the other ranks")
+                pending.clear()
+                raise KeyboardInterrupt
+
+    def _give_up(self, request: Any, buffers: tuple, why: str) -> None:
+        _ABANDONED.append((request, buffers))
+        self._out_of_step = why
 
     def _route(self, what: str, prepare: Callable[[], "_Prepared"], lookup: bool = False) -> "_Call":
         """The first half of a collective call. ``prepare()`` checks this rank's arguments.
@@ -441,7 +529,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         recv_counts = np.empty_like(send_counts)
-        self._comm.Alltoall(send_counts, recv_counts)
+        self._wait(self._comm.Ialltoall(send_counts, recv_counts), what, (send_counts, recv_counts))
         try:
             # Every buffer of the exchanges, before the ranks agree to go on: one that fails
             # after would leave the others waiting in an exchange.
@@ -460,10 +548,10 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
         flags = np.logical_or.reduce(np.array(infos, dtype=bool).reshape(-1, 3, k), axis=0)
         call.named, call.nonempty, call.summed_by_owner = flags[0], flags[1], flags[2]
-        self._exchange(_blocks([r.sent for r in call.routed], send_counts, sent_ids),
+        self._exchange(what, _blocks([r.sent for r in call.routed], send_counts, sent_ids),
                        send_counts.sum(axis=1), call.ids, recv_counts.sum(axis=1))
         if not lookup:
-            self._exchange(_blocks(call.sent_rows, send_counts, sent_rows),
+            self._exchange(what, _blocks(call.sent_rows, send_counts, sent_rows),
                            self._float_counts(send_counts), call.rows, self._float_counts(recv_counts))
         return call
 
@@ -513,6 +601,16 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         return self._world
 
     @property
+    def timeout(self) -> Optional[float]:
+        """Seconds a collective waits for the other ranks before it raises DistributedError
+        (None: for ever). This rank's own setting; it may be changed between calls."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: Optional[float]) -> None:
+        self._timeout = _checked_timeout(seconds)
+
+    @property
     def local_table(self) -> MultiTypeHashTable:
         """This rank's part: a MultiTypeHashTable holding the entries of the ids it owns."""
         return self._table
@@ -544,7 +642,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                                             int(self._float_counts(call.recv_counts).sum()))))
         self._settle(error, "lookup")
         rows, recv_splits = looked_up[0], looked_up[1]
-        back = self._exchange(rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
+        back = self._exchange("lookup", rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
         # Block (owner w, table t) of `back` starts at float starts[w, t]; the rows of a
         # table's sent ids are in its blocks, owners in order.
         sizes = (call.send_counts * np.asarray(self._dims, dtype=np.int64)[None, :]).reshape(-1)
@@ -663,12 +761,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     def all_ranks(self, flag: bool) -> bool:
         """Whether ``flag`` is true on every rank (collective)."""
         with self._turn():
-            return self._comm.allreduce(int(bool(flag))) == self._world
+            return self._sum(int(bool(flag)), "all_ranks") == self._world
 
     def size(self) -> int:
         """Entries over every rank (collective)."""
         with self._turn():
-            return int(self._comm.allreduce(sum(t.size() for t in self._local_tables())))
+            return self._sum(sum(t.size() for t in self._local_tables()), "size")
 
     # ---- checkpoints ------------------------------------------------------------------
 
@@ -697,7 +795,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     def _save_locked(self, directory: str) -> None:
         generation, error = _attempt(lambda: _sharded.begin_save(directory)) if self._rank == 0 else (None, None)
         self._settle(error, "save (preparing the directory)")
-        generation = self._comm.bcast(generation, root=0)
+        generation = self._allgather(generation, "save (preparing the directory)")[0]
         _, error = _attempt(lambda: _sharded.save_part(self._table, directory, generation, self._rank, self._world))
         try:
             self._settle(error, "save")

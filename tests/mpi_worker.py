@@ -304,6 +304,59 @@ def scenario_interrupts(seed, directory):
     same_lookups(model.lookup(asked), reference.lookup(asked), "after the interrupts")
 
 
+def scenario_out_of_step(seed, directory):
+    """A rank that does not make a call (its data ran out, say) left the others waiting for
+    ever. With a timeout, they raise DistributedError once it has passed, and so does that
+    rank when it makes the call late (its first exchange meets theirs, given up, and its
+    next one nobody); a second Ctrl-C ends such a wait too. The tables are out of step from
+    then on: every call raises at once, and each rank's entries are as they were."""
+    late, dims = WORLD - 1, dims_of(SLOTS)
+    for bad, error in [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+                       ("1", TypeError), (True, TypeError)]:
+        e = expect_failure(lambda: DistributedMultiTypeHashTable(slot_to_config(), factory,
+                                                                 timeout=bad if RANK == late else 5.0),
+                           error if RANK == late else DistributedError, f"timeout={bad!r}")
+        assert "timeout" in str(e) and (RANK == late or f"rank {late}" in str(e)), str(e)
+    main = threading.main_thread().ident
+
+    def two_interrupts():
+        timers = [threading.Timer(delay, lambda: signal.pthread_kill(main, signal.SIGINT)) for delay in (0.3, 0.6)]
+        for timer in timers:
+            timer.start()
+        return timers
+
+    for ending in ("a timeout", "a second Ctrl-C"):
+        rng, model, reference, seen = trained_one_step(seed)
+        model.timeout = 0.5 if ending == "a timeout" else 600
+        assert model.timeout == (0.5 if ending == "a timeout" else 600.0)
+        # In step, calls with a timeout give what they gave without.
+        mine = batch(rng, dims)
+        batches = COMM.allgather(mine)
+        model.apply_gradients(mine, 2, req_time=8)
+        for b in batches:
+            reference.apply_gradients(b, 2, enable_dedup=True, req_time=8)
+        seen |= all_ids(batches)
+        owned_entries_match(model, reference, seen, f"with {ending}")
+        asked = batch(rng, dims, with_rows=False)
+        same_lookups(model.lookup(asked), reference.lookup(asked), f"with {ending}")
+        expected, raised = (DistributedError, "within 0.5 s") if ending == "a timeout" else (KeyboardInterrupt, "")
+        for turn in ("the others", "the late rank"):
+            if (RANK == late) == (turn == "the late rank"):
+                timers = two_interrupts() if ending == "a second Ctrl-C" else []
+                start = time.monotonic()
+                e = expect_failure(lambda: model.lookup(asked), expected, f"{ending}: the call of {turn}")
+                waited = time.monotonic() - start
+                assert raised in str(e) and 0.5 <= waited < 60, (ending, turn, waited, str(e))
+                for timer in timers:
+                    timer.join()
+            COMM.Barrier()  # the world's, not the table's
+        start = time.monotonic()
+        e = expect_failure(lambda: model.apply_gradients(batch(rng, dims), 3), DistributedError, f"after {ending}")
+        assert "out of step" in str(e) and time.monotonic() - start < 1.0, str(e)
+        e = expect_failure(lambda: model.size(), DistributedError, f"size after {ending}")
+        owned_entries_match(model, reference, seen, f"after {ending}")
+
+
 def scenario_checkpoint(seed, directory):
     """Save, train on, restore: the saved state comes back on every rank. A save that fails
     on one rank leaves the previous save. The state saved is also written by rank 0 as one
