@@ -274,9 +274,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     other ranks' parts of it are applied. Every rank must build the tables alike (slots,
     configs, filters); this is checked when they are built.
 
-    ``timeout`` (seconds, or None to wait for ever as MPI does; also the ``timeout``
-    property): how long each exchange of a call waits for every rank to take part. Past
-    it, or at a second Ctrl-C while it waits, the call raises (DistributedError, or
+    ``timeout`` (seconds, or None to wait for ever as MPI does; given on every rank or on
+    none): how long each exchange of a call waits for every rank to take part. Past it, or
+    at a second Ctrl-C while it waits, the call raises (DistributedError, or
     KeyboardInterrupt), and the ranks are out of step for good: every later call raises
     DistributedError; end the job.
 
@@ -300,10 +300,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         self._rank, self._world = comm.Get_rank(), comm.Get_size()
         self._pending_interrupts: Optional[list] = None  # within a call: _interrupts_deferred
         self._out_of_step: Optional[str] = None  # why, once a collective was given up on
-        # A bad timeout is raised on every rank, with the other errors of building, below.
-        self._timeout, timeout_error = _attempt(lambda: _checked_timeout(timeout))
-        self._comm, request = comm.Idup()
-        self._wait(request, "building the table (duplicating its communicator)", ())
+        # Building waits as MPI does: a timeout makes the table's collectives nonblocking
+        # ones, which match only those of ranks with a timeout too, and this is where the
+        # ranks find out whether each has one. A bad one is raised on every rank, below.
+        self._timeout = None
+        timeout_given, timeout_error = _attempt(lambda: _checked_timeout(timeout))
+        self._comm = comm.Dup()
         # Not at exit: the writes hooks left queued are applied then, on this communicator
         # (MPI frees it when it ends).
         weakref.finalize(self, _free, self._comm).atexit = False
@@ -330,7 +332,14 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             signature = [(slot, _config_text(t.config), _filter_settings(t)) for slot, t in zip(self._slots, tables)]
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
-        signatures = self._settle(error, "building the table", info=signature)
+        signatures = self._settle(error, "building the table", info=(signature, timeout_given is not None))
+        with_timeout = [r for r, (_, given) in enumerate(signatures) if given]
+        if with_timeout and len(with_timeout) < self._world:
+            without = next(r for r in range(self._world) if r not in with_timeout)
+            raise ValueError(f"rank {with_timeout[0]} gave a timeout and rank {without} none: every rank must give "
+                             "one, or none")
+        signatures = [theirs for theirs, _ in signatures]
+        self._timeout = timeout_given
         for r, theirs in enumerate(signatures):
             if theirs != signatures[0]:
                 raise ValueError(f"rank {r} built other tables than rank 0: "
@@ -430,41 +439,45 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         there is raised on every rank instead of leaving the others waiting)."""
         send_displs = np.cumsum(send_counts) - send_counts
         recv_displs = np.cumsum(recv_counts) - recv_counts
-        self._wait(self._comm.Ialltoallv([send, (send_counts.tolist(), send_displs.tolist())],
-                                         [recv, (recv_counts.tolist(), recv_displs.tolist())]),
-                   what, (send, recv))
+        self._collective("Alltoallv", what, [send, (send_counts.tolist(), send_displs.tolist())],
+                         [recv, (recv_counts.tolist(), recv_displs.tolist())])
         return recv
+
+    def _collective(self, name: str, what: str, *buffers) -> None:
+        """MPI's collective ``name`` (``"Alltoall"``, ...) of the table's communicator on
+        ``buffers``: as it is without a timeout; with one, its nonblocking form, which
+        _wait waits for. (Used without a timeout too, the nonblocking forms made calls 4% to
+        17% slower: they take other paths in MPI. And a nonblocking collective matches only
+        nonblocking ones: every rank must have a timeout, or none.)"""
+        if self._timeout is None:
+            getattr(self._comm, name)(*buffers)
+        else:
+            self._wait(getattr(self._comm, "I" + name.lower())(*buffers), what, buffers, self._timeout)
 
     def _allgather(self, value: Any, what: str) -> list:
         """Every rank's ``value`` (picklable), in rank order."""
+        if self._timeout is None:
+            return self._comm.allgather(value)
         mine = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
         size, sizes = np.array([mine.size], np.int64), np.empty(self._world, np.int64)
-        self._wait(self._comm.Iallgather(size, sizes), what, (size, sizes))
+        self._collective("Allgather", what, size, sizes)
         everything = np.empty(int(sizes.sum()), np.uint8)
         starts = np.cumsum(sizes) - sizes
-        self._wait(self._comm.Iallgatherv(mine, [everything, (sizes.tolist(), starts.tolist())]), what,
-                   (mine, everything))
+        self._collective("Allgatherv", what, mine, [everything, (sizes.tolist(), starts.tolist())])
         return [pickle.loads(everything[a:a + n].tobytes()) for a, n in zip(starts.tolist(), sizes.tolist())]
 
     def _sum(self, value: int, what: str) -> int:
         """The sum of every rank's ``value``."""
         mine, total = np.array([value], np.int64), np.empty(1, np.int64)
-        self._wait(self._comm.Iallreduce(mine, total), what, (mine, total))
+        self._collective("Allreduce", what, mine, total)
         return int(total[0])
 
-    def _wait(self, request: Any, what: str, buffers: tuple) -> None:
-        """Wait for a collective started on ``buffers`` until every rank has taken part.
-
-        Without a timeout, as MPI waits: for ever if a rank never comes. With one, it polls,
-        and gives the collective up past ``timeout`` or at a second Ctrl-C while it waits
-        (the first is raised on every rank at the call's next _settle, if the others come).
-        The ranks are then out of step for good (the others are in another collective of
-        this communicator, or in none): this table raises from then on. Polling costs: calls
-        took 0% to 8% longer than with MPI's own wait (docs/distributed.md)."""
-        timeout = self._timeout
-        if timeout is None:
-            request.Wait()
-            return
+    def _wait(self, request: Any, what: str, buffers: tuple, timeout: float) -> None:
+        """Wait for a nonblocking collective started on ``buffers`` until every rank has
+        taken part, polling it: it is given up past ``timeout`` seconds or at a second
+        Ctrl-C while it waits (the first is raised on every rank at the call's next _settle,
+        if the others come). The ranks are then out of step for good (the others are in
+        another collective of this communicator, or in none): this table raises from then on."""
         # Spun, as MPI's own wait spins: each test moves the exchange on (a large one is sent
         # in pieces; sleeping between tests slowed 65,536-id calls 4x), yielding the core
         # between tests to ranks that share it (spinning alone slowed 4 ranks on 2 cores 2.7x).
@@ -529,7 +542,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
         recv_counts = np.empty_like(send_counts)
-        self._wait(self._comm.Ialltoall(send_counts, recv_counts), what, (send_counts, recv_counts))
+        self._collective("Alltoall", what, send_counts, recv_counts)
         try:
             # Every buffer of the exchanges, before the ranks agree to go on: one that fails
             # after would leave the others waiting in an exchange.
@@ -602,13 +615,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     @property
     def timeout(self) -> Optional[float]:
-        """Seconds a collective waits for the other ranks before it raises DistributedError
-        (None: for ever). This rank's own setting; it may be changed between calls."""
+        """Seconds each exchange of a call waits for the other ranks before it raises
+        DistributedError (None: for ever), as given when the table was built."""
         return self._timeout
-
-    @timeout.setter
-    def timeout(self, seconds: Optional[float]) -> None:
-        self._timeout = _checked_timeout(seconds)
 
     @property
     def local_table(self) -> MultiTypeHashTable:
@@ -642,7 +651,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
                                             int(self._float_counts(call.recv_counts).sum()))))
         self._settle(error, "lookup")
         rows, recv_splits = looked_up[0], looked_up[1]
-        back = self._exchange("lookup", rows, recv_splits.astype(np.int64), call.back, self._float_counts(call.send_counts))
+        back = self._exchange("lookup", rows, recv_splits.astype(np.int64), call.back,
+                              self._float_counts(call.send_counts))
         # Block (owner w, table t) of `back` starts at float starts[w, t]; the rows of a
         # table's sent ids are in its blocks, owners in order.
         sizes = (call.send_counts * np.asarray(self._dims, dtype=np.int64)[None, :]).reshape(-1)

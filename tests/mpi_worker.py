@@ -58,10 +58,11 @@ def factory(slot, cfg):
     return mtht.hash_table_from_config(cfg, hash_filter=hash_filter, name_suffix=slot)
 
 
-def distributed(merged=False):
+def distributed(merged=False, timeout=None):
     if merged:
-        return MergedMultiTypeHashTable(merged_configs(), lambda c: DistributedMultiTypeHashTable(c, factory))
-    return DistributedMultiTypeHashTable(slot_to_config(), factory)
+        return MergedMultiTypeHashTable(merged_configs(),
+                                        lambda c: DistributedMultiTypeHashTable(c, factory, timeout=timeout))
+    return DistributedMultiTypeHashTable(slot_to_config(), factory, timeout=timeout)
 
 
 def single(merged=False):
@@ -215,11 +216,11 @@ def expect_failure(call, own_error, what):
     raise AssertionError(f"rank {RANK}: {what} did not raise")
 
 
-def trained_one_step(seed):
+def trained_one_step(seed, timeout=None):
     """(rng, model, reference, ids seen): a sharded model and one process's, after one step
     of every rank's batch."""
     rng = np.random.default_rng([seed, RANK])
-    model, reference = distributed(), single()
+    model, reference = distributed(timeout=timeout), single()
     mine = batch(rng, dims_of(SLOTS))
     batches = COMM.allgather(mine)
     model.apply_gradients(mine, 1, req_time=7)
@@ -317,6 +318,10 @@ def scenario_out_of_step(seed, directory):
                                                                  timeout=bad if RANK == late else 5.0),
                            error if RANK == late else DistributedError, f"timeout={bad!r}")
         assert "timeout" in str(e) and (RANK == late or f"rank {late}" in str(e)), str(e)
+    # A timeout on some ranks only: their collectives would not match the others'.
+    e = expect_failure(lambda: distributed(timeout=None if RANK == late else 5.0), ValueError,
+                       "a timeout on some ranks")
+    assert f"rank 0 gave a timeout and rank {late} none" in str(e), str(e)
     main = threading.main_thread().ident
 
     def two_interrupts():
@@ -326,10 +331,10 @@ def scenario_out_of_step(seed, directory):
         return timers
 
     for ending in ("a timeout", "a second Ctrl-C"):
-        rng, model, reference, seen = trained_one_step(seed)
-        model.timeout = 0.5 if ending == "a timeout" else 600
+        # The model and the steps of its first calls with a timeout: they give what they
+        # gave without.
+        rng, model, reference, seen = trained_one_step(seed, timeout=0.5 if ending == "a timeout" else 600)
         assert model.timeout == (0.5 if ending == "a timeout" else 600.0)
-        # In step, calls with a timeout give what they gave without.
         mine = batch(rng, dims)
         batches = COMM.allgather(mine)
         model.apply_gradients(mine, 2, req_time=8)
