@@ -271,8 +271,14 @@ def scenario_interrupts(seed, directory):
     """A Ctrl-C that reaches one rank while it waits in an exchange for the others, and an
     allocation that fails on one rank as the exchanges' buffers are taken: every rank
     raises, no table changes, and the next call works. (Both left that rank out of step,
-    and the others waiting for ever.)"""
-    rng, model, reference, seen = trained_one_step(seed)
+    and the others waiting for ever.) The same with a timeout, whose waits poll: one Ctrl-C
+    is still raised on every rank, in step."""
+    for timeout in (None, 600):
+        interrupted_in_step(seed, timeout)
+
+
+def interrupted_in_step(seed, timeout):
+    rng, model, reference, seen = trained_one_step(seed, timeout)
     dims, bad_rank = dims_of(SLOTS), WORLD - 1
     main = threading.main_thread().ident
     for what, call in [("a lookup", lambda: model.lookup(batch(rng, dims, with_rows=False))),
