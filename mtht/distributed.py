@@ -80,6 +80,10 @@ def _free(comm) -> None:
         comm.Free()
 
 
+# With a timeout, the bytes of each rank's part of an object gathered in one round (the
+# outcomes of a call's steps: a few dozen bytes, more with many slots or an error).
+_FIRST_ROUND_BYTES = 240
+
 # Collectives given up on (a timeout, or a second Ctrl-C) with their buffers: MPI may still
 # write into those when the ranks that did not come arrive, so they live as long as the process.
 _ABANDONED: list = []
@@ -455,12 +459,21 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             self._wait(getattr(self._comm, "I" + name.lower())(*buffers), what, buffers, self._timeout)
 
     def _allgather(self, value: Any, what: str) -> list:
-        """Every rank's ``value`` (picklable), in rank order."""
+        """Every rank's ``value`` (picklable), in rank order. With a timeout: a first round
+        of fixed size carries each rank's pickle's length and, when every one fits, the
+        pickles themselves; a second round, only if not, the pickles."""
         if self._timeout is None:
             return self._comm.allgather(value)
         mine = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-        size, sizes = np.array([mine.size], np.int64), np.empty(self._world, np.int64)
-        self._collective("Allgather", what, size, sizes)
+        first = np.zeros(8 + _FIRST_ROUND_BYTES, np.uint8)
+        first[:8] = np.array([mine.size], np.int64).view(np.uint8)
+        if mine.size <= _FIRST_ROUND_BYTES:
+            first[8:8 + mine.size] = mine
+        firsts = np.empty((self._world, first.size), np.uint8)
+        self._collective("Allgather", what, first, firsts)
+        sizes = firsts[:, :8].copy().view(np.int64).ravel()
+        if sizes.max() <= _FIRST_ROUND_BYTES:
+            return [pickle.loads(firsts[r, 8:8 + n].tobytes()) for r, n in enumerate(sizes.tolist())]
         everything = np.empty(int(sizes.sum()), np.uint8)
         starts = np.cumsum(sizes) - sizes
         self._collective("Allgatherv", what, mine, [everything, (sizes.tolist(), starts.tolist())])

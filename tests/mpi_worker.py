@@ -272,9 +272,15 @@ def scenario_interrupts(seed, directory):
     allocation that fails on one rank as the exchanges' buffers are taken: every rank
     raises, no table changes, and the next call works. (Both left that rank out of step,
     and the others waiting for ever.) The same with a timeout, whose waits poll: one Ctrl-C
-    is still raised on every rank, in step."""
-    for timeout in (None, 600):
-        interrupted_in_step(seed, timeout)
+    is still raised on every rank, in step; and again with every outcome gathered in two
+    rounds (one that does not fit the first)."""
+    first_round = mtht.distributed._FIRST_ROUND_BYTES
+    for timeout, first_round_bytes in [(None, first_round), (600, first_round), (600, 1)]:
+        mtht.distributed._FIRST_ROUND_BYTES = first_round_bytes
+        try:
+            interrupted_in_step(seed, timeout)
+        finally:
+            mtht.distributed._FIRST_ROUND_BYTES = first_round
 
 
 def interrupted_in_step(seed, timeout):
