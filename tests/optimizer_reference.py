@@ -342,7 +342,8 @@ def hashnet_scale(init_scale, max_scale, t: int) -> np.float32:
 
 
 def hashnet_forward(w, scale, amplitude) -> np.ndarray:
-    return (f32(amplitude) * tanh32(f32(scale) * np.asarray(w, dtype=F32))).astype(F32)
+    with np.errstate(over="ignore"):  # scale * w past float32's range is +-inf, as in the kernels
+        return (f32(amplitude) * tanh32(f32(scale) * np.asarray(w, dtype=F32))).astype(F32)
 
 
 def one_minus_square(y) -> np.ndarray:
@@ -356,7 +357,8 @@ def one_minus_square(y) -> np.ndarray:
 def hashnet_backward(w, grad, scale, amplitude) -> np.ndarray:
     """grad * (amplitude * scale * (1 - tanh(scale*w)^2)), the last factor fused."""
     scale, amplitude = f32(scale), f32(amplitude)
-    y = tanh32(scale * np.asarray(w, dtype=F32))
+    with np.errstate(over="ignore"):  # as in hashnet_forward
+        y = tanh32(scale * np.asarray(w, dtype=F32))
     return (np.asarray(grad, dtype=F32) * ((amplitude * scale) * one_minus_square(y))).astype(F32)
 
 
