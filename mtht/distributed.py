@@ -817,8 +817,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
 
     def _save_locked(self, directory: str) -> None:
         generation, error = _attempt(lambda: _sharded.begin_save(directory)) if self._rank == 0 else (None, None)
-        self._settle(error, "save (preparing the directory)")
-        generation = self._allgather(generation, "save (preparing the directory)")[0]
+        generation = self._settle(error, "save (preparing the directory)", info=generation)[0]  # rank 0's
         _, error = _attempt(lambda: _sharded.save_part(self._table, directory, generation, self._rank, self._world))
         try:
             self._settle(error, "save")
