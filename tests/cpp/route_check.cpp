@@ -1,6 +1,8 @@
 // Checks route_ids, sum_rows_to and gather_rows_from (route.h) against a model built from
 // std::map over random batches: ids from small ranges (many duplicates), negative ones and
-// the extremes of int64, world sizes 1 to 5, with and without dedup. Prints one line per
+// the extremes of int64, world sizes 1 to 5, with and without dedup; then larger batches of
+// ids that seldom repeat, whose hash table outgrows the cache (calls of every size reuse
+// one thread's memory). Prints one line per
 // failure and "ok" when there is none.
 #include <cstdint>
 #include <cstdio>
@@ -25,16 +27,19 @@ uint64_t next(uint64_t& x) {
   return x >> 33;
 }
 
-void check_round(int round) {
+// `wide`: up to 40,000 ids from a range of 100,000 (few repeats); otherwise up to 300 from
+// a range of 61 and the extremes.
+void check_round(int round, bool wide) {
   uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(round + 1);
   const int64_t world = 1 + static_cast<int64_t>(next(x) % 5);
   const bool dedup = round % 2 == 0;
-  const size_t n = next(x) % 300;
+  const size_t n = next(x) % (wide ? 40000 : 300);
   std::vector<int64_t> ids(n);
   for (auto& id : ids) {
     const uint64_t pick = next(x) % 20;
     if (pick == 0) id = std::numeric_limits<int64_t>::min();
     else if (pick == 1) id = std::numeric_limits<int64_t>::max();
+    else if (wide) id = static_cast<int64_t>(next(x) % 100000) - 50000;
     else id = static_cast<int64_t>(next(x) % 61) - 30;
   }
   std::vector<int64_t> sent(n), counts(static_cast<size_t>(world)), position(n);
@@ -102,7 +107,8 @@ void check_round(int round) {
 }  // namespace
 
 int main() {
-  for (int round = 0; round < 2000; ++round) check_round(round);
+  for (int round = 0; round < 2000; ++round) check_round(round, false);
+  for (int round = 2000; round < 2030; ++round) check_round(round, true);
   // Bad arguments throw instead of reading out of bounds.
   int64_t id = 1, sent = 0, count = 0, position = 5;
   bool threw = false;
