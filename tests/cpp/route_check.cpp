@@ -140,6 +140,15 @@ int main() {
   float big[2] = {3e38f, 3e38f}, sum = 0;
   const int64_t twice[2] = {0, 0};
   expect(!mtht::sum_rows_to(big, 2, 1, twice, 1, &sum), "a sum past the float range reported", -1);
+  // A NaN or an Inf in any row and column of many is reported; none, not.
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity(), 1.0f}) {
+    std::vector<float> rows(37 * 5, 0.5f), sums(37 * 5);
+    std::vector<int64_t> spread(37);
+    for (size_t i = 0; i < spread.size(); ++i) spread[i] = static_cast<int64_t>(i);
+    rows[23 * 5 + 3] = bad;
+    expect(mtht::sum_rows_to(rows.data(), 37, 5, spread.data(), 37, sums.data()) == (bad == 1.0f),
+           "a NaN or Inf among the sums reported", -1);
+  }
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
