@@ -44,10 +44,11 @@ struct RouteScratch {
     static thread_local RouteScratch scratch;
     return scratch;
   }
-  // Gives back the memory of an unusually large batch, so that a thread does not keep it
-  // (every buffer grows with the ids of a call; the hash table's is the largest).
+  // Gives back the memory of an unusually large batch (over about 500,000 ids), so that a
+  // thread does not keep it: every buffer grows with the ids of a call, and the hash
+  // table's is the largest, 32 bytes an id.
   void trim() {
-    constexpr size_t kKeepBytes = size_t{64} << 20;
+    constexpr size_t kKeepBytes = size_t{16} << 20;
     if (slots.capacity() * sizeof(Slot) > kKeepBytes || row_at.capacity() * sizeof(size_t) > kKeepBytes)
       *this = RouteScratch();
   }

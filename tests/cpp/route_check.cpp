@@ -2,7 +2,7 @@
 // std::map over random batches: ids from small ranges (many duplicates), negative ones and
 // the extremes of int64, world sizes 1 to 5, with and without dedup; then larger batches of
 // ids that seldom repeat, whose hash table outgrows the cache (calls of every size reuse
-// one thread's memory). Prints one line per
+// one thread's memory, which it gives back after a very large one). Prints one line per
 // failure and "ok" when there is none.
 #include <cstdint>
 #include <cstdio>
@@ -27,13 +27,13 @@ uint64_t next(uint64_t& x) {
   return x >> 33;
 }
 
-// `wide`: up to 40,000 ids from a range of 100,000 (few repeats); otherwise up to 300 from
+// `wide`: up to `most` ids from a range of 100,000 (few repeats); otherwise up to 300 from
 // a range of 61 and the extremes.
-void check_round(int round, bool wide) {
+void check_round(int round, bool wide, size_t most = 40000) {
   uint64_t x = 0x9e3779b97f4a7c15ULL * static_cast<uint64_t>(round + 1);
   const int64_t world = 1 + static_cast<int64_t>(next(x) % 5);
   const bool dedup = round % 2 == 0;
-  const size_t n = next(x) % (wide ? 40000 : 300);
+  const size_t n = next(x) % (wide ? most : 300);
   std::vector<int64_t> ids(n);
   for (auto& id : ids) {
     const uint64_t pick = next(x) % 20;
@@ -109,6 +109,9 @@ void check_round(int round, bool wide) {
 int main() {
   for (int round = 0; round < 2000; ++round) check_round(round, false);
   for (int round = 2000; round < 2030; ++round) check_round(round, true);
+  // A batch large enough that the thread gives its memory back after it, then small ones.
+  check_round(2030, true, 2000000);
+  for (int round = 2031; round < 2040; ++round) check_round(round, round % 3 == 0);
   // Bad arguments throw instead of reading out of bounds.
   int64_t id = 1, sent = 0, count = 0, position = 5;
   bool threw = false;
