@@ -72,12 +72,35 @@ def _world_comm():
     return MPI.COMM_WORLD
 
 
-def _free(comm) -> None:
-    """Frees a table's communicator (MPI has a few thousand), unless MPI has ended."""
-    from mpi4py import MPI
+class _LetGo:
+    """The communicators of the tables built on one communicator, and those of them this
+    rank has let go of (their tables collected), by the serial each table got when it was
+    built: the same on every rank, whose tables on that communicator are built in the same
+    order. Freeing a communicator is collective, so none is freed when the garbage
+    collector happens to pass, at another moment on each rank (a rank whose collector freed
+    one inside the collective that built the next table waited there for ever): a table
+    being built frees those that every rank has let go of (_free_let_go)."""
 
-    if not MPI.Is_finalized():
-        comm.Free()
+    def __init__(self) -> None:
+        self.built = 0
+        self.let_go: List[Tuple[int, Any]] = []  # appended to by finalizers: no MPI there
+
+    @staticmethod
+    def of(comm) -> "_LetGo":
+        """The _LetGo kept on ``comm`` (as an MPI attribute)."""
+        from mpi4py import MPI
+
+        global _LET_GO_KEY
+        if _LET_GO_KEY is None:
+            _LET_GO_KEY = MPI.Comm.Create_keyval()
+        kept = comm.Get_attr(_LET_GO_KEY)
+        if kept is None:
+            kept = _LetGo()
+            comm.Set_attr(_LET_GO_KEY, kept)
+        return kept
+
+
+_LET_GO_KEY = None
 
 
 # With a timeout, the bytes of each rank's part of an object gathered in one round (the
@@ -247,6 +270,16 @@ def _unblock(flat: np.ndarray, counts: np.ndarray, dims: Sequence[int]) -> List[
     return out
 
 
+def _free_let_go(built_on: _LetGo, each_rank: List[List[int]]) -> None:
+    """Frees the communicators that every rank has let go of (``each_rank``: the serials
+    each has), in the order of their serials, on every rank alike."""
+    everywhere = set(each_rank[0]).intersection(*each_rank[1:])
+    for serial, comm in sorted((entry for entry in list(built_on.let_go) if entry[0] in everywhere),
+                               key=lambda entry: entry[0]):
+        built_on.let_go.remove((serial, comm))
+        comm.Free()
+
+
 class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
     """One table per slot (``hash_table_factory(slot, config)``, sorted slot order), each
     sharded over the ranks of ``comm`` (default ``MPI.COMM_WORLD``; the table talks on its
@@ -309,10 +342,13 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         # ranks find out whether each has one. A bad one is raised on every rank, below.
         self._timeout = None
         timeout_given, timeout_error = _attempt(lambda: _checked_timeout(timeout))
+        built_on = _LetGo.of(comm)
+        serial, built_on.built = built_on.built, built_on.built + 1
+        let_go_before = [s for s, _ in list(built_on.let_go)]  # finalizers may append meanwhile
         self._comm = comm.Dup()
         # Not at exit: the writes hooks left queued are applied then, on this communicator
         # (MPI frees it when it ends).
-        weakref.finalize(self, _free, self._comm).atexit = False
+        weakref.finalize(self, built_on.let_go.append, (serial, self._comm)).atexit = False
         # Reentrant: a learning-rate function may call the table (on every rank alike).
         self._one_call = threading.RLock()
         self._scratch = _Scratch()  # used under _one_call
@@ -336,7 +372,9 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             signature = [(slot, _config_text(t.config), _filter_settings(t)) for slot, t in zip(self._slots, tables)]
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
-        signatures = self._settle(error, "building the table", info=(signature, timeout_given is not None))
+        infos = self._settle(error, "building the table", info=(signature, timeout_given is not None, let_go_before))
+        _free_let_go(built_on, [let_go for _, _, let_go in infos])
+        signatures = [(theirs, given) for theirs, given, _ in infos]
         with_timeout = [r for r, (_, given) in enumerate(signatures) if given]
         if with_timeout and len(with_timeout) < self._world:
             without = next(r for r in range(self._world) if r not in with_timeout)

@@ -40,7 +40,7 @@ def run_ranks(n: int, scenario: str, directory, seed: int = 0) -> None:
 @pytest.mark.parametrize("ranks", [2, 4])
 @pytest.mark.parametrize("scenario", ["train", "merged", "sgd_numpy", "errors", "hooks", "built_differently",
                                       "edges", "hook_errors", "wrapper_errors", "separate_directories",
-                                      "interrupts", "lock_edges", "out_of_step"])
+                                      "interrupts", "lock_edges", "out_of_step", "let_go"])
 def test_ranks_equal_one_process(ranks, scenario, tmp_path):
     for seed in (1, 2):
         run_ranks(ranks, scenario, tmp_path, seed)
