@@ -170,12 +170,15 @@ cdef extern from "mtht/multi_table.h" namespace "mtht" nogil:
 cdef extern from "mtht/route.h" namespace "mtht" nogil:
     size_t c_route_ids "mtht::route_ids"(const int64_t* ids, size_t n, int64_t world, cbool dedup, int64_t* sent,
                                          int64_t* counts, int64_t* position) except +translate_exception
+    void c_route_tables "mtht::route_tables"(const int64_t* const* ids, const size_t* n, const uint8_t* dedup,
+                                             size_t k, int64_t world, int64_t* sent, int64_t* position,
+                                             int64_t* counts, int64_t* sent_of) except +translate_exception
     cbool c_sum_rows_to "mtht::sum_rows_to"(const float* rows, size_t n, size_t dim, const int64_t* position,
                                             size_t m, float* out) except +translate_exception
-    void c_gather_rows_from "mtht::gather_rows_from"(const float* flat, size_t flat_floats, size_t dim,
-                                                     const int64_t* block_start, const int64_t* counts,
-                                                     size_t world, const int64_t* position, size_t n,
-                                                     float* out) except +translate_exception
+    void c_gather_tables "mtht::gather_tables"(const float* flat, size_t flat_floats, const size_t* dims,
+                                               const int64_t* block_start, const int64_t* counts, size_t world,
+                                               const int64_t* const* positions, const size_t* n, size_t k,
+                                               float* const* outs) except +translate_exception
 
 
 cdef extern from "mtht/fused.h" namespace "mtht" nogil:

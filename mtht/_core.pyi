@@ -106,19 +106,26 @@ def route_ids(
     sent_out: Optional[npt.NDArray[np.int64]] = None,
     position_out: Optional[npt.NDArray[np.int64]] = None,
 ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def route_tables(
+    ids_list: List[npt.NDArray[np.int64]],
+    world: int,
+    dedup: List[bool],
+    sent_out: npt.NDArray[np.int64],
+    position_out: npt.NDArray[np.int64],
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def sum_rows(
     rows: npt.NDArray[np.float32],
     position: npt.NDArray[np.int64],
     m: int,
     out_rows: Optional[npt.NDArray[np.float32]] = None,
 ) -> Tuple[npt.NDArray[np.float32], bool]: ...
-def gather_rows(
+def gather_tables(
     flat: npt.NDArray[np.float32],
-    dim: int,
     block_start: npt.NDArray[np.int64],
     counts: npt.NDArray[np.int64],
-    position: npt.NDArray[np.int64],
-) -> npt.NDArray[np.float32]: ...
+    positions: List[npt.NDArray[np.int64]],
+    outs: List[npt.NDArray[np.float32]],
+) -> None: ...
 def fused_offsets(
     tables: List[Table], fused_slot_size: npt.NDArray[np.int32], num_shards: int, n_ids: int
 ) -> Tuple[npt.NDArray[np.int32], npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...

@@ -22,7 +22,7 @@ from mtht._core cimport (
     TableRead, c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
     load_checkpoint,
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
-    c_route_ids, c_sum_rows_to, c_gather_rows_from, nanoseconds,
+    c_route_ids, c_route_tables, c_sum_rows_to, c_gather_tables, nanoseconds,
 )
 from cpython.exc cimport PyErr_CheckSignals
 from libcpp.string cimport string
@@ -35,7 +35,8 @@ cdef extern from *:
 
 __all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
-           "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "sum_rows", "gather_rows",
+           "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "route_tables", "sum_rows",
+           "gather_tables",
            "lookup_tables", "write_tables", "hold_writes", "release_writes", "crc32c"]
 
 
@@ -592,6 +593,52 @@ def route_ids(const int64_t[::1] ids, int64_t world, bint dedup, sent_out=None, 
     return sent_array[:m], counts_array, position_array
 
 
+def route_tables(list ids_list, int64_t world, list dedup, int64_t[::1] sent_out, int64_t[::1] position_out):
+    """(counts, sent_of): route_ids for each table's ids in one call. Table t's sent ids
+    and positions are written into ``sent_out`` and ``position_out`` (int64, room for all
+    the ids) from the sum of the earlier tables' ids on; ``counts[w, t]``: how many of them
+    go to owner w; ``sent_of[t]``: how many go in all."""
+    cdef Py_ssize_t k = len(ids_list), total = 0, t
+    if len(dedup) != k:
+        raise ValueError(f"dedup must have one flag per table: {k} tables, {len(dedup)} flags")
+    cdef vector[int64_t*] id_pointers
+    cdef vector[size_t] sizes
+    cdef vector[uint8_t] once
+    cdef const int64_t[::1] ids
+    # Values go to push_back through typed variables: a conditional expression handed to it
+    # went in as 0 (Cython 3.3 passes it through a temporary reference).
+    cdef int64_t* first_id
+    cdef uint8_t table_once
+    for t in range(k):
+        ids = ids_list[t]  # the list holds each array while its address is used
+        first_id = <int64_t*>&ids[0] if ids.shape[0] else NULL
+        table_once = 1 if dedup[t] else 0
+        id_pointers.push_back(first_id)
+        sizes.push_back(ids.shape[0])
+        once.push_back(table_once)
+        total += ids.shape[0]
+    if sent_out.shape[0] < total or position_out.shape[0] < total:
+        raise ValueError(f"sent_out and position_out must have room for {total} ids")
+    if total:
+        _refuse_overlap("sent_out", &sent_out[0], total * sizeof(int64_t), "position_out", &position_out[0],
+                        total * sizeof(int64_t))
+        for t in range(k):
+            if sizes[t]:
+                _refuse_overlap("ids", id_pointers[t], sizes[t] * sizeof(int64_t), "sent_out", &sent_out[0],
+                                total * sizeof(int64_t))
+                _refuse_overlap("ids", id_pointers[t], sizes[t] * sizeof(int64_t), "position_out",
+                                &position_out[0], total * sizeof(int64_t))
+    counts_array = np.empty((max(world, 0), k), dtype=np.int64)
+    sent_of_array = np.empty(k, dtype=np.int64)
+    cdef int64_t[:, ::1] counts = counts_array
+    cdef int64_t[::1] sent_of = sent_of_array
+    with nogil:
+        c_route_tables(<const int64_t* const*>id_pointers.data(), sizes.data(), once.data(), k, world,
+                       &sent_out[0] if total else NULL, &position_out[0] if total else NULL,
+                       &counts[0, 0] if world > 0 and k else NULL, &sent_of[0] if k else NULL)
+    return counts_array, sent_of_array
+
+
 def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m, out_rows=None):
     """([m, dim], finite): row p the sum of the rows i with position[i] == p, left to right
     (route.h), written into ``out_rows`` when given (float32 [m, dim]); whether every sum
@@ -613,22 +660,43 @@ def sum_rows(const float[:, ::1] rows, const int64_t[::1] position, Py_ssize_t m
     return out_array, finite
 
 
-def gather_rows(const float[::1] flat, Py_ssize_t dim, const int64_t[::1] block_start, const int64_t[::1] counts,
-                const int64_t[::1] position):
-    """[n, dim]: row i the row of sent id position[i], the sent ids grouped by owner,
-    counts[w] of owner w, whose rows start at float block_start[w] of ``flat`` (route.h)."""
-    cdef Py_ssize_t n = position.shape[0], world = counts.shape[0], size = flat.shape[0]
-    if dim <= 0:
-        raise ValueError(f"dim must be positive, got {dim}")
-    if block_start.shape[0] != world:
-        raise ValueError(f"block_start must have {world} values, got {block_start.shape[0]}")
-    out_array = np.empty((n, dim), dtype=np.float32)
-    cdef float[:, ::1] out = out_array
+def gather_tables(const float[::1] flat, const int64_t[:, ::1] block_start, const int64_t[:, ::1] counts,
+                  list positions, list outs):
+    """The rows that came back for several tables, into ``outs`` (float32 ``[n, dim]`` each,
+    filled in place): row i of ``outs[t]`` is the row of table t's sent id
+    ``positions[t][i]``, its sent ids grouped by owner, ``counts[t, w]`` of owner w, whose
+    rows start at float ``block_start[t, w]`` of ``flat`` (route.h)."""
+    cdef Py_ssize_t k = len(outs), world = counts.shape[1], size = flat.shape[0], t
+    if len(positions) != k or counts.shape[0] != k or block_start.shape[0] != k or block_start.shape[1] != world:
+        raise ValueError(f"positions, counts and block_start must have one entry per table ({k}), "
+                         f"and block_start one column per owner ({world})")
+    cdef vector[int64_t*] position_of
+    cdef vector[float*] out_of
+    cdef vector[size_t] n_of, dim_of
+    cdef const int64_t[::1] position
+    cdef float[:, ::1] out
+    cdef int64_t* first_position
+    cdef float* first_out
+    for t in range(k):
+        position = positions[t]  # the lists hold each array while its address is used
+        out = outs[t]
+        if out.shape[0] != position.shape[0] or out.shape[1] <= 0:
+            raise ValueError(f"outs[{t}] must have {position.shape[0]} rows of a positive dim, "
+                             f"got shape ({out.shape[0]}, {out.shape[1]})")
+        if out.shape[0] and size:
+            _refuse_overlap("flat", &flat[0], size * sizeof(float), "outs", &out[0, 0],
+                            out.shape[0] * out.shape[1] * sizeof(float))
+        # Through typed variables: a conditional expression handed to push_back went in wrong.
+        first_position = <int64_t*>&position[0] if position.shape[0] else NULL
+        first_out = &out[0, 0] if out.shape[0] else NULL
+        position_of.push_back(first_position)
+        out_of.push_back(first_out)
+        n_of.push_back(position.shape[0])
+        dim_of.push_back(out.shape[1])
     with nogil:
-        c_gather_rows_from(&flat[0] if size else NULL, size, dim, &block_start[0] if world else NULL,
-                           &counts[0] if world else NULL, world, &position[0] if n else NULL, n,
-                           &out[0, 0] if n else NULL)
-    return out_array
+        c_gather_tables(&flat[0] if size else NULL, size, dim_of.data(), &block_start[0, 0] if world and k else NULL,
+                        &counts[0, 0] if world and k else NULL, world, <const int64_t* const*>position_of.data(),
+                        n_of.data(), k, out_of.data())
 
 
 def fused_offsets(list tables, const int32_t[::1] fused_slot_size, int64_t num_shards, Py_ssize_t n_ids):

@@ -188,26 +188,51 @@ class _Scratch:
 
 
 class _Routed:
-    """One table's ids of a call as this rank sends them (route.h): ``sent``, grouped by
-    owner, each id once (``dedup``) or as given; ``counts`` per owner; ``position[i]``:
-    where given id i went in ``sent``. ``sent`` and ``position`` are written into
-    ``sent_out`` and ``position_out`` when given (int64, as many as the ids), and the rows
-    of rows_sent into ``rows_out`` (float32, at least as many as the ids' rows)."""
+    """The ids of a call's tables as this rank sends them (route.h): ``sent(t)``, table t's,
+    grouped by owner, each id once (``dedup[t]``) or as given; ``counts[w, t]`` of them go
+    to rank w; ``position(t)[i]``: where its id i went in ``sent(t)``. Every table's sent
+    ids and positions are pieces of ``sent_all`` and ``position_all`` (int64, as many as
+    all the ids), and the rows of rows_sent pieces of ``rows_all`` (float32, as many as all
+    the ids' rows, of ``dims``); one buffer each, and one call of the core for all the
+    tables: a buffer, or a call, per table cost more than routing a few ids."""
 
-    __slots__ = ("sent", "counts", "position", "_rows_out")
+    __slots__ = ("counts", "_sent_of", "_ids", "_world", "_ends", "_row_ends", "_sent_all", "_position_all",
+                 "_rows_all")
 
-    def __init__(self, ids: np.ndarray, world: int, dedup: bool, sent_out: Optional[np.ndarray] = None,
-                 position_out: Optional[np.ndarray] = None, rows_out: Optional[np.ndarray] = None):
-        self._rows_out = rows_out
-        self.sent, self.counts, self.position = _core.route_ids(ids, world, dedup, sent_out, position_out)
+    def __init__(self, ids: List[np.ndarray], world: int, dedup: List[bool], sent_all: np.ndarray,
+                 position_all: np.ndarray, rows_all: Optional[np.ndarray] = None, dims: Sequence[int] = ()):
+        sizes = [a.shape[0] for a in ids]
+        self._ids, self._world = ids, world
+        self._ends = list(itertools.accumulate(sizes, initial=0))
+        self._row_ends = list(itertools.accumulate((n * dim for n, dim in zip(sizes, dims)), initial=0))
+        self._sent_all, self._position_all, self._rows_all = sent_all, position_all, rows_all
+        self.counts, self._sent_of = _core.route_tables(ids, world, dedup, sent_all, position_all)
 
-    def rows_sent(self, rows: np.ndarray) -> Tuple[np.ndarray, bool]:
-        """The rows to send with the ids: per sent id, the sum of its rows left to right in
-        the order given (the first occurrence's row, then the others added one by one), as
-        one process's deduplicated update sums them; and whether every sum is finite."""
-        m, dim = self.sent.shape[0], rows.shape[1]
-        out = self._rows_out[:m * dim].reshape(m, dim) if self._rows_out is not None else None
-        return _core.sum_rows(rows, self.position, m, out)
+    def sent(self, t: int) -> np.ndarray:
+        start = self._ends[t]
+        return self._sent_all[start:start + int(self._sent_of[t])]
+
+    def position(self, t: int) -> np.ndarray:
+        return self._position_all[self._ends[t]:self._ends[t + 1]]
+
+    def send_each_occurrence(self, t: int) -> None:
+        """Routes table t's ids again, each occurrence on its own (its sums left to the
+        owner)."""
+        start, end = self._ends[t], self._ends[t + 1]
+        _, counts, _ = _core.route_ids(self._ids[t], self._world, False, self._sent_all[start:end],
+                                       self._position_all[start:end])
+        self.counts[:, t] = counts
+        self._sent_of[t] = end - start
+
+    def rows_sent(self, t: int, rows: np.ndarray) -> Tuple[np.ndarray, bool]:
+        """The rows to send with table t's ids: per sent id, the sum of its rows left to
+        right in the order given (the first occurrence's row, then the others added one by
+        one), as one process's deduplicated update sums them; and whether every sum is
+        finite."""
+        m, dim = int(self._sent_of[t]), rows.shape[1]
+        start = self._row_ends[t]
+        out = self._rows_all[start:start + m * dim].reshape(m, dim) if self._rows_all is not None else None
+        return _core.sum_rows(rows, self.position(t), m, out)
 
 
 class _Prepared(NamedTuple):
@@ -229,7 +254,7 @@ class _Call:
 
     __slots__ = ("routed", "sent_rows", "send_counts", "recv_counts", "ids", "rows", "back", "named",
                  "nonempty", "summed_by_owner")
-    routed: List[_Routed]
+    routed: _Routed
     sent_rows: List[np.ndarray]
     send_counts: np.ndarray  # [rank][table]
     recv_counts: np.ndarray
@@ -563,32 +588,23 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         try:
             prepared = prepare()
             same = prepared.same
-            # Every table's arrays are pieces of one buffer each: a buffer per table cost
-            # more than routing a few ids.
-            sizes = [ids.shape[0] for ids, _ in prepared.per_table]
-            ends = list(itertools.accumulate(sizes))
-            sent_all = scratch.take("sent", np.int64, ends[-1])  # k > 0: the callers return early
-            position_all = scratch.take("position", np.int64, ends[-1])
-            row_ends = list(itertools.accumulate(n * dim for n, dim in zip(sizes, self._dims)))
-            rows_all = None if lookup else scratch.take("rows", np.float32, row_ends[-1])
-
-            def routed(t: int, dedup: bool) -> _Routed:
-                a, b = ends[t] - sizes[t], ends[t]
-                rows_out = None if rows_all is None else rows_all[row_ends[t] - sizes[t] * self._dims[t]:row_ends[t]]
-                return _Routed(prepared.per_table[t][0], world, dedup, sent_all[a:b], position_all[a:b], rows_out)
-
-            call.routed = [routed(t, d) for t, d in enumerate(prepared.dedup)]
+            total = sum(ids.shape[0] for ids, _ in prepared.per_table)
+            rows_all = None if lookup else scratch.take(
+                "rows", np.float32, sum(ids.shape[0] * dim for (ids, _), dim in zip(prepared.per_table, self._dims)))
+            call.routed = _Routed([ids for ids, _ in prepared.per_table], world, prepared.dedup,
+                                  scratch.take("sent", np.int64, total), scratch.take("position", np.int64, total),
+                                  rows_all, self._dims)
             summed_by_owner = [False] * k
             if not lookup:
                 call.sent_rows = []
                 for t, ((ids, rows), d) in enumerate(zip(prepared.per_table, prepared.dedup)):
-                    sent, finite = call.routed[t].rows_sent(rows)
+                    sent, finite = call.routed.rows_sent(t, rows)
                     if d and not finite:
-                        call.routed[t], summed_by_owner[t] = routed(t, False), True
-                        sent, _ = call.routed[t].rows_sent(rows)
+                        call.routed.send_each_occurrence(t)
+                        summed_by_owner[t] = True
+                        sent, _ = call.routed.rows_sent(t, rows)
                     call.sent_rows.append(sent)
-            if k:
-                send_counts = np.ascontiguousarray(np.stack([r.counts for r in call.routed], axis=1), np.int64)
+            send_counts = call.routed.counts
             info = (prepared.named, tuple(bool(ids.size) for ids, _ in prepared.per_table), tuple(summed_by_owner))
         except BaseException as e:  # noqa: BLE001 - raised on every rank by _settle (Ctrl-C too)
             error = e
@@ -612,7 +628,7 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         # Per table, whether any rank named it, sent it ids, or left their sum to the owner.
         flags = np.logical_or.reduce(np.array(infos, dtype=bool).reshape(-1, 3, k), axis=0)
         call.named, call.nonempty, call.summed_by_owner = flags[0], flags[1], flags[2]
-        self._exchange(what, _blocks([r.sent for r in call.routed], send_counts, sent_ids),
+        self._exchange(what, _blocks([call.routed.sent(t) for t in range(k)], send_counts, sent_ids),
                        send_counts.sum(axis=1), call.ids, recv_counts.sum(axis=1))
         if not lookup:
             self._exchange(what, _blocks(call.sent_rows, send_counts, sent_rows),
@@ -708,12 +724,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         # table's sent ids are in its blocks, owners in order.
         sizes = (call.send_counts * np.asarray(self._dims, dtype=np.int64)[None, :]).reshape(-1)
         starts = np.ascontiguousarray((np.cumsum(sizes) - sizes).reshape(call.send_counts.shape).T)
-        counts = np.ascontiguousarray(call.send_counts.T)
-        result = {}
-        for slot in slot_to_id:
-            t = self._slot_index[slot]
-            result[slot] = _core.gather_rows(back, self._dims[t], starts[t], counts[t], call.routed[t].position)
-        return result
+        named = [self._slot_index[slot] for slot in slot_to_id]
+        positions = [call.routed.position(t) for t in named]
+        # The slots' rows are views of one array, as a MultiTypeHashTable's lookup gives them.
+        outs = _hash_table.rows_in_one_array([(p.shape[0], self._dims[t]) for p, t in zip(positions, named)])
+        _core.gather_tables(back, starts[named], np.ascontiguousarray(call.send_counts.T[named]), positions, outs)
+        return dict(zip(slot_to_id, outs))
 
     def _write(self, method: str, data: Mapping, convert: Callable[[], "_hash_table.WriteArguments"]) -> None:
         """A collective write of ``data``, its arguments after the rows converted by

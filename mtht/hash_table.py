@@ -222,7 +222,7 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
     _after_queued_calls_of(tables)
     ids_list = [as_ids(ids) for ids in ids_list]
-    outs = _rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
+    outs = rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
     _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
     return outs
 
@@ -237,7 +237,7 @@ def _after_queued_calls_of(tables) -> None:
             checked = table._mtht_pipeline
 
 
-def _rows_in_one_array(shapes) -> List[np.ndarray]:
+def rows_in_one_array(shapes) -> List[np.ndarray]:
     """Uninitialised float32 arrays of the given (rows, dim) shapes, as views of one array.
 
     Many separate arrays of a few KB each come from the top of the C heap, which glibc gives

@@ -303,23 +303,56 @@ def test_owner_is_the_non_negative_modulo():
     assert owner_of(np.array([2 ** 64 - 1], dtype=np.uint64), 4).tolist() == [3]  # the bits of -1
 
 
+def _routed(ids_per_table, dedup, dims):
+    """A _Routed of the given tables' ids, with buffers of its own."""
+    total = sum(len(ids) for ids in ids_per_table)
+    rows = sum(len(ids) * dim for ids, dim in zip(ids_per_table, dims))
+    return _Routed(ids_per_table, 2, dedup, np.empty(total, np.int64), np.empty(total, np.int64),
+                   np.empty(rows, np.float32), dims)
+
+
 def test_routed_sums_each_ids_rows_in_the_order_given():
     """A rank sends each id once with its rows summed left to right from the first
     occurrence's (float32), grouped by owner, in the order of first occurrence."""
     ids = np.array([5, -3, 5, 2, 5, -3], dtype=np.int64)
     rows = np.array([[1e8], [1.0], [1.0], [2.0], [-1e8], [-0.0]], dtype=np.float32)
-    routed = _Routed(ids, 2, dedup=True)
-    assert routed.sent.tolist() == [2, 5, -3] and routed.counts.tolist() == [1, 2]
-    summed, finite = routed.rows_sent(rows)
+    routed = _routed([ids], [True], [1])
+    assert routed.sent(0).tolist() == [2, 5, -3] and routed.counts.tolist() == [[1], [2]]
+    summed, finite = routed.rows_sent(0, rows)
     assert finite
     # 5: (1e8 + 1) + -1e8 in float32 is 0 (1 is lost), not 1; -3: 1 + -0 is 1.
     assert summed[:, 0].tolist() == [2.0, 0.0, 1.0]
-    assert routed.sent[routed.position].tolist() == ids.tolist()
-    plain = _Routed(ids, 2, dedup=False)
-    assert plain.sent.tolist() == [2, 5, -3, 5, 5, -3] and plain.rows_sent(rows)[0][:, 0].tolist()[:2] == [2.0, 1e8]
+    assert routed.sent(0)[routed.position(0)].tolist() == ids.tolist()
+    plain = _routed([ids], [False], [1])
+    assert plain.sent(0).tolist() == [2, 5, -3, 5, 5, -3]
+    assert plain.rows_sent(0, rows)[0][:, 0].tolist()[:2] == [2.0, 1e8]
     # A sum past the float range is reported (the rank then sends the rows as given).
     huge = np.full((6, 1), 3e38, np.float32)
-    assert not routed.rows_sent(huge)[1] and plain.rows_sent(huge)[1]
+    assert not routed.rows_sent(0, huge)[1] and plain.rows_sent(0, huge)[1]
+    routed.send_each_occurrence(0)
+    assert routed.sent(0).tolist() == plain.sent(0).tolist() and routed.counts.tolist() == [[1], [5]]
+    assert routed.rows_sent(0, huge)[1]
+
+
+def test_routed_tables_each_as_if_alone():
+    """The tables of one call are routed in one call of the core: each table's sent ids,
+    counts, positions and summed rows are those of the table routed on its own, empty
+    tables and tables sent as given among them."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        k = int(rng.integers(1, 6))
+        ids = [rng.integers(-30, 30, int(rng.integers(0, 40))) for _ in range(k)]
+        dedup = [bool(rng.integers(0, 2)) for _ in range(k)]
+        dims = [int(rng.integers(1, 4)) for _ in range(k)]
+        together = _routed(ids, dedup, dims)
+        assert together.counts.shape == (2, k)
+        for t in range(k):
+            alone = _routed([ids[t]], [dedup[t]], [dims[t]])
+            assert together.sent(t).tolist() == alone.sent(0).tolist()
+            assert together.counts[:, t].tolist() == alone.counts[:, 0].tolist()
+            assert together.position(t).tolist() == alone.position(0).tolist()
+            rows = rng.standard_normal((len(ids[t]), dims[t])).astype(np.float32)
+            assert np.array_equal(together.rows_sent(t, rows)[0], alone.rows_sent(0, rows)[0])
 
 
 def test_routing_kernels_refuse_what_would_read_out_of_bounds():
@@ -330,6 +363,16 @@ def test_routing_kernels_refuse_what_would_read_out_of_bounds():
     with pytest.raises(ValueError, match="must not share memory"):
         _core.route_ids(ids, 2, True, shared, shared)
     with pytest.raises(ValueError, match="must not share memory"):
+        _core.route_tables([ids[:4], ids[4:]], 2, [True, True], shared, shared)
+    with pytest.raises(ValueError, match="must not share memory"):
+        _core.route_tables([ids], 2, [True], ids, np.empty(8, np.int64))
+    with pytest.raises(ValueError, match="room for 8 ids"):
+        _core.route_tables([ids], 2, [True], np.empty(7, np.int64), np.empty(8, np.int64))
+    with pytest.raises(ValueError, match="one flag per table"):
+        _core.route_tables([ids], 2, [True, False], np.empty(8, np.int64), np.empty(8, np.int64))
+    with pytest.raises(ValueError, match="world size"):
+        _core.route_tables([ids], 0, [True], np.empty(8, np.int64), np.empty(8, np.int64))
+    with pytest.raises(ValueError, match="must not share memory"):
         _core.route_ids(ids, 2, True, ids, np.empty(8, np.int64))
     one = np.empty(16, np.int64)
     with pytest.raises(ValueError, match="must not share memory"):  # half over each other
@@ -338,12 +381,24 @@ def test_routing_kernels_refuse_what_would_read_out_of_bounds():
     assert sorted(sent.tolist()) == ids.tolist() and sorted(position.tolist()) == list(range(8))
     _, counts, position = _core.route_ids(ids, 2, True)
     flat = np.zeros(10, np.float32)
+
+    def gather(starts, dim=1, positions=position, outs=None):
+        starts, per_owner = np.array([starts], np.int64), counts.reshape(1, -1)
+        outs = [np.empty((len(positions), dim), np.float32)] if outs is None else outs
+        _core.gather_tables(flat, starts, per_owner, [positions], outs)
+        return outs[0]
+
+    assert gather([2, 6])[:, 0].tolist() == [0.0] * 8  # within the buffer: gathered
     with pytest.raises(ValueError, match="out of range"):  # rows before the buffer
-        _core.gather_rows(flat, 1, np.array([-1, 4], np.int64), counts, position)
+        gather([-1, 4])
     with pytest.raises(ValueError, match="out of range"):  # rows past its end
-        _core.gather_rows(flat, 2, np.array([0, 4], np.int64), counts, position)
+        gather([0, 4], dim=2)
     with pytest.raises(ValueError, match="out of range"):  # a position past the rows
-        _core.gather_rows(flat, 1, np.array([0, 4], np.int64), counts, np.full(8, 8, np.int64))
+        gather([0, 4], positions=np.full(8, 8, np.int64))
+    with pytest.raises(ValueError, match="8 rows"):  # an output of the wrong length
+        gather([0, 4], outs=[np.empty((7, 1), np.float32)])
+    with pytest.raises(ValueError, match="must not share memory"):  # rows gathered over themselves
+        gather([0, 4], outs=[flat[:8].reshape(8, 1)])
     rows = np.ones((8, 2), np.float32)
     with pytest.raises(ValueError, match="must not share memory"):
         _core.sum_rows(rows, position, 8, rows)

@@ -132,6 +132,23 @@ inline size_t route_ids(const int64_t* ids, size_t n, int64_t world, bool dedup,
   return m;
 }
 
+// route_ids for the ids of `k` tables in one call: table t's ids[t][0, n[t]), each distinct
+// one once when dedup[t]. Its sent ids and positions are written to sent and position from
+// first[t] = n[0] + ... + n[t - 1] on (each with room for all the ids), how many it sends
+// to owner w to counts[w * k + t], and how many it sends in all to sent_of[t].
+inline void route_tables(const int64_t* const* ids, const size_t* n, const uint8_t* dedup, size_t k, int64_t world,
+                         int64_t* sent, int64_t* position, int64_t* counts, int64_t* sent_of) {
+  if (world < 1) throw ValueError("world size must be at least 1, got " + std::to_string(world));
+  std::vector<int64_t> table_counts(static_cast<size_t>(world));
+  size_t first = 0;
+  for (size_t t = 0; t < k; ++t) {
+    sent_of[t] = static_cast<int64_t>(
+        route_ids(ids[t], n[t], world, dedup[t] != 0, sent + first, table_counts.data(), position + first));
+    for (size_t w = 0; w < static_cast<size_t>(world); ++w) counts[w * k + t] = table_counts[w];
+    first += n[t];
+  }
+}
+
 // out[position[i]] (m rows of `dim`) = the sum of the rows i that go there, left to right
 // in the order of i, starting from the first one's row (as a deduplicated update sums them).
 // Returns whether every sum is finite (a sum of finite rows may overflow to Inf).
@@ -189,6 +206,17 @@ inline void gather_rows_from(const float* flat, size_t flat_floats, size_t dim, 
     std::memcpy(out + i * dim, flat + row_at[p], sizeof(float) * dim);
   }
   scratch.trim();
+}
+
+// gather_rows_from for `k` tables at once: table t's rows (dims[t] floats) from owner w
+// start at float block_start[t * world + w] of `flat`, counts[t * world + w] of them, and
+// row i of outs[t] is the row of its sent id positions[t][i] (n[t] of them).
+inline void gather_tables(const float* flat, size_t flat_floats, const size_t* dims, const int64_t* block_start,
+                          const int64_t* counts, size_t world, const int64_t* const* positions, const size_t* n,
+                          size_t k, float* const* outs) {
+  for (size_t t = 0; t < k; ++t)
+    gather_rows_from(flat, flat_floats, dims[t], block_start + t * world, counts + t * world, world, positions[t],
+                     n[t], outs[t]);
 }
 
 }  // namespace mtht

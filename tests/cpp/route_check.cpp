@@ -2,8 +2,10 @@
 // std::map over random batches: ids from small ranges (many duplicates), negative ones and
 // the extremes of int64, world sizes 1 to 5, with and without dedup; then larger batches of
 // ids that seldom repeat, whose hash table outgrows the cache (calls of every size reuse
-// one thread's memory, which it gives back after a very large one). Prints one line per
+// one thread's memory, which it gives back after a very large one); and several tables
+// routed, and their rows gathered back, in one call. Prints one line per
 // failure and "ok" when there is none.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -104,6 +106,72 @@ void check_round(int round, bool wide, size_t most = 40000) {
   expect(same, "rows gathered back in the order of the ids", round);
 }
 
+// route_tables and gather_tables give each table what route_ids and gather_rows_from give
+// it alone: tables of 0 to 40 ids, some deduplicated, rows of 1 to 3 floats.
+void check_tables(int round) {
+  uint64_t x = 0x2545f4914f6cdd1dULL * static_cast<uint64_t>(round + 1);
+  const int64_t world = 1 + static_cast<int64_t>(next(x) % 4);
+  const size_t k = 1 + next(x) % 5;
+  std::vector<std::vector<int64_t>> ids(k);
+  std::vector<size_t> n(k), dims(k);
+  std::vector<uint8_t> dedup(k);
+  std::vector<const int64_t*> id_of(k);
+  size_t total = 0;
+  for (size_t t = 0; t < k; ++t) {
+    ids[t].resize(next(x) % 41);
+    for (auto& id : ids[t]) id = static_cast<int64_t>(next(x) % 31) - 15;
+    n[t] = ids[t].size();
+    dims[t] = 1 + next(x) % 3;
+    dedup[t] = next(x) % 2;
+    id_of[t] = ids[t].data();
+    total += n[t];
+  }
+  std::vector<int64_t> sent(total), position(total), counts(static_cast<size_t>(world) * k), sent_of(k);
+  mtht::route_tables(id_of.data(), n.data(), dedup.data(), k, world, sent.data(), position.data(), counts.data(),
+                     sent_of.data());
+  // The rows that come back: owner w's block of table t is filled with t * 100 + w + the sent id.
+  std::vector<float> flat;
+  std::vector<int64_t> block_start(k * static_cast<size_t>(world)), counts_by_table(block_start.size());
+  std::vector<std::vector<float>> outs(k);
+  std::vector<float*> out_of(k);
+  std::vector<const int64_t*> position_of(k);
+  size_t first = 0;
+  for (size_t t = 0; t < k; ++t) {
+    std::vector<int64_t> alone_sent(n[t]), alone_counts(static_cast<size_t>(world)), alone_position(n[t]);
+    const size_t m = mtht::route_ids(ids[t].data(), n[t], world, dedup[t] != 0, alone_sent.data(),
+                                     alone_counts.data(), alone_position.data());
+    expect(static_cast<size_t>(sent_of[t]) == m, "route_tables: as many sent as alone", round);
+    expect(std::equal(alone_sent.begin(), alone_sent.begin() + m, sent.begin() + first),
+           "route_tables: the ids sent as alone", round);
+    expect(std::equal(alone_position.begin(), alone_position.end(), position.begin() + first),
+           "route_tables: the positions as alone", round);
+    size_t sent_before = 0;
+    for (int64_t w = 0; w < world; ++w) {
+      const int64_t c = counts[static_cast<size_t>(w) * k + t];
+      expect(c == alone_counts[static_cast<size_t>(w)], "route_tables: the counts as alone", round);
+      block_start[t * world + w] = static_cast<int64_t>(flat.size());
+      counts_by_table[t * world + w] = c;
+      for (int64_t j = 0; j < c; ++j)
+        for (size_t d = 0; d < dims[t]; ++d)
+          flat.push_back(static_cast<float>(t * 100 + w) + static_cast<float>(sent[first + sent_before + j]));
+      sent_before += static_cast<size_t>(c);
+    }
+    outs[t].assign(n[t] * dims[t], -1.0f);
+    out_of[t] = outs[t].data();
+    position_of[t] = position.data() + first;
+    first += n[t];
+  }
+  mtht::gather_tables(flat.data(), flat.size(), dims.data(), block_start.data(), counts_by_table.data(),
+                      static_cast<size_t>(world), position_of.data(), n.data(), k, out_of.data());
+  for (size_t t = 0; t < k; ++t)
+    for (size_t i = 0; i < n[t]; ++i) {
+      const int64_t owner = ((ids[t][i] % world) + world) % world;
+      for (size_t d = 0; d < dims[t]; ++d)
+        expect(outs[t][i * dims[t] + d] == static_cast<float>(t * 100 + owner) + static_cast<float>(ids[t][i]),
+               "gather_tables: each table's rows back in the order of its ids", round);
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -112,6 +180,7 @@ int main() {
   // A batch large enough that the thread gives its memory back after it, then small ones.
   check_round(2030, true, 2000000);
   for (int round = 2031; round < 2040; ++round) check_round(round, round % 3 == 0);
+  for (int round = 0; round < 500; ++round) check_tables(round);
   // Bad arguments throw instead of reading out of bounds.
   int64_t id = 1, sent = 0, count = 0, position = 5;
   bool threw = false;
