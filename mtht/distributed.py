@@ -73,7 +73,7 @@ def _world_comm():
 
 
 class _LetGo:
-    """The communicators of the tables built on one communicator, and those of them this
+    """How many tables were built on one communicator, and the communicators of those this
     rank has let go of (their tables collected), by the serial each table got when it was
     built: the same on every rank, whose tables on that communicator are built in the same
     order. Freeing a communicator is collective, so none is freed when the garbage

@@ -23,10 +23,10 @@ inline int64_t owner_of(int64_t id, int64_t world) {
 
 namespace detail {
 
-// Memory route_ids, sum_rows_to and gather_rows_from reuse from call to call on a thread: fresh vectors
-// of a few hundred KB each could come from the system and fault in a page at a time at
-// every call (16,384 ids over two owners: 22 to 28 ns an id that way, where the work takes
-// 6 to 7).
+// Memory route_ids, sum_rows_to and gather_rows_from reuse from call to call on a thread:
+// fresh vectors of a few hundred KB each could come from the system and fault in a page at
+// a time at every call (16,384 ids over two owners: 22 to 28 ns an id that way, where the
+// work takes 6 to 7).
 struct RouteScratch {
   struct Slot {
     int64_t id;
@@ -199,7 +199,8 @@ inline void gather_rows_from(const float* flat, size_t flat_floats, size_t dim, 
   scratch.row_at.resize(m);
   size_t* row_at = scratch.row_at.data();  // the float offset of each sent id's row
   for (size_t w = 0, p = 0; w < world; ++w)
-    for (int64_t j = 0; j < counts[w]; ++j) row_at[p++] = static_cast<size_t>(block_start[w]) + static_cast<size_t>(j) * dim;
+    for (int64_t j = 0; j < counts[w]; ++j)
+      row_at[p++] = static_cast<size_t>(block_start[w]) + static_cast<size_t>(j) * dim;
   for (size_t i = 0; i < n; ++i) {
     const size_t p = static_cast<size_t>(position[i]);
     if (p >= m) throw ValueError("position " + std::to_string(p) + " out of range for " + std::to_string(m) + " rows");
