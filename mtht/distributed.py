@@ -100,7 +100,7 @@ class _LetGo:
         return kept
 
 
-_LET_GO_KEY = None
+_LET_GO_KEY: Optional[int] = None  # the MPI attribute key of every communicator's _LetGo
 
 
 # With a timeout, the bytes of each rank's part of an object gathered in one round (the
@@ -399,13 +399,12 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
             error = e
         infos = self._settle(error, "building the table", info=(signature, timeout_given is not None, let_go_before))
         _free_let_go(built_on, [let_go for _, _, let_go in infos])
-        signatures = [(theirs, given) for theirs, given, _ in infos]
-        with_timeout = [r for r, (_, given) in enumerate(signatures) if given]
+        with_timeout = [r for r, (_, given, _) in enumerate(infos) if given]
         if with_timeout and len(with_timeout) < self._world:
             without = next(r for r in range(self._world) if r not in with_timeout)
             raise ValueError(f"rank {with_timeout[0]} gave a timeout and rank {without} none: every rank must give "
                              "one, or none")
-        signatures = [theirs for theirs, _ in signatures]
+        signatures = [theirs for theirs, _, _ in infos]
         self._timeout = timeout_given
         for r, theirs in enumerate(signatures):
             if theirs != signatures[0]:
