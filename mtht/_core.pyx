@@ -686,7 +686,7 @@ def gather_tables(const float[::1] flat, const int64_t[:, ::1] block_start, cons
         if out.shape[0] and size:
             _refuse_overlap("flat", &flat[0], size * sizeof(float), "outs", &out[0, 0],
                             out.shape[0] * out.shape[1] * sizeof(float))
-        # Through typed variables: a conditional expression handed to push_back went in wrong.
+        # Through typed variables, as in route_tables.
         first_position = <int64_t*>&position[0] if position.shape[0] else NULL
         first_out = &out[0, 0] if out.shape[0] else NULL
         position_of.push_back(first_position)

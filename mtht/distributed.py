@@ -191,22 +191,23 @@ class _Routed:
     """The ids of a call's tables as this rank sends them (route.h): ``sent(t)``, table t's,
     grouped by owner, each id once (``dedup[t]``) or as given; ``counts[w, t]`` of them go
     to rank w; ``position(t)[i]``: where its id i went in ``sent(t)``. Every table's sent
-    ids and positions are pieces of ``sent_all`` and ``position_all`` (int64, as many as
-    all the ids), and the rows of rows_sent pieces of ``rows_all`` (float32, as many as all
-    the ids' rows, of ``dims``); one buffer each, and one call of the core for all the
-    tables: a buffer, or a call, per table cost more than routing a few ids."""
+    ids and positions are pieces of one buffer each from ``scratch``, and so are the rows of
+    rows_sent (tables of ``dims``; none when not ``with_rows``), and one call of the core
+    routes all the tables: a buffer, or a call, per table cost more than routing a few ids."""
 
     __slots__ = ("counts", "_sent_of", "_ids", "_world", "_ends", "_row_ends", "_sent_all", "_position_all",
                  "_rows_all")
 
-    def __init__(self, ids: List[np.ndarray], world: int, dedup: List[bool], sent_all: np.ndarray,
-                 position_all: np.ndarray, rows_all: Optional[np.ndarray] = None, dims: Sequence[int] = ()):
+    def __init__(self, ids: List[np.ndarray], world: int, dedup: List[bool], scratch: _Scratch,
+                 dims: Sequence[int], with_rows: bool):
         sizes = [a.shape[0] for a in ids]
         self._ids, self._world = ids, world
         self._ends = list(itertools.accumulate(sizes, initial=0))
         self._row_ends = list(itertools.accumulate((n * dim for n, dim in zip(sizes, dims)), initial=0))
-        self._sent_all, self._position_all, self._rows_all = sent_all, position_all, rows_all
-        self.counts, self._sent_of = _core.route_tables(ids, world, dedup, sent_all, position_all)
+        self._sent_all = scratch.take("sent", np.int64, self._ends[-1])
+        self._position_all = scratch.take("position", np.int64, self._ends[-1])
+        self._rows_all = scratch.take("rows", np.float32, self._row_ends[-1]) if with_rows else None
+        self.counts, self._sent_of = _core.route_tables(ids, world, dedup, self._sent_all, self._position_all)
 
     def sent(self, t: int) -> np.ndarray:
         start = self._ends[t]
@@ -587,12 +588,8 @@ class DistributedMultiTypeHashTable(BaseMultiTypeHashTable):
         try:
             prepared = prepare()
             same = prepared.same
-            total = sum(ids.shape[0] for ids, _ in prepared.per_table)
-            rows_all = None if lookup else scratch.take(
-                "rows", np.float32, sum(ids.shape[0] * dim for (ids, _), dim in zip(prepared.per_table, self._dims)))
-            call.routed = _Routed([ids for ids, _ in prepared.per_table], world, prepared.dedup,
-                                  scratch.take("sent", np.int64, total), scratch.take("position", np.int64, total),
-                                  rows_all, self._dims)
+            call.routed = _Routed([ids for ids, _ in prepared.per_table], world, prepared.dedup, scratch, self._dims,
+                                  with_rows=not lookup)
             summed_by_owner = [False] * k
             if not lookup:
                 call.sent_rows = []

@@ -16,7 +16,7 @@ import pytest
 import mtht
 import mtht.feature_eviction
 from mtht import sharded_checkpoint
-from mtht.distributed import _Routed, owner_of
+from mtht.distributed import _Routed, _Scratch, owner_of
 from mtht.multi_type_hash_table import MultiTypeHashTable
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi_worker.py")
@@ -305,10 +305,7 @@ def test_owner_is_the_non_negative_modulo():
 
 def _routed(ids_per_table, dedup, dims):
     """A _Routed of the given tables' ids, with buffers of its own."""
-    total = sum(len(ids) for ids in ids_per_table)
-    rows = sum(len(ids) * dim for ids, dim in zip(ids_per_table, dims))
-    return _Routed(ids_per_table, 2, dedup, np.empty(total, np.int64), np.empty(total, np.int64),
-                   np.empty(rows, np.float32), dims)
+    return _Routed(ids_per_table, 2, dedup, _Scratch(), dims, with_rows=True)
 
 
 def test_routed_sums_each_ids_rows_in_the_order_given():
