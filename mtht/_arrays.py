@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections.abc
 import numbers
 import os
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -219,6 +219,35 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
     else:
         raise ValueError(f"{name} must have shape ({n}, {dim}) for {n} ids of dim {dim}, got shape {a.shape}")
     return _float32(a, name)
+
+
+def joined(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts)`` along the first axis, or without a copy: the one part, or a
+    view when the parts are consecutive C-contiguous pieces of one array, as slicing a batch
+    by slot gives them (a merged table's slots then cost no copy of their rows)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    base = first.base
+    if type(base) is np.ndarray and base.flags.c_contiguous and base.dtype == first.dtype:
+        begin = end = -1  # the bytes the parts span, from the first part with any
+        for p in parts:
+            if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+                break
+            if not p.size:  # adds nothing, wherever it points
+                continue
+            at = p.ctypes.data
+            if p.base is not base or not p.flags.c_contiguous or (end != -1 and at != end):
+                break
+            begin = at if begin == -1 else begin
+            end = at + p.nbytes
+        else:
+            offset = begin - base.ctypes.data
+            if begin != -1 and offset % first.itemsize == 0:
+                start, size = offset // first.itemsize, (end - begin) // first.itemsize
+                rows = sum(p.shape[0] for p in parts)
+                return base.reshape(-1)[start:start + size].reshape((rows,) + first.shape[1:])
+    return np.concatenate(parts)
 
 
 def as_float32(values, name: str) -> np.ndarray:

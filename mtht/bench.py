@@ -45,7 +45,7 @@ from absl import app, flags
 import mtht
 from mtht import _core
 from mtht import hash_table as _hash_table
-from mtht.multi_type_hash_table import MultiTypeHashTable
+from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 from mtht._spec import state_floats
 from mtht.entry import EMBEDDING_DTYPES, LOAD_FACTOR_RANGE, Compressor, check_num_shards
 
@@ -59,19 +59,20 @@ __all__ = [
 SCHEMA_VERSION = 2
 
 ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
-           "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients", "save", "restore",
-           "apply_gradients_capped")
+           "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients",
+           "merged_slot_lookup", "merged_slot_apply_gradients", "save", "restore", "apply_gradients_capped")
 # Ops the numpy baselines also run.
 BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
 _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
-              "multi_slot_apply_gradients")
-_READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup")
+              "multi_slot_apply_gradients", "merged_slot_apply_gradients")
+_READ_OPS = ("lookup", "lookup_missing", "fused", "multi_slot_lookup", "merged_slot_lookup")
+_SLOT_OPS = ("multi_slot_lookup", "multi_slot_apply_gradients", "merged_slot_lookup", "merged_slot_apply_gradients")
 # Each op draws its ids from a stream seeded by (seed, its code). The codes are fixed per name,
 # not by position, so adding an op leaves every other op's ids and checksum as they were.
 _OP_CODE = {"lookup": 1, "lookup_missing": 2, "assign_add": 3, "apply_gradients": 4,
             "apply_gradients_dedup": 5, "fused": 6, "fused_apply_gradient": 7,
             "multi_slot_lookup": 8, "multi_slot_apply_gradients": 9, "save": 10, "restore": 11,
-            "apply_gradients_capped": 12}
+            "apply_gradients_capped": 12, "merged_slot_lookup": 13, "merged_slot_apply_gradients": 14}
 assert set(_OP_CODE) == set(ALL_OPS) and len(set(_OP_CODE.values())) == len(ALL_OPS)
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 # What the mtht tables' lookups return (Monolith's compressors): the values, fixed_r8's
@@ -593,8 +594,8 @@ class _MthtRunner:
         c = self.c
         if op in ("fused", "fused_apply_gradient"):
             return self._run_fused(op, threads)
-        if op in ("multi_slot_lookup", "multi_slot_apply_gradients"):
-            return self._run_multi_slot(op, threads)
+        if op in _SLOT_OPS:
+            return self._run_slots(op, threads)
         if op in ("save", "restore"):
             return self._run_checkpoint(op, threads)
         if op == "apply_gradients_capped":
@@ -658,17 +659,26 @@ class _MthtRunner:
 
         return self._against_one_table(op, threads, layouts, fused, rows_after, K, fused_tables=K, fused_shards=N)
 
-    def _run_multi_slot(self, op: str, threads: int) -> dict:
-        """A MultiTypeHashTable of ``--slots`` tables, each batch's ids split among them (by
-        key mod slots), against the same ids in one call of the main table."""
+    def _run_slots(self, op: str, threads: int) -> dict:
+        """``--slots`` slots, each batch's ids split among them (by key mod slots), against the
+        same ids in one call of the main table: a MultiTypeHashTable of a table per slot
+        (``multi_slot_*``), or a MergedMultiTypeHashTable whose slots, of equal configs, share
+        one table (``merged_slot_*``)."""
         c = self.c
         S = c.slots
-        tables = self.split_into(S)
+        merged = op.startswith("merged_slot")
+        tables = self.split_into(1 if merged else S)
         if tables is None:
             return _unavailable(op, "mtht", threads, self.split_reason)
         names = [f"slot{j:05d}" for j in range(S)]  # sorted in table order
-        by_name = dict(zip(names, tables))
-        multi = MultiTypeHashTable({name: _table_config(c, 1) for name in names}, lambda name, _config: by_name[name])
+        configs = {name: _table_config(c, 1) for name in names}
+        if merged:
+            multi: Any = MergedMultiTypeHashTable(
+                configs, lambda merged_configs: MultiTypeHashTable(merged_configs, lambda _name, _config: tables[0]))
+        else:
+            by_name = dict(zip(names, tables))
+            multi = MultiTypeHashTable(configs, lambda name, _config: by_name[name])
+        reads = op in _READ_OPS
         batches = []
         for keys in op_keys(c, op):
             keys = keys[np.argsort(keys % S, kind="stable")]  # slot by slot, in batch order within one
@@ -681,15 +691,15 @@ class _MthtRunner:
 
         def step(i, batch):
             slot_ids, slot_grads = batch[2]
-            if op == "multi_slot_lookup":
+            if reads:
                 return multi.lookup(slot_ids)
             multi.apply_gradients(slot_grads, global_step=i + 1)
             return None
 
         def rows_after(i, batch, rows):
-            return list((rows if op == "multi_slot_lookup" else multi.lookup(batch[2][0])).values())
+            return list((rows if reads else multi.lookup(batch[2][0])).values())
 
-        return self._against_one_table(op, threads, batches, step, rows_after, S, slots=S)
+        return self._against_one_table(op, threads, batches, step, rows_after, len(tables), slots=S)
 
     def _against_one_table(self, op: str, threads: int, batches: Sequence, call: Callable, rows_after: Callable,
                            count: int, **extra) -> dict:
@@ -1443,7 +1453,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     cfg = runs[0]["config"]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     ops = [op for op in ALL_OPS if op not in ("save", "restore", "apply_gradients_capped")]
-    colors = dict(zip(ops, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = {op: plt.get_cmap("tab20")(i) for i, op in enumerate(ops)}
     thread_counts = sorted({r["threads"] for run in runs for r in run["results"]
                             if r["impl"] == "mtht" and r["status"] == "ok"})
     for threads in thread_counts:
@@ -1666,7 +1676,8 @@ flags.DEFINE_float("learning_rate", 0.01, "Learning rate of gradient steps.")
 flags.DEFINE_list("ops", [], f"Ops to run (default: all): {', '.join(ALL_OPS)}.")
 flags.DEFINE_integer("fused_tables", 8, "Tables of the fused ops.", lower_bound=1)
 flags.DEFINE_integer("fused_shards", 4, "Shards of the fused ops.", lower_bound=1)
-flags.DEFINE_integer("slots", 100, "Slots (one table each) of the multi_slot ops.", lower_bound=1)
+flags.DEFINE_integer("slots", 100, "Slots of the multi_slot ops (a table each) and of the merged_slot ops "
+                     "(one table for all).", lower_bound=1)
 flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: every core).")
 flags.DEFINE_integer("iterations", 20, "Timed batches per op.", lower_bound=1)
 flags.DEFINE_integer("warmup", 3, "Untimed batches before the timed ones.", lower_bound=0)

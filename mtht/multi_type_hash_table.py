@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from mtht import hash_table as _hash_table
-from mtht._arrays import ArrayInput, IntegerInput, Switch, as_ids, as_mapping, as_numpy, as_rows
+from mtht._arrays import ArrayInput, IntegerInput, Switch, as_ids, as_mapping, as_numpy, as_rows, joined
 from mtht.entry import HashTableConfigInstance
 from mtht.hash_table_utils import infer_dim_size
 from mtht.hooks import QueueHooks
@@ -362,7 +362,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 tensor = as_ids(tensor, f"slot {slot!r}: ids")
             parts.setdefault(merged, []).append(tensor)
             sizes.setdefault(merged, []).append(tensor.shape[0])
-        return ({m: np.concatenate(p, axis=0) for m, p in parts.items()},
+        return ({m: joined(p) for m, p in parts.items()},
                 {m: np.asarray(s, dtype=np.int64) for m, s in sizes.items()})
 
     @overload
@@ -441,7 +441,7 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
                     checked.append((slot, slot_rows))
         with _naming_the_non_finite_slot(method, checked), self._naming_the_merged_slots(data):
-            getattr(self._table, method)({m: (np.concatenate(ids[m]), np.concatenate(rows[m])) for m in ids},
+            getattr(self._table, method)({m: (joined(ids[m]), joined(rows[m])) for m in ids},
                                          *args, **kwargs)
         return self
 

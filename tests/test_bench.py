@@ -223,17 +223,19 @@ def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
         assert fused["vs_one_table"] > 0
         fag = [r for r in _results(result, "fused_apply_gradient", "mtht") if r["threads"] == threads][0]
         assert fag["checksum"] == pytest.approx(fag["one_table_checksum"], rel=1e-6)
-        # The multi-slot ops: the same ids split among --slots tables read and step as in one.
-        msl = [r for r in _results(result, "multi_slot_lookup", "mtht") if r["threads"] == threads][0]
-        _check_ok_row(msl)
-        want = sum(float(np.sum(bench.fill_values(k, config.dim), dtype=np.float64))
-                   for k in bench.op_keys(config, "multi_slot_lookup"))
-        assert msl["checksum"] == pytest.approx(want, rel=1e-12)
-        assert msl["one_table_checksum"] == pytest.approx(want, rel=1e-12)
-        assert msl["slots"] == config.slots and msl["vs_one_table"] > 0
-        msa = [r for r in _results(result, "multi_slot_apply_gradients", "mtht") if r["threads"] == threads][0]
-        _check_ok_row(msa)
-        assert msa["checksum"] == pytest.approx(msa["one_table_checksum"], rel=1e-9)
+        # The slot ops: the same ids split among --slots slots, a table each (multi_slot) or
+        # one for all (merged_slot), read and step as in one table.
+        for kind in ("multi_slot", "merged_slot"):
+            msl = [r for r in _results(result, f"{kind}_lookup", "mtht") if r["threads"] == threads][0]
+            _check_ok_row(msl)
+            want = sum(float(np.sum(bench.fill_values(k, config.dim), dtype=np.float64))
+                       for k in bench.op_keys(config, f"{kind}_lookup"))
+            assert msl["checksum"] == pytest.approx(want, rel=1e-12)
+            assert msl["one_table_checksum"] == pytest.approx(want, rel=1e-12)
+            assert msl["slots"] == config.slots and msl["vs_one_table"] > 0
+            msa = [r for r in _results(result, f"{kind}_apply_gradients", "mtht") if r["threads"] == threads][0]
+            _check_ok_row(msa)
+            assert msa["checksum"] == pytest.approx(msa["one_table_checksum"], rel=1e-9)
     # A table filled to its capacity: each new id of a batch evicts an entry.
     new = bench.capped_new_ids(config)
     assert 0 < new < config.batch_size
@@ -811,11 +813,15 @@ def test_num_shards_reaches_the_tables():
     ("multi_slot_lookup", ["multi_lookup"] + ["checksum"] * 3 + ["lookup", "checksum"]),
     ("multi_slot_apply_gradients", ["multi_apply_gradients", "multi_lookup"] + ["checksum"] * 3
      + ["apply_gradients", "lookup", "checksum"]),
+    # (A merged table's calls go through the multi-type table it wraps.)
+    ("merged_slot_lookup", ["merged_lookup", "multi_lookup"] + ["checksum"] * 3 + ["lookup", "checksum"]),
+    ("merged_slot_apply_gradients", ["merged_apply_gradients", "multi_apply_gradients", "merged_lookup",
+                                     "multi_lookup"] + ["checksum"] * 3 + ["apply_gradients", "lookup", "checksum"]),
 ])
 def test_ops_over_several_tables_and_their_one_table_counterpart_each_follow_a_checksum(monkeypatch, op, calls):
     # The two timed calls of a batch must start alike, each after a checksum (as every op's
     # batch does), not one of them straight after the other.
-    from mtht.multi_type_hash_table import MultiTypeHashTable
+    from mtht.multi_type_hash_table import MergedMultiTypeHashTable, MultiTypeHashTable
 
     log = []
 
@@ -831,6 +837,8 @@ def test_ops_over_several_tables_and_their_one_table_counterpart_each_follow_a_c
     for name in ("lookup", "apply_gradients"):
         monkeypatch.setattr(mtht.HashTable, name, logged(name, getattr(mtht.HashTable, name)))
         monkeypatch.setattr(MultiTypeHashTable, name, logged(f"multi_{name}", getattr(MultiTypeHashTable, name)))
+        monkeypatch.setattr(MergedMultiTypeHashTable, name,
+                            logged(f"merged_{name}", getattr(MergedMultiTypeHashTable, name)))
     config = _config(ops=(op,), threads=(1,), probe=False, slots=3)
     bench.run_benchmark(config)
     assert log == calls * (config.warmup + config.iterations)

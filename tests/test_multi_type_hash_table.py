@@ -546,8 +546,25 @@ def _merge_scenarios(draw):
         if kind == "apply_gradients":
             extra = {"global_step": draw(st.integers(0, 20)), "enable_dedup": draw(st.booleans()),
                      "req_time": draw(st.integers(0, 100))}
-        ops.append((kind, data, extra))
+        # The merged table also gets the slots' arrays as pieces of one array (its rows per
+        # dim), in sorted slot order (which it joins without a copy) or another.
+        cut_order = draw(st.one_of(st.none(), st.just(sorted(data)), st.permutations(sorted(data))))
+        ops.append((kind, data, extra, cut_order))
     return names, spec_of_slot, ops
+
+
+def _cut_from_one_array(data: dict, order: list) -> dict:
+    """``data`` ({slot: (ids, rows)}) with each slot's ids a slice of one array and its rows
+    a slice of one array per dim, the slots laid out in ``order``."""
+    ids = np.concatenate([np.asarray(data[s][0], dtype=np.int64) for s in order])
+    ends = np.cumsum([len(data[s][0]) for s in order]).tolist()
+    rows = {}
+    for dim in {data[s][1].shape[1] for s in order}:
+        of_dim = [s for s in order if data[s][1].shape[1] == dim]
+        whole = np.concatenate([data[s][1] for s in of_dim])
+        row_ends = np.cumsum([len(data[s][1]) for s in of_dim]).tolist()
+        rows.update({s: whole[e - len(data[s][1]):e] for s, e in zip(of_dim, row_ends)})
+    return {s: (ids[e - len(data[s][0]):e], rows[s]) for s, e in zip(order, ends)}
 
 
 def test_a_merged_write_of_one_id_in_two_slots_goes_in_sorted_slot_order():
@@ -573,6 +590,40 @@ def test_a_merged_write_of_one_id_in_two_slots_goes_in_sorted_slot_order():
     assert table.lookup({"b": [7]})["b"].tolist() == in_order[("a", "b")]
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_joined_equals_concatenate_and_copies_nothing_for_consecutive_pieces(data):
+    from mtht._arrays import joined
+
+    rows, dim = data.draw(st.integers(0, 12)), data.draw(st.integers(1, 3))
+    dtype = data.draw(st.sampled_from([np.float32, np.int64]))
+    whole = np.arange(rows * dim + 4, dtype=dtype)[data.draw(st.integers(0, 4)):][:rows * dim].reshape(rows, dim)
+    cuts = sorted(data.draw(st.lists(st.integers(0, rows), min_size=1, max_size=5)))
+    pieces = [whole[a:b] for a, b in zip([0] + cuts, cuts + [rows])]
+    shuffled = data.draw(st.permutations(pieces))
+    kept = data.draw(st.lists(st.sampled_from(range(len(shuffled))), min_size=1, unique=True).map(sorted))
+    parts = [shuffled[i] for i in kept]
+    # A piece that is not one of whole's slices: a copy, another dtype, or every other row.
+    nonempty = [i for i, p in enumerate(parts) if p.size]
+    odd = data.draw(st.sampled_from([None, "copy", "dtype", "strided"])) if nonempty else None
+    if odd is not None:
+        at = data.draw(st.sampled_from(nonempty))
+        parts[at] = {"copy": parts[at].copy(), "dtype": parts[at].astype(np.float64),
+                     "strided": np.repeat(parts[at], 2, axis=0)[::2]}[odd]
+    got = joined(parts)
+    np.testing.assert_array_equal(got, np.concatenate(parts))
+    assert got.dtype == np.concatenate(parts).dtype
+    # Empty pieces add nothing, wherever they point; the others follow one another in whole.
+    filled = [p for p in parts if p.size]
+    consecutive = odd is None and all(b.ctypes.data == a.ctypes.data + a.nbytes for a, b in zip(filled, filled[1:]))
+    if len(parts) == 1:
+        assert got is parts[0]
+    elif consecutive and filled:
+        assert np.shares_memory(got, whole)  # no copy
+    elif got.size:
+        assert not np.shares_memory(got, whole)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_merge_scenarios())
 def test_merged_equals_one_table_per_slot(scenario):
@@ -589,22 +640,18 @@ def test_merged_equals_one_table_per_slot(scenario):
         _spec_dim(spec_of_slot[names.index(sorted(s for s in names if merged.slot_mapping[s] == m)[0])])
         for m in sorted(set(merged.slot_mapping.values()))]
     all_ids = {n: np.arange(i * 1000, i * 1000 + IDS_PER_SLOT + 1) for i, n in enumerate(names)}
-    for kind, data, extra in ops:
+    for kind, data, extra, cut_order in ops:
+        merged_data = data if cut_order is None else _cut_from_one_array(data, cut_order)
         if kind == "lookup":
-            query = {slot: ids for slot, (ids, _) in data.items()}
-            got = merged.lookup(query)
-            expected = separate.lookup(query)
+            got = merged.lookup({slot: ids for slot, (ids, _) in merged_data.items()})
+            expected = separate.lookup({slot: ids for slot, (ids, _) in data.items()})
             assert sorted(got) == sorted(expected)
             for slot in expected:
                 assert got[slot].shape == expected[slot].shape
                 np.testing.assert_array_equal(got[slot], expected[slot], err_msg=slot)
             continue
-        if kind == "apply_gradients":
-            assert getattr(merged, kind)(data, **extra) is merged
-            getattr(separate, kind)(data, **extra)
-        else:
-            assert getattr(merged, kind)(data) is merged
-            getattr(separate, kind)(data)
+        assert getattr(merged, kind)(merged_data, **extra) is merged
+        getattr(separate, kind)(data, **extra)
         got = merged.lookup(all_ids)
         expected = separate.lookup(all_ids)
         for slot in names:
