@@ -224,12 +224,15 @@ def as_rows(values, n: int, dim: int, name: str) -> np.ndarray:
 def joined(parts: Sequence[np.ndarray]) -> np.ndarray:
     """``np.concatenate(parts)`` along the first axis, or without a copy: the one part, or a
     view when the parts are consecutive C-contiguous pieces of one array, as slicing a batch
-    by slot gives them (a merged table's slots then cost no copy of their rows)."""
+    by slot gives them (a merged table's slots then cost no copy of their rows). Parts of
+    less than 16 KiB on average are copied: finding where a part lies takes about as long
+    as copying that much."""
     first = parts[0]
     if len(parts) == 1:
         return first
     base = first.base
-    if type(base) is np.ndarray and base.flags.c_contiguous and base.dtype == first.dtype:
+    if type(base) is np.ndarray and base.flags.c_contiguous and base.dtype == first.dtype and \
+            sum(p.nbytes for p in parts) >= len(parts) << 14:
         begin = end = -1  # the bytes the parts span, from the first part with any
         for p in parts:
             if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
