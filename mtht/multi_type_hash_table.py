@@ -315,6 +315,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             for slot in slots:
                 self._slot_mapping[slot] = merged_name
         self._dims = {m: infer_dim_size(c.table_config) for m, c in self._merged_slot_to_config.items()}
+        self._refuses_non_finite = {m: not c.table_config.allow_non_finite
+                                    for m, c in self._merged_slot_to_config.items()}
         self._table = factory(self._merged_slot_to_config)
 
     def __repr__(self) -> str:
@@ -349,19 +351,34 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
         """Concatenate per merged table, in sorted slot order: ``({merged: array},
         {merged: sizes})``. ``rows`` converts each tensor to ``[n, dim]`` float32, with n the
         slot's id count from ``slot_sizes`` when given; otherwise the tensors are ids."""
+        try:
+            return self._merged_tensors(slot_to_tensor, rows, slot_sizes, named=False)
+        except (KeyError, ValueError, TypeError):
+            # Which slot was bad, found once something failed: naming every slot's tensor
+            # on every call took a third of the wrapper's time for 100 small slots.
+            self._merged_tensors(slot_to_tensor, rows, slot_sizes, named=True)
+            raise
+
+    def _merged_tensors(self, slot_to_tensor: Mapping, rows: bool, slot_sizes: Optional[Mapping],
+                        named: bool) -> Tuple[dict, dict]:
         parts: Dict[str, list] = {}
         sizes: Dict[str, list] = {}
+        mapping = self._slot_mapping
         for slot in sorted(slot_to_tensor):
-            merged = self._merged_name(slot)
+            merged = mapping[slot] if slot in mapping else self._merged_name(slot)
             tensor = slot_to_tensor[slot]
             if rows:
-                a = as_numpy(tensor, f"slot {slot!r}: values")
+                name = f"slot {slot!r}: values" if named else "values"
+                a = as_numpy(tensor, name)
                 n = slot_sizes[slot] if slot_sizes is not None else (a.shape[0] if a.ndim >= 1 else 1)
-                tensor = as_rows(a, n, self._dim(merged), f"slot {slot!r}: values")
+                tensor = as_rows(a, n, self._dims[merged], name)
             else:
-                tensor = as_ids(tensor, f"slot {slot!r}: ids")
-            parts.setdefault(merged, []).append(tensor)
-            sizes.setdefault(merged, []).append(tensor.shape[0])
+                tensor = as_ids(tensor, f"slot {slot!r}: ids" if named else "ids")
+            if merged in parts:
+                parts[merged].append(tensor)
+                sizes[merged].append(tensor.shape[0])
+            else:
+                parts[merged], sizes[merged] = [tensor], [tensor.shape[0]]
         return ({m: joined(p) for m, p in parts.items()},
                 {m: np.asarray(s, dtype=np.int64) for m, s in sizes.items()})
 
@@ -394,8 +411,8 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
             auxiliary_bundle["merged_slot_to_sizes"] = merged_sizes
             merged_emb = self._table.lookup(merged_ids)
         merged_to_slots: Dict[str, List[str]] = {}
-        for slot in sorted(self._slot_mapping):
-            if slot in slot_to_id:
+        for slot in sorted(slot_to_id):
+            if slot in self._slot_mapping:
                 merged_to_slots.setdefault(self._slot_mapping[slot], []).append(slot)
         sizes = auxiliary_bundle.pop("merged_slot_to_sizes")
         result: Dict[str, np.ndarray] = {}
@@ -425,25 +442,40 @@ class MergedMultiTypeHashTable(BaseMultiTypeHashTable):
                 merged_rows, _ = self._get_merged_to_indexed_tensor(data, rows=True)
             getattr(self._table, method)(merged_rows, *args, **kwargs)
             return self
-        # Per merged table, in sorted slot order: the slots' ids, and their rows (as many as ids).
-        ids: Dict[str, list] = {}
-        rows: Dict[str, list] = {}
-        checked = []  # (slot, rows) of the slots whose table refuses NaN and Inf
         with self._on_every_rank(method):
-            for slot in sorted(data):
-                merged = self._merged_name(slot)
-                given_ids, given_rows = _pair(slot, data[slot], method)
-                slot_ids = as_ids(given_ids, f"slot {slot!r}: ids")
-                slot_rows = as_rows(given_rows, slot_ids.shape[0], self._dims[merged],
-                                    f"slot {slot!r}: {_rows_name(method)}")
-                ids.setdefault(merged, []).append(slot_ids)
-                rows.setdefault(merged, []).append(slot_rows)
-                if not self._merged_slot_to_config[merged].table_config.allow_non_finite:
-                    checked.append((slot, slot_rows))
+            try:
+                ids, rows, checked = self._merged_pairs(method, data, named=False)
+            except (KeyError, ValueError, TypeError):
+                self._merged_pairs(method, data, named=True)  # raises, naming the slot
+                raise
         with _naming_the_non_finite_slot(method, checked), self._naming_the_merged_slots(data):
             getattr(self._table, method)({m: (joined(ids[m]), joined(rows[m])) for m in ids},
                                          *args, **kwargs)
         return self
+
+    def _merged_pairs(self, method: str, data: Mapping, named: bool) -> Tuple[dict, dict, list]:
+        """Per merged table, in sorted slot order: the slots' ids, and their rows (as many as
+        ids); and ``(slot, rows)`` of the slots whose table refuses NaN and Inf. ``named``:
+        errors name the slot (slower: the names are made for every slot)."""
+        ids: Dict[str, list] = {}
+        rows: Dict[str, list] = {}
+        checked = []
+        mapping, dims, finite_only = self._slot_mapping, self._dims, self._refuses_non_finite
+        rows_name = _rows_name(method)
+        for slot in sorted(data):
+            merged = mapping[slot] if slot in mapping else self._merged_name(slot)
+            given_ids, given_rows = _pair(slot, data[slot], method)
+            slot_ids = as_ids(given_ids, f"slot {slot!r}: ids" if named else "ids")
+            slot_rows = as_rows(given_rows, slot_ids.shape[0], dims[merged],
+                                f"slot {slot!r}: {rows_name}" if named else rows_name)
+            if merged in ids:
+                ids[merged].append(slot_ids)
+                rows[merged].append(slot_rows)
+            else:
+                ids[merged], rows[merged] = [slot_ids], [slot_rows]
+            if finite_only[merged]:
+                checked.append((slot, slot_rows))
+        return ids, rows, checked
 
     @contextlib.contextmanager
     def _naming_the_merged_slots(self, given: Mapping) -> Iterator[None]:
