@@ -604,6 +604,19 @@ def test_a_batch_cut_by_slot_is_joined_without_a_copy():
         got = joined(parts)
         assert not np.shares_memory(got, grads)
         np.testing.assert_array_equal(got, np.concatenate(parts))
+    # A merged table's steps from such slices (viewed, repeated ids and all) equal its steps
+    # from copies of them.
+    config = make_config([(16, "adagrad", "zeros")], [0.1])
+    tables = [MergedMultiTypeHashTable({f"s{i:02d}": config for i in range(4)}, multi_type_factory) for _ in range(2)]
+    ids, small = np.arange(8_192, dtype=np.int64) % 3_000, grads[:8_192] / 1e6
+    cut = {f"s{i:02d}": (ids[i * 2_048:(i + 1) * 2_048], small[i * 2_048:(i + 1) * 2_048]) for i in range(4)}
+    for step in range(2):
+        tables[0].apply_gradients(cut, global_step=step)
+        tables[1].apply_gradients({s: (i.copy(), g.copy()) for s, (i, g) in cut.items()}, global_step=step)
+    looked_up = [t.lookup({s: i for s, (i, _) in cut.items()}) for t in tables]
+    for slot in cut:
+        np.testing.assert_array_equal(looked_up[0][slot], looked_up[1][slot])
+    assert np.any(looked_up[0]["s00"] != 0)
 
 
 @settings(max_examples=200, deadline=None)
