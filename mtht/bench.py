@@ -622,7 +622,7 @@ class _MthtRunner:
         if self.split_count == count:
             return self.split_tables
         self.split_count, self.split_tables = count, None
-        self.split_reason = _beside_main_table(c, f"{count} tables")
+        self.split_reason = _beside_main_table(c, "a second table" if count == 1 else f"{count} tables")
         if self.split_reason:
             return None
         keys = [np.arange(k, c.size, count, dtype=np.int64) for k in range(count)]
