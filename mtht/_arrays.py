@@ -12,6 +12,8 @@ from typing import Any, Optional, Protocol, Sequence, Union
 import numpy as np
 import numpy.typing as npt
 
+from mtht import _core
+
 # The numbers the builders and schedules take, in their type hints (Python's or numpy's;
 # bools are refused when they are checked).
 RealNumber = Union[float, "np.floating[Any]", "np.integer[Any]"]
@@ -225,31 +227,18 @@ def joined(parts: Sequence[np.ndarray]) -> np.ndarray:
     """``np.concatenate(parts)`` along the first axis, or without a copy: the one part, or a
     view when the parts are consecutive C-contiguous pieces of one array, as slicing a batch
     by slot gives them (a merged table's slots then cost no copy of their rows). Parts of
-    less than 16 KiB on average are copied: finding where a part lies takes about as long
+    less than 4 KiB on average are copied: finding where a part lies takes about as long
     as copying that much."""
     first = parts[0]
     if len(parts) == 1:
         return first
     base = first.base
     if type(base) is np.ndarray and base.flags.c_contiguous and base.dtype == first.dtype and \
-            sum(p.nbytes for p in parts) >= len(parts) << 14:
-        begin = end = -1  # the bytes the parts span, from the first part with any
-        for p in parts:
-            if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
-                break
-            if not p.size:  # adds nothing, wherever it points
-                continue
-            at = p.ctypes.data
-            if p.base is not base or not p.flags.c_contiguous or (end != -1 and at != end):
-                break
-            begin = at if begin == -1 else begin
-            end = at + p.nbytes
-        else:
-            offset = begin - base.ctypes.data
-            if begin != -1 and offset % first.itemsize == 0:
-                start, size = offset // first.itemsize, (end - begin) // first.itemsize
-                rows = sum(p.shape[0] for p in parts)
-                return base.reshape(-1)[start:start + size].reshape((rows,) + first.shape[1:])
+            sum(p.nbytes for p in parts) >= len(parts) << 12:
+        span = _core.joined_span(parts if type(parts) is list else list(parts), base, first.dtype, first.shape[1:])
+        if span is not None and span[0] % first.itemsize == 0:
+            start, end = span[0] // first.itemsize, span[1] // first.itemsize
+            return base.reshape(-1)[start:end].reshape((-1,) + first.shape[1:])
     return np.concatenate(parts)
 
 

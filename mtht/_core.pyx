@@ -24,6 +24,7 @@ from mtht._core cimport (
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
     c_route_ids, c_route_tables, c_sum_rows_to, c_gather_tables, nanoseconds,
 )
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals
 from libcpp.string cimport string
 from libcpp.pair cimport pair
@@ -33,7 +34,7 @@ cdef extern from *:
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "cpu_features", "kernel_name", "available_kernels",
+__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "joined_span", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "route_tables", "sum_rows",
            "gather_tables",
@@ -68,6 +69,38 @@ def set_num_threads(n):
 
 def get_num_threads():
     return ThreadPool.global_().num_threads()
+
+
+def joined_span(list parts, base, dtype, tuple row_shape):
+    """Where ``parts`` (numpy arrays) lie in ``base``, a C-contiguous array: ``(first, end)``,
+    the byte offsets in ``base`` of the bytes they span, when every part is of ``dtype``
+    and of rows of ``row_shape``, and each with any bytes is a C-contiguous view of ``base``
+    starting where the one before ended; else None. (For mtht._arrays.joined: the addresses
+    read here cost no Python object each.)"""
+    cdef Py_buffer view
+    cdef uintptr_t origin, at, begin = 0, end = 0
+    cdef Py_ssize_t size
+    cdef bint started = False
+    PyObject_GetBuffer(base, &view, PyBUF_C_CONTIGUOUS)
+    origin = <uintptr_t>view.buf
+    PyBuffer_Release(&view)
+    for part in parts:
+        if part.dtype != dtype or part.shape[1:] != row_shape:
+            return None
+        try:
+            PyObject_GetBuffer(part, &view, PyBUF_C_CONTIGUOUS)
+        except (BufferError, ValueError):  # not C-contiguous (numpy raises ValueError)
+            return None
+        at, size = <uintptr_t>view.buf, view.len
+        PyBuffer_Release(&view)
+        if size == 0:  # adds nothing, wherever it points
+            continue
+        if part.base is not base or (started and at != end):
+            return None
+        if not started:
+            begin, started = at, True
+        end = at + <uintptr_t>size
+    return (begin - origin, end - origin) if started else None
 
 
 def cpu_features():

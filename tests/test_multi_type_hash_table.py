@@ -624,8 +624,8 @@ def test_a_batch_cut_by_slot_is_joined_without_a_copy():
 def test_joined_equals_concatenate_and_copies_nothing_for_consecutive_pieces(data):
     from mtht._arrays import joined
 
-    # Rows of 4 to 32 KiB: parts of 16 KiB on average and more are joined in place.
-    rows, dim = data.draw(st.integers(0, 12)), data.draw(st.sampled_from([1, 1024, 4096, 4096]))
+    # Rows of 1 to 32 KiB: parts of 4 KiB on average and more are joined in place.
+    rows, dim = data.draw(st.integers(0, 12)), data.draw(st.sampled_from([1, 256, 1024, 4096]))
     dtype = data.draw(st.sampled_from([np.float32, np.int64]))
     whole = np.arange(rows * dim + 4, dtype=dtype)[data.draw(st.integers(0, 4)):][:rows * dim].reshape(rows, dim)
     cuts = sorted(data.draw(st.lists(st.integers(0, rows), min_size=1, max_size=5)))
@@ -652,7 +652,7 @@ def test_joined_equals_concatenate_and_copies_nothing_for_consecutive_pieces(dat
     consecutive = odd is None and all(b.ctypes.data == a.ctypes.data + a.nbytes for a, b in zip(filled, filled[1:]))
     if len(parts) == 1:
         assert got is parts[0]
-    elif consecutive and filled and sum(p.nbytes for p in parts) >= len(parts) * 16384:
+    elif consecutive and filled and sum(p.nbytes for p in parts) >= len(parts) * 4096:
         event("joined in place")
         assert np.shares_memory(got, whole)  # no copy
     elif got.size:
