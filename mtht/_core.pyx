@@ -24,7 +24,8 @@ from mtht._core cimport (
     ProbeResult, random_read_probe, MonolithFormat, MonolithLoadInfo, monolith_save, monolith_load, c_crc32c,
     c_route_ids, c_route_tables, c_sum_rows_to, c_gather_tables, nanoseconds,
 )
-from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
 from cpython.exc cimport PyErr_CheckSignals
 from libcpp.string cimport string
 from libcpp.pair cimport pair
@@ -162,6 +163,34 @@ cdef extern from *:
 cdef inline void _check_rows(Py_ssize_t n, Py_ssize_t rows, Py_ssize_t cols, int dim, str what) except *:
     if rows != n or cols != dim:
         raise ValueError(f"{what} must have shape ({n}, {dim}), got ({rows}, {cols})")
+
+
+cdef struct ArrayView:
+    void* data
+    Py_ssize_t rows
+    Py_ssize_t cols  # 1 for a 1-D array
+
+
+cdef int _view(object array, char item, int ndim, bint writable, ArrayView* view, str what) except -1:
+    """Where the C-contiguous, aligned ``ndim``-D array ``array`` of ``item`` ('q': int64, 'f':
+    float32, native order) keeps its data, and its shape. The pointer is valid while the
+    caller holds ``array``. For the calls over many tables: a typed memoryview took 0.3 us
+    an array, which 100 slots of a multi-slot call paid twice or three times."""
+    cdef Py_buffer b
+    cdef Py_ssize_t size = 8 if item == b'q' else 4
+    PyObject_GetBuffer(array, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writable else 0))
+    try:
+        fmt = b.format
+        if b.ndim != ndim or b.itemsize != size or <uintptr_t>b.buf % size != 0 or \
+                fmt.lstrip(b"@=") not in ((b"q", b"l") if item == b'q' else (b"f",)):
+            raise ValueError(f"{what} must be a {ndim}-D aligned array of {'int64' if item == b'q' else 'float32'}, "
+                             f"got format {fmt!r}, {b.ndim}-D")
+        view.data = b.buf
+        view.rows = b.shape[0]
+        view.cols = b.shape[1] if ndim == 2 else 1
+    finally:
+        PyBuffer_Release(&b)
+    return 0
 
 
 cdef int _monolith_format(Table table, list dumps, list members, MonolithFormat& fmt) except -1:
@@ -483,17 +512,16 @@ def lookup_tables(list parts):
     cdef vector[TableRead] c_parts
     cdef TableRead part
     cdef Table t
-    cdef const int64_t[::1] ids
-    cdef float[:, ::1] out
+    cdef ArrayView ids, out
     for table, id_array, out_array in parts:
         t = table
-        ids = id_array
-        out = out_array
-        _check_rows(ids.shape[0], out.shape[0], out.shape[1], t.dim, "out")
+        _view(id_array, b'q', 1, False, &ids, "ids")
+        _view(out_array, b'f', 2, True, &out, "out")
+        _check_rows(ids.rows, out.rows, out.cols, t.dim, "out")
         part.table = t._t.get()
-        part.ids = &ids[0] if ids.shape[0] > 0 else NULL
-        part.n = ids.shape[0]
-        part.out = &out[0, 0] if ids.shape[0] > 0 else NULL
+        part.ids = <const int64_t*>ids.data if ids.rows > 0 else NULL
+        part.n = ids.rows
+        part.out = <float*>out.data if ids.rows > 0 else NULL
         c_parts.push_back(part)
     with nogil:
         c_lookup_tables(c_parts)
@@ -551,25 +579,23 @@ def write_tables(list parts, int64_t global_step, int64_t ts, bint dedup):
     cdef vector[TablePart] c_parts
     cdef TablePart part
     cdef Table t
-    cdef const int64_t[::1] ids
-    cdef const float[:, ::1] rows
-    cdef const float[::1] lrs
+    cdef ArrayView ids, rows, lrs
     for table, kind, id_array, row_array, lr_array in parts:
         t = table
-        ids = id_array
-        rows = row_array
-        _check_rows(ids.shape[0], rows.shape[0], rows.shape[1], t.dim, "rows")
+        _view(id_array, b'q', 1, False, &ids, "ids")
+        _view(row_array, b'f', 2, False, &rows, "rows")
+        _check_rows(ids.rows, rows.rows, rows.cols, t.dim, "rows")
         part.table = t._t.get()
         part.kind = _WRITE_KINDS[kind]
-        part.ids = &ids[0] if ids.shape[0] > 0 else NULL
-        part.n = ids.shape[0]
-        part.rows = &rows[0, 0] if ids.shape[0] > 0 else NULL
+        part.ids = <const int64_t*>ids.data if ids.rows > 0 else NULL
+        part.n = ids.rows
+        part.rows = <const float*>rows.data if ids.rows > 0 else NULL
         part.lrs = NULL
         part.n_lrs = 0
         if lr_array is not None:
-            lrs = lr_array
-            part.lrs = &lrs[0] if lrs.shape[0] > 0 else NULL
-            part.n_lrs = lrs.shape[0]
+            _view(lr_array, b'f', 1, False, &lrs, "learning_rates")
+            part.lrs = <const float*>lrs.data if lrs.rows > 0 else NULL
+            part.n_lrs = lrs.rows
         c_parts.push_back(part)
     with nogil:
         c_write_tables(c_parts, global_step, ts, dedup)

@@ -1025,6 +1025,63 @@ def test_lookup_all_needs_one_ids_array_per_table():
     assert mtht.hash_table.lookup_all([], []) == []
 
 
+
+def _unreadable_arrays(n: int, dim: int, item) -> list:
+    """Arrays of n (rows of dim) that the core cannot read in place as ``item`` (int64 or
+    float32): another type, another byte order, unaligned, another number of dims, a list,
+    strided."""
+    shape = (n,) if dim == 0 else (n, dim)
+    other = np.float64 if item is np.int64 else np.int64
+    unaligned = np.zeros(np.prod(shape) * np.dtype(item).itemsize + 1, np.uint8)[1:].view(item).reshape(shape)
+    arrays = [np.zeros(shape, other), np.zeros(shape, np.dtype(item).newbyteorder()), unaligned,
+              np.zeros(shape + (1,), item), [0] * n]
+    strided = np.zeros((2 * n,) + shape[1:], item)[::2]
+    return arrays + [strided] if not strided.flags.c_contiguous else arrays  # one item is contiguous
+
+
+def test_the_core_calls_over_several_tables_refuse_arrays_they_cannot_read_and_change_nothing():
+    # mtht.hash_table converts every argument before these calls; the binding still reads
+    # each array's type, order, layout and shape itself, so a call that slipped past the
+    # conversions raises instead of reading memory as what it is not.
+    t1, t2 = (hash_table_from_config(make_config([(2, "adagrad", "zeros")], [0.1]), name_suffix=s) for s in "ab")
+    ids, rows = np.array([1, 2, 3], np.int64), np.ones((3, 2), np.float32)
+    rates = np.array([0.1], np.float32)
+    out = np.zeros((3, 2), np.float32)
+    first = (t1._core, ids, np.zeros((3, 2), np.float32))
+
+    def lookup(second_ids, second_out):  # a second part, after a good one
+        mtht._core.lookup_tables([first, (t2._core, second_ids, second_out)])
+
+    def write(second_ids, second_rows, second_rates):
+        mtht._core.write_tables([(t1._core, "assign", ids, rows, None),
+                                 (t2._core, "apply_gradients", second_ids, second_rows, second_rates)], 0, 0, False)
+
+    refusals = ([(lookup, (bad, out)) for bad in _unreadable_arrays(3, 0, np.int64)]
+                + [(write, (bad, rows, rates)) for bad in _unreadable_arrays(3, 0, np.int64)]
+                + [(lookup, (ids, bad)) for bad in _unreadable_arrays(3, 2, np.float32)]
+                + [(write, (ids, bad, rates)) for bad in _unreadable_arrays(3, 2, np.float32)]
+                + [(write, (ids, rows, bad)) for bad in _unreadable_arrays(1, 0, np.float32)])
+    for call, arguments in refusals:
+        with pytest.raises((ValueError, TypeError, BufferError)):
+            call(*arguments)
+    read_only = np.zeros((3, 2), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises((ValueError, BufferError)):  # a lookup writes its rows there
+        lookup(ids, read_only)
+    with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
+        lookup(ids, np.zeros((2, 2), np.float32))
+    assert len(t1) == len(t2) == 0
+    # Read-only ids, rows and rates are read as they are; the same calls with good arrays work.
+    for a in (ids, rows, rates):
+        a.flags.writeable = False
+    write(ids, rows, rates)
+    lookup(ids, out)
+    np.testing.assert_array_equal(first[2], rows)
+    alone = hash_table_from_config(make_config([(2, "adagrad", "zeros")], [0.1]), name_suffix="c")
+    np.testing.assert_array_equal(out, alone.apply_gradients(ids, rows, 0).lookup(ids))
+    assert not np.array_equal(out, np.zeros_like(out))
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_fused_apply_gradient_with_one_table_named_twice_updates_it_in_list_order(accumulate):
     # The same table as table 0 and table 1 of a fused update: its blocks as table 0 (in
