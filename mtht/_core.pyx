@@ -506,17 +506,20 @@ cdef class Table:
         return status
 
 
-def lookup_tables(list parts):
-    """Looks several tables up in one call. ``parts``: ``(table, ids, out)`` per table, ``out``
-    a float32 array of ``len(ids)`` rows of the table's dim, filled in place."""
+def lookup_tables(list tables, list ids_arrays, list outs):
+    """Looks several tables up in one call: table k's ``ids_arrays[k]``, their rows to
+    ``outs[k]``, a float32 array of as many rows of the table's dim, filled in place."""
+    if not len(tables) == len(ids_arrays) == len(outs):
+        raise ValueError(f"lookup_tables: {len(tables)} tables, {len(ids_arrays)} ids arrays, {len(outs)} outs")
     cdef vector[TableRead] c_parts
     cdef TableRead part
     cdef Table t
     cdef ArrayView ids, out
-    for table, id_array, out_array in parts:
-        t = table
-        _view(id_array, b'q', 1, False, &ids, "ids")
-        _view(out_array, b'f', 2, True, &out, "out")
+    cdef Py_ssize_t k
+    for k in range(len(tables)):
+        t = tables[k]
+        _view(ids_arrays[k], b'q', 1, False, &ids, "ids")
+        _view(outs[k], b'f', 2, True, &out, "out")
         _check_rows(ids.rows, out.rows, out.cols, t.dim, "out")
         part.table = t._t.get()
         part.ids = <const int64_t*>ids.data if ids.rows > 0 else NULL

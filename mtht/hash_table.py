@@ -222,8 +222,8 @@ def lookup_all(tables: List["HashTable"], ids_list: List) -> List[np.ndarray]:
         raise ValueError(f"lookup_all needs one ids array per table: {len(tables)} tables, {len(ids_list)} arrays")
     _after_queued_calls_of(tables)
     ids_list = [as_ids(ids) for ids in ids_list]
-    outs = rows_in_one_array([(ids.shape[0], t.dim_size) for t, ids in zip(tables, ids_list)])
-    _core.lookup_tables(list(zip(_contents_of(tables), ids_list, outs)))
+    outs = rows_in_one_array([(ids.shape[0], t._dim) for t, ids in zip(tables, ids_list)])
+    _core.lookup_tables(_contents_of(tables), ids_list, outs)
     return outs
 
 

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def _slot_error(cls: type, slot, reason: str) -> Exception:
 
 
 @contextlib.contextmanager
-def _naming_the_non_finite_slot(method: str, slot_rows: List[Tuple[str, np.ndarray]]):
+def _naming_the_non_finite_slot(method: str, slot_rows: Iterable[Tuple[str, np.ndarray]]):
     """The core reports NaN or Inf by the row of the batch it was given (all slots of a
     merged table together): reported instead by the first slot, among ``slot_rows`` (those
     whose table refuses them), and the row of that slot's own rows."""
@@ -172,7 +172,10 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
 
     def lookup(self, slot_to_id: SlotIds) -> Dict[str, np.ndarray]:
         """``{slot: float32 [n, dim]}`` for the given slots; missing ids read as zeros."""
-        tables = [self._slot_table(slot) for slot in as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
+        try:
+            tables = [self._tables[slot] for slot in as_mapping(slot_to_id, "slot_to_id", "{slot: ids}")]
+        except KeyError as e:
+            raise _unknown_slot(e.args[0]) from None
         try:
             if not self._through_core:
                 return {slot: table.lookup(ids) for slot, table, ids in zip(slot_to_id, tables, slot_to_id.values())}
@@ -205,8 +208,10 @@ class MultiTypeHashTable(BaseMultiTypeHashTable):
                 with _naming_the_slot(slot):
                     self._slot_table(slot).write_part(method, ids, tensor, arguments)
             raise
-        checked = [(slot, part[3]) for slot, part in zip(slot_to_id_and_tensor, parts)
-                   if not part[0].config.table_config.allow_non_finite]
+        # Gone through only when the core refuses NaN or Inf: 100 slots' configs read on every
+        # call took as long as converting their arrays.
+        checked = ((slot, part[3]) for slot, part in zip(slot_to_id_and_tensor, parts)
+                   if not part[0].config.table_config.allow_non_finite)
         with _naming_the_non_finite_slot(method, checked):
             _hash_table.write_parts(parts, arguments)
         return self

@@ -1047,10 +1047,10 @@ def test_the_core_calls_over_several_tables_refuse_arrays_they_cannot_read_and_c
     ids, rows = np.array([1, 2, 3], np.int64), np.ones((3, 2), np.float32)
     rates = np.array([0.1], np.float32)
     out = np.zeros((3, 2), np.float32)
-    first = (t1._core, ids, np.zeros((3, 2), np.float32))
+    first_out = np.zeros((3, 2), np.float32)
 
     def lookup(second_ids, second_out):  # a second part, after a good one
-        mtht._core.lookup_tables([first, (t2._core, second_ids, second_out)])
+        mtht._core.lookup_tables([t1._core, t2._core], [ids, second_ids], [first_out, second_out])
 
     def write(second_ids, second_rows, second_rates):
         mtht._core.write_tables([(t1._core, "assign", ids, rows, None),
@@ -1076,7 +1076,7 @@ def test_the_core_calls_over_several_tables_refuse_arrays_they_cannot_read_and_c
         a.flags.writeable = False
     write(ids, rows, rates)
     lookup(ids, out)
-    np.testing.assert_array_equal(first[2], rows)
+    np.testing.assert_array_equal(first_out, rows)
     alone = hash_table_from_config(make_config([(2, "adagrad", "zeros")], [0.1]), name_suffix="c")
     np.testing.assert_array_equal(out, alone.apply_gradients(ids, rows, 0).lookup(ids))
     assert not np.array_equal(out, np.zeros_like(out))
