@@ -444,11 +444,13 @@ cdef class Table:
             "filter_forgotten": st.filter_forgotten,
         }
 
-    def lookup(self, const int64_t[::1] ids, float[:, ::1] out):
-        cdef Py_ssize_t n = ids.shape[0]
-        _check_rows(n, out.shape[0], out.shape[1], self.dim, "out")
+    def lookup(self, ids, out):
+        cdef ArrayView id_view, out_view
+        _view(ids, b'q', 1, False, &id_view, "ids")
+        _view(out, b'f', 2, True, &out_view, "out")
+        _check_rows(id_view.rows, out_view.rows, out_view.cols, self.dim, "out")
         with nogil:
-            self._t.get().lookup(&ids[0], n, &out[0, 0])
+            self._t.get().lookup(<const int64_t*>id_view.data, id_view.rows, <float*>out_view.data)
 
     def contains(self, const int64_t[::1] ids):
         cdef Py_ssize_t n = ids.shape[0]
@@ -475,27 +477,32 @@ cdef class Table:
             self._t.get().lookup_entries(&ids[0], n, &v[0, 0], sp, &t[0], &f[0])
         return values, state, ts, found
 
-    def assign(self, const int64_t[::1] ids, const float[:, ::1] values, int64_t ts):
-        cdef Py_ssize_t n = ids.shape[0]
-        _check_rows(n, values.shape[0], values.shape[1], self.dim, "values")
+    def assign(self, ids, values, int64_t ts):
+        cdef ArrayView id_view, value_view
+        self._ids_and_rows(ids, values, &id_view, &value_view, "values")
         with nogil:
-            self._t.get().assign(&ids[0], n, &values[0, 0], ts)
+            self._t.get().assign(<const int64_t*>id_view.data, id_view.rows, <const float*>value_view.data, ts)
 
-    def assign_add(self, const int64_t[::1] ids, const float[:, ::1] values, int64_t ts):
-        cdef Py_ssize_t n = ids.shape[0]
-        _check_rows(n, values.shape[0], values.shape[1], self.dim, "values")
+    def assign_add(self, ids, values, int64_t ts):
+        cdef ArrayView id_view, value_view
+        self._ids_and_rows(ids, values, &id_view, &value_view, "values")
         with nogil:
-            self._t.get().assign_add(&ids[0], n, &values[0, 0], ts)
+            self._t.get().assign_add(<const int64_t*>id_view.data, id_view.rows, <const float*>value_view.data, ts)
 
-    def apply_gradients(self, const int64_t[::1] ids, const float[:, ::1] grads,
-                        const float[::1] learning_rates, int64_t global_step, int64_t ts,
-                        bint dedup):
-        cdef Py_ssize_t n = ids.shape[0]
-        _check_rows(n, grads.shape[0], grads.shape[1], self.dim, "grads")
-        cdef Py_ssize_t n_lrs = learning_rates.shape[0]
+    def apply_gradients(self, ids, grads, learning_rates, int64_t global_step, int64_t ts, bint dedup):
+        cdef ArrayView id_view, grad_view, rate_view
+        self._ids_and_rows(ids, grads, &id_view, &grad_view, "grads")
+        _view(learning_rates, b'f', 1, False, &rate_view, "learning_rates")
         with nogil:
-            self._t.get().apply_gradients(&ids[0], n, &grads[0, 0], &learning_rates[0], n_lrs,
-                                          global_step, ts, dedup)
+            self._t.get().apply_gradients(<const int64_t*>id_view.data, id_view.rows, <const float*>grad_view.data,
+                                          <const float*>rate_view.data, rate_view.rows, global_step, ts, dedup)
+
+    cdef int _ids_and_rows(self, ids, rows, ArrayView* id_view, ArrayView* row_view, str what) except -1:
+        """A write's ids and rows (as many as ids, of the table's dim), read as _view reads them."""
+        _view(ids, b'q', 1, False, id_view, "ids")
+        _view(rows, b'f', 2, False, row_view, what)
+        _check_rows(id_view.rows, row_view.rows, row_view.cols, self.dim, what)
+        return 0
 
     def reinitialize(self, const int64_t[::1] ids, int64_t ts):
         cdef Py_ssize_t n = ids.shape[0]

@@ -458,6 +458,9 @@ class HashTable(BaseHashTable):
             out = np.empty((n, self._dim), dtype=np.float32)
         else:
             out = as_out(out, n, self._dim)
+            if not out.flags.aligned:  # the core stores whole floats, which an odd address cannot take
+                out[...] = self.lookup(id_array)
+                return out
             if np.may_share_memory(id_array, out):  # the core reads ids while it writes rows
                 id_array = id_array.copy()
         self._core.lookup(id_array, out)

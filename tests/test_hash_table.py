@@ -449,10 +449,13 @@ def test_unaligned_inputs_and_out(kernel):
     t.lookup(_unaligned(ids), out=out)
     np.testing.assert_array_equal(out, ref.lookup(ids))
     assert_matches_reference(t, ref, np.arange(40))
-    # The core reads ids and rows through typed pointers: what it is given is aligned (a
-    # load from an odd address is undefined behaviour, which a sanitizer reports).
+    # The core reads ids and rows and writes rows through typed pointers: what it is given is
+    # aligned (a load from an odd address is undefined behaviour, which a sanitizer reports),
+    # and the binding refuses anything else.
     from mtht._arrays import as_ids, as_rows
     assert as_ids(_unaligned(ids)).flags.aligned and as_rows(_unaligned(g), 100, 19, "g").flags.aligned
+    with pytest.raises(ValueError, match="aligned"):
+        t._core.lookup(ids, out)
 
 
 def test_object_arrays_of_python_ints():
