@@ -174,13 +174,14 @@ cdef struct ArrayView:
 cdef int _view(object array, char item, int ndim, bint writable, ArrayView* view, str what) except -1:
     """Where the C-contiguous, aligned ``ndim``-D array ``array`` of ``item`` ('q': int64, 'f':
     float32, native order) keeps its data, and its shape. The pointer is valid while the
-    caller holds ``array``. For the calls over many tables: a typed memoryview took 0.3 us
-    an array, which 100 slots of a multi-slot call paid twice or three times."""
+    caller holds ``array`` (the buffer is let go at once: numpy resizes an array whose
+    buffer is held all the same). A typed memoryview took 0.3 us an array, which 100 slots
+    of a multi-slot call paid two or three times."""
     cdef Py_buffer b
     cdef Py_ssize_t size = 8 if item == b'q' else 4
     PyObject_GetBuffer(array, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writable else 0))
     try:
-        fmt = b.format
+        fmt = b.format if b.format != NULL else b"B"  # NULL: unsigned bytes
         if b.ndim != ndim or b.itemsize != size or <uintptr_t>b.buf % size != 0 or \
                 fmt.lstrip(b"@=") not in ((b"q", b"l") if item == b'q' else (b"f",)):
             raise ValueError(f"{what} must be a {ndim}-D aligned array of {'int64' if item == b'q' else 'float32'}, "
