@@ -1025,7 +1025,6 @@ def test_lookup_all_needs_one_ids_array_per_table():
     assert mtht.hash_table.lookup_all([], []) == []
 
 
-
 def _unreadable_arrays(n: int, dim: int, item) -> list:
     """Arrays of n (rows of dim) that the core cannot read in place as ``item`` (int64 or
     float32): another type, another byte order, unaligned, another number of dims, a list,
