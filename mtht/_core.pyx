@@ -447,9 +447,7 @@ cdef class Table:
 
     def lookup(self, ids, out):
         cdef ArrayView id_view, out_view
-        _view(ids, b'q', 1, False, &id_view, "ids")
-        _view(out, b'f', 2, True, &out_view, "out")
-        _check_rows(id_view.rows, out_view.rows, out_view.cols, self.dim, "out")
+        self._ids_and_rows(ids, out, &id_view, &out_view, "out", True)
         with nogil:
             self._t.get().lookup(<const int64_t*>id_view.data, id_view.rows, <float*>out_view.data)
 
@@ -498,10 +496,12 @@ cdef class Table:
             self._t.get().apply_gradients(<const int64_t*>id_view.data, id_view.rows, <const float*>grad_view.data,
                                           <const float*>rate_view.data, rate_view.rows, global_step, ts, dedup)
 
-    cdef int _ids_and_rows(self, ids, rows, ArrayView* id_view, ArrayView* row_view, str what) except -1:
-        """A write's ids and rows (as many as ids, of the table's dim), read as _view reads them."""
+    cdef int _ids_and_rows(self, ids, rows, ArrayView* id_view, ArrayView* row_view, str what,
+                           bint writable=False) except -1:
+        """A call's ids and rows (as many as ids, of the table's dim: a write's values or
+        gradients, or a lookup's out, ``writable``), read as _view reads them."""
         _view(ids, b'q', 1, False, id_view, "ids")
-        _view(rows, b'f', 2, False, row_view, what)
+        _view(rows, b'f', 2, writable, row_view, what)
         _check_rows(id_view.rows, row_view.rows, row_view.cols, self.dim, what)
         return 0
 
@@ -526,9 +526,7 @@ def lookup_tables(list tables, list ids_arrays, list outs):
     cdef Py_ssize_t k
     for k in range(len(tables)):
         t = tables[k]
-        _view(ids_arrays[k], b'q', 1, False, &ids, "ids")
-        _view(outs[k], b'f', 2, True, &out, "out")
-        _check_rows(ids.rows, out.rows, out.cols, t.dim, "out")
+        t._ids_and_rows(ids_arrays[k], outs[k], &ids, &out, "out", True)
         part.table = t._t.get()
         part.ids = <const int64_t*>ids.data if ids.rows > 0 else NULL
         part.n = ids.rows
@@ -593,9 +591,7 @@ def write_tables(list parts, int64_t global_step, int64_t ts, bint dedup):
     cdef ArrayView ids, rows, lrs
     for table, kind, id_array, row_array, lr_array in parts:
         t = table
-        _view(id_array, b'q', 1, False, &ids, "ids")
-        _view(row_array, b'f', 2, False, &rows, "rows")
-        _check_rows(ids.rows, rows.rows, rows.cols, t.dim, "rows")
+        t._ids_and_rows(id_array, row_array, &ids, &rows, "rows")
         part.table = t._t.get()
         part.kind = _WRITE_KINDS[kind]
         part.ids = <const int64_t*>ids.data if ids.rows > 0 else NULL
