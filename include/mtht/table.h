@@ -319,7 +319,9 @@ class RowArena {
   // The free rows are linked through 4 bytes of their last column, at `link_offset`.
   explicit RowArena(std::vector<size_t> strides, size_t link_offset = 0)
       : first_stride_(strides.at(0)), strides_(std::move(strides)), chunks_(strides_.size()),
-        link_column_(strides_.size() - 1), link_offset_(link_offset) {}
+        link_column_(strides_.size() - 1), link_offset_(link_offset) {
+    for (auto& column : chunks_) column.reserve(kMaxChunks);  // so that adding a chunk cannot fail half-way
+  }
 
   uint32_t rows_used() const { return used_; }
   uint64_t capacity() const { return capacity_; }
@@ -366,7 +368,12 @@ class RowArena {
     if (rows > kMaxRowsPerShard) throw std::bad_alloc();
     while (capacity_ < rows) {
       const uint64_t n = static_cast<uint64_t>(kFirstChunkRows) << chunks_[0].size();
-      for (size_t col = 0; col < strides_.size(); ++col) chunks_[col].emplace_back(static_cast<size_t>(n * strides_[col]));
+      // Every column's chunk is made before any is added: a failed allocation leaves the
+      // arena as it was.
+      std::vector<Buffer> made;
+      made.reserve(strides_.size());
+      for (size_t col = 0; col < strides_.size(); ++col) made.emplace_back(static_cast<size_t>(n * strides_[col]));
+      for (size_t col = 0; col < strides_.size(); ++col) chunks_[col].push_back(std::move(made[col]));
       const int c = static_cast<int>(chunks_[0].size()) - 1;
       first_bases_[c] = reinterpret_cast<uintptr_t>(chunks_[0].back().data()) -
                         static_cast<uintptr_t>(first_row(c)) * first_stride_;

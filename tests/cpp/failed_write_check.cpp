@@ -27,25 +27,7 @@
 #include "mtht/fused.h"
 #include "mtht/multi_table.h"
 #include "mtht/table.h"
-
-namespace {
-
-std::atomic<long> allocations_left{-1};  // below zero: no allocation fails
-
-void* allocate(std::size_t n) {
-  if (allocations_left.load() >= 0 && allocations_left.fetch_sub(1) == 0) throw std::bad_alloc();
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-
-}  // namespace
-
-void* operator new(std::size_t n) { return allocate(n); }
-void* operator new[](std::size_t n) { return allocate(n); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+#include "failing_new.h"
 
 namespace {
 
