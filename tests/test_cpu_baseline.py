@@ -33,7 +33,7 @@ def build(tmp_path_factory):
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
                     "monolith_format_check", "route_check", "narrow_values_check", "shard_limit_check",
-                    "retriever_check"],
+                    "retriever_check", "index_growth_check"],
                    check=True, capture_output=True)
     return build
 
@@ -96,7 +96,7 @@ def test_an_aarch64_build_compiles_cleanly_and_gives_the_same_numbers(smoke, tmp
                     "-DMTHT_PYTHON_MODULE=OFF", "-DMTHT_CPP_TESTS=ON", "-DCMAKE_BUILD_TYPE=Release"],
                    check=True, capture_output=True)
     made = subprocess.run(["cmake", "--build", str(build), "--parallel", "2", "--target", "core_smoke",
-                           "retriever_check"], check=True, capture_output=True, text=True)
+                           "retriever_check", "index_growth_check"], check=True, capture_output=True, text=True)
     assert "warning:" not in made.stdout + made.stderr, made.stdout + made.stderr
     qemu = ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu")
     want = run([str(smoke)], "scalar")[1]
@@ -128,6 +128,13 @@ def test_a_write_past_a_shards_limit_is_refused_before_it_changes_anything(build
     # The limit lowered to 1000 entries: 20 new ids into a shard of 990 are a ValueError and
     # leave every table as it was, for each kind of write; 10 fit, given twice or not.
     check_passes(build, "shard_limit_check")
+
+
+def test_the_shards_of_a_table_grow_their_mapped_indexes_in_batches_of_their_own(build):
+    # A pooled index doubles at the load bound; a mapped one grows by half or more at its
+    # shard's growth point and not before; in a table of 4 shards filled at one pace, shard s
+    # grows at 1 - s / 64 of the bound, each in another batch.
+    check_passes(build, "index_growth_check")
 
 
 def test_a_write_that_fails_half_way_changes_nothing(build):

@@ -2837,16 +2837,29 @@ def test_max_bytes_bounds_the_memory_of_a_table():
     assert st["bytes"] <= budget
 
 
-def test_max_bytes_of_a_large_table_counts_its_fuller_index():
-    # One shard of a dim-4 SGD table (16-byte rows): past 2 MiB its index grows by half, so
-    # an entry takes at most 48 bytes of index (64 / 4 bytes a slot at 2/3 of the bound),
-    # plus up to 2 MiB + 4 KiB for the shard, instead of 64: more entries fit the budget,
-    # and filling the table past them keeps it within the budget at every write.
+@pytest.mark.parametrize("shards", [1, 4])
+def test_max_bytes_of_a_large_table_counts_its_fuller_index(shards):
+    # A dim-4 SGD table (16-byte rows): past 2 MiB a shard's index grows by half, so an
+    # entry takes at most 64 / 4 bytes a slot at 2/3 of the load at which it grows, plus up
+    # to 2 MiB + 4 KiB for the shard, instead of 64 bytes at half the bound: 48 bytes with
+    # one shard, whose index grows at the bound; with 4, shard s grows at 1 - s / 64 of it,
+    # so 64 / 4 * 1.5 / (0.5 * 61 / 64) = 50.4, 51 bytes. More entries fit the budget, and
+    # filling the table past them keeps it within the budget at every write.
     budget = 200_000_000
     seg = mtht.CombineAsSegment(4, mtht.ZerosInitializer(), mtht.SgdOptimizer(), None)
     t = mtht.hash_table_from_config(mtht.HashTableConfigInstance(mtht.EmbeddingHashTableConfig(
-        entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=budget, num_shards=1), [0.1]))
-    most = (budget - (2 << 20) - 4096) // (16 + 16 + 48)
+        entry_config=mtht.EntryConfig(segments=[seg]), max_bytes=budget, num_shards=shards), [0.1]))
+    index_bytes = {1: 48, 4: 51}[shards]
+    row = 16 + 16
+
+    def fits(n):  # the rows evictions may leave to their shards come off the budget first
+        left = budget - min(math.ceil(4 * math.sqrt(n * (shards - 1))), n * (shards - 1)) * row
+        return n * (row + 64) <= left or n * (row + index_bytes) <= left - shards * ((2 << 20) + 4096)
+
+    most = 0
+    for step in (1 << k for k in range(24, -1, -1)):
+        if fits(most + step):
+            most += step
     assert most > budget // (16 + 16 + 64)
     assert t.stats()["max_entries"] == most
     for start in range(0, 2_600_000, 100_000):

@@ -91,10 +91,13 @@ inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
 }
 
 // Another bound on a shard's index, lower per entry for large shards: an index over 2 MiB
-// grows by half, to whole 2 MiB pages, so it holds at most 1.5 x 64 / 4 / max load bytes
-// per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within it too.)
-inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille) {
-  return (24 * 1000 + max_load_permille - 1) / max_load_permille;
+// grows by half, to whole 2 MiB pages, at a load of at least (15 n + 1) / (16 n) of the max
+// for the shards of a table of n (Shard::past_growth_point), so it holds at most 1.5 x 64 /
+// 4 / that load bytes per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within
+// it too.)
+inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille, uint64_t shards) {
+  const uint64_t over = 24 * 1000 * 16 * shards, under = (15 * shards + 1) * max_load_permille;
+  return (over + under - 1) / under;
 }
 constexpr uint64_t kIndexSlackBytes = (uint64_t{2} << 20) + 4096;
 

@@ -436,9 +436,14 @@ class RowArena {
 // the index, share the first cache line, and the rows' addresses fill the next.
 class alignas(64) Shard {
  public:
-  Shard(size_t stride, bool with_meta, uint32_t max_load_permille)
+  // `phase_ppm`: s / n in millionths for shard s of a table of n, which sets where its
+  // index grows once it is large (past_growth_point): the shards of a table fill at one
+  // pace, and would otherwise all grow in the same batch.
+  Shard(size_t stride, bool with_meta, uint32_t max_load_permille, uint32_t phase_ppm)
       : max_load_permille_(max_load_permille),
         with_meta_(with_meta),
+        growth_ppm_(static_cast<uint32_t>(uint64_t{max_load_permille} * 1000 -
+                                          uint64_t{max_load_permille} * 1000 * phase_ppm / 16000000)),
         rows_(with_meta ? RowArena(std::vector<size_t>{stride, 16}, sizeof(uint64_t)) : RowArena({stride})) {}
 
   mutable SharedMutex mu;
@@ -608,31 +613,32 @@ class alignas(64) Shard {
   // only address space: its pages are not touched until rows are handed out.)
   bool reserve_grows_index(uint64_t extra) const {
     const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
-    return over_load(want) && (over_load(size_ + held()) || over_slack(want));
+    return past_growth_point(want) && (past_growth_point(size_ + held()) || over_slack(want));
   }
 
   // Make room for `extra` more entries besides the room held by writes in progress, so that
-  // inserting them allocates nothing. An index within its bound that `extra` would take past
-  // it, but not past the slack above it (over_slack), is left to grow after the write
-  // (grow_if_past_bound): were it grown now, a write of ids mostly stored already would have
-  // to count its absent ids first, not to grow the index for nothing.
+  // inserting them allocates nothing. An index below its growth point (past_growth_point)
+  // that `extra` would take past it, but not past the slack above the bound (over_slack), is
+  // left to grow after the write (grow_if_due): were it grown now, a write of ids mostly
+  // stored already would have to count its absent ids first, not to grow the index for
+  // nothing.
   void reserve(uint64_t extra) {
     const uint64_t want = std::min<uint64_t>(size_ + held() + extra, kMaxRowsPerShard);
     rows_.reserve(std::min<uint64_t>(static_cast<uint64_t>(rows_.rows_used()) + held() + extra, kMaxRowsPerShard));
     if (reserve_grows_index(extra))
       rehash(buckets_for(want));
-    else if (over_load(want))
+    else if (past_growth_point(want))
       grow_due_.store(true, std::memory_order_relaxed);
   }
 
-  // After a write: the index grows if the write's inserts took it past its bound. A failed
-  // allocation leaves it past the bound (within its slack) until the next write's reserve,
-  // the write itself being done.
-  void grow_if_past_bound() {
+  // After a write: the index grows if the write's inserts took it past its growth point. A
+  // failed allocation leaves it there (within the slack) until the next write's reserve, the
+  // write itself being done.
+  void grow_if_due() {
     if (!grow_due_.load(std::memory_order_relaxed)) return;
     std::unique_lock<SharedMutex> lk(mu);
     grow_due_.store(false, std::memory_order_relaxed);
-    if (!over_load(size_)) return;
+    if (!past_growth_point(size_)) return;
     try {
       rehash(buckets_for(std::min<uint64_t>(size_ + held(), kMaxRowsPerShard)));
     } catch (const std::bad_alloc&) {
@@ -673,7 +679,7 @@ class alignas(64) Shard {
       return found;
     }
     if (over_slack(size_ + 1)) reserve(1);
-    if (over_load(size_ + 1)) grow_due_.store(true, std::memory_order_relaxed);
+    if (past_growth_point(size_ + 1)) grow_due_.store(true, std::memory_order_relaxed);
     const uint32_t r = rows_.allocate();
     Slot slot = place(buckets(), nb_, h, id, 0, r + 1);
     ++size_;
@@ -778,6 +784,18 @@ class alignas(64) Shard {
  private:
   Bucket* buckets() const { return static_cast<Bucket*>(index_.data()); }
   bool over_load(uint64_t used) const { return used * 1000 > slots() * max_load_permille_; }
+  // Whether `used` entries take the index past the load at which it grows: the bound, or,
+  // for an index mapped on its own (over 2 MiB), the shard's growth point, a little below
+  // it. The shards of a table fill at one pace, so with one point they all grew in the same
+  // batch or two, which waited for every shard's rewrite; shard s of n grows at
+  // 1 - s / (16 n) of the bound, so such growths are spread over the batches that add the
+  // last 16th below the bound. A reservation leaves an eighth to spare (buckets_for), so a
+  // table reserved to its size never grows early. The pooled indexes, of up to 2 MiB,
+  // double at the bound.
+  bool past_growth_point(uint64_t used) const {
+    if (nb_ * sizeof(Bucket) <= Buffer::kHugePage) return over_load(used);
+    return used * 1000000 > slots() * growth_ppm_;
+  }
   // Past the bound and a quarter of the slots left above it (at the default bound of 1/2:
   // past 5/8). A write's inserts never take an index this far (reserve).
   bool over_slack(uint64_t used) const {
@@ -863,8 +881,9 @@ class alignas(64) Shard {
   Buffer index_;
   uint64_t size_ = 0;
   std::atomic<uint64_t> held_{0};  // room held by writes in progress (hold)
-  std::atomic<bool> grow_due_{false};  // inserts may have taken the index past its bound (reserve)
+  std::atomic<bool> grow_due_{false};  // inserts may have taken the index past its growth point (reserve)
   bool with_meta_;
+  uint32_t growth_ppm_;  // past_growth_point
   RowArena rows_;
   // The timestamps that do not fit a slot (outside [0, kTsApart)), by id; such timestamps are
   // rare (a req_time before 1970 or after 2106), so a slot keeps 32 bits and a bucket holds 4
@@ -1587,8 +1606,8 @@ class EmbeddingTable {
       // left to their shards by evictions (stranded_rows) come off the budget first.
       const uint64_t row = layout_.stride + 16;
       const uint64_t per_entry = row + max_index_bytes_per_entry(spec.max_load_permille);
-      const uint64_t per_large_entry = row + large_index_bytes_per_entry(spec.max_load_permille);
       const uint64_t shards = uint64_t{1} << max_shard_bits_;
+      const uint64_t per_large_entry = row + large_index_bytes_per_entry(spec.max_load_permille, shards);
       const uint64_t slack = shards * kIndexSlackBytes;
       auto fits = [&](uint64_t entries) {
         const uint64_t stranded = stranded_rows(entries, shards) * row;
@@ -1645,7 +1664,7 @@ class EmbeddingTable {
     shards_.reserve(shards);
     try {
       for (size_t s = 0; s < shards; ++s) {
-        shards_.emplace_back(new_shard().release());
+        shards_.emplace_back(new_shard(s, shards).release());
         shards_.back()->counts.set_bound(filter_bound(shards));
       }
       if (spec.initial_capacity > 0) {
@@ -2319,8 +2338,10 @@ class EmbeddingTable {
     return std::max<uint64_t>(1, (capacity + 2 * shards - 1) / (2 * shards));
   }
 
-  std::unique_ptr<detail::Shard> new_shard() const {
-    return std::make_unique<detail::Shard>(layout_.stride, layout_.with_meta, spec_.max_load_permille);
+  // Shard s of n (its phase, s / n: see the Shard constructor).
+  std::unique_ptr<detail::Shard> new_shard(size_t s, size_t n) const {
+    const auto phase_ppm = static_cast<uint32_t>(uint64_t{s} * 1000000 / n);
+    return std::make_unique<detail::Shard>(layout_.stride, layout_.with_meta, spec_.max_load_permille, phase_ppm);
   }
 
   // Cuts every shard into 2^(bits - shard_bits_), by the next bits of the ids' hashes. The
@@ -2333,7 +2354,7 @@ class EmbeddingTable {
   void split_shards(int bits, const std::vector<uint64_t>& finest) {
     const int shift = 64 - bits;
     std::vector<std::unique_ptr<detail::Shard>> fresh(size_t{1} << bits);
-    for (auto& sh : fresh) sh = new_shard();
+    for (size_t i = 0; i < fresh.size(); ++i) fresh[i] = new_shard(i, fresh.size());
     const std::vector<uint64_t> entries = entries_per_shard(finest, bits);
     std::vector<size_t> counted_older(fresh.size(), 0), counted_current(fresh.size(), 0);
     for (const detail::Shard* sh : shards_)
@@ -3153,7 +3174,7 @@ class EmbeddingTable {
           });
     }
     for (size_t s = 0; s < shards_.size(); ++s)
-      if (touched(s)) shards_[s]->grow_if_past_bound();
+      if (touched(s)) shards_[s]->grow_if_due();
   }
 
   // The write locks of the shards touched(s) picks, taken in increasing order (as every
@@ -3299,7 +3320,7 @@ class EmbeddingTable {
             note_ts(ts);
             write(plan, i, first, last);
             for (size_t s = first; s < last; ++s)
-              if (plan.shard_begin[s + 1] != plan.shard_begin[s]) shards_[s]->grow_if_past_bound();
+              if (plan.shard_begin[s + 1] != plan.shard_begin[s]) shards_[s]->grow_if_due();
           }
         },
         threads_for(n));
