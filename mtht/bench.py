@@ -60,7 +60,7 @@ SCHEMA_VERSION = 2
 
 ALL_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup",
            "fused", "fused_apply_gradient", "multi_slot_lookup", "multi_slot_apply_gradients",
-           "merged_slot_lookup", "merged_slot_apply_gradients", "save", "restore", "apply_gradients_capped")
+           "merged_slot_lookup", "merged_slot_apply_gradients", "save", "restore", "apply_gradients_capped", "grow")
 # Ops the numpy baselines also run.
 BASELINE_OPS = ("lookup", "lookup_missing", "assign_add", "apply_gradients", "apply_gradients_dedup")
 _WRITE_OPS = ("assign_add", "apply_gradients", "apply_gradients_dedup", "fused_apply_gradient",
@@ -72,7 +72,7 @@ _SLOT_OPS = ("multi_slot_lookup", "multi_slot_apply_gradients", "merged_slot_loo
 _OP_CODE = {"lookup": 1, "lookup_missing": 2, "assign_add": 3, "apply_gradients": 4,
             "apply_gradients_dedup": 5, "fused": 6, "fused_apply_gradient": 7,
             "multi_slot_lookup": 8, "multi_slot_apply_gradients": 9, "save": 10, "restore": 11,
-            "apply_gradients_capped": 12, "merged_slot_lookup": 13, "merged_slot_apply_gradients": 14}
+            "apply_gradients_capped": 12, "merged_slot_lookup": 13, "merged_slot_apply_gradients": 14, "grow": 15}
 assert set(_OP_CODE) == set(ALL_OPS) and len(set(_OP_CODE.values())) == len(ALL_OPS)
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 # What the mtht tables' lookups return (Monolith's compressors): the values, fixed_r8's
@@ -600,6 +600,8 @@ class _MthtRunner:
             return self._run_checkpoint(op, threads)
         if op == "apply_gradients_capped":
             return self._run_capped(threads)
+        if op == "grow":
+            return self._run_grow(threads)
         keys = op_keys(c, op)
         ids = [key_to_id(k) for k in keys]
         out = np.empty((c.batch_size, c.dim), dtype=np.float32)
@@ -787,6 +789,43 @@ class _MthtRunner:
         return _summarise(op, "mtht", threads, [c.batch_size] * len(seconds), seconds, checksum,
                           _bytes_per_id(op, c.dim, self.state, _value_bytes(c.embedding_dtype)), evictions=int(table.stats()["evictions"]),
                           new_ids_per_batch=new)
+
+    def _run_grow(self, threads: int) -> dict:
+        """Gradient steps of ``--batch_size`` new ids (keys 0, 1, 2, ... in order) into a table
+        that starts empty with no room reserved (no ``initial_capacity``), until it holds
+        ``--size`` ids: the table of a training run, growing as new ids come. Every batch is
+        timed, none left out as a warm-up (the growths are what the op measures), and the
+        result gives the slowest batches beside the median: ``batch_ms_p99`` and
+        ``batch_ms_max``. A table of its own for each thread count. The checksum sums the
+        rows of the batch's ids after each batch."""
+        op, c = "grow", self.c
+        reason = _beside_main_table(c, "a growing table")
+        if reason:
+            return _unavailable(op, "mtht", threads, reason)
+        table = mtht.hash_table_from_config(_table_config(c, 0))
+        keys = np.arange(c.size, dtype=np.int64)
+        batches = [key_to_id(keys[s:s + c.batch_size]) for s in range(0, c.size, c.batch_size)]
+        rows = self.rows
+        out = np.empty((c.batch_size, c.dim), dtype=np.float32)
+
+        def step(i, b):
+            table.apply_gradients(b, rows[:len(b)], global_step=1)
+
+        def after(i, b):
+            return _checksum(table.lookup(b, out=out[:len(b)]))
+
+        bar = _progress(len(batches), f"mtht {op} ({threads} thr)", c, unit="batch", long_phase=False)
+        try:
+            seconds, checksum = _run_timed(batches, 0, step, after, bar)
+        finally:
+            bar.close()
+        ms = np.asarray(seconds) * 1e3
+        st = table.stats()
+        return _summarise(op, "mtht", threads, [len(b) for b in batches], seconds, checksum,
+                          _bytes_per_id("apply_gradients", c.dim, self.state, _value_bytes(c.embedding_dtype)),
+                          batch_ms_median=float(np.median(ms)), batch_ms_p99=float(np.percentile(ms, 99)),
+                          batch_ms_max=float(ms.max()), grown_to=int(st["size"]),
+                          bytes_per_entry=st["bytes"] / max(1, st["size"]))
 
     # -- checkpoint ops -----------------------------------------------------------------------
     def _run_checkpoint(self, op: str, threads: int) -> dict:
@@ -1452,7 +1491,7 @@ def plot_sweep(sweep_result: dict, path: str) -> str:
     runs = sweep_result["runs"]
     cfg = runs[0]["config"]
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
-    ops = [op for op in ALL_OPS if op not in ("save", "restore", "apply_gradients_capped")]
+    ops = [op for op in ALL_OPS if op not in ("save", "restore", "apply_gradients_capped", "grow")]
     colors = {op: plt.get_cmap("tab20")(i) for i, op in enumerate(ops)}
     thread_counts = sorted({r["threads"] for run in runs for r in run["results"]
                             if r["impl"] == "mtht" and r["status"] == "ok"})
@@ -1594,6 +1633,10 @@ def format_report(result: dict, header: bool = True) -> str:
             lines.append(f"{r['op']:<26} {'all batches':<13} {r['threads']:>3} {_fmt_rate(r['ids_per_s_overall'])}  "
                          f"(total ids / total time: the median above leaves out the batches that scan the "
                          f"table for victims)")
+        if r["op"] == "grow":
+            lines.append(f"{r['op']:<26} {'batch ms':<13} {r['threads']:>3} median {r['batch_ms_median']:.1f}, "
+                         f"99th percentile {r['batch_ms_p99']:.1f}, longest {r['batch_ms_max']:.1f} "
+                         f"(from empty to {r['grown_to']:,} ids, {r['bytes_per_entry']:.0f} B/entry at the end)")
     verdict = _checksum_verdict(result)
     if verdict:
         lines.append(verdict)

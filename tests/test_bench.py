@@ -141,6 +141,22 @@ def capped_model(config: bench.BenchConfig) -> tuple:
     return total, evictions
 
 
+def grow_checksum(config: bench.BenchConfig) -> float:
+    """The checksum of grow: keys 0, 1, ... in batches of ``batch_size``, each key new, its
+    row stepped once from zeros with the batch's update row of its position; the sum of
+    each batch's rows after it."""
+    model = _Model(config.optimizer, config.dim, config.learning_rate)
+    rows = bench.update_rows(config.batch_size, config.dim, config.seed)
+    total = 0.0
+    for start in range(0, config.size, config.batch_size):
+        keys = range(start, min(config.size, start + config.batch_size))
+        for i, k in enumerate(keys):
+            model.row(k, fresh=True)
+            model.step(k, rows[i])
+        total += model.checksum(keys)
+    return total
+
+
 def _results(result: dict, op: str, impl: str) -> list:
     return [r for r in result["results"] if r["op"] == op and r["impl"] == impl]
 
@@ -247,12 +263,25 @@ def test_checksums_match_a_model_and_the_baselines(optimizer, dist):
         assert r["checksum"] == pytest.approx(checksum, rel=1e-6, abs=1e-6)
         assert r["evictions"] == evictions >= new * (config.warmup + config.iterations)
     assert capped[0]["checksum"] == capped[1]["checksum"]
+    # A table that grows from empty, no room reserved: every batch timed, the slowest given.
+    grow = _results(result, "grow", "mtht")
+    assert len(grow) == 2
+    want = grow_checksum(config)
+    for r in grow:
+        assert r["status"] == "ok" and r["grown_to"] == config.size
+        assert r["checksum"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+        assert r["batches_timed"] == len(r["seconds"]) == -(-config.size // config.batch_size)
+        ms = np.asarray(r["seconds"]) * 1e3
+        assert r["batch_ms_median"] == pytest.approx(np.median(ms))
+        assert r["batch_ms_median"] <= r["batch_ms_p99"] <= r["batch_ms_max"] == pytest.approx(ms.max())
+    assert grow[0]["checksum"] == grow[1]["checksum"]
     for op in ("save", "restore"):
         for r in _results(result, op, "mtht"):
             assert r["status"] in ("ok", "unavailable")
     assert all(set(g) == {"goal", "value", "need", "unit", "met"} for g in result["goals"])
     text = bench.format_report(result)
     assert "active kernel" in text and "checksum" in text
+    assert f"(from empty to {config.size:,} ids" in text
     # The goals are set for other workloads than this small one, and the report says so; the
     # same goals on a goal workload come without the remark.
     assert result["goals"] and "set for tables of 1M and 10M ids" in text
