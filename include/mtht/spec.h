@@ -90,13 +90,18 @@ inline uint64_t max_index_bytes_per_entry(uint32_t max_load_permille) {
   return (64 * 2 * 1000 + 4 * max_load_permille - 1) / (4 * max_load_permille);
 }
 
+// The growth points of a table's large indexes lie in the last 1/kGrowthSpread below the
+// max load: shard s of n at 1 - s / (kGrowthSpread n) of it (Shard::past_growth_point).
+// Less than the eighth a reservation leaves to spare, so a reserved table never grows early.
+constexpr uint64_t kGrowthSpread = 16;
+
 // Another bound on a shard's index, lower per entry for large shards: an index over 2 MiB
-// grows by half, to whole 2 MiB pages, at a load of at least (15 n + 1) / (16 n) of the max
-// for the shards of a table of n (Shard::past_growth_point), so it holds at most 1.5 x 64 /
-// 4 / that load bytes per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within
-// it too.)
+// grows by half, to whole 2 MiB pages, at a load of at least 1 - (n - 1) / (kGrowthSpread n)
+// of the max for the shards of a table of n, so it holds at most 1.5 x 64 / 4 / that load
+// bytes per entry plus kIndexSlackBytes. (An index of 2 MiB or less is within it too.)
 inline uint64_t large_index_bytes_per_entry(uint32_t max_load_permille, uint64_t shards) {
-  const uint64_t over = 24 * 1000 * 16 * shards, under = (15 * shards + 1) * max_load_permille;
+  const uint64_t over = 24 * 1000 * kGrowthSpread * shards;
+  const uint64_t under = (kGrowthSpread * shards - (shards - 1)) * max_load_permille;
   return (over + under - 1) / under;
 }
 constexpr uint64_t kIndexSlackBytes = (uint64_t{2} << 20) + 4096;

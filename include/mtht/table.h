@@ -443,7 +443,7 @@ class alignas(64) Shard {
       : max_load_permille_(max_load_permille),
         with_meta_(with_meta),
         growth_ppm_(static_cast<uint32_t>(uint64_t{max_load_permille} * 1000 -
-                                          uint64_t{max_load_permille} * 1000 * phase_ppm / 16000000)),
+                                          uint64_t{max_load_permille} * 1000 * phase_ppm / (kGrowthSpread * 1000000))),
         rows_(with_meta ? RowArena(std::vector<size_t>{stride, 16}, sizeof(uint64_t)) : RowArena({stride})) {}
 
   mutable SharedMutex mu;
@@ -788,10 +788,10 @@ class alignas(64) Shard {
   // for an index mapped on its own (over 2 MiB), the shard's growth point, a little below
   // it. The shards of a table fill at one pace, so with one point they all grew in the same
   // batch or two, which waited for every shard's rewrite; shard s of n grows at
-  // 1 - s / (16 n) of the bound, so such growths are spread over the batches that add the
-  // last 16th below the bound. A reservation leaves an eighth to spare (buckets_for), so a
-  // table reserved to its size never grows early. The pooled indexes, of up to 2 MiB,
-  // double at the bound.
+  // 1 - s / (kGrowthSpread n) of the bound, so such growths are spread over the batches
+  // that add the last 1/kGrowthSpread below it. A reservation leaves an eighth to spare
+  // (buckets_for), so a table reserved to its size never grows early. The pooled indexes,
+  // of up to 2 MiB, double at the bound.
   bool past_growth_point(uint64_t used) const {
     if (nb_ * sizeof(Bucket) <= Buffer::kHugePage) return over_load(used);
     return used * 1000000 > slots() * growth_ppm_;
