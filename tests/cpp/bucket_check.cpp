@@ -8,7 +8,7 @@
 #include <cstdio>
 #include <random>
 
-#include "mtht/table.h"
+#include "mtht/shard.h"
 
 namespace {
 

@@ -13,7 +13,7 @@
 #include <new>
 #include <vector>
 
-#include "mtht/table.h"
+#include "mtht/shard.h"
 #include "failing_new.h"
 
 namespace {
