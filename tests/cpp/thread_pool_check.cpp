@@ -23,6 +23,14 @@
 
 #include "mtht/thread_pool.h"
 
+// Clang says whether it builds with ThreadSanitizer through __has_feature; GCC defines
+// __SANITIZE_THREAD__.
+#if defined(__has_feature)
+#define MTHT_HAS_THREAD_SANITIZER __has_feature(thread_sanitizer)
+#else
+#define MTHT_HAS_THREAD_SANITIZER 0
+#endif
+
 namespace {
 
 int failures = 0;
@@ -122,7 +130,7 @@ void check_fewer_threads() {
 // The global pool with a helper, then a fork: the child runs calls, gives itself helpers
 // and exits normally (destroying the pool); a child that has not exited within 30 s hung.
 // Exit codes: 3 a call's tasks did not all run, 4 and 5 usable_threads was wrong.
-void check_fork() {
+[[maybe_unused]] void check_fork() {
   mtht::ThreadPool& pool = mtht::ThreadPool::global();
   pool.set_num_threads(2);
   std::atomic<int> ran{0};
@@ -168,7 +176,11 @@ int main() {
     }
   }
   check_fewer_threads();
+  // ThreadSanitizer cannot follow a child forked while threads run that starts threads of
+  // its own, so a build under it leaves the fork out (the other builds check it).
+#if !defined(__SANITIZE_THREAD__) && !MTHT_HAS_THREAD_SANITIZER
   check_fork();
+#endif
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
