@@ -16,7 +16,8 @@
 //     Slot 2 ids go through an admission filter; some writes stamp timestamps past 2106
 //     (kept apart from the slots); one thread loads checkpoint entries (load_entries) into
 //     the live table, another changes the pool's thread count between calls.
-//   * write_tables / lookup_tables over A (counter adds, counted as above), B and D at once.
+//   * write_tables / lookup_tables over A (counter adds, counted as above), B and D at once,
+//     and fused_apply_gradients / fused_lookup over A and B.
 //   * table D: values in bfloat16, an Adam segment and a one_bit (HashNet) one, automatic shards.
 //   * table B: a capacity limit (max_entries, LRU, automatic shards), and table C: a capacity
 //     limit with LFU, an admission filter and 4 fixed shards, so that evictions run
@@ -39,6 +40,7 @@
 
 #include "mtht/checkpoint.h"
 #include "mtht/errors.h"
+#include "mtht/fused.h"
 #include "mtht/multi_table.h"
 #include "mtht/table.h"
 #include "mtht/thread_pool.h"
@@ -302,7 +304,28 @@ void worker(Shared& sh, int t) {
       sh.d.lookup(d_ids.data(), n, out_d.data());
       if (it % 10 == 9) sh.d.evict(ts - 1);  // a pass, nothing expires
     }
-    // 10. The capacity-limited tables: writes that evict, reads, expiry, size within bounds.
+    // 10. Fused ops over A (gradient ids) and B, two shards: blocks [shard][table].
+    if (t % 2 == 0 && it % 3 == 1) {
+      const size_t per = large ? 2100 : 120;  // ids per block
+      const std::vector<int32_t> fss(4, static_cast<int32_t>(per));
+      std::vector<int64_t> ids(4 * per);
+      for (size_t blk = 0; blk < 4; ++blk)
+        for (size_t i = 0; i < per; ++i)
+          ids[blk * per + i] = blk % 2 == 0 ? kGradBase + rng.below(kGradIds) : rng.below(kCapacityIds);
+      const mtht::FusedLayout layout = mtht::fused_layout({kDim, kDim}, fss.data(), fss.size(), 2, ids.size());
+      std::vector<float> grads(ids.size() * kDim);
+      for (auto& g : grads) g = static_cast<float>(rng.below(200) - 100) / 100.0f;
+      const float lrs[2] = {0.01f, 0.01f};
+      try {
+        mtht::fused_apply_gradients({&sh.a, &sh.b}, layout, ids.data(), grads.data(), grads.size(), lrs, 2, it, ts,
+                                    {uint8_t(it % 2), 1});
+      } catch (const mtht::ValueError& e) {
+        fail(std::string("fused_apply_gradients refused: ") + e.what());
+      }
+      std::vector<float> out(ids.size() * kDim);
+      mtht::fused_lookup({&sh.a, &sh.b}, layout, ids.data(), out.data());
+    }
+    // 11. The capacity-limited tables: writes that evict, reads, expiry, size within bounds.
     {
       mtht::EmbeddingTable& cap = (it + t) % 2 ? sh.b : sh.c;
       const uint64_t limit = (it + t) % 2 ? kMaxB : kMaxC;
