@@ -1444,10 +1444,12 @@ class EmbeddingTable {
       }
       if (total == 0) continue;
       const SharedShardLocks locks(*this, parts.data(), parts.size(), total);
-      for (size_t q = 0; q < parts.size(); ++q)
+      for (size_t q = 0; q < parts.size(); ++q) {
+        const size_t span = span_of[q], first = first_of[q];
         read_blocks(parts[q].ids, parts[q].n, [&](size_t i, detail::Shard::Slot slot, const float* row) {
-          use(span_of[q], first_of[q] + i, slot, row);
+          use(span, first + i, slot, row);
         });
+      }
     }
   }
 
