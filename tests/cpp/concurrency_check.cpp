@@ -18,7 +18,8 @@
 //     the live table, another changes the pool's thread count between calls.
 //   * write_tables / lookup_tables over A (counter adds, counted as above), B and D at once,
 //     and fused_apply_gradients / fused_lookup over A and B.
-//   * table D: values in bfloat16, an Adam segment and a one_bit (HashNet) one, automatic shards.
+//   * table D: values in bfloat16, an Adam segment and a one_bit (HashNet) one, automatic shards;
+//     one thread saves it and loads the checkpoint back into it while the others use it.
 //   * table B: a capacity limit (max_entries, LRU, automatic shards), and table C: a capacity
 //     limit with LFU, an admission filter and 4 fixed shards, so that evictions run
 //     concurrently with the writes and reads of the other threads; neither may ever be seen
@@ -270,6 +271,19 @@ void worker(Shared& sh, int t) {
       for (auto& id : ids) id = kGradBase + rng.below(kGradIds);
       std::vector<float> data(n * 2 * kDim, 0.25f);  // values then Adagrad's state
       sh.a.load_entries(ids.data(), tss.data(), data.data(), n);
+    }
+    // A checkpoint of D loaded back into D (thread 3) while the others write and read it:
+    // its files decoded and inserted over the pool's threads.
+    if (t == 3 && it % 9 == 5) {
+      const std::vector<std::string> paths = {temp_dir + "/d_" + std::to_string(it) + "_0",
+                                              temp_dir + "/d_" + std::to_string(it) + "_1"};
+      try {
+        mtht::save_checkpoint(sh.d, paths, sh.d.max_update_ts(), false, "concurrency_check_d");
+        mtht::load_checkpoint(sh.d, paths, "concurrency_check_d");
+      } catch (const std::exception& e) {
+        fail(std::string("save and load of D: ") + e.what());
+      }
+      for (const auto& p : paths) ::unlink(p.c_str());
     }
     // 9. A write to several tables at once (counters of A among them) and a read of several.
     {
