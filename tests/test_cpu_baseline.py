@@ -159,10 +159,10 @@ def test_the_shard_lock_excludes_writers_and_wakes_every_waiter(build):
 def test_calls_from_many_threads_at_once_lose_nothing(build):
     # Four threads call the same tables at once (calls on one table, on several, fused),
     # over overlapping ids, while the tables split their shards, evict (by expiry and by
-    # capacity), save checkpoints and take entries loaded into them, and the pool changes
-    # its thread count: concurrent assign_adds of +1 all count, no read sees a row half
-    # written, a capacity-limited table is never seen past its limit, and a final save loads
-    # back into the same counters.
+    # capacity), save checkpoints and take entries and checkpoints loaded into them, and
+    # the pool changes its thread count: concurrent assign_adds of +1 all count, no read
+    # sees a row half written, a capacity-limited table is never seen past its limit, and a
+    # final save loads back into the same counters.
     check_passes(build, "concurrency_check")
 
 
