@@ -138,6 +138,16 @@ mtht::TableSpec spec_d() {
 
 std::string temp_dir;
 
+// The files of a checkpoint of `files` parts named `name` in temp_dir, and their removal.
+std::vector<std::string> checkpoint_paths(const std::string& name, int files) {
+  std::vector<std::string> paths;
+  for (int i = 0; i < files; ++i) paths.push_back(temp_dir + "/" + name + "_" + std::to_string(i));
+  return paths;
+}
+void remove_files(const std::vector<std::string>& paths) {
+  for (const auto& p : paths) ::unlink(p.c_str());
+}
+
 struct Shared {
   mtht::EmbeddingTable a{spec_a()};
   mtht::EmbeddingTable b{capped_spec(mtht::OptKind::kAdagrad, 0, kMaxB, 0, false)};
@@ -241,8 +251,7 @@ void worker(Shared& sh, int t) {
     // 6. A save (thread 0), alternately with the writes held off as the Python layer does.
     if (t == 0 && it % 6 == 3) {
       const int k = sh.saves.fetch_add(1);
-      const std::vector<std::string> paths = {temp_dir + "/a_" + std::to_string(k) + "_0",
-                                              temp_dir + "/a_" + std::to_string(k) + "_1"};
+      const std::vector<std::string> paths = checkpoint_paths("a_" + std::to_string(k), 2);
       if (k % 2) sh.a.hold_writes();
       try {
         mtht::save_checkpoint(sh.a, paths, sh.a.max_update_ts(), it % 4 == 3, "concurrency_check");
@@ -250,7 +259,7 @@ void worker(Shared& sh, int t) {
         fail(std::string("save: ") + e.what());
       }
       if (k % 2) sh.a.release_writes();
-      for (const auto& p : paths) ::unlink(p.c_str());
+      remove_files(paths);
     }
     // 7. Stored ids and stats (thread 1).
     if (t == 1 && it % 5 == 2) {
@@ -275,15 +284,14 @@ void worker(Shared& sh, int t) {
     // A checkpoint of D loaded back into D (thread 3) while the others write and read it:
     // its files decoded and inserted over the pool's threads.
     if (t == 3 && it % 9 == 5) {
-      const std::vector<std::string> paths = {temp_dir + "/d_" + std::to_string(it) + "_0",
-                                              temp_dir + "/d_" + std::to_string(it) + "_1"};
+      const std::vector<std::string> paths = checkpoint_paths("d_" + std::to_string(it), 2);
       try {
         mtht::save_checkpoint(sh.d, paths, sh.d.max_update_ts(), false, "concurrency_check_d");
         mtht::load_checkpoint(sh.d, paths, "concurrency_check_d");
       } catch (const std::exception& e) {
         fail(std::string("save and load of D: ") + e.what());
       }
-      for (const auto& p : paths) ::unlink(p.c_str());
+      remove_files(paths);
     }
     // 9. A write to several tables at once (counters of A among them) and a read of several.
     {
@@ -422,7 +430,7 @@ int main() {
 
   // A save after the threads, loaded into a new table, holds the same counters.
   {
-    const std::vector<std::string> paths = {temp_dir + "/final_0", temp_dir + "/final_1", temp_dir + "/final_2"};
+    const std::vector<std::string> paths = checkpoint_paths("final", 3);
     mtht::save_checkpoint(sh.a, paths, sh.a.max_update_ts(), false, "concurrency_check");
     mtht::EmbeddingTable restored(spec_a());
     mtht::load_checkpoint(restored, paths, "concurrency_check");
@@ -430,7 +438,7 @@ int main() {
     std::vector<float> back(kCounters * kDim);
     restored.lookup(ids.data(), ids.size(), back.data());
     if (back != out) fail("the restored table's counters differ");
-    for (const auto& p : paths) ::unlink(p.c_str());
+    remove_files(paths);
   }
   ::rmdir(temp_dir.c_str());
 
