@@ -1,6 +1,7 @@
 """Stateful property test of the lifecycle features together: random sequences of writes,
-expiry, saves and restores on a table with an admission filter, per-slot expiry and a
-capacity limit (LRU or LFU), against a plain Python model of the documented rules.
+re-initialisations, expiry, saves and restores (in both checkpoint formats) on a table with
+an admission filter, per-slot expiry and a capacity limit (LRU or LFU), against a plain
+Python model of the documented rules.
 
 Each feature has its own tests; this one looks for the interactions between them: a filter
 that must not count the ids a refused write would have admitted, victims chosen while other
@@ -169,12 +170,15 @@ class LifecycleModel:
         kept = {i: list(e) for i, e in self.entries.items() if not self.expired(i, self.max_update_ts)}
         return kept, collections.Counter(self.counts), self.max_update_ts
 
-    def restore(self, checkpoint, with_filter):
+    def restore(self, checkpoint, with_filter, format):
         kept, counts, max_update_ts = checkpoint
         # Loaded entries count as never written (clock 0, no writes); the eviction count
-        # starts again; a table without a filter takes no counts.
+        # starts again; a table without a filter takes no counts. Monolith's files hold the
+        # entries alone: no counts, and max_update_ts is the largest timestamp restored.
         self.entries = {i: [e[0], e[1], 0, 0] for i, e in kept.items()}
-        self.counts = collections.Counter(counts) if with_filter else collections.Counter()
+        self.counts = collections.Counter(counts) if with_filter and format == "mtht" else collections.Counter()
+        if format == "monolith":
+            max_update_ts = max([0] + [e[1] for e in kept.values()])
         self.max_update_ts = max_update_ts
         self.evictions = 0
 
@@ -187,8 +191,10 @@ class LifecycleMachine(RuleBasedStateMachine):
         num_shards=st.sampled_from([None, 1, 4]),
         large=st.booleans(),
         room=st.integers(4, 10),
+        # Values stay whole numbers below 2,048, which float16 holds exactly.
+        embedding_dtype=st.sampled_from(["float32", "float16"]),
     )
-    def setup(self, threshold, capacity, num_shards, large, room):
+    def setup(self, threshold, capacity, num_shards, large, room, embedding_dtype):
         self.large = large
         # Small: 24 ids and room for 4 to 10, so most writes evict. Large: 2,400 ids, room for
         # 1,500, batches of up to 5,000 ids that take the paths of two threads.
@@ -199,7 +205,8 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.config = config_of(
             slot_expire_time_config=entry.SlotExpireTimeConfig(
                 default_expire_time=DEFAULT_EXPIRE_DAYS, slot_expire_times=dict(EXPIRE_DAYS)),
-            max_entries=self.max_entries, eviction_policy=capacity or "lru", num_shards=num_shards)
+            max_entries=self.max_entries, eviction_policy=capacity or "lru", num_shards=num_shards,
+            embedding_dtype=embedding_dtype)
         self.threshold = threshold
         self.table = self.new_table()
         self.model = LifecycleModel(threshold, self.max_entries, capacity or "lru")
@@ -308,15 +315,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         now = None if days is None else self.model.max_update_ts + days * DAY
         assert self.table.evict(now) == self.model.evict(now)
 
-    @rule(into_new_table=st.booleans())
-    def save_and_restore(self, into_new_table):
-        basename = os.path.join(self.dir, "table")
-        self.table.save(basename)
+    @rule(into_new_table=st.booleans(), format=st.sampled_from(["mtht", "monolith"]))
+    def save_and_restore(self, into_new_table, format):
+        basename = os.path.join(self.dir, format, "table")
+        self.table.save(basename, format=format)
         checkpoint = self.model.checkpoint()
         if into_new_table:
             self.table = self.new_table()
-        self.table.restore(basename)
-        self.model.restore(checkpoint, with_filter=self.threshold is not None)
+        self.table.restore(basename, format=format)
+        self.model.restore(checkpoint, with_filter=self.threshold is not None, format=format)
 
     # -- what must agree after every step ------------------------------------------------
     def observed(self):
@@ -336,6 +343,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             f"present {sorted(ids[present & ~want_present].tolist())} should be absent, "
             f"absent {sorted(ids[want_present & ~present].tolist())} should be present")
         want = np.array([[model.entries[i][0] if i in model.entries else 0.0] for i in ids.tolist()], F32)
+        assert np.abs(want).max(initial=0) < 2048, "a value float16 would round: the sums grew too large"
         np.testing.assert_array_equal(self.table.lookup(ids), want)
         assert self.table.size() == len(model.entries)
         assert self.table.max_update_ts == model.max_update_ts
