@@ -1,16 +1,18 @@
 """Stateful property test of the lifecycle features together: random sequences of writes,
-re-initialisations, expiry, saves and restores (in both checkpoint formats) on a table with
-an admission filter, per-slot expiry and a capacity limit (LRU or LFU), against a plain
-Python model of the documented rules.
+re-initialisations, fused updates, expiry, saves and restores (in both checkpoint formats)
+on a table with an admission filter, per-slot expiry and a capacity limit (LRU or LFU),
+against a plain Python model of the documented rules.
 
 Each feature has its own tests; this one looks for the interactions between them: a filter
 that must not count the ids a refused write would have admitted, victims chosen while other
-ids wait in the filter, the bookkeeping a restore resets, writes of thousands of ids on two
-threads beside a capacity limit. Values are small integers, so SGD with learning rate 1 and
-assign_add are exact and every value is compared bit for bit.
+ids wait in the filter, the bookkeeping a restore resets, the blocks of a fused update
+evicting one after another, writes of thousands of ids on two threads beside a capacity
+limit. Values are small integers, so SGD with learning rate 1 and assign_add are exact and
+every value is compared bit for bit.
 """
 
 import collections
+import copy
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import mtht
 from mtht import entry
-from mtht.hash_table import hash_table_from_config
+from mtht.hash_table import fused_apply_gradient, hash_table_from_config
 from mtht.multi_type_hash_table import MultiTypeHashTable
 
 DAY = 86400
@@ -75,9 +77,10 @@ class LifecycleModel:
         _, _, clock, writes = self.entries[i]
         return (clock, i) if self.policy == "lru" else (writes, clock, i)
 
-    def write(self, kind, ids, values, ts):
+    def write(self, kind, ids, values, ts, spared=()):
         """kind: assign, assign_add, apply or apply_dedup (SGD, learning rate 1). Raises
-        ValueError where the table must refuse the write."""
+        ValueError where the table must refuse the write. Neither the ids written nor those
+        in ``spared`` are evicted by it."""
         counts = collections.Counter(self.counts)
         applied = []                     # (id, value) of each occurrence or group applied
         admitted = set()
@@ -113,7 +116,8 @@ class LifecycleModel:
                 raise ValueError("the write cannot fit")
             excess = len(self.entries) + len(admitted) - self.max_entries
             if excess > 0:
-                victims = sorted((i for i in self.entries if i not in batch), key=self._victim_key)[:excess]
+                victims = sorted((i for i in self.entries if i not in batch and i not in spared),
+                                 key=self._victim_key)[:excess]
         self.last_filtered = filtered
         self.counts = +counts
         for i in victims:
@@ -131,6 +135,41 @@ class LifecycleModel:
                 e[0] -= v
             e[1], e[2] = ts, self.clock
             e[3] += 1
+
+    def fused_write(self, blocks, accumulate, ts):
+        """A fused update of one table: its blocks (lists of (id, gradient)) written one
+        after another, each a batch of its own but all at one tick of the clock (one write
+        call), and none evicting an id of another block. It is refused whole, and changes nothing, when its blocks together touch more
+        distinct ids than the capacity, or bring more new ids (the filter simulated over the
+        blocks in order), or when a block cannot be written."""
+        saved = copy.deepcopy(self.__dict__)
+        try:
+            if self.max_entries is not None:
+                counts, new, present = collections.Counter(self.counts), set(), set()
+                for block in blocks:
+                    seen = collections.Counter(i for i, _ in block)
+                    for i in (seen if accumulate else [i for i, _ in block]):
+                        if i in self.entries:
+                            present.add(i)
+                        elif i in new:
+                            continue
+                        elif counts[i] >= self.threshold_of(i):
+                            new.add(i)
+                        else:
+                            counts[i] += seen[i] if accumulate else 1
+                if len(new) > self.max_entries or len(present) + len(new) > self.max_entries:
+                    raise ValueError("the blocks cannot fit")
+            tick = self.clock + 1
+            written = {i for block in blocks for i, _ in block}
+            for block in blocks:
+                if block:
+                    self.clock = tick - 1
+                    self.write("apply_dedup" if accumulate else "apply", [i for i, _ in block],
+                               [g for _, g in block], ts, spared=written)
+            self.clock = tick
+        except ValueError:
+            self.__dict__.update(saved)
+            raise
 
     def reinitialize(self, ids, ts):
         """Distinct ids back to their initial values, inserted where absent (never filtered:
@@ -277,6 +316,28 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.assert_refused(lambda: self.table.reinitialize(ids, req_time=ts))
             return
         assert self.table.reinitialize(ids, req_time=ts).tolist() == want
+
+    @rule(data=st.data(), num_of_shards=st.integers(1, 3), accumulate=st.booleans())
+    def fused_update(self, data, num_of_shards, accumulate):
+        ids, grads = self.draw_batch(data)
+        cuts = sorted(data.draw(st.lists(st.integers(0, ids.size), min_size=num_of_shards - 1,
+                                         max_size=num_of_shards - 1), label="cuts"))
+        bounds = [0] + cuts + [ids.size]
+        sizes = np.diff(bounds)
+        blocks = [list(zip(ids[b:e].tolist(), grads[b:e].tolist())) for b, e in zip(bounds, bounds[1:])]
+        offsets = np.asarray(bounds, dtype=np.int32)
+        self.now += 3600
+
+        def update():
+            fused_apply_gradient([self.table], ids, ids, sizes.astype(np.int32), grads, offsets, offsets, [1.0],
+                                 self.now, 0, num_of_shards, enable_grad_accumulation=accumulate)
+        try:
+            self.model.fused_write(blocks, accumulate, self.now)
+        except ValueError:
+            event("fused update refused")
+            self.assert_refused(update)
+            return
+        update()
 
     @rule(kind=st.sampled_from(["assign_add", "apply_gradients"]), data=st.data())
     def write_refused_by_another_table(self, kind, data):
