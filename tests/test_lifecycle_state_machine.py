@@ -331,6 +331,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         def update():
             fused_apply_gradient([self.table], ids, ids, sizes.astype(np.int32), grads, offsets, offsets, [1.0],
                                  self.now, 0, num_of_shards, enable_grad_accumulation=accumulate)
+        evictions = self.model.evictions
         try:
             self.model.fused_write(blocks, accumulate, self.now)
         except ValueError:
@@ -338,6 +339,49 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.assert_refused(update)
             return
         update()
+        if self.model.evictions > evictions:
+            event("fused update evicted")
+
+    @rule(data=st.data(), via=st.sampled_from(["fused", "slots"]), accumulate=st.booleans())
+    def write_one_table_in_two_parts(self, data, via, accumulate):
+        # A fused update that lists the table twice, or a write of two slots the factory
+        # gave the same table, writes it one part after the other, each a write of its own
+        # (its own tick; the second may evict what the first wrote). Every part is checked
+        # for room before any is written, against the table as it was before the call, so
+        # the call may refuse what the parts written one by one would take; when it does
+        # not, it must give what they give.
+        first, first_grads = self.draw_batch(data)
+        second, second_grads = self.draw_batch(data)
+        self.now += 3600
+        model = copy.deepcopy(self.model)
+        try:
+            for ids, grads in ((first, first_grads), (second, second_grads)):
+                if via == "fused":
+                    model.fused_write([list(zip(ids.tolist(), grads.tolist()))], accumulate, self.now)
+                else:
+                    model.write("apply_dedup" if accumulate else "apply", ids.tolist(), grads.tolist(), self.now)
+        except ValueError:
+            model = None
+        before = self.observed()
+        try:
+            if via == "fused":  # one shard: blocks (table 0, table 1)
+                ids = np.concatenate([first, second])
+                offsets = np.array([0, first.size, ids.size], dtype=np.int32)
+                fused_apply_gradient([self.table, self.table], ids, ids, np.array([first.size, second.size], np.int32),
+                                     np.concatenate([first_grads, second_grads]), offsets, offsets, [1.0, 1.0],
+                                     self.now, 0, 1, enable_grad_accumulation=accumulate)
+            else:
+                slots = MultiTypeHashTable({"a": self.config, "b": self.config}, lambda name, _: self.table)
+                slots.apply_gradients({"a": (first, first_grads.reshape(-1, 1)), "b": (second, second_grads.reshape(-1, 1))},
+                                      0, req_time=self.now, enable_dedup=accumulate)
+        except ValueError:
+            event("write in two parts refused")
+            assert self.observed() == before, "a refused write changed the table"
+            return
+        assert model is not None, "the table took a write in two parts whose second part cannot fit"
+        if model.evictions > self.model.evictions:
+            event("write in two parts evicted")
+        self.model = model
 
     @rule(kind=st.sampled_from(["assign_add", "apply_gradients"]), data=st.data())
     def write_refused_by_another_table(self, kind, data):
