@@ -347,9 +347,9 @@ class LifecycleMachine(RuleBasedStateMachine):
         # A fused update that lists the table twice, or a write of two slots the factory
         # gave the same table, writes it one part after the other, each a write of its own
         # (its own tick; the second may evict what the first wrote). Every part is checked
-        # for room before any is written, against the table as it was before the call, so
-        # the call may refuse what the parts written one by one would take; when it does
-        # not, it must give what they give.
+        # for room before any is written (docs/multi-type.md), so the call may refuse what
+        # the parts written one by one would take; when it takes them, it must give what
+        # they give.
         first, first_grads = self.draw_batch(data)
         second, second_grads = self.draw_batch(data)
         self.now += 3600
