@@ -139,9 +139,9 @@ class LifecycleModel:
     def fused_write(self, blocks, accumulate, ts):
         """A fused update of one table: its blocks (lists of (id, gradient)) written one
         after another, each a batch of its own but all at one tick of the clock (one write
-        call), and none evicting an id of another block. It is refused whole, and changes nothing, when its blocks together touch more
-        distinct ids than the capacity, or bring more new ids (the filter simulated over the
-        blocks in order), or when a block cannot be written."""
+        call), and none evicting an id of another block. It is refused whole, and changes
+        nothing, when its blocks together touch more distinct ids than the capacity, or bring
+        more new ids (the filter simulated over the blocks in order)."""
         saved = copy.deepcopy(self.__dict__)
         try:
             if self.max_entries is not None:
