@@ -367,13 +367,13 @@ class LifecycleMachine(RuleBasedStateMachine):
             if via == "fused":  # one shard: blocks (table 0, table 1)
                 ids = np.concatenate([first, second])
                 offsets = np.array([0, first.size, ids.size], dtype=np.int32)
-                fused_apply_gradient([self.table, self.table], ids, ids, np.array([first.size, second.size], np.int32),
-                                     np.concatenate([first_grads, second_grads]), offsets, offsets, [1.0, 1.0],
-                                     self.now, 0, 1, enable_grad_accumulation=accumulate)
+                sizes = np.array([first.size, second.size], np.int32)
+                fused_apply_gradient([self.table, self.table], ids, ids, sizes, np.concatenate([first_grads, second_grads]),
+                                     offsets, offsets, [1.0, 1.0], self.now, 0, 1, enable_grad_accumulation=accumulate)
             else:
                 slots = MultiTypeHashTable({"a": self.config, "b": self.config}, lambda name, _: self.table)
-                slots.apply_gradients({"a": (first, first_grads.reshape(-1, 1)), "b": (second, second_grads.reshape(-1, 1))},
-                                      0, req_time=self.now, enable_dedup=accumulate)
+                parts = {"a": (first, first_grads.reshape(-1, 1)), "b": (second, second_grads.reshape(-1, 1))}
+                slots.apply_gradients(parts, 0, req_time=self.now, enable_dedup=accumulate)
         except ValueError:
             event("write in two parts refused")
             assert self.observed() == before, "a refused write changed the table"
