@@ -368,8 +368,9 @@ class LifecycleMachine(RuleBasedStateMachine):
                 ids = np.concatenate([first, second])
                 offsets = np.array([0, first.size, ids.size], dtype=np.int32)
                 sizes = np.array([first.size, second.size], np.int32)
-                fused_apply_gradient([self.table, self.table], ids, ids, sizes, np.concatenate([first_grads, second_grads]),
-                                     offsets, offsets, [1.0, 1.0], self.now, 0, 1, enable_grad_accumulation=accumulate)
+                grads = np.concatenate([first_grads, second_grads])
+                fused_apply_gradient([self.table, self.table], ids, ids, sizes, grads, offsets, offsets, [1.0, 1.0],
+                                     self.now, 0, 1, enable_grad_accumulation=accumulate)
             else:
                 slots = MultiTypeHashTable({"a": self.config, "b": self.config}, lambda name, _: self.table)
                 parts = {"a": (first, first_grads.reshape(-1, 1)), "b": (second, second_grads.reshape(-1, 1))}
