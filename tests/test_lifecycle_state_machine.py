@@ -73,9 +73,18 @@ class LifecycleModel:
             return 0
         return THRESHOLDS.get(slot_of(i), self.threshold)
 
-    def _victim_key(self, i):
-        _, _, clock, writes = self.entries[i]
-        return (clock, i) if self.policy == "lru" else (writes, clock, i)
+    def _victims(self, new, spared):
+        """The entries a write of ``new`` new ids evicts: the first by the policy among
+        those not in ``spared`` (lru: oldest tick, then lowest id; lfu: fewest writes, then
+        oldest tick, then lowest id)."""
+        excess = len(self.entries) + new - self.max_entries
+        if excess <= 0:
+            return []
+
+        def key(i):
+            _, _, clock, writes = self.entries[i]
+            return (clock, i) if self.policy == "lru" else (writes, clock, i)
+        return sorted((i for i in self.entries if i not in spared), key=key)[:excess]
 
     def write(self, kind, ids, values, ts, spared=()):
         """kind: assign, assign_add, apply or apply_dedup (SGD, learning rate 1). Raises
@@ -114,10 +123,7 @@ class LifecycleModel:
             present = batch & self.entries.keys()
             if len(admitted) > self.max_entries or len(present) + len(admitted) > self.max_entries:
                 raise ValueError("the write cannot fit")
-            excess = len(self.entries) + len(admitted) - self.max_entries
-            if excess > 0:
-                victims = sorted((i for i in self.entries if i not in batch and i not in spared),
-                                 key=self._victim_key)[:excess]
+            victims = self._victims(len(admitted), batch | set(spared))
         self.last_filtered = filtered
         self.counts = +counts
         for i in victims:
@@ -181,10 +187,7 @@ class LifecycleModel:
         if self.max_entries is not None:
             if len(ids) > self.max_entries:
                 raise ValueError("the write cannot fit")
-            excess = len(self.entries) + len(new) - self.max_entries
-            if excess > 0:
-                batch = set(ids)
-                victims = sorted((i for i in self.entries if i not in batch), key=self._victim_key)[:excess]
+            victims = self._victims(len(new), set(ids))
         for i in victims:
             del self.entries[i]
         self.evictions += len(victims)
