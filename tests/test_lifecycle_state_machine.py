@@ -15,10 +15,11 @@ import collections
 import copy
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -26,6 +27,9 @@ import mtht
 from mtht import entry
 from mtht.hash_table import fused_apply_gradient, hash_table_from_config
 from mtht.multi_type_hash_table import MultiTypeHashTable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from stateful import state_machine_settings  # noqa: E402
 
 DAY = 86400
 BASE_TS = 1_700_000_000
@@ -463,10 +467,5 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert [d.last_update_ts for d in dumps] == [model.entries[i][1] for i in stored.tolist()]
 
 
-LifecycleMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("MTHT_STATE_MACHINE_EXAMPLES", "100")),
-    stateful_step_count=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+LifecycleMachine.TestCase.settings = state_machine_settings(25)
 test_lifecycle_matches_the_model = LifecycleMachine.TestCase

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import hypothesis.extra.numpy as hnp
-from hypothesis import HealthCheck, event, settings
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -17,6 +17,7 @@ from mtht.hash_table import hash_table_from_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
+from stateful import state_machine_settings  # noqa: E402
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -214,10 +215,5 @@ class TableMachine(RuleBasedStateMachine):
         self._compare_entries(ids)
 
 
-TableMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("MTHT_STATE_MACHINE_EXAMPLES", "100")),
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+TableMachine.TestCase.settings = state_machine_settings(30)
 test_table_matches_reference = TableMachine.TestCase
