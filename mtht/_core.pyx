@@ -171,6 +171,9 @@ cdef struct ArrayView:
     Py_ssize_t cols  # 1 for a 1-D array
 
 
+cdef int64_t _nothing  # where an empty array's view points (aligned for int64 and float32)
+
+
 cdef int _view(object array, char item, int ndim, bint writable, ArrayView* view, str what) except -1:
     """Where the C-contiguous, aligned ``ndim``-D array ``array`` of ``item`` ('q': int64, 'f':
     float32, native order) keeps its data, and its shape. The pointer is valid while the
@@ -182,11 +185,14 @@ cdef int _view(object array, char item, int ndim, bint writable, ArrayView* view
     PyObject_GetBuffer(array, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writable else 0))
     try:
         fmt = b.format if b.format != NULL else b"B"  # NULL: unsigned bytes
-        if b.ndim != ndim or b.itemsize != size or <uintptr_t>b.buf % size != 0 or \
+        # An empty array may sit at any address (numpy calls it aligned all the same, and an
+        # empty slot unpickled from another process can lie at an odd one): it is read from
+        # nothing, and the core is handed an aligned address instead.
+        if b.ndim != ndim or b.itemsize != size or (b.len != 0 and <uintptr_t>b.buf % size != 0) or \
                 fmt.lstrip(b"@=") not in ((b"q", b"l") if item == b'q' else (b"f",)):
             raise ValueError(f"{what} must be a {ndim}-D aligned array of {'int64' if item == b'q' else 'float32'}, "
                              f"got format {fmt!r}, {b.ndim}-D")
-        view.data = b.buf
+        view.data = b.buf if b.len != 0 else <void*>&_nothing
         view.rows = b.shape[0]
         view.cols = b.shape[1] if ndim == 2 else 1
     finally:

@@ -458,6 +458,44 @@ def test_unaligned_inputs_and_out(kernel):
         t._core.lookup(ids, out)
 
 
+def _empty_at_odd_address(shape, dtype):
+    """An empty array whose data pointer is odd, as an empty slot unpickled from another
+    process (mpi4py's allgather) can come: numpy calls it aligned all the same."""
+    a = np.ndarray(shape, dtype, buffer=bytearray(16), offset=1)
+    assert a.size == 0 and a.flags.aligned and a.__array_interface__["data"][0] % 2 == 1
+    return a
+
+
+def test_empty_arrays_at_odd_addresses_are_empty_calls():
+    # Every call with them does what it does with ordinary empty arrays: they were refused
+    # as unaligned by the core's read of its arguments.
+    def run(empty):
+        t = table_of([SegmentDesc(3, opt="adagrad")], [0.1])
+        t.assign([1, 2], np.ones((2, 3), F32), req_time=5)
+        twin = table_of([SegmentDesc(3, opt="adagrad")], [0.1])
+        ids, rows = empty((0,), np.int64), empty((0, 3), np.float32)
+        got = [t.lookup(ids), t.lookup(ids, out=empty((0, 3), np.float32)), t.contains(ids),
+               t.lookup_entry(ids), t.reinitialize(ids), t.export_serving(ids)]
+        t.assign(ids, rows, req_time=9)
+        t.assign_add(ids, rows, req_time=9)
+        for dedup in (False, True):
+            t.apply_gradients(ids, rows, global_step=3, enable_dedup=dedup, req_time=9)
+        got += mtht.hash_table.lookup_all([t, twin], [ids, ids])
+        counts = np.zeros(2, np.int32)
+        got += list(mtht.hash_table.fused_lookup([t, twin], ids, counts, 1))
+        mtht.hash_table.fused_apply_gradient([t, twin], ids, ids, counts, empty((0,), np.float32), [0, 0, 0],
+                                             [0, 0, 0], [0.1, 0.1], 9, 3, 1)
+        return got, snapshot(t, [1, 2]), len(twin)
+
+    (got, state, twin_size), (want, want_state, want_twin_size) = run(_empty_at_odd_address), run(np.empty)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert type(g) is type(w)
+        if isinstance(w, np.ndarray):
+            assert g.dtype == w.dtype and g.shape == w.shape
+    assert state == want_state and state[0] == 2 and twin_size == want_twin_size == 0
+
+
 def test_object_arrays_of_python_ints():
     t = sgd_table(1)
     t.assign(np.array([1, 2**64 - 1, -5, 2**63], dtype=object), [[1.0], [2.0], [3.0], [4.0]])
