@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mtht
 from mtht import entry, learning_rate_functions
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
 from observed import entry_rows  # noqa: E402
 from producers import DLPackOnly  # noqa: E402
+from layouts import empty_at_odd_address, laid_out  # noqa: E402
 
 F32 = np.float32
 INT64_MIN = -(2**63)
@@ -458,14 +461,6 @@ def test_unaligned_inputs_and_out(kernel):
         t._core.lookup(ids, out)
 
 
-def _empty_at_odd_address(shape, dtype):
-    """An empty array whose data pointer is odd, as an empty slot unpickled from another
-    process (mpi4py's allgather) can come: numpy calls it aligned all the same."""
-    a = np.ndarray(shape, dtype, buffer=bytearray(16), offset=1)
-    assert a.size == 0 and a.flags.aligned and a.__array_interface__["data"][0] % 2 == 1
-    return a
-
-
 def test_empty_arrays_at_odd_addresses_are_empty_calls():
     # Every call with them does what it does with ordinary empty arrays: they were refused
     # as unaligned by the core's read of its arguments.
@@ -487,13 +482,40 @@ def test_empty_arrays_at_odd_addresses_are_empty_calls():
                                              [0, 0, 0], [0.1, 0.1], 9, 3, 1)
         return got, snapshot(t, [1, 2]), len(twin)
 
-    (got, state, twin_size), (want, want_state, want_twin_size) = run(_empty_at_odd_address), run(np.empty)
+    (got, state, twin_size), (want, want_state, want_twin_size) = run(empty_at_odd_address), run(np.empty)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert type(g) is type(w)
         if isinstance(w, np.ndarray):
             assert g.dtype == w.dtype and g.shape == w.shape
     assert state == want_state and state[0] == 2 and twin_size == want_twin_size == 0
+
+
+@given(n=st.integers(0, 6), dim=st.integers(1, 3), id_dtype=st.sampled_from(
+           ["<i8", ">i8", "<i4", ">i2", "i1", "<u8", ">u8", "<u4", "u1"]),
+       row_dtype=st.sampled_from(["<f4", ">f4", "<f2", "<f8", ">f8", "<i4"]),
+       offsets=st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(0, 9)),
+       steps=st.tuples(st.integers(1, 3), st.integers(1, 3)), fortran=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None)
+def test_any_layout_of_ids_and_rows_reads_as_its_values(n, dim, id_dtype, row_dtype, offsets, steps, fortran, seed):
+    # Whatever the type, byte order, address, stride or order of an array, a table reads the
+    # numbers it holds: the same as from a plain int64 or float32 copy of them.
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 100, n)  # fit every id type
+    rows = rng.integers(-20, 20, (n, dim)).astype(F32)  # exact in every row type
+    odd_ids = laid_out(ids, id_dtype, offsets[0], steps[0], False)
+    odd_rows = laid_out(rows, row_dtype, offsets[1], steps[1], fortran)
+    odd_table, plain_table = sgd_table(dim), sgd_table(dim)
+    for table, i, r in ((odd_table, odd_ids, odd_rows), (plain_table, ids, rows)):
+        table.assign(i, r)
+        table.assign_add(i, r)
+        table.apply_gradients(i, r, global_step=1, enable_dedup=bool(seed % 2))
+    out = laid_out(np.zeros((n, dim), F32), F32, offsets[2], 1, False)  # at any address
+    assert odd_table.lookup(odd_ids, out=out) is out
+    np.testing.assert_array_equal(out, plain_table.lookup(ids))
+    everything = np.arange(100)
+    np.testing.assert_array_equal(odd_table.lookup(everything), plain_table.lookup(everything))
+    assert odd_table.size() == plain_table.size() == np.unique(ids).size
 
 
 def test_object_arrays_of_python_ints():

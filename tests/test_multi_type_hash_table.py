@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +31,9 @@ from mtht.multi_type_hash_table import (
     _IndexedValues,
 )
 from mtht.testing import generate_test_hash_table_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layouts import empty_at_odd_address, laid_out  # noqa: E402
 
 F32 = np.float32
 
@@ -1043,11 +1048,6 @@ def test_an_empty_slot_at_an_odd_address_is_an_empty_slot(merged):
     # An empty array may lie at any address and numpy calls it aligned: an empty slot of a
     # batch gathered from other processes (mpi4py's allgather unpickles them so) was refused
     # as unaligned. Such a slot now does what an ordinary empty array does.
-    def empty(shape, dtype):
-        a = np.ndarray(shape, dtype, buffer=bytearray(16), offset=1)
-        assert a.flags.aligned and a.__array_interface__["data"][0] % 2 == 1
-        return a
-
     def run(empty_of):
         configs = {"a": make_config([(2, "adagrad", "zeros")], [0.1]), "b": make_config([(2, "adagrad", "zeros")], [0.1])}
         table = MergedMultiTypeHashTable(configs, multi_type_factory) if merged else MultiTypeHashTable(configs, factory)
@@ -1060,7 +1060,39 @@ def test_an_empty_slot_at_an_odd_address_is_an_empty_slot(merged):
         looked_up = table.lookup({"a": nothing, "b": ids})
         return {slot: (rows.shape, rows.tobytes()) for slot, rows in looked_up.items()}
 
-    assert run(empty) == run(np.empty)
+    assert run(empty_at_odd_address) == run(np.empty)
+
+
+layout_strategy = st.tuples(st.sampled_from(["<i8", ">i8", "<i4", "u1", "<u8"]),  # ids
+                            st.sampled_from(["<f4", ">f4", "<f2", ">f8"]),  # rows
+                            st.integers(0, 9), st.integers(0, 9),  # their addresses
+                            st.integers(1, 3), st.integers(1, 3), st.booleans())  # steps, rows in Fortran order
+
+
+@given(merged=st.booleans(), sizes=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+       layouts=st.tuples(layout_strategy, layout_strategy), dedup=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=100, deadline=None)
+def test_slots_in_any_layout_read_as_their_values(merged, sizes, layouts, dedup, seed):
+    # Each slot's ids and rows are read as the numbers they hold, whatever their type, byte
+    # order, address, stride or order: the same as plain int64 and float32 copies of them.
+    rng = np.random.default_rng(seed)
+    configs = {"a": make_config([(2, "adagrad", "zeros")], [0.1]), "b": make_config([(2, "sgd", "zeros")], [0.5])}
+    plain, odd = {}, {}
+    for slot, n, (id_type, row_type, id_at, row_at, id_step, row_step, fortran) in zip("ab", sizes, layouts):
+        ids, rows = rng.integers(0, 50, n), rng.integers(-20, 20, (n, 2)).astype(F32)
+        plain[slot] = (ids, rows)
+        odd[slot] = (laid_out(ids, id_type, id_at, id_step), laid_out(rows, row_type, row_at, row_step, fortran))
+
+    def run(batch):
+        table = MergedMultiTypeHashTable(configs, multi_type_factory) if merged else MultiTypeHashTable(configs, factory)
+        table.assign(batch)
+        table.assign_add(batch)
+        table.apply_gradients(batch, 1, enable_dedup=dedup)
+        looked_up = table.lookup({slot: ids for slot, (ids, _) in batch.items()})
+        everything = table.lookup({slot: np.arange(50) for slot in batch})
+        return [{slot: (rows.shape, rows.tobytes()) for slot, rows in got.items()} for got in (looked_up, everything)]
+
+    assert run(odd) == run(plain)
 
 
 def test_the_core_calls_over_several_tables_refuse_arrays_they_cannot_read_and_change_nothing():
