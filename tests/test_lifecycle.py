@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -2154,7 +2155,7 @@ def test_missing_manifest(saved):
 def test_corrupt_manifest(saved, damage):
     basename, _, _ = saved
     path = basename + ".manifest.json"
-    raw = open(path, "rb").read()
+    raw = pathlib.Path(path).read_bytes()
     if damage == "flip":
         i = raw.index(b'"entries"') + 13
         raw = raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:]
@@ -2173,7 +2174,7 @@ def test_corrupt_manifest(saved, damage):
         else:
             doc["manifest"]["max_update_ts"] = 1                  # without fixing the digest
         raw = json.dumps(doc).encode()
-    open(path, "wb").write(raw)
+    pathlib.Path(path).write_bytes(raw)
     _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
 
 
@@ -2203,9 +2204,9 @@ def test_manifest_edited_with_its_digest_recomputed(saved, edit):
     # checkpoint error before anything is read.
     basename, _, _ = saved
     path = basename + ".manifest.json"
-    body = json.loads(open(path, "rb").read())["manifest"]
+    body = json.loads(pathlib.Path(path).read_bytes())["manifest"]
     edit(body)
-    open(path, "w").write(json.dumps({"manifest": body, "sha256": mtht.checkpoint._digest(body)}))
+    pathlib.Path(path).write_text(json.dumps({"manifest": body, "sha256": mtht.checkpoint._digest(body)}))
     _assert_restore_fails_unchanged(basename, mtht.CheckpointError)
 
 
