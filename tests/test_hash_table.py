@@ -431,9 +431,7 @@ def test_non_contiguous_and_fortran_inputs():
 
 
 def _unaligned(a):
-    buf = np.zeros(a.nbytes + 1, dtype=np.uint8)
-    u = np.frombuffer(buf.data, dtype=np.uint8, count=a.nbytes, offset=1).view(a.dtype).reshape(a.shape)
-    u[...] = a
+    u = laid_out(a, a.dtype, offset=1)
     assert not u.flags.aligned
     return u
 

@@ -1036,7 +1036,7 @@ def _unreadable_arrays(n: int, dim: int, item) -> list:
     strided."""
     shape = (n,) if dim == 0 else (n, dim)
     other = np.float64 if item is np.int64 else np.int64
-    unaligned = np.zeros(np.prod(shape) * np.dtype(item).itemsize + 1, np.uint8)[1:].view(item).reshape(shape)
+    unaligned = laid_out(np.zeros(shape, item), item, offset=1)
     arrays = [np.zeros(shape, other), np.zeros(shape, np.dtype(item).newbyteorder()), unaligned,
               np.zeros(shape + (1,), item), [0] * n]
     strided = np.zeros((2 * n,) + shape[1:], item)[::2]
