@@ -59,7 +59,9 @@ def set_num_threads(n: int) -> None:
     """Set how many threads a batch call may use (the calling thread included).
 
     Results never depend on this number: each id is always handled by one thread, in input
-    order. The default is the number of cores; ``n`` is an integer from 1 to 1024.
+    order. The default is the number of cores the process may use (its CPU affinity, at
+    most the whole CPUs of a container's CPU limit, at most 64); ``n`` is an integer from 1
+    to 1024.
     """
     _core.set_num_threads(n)
 

@@ -72,8 +72,14 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
     cdef cppclass ThreadPool:
         @staticmethod
         ThreadPool& global_ "global"() except +translate_exception
+        @staticmethod
+        int default_threads()
         int num_threads()
         void set_num_threads(int n) except +translate_exception
+
+
+cdef extern from "mtht/cpu_limit.h" namespace "mtht" nogil:
+    int cgroup_cpu_limit()
 
 
 cdef extern from "mtht/cpu.h" namespace "mtht" nogil:

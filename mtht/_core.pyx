@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from mtht._core cimport (
-    EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cpu_isas,
+    EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cgroup_cpu_limit, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, c_write_tables,
     TableRead, c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
@@ -35,7 +35,8 @@ cdef extern from *:
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "joined_span", "cpu_features", "kernel_name", "available_kernels",
+__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "default_num_threads", "cpu_limit",
+           "joined_span", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "route_tables", "sum_rows",
            "gather_tables",
@@ -70,6 +71,17 @@ def set_num_threads(n):
 
 def get_num_threads():
     return ThreadPool.global_().num_threads()
+
+
+def default_num_threads():
+    """The pool's count when nothing set it: the cores of the process's CPU affinity, at
+    most the CPUs its control groups allow, at most 64."""
+    return ThreadPool.default_threads()
+
+
+def cpu_limit():
+    """Whole CPUs the process's control groups allow (a container's CPU limit), or None."""
+    return cgroup_cpu_limit() or None
 
 
 def joined_span(list parts, base, dtype, tuple row_shape):

@@ -202,6 +202,12 @@ def physical_memory_gb() -> Optional[float]:
 
 
 def default_threads() -> int:
+    """The thread count mtht takes when not told: the cores this process may run on, at
+    most the CPUs its control groups allow."""
+    return _core.default_num_threads()
+
+
+def cores_available() -> int:
     """The number of cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
@@ -327,7 +333,8 @@ def machine_info() -> dict:
     mem_gb = physical_memory_gb() or 0.0  # GB of 10^9 bytes, as --max_memory_gb counts them
     return {
         "cpu": cpu or platform.processor(),
-        "cores_available": default_threads(),
+        "cores_available": cores_available(),
+        "cpu_limit": _core.cpu_limit(),
         "memory_gb": round(mem_gb, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -1577,7 +1584,8 @@ def format_header(result: dict, swept: Optional[str] = None, values: Sequence[in
         f"mtht {info.get('version', '?')}  compiler: {info.get('compiler', '?')}  flags: {info.get('compile_flags', '?')}",
         f"active kernel: {info.get('active_kernel', '?')}  cpu ISAs: {','.join(info.get('cpu_isas', []))}  "
         f"default threads: {info.get('num_threads', '?')}" + (f"  MTHT_KERNEL={m['MTHT_KERNEL']}" if m.get("MTHT_KERNEL") else ""),
-        f"machine: {m['cpu']}, {m['cores_available']} cores, {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
+        f"machine: {m['cpu']}, {m['cores_available']} cores"
+        + (f" (CPU limit {m['cpu_limit']})" if m.get("cpu_limit") else "") + f", {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
         f"python {m['python']}, numpy {m['numpy']}, load average {' '.join(m.get('load_average') or ['?'])}",
         f"config: size {size}  dim {dim}  batch {c['batch_size']:,}  dist {c['dist']}"
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
@@ -1721,7 +1729,8 @@ flags.DEFINE_integer("fused_tables", 8, "Tables of the fused ops.", lower_bound=
 flags.DEFINE_integer("fused_shards", 4, "Shards of the fused ops.", lower_bound=1)
 flags.DEFINE_integer("slots", 100, "Slots of the multi_slot ops (a table each) and of the merged_slot ops "
                      "(one table for all).", lower_bound=1)
-flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: every core).")
+flags.DEFINE_list("threads", [], "Thread counts to run each op with, e.g. 1,2 (default: mtht's own default, every "
+                  "core the process may use).")
 flags.DEFINE_integer("iterations", 20, "Timed batches per op.", lower_bound=1)
 flags.DEFINE_integer("warmup", 3, "Untimed batches before the timed ones.", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of the ids and gradients.", lower_bound=0)
@@ -1972,11 +1981,12 @@ def _write_json(res: dict) -> bool:
 
 
 def _note_threads_beyond_the_cores(cfg: BenchConfig) -> None:
-    cores = os.cpu_count() or 1
+    cores, limit = cores_available(), _core.cpu_limit()
     most = max(cfg.thread_counts())
-    if most > cores:
+    where = f"a CPU limit of {limit}" if limit and limit < cores else f"{cores} cores"
+    if most > min(cores, limit or cores):
         probe = f" (the probe alone makes {most} x 20M reads)" if cfg.probe else ""
-        _log(f"note: {most} threads on {cores} cores take turns on them{probe}: expect a long run, and rates "
+        _log(f"note: {most} threads on {where} take turns on them{probe}: expect a long run, and rates "
              f"of the cores, not of the threads")
 
 

@@ -27,6 +27,7 @@
 #include <sched.h>
 #endif
 
+#include "mtht/cpu_limit.h"
 #include "mtht/spin_pause.h"
 
 namespace mtht {
@@ -42,7 +43,8 @@ class ThreadPool {
 
   // The cores this process may run on (its CPU affinity: taskset, a container's cpuset, an
   // MPI launcher's binding), not all the machine's: more threads than those would take
-  // turns on them. At most 64.
+  // turns on them. Fewer where its control groups allow less CPU time than that (a
+  // container's CPU limit), whose threads beyond it would be stopped. At most 64.
   static int default_threads() {
     int n = 0;
 #ifdef __linux__
@@ -50,6 +52,10 @@ class ThreadPool {
     if (sched_getaffinity(0, sizeof cores, &cores) == 0) n = CPU_COUNT(&cores);
 #endif
     if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());  // elsewhere, or over 1024 cores
+#ifdef __linux__
+    const int limit = cgroup_cpu_limit();
+    if (limit > 0) n = n <= 0 ? limit : std::min(n, limit);
+#endif
     return n <= 0 ? 1 : std::min(n, 64);
   }
 
