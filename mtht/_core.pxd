@@ -78,8 +78,9 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
         void set_num_threads(int n) except +translate_exception
 
 
-cdef extern from "mtht/cpu_limit.h" namespace "mtht" nogil:
+cdef extern from "mtht/cgroup_limits.h" namespace "mtht" nogil:
     int cgroup_cpu_limit()
+    int64_t cgroup_memory_limit()
 
 
 cdef extern from "mtht/cpu.h" namespace "mtht" nogil:

@@ -16,7 +16,8 @@ import os
 import numpy as np
 
 from mtht._core cimport (
-    EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cgroup_cpu_limit, cpu_isas,
+    EmbeddingTable, FusedLayout, MAX_THREADS, SegmentSpec, TableSpec, TableStats, ThreadPool, active_kernel, cgroup_cpu_limit,
+    cgroup_memory_limit, cpu_isas,
     kernel_names,
     c_fused_apply_gradients, c_fused_lookup, TablePart, WriteKind, c_write_tables,
     TableRead, c_lookup_tables, fused_layout, CheckpointFileInfo, OwnedIds, save_checkpoint,
@@ -35,7 +36,7 @@ cdef extern from *:
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "default_num_threads", "cpu_limit",
+__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "default_num_threads", "cpu_limit", "memory_limit",
            "joined_span", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "route_tables", "sum_rows",
@@ -82,6 +83,12 @@ def default_num_threads():
 def cpu_limit():
     """Whole CPUs the process's control groups allow (a container's CPU limit), or None."""
     return cgroup_cpu_limit() or None
+
+
+def memory_limit():
+    """Bytes of memory the process's control groups allow (a container's memory limit), or
+    None."""
+    return cgroup_memory_limit() or None
 
 
 def joined_span(list parts, base, dtype, tuple row_shape):

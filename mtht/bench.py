@@ -37,7 +37,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from absl import app, flags
@@ -162,11 +162,11 @@ class BenchConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.size > MAX_SIZE:  # its ids, and the absent ones past them, are int64
             raise ValueError(f"size must be at most {MAX_SIZE:,}, got {self.size:,}")
-        memory_gb = physical_memory_gb()
+        memory_gb, memory_is = usable_memory()
         batch_gb = self.batch_arrays_bytes() / 1e9
         limit, limit_is = self.max_memory_gb, f"the memory budget of {self.max_memory_gb:g} GB (--max_memory_gb)"
         if memory_gb and memory_gb < limit:
-            limit, limit_is = memory_gb, f"this machine's {memory_gb:.1f} GB of memory"
+            limit, limit_is = memory_gb, memory_is
         if batch_gb > limit:
             raise ValueError(f"a batch of {self.batch_size:,} rows of dim {self.dim} takes about {batch_gb:.1f} GB "
                              f"of arrays, more than {limit_is}")
@@ -199,6 +199,21 @@ def physical_memory_gb() -> Optional[float]:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def memory_limit_gb() -> Optional[float]:
+    """The memory limit of this process's control groups (a container's) in GB, or None."""
+    limit = _core.memory_limit()
+    return limit / 1e9 if limit else None
+
+
+def usable_memory() -> Tuple[Optional[float], str]:
+    """The memory this process may use in GB (the machine's, or less where its control
+    groups set a limit) and what it is, for messages; None where the system does not say."""
+    machine, limit = physical_memory_gb(), memory_limit_gb()
+    if limit and not (machine and machine <= limit):
+        return limit, f"this process's memory limit of {limit:.1f} GB (its control group's)"
+    return machine, f"this machine's {machine or 0:.1f} GB of memory"
 
 
 def default_threads() -> int:
@@ -331,10 +346,12 @@ def machine_info() -> dict:
             cpu = line.split(":", 1)[1].strip()
             break
     mem_gb = physical_memory_gb() or 0.0  # GB of 10^9 bytes, as --max_memory_gb counts them
+    limit_gb = memory_limit_gb()
     return {
         "cpu": cpu or platform.processor(),
         "cores_available": cores_available(),
         "cpu_limit": _core.cpu_limit(),
+        "memory_limit_gb": None if limit_gb is None else round(limit_gb, 1),
         "memory_gb": round(mem_gb, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -1585,7 +1602,8 @@ def format_header(result: dict, swept: Optional[str] = None, values: Sequence[in
         f"active kernel: {info.get('active_kernel', '?')}  cpu ISAs: {','.join(info.get('cpu_isas', []))}  "
         f"default threads: {info.get('num_threads', '?')}" + (f"  MTHT_KERNEL={m['MTHT_KERNEL']}" if m.get("MTHT_KERNEL") else ""),
         f"machine: {m['cpu']}, {m['cores_available']} cores"
-        + (f" (CPU limit {m['cpu_limit']})" if m.get("cpu_limit") else "") + f", {m['memory_gb']} GB, THP {m['transparent_hugepage']}, "
+        + (f" (CPU limit {m['cpu_limit']})" if m.get("cpu_limit") else "") + f", {m['memory_gb']} GB"
+        + (f" (memory limit {m['memory_limit_gb']} GB)" if m.get("memory_limit_gb") else "") + f", THP {m['transparent_hugepage']}, "
         f"python {m['python']}, numpy {m['numpy']}, load average {' '.join(m.get('load_average') or ['?'])}",
         f"config: size {size}  dim {dim}  batch {c['batch_size']:,}  dist {c['dist']}"
         + (f" (a={c['zipf_a']:g})" if c['dist'] == "zipf" else "")
@@ -1747,7 +1765,8 @@ flags.DEFINE_list("sweep_sizes", ["1000000", "10000000", "50000000"], "Table siz
 flags.DEFINE_list("sweep_dims", ["8", "16", "32", "64", "128"], "Dims of --sweep=dim.")
 flags.DEFINE_string("plot", None, "PNG file of the sweep's plot (default mtht-bench-sweep.png; needs matplotlib).")
 flags.DEFINE_float("max_memory_gb", 8.0, "Memory budget: bigger tables are skipped or capped (default 8, or three "
-                   "quarters of the machine's memory if less, or if more with --sweep=size but not --quick).")
+                   "quarters of the memory this process may use, the machine's or its container's limit, if less, "
+                   "or if more with --sweep=size but not --quick).")
 flags.DEFINE_list("fetches_ahead", [], "Compare values of MTHT_FETCHES_AHEAD (how many lines the batch loops fetch "
                   "ahead) side by side, e.g. 8,16,32: a table built under each, every batch of the ops of one table "
                   "taken by each in turn; prints each value's rates, their ratios to the first's and the fastest.")
@@ -1790,16 +1809,15 @@ def config_from_flags() -> BenchConfig:
         for name, v in _QUICK.items():
             if not FLAGS[name].present:
                 values[name] = v
-    memory_gb = physical_memory_gb()
+    memory_gb, memory_is = usable_memory()
     max_memory_gb = FLAGS.max_memory_gb
     if FLAGS["max_memory_gb"].present:
         if memory_gb and max_memory_gb > memory_gb:
-            raise app.UsageError(f"--max_memory_gb={max_memory_gb:g} is more than this machine's {memory_gb:.1f} GB "
-                                 "of memory")
+            raise app.UsageError(f"--max_memory_gb={max_memory_gb:g} is more than {memory_is}")
     elif memory_gb:
-        # The default: 8 GB, or three quarters of the machine's memory if that is less. A
-        # size sweep (the default one goes to a 50M-id table, about 9 GB at dim 16) may take
-        # three quarters of a larger machine's memory too.
+        # The default: 8 GB, or three quarters of the memory the process may use if that is
+        # less. A size sweep (the default one goes to a 50M-id table, about 9 GB at dim 16)
+        # may take three quarters of a larger machine's memory too.
         three_quarters = round(0.75 * memory_gb, 1)
         sweeps_sizes = FLAGS.sweep == "size" and not FLAGS.quick
         max_memory_gb = three_quarters if sweeps_sizes else min(max_memory_gb, three_quarters)

@@ -25,6 +25,7 @@ from mtht import bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import optimizer_reference as ref  # noqa: E402
+from cgroups import limited_group, run_in  # noqa: E402
 
 SMALL = dict(size=20_000, batch_size=1024, iterations=2, warmup=1, progress=False)
 
@@ -474,7 +475,7 @@ def test_cli_json(tmp_path):
     (["--max_memory_gb=-1"], "max_memory_gb must be a positive number"),
     (["--max_memory_gb=nan"], "max_memory_gb must be a positive number"),
     (["--max_memory_gb=0"], "max_memory_gb must be a positive number"),
-    (["--max_memory_gb=1000000"], "more than this machine's"),
+    (["--max_memory_gb=1000000"], "is more than this"),
     (["--seed=-1"], "--seed"),
     (["--learning_rate=nan"], "learning_rate must be finite"),
     (["--learning_rate=1e300"], "learning_rate must be finite in float32"),
@@ -657,7 +658,8 @@ import sys
 from absl import app
 from mtht import bench
 bench.physical_memory_gb = lambda: float(sys.argv[1])
-bench.FLAGS(["mtht-bench"] + sys.argv[2:])
+bench.memory_limit_gb = lambda: float(sys.argv[2]) or None
+bench.FLAGS(["mtht-bench"] + sys.argv[3:])
 try:
     print(bench.config_from_flags().max_memory_gb)
 except app.UsageError as e:
@@ -674,9 +676,36 @@ except app.UsageError as e:
     (24, ["--sweep=dim"], "8.0"),
 ])
 def test_the_default_memory_budget(tmp_path, memory_gb, args, printed):
-    proc = subprocess.run([sys.executable, "-c", _ON_A_MACHINE, str(memory_gb), *args], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", _ON_A_MACHINE, str(memory_gb), "0", *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith(printed), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("memory_gb, limit_gb, args, printed", [
+    # A container's memory limit stands for the machine's memory where it is less.
+    (256, 4, [], "3.0"), (256, 64, [], "8.0"), (256, 64, ["--sweep=size"], "48.0"), (4, 64, [], "3.0"),
+    (256, 4, ["--max_memory_gb=5"], "usage error: --max_memory_gb=5 is more than this process's memory limit of 4.0 GB"),
+    (4, 64, ["--max_memory_gb=5"], "usage error: --max_memory_gb=5 is more than this machine's 4.0 GB"),
+])
+def test_the_default_memory_budget_under_a_memory_limit(tmp_path, memory_gb, limit_gb, args, printed):
+    proc = subprocess.run([sys.executable, "-c", _ON_A_MACHINE, str(memory_gb), str(limit_gb), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith(printed), proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="control groups are Linux's")
+def test_the_benchmark_reads_a_real_memory_limit(tmp_path):
+    # In a container the machine's memory is not what the process may use: a budget of
+    # three quarters of it had the kernel end the run once its tables passed the limit.
+    machine = bench.physical_memory_gb()
+    if not machine or machine < 4:
+        pytest.skip("a limit of 2 GiB must be below this machine's memory")
+    with limited_group("memory", {"memory.limit_in_bytes": str(2 << 30)}, {"memory.max": str(2 << 30)}) as group:
+        script = ("from mtht import bench; bench.FLAGS(['mtht-bench']); "
+                  "print(bench.machine_info()['memory_limit_gb'], bench.config_from_flags().max_memory_gb)")
+        out = run_in(group, [sys.executable, "-c", script])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2.1", "1.6"]  # 2 GiB; three quarters of it, to 0.1 GB
 
 
 _CONFIG_OF_FLAGS = """

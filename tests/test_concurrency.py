@@ -15,6 +15,7 @@ from mtht.hash_table import hash_table_from_config
 from mtht.testing import generate_test_hash_table_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cgroups import limited_group, run_in  # noqa: E402
 from reference_model import ReferenceTable, SegmentDesc, make_config  # noqa: E402
 
 F32 = np.float32
@@ -437,43 +438,6 @@ def test_the_default_thread_count_is_the_cores_the_process_may_run_on():
         assert int(out.stdout) == min(len(allowed), 64)
 
 
-def _cpu_limited_group(cpus):
-    """A new control group of this process's cpu hierarchy (v1, or v2 with the cpu
-    controller) that allows `cpus` CPUs, and the file that moves a process into it; None
-    where this process may not make one (not root, no such hierarchy)."""
-    with open("/proc/self/cgroup") as f:
-        groups = [line.rstrip("\n").split(":", 2) for line in f]
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split() for line in f]
-    for hid, controllers, group in groups:
-        v2 = hid == "0" and controllers == ""
-        if not v2 and "cpu" not in controllers.split(","):
-            continue
-        for fields in mounts:
-            fstype, options = fields[fields.index("-") + 1], fields[-1].split(",")
-            if (fstype == "cgroup2") if v2 else (fstype == "cgroup" and "cpu" in options):
-                inside = group[len(fields[3]):] if group.startswith(fields[3].rstrip("/")) else ""
-                path = os.path.join(fields[4] + inside.rstrip("/"), f"mtht-test-{os.getpid()}")
-                try:
-                    os.mkdir(path)
-                except OSError:
-                    continue
-                try:
-                    if v2:
-                        with open(os.path.join(path, "cpu.max"), "w") as limit:
-                            limit.write(f"{int(cpus * 100_000)} 100000")
-                    else:
-                        with open(os.path.join(path, "cpu.cfs_period_us"), "w") as period:
-                            period.write("100000")
-                        with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as quota:
-                            quota.write(str(int(cpus * 100_000)))
-                except OSError:
-                    os.rmdir(path)
-                    continue
-                return path
-    return None
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="control groups are Linux's")
 def test_the_default_thread_count_is_at_most_the_cpus_of_a_cpu_limit():
     # A container's CPU limit (a control group's quota of CPU time) leaves the process all
@@ -483,16 +447,12 @@ def test_the_default_thread_count_is_at_most_the_cpus_of_a_cpu_limit():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: a limit of one CPU changes nothing")
     for cpus in (1, 0.5):
-        group = _cpu_limited_group(cpus)
-        if group is None:
-            pytest.skip("this process may not make a control group with a CPU limit")
-        try:
+        quota = str(int(cpus * 100_000))
+        with limited_group("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": quota},
+                           {"cpu.max": f"{quota} 100000"}) as group:
             script = ("import mtht, mtht.bench; print(mtht.get_num_threads(), mtht.build_info()['num_threads'], "
                       "mtht.bench.default_threads(), mtht.bench.machine_info()['cpu_limit'])")
-            out = subprocess.run(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$1" -c "$2"',
-                                  group, sys.executable, script], capture_output=True, text=True, timeout=120)
-        finally:
-            os.rmdir(group)
+            out = run_in(group, [sys.executable, "-c", script])
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["1", "1", "1", "1"]  # the benchmark's default too
 

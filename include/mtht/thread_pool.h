@@ -27,7 +27,7 @@
 #include <sched.h>
 #endif
 
-#include "mtht/cpu_limit.h"
+#include "mtht/cgroup_limits.h"
 #include "mtht/spin_pause.h"
 
 namespace mtht {

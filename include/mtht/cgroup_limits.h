@@ -1,8 +1,10 @@
-// The CPU time a Linux control group allows the process: a container's or a pod's CPU
-// limit (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`). Such a limit
-// leaves the CPU affinity at all the machine's cores, so a pool sized by the affinity alone
-// runs more threads than the limit pays for and the kernel stops them all for the rest of
-// each period once they have used it up.
+// The CPU time and memory the Linux control groups of the process allow it: a container's
+// or a pod's limits (cgroup v2 `cpu.max` and `memory.max`, v1 `cpu.cfs_quota_us` over
+// `cpu.cfs_period_us` and `memory.limit_in_bytes`). Neither shows where a process usually
+// looks: a CPU limit leaves the CPU affinity at all the machine's cores (a pool sized by it
+// runs more threads than the limit pays for, and the kernel stops them all for the rest of
+// each period once they have used it up), and a memory limit leaves the machine's memory
+// as the system reports it.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +15,7 @@
 #include <vector>
 
 namespace mtht {
-namespace cpu_limit_detail {
+namespace cgroup_detail {
 
 // One controller hierarchy of the process: where it is mounted, the part of the
 // hierarchy the mount shows (its root), and the process's group in it.
@@ -55,29 +57,30 @@ inline std::vector<std::string> read_words(const std::string& path) {
   return words;
 }
 
+// A decimal number of at most 18 digits, with an optional minus sign; larger ones (v1's
+// "no limit" is 2^63 rounded down to a page) do not parse, and are no limit.
 inline bool parse_int(const std::string& text, int64_t& value) {
-  if (text.empty() || text.size() > 18) return false;
+  const size_t first = !text.empty() && text[0] == '-' ? 1 : 0;
+  if (text.size() == first || text.size() - first > 18) return false;
   int64_t v = 0;
-  size_t i = text[0] == '-' ? 1 : 0;
-  if (i == text.size()) return false;
-  for (; i < text.size(); ++i) {
+  for (size_t i = first; i < text.size(); ++i) {
     if (text[i] < '0' || text[i] > '9') return false;
     v = v * 10 + (text[i] - '0');
   }
-  value = text[0] == '-' ? -v : v;
+  value = first ? -v : v;
   return true;
 }
 
 // Whole CPUs a quota of `quota` microseconds each `period` pays for, at least one; 0 for
 // no limit (a negative quota, or numbers that are not one).
-inline int whole_cpus(int64_t quota, int64_t period) {
+inline int64_t whole_cpus(int64_t quota, int64_t period) {
   if (quota <= 0 || period <= 0) return 0;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(quota / period, 1 << 20)));
+  return std::max<int64_t>(1, std::min<int64_t>(quota / period, 1 << 20));
 }
 
-// The limit a group's own files set: v2 `cpu.max` ("max 100000" or "150000 100000"), v1
-// the two cfs files. 0 if none.
-inline int group_limit(const std::string& dir, bool v2) {
+// The CPU limit a group's own files set: v2 `cpu.max` ("max 100000" or "150000 100000"),
+// v1 the two cfs files. 0 if none.
+inline int64_t group_cpus(const std::string& dir, bool v2) {
   int64_t quota = 0, period = 0;
   if (v2) {
     std::vector<std::string> max = read_words(dir + "/cpu.max");
@@ -90,9 +93,18 @@ inline int group_limit(const std::string& dir, bool v2) {
   return whole_cpus(quota, period);
 }
 
+// The memory limit in bytes a group's own file sets: v2 `memory.max` ("max" or a number),
+// v1 `memory.limit_in_bytes`. 0 if none.
+inline int64_t group_memory(const std::string& dir, bool v2) {
+  std::vector<std::string> limit = read_words(dir + (v2 ? "/memory.max" : "/memory.limit_in_bytes"));
+  int64_t bytes = 0;
+  return !limit.empty() && parse_int(limit[0], bytes) && bytes > 0 ? bytes : 0;
+}
+
 // The tightest limit of the group and of each group above it up to the mount: a parent's
 // limit bounds its children's (a pod's over its containers'). 0 if none.
-inline int hierarchy_limit(const Hierarchy& h, bool v2) {
+template <class GroupLimit>
+int64_t hierarchy_limit(const Hierarchy& h, bool v2, GroupLimit group_limit) {
   // The group as the mount shows it; a group outside the mount's root (a container whose
   // mount shows only its own group) is the mount point itself.
   std::string rel = h.group;
@@ -104,9 +116,9 @@ inline int hierarchy_limit(const Hierarchy& h, bool v2) {
       rel.clear();
   }
   if (rel.empty() || rel[0] != '/') rel = "/" + rel;
-  int limit = 0;
+  int64_t limit = 0;
   for (;;) {
-    int here = group_limit(h.mount_point + (rel == "/" ? "" : rel), v2);
+    const int64_t here = group_limit(h.mount_point + (rel == "/" ? "" : rel), v2);
     if (here > 0) limit = limit > 0 ? std::min(limit, here) : here;
     if (rel == "/") break;
     rel = rel.substr(0, std::max<size_t>(rel.rfind('/'), 1));
@@ -114,13 +126,11 @@ inline int hierarchy_limit(const Hierarchy& h, bool v2) {
   return limit;
 }
 
-}  // namespace cpu_limit_detail
-
-// Whole CPUs the control groups of the process allow it (at least 1), or 0 where none
-// sets a limit or the system does not say. `proc_self` is where the process's `cgroup`
-// and `mountinfo` files are read from (another path only in tests).
-inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
-  using namespace cpu_limit_detail;
+// The tightest limit `group_limit` reads over the process's v2 hierarchy and its v1
+// hierarchy of `controller`, or 0 where none sets one or the system does not say.
+// `proc_self` is where the process's `cgroup` and `mountinfo` files are read from.
+template <class GroupLimit>
+int64_t tightest_limit(const std::string& proc_self, const std::string& controller, GroupLimit group_limit) {
   try {
     // The process's group in each hierarchy: "0::<group>" for v2, "<id>:<controllers>:<group>"
     // for v1.
@@ -138,7 +148,7 @@ inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
           v2_group = group;
         } else {
           std::vector<std::string> names = split(controllers, ',');
-          if (std::find(names.begin(), names.end(), "cpu") != names.end()) {
+          if (std::find(names.begin(), names.end(), controller) != names.end()) {
             has_v1 = true;
             v1_group = group;
           }
@@ -148,7 +158,7 @@ inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
     if (!has_v2 && !has_v1) return 0;
     // Where each is mounted: "<id> <parent> <dev> <root> <mount point> <options> [optional
     // fields] - <type> <source> <super options>".
-    int limit = 0;
+    int64_t limit = 0;
     std::ifstream in(proc_self + "/mountinfo");
     std::string line;
     while (std::getline(in, line)) {
@@ -156,13 +166,13 @@ inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
       auto dash = std::find(fields.begin(), fields.end(), "-");
       if (fields.size() < 5 || dash == fields.end() || fields.end() - dash < 4) continue;
       const std::string& type = dash[1];
-      int here = 0;
+      int64_t here = 0;
       if (type == "cgroup2" && has_v2) {
-        here = hierarchy_limit({unescape_octal(fields[4]), unescape_octal(fields[3]), v2_group}, true);
+        here = hierarchy_limit({unescape_octal(fields[4]), unescape_octal(fields[3]), v2_group}, true, group_limit);
       } else if (type == "cgroup" && has_v1) {
         std::vector<std::string> options = split(dash[3], ',');
-        if (std::find(options.begin(), options.end(), "cpu") == options.end()) continue;
-        here = hierarchy_limit({unescape_octal(fields[4]), unescape_octal(fields[3]), v1_group}, false);
+        if (std::find(options.begin(), options.end(), controller) == options.end()) continue;
+        here = hierarchy_limit({unescape_octal(fields[4]), unescape_octal(fields[3]), v1_group}, false, group_limit);
       }
       if (here > 0) limit = limit > 0 ? std::min(limit, here) : here;
     }
@@ -170,6 +180,21 @@ inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
   } catch (...) {  // an allocation that failed: no limit known
     return 0;
   }
+}
+
+}  // namespace cgroup_detail
+
+// Whole CPUs the control groups of the process allow it (rounded down, at least 1), or 0
+// where none sets a limit or the system does not say. `proc_self` is where the process's
+// `cgroup` and `mountinfo` files are read from (another path only in tests).
+inline int cgroup_cpu_limit(const std::string& proc_self = "/proc/self") {
+  return static_cast<int>(cgroup_detail::tightest_limit(proc_self, "cpu", cgroup_detail::group_cpus));
+}
+
+// Bytes of memory the control groups of the process allow it, or 0 where none sets a
+// limit or the system does not say.
+inline int64_t cgroup_memory_limit(const std::string& proc_self = "/proc/self") {
+  return cgroup_detail::tightest_limit(proc_self, "memory", cgroup_detail::group_memory);
 }
 
 }  // namespace mtht

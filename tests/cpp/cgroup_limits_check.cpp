@@ -1,17 +1,19 @@
-// Checks cgroup_cpu_limit on made-up /proc/self files and control group trees, printing one
-// line per failure and "ok" when there is none: a v2 limit (cpu.max) and a v1 one (the cfs
-// quota and period), the tightest of a group and the groups above it, whole CPUs rounded
-// down but at least one, a hierarchy with no limit, a mount that shows only the process's
-// own group (a container's), a mount point written with an escaped space, a v1 mount of
-// other controllers only, and files that hold no numbers.
+// Checks cgroup_cpu_limit and cgroup_memory_limit on made-up /proc/self files and control
+// group trees, printing one line per failure and "ok" when there is none: v2 limits
+// (cpu.max, memory.max) and v1 ones (the cfs quota and period, memory.limit_in_bytes), the
+// tightest of a group and the groups above it, whole CPUs rounded down but at least one,
+// a hierarchy with no limit (v1's is a number too large to be one), a mount that shows only
+// the process's own group (a container's), a mount point written with an escaped space, a
+// v1 mount of other controllers only, and files that hold no numbers.
 #include <stdlib.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
-#include "mtht/cpu_limit.h"
+#include "mtht/cgroup_limits.h"
 
 namespace {
 
@@ -38,6 +40,13 @@ void expect_limit(const std::string& proc, int want, const char* what) {
   std::printf("FAILED: %s: got %d, want %d\n", what, got, want);
 }
 
+void expect_memory(const std::string& proc, int64_t want, const char* what) {
+  int64_t got = mtht::cgroup_memory_limit(proc);
+  if (got == want) return;
+  ++failures;
+  std::printf("FAILED: %s: got %lld, want %lld\n", what, static_cast<long long>(got), static_cast<long long>(want));
+}
+
 std::string mount_line(const std::string& root_in_fs, const std::string& point, const std::string& type,
                        const std::string& super) {
   return "30 23 0:26 " + root_in_fs + " " + point + " rw,nosuid - " + type + " cgroup " + super + "\n";
@@ -46,7 +55,7 @@ std::string mount_line(const std::string& root_in_fs, const std::string& point, 
 }  // namespace
 
 int main() {
-  char dir[] = "/tmp/mtht_cpu_limit_XXXXXX";
+  char dir[] = "/tmp/mtht_cgroup_limits_XXXXXX";
   if (!mkdtemp(dir)) {
     std::printf("FAILED: no temporary directory\n");
     return 1;
@@ -72,6 +81,12 @@ int main() {
     expect_limit(proc, 0, "v2, a cpu.max that holds no number");
     write(fs + "/pod/app/cpu.max", "100000 0\n");
     expect_limit(proc, 0, "v2, a period of 0");
+    expect_memory(proc, 0, "v2, no memory.max anywhere");
+    write(fs + "/pod/app/memory.max", "max\n");
+    write(fs + "/pod/memory.max", "8589934592\n");
+    expect_memory(proc, 8589934592, "v2, a parent's 8 GiB bound a child without a limit");
+    write(fs + "/pod/app/memory.max", "1073741824\n");
+    expect_memory(proc, 1073741824, "v2, a child's 1 GiB under a parent's 8");
   }
   {  // v1 seen from a container: the mount shows the container's own group at its point.
     std::string fs = root + "/v1fs";
@@ -85,6 +100,18 @@ int main() {
     expect_limit(proc, 3, "v1, 3 CPUs at the container's mount");
     write(fs + "/cpu,cpuacct/cpu.cfs_quota_us", "-1\n");
     expect_limit(proc, 0, "v1, a quota of -1");
+  }
+  {  // v1 memory, a hierarchy of its own: the largest number is no limit.
+    std::string fs = root + "/v1mem";
+    std::string proc = process("v1mem", "6:memory:/jobs/train\n4:cpu:/\n",
+                               other + mount_line("/", fs, "cgroup", "rw,memory"));
+    write(fs + "/memory.limit_in_bytes", "9223372036854771712\n");
+    write(fs + "/jobs/memory.limit_in_bytes", "9223372036854771712\n");
+    write(fs + "/jobs/train/memory.limit_in_bytes", "9223372036854771712\n");
+    expect_memory(proc, 0, "v1, no memory limit");
+    write(fs + "/jobs/memory.limit_in_bytes", "4294967296\n");
+    expect_memory(proc, 4294967296, "v1, a parent's 4 GiB");
+    expect_limit(proc, 0, "v1, a memory mount is no cpu mount");
   }
   {  // v1 on the host: the group below the mount, the limit two levels up; a group outside
      // the mount's root is the mount point itself.
@@ -113,10 +140,11 @@ int main() {
   expect_limit(process("nocpu", "4:memory:/x\n", other + mount_line("/", root + "/v1fs", "cgroup", "rw,memory")), 0,
                "no cpu controller");
   expect_limit(process("garbage", "no colons here\n0:\n", "- - -\n\n"), 0, "files that make no sense");
-  // This process's own groups: whatever they say, a count or none.
-  if (mtht::cgroup_cpu_limit() < 0) {
+  expect_memory(root + "/nothing", 0, "no cgroup file, no memory limit");
+  // This process's own groups: whatever they say, a limit or none.
+  if (mtht::cgroup_cpu_limit() < 0 || mtht::cgroup_memory_limit() < 0) {
     ++failures;
-    std::printf("FAILED: this process's limit is negative\n");
+    std::printf("FAILED: this process's limits are negative\n");
   }
 
   std::filesystem::remove_all(root);
