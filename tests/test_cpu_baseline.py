@@ -33,7 +33,7 @@ def build(tmp_path_factory):
                     "room_check", "failed_write_check", "count_map_check", "shared_mutex_check",
                     "radix_sort_check", "row_arena_check", "bucket_check", "crc32c_check",
                     "monolith_format_check", "route_check", "narrow_values_check", "shard_limit_check",
-                    "retriever_check", "index_growth_check", "concurrency_check"],
+                    "retriever_check", "index_growth_check", "concurrency_check", "cgroup_limits_check"],
                    check=True, capture_output=True)
     return build
 
@@ -116,6 +116,12 @@ def test_thread_pool_contract(build):
     # Every task runs once; a phase starts only after the earlier phases have finished, and
     # the phases after a failed task are skipped; a call from inside a task runs alone.
     check_passes(build, "thread_pool_check")
+
+
+def test_the_cpu_and_memory_limits_of_control_groups_are_read(build):
+    # v1 and v2 limits on made-up trees: the tightest of a group and those above it, whole
+    # CPUs rounded down but at least one, no limit where none is set or a file makes no sense.
+    check_passes(build, "cgroup_limits_check")
 
 
 def test_a_write_keeps_the_room_it_reserved(build):
@@ -224,7 +230,8 @@ def test_16_bit_values_round_as_their_models(build):
 # a load from an odd address, a null pointer given to memcpy...) ends the check with an
 # error. The checks that exercise the table and its kernels, each kernel set for the smoke.
 _SANITIZED_CHECKS = ("core_smoke", "narrow_values_check", "monolith_format_check", "room_check",
-                     "radix_sort_check", "route_check", "retriever_check", "concurrency_check")
+                     "radix_sort_check", "route_check", "retriever_check", "concurrency_check",
+                     "cgroup_limits_check")
 # Arguments of a check under the sanitizers: the retrievers' sweep takes every 4099th float.
 _SANITIZED_ARGS = {"retriever_check": ("4099",)}
 
