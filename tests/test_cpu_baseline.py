@@ -228,7 +228,8 @@ def test_16_bit_values_round_as_their_models(build):
 # The same core built with AddressSanitizer and UndefinedBehaviorSanitizer
 # (-DMTHT_SANITIZE=address,undefined): any report (an access out of bounds or after free,
 # a load from an odd address, a null pointer given to memcpy...) ends the check with an
-# error. The checks that exercise the table and its kernels, each kernel set for the smoke.
+# error. The checks that exercise the table and its kernels, each kernel set for the smoke,
+# and the parsing of the control groups' files.
 _SANITIZED_CHECKS = ("core_smoke", "narrow_values_check", "monolith_format_check", "room_check",
                      "radix_sort_check", "route_check", "retriever_check", "concurrency_check",
                      "cgroup_limits_check")
