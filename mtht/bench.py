@@ -105,7 +105,7 @@ class BenchConfig:
     fused_tables: int = 8
     fused_shards: int = 4
     slots: int = 100
-    threads: Sequence[int] = ()  # empty: every core
+    threads: Sequence[int] = ()  # empty: mtht's default count
     iterations: int = 20
     warmup: int = 3
     seed: int = 0
