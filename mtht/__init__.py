@@ -4,6 +4,7 @@ A C++17 open-addressing table from int64 feature id to a trainable entry (embedd
 optimizer state, timestamp) with Monolith's Python API, usable from any trainer.
 """
 
+import os as _os
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
 try:
@@ -13,6 +14,18 @@ except ImportError as _error:
     raise ImportError(
         f"mtht's compiled core (mtht._core) cannot be imported from {__path__[0]}: install mtht "
         f"(pip install .) and run Python from outside the source checkout ({_error})") from _error
+
+
+def _check_num_threads_variable() -> None:
+    """MTHT_NUM_THREADS, the default thread count, is a whole number from 1 to 1024 or unset
+    (the core, which reads it when its pool starts, would pass over another value)."""
+    value = _os.environ.get("MTHT_NUM_THREADS", "")
+    if value and not (value.isascii() and value.isdigit() and 1 <= int(value) <= _core.MAX_NUM_THREADS):
+        raise ValueError(f"MTHT_NUM_THREADS={value!r} must be a whole number from 1 to {_core.MAX_NUM_THREADS}")
+
+
+_check_num_threads_variable()
+
 from mtht.entry import (
     AdadeltaOptimizer,
     AdaGradWithGroupLassoOptimizer,
@@ -59,9 +72,9 @@ def set_num_threads(n: int) -> None:
     """Set how many threads a batch call may use (the calling thread included).
 
     Results never depend on this number: each id is always handled by one thread, in input
-    order. The default is the number of cores the process may use (its CPU affinity, at
-    most the whole CPUs of a container's CPU limit, at most 64); ``n`` is an integer from 1
-    to 1024.
+    order. The default is the environment variable ``MTHT_NUM_THREADS`` where it is set,
+    otherwise the number of cores the process may use (its CPU affinity, at most the whole
+    CPUs of a container's CPU limit, at most 64); ``n`` is an integer from 1 to 1024.
     """
     _core.set_num_threads(n)
 

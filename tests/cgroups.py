@@ -56,7 +56,7 @@ def limited_group(controller, v1_files, v2_files):
     pytest.skip(f"this process may not make a control group with a {controller} limit")
 
 
-def run_in(group, argv, timeout=120):
+def run_in(group, argv, timeout=120, env=None):
     """Runs `argv` in `group` (a shell moves itself there, then execs it); its output."""
     return subprocess.run(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', group, *argv],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)

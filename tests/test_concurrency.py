@@ -455,6 +455,42 @@ def test_the_default_thread_count_is_at_most_the_cpus_of_a_cpu_limit():
             out = run_in(group, [sys.executable, "-c", script])
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["1", "1", "1", "1"]  # the benchmark's default too
+    # A count named by MTHT_NUM_THREADS is taken as it is.
+    with limited_group("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "100000"},
+                       {"cpu.max": "100000 100000"}) as group:
+        out = run_in(group, [sys.executable, "-c", "import mtht; print(mtht.get_num_threads())"],
+                     env={**os.environ, "MTHT_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2"]
+
+
+def _threads_in_a_process(value, *argv_before):
+    env = {k: v for k, v in os.environ.items() if k != "MTHT_NUM_THREADS"}
+    if value is not None:
+        env["MTHT_NUM_THREADS"] = value
+    script = "import mtht, mtht.bench; print(mtht.get_num_threads(), mtht.bench.default_threads())"
+    return subprocess.run([*argv_before, sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_the_thread_count_variable_sets_the_default():
+    # MTHT_NUM_THREADS sets the default for processes a launcher starts (one thread a rank,
+    # say) without a change to the trainer's code; beyond the cores too, as set_num_threads.
+    unset = _threads_in_a_process(None)
+    assert unset.returncode == 0, unset.stderr
+    detected = int(unset.stdout.split()[0])
+    assert unset.stdout.split() == [str(detected)] * 2 and 1 <= detected <= 64
+    for value, want in (("1", 1), ("3", 3), ("0017", 17), ("", detected)):
+        out = _threads_in_a_process(value)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [str(want)] * 2
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "-1", "abc", " 2", "2.0", "\uff12"])
+def test_a_bad_thread_count_variable_is_refused_at_import(value):
+    out = _threads_in_a_process(value)
+    assert out.returncode != 0
+    assert f"ValueError: MTHT_NUM_THREADS={value!r} must be a whole number from 1 to 1024" in out.stderr
 
 
 def test_set_num_threads_validation():

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <initializer_list>
@@ -41,11 +42,18 @@ class ThreadPool {
     return pool;
   }
 
-  // The cores this process may run on (its CPU affinity: taskset, a container's cpuset, an
-  // MPI launcher's binding), not all the machine's: more threads than those would take
-  // turns on them. Fewer where its control groups allow less CPU time than that (a
-  // container's CPU limit), whose threads beyond it would be stopped. At most 64.
+  // MTHT_NUM_THREADS when it names a count (a whole number from 1 to kMaxThreads; the
+  // Python package refuses any other value at import). Otherwise the cores this process
+  // may run on (its CPU affinity: taskset, a container's cpuset, an MPI launcher's
+  // binding), not all the machine's: more threads than those would take turns on them.
+  // Fewer where its control groups allow less CPU time than that (a container's CPU
+  // limit), whose threads beyond it would be stopped. At most 64.
   static int default_threads() {
+    if (const char* named = std::getenv("MTHT_NUM_THREADS"); named && *named) {
+      char* end = nullptr;
+      const long v = std::strtol(named, &end, 10);
+      if (*end == '\0' && v >= 1 && v <= kMaxThreads) return static_cast<int>(v);
+    }
     int n = 0;
 #ifdef __linux__
     cpu_set_t cores;

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "mtht/thread_pool.h"
@@ -164,7 +165,24 @@ void check_fewer_threads() {
 
 }  // namespace
 
+// MTHT_NUM_THREADS names the default count when it is a whole number from 1 to
+// kMaxThreads, beyond the cores too; any other value is passed over.
+void check_named_default() {
+  unsetenv("MTHT_NUM_THREADS");
+  const int detected = mtht::ThreadPool::default_threads();
+  expect(detected >= 1 && detected <= 64, "the detected default is 1 to 64", detected, 0);
+  const std::pair<const char*, int> cases[] = {{"5", 5}, {"1", 1}, {"1024", 1024}, {"", detected}, {"0", detected},
+                                               {"1025", detected}, {"-3", detected}, {"4x", detected},
+                                               {"x", detected}};
+  for (const auto& [value, want] : cases) {
+    setenv("MTHT_NUM_THREADS", value, 1);
+    expect(mtht::ThreadPool::default_threads() == want, "MTHT_NUM_THREADS sets the default", want, 0);
+  }
+  unsetenv("MTHT_NUM_THREADS");
+}
+
 int main() {
+  check_named_default();
   for (int threads : {1, 2, 4}) {
     mtht::ThreadPool pool(threads);
     for (int round = 0; round < 500; ++round) {
