@@ -6,7 +6,8 @@
 // call (in_shared_call) when its call has helpers; a call takes at most set_num_threads
 // threads, however many helpers an earlier count made; a forked child's calls run, on its
 // thread alone (usable_threads) until its set_num_threads gives it helpers, and its
-// set_num_threads and its exit do not wait for the parent's helpers.
+// set_num_threads and its exit do not wait for the parent's helpers; MTHT_NUM_THREADS
+// names the default count when it holds one.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -163,8 +164,6 @@ void check_fewer_threads() {
   expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "a forked child runs its calls", 2, 0);
 }
 
-}  // namespace
-
 // MTHT_NUM_THREADS names the default count when it is a whole number from 1 to
 // kMaxThreads, beyond the cores too; any other value is passed over.
 void check_named_default() {
@@ -180,6 +179,8 @@ void check_named_default() {
   }
   unsetenv("MTHT_NUM_THREADS");
 }
+
+}  // namespace
 
 int main() {
   check_named_default();
