@@ -101,6 +101,9 @@ inline int64_t group_memory(const std::string& dir, bool v2) {
   return !limit.empty() && parse_int(limit[0], bytes) && bytes > 0 ? bytes : 0;
 }
 
+// The tighter of two limits, 0 standing for none.
+inline int64_t tighter(int64_t a, int64_t b) { return a > 0 && b > 0 ? std::min(a, b) : std::max(a, b); }
+
 // The tightest limit of the group and of each group above it up to the mount: a parent's
 // limit bounds its children's (a pod's over its containers'). 0 if none.
 template <class GroupLimit>
@@ -119,7 +122,7 @@ int64_t hierarchy_limit(const Hierarchy& h, bool v2, GroupLimit group_limit) {
   int64_t limit = 0;
   for (;;) {
     const int64_t here = group_limit(h.mount_point + (rel == "/" ? "" : rel), v2);
-    if (here > 0) limit = limit > 0 ? std::min(limit, here) : here;
+    limit = tighter(limit, here);
     if (rel == "/") break;
     rel = rel.substr(0, std::max<size_t>(rel.rfind('/'), 1));
   }
@@ -174,7 +177,7 @@ int64_t tightest_limit(const std::string& proc_self, const std::string& controll
         if (std::find(options.begin(), options.end(), controller) == options.end()) continue;
         here = hierarchy_limit({unescape_octal(fields[4]), unescape_octal(fields[3]), v1_group}, false, group_limit);
       }
-      if (here > 0) limit = limit > 0 ? std::min(limit, here) : here;
+      limit = tighter(limit, here);
     }
     return limit;
   } catch (...) {  // an allocation that failed: no limit known
