@@ -19,8 +19,8 @@ except ImportError as _error:
 def _check_num_threads_variable() -> None:
     """MTHT_NUM_THREADS, the default thread count, is a whole number from 1 to 1024 or unset
     (the core, which reads it when its pool starts, would pass over another value)."""
-    value = _os.environ.get("MTHT_NUM_THREADS", "")
-    if value and not (value.isascii() and value.isdigit() and 1 <= int(value) <= _core.MAX_NUM_THREADS):
+    if _core.named_num_threads() < 0:
+        value = _os.environ.get("MTHT_NUM_THREADS")
         raise ValueError(f"MTHT_NUM_THREADS={value!r} must be a whole number from 1 to {_core.MAX_NUM_THREADS}")
 
 

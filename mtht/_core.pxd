@@ -74,6 +74,8 @@ cdef extern from "mtht/thread_pool.h" namespace "mtht" nogil:
         ThreadPool& global_ "global"() except +translate_exception
         @staticmethod
         int default_threads()
+        @staticmethod
+        int named_threads()
         int num_threads()
         void set_num_threads(int n) except +translate_exception
 

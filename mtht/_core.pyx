@@ -36,7 +36,7 @@ cdef extern from *:
     const char* MTHT_COMPILER
     const char* MTHT_CXX_FLAGS
 
-__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "default_num_threads", "cpu_limit", "memory_limit",
+__all__ = ["Table", "probe_random_reads", "set_num_threads", "get_num_threads", "default_num_threads", "named_num_threads", "cpu_limit", "memory_limit",
            "joined_span", "cpu_features", "kernel_name", "available_kernels",
            "compiler", "compile_flags",
            "fused_offsets", "fused_lookup", "fused_apply_gradient", "route_ids", "route_tables", "sum_rows",
@@ -78,6 +78,12 @@ def default_num_threads():
     """The pool's count when nothing set it: the cores of the process's CPU affinity, at
     most the CPUs its control groups allow, at most 64."""
     return ThreadPool.default_threads()
+
+
+def named_num_threads():
+    """The count MTHT_NUM_THREADS names: 0 when it is unset or empty, -1 when it names none
+    (not a whole number from 1 to MAX_NUM_THREADS in ASCII digits)."""
+    return ThreadPool.named_threads()
 
 
 def cpu_limit():

@@ -486,7 +486,7 @@ def test_the_thread_count_variable_sets_the_default():
         assert out.stdout.split() == [str(want)] * 2
 
 
-@pytest.mark.parametrize("value", ["0", "1025", "-1", "abc", " 2", "2.0", "\uff12"])
+@pytest.mark.parametrize("value", ["0", "1025", "-1", "abc", " 2", "+2", "2 ", "2.0", "\uff12", "9" * 20])
 def test_a_bad_thread_count_variable_is_refused_at_import(value):
     out = _threads_in_a_process(value)
     assert out.returncode != 0

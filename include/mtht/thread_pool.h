@@ -42,18 +42,28 @@ class ThreadPool {
     return pool;
   }
 
-  // MTHT_NUM_THREADS when it names a count (a whole number from 1 to kMaxThreads; the
-  // Python package refuses any other value at import). Otherwise the cores this process
-  // may run on (its CPU affinity: taskset, a container's cpuset, an MPI launcher's
-  // binding), not all the machine's: more threads than those would take turns on them.
-  // Fewer where its control groups allow less CPU time than that (a container's CPU
-  // limit), whose threads beyond it would be stopped. At most 64.
-  static int default_threads() {
-    if (const char* named = std::getenv("MTHT_NUM_THREADS"); named && *named) {
-      char* end = nullptr;
-      const long v = std::strtol(named, &end, 10);
-      if (*end == '\0' && v >= 1 && v <= kMaxThreads) return static_cast<int>(v);
+  // The count MTHT_NUM_THREADS names: 0 when it is unset or empty, -1 when it is not a
+  // whole number from 1 to kMaxThreads written in ASCII digits alone (the Python package
+  // refuses such a value at import; the pool passes over it).
+  static int named_threads() {
+    const char* named = std::getenv("MTHT_NUM_THREADS");
+    if (!named || !*named) return 0;
+    int n = 0;
+    for (const char* c = named; *c; ++c) {
+      if (*c < '0' || *c > '9') return -1;
+      n = n * 10 + (*c - '0');
+      if (n > kMaxThreads) return -1;
     }
+    return n >= 1 ? n : -1;
+  }
+
+  // MTHT_NUM_THREADS when it names a count. Otherwise the cores this process may run on
+  // (its CPU affinity: taskset, a container's cpuset, an MPI launcher's binding), not all
+  // the machine's: more threads than those would take turns on them. Fewer where its
+  // control groups allow less CPU time than that (a container's CPU limit), whose threads
+  // beyond it would be stopped. At most 64.
+  static int default_threads() {
+    if (const int named = named_threads(); named > 0) return named;
     int n = 0;
 #ifdef __linux__
     cpu_set_t cores;

@@ -165,16 +165,21 @@ void check_fewer_threads() {
 }
 
 // MTHT_NUM_THREADS names the default count when it is a whole number from 1 to
-// kMaxThreads, beyond the cores too; any other value is passed over.
+// kMaxThreads in ASCII digits, beyond the cores too; named_threads() says -1 for any other
+// value (which the package refuses at import) and the pool passes over it.
 void check_named_default() {
   unsetenv("MTHT_NUM_THREADS");
+  expect(mtht::ThreadPool::named_threads() == 0, "an unset MTHT_NUM_THREADS names nothing", 0, 0);
   const int detected = mtht::ThreadPool::default_threads();
   expect(detected >= 1 && detected <= 64, "the detected default is 1 to 64", detected, 0);
-  const std::pair<const char*, int> cases[] = {{"5", 5}, {"1", 1}, {"1024", 1024}, {"", detected}, {"0", detected},
-                                               {"1025", detected}, {"-3", detected}, {"4x", detected},
-                                               {"x", detected}};
-  for (const auto& [value, want] : cases) {
+  const std::pair<const char*, int> cases[] = {
+      {"5", 5},   {"1", 1},     {"1024", 1024}, {"007", 7},   {"", 0},      {"0", -1},
+      {"1025", -1}, {"-3", -1}, {"+2", -1},     {" 2", -1},   {"2 ", -1},   {"4x", -1},
+      {"x", -1},  {"99999999999999999999", -1}};
+  for (const auto& [value, named] : cases) {
     setenv("MTHT_NUM_THREADS", value, 1);
+    expect(mtht::ThreadPool::named_threads() == named, "named_threads() reads MTHT_NUM_THREADS", named, 0);
+    const int want = named > 0 ? named : detected;
     expect(mtht::ThreadPool::default_threads() == want, "MTHT_NUM_THREADS sets the default", want, 0);
   }
   unsetenv("MTHT_NUM_THREADS");
