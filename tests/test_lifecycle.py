@@ -9,6 +9,7 @@ capacity rule checked against a small model.
 """
 
 import collections
+import contextlib
 import gc
 import hashlib
 import json
@@ -1985,6 +1986,80 @@ def test_large_round_trip_with_several_files(tmp_path):
     assert manifest_of(basename)["entries"] == t.size()
     restored = table_of(dim=8, optimizer=entry.AdagradOptimizer(initial_accumulator_value=0.1)).restore(basename)
     assert snapshot(restored, ids) == snapshot(t, ids)
+
+
+@contextlib.contextmanager
+def read_only_view(directory):
+    """``directory`` seen through a read-only file system (a bind mount; where the process
+    may not mount, the directory with its write permissions taken away, which binds any
+    user but root). Skips where neither makes it read-only."""
+    view = directory.parent / (directory.name + "-read-only")
+    view.mkdir()
+    mounted = False
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        mount = ["mount", "--bind", str(directory), str(view)]
+        mounted = subprocess.run(mount, capture_output=True).returncode == 0
+        if mounted and subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode:
+            subprocess.run(["umount", str(view)], check=True)
+            mounted = False
+        if not mounted:
+            pytest.skip("a read-only view needs a bind mount, which this process may not make")
+    else:
+        view.rmdir()
+        view = directory
+        for d, _, files in os.walk(directory):
+            for name in files:
+                os.chmod(os.path.join(d, name), 0o444)
+            os.chmod(d, 0o555)
+    try:
+        with pytest.raises(OSError):  # the view is read-only indeed
+            (view / "probe").write_bytes(b"")
+        yield view
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(view)], check=True)
+        else:
+            for d, _, _ in os.walk(directory):
+                os.chmod(d, 0o755)
+
+
+@pytest.mark.parametrize("fmt", ["mtht", "monolith"])
+def test_checkpoints_restore_from_a_read_only_file_system(tmp_path, fmt):
+    # Evaluation and serving jobs restore from storage they may not write: an image's
+    # files, a read-only volume. A restore writes nothing (not even the directory's lock).
+    saved = tmp_path / "saved"
+    ids = np.random.default_rng(3).integers(-(2**63), 2**63 - 1, 5_000, dtype=np.int64)
+    grads = np.random.default_rng(4).normal(size=[ids.size, 4]).astype(F32)
+    adagrad = lambda: entry.AdagradOptimizer(initial_accumulator_value=0.1)  # noqa: E731
+    t = table_of(dim=4, optimizer=adagrad())
+    t.apply_gradients(ids, grads, global_step=1, req_time=1_700_000_000)
+    t.save(str(saved / "t"), format=fmt)
+    slots = {"a": config_of(dim=4, optimizer=adagrad()), "b": config_of(dim=2), "c": config_of(dim=4, optimizer=adagrad())}
+    by_slot = lambda slot, c: hash_table_from_config(c, name_suffix=slot)  # noqa: E731
+    models = {"multi_type": lambda: MultiTypeHashTable(slots, by_slot),
+              "merged": lambda: MergedMultiTypeHashTable(slots, lambda merged: MultiTypeHashTable(merged, by_slot))}
+    written = {}
+    for kind, model_of in models.items():
+        model = model_of()
+        model.apply_gradients({"a": (ids, grads), "b": (ids[:100], grads[:100, :2]), "c": (ids[::7], grads[::7])},
+                              global_step=1, req_time=1_700_000_000)
+        save_multi_type(model, str(saved / kind), format=fmt)
+        written[kind] = model.lookup({"a": ids, "b": ids[:100], "c": ids})
+    before = sorted(p.relative_to(saved) for p in saved.rglob("*"))
+
+    with read_only_view(saved) as view:
+        restored = table_of(dim=4, optimizer=adagrad()).restore(str(view / "t"), format=fmt)
+        assert snapshot(restored, ids) == snapshot(t, ids)
+        for kind, model_of in models.items():
+            model = model_of()
+            restore_multi_type(model, str(view / kind), format=fmt)
+            got = model.lookup({"a": ids, "b": ids[:100], "c": ids})
+            assert all(np.array_equal(got[slot], written[kind][slot]) for slot in slots)
+        with pytest.raises(OSError, match="Read-only file system|Permission denied"):
+            t.save(str(view / "t"), format=fmt)
+        assert snapshot(table_of(dim=4, optimizer=adagrad()).restore(str(view / "t"), format=fmt), ids) == \
+            snapshot(t, ids)
+    assert sorted(p.relative_to(saved) for p in saved.rglob("*")) == before
 
 
 # ----------------------------------------------------------------------------------------
